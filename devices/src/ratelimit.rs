@@ -1,0 +1,98 @@
+//! Rate-limited logging for events a guest can trigger at will.
+//!
+//! A hostile guest can hit an unmapped address millions of times a second; logging
+//! each one would flood the host. [`RateLimiter`] lets through at most `burst` messages
+//! per `period` and counts the rest, so the next message that passes can say how many
+//! were suppressed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Lets a bounded number of events through per period and counts the rest.
+#[derive(Debug)]
+pub struct RateLimiter {
+    burst: u32,
+    period: Duration,
+    window: Mutex<Option<(Instant, u32)>>,
+    suppressed: AtomicU64,
+}
+
+impl RateLimiter {
+    /// A limiter passing at most `burst` events per `period`.
+    pub const fn new(burst: u32, period: Duration) -> Self {
+        RateLimiter {
+            burst,
+            period,
+            window: Mutex::new(None),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one event. Returns `Some(n)` if it may be logged, where `n` is the number
+    /// of events suppressed since the last one that was let through; `None` if it must
+    /// be dropped.
+    pub fn check(&self) -> Option<u64> {
+        self.check_at(Instant::now())
+    }
+
+    fn check_at(&self, now: Instant) -> Option<u64> {
+        // A poisoned lock only means another thread panicked while logging; the
+        // counter inside is still a valid pair, so keep using it.
+        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, count) = match *window {
+            Some((start, count)) if now.duration_since(start) < self.period => (start, count),
+            _ => (now, 0),
+        };
+        if count < self.burst {
+            *window = Some((start, count + 1));
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            *window = Some((start, count));
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Logs at `warn` level through a `static` [`RateLimiter`] of 10 messages per 5 seconds,
+/// appending how many messages were suppressed before this one.
+#[macro_export]
+macro_rules! warn_ratelimited {
+    ($($arg:tt)+) => {{
+        static LIMITER: $crate::ratelimit::RateLimiter =
+            $crate::ratelimit::RateLimiter::new(10, ::std::time::Duration::from_secs(5));
+        if let Some(suppressed) = LIMITER.check() {
+            if suppressed > 0 {
+                ::log::warn!("{} ({} similar messages suppressed)", format_args!($($arg)+), suppressed);
+            } else {
+                ::log::warn!($($arg)+);
+            }
+        }
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_a_burst_then_counts_suppressed() {
+        let limiter = RateLimiter::new(2, Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(limiter.check_at(t0), Some(0));
+        assert_eq!(limiter.check_at(t0), Some(0));
+        assert_eq!(limiter.check_at(t0), None);
+        assert_eq!(limiter.check_at(t0 + Duration::from_millis(10)), None);
+        // A new period lets messages through again and reports what was dropped.
+        assert_eq!(limiter.check_at(t0 + Duration::from_secs(2)), Some(2));
+        assert_eq!(limiter.check_at(t0 + Duration::from_secs(2)), Some(0));
+    }
+
+    #[test]
+    fn macro_compiles_and_runs() {
+        for i in 0..100 {
+            crate::warn_ratelimited!("event {i}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The KVM backend for arm64 Linux hosts, over `kvm-ioctls`.
+//!
+//! The VM runs without an in-kernel interrupt controller (the VMM emulates the GIC);
+//! PSCI is handled by KVM itself (`KVM_ARM_VCPU_PSCI_0_2`), which reports SYSTEM_OFF
+//! and SYSTEM_RESET as `KVM_EXIT_SYSTEM_EVENT`.
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_userspace_memory_region, kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Cap, Kvm as KvmFd, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::kvm_regs::one_reg_id;
+use crate::{Error, Reg, Result, SystemEvent, VcpuExit, VmConfig};
+
+fn platform(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |e| Error::Platform {
+        call,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+/// The KVM hypervisor (`/dev/kvm`).
+#[derive(Debug)]
+pub struct Kvm {
+    kvm: KvmFd,
+}
+
+impl Kvm {
+    /// Opens `/dev/kvm`.
+    pub fn new() -> Result<Self> {
+        let kvm = KvmFd::new().map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot open /dev/kvm ({}): run on an arm64 Linux host with KVM enabled and access to /dev/kvm",
+                std::io::Error::from_raw_os_error(e.errno())
+            ))
+        })?;
+        Ok(Kvm { kvm })
+    }
+}
+
+impl crate::Hypervisor for Kvm {
+    type Vm = KvmVm;
+
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn create_vm(&self, config: &VmConfig) -> Result<KvmVm> {
+        // KVM's default IPA size on arm64 is 40 bits; ask for exactly what we need when
+        // the kernel lets us choose, so a smaller host limit fails here, clearly.
+        let max_ipa = self.kvm.get_host_ipa_limit();
+        let vm = if max_ipa > 0 {
+            if (max_ipa as u32) < config.ipa_bits {
+                return Err(Error::Unsupported(format!(
+                    "this host's KVM supports {max_ipa}-bit guest physical addresses, the machine needs {}",
+                    config.ipa_bits
+                )));
+            }
+            self.kvm
+                .create_vm_with_ipa_size(config.ipa_bits.max(32))
+                .map_err(platform("KVM_CREATE_VM"))?
+        } else {
+            self.kvm.create_vm().map_err(platform("KVM_CREATE_VM"))?
+        };
+        if !vm.check_extension(Cap::ArmPsci02) {
+            return Err(Error::Unsupported(
+                "KVM on this host lacks PSCI 0.2 (KVM_CAP_ARM_PSCI_0_2)".into(),
+            ));
+        }
+        let mut target = kvm_vcpu_init::default();
+        vm.get_preferred_target(&mut target)
+            .map_err(platform("KVM_ARM_PREFERRED_TARGET"))?;
+        Ok(KvmVm {
+            vm,
+            target,
+            memory: Vec::new(),
+        })
+    }
+}
+
+/// A KVM VM.
+#[derive(Debug)]
+pub struct KvmVm {
+    vm: VmFd,
+    target: kvm_vcpu_init,
+    /// Keeps the mapped host memory alive as long as KVM may reach it.
+    memory: Vec<Arc<GuestMemoryMmap>>,
+}
+
+impl crate::Vm for KvmVm {
+    type Vcpu = KvmVcpu;
+
+    fn map_memory(&mut self, memory: &Arc<GuestMemoryMmap>) -> Result<()> {
+        let first_slot = self.memory.iter().map(|m| m.num_regions()).sum::<usize>();
+        for (i, region) in memory.iter().enumerate() {
+            let addr = region.start_addr().0;
+            let size = region.len();
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| Error::Memory {
+                    addr,
+                    size,
+                    why: "region has no host mapping",
+                })?;
+            let slot = u32::try_from(first_slot + i).map_err(|_| Error::Memory {
+                addr,
+                size,
+                why: "too many regions",
+            })?;
+            let region = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: addr,
+                memory_size: size,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region describes host memory owned by `memory`, which this VM
+            // keeps alive in `self.memory` for as long as the VM (and so KVM's use of
+            // the mapping) exists; the slot is new, so no other mapping is replaced.
+            unsafe { self.vm.set_user_memory_region(region) }
+                .map_err(platform("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        self.memory.push(Arc::clone(memory));
+        Ok(())
+    }
+
+    fn create_vcpu(&self, index: u32) -> Result<KvmVcpu> {
+        let fd = self
+            .vm
+            .create_vcpu(u64::from(index))
+            .map_err(platform("KVM_CREATE_VCPU"))?;
+        let mut init = self.target;
+        init.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
+        if index > 0 {
+            init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
+        }
+        fd.vcpu_init(&init).map_err(platform("KVM_ARM_VCPU_INIT"))?;
+        Ok(KvmVcpu { fd })
+    }
+}
+
+/// A KVM vCPU.
+#[derive(Debug)]
+pub struct KvmVcpu {
+    fd: VcpuFd,
+}
+
+fn reg_id(reg: Reg) -> Result<u64> {
+    one_reg_id(reg).ok_or_else(|| Error::Unsupported(format!("no KVM register id for {reg:?}")))
+}
+
+impl crate::Vcpu for KvmVcpu {
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        match self.fd.run() {
+            Ok(kvm_ioctls::VcpuExit::MmioRead(addr, data)) => Ok(VcpuExit::MmioRead { addr, data }),
+            Ok(kvm_ioctls::VcpuExit::MmioWrite(addr, data)) => {
+                Ok(VcpuExit::MmioWrite { addr, data })
+            }
+            Ok(kvm_ioctls::VcpuExit::SystemEvent(kind, _)) => Ok(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::System(SystemEvent::Shutdown),
+                KVM_SYSTEM_EVENT_RESET => VcpuExit::System(SystemEvent::Reset),
+                KVM_SYSTEM_EVENT_CRASH => VcpuExit::System(SystemEvent::Crash),
+                other => VcpuExit::Unhandled(format!("KVM_EXIT_SYSTEM_EVENT type {other}")),
+            }),
+            Ok(kvm_ioctls::VcpuExit::Intr) => Ok(VcpuExit::Interrupted),
+            Ok(other) => Ok(VcpuExit::Unhandled(format!("{other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(VcpuExit::Interrupted)
+            }
+            Err(e) => Err(platform("KVM_RUN")(e)),
+        }
+    }
+
+    fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()> {
+        self.fd
+            .set_one_reg(reg_id(reg)?, &value.to_le_bytes())
+            .map_err(platform("KVM_SET_ONE_REG"))?;
+        Ok(())
+    }
+
+    fn get_reg(&mut self, reg: Reg) -> Result<u64> {
+        let mut bytes = [0u8; 8];
+        self.fd
+            .get_one_reg(reg_id(reg)?, &mut bytes)
+            .map_err(platform("KVM_GET_ONE_REG"))?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+}

@@ -1,0 +1,155 @@
+//! The hypervisor abstraction: [`Hypervisor`] → [`Vm`] → [`Vcpu`], and [`VcpuExit`].
+//!
+//! This crate turns a platform's virtualization API into the few operations the VMM
+//! needs: create a VM, map guest memory, create vCPUs on the calling thread, set and
+//! get registers, run a vCPU until it exits, and say why it exited. It never names a
+//! device: an MMIO exit is an address and a buffer, and what lives there is the VMM's
+//! business.
+//!
+//! Backends:
+//! - [`kvm`] on arm64 Linux (`kvm-ioctls`), compiled only there;
+//! - [`hvf`] on Apple Silicon macOS (`applevisor`), compiled only there.
+//!
+//! Register-id arithmetic that a backend needs but that is plain Rust lives in portable
+//! modules ([`kvm_regs`]) so it is unit-tested on any host.
+
+use std::sync::Arc;
+
+pub use arch_aarch64::sysreg::SysReg;
+use vm_memory::GuestMemoryMmap;
+
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+pub mod kvm;
+pub mod kvm_regs;
+
+#[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+pub mod hvf;
+
+/// Errors from a hypervisor backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The host has no usable hypervisor of this kind.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A request the backend cannot honour (an IPA size too large, say).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A call into the platform's API failed.
+    #[error("{call} failed: {source}")]
+    Platform {
+        /// The operation that failed (an ioctl or framework call).
+        call: &'static str,
+        /// The OS error it returned.
+        source: std::io::Error,
+    },
+    /// A guest memory region the backend cannot map.
+    #[error("guest memory region at {addr:#x} (+{size:#x}) cannot be mapped: {why}")]
+    Memory {
+        /// Guest-physical address of the region.
+        addr: u64,
+        /// Size of the region in bytes.
+        size: u64,
+        /// Why it cannot be mapped.
+        why: &'static str,
+    },
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What a VM is created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest-physical address bits the VM needs (its RAM and MMIO lie below `1 << ipa_bits`).
+    pub ipa_bits: u32,
+}
+
+/// A host virtualization facility that creates VMs.
+pub trait Hypervisor {
+    /// The VM type this hypervisor creates.
+    type Vm: Vm;
+
+    /// A short name for logs and errors (`"kvm"`, `"hvf"`).
+    fn name(&self) -> &'static str;
+
+    /// Creates a VM.
+    fn create_vm(&self, config: &VmConfig) -> Result<Self::Vm>;
+}
+
+/// A virtual machine: guest memory and vCPUs.
+pub trait Vm: Send + Sync {
+    /// The vCPU type of this VM.
+    type Vcpu: Vcpu;
+
+    /// Maps every region of `memory` into the guest's physical address space. The VM
+    /// keeps a reference, so the host mapping lives at least as long as the VM.
+    fn map_memory(&mut self, memory: &Arc<GuestMemoryMmap>) -> Result<()>;
+
+    /// Creates vCPU `index` on the calling thread. vCPU 0 starts runnable; the others
+    /// start powered off, waiting for PSCI CPU_ON.
+    fn create_vcpu(&self, index: u32) -> Result<Self::Vcpu>;
+}
+
+/// A general-purpose or system register of an arm64 vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reg {
+    /// X0..X30.
+    X(u8),
+    /// SP_EL0 as the guest's `sp` at EL0 (KVM's `regs.sp`).
+    Sp,
+    /// The program counter.
+    Pc,
+    /// PSTATE (CPSR).
+    Pstate,
+    /// A system register.
+    Sys(SysReg),
+}
+
+/// What the guest asked of the whole system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemEvent {
+    /// PSCI SYSTEM_OFF.
+    Shutdown,
+    /// PSCI SYSTEM_RESET.
+    Reset,
+    /// The guest reported a crash (KVM's `KVM_SYSTEM_EVENT_CRASH`).
+    Crash,
+}
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VcpuExit<'a> {
+    /// The guest read `data.len()` bytes at guest-physical `addr`, which no memory
+    /// backs. Fill `data` before the next [`Vcpu::run`]: the backend completes the
+    /// guest's load with it then.
+    MmioRead {
+        /// Guest-physical address.
+        addr: u64,
+        /// The value to return, little-endian.
+        data: &'a mut [u8],
+    },
+    /// The guest wrote `data` at guest-physical `addr`, which no memory backs.
+    MmioWrite {
+        /// Guest-physical address.
+        addr: u64,
+        /// The value written, little-endian.
+        data: &'a [u8],
+    },
+    /// The guest asked the system to power off, reset, or reported a crash.
+    System(SystemEvent),
+    /// `run` was interrupted (a kick from another thread, or a signal) before or while
+    /// the guest ran; nothing for the VMM to emulate.
+    Interrupted,
+    /// An exit the backend does not handle, with the platform's reason for logs.
+    Unhandled(String),
+}
+
+/// A virtual CPU. Belongs to the thread that created it.
+pub trait Vcpu {
+    /// Runs the guest until it needs the VMM.
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    /// Writes a register.
+    fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()>;
+    /// Reads a register.
+    fn get_reg(&mut self, reg: Reg) -> Result<u64>;
+}

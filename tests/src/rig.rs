@@ -1,0 +1,282 @@
+//! The arm64 KVM rig: QEMU emulates an arm64 machine with EL2, Debian's arm64 kernel
+//! boots in it with KVM, and an init script runs the scenarios with the cross-built
+//! `hvrun`, printing markers on the console that [`crate::report`] reads.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::cpio::Archive;
+use crate::report::{self, Line, Outcome};
+use crate::scenario::Scenario;
+
+/// Errors setting up or running the rig.
+#[derive(Debug, thiserror::Error)]
+pub enum RigError {
+    /// A file the rig needs is missing or unreadable.
+    #[error("{what} {path}: {source} (run `cargo xtask guest` and `cargo xtask cross`)")]
+    Input {
+        /// What the file is.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why it cannot be read.
+        source: std::io::Error,
+    },
+    /// Writing the rig's work files failed.
+    #[error("writing {path}: {source}")]
+    Output {
+        /// The path being written.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// QEMU could not be started.
+    #[error("starting {program}: {source} (run `cargo xtask setup`)")]
+    Qemu {
+        /// The QEMU binary.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Where the rig's inputs are and how to run it.
+#[derive(Debug, Clone)]
+pub struct Rig {
+    /// The QEMU system emulator.
+    pub qemu: String,
+    /// The outer machine's kernel (Debian's arm64 `vmlinuz`, an uncompressed Image).
+    pub kernel: PathBuf,
+    /// A static arm64 busybox for the outer init.
+    pub busybox: PathBuf,
+    /// The cross-built static `hvrun`.
+    pub hvrun: PathBuf,
+    /// The directory holding guest artifacts.
+    pub guest_dir: PathBuf,
+    /// Where the initramfs and console log are written.
+    pub work_dir: PathBuf,
+    /// Echo the console while it runs.
+    pub verbose: bool,
+}
+
+/// Seconds the outer machine gets to boot and shut down, on top of the scenarios' own.
+const BOOT_ALLOWANCE_SECS: u64 = 180;
+
+/// The rig's `/init`: mount what Linux needs, then run each scenario script with a
+/// timeout between markers.
+pub fn init_script(scenarios: &[Scenario]) -> String {
+    let mut s = String::from(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         export PATH=/bin\n\
+         mkdir -p /proc /sys /dev /tmp\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sysfs /sys\n\
+         mount -t devtmpfs devtmpfs /dev\n\
+         mount -t tmpfs tmpfs /tmp\n\
+         echo \"E2E-RIG-UP kvm=$([ -c /dev/kvm ] && echo yes || echo no) uptime=$(cut -d' ' -f1 /proc/uptime)\"\n",
+    );
+    for sc in scenarios {
+        let _ = write!(
+            s,
+            "echo 'E2E-BEGIN {name}'\n\
+             start=$(cut -d' ' -f1 /proc/uptime)\n\
+             timeout {t} sh /e2e/{name}.sh </dev/null\n\
+             rc=$?\n\
+             echo \"E2E-END {name} rc=$rc start=$start end=$(cut -d' ' -f1 /proc/uptime)\"\n",
+            name = sc.name,
+            t = sc.timeout_secs,
+        );
+    }
+    s.push_str("echo E2E-DONE\nsync\npoweroff -f\n");
+    s
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, RigError> {
+    std::fs::read(path).map_err(|source| RigError::Input {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl Rig {
+    /// Writes the outer initramfs for `scenarios` and returns its path.
+    pub fn build_initramfs(&self, scenarios: &[Scenario]) -> Result<PathBuf, RigError> {
+        let mut a = Archive::new();
+        for dir in ["bin", "dev", "proc", "sys", "tmp", "e2e", "guest"] {
+            a.dir(dir);
+        }
+        // The kernel opens /dev/console for init before devtmpfs is mounted.
+        a.char_dev("dev/console", 5, 1);
+        a.file("bin/busybox", 0o755, &read("busybox", &self.busybox)?);
+        a.symlink("bin/sh", "busybox");
+        a.file("init", 0o755, init_script(scenarios).as_bytes());
+        a.file("bin/hvrun", 0o755, &read("hvrun binary", &self.hvrun)?);
+        let mut artifacts: Vec<&str> = scenarios
+            .iter()
+            .flat_map(|s| s.artifacts.iter().copied())
+            .collect();
+        artifacts.sort_unstable();
+        artifacts.dedup();
+        for name in artifacts {
+            a.file(
+                &format!("guest/{name}"),
+                0o644,
+                &read("guest artifact", &self.guest_dir.join(name))?,
+            );
+        }
+        for sc in scenarios {
+            a.file(
+                &format!("e2e/{}.sh", sc.name),
+                0o755,
+                format!("{}\n", sc.script).as_bytes(),
+            );
+        }
+        let path = self.work_dir.join("initramfs.cpio");
+        let out = |source| RigError::Output {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.work_dir).map_err(out)?;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(out)?);
+        a.finish(&mut file).map_err(out)?;
+        file.flush().map_err(out)?;
+        Ok(path)
+    }
+
+    /// Boots the rig with `scenarios` and checks each one. The console log is kept in
+    /// the work directory as `console.log`.
+    pub fn run(&self, scenarios: &[Scenario]) -> Result<Vec<Outcome>, RigError> {
+        let initramfs = self.build_initramfs(scenarios)?;
+        let budget = Duration::from_secs(
+            BOOT_ALLOWANCE_SECS
+                + scenarios
+                    .iter()
+                    .map(|s| u64::from(s.timeout_secs))
+                    .sum::<u64>(),
+        );
+        let lines = self.boot(&initramfs, budget)?;
+        Ok(scenarios.iter().map(|s| report::check(s, &lines)).collect())
+    }
+
+    fn boot(&self, initramfs: &Path, budget: Duration) -> Result<Vec<Line>, RigError> {
+        let log_path = self.work_dir.join("console.log");
+        let out = |source| RigError::Output {
+            path: log_path.clone(),
+            source,
+        };
+        let mut log = std::fs::File::create(&log_path).map_err(out)?;
+        let mut child = Command::new(&self.qemu)
+            .args([
+                "-M",
+                "virt,virtualization=on,gic-version=2",
+                "-cpu",
+                "max,pauth-impdef=on",
+            ])
+            .args(["-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(initramfs)
+            .args(["-append", "console=ttyAMA0 quiet panic=-1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| RigError::Qemu {
+                program: self.qemu.clone(),
+                source,
+            })?;
+
+        let started = Instant::now();
+        let (tx, rx) = mpsc::channel::<Line>();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let readers = [
+            stdout.map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            stderr.map(|s| Box::new(s) as _),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|stream| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for text in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
+                    let text = String::from_utf8_lossy(&text)
+                        .trim_end_matches('\r')
+                        .to_string();
+                    if tx
+                        .send(Line {
+                            at: started.elapsed(),
+                            text,
+                        })
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect::<Vec<_>>();
+        drop(tx);
+
+        let mut lines = Vec::new();
+        let deadline = started + budget;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                eprintln!("rig: no end after {} s, killing QEMU", budget.as_secs());
+                let _ = child.kill();
+                break;
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok(line) => {
+                    if self.verbose {
+                        println!("{}", line.text);
+                    }
+                    writeln!(log, "[{:8.3}] {}", line.at.as_secs_f64(), line.text).map_err(out)?;
+                    lines.push(line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let _ = child.wait();
+        for reader in readers {
+            let _ = reader.join();
+        }
+        lines.extend(rx.try_iter());
+        Ok(lines)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenarios::ALL;
+
+    #[test]
+    fn init_runs_every_scenario_between_markers() {
+        let script = init_script(ALL);
+        assert!(script.starts_with("#!/bin/busybox sh\n"));
+        for sc in ALL {
+            let begin = script
+                .find(&format!("echo 'E2E-BEGIN {}'", sc.name))
+                .unwrap();
+            let run = script
+                .find(&format!(
+                    "timeout {} sh /e2e/{}.sh",
+                    sc.timeout_secs, sc.name
+                ))
+                .unwrap();
+            let end = script.find(&format!("E2E-END {} rc=$rc", sc.name)).unwrap();
+            assert!(begin < run && run < end);
+        }
+        assert!(script.trim_end().ends_with("poweroff -f"));
+    }
+}

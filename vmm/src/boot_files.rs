@@ -1,0 +1,128 @@
+//! Opening and validating the files a boot needs, before anything else happens.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use arch_aarch64::image::{ImageHeader, HEADER_SIZE};
+
+use crate::{Error, VmConfig};
+
+/// The kernel and initrd, open, with the kernel's header validated.
+// On hosts that cannot run guests the files are only validated, never loaded.
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+#[derive(Debug)]
+pub struct BootFiles {
+    /// The kernel image, positioned anywhere.
+    pub kernel: File,
+    /// Size of the kernel file in bytes.
+    pub kernel_size: u64,
+    /// The kernel's parsed header.
+    pub header: ImageHeader,
+    /// The initrd and its size, if there is one.
+    pub initrd: Option<(File, u64)>,
+}
+
+fn open(what: &'static str, path: &Path) -> Result<(File, u64), Error> {
+    let err = |source| Error::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    Ok((file, meta.len()))
+}
+
+impl BootFiles {
+    /// Opens the files `config` names and validates the kernel's header.
+    pub fn open(config: &VmConfig) -> Result<Self, Error> {
+        let (mut kernel, kernel_size) = open("kernel", &config.kernel)?;
+        let mut head = Vec::with_capacity(HEADER_SIZE);
+        (&mut kernel)
+            .take(HEADER_SIZE as u64)
+            .read_to_end(&mut head)
+            .map_err(|source| Error::File {
+                what: "kernel",
+                path: config.kernel.clone(),
+                source,
+            })?;
+        let header = ImageHeader::parse(&head, kernel_size).map_err(|source| Error::Kernel {
+            path: config.kernel.clone(),
+            source,
+        })?;
+        let initrd = config
+            .initrd
+            .as_deref()
+            .map(|p| open("initrd", p))
+            .transpose()?;
+        Ok(BootFiles {
+            kernel,
+            kernel_size,
+            header,
+            initrd,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("hvrun-boot-files-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn missing_and_bad_files_get_clear_errors() {
+        let err = BootFiles::open(&VmConfig::new("/nonexistent/Image")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot read kernel /nonexistent/Image: No such file or directory (os error 2)"
+        );
+
+        let err = BootFiles::open(&VmConfig::new("/")).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+
+        let short = temp("short", b"MZ");
+        let err = BootFiles::open(&VmConfig::new(&short)).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("is too short to be an arm64 Image (2 bytes)"),
+            "{err}"
+        );
+
+        let junk = temp("junk", &[0x55; 4096]);
+        let err = BootFiles::open(&VmConfig::new(&junk)).unwrap_err();
+        assert!(err.to_string().contains("is not an arm64 Image"), "{err}");
+
+        let mut image = vec![0u8; 4096];
+        image[16] = 0x10; // image_size = 4096
+        image[56..60].copy_from_slice(b"ARMd");
+        let good = temp("good", &image);
+        let files = BootFiles::open(&VmConfig::new(&good)).unwrap();
+        assert_eq!(files.kernel_size, 4096);
+        let config = VmConfig {
+            initrd: Some("/nonexistent/initrd".into()),
+            ..VmConfig::new(&good)
+        };
+        let err = BootFiles::open(&config).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot read initrd /nonexistent/initrd"),
+            "{err}"
+        );
+        for p in [short, junk, good] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+}

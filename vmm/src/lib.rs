@@ -1,0 +1,103 @@
+//! hvrun: a virtual machine monitor for arm64 Linux guests.
+//!
+//! This is the library behind the `hvrun` binary and the API for embedding it. It owns
+//! the machine: it validates a [`VmConfig`], lays out guest memory, loads the kernel,
+//! builds the device tree, creates the VM through the host's hypervisor (KVM on arm64
+//! Linux; Hypervisor.framework on Apple Silicon macOS), wires the devices onto the MMIO
+//! bus and runs the vCPU loop until the guest powers off.
+//!
+//! ```no_run
+//! let config = hvrun::VmConfig::new("Image");
+//! match hvrun::run(&config) {
+//!     Ok(reason) => println!("guest stopped: {reason:?}"),
+//!     Err(e) => eprintln!("hvrun: {e}"),
+//! }
+//! ```
+
+mod boot_files;
+pub mod config;
+#[cfg(target_arch = "aarch64")]
+mod machine;
+pub mod vcpu;
+
+pub use config::{ConfigError, VmConfig};
+
+/// Why a guest stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (PSCI SYSTEM_OFF).
+    PowerOff,
+    /// The guest asked for a reset (PSCI SYSTEM_RESET).
+    Reset,
+    /// The guest reported a crash.
+    Crash,
+}
+
+/// Errors starting or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A file named in the configuration cannot be read.
+    #[error("cannot read {what} {path}: {source}")]
+    File {
+        /// Which file it is (`"kernel"`, `"initrd"`).
+        what: &'static str,
+        /// Its path.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kernel image is unusable.
+    #[error("kernel {path}: {source}")]
+    Kernel {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        source: arch_aarch64::image::ImageError,
+    },
+    /// This host cannot run arm64 guests.
+    #[error("this host ({0}) cannot run arm64 guests: hvrun needs an arm64 Linux host with KVM or an Apple Silicon Mac")]
+    UnsupportedHost(String),
+    /// The hypervisor failed.
+    #[error("{0}")]
+    Hypervisor(#[from] hypervisor::Error),
+    /// Setting up guest memory or loading into it failed.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Building the device tree failed.
+    #[error(transparent)]
+    Fdt(#[from] fdt::FdtError),
+    /// The devices could not be wired up.
+    #[error("devices: {0}")]
+    Devices(#[from] devices::bus::BusError),
+    /// A vCPU exited for a reason the VMM cannot serve.
+    #[error("vcpu{vcpu} stopped on an exit hvrun cannot handle: {why}")]
+    UnhandledExit {
+        /// The vCPU.
+        vcpu: u32,
+        /// The backend's description of the exit.
+        why: String,
+    },
+}
+
+/// Boots the VM `config` describes on this host's hypervisor and runs it until the guest
+/// stops. Everything is validated before any vCPU runs.
+pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
+    config.validate()?;
+    #[cfg(target_arch = "aarch64")]
+    {
+        machine::run(config)
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        // Check the files anyway, so a typo gets the same error on every host.
+        boot_files::BootFiles::open(config)?;
+        Err(Error::UnsupportedHost(format!(
+            "{} {}",
+            std::env::consts::ARCH,
+            std::env::consts::OS
+        )))
+    }
+}

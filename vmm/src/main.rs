@@ -1,0 +1,67 @@
+//! The `hvrun` command: a thin CLI over the `hvrun` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use hvrun::{config, ExitReason, VmConfig};
+
+/// Exit codes, as documented in `--help`.
+const EXIT_POWEROFF: u8 = 0;
+const EXIT_ERROR: u8 = 1;
+const EXIT_RESET: u8 = 3;
+const EXIT_CRASH: u8 = 4;
+
+/// Boot an arm64 Linux guest on KVM (arm64 Linux) or Hypervisor.framework (Apple Silicon).
+#[derive(Debug, Parser)]
+#[command(
+    name = "hvrun",
+    version,
+    after_help = "Exit status: 0 when the guest powers off, 1 when hvrun fails, 2 for a bad \
+                  command line, 3 when the guest asks for a reboot, 4 when the guest reports a \
+                  crash.\nSet RUST_LOG=info (or debug) for more detail on standard error."
+)]
+struct Cli {
+    /// The arm64 Linux kernel `Image` to boot.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// An initramfs for the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long, value_name = "TEXT", default_value = "console=ttyAMA0")]
+    cmdline: String,
+    /// Number of vCPUs (1 to 8).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Guest RAM, e.g. 512M or 2G.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    memory: u64,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    config::parse_size(text).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    let config = VmConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        cpus: cli.cpus,
+        memory: cli.memory,
+    };
+    match hvrun::run(&config) {
+        Ok(ExitReason::PowerOff) => ExitCode::from(EXIT_POWEROFF),
+        Ok(ExitReason::Reset) => ExitCode::from(EXIT_RESET),
+        Ok(ExitReason::Crash) => ExitCode::from(EXIT_CRASH),
+        Err(e) => {
+            eprintln!("hvrun: error: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}

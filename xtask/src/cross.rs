@@ -1,0 +1,105 @@
+//! Builds for targets whose standard library is not installed, with Debian's Rust
+//! (`rustc-web`, whose `rust-web-src` makes `-Zbuild-std` work): the static arm64 Linux
+//! `hvrun` for the rig, unit tests for arm64 Linux under qemu-user, and the macOS
+//! type-check. Each gets its own target directory so it never fights the host build.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::{paths, sh};
+
+const LINUX: &str = "aarch64-unknown-linux-gnu";
+const MACOS: &str = "aarch64-apple-darwin";
+
+/// Debian's cargo with an environment that keeps rustup's toolchain out of the way.
+fn debian_cargo(target_dir: &str) -> Command {
+    let mut c = sh::cmd("/usr/bin/cargo");
+    let path = std::env::var("PATH").unwrap_or_default();
+    c.current_dir(paths::root())
+        .env("PATH", format!("/usr/bin:/bin:{path}"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("CARGO_TARGET_DIR", paths::root().join(target_dir))
+        .env(
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+            "aarch64-linux-gnu-gcc",
+        );
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+/// `cargo xtask cross`: the static arm64 Linux `hvrun`; returns its path.
+pub fn build_hvrun() -> Result<PathBuf, String> {
+    sh::run(
+        debian_cargo("target/cross")
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "hvrun",
+                "--bin",
+                "hvrun",
+                "-Zbuild-std=std,panic_abort",
+            ])
+            .args(["--target", LINUX]),
+    )?;
+    let bin = paths::cross_hvrun();
+    let size = std::fs::metadata(&bin)
+        .map_err(|e| format!("{}: {e}", bin.display()))?
+        .len();
+    println!("cross: {} ({} KiB)", bin.display(), size / 1024);
+    Ok(bin)
+}
+
+/// `cargo xtask cross-test`: the unit tests of the crates with arm64-only code, compiled
+/// for arm64 Linux and run under qemu-user (no KVM there: that is the rig's job).
+pub fn test() -> Result<(), String> {
+    sh::run(
+        debian_cargo("target/cross-test")
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER",
+                "qemu-aarch64-static -L /usr/aarch64-linux-gnu",
+            )
+            .args(["test", "-Zbuild-std", "--target", LINUX])
+            .args([
+                "-p",
+                "hvrun",
+                "-p",
+                "hypervisor",
+                "-p",
+                "arch-aarch64",
+                "-p",
+                "devices",
+                "-p",
+                "fdt",
+            ]),
+    )
+}
+
+/// `cargo xtask check-macos`: type-check and lint the workspace for Apple Silicon macOS
+/// against the real `applevisor` crate.
+pub fn check_macos() -> Result<(), String> {
+    let args = [
+        "--workspace",
+        "-Zbuild-std=std,panic_abort",
+        "--target",
+        MACOS,
+    ];
+    sh::run(debian_cargo("target/macos").arg("check").args(args))?;
+    sh::run(
+        debian_cargo("target/macos")
+            .arg("clippy")
+            .args(args)
+            .args(["--", "-D", "warnings"]),
+    )
+}

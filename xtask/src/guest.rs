@@ -1,0 +1,200 @@
+//! `cargo xtask guest`: guest artifacts, built into the cache outside the work tree and
+//! rebuilt only when their inputs change (a Debian package version, a source's hash).
+//!
+//! - `vmlinuz`: Debian's stock arm64 kernel (an uncompressed Image): the rig's outer
+//!   kernel, and a guest kernel.
+//! - `busybox`: Debian's static arm64 busybox, for the rig's init.
+//! - `NAME.bin`: each test program `guests/NAME.S`, assembled with the cross binutils.
+
+use std::path::{Path, PathBuf};
+
+use crate::{paths, sh};
+
+/// Builds every artifact that is missing or stale.
+pub fn run() -> Result<(), String> {
+    let dir = paths::guest_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let kernel = resolve_kernel_package()?;
+    debian_file(&dir, &kernel, "boot/vmlinuz-", "vmlinuz")?;
+    debian_file(&dir, "busybox-static", "bin/busybox", "busybox")?;
+    assemble_programs(&dir)?;
+    Ok(())
+}
+
+/// FNV-1a, for cache keys that are stable across Rust versions.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Whether `output` exists and was made from `key`.
+fn fresh(output: &Path, key: &str) -> bool {
+    output.exists() && std::fs::read_to_string(stamp(output)).is_ok_and(|k| k == key)
+}
+
+fn stamp(output: &Path) -> PathBuf {
+    output.with_extension(format!(
+        "{}stamp",
+        output
+            .extension()
+            .map_or(String::new(), |e| format!("{}.", e.to_string_lossy()))
+    ))
+}
+
+fn mark(output: &Path, key: &str) -> Result<(), String> {
+    std::fs::write(stamp(output), key)
+        .map_err(|e| format!("writing {}: {e}", stamp(output).display()))
+}
+
+fn apt_cache(args: &[&str]) -> Result<String, String> {
+    sh::output(sh::cmd("apt-cache").args(args))
+}
+
+/// The versioned package behind `linux-image-arm64` (e.g. `linux-image-6.1.0-57-arm64`).
+fn resolve_kernel_package() -> Result<String, String> {
+    let find = || -> Option<String> {
+        let deps = apt_cache(&["depends", "linux-image-arm64:arm64"]).ok()?;
+        deps.lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .map(|p| p.trim_end_matches(":arm64").to_string())
+            .find(|p| p.starts_with("linux-image-") && p.ends_with("-arm64"))
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    // The package lists may predate `dpkg --add-architecture arm64`.
+    sh::run(sh::cmd("apt-get").args(["update", "-q"]))?;
+    find().ok_or_else(|| "cannot resolve linux-image-arm64:arm64 (is arm64 a foreign architecture? run `cargo xtask setup`)".into())
+}
+
+fn candidate_version(package: &str) -> Result<String, String> {
+    let policy = apt_cache(&["policy", &format!("{package}:arm64")])?;
+    policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate: "))
+        .filter(|v| *v != "(none)")
+        .map(str::to_string)
+        .ok_or_else(|| format!("no installable version of {package}:arm64"))
+}
+
+/// Extracts the file whose path starts with `inner_prefix` from Debian's arm64 package
+/// `package` into `dir/name`.
+fn debian_file(dir: &Path, package: &str, inner_prefix: &str, name: &str) -> Result<(), String> {
+    let output = dir.join(name);
+    let key = format!("{package}={}", candidate_version(package)?);
+    if fresh(&output, &key) {
+        println!("guest: {name} is up to date ({key})");
+        return Ok(());
+    }
+    let work = paths::cache().join("download");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
+    sh::run(sh::cmd("apt-get").current_dir(&work).args([
+        "-q",
+        "-o",
+        "APT::Sandbox::User=root",
+        "download",
+        &format!("{package}:arm64"),
+    ]))?;
+    let deb = std::fs::read_dir(&work)
+        .map_err(|e| e.to_string())?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| format!("apt-get download {package} left no .deb"))?;
+    let tree = work.join("tree");
+    sh::run(sh::cmd("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+    let (parent, prefix) = inner_prefix.rsplit_once('/').unwrap_or(("", inner_prefix));
+    let found = std::fs::read_dir(tree.join(parent))
+        .map_err(|e| format!("{package} has no {parent}/: {e}"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+        .ok_or_else(|| format!("{package} has no {inner_prefix}*"))?;
+    std::fs::copy(&found, &output).map_err(|e| format!("copying {}: {e}", found.display()))?;
+    mark(&output, &key)?;
+    let _ = std::fs::remove_dir_all(&work);
+    println!("guest: {name} from {key}");
+    Ok(())
+}
+
+/// Assembles each `guests/NAME.S` (other than included headers) into `NAME.bin`.
+fn assemble_programs(dir: &Path) -> Result<(), String> {
+    let src = paths::root().join("guests");
+    let header = std::fs::read(src.join("image-header.S"))
+        .map_err(|e| format!("guests/image-header.S: {e}"))?;
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&src)
+        .map_err(|e| format!("{}: {e}", src.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "S") && !p.ends_with("image-header.S"))
+        .collect();
+    sources.sort();
+    for source in sources {
+        let text = std::fs::read(&source).map_err(|e| format!("{}: {e}", source.display()))?;
+        let name = source
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let output = dir.join(format!("{name}.bin"));
+        let key = format!(
+            "{:016x}",
+            fnv1a(&[header.as_slice(), b"\0", &text].concat())
+        );
+        if fresh(&output, &key) {
+            continue;
+        }
+        let elf = dir.join(format!("{name}.elf"));
+        sh::run(
+            sh::cmd("aarch64-linux-gnu-gcc")
+                .args([
+                    "-nostdlib",
+                    "-static",
+                    "-Wl,-Ttext=0",
+                    "-Wl,--build-id=none",
+                    "-I",
+                ])
+                .arg(&src)
+                .arg("-o")
+                .arg(&elf)
+                .arg(&source),
+        )?;
+        sh::run(
+            sh::cmd("aarch64-linux-gnu-objcopy")
+                .args(["-O", "binary"])
+                .arg(&elf)
+                .arg(&output),
+        )?;
+        let _ = std::fs::remove_file(&elf);
+        mark(&output, &key)?;
+    }
+    println!("guest: test programs up to date in {}", dir.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_sit_beside_their_outputs() {
+        assert_eq!(
+            stamp(Path::new("/c/hello.bin")),
+            Path::new("/c/hello.bin.stamp")
+        );
+        assert_eq!(
+            stamp(Path::new("/c/vmlinuz")),
+            Path::new("/c/vmlinuz.stamp")
+        );
+    }
+
+    #[test]
+    fn fnv_is_stable() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

@@ -1,0 +1,91 @@
+//! hvrun's developer commands, run as `cargo xtask COMMAND`.
+//!
+//! Every command is idempotent and prints what it runs. `demo` and `test` install and
+//! build whatever is missing themselves, so on a fresh Debian machine they are all a
+//! person types.
+
+mod cross;
+mod e2e;
+mod guest;
+mod paths;
+mod setup;
+mod sh;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo xtask COMMAND [ARGS]
+
+commands:
+  setup          install the Debian packages the toolchains and the rig need
+  guest          build guest artifacts (kernel, busybox, test programs) into the cache
+  cross          static aarch64-unknown-linux-gnu build of hvrun (build-std)
+  cross-test     run the workspace's unit tests compiled for arm64 Linux, under qemu-user
+  check-macos    cargo check + clippy -D warnings of the workspace for aarch64-apple-darwin
+  e2e [-v] [NAME...]
+                 run end-to-end scenarios in the arm64 KVM rig (all when none named)
+  demo           boot the demo guest in the rig and show its console
+  test           everything CI checks: fmt, clippy, tests, cross-test, check-macos, cross, e2e
+
+environment:
+  HVRUN_CACHE    where guest artifacts are cached (default: ~/.cache/hvrun)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match command.as_str() {
+        "setup" => setup::run(),
+        "guest" => guest::run(),
+        "cross" => cross::build_hvrun().map(|_| ()),
+        "cross-test" => cross::test(),
+        "check-macos" => cross::check_macos(),
+        "e2e" => e2e::run(rest),
+        "demo" => e2e::demo(),
+        "test" => test(),
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything CI checks, in order, stopping at the first failure.
+fn test() -> Result<(), String> {
+    setup::run()?;
+    guest::run()?;
+    let root = paths::root();
+    let cargo = sh::host_cargo();
+    sh::run(
+        sh::cmd(&cargo)
+            .current_dir(&root)
+            .args(["fmt", "--all", "--check"]),
+    )?;
+    sh::run(sh::cmd(&cargo).current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    sh::run(
+        sh::cmd(&cargo)
+            .current_dir(&root)
+            .args(["test", "--workspace"]),
+    )?;
+    cross::test()?;
+    cross::check_macos()?;
+    e2e::run(&[])?;
+    println!("xtask test: all checks passed");
+    Ok(())
+}

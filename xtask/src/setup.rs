@@ -1,0 +1,70 @@
+//! `cargo xtask setup`: the Debian packages the toolchains and the rig need.
+
+use std::path::Path;
+
+use crate::sh;
+
+/// Packages for the cross toolchain, the macOS type-check, the rig and the tests.
+pub const PACKAGES: &[&str] = &[
+    "qemu-system-arm",       // the rig: qemu-system-aarch64
+    "qemu-user-static",      // unit tests compiled for arm64, run under emulation
+    "gcc-aarch64-linux-gnu", // cross linker and assembler
+    "rustc-web",             // a Rust whose std sources ship (for -Zbuild-std)
+    "cargo-web",
+    "rust-web-src",
+    "rust-web-clippy",
+    "device-tree-compiler", // dtc, to decode device trees in tests
+    "e2fsprogs",            // mkfs.ext4 and debugfs for disk images
+    "cpio",                 // cross-checks the initramfs writer
+];
+
+fn installed(package: &str) -> bool {
+    sh::output(sh::cmd("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_ok_and(|status| status.trim() == "install ok installed")
+}
+
+fn is_root() -> bool {
+    sh::output(sh::cmd("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
+}
+
+/// A command run as root: directly when we are root, else through non-interactive sudo.
+fn as_root(args: &[&str]) -> std::process::Command {
+    let mut c = if is_root() {
+        sh::cmd(args[0])
+    } else {
+        let mut c = sh::cmd("sudo");
+        c.arg("-n").arg(args[0]);
+        c
+    };
+    c.args(&args[1..]).env("DEBIAN_FRONTEND", "noninteractive");
+    c
+}
+
+/// Installs what is missing; prints what is needed and fails on a non-Debian host.
+pub fn run() -> Result<(), String> {
+    if !Path::new("/etc/debian_version").exists() {
+        return Err(format!(
+            "this is not a Debian host; install the equivalents of these Debian packages, \
+             and enable arm64 as a foreign architecture: {}",
+            PACKAGES.join(" ")
+        ));
+    }
+    let foreign = sh::output(sh::cmd("dpkg").arg("--print-foreign-architectures"))?;
+    let mut update = false;
+    if !foreign.split_whitespace().any(|a| a == "arm64") {
+        sh::run(&mut as_root(&["dpkg", "--add-architecture", "arm64"]))?;
+        update = true;
+    }
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() && !update {
+        println!("setup: all {} packages present", PACKAGES.len());
+        return Ok(());
+    }
+    sh::run(&mut as_root(&["apt-get", "update", "-q"]))?;
+    if !missing.is_empty() {
+        let mut args = vec!["apt-get", "install", "-y", "-q", "--no-install-recommends"];
+        args.extend(&missing);
+        sh::run(&mut as_root(&args))?;
+    }
+    Ok(())
+}
