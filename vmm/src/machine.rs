@@ -101,3 +101,59 @@ fn load(config: &VmConfig, files: BootFiles) -> Result<(GuestMemoryMmap, BootReg
 
     Ok((memory, BootRegs::linux(plan.kernel_entry, plan.fdt)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arch_aarch64::layout::FDT_MAX_SIZE;
+    use vm_memory::GuestMemoryBackend;
+
+    fn temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("hvrun-machine-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn loads_kernel_initrd_and_device_tree_where_the_plan_says() {
+        let mut image = vec![0xa5u8; 8192];
+        image[..64].fill(0);
+        image[16..24].copy_from_slice(&(1u64 << 20).to_le_bytes()); // 1 MiB with BSS
+        image[56..60].copy_from_slice(b"ARMd");
+        let kernel = temp("Image", &image);
+        let initrd = temp("initrd", &[0x5a; 5000]);
+        let config = VmConfig { initrd: Some(initrd.clone()), memory: 64 << 20, ..VmConfig::new(&kernel) };
+
+        let (memory, regs) = load(&config, BootFiles::open(&config).unwrap()).unwrap();
+        assert_eq!(memory.num_regions(), 1);
+        assert_eq!(regs.pc, RAM_BASE);
+        let mut first = [0u8; 8192];
+        memory.read_slice(&mut first, GuestAddress(RAM_BASE)).unwrap();
+        assert_eq!(first.as_slice(), image.as_slice());
+
+        let fdt = RAM_BASE + (64 << 20) - FDT_MAX_SIZE;
+        assert_eq!(regs.x0, fdt);
+        let magic: u32 = memory.read_obj(GuestAddress(fdt)).unwrap();
+        assert_eq!(u32::from_be(magic), 0xd00d_feed);
+
+        // The initrd sits page-aligned just below the device tree.
+        let at = arch_aarch64::layout::align_down(fdt - 5000, arch_aarch64::layout::PAGE_SIZE);
+        let mut initrd_bytes = [0u8; 5000];
+        memory.read_slice(&mut initrd_bytes, GuestAddress(at)).unwrap();
+        assert!(initrd_bytes.iter().all(|&b| b == 0x5a));
+        std::fs::remove_file(kernel).unwrap();
+        std::fs::remove_file(initrd).unwrap();
+    }
+
+    #[test]
+    fn a_kernel_too_big_for_ram_is_refused_before_anything_runs() {
+        let mut image = vec![0u8; 4096];
+        image[16..24].copy_from_slice(&(100u64 << 20).to_le_bytes()); // 100 MiB of BSS
+        image[56..60].copy_from_slice(b"ARMd");
+        let kernel = temp("Huge", &image);
+        let config = VmConfig { memory: 64 << 20, ..VmConfig::new(&kernel) };
+        let err = load(&config, BootFiles::open(&config).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("does not fit in guest RAM"), "{err}");
+        std::fs::remove_file(kernel).unwrap();
+    }
+}

@@ -58,6 +58,7 @@ fn report(outcomes: &[Outcome], rig: &Rig) -> Result<(), String> {
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.passed()).collect();
     if failed.is_empty() {
+        println!("e2e: {} passed, 0 failed", outcomes.len());
         return Ok(());
     }
     let log = rig.work_dir.join("console.log");
