@@ -109,7 +109,8 @@ mod tests {
     use vm_memory::GuestMemoryBackend;
 
     fn temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let path = std::env::temp_dir().join(format!("hvrun-machine-{}-{name}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("hvrun-machine-{}-{name}", std::process::id()));
         std::fs::write(&path, bytes).unwrap();
         path
     }
@@ -122,13 +123,19 @@ mod tests {
         image[56..60].copy_from_slice(b"ARMd");
         let kernel = temp("Image", &image);
         let initrd = temp("initrd", &[0x5a; 5000]);
-        let config = VmConfig { initrd: Some(initrd.clone()), memory: 64 << 20, ..VmConfig::new(&kernel) };
+        let config = VmConfig {
+            initrd: Some(initrd.clone()),
+            memory: 64 << 20,
+            ..VmConfig::new(&kernel)
+        };
 
         let (memory, regs) = load(&config, BootFiles::open(&config).unwrap()).unwrap();
         assert_eq!(memory.num_regions(), 1);
         assert_eq!(regs.pc, RAM_BASE);
         let mut first = [0u8; 8192];
-        memory.read_slice(&mut first, GuestAddress(RAM_BASE)).unwrap();
+        memory
+            .read_slice(&mut first, GuestAddress(RAM_BASE))
+            .unwrap();
         assert_eq!(first.as_slice(), image.as_slice());
 
         let fdt = RAM_BASE + (64 << 20) - FDT_MAX_SIZE;
@@ -139,7 +146,9 @@ mod tests {
         // The initrd sits page-aligned just below the device tree.
         let at = arch_aarch64::layout::align_down(fdt - 5000, arch_aarch64::layout::PAGE_SIZE);
         let mut initrd_bytes = [0u8; 5000];
-        memory.read_slice(&mut initrd_bytes, GuestAddress(at)).unwrap();
+        memory
+            .read_slice(&mut initrd_bytes, GuestAddress(at))
+            .unwrap();
         assert!(initrd_bytes.iter().all(|&b| b == 0x5a));
         std::fs::remove_file(kernel).unwrap();
         std::fs::remove_file(initrd).unwrap();
@@ -151,9 +160,15 @@ mod tests {
         image[16..24].copy_from_slice(&(100u64 << 20).to_le_bytes()); // 100 MiB of BSS
         image[56..60].copy_from_slice(b"ARMd");
         let kernel = temp("Huge", &image);
-        let config = VmConfig { memory: 64 << 20, ..VmConfig::new(&kernel) };
+        let config = VmConfig {
+            memory: 64 << 20,
+            ..VmConfig::new(&kernel)
+        };
         let err = load(&config, BootFiles::open(&config).unwrap()).unwrap_err();
-        assert!(err.to_string().contains("does not fit in guest RAM"), "{err}");
+        assert!(
+            err.to_string().contains("does not fit in guest RAM"),
+            "{err}"
+        );
         std::fs::remove_file(kernel).unwrap();
     }
 }
