@@ -23,10 +23,13 @@ fn mmio(c: &mut Criterion) {
     let bus = bus();
     c.bench_function("bus read (PL011 FR)", |b| {
         let mut data = [0u8; 4];
-        b.iter(|| bus.read(black_box(0x0900_8018), &mut data).unwrap());
+        b.iter(|| bus.read(0, black_box(0x0900_8018), &mut data).unwrap());
     });
     c.bench_function("bus write (PL011 IMSC)", |b| {
-        b.iter(|| bus.write(black_box(0x0900_8038), &[0x10, 0, 0, 0]).unwrap());
+        b.iter(|| {
+            bus.write(0, black_box(0x0900_8038), &[0x10, 0, 0, 0])
+                .unwrap()
+        });
     });
 }
 

@@ -1,23 +1,51 @@
 //! The MMIO bus: guest-physical ranges mapped to devices.
 //!
 //! Ranges are kept in a sorted vector and looked up by binary search, so a lookup costs
-//! a few comparisons; overlapping ranges are rejected when a device is inserted. Each
-//! device sits behind its own lock (one lock per device, never one for the machine), and
-//! an access is checked to lie wholly inside the device's range before the device sees
-//! it, with the offset from the range's base.
+//! a few comparisons; overlapping ranges are rejected when a device is inserted. An
+//! access is checked to lie wholly inside the device's range before the device sees it,
+//! with the offset from the range's base and the index of the vCPU making it (banked
+//! registers, like the GIC's, depend on it).
+//!
+//! Devices take `&self` and own their locking: most are a [`Mutex`] around a
+//! [`MmioDeviceMut`] (one lock per device, never one for the machine); the GIC shares one
+//! state between its two register windows.
 
 use std::sync::{Arc, Mutex};
 
-/// A device that serves guest MMIO accesses.
-pub trait MmioDevice: Send {
-    /// Serves a read of `data.len()` bytes at `offset` from the device's base; fills `data`.
-    fn read(&mut self, offset: u64, data: &mut [u8]);
-    /// Serves a write of `data` at `offset` from the device's base.
-    fn write(&mut self, offset: u64, data: &[u8]);
+/// A device that serves guest MMIO accesses. Called from any vCPU thread.
+pub trait MmioDevice: Send + Sync {
+    /// Serves a read of `data.len()` bytes at `offset` from the device's base, made by
+    /// vCPU `vcpu`; fills `data`.
+    fn read(&self, vcpu: usize, offset: u64, data: &mut [u8]);
+    /// Serves a write of `data` at `offset` from the device's base, made by vCPU `vcpu`.
+    fn write(&self, vcpu: usize, offset: u64, data: &[u8]);
+}
+
+/// A device whose state one lock guards: put it on the bus as `Mutex<T>`.
+pub trait MmioDeviceMut: Send {
+    /// Serves a read; see [`MmioDevice::read`].
+    fn read(&mut self, vcpu: usize, offset: u64, data: &mut [u8]);
+    /// Serves a write; see [`MmioDevice::write`].
+    fn write(&mut self, vcpu: usize, offset: u64, data: &[u8]);
+}
+
+impl<T: MmioDeviceMut> MmioDevice for Mutex<T> {
+    fn read(&self, vcpu: usize, offset: u64, data: &mut [u8]) {
+        lock(self).read(vcpu, offset, data);
+    }
+    fn write(&self, vcpu: usize, offset: u64, data: &[u8]) {
+        lock(self).write(vcpu, offset, data);
+    }
+}
+
+/// Locks `mutex`, tolerating poison: a device whose lock was poisoned by a panic on
+/// another thread keeps serving (its state is whatever the panicking access left).
+pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A device shared between the bus and whoever else drives it (an input thread, say).
-pub type SharedDevice = Arc<Mutex<dyn MmioDevice>>;
+pub type SharedDevice = Arc<dyn MmioDevice>;
 
 /// Errors from the MMIO bus.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -124,25 +152,19 @@ impl MmioBus {
         }
     }
 
-    /// Reads `data.len()` bytes at guest-physical `addr` from the device there.
-    pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), BusError> {
+    /// Reads `data.len()` bytes at guest-physical `addr` from the device there, for vCPU `vcpu`.
+    pub fn read(&self, vcpu: usize, addr: u64, data: &mut [u8]) -> Result<(), BusError> {
         let (device, offset) = self.find(addr, data.len())?;
-        lock(device).read(offset, data);
+        device.read(vcpu, offset, data);
         Ok(())
     }
 
-    /// Writes `data` at guest-physical `addr` to the device there.
-    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), BusError> {
+    /// Writes `data` at guest-physical `addr` to the device there, for vCPU `vcpu`.
+    pub fn write(&self, vcpu: usize, addr: u64, data: &[u8]) -> Result<(), BusError> {
         let (device, offset) = self.find(addr, data.len())?;
-        lock(device).write(offset, data);
+        device.write(vcpu, offset, data);
         Ok(())
     }
-}
-
-/// Locks a device, tolerating poison: a device whose lock was poisoned by a panic on
-/// another thread keeps serving (its state is whatever the panicking access left).
-pub fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn MmioDevice + 'static> {
-    device.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads a little-endian register value of up to 8 bytes from an access buffer.
@@ -167,16 +189,16 @@ mod tests {
     /// Records every access it sees.
     #[derive(Default)]
     struct Recorder {
-        log: Vec<(bool, u64, Vec<u8>)>,
+        log: Vec<(usize, bool, u64, Vec<u8>)>,
     }
 
-    impl MmioDevice for Recorder {
-        fn read(&mut self, offset: u64, data: &mut [u8]) {
+    impl MmioDeviceMut for Recorder {
+        fn read(&mut self, vcpu: usize, offset: u64, data: &mut [u8]) {
             data.fill(0xab);
-            self.log.push((false, offset, data.to_vec()));
+            self.log.push((vcpu, false, offset, data.to_vec()));
         }
-        fn write(&mut self, offset: u64, data: &[u8]) {
-            self.log.push((true, offset, data.to_vec()));
+        fn write(&mut self, vcpu: usize, offset: u64, data: &[u8]) {
+            self.log.push((vcpu, true, offset, data.to_vec()));
         }
     }
 
@@ -192,11 +214,14 @@ mod tests {
         bus.insert(0x1000, 0x100, a.clone()).unwrap();
         bus.insert(0x2000, 0x100, b.clone()).unwrap();
         let mut buf = [0u8; 4];
-        bus.read(0x1010, &mut buf).unwrap();
+        bus.read(0, 0x1010, &mut buf).unwrap();
         assert_eq!(buf, [0xab; 4]);
-        bus.write(0x20fc, &[1, 2, 3, 4]).unwrap();
-        assert_eq!(a.lock().unwrap().log, vec![(false, 0x10, vec![0xab; 4])]);
-        assert_eq!(b.lock().unwrap().log, vec![(true, 0xfc, vec![1, 2, 3, 4])]);
+        bus.write(3, 0x20fc, &[1, 2, 3, 4]).unwrap();
+        assert_eq!(a.lock().unwrap().log, vec![(0, false, 0x10, vec![0xab; 4])]);
+        assert_eq!(
+            b.lock().unwrap().log,
+            vec![(3, true, 0xfc, vec![1, 2, 3, 4])]
+        );
     }
 
     #[test]
@@ -243,18 +268,18 @@ mod tests {
         let mut buf = [0u8; 8];
         // Straddles the end of the range.
         assert_eq!(
-            bus.read(0x10fc, &mut buf),
+            bus.read(0, 0x10fc, &mut buf),
             Err(BusError::Unclaimed {
                 addr: 0x10fc,
                 len: 8
             })
         );
         // Entirely outside.
-        assert!(bus.write(0x1100, &[0]).is_err());
-        assert!(bus.write(0xfff, &[0]).is_err());
-        assert!(bus.read(u64::MAX, &mut buf).is_err());
+        assert!(bus.write(0, 0x1100, &[0]).is_err());
+        assert!(bus.write(0, 0xfff, &[0]).is_err());
+        assert!(bus.read(0, u64::MAX, &mut buf).is_err());
         // Zero-length accesses never reach a device.
-        assert!(bus.write(0x1000, &[]).is_err());
+        assert!(bus.write(0, 0x1000, &[]).is_err());
         assert!(dev.lock().unwrap().log.is_empty());
     }
 

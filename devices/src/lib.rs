@@ -8,6 +8,7 @@
 //! are logged through [`ratelimit`] and never panic.
 
 pub mod bus;
+pub mod gic;
 pub mod irq;
 pub mod pl011;
 pub mod ratelimit;

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::bus::{read_le, write_le, MmioDevice};
+use crate::bus::{read_le, write_le, MmioDeviceMut};
 use crate::irq::IrqLine;
 
 const DR: u64 = 0x000;
@@ -240,8 +240,8 @@ macro_rules! devices_warn {
 }
 use devices_warn;
 
-impl MmioDevice for Pl011 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl MmioDeviceMut for Pl011 {
+    fn read(&mut self, _vcpu: usize, offset: u64, data: &mut [u8]) {
         // Registers are 32 bits wide; byte and halfword reads see the matching lanes.
         let shift = (offset & 3) * 8;
         let value = if data.len() as u64 + (offset & 3) <= 4 {
@@ -252,7 +252,7 @@ impl MmioDevice for Pl011 {
         write_le(data, u64::from(value));
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&mut self, _vcpu: usize, offset: u64, data: &[u8]) {
         if offset & 3 != 0 || data.len() > 4 {
             devices_warn!(
                 "pl011: unaligned or oversized write at {offset:#x} ({} bytes) ignored",
@@ -298,12 +298,12 @@ mod tests {
 
     fn r32(u: &mut Pl011, offset: u64) -> u32 {
         let mut buf = [0; 4];
-        u.read(offset, &mut buf);
+        u.read(0, offset, &mut buf);
         u32::from_le_bytes(buf)
     }
 
     fn w32(u: &mut Pl011, offset: u64, value: u32) {
-        u.write(offset, &value.to_le_bytes());
+        u.write(0, offset, &value.to_le_bytes());
     }
 
     #[test]
@@ -316,7 +316,7 @@ mod tests {
     #[test]
     fn transmit_reaches_the_sink_with_byte_and_word_writes() {
         let (mut u, sink, _) = uart();
-        u.write(DR, b"h");
+        u.write(0, DR, b"h");
         w32(&mut u, DR, u32::from(b'i'));
         assert_eq!(sink.0.lock().unwrap().as_slice(), b"hi");
         assert_eq!(
@@ -328,7 +328,7 @@ mod tests {
     #[test]
     fn tx_interrupt_is_masked_latched_and_cleared() {
         let (mut u, _, line) = uart();
-        u.write(DR, b"x");
+        u.write(0, DR, b"x");
         assert_eq!(r32(&mut u, RIS) & INT_TX, INT_TX);
         assert!(!line.0.load(Ordering::SeqCst), "masked by IMSC");
         w32(&mut u, IMSC, INT_TX);
@@ -370,9 +370,9 @@ mod tests {
         let (mut u, _, _) = uart();
         for offset in 0..0x1000u64 {
             for len in [1usize, 2, 4, 8] {
-                u.write(offset, &vec![0xff; len]);
+                u.write(0, offset, &vec![0xff; len]);
                 let mut buf = vec![0; len];
-                u.read(offset, &mut buf);
+                u.read(0, offset, &mut buf);
             }
         }
         // The device still works afterwards.
@@ -385,10 +385,10 @@ mod tests {
         let (mut u, _, _) = uart();
         w32(&mut u, IBRD, 0x1234);
         let mut b = [0u8; 1];
-        u.read(IBRD + 1, &mut b);
+        u.read(0, IBRD + 1, &mut b);
         assert_eq!(b, [0x12]);
         let mut h = [0u8; 2];
-        u.read(IBRD, &mut h);
+        u.read(0, IBRD, &mut h);
         assert_eq!(h, [0x34, 0x12]);
     }
 
@@ -404,8 +404,8 @@ mod tests {
             }
         }
         let mut u = Pl011::new(Box::new(Broken), Arc::new(crate::irq::NoIrq));
-        u.write(DR, b"a");
-        u.write(DR, b"b");
+        u.write(0, DR, b"a");
+        u.write(0, DR, b"b");
         assert!(u.out_failed);
     }
 }

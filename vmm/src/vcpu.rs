@@ -18,13 +18,13 @@ pub fn run_loop<V: Vcpu>(index: u32, vcpu: &mut V, bus: &MmioBus) -> Result<Exit
     loop {
         match vcpu.run()? {
             VcpuExit::MmioRead { addr, data } => {
-                if let Err(e) = bus.read(addr, data) {
+                if let Err(e) = bus.read(index as usize, addr, data) {
                     data.fill(0);
                     warn_ratelimited!("vcpu{index}: {e}: read returns 0");
                 }
             }
             VcpuExit::MmioWrite { addr, data } => {
-                if let Err(e) = bus.write(addr, data) {
+                if let Err(e) = bus.write(index as usize, addr, data) {
                     warn_ratelimited!("vcpu{index}: {e}: write ignored");
                 }
             }
@@ -40,7 +40,7 @@ pub fn run_loop<V: Vcpu>(index: u32, vcpu: &mut V, bus: &MmioBus) -> Result<Exit
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devices::bus::MmioDevice;
+    use devices::bus::MmioDeviceMut;
     use hypervisor::Reg;
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
@@ -107,11 +107,11 @@ mod tests {
     struct Register {
         value: u8,
     }
-    impl MmioDevice for Register {
-        fn read(&mut self, _: u64, data: &mut [u8]) {
+    impl MmioDeviceMut for Register {
+        fn read(&mut self, _: usize, _: u64, data: &mut [u8]) {
             data.fill(self.value);
         }
-        fn write(&mut self, _: u64, data: &[u8]) {
+        fn write(&mut self, _: usize, _: u64, data: &[u8]) {
             self.value = data[0];
         }
     }
