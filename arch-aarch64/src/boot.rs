@@ -22,11 +22,7 @@ pub struct BootRegs {
 impl BootRegs {
     /// The state of the boot CPU for a kernel entered at `entry` with its device tree at `fdt`.
     pub const fn linux(entry: u64, fdt: u64) -> Self {
-        BootRegs {
-            pc: entry,
-            x0: fdt,
-            pstate: PSTATE_EL1H_DAIF_MASKED,
-        }
+        BootRegs { pc: entry, x0: fdt, pstate: PSTATE_EL1H_DAIF_MASKED }
     }
 }
 

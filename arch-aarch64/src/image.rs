@@ -30,7 +30,9 @@ pub enum ImageError {
     #[error("has an implausible text offset {0:#x} in its arm64 Image header")]
     BadTextOffset(u64),
     /// The kernel, initrd and device tree do not fit in RAM.
-    #[error("does not fit in guest RAM with its initrd and device tree: {needed:#x} bytes needed, {available:#x} available")]
+    #[error(
+        "does not fit in guest RAM with its initrd and device tree: {needed:#x} bytes needed, {available:#x} available"
+    )]
     DoesNotFit {
         /// Bytes of RAM the boot needs.
         needed: u64,
@@ -53,9 +55,7 @@ pub struct ImageHeader {
 impl ImageHeader {
     /// Parses and validates the header of a `file_size`-byte image from its first bytes.
     pub fn parse(head: &[u8], file_size: u64) -> Result<Self, ImageError> {
-        let head = head
-            .get(..HEADER_SIZE)
-            .ok_or(ImageError::Truncated(file_size))?;
+        let head = head.get(..HEADER_SIZE).ok_or(ImageError::Truncated(file_size))?;
         let le64 = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().unwrap_or([0; 8]));
         let magic = u32::from_le_bytes(head[56..60].try_into().unwrap_or([0; 4]));
         if magic != MAGIC {
@@ -73,11 +73,7 @@ impl ImageHeader {
             // every later sum far from overflow.
             return Err(ImageError::BadTextOffset(text_offset));
         }
-        Ok(ImageHeader {
-            text_offset,
-            image_size,
-            flags,
-        })
+        Ok(ImageHeader { text_offset, image_size, flags })
     }
 
     /// Bytes the kernel occupies once loaded: its BSS or the file, whichever is larger.
@@ -115,10 +111,7 @@ pub fn plan(
         .saturating_add(header.loaded_size(kernel_file_size))
         .saturating_add(initrd_size.map_or(0, |s| align_up(s, PAGE_SIZE).unwrap_or(u64::MAX)))
         .saturating_add(FDT_MAX_SIZE);
-    let too_big = ImageError::DoesNotFit {
-        needed,
-        available: ram_size,
-    };
+    let too_big = ImageError::DoesNotFit { needed, available: ram_size };
     if needed > ram_size || ram_base % KERNEL_ALIGN != 0 {
         return Err(too_big);
     }
@@ -135,13 +128,7 @@ pub fn plan(
         }
         None => None,
     };
-    Ok(BootPlan {
-        kernel_base: ram_base,
-        kernel_entry,
-        kernel_end,
-        initrd,
-        fdt,
-    })
+    Ok(BootPlan { kernel_base: ram_base, kernel_entry, kernel_end, initrd, fdt })
 }
 
 #[cfg(test)]
@@ -160,14 +147,7 @@ mod tests {
     #[test]
     fn parses_a_modern_header() {
         let h = ImageHeader::parse(&header(0, 0x200_0000, 0xa), 0x150_0000).unwrap();
-        assert_eq!(
-            h,
-            ImageHeader {
-                text_offset: 0,
-                image_size: 0x200_0000,
-                flags: 0xa
-            }
-        );
+        assert_eq!(h, ImageHeader { text_offset: 0, image_size: 0x200_0000, flags: 0xa });
         assert_eq!(h.loaded_size(0x150_0000), 0x200_0000);
     }
 
@@ -180,19 +160,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_images() {
-        assert_eq!(
-            ImageHeader::parse(&[0; 10], 10),
-            Err(ImageError::Truncated(10))
-        );
+        assert_eq!(ImageHeader::parse(&[0; 10], 10), Err(ImageError::Truncated(10)));
         assert_eq!(ImageHeader::parse(&[0; 64], 64), Err(ImageError::BadMagic));
-        assert_eq!(
-            ImageHeader::parse(&header(0, 4096, 1), 4096),
-            Err(ImageError::BigEndian)
-        );
-        assert_eq!(
-            ImageHeader::parse(&header(u64::MAX, 4096, 0), 4096),
-            Err(ImageError::BadTextOffset(u64::MAX))
-        );
+        assert_eq!(ImageHeader::parse(&header(0, 4096, 1), 4096), Err(ImageError::BigEndian));
+        assert_eq!(ImageHeader::parse(&header(u64::MAX, 4096, 0), 4096), Err(ImageError::BadTextOffset(u64::MAX)));
     }
 
     #[test]
@@ -212,10 +183,7 @@ mod tests {
     fn plan_rejects_what_does_not_fit() {
         let h = ImageHeader::parse(&header(0, 0x300_0000, 0), 0x100_0000).unwrap();
         // The kernel's BSS alone overlaps the device tree in 48 MiB + 1 MiB of RAM.
-        assert!(matches!(
-            plan(0x4000_0000, 49 << 20, &h, 0x100_0000, None),
-            Err(ImageError::DoesNotFit { .. })
-        ));
+        assert!(matches!(plan(0x4000_0000, 49 << 20, &h, 0x100_0000, None), Err(ImageError::DoesNotFit { .. })));
         // An initrd that would overlap the BSS.
         assert!(plan(0x4000_0000, 64 << 20, &h, 0x100_0000, Some(20 << 20)).is_err());
         assert!(plan(0x4000_0000, 64 << 20, &h, 0x100_0000, Some(u64::MAX)).is_err());

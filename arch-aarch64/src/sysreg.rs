@@ -22,13 +22,7 @@ pub struct SysReg {
 impl SysReg {
     /// A register from its five encoding fields (each masked to its width).
     pub const fn new(op0: u8, op1: u8, crn: u8, crm: u8, op2: u8) -> Self {
-        SysReg {
-            op0: op0 & 3,
-            op1: op1 & 7,
-            crn: crn & 0xf,
-            crm: crm & 0xf,
-            op2: op2 & 7,
-        }
+        SysReg { op0: op0 & 3, op1: op1 & 7, crn: crn & 0xf, crm: crm & 0xf, op2: op2 & 7 }
     }
 
     /// The 16-bit packing `op0:op1:CRn:CRm:op2` (bits 15:14, 13:11, 10:7, 6:3, 2:0), as

@@ -13,8 +13,7 @@ fn bus() -> MmioBus {
     let mut bus = MmioBus::new();
     for i in 0..16u64 {
         let uart = Pl011::new(Box::new(std::io::sink()), Arc::new(NoIrq));
-        bus.insert(0x0900_0000 + i * 0x1000, 0x1000, Arc::new(Mutex::new(uart)))
-            .unwrap();
+        bus.insert(0x0900_0000 + i * 0x1000, 0x1000, Arc::new(Mutex::new(uart))).unwrap();
     }
     bus
 }
@@ -26,10 +25,7 @@ fn mmio(c: &mut Criterion) {
         b.iter(|| bus.read(0, black_box(0x0900_8018), &mut data).unwrap());
     });
     c.bench_function("bus write (PL011 IMSC)", |b| {
-        b.iter(|| {
-            bus.write(0, black_box(0x0900_8038), &[0x10, 0, 0, 0])
-                .unwrap()
-        });
+        b.iter(|| bus.write(0, black_box(0x0900_8038), &[0x10, 0, 0, 0]).unwrap());
     });
 }
 

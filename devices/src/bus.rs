@@ -95,9 +95,7 @@ pub struct MmioBus {
 
 impl std::fmt::Debug for MmioBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.ranges.iter().map(|r| (r.base, r.len)))
-            .finish()
+        f.debug_list().entries(self.ranges.iter().map(|r| (r.base, r.len))).finish()
     }
 }
 
@@ -110,23 +108,12 @@ impl MmioBus {
     /// Places `device` at `base..base + len`. Fails if the range is empty, wraps, or
     /// overlaps a range already on the bus.
     pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(BusError::InvalidRange { base, len })?;
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::InvalidRange { base, len })?;
         let at = self.ranges.partition_point(|r| r.base < base);
-        let neighbours = [
-            at.checked_sub(1).map(|i| &self.ranges[i]),
-            self.ranges.get(at),
-        ];
+        let neighbours = [at.checked_sub(1).map(|i| &self.ranges[i]), self.ranges.get(at)];
         for other in neighbours.into_iter().flatten() {
             if base < other.base + other.len && other.base < end {
-                return Err(BusError::Overlap {
-                    base,
-                    len,
-                    other_base: other.base,
-                    other_len: other.len,
-                });
+                return Err(BusError::Overlap { base, len, other_base: other.base, other_len: other.len });
             }
         }
         self.ranges.insert(at, Range { base, len, device });
@@ -137,14 +124,9 @@ impl MmioBus {
     fn find(&self, addr: u64, len: usize) -> Result<(&SharedDevice, u64), BusError> {
         let unclaimed = BusError::Unclaimed { addr, len };
         let at = self.ranges.partition_point(|r| r.base <= addr);
-        let range = at
-            .checked_sub(1)
-            .map(|i| &self.ranges[i])
-            .ok_or_else(|| unclaimed.clone())?;
+        let range = at.checked_sub(1).map(|i| &self.ranges[i]).ok_or_else(|| unclaimed.clone())?;
         let offset = addr - range.base;
-        let fits = offset
-            .checked_add(len as u64)
-            .is_some_and(|end| end <= range.len);
+        let fits = offset.checked_add(len as u64).is_some_and(|end| end <= range.len);
         if fits && len > 0 {
             Ok((&range.device, offset))
         } else {
@@ -169,10 +151,7 @@ impl MmioBus {
 
 /// Reads a little-endian register value of up to 8 bytes from an access buffer.
 pub fn read_le(data: &[u8]) -> u64 {
-    data.iter()
-        .take(8)
-        .rev()
-        .fold(0, |acc, &b| acc << 8 | u64::from(b))
+    data.iter().take(8).rev().fold(0, |acc, &b| acc << 8 | u64::from(b))
 }
 
 /// Writes `value` little-endian into an access buffer of up to 8 bytes (zero beyond that).
@@ -218,29 +197,15 @@ mod tests {
         assert_eq!(buf, [0xab; 4]);
         bus.write(3, 0x20fc, &[1, 2, 3, 4]).unwrap();
         assert_eq!(a.lock().unwrap().log, vec![(0, false, 0x10, vec![0xab; 4])]);
-        assert_eq!(
-            b.lock().unwrap().log,
-            vec![(3, true, 0xfc, vec![1, 2, 3, 4])]
-        );
+        assert_eq!(b.lock().unwrap().log, vec![(3, true, 0xfc, vec![1, 2, 3, 4])]);
     }
 
     #[test]
     fn overlapping_ranges_are_rejected() {
         let mut bus = MmioBus::new();
         bus.insert(0x1000, 0x100, recorder()).unwrap();
-        for (base, len) in [
-            (0x1000, 0x100),
-            (0xf00, 0x101),
-            (0x10ff, 1),
-            (0x0, u64::MAX / 2),
-        ] {
-            assert!(
-                matches!(
-                    bus.insert(base, len, recorder()),
-                    Err(BusError::Overlap { .. })
-                ),
-                "{base:#x}+{len:#x}"
-            );
+        for (base, len) in [(0x1000, 0x100), (0xf00, 0x101), (0x10ff, 1), (0x0, u64::MAX / 2)] {
+            assert!(matches!(bus.insert(base, len, recorder()), Err(BusError::Overlap { .. })), "{base:#x}+{len:#x}");
         }
         // Adjacent ranges are fine.
         bus.insert(0xf00, 0x100, recorder()).unwrap();
@@ -250,14 +215,8 @@ mod tests {
     #[test]
     fn empty_and_wrapping_ranges_are_rejected() {
         let mut bus = MmioBus::new();
-        assert!(matches!(
-            bus.insert(0x1000, 0, recorder()),
-            Err(BusError::InvalidRange { .. })
-        ));
-        assert!(matches!(
-            bus.insert(u64::MAX, 2, recorder()),
-            Err(BusError::InvalidRange { .. })
-        ));
+        assert!(matches!(bus.insert(0x1000, 0, recorder()), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(bus.insert(u64::MAX, 2, recorder()), Err(BusError::InvalidRange { .. })));
     }
 
     #[test]
@@ -267,13 +226,7 @@ mod tests {
         bus.insert(0x1000, 0x100, dev.clone()).unwrap();
         let mut buf = [0u8; 8];
         // Straddles the end of the range.
-        assert_eq!(
-            bus.read(0, 0x10fc, &mut buf),
-            Err(BusError::Unclaimed {
-                addr: 0x10fc,
-                len: 8
-            })
-        );
+        assert_eq!(bus.read(0, 0x10fc, &mut buf), Err(BusError::Unclaimed { addr: 0x10fc, len: 8 }));
         // Entirely outside.
         assert!(bus.write(0, 0x1100, &[0]).is_err());
         assert!(bus.write(0, 0xfff, &[0]).is_err());

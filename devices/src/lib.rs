@@ -7,8 +7,10 @@
 //! business. Everything a device reads from the guest is validated; malformed accesses
 //! are logged through [`ratelimit`] and never panic.
 
+pub mod boot_timer;
 pub mod bus;
 pub mod gic;
 pub mod irq;
 pub mod pl011;
+pub mod pl031;
 pub mod ratelimit;

@@ -77,10 +77,7 @@ pub struct Pl011 {
 
 impl std::fmt::Debug for Pl011 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pl011")
-            .field("rx", &self.rx.len())
-            .field("ris", &self.ris())
-            .finish_non_exhaustive()
+        f.debug_struct("Pl011").field("rx", &self.rx.len()).field("ris", &self.ris()).finish_non_exhaustive()
     }
 }
 
@@ -201,9 +198,7 @@ impl Pl011 {
             RIS => self.ris(),
             MIS => self.ris() & self.imsc,
             DMACR => self.dmacr,
-            id if (ID_BASE..ID_BASE + 0x20).contains(&id) => {
-                u32::from(ID_BYTES[((id - ID_BASE) / 4) as usize])
-            }
+            id if (ID_BASE..ID_BASE + 0x20).contains(&id) => u32::from(ID_BYTES[((id - ID_BASE) / 4) as usize]),
             _ => 0,
         }
     }
@@ -226,9 +221,7 @@ impl Pl011 {
             IMSC => self.imsc = value & INT_ALL,
             ICR => self.latched &= !value,
             DMACR => self.dmacr = value & 7,
-            _ => devices_warn!(
-                "pl011: write of {value:#x} to read-only or unknown offset {reg:#x} ignored"
-            ),
+            _ => devices_warn!("pl011: write of {value:#x} to read-only or unknown offset {reg:#x} ignored"),
         }
         self.update_irq();
     }
@@ -244,20 +237,13 @@ impl MmioDeviceMut for Pl011 {
     fn read(&mut self, _vcpu: usize, offset: u64, data: &mut [u8]) {
         // Registers are 32 bits wide; byte and halfword reads see the matching lanes.
         let shift = (offset & 3) * 8;
-        let value = if data.len() as u64 + (offset & 3) <= 4 {
-            self.read_reg(offset & !3) >> shift
-        } else {
-            0
-        };
+        let value = if data.len() as u64 + (offset & 3) <= 4 { self.read_reg(offset & !3) >> shift } else { 0 };
         write_le(data, u64::from(value));
     }
 
     fn write(&mut self, _vcpu: usize, offset: u64, data: &[u8]) {
         if offset & 3 != 0 || data.len() > 4 {
-            devices_warn!(
-                "pl011: unaligned or oversized write at {offset:#x} ({} bytes) ignored",
-                data.len()
-            );
+            devices_warn!("pl011: unaligned or oversized write at {offset:#x} ({} bytes) ignored", data.len());
             return;
         }
         self.write_reg(offset, read_le(data) as u32);
@@ -319,10 +305,7 @@ mod tests {
         u.write(0, DR, b"h");
         w32(&mut u, DR, u32::from(b'i'));
         assert_eq!(sink.0.lock().unwrap().as_slice(), b"hi");
-        assert_eq!(
-            r32(&mut u, FR) & (FR_TXFE | FR_TXFF | FR_RXFE),
-            FR_TXFE | FR_RXFE
-        );
+        assert_eq!(r32(&mut u, FR) & (FR_TXFE | FR_TXFF | FR_RXFE), FR_TXFE | FR_RXFE);
     }
 
     #[test]

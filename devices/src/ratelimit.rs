@@ -21,12 +21,7 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// A limiter passing at most `burst` events per `period`.
     pub const fn new(burst: u32, period: Duration) -> Self {
-        RateLimiter {
-            burst,
-            period,
-            window: Mutex::new(None),
-            suppressed: AtomicU64::new(0),
-        }
+        RateLimiter { burst, period, window: Mutex::new(None), suppressed: AtomicU64::new(0) }
     }
 
     /// Records one event. Returns `Some(n)` if it may be logged, where `n` is the number

@@ -3,8 +3,10 @@
 //! The VMM fills a [`Machine`] with what it actually created (RAM, vCPUs, devices,
 //! command line, initrd) and [`build`] turns it into a blob with `vm-fdt`. Node shapes
 //! follow the kernel's bindings (Documentation/devicetree/bindings): PSCI with the
-//! `hvc` conduit, an `arm,pl011` + `arm,primecell` UART with its `apb_pclk` clock, and a
-//! `/chosen` node with `bootargs`, `stdout-path` and the initrd range.
+//! `hvc` conduit, a GICv2 (`arm,cortex-a15-gic`) as the interrupt parent, the
+//! `arm,armv8-timer` PPIs, an `arm,pl011` UART and an `arm,pl031` RTC (both
+//! `arm,primecell`, with the `apb_pclk` clock), and a `/chosen` node with `bootargs`,
+//! `stdout-path`, the initrd range and seeds for the kernel's RNG and KASLR.
 
 use vm_fdt::FdtWriter;
 
@@ -19,13 +21,32 @@ pub enum FdtError {
     TooLarge(usize),
 }
 
-/// A memory-mapped device: its window and, when wired, its SPI (offset from INTID 32).
+/// A guest-physical register window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmioWindow {
     /// Guest-physical base.
     pub base: u64,
     /// Window size in bytes.
     pub size: u64,
+}
+
+/// A memory-mapped device: its window and, when wired to the GIC, its SPI (offset from
+/// INTID 32; level-triggered, active high).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Device {
+    /// The register window.
+    pub window: MmioWindow,
+    /// The SPI number, if the device raises an interrupt.
+    pub spi: Option<u32>,
+}
+
+/// A GICv2: distributor and CPU interface windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gicv2 {
+    /// The distributor.
+    pub distributor: MmioWindow,
+    /// The CPU interface.
+    pub cpu_interface: MmioWindow,
 }
 
 /// What the device tree describes.
@@ -39,11 +60,28 @@ pub struct Machine {
     pub cmdline: String,
     /// The initrd's guest-physical start and end (exclusive).
     pub initrd: Option<(u64, u64)>,
+    /// The interrupt controller; with it come the architected timer's PPIs.
+    pub gic: Option<Gicv2>,
     /// The PL011 UART.
-    pub uart: Option<MmioWindow>,
+    pub uart: Option<Device>,
+    /// The PL031 RTC.
+    pub rtc: Option<Device>,
+    /// Bytes for `/chosen/rng-seed` (the kernel's entropy at boot); none when empty.
+    pub rng_seed: Vec<u8>,
+    /// `/chosen/kaslr-seed`, when non-zero.
+    pub kaslr_seed: u64,
 }
 
 const CLOCK_PHANDLE: u32 = 1;
+const GIC_PHANDLE: u32 = 2;
+/// GIC interrupt specifier types (first cell).
+const GIC_SPI: u32 = 0;
+const GIC_PPI: u32 = 1;
+/// Level-triggered, active high (IRQ_TYPE_LEVEL_HIGH).
+const IRQ_LEVEL_HIGH: u32 = 4;
+/// The architected timer's PPIs in the binding's order: secure physical, non-secure
+/// physical, virtual, hypervisor (INTIDs 29, 30, 27, 26).
+const TIMER_PPIS: [u32; 4] = [13, 14, 11, 10];
 /// The PL011's reference clock; Linux only needs it to exist and be fixed.
 const APB_PCLK_HZ: u32 = 24_000_000;
 
@@ -55,6 +93,9 @@ pub fn build(machine: &Machine) -> Result<Vec<u8>, FdtError> {
     fdt.property_string("model", "hvrun")?;
     fdt.property_u32("#address-cells", 2)?;
     fdt.property_u32("#size-cells", 2)?;
+    if machine.gic.is_some() {
+        fdt.property_u32("interrupt-parent", GIC_PHANDLE)?;
+    }
 
     let cpus = fdt.begin_node("cpus")?;
     fdt.property_u32("#address-cells", 2)?;
@@ -72,10 +113,7 @@ pub fn build(machine: &Machine) -> Result<Vec<u8>, FdtError> {
     fdt.end_node(cpus)?;
 
     let psci = fdt.begin_node("psci")?;
-    fdt.property_string_list(
-        "compatible",
-        vec!["arm,psci-1.0".into(), "arm,psci-0.2".into()],
-    )?;
+    fdt.property_string_list("compatible", vec!["arm,psci-1.0".into(), "arm,psci-0.2".into()])?;
     fdt.property_string("method", "hvc")?;
     fdt.end_node(psci)?;
 
@@ -93,19 +131,47 @@ pub fn build(machine: &Machine) -> Result<Vec<u8>, FdtError> {
     fdt.property_phandle(CLOCK_PHANDLE)?;
     fdt.end_node(clock)?;
 
+    if let Some(gic) = machine.gic {
+        let node = fdt.begin_node(&format!("intc@{:x}", gic.distributor.base))?;
+        fdt.property_string("compatible", "arm,cortex-a15-gic")?;
+        fdt.property_u32("#interrupt-cells", 3)?;
+        fdt.property_null("interrupt-controller")?;
+        fdt.property_array_u64(
+            "reg",
+            &[gic.distributor.base, gic.distributor.size, gic.cpu_interface.base, gic.cpu_interface.size],
+        )?;
+        fdt.property_phandle(GIC_PHANDLE)?;
+        fdt.end_node(node)?;
+
+        // GICv2 PPI specifiers carry the mask of CPUs the PPI is wired to in bits 15:8.
+        let cpu_mask = (1u32 << machine.cpu_mpidrs.len().clamp(1, 8)) - 1;
+        let timer = fdt.begin_node("timer")?;
+        fdt.property_string("compatible", "arm,armv8-timer")?;
+        let cells: Vec<u32> =
+            TIMER_PPIS.iter().flat_map(|&ppi| [GIC_PPI, ppi, (cpu_mask << 8) | IRQ_LEVEL_HIGH]).collect();
+        fdt.property_array_u32("interrupts", &cells)?;
+        fdt.property_null("always-on")?;
+        fdt.end_node(timer)?;
+    }
+
+    let primecell = |fdt: &mut FdtWriter, name: &str, compatible: &str, dev: Device, clocks: &[&str]| {
+        let node = fdt.begin_node(&format!("{name}@{:x}", dev.window.base))?;
+        fdt.property_string_list("compatible", vec![compatible.into(), "arm,primecell".into()])?;
+        fdt.property_array_u64("reg", &[dev.window.base, dev.window.size])?;
+        if let (Some(spi), true) = (dev.spi, machine.gic.is_some()) {
+            fdt.property_array_u32("interrupts", &[GIC_SPI, spi, IRQ_LEVEL_HIGH])?;
+        }
+        fdt.property_array_u32("clocks", &vec![CLOCK_PHANDLE; clocks.len()])?;
+        fdt.property_string_list("clock-names", clocks.iter().map(|c| c.to_string()).collect())?;
+        fdt.end_node(node)
+    };
     let mut stdout_path = None;
     if let Some(uart) = machine.uart {
-        let name = format!("pl011@{:x}", uart.base);
-        let node = fdt.begin_node(&name)?;
-        fdt.property_string_list(
-            "compatible",
-            vec!["arm,pl011".into(), "arm,primecell".into()],
-        )?;
-        fdt.property_array_u64("reg", &[uart.base, uart.size])?;
-        fdt.property_array_u32("clocks", &[CLOCK_PHANDLE, CLOCK_PHANDLE])?;
-        fdt.property_string_list("clock-names", vec!["uartclk".into(), "apb_pclk".into()])?;
-        fdt.end_node(node)?;
-        stdout_path = Some(format!("/{name}"));
+        primecell(&mut fdt, "pl011", "arm,pl011", uart, &["uartclk", "apb_pclk"])?;
+        stdout_path = Some(format!("/pl011@{:x}", uart.window.base));
+    }
+    if let Some(rtc) = machine.rtc {
+        primecell(&mut fdt, "pl031", "arm,pl031", rtc, &["apb_pclk"])?;
     }
 
     let chosen = fdt.begin_node("chosen")?;
@@ -116,6 +182,12 @@ pub fn build(machine: &Machine) -> Result<Vec<u8>, FdtError> {
     if let Some((start, end)) = machine.initrd {
         fdt.property_u64("linux,initrd-start", start)?;
         fdt.property_u64("linux,initrd-end", end)?;
+    }
+    if !machine.rng_seed.is_empty() {
+        fdt.property("rng-seed", &machine.rng_seed)?;
+    }
+    if machine.kaslr_seed != 0 {
+        fdt.property_u64("kaslr-seed", machine.kaslr_seed)?;
     }
     fdt.end_node(chosen)?;
 
@@ -144,15 +216,9 @@ mod tests {
             .expect("dtc is needed for this test: run `cargo xtask setup` (package device-tree-compiler)");
         child.stdin.take().unwrap().write_all(blob).unwrap();
         let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "dtc failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "dtc failed: {}", String::from_utf8_lossy(&out.stderr));
         // dtc 1.6 prints a string list as "a\0b"; newer ones as "a", "b". Normalize.
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .replace("\\0", "\", \"")
+        String::from_utf8(out.stdout).unwrap().replace("\\0", "\", \"")
     }
 
     fn machine() -> Machine {
@@ -161,10 +227,14 @@ mod tests {
             cpu_mpidrs: vec![0x8000_0000, 0x8000_0001],
             cmdline: "console=ttyAMA0 quiet".into(),
             initrd: Some((0x5f00_0000, 0x5f12_3456)),
-            uart: Some(MmioWindow {
-                base: 0x0900_0000,
-                size: 0x1000,
+            gic: Some(Gicv2 {
+                distributor: MmioWindow { base: 0x0800_0000, size: 0x1000 },
+                cpu_interface: MmioWindow { base: 0x0801_0000, size: 0x2000 },
             }),
+            uart: Some(Device { window: MmioWindow { base: 0x0900_0000, size: 0x1000 }, spi: Some(1) }),
+            rtc: Some(Device { window: MmioWindow { base: 0x0901_0000, size: 0x1000 }, spi: None }),
+            rng_seed: vec![0xab; 32],
+            kaslr_seed: 0x1234_5678_9abc_def0,
         }
     }
 
@@ -188,6 +258,19 @@ mod tests {
             "stdout-path = \"/pl011@9000000\";",
             "linux,initrd-start = <0x00 0x5f000000>;",
             "linux,initrd-end = <0x00 0x5f123456>;",
+            "interrupt-parent = <0x02>;",
+            "intc@8000000 {",
+            "compatible = \"arm,cortex-a15-gic\";",
+            "#interrupt-cells = <0x03>;",
+            "interrupt-controller;",
+            "reg = <0x00 0x8000000 0x00 0x1000 0x00 0x8010000 0x00 0x2000>;",
+            "compatible = \"arm,armv8-timer\";",
+            "interrupts = <0x01 0x0d 0x304 0x01 0x0e 0x304 0x01 0x0b 0x304 0x01 0x0a 0x304>;",
+            "interrupts = <0x00 0x01 0x04>;",
+            "pl031@9010000 {",
+            "compatible = \"arm,pl031\", \"arm,primecell\";",
+            "kaslr-seed = <0x12345678 0x9abcdef0>;",
+            "rng-seed = <0xabababab 0xabababab",
         ] {
             assert!(dts.contains(needle), "missing `{needle}` in:\n{dts}");
         }
@@ -195,16 +278,12 @@ mod tests {
 
     #[test]
     fn optional_parts_are_left_out() {
-        let dts = decompile(
-            &build(&Machine {
-                initrd: None,
-                uart: None,
-                ..machine()
-            })
-            .unwrap(),
-        );
-        assert!(!dts.contains("initrd"));
-        assert!(!dts.contains("pl011"));
-        assert!(!dts.contains("stdout-path"));
+        let bare = Machine { initrd: None, uart: None, gic: None, rng_seed: vec![], kaslr_seed: 0, ..machine() };
+        let dts = decompile(&build(&bare).unwrap());
+        for absent in ["initrd", "pl011", "stdout-path", "intc", "timer", "interrupt", "seed"] {
+            assert!(!dts.contains(absent), "`{absent}` in:\n{dts}");
+        }
+        // The RTC has no interrupt, and its node is there.
+        assert!(dts.contains("pl031@9010000"));
     }
 }

@@ -22,10 +22,7 @@ const S_IFCHR: u32 = 0o020000;
 impl Archive {
     /// An empty archive.
     pub fn new() -> Self {
-        Archive {
-            out: Vec::new(),
-            next_ino: 1,
-        }
+        Archive { out: Vec::new(), next_ino: 1 }
     }
 
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
@@ -49,8 +46,7 @@ impl Archive {
         ];
         self.out.extend_from_slice(b"070701");
         for field in fields {
-            self.out
-                .extend_from_slice(format!("{field:08x}").as_bytes());
+            self.out.extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.out.extend_from_slice(name.as_bytes());
         self.out.push(0);
@@ -103,10 +99,7 @@ mod tests {
     #[test]
     fn entries_are_aligned_and_well_formed() {
         let mut a = Archive::new();
-        a.dir("/dev")
-            .char_dev("dev/console", 5, 1)
-            .file("init", 0o755, b"#!/bin/sh\n")
-            .symlink("sh", "busybox");
+        a.dir("/dev").char_dev("dev/console", 5, 1).file("init", 0o755, b"#!/bin/sh\n").symlink("sh", "busybox");
         let mut out = Vec::new();
         a.finish(&mut out).unwrap();
         assert_eq!(out.len() % 4, 0);
@@ -125,9 +118,7 @@ mod tests {
     #[test]
     fn gnu_cpio_reads_it() {
         let mut a = Archive::new();
-        a.dir("bin")
-            .file("bin/x", 0o644, b"hello")
-            .symlink("y", "bin/x");
+        a.dir("bin").file("bin/x", 0o644, b"hello").symlink("y", "bin/x");
         let mut out = Vec::new();
         a.finish(&mut out).unwrap();
         let mut child = match std::process::Command::new("cpio")
@@ -142,9 +133,6 @@ mod tests {
         child.stdin.take().unwrap().write_all(&out).unwrap();
         let listing = child.wait_with_output().unwrap();
         assert!(listing.status.success());
-        assert_eq!(
-            String::from_utf8(listing.stdout).unwrap(),
-            "bin\nbin/x\ny\n"
-        );
+        assert_eq!(String::from_utf8(listing.stdout).unwrap(), "bin\nbin/x\ny\n");
     }
 }

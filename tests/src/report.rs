@@ -61,23 +61,17 @@ pub fn check(scenario: &Scenario, lines: &[Line]) -> Outcome {
     };
 
     let Some(begin) = lines.iter().position(|l| l.text.trim_end() == begin_marker) else {
-        outcome
-            .failures
-            .push("never started (the rig died or stopped before it)".into());
+        outcome.failures.push("never started (the rig died or stopped before it)".into());
         return outcome;
     };
-    let end = lines[begin..]
-        .iter()
-        .position(|l| l.text.starts_with(&end_prefix))
-        .map(|i| begin + i);
+    let end = lines[begin..].iter().position(|l| l.text.starts_with(&end_prefix)).map(|i| begin + i);
     let section = &lines[begin + 1..end.unwrap_or(lines.len())];
     outcome.output = section.iter().map(|l| l.text.clone()).collect();
 
     match end {
-        None => outcome.failures.push(format!(
-            "did not finish (killed after {} s, or the rig died)",
-            scenario.timeout_secs
-        )),
+        None => {
+            outcome.failures.push(format!("did not finish (killed after {} s, or the rig died)", scenario.timeout_secs))
+        }
         Some(end) => {
             let (rc, start, stop) = end_fields(&lines[end].text[end_prefix.len()..]);
             outcome.host_secs = Some((lines[end].at.saturating_sub(lines[begin].at)).as_secs_f64());
@@ -86,12 +80,8 @@ pub fn check(scenario: &Scenario, lines: &[Line]) -> Outcome {
             }
             match rc {
                 Some(rc) if rc == scenario.exit_code => {}
-                Some(rc) => outcome
-                    .failures
-                    .push(format!("exited {rc}, expected {}", scenario.exit_code)),
-                None => outcome
-                    .failures
-                    .push(format!("unreadable end marker: {}", lines[end].text)),
+                Some(rc) => outcome.failures.push(format!("exited {rc}, expected {}", scenario.exit_code)),
+                None => outcome.failures.push(format!("unreadable end marker: {}", lines[end].text)),
             }
         }
     }
@@ -101,18 +91,14 @@ pub fn check(scenario: &Scenario, lines: &[Line]) -> Outcome {
         match section[from..].iter().position(|l| l.text.contains(marker)) {
             Some(i) => from += i + 1,
             None if section.iter().any(|l| l.text.contains(marker)) => {
-                outcome
-                    .failures
-                    .push(format!("marker `{marker}` appeared, but out of order"));
+                outcome.failures.push(format!("marker `{marker}` appeared, but out of order"));
             }
             None => outcome.failures.push(format!("missing marker `{marker}`")),
         }
     }
     for bad in scenario.forbidden {
         if let Some(line) = section.iter().find(|l| l.text.contains(bad)) {
-            outcome
-                .failures
-                .push(format!("forbidden `{bad}` appeared: {}", line.text.trim()));
+            outcome.failures.push(format!("forbidden `{bad}` appeared: {}", line.text.trim()));
         }
     }
     outcome
@@ -137,22 +123,14 @@ mod tests {
         texts
             .iter()
             .enumerate()
-            .map(|(i, t)| Line {
-                at: Duration::from_millis(100 * i as u64),
-                text: t.to_string(),
-            })
+            .map(|(i, t)| Line { at: Duration::from_millis(100 * i as u64), text: t.to_string() })
             .collect()
     }
 
     #[test]
     fn passes_with_markers_in_order_and_reports_times() {
-        let log = lines(&[
-            "boot noise",
-            "E2E-BEGIN demo",
-            "first",
-            "x second y",
-            "E2E-END demo rc=0 start=1.50 end=3.75",
-        ]);
+        let log =
+            lines(&["boot noise", "E2E-BEGIN demo", "first", "x second y", "E2E-END demo rc=0 start=1.50 end=3.75"]);
         let o = check(&SCENARIO, &log);
         assert!(o.passed(), "{:?}", o.failures);
         assert_eq!(o.rig_secs, Some(2.25));
@@ -169,29 +147,15 @@ mod tests {
 
     #[test]
     fn markers_outside_the_section_do_not_count() {
-        let log = lines(&[
-            "first",
-            "second",
-            "E2E-BEGIN demo",
-            "E2E-END demo rc=0 start=0 end=1",
-            "second",
-        ]);
+        let log = lines(&["first", "second", "E2E-BEGIN demo", "E2E-END demo rc=0 start=0 end=1", "second"]);
         let o = check(&SCENARIO, &log);
-        assert_eq!(
-            o.failures,
-            vec!["missing marker `first`", "missing marker `second`"]
-        );
+        assert_eq!(o.failures, vec!["missing marker `first`", "missing marker `second`"]);
     }
 
     #[test]
     fn out_of_order_wrong_exit_forbidden_text_and_no_end() {
-        let log = lines(&[
-            "E2E-BEGIN demo",
-            "second",
-            "first",
-            "thread 'x' panicked",
-            "E2E-END demo rc=1 start=0 end=1",
-        ]);
+        let log =
+            lines(&["E2E-BEGIN demo", "second", "first", "thread 'x' panicked", "E2E-END demo rc=1 start=0 end=1"]);
         let o = check(&SCENARIO, &log);
         assert_eq!(
             o.failures,
@@ -202,10 +166,7 @@ mod tests {
             ]
         );
         let o = check(&SCENARIO, &lines(&["E2E-BEGIN demo", "first", "second"]));
-        assert_eq!(
-            o.failures,
-            vec!["did not finish (killed after 10 s, or the rig died)"]
-        );
+        assert_eq!(o.failures, vec!["did not finish (killed after 10 s, or the rig died)"]);
         let o = check(&SCENARIO, &lines(&["nothing"]));
         assert!(!o.passed());
     }

@@ -97,11 +97,7 @@ pub fn init_script(scenarios: &[Scenario]) -> String {
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, RigError> {
-    std::fs::read(path).map_err(|source| RigError::Input {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| RigError::Input { what, path: path.to_path_buf(), source })
 }
 
 impl Rig {
@@ -117,31 +113,17 @@ impl Rig {
         a.symlink("bin/sh", "busybox");
         a.file("init", 0o755, init_script(scenarios).as_bytes());
         a.file("bin/hvrun", 0o755, &read("hvrun binary", &self.hvrun)?);
-        let mut artifacts: Vec<&str> = scenarios
-            .iter()
-            .flat_map(|s| s.artifacts.iter().copied())
-            .collect();
+        let mut artifacts: Vec<&str> = scenarios.iter().flat_map(|s| s.artifacts.iter().copied()).collect();
         artifacts.sort_unstable();
         artifacts.dedup();
         for name in artifacts {
-            a.file(
-                &format!("guest/{name}"),
-                0o644,
-                &read("guest artifact", &self.guest_dir.join(name))?,
-            );
+            a.file(&format!("guest/{name}"), 0o644, &read("guest artifact", &self.guest_dir.join(name))?);
         }
         for sc in scenarios {
-            a.file(
-                &format!("e2e/{}.sh", sc.name),
-                0o755,
-                format!("{}\n", sc.script).as_bytes(),
-            );
+            a.file(&format!("e2e/{}.sh", sc.name), 0o755, format!("{}\n", sc.script).as_bytes());
         }
         let path = self.work_dir.join("initramfs.cpio");
-        let out = |source| RigError::Output {
-            path: path.clone(),
-            source,
-        };
+        let out = |source| RigError::Output { path: path.clone(), source };
         std::fs::create_dir_all(&self.work_dir).map_err(out)?;
         let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(out)?);
         a.finish(&mut file).map_err(out)?;
@@ -153,31 +135,18 @@ impl Rig {
     /// the work directory as `console.log`.
     pub fn run(&self, scenarios: &[Scenario]) -> Result<Vec<Outcome>, RigError> {
         let initramfs = self.build_initramfs(scenarios)?;
-        let budget = Duration::from_secs(
-            BOOT_ALLOWANCE_SECS
-                + scenarios
-                    .iter()
-                    .map(|s| u64::from(s.timeout_secs))
-                    .sum::<u64>(),
-        );
+        let budget =
+            Duration::from_secs(BOOT_ALLOWANCE_SECS + scenarios.iter().map(|s| u64::from(s.timeout_secs)).sum::<u64>());
         let lines = self.boot(&initramfs, budget)?;
         Ok(scenarios.iter().map(|s| report::check(s, &lines)).collect())
     }
 
     fn boot(&self, initramfs: &Path, budget: Duration) -> Result<Vec<Line>, RigError> {
         let log_path = self.work_dir.join("console.log");
-        let out = |source| RigError::Output {
-            path: log_path.clone(),
-            source,
-        };
+        let out = |source| RigError::Output { path: log_path.clone(), source };
         let mut log = std::fs::File::create(&log_path).map_err(out)?;
         let mut child = Command::new(&self.qemu)
-            .args([
-                "-M",
-                "virt,virtualization=on,gic-version=2",
-                "-cpu",
-                "max,pauth-impdef=on",
-            ])
+            .args(["-M", "virt,virtualization=on,gic-version=2", "-cpu", "max,pauth-impdef=on"])
             .args(["-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
             .arg("-kernel")
             .arg(&self.kernel)
@@ -188,41 +157,27 @@ impl Rig {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| RigError::Qemu {
-                program: self.qemu.clone(),
-                source,
-            })?;
+            .map_err(|source| RigError::Qemu { program: self.qemu.clone(), source })?;
 
         let started = Instant::now();
         let (tx, rx) = mpsc::channel::<Line>();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        let readers = [
-            stdout.map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            stderr.map(|s| Box::new(s) as _),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|stream| {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for text in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
-                    let text = String::from_utf8_lossy(&text)
-                        .trim_end_matches('\r')
-                        .to_string();
-                    if tx
-                        .send(Line {
-                            at: started.elapsed(),
-                            text,
-                        })
-                        .is_err()
-                    {
-                        break;
+        let readers = [stdout.map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), stderr.map(|s| Box::new(s) as _)]
+            .into_iter()
+            .flatten()
+            .map(|stream| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for text in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
+                        let text = String::from_utf8_lossy(&text).trim_end_matches('\r').to_string();
+                        if tx.send(Line { at: started.elapsed(), text }).is_err() {
+                            break;
+                        }
                     }
-                }
+                })
             })
-        })
-        .collect::<Vec<_>>();
+            .collect::<Vec<_>>();
         drop(tx);
 
         let mut lines = Vec::new();
@@ -265,15 +220,8 @@ mod tests {
         let script = init_script(ALL);
         assert!(script.starts_with("#!/bin/busybox sh\n"));
         for sc in ALL {
-            let begin = script
-                .find(&format!("echo 'E2E-BEGIN {}'", sc.name))
-                .unwrap();
-            let run = script
-                .find(&format!(
-                    "timeout {} sh /e2e/{}.sh",
-                    sc.timeout_secs, sc.name
-                ))
-                .unwrap();
+            let begin = script.find(&format!("echo 'E2E-BEGIN {}'", sc.name)).unwrap();
+            let run = script.find(&format!("timeout {} sh /e2e/{}.sh", sc.timeout_secs, sc.name)).unwrap();
             let end = script.find(&format!("E2E-END {} rc=$rc", sc.name)).unwrap();
             assert!(begin < run && run < end);
         }

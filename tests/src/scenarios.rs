@@ -74,13 +74,7 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), ALL.len());
         for s in ALL {
-            assert!(
-                s.name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-'),
-                "{}",
-                s.name
-            );
+            assert!(s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'), "{}", s.name);
             assert!(!s.markers.is_empty(), "{} checks nothing", s.name);
         }
     }
@@ -90,9 +84,6 @@ mod tests {
         assert_eq!(select(&[]).unwrap().len(), ALL.len());
         assert_eq!(select(&["hello".into()]).unwrap()[0].name, "hello");
         let err = select(&["nope".into()]).unwrap_err();
-        assert!(
-            err.contains("no scenario named `nope`") && err.contains("hello"),
-            "{err}"
-        );
+        assert!(err.contains("no scenario named `nope`") && err.contains("hello"), "{err}");
     }
 }

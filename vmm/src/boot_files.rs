@@ -24,18 +24,11 @@ pub struct BootFiles {
 }
 
 fn open(what: &'static str, path: &Path) -> Result<(File, u64), Error> {
-    let err = |source| Error::File {
-        what,
-        path: path.to_path_buf(),
-        source,
-    };
+    let err = |source| Error::File { what, path: path.to_path_buf(), source };
     let file = File::open(path).map_err(err)?;
     let meta = file.metadata().map_err(err)?;
     if !meta.is_file() {
-        return Err(err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )));
+        return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
     }
     Ok((file, meta.len()))
 }
@@ -45,29 +38,15 @@ impl BootFiles {
     pub fn open(config: &VmConfig) -> Result<Self, Error> {
         let (mut kernel, kernel_size) = open("kernel", &config.kernel)?;
         let mut head = Vec::with_capacity(HEADER_SIZE);
-        (&mut kernel)
-            .take(HEADER_SIZE as u64)
-            .read_to_end(&mut head)
-            .map_err(|source| Error::File {
-                what: "kernel",
-                path: config.kernel.clone(),
-                source,
-            })?;
-        let header = ImageHeader::parse(&head, kernel_size).map_err(|source| Error::Kernel {
+        (&mut kernel).take(HEADER_SIZE as u64).read_to_end(&mut head).map_err(|source| Error::File {
+            what: "kernel",
             path: config.kernel.clone(),
             source,
         })?;
-        let initrd = config
-            .initrd
-            .as_deref()
-            .map(|p| open("initrd", p))
-            .transpose()?;
-        Ok(BootFiles {
-            kernel,
-            kernel_size,
-            header,
-            initrd,
-        })
+        let header = ImageHeader::parse(&head, kernel_size)
+            .map_err(|source| Error::Kernel { path: config.kernel.clone(), source })?;
+        let initrd = config.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
+        Ok(BootFiles { kernel, kernel_size, header, initrd })
     }
 }
 
@@ -76,8 +55,7 @@ mod tests {
     use super::*;
 
     fn temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let path =
-            std::env::temp_dir().join(format!("hvrun-boot-files-{}-{name}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("hvrun-boot-files-{}-{name}", std::process::id()));
         std::fs::write(&path, bytes).unwrap();
         path
     }
@@ -85,21 +63,14 @@ mod tests {
     #[test]
     fn missing_and_bad_files_get_clear_errors() {
         let err = BootFiles::open(&VmConfig::new("/nonexistent/Image")).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "cannot read kernel /nonexistent/Image: No such file or directory (os error 2)"
-        );
+        assert_eq!(err.to_string(), "cannot read kernel /nonexistent/Image: No such file or directory (os error 2)");
 
         let err = BootFiles::open(&VmConfig::new("/")).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
 
         let short = temp("short", b"MZ");
         let err = BootFiles::open(&VmConfig::new(&short)).unwrap_err();
-        assert!(
-            err.to_string()
-                .ends_with("is too short to be an arm64 Image (2 bytes)"),
-            "{err}"
-        );
+        assert!(err.to_string().ends_with("is too short to be an arm64 Image (2 bytes)"), "{err}");
 
         let junk = temp("junk", &[0x55; 4096]);
         let err = BootFiles::open(&VmConfig::new(&junk)).unwrap_err();
@@ -111,16 +82,9 @@ mod tests {
         let good = temp("good", &image);
         let files = BootFiles::open(&VmConfig::new(&good)).unwrap();
         assert_eq!(files.kernel_size, 4096);
-        let config = VmConfig {
-            initrd: Some("/nonexistent/initrd".into()),
-            ..VmConfig::new(&good)
-        };
+        let config = VmConfig { initrd: Some("/nonexistent/initrd".into()), ..VmConfig::new(&good) };
         let err = BootFiles::open(&config).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("cannot read initrd /nonexistent/initrd"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("cannot read initrd /nonexistent/initrd"), "{err}");
         for p in [short, junk, good] {
             std::fs::remove_file(p).unwrap();
         }

@@ -15,9 +15,7 @@ pub const DEFAULT_MEMORY: u64 = 512 << 20;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// A size that does not parse.
-    #[error(
-        "invalid size `{0}`: use a number with an optional K, M, G or T suffix, e.g. 512M or 2G"
-    )]
+    #[error("invalid size `{0}`: use a number with an optional K, M, G or T suffix, e.g. 512M or 2G")]
     BadSize(String),
     /// RAM outside the supported range.
     #[error("--memory {0}: must be between 16 MiB and 63 GiB, in multiples of 16 KiB")]
@@ -75,12 +73,7 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (number, suffix) = t.split_at(digits);
     let number: u64 = number.parse().map_err(|_| bad())?;
-    let shift = match suffix
-        .trim()
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
+    let shift = match suffix.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
         "" if number < 16384 => 20,
         "" => 0,
         "K" => 10,
@@ -115,15 +108,7 @@ mod tests {
         assert_eq!(parse_size("256"), Ok(256 << 20));
         assert_eq!(parse_size("0"), Ok(0));
         assert_eq!(parse_size("1073741824"), Ok(1 << 30));
-        for bad in [
-            "",
-            "M",
-            "12X",
-            "-1G",
-            "1.5G",
-            "99999999999999999999T",
-            "16777216T",
-        ] {
+        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999999999999T", "16777216T"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }
@@ -141,29 +126,11 @@ mod tests {
         let ok = VmConfig::new("Image");
         assert_eq!(ok.validate(), Ok(()));
         for cpus in [0, 9] {
-            assert_eq!(
-                VmConfig { cpus, ..ok.clone() }.validate(),
-                Err(ConfigError::CpusOutOfRange(cpus))
-            );
+            assert_eq!(VmConfig { cpus, ..ok.clone() }.validate(), Err(ConfigError::CpusOutOfRange(cpus)));
         }
         for memory in [0, 1 << 20, RAM_MAX + PAGE_SIZE, (512 << 20) + 4096] {
-            assert!(matches!(
-                VmConfig {
-                    memory,
-                    ..ok.clone()
-                }
-                .validate(),
-                Err(ConfigError::MemoryOutOfRange(_))
-            ));
+            assert!(matches!(VmConfig { memory, ..ok.clone() }.validate(), Err(ConfigError::MemoryOutOfRange(_))));
         }
-        assert_eq!(
-            VmConfig {
-                memory: RAM_MAX,
-                cpus: 8,
-                ..ok
-            }
-            .validate(),
-            Ok(())
-        );
+        assert_eq!(VmConfig { memory: RAM_MAX, cpus: 8, ..ok }.validate(), Ok(()));
     }
 }

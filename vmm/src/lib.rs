@@ -58,7 +58,9 @@ pub enum Error {
         source: arch_aarch64::image::ImageError,
     },
     /// This host cannot run arm64 guests.
-    #[error("this host ({0}) cannot run arm64 guests: hvrun needs an arm64 Linux host with KVM or an Apple Silicon Mac")]
+    #[error(
+        "this host ({0}) cannot run arm64 guests: hvrun needs an arm64 Linux host with KVM or an Apple Silicon Mac"
+    )]
     UnsupportedHost(String),
     /// The hypervisor failed.
     #[error("{0}")]
@@ -94,10 +96,6 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     {
         // Check the files anyway, so a typo gets the same error on every host.
         boot_files::BootFiles::open(config)?;
-        Err(Error::UnsupportedHost(format!(
-            "{} {}",
-            std::env::consts::ARCH,
-            std::env::consts::OS
-        )))
+        Err(Error::UnsupportedHost(format!("{} {}", std::env::consts::ARCH, std::env::consts::OS)))
     }
 }

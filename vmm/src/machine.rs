@@ -48,37 +48,21 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles) -> Result<
 
 /// Creates guest RAM and loads the kernel, initrd and device tree into it.
 fn load(config: &VmConfig, files: BootFiles) -> Result<(GuestMemoryMmap, BootRegs), Error> {
-    let BootFiles {
-        mut kernel,
-        kernel_size,
-        header,
-        initrd,
-    } = files;
+    let BootFiles { mut kernel, kernel_size, header, initrd } = files;
     let initrd_size = initrd.as_ref().map(|(_, size)| *size);
-    let plan = image::plan(RAM_BASE, config.memory, &header, kernel_size, initrd_size).map_err(
-        |source| Error::Kernel {
-            path: config.kernel.clone(),
-            source,
-        },
-    )?;
+    let plan = image::plan(RAM_BASE, config.memory, &header, kernel_size, initrd_size)
+        .map_err(|source| Error::Kernel { path: config.kernel.clone(), source })?;
 
-    let ram_len =
-        usize::try_from(config.memory).map_err(|_| Error::Memory("RAM size overflows".into()))?;
+    let ram_len = usize::try_from(config.memory).map_err(|_| Error::Memory("RAM size overflows".into()))?;
     let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_BASE), ram_len)])
         .map_err(|e| Error::Memory(format!("cannot allocate {} MiB: {e}", config.memory >> 20)))?;
 
-    PE::load(
-        &memory,
-        Some(GuestAddress(plan.kernel_base)),
-        &mut kernel,
-        None,
-    )
-    .map_err(|e| Error::Memory(format!("loading kernel {}: {e}", config.kernel.display())))?;
+    PE::load(&memory, Some(GuestAddress(plan.kernel_base)), &mut kernel, None)
+        .map_err(|e| Error::Memory(format!("loading kernel {}: {e}", config.kernel.display())))?;
 
     let mut initrd_range = None;
     if let (Some((mut file, size)), Some(at)) = (initrd, plan.initrd) {
-        let len =
-            usize::try_from(size).map_err(|_| Error::Memory("initrd size overflows".into()))?;
+        let len = usize::try_from(size).map_err(|_| Error::Memory("initrd size overflows".into()))?;
         memory
             .read_exact_volatile_from(GuestAddress(at), &mut file, len)
             .map_err(|e| Error::Memory(format!("loading initrd: {e}")))?;
@@ -90,10 +74,7 @@ fn load(config: &VmConfig, files: BootFiles) -> Result<(GuestMemoryMmap, BootReg
         cpu_mpidrs: (0..config.cpus).map(mpidr).collect(),
         cmdline: config.cmdline.clone(),
         initrd: initrd_range,
-        uart: Some(fdt::MmioWindow {
-            base: UART_BASE,
-            size: UART_SIZE,
-        }),
+        uart: Some(fdt::MmioWindow { base: UART_BASE, size: UART_SIZE }),
     })?;
     memory
         .write_slice(&blob, GuestAddress(plan.fdt))
@@ -109,8 +90,7 @@ mod tests {
     use vm_memory::GuestMemoryBackend;
 
     fn temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let path =
-            std::env::temp_dir().join(format!("hvrun-machine-{}-{name}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("hvrun-machine-{}-{name}", std::process::id()));
         std::fs::write(&path, bytes).unwrap();
         path
     }
@@ -123,19 +103,13 @@ mod tests {
         image[56..60].copy_from_slice(b"ARMd");
         let kernel = temp("Image", &image);
         let initrd = temp("initrd", &[0x5a; 5000]);
-        let config = VmConfig {
-            initrd: Some(initrd.clone()),
-            memory: 64 << 20,
-            ..VmConfig::new(&kernel)
-        };
+        let config = VmConfig { initrd: Some(initrd.clone()), memory: 64 << 20, ..VmConfig::new(&kernel) };
 
         let (memory, regs) = load(&config, BootFiles::open(&config).unwrap()).unwrap();
         assert_eq!(memory.num_regions(), 1);
         assert_eq!(regs.pc, RAM_BASE);
         let mut first = [0u8; 8192];
-        memory
-            .read_slice(&mut first, GuestAddress(RAM_BASE))
-            .unwrap();
+        memory.read_slice(&mut first, GuestAddress(RAM_BASE)).unwrap();
         assert_eq!(first.as_slice(), image.as_slice());
 
         let fdt = RAM_BASE + (64 << 20) - FDT_MAX_SIZE;
@@ -146,9 +120,7 @@ mod tests {
         // The initrd sits page-aligned just below the device tree.
         let at = arch_aarch64::layout::align_down(fdt - 5000, arch_aarch64::layout::PAGE_SIZE);
         let mut initrd_bytes = [0u8; 5000];
-        memory
-            .read_slice(&mut initrd_bytes, GuestAddress(at))
-            .unwrap();
+        memory.read_slice(&mut initrd_bytes, GuestAddress(at)).unwrap();
         assert!(initrd_bytes.iter().all(|&b| b == 0x5a));
         std::fs::remove_file(kernel).unwrap();
         std::fs::remove_file(initrd).unwrap();
@@ -160,15 +132,9 @@ mod tests {
         image[16..24].copy_from_slice(&(100u64 << 20).to_le_bytes()); // 100 MiB of BSS
         image[56..60].copy_from_slice(b"ARMd");
         let kernel = temp("Huge", &image);
-        let config = VmConfig {
-            memory: 64 << 20,
-            ..VmConfig::new(&kernel)
-        };
+        let config = VmConfig { memory: 64 << 20, ..VmConfig::new(&kernel) };
         let err = load(&config, BootFiles::open(&config).unwrap()).unwrap_err();
-        assert!(
-            err.to_string().contains("does not fit in guest RAM"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("does not fit in guest RAM"), "{err}");
         std::fs::remove_file(kernel).unwrap();
     }
 }

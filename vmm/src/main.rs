@@ -44,17 +44,10 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_target(false)
-        .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_target(false).init();
     let cli = Cli::parse();
-    let config = VmConfig {
-        kernel: cli.kernel,
-        initrd: cli.initrd,
-        cmdline: cli.cmdline,
-        cpus: cli.cpus,
-        memory: cli.memory,
-    };
+    let config =
+        VmConfig { kernel: cli.kernel, initrd: cli.initrd, cmdline: cli.cmdline, cpus: cli.cpus, memory: cli.memory };
     match hvrun::run(&config) {
         Ok(ExitReason::PowerOff) => ExitCode::from(EXIT_POWEROFF),
         Ok(ExitReason::Reset) => ExitCode::from(EXIT_RESET),

@@ -70,25 +70,16 @@ mod tests {
             if let Some(len) = self.pending_read.take() {
                 self.reads.push(self.buf[..len].to_vec());
             }
-            let step = self
-                .steps
-                .pop_front()
-                .expect("the loop ran past the end of the script");
+            let step = self.steps.pop_front().expect("the loop ran past the end of the script");
             Ok(match step {
                 Step::Read(addr, len) => {
                     self.buf = [0xee; 8];
                     self.pending_read = Some(len);
-                    VcpuExit::MmioRead {
-                        addr,
-                        data: &mut self.buf[..len],
-                    }
+                    VcpuExit::MmioRead { addr, data: &mut self.buf[..len] }
                 }
                 Step::Write(addr, data) => {
                     self.buf[..data.len()].copy_from_slice(&data);
-                    VcpuExit::MmioWrite {
-                        addr,
-                        data: &self.buf[..data.len()],
-                    }
+                    VcpuExit::MmioWrite { addr, data: &self.buf[..data.len()] }
                 }
                 Step::System(event) => VcpuExit::System(event),
                 Step::Interrupted => VcpuExit::Interrupted,
@@ -118,16 +109,12 @@ mod tests {
 
     fn bus() -> MmioBus {
         let mut bus = MmioBus::new();
-        bus.insert(0x1000, 0x100, Arc::new(Mutex::new(Register::default())))
-            .unwrap();
+        bus.insert(0x1000, 0x100, Arc::new(Mutex::new(Register::default()))).unwrap();
         bus
     }
 
     fn run(steps: Vec<Step>) -> (Result<ExitReason, Error>, Vec<Vec<u8>>) {
-        let mut vcpu = Scripted {
-            steps: steps.into(),
-            ..Default::default()
-        };
+        let mut vcpu = Scripted { steps: steps.into(), ..Default::default() };
         let result = run_loop(0, &mut vcpu, &bus());
         (result, vcpu.reads)
     }
@@ -159,10 +146,7 @@ mod tests {
 
     #[test]
     fn crash_and_unhandled_exits_end_the_loop_without_panicking() {
-        assert_eq!(
-            run(vec![Step::System(SystemEvent::Crash)]).0.unwrap(),
-            ExitReason::Crash
-        );
+        assert_eq!(run(vec![Step::System(SystemEvent::Crash)]).0.unwrap(), ExitReason::Crash);
         let err = run(vec![Step::Unhandled]).0.unwrap_err();
         assert!(err.to_string().contains("KVM_EXIT_FAIL_ENTRY"), "{err}");
     }

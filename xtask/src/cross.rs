@@ -20,18 +20,8 @@ fn debian_cargo(target_dir: &str) -> Command {
         .env("RUSTC_BOOTSTRAP", "1")
         .env("RUSTC", "/usr/bin/rustc")
         .env("CARGO_TARGET_DIR", paths::root().join(target_dir))
-        .env(
-            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
-            "aarch64-linux-gnu-gcc",
-        );
-    for var in [
-        "RUSTUP_TOOLCHAIN",
-        "RUSTDOC",
-        "RUSTC_WRAPPER",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO",
-    ] {
+        .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", "aarch64-linux-gnu-gcc");
+    for var in ["RUSTUP_TOOLCHAIN", "RUSTDOC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO"] {
         c.env_remove(var);
     }
     c
@@ -42,21 +32,11 @@ pub fn build_hvrun() -> Result<PathBuf, String> {
     sh::run(
         debian_cargo("target/cross")
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "hvrun",
-                "--bin",
-                "hvrun",
-                "-Zbuild-std=std,panic_abort",
-            ])
+            .args(["build", "--release", "-p", "hvrun", "--bin", "hvrun", "-Zbuild-std=std,panic_abort"])
             .args(["--target", LINUX]),
     )?;
     let bin = paths::cross_hvrun();
-    let size = std::fs::metadata(&bin)
-        .map_err(|e| format!("{}: {e}", bin.display()))?
-        .len();
+    let size = std::fs::metadata(&bin).map_err(|e| format!("{}: {e}", bin.display()))?.len();
     println!("cross: {} ({} KiB)", bin.display(), size / 1024);
     Ok(bin)
 }
@@ -66,40 +46,16 @@ pub fn build_hvrun() -> Result<PathBuf, String> {
 pub fn test() -> Result<(), String> {
     sh::run(
         debian_cargo("target/cross-test")
-            .env(
-                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER",
-                "qemu-aarch64-static -L /usr/aarch64-linux-gnu",
-            )
+            .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", "qemu-aarch64-static -L /usr/aarch64-linux-gnu")
             .args(["test", "-Zbuild-std", "--target", LINUX])
-            .args([
-                "-p",
-                "hvrun",
-                "-p",
-                "hypervisor",
-                "-p",
-                "arch-aarch64",
-                "-p",
-                "devices",
-                "-p",
-                "fdt",
-            ]),
+            .args(["-p", "hvrun", "-p", "hypervisor", "-p", "arch-aarch64", "-p", "devices", "-p", "fdt"]),
     )
 }
 
 /// `cargo xtask check-macos`: type-check and lint the workspace for Apple Silicon macOS
 /// against the real `applevisor` crate.
 pub fn check_macos() -> Result<(), String> {
-    let args = [
-        "--workspace",
-        "-Zbuild-std=std,panic_abort",
-        "--target",
-        MACOS,
-    ];
+    let args = ["--workspace", "-Zbuild-std=std,panic_abort", "--target", MACOS];
     sh::run(debian_cargo("target/macos").arg("check").args(args))?;
-    sh::run(
-        debian_cargo("target/macos")
-            .arg("clippy")
-            .args(args)
-            .args(["--", "-D", "warnings"]),
-    )
+    sh::run(debian_cargo("target/macos").arg("clippy").args(args).args(["--", "-D", "warnings"]))
 }

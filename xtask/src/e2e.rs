@@ -25,11 +25,7 @@ fn rig(verbose: bool) -> Rig {
 /// Runs the named scenarios (all when `args` names none); `-v` echoes the console.
 pub fn run(args: &[String]) -> Result<(), String> {
     let verbose = args.iter().any(|a| a == "-v" || a == "--verbose");
-    let names: Vec<String> = args
-        .iter()
-        .filter(|a| !a.starts_with('-'))
-        .cloned()
-        .collect();
+    let names: Vec<String> = args.iter().filter(|a| !a.starts_with('-')).cloned().collect();
     let selected = scenarios::select(&names)?;
     setup::run()?;
     guest::run()?;
@@ -41,20 +37,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
 }
 
 fn report(outcomes: &[Outcome], rig: &Rig) -> Result<(), String> {
-    println!(
-        "\n{:<20} {:<6} {:>9} {:>10}",
-        "scenario", "result", "rig time", "host time"
-    );
+    println!("\n{:<20} {:<6} {:>9} {:>10}", "scenario", "result", "rig time", "host time");
     let secs = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.2} s"));
     for o in outcomes {
         let result = if o.passed() { "PASS" } else { "FAIL" };
-        println!(
-            "{:<20} {:<6} {:>9} {:>10}",
-            o.name,
-            result,
-            secs(o.rig_secs),
-            secs(o.host_secs)
-        );
+        println!("{:<20} {:<6} {:>9} {:>10}", o.name, result, secs(o.rig_secs), secs(o.host_secs));
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.passed()).collect();
     if failed.is_empty() {
@@ -82,12 +69,7 @@ fn report(outcomes: &[Outcome], rig: &Rig) -> Result<(), String> {
             }
         }
     }
-    Err(format!(
-        "{} of {} scenario(s) failed; full console in {}",
-        failed.len(),
-        outcomes.len(),
-        log.display()
-    ))
+    Err(format!("{} of {} scenario(s) failed; full console in {}", failed.len(), outcomes.len(), log.display()))
 }
 
 /// Boots the demo guest in the rig and shows its console.

@@ -23,9 +23,7 @@ pub fn run() -> Result<(), String> {
 
 /// FNV-1a, for cache keys that are stable across Rust versions.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// Whether `output` exists and was made from `key`.
@@ -36,15 +34,12 @@ fn fresh(output: &Path, key: &str) -> bool {
 fn stamp(output: &Path) -> PathBuf {
     output.with_extension(format!(
         "{}stamp",
-        output
-            .extension()
-            .map_or(String::new(), |e| format!("{}.", e.to_string_lossy()))
+        output.extension().map_or(String::new(), |e| format!("{}.", e.to_string_lossy()))
     ))
 }
 
 fn mark(output: &Path, key: &str) -> Result<(), String> {
-    std::fs::write(stamp(output), key)
-        .map_err(|e| format!("writing {}: {e}", stamp(output).display()))
+    std::fs::write(stamp(output), key).map_err(|e| format!("writing {}: {e}", stamp(output).display()))
 }
 
 fn apt_cache(args: &[&str]) -> Result<String, String> {
@@ -65,7 +60,9 @@ fn resolve_kernel_package() -> Result<String, String> {
     }
     // The package lists may predate `dpkg --add-architecture arm64`.
     sh::run(sh::cmd("apt-get").args(["update", "-q"]))?;
-    find().ok_or_else(|| "cannot resolve linux-image-arm64:arm64 (is arm64 a foreign architecture? run `cargo xtask setup`)".into())
+    find().ok_or_else(|| {
+        "cannot resolve linux-image-arm64:arm64 (is arm64 a foreign architecture? run `cargo xtask setup`)".into()
+    })
 }
 
 fn candidate_version(package: &str) -> Result<String, String> {
@@ -110,10 +107,7 @@ fn debian_file(dir: &Path, package: &str, inner_prefix: &str, name: &str) -> Res
         .map_err(|e| format!("{package} has no {parent}/: {e}"))?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
-        })
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
         .ok_or_else(|| format!("{package} has no {inner_prefix}*"))?;
     std::fs::copy(&found, &output).map_err(|e| format!("copying {}: {e}", found.display()))?;
     mark(&output, &key)?;
@@ -125,8 +119,7 @@ fn debian_file(dir: &Path, package: &str, inner_prefix: &str, name: &str) -> Res
 /// Assembles each `guests/NAME.S` (other than included headers) into `NAME.bin`.
 fn assemble_programs(dir: &Path) -> Result<(), String> {
     let src = paths::root().join("guests");
-    let header = std::fs::read(src.join("image-header.S"))
-        .map_err(|e| format!("guests/image-header.S: {e}"))?;
+    let header = std::fs::read(src.join("image-header.S")).map_err(|e| format!("guests/image-header.S: {e}"))?;
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&src)
         .map_err(|e| format!("{}: {e}", src.display()))?
         .filter_map(Result::ok)
@@ -136,39 +129,22 @@ fn assemble_programs(dir: &Path) -> Result<(), String> {
     sources.sort();
     for source in sources {
         let text = std::fs::read(&source).map_err(|e| format!("{}: {e}", source.display()))?;
-        let name = source
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let output = dir.join(format!("{name}.bin"));
-        let key = format!(
-            "{:016x}",
-            fnv1a(&[header.as_slice(), b"\0", &text].concat())
-        );
+        let key = format!("{:016x}", fnv1a(&[header.as_slice(), b"\0", &text].concat()));
         if fresh(&output, &key) {
             continue;
         }
         let elf = dir.join(format!("{name}.elf"));
         sh::run(
             sh::cmd("aarch64-linux-gnu-gcc")
-                .args([
-                    "-nostdlib",
-                    "-static",
-                    "-Wl,-Ttext=0",
-                    "-Wl,--build-id=none",
-                    "-I",
-                ])
+                .args(["-nostdlib", "-static", "-Wl,-Ttext=0", "-Wl,--build-id=none", "-I"])
                 .arg(&src)
                 .arg("-o")
                 .arg(&elf)
                 .arg(&source),
         )?;
-        sh::run(
-            sh::cmd("aarch64-linux-gnu-objcopy")
-                .args(["-O", "binary"])
-                .arg(&elf)
-                .arg(&output),
-        )?;
+        sh::run(sh::cmd("aarch64-linux-gnu-objcopy").args(["-O", "binary"]).arg(&elf).arg(&output))?;
         let _ = std::fs::remove_file(&elf);
         mark(&output, &key)?;
     }
@@ -182,14 +158,8 @@ mod tests {
 
     #[test]
     fn stamps_sit_beside_their_outputs() {
-        assert_eq!(
-            stamp(Path::new("/c/hello.bin")),
-            Path::new("/c/hello.bin.stamp")
-        );
-        assert_eq!(
-            stamp(Path::new("/c/vmlinuz")),
-            Path::new("/c/vmlinuz.stamp")
-        );
+        assert_eq!(stamp(Path::new("/c/hello.bin")), Path::new("/c/hello.bin.stamp"));
+        assert_eq!(stamp(Path::new("/c/vmlinuz")), Path::new("/c/vmlinuz.stamp"));
     }
 
     #[test]

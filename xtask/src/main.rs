@@ -65,11 +65,7 @@ fn test() -> Result<(), String> {
     guest::run()?;
     let root = paths::root();
     let cargo = sh::host_cargo();
-    sh::run(
-        sh::cmd(&cargo)
-            .current_dir(&root)
-            .args(["fmt", "--all", "--check"]),
-    )?;
+    sh::run(sh::cmd(&cargo).current_dir(&root).args(["fmt", "--all", "--check"]))?;
     sh::run(sh::cmd(&cargo).current_dir(&root).args([
         "clippy",
         "--workspace",
@@ -78,11 +74,7 @@ fn test() -> Result<(), String> {
         "-D",
         "warnings",
     ]))?;
-    sh::run(
-        sh::cmd(&cargo)
-            .current_dir(&root)
-            .args(["test", "--workspace"]),
-    )?;
+    sh::run(sh::cmd(&cargo).current_dir(&root).args(["test", "--workspace"]))?;
     cross::test()?;
     cross::check_macos()?;
     e2e::run(&[])?;

@@ -21,9 +21,7 @@ fn describe(c: &Command) -> String {
 pub fn run(c: &mut Command) -> Result<(), String> {
     let line = describe(c);
     println!("$ {line}");
-    let status = c
-        .status()
-        .map_err(|e| format!("cannot run `{line}`: {e}"))?;
+    let status = c.status().map_err(|e| format!("cannot run `{line}`: {e}"))?;
     if status.success() {
         Ok(())
     } else {
@@ -34,17 +32,11 @@ pub fn run(c: &mut Command) -> Result<(), String> {
 /// Runs `c` quietly and returns its standard output, failing unless it exits 0.
 pub fn output(c: &mut Command) -> Result<String, String> {
     let line = describe(c);
-    let out = c
-        .output()
-        .map_err(|e| format!("cannot run `{line}`: {e}"))?;
+    let out = c.output().map_err(|e| format!("cannot run `{line}`: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!(
-            "`{line}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(format!("`{line}` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
     }
 }
 

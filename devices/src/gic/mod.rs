@@ -42,10 +42,7 @@ impl std::fmt::Debug for Gic {
 impl Gic {
     /// A GIC for `num_cpus` CPUs (1..=8) reporting outputs to `sink`.
     pub fn new(num_cpus: usize, sink: Arc<dyn CpuIrqSink>) -> Arc<Self> {
-        Arc::new(Gic {
-            state: Mutex::new(GicState::new(num_cpus)),
-            sink,
-        })
+        Arc::new(Gic { state: Mutex::new(GicState::new(num_cpus)), sink })
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut GicState) -> R) -> R {
@@ -67,10 +64,7 @@ impl Gic {
 
     /// The input line of SPI `spi` (INTID `32 + spi`), for a device.
     pub fn spi_line(self: &Arc<Self>, spi: u32) -> Arc<dyn IrqLine> {
-        Arc::new(SpiLine {
-            gic: Arc::clone(self),
-            spi,
-        })
+        Arc::new(SpiLine { gic: Arc::clone(self), spi })
     }
 
     /// Drives PPI `id` (16..32) of `cpu`, e.g. [`VTIMER_PPI`].
@@ -99,8 +93,7 @@ impl IrqLine for SpiLine {
 /// crosses a register boundary.
 fn lanes(offset: u64, len: usize) -> Option<(u64, u32, u8)> {
     let shift = (offset & 3) as u32;
-    (len > 0 && shift as usize + len <= 4)
-        .then(|| (offset & !3, shift * 8, (((1u16 << len) - 1) << shift) as u8))
+    (len > 0 && shift as usize + len <= 4).then(|| (offset & !3, shift * 8, (((1u16 << len) - 1) << shift) as u8))
 }
 
 struct Distributor(Arc<Gic>);
@@ -113,10 +106,7 @@ impl MmioDevice for Distributor {
                 regs::dist_read32(&state, vcpu, reg) >> shift
             }
             _ => {
-                warn_ratelimited!(
-                    "gic: {}-byte distributor read at {offset:#x} ignored",
-                    data.len()
-                );
+                warn_ratelimited!("gic: {}-byte distributor read at {offset:#x} ignored", data.len());
                 0
             }
         };
@@ -127,13 +117,9 @@ impl MmioDevice for Distributor {
         match lanes(offset, data.len()) {
             Some((reg, shift, mask)) if data.len() == 4 || regs::dist_byte_accessible(offset) => {
                 let value = (read_le(data) as u32) << shift;
-                self.0
-                    .with(|s| regs::dist_write32(s, vcpu, reg, value, mask));
+                self.0.with(|s| regs::dist_write32(s, vcpu, reg, value, mask));
             }
-            _ => warn_ratelimited!(
-                "gic: {}-byte distributor write at {offset:#x} ignored",
-                data.len()
-            ),
+            _ => warn_ratelimited!("gic: {}-byte distributor write at {offset:#x} ignored", data.len()),
         }
     }
 }
@@ -145,10 +131,7 @@ impl MmioDevice for CpuInterface {
         let value = if data.len() == 4 && offset & 3 == 0 {
             self.0.with(|s| regs::cpu_read32(s, vcpu, offset))
         } else {
-            warn_ratelimited!(
-                "gic: {}-byte cpu interface read at {offset:#x} ignored",
-                data.len()
-            );
+            warn_ratelimited!("gic: {}-byte cpu interface read at {offset:#x} ignored", data.len());
             0
         };
         write_le(data, u64::from(value));
@@ -156,13 +139,9 @@ impl MmioDevice for CpuInterface {
 
     fn write(&self, vcpu: usize, offset: u64, data: &[u8]) {
         if data.len() == 4 && offset & 3 == 0 {
-            self.0
-                .with(|s| regs::cpu_write32(s, vcpu, offset, read_le(data) as u32));
+            self.0.with(|s| regs::cpu_write32(s, vcpu, offset, read_le(data) as u32));
         } else {
-            warn_ratelimited!(
-                "gic: {}-byte cpu interface write at {offset:#x} ignored",
-                data.len()
-            );
+            warn_ratelimited!("gic: {}-byte cpu interface write at {offset:#x} ignored", data.len());
         }
     }
 }

@@ -23,9 +23,7 @@ const GICD_CPENDSGIR: u64 = 0xf10;
 const GICD_SPENDSGIR: u64 = 0xf20;
 const GICD_ID: u64 = 0xfd0;
 /// PIDR4..7, PIDR0..3, CIDR0..3 of a GICv2 (ArchRev 2 in PIDR2), as QEMU reports them.
-const GICD_ID_BYTES: [u8; 12] = [
-    0x04, 0x00, 0x00, 0x00, 0x90, 0xb4, 0x2b, 0x00, 0x0d, 0xf0, 0x05, 0xb1,
-];
+const GICD_ID_BYTES: [u8; 12] = [0x04, 0x00, 0x00, 0x00, 0x90, 0xb4, 0x2b, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
 /// Arm as implementer, GICv2 (product 0x0, variant 0, revision 2... as GIC-400 reports).
 const IIDR: u32 = 0x0200_043b;
 
@@ -52,10 +50,8 @@ fn bitmap_ids(base: u64, offset: u64) -> Option<std::ops::Range<u32>> {
 /// Reads a 32-bit distributor register.
 pub fn dist_read32(gic: &GicState, cpu: usize, offset: u64) -> u32 {
     let bits = |base: u64, f: &dyn Fn(u32) -> bool| {
-        bitmap_ids(base, offset).map_or(0, |ids| {
-            ids.enumerate()
-                .fold(0u32, |acc, (bit, id)| acc | (u32::from(f(id)) << bit))
-        })
+        bitmap_ids(base, offset)
+            .map_or(0, |ids| ids.enumerate().fold(0u32, |acc, (bit, id)| acc | (u32::from(f(id)) << bit)))
     };
     let bytes = |base: u64, f: &dyn Fn(u32) -> u8| {
         (0..4).fold(0u32, |acc, i| {
@@ -77,9 +73,7 @@ pub fn dist_read32(gic: &GicState, cpu: usize, offset: u64) -> u32 {
         0x800..=0xbfb => bytes(GICD_ITARGETSR, &|id| gic.target(cpu, id)),
         0xc00..=0xcff => {
             let first = ((offset - GICD_ICFGR) * 4) as u32;
-            (0..16).fold(0, |acc, i| {
-                acc | (u32::from(gic.is_edge(cpu, first + i)) << (2 * i + 1))
-            })
+            (0..16).fold(0, |acc, i| acc | (u32::from(gic.is_edge(cpu, first + i)) << (2 * i + 1)))
         }
         0xf10..=0xf1f => bytes(GICD_CPENDSGIR, &|id| {
             if id < NUM_SGIS {
@@ -95,9 +89,7 @@ pub fn dist_read32(gic: &GicState, cpu: usize, offset: u64) -> u32 {
                 0
             }
         }),
-        0xfd0..=0xfff => GICD_ID_BYTES
-            .get(((offset - GICD_ID) / 4) as usize)
-            .map_or(0, |&b| u32::from(b)),
+        0xfd0..=0xfff => GICD_ID_BYTES.get(((offset - GICD_ID) / 4) as usize).map_or(0, |&b| u32::from(b)),
         // IGROUPR (no security extensions: all group 0), SGIR (write-only), reserved.
         _ => 0,
     }
@@ -117,29 +109,19 @@ pub fn dist_write32(gic: &mut GicState, cpu: usize, offset: u64, value: u32, byt
     };
     match offset {
         GICD_CTLR => gic.set_enabled(value & 1 != 0),
-        0x100..=0x17f => bits(GICD_ISENABLER, &mut |g, id| {
-            g.set_irq_enabled(cpu, id, true)
-        }),
-        0x180..=0x1ff => bits(GICD_ICENABLER, &mut |g, id| {
-            g.set_irq_enabled(cpu, id, false)
-        }),
+        0x100..=0x17f => bits(GICD_ISENABLER, &mut |g, id| g.set_irq_enabled(cpu, id, true)),
+        0x180..=0x1ff => bits(GICD_ICENABLER, &mut |g, id| g.set_irq_enabled(cpu, id, false)),
         0x200..=0x27f => bits(GICD_ISPENDR, &mut |g, id| g.set_irq_pending(cpu, id, true)),
         0x280..=0x2ff => bits(GICD_ICPENDR, &mut |g, id| g.set_irq_pending(cpu, id, false)),
         0x300..=0x37f => bits(GICD_ISACTIVER, &mut |g, id| g.set_irq_active(cpu, id, true)),
-        0x380..=0x3ff => bits(GICD_ICACTIVER, &mut |g, id| {
-            g.set_irq_active(cpu, id, false)
-        }),
+        0x380..=0x3ff => bits(GICD_ICACTIVER, &mut |g, id| g.set_irq_active(cpu, id, false)),
         0x400..=0x7fb | 0x800..=0xbfb | 0xf10..=0xf2f => {
             for i in (0..4).filter(|i| byte_mask & (1 << i) != 0) {
                 let byte = (value >> (8 * i)) as u8;
                 match offset {
-                    0x400..=0x7fb => {
-                        gic.set_priority(cpu, (offset - GICD_IPRIORITYR) as u32 + i, byte)
-                    }
+                    0x400..=0x7fb => gic.set_priority(cpu, (offset - GICD_IPRIORITYR) as u32 + i, byte),
                     0x800..=0xbfb => gic.set_target((offset - GICD_ITARGETSR) as u32 + i, byte),
-                    0xf10..=0xf1f => {
-                        gic.set_sgi_sources(cpu, (offset - GICD_CPENDSGIR) as u32 + i, byte, false)
-                    }
+                    0xf10..=0xf1f => gic.set_sgi_sources(cpu, (offset - GICD_CPENDSGIR) as u32 + i, byte, false),
                     _ => gic.set_sgi_sources(cpu, (offset - GICD_SPENDSGIR) as u32 + i, byte, true),
                 }
             }
@@ -157,18 +139,14 @@ pub fn dist_write32(gic: &mut GicState, cpu: usize, offset: u64, value: u32, byt
                 1 => !cpu_bit(cpu),
                 2 => cpu_bit(cpu),
                 _ => {
-                    warn_ratelimited!(
-                        "gic: SGIR with reserved target filter from cpu{cpu} ignored"
-                    );
+                    warn_ratelimited!("gic: SGIR with reserved target filter from cpu{cpu} ignored");
                     return;
                 }
             };
             gic.send_sgi(cpu, id, targets);
         }
         GICD_IGROUPR..=0xff => {} // RAZ/WI: every interrupt is group 0.
-        _ => warn_ratelimited!(
-            "gic: distributor write of {value:#x} to {offset:#x} by cpu{cpu} ignored"
-        ),
+        _ => warn_ratelimited!("gic: distributor write of {value:#x} to {offset:#x} by cpu{cpu} ignored"),
     }
 }
 
@@ -192,24 +170,16 @@ pub fn cpu_read32(gic: &mut GicState, cpu: usize, offset: u64) -> u32 {
 /// Writes a 32-bit CPU interface register of `cpu`.
 pub fn cpu_write32(gic: &mut GicState, cpu: usize, offset: u64, value: u32) {
     match offset {
-        GICC_CTLR => gic.set_cpu_control(
-            cpu,
-            value & GICC_CTLR_ENABLE != 0,
-            value & GICC_CTLR_EOIMODE != 0,
-        ),
+        GICC_CTLR => gic.set_cpu_control(cpu, value & GICC_CTLR_ENABLE != 0, value & GICC_CTLR_EOIMODE != 0),
         GICC_PMR => gic.set_pmr(cpu, value as u8),
         GICC_BPR => gic.set_bpr(cpu, value as u8),
         GICC_EOIR => {
             if value & 0x3ff != super::state::SPURIOUS && !gic.end_of_interrupt(cpu, value) {
-                warn_ratelimited!(
-                    "gic: cpu{cpu} EOI of {value:#x}, which it has not acknowledged, ignored"
-                );
+                warn_ratelimited!("gic: cpu{cpu} EOI of {value:#x}, which it has not acknowledged, ignored");
             }
         }
         GICC_DIR => gic.deactivate(cpu, value),
-        _ => warn_ratelimited!(
-            "gic: cpu interface write of {value:#x} to {offset:#x} by cpu{cpu} ignored"
-        ),
+        _ => warn_ratelimited!("gic: cpu interface write of {value:#x} to {offset:#x} by cpu{cpu} ignored"),
     }
 }
 

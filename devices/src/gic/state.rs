@@ -35,10 +35,7 @@ const IDLE: u16 = 0x100;
 
 /// The bit of `cpu` in an 8-bit CPU mask (0 for an index past the mask).
 pub fn cpu_bit(cpu: usize) -> u8 {
-    u32::try_from(cpu)
-        .ok()
-        .and_then(|c| 1u8.checked_shl(c))
-        .unwrap_or(0)
+    u32::try_from(cpu).ok().and_then(|c| 1u8.checked_shl(c)).unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -95,9 +92,7 @@ impl Cpu {
     }
 
     fn running_priority(&self) -> u16 {
-        self.active_stack
-            .last()
-            .map_or(IDLE, |&(p, _)| u16::from(p))
+        self.active_stack.last().map_or(IDLE, |&(p, _)| u16::from(p))
     }
 
     fn group_priority(&self, priority: u16) -> u16 {
@@ -121,9 +116,7 @@ impl GicState {
             enabled: false,
             spis: vec![Irq::default(); NUM_SPIS as usize],
             spi_targets: vec![0; NUM_SPIS as usize],
-            cpus: (0..num_cpus.clamp(1, MAX_CPUS))
-                .map(|_| Cpu::new())
-                .collect(),
+            cpus: (0..num_cpus.clamp(1, MAX_CPUS)).map(|_| Cpu::new()).collect(),
         }
     }
 
@@ -155,18 +148,13 @@ impl GicState {
         let Some(irq) = self.irq(cpu, id) else {
             return false;
         };
-        irq.pending()
-            && (id < SPI_BASE || self.spi_targets[(id - SPI_BASE) as usize] & cpu_bit(cpu) != 0)
+        irq.pending() && (id < SPI_BASE || self.spi_targets[(id - SPI_BASE) as usize] & cpu_bit(cpu) != 0)
     }
 
     /// The highest-priority pending, enabled, inactive interrupt for `cpu`, as (priority, id).
     fn highest_pending(&self, cpu: usize) -> Option<(u8, u32)> {
         (0..NUM_IRQS)
-            .filter(|&id| {
-                self.irq(cpu, id)
-                    .is_some_and(|irq| irq.enabled && !irq.active)
-                    && self.pending_on(cpu, id)
-            })
+            .filter(|&id| self.irq(cpu, id).is_some_and(|irq| irq.enabled && !irq.active) && self.pending_on(cpu, id))
             .map(|id| (self.irq(cpu, id).map_or(0xff, |i| i.priority), id))
             .min()
     }
@@ -179,8 +167,7 @@ impl GicState {
         }
         let (priority, id) = self.highest_pending(cpu)?;
         let p = u16::from(priority);
-        (p < u16::from(c.pmr) && c.group_priority(p) < c.group_priority(c.running_priority()))
-            .then_some((priority, id))
+        (p < u16::from(c.pmr) && c.group_priority(p) < c.group_priority(c.running_priority())).then_some((priority, id))
     }
 
     /// Recomputes every CPU's IRQ output and tells `sink` about changes.
@@ -242,10 +229,7 @@ impl GicState {
     /// Whether interrupt `id` is pending, for the bank of `cpu` (SPIs: regardless of target).
     pub fn is_pending(&self, cpu: usize, id: u32) -> bool {
         if id < NUM_SGIS {
-            return self
-                .cpus
-                .get(cpu)
-                .is_some_and(|c| c.sgi_sources[id as usize] != 0);
+            return self.cpus.get(cpu).is_some_and(|c| c.sgi_sources[id as usize] != 0);
         }
         self.irq(cpu, id).is_some_and(Irq::pending)
     }
@@ -290,20 +274,14 @@ impl GicState {
         if id < SPI_BASE {
             cpu_bit(cpu)
         } else {
-            self.spi_targets
-                .get((id - SPI_BASE) as usize)
-                .copied()
-                .unwrap_or(0)
+            self.spi_targets.get((id - SPI_BASE) as usize).copied().unwrap_or(0)
         }
     }
 
     /// Sets ITARGETSR of SPI `id`; bits for CPUs that do not exist are dropped.
     pub fn set_target(&mut self, id: u32, mask: u8) {
         let valid = ((1u16 << self.cpus.len()) - 1) as u8;
-        if let Some(t) = id
-            .checked_sub(SPI_BASE)
-            .and_then(|i| self.spi_targets.get_mut(i as usize))
-        {
+        if let Some(t) = id.checked_sub(SPI_BASE).and_then(|i| self.spi_targets.get_mut(i as usize)) {
             *t = mask & valid;
         }
     }
@@ -337,21 +315,13 @@ impl GicState {
 
     /// The source CPUs of SGI `id` pending on `cpu` (CPENDSGIR/SPENDSGIR byte).
     pub fn sgi_sources(&self, cpu: usize, id: u32) -> u8 {
-        self.cpus
-            .get(cpu)
-            .and_then(|c| c.sgi_sources.get(id as usize))
-            .copied()
-            .unwrap_or(0)
+        self.cpus.get(cpu).and_then(|c| c.sgi_sources.get(id as usize)).copied().unwrap_or(0)
     }
 
     /// Sets (`pending`) or clears the source bits `mask` of SGI `id` on `cpu`.
     pub fn set_sgi_sources(&mut self, cpu: usize, id: u32, mask: u8, pending: bool) {
         let valid = ((1u16 << self.cpus.len()) - 1) as u8;
-        if let Some(s) = self
-            .cpus
-            .get_mut(cpu)
-            .and_then(|c| c.sgi_sources.get_mut(id as usize))
-        {
+        if let Some(s) = self.cpus.get_mut(cpu).and_then(|c| c.sgi_sources.get_mut(id as usize)) {
             if pending {
                 *s |= mask & valid;
             } else {
@@ -370,9 +340,7 @@ impl GicState {
 
     /// GICC_CTLR as (enabled, EOImode).
     pub fn cpu_control(&self, cpu: usize) -> (bool, bool) {
-        self.cpus
-            .get(cpu)
-            .map_or((false, false), |c| (c.enabled, c.eoi_mode))
+        self.cpus.get(cpu).map_or((false, false), |c| (c.enabled, c.eoi_mode))
     }
 
     /// GICC_PMR.
@@ -401,17 +369,13 @@ impl GicState {
 
     /// GICC_RPR: the running priority (0xff when idle).
     pub fn running_priority(&self, cpu: usize) -> u8 {
-        self.cpus
-            .get(cpu)
-            .map_or(0xff, |c| c.running_priority().min(0xff) as u8)
+        self.cpus.get(cpu).map_or(0xff, |c| c.running_priority().min(0xff) as u8)
     }
 
     /// GICC_HPPIR: the highest-priority pending interrupt (with the SGI source), or SPURIOUS.
     pub fn highest_pending_id(&self, cpu: usize) -> u32 {
         match self.highest_pending(cpu) {
-            Some((_, id)) if id < NUM_SGIS => {
-                id | (self.sgi_sources(cpu, id).trailing_zeros() << 10)
-            }
+            Some((_, id)) if id < NUM_SGIS => id | (self.sgi_sources(cpu, id).trailing_zeros() << 10),
             Some((_, id)) => id,
             None => SPURIOUS,
         }

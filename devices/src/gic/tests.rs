@@ -23,12 +23,7 @@ impl Rig {
         let outputs = Arc::new(Outputs::default());
         let gic = Gic::new(cpus, outputs.clone());
         let (dist, cpu) = (gic.distributor(), gic.cpu_interface());
-        let rig = Rig {
-            gic,
-            outputs,
-            dist,
-            cpu,
-        };
+        let rig = Rig { gic, outputs, dist, cpu };
         // What Linux's GICv2 driver does at boot, in short.
         rig.dw(0, 0x000, 1);
         for c in 0..cpus {
@@ -188,11 +183,7 @@ fn preemption_follows_group_priority() {
     r.gic.spi_line(2).set_level(true);
     assert!(!r.asserted(0));
     r.cw(0, 0x08, 0);
-    assert_eq!(
-        r.cr(0, 0x08),
-        2,
-        "BPR has a minimum of 2 with five priority bits"
-    );
+    assert_eq!(r.cr(0, 0x08), 2, "BPR has a minimum of 2 with five priority bits");
     assert!(r.asserted(0));
 }
 
@@ -205,18 +196,11 @@ fn sgis_reach_their_target_list_with_the_source_cpu() {
     }
     // CPU 0 sends SGI 3 to CPUs 1 and 2.
     r.dw(0, 0xf00, (0b0110 << 16) | 3);
-    assert_eq!(
-        (0..4).map(|c| r.asserted(c)).collect::<Vec<_>>(),
-        [false, true, true, false]
-    );
+    assert_eq!((0..4).map(|c| r.asserted(c)).collect::<Vec<_>>(), [false, true, true, false]);
     assert_eq!(r.iar(1), 3, "source CPU 0 in bits 12:10");
     // CPU 3 sends to all but itself, then to itself.
     r.dw(3, 0xf00, (1 << 24) | 3);
-    assert_eq!(
-        r.dr(2, 0xf10) >> 24,
-        0b1001,
-        "CPENDSGIR: pending from CPUs 0 and 3"
-    );
+    assert_eq!(r.dr(2, 0xf10) >> 24, 0b1001, "CPENDSGIR: pending from CPUs 0 and 3");
     assert_eq!(r.iar(2), 3);
     r.eoi(2, 3);
     assert_eq!(r.iar(2), 3 | (3 << 10), "one source at a time");

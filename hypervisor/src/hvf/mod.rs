@@ -18,13 +18,12 @@ pub struct Hvf {
 impl Hvf {
     /// Checks that the framework is usable in this process.
     pub fn new() -> Result<Self> {
-        let max_ipa_bits =
-            applevisor::vm::VirtualMachineConfig::get_max_ipa_size().map_err(|e| {
-                Error::Unavailable(format!(
-                    "Hypervisor.framework is not usable ({e:?}): run on Apple Silicon with the \
+        let max_ipa_bits = applevisor::vm::VirtualMachineConfig::get_max_ipa_size().map_err(|e| {
+            Error::Unavailable(format!(
+                "Hypervisor.framework is not usable ({e:?}): run on Apple Silicon with the \
                  com.apple.security.hypervisor entitlement"
-                ))
-            })?;
+            ))
+        })?;
         Ok(Hvf { max_ipa_bits })
     }
 }
@@ -43,9 +42,7 @@ impl crate::Hypervisor for Hvf {
                 self.max_ipa_bits, config.ipa_bits
             )));
         }
-        Err(Error::Unavailable(
-            "the Hypervisor.framework backend is not implemented yet".into(),
-        ))
+        Err(Error::Unavailable("the Hypervisor.framework backend is not implemented yet".into()))
     }
 }
 

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_userspace_memory_region, kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_userspace_memory_region, kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, Kvm as KvmFd, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -17,10 +17,7 @@ use crate::kvm_regs::one_reg_id;
 use crate::{Error, Reg, Result, SystemEvent, VcpuExit, VmConfig};
 
 fn platform(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |e| Error::Platform {
-        call,
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    }
+    move |e| Error::Platform { call, source: std::io::Error::from_raw_os_error(e.errno()) }
 }
 
 /// The KVM hypervisor (`/dev/kvm`).
@@ -60,25 +57,16 @@ impl crate::Hypervisor for Kvm {
                     config.ipa_bits
                 )));
             }
-            self.kvm
-                .create_vm_with_ipa_size(config.ipa_bits.max(32))
-                .map_err(platform("KVM_CREATE_VM"))?
+            self.kvm.create_vm_with_ipa_size(config.ipa_bits.max(32)).map_err(platform("KVM_CREATE_VM"))?
         } else {
             self.kvm.create_vm().map_err(platform("KVM_CREATE_VM"))?
         };
         if !vm.check_extension(Cap::ArmPsci02) {
-            return Err(Error::Unsupported(
-                "KVM on this host lacks PSCI 0.2 (KVM_CAP_ARM_PSCI_0_2)".into(),
-            ));
+            return Err(Error::Unsupported("KVM on this host lacks PSCI 0.2 (KVM_CAP_ARM_PSCI_0_2)".into()));
         }
         let mut target = kvm_vcpu_init::default();
-        vm.get_preferred_target(&mut target)
-            .map_err(platform("KVM_ARM_PREFERRED_TARGET"))?;
-        Ok(KvmVm {
-            vm,
-            target,
-            memory: Vec::new(),
-        })
+        vm.get_preferred_target(&mut target).map_err(platform("KVM_ARM_PREFERRED_TARGET"))?;
+        Ok(KvmVm { vm, target, memory: Vec::new() })
     }
 }
 
@@ -99,18 +87,13 @@ impl crate::Vm for KvmVm {
         for (i, region) in memory.iter().enumerate() {
             let addr = region.start_addr().0;
             let size = region.len();
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| Error::Memory {
-                    addr,
-                    size,
-                    why: "region has no host mapping",
-                })?;
-            let slot = u32::try_from(first_slot + i).map_err(|_| Error::Memory {
+            let host = region.get_host_address(vm_memory::MemoryRegionAddress(0)).map_err(|_| Error::Memory {
                 addr,
                 size,
-                why: "too many regions",
+                why: "region has no host mapping",
             })?;
+            let slot =
+                u32::try_from(first_slot + i).map_err(|_| Error::Memory { addr, size, why: "too many regions" })?;
             let region = kvm_userspace_memory_region {
                 slot,
                 flags: 0,
@@ -121,18 +104,14 @@ impl crate::Vm for KvmVm {
             // SAFETY: the region describes host memory owned by `memory`, which this VM
             // keeps alive in `self.memory` for as long as the VM (and so KVM's use of
             // the mapping) exists; the slot is new, so no other mapping is replaced.
-            unsafe { self.vm.set_user_memory_region(region) }
-                .map_err(platform("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { self.vm.set_user_memory_region(region) }.map_err(platform("KVM_SET_USER_MEMORY_REGION"))?;
         }
         self.memory.push(Arc::clone(memory));
         Ok(())
     }
 
     fn create_vcpu(&self, index: u32) -> Result<KvmVcpu> {
-        let fd = self
-            .vm
-            .create_vcpu(u64::from(index))
-            .map_err(platform("KVM_CREATE_VCPU"))?;
+        let fd = self.vm.create_vcpu(u64::from(index)).map_err(platform("KVM_CREATE_VCPU"))?;
         let mut init = self.target;
         init.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
         if index > 0 {
@@ -157,9 +136,7 @@ impl crate::Vcpu for KvmVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         match self.fd.run() {
             Ok(kvm_ioctls::VcpuExit::MmioRead(addr, data)) => Ok(VcpuExit::MmioRead { addr, data }),
-            Ok(kvm_ioctls::VcpuExit::MmioWrite(addr, data)) => {
-                Ok(VcpuExit::MmioWrite { addr, data })
-            }
+            Ok(kvm_ioctls::VcpuExit::MmioWrite(addr, data)) => Ok(VcpuExit::MmioWrite { addr, data }),
             Ok(kvm_ioctls::VcpuExit::SystemEvent(kind, _)) => Ok(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::System(SystemEvent::Shutdown),
                 KVM_SYSTEM_EVENT_RESET => VcpuExit::System(SystemEvent::Reset),
@@ -168,25 +145,19 @@ impl crate::Vcpu for KvmVcpu {
             }),
             Ok(kvm_ioctls::VcpuExit::Intr) => Ok(VcpuExit::Interrupted),
             Ok(other) => Ok(VcpuExit::Unhandled(format!("{other:?}"))),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                Ok(VcpuExit::Interrupted)
-            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(VcpuExit::Interrupted),
             Err(e) => Err(platform("KVM_RUN")(e)),
         }
     }
 
     fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()> {
-        self.fd
-            .set_one_reg(reg_id(reg)?, &value.to_le_bytes())
-            .map_err(platform("KVM_SET_ONE_REG"))?;
+        self.fd.set_one_reg(reg_id(reg)?, &value.to_le_bytes()).map_err(platform("KVM_SET_ONE_REG"))?;
         Ok(())
     }
 
     fn get_reg(&mut self, reg: Reg) -> Result<u64> {
         let mut bytes = [0u8; 8];
-        self.fd
-            .get_one_reg(reg_id(reg)?, &mut bytes)
-            .map_err(platform("KVM_GET_ONE_REG"))?;
+        self.fd.get_one_reg(reg_id(reg)?, &mut bytes).map_err(platform("KVM_GET_ONE_REG"))?;
         Ok(u64::from_le_bytes(bytes))
     }
 }
