@@ -9,6 +9,9 @@ use crate::layout::{align_down, align_up, FDT_MAX_SIZE, KERNEL_ALIGN, PAGE_SIZE}
 
 /// Size of the arm64 Image header.
 pub const HEADER_SIZE: usize = 64;
+/// How much of the file [`ImageHeader::parse`] wants to see: the Image header and, for
+/// EFI-stub kernels, the PE/COFF headers and section table behind it.
+pub const HEAD_SIZE: usize = 4096;
 /// The header's magic, "ARM\x64", little-endian at offset 56.
 pub const MAGIC: u32 = 0x644d_5241;
 /// The text offset to assume when `image_size` is zero (kernels before 3.17).
@@ -26,6 +29,14 @@ pub enum ImageError {
     /// The header asks for a big-endian kernel.
     #[error("is a big-endian arm64 Image, which hvrun does not boot")]
     BigEndian,
+    /// The file is shorter than its own PE/COFF section table says.
+    #[error("is truncated: {file_size} bytes, but its PE/COFF header says {expected}")]
+    ShorterThanHeader {
+        /// Size of the file.
+        file_size: u64,
+        /// Size its sections need.
+        expected: u64,
+    },
     /// The header's text offset is absurd.
     #[error("has an implausible text offset {0:#x} in its arm64 Image header")]
     BadTextOffset(u64),
@@ -53,8 +64,10 @@ pub struct ImageHeader {
 }
 
 impl ImageHeader {
-    /// Parses and validates the header of a `file_size`-byte image from its first bytes.
+    /// Parses and validates the header of a `file_size`-byte image from its first bytes
+    /// (up to [`HEAD_SIZE`] of them; at least [`HEADER_SIZE`]).
     pub fn parse(head: &[u8], file_size: u64) -> Result<Self, ImageError> {
+        let head_all = head;
         let head = head.get(..HEADER_SIZE).ok_or(ImageError::Truncated(file_size))?;
         let le64 = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().unwrap_or([0; 8]));
         let magic = u32::from_le_bytes(head[56..60].try_into().unwrap_or([0; 4]));
@@ -73,6 +86,11 @@ impl ImageHeader {
             // every later sum far from overflow.
             return Err(ImageError::BadTextOffset(text_offset));
         }
+        if let Some(expected) = pe_file_size(head_all, &head[60..64]) {
+            if file_size < expected {
+                return Err(ImageError::ShorterThanHeader { file_size, expected });
+            }
+        }
         Ok(ImageHeader { text_offset, image_size, flags })
     }
 
@@ -80,6 +98,29 @@ impl ImageHeader {
     pub fn loaded_size(&self, file_size: u64) -> u64 {
         self.image_size.max(file_size)
     }
+}
+
+/// For an EFI-stub kernel, the file size its PE/COFF section table implies: the end of
+/// the last section's raw data. `pe_offset` is the Image header's `res5` field (the
+/// offset of the "PE\0\0" signature). `None` when there is no readable PE header.
+fn pe_file_size(head: &[u8], pe_offset: &[u8]) -> Option<u64> {
+    let le16 = |at: usize| Some(u16::from_le_bytes(head.get(at..at + 2)?.try_into().ok()?) as usize);
+    let le32 = |at: usize| Some(u64::from(u32::from_le_bytes(head.get(at..at + 4)?.try_into().ok()?)));
+    let pe = u32::from_le_bytes(pe_offset.try_into().ok()?) as usize;
+    if pe == 0 || head.get(pe..pe + 4)? != b"PE\0\0" {
+        return None;
+    }
+    // COFF header: NumberOfSections at +6, SizeOfOptionalHeader at +20, 24 bytes in all
+    // with the signature; the section table (40 bytes an entry) follows the optional header.
+    let sections = le16(pe + 6)?;
+    let table = pe + 24 + le16(pe + 20)?;
+    (0..sections)
+        .map(|i| {
+            let entry = table + 40 * i;
+            // SizeOfRawData at +16, PointerToRawData at +20.
+            Some(le32(entry + 16)? + le32(entry + 20)?)
+        })
+        .try_fold(0, |end: u64, section| section.map(|s| end.max(s)))
 }
 
 /// Where a boot puts things in RAM.
@@ -164,6 +205,40 @@ mod tests {
         assert_eq!(ImageHeader::parse(&[0; 64], 64), Err(ImageError::BadMagic));
         assert_eq!(ImageHeader::parse(&header(0, 4096, 1), 4096), Err(ImageError::BigEndian));
         assert_eq!(ImageHeader::parse(&header(u64::MAX, 4096, 0), 4096), Err(ImageError::BadTextOffset(u64::MAX)));
+    }
+
+    /// An Image with a PE/COFF header at 0x40 and two sections, the last ending at `end`.
+    fn efi_image(end: u32) -> Vec<u8> {
+        let mut h = header(0, 0x10_0000, 0);
+        h.resize(0x200, 0);
+        h[60..64].copy_from_slice(&0x40u32.to_le_bytes());
+        h[0x40..0x44].copy_from_slice(b"PE\0\0");
+        h[0x46..0x48].copy_from_slice(&2u16.to_le_bytes()); // sections
+        h[0x54..0x56].copy_from_slice(&0x20u16.to_le_bytes()); // optional header size
+        let table = 0x40 + 24 + 0x20;
+        for (i, (ptr, size)) in [(0x1000u32, 0x2000u32), (0x3000, end - 0x3000)].iter().enumerate() {
+            let e = table + 40 * i;
+            h[e + 16..e + 20].copy_from_slice(&size.to_le_bytes());
+            h[e + 20..e + 24].copy_from_slice(&ptr.to_le_bytes());
+        }
+        h
+    }
+
+    #[test]
+    fn efi_stub_kernels_are_checked_for_truncation() {
+        let head = efi_image(0x8000);
+        assert!(ImageHeader::parse(&head, 0x8000).is_ok());
+        assert_eq!(
+            ImageHeader::parse(&head, 0x7fff),
+            Err(ImageError::ShorterThanHeader { file_size: 0x7fff, expected: 0x8000 })
+        );
+        // A PE offset pointing past what we read, or at garbage, is no evidence either way.
+        let mut odd = head.clone();
+        odd[60..64].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
+        assert!(ImageHeader::parse(&odd, 10).is_ok());
+        let mut cut = head;
+        cut.truncate(0x60);
+        assert!(ImageHeader::parse(&cut, 10).is_ok());
     }
 
     #[test]

@@ -35,9 +35,40 @@ pub const fn one_reg_id(reg: Reg) -> Option<u64> {
     }
 }
 
+/// `KVM_ARM_IRQ_TYPE_SHIFT`, `KVM_ARM_IRQ_VCPU_SHIFT`, `KVM_ARM_IRQ_VCPU2_SHIFT`.
+const IRQ_TYPE_SHIFT: u32 = 24;
+const IRQ_VCPU_SHIFT: u32 = 16;
+const IRQ_VCPU2_SHIFT: u32 = 28;
+/// `KVM_ARM_IRQ_TYPE_CPU` and its line `KVM_ARM_IRQ_CPU_IRQ`.
+const IRQ_TYPE_CPU: u32 = 0;
+const IRQ_CPU_IRQ: u32 = 0;
+
+/// The `KVM_IRQ_LINE` number of vCPU `vcpu`'s IRQ input (for a VM without an in-kernel
+/// interrupt controller): type CPU, the vCPU index split over VCPU (bits 23:16) and VCPU2
+/// (bits 31:28), line IRQ. `None` past the 4096 vCPUs the encoding reaches.
+pub const fn cpu_irq_line(vcpu: u32) -> Option<u32> {
+    if vcpu >= 1 << 12 {
+        return None;
+    }
+    Some(
+        ((vcpu >> 8) << IRQ_VCPU2_SHIFT)
+            | (IRQ_TYPE_CPU << IRQ_TYPE_SHIFT)
+            | ((vcpu & 0xff) << IRQ_VCPU_SHIFT)
+            | IRQ_CPU_IRQ,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_irq_lines() {
+        assert_eq!(cpu_irq_line(0), Some(0));
+        assert_eq!(cpu_irq_line(3), Some(0x0003_0000));
+        assert_eq!(cpu_irq_line(0x1ff), Some(0x10ff_0000));
+        assert_eq!(cpu_irq_line(4096), None);
+    }
     use arch_aarch64::sysreg::MPIDR_EL1;
 
     #[test]

@@ -88,6 +88,20 @@ pub trait Vm: Send + Sync {
     /// Creates vCPU `index` on the calling thread. vCPU 0 starts runnable; the others
     /// start powered off, waiting for PSCI CPU_ON.
     fn create_vcpu(&self, index: u32) -> Result<Self::Vcpu>;
+
+    /// Drives vCPU `index`'s IRQ input (the output of the VMM's interrupt controller).
+    /// Callable from any thread; the backend makes sure the vCPU notices.
+    fn set_vcpu_irq(&self, index: u32, level: bool) -> Result<()>;
+}
+
+/// Makes a vCPU's [`Vcpu::run`] return [`VcpuExit::Interrupted`] soon, from any thread.
+///
+/// A kick that arrives while the vCPU is outside `run` is not lost: the next `run`
+/// returns `Interrupted` at once. Callers set their own flag before kicking and check it
+/// when `run` returns.
+pub trait Kicker: Send + Sync {
+    /// Kicks the vCPU. Does nothing once the vCPU is gone.
+    fn kick(&self);
 }
 
 /// A general-purpose or system register of an arm64 vCPU.
@@ -148,6 +162,11 @@ pub enum VcpuExit<'a> {
 pub trait Vcpu {
     /// Runs the guest until it needs the VMM.
     fn run(&mut self) -> Result<VcpuExit<'_>>;
+    /// A handle that kicks this vCPU out of `run` from another thread.
+    fn kicker(&self) -> std::sync::Arc<dyn Kicker>;
+    /// Whether the guest's EL1 virtual timer is asserting its interrupt, as of the last
+    /// exit. The VMM feeds this into its interrupt controller as the timer's PPI.
+    fn vtimer_asserted(&mut self) -> bool;
     /// Writes a register.
     fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()>;
     /// Reads a register.

@@ -44,6 +44,73 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["panicked"],
         timeout_secs: 30,
     },
+    Scenario {
+        name: "linux-smp",
+        about: "Debian's stock kernel boots a busybox initramfs on 2 vCPUs with our GIC, PL011, PL031 and timer",
+        artifacts: &["vmlinuz", "initramfs.cpio"],
+        script: "RUST_LOG=info /bin/hvrun --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio --cpus 2 --memory 256M \\
+                 --cmdline 'console=ttyAMA0 earlycon quiet -- /t/linux-check' >/tmp/out 2>&1; rc=$?\n\
+                 tr -d '\\r' </tmp/out\n\
+                 guest=$(tr -d '\\r' </tmp/out | sed -n 's/^guest-date: //p')\n\
+                 off=$(( $(date +%s) - ${guest:-0} )); [ $off -lt 0 ] && off=$(( -off ))\n\
+                 [ $off -le 60 ] && echo \"guest clock within a minute of the host's (off by ${off}s)\"\n\
+                 echo \"hvrun exit $rc\"",
+        exit_code: 0,
+        markers: &[
+            "guest boot-timer:",
+            "hvrun-guest: init started",
+            "cpus: 2",
+            "timer interrupts counting on GIC",
+            "uart interrupts counting on GIC",
+            "every cpu takes timer interrupts",
+            "kernel log clean",
+            "guest clock within a minute",
+            "hvrun exit 0",
+        ],
+        forbidden: &["KERNEL LOG NOT CLEAN", "hvrun: error", "panicked", "WARN ]"],
+        timeout_secs: 240,
+    },
+    Scenario {
+        name: "mmio-garbage",
+        about: "a guest writing garbage to every GIC and UART register at every width does not crash hvrun",
+        artifacts: &["vmlinuz", "initramfs.cpio"],
+        script: "/bin/hvrun --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio --cpus 2 --memory 256M \\
+                 --cmdline 'console=ttyAMA0 quiet iomem=relaxed panic=-1 -- /bin/mmio-garbage' >/tmp/out 2>&1; rc=$?\n\
+                 tr -d '\\r' </tmp/out | tail -n 60\n\
+                 echo \"hvrun exit $rc\"\n\
+                 [ $rc -eq 0 ] || [ $rc -eq 3 ]",
+        exit_code: 0,
+        markers: &["mmio-garbage: gic-distributor", "mmio-garbage: pl011", "accesses done", "hvrun exit"],
+        forbidden: &["hvrun: error", "panicked"],
+        timeout_secs: 240,
+    },
+    Scenario {
+        name: "bad-input",
+        about: "bad kernels and bad numbers get one clear error line and a non-zero exit before any vCPU runs",
+        artifacts: &["vmlinuz"],
+        script: "check() { out=$(/bin/hvrun \"$@\" 2>&1 </dev/null); rc=$?; echo \"[rc=$rc lines=$(echo \"$out\" | wc -l)] $out\"; }\n\
+                 head -c 100000 /guest/vmlinuz >/tmp/truncated\n\
+                 head -c 40 /guest/vmlinuz >/tmp/stub\n\
+                 check --kernel /tmp/truncated\n\
+                 check --kernel /tmp/stub\n\
+                 check --kernel /guest/vmlinuz --memory 20M\n\
+                 check --kernel /guest/vmlinuz --memory 0\n\
+                 check --kernel /guest/vmlinuz --cpus 0\n\
+                 check --kernel /guest/vmlinuz --cpus 9\n\
+                 check --kernel /guest/vmlinuz --initrd /guest/vmlinuz --memory 48M",
+        exit_code: 0,
+        markers: &[
+            "[rc=1 lines=1] hvrun: error: kernel /tmp/truncated: is truncated: 100000 bytes, but its PE/COFF header says",
+            "[rc=1 lines=1] hvrun: error: kernel /tmp/stub: is too short to be an arm64 Image (40 bytes)",
+            "[rc=1 lines=1] hvrun: error: kernel /guest/vmlinuz: does not fit in guest RAM",
+            "[rc=2 lines=1] hvrun: error: --memory 0: must be between",
+            "[rc=2 lines=1] hvrun: error: --cpus 0: must be between 1 and 8",
+            "[rc=2 lines=1] hvrun: error: --cpus 9: must be between 1 and 8",
+            "[rc=1 lines=1] hvrun: error: kernel /guest/vmlinuz: does not fit in guest RAM with its initrd",
+        ],
+        forbidden: &["panicked"],
+        timeout_secs: 60,
+    },
 ];
 
 /// The scenarios named in `names`, or all of them when `names` is empty. Unknown names

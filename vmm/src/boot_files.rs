@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use arch_aarch64::image::{ImageHeader, HEADER_SIZE};
+use arch_aarch64::image::{ImageHeader, HEAD_SIZE};
 
 use crate::{Error, VmConfig};
 
@@ -37,8 +37,8 @@ impl BootFiles {
     /// Opens the files `config` names and validates the kernel's header.
     pub fn open(config: &VmConfig) -> Result<Self, Error> {
         let (mut kernel, kernel_size) = open("kernel", &config.kernel)?;
-        let mut head = Vec::with_capacity(HEADER_SIZE);
-        (&mut kernel).take(HEADER_SIZE as u64).read_to_end(&mut head).map_err(|source| Error::File {
+        let mut head = Vec::with_capacity(HEAD_SIZE);
+        (&mut kernel).take(HEAD_SIZE as u64).read_to_end(&mut head).map_err(|source| Error::File {
             what: "kernel",
             path: config.kernel.clone(),
             source,

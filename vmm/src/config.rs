@@ -38,6 +38,10 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// Feed standard input to the guest's console, with the terminal in raw mode while
+    /// the guest runs when it is one (Ctrl-A X quits). Off by default: a library must
+    /// not touch the terminal unless asked.
+    pub console_stdin: bool,
 }
 
 impl VmConfig {
@@ -50,6 +54,7 @@ impl VmConfig {
             cmdline: "console=ttyAMA0".into(),
             cpus: 1,
             memory: DEFAULT_MEMORY,
+            console_stdin: false,
         }
     }
 
@@ -87,6 +92,9 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
 
 /// Formats a byte count the way [`parse_size`] reads it.
 pub fn format_size(bytes: u64) -> String {
+    if bytes == 0 {
+        return "0".into();
+    }
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
         if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
             return format!("{}{unit}", bytes >> shift);

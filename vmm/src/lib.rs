@@ -16,6 +16,8 @@
 
 mod boot_files;
 pub mod config;
+pub mod console;
+pub mod control;
 #[cfg(target_arch = "aarch64")]
 mod machine;
 pub mod vcpu;
@@ -31,6 +33,8 @@ pub enum ExitReason {
     Reset,
     /// The guest reported a crash.
     Crash,
+    /// The host stopped it (the console's Ctrl-A X).
+    Stopped,
 }
 
 /// Errors starting or running a VM.
@@ -74,6 +78,12 @@ pub enum Error {
     /// The devices could not be wired up.
     #[error("devices: {0}")]
     Devices(#[from] devices::bus::BusError),
+    /// The console could not be set up.
+    #[error("console: {0}")]
+    Console(String),
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(String),
     /// A vCPU exited for a reason the VMM cannot serve.
     #[error("vcpu{vcpu} stopped on an exit hvrun cannot handle: {why}")]
     UnhandledExit {

@@ -3,47 +3,140 @@
 //! Compiled for arm64 hosts only (`linux-loader`'s arm64 Image loader exists only there);
 //! everything it decides is computed by tested portable code in `arch-aarch64`.
 
-use std::sync::{Arc, Mutex};
+use std::io::Read;
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::time::Instant;
 
 use arch_aarch64::boot::{mpidr, BootRegs};
 use arch_aarch64::image;
-use arch_aarch64::layout::{IPA_BITS, RAM_BASE, UART_BASE, UART_SIZE};
+use arch_aarch64::layout::*;
+use devices::boot_timer::BootTimer;
 use devices::bus::MmioBus;
-use devices::irq::NoIrq;
+use devices::gic::{CpuIrqSink, Gic};
 use devices::pl011::Pl011;
+use devices::pl031::Pl031;
 use hypervisor::{Hypervisor, Reg, Vcpu, Vm};
 use linux_loader::loader::{pe::PE, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::boot_files::BootFiles;
-use crate::{vcpu, Error, ExitReason, VmConfig};
+use crate::console::{self, RawTerminal};
+use crate::control::Control;
+use crate::vcpu::{self, VcpuContext};
+use crate::{Error, ExitReason, VmConfig};
+
+/// Size of the GICv2 CPU interface window in the device tree: two 4 KiB pages, the
+/// second holding GICC_DIR.
+const GIC_CPU_WINDOW: u64 = 0x2000;
+/// Size of the GICv2 distributor window in the device tree.
+const GIC_DIST_WINDOW: u64 = 0x1000;
 
 /// Runs `config` on this host's hypervisor.
 pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
+    let started = Instant::now();
     let files = BootFiles::open(config)?;
     #[cfg(target_os = "linux")]
     let hv = hypervisor::kvm::Kvm::new()?;
     #[cfg(target_os = "macos")]
     let hv = hypervisor::hvf::Hvf::new()?;
-    run_on(&hv, config, files)
+    run_on(&hv, config, files, started)
 }
 
-fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles) -> Result<ExitReason, Error> {
+/// The GIC's outputs, delivered through the backend.
+struct VmIrqSink<V: Vm>(Arc<V>);
+
+impl<V: Vm> CpuIrqSink for VmIrqSink<V> {
+    fn set_cpu_irq(&self, cpu: usize, level: bool) {
+        if let Err(e) = self.0.set_vcpu_irq(cpu as u32, level) {
+            devices::warn_ratelimited!("vcpu{cpu}: cannot set its IRQ line: {e}");
+        }
+    }
+}
+
+fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: Instant) -> Result<ExitReason, Error>
+where
+    H::Vm: 'static,
+{
     let (memory, regs) = load(config, files)?;
     let memory = Arc::new(memory);
     let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: IPA_BITS })?;
     vm.map_memory(&memory)?;
+    let vm = Arc::new(vm);
 
+    let control = Control::new();
+    let first_entry = Arc::new(OnceLock::new());
+    let gic = Gic::new(config.cpus as usize, Arc::new(VmIrqSink(vm.clone())));
+    let uart = Arc::new(Mutex::new(Pl011::new(Box::new(std::io::stdout()), gic.spi_line(UART_SPI))));
     let mut bus = MmioBus::new();
-    let uart = Pl011::new(Box::new(std::io::stdout()), Arc::new(NoIrq));
-    bus.insert(UART_BASE, UART_SIZE, Arc::new(Mutex::new(uart)))?;
+    bus.insert(GIC_DIST_BASE, GIC_DIST_WINDOW, gic.distributor())?;
+    bus.insert(GIC_CPU_BASE, GIC_CPU_WINDOW, gic.cpu_interface())?;
+    bus.insert(UART_BASE, UART_SIZE, uart.clone())?;
+    bus.insert(RTC_BASE, RTC_SIZE, Arc::new(Mutex::new(Pl031::new())))?;
+    let entry = first_entry.clone();
+    let timer = BootTimer::new(Box::new(move |at: Instant| {
+        let since_entry = entry.get().map_or(String::new(), |e: &Instant| {
+            format!(", {} ms after the first vCPU entry", at.duration_since(*e).as_millis())
+        });
+        log::info!("guest boot-timer: {} ms after hvrun started{since_entry}", at.duration_since(started).as_millis());
+    }));
+    bus.insert(BOOT_TIMER_BASE, BOOT_TIMER_SIZE, Arc::new(Mutex::new(timer)))?;
 
-    let mut vcpu = vm.create_vcpu(0)?;
-    vcpu.set_reg(Reg::Pc, regs.pc)?;
-    vcpu.set_reg(Reg::X(0), regs.x0)?;
-    vcpu.set_reg(Reg::Pstate, regs.pstate)?;
-    log::info!("booting on {} with {} MiB", hv.name(), config.memory >> 20);
-    vcpu::run_loop(0, &mut vcpu, &bus)
+    let _terminal = if config.console_stdin {
+        let raw = RawTerminal::enter().map_err(|e| Error::Console(e.to_string()))?;
+        console::spawn_stdin(uart, control.clone(), raw.is_some());
+        raw
+    } else {
+        None
+    };
+
+    log::info!("booting on {} with {} vCPU(s) and {} MiB", hv.name(), config.cpus, config.memory >> 20);
+    let all_created = Barrier::new(config.cpus as usize);
+    std::thread::scope(|scope| {
+        for index in 0..config.cpus {
+            let (vm, bus, gic, control, all_created) = (&vm, &bus, &gic, &control, &all_created);
+            let first_entry = &first_entry;
+            let spawned = std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(scope, move || {
+                let vcpu = vm.create_vcpu(index).and_then(|mut vcpu| {
+                    if index == 0 {
+                        vcpu.set_reg(Reg::Pc, regs.pc)?;
+                        vcpu.set_reg(Reg::X(0), regs.x0)?;
+                        vcpu.set_reg(Reg::Pstate, regs.pstate)?;
+                    }
+                    Ok(vcpu)
+                });
+                // Every vCPU exists before any runs: CPU_ON can only target one that does.
+                all_created.wait();
+                let mut vcpu = match vcpu {
+                    Ok(vcpu) => vcpu,
+                    Err(e) => return control.stop(Err(e.into())),
+                };
+                control.add_kicker(vcpu.kicker());
+                if index == 0 {
+                    let _ = first_entry.set(Instant::now());
+                }
+                let ctx = VcpuContext { index, bus, gic, control };
+                if let Some(outcome) = vcpu::run_loop(ctx, &mut vcpu) {
+                    control.stop(outcome);
+                }
+            });
+            if let Err(e) = spawned {
+                control.stop(Err(Error::Thread(e.to_string())));
+            }
+        }
+    });
+    control.take_outcome().unwrap_or(Ok(ExitReason::Stopped))
+}
+
+/// 64 bytes from the host's entropy source, for the kernel's RNG and KASLR seeds.
+fn entropy() -> Vec<u8> {
+    let mut seed = vec![0u8; 64];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed)) {
+        Ok(()) => seed,
+        Err(e) => {
+            log::warn!("no host entropy for the guest's RNG seed: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// Creates guest RAM and loads the kernel, initrd and device tree into it.
@@ -69,12 +162,22 @@ fn load(config: &VmConfig, files: BootFiles) -> Result<(GuestMemoryMmap, BootReg
         initrd_range = Some((at, at + size));
     }
 
+    let seed = entropy();
+    let kaslr_seed = seed.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+    let window = |base, size| fdt::MmioWindow { base, size };
     let blob = fdt::build(&fdt::Machine {
         ram: (RAM_BASE, config.memory),
         cpu_mpidrs: (0..config.cpus).map(mpidr).collect(),
         cmdline: config.cmdline.clone(),
         initrd: initrd_range,
-        uart: Some(fdt::MmioWindow { base: UART_BASE, size: UART_SIZE }),
+        gic: Some(fdt::Gicv2 {
+            distributor: window(GIC_DIST_BASE, GIC_DIST_WINDOW),
+            cpu_interface: window(GIC_CPU_BASE, GIC_CPU_WINDOW),
+        }),
+        uart: Some(fdt::Device { window: window(UART_BASE, UART_SIZE), spi: Some(UART_SPI) }),
+        rtc: Some(fdt::Device { window: window(RTC_BASE, RTC_SIZE), spi: None }),
+        rng_seed: seed.get(8..).map(<[u8]>::to_vec).unwrap_or_default(),
+        kaslr_seed,
     })?;
     memory
         .write_slice(&blob, GuestAddress(plan.fdt))
@@ -82,7 +185,6 @@ fn load(config: &VmConfig, files: BootFiles) -> Result<(GuestMemoryMmap, BootReg
 
     Ok((memory, BootRegs::linux(plan.kernel_entry, plan.fdt)))
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,17 +9,24 @@ use hvrun::{config, ExitReason, VmConfig};
 /// Exit codes, as documented in `--help`.
 const EXIT_POWEROFF: u8 = 0;
 const EXIT_ERROR: u8 = 1;
+const EXIT_USAGE: u8 = 2;
 const EXIT_RESET: u8 = 3;
 const EXIT_CRASH: u8 = 4;
+const EXIT_STOPPED: u8 = 5;
 
 /// Boot an arm64 Linux guest on KVM (arm64 Linux) or Hypervisor.framework (Apple Silicon).
 #[derive(Debug, Parser)]
 #[command(
     name = "hvrun",
     version,
-    after_help = "Exit status: 0 when the guest powers off, 1 when hvrun fails, 2 for a bad \
-                  command line, 3 when the guest asks for a reboot, 4 when the guest reports a \
-                  crash.\nSet RUST_LOG=info (or debug) for more detail on standard error."
+    after_help = "Console: the guest's serial console is this terminal. When standard input is a \
+                  terminal it is put in raw mode while the guest runs; press Ctrl-A X to quit hvrun, \
+                  Ctrl-A Ctrl-A to send a Ctrl-A.\n\n\
+                  Exit status: 0 when the guest powers off, 1 when hvrun fails, 2 for a bad command \
+                  line, 3 when the guest asks for a reboot (hvrun does not restart it), 4 when the \
+                  guest reports a crash, 5 when stopped with Ctrl-A X.\n\n\
+                  Set RUST_LOG=info (or debug) for more detail on standard error, including the \
+                  guest's boot time when its init writes the boot-timer device."
 )]
 struct Cli {
     /// The arm64 Linux kernel `Image` to boot.
@@ -45,16 +52,44 @@ fn parse_size(text: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_target(false).init();
-    let cli = Cli::parse();
-    let config =
-        VmConfig { kernel: cli.kernel, initrd: cli.initrd, cmdline: cli.cmdline, cpus: cli.cpus, memory: cli.memory };
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("hvrun: {} (see hvrun --help)", first_paragraph(&e.to_string()));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let config = VmConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        cpus: cli.cpus,
+        memory: cli.memory,
+        console_stdin: true,
+    };
     match hvrun::run(&config) {
         Ok(ExitReason::PowerOff) => ExitCode::from(EXIT_POWEROFF),
         Ok(ExitReason::Reset) => ExitCode::from(EXIT_RESET),
         Ok(ExitReason::Crash) => ExitCode::from(EXIT_CRASH),
+        Ok(ExitReason::Stopped) => ExitCode::from(EXIT_STOPPED),
+        Err(e @ hvrun::Error::Config(_)) => {
+            eprintln!("hvrun: error: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
         Err(e) => {
             eprintln!("hvrun: error: {e}");
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// The first paragraph of clap's message, on one line: the part that says what is wrong.
+fn first_paragraph(message: &str) -> String {
+    let lines = message.lines().map(str::trim).skip_while(|l| l.is_empty());
+    lines.take_while(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }

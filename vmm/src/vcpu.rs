@@ -4,44 +4,83 @@
 //! tested here against a scripted fake vCPU.
 
 use devices::bus::MmioBus;
+use devices::gic::{Gic, VTIMER_PPI};
 use devices::warn_ratelimited;
 use hypervisor::{SystemEvent, Vcpu, VcpuExit};
 
+use crate::control::Control;
 use crate::{Error, ExitReason};
 
-/// Runs `vcpu` until the guest powers off, resets or crashes, or the backend fails.
+/// What a vCPU loop works with besides its vCPU.
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuContext<'a> {
+    /// The vCPU's index (0 boots; the others wait for PSCI CPU_ON).
+    pub index: u32,
+    /// The MMIO bus.
+    pub bus: &'a MmioBus,
+    /// The interrupt controller, which gets the vCPU's timer level.
+    pub gic: &'a Gic,
+    /// The machine's stop switch.
+    pub control: &'a Control,
+}
+
+/// Runs `vcpu` until the machine stops: the guest powers off, resets or crashes, the
+/// backend fails, or someone else stops the machine (then `None`).
 ///
-/// MMIO exits go to `bus`. An access no device claims reads as zero and its write is
+/// MMIO exits go to the bus. An access no device claims reads as zero and its write is
 /// dropped, with a rate-limited warning: a guest poking at random addresses must not
-/// stop the VMM.
-pub fn run_loop<V: Vcpu>(index: u32, vcpu: &mut V, bus: &MmioBus) -> Result<ExitReason, Error> {
-    loop {
-        match vcpu.run()? {
-            VcpuExit::MmioRead { addr, data } => {
-                if let Err(e) = bus.read(index as usize, addr, data) {
-                    data.fill(0);
-                    warn_ratelimited!("vcpu{index}: {e}: read returns 0");
-                }
-            }
-            VcpuExit::MmioWrite { addr, data } => {
-                if let Err(e) = bus.write(index as usize, addr, data) {
-                    warn_ratelimited!("vcpu{index}: {e}: write ignored");
-                }
-            }
-            VcpuExit::System(SystemEvent::Shutdown) => return Ok(ExitReason::PowerOff),
-            VcpuExit::System(SystemEvent::Reset) => return Ok(ExitReason::Reset),
-            VcpuExit::System(SystemEvent::Crash) => return Ok(ExitReason::Crash),
-            VcpuExit::Interrupted => {}
-            VcpuExit::Unhandled(why) => return Err(Error::UnhandledExit { vcpu: index, why }),
+/// stop the VMM. After every exit the vCPU's virtual-timer level goes to the GIC.
+pub fn run_loop<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<ExitReason, Error>> {
+    let mut timer_level = false;
+    while !ctx.control.stopping() {
+        let outcome = serve_one(ctx, vcpu);
+        let level = vcpu.vtimer_asserted();
+        if level != timer_level {
+            timer_level = level;
+            ctx.gic.set_ppi_level(ctx.index as usize, VTIMER_PPI, level);
+        }
+        if outcome.is_some() {
+            return outcome;
         }
     }
+    None
+}
+
+/// Runs the guest once and serves the exit; `Some` when the machine must stop.
+fn serve_one<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<ExitReason, Error>> {
+    let index = ctx.index;
+    let bus = ctx.bus;
+    let exit = match vcpu.run() {
+        Ok(exit) => exit,
+        Err(e) => return Some(Err(e.into())),
+    };
+    match exit {
+        VcpuExit::MmioRead { addr, data } => {
+            if let Err(e) = bus.read(index as usize, addr, data) {
+                data.fill(0);
+                warn_ratelimited!("vcpu{index}: {e}: read returns 0");
+            }
+        }
+        VcpuExit::MmioWrite { addr, data } => {
+            if let Err(e) = bus.write(index as usize, addr, data) {
+                warn_ratelimited!("vcpu{index}: {e}: write ignored");
+            }
+        }
+        VcpuExit::System(SystemEvent::Shutdown) => return Some(Ok(ExitReason::PowerOff)),
+        VcpuExit::System(SystemEvent::Reset) => return Some(Ok(ExitReason::Reset)),
+        VcpuExit::System(SystemEvent::Crash) => return Some(Ok(ExitReason::Crash)),
+        VcpuExit::Interrupted => {}
+        VcpuExit::Unhandled(why) => return Some(Err(Error::UnhandledExit { vcpu: index, why })),
+    }
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use devices::bus::MmioDeviceMut;
-    use hypervisor::Reg;
+    use devices::gic::CpuIrqSink;
+    use hypervisor::{Kicker, Reg};
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
 
@@ -51,7 +90,8 @@ mod tests {
         Read(u64, usize),
         Write(u64, Vec<u8>),
         System(SystemEvent),
-        Interrupted,
+        /// An interrupted run after which the timer reads as this level.
+        Timer(bool),
         Unhandled,
     }
 
@@ -62,6 +102,12 @@ mod tests {
         buf: [u8; 8],
         reads: Vec<Vec<u8>>,
         pending_read: Option<usize>,
+        timer: bool,
+    }
+
+    struct NoKick;
+    impl Kicker for NoKick {
+        fn kick(&self) {}
     }
 
     impl Vcpu for Scripted {
@@ -82,9 +128,18 @@ mod tests {
                     VcpuExit::MmioWrite { addr, data: &self.buf[..data.len()] }
                 }
                 Step::System(event) => VcpuExit::System(event),
-                Step::Interrupted => VcpuExit::Interrupted,
+                Step::Timer(level) => {
+                    self.timer = level;
+                    VcpuExit::Interrupted
+                }
                 Step::Unhandled => VcpuExit::Unhandled("KVM_EXIT_FAIL_ENTRY".into()),
             })
+        }
+        fn kicker(&self) -> Arc<dyn Kicker> {
+            Arc::new(NoKick)
+        }
+        fn vtimer_asserted(&mut self) -> bool {
+            self.timer
         }
         fn set_reg(&mut self, _: Reg, _: u64) -> hypervisor::Result<()> {
             Ok(())
@@ -107,47 +162,92 @@ mod tests {
         }
     }
 
-    fn bus() -> MmioBus {
-        let mut bus = MmioBus::new();
-        bus.insert(0x1000, 0x100, Arc::new(Mutex::new(Register::default()))).unwrap();
-        bus
+    #[derive(Default)]
+    struct Outputs(Mutex<Vec<(usize, bool)>>);
+    impl CpuIrqSink for Outputs {
+        fn set_cpu_irq(&self, cpu: usize, level: bool) {
+            self.0.lock().unwrap().push((cpu, level));
+        }
     }
 
-    fn run(steps: Vec<Step>) -> (Result<ExitReason, Error>, Vec<Vec<u8>>) {
+    struct Machine {
+        bus: MmioBus,
+        gic: Arc<Gic>,
+        outputs: Arc<Outputs>,
+        control: Arc<Control>,
+    }
+
+    fn machine() -> Machine {
+        let mut bus = MmioBus::new();
+        bus.insert(0x1000, 0x100, Arc::new(Mutex::new(Register::default()))).unwrap();
+        let outputs = Arc::new(Outputs::default());
+        let gic = Gic::new(1, outputs.clone());
+        Machine { bus, gic, outputs, control: Control::new() }
+    }
+
+    fn run(m: &Machine, steps: Vec<Step>) -> (Option<Result<ExitReason, Error>>, Vec<Vec<u8>>) {
         let mut vcpu = Scripted { steps: steps.into(), ..Default::default() };
-        let result = run_loop(0, &mut vcpu, &bus());
+        let ctx = VcpuContext { index: 0, bus: &m.bus, gic: &m.gic, control: &m.control };
+        let result = run_loop(ctx, &mut vcpu);
         (result, vcpu.reads)
     }
 
     #[test]
     fn device_accesses_and_power_off() {
-        let (result, reads) = run(vec![
-            Step::Write(0x1000, vec![0x42]),
-            Step::Read(0x1004, 4),
-            Step::Interrupted,
-            Step::System(SystemEvent::Shutdown),
-        ]);
-        assert_eq!(result.unwrap(), ExitReason::PowerOff);
+        let (result, reads) = run(
+            &machine(),
+            vec![
+                Step::Write(0x1000, vec![0x42]),
+                Step::Read(0x1004, 4),
+                Step::Timer(false),
+                Step::System(SystemEvent::Shutdown),
+            ],
+        );
+        assert_eq!(result.unwrap().unwrap(), ExitReason::PowerOff);
         assert_eq!(reads, vec![vec![0x42; 4]]);
     }
 
     #[test]
     fn unclaimed_accesses_read_zero_and_keep_running() {
-        let (result, reads) = run(vec![
-            Step::Write(0xdead_0000, vec![1, 2, 3, 4]),
-            Step::Read(0xdead_0000, 8),
-            // Straddling the end of a device is not the device's business either.
-            Step::Read(0x10fe, 4),
-            Step::System(SystemEvent::Reset),
-        ]);
-        assert_eq!(result.unwrap(), ExitReason::Reset);
+        let (result, reads) = run(
+            &machine(),
+            vec![
+                Step::Write(0xdead_0000, vec![1, 2, 3, 4]),
+                Step::Read(0xdead_0000, 8),
+                // Straddling the end of a device is not the device's business either.
+                Step::Read(0x10fe, 4),
+                Step::System(SystemEvent::Reset),
+            ],
+        );
+        assert_eq!(result.unwrap().unwrap(), ExitReason::Reset);
         assert_eq!(reads, vec![vec![0; 8], vec![0; 4]]);
     }
 
     #[test]
     fn crash_and_unhandled_exits_end_the_loop_without_panicking() {
-        assert_eq!(run(vec![Step::System(SystemEvent::Crash)]).0.unwrap(), ExitReason::Crash);
-        let err = run(vec![Step::Unhandled]).0.unwrap_err();
+        let crash = run(&machine(), vec![Step::System(SystemEvent::Crash)]).0;
+        assert_eq!(crash.unwrap().unwrap(), ExitReason::Crash);
+        let err = run(&machine(), vec![Step::Unhandled]).0.unwrap().unwrap_err();
         assert!(err.to_string().contains("KVM_EXIT_FAIL_ENTRY"), "{err}");
+    }
+
+    #[test]
+    fn timer_level_reaches_the_gic_as_ppi_27() {
+        let m = machine();
+        let (dist, cpu) = (m.gic.distributor(), m.gic.cpu_interface());
+        dist.write(0, 0x000, &1u32.to_le_bytes());
+        dist.write(0, 0x100, &(1u32 << VTIMER_PPI).to_le_bytes());
+        cpu.write(0, 0x00, &1u32.to_le_bytes());
+        cpu.write(0, 0x04, &0xf0u32.to_le_bytes());
+        run(&m, vec![Step::Timer(true), Step::Timer(true), Step::Timer(false), Step::System(SystemEvent::Shutdown)]);
+        assert_eq!(m.outputs.0.lock().unwrap().clone(), vec![(0, true), (0, false)]);
+    }
+
+    #[test]
+    fn a_stopped_machine_does_not_run() {
+        let m = machine();
+        m.control.stop(Ok(ExitReason::Stopped));
+        // An empty script: running at all would panic.
+        assert!(run(&m, vec![]).0.is_none());
     }
 }

@@ -5,8 +5,14 @@
 //!   kernel, and a guest kernel.
 //! - `busybox`: Debian's static arm64 busybox, for the rig's init.
 //! - `NAME.bin`: each test program `guests/NAME.S`, assembled with the cross binutils.
+//! - `NAME`: each guest tool `guests/tools/NAME.c`, a static arm64 Linux program.
+//! - `initramfs.cpio`: busybox, `guests/initramfs/init`, the helper scripts in
+//!   `guests/initramfs/t/` and the guest tools; boots Debian's kernel to a shell, or runs
+//!   the command after `--` on the kernel command line.
 
 use std::path::{Path, PathBuf};
+
+use hvrun_e2e::cpio::Archive;
 
 use crate::{paths, sh};
 
@@ -18,6 +24,85 @@ pub fn run() -> Result<(), String> {
     debian_file(&dir, &kernel, "boot/vmlinuz-", "vmlinuz")?;
     debian_file(&dir, "busybox-static", "bin/busybox", "busybox")?;
     assemble_programs(&dir)?;
+    let tools = build_tools(&dir)?;
+    build_initramfs(&dir, &tools)?;
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The files of `dir` with extension `ext` (any when empty), sorted.
+fn files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>, String> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && (ext.is_empty() || p.extension().is_some_and(|x| x == ext)))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Builds each `guests/tools/NAME.c` into the static arm64 program `NAME`; returns their paths.
+fn build_tools(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut built = Vec::new();
+    for source in files(&paths::root().join("guests/tools"), "c")? {
+        let name = source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let output = dir.join(&name);
+        let key = format!("{:016x}", fnv1a(&read(&source)?));
+        if !fresh(&output, &key) {
+            sh::run(
+                sh::cmd("aarch64-linux-gnu-gcc")
+                    .args(["-static", "-O2", "-Wall", "-Werror", "-o"])
+                    .arg(&output)
+                    .arg(&source),
+            )?;
+            mark(&output, &key)?;
+        }
+        built.push(output);
+    }
+    Ok(built)
+}
+
+/// Packs the guest initramfs.
+fn build_initramfs(dir: &Path, tools: &[PathBuf]) -> Result<(), String> {
+    let src = paths::root().join("guests/initramfs");
+    let init = read(&src.join("init"))?;
+    let scripts = files(&src.join("t"), "")?;
+    let busybox = read(&dir.join("busybox"))?;
+    let mut inputs = vec![init.clone(), busybox.clone()];
+    for path in scripts.iter().chain(tools) {
+        inputs.push(path.to_string_lossy().into_owned().into_bytes());
+        inputs.push(read(path)?);
+    }
+    let output = dir.join("initramfs.cpio");
+    let key = format!("{:016x}", fnv1a(&inputs.concat()));
+    if fresh(&output, &key) {
+        println!("guest: initramfs.cpio is up to date");
+        return Ok(());
+    }
+    let mut a = Archive::new();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "t"] {
+        a.dir(d);
+    }
+    a.char_dev("dev/console", 5, 1);
+    a.file("bin/busybox", 0o755, &busybox);
+    a.symlink("bin/sh", "busybox");
+    a.file("init", 0o755, &init);
+    for path in &scripts {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        a.file(&format!("t/{name}"), 0o755, &read(path)?);
+    }
+    for path in tools {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        a.file(&format!("bin/{name}"), 0o755, &read(path)?);
+    }
+    let mut file = std::fs::File::create(&output).map_err(|e| format!("{}: {e}", output.display()))?;
+    a.finish(&mut file).map_err(|e| format!("{}: {e}", output.display()))?;
+    mark(&output, &key)?;
+    println!("guest: built {}", output.display());
     Ok(())
 }
 
@@ -120,14 +205,8 @@ fn debian_file(dir: &Path, package: &str, inner_prefix: &str, name: &str) -> Res
 fn assemble_programs(dir: &Path) -> Result<(), String> {
     let src = paths::root().join("guests");
     let header = std::fs::read(src.join("image-header.S")).map_err(|e| format!("guests/image-header.S: {e}"))?;
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(&src)
-        .map_err(|e| format!("{}: {e}", src.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "S") && !p.ends_with("image-header.S"))
-        .collect();
-    sources.sort();
-    for source in sources {
+    let sources = files(&src, "S")?;
+    for source in sources.into_iter().filter(|p| !p.ends_with("image-header.S")) {
         let text = std::fs::read(&source).map_err(|e| format!("{}: {e}", source.display()))?;
         let name = source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let output = dir.join(format!("{name}.bin"));

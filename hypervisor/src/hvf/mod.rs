@@ -60,6 +60,10 @@ impl crate::Vm for HvfVm {
     fn create_vcpu(&self, _index: u32) -> Result<HvfVcpu> {
         match *self {}
     }
+
+    fn set_vcpu_irq(&self, _index: u32, _level: bool) -> Result<()> {
+        match *self {}
+    }
 }
 
 /// A Hypervisor.framework vCPU (none can be created yet).
@@ -68,6 +72,14 @@ pub enum HvfVcpu {}
 
 impl crate::Vcpu for HvfVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
+        match *self {}
+    }
+
+    fn kicker(&self) -> Arc<dyn crate::Kicker> {
+        match *self {}
+    }
+
+    fn vtimer_asserted(&mut self) -> bool {
         match *self {}
     }
 

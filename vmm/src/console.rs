@@ -1,0 +1,217 @@
+//! The host side of the guest's serial console: standard input into the UART, and the
+//! terminal around it.
+//!
+//! When standard input is a terminal it goes into raw mode for the run, so keys (Ctrl-C
+//! included) reach the guest; Ctrl-A X quits hvrun and Ctrl-A Ctrl-A sends a Ctrl-A. The
+//! terminal is restored on every way out: a normal return, a panic (a hook), and a
+//! fatal signal (a handler that restores it, then dies of the signal). When standard
+//! input is not a terminal, it is passed through byte for byte until end of file.
+//! Input never blocks the guest: bytes wait here until the UART's FIFO has room.
+
+use std::io::Read;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use devices::bus::lock;
+use devices::pl011::Pl011;
+
+use crate::control::Control;
+use crate::ExitReason;
+
+/// Ctrl-A: the escape prefix.
+const ESCAPE: u8 = 0x01;
+
+/// The terminal state to restore, for the panic hook and the signal handler.
+static SAVED: OnceLock<libc::termios> = OnceLock::new();
+
+fn restore_saved() {
+    if let Some(saved) = SAVED.get() {
+        // SAFETY: tcsetattr on fd 0 with a termios obtained from tcgetattr; it is
+        // async-signal-safe, so this may run in a signal handler.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+    }
+}
+
+extern "C" fn on_fatal_signal(signal: libc::c_int) {
+    restore_saved();
+    // SAFETY: restoring the default action and re-raising are async-signal-safe; the
+    // process then ends the way the signal means it to.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+}
+
+/// Raw mode on standard input for as long as this lives.
+#[derive(Debug)]
+pub struct RawTerminal(());
+
+impl RawTerminal {
+    /// Puts standard input in raw mode if it is a terminal; `None` if it is not.
+    pub fn enter() -> std::io::Result<Option<Self>> {
+        // SAFETY: isatty has no preconditions.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+            return Ok(None);
+        }
+        // SAFETY: a zeroed termios is a valid buffer for tcgetattr to fill.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 is a terminal and `saved` is a valid termios to write.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let _ = SAVED.set(saved);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore_saved();
+            previous(info);
+        }));
+        for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
+            // SAFETY: installing a handler that only calls async-signal-safe functions.
+            unsafe { libc::signal(signal, on_fatal_signal as *const () as libc::sighandler_t) };
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the termios we own; tcsetattr applies it to fd 0.
+        let rc = unsafe {
+            libc::cfmakeraw(&mut raw);
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw)
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Some(RawTerminal(())))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        restore_saved();
+    }
+}
+
+/// What the escape state machine makes of one input byte.
+#[derive(Debug, PartialEq, Eq)]
+enum Key {
+    /// Pass these bytes to the guest.
+    Send(Vec<u8>),
+    /// The user asked to quit.
+    Quit,
+}
+
+/// Tracks Ctrl-A sequences.
+#[derive(Debug, Default)]
+struct Escapes {
+    pending: bool,
+}
+
+impl Escapes {
+    fn feed(&mut self, byte: u8) -> Key {
+        match (self.pending, byte) {
+            (false, ESCAPE) => {
+                self.pending = true;
+                Key::Send(vec![])
+            }
+            (false, b) => Key::Send(vec![b]),
+            (true, b'x' | b'X') => Key::Quit,
+            (true, ESCAPE) => {
+                self.pending = false;
+                Key::Send(vec![ESCAPE])
+            }
+            (true, b) => {
+                self.pending = false;
+                Key::Send(vec![ESCAPE, b])
+            }
+        }
+    }
+}
+
+/// Offers `bytes` to the UART until all fit or the machine stops.
+fn deliver(uart: &Mutex<Pl011>, control: &Control, mut bytes: &[u8]) {
+    while !bytes.is_empty() && !control.stopping() {
+        let taken = lock(uart).enqueue_input(bytes);
+        bytes = &bytes[taken..];
+        if !bytes.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Starts the thread that feeds standard input to `uart`. With `escapes`, Ctrl-A X
+/// stops the machine. The thread ends at end of input (it may stay blocked in a read
+/// while the process exits).
+pub fn spawn_stdin(uart: Arc<Mutex<Pl011>>, control: Arc<Control>, escapes: bool) {
+    let spawned = std::thread::Builder::new().name("console-in".into()).spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut state = Escapes::default();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("console: reading standard input failed, input stops: {e}");
+                    return;
+                }
+            };
+            if !escapes {
+                deliver(&uart, &control, &buf[..n]);
+                continue;
+            }
+            for &byte in &buf[..n] {
+                match state.feed(byte) {
+                    Key::Send(bytes) => deliver(&uart, &control, &bytes),
+                    Key::Quit => return control.stop(Ok(ExitReason::Stopped)),
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("console: no input thread ({e}); the guest gets no input");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(bytes: &[u8]) -> Vec<Key> {
+        let mut e = Escapes::default();
+        bytes.iter().map(|&b| e.feed(b)).filter(|k| *k != Key::Send(vec![])).collect()
+    }
+
+    #[test]
+    fn escape_sequences() {
+        assert_eq!(feed(b"ab"), vec![Key::Send(vec![b'a']), Key::Send(vec![b'b'])]);
+        assert_eq!(feed(&[ESCAPE, b'x']), vec![Key::Quit]);
+        assert_eq!(feed(&[ESCAPE, b'X']), vec![Key::Quit]);
+        assert_eq!(feed(&[ESCAPE, ESCAPE, b'x']), vec![Key::Send(vec![ESCAPE]), Key::Send(vec![b'x'])]);
+        assert_eq!(feed(&[ESCAPE, b'c']), vec![Key::Send(vec![ESCAPE, b'c'])]);
+    }
+
+    #[test]
+    fn delivery_waits_for_fifo_room_and_gives_up_when_stopping() {
+        let uart = Arc::new(Mutex::new(Pl011::new(Box::new(std::io::sink()), Arc::new(devices::irq::NoIrq))));
+        let control = Control::new();
+        let reader = {
+            let uart = uart.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                while got.len() < 3 {
+                    let mut b = [0u8; 4];
+                    use devices::bus::MmioDeviceMut;
+                    lock(&uart).read(0, 0x18, &mut b); // FR
+                    if b[0] & 0x10 == 0 {
+                        lock(&uart).read(0, 0, &mut b); // DR
+                        got.push(b[0]);
+                    }
+                }
+                got
+            })
+        };
+        // The FIFO holds one byte until the guest enables FIFOs: three bytes must wait.
+        deliver(&uart, &control, b"abc");
+        assert_eq!(reader.join().unwrap(), b"abc");
+        control.stop(Ok(ExitReason::Stopped));
+        deliver(&uart, &control, b"never fits: the guest is gone");
+    }
+}
