@@ -4,6 +4,9 @@
 //! Received bytes are queued in a FIFO of the architected depth (32 entries with
 //! `LCR_H.FEN`, 1 without) by whoever feeds host input in ([`Pl011::enqueue_input`]
 //! accepts only what fits, so the feeder holds the rest and never blocks the guest).
+//! Input is held until the guest is listening: receiver enabled and a receive interrupt
+//! unmasked. Linux's driver drains the FIFO just before it unmasks them, which would
+//! otherwise eat whatever the host typed (or piped) during boot.
 //! Interrupts follow QEMU's model, which Linux's `amba-pl011` driver is known to work
 //! with: TX is raised by every write to DR and cleared through ICR; RX and receive
 //! timeout follow the FIFO level. The device drives its [`IrqLine`] with `MIS != 0`.
@@ -43,6 +46,8 @@ const FR_RXFF: u32 = 1 << 6;
 const FR_TXFE: u32 = 1 << 7;
 
 const LCR_H_FEN: u32 = 1 << 4;
+/// CR.UARTEN and CR.RXE.
+const CR_UARTEN_RXE: u32 = 1 | (1 << 9);
 
 /// Receive interrupt.
 pub const INT_RX: u32 = 1 << 4;
@@ -143,9 +148,19 @@ impl Pl011 {
         }
     }
 
+    /// Whether the guest is ready for input: UART and receiver enabled, and a receive
+    /// interrupt unmasked.
+    fn listening(&self) -> bool {
+        self.cr & CR_UARTEN_RXE == CR_UARTEN_RXE && self.imsc & (INT_RX | INT_RT) != 0
+    }
+
     /// Queues host input for the guest. Returns how many bytes of `input` fit in the
-    /// receive FIFO; the caller keeps the rest and offers them again later.
+    /// receive FIFO (none while the guest is not listening); the caller keeps the rest
+    /// and offers them again later.
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        if !self.listening() {
+            return 0;
+        }
         let room = self.fifo_capacity().saturating_sub(self.rx.len());
         let n = room.min(input.len());
         self.rx.extend(&input[..n]);
@@ -153,11 +168,6 @@ impl Pl011 {
             self.update_irq();
         }
         n
-    }
-
-    /// Whether the receive FIFO has room for more input.
-    pub fn wants_input(&self) -> bool {
-        self.rx.len() < self.fifo_capacity()
     }
 
     fn transmit(&mut self, byte: u8) {
@@ -323,8 +333,21 @@ mod tests {
     }
 
     #[test]
+    fn input_waits_until_the_guest_listens() {
+        let (mut u, _, _) = uart();
+        assert_eq!(u.enqueue_input(b"early"), 0, "reset: UART disabled, nothing unmasked");
+        w32(&mut u, CR, 0x301);
+        assert_eq!(u.enqueue_input(b"early"), 0, "enabled but no receive interrupt unmasked");
+        w32(&mut u, IMSC, INT_RT);
+        assert_eq!(u.enqueue_input(b"early"), 1);
+        w32(&mut u, CR, 0x101);
+        assert_eq!(u.enqueue_input(b"arly"), 0, "receiver disabled");
+    }
+
+    #[test]
     fn receive_fifo_depth_and_interrupts() {
         let (mut u, _, line) = uart();
+        w32(&mut u, CR, 0x301);
         w32(&mut u, IMSC, INT_RX | INT_RT);
         // Without FEN the FIFO holds one byte.
         assert_eq!(u.enqueue_input(b"ab"), 1);

@@ -16,11 +16,12 @@
 use std::sync::Arc;
 
 pub use arch_aarch64::sysreg::SysReg;
-use vm_memory::GuestMemoryMmap;
+pub use memory::GuestRam;
 
 #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
 pub mod kvm;
 pub mod kvm_regs;
+pub mod memory;
 
 #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
 pub mod hvf;
@@ -83,15 +84,11 @@ pub trait Vm: Send + Sync {
 
     /// Maps every region of `memory` into the guest's physical address space. The VM
     /// keeps a reference, so the host mapping lives at least as long as the VM.
-    fn map_memory(&mut self, memory: &Arc<GuestMemoryMmap>) -> Result<()>;
+    fn map_memory(&mut self, memory: &Arc<GuestRam>) -> Result<()>;
 
     /// Creates vCPU `index` on the calling thread. vCPU 0 starts runnable; the others
     /// start powered off, waiting for PSCI CPU_ON.
     fn create_vcpu(&self, index: u32) -> Result<Self::Vcpu>;
-
-    /// Drives vCPU `index`'s IRQ input (the output of the VMM's interrupt controller).
-    /// Callable from any thread; the backend makes sure the vCPU notices.
-    fn set_vcpu_irq(&self, index: u32, level: bool) -> Result<()>;
 }
 
 /// Makes a vCPU's [`Vcpu::run`] return [`VcpuExit::Interrupted`] soon, from any thread.
@@ -167,6 +164,13 @@ pub trait Vcpu {
     /// Whether the guest's EL1 virtual timer is asserting its interrupt, as of the last
     /// exit. The VMM feeds this into its interrupt controller as the timer's PPI.
     fn vtimer_asserted(&mut self) -> bool;
+    /// Drives this vCPU's IRQ input (the output of the VMM's interrupt controller) for
+    /// the following runs. Called on the vCPU's own thread, between runs: other threads
+    /// record the level and kick the vCPU instead. (On KVM, `KVM_IRQ_LINE` from another
+    /// thread races with the vCPU's own non-atomic updates of HCR_EL2 in `vcpu_load`
+    /// on Linux 6.1 and can be lost; on HVF a pending interrupt belongs to the vCPU's
+    /// thread by design.)
+    fn set_irq_line(&mut self, level: bool) -> Result<()>;
     /// Writes a register.
     fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()>;
     /// Reads a register.

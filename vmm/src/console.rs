@@ -191,6 +191,12 @@ mod tests {
     #[test]
     fn delivery_waits_for_fifo_room_and_gives_up_when_stopping() {
         let uart = Arc::new(Mutex::new(Pl011::new(Box::new(std::io::sink()), Arc::new(devices::irq::NoIrq))));
+        {
+            // The guest's driver enables the receiver and unmasks its interrupts.
+            use devices::bus::MmioDeviceMut;
+            lock(&uart).write(0, 0x30, &0x301u32.to_le_bytes());
+            lock(&uart).write(0, 0x38, &0x50u32.to_le_bytes());
+        }
         let control = Control::new();
         let reader = {
             let uart = uart.clone();

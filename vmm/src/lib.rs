@@ -18,6 +18,7 @@ mod boot_files;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod irq_lines;
 #[cfg(target_arch = "aarch64")]
 mod machine;
 pub mod vcpu;

@@ -12,16 +12,17 @@ use arch_aarch64::image;
 use arch_aarch64::layout::*;
 use devices::boot_timer::BootTimer;
 use devices::bus::MmioBus;
-use devices::gic::{CpuIrqSink, Gic};
+use devices::gic::Gic;
 use devices::pl011::Pl011;
 use devices::pl031::Pl031;
-use hypervisor::{Hypervisor, Reg, Vcpu, Vm};
+use hypervisor::{GuestRam, Hypervisor, Reg, Vcpu, Vm};
 use linux_loader::loader::{pe::PE, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot_files::BootFiles;
 use crate::console::{self, RawTerminal};
 use crate::control::Control;
+use crate::irq_lines::IrqLines;
 use crate::vcpu::{self, VcpuContext};
 use crate::{Error, ExitReason, VmConfig};
 
@@ -42,30 +43,19 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     run_on(&hv, config, files, started)
 }
 
-/// The GIC's outputs, delivered through the backend.
-struct VmIrqSink<V: Vm>(Arc<V>);
-
-impl<V: Vm> CpuIrqSink for VmIrqSink<V> {
-    fn set_cpu_irq(&self, cpu: usize, level: bool) {
-        if let Err(e) = self.0.set_vcpu_irq(cpu as u32, level) {
-            devices::warn_ratelimited!("vcpu{cpu}: cannot set its IRQ line: {e}");
-        }
-    }
-}
-
 fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: Instant) -> Result<ExitReason, Error>
 where
     H::Vm: 'static,
 {
     let (memory, regs) = load(config, files)?;
-    let memory = Arc::new(memory);
     let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: IPA_BITS })?;
     vm.map_memory(&memory)?;
     let vm = Arc::new(vm);
 
     let control = Control::new();
     let first_entry = Arc::new(OnceLock::new());
-    let gic = Gic::new(config.cpus as usize, Arc::new(VmIrqSink(vm.clone())));
+    let irq_lines = IrqLines::new(config.cpus as usize);
+    let gic = Gic::new(config.cpus as usize, irq_lines.clone());
     let uart = Arc::new(Mutex::new(Pl011::new(Box::new(std::io::stdout()), gic.spi_line(UART_SPI))));
     let mut bus = MmioBus::new();
     bus.insert(GIC_DIST_BASE, GIC_DIST_WINDOW, gic.distributor())?;
@@ -93,7 +83,8 @@ where
     let all_created = Barrier::new(config.cpus as usize);
     std::thread::scope(|scope| {
         for index in 0..config.cpus {
-            let (vm, bus, gic, control, all_created) = (&vm, &bus, &gic, &control, &all_created);
+            let (vm, bus, gic, control, irq) = (&vm, &bus, &gic, &control, &irq_lines);
+            let all_created = &all_created;
             let first_entry = &first_entry;
             let spawned = std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(scope, move || {
                 let vcpu = vm.create_vcpu(index).and_then(|mut vcpu| {
@@ -111,10 +102,11 @@ where
                     Err(e) => return control.stop(Err(e.into())),
                 };
                 control.add_kicker(vcpu.kicker());
+                irq.attach(index as usize, vcpu.kicker());
                 if index == 0 {
                     let _ = first_entry.set(Instant::now());
                 }
-                let ctx = VcpuContext { index, bus, gic, control };
+                let ctx = VcpuContext { index, bus, gic, control, irq };
                 if let Some(outcome) = vcpu::run_loop(ctx, &mut vcpu) {
                     control.stop(outcome);
                 }
@@ -140,17 +132,16 @@ fn entropy() -> Vec<u8> {
 }
 
 /// Creates guest RAM and loads the kernel, initrd and device tree into it.
-fn load(config: &VmConfig, files: BootFiles) -> Result<(GuestMemoryMmap, BootRegs), Error> {
+fn load(config: &VmConfig, files: BootFiles) -> Result<(Arc<GuestRam>, BootRegs), Error> {
     let BootFiles { mut kernel, kernel_size, header, initrd } = files;
     let initrd_size = initrd.as_ref().map(|(_, size)| *size);
     let plan = image::plan(RAM_BASE, config.memory, &header, kernel_size, initrd_size)
         .map_err(|source| Error::Kernel { path: config.kernel.clone(), source })?;
 
     let ram_len = usize::try_from(config.memory).map_err(|_| Error::Memory("RAM size overflows".into()))?;
-    let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_BASE), ram_len)])
-        .map_err(|e| Error::Memory(format!("cannot allocate {} MiB: {e}", config.memory >> 20)))?;
+    let memory = GuestRam::new(&[(GuestAddress(RAM_BASE), ram_len)])?;
 
-    PE::load(&memory, Some(GuestAddress(plan.kernel_base)), &mut kernel, None)
+    PE::load(&**memory, Some(GuestAddress(plan.kernel_base)), &mut kernel, None)
         .map_err(|e| Error::Memory(format!("loading kernel {}: {e}", config.kernel.display())))?;
 
     let mut initrd_range = None;

@@ -9,6 +9,7 @@ use devices::warn_ratelimited;
 use hypervisor::{SystemEvent, Vcpu, VcpuExit};
 
 use crate::control::Control;
+use crate::irq_lines::IrqLines;
 use crate::{Error, ExitReason};
 
 /// What a vCPU loop works with besides its vCPU.
@@ -22,6 +23,8 @@ pub struct VcpuContext<'a> {
     pub gic: &'a Gic,
     /// The machine's stop switch.
     pub control: &'a Control,
+    /// The vCPUs' IRQ inputs, which this loop applies to its vCPU before every run.
+    pub irq: &'a IrqLines,
 }
 
 /// Runs `vcpu` until the machine stops: the guest powers off, resets or crashes, the
@@ -32,36 +35,85 @@ pub struct VcpuContext<'a> {
 /// stop the VMM. After every exit the vCPU's virtual-timer level goes to the GIC.
 pub fn run_loop<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<ExitReason, Error>> {
     let mut timer_level = false;
-    while !ctx.control.stopping() {
-        let outcome = serve_one(ctx, vcpu);
+    let mut stats = ExitStats::new();
+    let mut outcome = None;
+    while outcome.is_none() && !ctx.control.stopping() {
+        outcome = serve_one(ctx, vcpu, &mut stats);
         let level = vcpu.vtimer_asserted();
         if level != timer_level {
             timer_level = level;
+            stats.timer_changes += 1;
             ctx.gic.set_ppi_level(ctx.index as usize, VTIMER_PPI, level);
         }
-        if outcome.is_some() {
-            return outcome;
+    }
+    stats.log(ctx.index);
+    outcome
+}
+
+/// What a vCPU's exits were, for `RUST_LOG=info` (totals) and `debug` (busiest registers).
+#[derive(Debug, Default)]
+struct ExitStats {
+    reads: u64,
+    writes: u64,
+    interrupted: u64,
+    timer_changes: u64,
+    by_addr: Option<std::collections::HashMap<u64, u64>>,
+}
+
+impl ExitStats {
+    fn new() -> Self {
+        let by_addr = log::log_enabled!(log::Level::Debug).then(std::collections::HashMap::new);
+        ExitStats { by_addr, ..Default::default() }
+    }
+
+    fn mmio(&mut self, addr: u64) {
+        if let Some(map) = &mut self.by_addr {
+            *map.entry(addr).or_default() += 1;
         }
     }
-    None
+
+    fn log(&self, index: u32) {
+        log::info!(
+            "vcpu{index}: {} exits: {} MMIO reads, {} MMIO writes, {} interrupted; {} timer level changes",
+            self.reads + self.writes + self.interrupted,
+            self.reads,
+            self.writes,
+            self.interrupted,
+            self.timer_changes
+        );
+        if let Some(map) = &self.by_addr {
+            let mut busiest: Vec<_> = map.iter().collect();
+            busiest.sort_by(|a, b| b.1.cmp(a.1));
+            for (addr, count) in busiest.into_iter().take(10) {
+                log::debug!("vcpu{index}: {count:>9} accesses at {addr:#x}");
+            }
+        }
+    }
 }
 
 /// Runs the guest once and serves the exit; `Some` when the machine must stop.
-fn serve_one<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<ExitReason, Error>> {
+fn serve_one<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V, stats: &mut ExitStats) -> Option<Result<ExitReason, Error>> {
     let index = ctx.index;
     let bus = ctx.bus;
+    if let Err(e) = ctx.irq.sync(index as usize, vcpu) {
+        return Some(Err(e.into()));
+    }
     let exit = match vcpu.run() {
         Ok(exit) => exit,
         Err(e) => return Some(Err(e.into())),
     };
     match exit {
         VcpuExit::MmioRead { addr, data } => {
+            stats.reads += 1;
+            stats.mmio(addr);
             if let Err(e) = bus.read(index as usize, addr, data) {
                 data.fill(0);
                 warn_ratelimited!("vcpu{index}: {e}: read returns 0");
             }
         }
         VcpuExit::MmioWrite { addr, data } => {
+            stats.writes += 1;
+            stats.mmio(addr);
             if let Err(e) = bus.write(index as usize, addr, data) {
                 warn_ratelimited!("vcpu{index}: {e}: write ignored");
             }
@@ -69,7 +121,7 @@ fn serve_one<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<ExitR
         VcpuExit::System(SystemEvent::Shutdown) => return Some(Ok(ExitReason::PowerOff)),
         VcpuExit::System(SystemEvent::Reset) => return Some(Ok(ExitReason::Reset)),
         VcpuExit::System(SystemEvent::Crash) => return Some(Ok(ExitReason::Crash)),
-        VcpuExit::Interrupted => {}
+        VcpuExit::Interrupted => stats.interrupted += 1,
         VcpuExit::Unhandled(why) => return Some(Err(Error::UnhandledExit { vcpu: index, why })),
     }
     None
@@ -79,7 +131,6 @@ fn serve_one<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<ExitR
 mod tests {
     use super::*;
     use devices::bus::MmioDeviceMut;
-    use devices::gic::CpuIrqSink;
     use hypervisor::{Kicker, Reg};
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
@@ -103,6 +154,8 @@ mod tests {
         reads: Vec<Vec<u8>>,
         pending_read: Option<usize>,
         timer: bool,
+        /// Every level the loop set on the IRQ line.
+        irq_levels: Vec<bool>,
     }
 
     struct NoKick;
@@ -141,6 +194,10 @@ mod tests {
         fn vtimer_asserted(&mut self) -> bool {
             self.timer
         }
+        fn set_irq_line(&mut self, level: bool) -> hypervisor::Result<()> {
+            self.irq_levels.push(level);
+            Ok(())
+        }
         fn set_reg(&mut self, _: Reg, _: u64) -> hypervisor::Result<()> {
             Ok(())
         }
@@ -162,33 +219,30 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct Outputs(Mutex<Vec<(usize, bool)>>);
-    impl CpuIrqSink for Outputs {
-        fn set_cpu_irq(&self, cpu: usize, level: bool) {
-            self.0.lock().unwrap().push((cpu, level));
-        }
-    }
-
     struct Machine {
         bus: MmioBus,
         gic: Arc<Gic>,
-        outputs: Arc<Outputs>,
+        lines: Arc<IrqLines>,
         control: Arc<Control>,
     }
 
     fn machine() -> Machine {
         let mut bus = MmioBus::new();
         bus.insert(0x1000, 0x100, Arc::new(Mutex::new(Register::default()))).unwrap();
-        let outputs = Arc::new(Outputs::default());
-        let gic = Gic::new(1, outputs.clone());
-        Machine { bus, gic, outputs, control: Control::new() }
+        let lines = IrqLines::new(1);
+        let gic = Gic::new(1, lines.clone());
+        Machine { bus, gic, lines, control: Control::new() }
+    }
+
+    fn run_vcpu(m: &Machine, steps: Vec<Step>) -> (Option<Result<ExitReason, Error>>, Scripted) {
+        let mut vcpu = Scripted { steps: steps.into(), ..Default::default() };
+        let ctx = VcpuContext { index: 0, bus: &m.bus, gic: &m.gic, control: &m.control, irq: &m.lines };
+        let result = run_loop(ctx, &mut vcpu);
+        (result, vcpu)
     }
 
     fn run(m: &Machine, steps: Vec<Step>) -> (Option<Result<ExitReason, Error>>, Vec<Vec<u8>>) {
-        let mut vcpu = Scripted { steps: steps.into(), ..Default::default() };
-        let ctx = VcpuContext { index: 0, bus: &m.bus, gic: &m.gic, control: &m.control };
-        let result = run_loop(ctx, &mut vcpu);
+        let (result, vcpu) = run_vcpu(m, steps);
         (result, vcpu.reads)
     }
 
@@ -239,8 +293,10 @@ mod tests {
         dist.write(0, 0x100, &(1u32 << VTIMER_PPI).to_le_bytes());
         cpu.write(0, 0x00, &1u32.to_le_bytes());
         cpu.write(0, 0x04, &0xf0u32.to_le_bytes());
-        run(&m, vec![Step::Timer(true), Step::Timer(true), Step::Timer(false), Step::System(SystemEvent::Shutdown)]);
-        assert_eq!(m.outputs.0.lock().unwrap().clone(), vec![(0, true), (0, false)]);
+        let steps = vec![Step::Timer(true), Step::Timer(true), Step::Timer(false), Step::System(SystemEvent::Shutdown)];
+        let (_, vcpu) = run_vcpu(&m, steps);
+        // The line follows the timer, set by the loop itself before each run.
+        assert_eq!(vcpu.irq_levels, vec![true, false]);
     }
 
     #[test]

@@ -5,9 +5,7 @@
 
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
-
-use crate::{Error, Reg, Result, VcpuExit, VmConfig};
+use crate::{Error, GuestRam, Reg, Result, VcpuExit, VmConfig};
 
 /// Hypervisor.framework.
 #[derive(Debug)]
@@ -53,15 +51,11 @@ pub enum HvfVm {}
 impl crate::Vm for HvfVm {
     type Vcpu = HvfVcpu;
 
-    fn map_memory(&mut self, _memory: &Arc<GuestMemoryMmap>) -> Result<()> {
+    fn map_memory(&mut self, _memory: &Arc<GuestRam>) -> Result<()> {
         match *self {}
     }
 
     fn create_vcpu(&self, _index: u32) -> Result<HvfVcpu> {
-        match *self {}
-    }
-
-    fn set_vcpu_irq(&self, _index: u32, _level: bool) -> Result<()> {
         match *self {}
     }
 }
@@ -80,6 +74,10 @@ impl crate::Vcpu for HvfVcpu {
     }
 
     fn vtimer_asserted(&mut self) -> bool {
+        match *self {}
+    }
+
+    fn set_irq_line(&mut self, _level: bool) -> Result<()> {
         match *self {}
     }
 

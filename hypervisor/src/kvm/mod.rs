@@ -15,11 +15,10 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, Kvm as KvmFd, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::kvm_regs::{cpu_irq_line, one_reg_id};
-use crate::{Error, Kicker, Reg, Result, SystemEvent, VcpuExit, VmConfig};
-
+use crate::{Error, GuestRam, Kicker, Reg, Result, SystemEvent, VcpuExit, VmConfig};
 
 fn platform(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |e| Error::Platform { call, source: std::io::Error::from_raw_os_error(e.errno()) }
@@ -80,23 +79,23 @@ impl crate::Hypervisor for Kvm {
         kick::install_handler().map_err(|source| Error::Platform { call: "sigaction", source })?;
         let mut target = kvm_vcpu_init::default();
         vm.get_preferred_target(&mut target).map_err(platform("KVM_ARM_PREFERRED_TARGET"))?;
-        Ok(KvmVm { vm, target, memory: Vec::new() })
+        Ok(KvmVm { vm: Arc::new(vm), target, memory: Vec::new() })
     }
 }
 
 /// A KVM VM.
 #[derive(Debug)]
 pub struct KvmVm {
-    vm: VmFd,
+    vm: Arc<VmFd>,
     target: kvm_vcpu_init,
     /// Keeps the mapped host memory alive as long as KVM may reach it.
-    memory: Vec<Arc<GuestMemoryMmap>>,
+    memory: Vec<Arc<GuestRam>>,
 }
 
 impl crate::Vm for KvmVm {
     type Vcpu = KvmVcpu;
 
-    fn map_memory(&mut self, memory: &Arc<GuestMemoryMmap>) -> Result<()> {
+    fn map_memory(&mut self, memory: &Arc<GuestRam>) -> Result<()> {
         let first_slot = self.memory.iter().map(|m| m.num_regions()).sum::<usize>();
         for (i, region) in memory.iter().enumerate() {
             let addr = region.start_addr().0;
@@ -132,14 +131,12 @@ impl crate::Vm for KvmVm {
             init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
         }
         fd.vcpu_init(&init).map_err(platform("KVM_ARM_VCPU_INIT"))?;
-        let mut vcpu = KvmVcpu { fd, kicker: Arc::new(kick::ThreadKicker::for_current_thread()) };
+        let irq_line =
+            cpu_irq_line(index).ok_or_else(|| Error::Unsupported(format!("no IRQ line for vCPU {index}")))?;
+        let kicker = Arc::new(kick::ThreadKicker::for_current_thread());
+        let mut vcpu = KvmVcpu { fd, kicker, vm: Arc::clone(&self.vm), irq_line };
         kick::register(vcpu.fd.get_kvm_run());
         Ok(vcpu)
-    }
-
-    fn set_vcpu_irq(&self, index: u32, level: bool) -> Result<()> {
-        let line = cpu_irq_line(index).ok_or_else(|| Error::Unsupported(format!("no IRQ line for vCPU {index}")))?;
-        self.vm.set_irq_line(line, level).map_err(platform("KVM_IRQ_LINE"))
     }
 }
 
@@ -148,6 +145,9 @@ impl crate::Vm for KvmVm {
 pub struct KvmVcpu {
     fd: VcpuFd,
     kicker: Arc<kick::ThreadKicker>,
+    vm: Arc<VmFd>,
+    /// This vCPU's `KVM_IRQ_LINE` number.
+    irq_line: u32,
 }
 
 impl Drop for KvmVcpu {
@@ -195,6 +195,10 @@ impl crate::Vcpu for KvmVcpu {
         // on arm64) valid in every kvm_run; reading a u64 from the union is always defined.
         let level = unsafe { self.fd.get_kvm_run().s.regs.device_irq_level };
         level & u64::from(kvm_bindings::KVM_ARM_DEV_EL1_VTIMER) != 0
+    }
+
+    fn set_irq_line(&mut self, level: bool) -> Result<()> {
+        self.vm.set_irq_line(self.irq_line, level).map_err(platform("KVM_IRQ_LINE"))
     }
 
     fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()> {
