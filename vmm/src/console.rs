@@ -21,14 +21,14 @@ use crate::ExitReason;
 /// Ctrl-A: the escape prefix.
 const ESCAPE: u8 = 0x01;
 
-/// The terminal state to restore, for the panic hook and the signal handler.
-static SAVED: OnceLock<libc::termios> = OnceLock::new();
+/// The terminal and the state to restore it to, for the panic hook and the signal handler.
+static SAVED: OnceLock<(libc::c_int, libc::termios)> = OnceLock::new();
 
 fn restore_saved() {
-    if let Some(saved) = SAVED.get() {
-        // SAFETY: tcsetattr on fd 0 with a termios obtained from tcgetattr; it is
-        // async-signal-safe, so this may run in a signal handler.
-        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+    if let Some((fd, saved)) = SAVED.get() {
+        // SAFETY: tcsetattr on the terminal with a termios obtained from tcgetattr; it
+        // is async-signal-safe, so this may run in a signal handler.
+        unsafe { libc::tcsetattr(*fd, libc::TCSANOW, saved) };
     }
 }
 
@@ -49,17 +49,23 @@ pub struct RawTerminal(());
 impl RawTerminal {
     /// Puts standard input in raw mode if it is a terminal; `None` if it is not.
     pub fn enter() -> std::io::Result<Option<Self>> {
+        Self::enter_fd(libc::STDIN_FILENO)
+    }
+
+    /// Puts terminal `fd` in raw mode; `None` if it is not a terminal. One terminal per
+    /// process: the first one entered is the one restored.
+    fn enter_fd(fd: libc::c_int) -> std::io::Result<Option<Self>> {
         // SAFETY: isatty has no preconditions.
-        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+        if unsafe { libc::isatty(fd) } != 1 {
             return Ok(None);
         }
         // SAFETY: a zeroed termios is a valid buffer for tcgetattr to fill.
         let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: fd 0 is a terminal and `saved` is a valid termios to write.
-        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+        // SAFETY: `fd` is a terminal and `saved` is a valid termios to write.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let _ = SAVED.set(saved);
+        let _ = SAVED.set((fd, saved));
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             restore_saved();
@@ -70,10 +76,10 @@ impl RawTerminal {
             unsafe { libc::signal(signal, on_fatal_signal as *const () as libc::sighandler_t) };
         }
         let mut raw = saved;
-        // SAFETY: cfmakeraw edits the termios we own; tcsetattr applies it to fd 0.
+        // SAFETY: cfmakeraw edits the termios we own; tcsetattr applies it to `fd`.
         let rc = unsafe {
             libc::cfmakeraw(&mut raw);
-            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw)
+            libc::tcsetattr(fd, libc::TCSANOW, &raw)
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
@@ -186,6 +192,39 @@ mod tests {
         assert_eq!(feed(&[ESCAPE, b'X']), vec![Key::Quit]);
         assert_eq!(feed(&[ESCAPE, ESCAPE, b'x']), vec![Key::Send(vec![ESCAPE]), Key::Send(vec![b'x'])]);
         assert_eq!(feed(&[ESCAPE, b'c']), vec![Key::Send(vec![ESCAPE, b'c'])]);
+    }
+
+    fn lflag(fd: libc::c_int) -> libc::tcflag_t {
+        // SAFETY: a zeroed termios is a valid buffer; `fd` is an open terminal.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(fd, &mut t), 0);
+            t.c_lflag
+        }
+    }
+
+    #[test]
+    fn raw_mode_on_a_terminal_and_restored_on_drop() {
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty fills two fds; null name/termios/winsize are allowed.
+        let rc = unsafe {
+            libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null())
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        let cooked = lflag(slave);
+        assert_ne!(cooked & libc::ICANON, 0, "a new pty is in canonical mode");
+        let raw = RawTerminal::enter_fd(slave).unwrap().expect("a pty is a terminal");
+        assert_eq!(lflag(slave) & (libc::ICANON | libc::ECHO | libc::ISIG), 0);
+        drop(raw);
+        assert_eq!(lflag(slave), cooked);
+        // Not a terminal: nothing to do.
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(RawTerminal::enter_fd(std::os::fd::AsRawFd::as_raw_fd(&file)).unwrap().is_none());
+        // SAFETY: closing the fds openpty gave us.
+        unsafe {
+            libc::close(slave);
+            libc::close(master);
+        }
     }
 
     #[test]
