@@ -53,12 +53,7 @@ impl BootFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let path = std::env::temp_dir().join(format!("hvrun-boot-files-{}-{name}", std::process::id()));
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
+    use crate::testing::temp_file as temp;
 
     #[test]
     fn missing_and_bad_files_get_clear_errors() {

@@ -70,27 +70,19 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-    impl Kicker for Count {
-        fn kick(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::testing::CountingKicker;
 
     #[test]
     fn first_outcome_wins_and_everyone_is_kicked() {
         let control = Control::new();
-        let kicks = Arc::new(Count::default());
+        let kicks = Arc::new(CountingKicker::default());
         control.add_kicker(kicks.clone());
         control.add_kicker(kicks.clone());
         assert!(!control.stopping());
         control.stop(Ok(ExitReason::PowerOff));
         control.stop(Ok(ExitReason::Reset));
         assert!(control.stopping());
-        assert_eq!(kicks.0.load(Ordering::SeqCst), 4);
+        assert_eq!(kicks.count(), 4);
         assert!(matches!(control.take_outcome(), Some(Ok(ExitReason::PowerOff))));
         assert!(control.take_outcome().is_none());
     }

@@ -78,20 +78,12 @@ impl CpuIrqSink for IrqLines {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-    impl Kicker for Count {
-        fn kick(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::testing::CountingKicker;
 
     #[test]
     fn remote_changes_kick_own_changes_do_not() {
         let lines = IrqLines::new(2);
-        let kicks = [Arc::new(Count::default()), Arc::new(Count::default())];
+        let kicks = [Arc::new(CountingKicker::default()), Arc::new(CountingKicker::default())];
         // vCPU 1 lives on another thread; this thread is vCPU 0.
         let (l, k) = (lines.clone(), kicks[1].clone());
         std::thread::spawn(move || l.attach(1, k)).join().unwrap();
@@ -99,8 +91,8 @@ mod tests {
         lines.set_cpu_irq(0, true);
         lines.set_cpu_irq(1, true);
         lines.set_cpu_irq(7, true); // no such vCPU: ignored
-        assert_eq!(kicks[0].0.load(Ordering::SeqCst), 0);
-        assert_eq!(kicks[1].0.load(Ordering::SeqCst), 1);
+        assert_eq!(kicks[0].count(), 0);
+        assert_eq!(kicks[1].count(), 1);
         CURRENT.with(|c| c.set(usize::MAX));
     }
 }

@@ -21,6 +21,8 @@ pub mod control;
 pub mod irq_lines;
 #[cfg(target_arch = "aarch64")]
 mod machine;
+#[cfg(test)]
+mod testing;
 pub mod vcpu;
 
 pub use config::{ConfigError, VmConfig};

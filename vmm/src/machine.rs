@@ -179,14 +179,9 @@ fn load(config: &VmConfig, files: BootFiles) -> Result<(Arc<GuestRam>, BootRegs)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::temp_file as temp;
     use arch_aarch64::layout::FDT_MAX_SIZE;
     use vm_memory::GuestMemoryBackend;
-
-    fn temp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        let path = std::env::temp_dir().join(format!("hvrun-machine-{}-{name}", std::process::id()));
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
 
     #[test]
     fn loads_kernel_initrd_and_device_tree_where_the_plan_says() {
