@@ -14,3 +14,4 @@ pub mod irq;
 pub mod pl011;
 pub mod pl031;
 pub mod ratelimit;
+pub mod virtio;

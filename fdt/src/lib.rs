@@ -66,6 +66,8 @@ pub struct Machine {
     pub uart: Option<Device>,
     /// The PL031 RTC.
     pub rtc: Option<Device>,
+    /// virtio-mmio devices, each with its window and SPI.
+    pub virtio: Vec<Device>,
     /// Bytes for `/chosen/rng-seed` (the kernel's entropy at boot); none when empty.
     pub rng_seed: Vec<u8>,
     /// `/chosen/kaslr-seed`, when non-zero.
@@ -173,6 +175,16 @@ pub fn build(machine: &Machine) -> Result<Vec<u8>, FdtError> {
     if let Some(rtc) = machine.rtc {
         primecell(&mut fdt, "pl031", "arm,pl031", rtc, &["apb_pclk"])?;
     }
+    for dev in &machine.virtio {
+        let node = fdt.begin_node(&format!("virtio_mmio@{:x}", dev.window.base))?;
+        fdt.property_string("compatible", "virtio,mmio")?;
+        fdt.property_array_u64("reg", &[dev.window.base, dev.window.size])?;
+        if let (Some(spi), true) = (dev.spi, machine.gic.is_some()) {
+            fdt.property_array_u32("interrupts", &[GIC_SPI, spi, IRQ_LEVEL_HIGH])?;
+        }
+        fdt.property_null("dma-coherent")?;
+        fdt.end_node(node)?;
+    }
 
     let chosen = fdt.begin_node("chosen")?;
     fdt.property_string("bootargs", &machine.cmdline)?;
@@ -233,6 +245,7 @@ mod tests {
             }),
             uart: Some(Device { window: MmioWindow { base: 0x0900_0000, size: 0x1000 }, spi: Some(1) }),
             rtc: Some(Device { window: MmioWindow { base: 0x0901_0000, size: 0x1000 }, spi: None }),
+            virtio: vec![Device { window: MmioWindow { base: 0x0a00_0000, size: 0x200 }, spi: Some(16) }],
             rng_seed: vec![0xab; 32],
             kaslr_seed: 0x1234_5678_9abc_def0,
         }
@@ -271,6 +284,11 @@ mod tests {
             "compatible = \"arm,pl031\", \"arm,primecell\";",
             "kaslr-seed = <0x12345678 0x9abcdef0>;",
             "rng-seed = <0xabababab 0xabababab",
+            "virtio_mmio@a000000 {",
+            "compatible = \"virtio,mmio\";",
+            "reg = <0x00 0xa000000 0x00 0x200>;",
+            "interrupts = <0x00 0x10 0x04>;",
+            "dma-coherent;",
         ] {
             assert!(dts.contains(needle), "missing `{needle}` in:\n{dts}");
         }

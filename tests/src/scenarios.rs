@@ -86,6 +86,17 @@ pub const ALL: &[Scenario] = &[
         timeout_secs: 120,
     },
     Scenario {
+        name: "virtio-rng",
+        about: "the stock kernel's virtio_mmio and virtio-rng drivers find our device and read host entropy",
+        artifacts: &["vmlinuz", "initramfs.cpio"],
+        script: "/bin/hvrun --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio --memory 128M \\
+                 --cmdline 'console=ttyAMA0 quiet -- /t/virtio-rng-check' 2>&1 | tr -d '\\r'",
+        exit_code: 0,
+        markers: &["rng_current: virtio_rng.0", "hwrng bytes: 65536", "distinct bytes: 256", "virtio interrupts counting"],
+        forbidden: &["hvrun: error", "panicked", "WARN ]"],
+        timeout_secs: 120,
+    },
+    Scenario {
         name: "mmio-garbage",
         about: "a guest writing garbage to every GIC and UART register at every width does not crash hvrun",
         artifacts: &["vmlinuz", "initramfs.cpio"],

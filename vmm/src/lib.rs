@@ -81,6 +81,9 @@ pub enum Error {
     /// The devices could not be wired up.
     #[error("devices: {0}")]
     Devices(#[from] devices::bus::BusError),
+    /// A virtio device could not be set up.
+    #[error("virtio: {0}")]
+    Virtio(String),
     /// The console could not be set up.
     #[error("console: {0}")]
     Console(String),

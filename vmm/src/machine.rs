@@ -15,6 +15,7 @@ use devices::bus::MmioBus;
 use devices::gic::Gic;
 use devices::pl011::Pl011;
 use devices::pl031::Pl031;
+use devices::virtio::{mmio::MmioTransport, rng::Rng, Interrupt, VirtioDevice};
 use hypervisor::{GuestRam, Hypervisor, Reg, Vcpu, Vm};
 use linux_loader::loader::{pe::PE, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
@@ -47,7 +48,8 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
 where
     H::Vm: 'static,
 {
-    let (memory, regs) = load(config, files)?;
+    let virtio = virtio_devices()?;
+    let (memory, regs) = load(config, files, virtio.len())?;
     let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: IPA_BITS })?;
     vm.map_memory(&memory)?;
     let vm = Arc::new(vm);
@@ -70,6 +72,13 @@ where
         log::info!("guest boot-timer: {} ms after hvrun started{since_entry}", at.duration_since(started).as_millis());
     }));
     bus.insert(BOOT_TIMER_BASE, BOOT_TIMER_SIZE, Arc::new(Mutex::new(timer)))?;
+    for (slot, device) in (0u32..).zip(virtio) {
+        let kind = device.device_type();
+        let interrupt = Interrupt::new(gic.spi_line(VIRTIO_SPI_BASE + slot));
+        let transport = MmioTransport::new(device, memory.clone(), interrupt)
+            .map_err(|e| Error::Virtio(format!("device type {kind}: {e}")))?;
+        bus.insert(virtio_slot(slot), VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+    }
 
     let _terminal = if config.console_stdin {
         let raw = RawTerminal::enter().map_err(|e| Error::Console(e.to_string()))?;
@@ -119,6 +128,17 @@ where
     control.take_outcome().unwrap_or(Ok(ExitReason::Stopped))
 }
 
+/// The guest-physical base of virtio-mmio slot `slot`.
+fn virtio_slot(slot: u32) -> u64 {
+    VIRTIO_MMIO_BASE + u64::from(slot) * VIRTIO_MMIO_SIZE
+}
+
+/// The virtio devices, in slot order.
+fn virtio_devices() -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
+    let urandom = std::fs::File::open("/dev/urandom").map_err(|e| Error::Virtio(format!("/dev/urandom: {e}")))?;
+    Ok(vec![Box::new(Rng::new(Box::new(urandom)))])
+}
+
 /// 64 bytes from the host's entropy source, for the kernel's RNG and KASLR seeds.
 fn entropy() -> Vec<u8> {
     let mut seed = vec![0u8; 64];
@@ -132,7 +152,7 @@ fn entropy() -> Vec<u8> {
 }
 
 /// Creates guest RAM and loads the kernel, initrd and device tree into it.
-fn load(config: &VmConfig, files: BootFiles) -> Result<(Arc<GuestRam>, BootRegs), Error> {
+fn load(config: &VmConfig, files: BootFiles, virtio_slots: usize) -> Result<(Arc<GuestRam>, BootRegs), Error> {
     let BootFiles { mut kernel, kernel_size, header, initrd } = files;
     let initrd_size = initrd.as_ref().map(|(_, size)| *size);
     let plan = image::plan(RAM_BASE, config.memory, &header, kernel_size, initrd_size)
@@ -167,6 +187,12 @@ fn load(config: &VmConfig, files: BootFiles) -> Result<(Arc<GuestRam>, BootRegs)
         }),
         uart: Some(fdt::Device { window: window(UART_BASE, UART_SIZE), spi: Some(UART_SPI) }),
         rtc: Some(fdt::Device { window: window(RTC_BASE, RTC_SIZE), spi: None }),
+        virtio: (0..virtio_slots as u32)
+            .map(|slot| fdt::Device {
+                window: window(virtio_slot(slot), VIRTIO_MMIO_SIZE),
+                spi: Some(VIRTIO_SPI_BASE + slot),
+            })
+            .collect(),
         rng_seed: seed.get(8..).map(<[u8]>::to_vec).unwrap_or_default(),
         kaslr_seed,
     })?;
@@ -193,7 +219,7 @@ mod tests {
         let initrd = temp("initrd", &[0x5a; 5000]);
         let config = VmConfig { initrd: Some(initrd.clone()), memory: 64 << 20, ..VmConfig::new(&kernel) };
 
-        let (memory, regs) = load(&config, BootFiles::open(&config).unwrap()).unwrap();
+        let (memory, regs) = load(&config, BootFiles::open(&config).unwrap(), 1).unwrap();
         assert_eq!(memory.num_regions(), 1);
         assert_eq!(regs.pc, RAM_BASE);
         let mut first = [0u8; 8192];
@@ -221,7 +247,7 @@ mod tests {
         image[56..60].copy_from_slice(b"ARMd");
         let kernel = temp("Huge", &image);
         let config = VmConfig { memory: 64 << 20, ..VmConfig::new(&kernel) };
-        let err = load(&config, BootFiles::open(&config).unwrap()).unwrap_err();
+        let err = load(&config, BootFiles::open(&config).unwrap(), 0).unwrap_err();
         assert!(err.to_string().contains("does not fit in guest RAM"), "{err}");
         std::fs::remove_file(kernel).unwrap();
     }

@@ -2,13 +2,13 @@
 //! rebuilt only when their inputs change (a Debian package version, a source's hash).
 //!
 //! - `vmlinuz`: Debian's stock arm64 kernel (an uncompressed Image): the rig's outer
-//!   kernel, and a guest kernel.
+//!   kernel, and a guest kernel; `virtio_mmio.ko` and `virtio-rng.ko` from the same package.
 //! - `busybox`: Debian's static arm64 busybox, for the rig's init.
 //! - `NAME.bin`: each test program `guests/NAME.S`, assembled with the cross binutils.
 //! - `NAME`: each guest tool `guests/tools/NAME.c`, a static arm64 Linux program.
 //! - `initramfs.cpio`: busybox, `guests/initramfs/init`, the helper scripts in
-//!   `guests/initramfs/t/` and the guest tools; boots Debian's kernel to a shell, or runs
-//!   the command after `--` on the kernel command line.
+//!   `guests/initramfs/t/`, the guest tools and the modules (in `/lib/modules`); boots
+//!   Debian's kernel to a shell, or runs the command after `--` on the kernel command line.
 
 use std::path::{Path, PathBuf};
 
@@ -16,13 +16,21 @@ use hvrun_e2e::cpio::Archive;
 
 use crate::{paths, sh};
 
+/// What the guest cache takes from Debian's kernel package: the kernel, and the modules a
+/// guest of the stock kernel needs for virtio (virtio and virtio_ring are built in).
+const KERNEL_FILES: [(&str, &str); 3] = [
+    ("boot/vmlinuz-", "vmlinuz"),
+    ("*/kernel/drivers/virtio/virtio_mmio.ko", "virtio_mmio.ko"),
+    ("*/kernel/drivers/char/hw_random/virtio-rng.ko", "virtio-rng.ko"),
+];
+
 /// Builds every artifact that is missing or stale.
 pub fn run() -> Result<(), String> {
     let dir = paths::guest_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let kernel = resolve_kernel_package()?;
-    debian_file(&dir, &kernel, "boot/vmlinuz-", "vmlinuz")?;
-    debian_file(&dir, "busybox-static", "bin/busybox", "busybox")?;
+    debian_files(&dir, &kernel, &KERNEL_FILES)?;
+    debian_files(&dir, "busybox-static", &[("bin/busybox", "busybox")])?;
     assemble_programs(&dir)?;
     let tools = build_tools(&dir)?;
     build_initramfs(&dir, &tools)?;
@@ -73,7 +81,8 @@ fn build_initramfs(dir: &Path, tools: &[PathBuf]) -> Result<(), String> {
     let scripts = files(&src.join("t"), "")?;
     let busybox = read(&dir.join("busybox"))?;
     let mut inputs = vec![init.clone(), busybox.clone()];
-    for path in scripts.iter().chain(tools) {
+    let modules: Vec<PathBuf> = KERNEL_FILES[1..].iter().map(|(_, name)| dir.join(name)).collect();
+    for path in scripts.iter().chain(tools).chain(&modules) {
         inputs.push(path.to_string_lossy().into_owned().into_bytes());
         inputs.push(read(path)?);
     }
@@ -84,8 +93,12 @@ fn build_initramfs(dir: &Path, tools: &[PathBuf]) -> Result<(), String> {
         return Ok(());
     }
     let mut a = Archive::new();
-    for d in ["bin", "dev", "proc", "sys", "tmp", "t"] {
+    for d in ["bin", "dev", "proc", "sys", "tmp", "t", "lib", "lib/modules"] {
         a.dir(d);
+    }
+    for path in &modules {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        a.file(&format!("lib/modules/{name}"), 0o644, &read(path)?);
     }
     a.char_dev("dev/console", 5, 1);
     a.file("bin/busybox", 0o755, &busybox);
@@ -160,25 +173,32 @@ fn candidate_version(package: &str) -> Result<String, String> {
         .ok_or_else(|| format!("no installable version of {package}:arm64"))
 }
 
-/// Extracts the file whose path starts with `inner_prefix` from Debian's arm64 package
-/// `package` into `dir/name`.
-fn debian_file(dir: &Path, package: &str, inner_prefix: &str, name: &str) -> Result<(), String> {
-    let output = dir.join(name);
+/// Every file below `dir`, recursively.
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            walk(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// Extracts files from Debian's arm64 package `package` into `dir`: for each
+/// `(pattern, name)`, the file whose path inside the package starts with `pattern` (or,
+/// for a pattern starting with `*`, ends with the rest) becomes `dir/name`.
+fn debian_files(dir: &Path, package: &str, wanted: &[(&str, &str)]) -> Result<(), String> {
     let key = format!("{package}={}", candidate_version(package)?);
-    if fresh(&output, &key) {
-        println!("guest: {name} is up to date ({key})");
+    if wanted.iter().all(|(_, name)| fresh(&dir.join(name), &key)) {
+        println!("guest: {} up to date ({key})", wanted.iter().map(|w| w.1).collect::<Vec<_>>().join(", "));
         return Ok(());
     }
     let work = paths::cache().join("download");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
-    sh::run(sh::cmd("apt-get").current_dir(&work).args([
-        "-q",
-        "-o",
-        "APT::Sandbox::User=root",
-        "download",
-        &format!("{package}:arm64"),
-    ]))?;
+    let spec = format!("{package}:arm64");
+    sh::run(sh::cmd("apt-get").current_dir(&work).args(["-q", "-o", "APT::Sandbox::User=root", "download", &spec]))?;
     let deb = std::fs::read_dir(&work)
         .map_err(|e| e.to_string())?
         .filter_map(Result::ok)
@@ -187,17 +207,23 @@ fn debian_file(dir: &Path, package: &str, inner_prefix: &str, name: &str) -> Res
         .ok_or_else(|| format!("apt-get download {package} left no .deb"))?;
     let tree = work.join("tree");
     sh::run(sh::cmd("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
-    let (parent, prefix) = inner_prefix.rsplit_once('/').unwrap_or(("", inner_prefix));
-    let found = std::fs::read_dir(tree.join(parent))
-        .map_err(|e| format!("{package} has no {parent}/: {e}"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
-        .ok_or_else(|| format!("{package} has no {inner_prefix}*"))?;
-    std::fs::copy(&found, &output).map_err(|e| format!("copying {}: {e}", found.display()))?;
-    mark(&output, &key)?;
+    let mut contents = Vec::new();
+    walk(&tree, &mut contents);
+    for (pattern, name) in wanted {
+        let matches = |p: &&PathBuf| {
+            let inner = p.strip_prefix(&tree).map(|r| r.to_string_lossy().into_owned()).unwrap_or_default();
+            match pattern.strip_prefix('*') {
+                Some(suffix) => inner.ends_with(suffix),
+                None => inner.starts_with(pattern),
+            }
+        };
+        let found = contents.iter().find(matches).ok_or_else(|| format!("{package} has no {pattern}"))?;
+        let output = dir.join(name);
+        std::fs::copy(found, &output).map_err(|e| format!("copying {}: {e}", found.display()))?;
+        mark(&output, &key)?;
+        println!("guest: {name} from {key}");
+    }
     let _ = std::fs::remove_dir_all(&work);
-    println!("guest: {name} from {key}");
     Ok(())
 }
 

@@ -1,0 +1,363 @@
+//! The virtio-mmio transport, version 2 (modern; virtio spec v1.2 section 4.2.2).
+//!
+//! Everything the guest writes is checked: control registers take only aligned 32-bit
+//! accesses; the status may only move forward through ACKNOWLEDGE → DRIVER →
+//! FEATURES_OK → DRIVER_OK (0 resets); FEATURES_OK sticks only if the driver accepted
+//! `VIRTIO_F_VERSION_1`; queue registers are writable only between FEATURES_OK and
+//! DRIVER_OK on a queue that is not ready; a queue becomes ready only if `virtio-queue`
+//! accepts its size and addresses and finds its rings inside guest memory; notifications
+//! before DRIVER_OK are dropped. Whatever is refused is logged with a rate limit.
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+
+use super::{Activation, GuestMemory, Interrupt, VirtioDevice, INT_CONFIG};
+use crate::bus::{read_le, write_le, MmioDeviceMut};
+use crate::warn_ratelimited;
+
+const MAGIC_VALUE: u64 = 0x000;
+const VERSION: u64 = 0x004;
+const DEVICE_ID: u64 = 0x008;
+const VENDOR_ID: u64 = 0x00c;
+const DEVICE_FEATURES: u64 = 0x010;
+const DEVICE_FEATURES_SEL: u64 = 0x014;
+const DRIVER_FEATURES: u64 = 0x020;
+const DRIVER_FEATURES_SEL: u64 = 0x024;
+const QUEUE_SEL: u64 = 0x030;
+const QUEUE_NUM_MAX: u64 = 0x034;
+const QUEUE_NUM: u64 = 0x038;
+const QUEUE_READY: u64 = 0x044;
+const QUEUE_NOTIFY: u64 = 0x050;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
+const STATUS: u64 = 0x070;
+const QUEUE_DESC_LOW: u64 = 0x080;
+const QUEUE_DESC_HIGH: u64 = 0x084;
+const QUEUE_DRIVER_LOW: u64 = 0x090;
+const QUEUE_DRIVER_HIGH: u64 = 0x094;
+const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG: u64 = 0x100;
+
+/// "virt", little-endian.
+const MAGIC: u32 = 0x7472_6976;
+/// "HVRN", hvrun's vendor id.
+const VENDOR: u32 = 0x4e52_5648;
+
+/// A queue's configuration as the driver writes it, applied when it sets QueueReady.
+#[derive(Debug, Default, Clone, Copy)]
+struct QueueAddrs {
+    desc: [u32; 2],
+    avail: [u32; 2],
+    used: [u32; 2],
+    /// The last QueueNum written was refused: the queue must not become ready.
+    bad_size: bool,
+}
+
+fn join(halves: [u32; 2]) -> GuestAddress {
+    GuestAddress((u64::from(halves[1]) << 32) | u64::from(halves[0]))
+}
+
+/// The register file of one virtio-mmio device.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    memory: GuestMemory,
+    interrupt: Interrupt,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    queues: Vec<Queue>,
+    addrs: Vec<QueueAddrs>,
+    config_generation: u32,
+    active: bool,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fresh queues of the device's sizes. `Queue::new` fails only for a size that is 0,
+/// above 32768 or not a power of two, which [`MmioTransport::new`] has ruled out.
+fn new_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    device.queue_max_sizes().iter().filter_map(|&max| Queue::new(max).ok()).collect()
+}
+
+impl MmioTransport {
+    /// A transport for `device`, with guest memory and the interrupt it raises. Fails if
+    /// the device asks for a queue size virtio does not allow.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemory,
+        interrupt: Interrupt,
+    ) -> Result<Self, virtio_queue::Error> {
+        for &max in device.queue_max_sizes() {
+            Queue::new(max)?;
+        }
+        let queues = new_queues(device.as_ref());
+        let addrs = vec![QueueAddrs::default(); queues.len()];
+        Ok(MmioTransport {
+            device,
+            memory,
+            interrupt,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            queues,
+            addrs,
+            config_generation: 0,
+            active: false,
+        })
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.features() | (1 << VIRTIO_F_VERSION_1)
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+        }
+        self.active = false;
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.acked_features = 0;
+        self.queue_sel = 0;
+        self.queues = new_queues(self.device.as_ref());
+        self.addrs = vec![QueueAddrs::default(); self.queues.len()];
+        self.interrupt.clear();
+    }
+
+    fn has(&self, bit: u32) -> bool {
+        self.status & bit != 0
+    }
+
+    /// Whether queue configuration may change now (for the selected queue).
+    fn queue_configurable(&self) -> Option<usize> {
+        let index = self.queue_sel as usize;
+        let open = self.has(VIRTIO_CONFIG_S_FEATURES_OK) && !self.has(VIRTIO_CONFIG_S_DRIVER_OK);
+        match self.queues.get(index) {
+            Some(q) if open && !q.ready() => Some(index),
+            _ => None,
+        }
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let added = value & !self.status;
+        if value & self.status != self.status {
+            warn_ratelimited!("virtio-mmio: driver cleared status bits ({:#x} -> {value:#x}); ignored", self.status);
+            return;
+        }
+        let requires = |bit: u32, before: u32| added & bit == 0 || (value & before != 0);
+        let in_order = requires(VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_ACKNOWLEDGE)
+            && requires(VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_DRIVER)
+            && requires(VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK);
+        if !in_order {
+            warn_ratelimited!("virtio-mmio: status {value:#x} skips a step from {:#x}; ignored", self.status);
+            return;
+        }
+        let mut value = value;
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            // A legacy driver: this transport is modern only. Leaving FEATURES_OK clear
+            // tells the driver so (spec 3.1.1).
+            warn_ratelimited!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; refusing FEATURES_OK");
+            value &= !VIRTIO_CONFIG_S_FEATURES_OK;
+        }
+        self.status = value;
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut queues = std::mem::take(&mut self.queues);
+        for q in &mut queues {
+            q.set_event_idx(event_idx);
+        }
+        // Queues the driver did not enable stay out; a device that needs them says so.
+        let ready: Vec<Queue> = queues.into_iter().take_while(|q| q.ready()).collect();
+        let activation = Activation {
+            memory: self.memory.clone(),
+            queues: ready,
+            acked_features: self.acked_features,
+            interrupt: self.interrupt.clone(),
+        };
+        match self.device.activate(activation) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                warn_ratelimited!("virtio-mmio: device type {} failed to start: {e}", self.device.device_type());
+                self.device.reset();
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                self.interrupt.trigger(INT_CONFIG);
+            }
+        }
+    }
+
+    fn set_queue_ready(&mut self, ready: bool) {
+        let Some(index) = self.queue_configurable() else {
+            // Disabling a ready queue is allowed until DRIVER_OK.
+            let driver_ok = self.has(VIRTIO_CONFIG_S_DRIVER_OK);
+            if let (false, false, Some(q)) = (ready, driver_ok, self.queues.get_mut(self.queue_sel as usize)) {
+                q.set_ready(false);
+            }
+            return;
+        };
+        if !ready {
+            return;
+        }
+        let a = self.addrs[index];
+        if a.bad_size {
+            warn_ratelimited!("virtio-mmio: queue {index} has an invalid size; not ready");
+            return;
+        }
+        let q = &mut self.queues[index];
+        let result = q
+            .try_set_desc_table_address(join(a.desc))
+            .and_then(|()| q.try_set_avail_ring_address(join(a.avail)))
+            .and_then(|()| q.try_set_used_ring_address(join(a.used)));
+        if let Err(e) = result {
+            warn_ratelimited!("virtio-mmio: queue {index} rejected: {e}");
+            return;
+        }
+        q.set_ready(true);
+        if !q.is_valid(self.memory.memory()) {
+            warn_ratelimited!("virtio-mmio: queue {index} rings are not inside guest memory; not ready");
+            q.set_ready(false);
+        }
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            MAGIC_VALUE => MAGIC,
+            VERSION => 2,
+            DEVICE_ID => self.device.device_type(),
+            VENDOR_ID => VENDOR,
+            DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.offered_features() as u32,
+                1 => (self.offered_features() >> 32) as u32,
+                _ => 0,
+            },
+            QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            INTERRUPT_STATUS => self.interrupt.status(),
+            STATUS => self.status,
+            CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, value: u32) {
+        match offset {
+            DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            DRIVER_FEATURES => {
+                let negotiating = self.has(VIRTIO_CONFIG_S_DRIVER) && !self.has(VIRTIO_CONFIG_S_FEATURES_OK);
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                if negotiating {
+                    let window = 0xffff_ffffu64 << shift;
+                    let accepted = (u64::from(value) << shift) & self.offered_features();
+                    self.acked_features = (self.acked_features & !window) | accepted;
+                } else {
+                    warn_ratelimited!("virtio-mmio: DriverFeatures written outside negotiation; ignored");
+                }
+            }
+            QUEUE_SEL => self.queue_sel = value,
+            QUEUE_NUM => match self.queue_configurable() {
+                Some(i) => {
+                    let size = u16::try_from(value).map_err(|_| virtio_queue::Error::InvalidSize);
+                    let result = size.and_then(|size| self.queues[i].try_set_size(size));
+                    self.addrs[i].bad_size = result.is_err();
+                    if let Err(e) = result {
+                        warn_ratelimited!("virtio-mmio: queue {i} size {value}: {e}");
+                    }
+                }
+                None => warn_ratelimited!("virtio-mmio: QueueNum written when the queue cannot change; ignored"),
+            },
+            QUEUE_READY => self.set_queue_ready(value == 1),
+            QUEUE_DESC_LOW..=QUEUE_DEVICE_HIGH => {
+                let Some(i) = self.queue_configurable() else {
+                    warn_ratelimited!("virtio-mmio: queue address written when the queue cannot change; ignored");
+                    return;
+                };
+                let a = &mut self.addrs[i];
+                match offset {
+                    QUEUE_DESC_LOW => a.desc[0] = value,
+                    QUEUE_DESC_HIGH => a.desc[1] = value,
+                    QUEUE_DRIVER_LOW => a.avail[0] = value,
+                    QUEUE_DRIVER_HIGH => a.avail[1] = value,
+                    QUEUE_DEVICE_LOW => a.used[0] = value,
+                    QUEUE_DEVICE_HIGH => a.used[1] = value,
+                    _ => {}
+                }
+            }
+            QUEUE_NOTIFY => {
+                let in_range = (value as usize) < self.device.queue_max_sizes().len();
+                if self.active && in_range {
+                    self.device.queue_notify(value as u16);
+                } else {
+                    warn_ratelimited!(
+                        "virtio-mmio: notify of queue {value} dropped (device not running or no such queue)"
+                    );
+                }
+            }
+            INTERRUPT_ACK => self.interrupt.acknowledge(value),
+            STATUS => self.set_status(value),
+            _ => warn_ratelimited!("virtio-mmio: write of {value:#x} to {offset:#x} ignored"),
+        }
+    }
+}
+
+impl MmioDeviceMut for MmioTransport {
+    fn read(&mut self, _vcpu: usize, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG {
+            return self.device.read_config(offset - CONFIG, data);
+        }
+        if data.len() != 4 || offset & 3 != 0 {
+            warn_ratelimited!("virtio-mmio: {}-byte register read at {offset:#x}; registers are 32-bit", data.len());
+            data.fill(0);
+            return;
+        }
+        write_le(data, u64::from(self.read_reg(offset)));
+    }
+
+    fn write(&mut self, _vcpu: usize, offset: u64, data: &[u8]) {
+        if offset >= CONFIG {
+            self.device.write_config(offset - CONFIG, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        if data.len() != 4 || offset & 3 != 0 {
+            warn_ratelimited!("virtio-mmio: {}-byte register write at {offset:#x}; registers are 32-bit", data.len());
+            return;
+        }
+        self.write_reg(offset, read_le(data) as u32);
+    }
+}
+
+#[cfg(test)]
+mod tests;

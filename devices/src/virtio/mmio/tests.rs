@@ -1,0 +1,272 @@
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::irq::IrqLine;
+use crate::virtio::rng::{Rng, MAX_PER_CHAIN};
+
+const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+const MEM_SIZE: usize = 0x10_0000;
+
+#[derive(Default)]
+struct Line(AtomicBool);
+impl IrqLine for Line {
+    fn set_level(&self, level: bool) {
+        self.0.store(level, Ordering::SeqCst);
+    }
+}
+
+/// An endless stream of 0x5a bytes, standing in for the host's entropy.
+struct Fives;
+impl Read for Fives {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        buf.fill(0x5a);
+        Ok(buf.len())
+    }
+}
+
+/// Guest memory as a test owns it (the VMM's is `hypervisor::GuestRam`).
+struct Mem(GuestMemoryMmap);
+impl std::ops::Deref for Mem {
+    type Target = GuestMemoryMmap;
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.0
+    }
+}
+
+struct Rig {
+    mem: Arc<Mem>,
+    line: Arc<Line>,
+    t: MmioTransport,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let mem = Arc::new(Mem(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()));
+        let line = Arc::new(Line::default());
+        let t =
+            MmioTransport::new(Box::new(Rng::new(Box::new(Fives))), mem.clone(), Interrupt::new(line.clone())).unwrap();
+        Rig { mem, line, t }
+    }
+    fn r(&mut self, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.t.read(0, offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn w(&mut self, offset: u64, value: u32) {
+        self.t.write(0, offset, &value.to_le_bytes());
+    }
+    /// ACKNOWLEDGE, DRIVER, features (all offered, or without VERSION_1), FEATURES_OK.
+    fn negotiate(&mut self, version_1: bool) {
+        self.w(STATUS, 1);
+        self.w(STATUS, 3);
+        for sel in 0..2 {
+            self.w(DEVICE_FEATURES_SEL, sel);
+            let mut offered = self.r(DEVICE_FEATURES);
+            if sel == 1 && !version_1 {
+                offered &= !1;
+            }
+            self.w(DRIVER_FEATURES_SEL, sel);
+            self.w(DRIVER_FEATURES, offered);
+        }
+        self.w(STATUS, 11);
+    }
+    /// Points queue 0 at `vq`'s rings, sized `size`, and makes it ready.
+    fn setup_queue(&mut self, vq: &MockSplitQueue<GuestMemoryMmap>, size: u32) {
+        self.w(QUEUE_SEL, 0);
+        self.w(QUEUE_NUM, size);
+        for (low, addr) in [
+            (QUEUE_DESC_LOW, vq.desc_table_addr()),
+            (QUEUE_DRIVER_LOW, vq.avail_addr()),
+            (QUEUE_DEVICE_LOW, vq.used_addr()),
+        ] {
+            self.w(low, addr.0 as u32);
+            self.w(low + 4, (addr.0 >> 32) as u32);
+        }
+        self.w(QUEUE_READY, 1);
+    }
+}
+
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+}
+
+#[test]
+fn identity_registers() {
+    let mut rig = Rig::new();
+    assert_eq!(rig.r(MAGIC_VALUE), 0x7472_6976);
+    assert_eq!(rig.r(VERSION), 2);
+    assert_eq!(rig.r(DEVICE_ID), 4);
+    assert_eq!(rig.r(QUEUE_NUM_MAX), 256);
+    rig.w(DEVICE_FEATURES_SEL, 1);
+    assert_eq!(rig.r(DEVICE_FEATURES) & 1, 1, "VIRTIO_F_VERSION_1 is offered");
+    rig.w(QUEUE_SEL, 5);
+    assert_eq!(rig.r(QUEUE_NUM_MAX), 0, "no such queue");
+}
+
+#[test]
+fn a_driver_gets_entropy_and_an_interrupt() {
+    let mut rig = Rig::new();
+    let mem = rig.mem.clone();
+    let vq = MockSplitQueue::new(&**mem, 16);
+    rig.negotiate(true);
+    assert_eq!(rig.r(STATUS), 11, "FEATURES_OK sticks");
+    rig.setup_queue(&vq, 16);
+    assert_eq!(rig.r(QUEUE_READY), 1);
+    rig.w(STATUS, 15);
+    vq.build_desc_chain(&[desc(0x8000, 16, WRITE | NEXT, 1), desc(0x9000, 8, WRITE, 0)]).unwrap();
+    rig.w(QUEUE_NOTIFY, 0);
+    let used = vq.used().ring().ref_at(0).unwrap().load();
+    assert_eq!(used.len(), 24);
+    let mut got = [0u8; 17];
+    mem.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
+    assert_eq!(&got[..16], &[0x5a; 16]);
+    assert_eq!(got[16], 0, "nothing past the buffer");
+    assert_eq!(rig.r(INTERRUPT_STATUS), 1);
+    assert!(rig.line.0.load(Ordering::SeqCst));
+    rig.w(INTERRUPT_ACK, 1);
+    assert!(!rig.line.0.load(Ordering::SeqCst));
+}
+
+#[test]
+fn a_legacy_driver_is_refused() {
+    let mut rig = Rig::new();
+    rig.negotiate(false);
+    assert_eq!(rig.r(STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+}
+
+#[test]
+fn status_must_go_in_order_and_zero_resets() {
+    let mut rig = Rig::new();
+    rig.w(STATUS, 2); // DRIVER before ACKNOWLEDGE
+    assert_eq!(rig.r(STATUS), 0);
+    rig.w(STATUS, 1);
+    rig.w(STATUS, 1 | 8); // FEATURES_OK before DRIVER
+    assert_eq!(rig.r(STATUS), 1);
+    rig.w(STATUS, 1 | 2 | 4); // DRIVER_OK before FEATURES_OK
+    assert_eq!(rig.r(STATUS), 1);
+    rig.negotiate(true);
+    rig.w(STATUS, 1); // clearing bits
+    assert_eq!(rig.r(STATUS), 11);
+    rig.w(STATUS, 0);
+    assert_eq!(rig.r(STATUS), 0);
+}
+
+#[test]
+fn bad_queue_setups_never_become_ready() {
+    let mut rig = Rig::new();
+    let mem = rig.mem.clone();
+    let vq = MockSplitQueue::new(&**mem, 16);
+    // Before FEATURES_OK queue registers are read-only.
+    rig.setup_queue(&vq, 16);
+    assert_eq!(rig.r(QUEUE_READY), 0);
+    rig.negotiate(true);
+    // Not a power of two.
+    rig.setup_queue(&vq, 100);
+    assert_eq!(rig.r(QUEUE_READY), 0);
+    // Larger than the maximum.
+    rig.setup_queue(&vq, 512);
+    assert_eq!(rig.r(QUEUE_READY), 0);
+    // Rings outside guest memory.
+    rig.w(QUEUE_NUM, 16);
+    rig.w(QUEUE_DESC_LOW, 0);
+    rig.w(QUEUE_DESC_HIGH, 0x1);
+    rig.w(QUEUE_READY, 1);
+    assert_eq!(rig.r(QUEUE_READY), 0);
+    // Misaligned ring.
+    rig.w(QUEUE_DESC_HIGH, 0);
+    rig.w(QUEUE_DESC_LOW, 0x1001);
+    rig.w(QUEUE_READY, 1);
+    assert_eq!(rig.r(QUEUE_READY), 0);
+    // A good one, after all that.
+    rig.setup_queue(&vq, 16);
+    assert_eq!(rig.r(QUEUE_READY), 1);
+}
+
+#[test]
+fn notifications_before_driver_ok_are_dropped_and_config_freezes_after() {
+    let mut rig = Rig::new();
+    let mem = rig.mem.clone();
+    let vq = MockSplitQueue::new(&**mem, 16);
+    rig.negotiate(true);
+    rig.setup_queue(&vq, 16);
+    vq.build_desc_chain(&[desc(0x8000, 16, WRITE, 0)]).unwrap();
+    rig.w(QUEUE_NOTIFY, 0);
+    assert_eq!(vq.used().idx().load(), 0, "not served before DRIVER_OK");
+    rig.w(STATUS, 15);
+    rig.w(QUEUE_NOTIFY, 7); // no such queue
+    rig.w(QUEUE_NUM, 8); // too late
+    rig.w(QUEUE_NOTIFY, 0);
+    assert_eq!(vq.used().idx().load(), 1);
+}
+
+#[test]
+fn reset_returns_to_a_fresh_device() {
+    let mut rig = Rig::new();
+    let mem = rig.mem.clone();
+    let vq = MockSplitQueue::new(&**mem, 16);
+    rig.negotiate(true);
+    rig.setup_queue(&vq, 16);
+    rig.w(STATUS, 15);
+    vq.build_desc_chain(&[desc(0x8000, 16, WRITE, 0)]).unwrap();
+    rig.w(QUEUE_NOTIFY, 0);
+    assert!(rig.line.0.load(Ordering::SeqCst));
+    rig.w(STATUS, 0);
+    assert_eq!(rig.r(INTERRUPT_STATUS), 0);
+    assert!(!rig.line.0.load(Ordering::SeqCst));
+    assert_eq!(rig.r(QUEUE_READY), 0);
+    rig.w(QUEUE_NOTIFY, 0); // the device is stopped: ignored
+    assert_eq!(vq.used().idx().load(), 1);
+    // And it can be brought up again.
+    rig.negotiate(true);
+    let vq2 = MockSplitQueue::create(&**mem, GuestAddress(0x4_0000), 16);
+    rig.setup_queue(&vq2, 16);
+    rig.w(STATUS, 15);
+    vq2.build_desc_chain(&[desc(0x8000, 4, WRITE, 0)]).unwrap();
+    rig.w(QUEUE_NOTIFY, 0);
+    assert_eq!(vq2.used().ring().ref_at(0).unwrap().load().len(), 4);
+}
+
+#[test]
+fn hostile_chains_are_bounded() {
+    let mut rig = Rig::new();
+    let mem = rig.mem.clone();
+    let vq = MockSplitQueue::new(&**mem, 16);
+    rig.negotiate(true);
+    rig.setup_queue(&vq, 16);
+    rig.w(STATUS, 15);
+    let chains = [
+        // A device-readable descriptor: nothing written.
+        desc(0x8000, 16, 0, 0),
+        // A buffer running off the end of guest memory: nothing written past it, then stop.
+        desc(MEM_SIZE as u64 - 16, 64, WRITE, 0),
+        // An enormous buffer: capped.
+        desc(0x1_0000, u32::MAX, WRITE, 0),
+    ];
+    vq.add_desc_chains(&chains, 0).unwrap();
+    rig.w(QUEUE_NOTIFY, 0);
+    let lens: Vec<u32> = (0..3).map(|i| vq.used().ring().ref_at(i).unwrap().load().len()).collect();
+    assert_eq!(lens[0], 0);
+    assert_eq!(lens[1], 0);
+    assert!(lens[2] as usize <= MAX_PER_CHAIN);
+}
+
+#[test]
+fn garbage_at_every_offset_never_panics() {
+    let mut rig = Rig::new();
+    for offset in 0..0x200u64 {
+        for len in [1usize, 2, 4, 8] {
+            for value in [0u8, 0xff, 0x0f] {
+                rig.t.write(0, offset, &vec![value; len]);
+                let mut b = vec![0u8; len];
+                rig.t.read(0, offset, &mut b);
+            }
+        }
+    }
+}

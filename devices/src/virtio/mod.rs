@@ -1,0 +1,139 @@
+//! virtio 1.x devices over the MMIO transport (virtio spec v1.2, sections 2 and 4.2).
+//!
+//! [`mmio::MmioTransport`] is the register file the guest driver talks to: feature
+//! negotiation, the status state machine, queue setup (validated with `virtio-queue`'s
+//! `try_set_*`), interrupt status and acknowledgement, config space and reset. Behind it
+//! sits a [`VirtioDevice`]: it says what it offers, and gets its queues, guest memory
+//! and interrupt when the driver sets DRIVER_OK. Devices never see a hypervisor: memory
+//! is a [`GuestMemoryHandle`] and the interrupt an [`crate::irq::IrqLine`].
+
+pub mod mmio;
+pub mod rng;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use crate::irq::IrqLine;
+
+/// Access to guest memory for devices, whatever owns it (the VMM's guest RAM, a test's
+/// `Box<GuestMemoryMmap>`).
+pub trait GuestMemoryHandle: Send + Sync {
+    /// The guest's memory.
+    fn memory(&self) -> &GuestMemoryMmap;
+}
+
+impl<T: std::ops::Deref<Target = GuestMemoryMmap> + Send + Sync> GuestMemoryHandle for T {
+    fn memory(&self) -> &GuestMemoryMmap {
+        self
+    }
+}
+
+/// Shared guest memory, as devices hold it.
+pub type GuestMemory = Arc<dyn GuestMemoryHandle>;
+
+/// Interrupt status bit: the device used buffers.
+pub const INT_USED_RING: u32 = 1;
+/// Interrupt status bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// A transport's interrupt: the InterruptStatus register and the line behind it. The line
+/// is high while any status bit is set; the driver clears bits through InterruptACK.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    line: Arc<dyn IrqLine>,
+}
+
+impl std::fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interrupt").field("status", &self.status()).finish_non_exhaustive()
+    }
+}
+
+impl Interrupt {
+    /// An interrupt with no status bits set, driving `line`.
+    pub fn new(line: Arc<dyn IrqLine>) -> Self {
+        Interrupt { status: Arc::new(AtomicU32::new(0)), line }
+    }
+
+    /// Sets status `bits` and raises the line.
+    pub fn trigger(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.line.set_level(true);
+    }
+
+    /// Clears status `bits` (InterruptACK); lowers the line when none remain.
+    pub fn acknowledge(&self, bits: u32) {
+        let left = self.status.fetch_and(!bits, Ordering::SeqCst) & !bits;
+        if left == 0 {
+            self.line.set_level(false);
+        }
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.line.set_level(false);
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    /// Guest memory.
+    pub memory: GuestMemory,
+    /// The queues, configured and ready, in queue-index order.
+    pub queues: Vec<Queue>,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+    /// The device's interrupt.
+    pub interrupt: Interrupt,
+}
+
+/// Errors activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up fewer queues than the device needs.
+    #[error("the driver enabled {got} queue(s); the device needs {needed}")]
+    MissingQueues {
+        /// How many the device needs.
+        needed: usize,
+        /// How many are ready.
+        got: usize,
+    },
+    /// The device could not start its backend.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (4 = entropy, 2 = block, 1 = network, 3 = console).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each of the device's queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered (`VIRTIO_F_VERSION_1` is added by the transport).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let _ = offset;
+        data.fill(0);
+    }
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
+    /// Starts the device with the driver's queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// The driver notified queue `index` (only called after a successful activation).
+    fn queue_notify(&mut self, index: u16);
+    /// Returns to the state before activation, dropping the queues and stopping any
+    /// backend work (driver reset or a failed activation).
+    fn reset(&mut self);
+}

@@ -1,0 +1,142 @@
+//! virtio-rng: the entropy device (virtio spec v1.2 section 5.4), fed from the host.
+//!
+//! One queue; the driver posts device-writable buffers and the device fills them. Work
+//! is small and bounded (at most [`MAX_PER_CHAIN`] bytes a chain, one reused buffer), so
+//! it runs on the notifying thread. Descriptors the device cannot write (device-readable
+//! ones, or addresses outside guest memory) end the chain with what was written so far.
+
+use std::io::Read;
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::{ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice, INT_USED_RING};
+use crate::warn_ratelimited;
+
+/// Queue size offered to the driver.
+pub const QUEUE_SIZE: u16 = 256;
+/// The most entropy handed out per descriptor chain.
+pub const MAX_PER_CHAIN: usize = 64 * 1024;
+
+struct Running {
+    memory: GuestMemory,
+    queue: Queue,
+    interrupt: Interrupt,
+}
+
+/// The entropy device.
+pub struct Rng {
+    source: Box<dyn Read + Send>,
+    buf: Vec<u8>,
+    running: Option<Running>,
+}
+
+impl std::fmt::Debug for Rng {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rng").field("running", &self.running.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Rng {
+    /// An entropy device reading from `source` (the host's `/dev/urandom` in the VMM).
+    pub fn new(source: Box<dyn Read + Send>) -> Self {
+        Rng { source, buf: vec![0; 4096], running: None }
+    }
+
+    /// Fills the chain's writable descriptors; returns the bytes written.
+    fn fill(
+        source: &mut dyn Read,
+        buf: &mut [u8],
+        memory: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
+        let mut written = 0usize;
+        for desc in chain {
+            if !desc.is_write_only() {
+                warn_ratelimited!("virtio-rng: device-readable descriptor in a request; chain ends");
+                break;
+            }
+            let mut left = (desc.len() as usize).min(MAX_PER_CHAIN - written);
+            let mut addr = desc.addr();
+            while left > 0 {
+                let n = left.min(buf.len());
+                if let Err(e) = source.read_exact(&mut buf[..n]) {
+                    warn_ratelimited!("virtio-rng: host entropy source failed: {e}");
+                    return written as u32;
+                }
+                if memory.write_slice(&buf[..n], addr).is_err() {
+                    warn_ratelimited!("virtio-rng: buffer at {:#x} is outside guest memory; chain ends", addr.0);
+                    return written as u32;
+                }
+                written += n;
+                left -= n;
+                addr = vm_memory::GuestAddress(addr.0 + n as u64);
+            }
+            if written >= MAX_PER_CHAIN {
+                break;
+            }
+        }
+        written as u32
+    }
+
+    fn process(&mut self) {
+        let Some(run) = self.running.as_mut() else { return };
+        let memory = run.memory.memory();
+        loop {
+            while let Some(chain) = run.queue.pop_descriptor_chain(memory) {
+                let head = chain.head_index();
+                let len = Self::fill(&mut self.source, &mut self.buf, memory, chain);
+                if let Err(e) = run.queue.add_used(memory, head, len) {
+                    warn_ratelimited!("virtio-rng: cannot return a buffer: {e}");
+                    return;
+                }
+            }
+            // With EVENT_IDX, re-check for buffers that raced with re-enabling notifications.
+            match run.queue.enable_notification(memory) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn_ratelimited!("virtio-rng: queue error: {e}");
+                    break;
+                }
+            }
+        }
+        match run.queue.needs_notification(memory) {
+            Ok(true) => run.interrupt.trigger(INT_USED_RING),
+            Ok(false) => {}
+            Err(e) => warn_ratelimited!("virtio-rng: queue error: {e}"),
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_RING_F_EVENT_IDX
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let Activation { memory, queues, interrupt, .. } = activation;
+        let got = queues.len();
+        let queue = queues.into_iter().next().ok_or(ActivateError::MissingQueues { needed: 1, got })?;
+        self.running = Some(Running { memory, queue, interrupt });
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, _index: u16) {
+        self.process();
+    }
+
+    fn reset(&mut self) {
+        self.running = None;
+    }
+}
