@@ -97,6 +97,17 @@ pub const ALL: &[Scenario] = &[
         timeout_secs: 120,
     },
     Scenario {
+        name: "own-kernel",
+        about: "hvrun's own kernel (virtio built in) boots on 2 vCPUs and binds virtio-rng without modules",
+        artifacts: &["Image", "initramfs.cpio"],
+        script: "RUST_LOG=info /bin/hvrun --kernel /guest/Image --initrd /guest/initramfs.cpio --cpus 2 --memory 128M \\
+                 --cmdline 'console=ttyAMA0 quiet -- /t/own-kernel-check' 2>&1 | tr -d '\\r'",
+        exit_code: 0,
+        markers: &["guest boot-timer:", "cpus: 2", "rng_current: virtio_rng.0"],
+        forbidden: &["hvrun: error", "panicked", "WARN ]"],
+        timeout_secs: 120,
+    },
+    Scenario {
         name: "mmio-garbage",
         about: "a guest writing garbage to every GIC and UART register at every width does not crash hvrun",
         artifacts: &["vmlinuz", "initramfs.cpio"],

@@ -6,6 +6,7 @@
 //! - `busybox`: Debian's static arm64 busybox, for the rig's init.
 //! - `NAME.bin`: each test program `guests/NAME.S`, assembled with the cross binutils.
 //! - `NAME`: each guest tool `guests/tools/NAME.c`, a static arm64 Linux program.
+//! - `Image`: hvrun's own kernel with virtio built in (see [`crate::kernel`]).
 //! - `initramfs.cpio`: busybox, `guests/initramfs/init`, the helper scripts in
 //!   `guests/initramfs/t/`, the guest tools and the modules (in `/lib/modules`); boots
 //!   Debian's kernel to a shell, or runs the command after `--` on the kernel command line.
@@ -34,6 +35,7 @@ pub fn run() -> Result<(), String> {
     assemble_programs(&dir)?;
     let tools = build_tools(&dir)?;
     build_initramfs(&dir, &tools)?;
+    crate::kernel::build(&dir)?;
     Ok(())
 }
 
@@ -120,12 +122,12 @@ fn build_initramfs(dir: &Path, tools: &[PathBuf]) -> Result<(), String> {
 }
 
 /// FNV-1a, for cache keys that are stable across Rust versions.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// Whether `output` exists and was made from `key`.
-fn fresh(output: &Path, key: &str) -> bool {
+pub fn fresh(output: &Path, key: &str) -> bool {
     output.exists() && std::fs::read_to_string(stamp(output)).is_ok_and(|k| k == key)
 }
 
@@ -136,7 +138,7 @@ fn stamp(output: &Path) -> PathBuf {
     ))
 }
 
-fn mark(output: &Path, key: &str) -> Result<(), String> {
+pub fn mark(output: &Path, key: &str) -> Result<(), String> {
     std::fs::write(stamp(output), key).map_err(|e| format!("writing {}: {e}", stamp(output).display()))
 }
 

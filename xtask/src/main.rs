@@ -7,6 +7,7 @@
 mod cross;
 mod e2e;
 mod guest;
+mod kernel;
 mod paths;
 mod setup;
 mod sh;

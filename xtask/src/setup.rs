@@ -16,6 +16,10 @@ pub const PACKAGES: &[&str] = &[
     "device-tree-compiler", // dtc, to decode device trees in tests
     "e2fsprogs",            // mkfs.ext4 and debugfs for disk images
     "cpio",                 // cross-checks the initramfs writer
+    "linux-source-6.1",     // hvrun's own guest kernel (cargo xtask guest builds it)
+    "flex",
+    "bison",
+    "bc",
 ];
 
 fn installed(package: &str) -> bool {

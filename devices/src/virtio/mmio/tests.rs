@@ -77,6 +77,13 @@ impl Rig {
         }
         self.w(STATUS, 11);
     }
+    /// Negotiates, sets up queue 0 on `vq` and sets DRIVER_OK.
+    fn start(&mut self, vq: &MockSplitQueue<GuestMemoryMmap>) {
+        self.negotiate(true);
+        self.setup_queue(vq, 16);
+        self.w(STATUS, 15);
+    }
+
     /// Points queue 0 at `vq`'s rings, sized `size`, and makes it ready.
     fn setup_queue(&mut self, vq: &MockSplitQueue<GuestMemoryMmap>, size: u32) {
         self.w(QUEUE_SEL, 0);
@@ -211,9 +218,7 @@ fn reset_returns_to_a_fresh_device() {
     let mut rig = Rig::new();
     let mem = rig.mem.clone();
     let vq = MockSplitQueue::new(&**mem, 16);
-    rig.negotiate(true);
-    rig.setup_queue(&vq, 16);
-    rig.w(STATUS, 15);
+    rig.start(&vq);
     vq.build_desc_chain(&[desc(0x8000, 16, WRITE, 0)]).unwrap();
     rig.w(QUEUE_NOTIFY, 0);
     assert!(rig.line.0.load(Ordering::SeqCst));
@@ -238,9 +243,7 @@ fn hostile_chains_are_bounded() {
     let mut rig = Rig::new();
     let mem = rig.mem.clone();
     let vq = MockSplitQueue::new(&**mem, 16);
-    rig.negotiate(true);
-    rig.setup_queue(&vq, 16);
-    rig.w(STATUS, 15);
+    rig.start(&vq);
     let chains = [
         // A device-readable descriptor: nothing written.
         desc(0x8000, 16, 0, 0),
