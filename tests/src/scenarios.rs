@@ -108,6 +108,46 @@ pub const ALL: &[Scenario] = &[
         timeout_secs: 120,
     },
     Scenario {
+        name: "disk-boot",
+        about: "`hvrun --kernel Image --disk rootfs.img` boots to a shell on the ext4 root and runs a scripted session",
+        artifacts: &["Image", "rootfs.ext4"],
+        script: "cp /guest/rootfs.ext4 /tmp/rootfs.img\n\
+                 set -o pipefail\n\
+                 printf 'cat /proc/cmdline\\nmount\\necho session-done\\npoweroff -f\\n' \\
+                 | /bin/hvrun --kernel /guest/Image --disk /tmp/rootfs.img 2>&1 | tr -d '\\r'\n\
+                 echo \"hvrun exit $?\"",
+        exit_code: 0,
+        markers: &["root=/dev/vda rw", "/dev/root on / type ext4 (rw", "session-done", "hvrun exit 0"],
+        forbidden: &["hvrun: error", "panicked", "Kernel panic", "applet not found", "failed"],
+        timeout_secs: 120,
+    },
+    Scenario {
+        name: "disk-io",
+        about: "guest writes reach the image intact, a read-only disk refuses writes and keeps its bytes, GET_ID works",
+        artifacts: &["Image", "initramfs.cpio"],
+        script: "dd if=/dev/zero of=/tmp/data.img bs=1M count=16 2>/dev/null\n\
+                 dd if=/dev/urandom of=/tmp/ro.img bs=1M count=4 2>/dev/null\n\
+                 before=$(sha256sum /tmp/ro.img | cut -d' ' -f1)\n\
+                 /bin/hvrun --kernel /guest/Image --initrd /guest/initramfs.cpio --memory 256M \\
+                 --disk /tmp/data.img,id=data --disk /tmp/ro.img,readonly,id=golden \\
+                 --cmdline 'console=ttyAMA0 quiet -- /t/disk-check' 2>&1 | tr -d '\\r' | tee /tmp/out\n\
+                 guest=$(sed -n 's/^pattern sha256: //p' /tmp/out)\n\
+                 host=$(head -c 8388608 /tmp/data.img | sha256sum | cut -d' ' -f1)\n\
+                 [ -n \"$guest\" ] && [ \"$guest\" = \"$host\" ] && echo \"image holds the guest's data ($host)\"\n\
+                 [ \"$(sha256sum /tmp/ro.img | cut -d' ' -f1)\" = \"$before\" ] && echo 'read-only image unchanged'",
+        exit_code: 0,
+        markers: &[
+            "vda serial: data ro=0 size=32768",
+            "vdb serial: golden ro=1",
+            "wrote vda",
+            "vdb refused the write",
+            "image holds the guest's data",
+            "read-only image unchanged",
+        ],
+        forbidden: &["hvrun: error", "panicked", "ACCEPTED A WRITE"],
+        timeout_secs: 180,
+    },
+    Scenario {
         name: "mmio-garbage",
         about: "a guest writing garbage to every GIC and UART register at every width does not crash hvrun",
         artifacts: &["vmlinuz", "initramfs.cpio"],

@@ -5,6 +5,7 @@ use std::io::Read;
 use std::path::Path;
 
 use arch_aarch64::image::{ImageHeader, HEAD_SIZE};
+use devices::virtio::block::disk::FileDisk;
 
 use crate::{Error, VmConfig};
 
@@ -21,6 +22,8 @@ pub struct BootFiles {
     pub header: ImageHeader,
     /// The initrd and its size, if there is one.
     pub initrd: Option<(File, u64)>,
+    /// The disks, open and locked, in order.
+    pub disks: Vec<FileDisk>,
 }
 
 fn open(what: &'static str, path: &Path) -> Result<(File, u64), Error> {
@@ -46,7 +49,18 @@ impl BootFiles {
         let header = ImageHeader::parse(&head, kernel_size)
             .map_err(|source| Error::Kernel { path: config.kernel.clone(), source })?;
         let initrd = config.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
-        Ok(BootFiles { kernel, kernel_size, header, initrd })
+        let disks = config
+            .disks
+            .iter()
+            .map(|d| {
+                FileDisk::open(&d.path, d.read_only).map_err(|source| Error::File {
+                    what: "disk",
+                    path: d.path.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(BootFiles { kernel, kernel_size, header, initrd, disks })
     }
 }
 

@@ -20,6 +20,9 @@ pub enum ConfigError {
     /// RAM outside the supported range.
     #[error("--memory {0}: must be between 16 MiB and 63 GiB, in multiples of 16 KiB")]
     MemoryOutOfRange(String),
+    /// A `--disk` value that does not parse.
+    #[error("--disk {0}: use PATH[,readonly][,id=NAME] (NAME: up to 20 ASCII characters)")]
+    BadDisk(String),
     /// vCPU count outside the supported range.
     #[error("--cpus {0}: must be between 1 and 8")]
     CpusOutOfRange(u32),
@@ -38,6 +41,8 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// Disks, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...).
+    pub disks: Vec<DiskConfig>,
     /// Feed standard input to the guest's console, with the terminal in raw mode while
     /// the guest runs when it is one (Ctrl-A X quits). Off by default: a library must
     /// not touch the terminal unless asked.
@@ -55,6 +60,7 @@ impl VmConfig {
             cpus: 1,
             memory: DEFAULT_MEMORY,
             console_stdin: false,
+            disks: Vec::new(),
         }
     }
 
@@ -68,6 +74,42 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Refuse the guest's writes (and open the file read-only).
+    pub read_only: bool,
+    /// The ID the guest reads with GET_ID (`/sys/block/vdX/serial`); at most 20 bytes.
+    pub id: Option<String>,
+}
+
+/// The kernel command line when none is given: the console on the PL011 and, with a
+/// disk, the root filesystem on the first one.
+pub fn default_cmdline(disks: &[DiskConfig]) -> String {
+    if disks.is_empty() {
+        "console=ttyAMA0".into()
+    } else {
+        "console=ttyAMA0 root=/dev/vda rw".into()
+    }
+}
+
+/// Parses `PATH[,readonly][,id=NAME]`.
+pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
+    let mut parts = text.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| ConfigError::BadDisk(text.into()))?;
+    let mut disk = DiskConfig { path: path.into(), read_only: false, id: None };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "readonly" || option == "ro" => disk.read_only = true,
+            Some(("id", id)) if !id.is_empty() && id.len() <= 20 && id.is_ascii() => disk.id = Some(id.into()),
+            _ => return Err(ConfigError::BadDisk(text.into())),
+        }
+    }
+    Ok(disk)
 }
 
 /// Parses a size like `512M`, `2G`, `2GiB` or `1048576` (bytes when there is no suffix
@@ -127,6 +169,20 @@ mod tests {
             assert_eq!(format_size(parse_size(text).unwrap()), text);
         }
         assert_eq!(format_size(12345), "12345B");
+    }
+
+    #[test]
+    fn disks_parse() {
+        assert_eq!(parse_disk("a.img"), Ok(DiskConfig { path: "a.img".into(), read_only: false, id: None }));
+        assert_eq!(
+            parse_disk("/x/b.img,readonly,id=data"),
+            Ok(DiskConfig { path: "/x/b.img".into(), read_only: true, id: Some("data".into()) })
+        );
+        for bad in ["", ",readonly", "a,rw", "a,id=", "a,id=012345678901234567890", "a,bogus=1"] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+        assert_eq!(default_cmdline(&[]), "console=ttyAMA0");
+        assert!(default_cmdline(&[parse_disk("a").unwrap()]).contains("root=/dev/vda"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use devices::bus::MmioBus;
 use devices::gic::Gic;
 use devices::pl011::Pl011;
 use devices::pl031::Pl031;
-use devices::virtio::{mmio::MmioTransport, rng::Rng, Interrupt, VirtioDevice};
+use devices::virtio::{block::Block, mmio::MmioTransport, rng::Rng, Interrupt, VirtioDevice};
 use hypervisor::{GuestRam, Hypervisor, Reg, Vcpu, Vm};
 use linux_loader::loader::{pe::PE, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
@@ -48,7 +48,7 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
 where
     H::Vm: 'static,
 {
-    let virtio = virtio_devices()?;
+    let (virtio, files) = virtio_devices(config, files)?;
     let (memory, regs) = load(config, files, virtio.len())?;
     let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: IPA_BITS })?;
     vm.map_memory(&memory)?;
@@ -133,10 +133,17 @@ fn virtio_slot(slot: u32) -> u64 {
     VIRTIO_MMIO_BASE + u64::from(slot) * VIRTIO_MMIO_SIZE
 }
 
-/// The virtio devices, in slot order.
-fn virtio_devices() -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
+/// The virtio devices, in slot order: the disks first (so the first is `/dev/vda`), then
+/// the entropy device. Takes the open disks out of `files`.
+fn virtio_devices(config: &VmConfig, mut files: BootFiles) -> Result<(Vec<Box<dyn VirtioDevice>>, BootFiles), Error> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for (index, (disk, cfg)) in files.disks.drain(..).zip(&config.disks).enumerate() {
+        let id = cfg.id.clone().unwrap_or_else(|| format!("hvrun-disk{index}"));
+        devices.push(Box::new(Block::new(Box::new(disk), &id)));
+    }
     let urandom = std::fs::File::open("/dev/urandom").map_err(|e| Error::Virtio(format!("/dev/urandom: {e}")))?;
-    Ok(vec![Box::new(Rng::new(Box::new(urandom)))])
+    devices.push(Box::new(Rng::new(Box::new(urandom))));
+    Ok((devices, files))
 }
 
 /// 64 bytes from the host's entropy source, for the kernel's RNG and KASLR seeds.
@@ -153,7 +160,7 @@ fn entropy() -> Vec<u8> {
 
 /// Creates guest RAM and loads the kernel, initrd and device tree into it.
 fn load(config: &VmConfig, files: BootFiles, virtio_slots: usize) -> Result<(Arc<GuestRam>, BootRegs), Error> {
-    let BootFiles { mut kernel, kernel_size, header, initrd } = files;
+    let BootFiles { mut kernel, kernel_size, header, initrd, .. } = files;
     let initrd_size = initrd.as_ref().map(|(_, size)| *size);
     let plan = image::plan(RAM_BASE, config.memory, &header, kernel_size, initrd_size)
         .map_err(|source| Error::Kernel { path: config.kernel.clone(), source })?;

@@ -35,15 +35,23 @@ struct Cli {
     /// An initramfs for the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
-    /// The kernel command line.
-    #[arg(long, value_name = "TEXT", default_value = "console=ttyAMA0")]
-    cmdline: String,
+    /// The kernel command line [default: console=ttyAMA0, plus root=/dev/vda rw with --disk].
+    #[arg(long, value_name = "TEXT")]
+    cmdline: Option<String>,
+    /// A raw disk image as a virtio-blk device (repeatable: vda, vdb, ...), e.g.
+    /// rootfs.img or data.img,readonly,id=data.
+    #[arg(long = "disk", value_name = "PATH[,readonly][,id=NAME]", value_parser = parse_disk)]
+    disks: Vec<config::DiskConfig>,
     /// Number of vCPUs (1 to 8).
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
     /// Guest RAM, e.g. 512M or 2G.
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
     memory: u64,
+}
+
+fn parse_disk(text: &str) -> Result<config::DiskConfig, String> {
+    config::parse_disk(text).map_err(|e| e.to_string())
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -67,7 +75,8 @@ fn main() -> ExitCode {
     let config = VmConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
-        cmdline: cli.cmdline,
+        cmdline: cli.cmdline.unwrap_or_else(|| config::default_cmdline(&cli.disks)),
+        disks: cli.disks,
         cpus: cli.cpus,
         memory: cli.memory,
         console_stdin: true,

@@ -6,6 +6,7 @@
 //! - `busybox`: Debian's static arm64 busybox, for the rig's init.
 //! - `NAME.bin`: each test program `guests/NAME.S`, assembled with the cross binutils.
 //! - `NAME`: each guest tool `guests/tools/NAME.c`, a static arm64 Linux program.
+//! - `rootfs.ext4`: an ext4 root filesystem with busybox and the same init, for `--disk`.
 //! - `Image`: hvrun's own kernel with virtio built in (see [`crate::kernel`]).
 //! - `initramfs.cpio`: busybox, `guests/initramfs/init`, the helper scripts in
 //!   `guests/initramfs/t/`, the guest tools and the modules (in `/lib/modules`); boots
@@ -35,6 +36,7 @@ pub fn run() -> Result<(), String> {
     assemble_programs(&dir)?;
     let tools = build_tools(&dir)?;
     build_initramfs(&dir, &tools)?;
+    build_rootfs(&dir)?;
     crate::kernel::build(&dir)?;
     Ok(())
 }
@@ -74,6 +76,39 @@ fn build_tools(dir: &Path) -> Result<Vec<PathBuf>, String> {
         built.push(output);
     }
     Ok(built)
+}
+
+/// Builds `rootfs.ext4`: busybox with the test init as `/sbin/init`, made by
+/// `mkfs.ext4 -d` (no root privileges or loop devices needed).
+fn build_rootfs(dir: &Path) -> Result<(), String> {
+    let init = read(&paths::root().join("guests/initramfs/init"))?;
+    let busybox = read(&dir.join("busybox"))?;
+    let output = dir.join("rootfs.ext4");
+    let key = format!("{:016x}", fnv1a(&[init.as_slice(), &busybox].concat()));
+    if fresh(&output, &key) {
+        println!("guest: rootfs.ext4 is up to date");
+        return Ok(());
+    }
+    let staging = paths::cache().join("rootfs-staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    for d in ["bin", "sbin", "dev", "proc", "sys", "tmp", "root", "t"] {
+        std::fs::create_dir_all(staging.join(d)).map_err(|e| format!("{}: {e}", staging.display()))?;
+    }
+    let write = |path: &str, bytes: &[u8], mode: u32| -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let p = staging.join(path);
+        std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    write("bin/busybox", &busybox, 0o755)?;
+    write("sbin/init", &init, 0o755)?;
+    std::os::unix::fs::symlink("busybox", staging.join("bin/sh")).map_err(|e| format!("symlink: {e}"))?;
+    let _ = std::fs::remove_file(&output);
+    sh::run(sh::cmd("mkfs.ext4").args(["-q", "-F", "-L", "rootfs", "-d"]).arg(&staging).arg(&output).arg("32M"))?;
+    mark(&output, &key)?;
+    let _ = std::fs::remove_dir_all(&staging);
+    println!("guest: built {}", output.display());
+    Ok(())
 }
 
 /// Packs the guest initramfs.

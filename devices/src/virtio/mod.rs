@@ -7,16 +7,18 @@
 //! and interrupt when the driver sets DRIVER_OK. Devices never see a hypervisor: memory
 //! is a [`GuestMemoryHandle`] and the interrupt an [`crate::irq::IrqLine`].
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::irq::IrqLine;
+use crate::warn_ratelimited;
 
 /// Access to guest memory for devices, whatever owns it (the VMM's guest RAM, a test's
 /// `Box<GuestMemoryMmap>`).
@@ -81,6 +83,42 @@ impl Interrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.line.set_level(false);
+    }
+}
+
+/// Serves every chain the driver has made available: `serve` handles one and returns how
+/// many bytes it wrote into it. With EVENT_IDX, chains that raced with re-enabling
+/// notifications are served too. Then interrupts the driver if it asked to be.
+/// `device` names the device in logs.
+pub fn drain_queue(
+    device: &str,
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+) {
+    loop {
+        while let Some(chain) = queue.pop_descriptor_chain(memory) {
+            let head = chain.head_index();
+            let len = serve(chain);
+            if let Err(e) = queue.add_used(memory, head, len) {
+                warn_ratelimited!("{device}: cannot return a buffer: {e}");
+                return;
+            }
+        }
+        match queue.enable_notification(memory) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                warn_ratelimited!("{device}: queue error: {e}");
+                break;
+            }
+        }
+    }
+    match queue.needs_notification(memory) {
+        Ok(true) => interrupt.trigger(INT_USED_RING),
+        Ok(false) => {}
+        Err(e) => warn_ratelimited!("{device}: queue error: {e}"),
     }
 }
 

@@ -9,10 +9,10 @@ use std::io::Read;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::{ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice, INT_USED_RING};
+use super::{drain_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
 use crate::warn_ratelimited;
 
 /// Queue size offered to the driver.
@@ -84,30 +84,10 @@ impl Rng {
     fn process(&mut self) {
         let Some(run) = self.running.as_mut() else { return };
         let memory = run.memory.memory();
-        loop {
-            while let Some(chain) = run.queue.pop_descriptor_chain(memory) {
-                let head = chain.head_index();
-                let len = Self::fill(&mut self.source, &mut self.buf, memory, chain);
-                if let Err(e) = run.queue.add_used(memory, head, len) {
-                    warn_ratelimited!("virtio-rng: cannot return a buffer: {e}");
-                    return;
-                }
-            }
-            // With EVENT_IDX, re-check for buffers that raced with re-enabling notifications.
-            match run.queue.enable_notification(memory) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn_ratelimited!("virtio-rng: queue error: {e}");
-                    break;
-                }
-            }
-        }
-        match run.queue.needs_notification(memory) {
-            Ok(true) => run.interrupt.trigger(INT_USED_RING),
-            Ok(false) => {}
-            Err(e) => warn_ratelimited!("virtio-rng: queue error: {e}"),
-        }
+        let (source, buf) = (&mut self.source, &mut self.buf);
+        drain_queue("virtio-rng", &mut run.queue, memory, &run.interrupt, |chain| {
+            Self::fill(source, buf, memory, chain)
+        });
     }
 }
 

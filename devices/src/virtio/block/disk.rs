@@ -1,0 +1,224 @@
+//! What a virtio-blk device reads and writes: a [`Disk`]. [`FileDisk`] is a raw image
+//! file; [`MemDisk`] lives in memory (tests and benchmarks).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// Storage behind a block device, addressed in bytes.
+pub trait Disk: Send {
+    /// Size in bytes.
+    fn capacity(&self) -> u64;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+    /// Fills `buf` from `offset`.
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes `buf` at `offset`.
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&mut self) -> io::Result<()>;
+    /// Deallocates `len` bytes at `offset`; they read back as zeros.
+    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// A raw disk image file, locked against other writers.
+#[derive(Debug)]
+pub struct FileDisk {
+    file: File,
+    capacity: u64,
+    read_only: bool,
+}
+
+impl FileDisk {
+    /// Opens `path`; read-only or read-write. Takes an advisory lock (`flock`): shared
+    /// for read-only, exclusive otherwise, so two VMs cannot both write one image.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+        }
+        let mode = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(io::ErrorKind::WouldBlock, "another process has it open for writing (locked)")
+            } else {
+                e
+            });
+        }
+        Ok(FileDisk { file, capacity: meta.len(), read_only })
+    }
+}
+
+impl Disk for FileDisk {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // fdatasync on Linux; on macOS std uses F_FULLFSYNC, which reaches the medium.
+        self.file.sync_data()
+    }
+
+    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        punch_hole(&self.file, offset, len).or_else(|_| {
+            // The filesystem cannot punch holes: write the zeros instead.
+            let zeros = vec![0u8; 64 * 1024];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(zeros.len() as u64) as usize;
+                self.file.write_all_at(&zeros[..n], offset + done)?;
+                done += n as u64;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = (offset as libc::off_t, len as libc::off_t);
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on a descriptor we own, with a range inside the file.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(target_os = "macos")]
+fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let args = libc::fpunchhole_t {
+        fp_flags: 0,
+        reserved: 0,
+        fp_offset: offset as libc::off_t,
+        fp_length: len as libc::off_t,
+    };
+    // SAFETY: F_PUNCHHOLE takes a pointer to an fpunchhole_t that lives across the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_PUNCHHOLE, &args) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+fn punch_hole(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// A disk in memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemDisk {
+    /// The contents.
+    pub bytes: Vec<u8>,
+    /// Whether writes are refused.
+    pub read_only: bool,
+    /// How many flushes it has seen.
+    pub flushes: u64,
+}
+
+impl MemDisk {
+    fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
+        let start = usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let end = start.checked_add(len).filter(|&e| e <= self.bytes.len());
+        end.map(|end| start..end).ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))
+    }
+}
+
+impl Disk for MemDisk {
+    fn capacity(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let range = self.range(offset, buf.len())?;
+        buf.copy_from_slice(&self.bytes[range]);
+        Ok(())
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let range = self.range(offset, buf.len())?;
+        self.bytes[range].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.flushes += 1;
+        Ok(())
+    }
+    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let range = self.range(offset, len)?;
+        self.bytes[range].fill(0);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("hvrun-disk-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn file_disk_reads_writes_flushes_and_punches() {
+        let path = image("rw", &[7u8; 8192]);
+        let mut disk = FileDisk::open(&path, false).unwrap();
+        assert_eq!(disk.capacity(), 8192);
+        disk.write_at(&[1, 2, 3], 4096).unwrap();
+        disk.flush().unwrap();
+        let mut buf = [0u8; 4];
+        disk.read_at(&mut buf, 4095).unwrap();
+        assert_eq!(buf, [7, 1, 2, 3]);
+        disk.punch_hole(4096, 4096).unwrap();
+        disk.read_at(&mut buf, 4095).unwrap();
+        assert_eq!(buf, [7, 0, 0, 0]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8192, "punching keeps the size");
+        assert!(disk.read_at(&mut buf, 8190).is_err(), "reads past the end fail");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_writer_locks_others_out() {
+        let path = image("lock", &[0u8; 512]);
+        let first = FileDisk::open(&path, false).unwrap();
+        let err = FileDisk::open(&path, false).unwrap_err();
+        assert!(err.to_string().contains("locked"), "{err}");
+        assert!(FileDisk::open(&path, true).is_err(), "no reader while a writer holds it");
+        drop(first);
+        let _a = FileDisk::open(&path, true).unwrap();
+        let _b = FileDisk::open(&path, true).expect("readers share");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn read_only_files_open_without_write_access() {
+        let path = image("ro", &[0u8; 512]);
+        let mut disk = FileDisk::open(&path, true).unwrap();
+        assert!(disk.read_only());
+        assert!(disk.write_at(&[1], 0).is_err());
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -1,0 +1,281 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::disk::{Disk, MemDisk};
+use super::request::*;
+use super::Block;
+use crate::bus::MmioDeviceMut;
+use crate::irq::IrqLine;
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::Interrupt;
+
+const W: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+const MEM: usize = 0x10_0000;
+const HDR: u64 = 0x1_0000;
+const DATA: u64 = 0x2_0000;
+const STATUS: u64 = 0x3_0000;
+
+fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+    RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
+}
+
+fn mem() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap()
+}
+
+/// A 64 KiB disk whose byte i is i % 251.
+fn disk() -> MemDisk {
+    MemDisk { bytes: (0..65536u32).map(|i| (i % 251) as u8).collect(), ..Default::default() }
+}
+
+/// Serves one request made of `descs`, with the header at HDR; returns (used length, status).
+fn request(mem: &GuestMemoryMmap, disk: &mut dyn Disk, kind: u32, sector: u64, descs: &[RawDescriptor]) -> (u32, u8) {
+    mem.write_slice(&header(kind, sector), GuestAddress(HDR)).unwrap();
+    mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+    let vq = MockSplitQueue::new(mem, 16);
+    let chain = vq.build_desc_chain(descs).unwrap();
+    let id = *b"hvrun-test-disk\0\0\0\0\0";
+    let mut bounce = vec![0u8; 4096];
+    let len = serve(mem, chain, Context { disk, id: &id, bounce: &mut bounce });
+    (len, mem.read_obj(GuestAddress(STATUS)).unwrap())
+}
+
+fn hdr() -> RawDescriptor {
+    desc(HDR, 16, 0)
+}
+
+fn status() -> RawDescriptor {
+    desc(STATUS, 1, W)
+}
+
+#[test]
+fn write_then_read_back_across_split_buffers() {
+    let (m, mut d) = (mem(), disk());
+    m.write_slice(&[0xab; 1024], GuestAddress(DATA)).unwrap();
+    let out = [hdr(), desc(DATA, 512, 0), desc(DATA + 512, 512, 0), status()];
+    assert_eq!(request(&m, &mut d, T_OUT, 3, &out), (1, S_OK));
+    assert_eq!(&d.bytes[3 * 512..5 * 512], &[0xab; 1024][..]);
+    assert_eq!(d.bytes[5 * 512], ((5 * 512) % 251) as u8);
+    // Read it back into one buffer whose last byte is the status (a combined descriptor).
+    m.write_slice(&[0u8; 1024], GuestAddress(DATA)).unwrap();
+    let inn = [hdr(), desc(DATA, 1025, W)];
+    m.write_slice(&header(T_IN, 3), GuestAddress(HDR)).unwrap();
+    let vq = MockSplitQueue::new(&m, 16);
+    let chain = vq.build_desc_chain(&inn).unwrap();
+    let (id, mut bounce) = ([0u8; ID_LEN], vec![0u8; 100]);
+    let len = serve(&m, chain, Context { disk: &mut d, id: &id, bounce: &mut bounce });
+    assert_eq!(len, 1025);
+    let mut back = [0u8; 1025];
+    m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert_eq!(&back[..1024], &[0xab; 1024][..]);
+    assert_eq!(back[1024], S_OK);
+}
+
+#[test]
+fn reads_outside_the_disk_or_in_partial_sectors_fail() {
+    let (m, mut d) = (mem(), disk());
+    let read = [hdr(), desc(DATA, 512, W), status()];
+    assert_eq!(request(&m, &mut d, T_IN, 127, &read).1, S_OK, "the last sector");
+    assert_eq!(request(&m, &mut d, T_IN, 128, &read).1, S_IOERR, "past the end");
+    assert_eq!(request(&m, &mut d, T_IN, u64::MAX / 2, &read).1, S_IOERR, "sector overflows");
+    let odd = [hdr(), desc(DATA, 100, W), status()];
+    assert_eq!(request(&m, &mut d, T_IN, 0, &odd).1, S_IOERR);
+    let before = d.clone();
+    let write = [hdr(), desc(DATA, 1024, 0), status()];
+    assert_eq!(request(&m, &mut d, T_OUT, 127, &write).1, S_IOERR, "straddles the end");
+    assert_eq!(d, before, "nothing written");
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes_discards_and_zeroes() {
+    let m = mem();
+    let mut d = MemDisk { read_only: true, ..disk() };
+    let before = d.clone();
+    assert_eq!(request(&m, &mut d, T_OUT, 0, &[hdr(), desc(DATA, 512, 0), status()]).1, S_IOERR);
+    m.write_slice(&[0u8; 16], GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&m, &mut d, T_DISCARD, 0, &[hdr(), desc(DATA, 16, 0), status()]).1, S_IOERR);
+    assert_eq!(request(&m, &mut d, T_WRITE_ZEROES, 0, &[hdr(), desc(DATA, 16, 0), status()]).1, S_IOERR);
+    assert_eq!(d, before);
+    assert_eq!(request(&m, &mut d, T_IN, 0, &[hdr(), desc(DATA, 512, W), status()]).1, S_OK);
+}
+
+#[test]
+fn flush_get_id_and_unknown_types() {
+    let (m, mut d) = (mem(), disk());
+    assert_eq!(request(&m, &mut d, T_FLUSH, 0, &[hdr(), status()]), (1, S_OK));
+    assert_eq!(d.flushes, 1);
+    assert_eq!(request(&m, &mut d, T_GET_ID, 0, &[hdr(), desc(DATA, 20, W), status()]), (21, S_OK));
+    let mut id = [0u8; 20];
+    m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..15], b"hvrun-test-disk");
+    assert_eq!(request(&m, &mut d, 0x7777, 0, &[hdr(), status()]).1, S_UNSUPP);
+}
+
+#[test]
+fn discard_and_write_zeroes_validate_their_segments() {
+    let (m, mut d) = (mem(), disk());
+    let segment = |sector: u64, sectors: u32, flags: u32| {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&sectors.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        s
+    };
+    let one = [hdr(), desc(DATA, 16, 0), status()];
+    m.write_slice(&segment(2, 2, 0), GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&m, &mut d, T_DISCARD, 0, &one).1, S_OK);
+    assert!(d.bytes[1024..2048].iter().all(|&b| b == 0));
+    assert_ne!(d.bytes[2048], 0);
+    m.write_slice(&segment(4, 1, 1), GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&m, &mut d, T_WRITE_ZEROES, 0, &one).1, S_OK, "unmap is allowed for write-zeroes");
+    assert_eq!(request(&m, &mut d, T_DISCARD, 0, &one).1, S_UNSUPP, "but not for discard");
+    m.write_slice(&segment(127, 2, 0), GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&m, &mut d, T_DISCARD, 0, &one).1, S_IOERR, "past the end");
+    let two = [hdr(), desc(DATA, 32, 0), status()];
+    assert_eq!(request(&m, &mut d, T_DISCARD, 0, &two).1, S_UNSUPP, "more segments than advertised");
+    let ragged = [hdr(), desc(DATA, 15, 0), status()];
+    assert_eq!(request(&m, &mut d, T_DISCARD, 0, &ragged).1, S_UNSUPP);
+}
+
+#[test]
+fn malformed_chains() {
+    let (m, mut d) = (mem(), disk());
+    let before = d.clone();
+    // Header in a device-writable descriptor: no header to read.
+    assert_eq!(request(&m, &mut d, T_OUT, 0, &[desc(HDR, 16, W), status()]).1, S_IOERR);
+    // No writable byte for the status: nothing to answer with.
+    assert_eq!(request(&m, &mut d, T_OUT, 0, &[hdr(), desc(DATA, 512, 0)]).0, 0);
+    // A buffer outside guest memory.
+    assert_eq!(request(&m, &mut d, T_IN, 0, &[hdr(), desc(MEM as u64 - 256, 512, W), status()]).0, 0);
+    // A zero-length data descriptor is just no data.
+    assert_eq!(request(&m, &mut d, T_FLUSH, 0, &[hdr(), desc(DATA, 0, W), status()]).1, S_OK);
+    assert_eq!(d.bytes, before.bytes);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Arbitrary descriptor tables (addresses in and out of memory, any lengths and
+    /// flags, `next` pointers that loop): serving never panics, never writes outside the
+    /// disk, and never reports more bytes than the chain can hold.
+    #[test]
+    fn arbitrary_descriptor_tables(
+        table in proptest::collection::vec((0u64..2 * MEM as u64, any::<u32>(), 0u16..8, 0u16..20), 1..16),
+        kind in prop_oneof![Just(T_IN), Just(T_OUT), Just(T_FLUSH), Just(T_GET_ID), Just(T_DISCARD), any::<u32>()],
+        sector in prop_oneof![0u64..200, any::<u64>()],
+    ) {
+        let m = mem();
+        let mut d = disk();
+        m.write_slice(&header(kind, sector), GuestAddress(HDR)).unwrap();
+        let vq = MockSplitQueue::new(&m, 16);
+        for (i, &(addr, len, flags, next)) in table.iter().enumerate() {
+            vq.desc_table().store(i as u16, RawDescriptor::from(Descriptor::new(addr, len, flags, next))).unwrap();
+        }
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().idx().store(1);
+        let mut queue: Queue = vq.create_queue().unwrap();
+        let capacity = d.bytes.len();
+        while let Some(chain) = queue.pop_descriptor_chain(&m) {
+            let writable: u64 = chain.clone().filter(|desc| desc.is_write_only()).map(|desc| u64::from(desc.len())).sum();
+            let (id, mut bounce) = ([0u8; ID_LEN], vec![0u8; 512]);
+            let len = serve(&m, chain, Context { disk: &mut d, id: &id, bounce: &mut bounce });
+            prop_assert!(u64::from(len) <= writable);
+        }
+        prop_assert_eq!(d.bytes.len(), capacity);
+    }
+}
+
+#[derive(Default)]
+struct Line(AtomicBool);
+impl IrqLine for Line {
+    fn set_level(&self, level: bool) {
+        self.0.store(level, Ordering::SeqCst);
+    }
+}
+
+struct Mem(GuestMemoryMmap);
+impl std::ops::Deref for Mem {
+    type Target = GuestMemoryMmap;
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.0
+    }
+}
+
+/// A MemDisk shared with the test, so it can look while the worker owns the device's.
+#[derive(Clone)]
+struct Shared(Arc<Mutex<MemDisk>>);
+impl Disk for Shared {
+    fn capacity(&self) -> u64 {
+        self.0.lock().unwrap().capacity()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.lock().unwrap().read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.lock().unwrap().write_at(buf, offset)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap().flush()
+    }
+    fn punch_hole(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.lock().unwrap().punch_hole(offset, len)
+    }
+}
+
+#[test]
+fn requests_are_served_off_the_notifying_thread_and_survive_a_reset() {
+    let m = Arc::new(Mem(mem()));
+    let line = Arc::new(Line::default());
+    let shared = Shared(Arc::new(Mutex::new(disk())));
+    let block = Block::new(Box::new(shared.clone()), "disk0");
+    let mut t = MmioTransport::new(Box::new(block), m.clone(), Interrupt::new(line.clone())).unwrap();
+    let w = |t: &mut MmioTransport, offset: u64, value: u32| t.write(0, offset, &value.to_le_bytes());
+    let r = |t: &mut MmioTransport, offset: u64| {
+        let mut b = [0u8; 4];
+        t.read(0, offset, &mut b);
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(r(&mut t, 0x100), 128, "capacity in sectors");
+    for round in 0..2 {
+        let vq = MockSplitQueue::create(&**m, GuestAddress(0x8_0000 + round * 0x1_0000), 16);
+        w(&mut t, 0x70, 1);
+        w(&mut t, 0x70, 3);
+        for sel in 0..2 {
+            w(&mut t, 0x14, sel);
+            let offered = r(&mut t, 0x10);
+            w(&mut t, 0x24, sel);
+            w(&mut t, 0x20, offered);
+        }
+        w(&mut t, 0x70, 11);
+        w(&mut t, 0x38, 16);
+        for (low, addr) in [(0x80, vq.desc_table_addr()), (0x90, vq.avail_addr()), (0xa0, vq.used_addr())] {
+            w(&mut t, low, addr.0 as u32);
+            w(&mut t, low + 4, 0);
+        }
+        w(&mut t, 0x44, 1);
+        w(&mut t, 0x70, 15);
+        m.write_slice(&header(T_OUT, 1), GuestAddress(HDR)).unwrap();
+        m.write_slice(&[round as u8 + 1; 512], GuestAddress(DATA)).unwrap();
+        vq.build_desc_chain(&[hdr(), desc(DATA, 512, 0), status()]).unwrap();
+        w(&mut t, 0x50, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vq.used().idx().load() == 0 {
+            assert!(Instant::now() < deadline, "the worker never answered");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+        assert!(line.0.load(Ordering::SeqCst));
+        assert_eq!(shared.0.lock().unwrap().bytes[512..1024], [round as u8 + 1; 512]);
+        w(&mut t, 0x70, 0); // reset: the worker stops and hands the disk back
+    }
+}
