@@ -175,7 +175,9 @@ pub const ALL: &[Scenario] = &[
                  check --kernel /guest/vmlinuz --memory 0\n\
                  check --kernel /guest/vmlinuz --cpus 0\n\
                  check --kernel /guest/vmlinuz --cpus 9\n\
-                 check --kernel /guest/vmlinuz --initrd /guest/vmlinuz --memory 48M",
+                 check --kernel /guest/vmlinuz --initrd /guest/vmlinuz --memory 48M\n\
+                 check --kernel /guest/vmlinuz --disk /guest/no-such.img\n\
+                 check --kernel /guest/vmlinuz --disk /guest/vmlinuz,bogus",
         exit_code: 0,
         markers: &[
             "[rc=1 lines=1] hvrun: error: kernel /tmp/truncated: is truncated: 100000 bytes, but its PE/COFF header says",
@@ -185,6 +187,8 @@ pub const ALL: &[Scenario] = &[
             "[rc=2 lines=1] hvrun: error: --cpus 0: must be between 1 and 8",
             "[rc=2 lines=1] hvrun: error: --cpus 9: must be between 1 and 8",
             "[rc=1 lines=1] hvrun: error: kernel /guest/vmlinuz: does not fit in guest RAM with its initrd",
+            "[rc=1 lines=1] hvrun: error: cannot read disk /guest/no-such.img: No such file or directory",
+            "[rc=2 lines=1] hvrun: error: invalid value '/guest/vmlinuz,bogus' for '--disk",
         ],
         forbidden: &["panicked"],
         timeout_secs: 60,

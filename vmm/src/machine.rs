@@ -4,7 +4,7 @@
 //! everything it decides is computed by tested portable code in `arch-aarch64`.
 
 use std::io::Read;
-use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use arch_aarch64::boot::{mpidr, BootRegs};
@@ -44,15 +44,11 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     run_on(&hv, config, files, started)
 }
 
-fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: Instant) -> Result<ExitReason, Error>
-where
-    H::Vm: 'static,
-{
+fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: Instant) -> Result<ExitReason, Error> {
     let (virtio, files) = virtio_devices(config, files)?;
     let (memory, regs) = load(config, files, virtio.len())?;
     let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: IPA_BITS })?;
     vm.map_memory(&memory)?;
-    let vm = Arc::new(vm);
 
     let control = Control::new();
     let first_entry = Arc::new(OnceLock::new());
@@ -89,7 +85,7 @@ where
     };
 
     log::info!("booting on {} with {} vCPU(s) and {} MiB", hv.name(), config.cpus, config.memory >> 20);
-    let all_created = Barrier::new(config.cpus as usize);
+    let all_created = Gate::new(config.cpus as usize);
     std::thread::scope(|scope| {
         for index in 0..config.cpus {
             let (vm, bus, gic, control, irq) = (&vm, &bus, &gic, &control, &irq_lines);
@@ -105,7 +101,7 @@ where
                     Ok(vcpu)
                 });
                 // Every vCPU exists before any runs: CPU_ON can only target one that does.
-                all_created.wait();
+                all_created.pass();
                 let mut vcpu = match vcpu {
                     Ok(vcpu) => vcpu,
                     Err(e) => return control.stop(Err(e.into())),
@@ -122,10 +118,44 @@ where
             });
             if let Err(e) = spawned {
                 control.stop(Err(Error::Thread(e.to_string())));
+                // The thread that never started must not hold the others at the gate.
+                all_created.pass_without_waiting();
             }
         }
     });
     control.take_outcome().unwrap_or(Ok(ExitReason::Stopped))
+}
+
+/// A barrier that a party can also pass without waiting (a vCPU thread that failed to start).
+struct Gate {
+    remaining: Mutex<usize>,
+    open: Condvar,
+}
+
+impl Gate {
+    fn new(parties: usize) -> Self {
+        Gate { remaining: Mutex::new(parties), open: Condvar::new() }
+    }
+
+    fn arrive(&self) -> std::sync::MutexGuard<'_, usize> {
+        let mut remaining = self.remaining.lock().unwrap_or_else(|e| e.into_inner());
+        *remaining = remaining.saturating_sub(1);
+        if *remaining == 0 {
+            self.open.notify_all();
+        }
+        remaining
+    }
+
+    /// Arrives and waits until every party has arrived.
+    fn pass(&self) {
+        let remaining = self.arrive();
+        let _open = self.open.wait_while(remaining, |r| *r > 0).unwrap_or_else(|e| e.into_inner());
+    }
+
+    /// Arrives for a party that will never come.
+    fn pass_without_waiting(&self) {
+        drop(self.arrive());
+    }
 }
 
 /// The guest-physical base of virtio-mmio slot `slot`.
@@ -245,6 +275,20 @@ mod tests {
         assert!(initrd_bytes.iter().all(|&b| b == 0x5a));
         std::fs::remove_file(kernel).unwrap();
         std::fs::remove_file(initrd).unwrap();
+    }
+
+    #[test]
+    fn a_failed_party_does_not_hold_the_gate() {
+        let gate = Gate::new(3);
+        std::thread::scope(|s| {
+            let waiters: Vec<_> = (0..2).map(|_| s.spawn(|| gate.pass())).collect();
+            gate.pass_without_waiting();
+            for w in waiters {
+                w.join().unwrap();
+            }
+        });
+        // Extra arrivals after it opened are harmless.
+        gate.pass();
     }
 
     #[test]

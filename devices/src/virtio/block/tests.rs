@@ -268,13 +268,13 @@ fn requests_are_served_off_the_notifying_thread_and_survive_a_reset() {
         m.write_slice(&[round as u8 + 1; 512], GuestAddress(DATA)).unwrap();
         vq.build_desc_chain(&[hdr(), desc(DATA, 512, 0), status()]).unwrap();
         w(&mut t, 0x50, 0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while vq.used().idx().load() == 0 {
+        // The worker returns the buffer, then raises the interrupt: wait for both.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while vq.used().idx().load() == 0 || !line.0.load(Ordering::SeqCst) {
             assert!(Instant::now() < deadline, "the worker never answered");
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
-        assert!(line.0.load(Ordering::SeqCst));
         assert_eq!(shared.0.lock().unwrap().bytes[512..1024], [round as u8 + 1; 512]);
         w(&mut t, 0x70, 0); // reset: the worker stops and hands the disk back
     }
