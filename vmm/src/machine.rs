@@ -85,6 +85,9 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
     };
 
     log::info!("booting on {} with {} vCPU(s) and {} MiB", hv.name(), config.cpus, config.memory >> 20);
+    spawn_state_dump(gic.clone(), irq_lines.clone());
+    let stopping = control.clone();
+    irq_lines.spawn_watchdog(move || stopping.stopping()).map_err(|e| Error::Thread(e.to_string()))?;
     let all_created = Gate::new(config.cpus as usize);
     std::thread::scope(|scope| {
         for index in 0..config.cpus {
@@ -124,6 +127,16 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
         }
     });
     control.take_outcome().unwrap_or(Ok(ExitReason::Stopped))
+}
+
+/// With `HVRUN_DUMP_AFTER=SECS` in the environment, prints the GIC's and the IRQ lines'
+/// state to standard error after that many seconds: what a hung guest is waiting for.
+fn spawn_state_dump(gic: Arc<Gic>, lines: Arc<IrqLines>) {
+    let Some(secs) = std::env::var("HVRUN_DUMP_AFTER").ok().and_then(|s| s.parse::<u64>().ok()) else { return };
+    let _ = std::thread::Builder::new().name("state-dump".into()).spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        eprintln!("hvrun state after {secs} s:\n{}irq lines (level, dirty, kicker): {lines:?}", gic.dump());
+    });
 }
 
 /// A barrier that a party can also pass without waiting (a vCPU thread that failed to start).

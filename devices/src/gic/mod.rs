@@ -72,6 +72,11 @@ impl Gic {
         self.with(|s| s.set_ppi_level(cpu, id, level));
     }
 
+    /// The GIC's state, for debugging.
+    pub fn dump(&self) -> String {
+        lock(&self.state).dump()
+    }
+
     /// Whether `cpu`'s IRQ output is asserted now.
     pub fn irq_asserted(&self, cpu: usize) -> bool {
         lock(&self.state).irq_out(cpu)

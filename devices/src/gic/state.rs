@@ -427,6 +427,31 @@ impl GicState {
         }
     }
 
+    /// A one-line-per-CPU summary of the interesting state, for debugging hangs.
+    pub fn dump(&self) -> String {
+        let mut out = format!("gic: distributor {}\n", if self.enabled { "on" } else { "off" });
+        for (cpu, c) in self.cpus.iter().enumerate() {
+            let list = |f: &dyn Fn(u32) -> bool| -> Vec<u32> { (0..NUM_IRQS).filter(|&id| f(id)).collect() };
+            out += &format!(
+                "gic: cpu{cpu} if={} pmr={:#x} bpr={} out={} rpr={:#x} stack={:?} hppi={:?} signalled={:?} \
+                 pending={:?} active={:?} enabled={:?} sgi_sources={:?}\n",
+                c.enabled,
+                c.pmr,
+                c.bpr,
+                c.irq_out,
+                self.running_priority(cpu),
+                c.active_stack,
+                self.highest_pending(cpu),
+                self.signalled(cpu),
+                list(&|id| self.pending_on(cpu, id)),
+                list(&|id| self.is_active(cpu, id)),
+                list(&|id| self.is_enabled(cpu, id)),
+                c.sgi_sources,
+            );
+        }
+        out
+    }
+
     /// Whether `cpu`'s IRQ output is asserted.
     pub fn irq_out(&self, cpu: usize) -> bool {
         self.cpus.get(cpu).is_some_and(|c| c.irq_out)
