@@ -169,7 +169,9 @@ pub const ALL: &[Scenario] = &[
                  echo \"hvrun exit $rc\"\n\
                  [ $rc -eq 0 ] || [ $rc -eq 3 ] || [ $rc -eq 143 ]",
         exit_code: 0,
-        markers: &["mmio-garbage: gic-distributor", "mmio-garbage: pl011", "accesses done", "hvrun warnings:", "hvrun exit"],
+        // The guest may hang itself anywhere after its first garbage write, so only the start
+        // is certain; the exit status check above is the point.
+        markers: &["mmio-garbage: gic-distributor", "hvrun warnings:", "hvrun exit"],
         forbidden: &["hvrun: error", "panicked", "HVRUN IGNORED SIGTERM"],
         timeout_secs: 240,
     },
