@@ -151,10 +151,11 @@ pub const ALL: &[Scenario] = &[
         name: "mmio-garbage",
         about: "a guest writing garbage to every GIC and UART register at every width does not crash hvrun",
         artifacts: &["vmlinuz", "initramfs.cpio"],
-        // After trashing its own GIC the guest may or may not manage to power off (that
-        // depends on which CPU the tool ran on); either way hvrun must not crash: it
-        // exits 0 or 3 by itself, or it is still alive and dies of the SIGTERM we send.
-        script: "/bin/hvrun --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio --cpus 2 --memory 256M \\
+        // After trashing its own GIC the guest may or may not manage to power off; either
+        // way hvrun must not crash: it exits 0 or 3 by itself, or it is still alive and dies
+        // of the SIGTERM we send. One vCPU: the rare 2-vCPU boot hang (lost interrupts, see
+        // vmm/src/irq_lines.rs) is linux-smp's business, not this test's.
+        script: "/bin/hvrun --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio --cpus 1 --memory 256M \\
                  --cmdline 'console=ttyAMA0 quiet iomem=relaxed panic=-1 -- /bin/mmio-garbage' >/tmp/out 2>&1 &\n\
                  pid=$!\n\
                  now() { cut -d. -f1 /proc/uptime; }\n\
