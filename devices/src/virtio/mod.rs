@@ -122,6 +122,12 @@ pub fn drain_queue(
     }
 }
 
+/// The one queue of a single-queue device, or the error saying the driver enabled none.
+pub fn single_queue(queues: Vec<Queue>) -> Result<Queue, ActivateError> {
+    let got = queues.len();
+    queues.into_iter().next().ok_or(ActivateError::MissingQueues { needed: 1, got })
+}
+
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct Activation {
     /// Guest memory.

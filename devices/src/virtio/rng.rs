@@ -12,7 +12,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::{drain_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
+use super::{drain_queue, single_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
 use crate::warn_ratelimited;
 
 /// Queue size offered to the driver.
@@ -106,8 +106,7 @@ impl VirtioDevice for Rng {
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let Activation { memory, queues, interrupt, .. } = activation;
-        let got = queues.len();
-        let queue = queues.into_iter().next().ok_or(ActivateError::MissingQueues { needed: 1, got })?;
+        let queue = single_queue(queues)?;
         self.running = Some(Running { memory, queue, interrupt });
         Ok(())
     }

@@ -22,7 +22,7 @@ use virtio_queue::Queue;
 
 use self::disk::Disk;
 use self::request::{Context, ID_LEN, MAX_SEGMENTS, SECTOR_SIZE};
-use super::{drain_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
+use super::{drain_queue, single_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
 use crate::warn_ratelimited;
 
 /// Queue size offered to the driver.
@@ -154,8 +154,7 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let Activation { memory, queues, interrupt, .. } = activation;
-        let got = queues.len();
-        let queue = queues.into_iter().next().ok_or(ActivateError::MissingQueues { needed: 1, got })?;
+        let queue = single_queue(queues)?;
         let disk = self.disk.take().ok_or_else(|| ActivateError::Backend("the disk is gone".into()))?;
         let worker = Worker { memory, queue, interrupt, disk, id: self.id, bounce: vec![0; BOUNCE_SIZE] };
         let (messages, inbox) = channel();
