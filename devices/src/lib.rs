@@ -14,4 +14,6 @@ pub mod irq;
 pub mod pl011;
 pub mod pl031;
 pub mod ratelimit;
+#[cfg(test)]
+mod testing;
 pub mod virtio;

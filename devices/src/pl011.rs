@@ -263,28 +263,7 @@ impl MmioDeviceMut for Pl011 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct Line(AtomicBool);
-    impl IrqLine for Line {
-        fn set_level(&self, level: bool) {
-            self.0.store(level, Ordering::SeqCst);
-        }
-    }
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testing::{Line, Sink};
 
     fn uart() -> (Pl011, Sink, Arc<Line>) {
         let sink = Sink::default();
@@ -323,12 +302,12 @@ mod tests {
         let (mut u, _, line) = uart();
         u.write(0, DR, b"x");
         assert_eq!(r32(&mut u, RIS) & INT_TX, INT_TX);
-        assert!(!line.0.load(Ordering::SeqCst), "masked by IMSC");
+        assert!(!line.high(), "masked by IMSC");
         w32(&mut u, IMSC, INT_TX);
-        assert!(line.0.load(Ordering::SeqCst));
+        assert!(line.high());
         assert_eq!(r32(&mut u, MIS), INT_TX);
         w32(&mut u, ICR, INT_TX);
-        assert!(!line.0.load(Ordering::SeqCst));
+        assert!(!line.high());
         assert_eq!(r32(&mut u, RIS), 0);
     }
 
@@ -351,9 +330,9 @@ mod tests {
         w32(&mut u, IMSC, INT_RX | INT_RT);
         // Without FEN the FIFO holds one byte.
         assert_eq!(u.enqueue_input(b"ab"), 1);
-        assert!(line.0.load(Ordering::SeqCst));
+        assert!(line.high());
         assert_eq!(r32(&mut u, DR), u32::from(b'a'));
-        assert!(!line.0.load(Ordering::SeqCst));
+        assert!(!line.high());
         assert_ne!(r32(&mut u, FR) & FR_RXFE, 0);
         // With FEN it holds 32; below the trigger level only the timeout interrupt shows.
         w32(&mut u, LCR_H, LCR_H_FEN);
@@ -366,7 +345,7 @@ mod tests {
         assert_eq!(r32(&mut u, MIS), INT_RT);
         r32(&mut u, DR);
         assert_eq!(r32(&mut u, MIS), 0);
-        assert!(!line.0.load(Ordering::SeqCst));
+        assert!(!line.high());
         // Reading an empty FIFO returns 0 and changes nothing.
         assert_eq!(r32(&mut u, DR), 0);
     }

@@ -117,6 +117,7 @@ mod tests {
         markers: &["first", "second"],
         forbidden: &["panicked"],
         timeout_secs: 10,
+        exchange: None,
     };
 
     fn lines(texts: &[&str]) -> Vec<Line> {

@@ -55,6 +55,8 @@ pub struct Rig {
     pub busybox: PathBuf,
     /// The cross-built static `hvrun`.
     pub hvrun: PathBuf,
+    /// Other cross-built programs the scenarios use, put in `/bin` (e.g. `net-forwarder`).
+    pub tools: Vec<PathBuf>,
     /// The directory holding guest artifacts.
     pub guest_dir: PathBuf,
     /// Where the initramfs and console log are written.
@@ -80,16 +82,18 @@ pub fn init_script(scenarios: &[Scenario]) -> String {
          mount -t tmpfs tmpfs /tmp\n\
          echo \"E2E-RIG-UP kvm=$([ -c /dev/kvm ] && echo yes || echo no) uptime=$(cut -d' ' -f1 /proc/uptime)\"\n",
     );
-    for sc in scenarios {
+    for (slot, sc) in scenarios.iter().enumerate() {
         let _ = write!(
             s,
-            "echo 'E2E-BEGIN {name}'\n\
+            "export E2E_SLOT_MB={slot_mb}\n\
+             echo 'E2E-BEGIN {name}'\n\
              start=$(cut -d' ' -f1 /proc/uptime)\n\
              timeout {t} sh /e2e/{name}.sh </dev/null\n\
              rc=$?\n\
              echo \"E2E-END {name} rc=$rc start=$start end=$(cut -d' ' -f1 /proc/uptime)\"\n",
             name = sc.name,
             t = sc.timeout_secs,
+            slot_mb = slot as u64 * crate::exchange::SLOT_MB,
         );
     }
     s.push_str("echo E2E-DONE\nsync\npoweroff -f\n");
@@ -113,6 +117,10 @@ impl Rig {
         a.symlink("bin/sh", "busybox");
         a.file("init", 0o755, init_script(scenarios).as_bytes());
         a.file("bin/hvrun", 0o755, &read("hvrun binary", &self.hvrun)?);
+        for tool in &self.tools {
+            let name = tool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            a.file(&format!("bin/{name}"), 0o755, &read("tool", tool)?);
+        }
         let mut artifacts: Vec<&str> = scenarios.iter().flat_map(|s| s.artifacts.iter().copied()).collect();
         artifacts.sort_unstable();
         artifacts.dedup();
@@ -135,17 +143,64 @@ impl Rig {
     /// the work directory as `console.log`.
     pub fn run(&self, scenarios: &[Scenario]) -> Result<Vec<Outcome>, RigError> {
         let initramfs = self.build_initramfs(scenarios)?;
+        let exchange = self.prepare_exchange(scenarios)?;
         let budget =
             Duration::from_secs(BOOT_ALLOWANCE_SECS + scenarios.iter().map(|s| u64::from(s.timeout_secs)).sum::<u64>());
-        let lines = self.boot(&initramfs, budget)?;
-        Ok(scenarios.iter().map(|s| report::check(s, &lines)).collect())
+        let lines = self.boot(&initramfs, exchange.as_deref(), budget)?;
+        let mut outcomes: Vec<Outcome> = scenarios.iter().map(|s| report::check(s, &lines)).collect();
+        if let Some(disk) = &exchange {
+            for (slot, (sc, outcome)) in scenarios.iter().zip(&mut outcomes).enumerate() {
+                if let Some(x) = sc.exchange {
+                    self.host_check(disk, slot as u64, sc.name, x, outcome);
+                }
+            }
+        }
+        Ok(outcomes)
     }
 
-    fn boot(&self, initramfs: &Path, budget: Duration) -> Result<Vec<Line>, RigError> {
+    /// Writes the scenarios' exchange inputs into a fresh exchange disk; `None` when no
+    /// scenario uses one.
+    fn prepare_exchange(&self, scenarios: &[Scenario]) -> Result<Option<PathBuf>, RigError> {
+        let inputs: Vec<(u64, PathBuf)> = (0u64..)
+            .zip(scenarios)
+            .filter_map(|(slot, sc)| sc.exchange.map(|x| (slot, self.guest_dir.join(x.input))))
+            .collect();
+        if inputs.is_empty() {
+            return Ok(None);
+        }
+        let disk = self.work_dir.join("exchange.img");
+        let refs: Vec<(u64, &Path)> = inputs.iter().map(|(slot, p)| (*slot, p.as_path())).collect();
+        crate::exchange::prepare(&disk, scenarios.len() as u64, &refs)
+            .map_err(|source| RigError::Output { path: disk.clone(), source })?;
+        Ok(Some(disk))
+    }
+
+    /// Runs a scenario's host check on its slot; its lines join the output, its failure
+    /// the failures.
+    fn host_check(&self, disk: &Path, slot: u64, name: &str, x: crate::exchange::Exchange, outcome: &mut Outcome) {
+        let image = self.work_dir.join(format!("{name}.img"));
+        let len = std::fs::metadata(self.guest_dir.join(x.input)).map(|m| m.len()).unwrap_or(0);
+        let checked = crate::exchange::extract(disk, slot, len, &image)
+            .map_err(|e| format!("reading slot {slot} of {}: {e}", disk.display()))
+            .and_then(|()| (x.check)(&image, &outcome.output));
+        match checked {
+            Ok(lines) => outcome.output.extend(lines.into_iter().map(|l| format!("host check: {l}"))),
+            Err(e) => outcome.failures.push(format!("host check: {e}")),
+        }
+    }
+
+    fn boot(&self, initramfs: &Path, exchange: Option<&Path>, budget: Duration) -> Result<Vec<Line>, RigError> {
         let log_path = self.work_dir.join("console.log");
         let out = |source| RigError::Output { path: log_path.clone(), source };
         let mut log = std::fs::File::create(&log_path).map_err(out)?;
-        let mut child = Command::new(&self.qemu)
+        let mut qemu = Command::new(&self.qemu);
+        if let Some(disk) = exchange {
+            let mut drive = std::ffi::OsString::from("file=");
+            drive.push(disk);
+            drive.push(",if=none,format=raw,id=exchange");
+            qemu.arg("-drive").arg(drive).args(["-device", "virtio-blk-device,drive=exchange"]);
+        }
+        let mut child = qemu
             .args(["-M", "virt,virtualization=on,gic-version=2", "-cpu", "max,pauth-impdef=on"])
             .args(["-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
             .arg("-kernel")

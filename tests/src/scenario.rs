@@ -21,4 +21,6 @@ pub struct Scenario {
     pub forbidden: &'static [&'static str],
     /// Seconds the script may take in the rig before it is killed.
     pub timeout_secs: u32,
+    /// Data passed through the exchange disk and checked on the host afterwards.
+    pub exchange: Option<crate::exchange::Exchange>,
 }

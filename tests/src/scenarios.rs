@@ -3,6 +3,56 @@
 
 use crate::scenario::Scenario;
 
+/// The rig's side of a network scenario: `$setup` gives the host end an address in
+/// `$net.0/24` as `$net.1`; then hvrun boots hvrun's kernel with `$flag`, and the guest
+/// (`t/net-check`) pings the host and moves 64 MiB each way, checksummed at both ends.
+macro_rules! net_scenario_script {
+    ($setup:literal, $flag:literal, $net:literal) => {
+        concat!(
+            "now() { cut -d' ' -f1 /proc/uptime; }\n",
+            "secs() { awk -v s=\"$1\" '{ print $1 - s }' /proc/uptime; }\n",
+            "ip link set lo up; insmod /guest/tun.ko 2>/dev/null\n",
+            $setup,
+            "\ndd if=/dev/urandom of=/tmp/to-guest bs=1M count=64 2>/dev/null\n",
+            "rm -f /tmp/hold; mkfifo /tmp/hold\n",
+            "nc -l -p 5003 <>/tmp/hold >/dev/null & sleep 1; t=$(now)\n",
+            "nc 127.0.0.1 5003 </tmp/to-guest && echo \"rig host loopback TCP: 64 MiB in $(secs $t) s\"\n",
+            "nc -l -p 5001 <>/tmp/hold >/tmp/from-guest & receiver=$!\n",
+            "(/bin/hvrun --kernel /guest/Image --initrd /guest/initramfs.cpio --memory 512M ",
+            $flag,
+            " --cmdline 'console=ttyAMA0 quiet -- /t/net-check ",
+            $net,
+            "'; echo \"hvrun exit $?\") 2>&1 | tr -d '\\r' | tee /tmp/out &\n",
+            "vm=$!\n",
+            "end=$(( $(now | cut -d. -f1) + 240 ))\n",
+            "until grep -q 'guest: listening' /tmp/out || [ $(now | cut -d. -f1) -ge $end ]; do sleep 1; done; sleep 1\n",
+            "t=$(now); nc ",
+            $net,
+            ".15 5002 </tmp/to-guest && echo \"host sent 64 MiB to the guest in $(secs $t) s\"\n",
+            "wait $vm; kill $receiver 2>/dev/null\n",
+            "sent=$(sed -n 's/^guest-out sha256: //p' /tmp/out)\n",
+            "[ -n \"$sent\" ] && [ \"$sent\" = \"$(sha256sum /tmp/from-guest | cut -d' ' -f1)\" ] ",
+            "&& echo 'guest-to-host 64 MiB intact'\n",
+            "got=$(sed -n 's/^guest-in sha256: //p' /tmp/out)\n",
+            "[ -n \"$got\" ] && [ \"$got\" = \"$(sha256sum /tmp/to-guest | cut -d' ' -f1)\" ] ",
+            "&& echo 'host-to-guest 64 MiB intact'\n",
+            "true"
+        )
+    };
+}
+
+/// What every network scenario must show (see `guests/initramfs/t/net-check`).
+const NET_MARKERS: &[&str] = &[
+    "ping host ok: 3 packets received",
+    "guest: listening",
+    "host sent 64 MiB to the guest in",
+    "guest received 67108864 bytes",
+    "guest sent 64 MiB",
+    "hvrun exit 0",
+    "guest-to-host 64 MiB intact",
+    "host-to-guest 64 MiB intact",
+];
+
 /// Every scenario, in the order the rig runs them.
 pub const ALL: &[Scenario] = &[
     Scenario {
@@ -14,6 +64,7 @@ pub const ALL: &[Scenario] = &[
         markers: &["hello from the hvrun guest"],
         forbidden: &["hvrun: error", "panicked"],
         timeout_secs: 60,
+        exchange: None,
     },
     Scenario {
         name: "unmapped",
@@ -33,6 +84,7 @@ pub const ALL: &[Scenario] = &[
         ],
         forbidden: &["FAIL", "hvrun: error", "panicked"],
         timeout_secs: 60,
+        exchange: None,
     },
     Scenario {
         name: "missing-kernel",
@@ -43,6 +95,7 @@ pub const ALL: &[Scenario] = &[
         markers: &["hvrun: error: cannot read kernel /guest/missing-file: No such file or directory", "exit=1"],
         forbidden: &["panicked"],
         timeout_secs: 30,
+        exchange: None,
     },
     Scenario {
         name: "linux-smp",
@@ -71,6 +124,7 @@ pub const ALL: &[Scenario] = &[
         ],
         forbidden: &["KERNEL LOG NOT CLEAN", "hvrun: error", "panicked", "WARN ]"],
         timeout_secs: 240,
+        exchange: None,
     },
     Scenario {
         name: "linux-reboot",
@@ -84,6 +138,7 @@ pub const ALL: &[Scenario] = &[
         markers: &["rebooting now", "hvrun exit 3"],
         forbidden: &["hvrun: error", "panicked"],
         timeout_secs: 120,
+        exchange: None,
     },
     Scenario {
         name: "virtio-rng",
@@ -95,6 +150,7 @@ pub const ALL: &[Scenario] = &[
         markers: &["rng_current: virtio_rng.0", "hwrng bytes: 65536", "distinct bytes: 256", "virtio interrupts counting"],
         forbidden: &["hvrun: error", "panicked", "WARN ]"],
         timeout_secs: 120,
+        exchange: None,
     },
     Scenario {
         name: "own-kernel",
@@ -106,20 +162,120 @@ pub const ALL: &[Scenario] = &[
         markers: &["guest boot-timer:", "cpus: 2", "rng_current: virtio_rng.0"],
         forbidden: &["hvrun: error", "panicked", "WARN ]"],
         timeout_secs: 120,
+        exchange: None,
     },
     Scenario {
         name: "disk-boot",
-        about: "`hvrun --kernel Image --disk rootfs.img` boots to a shell on the ext4 root and runs a scripted session",
+        about: "`hvrun --kernel Image --disk rootfs.img` boots to a shell on hvc0 with an ext4 root; a session typed on the host runs there",
         artifacts: &["Image", "rootfs.ext4"],
         script: "cp /guest/rootfs.ext4 /tmp/rootfs.img\n\
                  set -o pipefail\n\
-                 printf 'cat /proc/cmdline\\nmount\\necho session-done\\npoweroff -f\\n' \\
+                 printf 'cat /proc/cmdline\\nmount\\necho console: $(cat /sys/class/tty/console/active)\\necho session-done\\npoweroff -f\\n' \\
                  | /bin/hvrun --kernel /guest/Image --disk /tmp/rootfs.img 2>&1 | tr -d '\\r'\n\
                  echo \"hvrun exit $?\"",
         exit_code: 0,
-        markers: &["root=/dev/vda rw", "/dev/root on / type ext4 (rw", "session-done", "hvrun exit 0"],
+        markers: &[
+            "console=hvc0 earlycon root=/dev/vda rw",
+            "/dev/root on / type ext4 (rw",
+            "console: hvc0",
+            "session-done",
+            "hvrun exit 0",
+        ],
         forbidden: &["hvrun: error", "panicked", "Kernel panic", "applet not found", "failed"],
         timeout_secs: 120,
+        exchange: None,
+    },
+    Scenario {
+        name: "console-file",
+        about: "--console file=PATH sends hvc0 to a file while the serial port keeps the terminal",
+        artifacts: &["Image", "initramfs.cpio"],
+        script: "/bin/hvrun --kernel /guest/Image --initrd /guest/initramfs.cpio --memory 128M --console file=/tmp/hvc.log \\
+                 --cmdline 'console=ttyAMA0 quiet -- echo written-to-hvc0 >/dev/hvc0; echo on-the-serial-port' 2>&1 | tr -d '\\r'\n\
+                 echo \"hvrun exit $?\"\n\
+                 sed 's/^/hvc.log: /' /tmp/hvc.log",
+        exit_code: 0,
+        markers: &["on-the-serial-port", "hvrun exit 0", "hvc.log: written-to-hvc0"],
+        forbidden: &["hvrun: error", "panicked"],
+        timeout_secs: 60,
+        exchange: None,
+    },
+    Scenario {
+        name: "net-tap",
+        about: "virtio-net on a tap device with offloads: ping, and 64 MiB each way over TCP, checksummed",
+        artifacts: &["Image", "initramfs.cpio", "tun.ko"],
+        script: net_scenario_script!(
+            "tunctl -t tap0 >/dev/null && ip link set tap0 up && ip addr add 10.0.2.1/24 dev tap0",
+            "--net tap=tap0",
+            "10.0.2"
+        ),
+        exit_code: 0,
+        markers: NET_MARKERS,
+        forbidden: &["hvrun: error", "panicked"],
+        timeout_secs: 300,
+        exchange: None,
+    },
+    Scenario {
+        name: "net-unixgram",
+        about: "virtio-net over a unix datagram socket with vfkit's handshake, through a frame forwarder to a tap",
+        artifacts: &["Image", "initramfs.cpio", "tun.ko"],
+        script: net_scenario_script!(
+            "net-forwarder /tmp/fwd.sock tap1 >/tmp/fwd.log 2>&1 &\n\
+             end=$(( $(now | cut -d. -f1) + 20 )); until [ -S /tmp/fwd.sock ] || [ $(now | cut -d. -f1) -ge $end ]; do sleep 1; done\n\
+             ip link set tap1 up && ip addr add 10.0.3.1/24 dev tap1",
+            "--net unixgram=/tmp/fwd.sock,vfkit",
+            "10.0.3"
+        ),
+        exit_code: 0,
+        markers: NET_MARKERS,
+        forbidden: &["hvrun: error", "panicked"],
+        timeout_secs: 300,
+        exchange: None,
+    },
+    Scenario {
+        name: "net-unixstream",
+        about: "virtio-net over a unix stream socket with length-prefixed frames (socket_vmnet's protocol), through a forwarder to a tap",
+        artifacts: &["Image", "initramfs.cpio", "tun.ko"],
+        script: net_scenario_script!(
+            "net-forwarder --stream /tmp/fwd-stream.sock tap2 >/tmp/fwd.log 2>&1 &\n\
+             end=$(( $(now | cut -d. -f1) + 20 )); until [ -S /tmp/fwd-stream.sock ] || [ $(now | cut -d. -f1) -ge $end ]; do sleep 1; done\n\
+             ip link set tap2 up && ip addr add 10.0.4.1/24 dev tap2",
+            "--net unixstream=/tmp/fwd-stream.sock",
+            "10.0.4"
+        ),
+        exit_code: 0,
+        markers: NET_MARKERS,
+        forbidden: &["hvrun: error", "panicked"],
+        timeout_secs: 300,
+        exchange: None,
+    },
+    Scenario {
+        name: "disk-integrity",
+        about: "a 64 MiB file the host wrote reads back intact; a 64 MiB file the guest wrote is intact in the image (debugfs on the host)",
+        artifacts: &["Image", "initramfs.cpio", "virtio_mmio.ko", "virtio_blk.ko"],
+        script: "set -o pipefail\n\
+                 insmod /guest/virtio_mmio.ko; insmod /guest/virtio_blk.ko\n\
+                 n=0; until [ -b /dev/vda ] || [ $n -ge 20 ]; do sleep 1; n=$((n+1)); done\n\
+                 dd if=/dev/vda of=/tmp/data.img bs=1M skip=$E2E_SLOT_MB count=192 2>/dev/null\n\
+                 t=$(cut -d' ' -f1 /proc/uptime); dd if=/tmp/data.img of=/dev/null bs=1M count=64 2>/dev/null\n\
+                 echo \"rig host reads 64 MiB of the image file in $(awk -v s=$t '{ print $1 - s }' /proc/uptime) s\"\n\
+                 /bin/hvrun --kernel /guest/Image --initrd /guest/initramfs.cpio --memory 512M --disk /tmp/data.img,id=data \\
+                 --cmdline 'console=ttyAMA0 quiet -- /t/integrity-check' 2>&1 | tr -d '\\r'\n\
+                 echo \"hvrun exit $?\"\n\
+                 dd if=/tmp/data.img of=/dev/vda bs=1M seek=$E2E_SLOT_MB conv=fsync 2>/dev/null && echo 'image handed back'",
+        exit_code: 0,
+        markers: &[
+            "in.bin sha256:",
+            "out.bin sha256:",
+            "out.bin written and synced",
+            "hvrun exit 0",
+            "image handed back",
+        ],
+        // Then `checks::disk_integrity` runs on the image handed back; its failure is the
+        // scenario's.
+        forbidden: &["hvrun: error", "panicked", "I/O error"],
+        timeout_secs: 300,
+        // The script's `count=192` is `checks::DATA_DISK_MB` (a unit test holds them equal).
+        exchange: Some(crate::exchange::Exchange { input: "data.ext4", check: crate::checks::disk_integrity }),
     },
     Scenario {
         name: "disk-io",
@@ -146,6 +302,7 @@ pub const ALL: &[Scenario] = &[
         ],
         forbidden: &["hvrun: error", "panicked", "ACCEPTED A WRITE"],
         timeout_secs: 180,
+        exchange: None,
     },
     Scenario {
         name: "mmio-garbage",
@@ -175,6 +332,7 @@ pub const ALL: &[Scenario] = &[
         markers: &["mmio-garbage: gic-distributor", "hvrun warnings:", "hvrun exit"],
         forbidden: &["hvrun: error", "panicked", "HVRUN IGNORED SIGTERM"],
         timeout_secs: 240,
+        exchange: None,
     },
     Scenario {
         name: "bad-input",
@@ -206,6 +364,7 @@ pub const ALL: &[Scenario] = &[
         ],
         forbidden: &["panicked"],
         timeout_secs: 60,
+        exchange: None,
     },
 ];
 

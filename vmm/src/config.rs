@@ -26,6 +26,14 @@ pub enum ConfigError {
     /// vCPU count outside the supported range.
     #[error("--cpus {0}: must be between 1 and 8")]
     CpusOutOfRange(u32),
+    /// A `--net` argument that is not one of the documented forms.
+    #[error(
+        "--net {0}: use tap=NAME, unixgram=PATH[,vfkit], unixstream=PATH or fd=N, each with an optional ,mac=XX:XX:XX:XX:XX:XX"
+    )]
+    BadNet(String),
+    /// A `--console` argument that is not one of the documented forms.
+    #[error("--console {0}: use serial, hvc, file=PATH or socket=PATH")]
+    BadConsole(String),
 }
 
 /// What to boot and on what machine.
@@ -43,10 +51,134 @@ pub struct VmConfig {
     pub memory: u64,
     /// Disks, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...).
     pub disks: Vec<DiskConfig>,
-    /// Feed standard input to the guest's console, with the terminal in raw mode while
-    /// the guest runs when it is one (Ctrl-A X quits). Off by default: a library must
-    /// not touch the terminal unless asked.
+    /// Network interfaces, in the order the guest sees them (`eth0`, `eth1`, ...).
+    pub nets: Vec<NetConfig>,
+    /// Where the guest's virtio console (`hvc0`) goes.
+    pub console: ConsoleConfig,
+    /// Feed standard input to the guest's interactive console (hvc0 with
+    /// [`ConsoleConfig::Terminal`], else the serial port), with the terminal in raw mode
+    /// while the guest runs when it is one (Ctrl-A X quits). Off by default: a library
+    /// must not touch the terminal unless asked.
     pub console_stdin: bool,
+}
+
+/// A network interface: its backend and MAC address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Where its frames go.
+    pub backend: NetBackendConfig,
+    /// Its MAC address; `None` derives a stable one from the backend.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Where a network interface's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// A Linux tap device (created if missing, given CAP_NET_ADMIN).
+    Tap(String),
+    /// A unix datagram socket at this path, one frame per datagram (gvproxy,
+    /// socket_vmnet's datagram mode, a frame forwarder); with `vfkit`, the connection
+    /// starts with vfkit's magic datagram, as gvproxy's `--listen-vfkit` expects.
+    Unixgram {
+        /// The peer's socket.
+        path: PathBuf,
+        /// Send vfkit's handshake first.
+        vfkit: bool,
+    },
+    /// A unix stream socket at this path, each frame behind its 4-byte big-endian length
+    /// (QEMU's stream netdev protocol: socket_vmnet, passt).
+    Unixstream(PathBuf),
+    /// An inherited, connected datagram socket (e.g. from vmnet-helper).
+    Fd(i32),
+}
+
+impl NetConfig {
+    /// Parses `--net`: `tap=NAME`, `unixgram=PATH[,vfkit]`, `unixstream=PATH` or `fd=N`,
+    /// each with an optional `,mac=XX:XX:XX:XX:XX:XX`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::BadNet(text.into());
+        let mut parts = text.split(',');
+        let backend = match parts.next().and_then(|p| p.split_once('=')) {
+            Some(("tap", name)) if !name.is_empty() && name.len() < 16 && name.is_ascii() => {
+                NetBackendConfig::Tap(name.into())
+            }
+            Some(("unixgram", path)) if !path.is_empty() => {
+                NetBackendConfig::Unixgram { path: path.into(), vfkit: false }
+            }
+            Some(("unixstream", path)) if !path.is_empty() => NetBackendConfig::Unixstream(path.into()),
+            Some(("fd", n)) => NetBackendConfig::Fd(n.parse().ok().filter(|n| *n >= 3).ok_or_else(bad)?),
+            _ => return Err(bad()),
+        };
+        let mut net = NetConfig { backend, mac: None };
+        for option in parts {
+            match (option.split_once('='), &mut net.backend) {
+                (None, NetBackendConfig::Unixgram { vfkit, .. }) if option == "vfkit" => *vfkit = true,
+                (Some(("mac", mac)), _) => net.mac = Some(parse_mac(mac).ok_or_else(bad)?),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(net)
+    }
+
+    /// What the stable default MAC address is derived from.
+    pub fn mac_seed(&self) -> String {
+        match &self.backend {
+            NetBackendConfig::Tap(name) => format!("tap={name}"),
+            NetBackendConfig::Unixgram { path, .. } => format!("unixgram={}", path.display()),
+            NetBackendConfig::Unixstream(path) => format!("unixstream={}", path.display()),
+            NetBackendConfig::Fd(n) => format!("fd={n}"),
+        }
+    }
+}
+
+/// Parses `XX:XX:XX:XX:XX:XX` (a unicast address).
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2)?;
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
+
+/// Where the guest's virtio console (`hvc0`) goes. The serial port (`ttyAMA0`) always
+/// writes to standard output; it also gets standard input unless hvc0 has the terminal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleConfig {
+    /// No virtio console; the terminal is the serial port's.
+    Serial,
+    /// hvc0 is the terminal: standard output, and standard input when enabled.
+    Terminal,
+    /// hvc0's output goes to this file (created or truncated); it has no input.
+    File(PathBuf),
+    /// hvc0 is served on this unix socket (one client at a time).
+    Socket(PathBuf),
+}
+
+impl ConsoleConfig {
+    /// The console that suits `cmdline`: the terminal on hvc0 when the kernel's console
+    /// (the last `console=` before any `--`) is hvc0, otherwise the serial port.
+    pub fn for_cmdline(cmdline: &str) -> Self {
+        let words = cmdline.split_whitespace().take_while(|w| *w != "--");
+        let last = words.filter_map(|w| w.strip_prefix("console=")).last();
+        if last.is_some_and(|c| c == "hvc0" || c.starts_with("hvc0,")) {
+            ConsoleConfig::Terminal
+        } else {
+            ConsoleConfig::Serial
+        }
+    }
+
+    /// Parses `--console`: `serial`, `hvc`, `file=PATH` or `socket=PATH`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        match text.split_once('=') {
+            None if text == "serial" => Ok(ConsoleConfig::Serial),
+            None if text == "hvc" => Ok(ConsoleConfig::Terminal),
+            Some(("file", path)) if !path.is_empty() => Ok(ConsoleConfig::File(path.into())),
+            Some(("socket", path)) if !path.is_empty() => Ok(ConsoleConfig::Socket(path.into())),
+            _ => Err(ConfigError::BadConsole(text.into())),
+        }
+    }
 }
 
 impl VmConfig {
@@ -59,6 +191,8 @@ impl VmConfig {
             cmdline: "console=ttyAMA0".into(),
             cpus: 1,
             memory: DEFAULT_MEMORY,
+            nets: Vec::new(),
+            console: ConsoleConfig::Serial,
             console_stdin: false,
             disks: Vec::new(),
         }
@@ -87,13 +221,14 @@ pub struct DiskConfig {
     pub id: Option<String>,
 }
 
-/// The kernel command line when none is given: the console on the PL011 and, with a
-/// disk, the root filesystem on the first one.
+/// The kernel command line when none is given: the console on the PL011; with a disk,
+/// the root filesystem on the first one and the console on hvc0, the PL011 carrying the
+/// output until hvc0 exists (earlycon finds it through the device tree's stdout-path).
 pub fn default_cmdline(disks: &[DiskConfig]) -> String {
     if disks.is_empty() {
         "console=ttyAMA0".into()
     } else {
-        "console=ttyAMA0 root=/dev/vda rw".into()
+        "console=hvc0 earlycon root=/dev/vda rw".into()
     }
 }
 
@@ -169,6 +304,54 @@ mod tests {
             assert_eq!(format_size(parse_size(text).unwrap()), text);
         }
         assert_eq!(format_size(12345), "12345B");
+    }
+
+    #[test]
+    fn nets_parse() {
+        let tap = NetConfig::parse("tap=tap0").unwrap();
+        assert_eq!(tap, NetConfig { backend: NetBackendConfig::Tap("tap0".into()), mac: None });
+        let gram = NetConfig::parse("unixgram=/run/gv.sock,vfkit,mac=5a:94:ef:e4:0c:ee").unwrap();
+        assert_eq!(gram.backend, NetBackendConfig::Unixgram { path: "/run/gv.sock".into(), vfkit: true });
+        assert_eq!(gram.mac, Some([0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]));
+        assert_eq!(NetConfig::parse("fd=7").unwrap().backend, NetBackendConfig::Fd(7));
+        let stream = NetConfig::parse("unixstream=/var/run/socket_vmnet").unwrap();
+        assert_eq!(stream.backend, NetBackendConfig::Unixstream("/var/run/socket_vmnet".into()));
+        assert_ne!(tap.mac_seed(), NetConfig::parse("tap=tap1").unwrap().mac_seed());
+        for bad in [
+            "",
+            "tap",
+            "tap=",
+            "tap=a-name-far-too-long",
+            "unixgram=",
+            "unixstream=",
+            "unixstream=/s,vfkit",
+            "tap=t,vfkit",
+            "fd=1",
+            "fd=x",
+            "tap=t,mac=01:00:00:00:00:00",
+            "tap=t,mac=02:00:00:00:00",
+            "tap=t,mac=02:00:00:00:00:0g",
+            "bridge=br0",
+        ] {
+            assert!(NetConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn consoles_parse_and_follow_the_command_line() {
+        assert_eq!(ConsoleConfig::parse("serial"), Ok(ConsoleConfig::Serial));
+        assert_eq!(ConsoleConfig::parse("hvc"), Ok(ConsoleConfig::Terminal));
+        assert_eq!(ConsoleConfig::parse("file=/tmp/c.log"), Ok(ConsoleConfig::File("/tmp/c.log".into())));
+        assert_eq!(ConsoleConfig::parse("socket=c.sock"), Ok(ConsoleConfig::Socket("c.sock".into())));
+        for bad in ["", "tty", "file=", "socket", "pipe=x"] {
+            assert!(ConsoleConfig::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ConsoleConfig::for_cmdline(&default_cmdline(&[])), ConsoleConfig::Serial);
+        let disk = parse_disk("root.img").unwrap();
+        assert_eq!(ConsoleConfig::for_cmdline(&default_cmdline(&[disk])), ConsoleConfig::Terminal);
+        assert_eq!(ConsoleConfig::for_cmdline("console=hvc0 console=ttyAMA0"), ConsoleConfig::Serial);
+        assert_eq!(ConsoleConfig::for_cmdline("console=ttyAMA0 console=hvc0,115200"), ConsoleConfig::Terminal);
+        assert_eq!(ConsoleConfig::for_cmdline("console=ttyAMA0 -- console=hvc0"), ConsoleConfig::Serial);
     }
 
     #[test]

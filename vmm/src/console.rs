@@ -130,21 +130,45 @@ impl Escapes {
     }
 }
 
-/// Offers `bytes` to the UART until all fit or the machine stops.
-fn deliver(uart: &Mutex<Pl011>, control: &Control, mut bytes: &[u8]) {
-    while !bytes.is_empty() && !control.stopping() {
-        let taken = lock(uart).enqueue_input(bytes);
-        bytes = &bytes[taken..];
-        if !bytes.is_empty() {
-            std::thread::sleep(Duration::from_millis(1));
+/// The guest console that standard input feeds.
+pub enum InputTarget {
+    /// The serial port: bytes wait here until its FIFO has room.
+    Uart(Arc<Mutex<Pl011>>),
+    /// The virtio console's input pipe (blocking): the pipe holds what the guest has not
+    /// read yet, and a full pipe stalls this thread, never the guest.
+    Pipe(std::fs::File),
+}
+
+impl InputTarget {
+    /// Offers `bytes` to the console until all are taken or the machine stops; false
+    /// when the console can take no more input ever.
+    fn deliver(&mut self, control: &Control, mut bytes: &[u8]) -> bool {
+        match self {
+            InputTarget::Uart(uart) => {
+                while !bytes.is_empty() && !control.stopping() {
+                    let taken = lock(uart).enqueue_input(bytes);
+                    bytes = &bytes[taken..];
+                    if !bytes.is_empty() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                true
+            }
+            InputTarget::Pipe(pipe) => match std::io::Write::write_all(pipe, bytes) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!("console: the guest console's input is gone, input stops: {e}");
+                    false
+                }
+            },
         }
     }
 }
 
-/// Starts the thread that feeds standard input to `uart`. With `escapes`, Ctrl-A X
+/// Starts the thread that feeds standard input to `target`. With `escapes`, Ctrl-A X
 /// stops the machine. The thread ends at end of input (it may stay blocked in a read
 /// while the process exits).
-pub fn spawn_stdin(uart: Arc<Mutex<Pl011>>, control: Arc<Control>, escapes: bool) {
+pub fn spawn_stdin(mut target: InputTarget, control: Arc<Control>, escapes: bool) {
     let spawned = std::thread::Builder::new().name("console-in".into()).spawn(move || {
         let mut stdin = std::io::stdin().lock();
         let mut state = Escapes::default();
@@ -160,12 +184,18 @@ pub fn spawn_stdin(uart: Arc<Mutex<Pl011>>, control: Arc<Control>, escapes: bool
                 }
             };
             if !escapes {
-                deliver(&uart, &control, &buf[..n]);
+                if !target.deliver(&control, &buf[..n]) {
+                    return;
+                }
                 continue;
             }
             for &byte in &buf[..n] {
                 match state.feed(byte) {
-                    Key::Send(bytes) => deliver(&uart, &control, &bytes),
+                    Key::Send(bytes) => {
+                        if !target.deliver(&control, &bytes) {
+                            return;
+                        }
+                    }
                     Key::Quit => return control.stop(Ok(ExitReason::Stopped)),
                 }
             }
@@ -253,9 +283,24 @@ mod tests {
             })
         };
         // The FIFO holds one byte until the guest enables FIFOs: three bytes must wait.
-        deliver(&uart, &control, b"abc");
+        let mut target = InputTarget::Uart(uart.clone());
+        assert!(target.deliver(&control, b"abc"));
         assert_eq!(reader.join().unwrap(), b"abc");
         control.stop(Ok(ExitReason::Stopped));
-        deliver(&uart, &control, b"never fits: the guest is gone");
+        assert!(target.deliver(&control, b"never fits: the guest is gone"));
+    }
+
+    #[test]
+    fn input_for_hvc0_goes_through_its_pipe_until_the_pipe_closes() {
+        let (sender, mut receiver) = mio::unix::pipe::new().unwrap();
+        sender.set_nonblocking(false).unwrap();
+        let mut target = InputTarget::Pipe(std::fs::File::from(std::os::fd::OwnedFd::from(sender)));
+        let control = Control::new();
+        assert!(target.deliver(&control, b"ls\n"));
+        let mut got = [0u8; 3];
+        std::io::Read::read_exact(&mut receiver, &mut got).unwrap();
+        assert_eq!(&got, b"ls\n");
+        drop(receiver);
+        assert!(!target.deliver(&control, b"nobody reads"), "a closed console ends the input");
     }
 }

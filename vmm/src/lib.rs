@@ -14,6 +14,7 @@
 //! }
 //! ```
 
+pub mod backends;
 mod boot_files;
 pub mod config;
 pub mod console;
@@ -87,6 +88,9 @@ pub enum Error {
     /// The console could not be set up.
     #[error("console: {0}")]
     Console(String),
+    /// A network backend could not be opened.
+    #[error("{0}")]
+    Net(String),
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(String),

@@ -15,13 +15,16 @@ use devices::bus::MmioBus;
 use devices::gic::Gic;
 use devices::pl011::Pl011;
 use devices::pl031::Pl031;
-use devices::virtio::{block::Block, mmio::MmioTransport, rng::Rng, Interrupt, VirtioDevice};
+use devices::virtio::{
+    block::Block, console::Console, mmio::MmioTransport, net::Net, rng::Rng, Interrupt, VirtioDevice,
+};
 use hypervisor::{GuestRam, Hypervisor, Reg, Vcpu, Vm};
 use linux_loader::loader::{pe::PE, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::backends;
 use crate::boot_files::BootFiles;
-use crate::console::{self, RawTerminal};
+use crate::console::{self, InputTarget, RawTerminal};
 use crate::control::Control;
 use crate::irq_lines::IrqLines;
 use crate::vcpu::{self, VcpuContext};
@@ -45,7 +48,9 @@ pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
 }
 
 fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: Instant) -> Result<ExitReason, Error> {
-    let (virtio, files) = virtio_devices(config, files)?;
+    let mut console = backends::open_console(&config.console, config.console_stdin)?;
+    let nets = backends::open_nets(&config.nets)?;
+    let (virtio, files) = virtio_devices(config, files, nets, console.backend.take())?;
     let (memory, regs) = load(config, files, virtio.len())?;
     let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: IPA_BITS })?;
     vm.map_memory(&memory)?;
@@ -78,7 +83,11 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
 
     let _terminal = if config.console_stdin {
         let raw = RawTerminal::enter().map_err(|e| Error::Console(e.to_string()))?;
-        console::spawn_stdin(uart, control.clone(), raw.is_some());
+        let target = match console.stdin_pipe.take() {
+            Some(pipe) => InputTarget::Pipe(pipe),
+            None => InputTarget::Uart(uart),
+        };
+        console::spawn_stdin(target, control.clone(), raw.is_some());
         raw
     } else {
         None
@@ -176,16 +185,28 @@ fn virtio_slot(slot: u32) -> u64 {
     VIRTIO_MMIO_BASE + u64::from(slot) * VIRTIO_MMIO_SIZE
 }
 
-/// The virtio devices, in slot order: the disks first (so the first is `/dev/vda`), then
-/// the entropy device. Takes the open disks out of `files`.
-fn virtio_devices(config: &VmConfig, mut files: BootFiles) -> Result<(Vec<Box<dyn VirtioDevice>>, BootFiles), Error> {
+/// The virtio devices, in slot order: the disks first (so the first is `/dev/vda`), the
+/// network interfaces, then the entropy device and the console. Takes the open disks out
+/// of `files`.
+fn virtio_devices(
+    config: &VmConfig,
+    mut files: BootFiles,
+    nets: Vec<backends::OpenNet>,
+    console: Option<devices::virtio::console::Backend>,
+) -> Result<(Vec<Box<dyn VirtioDevice>>, BootFiles), Error> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (index, (disk, cfg)) in files.disks.drain(..).zip(&config.disks).enumerate() {
         let id = cfg.id.clone().unwrap_or_else(|| format!("hvrun-disk{index}"));
         devices.push(Box::new(Block::new(Box::new(disk), &id)));
     }
+    for (backend, mac) in nets {
+        devices.push(Box::new(Net::new(backend, mac)));
+    }
     let urandom = std::fs::File::open("/dev/urandom").map_err(|e| Error::Virtio(format!("/dev/urandom: {e}")))?;
     devices.push(Box::new(Rng::new(Box::new(urandom))));
+    if let Some(backend) = console {
+        devices.push(Box::new(Console::new(backend)));
+    }
     Ok((devices, files))
 }
 

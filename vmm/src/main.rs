@@ -19,8 +19,9 @@ const EXIT_STOPPED: u8 = 5;
 #[command(
     name = "hvrun",
     version,
-    after_help = "Console: the guest's serial console is this terminal. When standard input is a \
-                  terminal it is put in raw mode while the guest runs; press Ctrl-A X to quit hvrun, \
+    after_help = "Console: this terminal is the guest's console: hvc0 (virtio) when the kernel command \
+                  line makes hvc0 the console, as the default one with --disk does, else ttyAMA0 \
+                  (serial); --console changes that. When standard input is a terminal it is put in raw mode while the guest runs; press Ctrl-A X to quit hvrun, \
                   Ctrl-A Ctrl-A to send a Ctrl-A.\n\n\
                   Exit status: 0 when the guest powers off, 1 when hvrun fails, 2 for a bad command \
                   line, 3 when the guest asks for a reboot (hvrun does not restart it), 4 when the \
@@ -35,13 +36,28 @@ struct Cli {
     /// An initramfs for the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
-    /// The kernel command line [default: console=ttyAMA0, plus root=/dev/vda rw with --disk].
+    /// The kernel command line [default: console=ttyAMA0; with --disk,
+    /// console=hvc0 earlycon root=/dev/vda rw].
     #[arg(long, value_name = "TEXT")]
     cmdline: Option<String>,
     /// A raw disk image as a virtio-blk device (repeatable: vda, vdb, ...), e.g.
     /// rootfs.img or data.img,readonly,id=data.
     #[arg(long = "disk", value_name = "PATH[,readonly][,id=NAME]", value_parser = parse_disk)]
     disks: Vec<config::DiskConfig>,
+    /// A network interface as a virtio-net device (repeatable: eth0, eth1, ...):
+    /// tap=NAME (Linux), unixgram=PATH[,vfkit] (a unix datagram socket, one ethernet
+    /// frame per datagram: gvproxy, vfkit's protocol with ,vfkit), unixstream=PATH
+    /// (length-prefixed frames: socket_vmnet, passt) or fd=N (an inherited datagram
+    /// socket, e.g. from vmnet-helper); each takes ,mac=XX:XX:XX:XX:XX:XX [default MAC:
+    /// stable, derived from the backend].
+    #[arg(long = "net", value_name = "BACKEND[,mac=MAC]", value_parser = parse_net)]
+    nets: Vec<config::NetConfig>,
+    /// Where the guest's virtio console hvc0 goes: `hvc` (this terminal), `file=PATH`,
+    /// `socket=PATH` (a unix socket hvrun listens on), or `serial` (no hvc0; the
+    /// terminal is ttyAMA0's) [default: hvc when the command line says console=hvc0,
+    /// else serial]. The serial port's output always comes to this terminal.
+    #[arg(long, value_name = "WHERE", value_parser = parse_console)]
+    console: Option<config::ConsoleConfig>,
     /// Number of vCPUs (1 to 8).
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
@@ -52,6 +68,14 @@ struct Cli {
 
 fn parse_disk(text: &str) -> Result<config::DiskConfig, String> {
     config::parse_disk(text).map_err(|e| e.to_string())
+}
+
+fn parse_net(text: &str) -> Result<config::NetConfig, String> {
+    config::NetConfig::parse(text).map_err(|e| e.to_string())
+}
+
+fn parse_console(text: &str) -> Result<config::ConsoleConfig, String> {
+    config::ConsoleConfig::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -72,11 +96,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let cmdline = cli.cmdline.unwrap_or_else(|| config::default_cmdline(&cli.disks));
     let config = VmConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
-        cmdline: cli.cmdline.unwrap_or_else(|| config::default_cmdline(&cli.disks)),
+        console: cli.console.unwrap_or_else(|| config::ConsoleConfig::for_cmdline(&cmdline)),
+        cmdline,
         disks: cli.disks,
+        nets: cli.nets,
         cpus: cli.cpus,
         memory: cli.memory,
         console_stdin: true,

@@ -33,6 +33,7 @@ pub fn build_hvrun() -> Result<PathBuf, String> {
         debian_cargo("target/cross")
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
             .args(["build", "--release", "-p", "hvrun", "--bin", "hvrun", "-Zbuild-std=std,panic_abort"])
+            .args(["-p", "hvrun-e2e", "--bin", "net-forwarder"])
             .args(["--target", LINUX]),
     )?;
     let bin = paths::cross_hvrun();

@@ -16,6 +16,7 @@ fn rig(verbose: bool) -> Rig {
         kernel: guest.join("vmlinuz"),
         busybox: guest.join("busybox"),
         hvrun: paths::cross_hvrun(),
+        tools: vec![paths::cross_bin("net-forwarder")],
         guest_dir: guest,
         work_dir: paths::root().join("target/e2e"),
         verbose,

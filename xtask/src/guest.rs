@@ -20,8 +20,11 @@ use crate::{paths, sh};
 
 /// What the guest cache takes from Debian's kernel package: the kernel, and the modules a
 /// guest of the stock kernel needs for virtio (virtio and virtio_ring are built in).
-const KERNEL_FILES: [(&str, &str); 3] = [
+const KERNEL_FILES: [(&str, &str); 5] = [
     ("boot/vmlinuz-", "vmlinuz"),
+    // For the rig's side of scenarios: taps, and the exchange disk.
+    ("*/kernel/drivers/net/tun.ko", "tun.ko"),
+    ("*/kernel/drivers/block/virtio_blk.ko", "virtio_blk.ko"),
     ("*/kernel/drivers/virtio/virtio_mmio.ko", "virtio_mmio.ko"),
     ("*/kernel/drivers/char/hw_random/virtio-rng.ko", "virtio-rng.ko"),
 ];
@@ -37,6 +40,7 @@ pub fn run() -> Result<(), String> {
     let tools = build_tools(&dir)?;
     build_initramfs(&dir, &tools)?;
     build_rootfs(&dir)?;
+    build_data_disk(&dir)?;
     crate::kernel::build(&dir)?;
     Ok(())
 }
@@ -111,6 +115,30 @@ fn build_rootfs(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Builds `data.ext4` for the integrity scenario: an ext4 filesystem holding `/in.bin`,
+/// the host's known pattern (`hvrun_e2e::checks`).
+fn build_data_disk(dir: &Path) -> Result<(), String> {
+    use hvrun_e2e::checks::{DATA_DISK_MB, DATA_IN_LEN, DATA_IN_SEED};
+    let output = dir.join("data.ext4");
+    let key = format!("in={DATA_IN_LEN}/{DATA_IN_SEED:x} size={DATA_DISK_MB}M");
+    if fresh(&output, &key) {
+        println!("guest: data.ext4 is up to date");
+        return Ok(());
+    }
+    let staging = paths::cache().join("data-staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
+    let pattern = hvrun_e2e::exchange::pattern(DATA_IN_LEN, DATA_IN_SEED);
+    std::fs::write(staging.join("in.bin"), pattern).map_err(|e| format!("{}: {e}", staging.display()))?;
+    let _ = std::fs::remove_file(&output);
+    let size = format!("{DATA_DISK_MB}M");
+    sh::run(sh::cmd("mkfs.ext4").args(["-q", "-F", "-L", "data", "-d"]).arg(&staging).arg(&output).arg(&size))?;
+    mark(&output, &key)?;
+    let _ = std::fs::remove_dir_all(&staging);
+    println!("guest: built {}", output.display());
+    Ok(())
+}
+
 /// Packs the guest initramfs.
 fn build_initramfs(dir: &Path, tools: &[PathBuf]) -> Result<(), String> {
     let src = paths::root().join("guests/initramfs");
@@ -118,7 +146,10 @@ fn build_initramfs(dir: &Path, tools: &[PathBuf]) -> Result<(), String> {
     let scripts = files(&src.join("t"), "")?;
     let busybox = read(&dir.join("busybox"))?;
     let mut inputs = vec![init.clone(), busybox.clone()];
-    let modules: Vec<PathBuf> = KERNEL_FILES[1..].iter().map(|(_, name)| dir.join(name)).collect();
+    // tun.ko and virtio_blk.ko are for the rig's side, not the guest.
+    let rig_only = ["tun.ko", "virtio_blk.ko"];
+    let modules: Vec<PathBuf> =
+        KERNEL_FILES[1..].iter().filter(|(_, name)| !rig_only.contains(name)).map(|(_, name)| dir.join(name)).collect();
     for path in scripts.iter().chain(tools).chain(&modules) {
         inputs.push(path.to_string_lossy().into_owned().into_bytes());
         inputs.push(read(path)?);

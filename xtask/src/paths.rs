@@ -28,5 +28,10 @@ pub fn guest_dir() -> PathBuf {
 
 /// The cross-built static arm64 `hvrun`.
 pub fn cross_hvrun() -> PathBuf {
-    root().join("target/cross/aarch64-unknown-linux-gnu/release/hvrun")
+    cross_bin("hvrun")
+}
+
+/// A program cross-built for the rig by [`crate::cross::build_hvrun`].
+pub fn cross_bin(name: &str) -> PathBuf {
+    root().join("target/cross/aarch64-unknown-linux-gnu/release").join(name)
 }

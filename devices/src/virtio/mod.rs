@@ -8,8 +8,13 @@
 //! is a [`GuestMemoryHandle`] and the interrupt an [`crate::irq::IrqLine`].
 
 pub mod block;
+pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+#[cfg(test)]
+pub mod testing;
+pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -97,28 +102,56 @@ pub fn drain_queue(
     interrupt: &Interrupt,
     mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) {
+    while let Some(chain) = next_chain(device, queue, memory) {
+        let head = chain.head_index();
+        let len = serve(chain);
+        if let Err(e) = queue.add_used(memory, head, len) {
+            warn_ratelimited!("{device}: cannot return a buffer: {e}");
+            break;
+        }
+    }
+    notify_driver(device, queue, memory, interrupt);
+}
+
+/// The next chain the driver made available. When there is none, notifications are
+/// re-enabled (with EVENT_IDX: the avail event moves up) and the queue looked at once
+/// more, so a chain added meanwhile is not missed.
+pub fn next_chain<'a>(
+    device: &str,
+    queue: &mut Queue,
+    memory: &'a GuestMemoryMmap,
+) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
     loop {
-        while let Some(chain) = queue.pop_descriptor_chain(memory) {
-            let head = chain.head_index();
-            let len = serve(chain);
-            if let Err(e) = queue.add_used(memory, head, len) {
-                warn_ratelimited!("{device}: cannot return a buffer: {e}");
-                return;
-            }
+        if let Some(chain) = queue.pop_descriptor_chain(memory) {
+            return Some(chain);
         }
         match queue.enable_notification(memory) {
             Ok(true) => continue,
-            Ok(false) => break,
+            Ok(false) => return None,
             Err(e) => {
                 warn_ratelimited!("{device}: queue error: {e}");
-                break;
+                return None;
             }
         }
     }
+}
+
+/// Interrupts the driver if the buffers used since the last call call for it (always
+/// without EVENT_IDX; per the used event with it).
+pub fn notify_driver(device: &str, queue: &mut Queue, memory: &GuestMemoryMmap, interrupt: &Interrupt) {
     match queue.needs_notification(memory) {
         Ok(true) => interrupt.trigger(INT_USED_RING),
         Ok(false) => {}
         Err(e) => warn_ratelimited!("{device}: queue error: {e}"),
+    }
+}
+
+/// Reads `data.len()` bytes of a configuration space held as bytes, from `offset`;
+/// bytes past its end read as 0 (the guest may read anywhere in the window).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = start.checked_add(i).and_then(|at| config.get(at)).copied().unwrap_or(0);
     }
 }
 

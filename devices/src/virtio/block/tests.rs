@@ -1,6 +1,4 @@
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -11,23 +9,17 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::disk::{Disk, MemDisk};
 use super::request::*;
 use super::Block;
-use crate::bus::MmioDeviceMut;
-use crate::irq::IrqLine;
 use crate::virtio::mmio::MmioTransport;
+use crate::virtio::testing::{desc, read_reg, start, wait_for, write_reg, Line, Mem, W};
 use crate::virtio::Interrupt;
 
-const W: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 const MEM: usize = 0x10_0000;
 const HDR: u64 = 0x1_0000;
 const DATA: u64 = 0x2_0000;
 const STATUS: u64 = 0x3_0000;
 
-fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
-    RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
-}
-
 fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap()
+    crate::virtio::testing::mem(MEM)
 }
 
 /// A 64 KiB disk whose byte i is i % 251.
@@ -192,22 +184,6 @@ proptest! {
     }
 }
 
-#[derive(Default)]
-struct Line(AtomicBool);
-impl IrqLine for Line {
-    fn set_level(&self, level: bool) {
-        self.0.store(level, Ordering::SeqCst);
-    }
-}
-
-struct Mem(GuestMemoryMmap);
-impl std::ops::Deref for Mem {
-    type Target = GuestMemoryMmap;
-    fn deref(&self) -> &GuestMemoryMmap {
-        &self.0
-    }
-}
-
 /// A MemDisk shared with the test, so it can look while the worker owns the device's.
 #[derive(Clone)]
 struct Shared(Arc<Mutex<MemDisk>>);
@@ -239,43 +215,18 @@ fn requests_are_served_off_the_notifying_thread_and_survive_a_reset() {
     let shared = Shared(Arc::new(Mutex::new(disk())));
     let block = Block::new(Box::new(shared.clone()), "disk0");
     let mut t = MmioTransport::new(Box::new(block), m.clone(), Interrupt::new(line.clone())).unwrap();
-    let w = |t: &mut MmioTransport, offset: u64, value: u32| t.write(0, offset, &value.to_le_bytes());
-    let r = |t: &mut MmioTransport, offset: u64| {
-        let mut b = [0u8; 4];
-        t.read(0, offset, &mut b);
-        u32::from_le_bytes(b)
-    };
-    assert_eq!(r(&mut t, 0x100), 128, "capacity in sectors");
+    assert_eq!(read_reg(&mut t, 0x100), 128, "capacity in sectors");
     for round in 0..2 {
         let vq = MockSplitQueue::create(&**m, GuestAddress(0x8_0000 + round * 0x1_0000), 16);
-        w(&mut t, 0x70, 1);
-        w(&mut t, 0x70, 3);
-        for sel in 0..2 {
-            w(&mut t, 0x14, sel);
-            let offered = r(&mut t, 0x10);
-            w(&mut t, 0x24, sel);
-            w(&mut t, 0x20, offered);
-        }
-        w(&mut t, 0x70, 11);
-        w(&mut t, 0x38, 16);
-        for (low, addr) in [(0x80, vq.desc_table_addr()), (0x90, vq.avail_addr()), (0xa0, vq.used_addr())] {
-            w(&mut t, low, addr.0 as u32);
-            w(&mut t, low + 4, 0);
-        }
-        w(&mut t, 0x44, 1);
-        w(&mut t, 0x70, 15);
+        start(&mut t, &[&vq]);
         m.write_slice(&header(T_OUT, 1), GuestAddress(HDR)).unwrap();
         m.write_slice(&[round as u8 + 1; 512], GuestAddress(DATA)).unwrap();
         vq.build_desc_chain(&[hdr(), desc(DATA, 512, 0), status()]).unwrap();
-        w(&mut t, 0x50, 0);
+        write_reg(&mut t, 0x50, 0);
         // The worker returns the buffer, then raises the interrupt: wait for both.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while vq.used().idx().load() == 0 || !line.0.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "the worker never answered");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for("the worker's answer", || vq.used().idx().load() != 0 && line.high());
         assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
         assert_eq!(shared.0.lock().unwrap().bytes[512..1024], [round as u8 + 1; 512]);
-        w(&mut t, 0x70, 0); // reset: the worker stops and hands the disk back
+        write_reg(&mut t, 0x70, 0); // reset: the worker stops and hands the disk back
     }
 }

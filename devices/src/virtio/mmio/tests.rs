@@ -1,5 +1,5 @@
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -7,20 +7,12 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::irq::IrqLine;
 use crate::virtio::rng::{Rng, MAX_PER_CHAIN};
+use crate::virtio::testing::{Line, Mem};
 
 const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
 const MEM_SIZE: usize = 0x10_0000;
-
-#[derive(Default)]
-struct Line(AtomicBool);
-impl IrqLine for Line {
-    fn set_level(&self, level: bool) {
-        self.0.store(level, Ordering::SeqCst);
-    }
-}
 
 /// An endless stream of 0x5a bytes, standing in for the host's entropy.
 struct Fives;
@@ -28,15 +20,6 @@ impl Read for Fives {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         buf.fill(0x5a);
         Ok(buf.len())
-    }
-}
-
-/// Guest memory as a test owns it (the VMM's is `hypervisor::GuestRam`).
-struct Mem(GuestMemoryMmap);
-impl std::ops::Deref for Mem {
-    type Target = GuestMemoryMmap;
-    fn deref(&self) -> &GuestMemoryMmap {
-        &self.0
     }
 }
 

@@ -1,0 +1,111 @@
+//! virtio-console (virtio spec v1.2 section 5.3): one port, `hvc0` in a Linux guest.
+//!
+//! Queue 0 (receiveq) carries host input to the guest, queue 1 (transmitq) guest output
+//! to the host. The backend is a [`Backend`]: a writer with an optional input pipe (the
+//! host terminal, a file), or a unix socket served to one client at a time. The device
+//! runs on a [`Worker`](super::worker::Worker) event loop, so guest output never blocks
+//! a vCPU and host input is read only when the guest has posted buffers for it, and
+//! only once the guest has written to the port: Linux discards input that arrives
+//! between posting its first buffers and connecting the console (without MULTIPORT
+//! there is no other sign that it is ready).
+//! MULTIPORT, SIZE and EMERG_WRITE are not offered; EVENT_IDX is.
+
+mod port;
+#[cfg(test)]
+mod tests;
+
+use std::io::Write;
+
+use mio::net::UnixListener;
+use mio::unix::pipe;
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+use self::port::Port;
+use super::worker::Slot;
+use super::{ActivateError, Activation, VirtioDevice};
+
+/// Queue size offered to the driver.
+pub const QUEUE_SIZE: u16 = 256;
+/// The receive queue's index.
+pub const RX_QUEUE: u16 = 0;
+/// The transmit queue's index.
+pub const TX_QUEUE: u16 = 1;
+
+/// Where the console's bytes go and come from.
+pub enum Backend {
+    /// Output to a writer (the terminal, a file); input, if any, from a pipe that the
+    /// host side fills (the terminal's reader thread, an embedder's reader).
+    Stream {
+        /// Where guest output goes; writes may block the device's thread, never a vCPU.
+        output: Box<dyn Write + Send>,
+        /// Host input; `None` for an output-only console.
+        input: Option<pipe::Receiver>,
+    },
+    /// A unix socket the VMM listens on. One client at a time has the console (a new
+    /// one takes over); output written while none is connected is kept (the last
+    /// 64 KiB) for the next one.
+    Socket(UnixListener),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Stream { input, .. } => write!(f, "Stream(input: {})", input.is_some()),
+            Backend::Socket(_) => f.write_str("Socket"),
+        }
+    }
+}
+
+/// The console device.
+pub struct Console {
+    port: Slot<Port>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console").field("port", &self.port).finish()
+    }
+}
+
+impl Console {
+    /// A console over `backend`.
+    pub fn new(backend: Backend) -> Self {
+        Console { port: Slot::new("virtio-console", Port::new(backend)) }
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_RING_F_EVENT_IDX
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let Activation { memory, queues, interrupt, .. } = activation;
+        let got = queues.len();
+        let mut queues = queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::MissingQueues { needed: 2, got });
+        };
+        self.port.start(|port| {
+            port.attach(memory, rx, tx, interrupt);
+            Ok(())
+        })
+    }
+
+    fn queue_notify(&mut self, index: u16) {
+        self.port.notify(index);
+    }
+
+    fn reset(&mut self) {
+        self.port.stop();
+    }
+}

@@ -1,0 +1,315 @@
+//! The console's port: its backend, the bytes in flight, and the queue work, run by a
+//! [`Worker`](crate::virtio::worker::Worker) while the driver has the device started.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+
+use mio::event::Event;
+use mio::net::UnixStream;
+use mio::{Interest, Registry, Token};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::Backend;
+use crate::virtio::worker::Handler;
+use crate::virtio::{next_chain, notify_driver, GuestMemory, Interrupt};
+use crate::warn_ratelimited;
+
+const NAME: &str = "virtio-console";
+const INPUT: Token = Token(0);
+const LISTENER: Token = Token(1);
+const CLIENT: Token = Token(2);
+/// Host input read at a time.
+const INPUT_CHUNK: usize = 4096;
+/// The most output taken from one transmit chain; the rest is dropped (Linux sends at
+/// most a page per buffer).
+pub const MAX_CHAIN_OUTPUT: usize = 64 * 1024;
+/// Output kept while no socket client is connected.
+pub const KEPT_OUTPUT: usize = 64 * 1024;
+
+struct Running {
+    memory: GuestMemory,
+    rx: Queue,
+    tx: Queue,
+    interrupt: Interrupt,
+}
+
+/// A port and its backend, running or idle.
+pub(super) struct Port {
+    backend: Backend,
+    client: Option<UnixStream>,
+    running: Option<Running>,
+    /// Host input read but not yet given to the guest: `input[input_at..]`.
+    input: Vec<u8>,
+    input_at: usize,
+    /// Guest output not yet written to the backend.
+    output: VecDeque<u8>,
+    /// Whether the guest has written to the port since the driver started it. Host
+    /// input waits until then: Linux posts receive buffers before it marks the console
+    /// port connected, and discards what arrives in between.
+    guest_spoke: bool,
+}
+
+impl Port {
+    pub(super) fn new(backend: Backend) -> Self {
+        Port {
+            backend,
+            client: None,
+            running: None,
+            input: Vec::new(),
+            input_at: 0,
+            output: VecDeque::new(),
+            guest_spoke: false,
+        }
+    }
+
+    pub(super) fn attach(&mut self, memory: GuestMemory, rx: Queue, tx: Queue, interrupt: Interrupt) {
+        self.running = Some(Running { memory, rx, tx, interrupt });
+    }
+
+    /// Moves bytes both ways until neither side can take more, then interrupts the
+    /// driver if it asked to be.
+    fn pump(&mut self, registry: &Registry) {
+        let Some(mut run) = self.running.take() else { return };
+        let memory = run.memory.memory();
+        self.transmit(registry, memory, &mut run.tx);
+        self.receive(registry, memory, &mut run.rx);
+        notify_driver(NAME, &mut run.tx, memory, &run.interrupt);
+        notify_driver(NAME, &mut run.rx, memory, &run.interrupt);
+        self.running = Some(run);
+    }
+
+    fn transmit(&mut self, registry: &Registry, memory: &GuestMemoryMmap, tx: &mut Queue) {
+        while self.flush(registry) {
+            let Some(chain) = next_chain(NAME, tx, memory) else { break };
+            let head = chain.head_index();
+            self.guest_spoke = true;
+            collect(memory, chain, &mut self.output);
+            if let Err(e) = tx.add_used(memory, head, 0) {
+                warn_ratelimited!("{NAME}: cannot return a buffer: {e}");
+                break;
+            }
+        }
+    }
+
+    /// Writes buffered output to the backend; false if some is still waiting (a socket
+    /// client that is not reading).
+    fn flush(&mut self, registry: &Registry) -> bool {
+        match &mut self.backend {
+            Backend::Stream { output, .. } => {
+                let (a, b) = self.output.as_slices();
+                if let Err(e) = output.write_all(a).and_then(|()| output.write_all(b)).and_then(|()| output.flush()) {
+                    warn_ratelimited!("{NAME}: output lost: {e}");
+                }
+                self.output.clear();
+                true
+            }
+            Backend::Socket(_) => {
+                let Some(client) = &mut self.client else {
+                    let excess = self.output.len().saturating_sub(KEPT_OUTPUT);
+                    self.output.drain(..excess);
+                    return true;
+                };
+                while !self.output.is_empty() {
+                    match client.write(self.output.as_slices().0) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            self.output.drain(..n);
+                        }
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                        Err(e) => {
+                            log::info!("{NAME}: socket client gone ({e})");
+                            self.drop_client(registry);
+                            return true;
+                        }
+                    }
+                }
+                self.output.is_empty()
+            }
+        }
+    }
+
+    fn receive(&mut self, registry: &Registry, memory: &GuestMemoryMmap, rx: &mut Queue) {
+        if !self.guest_spoke {
+            return;
+        }
+        loop {
+            if self.input_at == self.input.len() && !self.read_input(registry) {
+                return;
+            }
+            let Some(chain) = next_chain(NAME, rx, memory) else { return };
+            let head = chain.head_index();
+            let written = scatter(memory, chain, &self.input[self.input_at..]);
+            self.input_at += written;
+            if let Err(e) = rx.add_used(memory, head, written as u32) {
+                warn_ratelimited!("{NAME}: cannot return a buffer: {e}");
+                return;
+            }
+        }
+    }
+
+    /// Reads a chunk of host input; false when none is available now.
+    fn read_input(&mut self, registry: &Registry) -> bool {
+        self.input.resize(INPUT_CHUNK, 0);
+        self.input_at = 0;
+        let read = match (&mut self.backend, &mut self.client) {
+            (Backend::Stream { input: Some(pipe), .. }, _) => pipe.read(&mut self.input),
+            (Backend::Socket(_), Some(client)) => client.read(&mut self.input),
+            _ => Ok(0),
+        };
+        let n = match read {
+            Ok(0) => {
+                self.end_input(registry);
+                0
+            }
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => 0,
+            Err(e) => {
+                log::info!("{NAME}: input ends ({e})");
+                self.end_input(registry);
+                0
+            }
+        };
+        self.input.truncate(n);
+        n > 0
+    }
+
+    /// The input reached its end: a pipe is closed for good, a socket client is let go.
+    fn end_input(&mut self, registry: &Registry) {
+        match &mut self.backend {
+            Backend::Stream { input, .. } => {
+                if let Some(mut pipe) = input.take() {
+                    let _ = registry.deregister(&mut pipe);
+                }
+            }
+            Backend::Socket(_) => self.drop_client(registry),
+        }
+    }
+
+    fn drop_client(&mut self, registry: &Registry) {
+        if let Some(mut client) = self.client.take() {
+            let _ = registry.deregister(&mut client);
+        }
+    }
+
+    fn accept(&mut self, registry: &Registry) {
+        loop {
+            let Backend::Socket(listener) = &self.backend else { return };
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    if self.client.is_some() {
+                        log::info!("{NAME}: a new client takes the console over from the previous one");
+                        self.drop_client(registry);
+                    }
+                    match registry.register(&mut stream, CLIENT, Interest::READABLE | Interest::WRITABLE) {
+                        Ok(()) => self.client = Some(stream),
+                        Err(e) => warn_ratelimited!("{NAME}: cannot watch the new client: {e}"),
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn_ratelimited!("{NAME}: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Appends the chain's device-readable bytes to `out`, at most [`MAX_CHAIN_OUTPUT`].
+fn collect(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, out: &mut VecDeque<u8>) {
+    let mut taken = 0usize;
+    let mut buf = [0u8; 4096];
+    for desc in chain {
+        if desc.is_write_only() {
+            warn_ratelimited!("{NAME}: device-writable descriptor in the transmit queue; chain ends");
+            return;
+        }
+        let mut left = desc.len() as usize;
+        let mut addr = desc.addr();
+        while left > 0 {
+            if taken >= MAX_CHAIN_OUTPUT {
+                warn_ratelimited!("{NAME}: transmit chain over {MAX_CHAIN_OUTPUT} bytes; the rest is dropped");
+                return;
+            }
+            let n = left.min(buf.len()).min(MAX_CHAIN_OUTPUT - taken);
+            if memory.read_slice(&mut buf[..n], addr).is_err() {
+                warn_ratelimited!("{NAME}: buffer at {:#x} is outside guest memory; chain ends", addr.0);
+                return;
+            }
+            out.extend(&buf[..n]);
+            taken += n;
+            left -= n;
+            addr = GuestAddress(addr.0.wrapping_add(n as u64));
+        }
+    }
+}
+
+/// Writes as much of `data` as fits into the chain's device-writable descriptors;
+/// returns how much did.
+fn scatter(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, data: &[u8]) -> usize {
+    let mut written = 0usize;
+    for desc in chain {
+        if written == data.len() {
+            break;
+        }
+        if !desc.is_write_only() {
+            warn_ratelimited!("{NAME}: device-readable descriptor in the receive queue; chain ends");
+            break;
+        }
+        let n = (desc.len() as usize).min(data.len() - written);
+        if memory.write_slice(&data[written..written + n], desc.addr()).is_err() {
+            warn_ratelimited!("{NAME}: buffer at {:#x} is outside guest memory; chain ends", desc.addr().0);
+            break;
+        }
+        written += n;
+    }
+    written
+}
+
+impl Handler for Port {
+    fn register(&mut self, registry: &Registry) -> std::io::Result<()> {
+        match &mut self.backend {
+            Backend::Stream { input: Some(pipe), .. } => registry.register(pipe, INPUT, Interest::READABLE)?,
+            Backend::Stream { input: None, .. } => {}
+            Backend::Socket(listener) => registry.register(listener, LISTENER, Interest::READABLE)?,
+        }
+        if let Some(client) = &mut self.client {
+            registry.register(client, CLIENT, Interest::READABLE | Interest::WRITABLE)?;
+        }
+        Ok(())
+    }
+
+    fn notified(&mut self, registry: &Registry, _queues: u32) {
+        self.pump(registry);
+    }
+
+    fn ready(&mut self, registry: &Registry, event: &Event) {
+        if event.token() == LISTENER {
+            self.accept(registry);
+        }
+        self.pump(registry);
+    }
+
+    fn detach(&mut self) {
+        self.running = None;
+        self.guest_spoke = false;
+    }
+
+    fn deregister(&mut self, registry: &Registry) {
+        match &mut self.backend {
+            Backend::Stream { input: Some(pipe), .. } => {
+                let _ = registry.deregister(pipe);
+            }
+            Backend::Stream { input: None, .. } => {}
+            Backend::Socket(listener) => {
+                let _ = registry.deregister(listener);
+            }
+        }
+        if let Some(client) = &mut self.client {
+            let _ = registry.deregister(client);
+        }
+    }
+}

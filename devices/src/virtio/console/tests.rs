@@ -1,0 +1,139 @@
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use mio::net::UnixListener;
+use mio::unix::pipe;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::{Backend, Console};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::testing::{chained, desc, mem, start, wait_for, write_reg, Line, Mem, Sink, W};
+use crate::virtio::Interrupt;
+
+/// The receive and transmit queues' driver side.
+fn queues(m: &Mem) -> (MockSplitQueue<'_, GuestMemoryMmap>, MockSplitQueue<'_, GuestMemoryMmap>) {
+    (MockSplitQueue::create(&m.0, GuestAddress(0x8_0000), 16), MockSplitQueue::create(&m.0, GuestAddress(0x9_0000), 16))
+}
+
+struct Guest {
+    m: Arc<Mem>,
+    line: Arc<Line>,
+    t: MmioTransport,
+}
+
+impl Guest {
+    fn new(backend: Backend) -> Self {
+        let m = Arc::new(Mem(mem(0x10_0000)));
+        let line = Arc::new(Line::default());
+        let t = MmioTransport::new(Box::new(Console::new(backend)), m.clone(), Interrupt::new(line.clone())).unwrap();
+        Guest { m, line, t }
+    }
+}
+
+#[test]
+fn guest_output_reaches_the_writer_off_the_vcpu_thread() {
+    let sink = Sink::default();
+    let mut g = Guest::new(Backend::Stream { output: Box::new(sink.clone()), input: None });
+    let m = g.m.clone();
+    let (rx, tx) = queues(&m);
+    start(&mut g.t, &[&rx, &tx]);
+    g.m.write_slice(b"hello, ", GuestAddress(0x1000)).unwrap();
+    g.m.write_slice(b"host\n", GuestAddress(0x2000)).unwrap();
+    tx.add_desc_chains(&[chained(0x1000, 7, 0, 1), desc(0x2000, 5, 0)], 0).unwrap();
+    write_reg(&mut g.t, 0x50, 1);
+    wait_for("the output", || sink.text() == "hello, host\n");
+    wait_for("the used buffer and interrupt", || tx.used().idx().load() == 1 && g.line.high());
+}
+
+#[test]
+fn host_input_waits_for_guest_buffers_and_is_split_across_them() {
+    let (mut sender, receiver) = pipe::new().unwrap();
+    let mut g = Guest::new(Backend::Stream { output: Box::new(std::io::sink()), input: Some(receiver) });
+    let m = g.m.clone();
+    let (rx, tx) = queues(&m);
+    sender.write_all(b"typed").unwrap();
+    start(&mut g.t, &[&rx, &tx]);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(rx.used().idx().load(), 0, "no buffers yet: nothing delivered");
+    rx.add_desc_chains(&[desc(0x1000, 3, W), desc(0x2000, 3, W)], 0).unwrap();
+    write_reg(&mut g.t, 0x50, 0);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(rx.used().idx().load(), 0, "the guest has not written yet: input waits");
+    tx.add_desc_chains(&[desc(0x3000, 1, 0)], 0).unwrap();
+    write_reg(&mut g.t, 0x50, 1);
+    wait_for("two used buffers", || rx.used().idx().load() == 2);
+    let mut got = [0u8; 5];
+    g.m.read_slice(&mut got[..3], GuestAddress(0x1000)).unwrap();
+    g.m.read_slice(&mut got[3..], GuestAddress(0x2000)).unwrap();
+    assert_eq!(&got, b"typed");
+    wait_for("the interrupt", || g.line.high());
+}
+
+#[test]
+fn hostile_chains_are_dropped_without_harm() {
+    let sink = Sink::default();
+    let (mut sender, receiver) = pipe::new().unwrap();
+    let mut g = Guest::new(Backend::Stream { output: Box::new(sink.clone()), input: Some(receiver) });
+    let m = g.m.clone();
+    let (rx, tx) = queues(&m);
+    start(&mut g.t, &[&rx, &tx]);
+    // Transmit: a device-writable buffer, one outside guest memory, and a huge one.
+    tx.add_desc_chains(&[desc(0x1000, 8, W), desc(0xffff_0000, 8, 0), desc(0x1000, u32::MAX, 0)], 0).unwrap();
+    write_reg(&mut g.t, 0x50, 1);
+    wait_for("three used buffers", || tx.used().idx().load() == 3);
+    assert!(sink.0.lock().unwrap().len() <= super::port::MAX_CHAIN_OUTPUT);
+    // Receive (the guest has written): a device-readable buffer gets nothing; the next
+    // one gets the input.
+    sender.write_all(b"x").unwrap();
+    rx.add_desc_chains(&[desc(0x3000, 4, 0), desc(0xffff_0000, 4, W), desc(0x4000, 4, W)], 0).unwrap();
+    write_reg(&mut g.t, 0x50, 0);
+    wait_for("three used buffers", || rx.used().idx().load() == 3);
+    assert_eq!(g.m.read_obj::<u8>(GuestAddress(0x4000)).unwrap(), b'x');
+}
+
+#[test]
+fn a_socket_client_gets_earlier_output_a_new_client_takes_over_and_a_reset_keeps_the_socket() {
+    let path = std::env::temp_dir().join(format!("hvrun-console-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut g = Guest::new(Backend::Socket(UnixListener::bind(&path).unwrap()));
+    let m = g.m.clone();
+    // The guest's `n`th output on this queue: four `byte`s.
+    let output = |g: &mut Guest, tx: &MockSplitQueue<GuestMemoryMmap>, byte: u8, n: u16| {
+        m.write_slice(&[byte; 4], GuestAddress(0x1000)).unwrap();
+        tx.add_desc_chains(&[desc(0x1000, 4, 0)], n - 1).unwrap();
+        write_reg(&mut g.t, 0x50, 1);
+        wait_for("the used buffer", || tx.used().idx().load() == n);
+    };
+    let input = |g: &mut Guest, rx: &MockSplitQueue<GuestMemoryMmap>, client: &mut std::os::unix::net::UnixStream| {
+        client.write_all(b"in").unwrap();
+        rx.add_desc_chains(&[desc(0x2000, 16, W)], 0).unwrap();
+        write_reg(&mut g.t, 0x50, 0);
+        wait_for("input from the client", || rx.used().idx().load() == 1);
+        assert_eq!(m.read_obj::<[u8; 2]>(GuestAddress(0x2000)).unwrap(), *b"in");
+    };
+    let mut got = [0u8; 4];
+
+    // Output while nobody is connected waits for the first client.
+    let (rx, tx) = queues(&m);
+    start(&mut g.t, &[&rx, &tx]);
+    output(&mut g, &tx, b'a', 1);
+    let mut first = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    first.read_exact(&mut got).unwrap();
+    assert_eq!(got, [b'a'; 4]);
+    input(&mut g, &rx, &mut first);
+
+    // After a reset the socket is still there, the client too; a new client takes over.
+    write_reg(&mut g.t, 0x70, 0);
+    let (rx, tx) = queues(&m);
+    start(&mut g.t, &[&rx, &tx]);
+    output(&mut g, &tx, b'b', 1);
+    first.read_exact(&mut got).unwrap();
+    assert_eq!(got, [b'b'; 4]);
+    let mut second = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    input(&mut g, &rx, &mut second); // served: the new client is connected
+    output(&mut g, &tx, b'c', 2);
+    second.read_exact(&mut got).unwrap();
+    assert_eq!(got, [b'c'; 4]);
+    let _ = std::fs::remove_file(&path);
+}

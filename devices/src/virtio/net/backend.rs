@@ -1,0 +1,447 @@
+//! Where a virtio-net device's frames go: a tap device (Linux), a unix datagram socket
+//! carrying one ethernet frame per datagram (vfkit, gvproxy, vmnet-helper, socketpairs),
+//! or a unix stream socket carrying frames behind 4-byte big-endian lengths (QEMU's
+//! stream netdev protocol, spoken by socket_vmnet and passt).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use mio::net::UnixDatagram;
+use mio::{event, Interest, Registry, Token};
+
+/// Size of `struct virtio_net_hdr_v1`, which leads every frame on the queues.
+pub const VNET_HDR_LEN: usize = 12;
+
+/// A network backend: sends and receives whole frames without blocking.
+pub trait NetBackend: event::Source + Send {
+    /// Whether frames on this backend carry a `virtio_net_hdr_v1` in front (a tap with
+    /// `IFF_VNET_HDR`), so checksum and segmentation offloads can pass through.
+    fn vnet_hdr(&self) -> bool;
+    /// Tells the backend which offloads the guest accepted (the `VIRTIO_NET_F_GUEST_*`
+    /// bits of `features`): what it may hand the guest unsegmented or unchecksummed.
+    fn set_offloads(&mut self, features: u64) -> io::Result<()> {
+        let _ = features;
+        Ok(())
+    }
+    /// Sends one frame (with the header when [`NetBackend::vnet_hdr`]). `WouldBlock`:
+    /// nothing was sent, try again later.
+    fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Receives one frame into `buf` (with the header when [`NetBackend::vnet_hdr`]);
+    /// `WouldBlock` when none is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes out what an earlier [`NetBackend::send`] accepted but could not finish;
+    /// `WouldBlock` while some remains.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Implements `mio::event::Source` for a backend by delegating to the source `$get`
+/// gives for it.
+macro_rules! source_via {
+    ($type:ty, |$this:ident| $get:expr) => {
+        impl event::Source for $type {
+            fn register(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
+                let $this = self;
+                ($get).register(registry, token, interests)
+            }
+            fn reregister(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
+                let $this = self;
+                ($get).reregister(registry, token, interests)
+            }
+            fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
+                let $this = self;
+                ($get).deregister(registry)
+            }
+        }
+    };
+}
+
+/// Maps "the peer's queue is full" to `WouldBlock`: macOS reports it as ENOBUFS on
+/// datagram sockets (and sends no writable event, so callers retry on a timer).
+fn full_is_would_block(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::ENOBUFS) {
+        io::Error::from(io::ErrorKind::WouldBlock)
+    } else {
+        e
+    }
+}
+
+/// The first datagram vfkit sends, which gvproxy's `--listen-vfkit` waits for to learn
+/// the VM's address.
+pub const VFKIT_MAGIC: &[u8; 4] = b"VFKT";
+/// Socket buffer sizes asked for: several 64 KiB frames in flight each way.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+static LOCAL_SOCKETS: AtomicU32 = AtomicU32::new(0);
+
+/// One ethernet frame per datagram over a unix socket.
+#[derive(Debug)]
+pub struct Unixgram {
+    socket: UnixDatagram,
+    /// The local address we bound, removed on drop.
+    local: Option<PathBuf>,
+}
+
+impl Unixgram {
+    /// Connects to the peer listening at `peer`, from a socket bound next to the
+    /// system's temporary files (a datagram peer needs our address to answer). With
+    /// `vfkit`, first sends the magic datagram vfkit's protocol starts with.
+    pub fn connect(peer: &Path, vfkit: bool) -> io::Result<Self> {
+        let name = format!("hvrun-net-{}-{}.sock", std::process::id(), LOCAL_SOCKETS.fetch_add(1, Ordering::Relaxed));
+        let local = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_file(&local);
+        let socket = UnixDatagram::bind(&local)?;
+        let this = Unixgram { socket, local: Some(local) };
+        this.socket.connect(peer)?;
+        this.tune();
+        if vfkit {
+            // A fresh socket's buffer is empty: the first datagram cannot block.
+            this.socket.send(VFKIT_MAGIC)?;
+        }
+        Ok(this)
+    }
+
+    /// Uses `fd`, a connected datagram socket (a socketpair end from vmnet-helper, or a
+    /// test). Takes ownership.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        let socket = std::os::unix::net::UnixDatagram::from(fd);
+        socket.set_nonblocking(true)?;
+        let this = Unixgram { socket: UnixDatagram::from_std(socket), local: None };
+        this.tune();
+        Ok(this)
+    }
+
+    fn tune(&self) {
+        for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            let size = SOCKET_BUFFER as libc::c_int;
+            // SAFETY: setsockopt on our own socket with a c_int option value and its size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    self.socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                log::debug!("virtio-net: socket buffer size not set: {}", io::Error::last_os_error());
+            }
+        }
+    }
+}
+
+impl Drop for Unixgram {
+    fn drop(&mut self) {
+        if let Some(local) = &self.local {
+            let _ = std::fs::remove_file(local);
+        }
+    }
+}
+
+source_via!(Unixgram, |this| &mut this.socket);
+
+impl NetBackend for Unixgram {
+    fn vnet_hdr(&self) -> bool {
+        false
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.socket.send(frame).map(drop).map_err(full_is_would_block)
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.recv(buf)
+    }
+}
+
+/// Frames over a unix stream socket, each behind its length as a 4-byte big-endian
+/// number. Partial reads and writes are buffered here, at most one frame each way.
+#[derive(Debug)]
+pub struct Unixstream {
+    socket: mio::net::UnixStream,
+    /// Bytes read that do not make a whole frame yet.
+    inbuf: Vec<u8>,
+    /// Bytes of accepted frames not yet written: `outbuf[out_at..]`.
+    outbuf: Vec<u8>,
+    out_at: usize,
+}
+
+/// The largest frame a stream peer may announce: a 64 KiB packet and its headers.
+const MAX_STREAM_FRAME: usize = 65_536 + 64;
+
+impl Unixstream {
+    /// Connects to the peer listening at `path` (socket_vmnet's socket, passt's).
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        Self::from_std(std::os::unix::net::UnixStream::connect(path)?)
+    }
+
+    /// Uses a connected stream socket.
+    pub fn from_std(socket: std::os::unix::net::UnixStream) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        Ok(Unixstream {
+            socket: mio::net::UnixStream::from_std(socket),
+            inbuf: Vec::with_capacity(4 + MAX_STREAM_FRAME),
+            outbuf: Vec::new(),
+            out_at: 0,
+        })
+    }
+
+    /// The first whole frame in `inbuf`, as (start, length).
+    fn whole_frame(&self) -> io::Result<Option<(usize, usize)>> {
+        let Some(prefix) = self.inbuf.get(..4) else { return Ok(None) };
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        if len > MAX_STREAM_FRAME {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("the peer sent a {len}-byte frame")));
+        }
+        Ok((self.inbuf.len() >= 4 + len).then_some((4, len)))
+    }
+}
+
+source_via!(Unixstream, |this| &mut this.socket);
+
+impl NetBackend for Unixstream {
+    fn vnet_hdr(&self) -> bool {
+        false
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.flush()?;
+        self.outbuf.clear();
+        self.out_at = 0;
+        self.outbuf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+        self.outbuf.extend_from_slice(frame);
+        match self.flush() {
+            // Accepted: whatever is left goes out with the next flush.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.out_at > 0 => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.outbuf.clear();
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        use std::io::Write;
+        while self.out_at < self.outbuf.len() {
+            match self.socket.write(&self.outbuf[self.out_at..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.outbuf.clear();
+        self.out_at = 0;
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::io::Read;
+        loop {
+            if let Some((start, len)) = self.whole_frame()? {
+                let n = len.min(buf.len());
+                buf[..n].copy_from_slice(&self.inbuf[start..start + n]);
+                self.inbuf.drain(..start + len);
+                return Ok(n);
+            }
+            let have = self.inbuf.len();
+            self.inbuf.resize(4 + MAX_STREAM_FRAME, 0);
+            let read = self.socket.read(&mut self.inbuf[have..]);
+            self.inbuf.truncate(have + *read.as_ref().unwrap_or(&0));
+            match read {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A Linux tap device with a virtio-net header on every frame.
+#[cfg(target_os = "linux")]
+#[derive(Debug)]
+pub struct Tap {
+    fd: OwnedFd,
+    name: String,
+}
+
+#[cfg(target_os = "linux")]
+impl Tap {
+    /// Opens (or creates, with CAP_NET_ADMIN) the tap device `name`.
+    pub fn open(name: &str) -> io::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || !name.is_ascii() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a tap name has 1 to 15 ASCII characters"));
+        }
+        // SAFETY: open with a NUL-terminated path; the result is checked.
+        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a file descriptor we just opened and own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+        let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `request` is.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut request) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let size = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads a c_int.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let tap = Tap { fd, name: name.to_string() };
+        tap.set_tun_offloads(0)?;
+        Ok(tap)
+    }
+
+    fn set_tun_offloads(&self, flags: libc::c_uint) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its flags by value.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+#[cfg(target_os = "linux")]
+source_via!(Tap, |this| &mut mio::unix::SourceFd(&this.fd.as_raw_fd()));
+
+#[cfg(target_os = "linux")]
+impl NetBackend for Tap {
+    fn vnet_hdr(&self) -> bool {
+        true
+    }
+
+    fn set_offloads(&mut self, features: u64) -> io::Result<()> {
+        use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6};
+        let has = |bit: u32| features & (1 << bit) != 0;
+        let mut flags = 0;
+        if has(VIRTIO_NET_F_GUEST_CSUM) {
+            flags |= libc::TUN_F_CSUM;
+            if has(VIRTIO_NET_F_GUEST_TSO4) {
+                flags |= libc::TUN_F_TSO4;
+            }
+            if has(VIRTIO_NET_F_GUEST_TSO6) {
+                flags |= libc::TUN_F_TSO6;
+            }
+        }
+        self.set_tun_offloads(flags)
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: writes `frame.len()` bytes from a valid slice to our fd.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: reads at most `buf.len()` bytes into a valid, writable slice.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unixgram_connects_sends_the_vfkit_magic_and_cleans_up() {
+        let dir = std::env::temp_dir();
+        let peer_path = dir.join(format!("hvrun-test-{}-peer.sock", std::process::id()));
+        let _ = std::fs::remove_file(&peer_path);
+        let peer = std::os::unix::net::UnixDatagram::bind(&peer_path).unwrap();
+        let mut gram = Unixgram::connect(&peer_path, true).unwrap();
+        let local = gram.local.clone().unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], VFKIT_MAGIC);
+        gram.send(b"frame").unwrap();
+        assert_eq!(peer.recv(&mut buf).unwrap(), 5);
+        peer.send_to(b"reply", from.as_pathname().unwrap()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let n = loop {
+            match gram.recv(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {}
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(&buf[..n], b"reply");
+        drop(gram);
+        assert!(!local.exists(), "the local socket file is removed");
+        let _ = std::fs::remove_file(&peer_path);
+    }
+
+    #[test]
+    fn unixstream_frames_survive_partial_reads_and_writes() {
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut stream = Unixstream::from_std(ours).unwrap();
+        let mut buf = vec![0u8; MAX_STREAM_FRAME];
+        assert_eq!(stream.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        // A frame in two pieces, then two frames in one write.
+        use std::io::{Read, Write};
+        theirs.write_all(&[0, 0, 0, 5, b'h', b'e']).unwrap();
+        assert_eq!(stream.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        theirs.write_all(&[b'l', b'l', b'o', 0, 0, 0, 2, b'o', b'k']).unwrap();
+        let n = stream.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        let n = stream.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"ok");
+        // Sending frames the peer does not read: accepted until the socket fills, then
+        // WouldBlock; a flush after the peer reads finishes the last one.
+        let frame = vec![7u8; 60_000];
+        let mut sent = 0;
+        while stream.send(&frame).is_ok() {
+            sent += 1;
+            assert!(sent < 1000, "the socket never filled");
+        }
+        theirs.set_nonblocking(true).unwrap();
+        let mut total = 0;
+        let mut chunk = vec![0u8; 1 << 16];
+        loop {
+            let flushed = stream.flush().is_ok();
+            match theirs.read(&mut chunk) {
+                Ok(n) => total += n,
+                Err(_) if flushed => break,
+                Err(_) => {}
+            }
+        }
+        assert_eq!(total, sent * (4 + frame.len()));
+        // A peer announcing an impossible frame is an error, not an allocation.
+        theirs.set_nonblocking(false).unwrap();
+        theirs.write_all(&u32::MAX.to_be_bytes()).unwrap();
+        assert_eq!(stream.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn tap_names_are_checked_before_any_system_call() {
+        for bad in ["", "a-name-that-is-too-long", "tap\u{e9}"] {
+            assert_eq!(Tap::open(bad).unwrap_err().kind(), io::ErrorKind::InvalidInput, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,101 @@
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::backend::{Unixgram, VNET_HDR_LEN};
+use super::{mac_from_seed, Net};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::testing::{chained, desc, mem, read_reg, start, wait_for, write_reg, Line, Mem, W};
+use crate::virtio::Interrupt;
+
+/// A started device over one end of a datagram socketpair; the test holds the other.
+fn started(m: &Arc<Mem>) -> (MmioTransport, std::os::unix::net::UnixDatagram, Arc<Line>) {
+    let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    let backend = Unixgram::from_fd(OwnedFd::from(ours)).unwrap();
+    let line = Arc::new(Line::default());
+    let net = Net::new(Box::new(backend), [2, 0, 0, 0, 0, 1]);
+    let t = MmioTransport::new(Box::new(net), m.clone(), Interrupt::new(line.clone())).unwrap();
+    theirs.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    (t, theirs, line)
+}
+
+fn queues(m: &Mem) -> (MockSplitQueue<'_, GuestMemoryMmap>, MockSplitQueue<'_, GuestMemoryMmap>) {
+    (MockSplitQueue::create(&m.0, GuestAddress(0x8_0000), 16), MockSplitQueue::create(&m.0, GuestAddress(0x9_0000), 16))
+}
+
+#[test]
+fn config_space_holds_the_mac_and_link_up() {
+    let m = Arc::new(Mem(mem(0x10_0000)));
+    let (mut t, _peer, _line) = started(&m);
+    assert_eq!(read_reg(&mut t, 0x100), u32::from_le_bytes([2, 0, 0, 0]));
+    assert_eq!(read_reg(&mut t, 0x104), u32::from_le_bytes([0, 1, 1, 0]), "mac[4..6], status LINK_UP");
+    let mac = mac_from_seed("tap0");
+    assert_eq!(mac, mac_from_seed("tap0"), "stable");
+    assert_ne!(mac, mac_from_seed("tap1"));
+    assert_eq!(mac[0] & 0x03, 0x02, "locally administered unicast");
+}
+
+#[test]
+fn a_guest_frame_reaches_the_peer_without_its_header() {
+    let m = Arc::new(Mem(mem(0x10_0000)));
+    let (mut t, peer, line) = started(&m);
+    let (rx, tx) = queues(&m);
+    start(&mut t, &[&rx, &tx]);
+    m.write_slice(&[0xaa; VNET_HDR_LEN], GuestAddress(0x1000)).unwrap();
+    m.write_slice(b"ethernet frame", GuestAddress(0x2000)).unwrap();
+    tx.add_desc_chains(&[chained(0x1000, VNET_HDR_LEN as u32, 0, 1), desc(0x2000, 14, 0)], 0).unwrap();
+    write_reg(&mut t, 0x50, 1);
+    let mut buf = [0u8; 100];
+    let n = peer.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"ethernet frame");
+    wait_for("the used buffer and interrupt", || tx.used().idx().load() == 1 && line.high());
+}
+
+#[test]
+fn a_peer_frame_waits_for_buffers_and_spans_several_with_num_buffers() {
+    let m = Arc::new(Mem(mem(0x10_0000)));
+    let (mut t, peer, line) = started(&m);
+    let (rx, tx) = queues(&m);
+    start(&mut t, &[&rx, &tx]);
+    let frame: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    peer.send(&frame).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(rx.used().idx().load(), 0, "no buffers yet");
+    let buffers: Vec<_> = (0..4).map(|i| desc(0x1_0000 + i * 0x1000, 1024, W)).collect();
+    rx.add_desc_chains(&buffers, 0).unwrap();
+    write_reg(&mut t, 0x50, 0);
+    wait_for("three used buffers", || rx.used().idx().load() == 3);
+    wait_for("the interrupt", || line.high());
+    let mut got = vec![0u8; 3 * 1024];
+    for i in 0..3 {
+        m.read_slice(&mut got[i * 1024..(i + 1) * 1024], GuestAddress(0x1_0000 + i as u64 * 0x1000)).unwrap();
+    }
+    assert_eq!(got[..VNET_HDR_LEN], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0], "header: no offloads, num_buffers 3");
+    assert_eq!(&got[VNET_HDR_LEN..VNET_HDR_LEN + 3000], &frame[..]);
+}
+
+#[test]
+fn hostile_chains_cost_the_guest_its_frames_and_nothing_else() {
+    let m = Arc::new(Mem(mem(0x10_0000)));
+    let (mut t, peer, _line) = started(&m);
+    let (rx, tx) = queues(&m);
+    start(&mut t, &[&rx, &tx]);
+    // Transmit: a device-writable buffer, one outside memory, a header-less one, a huge one.
+    let bad = [desc(0x1000, 64, W), desc(0xfff_0000, 64, 0), desc(0x1000, 4, 0), desc(0x1000, u32::MAX, 0)];
+    tx.add_desc_chains(&bad, 0).unwrap();
+    write_reg(&mut t, 0x50, 1);
+    wait_for("four used buffers", || tx.used().idx().load() == 4);
+    peer.set_nonblocking(true).unwrap();
+    assert!(peer.recv(&mut [0u8; 64]).is_err(), "nothing was sent");
+    // Receive: a device-readable buffer and one outside memory each come back empty and
+    // cost a frame; the third frame lands in the good buffer.
+    rx.add_desc_chains(&[desc(0x3000, 2048, 0), desc(0xfff_0000, 2048, W), desc(0x4000, 2048, W)], 0).unwrap();
+    for frame in [&b"lost"[..], b"lost", b"kept"] {
+        peer.send(frame).unwrap();
+    }
+    write_reg(&mut t, 0x50, 0);
+    wait_for("all three buffers back", || rx.used().idx().load() == 3);
+    assert_eq!(&m.read_obj::<[u8; 4]>(GuestAddress(0x4000 + VNET_HDR_LEN as u64)).unwrap(), b"kept");
+}

@@ -1,0 +1,180 @@
+//! Opening the backends the configuration names (the virtio console's, the network
+//! interfaces'), before any vCPU runs, so a bad path or a missing tap is one clear
+//! error at start.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use std::os::fd::FromRawFd;
+
+use devices::virtio::console::Backend;
+use devices::virtio::net::backend::{NetBackend, Unixgram, Unixstream};
+use devices::virtio::net::{mac_from_seed, Mac};
+use mio::net::UnixListener;
+
+use crate::config::{ConsoleConfig, NetBackendConfig, NetConfig};
+use crate::Error;
+
+/// An opened console configuration.
+#[derive(Debug)]
+pub struct OpenConsole {
+    /// The virtio console's backend (`None`: no virtio console).
+    pub backend: Option<Backend>,
+    /// Where standard input goes when hvc0 has the terminal: the virtio console's input
+    /// pipe, in blocking mode. `None`: standard input goes to the serial port.
+    pub stdin_pipe: Option<File>,
+    /// Removes the socket file when the VM is gone.
+    pub socket: Option<SocketFile>,
+}
+
+/// A unix socket's file, removed on drop.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Opens what `config` names. `stdin` says whether standard input is the guest's.
+pub fn open_console(config: &ConsoleConfig, stdin: bool) -> Result<OpenConsole, Error> {
+    let mut open = OpenConsole { backend: None, stdin_pipe: None, socket: None };
+    match config {
+        ConsoleConfig::Serial => {}
+        ConsoleConfig::Terminal => {
+            let input = if stdin {
+                let (sender, receiver) = mio::unix::pipe::new().map_err(|e| console_error("hvc", e))?;
+                sender.set_nonblocking(false).map_err(|e| console_error("hvc", e))?;
+                open.stdin_pipe = Some(File::from(OwnedFd::from(sender)));
+                Some(receiver)
+            } else {
+                None
+            };
+            open.backend = Some(Backend::Stream { output: Box::new(std::io::stdout()), input });
+        }
+        ConsoleConfig::File(path) => {
+            let file = File::create(path).map_err(|e| console_error(&format!("file={}", path.display()), e))?;
+            open.backend = Some(Backend::Stream { output: Box::new(file), input: None });
+        }
+        ConsoleConfig::Socket(path) => {
+            let what = format!("socket={}", path.display());
+            remove_stale_socket(path).map_err(|e| console_error(&what, e))?;
+            let listener = UnixListener::bind(path).map_err(|e| console_error(&what, e))?;
+            open.socket = Some(SocketFile(path.clone()));
+            open.backend = Some(Backend::Socket(listener));
+        }
+    }
+    Ok(open)
+}
+
+/// A network interface's opened backend and its MAC address.
+pub type OpenNet = (Box<dyn NetBackend>, Mac);
+
+/// Opens each network interface's backend; returns them with their MAC addresses.
+pub fn open_nets(nets: &[NetConfig]) -> Result<Vec<OpenNet>, Error> {
+    nets.iter()
+        .map(|net| {
+            let what = net.mac_seed();
+            let fail = |e: std::io::Error, hint: &str| Error::Net(format!("--net {what}: {e}{hint}"));
+            let backend: Box<dyn NetBackend> = match &net.backend {
+                #[cfg(target_os = "linux")]
+                NetBackendConfig::Tap(name) => {
+                    Box::new(devices::virtio::net::backend::Tap::open(name).map_err(|e| {
+                        fail(e, " (a tap needs CAP_NET_ADMIN to create, or an existing tap you may use)")
+                    })?)
+                }
+                #[cfg(not(target_os = "linux"))]
+                NetBackendConfig::Tap(_) => {
+                    return Err(Error::Net(format!("--net {what}: tap devices exist on Linux only; use unixgram=PATH")))
+                }
+                NetBackendConfig::Unixgram { path, vfkit } => Box::new(
+                    Unixgram::connect(path, *vfkit).map_err(|e| fail(e, " (is the network proxy listening?)"))?,
+                ),
+                NetBackendConfig::Unixstream(path) => {
+                    Box::new(Unixstream::connect(path).map_err(|e| fail(e, " (is the network proxy listening?)"))?)
+                }
+                NetBackendConfig::Fd(fd) => {
+                    // SAFETY: the user handed us this descriptor to own; F_GETFD checks that it is open
+                    // before we take it.
+                    if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                        return Err(fail(std::io::Error::last_os_error(), ""));
+                    }
+                    // SAFETY: the descriptor is open and, per --net fd=N, ours from now on.
+                    let owned = unsafe { OwnedFd::from_raw_fd(*fd) };
+                    Box::new(Unixgram::from_fd(owned).map_err(|e| fail(e, ""))?)
+                }
+            };
+            Ok((backend, net.mac.unwrap_or_else(|| mac_from_seed(&what))))
+        })
+        .collect()
+}
+
+fn console_error(what: &str, e: std::io::Error) -> Error {
+    Error::Console(format!("--console {what}: {e}"))
+}
+
+/// Removes a socket file left by an earlier run; anything else at `path` is an error, so
+/// a typo never deletes a user's file.
+fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::temp_file;
+
+    #[test]
+    fn each_console_opens_its_backend() {
+        let open = open_console(&ConsoleConfig::Serial, true).unwrap();
+        assert!(open.backend.is_none() && open.stdin_pipe.is_none());
+        let open = super::open_console(&ConsoleConfig::Terminal, true).unwrap();
+        assert!(matches!(open.backend, Some(Backend::Stream { input: Some(_), .. })) && open.stdin_pipe.is_some());
+        let open = super::open_console(&ConsoleConfig::Terminal, false).unwrap();
+        assert!(matches!(open.backend, Some(Backend::Stream { input: None, .. })) && open.stdin_pipe.is_none());
+        let log = std::env::temp_dir().join(format!("hvrun-test-{}-console.log", std::process::id()));
+        let open = super::open_console(&ConsoleConfig::File(log.clone()), true).unwrap();
+        assert!(matches!(open.backend, Some(Backend::Stream { input: None, .. })) && log.exists());
+        let _ = std::fs::remove_file(&log);
+    }
+
+    #[test]
+    fn network_backends_open_or_say_why_not() {
+        let path = std::env::temp_dir().join(format!("hvrun-test-{}-net.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let missing = NetConfig::parse(&format!("unixgram={}", path.display())).unwrap();
+        let e = open_nets(std::slice::from_ref(&missing)).err().unwrap().to_string();
+        assert!(e.starts_with("--net unixgram=") && e.contains("is the network proxy listening?"), "{e}");
+        let _peer = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let opened = open_nets(std::slice::from_ref(&missing)).unwrap();
+        assert_eq!(opened[0].1, mac_from_seed(&missing.mac_seed()));
+        let e = open_nets(&[NetConfig::parse("fd=999").unwrap()]).err().unwrap().to_string();
+        assert!(e.contains("fd=999"), "{e}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_socket_replaces_a_stale_one_refuses_other_files_and_is_removed_after() {
+        let path = std::env::temp_dir().join(format!("hvrun-test-{}-console.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // a stale socket
+        let open = open_console(&ConsoleConfig::Socket(path.clone()), false).unwrap();
+        assert!(matches!(open.backend, Some(Backend::Socket(_))));
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(open);
+        assert!(!path.exists(), "the socket file is removed with the VM");
+        let file = temp_file("not-a-socket", b"keep me");
+        let e = super::open_console(&ConsoleConfig::Socket(file.clone()), false).unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        let _ = std::fs::remove_file(&file);
+    }
+}
