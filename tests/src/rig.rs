@@ -201,7 +201,8 @@ impl Rig {
             qemu.arg("-drive").arg(drive).args(["-device", "virtio-blk-device,drive=exchange"]);
         }
         let mut child = qemu
-            .args(["-M", "virt,virtualization=on,gic-version=2", "-cpu", "max,pauth-impdef=on"])
+            .args(["-M", "virt,virtualization=on,gic-version=2", "-cpu"])
+            .arg(std::env::var("HVRUN_RIG_CPU").unwrap_or_else(|_| "max,pauth-impdef=on".into()))
             .args(["-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
             .arg("-kernel")
             .arg(&self.kernel)
