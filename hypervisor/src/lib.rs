@@ -11,13 +11,15 @@
 //! - [`hvf`] on Apple Silicon macOS (`applevisor`), compiled only there.
 //!
 //! Register-id arithmetic that a backend needs but that is plain Rust lives in portable
-//! modules ([`kvm_regs`]) so it is unit-tested on any host.
+//! modules ([`kvm_regs`]) so it is unit-tested on any host; so does [`exits`], what to do
+//! with a raw exception (the HVF backend's exit decisions).
 
 use std::sync::Arc;
 
 pub use arch_aarch64::sysreg::SysReg;
 pub use memory::GuestRam;
 
+pub mod exits;
 #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
 pub mod kvm;
 pub mod kvm_regs;

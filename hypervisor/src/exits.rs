@@ -1,0 +1,170 @@
+//! What to do with an exception a backend receives raw (Hypervisor.framework hands the
+//! VMM ESR_EL2 and the faulting IPA; KVM decodes most exits itself). The decision is a
+//! pure function of the syndrome, so it is tested here on any host; the backend only
+//! carries it out with framework calls.
+
+use arch_aarch64::esr::{self, DataAbort, MmioAccess, Syndrome, SysRegAccess, Wait};
+
+/// What the backend does for one exception.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// An MMIO access the syndrome describes: serve it on the bus (a store takes its data
+    /// from `access.reg`; a load writes `access.load_value(..)` there), then step past
+    /// the instruction.
+    Mmio {
+        /// The guest-physical address.
+        addr: u64,
+        /// The access.
+        access: MmioAccess,
+    },
+    /// A PSCI/SMCCC call: `arch_aarch64::psci::handle` with X0..X3, result in X0. After
+    /// HVC the return address is already past the instruction; after SMC it is not.
+    Psci {
+        /// Whether the call came through SMC (then step past it).
+        smc: bool,
+    },
+    /// WFI (or WFIT): step past it, then sleep until an interrupt is pending for this
+    /// vCPU, a kick, or its virtual timer's deadline.
+    WaitForInterrupt,
+    /// Step past the instruction and carry on (WFE; cache maintenance on MMIO; a write
+    /// to a register that ignores writes).
+    Skip,
+    /// A read of a register that reads as zero: write 0 to X`rt` (unless it is XZR) and
+    /// step past the instruction.
+    ReadZero {
+        /// The destination register.
+        rt: u8,
+    },
+    /// Make the guest take a synchronous external abort on `addr`: an access no device
+    /// can serve the way the instruction asks (no valid syndrome, a page-table walk into
+    /// MMIO). The guest's kernel reports it; the VMM keeps running.
+    InjectDataAbort {
+        /// The faulting address.
+        addr: u64,
+    },
+    /// Make the guest take an undefined-instruction exception (an unknown system
+    /// register, an SMCCC conduit the guest should not use).
+    InjectUndef,
+    /// An exception class no guest should cause here: end the run with an error naming it.
+    Unhandled(u8),
+}
+
+impl Decision {
+    /// Whether the backend steps the PC past the instruction (by 4) once it has done the
+    /// rest. Injected exceptions and HVC leave the PC alone.
+    pub fn steps_pc(&self) -> bool {
+        match self {
+            Decision::Mmio { .. } | Decision::WaitForInterrupt | Decision::Skip | Decision::ReadZero { .. } => true,
+            Decision::Psci { smc } => *smc,
+            Decision::InjectDataAbort { .. } | Decision::InjectUndef | Decision::Unhandled(_) => false,
+        }
+    }
+}
+
+/// Decides what to do with an exception with syndrome `esr` at guest-physical `ipa`.
+pub fn decide(esr: u64, ipa: u64) -> Decision {
+    match esr::decode(esr) {
+        Syndrome::DataAbort(abort) => data_abort(abort, ipa),
+        Syndrome::Hvc(_) => Decision::Psci { smc: false },
+        Syndrome::Smc(_) => Decision::Psci { smc: true },
+        Syndrome::Wait(Wait::Wfi | Wait::Wfit) => Decision::WaitForInterrupt,
+        Syndrome::Wait(Wait::Wfe | Wait::Wfet) => Decision::Skip,
+        Syndrome::SysReg(access) => sysreg(access),
+        Syndrome::Other(ec) => Decision::Unhandled(ec),
+    }
+}
+
+fn data_abort(abort: DataAbort, ipa: u64) -> Decision {
+    if abort.stage1_walk {
+        return Decision::InjectDataAbort { addr: ipa };
+    }
+    if abort.cache_maintenance {
+        return Decision::Skip;
+    }
+    match abort.access {
+        Some(access) => Decision::Mmio { addr: ipa, access },
+        None => Decision::InjectDataAbort { addr: ipa },
+    }
+}
+
+/// System registers trapped to the VMM: the debug and OS-lock registers (op0 = 2, op1 = 0,
+/// CRn 0 or 1: MDSCR_EL1, OSLAR_EL1, OSDLR_EL1, OSLSR_EL1, the breakpoint and watchpoint
+/// registers) read as zero and ignore writes, as on a machine with no self-hosted debug;
+/// anything else is undefined for the guest.
+fn sysreg(access: SysRegAccess) -> Decision {
+    let reg = access.reg;
+    if reg.op0 == 2 && reg.op1 == 0 && reg.crn <= 1 {
+        if access.read {
+            Decision::ReadZero { rt: access.rt }
+        } else {
+            Decision::Skip
+        }
+    } else {
+        Decision::InjectUndef
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arch_aarch64::esr::{EC_DABT_LOW, EC_HVC64, EC_SMC64, EC_SYSREG, EC_WFX};
+
+    const ISV: u64 = 1 << 24;
+
+    fn ec(class: u8) -> u64 {
+        u64::from(class) << 26
+    }
+
+    #[test]
+    fn data_aborts() {
+        // str w1, [x0] to MMIO: served, then the PC steps.
+        let d = decide(ec(EC_DABT_LOW) | ISV | (2 << 22) | (1 << 16) | (1 << 6), 0x0900_0000);
+        let Decision::Mmio { addr, access } = d else { panic!("{d:?}") };
+        assert_eq!((addr, access.size, access.reg, access.write), (0x0900_0000, 4, 1, true));
+        assert!(d.steps_pc());
+        // ldp x0, x1, [x2] on MMIO (no syndrome): the guest gets an abort, the PC stays.
+        let d = decide(ec(EC_DABT_LOW), 0x0a00_0000);
+        assert_eq!(d, Decision::InjectDataAbort { addr: 0x0a00_0000 });
+        assert!(!d.steps_pc());
+        // A page-table walk into MMIO, even with a syndrome.
+        assert_eq!(decide(ec(EC_DABT_LOW) | ISV | (1 << 7), 0x1000), Decision::InjectDataAbort { addr: 0x1000 });
+        // dc civac on MMIO.
+        assert_eq!(decide(ec(EC_DABT_LOW) | (1 << 8) | (1 << 6), 0x1000), Decision::Skip);
+    }
+
+    #[test]
+    fn calls_and_waits() {
+        assert_eq!(decide(ec(EC_HVC64), 0), Decision::Psci { smc: false });
+        assert!(!Decision::Psci { smc: false }.steps_pc(), "HVC returns past itself");
+        assert!(decide(ec(EC_SMC64), 0).steps_pc(), "SMC returns to itself");
+        assert_eq!(decide(ec(EC_WFX), 0), Decision::WaitForInterrupt);
+        assert_eq!(decide(ec(EC_WFX) | 2, 0), Decision::WaitForInterrupt, "WFIT");
+        assert_eq!(decide(ec(EC_WFX) | 1, 0), Decision::Skip, "WFE");
+    }
+
+    #[test]
+    fn sysregs_debug_reads_zero_others_are_undefined() {
+        let trap = |op0: u64, op1: u64, crn: u64, crm: u64, op2: u64, rt: u64, read: bool| {
+            ec(EC_SYSREG)
+                | (op0 << 20)
+                | (op2 << 17)
+                | (op1 << 14)
+                | (crn << 10)
+                | (rt << 5)
+                | (crm << 1)
+                | u64::from(read)
+        };
+        assert_eq!(decide(trap(2, 0, 1, 0, 4, 3, false), 0), Decision::Skip, "msr oslar_el1, x3");
+        assert_eq!(decide(trap(2, 0, 1, 1, 4, 5, true), 0), Decision::ReadZero { rt: 5 }, "mrs x5, oslsr_el1");
+        assert_eq!(decide(trap(2, 0, 0, 2, 2, 0, true), 0), Decision::ReadZero { rt: 0 }, "mrs x0, mdscr_el1");
+        assert_eq!(decide(trap(3, 0, 12, 12, 0, 0, true), 0), Decision::InjectUndef, "mrs x0, icc_iar1_el1");
+        assert_eq!(decide(trap(3, 3, 15, 2, 0, 0, false), 0), Decision::InjectUndef, "an IMPDEF register");
+        assert!(!Decision::InjectUndef.steps_pc());
+    }
+
+    #[test]
+    fn other_classes_are_named() {
+        assert_eq!(decide(ec(0x3c), 0), Decision::Unhandled(0x3c), "BRK");
+        assert_eq!(decide(ec(0x00), 0), Decision::Unhandled(0), "unknown reason");
+    }
+}
