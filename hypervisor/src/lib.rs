@@ -24,6 +24,7 @@ pub mod exits;
 pub mod kvm;
 pub mod kvm_regs;
 pub mod memory;
+pub mod raw;
 
 #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
 pub mod hvf;

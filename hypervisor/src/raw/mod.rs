@@ -1,0 +1,383 @@
+//! A [`Vcpu`] for frameworks that hand the VMM raw exceptions, as Hypervisor.framework
+//! does: [`RawVcpu`] is the framework's per-vCPU calls, [`RawLoop`] does the rest in
+//! portable code. It completes MMIO loads and stores, answers PSCI (CPU_ON through a
+//! shared [`Power`]), sleeps in WFI until an interrupt, a kick or the virtual timer's
+//! deadline, follows the virtual timer, and injects aborts and UNDEFs the way hardware
+//! would. The HVF backend implements [`RawVcpu`] with framework calls; the tests here
+//! implement it with a scripted fake.
+
+mod power;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arch_aarch64::esr::MmioAccess;
+use arch_aarch64::inject::{self, Fault};
+use arch_aarch64::psci::{self, Action};
+use arch_aarch64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0};
+pub use power::{Power, Signal};
+
+use crate::exits::{decide, Decision};
+use crate::{Kicker, Reg, Result, SystemEvent, Vcpu, VcpuExit};
+
+/// Why the framework's run returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawExit {
+    /// Another thread asked it to return.
+    Canceled,
+    /// The guest took an exception to the hypervisor.
+    Exception {
+        /// ESR_EL2.
+        esr: u64,
+        /// The faulting virtual address.
+        va: u64,
+        /// The faulting guest-physical address.
+        ipa: u64,
+    },
+    /// The virtual timer fired; the framework masked it.
+    VtimerActivated,
+    /// Anything else, with the framework's code.
+    Unknown(u32),
+}
+
+/// The per-vCPU calls of the framework, made on the vCPU's own thread.
+pub trait RawVcpu {
+    /// Runs the guest until an exit.
+    fn run(&mut self) -> Result<RawExit>;
+    /// Reads a register.
+    fn reg(&mut self, reg: Reg) -> Result<u64>;
+    /// Writes a register.
+    fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()>;
+    /// Sets the IRQ input for the next run (it lasts one run).
+    fn set_pending_irq(&mut self, pending: bool) -> Result<()>;
+    /// Masks or unmasks the virtual timer's exits.
+    fn set_vtimer_mask(&mut self, masked: bool) -> Result<()>;
+    /// The guest's virtual counter now.
+    fn virtual_counter(&mut self) -> Result<u64>;
+    /// Counter ticks per second.
+    fn counter_frequency(&self) -> u64;
+    /// Makes a running [`RawVcpu::run`] return [`RawExit::Canceled`], from any thread.
+    fn canceller(&self) -> Arc<dyn Fn() + Send + Sync>;
+}
+
+/// CNTV_CTL_EL0 bits.
+const TIMER_ENABLE: u64 = 1;
+const TIMER_IMASK: u64 = 2;
+const TIMER_ISTATUS: u64 = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Powered off, waiting for CPU_ON.
+    Off,
+    /// In the guest.
+    Running,
+    /// In WFI (or CPU_SUSPEND), waiting for an interrupt.
+    Waiting,
+}
+
+/// What a run ends with, before it borrows the MMIO buffer.
+enum Outcome {
+    Read { addr: u64, size: usize },
+    Write { addr: u64, size: usize },
+    System(SystemEvent),
+    Interrupted,
+    Unhandled(String),
+}
+
+struct RawKicker {
+    signal: Arc<Signal>,
+    cancel: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Kicker for RawKicker {
+    fn kick(&self) {
+        self.signal.kick();
+        (self.cancel)();
+    }
+}
+
+/// A vCPU over a [`RawVcpu`].
+pub struct RawLoop<V: RawVcpu> {
+    raw: V,
+    index: usize,
+    power: Arc<Power>,
+    signal: Arc<Signal>,
+    kicker: Arc<RawKicker>,
+    state: State,
+    irq_level: bool,
+    vtimer_level: bool,
+    /// A load waiting for the VMM's data: it completes at the next run.
+    pending_load: Option<MmioAccess>,
+    buf: [u8; 8],
+}
+
+impl<V: RawVcpu> std::fmt::Debug for RawLoop<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawLoop").field("index", &self.index).field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
+impl<V: RawVcpu> RawLoop<V> {
+    /// vCPU `index` of a VM whose vCPUs share `power`. vCPU 0 starts running; the others
+    /// wait for CPU_ON.
+    pub fn new(raw: V, index: usize, power: Arc<Power>) -> Self {
+        let signal = power.signal(index).unwrap_or_default();
+        let kicker = Arc::new(RawKicker { signal: Arc::clone(&signal), cancel: raw.canceller() });
+        power.attach(index, kicker.clone());
+        let state = if index == 0 { State::Running } else { State::Off };
+        RawLoop {
+            raw,
+            index,
+            power,
+            signal,
+            kicker,
+            state,
+            irq_level: false,
+            vtimer_level: false,
+            pending_load: None,
+            buf: [0; 8],
+        }
+    }
+
+    fn step_pc(&mut self) -> Result<()> {
+        let pc = self.raw.reg(Reg::Pc)?;
+        self.raw.set_reg(Reg::Pc, pc.wrapping_add(4))
+    }
+
+    /// Completes a load the VMM has served, then steps past it.
+    fn finish_load(&mut self) -> Result<()> {
+        if let Some(access) = self.pending_load.take() {
+            let raw = u64::from_le_bytes(self.buf);
+            if access.reg != 31 {
+                self.raw.set_reg(Reg::X(access.reg), access.load_value(raw))?;
+            }
+            self.step_pc()?;
+        }
+        Ok(())
+    }
+
+    /// The timer's state: (enabled and unmasked, condition met, compare value).
+    fn timer(&mut self) -> Result<(bool, bool, u64)> {
+        let ctl = self.raw.reg(Reg::Sys(CNTV_CTL_EL0))?;
+        let armed = ctl & TIMER_ENABLE != 0 && ctl & TIMER_IMASK == 0;
+        let cval = self.raw.reg(Reg::Sys(CNTV_CVAL_EL0))?;
+        let met = ctl & TIMER_ISTATUS != 0 || self.raw.virtual_counter()? >= cval;
+        Ok((armed, met, cval))
+    }
+
+    /// After an exit: a timer the VMM holds asserted is let go once the guest has
+    /// disabled, masked or re-armed it, and its exits are unmasked again.
+    fn follow_timer(&mut self) -> Result<()> {
+        if self.vtimer_level {
+            let (armed, met, _) = self.timer()?;
+            if !(armed && met) {
+                self.vtimer_level = false;
+                self.raw.set_vtimer_mask(false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// In WFI: whether to resume now, or else when the timer will fire.
+    fn wait_ends(&mut self) -> Result<(bool, Option<Instant>)> {
+        if self.irq_level {
+            return Ok((true, None));
+        }
+        let (armed, met, cval) = self.timer()?;
+        if !armed {
+            return Ok((false, None));
+        }
+        if met {
+            // The framework only reports the timer while the guest runs: raise it here,
+            // masked as the framework would, and let the VMM deliver it.
+            self.vtimer_level = true;
+            self.raw.set_vtimer_mask(true)?;
+            return Ok((true, None));
+        }
+        let ticks = cval.saturating_sub(self.raw.virtual_counter()?);
+        let frequency = self.raw.counter_frequency().max(1);
+        let nanos = u128::from(ticks) * 1_000_000_000 / u128::from(frequency);
+        let wait = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+        Ok((false, Instant::now().checked_add(wait)))
+    }
+
+    fn inject(&mut self, fault: Fault) -> Result<()> {
+        let pc = self.raw.reg(Reg::Pc)?;
+        let pstate = self.raw.reg(Reg::Pstate)?;
+        let vbar = self.raw.reg(Reg::Sys(inject::VBAR_EL1))?;
+        let entry = inject::take(fault, pc, pstate, vbar);
+        self.raw.set_reg(Reg::Sys(inject::ELR_EL1), entry.elr)?;
+        self.raw.set_reg(Reg::Sys(inject::SPSR_EL1), entry.spsr)?;
+        self.raw.set_reg(Reg::Sys(inject::ESR_EL1), entry.esr)?;
+        if let Some(far) = entry.far {
+            self.raw.set_reg(Reg::Sys(inject::FAR_EL1), far)?;
+        }
+        self.raw.set_reg(Reg::Pstate, entry.pstate)?;
+        self.raw.set_reg(Reg::Pc, entry.pc)
+    }
+
+    fn psci(&mut self, smc: bool) -> Result<Option<Outcome>> {
+        let mut x = [0u64; 4];
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = self.raw.reg(Reg::X(i as u8))?;
+        }
+        let result = match psci::handle(x, &self.power.states()) {
+            Action::Return(value) => value,
+            Action::CpuOn { index, entry, context } => {
+                if self.power.start(index, entry, context) {
+                    psci::RET_SUCCESS
+                } else {
+                    psci::RET_ALREADY_ON
+                }
+            }
+            Action::CpuOff => {
+                self.power.stop(self.index);
+                self.state = State::Off;
+                return Ok(None);
+            }
+            Action::Suspend => {
+                self.state = State::Waiting;
+                psci::RET_SUCCESS
+            }
+            Action::SystemOff => return Ok(Some(Outcome::System(SystemEvent::Shutdown))),
+            Action::SystemReset => return Ok(Some(Outcome::System(SystemEvent::Reset))),
+        };
+        self.raw.set_reg(Reg::X(0), result as u64)?;
+        if smc {
+            self.step_pc()?;
+        }
+        Ok(None)
+    }
+
+    /// Carries out the decision for one exception; `Some` when the VMM must act.
+    fn exception(&mut self, esr: u64, va: u64, ipa: u64) -> Result<Option<Outcome>> {
+        let decision = decide(esr, ipa);
+        match decision {
+            Decision::Mmio { addr, access } if access.write => {
+                let value = if access.reg == 31 { 0 } else { self.raw.reg(Reg::X(access.reg))? };
+                self.buf = access.store_bytes(value);
+                self.step_pc()?;
+                Ok(Some(Outcome::Write { addr, size: access.size }))
+            }
+            Decision::Mmio { addr, access } => {
+                self.buf = [0; 8];
+                self.pending_load = Some(access);
+                Ok(Some(Outcome::Read { addr, size: access.size }))
+            }
+            Decision::Psci { smc } => self.psci(smc),
+            Decision::WaitForInterrupt => {
+                self.step_pc()?;
+                self.state = State::Waiting;
+                Ok(None)
+            }
+            Decision::Skip => self.step_pc().map(|()| None),
+            Decision::ReadZero { rt } => {
+                if rt != 31 {
+                    self.raw.set_reg(Reg::X(rt), 0)?;
+                }
+                self.step_pc().map(|()| None)
+            }
+            Decision::InjectDataAbort { addr } => {
+                log::warn!(
+                    "vcpu{}: an access to {addr:#x} that no device can serve; the guest gets an abort",
+                    self.index
+                );
+                self.inject(Fault::DataAbort { far: va, write: esr & (1 << 6) != 0 }).map(|()| None)
+            }
+            Decision::InjectUndef => {
+                log::warn!("vcpu{}: ESR {esr:#x} (an unknown system register); the guest gets UNDEF", self.index);
+                self.inject(Fault::Undefined).map(|()| None)
+            }
+            Decision::Unhandled(ec) => {
+                Ok(Some(Outcome::Unhandled(format!("exception class {ec:#x} (ESR {esr:#x}) at IPA {ipa:#x}"))))
+            }
+        }
+    }
+
+    /// Runs until the VMM must act.
+    fn step(&mut self) -> Result<Outcome> {
+        self.finish_load()?;
+        loop {
+            if self.signal.take() {
+                return Ok(Outcome::Interrupted);
+            }
+            match self.state {
+                State::Off => {
+                    if let Some((entry, context)) = self.power.take_start(self.index) {
+                        self.raw.set_reg(Reg::Pstate, inject::PSTATE_EL1H_MASKED)?;
+                        self.raw.set_reg(Reg::Pc, entry)?;
+                        self.raw.set_reg(Reg::X(0), context)?;
+                        self.state = State::Running;
+                    } else {
+                        self.signal.wait(None);
+                    }
+                    continue;
+                }
+                State::Waiting => {
+                    let (resume, until) = self.wait_ends()?;
+                    if !resume {
+                        self.signal.wait(until);
+                        continue;
+                    }
+                    self.state = State::Running;
+                    if self.vtimer_level {
+                        // Woken by the timer: the VMM raises its interrupt first.
+                        return Ok(Outcome::Interrupted);
+                    }
+                }
+                State::Running => {}
+            }
+            self.raw.set_pending_irq(self.irq_level)?;
+            let exit = self.raw.run()?;
+            self.follow_timer()?;
+            match exit {
+                RawExit::Canceled => {}
+                RawExit::VtimerActivated => {
+                    self.vtimer_level = true;
+                    return Ok(Outcome::Interrupted);
+                }
+                RawExit::Unknown(code) => return Ok(Outcome::Unhandled(format!("exit reason {code}"))),
+                RawExit::Exception { esr, va, ipa } => {
+                    if let Some(outcome) = self.exception(esr, va, ipa)? {
+                        return Ok(outcome);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<V: RawVcpu> Vcpu for RawLoop<V> {
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        Ok(match self.step()? {
+            Outcome::Read { addr, size } => VcpuExit::MmioRead { addr, data: &mut self.buf[..size] },
+            Outcome::Write { addr, size } => VcpuExit::MmioWrite { addr, data: &self.buf[..size] },
+            Outcome::System(event) => VcpuExit::System(event),
+            Outcome::Interrupted => VcpuExit::Interrupted,
+            Outcome::Unhandled(why) => VcpuExit::Unhandled(why),
+        })
+    }
+
+    fn kicker(&self) -> Arc<dyn Kicker> {
+        self.kicker.clone()
+    }
+
+    fn vtimer_asserted(&mut self) -> bool {
+        self.vtimer_level
+    }
+
+    fn set_irq_line(&mut self, level: bool) -> Result<()> {
+        self.irq_level = level;
+        Ok(())
+    }
+
+    fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()> {
+        self.raw.set_reg(reg, value)
+    }
+
+    fn get_reg(&mut self, reg: Reg) -> Result<u64> {
+        self.raw.reg(reg)
+    }
+}

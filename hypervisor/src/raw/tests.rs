@@ -1,0 +1,227 @@
+//! The run loop against a scripted fake of the framework: each step sets some guest
+//! registers (what the guest did) and ends with an exit.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arch_aarch64::esr::{EC_DABT_LOW, EC_HVC64, EC_SMC64, EC_SYSREG, EC_WFX};
+use arch_aarch64::inject::{ESR_EL1, FAR_EL1, VBAR_EL1};
+use arch_aarch64::psci;
+use arch_aarch64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0};
+
+use super::*;
+
+/// Counter frequency of the fake: 1 MHz, so a tick is a microsecond.
+const FREQUENCY: u64 = 1_000_000;
+const UART: u64 = 0x0900_0000;
+
+struct Step {
+    set: Vec<(Reg, u64)>,
+    exit: RawExit,
+}
+
+fn step(set: &[(Reg, u64)], exit: RawExit) -> Step {
+    Step { set: set.to_vec(), exit }
+}
+
+fn exception(esr: u64, ipa: u64) -> RawExit {
+    RawExit::Exception { esr, va: ipa | 0xffff_0000_0000_0000, ipa }
+}
+
+/// `str wN, [..]` of 4 bytes to MMIO.
+fn store32(reg: u64) -> u64 {
+    (u64::from(EC_DABT_LOW) << 26) | (1 << 24) | (2 << 22) | (reg << 16) | (1 << 6)
+}
+
+/// `ldr wN, [..]` of 4 bytes from MMIO.
+fn load32(reg: u64) -> u64 {
+    (u64::from(EC_DABT_LOW) << 26) | (1 << 24) | (2 << 22) | (reg << 16)
+}
+
+fn call(class: u8) -> u64 {
+    u64::from(class) << 26
+}
+
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, s: String) {
+        self.0.lock().unwrap().push(s);
+    }
+    fn has(&self, s: &str) -> bool {
+        self.0.lock().unwrap().iter().any(|l| l == s)
+    }
+}
+
+struct Fake {
+    script: VecDeque<Step>,
+    regs: Vec<(Reg, u64)>,
+    born: Instant,
+    cancelled: Arc<AtomicBool>,
+    log: Log,
+}
+
+impl Fake {
+    fn new(script: Vec<Step>, log: Log) -> Self {
+        Fake {
+            script: script.into(),
+            regs: vec![(Reg::Pc, 0x4008_0000), (Reg::Pstate, 0x3c5), (Reg::Sys(VBAR_EL1), 0x8000)],
+            born: Instant::now(),
+            cancelled: Arc::default(),
+            log,
+        }
+    }
+}
+
+impl RawVcpu for Fake {
+    fn run(&mut self) -> Result<RawExit> {
+        let Some(step) = self.script.pop_front() else { return Ok(RawExit::Unknown(999)) };
+        for (reg, value) in step.set {
+            self.set_reg(reg, value)?;
+        }
+        Ok(step.exit)
+    }
+    fn reg(&mut self, reg: Reg) -> Result<u64> {
+        Ok(self.regs.iter().find(|(r, _)| *r == reg).map_or(0, |(_, v)| *v))
+    }
+    fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()> {
+        match self.regs.iter_mut().find(|(r, _)| *r == reg) {
+            Some(slot) => slot.1 = value,
+            None => self.regs.push((reg, value)),
+        }
+        Ok(())
+    }
+    fn set_pending_irq(&mut self, pending: bool) -> Result<()> {
+        self.log.push(format!("irq {}", u8::from(pending)));
+        Ok(())
+    }
+    fn set_vtimer_mask(&mut self, masked: bool) -> Result<()> {
+        self.log.push(format!("vtimer mask {}", u8::from(masked)));
+        Ok(())
+    }
+    fn virtual_counter(&mut self) -> Result<u64> {
+        Ok(self.born.elapsed().as_micros() as u64)
+    }
+    fn counter_frequency(&self) -> u64 {
+        FREQUENCY
+    }
+    fn canceller(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let flag = Arc::clone(&self.cancelled);
+        Arc::new(move || flag.store(true, Ordering::SeqCst))
+    }
+}
+
+fn exit_of<V: RawVcpu>(vcpu: &mut RawLoop<V>) -> String {
+    match vcpu.run().unwrap() {
+        VcpuExit::MmioWrite { addr, data } => format!("write {addr:#x} {data:?}"),
+        VcpuExit::MmioRead { addr, data } => {
+            data.copy_from_slice(&[0x78, 0x56, 0x34, 0x12][..data.len()]);
+            format!("read {addr:#x}")
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn uart_output_a_timer_interrupt_in_wfi_and_power_off() {
+    let log = Log::default();
+    let script = vec![
+        // The guest writes 'h' to the UART and reads a register back into w2.
+        step(&[(Reg::X(1), u64::from(b'h'))], exception(store32(1), UART)),
+        step(&[], exception(load32(2), UART + 0x18)),
+        // It arms its timer 30 ms out and waits for it.
+        step(&[(Reg::Sys(CNTV_CTL_EL0), 1), (Reg::Sys(CNTV_CVAL_EL0), 30_000)], exception(call(EC_WFX), 0)),
+        // Its handler masks the timer, then it asks the PSCI version through SMC.
+        step(&[(Reg::Sys(CNTV_CTL_EL0), 3), (Reg::X(0), u64::from(psci::PSCI_VERSION))], exception(call(EC_SMC64), 0)),
+        step(&[(Reg::X(0), u64::from(psci::SYSTEM_OFF))], exception(call(EC_HVC64), 0)),
+    ];
+    let mut vcpu = RawLoop::new(Fake::new(script, log.clone()), 0, Power::new(&[0x8000_0000]));
+    let start = Instant::now();
+    assert_eq!(exit_of(&mut vcpu), format!("write {UART:#x} [104, 0, 0, 0]"));
+    assert_eq!(vcpu.get_reg(Reg::Pc).unwrap(), 0x4008_0004, "the store is stepped over");
+    assert_eq!(exit_of(&mut vcpu), format!("read {:#x}", UART + 0x18));
+    // The load completes on the next run; then WFI sleeps until the timer's deadline.
+    assert_eq!(exit_of(&mut vcpu), "Interrupted");
+    assert_eq!(vcpu.get_reg(Reg::X(2)).unwrap(), 0x1234_5678);
+    assert!(start.elapsed() >= Duration::from_millis(25), "slept until the deadline");
+    assert!(vcpu.vtimer_asserted(), "the timer is raised for the VMM's GIC");
+    assert!(log.has("vtimer mask 1"));
+    vcpu.set_irq_line(true).unwrap(); // what the VMM does with PPI 27
+    assert_eq!(exit_of(&mut vcpu), "System(Shutdown)");
+    assert!(log.has("irq 1"), "the interrupt went into the guest");
+    assert!(!vcpu.vtimer_asserted(), "the masked timer is let go");
+    assert!(log.has("vtimer mask 0"));
+    assert_eq!(vcpu.get_reg(Reg::X(0)).unwrap(), u64::from(psci::SYSTEM_OFF));
+    assert_eq!(vcpu.get_reg(Reg::Pc).unwrap(), 0x4008_0010, "store, load, WFI and SMC stepped; HVC not");
+}
+
+#[test]
+fn a_second_vcpu_comes_up_with_cpu_on_and_a_kick_wakes_a_sleeper() {
+    let power = Power::new(&[0x8000_0000, 0x8000_0001]);
+    let log = Log::default();
+    let secondary = {
+        let power = Arc::clone(&power);
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let script = vec![step(&[(Reg::X(5), u64::from(b'2'))], exception(store32(5), UART))];
+            let mut vcpu = RawLoop::new(Fake::new(script, log), 1, power);
+            // It waits, off, until CPU_ON (whose kick may surface as an interruption, as
+            // any kick does); then it starts where it was told.
+            let first = loop {
+                let exit = exit_of(&mut vcpu);
+                if exit != "Interrupted" {
+                    break exit;
+                }
+            };
+            (first, vcpu.get_reg(Reg::Pc).unwrap(), vcpu.get_reg(Reg::X(0)).unwrap())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let on = [(Reg::X(0), u64::from(psci::CPU_ON_64)), (Reg::X(1), 1), (Reg::X(2), 0x4010_0000), (Reg::X(3), 77)];
+    let script = vec![
+        step(&on, exception(call(EC_HVC64), 0)),
+        // A second CPU_ON for the same vCPU: already on. Then WFI with no timer.
+        step(&on, exception(call(EC_HVC64), 0)),
+        step(&[(Reg::X(0), 0)], exception(call(EC_WFX), 0)),
+    ];
+    let mut primary = RawLoop::new(Fake::new(script, log), 0, Arc::clone(&power));
+    let kicker = primary.kicker();
+    let waker = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        kicker.kick();
+    });
+    // Both calls answered, then WFI sleeps until the kick.
+    assert_eq!(exit_of(&mut primary), "Interrupted");
+    assert_eq!(primary.get_reg(Reg::X(0)).unwrap(), 0);
+    waker.join().unwrap();
+    let (first, pc, x0) = secondary.join().unwrap();
+    assert_eq!(first, format!("write {UART:#x} [50, 0, 0, 0]"));
+    assert_eq!((pc, x0), (0x4010_0004, 77), "started at the entry with the context in X0");
+    assert!(power.states().iter().all(|c| c.on));
+}
+
+#[test]
+fn hostile_guests_get_architected_errors_and_the_loop_goes_on() {
+    let log = Log::default();
+    let sysreg_trap = (u64::from(EC_SYSREG) << 26) | (3 << 20) | (3 << 14) | (15 << 10) | 1; // mrs x0, S3_3_C15_C0_0
+    let script = vec![
+        // ldp to MMIO (no syndrome): a data abort into the guest's vector.
+        step(&[], exception(u64::from(EC_DABT_LOW) << 26, 0x0a00_0000)),
+        // An unknown system register: UNDEF.
+        step(&[(Reg::Pc, 0x4008_0000), (Reg::Pstate, 0x3c5)], exception(sysreg_trap, 0)),
+        // An unknown HVC, and CPU_ON for a vCPU that does not exist.
+        step(&[(Reg::Pc, 0x4008_0000), (Reg::X(0), 0x8600_0000)], exception(call(EC_HVC64), 0)),
+        step(&[(Reg::X(0), u64::from(psci::CPU_ON_64)), (Reg::X(1), 9)], exception(call(EC_HVC64), 0)),
+        step(&[], exception(0x3c << 26, 0)), // BRK: not something to emulate
+    ];
+    let mut vcpu = RawLoop::new(Fake::new(script, log), 0, Power::new(&[0x8000_0000]));
+    // Everything before the BRK is dealt with inside the loop; the VMM sees only the BRK.
+    let last = exit_of(&mut vcpu);
+    assert!(last.starts_with("Unhandled(\"exception class 0x3c"), "{last}");
+    assert_eq!(vcpu.get_reg(Reg::X(0)).unwrap() as i64, psci::RET_INVALID_PARAMETERS);
+    assert_eq!(vcpu.get_reg(Reg::Sys(ESR_EL1)).unwrap(), 1 << 25, "the last injection was UNDEF");
+    assert_eq!(vcpu.get_reg(Reg::Sys(FAR_EL1)).unwrap(), 0xffff_0000_0a00_0000, "the abort's address");
+}
