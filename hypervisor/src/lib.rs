@@ -66,6 +66,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub struct VmConfig {
     /// Guest-physical address bits the VM needs (its RAM and MMIO lie below `1 << ipa_bits`).
     pub ipa_bits: u32,
+    /// How many vCPUs it will have (backends that implement PSCI themselves track them).
+    pub vcpus: u32,
 }
 
 /// A host virtualization facility that creates VMs.

@@ -52,7 +52,7 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
     let nets = backends::open_nets(&config.nets)?;
     let (virtio, files) = virtio_devices(config, files, nets, console.backend.take())?;
     let (memory, regs) = load(config, files, virtio.len())?;
-    let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: IPA_BITS })?;
+    let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: IPA_BITS, vcpus: config.cpus })?;
     vm.map_memory(&memory)?;
 
     let control = Control::new();

@@ -1,11 +1,47 @@
-//! The Hypervisor.framework backend for Apple Silicon macOS, over `applevisor`.
+//! The Hypervisor.framework backend for Apple Silicon macOS, over `applevisor` 1.0.0.
 //!
-//! Not implemented yet (issue 5): creating a VM reports that clearly. The module exists
-//! so the trait shape is checked against the real `applevisor` crate on every CI run.
+//! Only the framework calls live here: creating the VM with its IPA size, mapping guest
+//! RAM, creating each vCPU on its own thread, and [`HvfRaw`], the per-vCPU calls behind
+//! [`RawLoop`], which makes every decision in portable, tested code (`crate::raw`,
+//! `crate::exits`). Interrupts come from the VMM's emulated GICv2 through
+//! `hv_vcpu_set_pending_interrupt`, set again before every run.
+//!
+//! Workarounds for applevisor 1.0.0 (see `../shared/notes/hvf.md`):
+//! - `Memory::map` turns `MemPerms` into the wrong permission bits, so guest RAM is
+//!   mapped with `applevisor_sys::hv_vm_map` and explicit `HV_MEMORY_*` bits;
+//! - `hv_interrupt_type_t` is declared with FIQ = 0, while Apple's header has IRQ = 0,
+//!   so `set_pending_interrupt(IRQ)` would raise a FIQ: [`ffi`] declares the call with a
+//!   plain integer;
+//! - registers are read and written through [`ffi`] with their raw encodings, so any
+//!   system register the decisions name can be reached (the crate's enums list only some).
+//!
+//! Not run on Apple hardware yet: it is type-checked and linted for
+//! `aarch64-apple-darwin` on every CI run.
 
-use std::sync::Arc;
+mod ffi;
 
-use crate::{Error, GuestRam, Reg, Result, VcpuExit, VmConfig};
+use std::sync::{Arc, Mutex};
+
+use applevisor::vcpu::{ExitReason, Vcpu as HvVcpu};
+use applevisor::vm::{GicDisabled, VirtualMachine, VirtualMachineConfig, VirtualMachineInstance};
+use arch_aarch64::boot::mpidr;
+use arch_aarch64::sysreg::MPIDR_EL1;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::raw::{Power, RawExit, RawLoop, RawVcpu};
+use crate::{Error, GuestRam, Reg, Result, VmConfig};
+
+fn framework(call: &'static str) -> impl Fn(applevisor::error::HypervisorError) -> Error {
+    move |e| Error::Platform { call, source: std::io::Error::other(format!("{e}")) }
+}
+
+fn check(call: &'static str, status: i32) -> Result<()> {
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(Error::Platform { call, source: std::io::Error::other(format!("status {status:#x}")) })
+    }
+}
 
 /// Hypervisor.framework.
 #[derive(Debug)]
@@ -16,9 +52,9 @@ pub struct Hvf {
 impl Hvf {
     /// Checks that the framework is usable in this process.
     pub fn new() -> Result<Self> {
-        let max_ipa_bits = applevisor::vm::VirtualMachineConfig::get_max_ipa_size().map_err(|e| {
+        let max_ipa_bits = VirtualMachineConfig::get_max_ipa_size().map_err(|e| {
             Error::Unavailable(format!(
-                "Hypervisor.framework is not usable ({e:?}): run on Apple Silicon with the \
+                "Hypervisor.framework is not usable ({e}): run on Apple Silicon with the \
                  com.apple.security.hypervisor entitlement"
             ))
         })?;
@@ -40,52 +76,127 @@ impl crate::Hypervisor for Hvf {
                 self.max_ipa_bits, config.ipa_bits
             )));
         }
-        Err(Error::Unavailable("the Hypervisor.framework backend is not implemented yet".into()))
+        let mut vm_config = VirtualMachineConfig::new();
+        vm_config.set_ipa_size(config.ipa_bits).map_err(framework("hv_vm_config_set_ipa_size"))?;
+        let vm = VirtualMachine::with_config(vm_config).map_err(framework("hv_vm_create"))?;
+        let mpidrs: Vec<u64> = (0..config.vcpus).map(mpidr).collect();
+        Ok(HvfVm { vm, power: Power::new(&mpidrs), memory: Mutex::new(Vec::new()) })
     }
 }
 
-/// A Hypervisor.framework VM (none can be created yet).
-#[derive(Debug)]
-pub enum HvfVm {}
+/// A Hypervisor.framework VM (one per process).
+pub struct HvfVm {
+    vm: VirtualMachineInstance<GicDisabled>,
+    power: Arc<Power>,
+    /// Mapped guest RAM, kept alive as long as the VM.
+    memory: Mutex<Vec<Arc<GuestRam>>>,
+}
+
+impl std::fmt::Debug for HvfVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HvfVm").field("power", &self.power).finish_non_exhaustive()
+    }
+}
 
 impl crate::Vm for HvfVm {
-    type Vcpu = HvfVcpu;
+    type Vcpu = RawLoop<HvfRaw>;
 
-    fn map_memory(&mut self, _memory: &Arc<GuestRam>) -> Result<()> {
-        match *self {}
+    fn map_memory(&mut self, memory: &Arc<GuestRam>) -> Result<()> {
+        const PAGE: u64 = 16 << 10;
+        for region in memory.iter() {
+            let (addr, size) = (region.start_addr().0, region.len());
+            let host = region.as_ptr();
+            if addr % PAGE != 0 || size % PAGE != 0 || host as usize as u64 % PAGE != 0 {
+                return Err(Error::Memory { addr, size, why: "Hypervisor.framework maps 16 KiB pages" });
+            }
+            let flags =
+                applevisor_sys::HV_MEMORY_READ | applevisor_sys::HV_MEMORY_WRITE | applevisor_sys::HV_MEMORY_EXEC;
+            // SAFETY: `host..host + size` is a live mapping owned by `memory`, which the VM
+            // keeps (below) for as long as the guest can reach it; the IPA range was
+            // checked against the VM's IPA size by the VMM's memory map.
+            let status = unsafe { applevisor_sys::hv_vm_map(host.cast(), addr, size as usize, flags) };
+            check("hv_vm_map", status)?;
+        }
+        self.memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Arc::clone(memory));
+        Ok(())
     }
 
-    fn create_vcpu(&self, _index: u32) -> Result<HvfVcpu> {
-        match *self {}
+    fn create_vcpu(&self, index: u32) -> Result<RawLoop<HvfRaw>> {
+        let vcpu = self.vm.vcpu_create().map_err(framework("hv_vcpu_create"))?;
+        let mut raw = HvfRaw::new(vcpu, self.vm.clone())?;
+        raw.set_reg(Reg::Sys(MPIDR_EL1), mpidr(index))?;
+        raw.set_reg(Reg::Pstate, arch_aarch64::inject::PSTATE_EL1H_MASKED)?;
+        Ok(RawLoop::new(raw, index as usize, Arc::clone(&self.power)))
     }
 }
 
-/// A Hypervisor.framework vCPU (none can be created yet).
-#[derive(Debug)]
-pub enum HvfVcpu {}
+/// One vCPU's framework calls, made on its own thread.
+pub struct HvfRaw {
+    vcpu: HvVcpu,
+    cancel: Arc<dyn Fn() + Send + Sync>,
+    frequency: u64,
+}
 
-impl crate::Vcpu for HvfVcpu {
-    fn run(&mut self) -> Result<VcpuExit<'_>> {
-        match *self {}
+impl std::fmt::Debug for HvfRaw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HvfRaw").field("vcpu", &self.vcpu.id()).finish_non_exhaustive()
+    }
+}
+
+impl HvfRaw {
+    fn new(vcpu: HvVcpu, vm: VirtualMachineInstance<GicDisabled>) -> Result<Self> {
+        let handle = vcpu.get_handle();
+        let cancel: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            if let Err(e) = vm.vcpus_exit(std::slice::from_ref(&handle)) {
+                log::debug!("hv_vcpus_exit: {e}");
+            }
+        });
+        Ok(HvfRaw { vcpu, cancel, frequency: ffi::counter_frequency()? })
+    }
+}
+
+impl RawVcpu for HvfRaw {
+    fn run(&mut self) -> Result<RawExit> {
+        self.vcpu.run().map_err(framework("hv_vcpu_run"))?;
+        let exit = self.vcpu.get_exit_info();
+        Ok(match exit.reason {
+            ExitReason::CANCELED => RawExit::Canceled,
+            ExitReason::EXCEPTION => RawExit::Exception {
+                esr: exit.exception.syndrome,
+                va: exit.exception.virtual_address,
+                ipa: exit.exception.physical_address,
+            },
+            ExitReason::VTIMER_ACTIVATED => RawExit::VtimerActivated,
+            ExitReason::UNKNOWN => RawExit::Unknown(3),
+        })
     }
 
-    fn kicker(&self) -> Arc<dyn crate::Kicker> {
-        match *self {}
+    fn reg(&mut self, reg: Reg) -> Result<u64> {
+        ffi::get(self.vcpu.id(), reg)
     }
 
-    fn vtimer_asserted(&mut self) -> bool {
-        match *self {}
+    fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()> {
+        ffi::set(self.vcpu.id(), reg, value)
     }
 
-    fn set_irq_line(&mut self, _level: bool) -> Result<()> {
-        match *self {}
+    fn set_pending_irq(&mut self, pending: bool) -> Result<()> {
+        ffi::set_pending_irq(self.vcpu.id(), pending)
     }
 
-    fn set_reg(&mut self, _reg: Reg, _value: u64) -> Result<()> {
-        match *self {}
+    fn set_vtimer_mask(&mut self, masked: bool) -> Result<()> {
+        self.vcpu.set_vtimer_mask(masked).map_err(framework("hv_vcpu_set_vtimer_mask"))
     }
 
-    fn get_reg(&mut self, _reg: Reg) -> Result<u64> {
-        match *self {}
+    fn virtual_counter(&mut self) -> Result<u64> {
+        let offset = self.vcpu.get_vtimer_offset().map_err(framework("hv_vcpu_get_vtimer_offset"))?;
+        Ok(ffi::absolute_time().wrapping_sub(offset))
+    }
+
+    fn counter_frequency(&self) -> u64 {
+        self.frequency
+    }
+
+    fn canceller(&self) -> Arc<dyn Fn() + Send + Sync> {
+        Arc::clone(&self.cancel)
     }
 }
