@@ -10,6 +10,7 @@ mod power;
 #[cfg(test)]
 mod tests;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,18 @@ pub trait RawVcpu {
     /// Makes a running [`RawVcpu::run`] return [`RawExit::Canceled`], from any thread.
     fn canceller(&self) -> Arc<dyn Fn() + Send + Sync>;
 }
+
+/// Logs `message` the first time `flag` is seen: a misbehaving guest is reported once,
+/// not once per attempt.
+fn warn_once(flag: &AtomicBool, message: std::fmt::Arguments<'_>) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        log::warn!("{message} (reported once)");
+    }
+}
+
+static BAD_ACCESS: AtomicBool = AtomicBool::new(false);
+static UNKNOWN_SYSREG: AtomicBool = AtomicBool::new(false);
+static BAD_CALL: AtomicBool = AtomicBool::new(false);
 
 /// CNTV_CTL_EL0 bits.
 const TIMER_ENABLE: u64 = 1;
@@ -224,7 +237,16 @@ impl<V: RawVcpu> RawLoop<V> {
             *v = self.raw.reg(Reg::X(i as u8))?;
         }
         let result = match psci::handle(x, &self.power.states()) {
-            Action::Return(value) => value,
+            Action::Return(value) => {
+                if value == psci::RET_NOT_SUPPORTED || value == psci::RET_INVALID_PARAMETERS {
+                    let (index, function) = (self.index, x[0]);
+                    warn_once(
+                        &BAD_CALL,
+                        format_args!("vcpu{index}: PSCI/SMCCC call {function:#x} refused with {value}"),
+                    );
+                }
+                value
+            }
             Action::CpuOn { index, entry, context } => {
                 if self.power.start(index, entry, context) {
                     psci::RET_SUCCESS
@@ -280,14 +302,21 @@ impl<V: RawVcpu> RawLoop<V> {
                 self.step_pc().map(|()| None)
             }
             Decision::InjectDataAbort { addr } => {
-                log::warn!(
-                    "vcpu{}: an access to {addr:#x} that no device can serve; the guest gets an abort",
-                    self.index
+                let index = self.index;
+                warn_once(
+                    &BAD_ACCESS,
+                    format_args!(
+                        "vcpu{index}: an access to {addr:#x} that no device can serve; the guest gets an abort"
+                    ),
                 );
                 self.inject(Fault::DataAbort { far: va, write: esr & (1 << 6) != 0 }).map(|()| None)
             }
             Decision::InjectUndef => {
-                log::warn!("vcpu{}: ESR {esr:#x} (an unknown system register); the guest gets UNDEF", self.index);
+                let index = self.index;
+                warn_once(
+                    &UNKNOWN_SYSREG,
+                    format_args!("vcpu{index}: ESR {esr:#x} (an unknown system register); the guest gets UNDEF"),
+                );
                 self.inject(Fault::Undefined).map(|()| None)
             }
             Decision::Unhandled(ec) => {
