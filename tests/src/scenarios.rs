@@ -349,7 +349,10 @@ pub const ALL: &[Scenario] = &[
                  check --kernel /guest/vmlinuz --cpus 9\n\
                  check --kernel /guest/vmlinuz --initrd /guest/vmlinuz --memory 48M\n\
                  check --kernel /guest/vmlinuz --disk /guest/no-such.img\n\
-                 check --kernel /guest/vmlinuz --disk /guest/vmlinuz,bogus",
+                 check --kernel /guest/vmlinuz --disk /guest/vmlinuz,bogus\n\
+                 check --kernel /guest/vmlinuz --backend hvf\n\
+                 check --kernel /guest/vmlinuz --net unixgram=/tmp/nobody-listens.sock\n\
+                 check --kernel /guest/vmlinuz --console socket=/guest/vmlinuz",
         exit_code: 0,
         markers: &[
             "[rc=1 lines=1] hvrun: error: kernel /tmp/truncated: is truncated: 100000 bytes, but its PE/COFF header says",
@@ -361,6 +364,9 @@ pub const ALL: &[Scenario] = &[
             "[rc=1 lines=1] hvrun: error: kernel /guest/vmlinuz: does not fit in guest RAM with its initrd",
             "[rc=1 lines=1] hvrun: error: cannot read disk /guest/no-such.img: No such file or directory",
             "[rc=2 lines=1] hvrun: error: invalid value '/guest/vmlinuz,bogus' for '--disk",
+            "[rc=2 lines=1] hvrun: error: --backend hvf: Hypervisor.framework exists on macOS only",
+            "[rc=1 lines=1] hvrun: error: --net unixgram=/tmp/nobody-listens.sock: No such file or directory",
+            "[rc=1 lines=1] hvrun: error: console: --console socket=/guest/vmlinuz: exists and is not a socket",
         ],
         forbidden: &["panicked"],
         timeout_secs: 60,

@@ -26,6 +26,9 @@ pub enum ConfigError {
     /// vCPU count outside the supported range.
     #[error("--cpus {0}: must be between 1 and 8")]
     CpusOutOfRange(u32),
+    /// A backend this host does not have.
+    #[error("--backend {0}: {1}")]
+    BackendUnavailable(&'static str, &'static str),
     /// A `--net` argument that is not one of the documented forms.
     #[error(
         "--net {0}: use tap=NAME, unixgram=PATH[,vfkit], unixstream=PATH or fd=N, each with an optional ,mac=XX:XX:XX:XX:XX:XX"
@@ -55,11 +58,48 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// Where the guest's virtio console (`hvc0`) goes.
     pub console: ConsoleConfig,
+    /// The hypervisor to run on; `None` picks this host's (KVM on Linux,
+    /// Hypervisor.framework on macOS).
+    pub backend: Option<Backend>,
     /// Feed standard input to the guest's interactive console (hvc0 with
     /// [`ConsoleConfig::Terminal`], else the serial port), with the terminal in raw mode
     /// while the guest runs when it is one (Ctrl-A X quits). Off by default: a library
     /// must not touch the terminal unless asked.
     pub console_stdin: bool,
+}
+
+/// A hypervisor backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Linux KVM.
+    Kvm,
+    /// Apple's Hypervisor.framework.
+    Hvf,
+}
+
+impl Backend {
+    /// Parses `--backend`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "kvm" => Some(Backend::Kvm),
+            "hvf" => Some(Backend::Hvf),
+            _ => None,
+        }
+    }
+
+    /// The backend to use on a host running `os` (`std::env::consts::OS`), given the one
+    /// asked for, or why it cannot be.
+    pub fn for_host(asked: Option<Backend>, os: &str) -> Result<Backend, ConfigError> {
+        match (asked, os) {
+            (None | Some(Backend::Kvm), "linux") => Ok(Backend::Kvm),
+            (None | Some(Backend::Hvf), "macos") => Ok(Backend::Hvf),
+            (Some(Backend::Kvm), _) => Err(ConfigError::BackendUnavailable("kvm", "KVM exists on Linux hosts only")),
+            (Some(Backend::Hvf), _) => {
+                Err(ConfigError::BackendUnavailable("hvf", "Hypervisor.framework exists on macOS only"))
+            }
+            (None, _) => Err(ConfigError::BackendUnavailable("default", "this host has no supported hypervisor")),
+        }
+    }
 }
 
 /// A network interface: its backend and MAC address.
@@ -193,6 +233,7 @@ impl VmConfig {
             memory: DEFAULT_MEMORY,
             nets: Vec::new(),
             console: ConsoleConfig::Serial,
+            backend: None,
             console_stdin: false,
             disks: Vec::new(),
         }
@@ -304,6 +345,18 @@ mod tests {
             assert_eq!(format_size(parse_size(text).unwrap()), text);
         }
         assert_eq!(format_size(12345), "12345B");
+    }
+
+    #[test]
+    fn backends_exist_where_their_platform_does() {
+        assert_eq!(Backend::parse("hvf"), Some(Backend::Hvf));
+        assert_eq!(Backend::parse("vz"), None);
+        assert_eq!(Backend::for_host(None, "linux"), Ok(Backend::Kvm));
+        assert_eq!(Backend::for_host(None, "macos"), Ok(Backend::Hvf));
+        assert_eq!(Backend::for_host(Some(Backend::Kvm), "linux"), Ok(Backend::Kvm));
+        let e = Backend::for_host(Some(Backend::Hvf), "linux").unwrap_err().to_string();
+        assert_eq!(e, "--backend hvf: Hypervisor.framework exists on macOS only");
+        assert!(Backend::for_host(Some(Backend::Kvm), "macos").is_err());
     }
 
     #[test]

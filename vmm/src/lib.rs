@@ -108,6 +108,7 @@ pub enum Error {
 /// stops. Everything is validated before any vCPU runs.
 pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
     config.validate()?;
+    config::Backend::for_host(config.backend, std::env::consts::OS)?;
     #[cfg(target_arch = "aarch64")]
     {
         machine::run(config)

@@ -58,6 +58,9 @@ struct Cli {
     /// else serial]. The serial port's output always comes to this terminal.
     #[arg(long, value_name = "WHERE", value_parser = parse_console)]
     console: Option<config::ConsoleConfig>,
+    /// The hypervisor: kvm (Linux) or hvf (macOS) [default: this host's].
+    #[arg(long, value_name = "NAME", value_parser = parse_backend)]
+    backend: Option<config::Backend>,
     /// Number of vCPUs (1 to 8).
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
@@ -68,6 +71,10 @@ struct Cli {
 
 fn parse_disk(text: &str) -> Result<config::DiskConfig, String> {
     config::parse_disk(text).map_err(|e| e.to_string())
+}
+
+fn parse_backend(text: &str) -> Result<config::Backend, String> {
+    config::Backend::parse(text).ok_or_else(|| format!("`{text}`: use kvm or hvf"))
 }
 
 fn parse_net(text: &str) -> Result<config::NetConfig, String> {
@@ -104,6 +111,7 @@ fn main() -> ExitCode {
         cmdline,
         disks: cli.disks,
         nets: cli.nets,
+        backend: cli.backend,
         cpus: cli.cpus,
         memory: cli.memory,
         console_stdin: true,
