@@ -204,6 +204,7 @@ impl Rig {
             .args(["-M", "virt,virtualization=on,gic-version=2", "-cpu"])
             .arg(std::env::var("HVRUN_RIG_CPU").unwrap_or_else(|_| "max,pauth-impdef=on".into()))
             .args(["-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
+            .args(std::env::var("HVRUN_RIG_QEMU_ARGS").unwrap_or_default().split_whitespace())
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-initrd")
