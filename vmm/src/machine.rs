@@ -95,8 +95,6 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
 
     log::info!("booting on {} with {} vCPU(s) and {} MiB", hv.name(), config.cpus, config.memory >> 20);
     spawn_state_dump(gic.clone(), irq_lines.clone());
-    let stopping = control.clone();
-    irq_lines.spawn_watchdog(move || stopping.stopping()).map_err(|e| Error::Thread(e.to_string()))?;
     let all_created = Gate::new(config.cpus as usize);
     std::thread::scope(|scope| {
         for index in 0..config.cpus {

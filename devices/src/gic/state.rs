@@ -71,8 +71,6 @@ struct Cpu {
     /// pushed only when it goes from inactive to active.
     active_stack: Vec<(u8, u32)>,
     irq_out: bool,
-    /// Report `irq_out` at the next update even if it did not change.
-    report: bool,
 }
 
 impl Cpu {
@@ -90,7 +88,6 @@ impl Cpu {
             bpr: MIN_BPR,
             active_stack: Vec::with_capacity(8),
             irq_out: false,
-            report: false,
         }
     }
 
@@ -173,15 +170,13 @@ impl GicState {
         (p < u16::from(c.pmr) && c.group_priority(p) < c.group_priority(c.running_priority())).then_some((priority, id))
     }
 
-    /// Recomputes every CPU's IRQ output and tells `sink` about changes (and about the
-    /// current level of a CPU that read a spurious IAR, see [`GicState::acknowledge`]).
+    /// Recomputes every CPU's IRQ output and tells `sink` about changes.
     pub fn update(&mut self, sink: &dyn CpuIrqSink) {
         for cpu in 0..self.cpus.len() {
             let level = self.signalled(cpu).is_some();
             let c = &mut self.cpus[cpu];
-            if level != c.irq_out || c.report {
+            if level != c.irq_out {
                 c.irq_out = level;
-                c.report = false;
                 sink.set_cpu_irq(cpu, level);
             }
         }
@@ -389,15 +384,8 @@ impl GicState {
 
     /// GICC_IAR: acknowledges the signalled interrupt, making it active. Returns its id
     /// (with the source CPU in bits 12:10 for SGIs), or [`SPURIOUS`].
-    ///
-    /// A spurious read means the CPU took an interrupt exception with nothing signalled:
-    /// its line, as the hypervisor holds it, may be stale (KVM has been seen to lose line
-    /// updates). The next update reports the CPU's level again, so the line heals.
     pub fn acknowledge(&mut self, cpu: usize) -> u32 {
         let Some((priority, id)) = self.cpus.get(cpu).and_then(|_| self.signalled(cpu)) else {
-            if let Some(c) = self.cpus.get_mut(cpu) {
-                c.report = true;
-            }
             return SPURIOUS;
         };
         let mut value = id;

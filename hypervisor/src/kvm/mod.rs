@@ -8,7 +8,7 @@
 
 mod kick;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     kvm_userspace_memory_region, kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_SYSTEM_EVENT_CRASH,
@@ -79,7 +79,7 @@ impl crate::Hypervisor for Kvm {
         kick::install_handler().map_err(|source| Error::Platform { call: "sigaction", source })?;
         let mut target = kvm_vcpu_init::default();
         vm.get_preferred_target(&mut target).map_err(platform("KVM_ARM_PREFERRED_TARGET"))?;
-        Ok(KvmVm { vm: Arc::new(vm), target, memory: Vec::new() })
+        Ok(KvmVm { vm: Arc::new(vm), target, memory: Vec::new(), created: Mutex::new(0) })
     }
 }
 
@@ -90,6 +90,9 @@ pub struct KvmVm {
     target: kvm_vcpu_init,
     /// Keeps the mapped host memory alive as long as KVM may reach it.
     memory: Vec<Arc<GuestRam>>,
+    /// How many vCPUs KVM has created: held while creating one, so each vCPU knows its
+    /// place in KVM's creation order (see [`crate::Vm::create_vcpu`] below).
+    created: Mutex<u32>,
 }
 
 impl crate::Vm for KvmVm {
@@ -124,7 +127,17 @@ impl crate::Vm for KvmVm {
     }
 
     fn create_vcpu(&self, index: u32) -> Result<KvmVcpu> {
+        // KVM_IRQ_LINE names a vCPU by its position in KVM's creation order
+        // (`kvm_get_vcpu(kvm, vcpu_idx)` in arch/arm64/kvm/arm.c), not by the id given to
+        // KVM_CREATE_VCPU. Each vCPU thread creates its own vCPU, in whatever order the
+        // threads run, so the two differ whenever vCPU 1's thread wins the race: its
+        // interrupts then went to vCPU 0 and vice versa (the "lost IPIs" and "IAR storms"
+        // of issue 3). Creating under a lock and counting gives each vCPU its position.
+        let mut created = self.created.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let fd = self.vm.create_vcpu(u64::from(index)).map_err(platform("KVM_CREATE_VCPU"))?;
+        let position = *created;
+        *created += 1;
+        drop(created);
         let mut init = self.target;
         init.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
         if index > 0 {
@@ -132,7 +145,7 @@ impl crate::Vm for KvmVm {
         }
         fd.vcpu_init(&init).map_err(platform("KVM_ARM_VCPU_INIT"))?;
         let irq_line =
-            cpu_irq_line(index).ok_or_else(|| Error::Unsupported(format!("no IRQ line for vCPU {index}")))?;
+            cpu_irq_line(position).ok_or_else(|| Error::Unsupported(format!("no IRQ line for vCPU {index}")))?;
         let kicker = Arc::new(kick::ThreadKicker::for_current_thread());
         let mut vcpu = KvmVcpu { fd, kicker, vm: Arc::clone(&self.vm), irq_line };
         kick::register(vcpu.fd.get_kvm_run());
