@@ -228,7 +228,7 @@ pub const ALL: &[Scenario] = &[
         exit_code: 0,
         markers: NET_MARKERS,
         forbidden: &["hvrun: error", "panicked"],
-        timeout_secs: 300,
+        timeout_secs: 480,
         exchange: None,
     },
     Scenario {
@@ -245,7 +245,7 @@ pub const ALL: &[Scenario] = &[
         exit_code: 0,
         markers: NET_MARKERS,
         forbidden: &["hvrun: error", "panicked"],
-        timeout_secs: 300,
+        timeout_secs: 480,
         exchange: None,
     },
     Scenario {

@@ -77,3 +77,69 @@ fn report(outcomes: &[Outcome], rig: &Rig) -> Result<(), String> {
 pub fn demo() -> Result<(), String> {
     run(&["-v".to_string(), "hello".to_string()])
 }
+
+/// `cargo xtask boottime [N]`: boots hvrun's own kernel N times (default 10) in the rig
+/// and prints the boot-timer figures (hvrun start → the initramfs's first line) as
+/// min/median/max, and hvrun's resident memory after a boot, next to the resident part
+/// of its largest mapping, guest RAM.
+pub fn boottime(args: &[String]) -> Result<(), String> {
+    let runs: u32 = match args.first() {
+        Some(n) => n.parse().map_err(|_| format!("boottime: `{n}` is not a number of boots"))?,
+        None => 10,
+    };
+    setup::run()?;
+    guest::run()?;
+    cross::build_hvrun()?;
+    let script = format!(
+        "for i in $(seq {runs}); do\n\
+         RUST_LOG=info /bin/hvrun --kernel /guest/Image --initrd /guest/initramfs.cpio --memory 128M \\\n\
+         --cmdline 'console=ttyAMA0 quiet -- true' 2>&1 | grep -o 'boot-timer: [0-9]* ms after hvrun started'\n\
+         done\n\
+         /bin/hvrun --kernel /guest/Image --initrd /guest/initramfs.cpio --memory 128M \\\n\
+         --cmdline 'console=ttyAMA0 quiet -- sleep 3' >/dev/null 2>&1 & pid=$!\n\
+         sleep 3\n\
+         total=$(awk '/^VmRSS:/ {{ print $2 }}' /proc/$pid/status)\n\
+         guest=$(awk '/^Size:/ {{ s = $2 }} /^Rss:/ {{ if (s > max) {{ max = s; r = $2 }} }} END {{ print r }}' /proc/$pid/smaps)\n\
+         echo \"rss: total $total kB, guest RAM ${{guest:-0}} kB\"\n\
+         wait $pid"
+    );
+    let scenario = hvrun_e2e::scenario::Scenario {
+        name: "boottime",
+        about: "boot-time measurement",
+        artifacts: &["Image", "initramfs.cpio"],
+        script: Box::leak(script.into_boxed_str()),
+        exit_code: 0,
+        markers: &["boot-timer:", "rss: total"],
+        forbidden: &["panicked"],
+        timeout_secs: 60 + 30 * runs,
+        exchange: None,
+    };
+    let outcome = rig(false).run(std::slice::from_ref(&scenario)).map_err(|e| e.to_string())?.remove(0);
+    let mut ms: Vec<u64> = outcome
+        .output
+        .iter()
+        .filter_map(|l| l.split("boot-timer: ").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    ms.sort_unstable();
+    if ms.is_empty() || !outcome.passed() {
+        return Err(format!("boottime: the boots did not report (failures: {:?})", outcome.failures));
+    }
+    println!(
+        "boottime: {} boots of hvrun's kernel in the rig, hvrun start → init: min {} ms, median {} ms, max {} ms",
+        ms.len(),
+        ms[0],
+        ms[ms.len() / 2],
+        ms[ms.len() - 1]
+    );
+    if let Some(rss) = outcome.output.iter().find(|l| l.starts_with("rss:")) {
+        let kb: Vec<u64> = rss.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        match kb.as_slice() {
+            [total, guest] => println!(
+                "boottime: hvrun resident {total} kB after boot, {guest} kB of it guest RAM: {} kB beyond guest RAM",
+                total.saturating_sub(*guest)
+            ),
+            _ => println!("boottime: {rss}"),
+        }
+    }
+    Ok(())
+}

@@ -4,6 +4,7 @@
 //! build whatever is missing themselves, so on a fresh Debian machine they are all a
 //! person types.
 
+mod bench;
 mod cross;
 mod e2e;
 mod guest;
@@ -26,6 +27,8 @@ commands:
                  run end-to-end scenarios in the arm64 KVM rig (all when none named)
   demo           boot the demo guest in the rig and show its console
   test           everything CI checks: fmt, clippy, tests, cross-test, check-macos, cross, e2e
+  boottime [N]   boot hvrun's kernel N times in the rig: boot-time min/median/max, VMM memory
+  bench [ARGS]   run the criterion benchmarks (ARGS go to criterion) and write docs/BENCHMARKS.md
 
 environment:
   HVRUN_CACHE    where guest artifacts are cached (default: ~/.cache/hvrun)";
@@ -45,6 +48,8 @@ fn main() -> ExitCode {
         "e2e" => e2e::run(rest),
         "demo" => e2e::demo(),
         "test" => test(),
+        "bench" => bench::run(rest),
+        "boottime" => e2e::boottime(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())
