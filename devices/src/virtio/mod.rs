@@ -102,6 +102,7 @@ pub fn drain_queue(
     interrupt: &Interrupt,
     mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 ) {
+    let used_from = queue.next_used();
     while let Some(chain) = next_chain(device, queue, memory) {
         let head = chain.head_index();
         let len = serve(chain);
@@ -110,7 +111,7 @@ pub fn drain_queue(
             break;
         }
     }
-    notify_driver(device, queue, memory, interrupt);
+    notify_driver(device, queue, memory, interrupt, used_from);
 }
 
 /// The next chain the driver made available. When there is none, notifications are
@@ -136,9 +137,13 @@ pub fn next_chain<'a>(
     }
 }
 
-/// Interrupts the driver if the buffers used since the last call call for it (always
-/// without EVENT_IDX; per the used event with it).
-pub fn notify_driver(device: &str, queue: &mut Queue, memory: &GuestMemoryMmap, interrupt: &Interrupt) {
+/// Interrupts the driver if buffers were used since the used index was `used_from`, and
+/// the driver asked for it (always without EVENT_IDX; per the used event with it). Work
+/// that used nothing (a wake-up with no data, a driver's spurious notify) interrupts no one.
+pub fn notify_driver(device: &str, queue: &mut Queue, memory: &GuestMemoryMmap, interrupt: &Interrupt, used_from: u16) {
+    if queue.next_used() == used_from {
+        return;
+    }
     match queue.needs_notification(memory) {
         Ok(true) => interrupt.trigger(INT_USED_RING),
         Ok(false) => {}

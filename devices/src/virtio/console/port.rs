@@ -72,10 +72,11 @@ impl Port {
     fn pump(&mut self, registry: &Registry) {
         let Some(mut run) = self.running.take() else { return };
         let memory = run.memory.memory();
+        let (tx_from, rx_from) = (run.tx.next_used(), run.rx.next_used());
         self.transmit(registry, memory, &mut run.tx);
         self.receive(registry, memory, &mut run.rx);
-        notify_driver(NAME, &mut run.tx, memory, &run.interrupt);
-        notify_driver(NAME, &mut run.rx, memory, &run.interrupt);
+        notify_driver(NAME, &mut run.tx, memory, &run.interrupt, tx_from);
+        notify_driver(NAME, &mut run.rx, memory, &run.interrupt, rx_from);
         self.running = Some(run);
     }
 

@@ -76,10 +76,11 @@ impl Frames {
     fn pump(&mut self) {
         let Some(mut run) = self.running.take() else { return };
         let memory = run.memory.memory();
+        let (tx_from, rx_from) = (run.tx.next_used(), run.rx.next_used());
         self.transmit(memory, &mut run.tx);
         self.receive(memory, &mut run.rx, run.mergeable);
-        notify_driver(NAME, &mut run.tx, memory, &run.interrupt);
-        notify_driver(NAME, &mut run.rx, memory, &run.interrupt);
+        notify_driver(NAME, &mut run.tx, memory, &run.interrupt, tx_from);
+        notify_driver(NAME, &mut run.rx, memory, &run.interrupt, rx_from);
         self.running = Some(run);
     }
 
