@@ -112,6 +112,23 @@ pub struct SysRegAccess {
     pub read: bool,
 }
 
+impl SysRegAccess {
+    /// The ESR_EL2 syndrome of this trap, the inverse of [`decode`] (for test doubles of
+    /// a framework, and tests).
+    pub fn syndrome(&self) -> u64 {
+        let r = self.reg;
+        let field = |value: u8, shift: u32| u64::from(value) << shift;
+        (u64::from(EC_SYSREG) << 26)
+            | field(r.op0, 20)
+            | field(r.op2, 17)
+            | field(r.op1, 14)
+            | field(r.crn, 10)
+            | field(self.rt & 0x1f, 5)
+            | field(r.crm, 1)
+            | u64::from(self.read)
+    }
+}
+
 /// The exception class (ESR bits 31:26).
 pub fn exception_class(esr: u64) -> u8 {
     ((esr >> 26) & 0x3f) as u8
@@ -228,17 +245,8 @@ mod tests {
     }
 
     /// An MSR/MRS trap syndrome.
-    fn sysreg_trap(reg: SysReg, rt: u64, read: bool) -> u64 {
-        let (op0, op1, crn, crm, op2) =
-            (u64::from(reg.op0), u64::from(reg.op1), u64::from(reg.crn), u64::from(reg.crm), u64::from(reg.op2));
-        (u64::from(EC_SYSREG) << 26)
-            | (op0 << 20)
-            | (op2 << 17)
-            | (op1 << 14)
-            | (crn << 10)
-            | (rt << 5)
-            | (crm << 1)
-            | u64::from(read)
+    fn sysreg_trap(reg: SysReg, rt: u8, read: bool) -> u64 {
+        SysRegAccess { reg, rt, read }.syndrome()
     }
 
     #[test]

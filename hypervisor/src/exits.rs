@@ -107,7 +107,8 @@ fn sysreg(access: SysRegAccess) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arch_aarch64::esr::{EC_DABT_LOW, EC_HVC64, EC_SMC64, EC_SYSREG, EC_WFX};
+    use arch_aarch64::esr::{SysRegAccess, EC_DABT_LOW, EC_HVC64, EC_SMC64, EC_WFX};
+    use arch_aarch64::sysreg::SysReg;
 
     const ISV: u64 = 1 << 24;
 
@@ -144,15 +145,8 @@ mod tests {
 
     #[test]
     fn sysregs_debug_reads_zero_others_are_undefined() {
-        let trap = |op0: u64, op1: u64, crn: u64, crm: u64, op2: u64, rt: u64, read: bool| {
-            ec(EC_SYSREG)
-                | (op0 << 20)
-                | (op2 << 17)
-                | (op1 << 14)
-                | (crn << 10)
-                | (rt << 5)
-                | (crm << 1)
-                | u64::from(read)
+        let trap = |op0, op1, crn, crm, op2, rt, read| {
+            SysRegAccess { reg: SysReg::new(op0, op1, crn, crm, op2), rt, read }.syndrome()
         };
         assert_eq!(decide(trap(2, 0, 1, 0, 4, 3, false), 0), Decision::Skip, "msr oslar_el1, x3");
         assert_eq!(decide(trap(2, 0, 1, 1, 4, 5, true), 0), Decision::ReadZero { rt: 5 }, "mrs x5, oslsr_el1");

@@ -41,6 +41,24 @@ macro_rules! net_scenario_script {
     };
 }
 
+/// A network scenario: `name`, `about`, then [`net_scenario_script!`]'s arguments and
+/// the timeout. Tap-backed ones need `tun.ko` in the rig; all share [`NET_MARKERS`].
+macro_rules! net_scenario {
+    ($name:literal, $about:literal, $setup:literal, $flag:literal, $net:literal, $timeout:literal) => {
+        Scenario {
+            name: $name,
+            about: $about,
+            artifacts: &["Image", "initramfs.cpio", "tun.ko"],
+            script: net_scenario_script!($setup, $flag, $net),
+            exit_code: 0,
+            markers: NET_MARKERS,
+            forbidden: &["hvrun: error", "panicked"],
+            timeout_secs: $timeout,
+            exchange: None,
+        }
+    };
+}
+
 /// What every network scenario must show (see `guests/initramfs/t/net-check`).
 const NET_MARKERS: &[&str] = &[
     "ping host ok: 3 packets received",
@@ -199,55 +217,34 @@ pub const ALL: &[Scenario] = &[
         timeout_secs: 60,
         exchange: None,
     },
-    Scenario {
-        name: "net-tap",
-        about: "virtio-net on a tap device with offloads: ping, and 64 MiB each way over TCP, checksummed",
-        artifacts: &["Image", "initramfs.cpio", "tun.ko"],
-        script: net_scenario_script!(
-            "tunctl -t tap0 >/dev/null && ip link set tap0 up && ip addr add 10.0.2.1/24 dev tap0",
-            "--net tap=tap0",
-            "10.0.2"
-        ),
-        exit_code: 0,
-        markers: NET_MARKERS,
-        forbidden: &["hvrun: error", "panicked"],
-        timeout_secs: 300,
-        exchange: None,
-    },
-    Scenario {
-        name: "net-unixgram",
-        about: "virtio-net over a unix datagram socket with vfkit's handshake, through a frame forwarder to a tap",
-        artifacts: &["Image", "initramfs.cpio", "tun.ko"],
-        script: net_scenario_script!(
-            "net-forwarder /tmp/fwd.sock tap1 >/tmp/fwd.log 2>&1 &\n\
-             end=$(( $(now | cut -d. -f1) + 20 )); until [ -S /tmp/fwd.sock ] || [ $(now | cut -d. -f1) -ge $end ]; do sleep 1; done\n\
-             ip link set tap1 up && ip addr add 10.0.3.1/24 dev tap1",
-            "--net unixgram=/tmp/fwd.sock,vfkit",
-            "10.0.3"
-        ),
-        exit_code: 0,
-        markers: NET_MARKERS,
-        forbidden: &["hvrun: error", "panicked"],
-        timeout_secs: 480,
-        exchange: None,
-    },
-    Scenario {
-        name: "net-unixstream",
-        about: "virtio-net over a unix stream socket with length-prefixed frames (socket_vmnet's protocol), through a forwarder to a tap",
-        artifacts: &["Image", "initramfs.cpio", "tun.ko"],
-        script: net_scenario_script!(
-            "net-forwarder --stream /tmp/fwd-stream.sock tap2 >/tmp/fwd.log 2>&1 &\n\
-             end=$(( $(now | cut -d. -f1) + 20 )); until [ -S /tmp/fwd-stream.sock ] || [ $(now | cut -d. -f1) -ge $end ]; do sleep 1; done\n\
-             ip link set tap2 up && ip addr add 10.0.4.1/24 dev tap2",
-            "--net unixstream=/tmp/fwd-stream.sock",
-            "10.0.4"
-        ),
-        exit_code: 0,
-        markers: NET_MARKERS,
-        forbidden: &["hvrun: error", "panicked"],
-        timeout_secs: 480,
-        exchange: None,
-    },
+    net_scenario!(
+        "net-tap",
+        "virtio-net on a tap device with offloads: ping, and 64 MiB each way over TCP, checksummed",
+        "tunctl -t tap0 >/dev/null && ip link set tap0 up && ip addr add 10.0.2.1/24 dev tap0",
+        "--net tap=tap0",
+        "10.0.2",
+        300
+    ),
+    net_scenario!(
+        "net-unixgram",
+        "virtio-net over a unix datagram socket with vfkit's handshake, through a frame forwarder to a tap",
+        "net-forwarder /tmp/fwd.sock tap1 >/tmp/fwd.log 2>&1 &\n\
+         end=$(( $(now | cut -d. -f1) + 20 )); until [ -S /tmp/fwd.sock ] || [ $(now | cut -d. -f1) -ge $end ]; do sleep 1; done\n\
+         ip link set tap1 up && ip addr add 10.0.3.1/24 dev tap1",
+        "--net unixgram=/tmp/fwd.sock,vfkit",
+        "10.0.3",
+        480
+    ),
+    net_scenario!(
+        "net-unixstream",
+        "virtio-net over a unix stream socket with length-prefixed frames (socket_vmnet's protocol), through a forwarder to a tap",
+        "net-forwarder --stream /tmp/fwd-stream.sock tap2 >/tmp/fwd.log 2>&1 &\n\
+         end=$(( $(now | cut -d. -f1) + 20 )); until [ -S /tmp/fwd-stream.sock ] || [ $(now | cut -d. -f1) -ge $end ]; do sleep 1; done\n\
+         ip link set tap2 up && ip addr add 10.0.4.1/24 dev tap2",
+        "--net unixstream=/tmp/fwd-stream.sock",
+        "10.0.4",
+        480
+    ),
     Scenario {
         name: "disk-integrity",
         about: "a 64 MiB file the host wrote reads back intact; a 64 MiB file the guest wrote is intact in the image (debugfs on the host)",

@@ -166,6 +166,17 @@ pub fn single_queue(queues: Vec<Queue>) -> Result<Queue, ActivateError> {
     queues.into_iter().next().ok_or(ActivateError::MissingQueues { needed: 1, got })
 }
 
+/// The two queues of a device with a receive and a transmit queue (console, net), in
+/// that order, or the error saying the driver enabled too few.
+pub fn queue_pair(queues: Vec<Queue>) -> Result<(Queue, Queue), ActivateError> {
+    let got = queues.len();
+    let mut queues = queues.into_iter();
+    match (queues.next(), queues.next()) {
+        (Some(rx), Some(tx)) => Ok((rx, tx)),
+        _ => Err(ActivateError::MissingQueues { needed: 2, got }),
+    }
+}
+
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct Activation {
     /// Guest memory.

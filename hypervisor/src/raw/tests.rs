@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arch_aarch64::esr::{EC_DABT_LOW, EC_HVC64, EC_SMC64, EC_SYSREG, EC_WFX};
+use arch_aarch64::esr::{SysRegAccess, EC_DABT_LOW, EC_HVC64, EC_SMC64, EC_WFX};
 use arch_aarch64::inject::{ESR_EL1, FAR_EL1, VBAR_EL1};
 use arch_aarch64::psci;
-use arch_aarch64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0};
+use arch_aarch64::sysreg::{SysReg, CNTV_CTL_EL0, CNTV_CVAL_EL0};
 
 use super::*;
 
@@ -206,7 +206,8 @@ fn a_second_vcpu_comes_up_with_cpu_on_and_a_kick_wakes_a_sleeper() {
 #[test]
 fn hostile_guests_get_architected_errors_and_the_loop_goes_on() {
     let log = Log::default();
-    let sysreg_trap = (u64::from(EC_SYSREG) << 26) | (3 << 20) | (3 << 14) | (15 << 10) | 1; // mrs x0, S3_3_C15_C0_0
+    // mrs x0, S3_3_C15_C0_0
+    let sysreg_trap = SysRegAccess { reg: SysReg::new(3, 3, 15, 0, 0), rt: 0, read: true }.syndrome();
     let script = vec![
         // ldp to MMIO (no syndrome): a data abort into the guest's vector.
         step(&[], exception(u64::from(EC_DABT_LOW) << 26, 0x0a00_0000)),

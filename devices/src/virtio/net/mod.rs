@@ -22,7 +22,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use self::backend::NetBackend;
 use self::frames::Frames;
 use super::worker::Slot;
-use super::{ActivateError, Activation, VirtioDevice};
+use super::{queue_pair, ActivateError, Activation, VirtioDevice};
 
 /// Queue size offered to the driver.
 pub const QUEUE_SIZE: u16 = 256;
@@ -85,11 +85,7 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let Activation { memory, queues, interrupt, acked_features } = activation;
-        let got = queues.len();
-        let mut queues = queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::MissingQueues { needed: 2, got });
-        };
+        let (rx, tx) = queue_pair(queues)?;
         self.frames.start(|frames| frames.attach(memory, rx, tx, interrupt, acked_features))
     }
 
