@@ -9,6 +9,7 @@
 //! |----------------------------|------------------------------------|
 //! | `0x0800_0000..0x0801_0000` | GIC distributor                    |
 //! | `0x0801_0000..0x0802_0000` | GIC CPU interface (GICv2)          |
+//! | `0x0801_0000..0x0900_0000` | GICv3 redistributors, when the hypervisor has its own GICv3 (see [`place_gicv3`]) |
 //! | `0x0900_0000..0x0900_1000` | PL011 UART                         |
 //! | `0x0901_0000..0x0901_1000` | PL031 RTC                          |
 //! | `0x0902_0000..0x0902_1000` | boot timer                         |
@@ -31,6 +32,95 @@ pub const GIC_DIST_SIZE: u64 = 0x1_0000;
 pub const GIC_CPU_BASE: u64 = 0x0801_0000;
 /// Size of the GICv2 CPU interface window.
 pub const GIC_CPU_SIZE: u64 = 0x1_0000;
+
+/// First address past the window that GICv3 redistributors may use.
+pub const GIC_REDIST_LIMIT: u64 = UART_BASE;
+
+/// What a hypervisor's own GICv3 asks of the memory map (its numbers, not ours: on HVF
+/// they come from the framework at run time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GicV3Needs {
+    /// Bytes of the distributor.
+    pub distributor_size: u64,
+    /// Alignment of the distributor's base (a power of two).
+    pub distributor_align: u64,
+    /// Bytes of one vCPU's redistributor (two 64 KiB frames).
+    pub redistributor_size: u64,
+    /// Bytes the redistributor region claims in all: HVF reserves one redistributor for
+    /// every vCPU the VM could have, however many it gets.
+    pub redistributor_region: u64,
+    /// Alignment of the redistributor region's base (a power of two).
+    pub redistributor_align: u64,
+    /// The first SPI INTID it offers and how many.
+    pub spis: (u32, u32),
+}
+
+/// Where a GICv3 goes in the memory map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GicV3Layout {
+    /// Distributor base and size.
+    pub distributor: (u64, u64),
+    /// Redistributor region base, and the size that `vcpus` redistributors span (what
+    /// the device tree describes).
+    pub redistributors: (u64, u64),
+}
+
+/// Why a hypervisor's GICv3 cannot be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GicPlacementError {
+    /// The hypervisor's GIC needs more room than the device window has.
+    #[error("its redistributors need {need:#x} bytes, the memory map has {room:#x}")]
+    NoRoom {
+        /// Bytes needed from the redistributor base on.
+        need: u64,
+        /// Bytes available there.
+        room: u64,
+    },
+    /// A size or alignment the hypervisor reported makes no sense.
+    #[error("it reported an unusable {0}")]
+    Nonsense(&'static str),
+    /// The machine's SPIs are not all inside the range the GIC offers.
+    #[error("it offers SPIs {first}..{end}, the machine uses {SPI_BASE}..{needed}")]
+    Spis {
+        /// First SPI INTID offered.
+        first: u32,
+        /// One past the last offered.
+        end: u64,
+        /// One past the last INTID the machine uses.
+        needed: u32,
+    },
+}
+
+/// Places a hypervisor's GICv3 for `vcpus` vCPUs: the distributor at [`GIC_DIST_BASE`],
+/// the redistributor region right after it (aligned as asked), all below
+/// [`GIC_REDIST_LIMIT`]; the machine's devices must find their SPIs (INTIDs
+/// `SPI_BASE..SPI_BASE + spis_used`) in the range it offers.
+pub fn place_gicv3(needs: &GicV3Needs, vcpus: u32, spis_used: u32) -> Result<GicV3Layout, GicPlacementError> {
+    let pow2 = |v: u64, what| if v.is_power_of_two() { Ok(v) } else { Err(GicPlacementError::Nonsense(what)) };
+    let dist_align = pow2(needs.distributor_align, "distributor alignment")?;
+    let redist_align = pow2(needs.redistributor_align, "redistributor alignment")?;
+    if needs.distributor_size == 0 || needs.redistributor_size == 0 {
+        return Err(GicPlacementError::Nonsense("size of zero"));
+    }
+    if GIC_DIST_BASE % dist_align != 0 {
+        return Err(GicPlacementError::Nonsense("distributor alignment"));
+    }
+    let after_dist = GIC_DIST_BASE.checked_add(needs.distributor_size).ok_or(GicPlacementError::Nonsense("size"))?;
+    let redist = align_up(after_dist, redist_align).ok_or(GicPlacementError::Nonsense("redistributor alignment"))?;
+    let used = needs.redistributor_size.checked_mul(u64::from(vcpus)).ok_or(GicPlacementError::Nonsense("size"))?;
+    let need = needs.redistributor_region.max(used);
+    let room = GIC_REDIST_LIMIT.saturating_sub(redist);
+    if need > room {
+        return Err(GicPlacementError::NoRoom { need, room });
+    }
+    let (first, count) = needs.spis;
+    let needed = SPI_BASE + spis_used;
+    let end = u64::from(first) + u64::from(count);
+    if first > SPI_BASE || end < u64::from(needed) {
+        return Err(GicPlacementError::Spis { first, end, needed });
+    }
+    Ok(GicV3Layout { distributor: (GIC_DIST_BASE, needs.distributor_size), redistributors: (redist, used) })
+}
 
 /// Base of the PL011 UART.
 pub const UART_BASE: u64 = 0x0900_0000;
@@ -102,6 +192,57 @@ mod tests {
         }
         let (last, size) = windows[windows.len() - 1];
         assert!(last + size <= RAM_BASE);
+    }
+
+    /// KVM's vGICv3: 64 KiB distributor, 128 KiB per redistributor, 64 KiB alignment,
+    /// a region sized for the VM's vCPUs.
+    fn kvm_like(vcpus: u32) -> GicV3Needs {
+        GicV3Needs {
+            distributor_size: 0x1_0000,
+            distributor_align: 0x1_0000,
+            redistributor_size: 0x2_0000,
+            redistributor_region: 0x2_0000 * u64::from(vcpus),
+            redistributor_align: 0x1_0000,
+            spis: (32, 988),
+        }
+    }
+
+    #[test]
+    fn gicv3_goes_after_the_distributor_below_the_uart() {
+        let layout = place_gicv3(&kvm_like(4), 4, 64).unwrap();
+        assert_eq!(layout.distributor, (GIC_DIST_BASE, 0x1_0000));
+        assert_eq!(layout.redistributors, (GIC_DIST_BASE + 0x1_0000, 4 * 0x2_0000));
+        // 127 redistributors fit between the distributor and the UART; 128 do not.
+        assert!(place_gicv3(&kvm_like(127), 127, 64).is_ok());
+        assert_eq!(
+            place_gicv3(&kvm_like(128), 128, 64),
+            Err(GicPlacementError::NoRoom { need: 128 * 0x2_0000, room: UART_BASE - GIC_DIST_BASE - 0x1_0000 })
+        );
+    }
+
+    #[test]
+    fn gicv3_region_reserved_for_every_possible_vcpu_must_fit_and_alignment_is_honoured() {
+        // An HVF-like GIC: the region covers 64 vCPUs whatever the machine has, and the
+        // redistributor base must be 2 MiB-aligned.
+        let needs = GicV3Needs { redistributor_region: 64 * 0x2_0000, redistributor_align: 2 << 20, ..kvm_like(2) };
+        let layout = place_gicv3(&needs, 2, 64).unwrap();
+        assert_eq!(layout.redistributors, (GIC_DIST_BASE + (2 << 20), 2 * 0x2_0000));
+        let huge = GicV3Needs { redistributor_region: 16 << 20, ..needs };
+        assert!(matches!(place_gicv3(&huge, 2, 64), Err(GicPlacementError::NoRoom { .. })));
+    }
+
+    #[test]
+    fn gicv3_with_nonsense_numbers_or_too_few_spis_is_refused() {
+        let odd = GicV3Needs { redistributor_align: 0x3000, ..kvm_like(1) };
+        assert_eq!(place_gicv3(&odd, 1, 64), Err(GicPlacementError::Nonsense("redistributor alignment")));
+        let zero = GicV3Needs { redistributor_size: 0, ..kvm_like(1) };
+        assert!(matches!(place_gicv3(&zero, 1, 64), Err(GicPlacementError::Nonsense(_))));
+        let huge_align = GicV3Needs { distributor_align: 1 << 40, ..kvm_like(1) };
+        assert!(matches!(place_gicv3(&huge_align, 1, 64), Err(GicPlacementError::Nonsense(_))));
+        let few = GicV3Needs { spis: (32, 32), ..kvm_like(1) };
+        assert_eq!(place_gicv3(&few, 1, 64), Err(GicPlacementError::Spis { first: 32, end: 64, needed: 96 }));
+        let overflow = GicV3Needs { redistributor_size: u64::MAX, ..kvm_like(1) };
+        assert!(place_gicv3(&overflow, 2, 64).is_err());
     }
 
     #[test]

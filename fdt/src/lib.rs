@@ -3,7 +3,7 @@
 //! The VMM fills a [`Machine`] with what it actually created (RAM, vCPUs, devices,
 //! command line, initrd) and [`build`] turns it into a blob with `vm-fdt`. Node shapes
 //! follow the kernel's bindings (Documentation/devicetree/bindings): PSCI with the
-//! `hvc` conduit, a GICv2 (`arm,cortex-a15-gic`) as the interrupt parent, the
+//! `hvc` conduit, a GICv2 (`arm,cortex-a15-gic`) or GICv3 (`arm,gic-v3`) as the interrupt parent, the
 //! `arm,armv8-timer` PPIs, an `arm,pl011` UART and an `arm,pl031` RTC (both
 //! `arm,primecell`, with the `apb_pclk` clock), and a `/chosen` node with `bootargs`,
 //! `stdout-path`, the initrd range and seeds for the kernel's RNG and KASLR.
@@ -40,13 +40,23 @@ pub struct Device {
     pub spi: Option<u32>,
 }
 
-/// A GICv2: distributor and CPU interface windows.
+/// The interrupt controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gicv2 {
-    /// The distributor.
-    pub distributor: MmioWindow,
-    /// The CPU interface.
-    pub cpu_interface: MmioWindow,
+pub enum Gic {
+    /// A GICv2: distributor and CPU interface windows.
+    V2 {
+        /// The distributor.
+        distributor: MmioWindow,
+        /// The CPU interface.
+        cpu_interface: MmioWindow,
+    },
+    /// A GICv3: the distributor and one region holding every vCPU's redistributor.
+    V3 {
+        /// The distributor.
+        distributor: MmioWindow,
+        /// The redistributors, contiguous, two 64 KiB frames each.
+        redistributors: MmioWindow,
+    },
 }
 
 /// What the device tree describes.
@@ -61,7 +71,7 @@ pub struct Machine {
     /// The initrd's guest-physical start and end (exclusive).
     pub initrd: Option<(u64, u64)>,
     /// The interrupt controller; with it come the architected timer's PPIs.
-    pub gic: Option<Gicv2>,
+    pub gic: Option<Gic>,
     /// The PL011 UART.
     pub uart: Option<Device>,
     /// The PL031 RTC.
@@ -134,19 +144,25 @@ pub fn build(machine: &Machine) -> Result<Vec<u8>, FdtError> {
     fdt.end_node(clock)?;
 
     if let Some(gic) = machine.gic {
-        let node = fdt.begin_node(&format!("intc@{:x}", gic.distributor.base))?;
-        fdt.property_string("compatible", "arm,cortex-a15-gic")?;
+        let (compatible, first, second, cpu_mask) = match gic {
+            // GICv2 PPI specifiers carry the mask of CPUs the PPI is wired to in bits 15:8.
+            Gic::V2 { distributor, cpu_interface } => {
+                ("arm,cortex-a15-gic", distributor, cpu_interface, (1u32 << machine.cpu_mpidrs.len().clamp(1, 8)) - 1)
+            }
+            // GICv3 has no such mask: the field must be zero.
+            Gic::V3 { distributor, redistributors } => ("arm,gic-v3", distributor, redistributors, 0),
+        };
+        let node = fdt.begin_node(&format!("intc@{:x}", first.base))?;
+        fdt.property_string("compatible", compatible)?;
         fdt.property_u32("#interrupt-cells", 3)?;
         fdt.property_null("interrupt-controller")?;
-        fdt.property_array_u64(
-            "reg",
-            &[gic.distributor.base, gic.distributor.size, gic.cpu_interface.base, gic.cpu_interface.size],
-        )?;
+        fdt.property_array_u64("reg", &[first.base, first.size, second.base, second.size])?;
+        if let Gic::V3 { .. } = gic {
+            fdt.property_u32("#redistributor-regions", 1)?;
+        }
         fdt.property_phandle(GIC_PHANDLE)?;
         fdt.end_node(node)?;
 
-        // GICv2 PPI specifiers carry the mask of CPUs the PPI is wired to in bits 15:8.
-        let cpu_mask = (1u32 << machine.cpu_mpidrs.len().clamp(1, 8)) - 1;
         let timer = fdt.begin_node("timer")?;
         fdt.property_string("compatible", "arm,armv8-timer")?;
         let cells: Vec<u32> =
@@ -239,7 +255,7 @@ mod tests {
             cpu_mpidrs: vec![0x8000_0000, 0x8000_0001],
             cmdline: "console=ttyAMA0 quiet".into(),
             initrd: Some((0x5f00_0000, 0x5f12_3456)),
-            gic: Some(Gicv2 {
+            gic: Some(Gic::V2 {
                 distributor: MmioWindow { base: 0x0800_0000, size: 0x1000 },
                 cpu_interface: MmioWindow { base: 0x0801_0000, size: 0x2000 },
             }),
@@ -292,6 +308,31 @@ mod tests {
         ] {
             assert!(dts.contains(needle), "missing `{needle}` in:\n{dts}");
         }
+    }
+
+    #[test]
+    fn a_gicv3_has_its_redistributor_region_and_no_ppi_cpu_mask() {
+        let v3 = Machine {
+            gic: Some(Gic::V3 {
+                distributor: MmioWindow { base: 0x0800_0000, size: 0x1_0000 },
+                redistributors: MmioWindow { base: 0x0801_0000, size: 0x4_0000 },
+            }),
+            ..machine()
+        };
+        let dts = decompile(&build(&v3).unwrap());
+        for needle in [
+            "intc@8000000 {",
+            "compatible = \"arm,gic-v3\";",
+            "#interrupt-cells = <0x03>;",
+            "reg = <0x00 0x8000000 0x00 0x10000 0x00 0x8010000 0x00 0x40000>;",
+            "#redistributor-regions = <0x01>;",
+            "interrupts = <0x01 0x0d 0x04 0x01 0x0e 0x04 0x01 0x0b 0x04 0x01 0x0a 0x04>;",
+            "interrupt-parent = <0x02>;",
+            "interrupts = <0x00 0x10 0x04>;",
+        ] {
+            assert!(dts.contains(needle), "missing `{needle}` in:\n{dts}");
+        }
+        assert!(!dts.contains("cortex-a15-gic"));
     }
 
     #[test]

@@ -42,6 +42,17 @@ const IRQ_VCPU2_SHIFT: u32 = 28;
 /// `KVM_ARM_IRQ_TYPE_CPU` and its line `KVM_ARM_IRQ_CPU_IRQ`.
 const IRQ_TYPE_CPU: u32 = 0;
 const IRQ_CPU_IRQ: u32 = 0;
+/// `KVM_ARM_IRQ_TYPE_SPI`.
+const IRQ_TYPE_SPI: u32 = 1;
+
+/// The `KVM_IRQ_LINE` number of SPI `intid` (an absolute INTID) of the in-kernel vGIC:
+/// type SPI, the INTID in bits 15:0. `None` outside the SPI range 32..1020.
+pub const fn spi_irq_line(intid: u32) -> Option<u32> {
+    if intid < 32 || intid >= 1020 {
+        return None;
+    }
+    Some((IRQ_TYPE_SPI << IRQ_TYPE_SHIFT) | intid)
+}
 
 /// The `KVM_IRQ_LINE` number of vCPU `vcpu`'s IRQ input (for a VM without an in-kernel
 /// interrupt controller): type CPU, the vCPU index split over VCPU (bits 23:16) and VCPU2
@@ -68,6 +79,14 @@ mod tests {
         assert_eq!(cpu_irq_line(3), Some(0x0003_0000));
         assert_eq!(cpu_irq_line(0x1ff), Some(0x10ff_0000));
         assert_eq!(cpu_irq_line(4096), None);
+    }
+
+    #[test]
+    fn spi_irq_lines() {
+        assert_eq!(spi_irq_line(33), Some(0x0100_0021));
+        assert_eq!(spi_irq_line(1019), Some(0x0100_03fb));
+        assert_eq!(spi_irq_line(31), None);
+        assert_eq!(spi_irq_line(1020), None);
     }
     use arch_aarch64::sysreg::MPIDR_EL1;
 

@@ -16,6 +16,7 @@
 
 use std::sync::Arc;
 
+pub use arch_aarch64::layout::{GicV3Layout, GicV3Needs};
 pub use arch_aarch64::sysreg::SysReg;
 pub use memory::GuestRam;
 
@@ -82,10 +83,31 @@ pub trait Hypervisor {
     fn create_vm(&self, config: &VmConfig) -> Result<Self::Vm>;
 }
 
+/// Drives the shared peripheral interrupts of a hypervisor's own GIC, from any thread.
+pub trait SpiSink: Send + Sync + std::fmt::Debug {
+    /// Sets the level of SPI `intid` (an absolute INTID, 32 and up).
+    fn set_spi(&self, intid: u32, level: bool) -> Result<()>;
+}
+
 /// A virtual machine: guest memory and vCPUs.
 pub trait Vm: Send + Sync {
     /// The vCPU type of this VM.
     type Vcpu: Vcpu;
+
+    /// What this VM's hypervisor-provided GICv3 needs from the memory map, or `None`
+    /// when the host has none (KVM without vGICv3, macOS before 15). Asked before any
+    /// vCPU exists.
+    fn gicv3_needs(&self) -> Option<GicV3Needs> {
+        None
+    }
+
+    /// Creates the hypervisor's GICv3 at `layout`, before any vCPU. From then on the
+    /// hypervisor delivers interrupts, the virtual timer's included: the VMM raises
+    /// SPIs through the returned sink and never calls [`Vcpu::set_irq_line`].
+    fn create_gicv3(&mut self, layout: &GicV3Layout) -> Result<std::sync::Arc<dyn SpiSink>> {
+        let _ = layout;
+        Err(Error::Unsupported("this hypervisor has no GICv3 of its own".into()))
+    }
 
     /// Maps every region of `memory` into the guest's physical address space. The VM
     /// keeps a reference, so the host mapping lives at least as long as the VM.

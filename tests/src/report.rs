@@ -107,6 +107,7 @@ pub fn check(scenario: &Scenario, lines: &[Line]) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scenario::OuterGic;
 
     const SCENARIO: Scenario = Scenario {
         name: "demo",
@@ -118,6 +119,7 @@ mod tests {
         forbidden: &["panicked"],
         timeout_secs: 10,
         exchange: None,
+        outer_gic: OuterGic::V2,
     };
 
     fn lines(texts: &[&str]) -> Vec<Line> {

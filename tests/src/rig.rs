@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::cpio::Archive;
 use crate::report::{self, Line, Outcome};
-use crate::scenario::Scenario;
+use crate::scenario::{OuterGic, Scenario};
 
 /// Errors setting up or running the rig.
 #[derive(Debug, thiserror::Error)]
@@ -139,14 +139,27 @@ impl Rig {
         Ok(path)
     }
 
-    /// Boots the rig with `scenarios` and checks each one. The console log is kept in
-    /// the work directory as `console.log`.
+    /// Boots the rig with `scenarios` and checks each one: one boot per kind of rig
+    /// ([`OuterGic`]) the scenarios need, outcomes in the order given. Each boot's
+    /// console log is kept in the work directory ([`OuterGic::console_log`]).
     pub fn run(&self, scenarios: &[Scenario]) -> Result<Vec<Outcome>, RigError> {
+        let mut outcomes = Vec::new();
+        for gic in [OuterGic::V2, OuterGic::V3] {
+            let group: Vec<Scenario> = scenarios.iter().filter(|s| s.outer_gic == gic).cloned().collect();
+            if !group.is_empty() {
+                outcomes.extend(self.run_group(&group, gic)?);
+            }
+        }
+        outcomes.sort_by_key(|o| scenarios.iter().position(|s| s.name == o.name));
+        Ok(outcomes)
+    }
+
+    fn run_group(&self, scenarios: &[Scenario], gic: OuterGic) -> Result<Vec<Outcome>, RigError> {
         let initramfs = self.build_initramfs(scenarios)?;
         let exchange = self.prepare_exchange(scenarios)?;
         let budget =
             Duration::from_secs(BOOT_ALLOWANCE_SECS + scenarios.iter().map(|s| u64::from(s.timeout_secs)).sum::<u64>());
-        let lines = self.boot(&initramfs, exchange.as_deref(), budget)?;
+        let lines = self.boot(&initramfs, exchange.as_deref(), gic, budget)?;
         let mut outcomes: Vec<Outcome> = scenarios.iter().map(|s| report::check(s, &lines)).collect();
         if let Some(disk) = &exchange {
             for (slot, (sc, outcome)) in scenarios.iter().zip(&mut outcomes).enumerate() {
@@ -189,8 +202,14 @@ impl Rig {
         }
     }
 
-    fn boot(&self, initramfs: &Path, exchange: Option<&Path>, budget: Duration) -> Result<Vec<Line>, RigError> {
-        let log_path = self.work_dir.join("console.log");
+    fn boot(
+        &self,
+        initramfs: &Path,
+        exchange: Option<&Path>,
+        gic: OuterGic,
+        budget: Duration,
+    ) -> Result<Vec<Line>, RigError> {
+        let log_path = self.work_dir.join(gic.console_log());
         let out = |source| RigError::Output { path: log_path.clone(), source };
         let mut log = std::fs::File::create(&log_path).map_err(out)?;
         let mut qemu = Command::new(&self.qemu);
@@ -201,7 +220,9 @@ impl Rig {
             qemu.arg("-drive").arg(drive).args(["-device", "virtio-blk-device,drive=exchange"]);
         }
         let mut child = qemu
-            .args(["-M", "virt,virtualization=on,gic-version=2", "-cpu"])
+            .arg("-M")
+            .arg(format!("virt,virtualization=on,gic-version={}", gic.version()))
+            .arg("-cpu")
             .arg(std::env::var("HVRUN_RIG_CPU").unwrap_or_else(|_| "max,pauth-impdef=on".into()))
             .args(["-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
             .args(std::env::var("HVRUN_RIG_QEMU_ARGS").unwrap_or_default().split_whitespace())

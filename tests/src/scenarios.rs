@@ -1,7 +1,7 @@
 //! The scenarios themselves: data, one entry each. Later work adds entries here, not
 //! code in the harness.
 
-use crate::scenario::Scenario;
+use crate::scenario::{OuterGic, Scenario};
 
 /// The rig's side of a network scenario: `$setup` gives the host end an address in
 /// `$net.0/24` as `$net.1`; then hvrun boots hvrun's kernel with `$flag`, and the guest
@@ -55,6 +55,7 @@ macro_rules! net_scenario {
             forbidden: &["hvrun: error", "panicked"],
             timeout_secs: $timeout,
             exchange: None,
+            outer_gic: OuterGic::V2,
         }
     };
 }
@@ -83,6 +84,7 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["hvrun: error", "panicked"],
         timeout_secs: 60,
         exchange: None,
+        outer_gic: OuterGic::V2,
     },
     Scenario {
         name: "unmapped",
@@ -103,6 +105,7 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["FAIL", "hvrun: error", "panicked"],
         timeout_secs: 60,
         exchange: None,
+        outer_gic: OuterGic::V2,
     },
     Scenario {
         name: "missing-kernel",
@@ -114,6 +117,7 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["panicked"],
         timeout_secs: 30,
         exchange: None,
+        outer_gic: OuterGic::V2,
     },
     Scenario {
         name: "linux-smp",
@@ -143,6 +147,7 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["KERNEL LOG NOT CLEAN", "hvrun: error", "panicked", "WARN ]"],
         timeout_secs: 240,
         exchange: None,
+        outer_gic: OuterGic::V2,
     },
     Scenario {
         name: "linux-reboot",
@@ -157,6 +162,7 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["hvrun: error", "panicked"],
         timeout_secs: 120,
         exchange: None,
+        outer_gic: OuterGic::V2,
     },
     Scenario {
         name: "virtio-rng",
@@ -169,6 +175,7 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["hvrun: error", "panicked", "WARN ]"],
         timeout_secs: 120,
         exchange: None,
+        outer_gic: OuterGic::V2,
     },
     Scenario {
         name: "own-kernel",
@@ -181,6 +188,56 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["hvrun: error", "panicked", "WARN ]"],
         timeout_secs: 120,
         exchange: None,
+        outer_gic: OuterGic::V2,
+    },
+    Scenario {
+        name: "gicv3-smp",
+        about: "in a GICv3 rig, Debian's stock kernel boots on 4 vCPUs with KVM's vGICv3 (--gic v3): IPIs, timers, UART input",
+        artifacts: &["vmlinuz", "initramfs.cpio"],
+        script: "set -o pipefail\n\
+                 echo 'typed into the host' | RUST_LOG=info /bin/hvrun --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio \\
+                 --cpus 4 --gic v3 --memory 256M --cmdline 'console=ttyAMA0 quiet -- /t/linux-check' 2>&1 \\
+                 | tr -d '\\r' | tee /tmp/out; rc=$?\n\
+                 echo \"hvrun exit $rc\"",
+        exit_code: 0,
+        markers: &[
+            "4 vCPU(s), 256 MiB and the hypervisor's GICv3",
+            "hvrun-guest: init started",
+            "cpus: 4",
+            "guest read from console: typed into the host",
+            "timer interrupts counting on GIC",
+            "uart interrupts counting on GIC",
+            "every cpu takes timer interrupts",
+            "GICv3: CPU3: found redistributor 3 region 0:0x0000000008070000",
+            "kernel log clean",
+            "hvrun exit 0",
+        ],
+        forbidden: &["KERNEL LOG NOT CLEAN", "hvrun: error", "panicked", "WARN ]"],
+        timeout_secs: 240,
+        exchange: None,
+        outer_gic: OuterGic::V3,
+    },
+    Scenario {
+        name: "gicv3-many",
+        about: "in a GICv3 rig, 12 vCPUs (past the GICv2's 8) boot with --gic auto, and virtio-rng's SPI reaches the guest",
+        artifacts: &["vmlinuz", "initramfs.cpio"],
+        script: "set -o pipefail\n\
+                 RUST_LOG=info /bin/hvrun --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio --cpus 12 --memory 512M \\
+                 --cmdline 'console=ttyAMA0 quiet -- echo cpus: $(grep -c ^processor /proc/cpuinfo); /t/virtio-rng-check' \\
+                 2>&1 | tr -d '\\r'\n\
+                 echo \"hvrun exit $?\"",
+        exit_code: 0,
+        markers: &[
+            "12 vCPU(s), 512 MiB and the hypervisor's GICv3",
+            "cpus: 12",
+            "rng_current: virtio_rng.0",
+            "virtio interrupts counting",
+            "hvrun exit 0",
+        ],
+        forbidden: &["hvrun: error", "panicked", "WARN ]"],
+        timeout_secs: 300,
+        exchange: None,
+        outer_gic: OuterGic::V3,
     },
     Scenario {
         name: "disk-boot",
@@ -202,6 +259,7 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["hvrun: error", "panicked", "Kernel panic", "applet not found", "failed"],
         timeout_secs: 120,
         exchange: None,
+        outer_gic: OuterGic::V2,
     },
     Scenario {
         name: "console-file",
@@ -216,6 +274,7 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["hvrun: error", "panicked"],
         timeout_secs: 60,
         exchange: None,
+        outer_gic: OuterGic::V2,
     },
     net_scenario!(
         "net-tap",
@@ -273,6 +332,7 @@ pub const ALL: &[Scenario] = &[
         timeout_secs: 300,
         // The script's `count=192` is `checks::DATA_DISK_MB` (a unit test holds them equal).
         exchange: Some(crate::exchange::Exchange { input: "data.ext4", check: crate::checks::disk_integrity }),
+        outer_gic: OuterGic::V2,
     },
     Scenario {
         name: "disk-io",
@@ -300,6 +360,7 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["hvrun: error", "panicked", "ACCEPTED A WRITE"],
         timeout_secs: 180,
         exchange: None,
+        outer_gic: OuterGic::V2,
     },
     Scenario {
         name: "mmio-garbage",
@@ -329,6 +390,7 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["hvrun: error", "panicked", "HVRUN IGNORED SIGTERM"],
         timeout_secs: 240,
         exchange: None,
+        outer_gic: OuterGic::V2,
     },
     Scenario {
         name: "bad-input",
@@ -343,6 +405,9 @@ pub const ALL: &[Scenario] = &[
                  check --kernel /guest/vmlinuz --memory 0\n\
                  check --kernel /guest/vmlinuz --cpus 0\n\
                  check --kernel /guest/vmlinuz --cpus 9\n\
+                 check --kernel /guest/vmlinuz --cpus 128\n\
+                 check --kernel /guest/vmlinuz --cpus 9 --gic v2\n\
+                 check --kernel /guest/vmlinuz --gic v3\n\
                  check --kernel /guest/vmlinuz --initrd /guest/vmlinuz --memory 48M\n\
                  check --kernel /guest/vmlinuz --disk /guest/no-such.img\n\
                  check --kernel /guest/vmlinuz --disk /guest/vmlinuz,bogus\n\
@@ -355,8 +420,11 @@ pub const ALL: &[Scenario] = &[
             "[rc=1 lines=1] hvrun: error: kernel /tmp/stub: is too short to be an arm64 Image (40 bytes)",
             "[rc=1 lines=1] hvrun: error: kernel /guest/vmlinuz: does not fit in guest RAM",
             "[rc=2 lines=1] hvrun: error: --memory 0: must be between",
-            "[rc=2 lines=1] hvrun: error: --cpus 0: must be between 1 and 8",
-            "[rc=2 lines=1] hvrun: error: --cpus 9: must be between 1 and 8",
+            "[rc=2 lines=1] hvrun: error: --cpus 0: must be between 1 and 127",
+            "[rc=1 lines=1] hvrun: error: --cpus 9 needs the hypervisor's GICv3, which this host does not have",
+            "[rc=2 lines=1] hvrun: error: --cpus 128: must be between 1 and 127",
+            "[rc=2 lines=1] hvrun: error: --cpus 9 with --gic v2: the GICv2 serves at most 8 vCPUs",
+            "[rc=1 lines=1] hvrun: error: --gic v3: this hypervisor has no GICv3 of its own",
             "[rc=1 lines=1] hvrun: error: kernel /guest/vmlinuz: does not fit in guest RAM with its initrd",
             "[rc=1 lines=1] hvrun: error: cannot read disk /guest/no-such.img: No such file or directory",
             "[rc=2 lines=1] hvrun: error: invalid value '/guest/vmlinuz,bogus' for '--disk",
@@ -367,6 +435,7 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["panicked"],
         timeout_secs: 60,
         exchange: None,
+        outer_gic: OuterGic::V2,
     },
 ];
 

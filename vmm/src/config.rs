@@ -4,8 +4,14 @@ use std::path::PathBuf;
 
 use arch_aarch64::layout::{PAGE_SIZE, RAM_MAX};
 
-/// The most vCPUs a machine may have (the GICv2 limit).
-pub const MAX_CPUS: u32 = 8;
+/// The most vCPUs a machine may have: as many GICv3 redistributors as fit below the
+/// UART in the memory map (`arch_aarch64::layout::place_gicv3`).
+pub const MAX_CPUS: u32 = 127;
+/// The most vCPUs hvrun's emulated GICv2 serves (the architecture's limit).
+pub const MAX_CPUS_GICV2: u32 = 8;
+/// The most virtio devices a machine may have: one SPI each from `VIRTIO_SPI_BASE` up to
+/// the 64 SPIs the machine wires.
+pub const MAX_VIRTIO_DEVICES: usize = 48;
 /// The least RAM a machine may have.
 pub const MIN_MEMORY: u64 = 16 << 20;
 /// RAM when none is asked for.
@@ -24,8 +30,17 @@ pub enum ConfigError {
     #[error("--disk {0}: use PATH[,readonly][,id=NAME] (NAME: up to 20 ASCII characters)")]
     BadDisk(String),
     /// vCPU count outside the supported range.
-    #[error("--cpus {0}: must be between 1 and 8")]
+    #[error("--cpus {0}: must be between 1 and 127")]
     CpusOutOfRange(u32),
+    /// More vCPUs than the emulated GICv2 serves.
+    #[error("--cpus {0} with --gic v2: the GICv2 serves at most 8 vCPUs; use --gic v3 or auto")]
+    TooManyCpusForGicv2(u32),
+    /// More virtio devices than the machine has interrupt lines for.
+    #[error("{0} virtio devices (disks, network interfaces, the console and the entropy device): at most 48")]
+    TooManyDevices(usize),
+    /// A `--gic` value that is not one of the documented ones.
+    #[error("--gic {0}: use auto, v2 or v3")]
+    BadGic(String),
     /// A backend this host does not have.
     #[error("--backend {0}: {1}")]
     BackendUnavailable(&'static str, &'static str),
@@ -61,11 +76,38 @@ pub struct VmConfig {
     /// The hypervisor to run on; `None` picks this host's (KVM on Linux,
     /// Hypervisor.framework on macOS).
     pub backend: Option<Backend>,
+    /// The interrupt controller the guest gets.
+    pub gic: GicChoice,
     /// Feed standard input to the guest's interactive console (hvc0 with
     /// [`ConsoleConfig::Terminal`], else the serial port), with the terminal in raw mode
     /// while the guest runs when it is one (Ctrl-A X quits). Off by default: a library
     /// must not touch the terminal unless asked.
     pub console_stdin: bool,
+}
+
+/// Which interrupt controller the guest gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GicChoice {
+    /// The hypervisor's own GICv3 when it has one (KVM's vGICv3 on a GICv3 host, the
+    /// in-kernel GIC of macOS 15 and later), else hvrun's emulated GICv2.
+    #[default]
+    Auto,
+    /// hvrun's emulated GICv2 (at most 8 vCPUs).
+    V2,
+    /// The hypervisor's own GICv3; an error where there is none.
+    V3,
+}
+
+impl GicChoice {
+    /// Parses `--gic`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        match text {
+            "auto" => Ok(GicChoice::Auto),
+            "v2" => Ok(GicChoice::V2),
+            "v3" => Ok(GicChoice::V3),
+            _ => Err(ConfigError::BadGic(text.into())),
+        }
+    }
 }
 
 /// A hypervisor backend.
@@ -234,6 +276,7 @@ impl VmConfig {
             nets: Vec::new(),
             console: ConsoleConfig::Serial,
             backend: None,
+            gic: GicChoice::Auto,
             console_stdin: false,
             disks: Vec::new(),
         }
@@ -243,6 +286,14 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cpus == 0 || self.cpus > MAX_CPUS {
             return Err(ConfigError::CpusOutOfRange(self.cpus));
+        }
+        if self.gic == GicChoice::V2 && self.cpus > MAX_CPUS_GICV2 {
+            return Err(ConfigError::TooManyCpusForGicv2(self.cpus));
+        }
+        let console = usize::from(matches!(self.console, ConsoleConfig::Serial));
+        let devices = self.disks.len() + self.nets.len() + 2 - console;
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
         }
         if self.memory < MIN_MEMORY || self.memory > RAM_MAX || self.memory % PAGE_SIZE != 0 {
             return Err(ConfigError::MemoryOutOfRange(format_size(self.memory)));
@@ -425,9 +476,19 @@ mod tests {
     fn validation() {
         let ok = VmConfig::new("Image");
         assert_eq!(ok.validate(), Ok(()));
-        for cpus in [0, 9] {
+        for cpus in [0, 128] {
             assert_eq!(VmConfig { cpus, ..ok.clone() }.validate(), Err(ConfigError::CpusOutOfRange(cpus)));
         }
+        assert_eq!(VmConfig { cpus: 127, ..ok.clone() }.validate(), Ok(()));
+        let v2 = VmConfig { gic: GicChoice::V2, ..ok.clone() };
+        assert_eq!(VmConfig { cpus: 8, ..v2.clone() }.validate(), Ok(()));
+        assert_eq!(VmConfig { cpus: 9, ..v2 }.validate(), Err(ConfigError::TooManyCpusForGicv2(9)));
+        let disks = |n| vec![parse_disk("a").unwrap(); n];
+        // 47 disks + the entropy device fit; 48 disks do not.
+        assert_eq!(VmConfig { disks: disks(47), ..ok.clone() }.validate(), Ok(()));
+        assert_eq!(VmConfig { disks: disks(48), ..ok.clone() }.validate(), Err(ConfigError::TooManyDevices(49)));
+        assert_eq!(GicChoice::parse("v3"), Ok(GicChoice::V3));
+        assert_eq!(GicChoice::parse("v4"), Err(ConfigError::BadGic("v4".into())));
         for memory in [0, 1 << 20, RAM_MAX + PAGE_SIZE, (512 << 20) + 4096] {
             assert!(matches!(VmConfig { memory, ..ok.clone() }.validate(), Err(ConfigError::MemoryOutOfRange(_))));
         }

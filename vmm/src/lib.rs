@@ -20,6 +20,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod irq_lines;
+pub mod irqchip;
 #[cfg(target_arch = "aarch64")]
 mod machine;
 #[cfg(test)]
@@ -94,6 +95,9 @@ pub enum Error {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(String),
+    /// The interrupt controller asked for cannot be had.
+    #[error("{0}")]
+    Gic(String),
     /// A vCPU exited for a reason the VMM cannot serve.
     #[error("vcpu{vcpu} stopped on an exit hvrun cannot handle: {why}")]
     UnhandledExit {

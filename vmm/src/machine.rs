@@ -12,7 +12,6 @@ use arch_aarch64::image;
 use arch_aarch64::layout::*;
 use devices::boot_timer::BootTimer;
 use devices::bus::MmioBus;
-use devices::gic::Gic;
 use devices::pl011::Pl011;
 use devices::pl031::Pl031;
 use devices::virtio::{
@@ -26,15 +25,9 @@ use crate::backends;
 use crate::boot_files::BootFiles;
 use crate::console::{self, InputTarget, RawTerminal};
 use crate::control::Control;
-use crate::irq_lines::IrqLines;
+use crate::irqchip::{self, Irqchip};
 use crate::vcpu::{self, VcpuContext};
 use crate::{Error, ExitReason, VmConfig};
-
-/// Size of the GICv2 CPU interface window in the device tree: two 4 KiB pages, the
-/// second holding GICC_DIR.
-const GIC_CPU_WINDOW: u64 = 0x2000;
-/// Size of the GICv2 distributor window in the device tree.
-const GIC_DIST_WINDOW: u64 = 0x1000;
 
 /// Runs `config` on this host's hypervisor.
 pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
@@ -51,18 +44,19 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
     let mut console = backends::open_console(&config.console, config.console_stdin)?;
     let nets = backends::open_nets(&config.nets)?;
     let (virtio, files) = virtio_devices(config, files, nets, console.backend.take())?;
-    let (memory, regs) = load(config, files, virtio.len())?;
     let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: IPA_BITS, vcpus: config.cpus })?;
+    let irqchip = match irqchip::choose(config.gic, config.cpus, vm.gicv3_needs())? {
+        Some(layout) => Irqchip::Hypervisor { spis: vm.create_gicv3(&layout)?, layout },
+        None => Irqchip::emulated(config.cpus),
+    };
+    let (memory, regs) = load(config, files, virtio.len(), irqchip.fdt())?;
     vm.map_memory(&memory)?;
 
     let control = Control::new();
     let first_entry = Arc::new(OnceLock::new());
-    let irq_lines = IrqLines::new(config.cpus as usize);
-    let gic = Gic::new(config.cpus as usize, irq_lines.clone());
-    let uart = Arc::new(Mutex::new(Pl011::new(Box::new(std::io::stdout()), gic.spi_line(UART_SPI))));
+    let uart = Arc::new(Mutex::new(Pl011::new(Box::new(std::io::stdout()), irqchip.spi_line(UART_SPI))));
     let mut bus = MmioBus::new();
-    bus.insert(GIC_DIST_BASE, GIC_DIST_WINDOW, gic.distributor())?;
-    bus.insert(GIC_CPU_BASE, GIC_CPU_WINDOW, gic.cpu_interface())?;
+    irqchip.attach(&mut bus)?;
     bus.insert(UART_BASE, UART_SIZE, uart.clone())?;
     bus.insert(RTC_BASE, RTC_SIZE, Arc::new(Mutex::new(Pl031::new())))?;
     let entry = first_entry.clone();
@@ -75,7 +69,7 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
     bus.insert(BOOT_TIMER_BASE, BOOT_TIMER_SIZE, Arc::new(Mutex::new(timer)))?;
     for (slot, device) in (0u32..).zip(virtio) {
         let kind = device.device_type();
-        let interrupt = Interrupt::new(gic.spi_line(VIRTIO_SPI_BASE + slot));
+        let interrupt = Interrupt::new(irqchip.spi_line(VIRTIO_SPI_BASE + slot));
         let transport = MmioTransport::new(device, memory.clone(), interrupt)
             .map_err(|e| Error::Virtio(format!("device type {kind}: {e}")))?;
         bus.insert(virtio_slot(slot), VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
@@ -93,14 +87,23 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
         None
     };
 
-    log::info!("booting on {} with {} vCPU(s) and {} MiB", hv.name(), config.cpus, config.memory >> 20);
-    spawn_state_dump(gic.clone(), irq_lines.clone());
+    log::info!(
+        "booting on {} with {} vCPU(s), {} MiB and {}",
+        hv.name(),
+        config.cpus,
+        config.memory >> 20,
+        irqchip.name()
+    );
+    if let Irqchip::Emulated { gic, lines } = &irqchip {
+        spawn_state_dump(gic.clone(), lines.clone());
+    }
     let all_created = Gate::new(config.cpus as usize);
     std::thread::scope(|scope| {
         for index in 0..config.cpus {
-            let (vm, bus, gic, control, irq) = (&vm, &bus, &gic, &control, &irq_lines);
+            let (vm, bus, irqchip, control) = (&vm, &bus, &irqchip, &control);
             let all_created = &all_created;
             let first_entry = &first_entry;
+            let (created, my_turn_done) = std::sync::mpsc::sync_channel::<()>(1);
             let spawned = std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(scope, move || {
                 let vcpu = vm.create_vcpu(index).and_then(|mut vcpu| {
                     if index == 0 {
@@ -110,6 +113,7 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
                     }
                     Ok(vcpu)
                 });
+                let _ = created.send(());
                 // Every vCPU exists before any runs: CPU_ON can only target one that does.
                 all_created.pass();
                 let mut vcpu = match vcpu {
@@ -117,20 +121,33 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
                     Err(e) => return control.stop(Err(e.into())),
                 };
                 control.add_kicker(vcpu.kicker());
-                irq.attach(index as usize, vcpu.kicker());
+                if let Irqchip::Emulated { lines, .. } = irqchip {
+                    lines.attach(index as usize, vcpu.kicker());
+                }
                 if index == 0 {
                     let _ = first_entry.set(Instant::now());
                 }
-                let ctx = VcpuContext { index, bus, gic, control, irq };
+                let ctx = VcpuContext { index, bus, irqchip, control };
                 if let Some(outcome) = vcpu::run_loop(ctx, &mut vcpu) {
                     control.stop(outcome);
                 }
             });
             if let Err(e) = spawned {
                 control.stop(Err(Error::Thread(e.to_string())));
-                // The thread that never started must not hold the others at the gate.
-                all_created.pass_without_waiting();
+                // The threads that never start must not hold the others at the gate.
+                for _ in index..config.cpus {
+                    all_created.pass_without_waiting();
+                }
+                break;
             }
+            // vCPUs are created one at a time, in index order, so that each one's place in
+            // the hypervisor's creation order is its index. Linux 6.1's KVM needs that
+            // with its vGIC: the timer injects into `kvm_get_vcpu(kvm, vcpu->vcpu_id)`
+            // (arch/arm64/kvm/arch_timer.c), a lookup by creation order with the id, so a
+            // vCPU created out of turn gets another's timer interrupts (seen in the rig:
+            // no timer interrupts on the vCPUs created out of order). The wait ends when
+            // the thread has created its vCPU, or has died trying.
+            let _ = my_turn_done.recv();
         }
     });
     control.take_outcome().unwrap_or(Ok(ExitReason::Stopped))
@@ -138,7 +155,7 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
 
 /// With `HVRUN_DUMP_AFTER=SECS` in the environment, prints the GIC's and the IRQ lines'
 /// state to standard error after that many seconds: what a hung guest is waiting for.
-fn spawn_state_dump(gic: Arc<Gic>, lines: Arc<IrqLines>) {
+fn spawn_state_dump(gic: Arc<devices::gic::Gic>, lines: Arc<crate::irq_lines::IrqLines>) {
     let Some(secs) = std::env::var("HVRUN_DUMP_AFTER").ok().and_then(|s| s.parse::<u64>().ok()) else { return };
     let _ = std::thread::Builder::new().name("state-dump".into()).spawn(move || {
         std::thread::sleep(std::time::Duration::from_secs(secs));
@@ -220,8 +237,13 @@ fn entropy() -> Vec<u8> {
     }
 }
 
-/// Creates guest RAM and loads the kernel, initrd and device tree into it.
-fn load(config: &VmConfig, files: BootFiles, virtio_slots: usize) -> Result<(Arc<GuestRam>, BootRegs), Error> {
+/// Creates guest RAM and loads the kernel, initrd and device tree (with `gic`) into it.
+fn load(
+    config: &VmConfig,
+    files: BootFiles,
+    virtio_slots: usize,
+    gic: fdt::Gic,
+) -> Result<(Arc<GuestRam>, BootRegs), Error> {
     let BootFiles { mut kernel, kernel_size, header, initrd, .. } = files;
     let initrd_size = initrd.as_ref().map(|(_, size)| *size);
     let plan = image::plan(RAM_BASE, config.memory, &header, kernel_size, initrd_size)
@@ -250,10 +272,7 @@ fn load(config: &VmConfig, files: BootFiles, virtio_slots: usize) -> Result<(Arc
         cpu_mpidrs: (0..config.cpus).map(mpidr).collect(),
         cmdline: config.cmdline.clone(),
         initrd: initrd_range,
-        gic: Some(fdt::Gicv2 {
-            distributor: window(GIC_DIST_BASE, GIC_DIST_WINDOW),
-            cpu_interface: window(GIC_CPU_BASE, GIC_CPU_WINDOW),
-        }),
+        gic: Some(gic),
         uart: Some(fdt::Device { window: window(UART_BASE, UART_SIZE), spi: Some(UART_SPI) }),
         rtc: Some(fdt::Device { window: window(RTC_BASE, RTC_SIZE), spi: None }),
         virtio: (0..virtio_slots as u32)
@@ -288,7 +307,7 @@ mod tests {
         let initrd = temp("initrd", &[0x5a; 5000]);
         let config = VmConfig { initrd: Some(initrd.clone()), memory: 64 << 20, ..VmConfig::new(&kernel) };
 
-        let (memory, regs) = load(&config, BootFiles::open(&config).unwrap(), 1).unwrap();
+        let (memory, regs) = load(&config, BootFiles::open(&config).unwrap(), 1, Irqchip::emulated(1).fdt()).unwrap();
         assert_eq!(memory.num_regions(), 1);
         assert_eq!(regs.pc, RAM_BASE);
         let mut first = [0u8; 8192];
@@ -330,7 +349,7 @@ mod tests {
         image[56..60].copy_from_slice(b"ARMd");
         let kernel = temp("Huge", &image);
         let config = VmConfig { memory: 64 << 20, ..VmConfig::new(&kernel) };
-        let err = load(&config, BootFiles::open(&config).unwrap(), 0).unwrap_err();
+        let err = load(&config, BootFiles::open(&config).unwrap(), 0, Irqchip::emulated(1).fdt()).unwrap_err();
         assert!(err.to_string().contains("does not fit in guest RAM"), "{err}");
         std::fs::remove_file(kernel).unwrap();
     }

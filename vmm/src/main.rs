@@ -61,9 +61,14 @@ struct Cli {
     /// The hypervisor: kvm (Linux) or hvf (macOS) [default: this host's].
     #[arg(long, value_name = "NAME", value_parser = parse_backend)]
     backend: Option<config::Backend>,
-    /// Number of vCPUs (1 to 8).
+    /// Number of vCPUs (1 to 127; more than 8 need the hypervisor's GICv3).
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
+    /// The interrupt controller: v3 (the hypervisor's own GICv3: KVM's vGICv3 on a
+    /// GICv3 host, the in-kernel GIC of macOS 15+), v2 (hvrun's emulated GICv2, up to 8
+    /// vCPUs) or auto (v3 where the hypervisor has one, else v2).
+    #[arg(long, value_name = "VERSION", default_value = "auto", value_parser = parse_gic)]
+    gic: config::GicChoice,
     /// Guest RAM, e.g. 512M or 2G.
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
     memory: u64,
@@ -75,6 +80,10 @@ fn parse_disk(text: &str) -> Result<config::DiskConfig, String> {
 
 fn parse_backend(text: &str) -> Result<config::Backend, String> {
     config::Backend::parse(text).ok_or_else(|| format!("`{text}`: use kvm or hvf"))
+}
+
+fn parse_gic(text: &str) -> Result<config::GicChoice, String> {
+    config::GicChoice::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_net(text: &str) -> Result<config::NetConfig, String> {
@@ -112,6 +121,7 @@ fn main() -> ExitCode {
         disks: cli.disks,
         nets: cli.nets,
         backend: cli.backend,
+        gic: cli.gic,
         cpus: cli.cpus,
         memory: cli.memory,
         console_stdin: true,

@@ -4,12 +4,12 @@
 //! tested here against a scripted fake vCPU.
 
 use devices::bus::MmioBus;
-use devices::gic::{Gic, VTIMER_PPI};
+use devices::gic::VTIMER_PPI;
 use devices::warn_ratelimited;
 use hypervisor::{SystemEvent, Vcpu, VcpuExit};
 
 use crate::control::Control;
-use crate::irq_lines::IrqLines;
+use crate::irqchip::Irqchip;
 use crate::{Error, ExitReason};
 
 /// What a vCPU loop works with besides its vCPU.
@@ -19,12 +19,11 @@ pub struct VcpuContext<'a> {
     pub index: u32,
     /// The MMIO bus.
     pub bus: &'a MmioBus,
-    /// The interrupt controller, which gets the vCPU's timer level.
-    pub gic: &'a Gic,
+    /// The interrupt controller. When it is hvrun's GIC, it gets the vCPU's timer level,
+    /// and this loop applies the vCPU's IRQ input before every run.
+    pub irqchip: &'a Irqchip,
     /// The machine's stop switch.
     pub control: &'a Control,
-    /// The vCPUs' IRQ inputs, which this loop applies to its vCPU before every run.
-    pub irq: &'a IrqLines,
 }
 
 /// Runs `vcpu` until the machine stops: the guest powers off, resets or crashes, the
@@ -32,18 +31,21 @@ pub struct VcpuContext<'a> {
 ///
 /// MMIO exits go to the bus. An access no device claims reads as zero and its write is
 /// dropped, with a rate-limited warning: a guest poking at random addresses must not
-/// stop the VMM. After every exit the vCPU's virtual-timer level goes to the GIC.
+/// stop the VMM. With hvrun's GIC, the vCPU's virtual-timer level goes to it after
+/// every exit (the hypervisor's own GIC takes the timer itself).
 pub fn run_loop<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<ExitReason, Error>> {
     let mut timer_level = false;
     let mut stats = ExitStats::new();
     let mut outcome = None;
     while outcome.is_none() && !ctx.control.stopping() {
         outcome = serve_one(ctx, vcpu, &mut stats);
-        let level = vcpu.vtimer_asserted();
-        if level != timer_level {
-            timer_level = level;
-            stats.timer_changes += 1;
-            ctx.gic.set_ppi_level(ctx.index as usize, VTIMER_PPI, level);
+        if let Irqchip::Emulated { gic, .. } = ctx.irqchip {
+            let level = vcpu.vtimer_asserted();
+            if level != timer_level {
+                timer_level = level;
+                stats.timer_changes += 1;
+                gic.set_ppi_level(ctx.index as usize, VTIMER_PPI, level);
+            }
         }
     }
     stats.log(ctx.index);
@@ -95,8 +97,10 @@ impl ExitStats {
 fn serve_one<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V, stats: &mut ExitStats) -> Option<Result<ExitReason, Error>> {
     let index = ctx.index;
     let bus = ctx.bus;
-    if let Err(e) = ctx.irq.sync(index as usize, vcpu) {
-        return Some(Err(e.into()));
+    if let Irqchip::Emulated { lines, .. } = ctx.irqchip {
+        if let Err(e) = lines.sync(index as usize, vcpu) {
+            return Some(Err(e.into()));
+        }
     }
     let exit = match vcpu.run() {
         Ok(exit) => exit,
@@ -221,22 +225,19 @@ mod tests {
 
     struct Machine {
         bus: MmioBus,
-        gic: Arc<Gic>,
-        lines: Arc<IrqLines>,
+        irqchip: Irqchip,
         control: Arc<Control>,
     }
 
     fn machine() -> Machine {
         let mut bus = MmioBus::new();
         bus.insert(0x1000, 0x100, Arc::new(Mutex::new(Register::default()))).unwrap();
-        let lines = IrqLines::new(1);
-        let gic = Gic::new(1, lines.clone());
-        Machine { bus, gic, lines, control: Control::new() }
+        Machine { bus, irqchip: Irqchip::emulated(1), control: Control::new() }
     }
 
     fn run_vcpu(m: &Machine, steps: Vec<Step>) -> (Option<Result<ExitReason, Error>>, Scripted) {
         let mut vcpu = Scripted { steps: steps.into(), ..Default::default() };
-        let ctx = VcpuContext { index: 0, bus: &m.bus, gic: &m.gic, control: &m.control, irq: &m.lines };
+        let ctx = VcpuContext { index: 0, bus: &m.bus, irqchip: &m.irqchip, control: &m.control };
         let result = run_loop(ctx, &mut vcpu);
         (result, vcpu)
     }
@@ -288,7 +289,8 @@ mod tests {
     #[test]
     fn timer_level_reaches_the_gic_as_ppi_27() {
         let m = machine();
-        let (dist, cpu) = (m.gic.distributor(), m.gic.cpu_interface());
+        let Irqchip::Emulated { gic, .. } = &m.irqchip else { unreachable!() };
+        let (dist, cpu) = (gic.distributor(), gic.cpu_interface());
         dist.write(0, 0x000, &1u32.to_le_bytes());
         dist.write(0, 0x100, &(1u32 << VTIMER_PPI).to_le_bytes());
         cpu.write(0, 0x00, &1u32.to_le_bytes());
@@ -297,6 +299,24 @@ mod tests {
         let (_, vcpu) = run_vcpu(&m, steps);
         // The line follows the timer, set by the loop itself before a run when it changed.
         assert_eq!(vcpu.irq_levels, vec![true, false]);
+    }
+
+    #[test]
+    fn with_the_hypervisors_gic_the_loop_leaves_irq_lines_and_the_timer_alone() {
+        #[derive(Debug)]
+        struct Sink;
+        impl hypervisor::SpiSink for Sink {
+            fn set_spi(&self, _: u32, _: bool) -> hypervisor::Result<()> {
+                Ok(())
+            }
+        }
+        let mut m = machine();
+        let layout = arch_aarch64::layout::GicV3Layout { distributor: (0, 0), redistributors: (0, 0) };
+        m.irqchip = Irqchip::Hypervisor { spis: Arc::new(Sink), layout };
+        let steps = vec![Step::Timer(true), Step::Timer(false), Step::System(SystemEvent::Shutdown)];
+        let (result, vcpu) = run_vcpu(&m, steps);
+        assert!(matches!(result, Some(Ok(ExitReason::PowerOff))));
+        assert!(vcpu.irq_levels.is_empty(), "{:?}", vcpu.irq_levels);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use hvrun_e2e::report::Outcome;
 use hvrun_e2e::rig::Rig;
+use hvrun_e2e::scenario::OuterGic;
 use hvrun_e2e::scenarios;
 
 use crate::{cross, guest, paths, setup};
@@ -49,8 +50,12 @@ fn report(outcomes: &[Outcome], rig: &Rig) -> Result<(), String> {
         println!("e2e: {} passed, 0 failed", outcomes.len());
         return Ok(());
     }
-    let log = rig.work_dir.join("console.log");
+    let log_of = |name: &str| {
+        let gic = scenarios::ALL.iter().find(|s| s.name == name).map_or(OuterGic::V2, |s| s.outer_gic);
+        rig.work_dir.join(gic.console_log())
+    };
     for o in &failed {
+        let log = log_of(&o.name);
         println!("\n--- {} FAILED:", o.name);
         for f in &o.failures {
             println!("  - {f}");
@@ -70,7 +75,12 @@ fn report(outcomes: &[Outcome], rig: &Rig) -> Result<(), String> {
             }
         }
     }
-    Err(format!("{} of {} scenario(s) failed; full console in {}", failed.len(), outcomes.len(), log.display()))
+    Err(format!(
+        "{} of {} scenario(s) failed; full consoles in {}",
+        failed.len(),
+        outcomes.len(),
+        rig.work_dir.join("console*.log").display()
+    ))
 }
 
 /// Boots the demo guest in the rig and shows its console.
@@ -113,6 +123,7 @@ pub fn boottime(args: &[String]) -> Result<(), String> {
         forbidden: &["panicked"],
         timeout_secs: 60 + 30 * runs,
         exchange: None,
+        outer_gic: OuterGic::V2,
     };
     let outcome = rig(false).run(std::slice::from_ref(&scenario)).map_err(|e| e.to_string())?.remove(0);
     let mut ms: Vec<u64> = outcome

@@ -3,8 +3,9 @@
 //! Only the framework calls live here: creating the VM with its IPA size, mapping guest
 //! RAM, creating each vCPU on its own thread, and [`HvfRaw`], the per-vCPU calls behind
 //! [`RawLoop`], which makes every decision in portable, tested code (`crate::raw`,
-//! `crate::exits`). Interrupts come from the VMM's emulated GICv2 through
-//! `hv_vcpu_set_pending_interrupt`, set again before every run.
+//! `crate::exits`). Interrupts come from macOS 15's in-kernel GICv3 when the VMM
+//! creates it (`gic.rs`, looked up at run time), or else from the VMM's emulated GICv2
+//! through `hv_vcpu_set_pending_interrupt`, set again before every run.
 //!
 //! Workarounds for applevisor 1.0.0 (see `../shared/notes/hvf.md`):
 //! - `Memory::map` turns `MemPerms` into the wrong permission bits, so guest RAM is
@@ -19,6 +20,7 @@
 //! `aarch64-apple-darwin` on every CI run.
 
 mod ffi;
+mod gic;
 
 use std::sync::{Arc, Mutex};
 
@@ -29,7 +31,7 @@ use arch_aarch64::sysreg::MPIDR_EL1;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::raw::{Power, RawExit, RawLoop, RawVcpu};
-use crate::{Error, GuestRam, Reg, Result, VmConfig};
+use crate::{Error, GicV3Layout, GicV3Needs, GuestRam, Reg, Result, SpiSink, VmConfig};
 
 fn framework(call: &'static str) -> impl Fn(applevisor::error::HypervisorError) -> Error {
     move |e| Error::Platform { call, source: std::io::Error::other(format!("{e}")) }
@@ -80,7 +82,7 @@ impl crate::Hypervisor for Hvf {
         vm_config.set_ipa_size(config.ipa_bits).map_err(framework("hv_vm_config_set_ipa_size"))?;
         let vm = VirtualMachine::with_config(vm_config).map_err(framework("hv_vm_create"))?;
         let mpidrs: Vec<u64> = (0..config.vcpus).map(mpidr).collect();
-        Ok(HvfVm { vm, power: Power::new(&mpidrs), memory: Mutex::new(Vec::new()) })
+        Ok(HvfVm { vm, power: Power::new(&mpidrs), memory: Mutex::new(Vec::new()), kernel_gic: false })
     }
 }
 
@@ -90,6 +92,8 @@ pub struct HvfVm {
     power: Arc<Power>,
     /// Mapped guest RAM, kept alive as long as the VM.
     memory: Mutex<Vec<Arc<GuestRam>>>,
+    /// Whether the framework's GICv3 was created.
+    kernel_gic: bool,
 }
 
 impl std::fmt::Debug for HvfVm {
@@ -121,12 +125,24 @@ impl crate::Vm for HvfVm {
         Ok(())
     }
 
+    fn gicv3_needs(&self) -> Option<GicV3Needs> {
+        gic::needs()
+    }
+
+    fn create_gicv3(&mut self, layout: &GicV3Layout) -> Result<Arc<dyn SpiSink>> {
+        gic::create(layout)?;
+        self.kernel_gic = true;
+        Ok(Arc::new(gic::Spis))
+    }
+
     fn create_vcpu(&self, index: u32) -> Result<RawLoop<HvfRaw>> {
         let vcpu = self.vm.vcpu_create().map_err(framework("hv_vcpu_create"))?;
         let mut raw = HvfRaw::new(vcpu, self.vm.clone())?;
+        // The GICv3 routes by affinity, so MPIDR_EL1 must be set before the vCPU runs.
         raw.set_reg(Reg::Sys(MPIDR_EL1), mpidr(index))?;
         raw.set_reg(Reg::Pstate, arch_aarch64::inject::PSTATE_EL1H_MASKED)?;
-        Ok(RawLoop::new(raw, index as usize, Arc::clone(&self.power)))
+        let vcpu = RawLoop::new(raw, index as usize, Arc::clone(&self.power));
+        Ok(if self.kernel_gic { vcpu.with_kernel_gic() } else { vcpu })
     }
 }
 

@@ -1,11 +1,17 @@
 //! The KVM backend for arm64 Linux hosts, over `kvm-ioctls`.
 //!
-//! The VM runs without an in-kernel interrupt controller: the VMM emulates the GIC and
-//! drives each vCPU's IRQ input with `KVM_IRQ_LINE`, and KVM reports the virtual
-//! timer's level in `kvm_run` after every exit (`KVM_CAP_ARM_USER_IRQ`). PSCI is handled
+//! Interrupts come one of two ways:
+//! - KVM's own GICv3 (`gic.rs`), when the host has one and the VMM asks for it: KVM
+//!   delivers everything, the virtual timer included, and the VMM drives SPIs;
+//! - otherwise the VMM emulates the GIC and drives each vCPU's IRQ input with
+//!   `KVM_IRQ_LINE`, and KVM reports the virtual timer's level in `kvm_run` after every
+//!   exit (`KVM_CAP_ARM_USER_IRQ`).
+//!
+//! PSCI is handled
 //! by KVM itself (`KVM_ARM_VCPU_PSCI_0_2`), including CPU_ON for secondary vCPUs; it
 //! reports SYSTEM_OFF and SYSTEM_RESET as `KVM_EXIT_SYSTEM_EVENT`.
 
+mod gic;
 mod kick;
 
 use std::sync::{Arc, Mutex};
@@ -14,11 +20,11 @@ use kvm_bindings::{
     kvm_userspace_memory_region, kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Cap, Kvm as KvmFd, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, DeviceFd, Kvm as KvmFd, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::kvm_regs::{cpu_irq_line, one_reg_id};
-use crate::{Error, GuestRam, Kicker, Reg, Result, SystemEvent, VcpuExit, VmConfig};
+use crate::{Error, GicV3Layout, GicV3Needs, GuestRam, Kicker, Reg, Result, SpiSink, SystemEvent, VcpuExit, VmConfig};
 
 fn platform(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |e| Error::Platform { call, source: std::io::Error::from_raw_os_error(e.errno()) }
@@ -68,18 +74,21 @@ impl crate::Hypervisor for Kvm {
         if !vm.check_extension(Cap::ArmPsci02) {
             return Err(Error::Unsupported("KVM on this host lacks PSCI 0.2 (KVM_CAP_ARM_PSCI_0_2)".into()));
         }
-        // KVM_CAP_ARM_USER_IRQ: KVM reports timer levels to userspace. kvm-ioctls' `Cap`
-        // has no variant for it, so ask with the raw number from kvm-bindings.
-        if vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_ARM_USER_IRQ)) <= 0 {
-            return Err(Error::Unsupported(
-                "KVM on this host cannot report timer interrupts to userspace (KVM_CAP_ARM_USER_IRQ, Linux 4.15+)"
-                    .into(),
-            ));
-        }
+        // KVM_CAP_ARM_USER_IRQ: KVM reports timer levels to userspace, which an emulated
+        // GIC needs. kvm-ioctls' `Cap` has no variant for it, so ask with the raw number.
+        let user_irq = vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_ARM_USER_IRQ)) > 0;
         kick::install_handler().map_err(|source| Error::Platform { call: "sigaction", source })?;
         let mut target = kvm_vcpu_init::default();
         vm.get_preferred_target(&mut target).map_err(platform("KVM_ARM_PREFERRED_TARGET"))?;
-        Ok(KvmVm { vm: Arc::new(vm), target, memory: Vec::new(), created: Mutex::new(0) })
+        Ok(KvmVm {
+            vm: Arc::new(vm),
+            target,
+            memory: Vec::new(),
+            created: Mutex::new(0),
+            vcpus: config.vcpus,
+            user_irq,
+            gic: None,
+        })
     }
 }
 
@@ -93,6 +102,12 @@ pub struct KvmVm {
     /// How many vCPUs KVM has created: held while creating one, so each vCPU knows its
     /// place in KVM's creation order (see [`crate::Vm::create_vcpu`] below).
     created: Mutex<u32>,
+    /// How many vCPUs the VM will have.
+    vcpus: u32,
+    /// Whether KVM reports timer levels to userspace (needed without an in-kernel GIC).
+    user_irq: bool,
+    /// The in-kernel vGICv3, when the VMM created one.
+    gic: Option<DeviceFd>,
 }
 
 impl crate::Vm for KvmVm {
@@ -126,24 +141,50 @@ impl crate::Vm for KvmVm {
         Ok(())
     }
 
+    fn gicv3_needs(&self) -> Option<GicV3Needs> {
+        gic::needs(&self.vm, self.vcpus)
+    }
+
+    fn create_gicv3(&mut self, layout: &GicV3Layout) -> Result<Arc<dyn SpiSink>> {
+        if self.gic.is_some() {
+            return Err(Error::Unsupported("the VM already has a GICv3".into()));
+        }
+        self.gic = Some(gic::create(&self.vm, layout)?);
+        Ok(Arc::new(gic::Spis(Arc::clone(&self.vm))))
+    }
+
     fn create_vcpu(&self, index: u32) -> Result<KvmVcpu> {
+        if self.gic.is_none() && !self.user_irq {
+            return Err(Error::Unsupported(
+                "KVM on this host cannot report timer interrupts to userspace (KVM_CAP_ARM_USER_IRQ, Linux 4.15+), \
+                 which hvrun's emulated GIC needs"
+                    .into(),
+            ));
+        }
         // KVM_IRQ_LINE names a vCPU by its position in KVM's creation order
         // (`kvm_get_vcpu(kvm, vcpu_idx)` in arch/arm64/kvm/arm.c), not by the id given to
         // KVM_CREATE_VCPU. Each vCPU thread creates its own vCPU, in whatever order the
         // threads run, so the two differ whenever vCPU 1's thread wins the race: its
         // interrupts then went to vCPU 0 and vice versa (the "lost IPIs" and "IAR storms"
         // of issue 3). Creating under a lock and counting gives each vCPU its position.
+        // (The VMM also creates vCPUs in index order, which the vGIC needs on Linux 6.1;
+        // the position keeps the IRQ line right whatever the order.)
         let mut created = self.created.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let fd = self.vm.create_vcpu(u64::from(index)).map_err(platform("KVM_CREATE_VCPU"))?;
         let position = *created;
         *created += 1;
-        drop(created);
         let mut init = self.target;
         init.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
         if index > 0 {
             init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
         }
         fd.vcpu_init(&init).map_err(platform("KVM_ARM_VCPU_INIT"))?;
+        // The last vCPU finishes the vGIC, still under the lock: every vCPU exists and,
+        // since the VMM runs none before all are created, none has run.
+        if let (Some(gic), true) = (&self.gic, *created == self.vcpus) {
+            gic::init(gic)?;
+        }
+        drop(created);
         let irq_line =
             cpu_irq_line(position).ok_or_else(|| Error::Unsupported(format!("no IRQ line for vCPU {index}")))?;
         let kicker = Arc::new(kick::ThreadKicker::for_current_thread());

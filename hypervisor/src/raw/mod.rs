@@ -5,6 +5,11 @@
 //! deadline, follows the virtual timer, and injects aborts and UNDEFs the way hardware
 //! would. The HVF backend implements [`RawVcpu`] with framework calls; the tests here
 //! implement it with a scripted fake.
+//!
+//! With the framework's own GIC ([`RawLoop::with_kernel_gic`]) the framework delivers
+//! interrupts and the virtual timer itself, and WFI is not expected to exit; if one does,
+//! the vCPU naps until the timer's deadline, a kick, or at most [`KERNEL_GIC_NAP`] (an
+//! SGI or SPI the framework holds for it cannot wake the VMM's sleep), then resumes.
 
 mod power;
 #[cfg(test)]
@@ -74,6 +79,11 @@ fn warn_once(flag: &AtomicBool, message: std::fmt::Arguments<'_>) {
 static BAD_ACCESS: AtomicBool = AtomicBool::new(false);
 static UNKNOWN_SYSREG: AtomicBool = AtomicBool::new(false);
 static BAD_CALL: AtomicBool = AtomicBool::new(false);
+static KERNEL_GIC_TIMER: AtomicBool = AtomicBool::new(false);
+
+/// The longest a WFI exit sleeps in the VMM when the framework's GIC holds the
+/// interrupts (see the module documentation).
+pub const KERNEL_GIC_NAP: Duration = Duration::from_millis(1);
 
 /// CNTV_CTL_EL0 bits.
 const TIMER_ENABLE: u64 = 1;
@@ -121,6 +131,8 @@ pub struct RawLoop<V: RawVcpu> {
     state: State,
     irq_level: bool,
     vtimer_level: bool,
+    /// The framework's GIC delivers interrupts and the timer (macOS 15's `hv_gic`).
+    kernel_gic: bool,
     /// A load waiting for the VMM's data: it completes at the next run.
     pending_load: Option<MmioAccess>,
     buf: [u8; 8],
@@ -149,9 +161,44 @@ impl<V: RawVcpu> RawLoop<V> {
             state,
             irq_level: false,
             vtimer_level: false,
+            kernel_gic: false,
             pending_load: None,
             buf: [0; 8],
         }
+    }
+
+    /// The framework's GIC delivers this vCPU's interrupts and timer: no pending-IRQ
+    /// input, no timer following, and WFI naps instead of waiting for the VMM's GIC.
+    pub fn with_kernel_gic(mut self) -> Self {
+        self.kernel_gic = true;
+        self
+    }
+
+    /// WFI or CPU_SUSPEND: wait for the VMM's GIC, or nap with the framework's.
+    fn idle(&mut self) -> Result<()> {
+        if !self.kernel_gic {
+            self.state = State::Waiting;
+            return Ok(());
+        }
+        let mut until = Instant::now() + KERNEL_GIC_NAP;
+        let (armed, met, cval) = self.timer()?;
+        if armed {
+            if met {
+                return Ok(());
+            }
+            until = until.min(self.deadline(cval)?);
+        }
+        self.signal.wait(Some(until));
+        Ok(())
+    }
+
+    /// When the virtual counter reaches `cval`.
+    fn deadline(&mut self, cval: u64) -> Result<Instant> {
+        let ticks = cval.saturating_sub(self.raw.virtual_counter()?);
+        let frequency = self.raw.counter_frequency().max(1);
+        let nanos = u128::from(ticks) * 1_000_000_000 / u128::from(frequency);
+        let wait = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+        Ok(Instant::now().checked_add(wait).unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)))
     }
 
     fn step_pc(&mut self) -> Result<()> {
@@ -209,11 +256,7 @@ impl<V: RawVcpu> RawLoop<V> {
             self.raw.set_vtimer_mask(true)?;
             return Ok((true, None));
         }
-        let ticks = cval.saturating_sub(self.raw.virtual_counter()?);
-        let frequency = self.raw.counter_frequency().max(1);
-        let nanos = u128::from(ticks) * 1_000_000_000 / u128::from(frequency);
-        let wait = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
-        Ok((false, Instant::now().checked_add(wait)))
+        Ok((false, Some(self.deadline(cval)?)))
     }
 
     fn inject(&mut self, fault: Fault) -> Result<()> {
@@ -260,7 +303,7 @@ impl<V: RawVcpu> RawLoop<V> {
                 return Ok(None);
             }
             Action::Suspend => {
-                self.state = State::Waiting;
+                self.idle()?;
                 psci::RET_SUCCESS
             }
             Action::SystemOff => return Ok(Some(Outcome::System(SystemEvent::Shutdown))),
@@ -291,7 +334,7 @@ impl<V: RawVcpu> RawLoop<V> {
             Decision::Psci { smc } => self.psci(smc),
             Decision::WaitForInterrupt => {
                 self.step_pc()?;
-                self.state = State::Waiting;
+                self.idle()?;
                 Ok(None)
             }
             Decision::Skip => self.step_pc().map(|()| None),
@@ -358,11 +401,22 @@ impl<V: RawVcpu> RawLoop<V> {
                 }
                 State::Running => {}
             }
-            self.raw.set_pending_irq(self.irq_level)?;
+            if !self.kernel_gic {
+                self.raw.set_pending_irq(self.irq_level)?;
+            }
             let exit = self.raw.run()?;
-            self.follow_timer()?;
+            if !self.kernel_gic {
+                self.follow_timer()?;
+            }
             match exit {
                 RawExit::Canceled => {}
+                RawExit::VtimerActivated if self.kernel_gic => {
+                    // Not expected with the framework's GIC, which owns the timer; let
+                    // the timer go again rather than leave it masked for good.
+                    let index = self.index;
+                    warn_once(&KERNEL_GIC_TIMER, format_args!("vcpu{index}: timer exit with the in-kernel GIC"));
+                    self.raw.set_vtimer_mask(false)?;
+                }
                 RawExit::VtimerActivated => {
                     self.vtimer_level = true;
                     return Ok(Outcome::Interrupted);

@@ -226,3 +226,25 @@ fn hostile_guests_get_architected_errors_and_the_loop_goes_on() {
     assert_eq!(vcpu.get_reg(Reg::Sys(ESR_EL1)).unwrap(), 1 << 25, "the last injection was UNDEF");
     assert_eq!(vcpu.get_reg(Reg::Sys(FAR_EL1)).unwrap(), 0xffff_0000_0a00_0000, "the abort's address");
 }
+
+#[test]
+fn with_the_frameworks_gic_wfi_naps_and_no_interrupt_is_injected_by_hand() {
+    let log = Log::default();
+    let script = vec![
+        // WFI with no timer: a nap of at most KERNEL_GIC_NAP, then the guest goes on.
+        step(&[], exception(call(EC_WFX), 0)),
+        // WFI with the timer far out: still just a nap.
+        step(&[(Reg::Sys(CNTV_CTL_EL0), 1), (Reg::Sys(CNTV_CVAL_EL0), 1_000_000_000)], exception(call(EC_WFX), 0)),
+        // A timer exit the framework should not send: the timer is unmasked again.
+        step(&[], RawExit::VtimerActivated),
+        step(&[(Reg::X(0), u64::from(psci::SYSTEM_OFF))], exception(call(EC_HVC64), 0)),
+    ];
+    let mut vcpu = RawLoop::new(Fake::new(script, log.clone()), 0, Power::new(&[0x8000_0000])).with_kernel_gic();
+    let start = Instant::now();
+    assert_eq!(exit_of(&mut vcpu), "System(Shutdown)");
+    assert!(start.elapsed() < Duration::from_millis(500), "naps are short: {:?}", start.elapsed());
+    assert_eq!(vcpu.get_reg(Reg::Pc).unwrap(), 0x4008_0008, "both WFIs stepped");
+    assert!(!log.has("irq 0") && !log.has("irq 1"), "no pending-interrupt calls");
+    assert!(log.has("vtimer mask 0"));
+    assert!(!vcpu.vtimer_asserted());
+}

@@ -1,0 +1,141 @@
+//! macOS 15's in-kernel GICv3 (`hv_gic_*`), looked up at run time.
+//!
+//! hvrun is built against the macOS 13 API (applevisor's `macos-13-0` feature), so one
+//! binary runs on macOS 13 and later: naming a `hv_gic_*` symbol directly would make
+//! the binary fail to load before macOS 15. The entry points are found with `dlsym` in
+//! the already-linked Hypervisor.framework instead; when any is missing there is no
+//! in-kernel GIC and the VMM uses its own GICv2.
+
+use std::ffi::{c_void, CStr};
+use std::sync::OnceLock;
+
+use crate::{Error, GicV3Layout, GicV3Needs, Result, SpiSink};
+
+// Signatures from Apple's `hv_gic.h`, as `applevisor-sys` 1.0.0 declares them under its
+// `macos-15-0` feature.
+type GetSize = unsafe extern "C" fn(*mut usize) -> i32;
+type ConfigCreate = unsafe extern "C" fn() -> *mut c_void;
+type ConfigSetBase = unsafe extern "C" fn(*mut c_void, u64) -> i32;
+type Create = unsafe extern "C" fn(*mut c_void) -> i32;
+type SetSpi = unsafe extern "C" fn(u32, bool) -> i32;
+type SpiRange = unsafe extern "C" fn(*mut u32, *mut u32) -> i32;
+type Release = unsafe extern "C" fn(*mut c_void);
+
+/// The `hv_gic_*` entry points hvrun uses.
+struct Api {
+    config_create: ConfigCreate,
+    config_set_distributor_base: ConfigSetBase,
+    config_set_redistributor_base: ConfigSetBase,
+    create: Create,
+    set_spi: SetSpi,
+    distributor_size: GetSize,
+    distributor_base_alignment: GetSize,
+    redistributor_region_size: GetSize,
+    redistributor_size: GetSize,
+    redistributor_base_alignment: GetSize,
+    spi_interrupt_range: SpiRange,
+    os_release: Release,
+}
+
+/// Looks `name` up among the symbols already loaded (the framework is linked).
+fn symbol(name: &CStr) -> Option<*mut c_void> {
+    // SAFETY: `name` is NUL-terminated; RTLD_DEFAULT searches the loaded images and
+    // returns null when the symbol is absent.
+    let ptr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    (!ptr.is_null()).then_some(ptr)
+}
+
+macro_rules! load {
+    ($name:literal, $ty:ty) => {
+        // SAFETY: the symbol, when present, is the framework's function of this name,
+        // whose C signature `$ty` states.
+        unsafe { std::mem::transmute::<*mut c_void, $ty>(symbol($name)?) }
+    };
+}
+
+fn api() -> Option<&'static Api> {
+    static API: OnceLock<Option<Api>> = OnceLock::new();
+    API.get_or_init(|| {
+        Some(Api {
+            config_create: load!(c"hv_gic_config_create", ConfigCreate),
+            config_set_distributor_base: load!(c"hv_gic_config_set_distributor_base", ConfigSetBase),
+            config_set_redistributor_base: load!(c"hv_gic_config_set_redistributor_base", ConfigSetBase),
+            create: load!(c"hv_gic_create", Create),
+            set_spi: load!(c"hv_gic_set_spi", SetSpi),
+            distributor_size: load!(c"hv_gic_get_distributor_size", GetSize),
+            distributor_base_alignment: load!(c"hv_gic_get_distributor_base_alignment", GetSize),
+            redistributor_region_size: load!(c"hv_gic_get_redistributor_region_size", GetSize),
+            redistributor_size: load!(c"hv_gic_get_redistributor_size", GetSize),
+            redistributor_base_alignment: load!(c"hv_gic_get_redistributor_base_alignment", GetSize),
+            spi_interrupt_range: load!(c"hv_gic_get_spi_interrupt_range", SpiRange),
+            os_release: load!(c"os_release", Release),
+        })
+    })
+    .as_ref()
+}
+
+fn size(get: GetSize) -> Option<u64> {
+    let mut value = 0usize;
+    // SAFETY: `value` is a valid usize for the framework to write.
+    let status = unsafe { get(&mut value) };
+    (status == 0).then_some(value as u64)
+}
+
+/// What the framework's GICv3 needs, or `None` before macOS 15 (or if it won't say).
+pub fn needs() -> Option<GicV3Needs> {
+    let api = api()?;
+    let (mut first, mut count) = (0u32, 0u32);
+    // SAFETY: both pointers are valid u32s for the framework to write.
+    let status = unsafe { (api.spi_interrupt_range)(&mut first, &mut count) };
+    if status != 0 {
+        return None;
+    }
+    Some(GicV3Needs {
+        distributor_size: size(api.distributor_size)?,
+        distributor_align: size(api.distributor_base_alignment)?,
+        redistributor_size: size(api.redistributor_size)?,
+        redistributor_region: size(api.redistributor_region_size)?,
+        redistributor_align: size(api.redistributor_base_alignment)?,
+        spis: (first, count),
+    })
+}
+
+/// Creates the framework's GICv3 at `layout`: after the VM, before any vCPU.
+pub fn create(layout: &GicV3Layout) -> Result<()> {
+    let api = api().ok_or_else(|| Error::Unsupported("this macOS has no in-kernel GICv3 (macOS 15+)".into()))?;
+    // SAFETY: no arguments; returns an os_object we release below, or null.
+    let config = unsafe { (api.config_create)() };
+    if config.is_null() {
+        return Err(Error::Platform { call: "hv_gic_config_create", source: std::io::Error::other("null") });
+    }
+    // SAFETY: `config` is the live configuration just created; the bases are plain values
+    // the framework validates.
+    let configured = unsafe {
+        super::check(
+            "hv_gic_config_set_distributor_base",
+            (api.config_set_distributor_base)(config, layout.distributor.0),
+        )
+        .and_then(|()| {
+            super::check(
+                "hv_gic_config_set_redistributor_base",
+                (api.config_set_redistributor_base)(config, layout.redistributors.0),
+            )
+        })
+        .and_then(|()| super::check("hv_gic_create", (api.create)(config)))
+    };
+    // SAFETY: `config` came from hv_gic_config_create and is released once, here.
+    unsafe { (api.os_release)(config) };
+    configured
+}
+
+/// SPI lines of the framework's GIC (`hv_gic_set_spi`, callable from any thread).
+#[derive(Debug)]
+pub struct Spis;
+
+impl SpiSink for Spis {
+    fn set_spi(&self, intid: u32, level: bool) -> Result<()> {
+        let api = api().ok_or_else(|| Error::Unsupported("no in-kernel GICv3".into()))?;
+        // SAFETY: plain values; the framework refuses an INTID outside its SPI range.
+        super::check("hv_gic_set_spi", unsafe { (api.set_spi)(intid, level) })
+    }
+}
