@@ -7,8 +7,8 @@
 //! business.
 //!
 //! Backends:
-//! - [`kvm`] on arm64 Linux (`kvm-ioctls`), compiled only there;
-//! - [`hvf`] on Apple Silicon macOS (`applevisor`), compiled only there.
+//! - `kvm` on arm64 Linux (`kvm-ioctls`), compiled only there;
+//! - `hvf` on Apple Silicon macOS (`applevisor`), compiled only there.
 //!
 //! Register-id arithmetic that a backend needs but that is plain Rust lives in portable
 //! modules ([`kvm_regs`]) so it is unit-tested on any host; so does [`exits`], what to do

@@ -70,6 +70,20 @@ pub fn open_console(config: &ConsoleConfig, stdin: bool) -> Result<OpenConsole, 
     Ok(open)
 }
 
+/// The virtio console's backend for an embedder's writer and optional reader: the
+/// reader, when there is one, comes back with the (blocking) pipe that a thread copies
+/// it into, the device reading the other end.
+pub fn open_console_io(io: crate::embed::ConsoleIo) -> Result<(Backend, Option<ConsoleInput>), Error> {
+    let crate::embed::ConsoleIo { input, output } = io;
+    let Some(reader) = input else { return Ok((Backend::Stream { output, input: None }, None)) };
+    let (sender, receiver) = mio::unix::pipe::new().map_err(|e| console_error("input", e))?;
+    sender.set_nonblocking(false).map_err(|e| console_error("input", e))?;
+    Ok((Backend::Stream { output, input: Some(receiver) }, Some((reader, File::from(OwnedFd::from(sender))))))
+}
+
+/// An embedder's console reader and the pipe to copy it into.
+pub type ConsoleInput = (Box<dyn std::io::Read + Send>, File);
+
 /// A network interface's opened backend and its MAC address.
 pub type OpenNet = (Box<dyn NetBackend>, Mac);
 

@@ -165,21 +165,20 @@ impl InputTarget {
     }
 }
 
-/// Starts the thread that feeds standard input to `target`. With `escapes`, Ctrl-A X
-/// stops the machine. The thread ends at end of input (it may stay blocked in a read
-/// while the process exits).
-pub fn spawn_stdin(mut target: InputTarget, control: Arc<Control>, escapes: bool) {
+/// Starts the thread that feeds `source` (standard input, or an embedder's reader) to
+/// `target`. With `escapes`, Ctrl-A X stops the machine. The thread ends at end of input
+/// (it may stay blocked in a read while the process exits).
+pub fn spawn_input(mut source: Box<dyn Read + Send>, mut target: InputTarget, control: Arc<Control>, escapes: bool) {
     let spawned = std::thread::Builder::new().name("console-in".into()).spawn(move || {
-        let mut stdin = std::io::stdin().lock();
         let mut state = Escapes::default();
         let mut buf = [0u8; 1024];
         loop {
-            let n = match stdin.read(&mut buf) {
+            let n = match source.read(&mut buf) {
                 Ok(0) => return,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("console: reading standard input failed, input stops: {e}");
+                    log::warn!("console: reading the console's input failed, input stops: {e}");
                     return;
                 }
             };

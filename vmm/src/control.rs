@@ -1,19 +1,31 @@
-//! Stopping a running machine: the first outcome wins, every vCPU is kicked.
+//! Controlling a running machine from any thread: stopping it (the first outcome wins,
+//! every vCPU is kicked), pausing and resuming its vCPUs, and the events it reports.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
 
 use hypervisor::Kicker;
 
-use crate::{Error, ExitReason};
+use crate::{Error, Event, ExitReason};
 
-/// Shared by the vCPU threads and whoever else may stop the machine (the console's
-/// escape key, an embedder).
+/// Pause bookkeeping: whether a pause is asked for, and how many vCPUs are parked.
+#[derive(Debug, Default)]
+struct Pause {
+    requested: bool,
+    parked: usize,
+}
+
+/// Shared by the vCPU threads and whoever else may stop or pause the machine (the
+/// console's escape key, an embedder).
 #[derive(Default)]
 pub struct Control {
     stopping: AtomicBool,
     outcome: Mutex<Option<Result<ExitReason, Error>>>,
     kickers: Mutex<Vec<Arc<dyn Kicker>>>,
+    pause: Mutex<Pause>,
+    pause_changed: Condvar,
+    events: Mutex<Option<Sender<Event>>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -45,7 +57,7 @@ impl Control {
     }
 
     /// Stops the machine with `outcome`, unless another outcome came first, and kicks
-    /// every vCPU out of the guest.
+    /// every vCPU out of the guest (a paused one included).
     pub fn stop(&self, outcome: Result<ExitReason, Error>) {
         {
             let mut slot = lock(&self.outcome);
@@ -56,9 +68,84 @@ impl Control {
             }
         }
         self.stopping.store(true, Ordering::SeqCst);
+        {
+            let _pause = lock(&self.pause);
+            self.pause_changed.notify_all();
+        }
+        self.kick_all();
+    }
+
+    fn kick_all(&self) {
         for kicker in lock(&self.kickers).iter() {
             kicker.kick();
         }
+    }
+
+    /// Sends events to `sink` from now on.
+    pub fn set_events(&self, sink: Sender<Event>) {
+        *lock(&self.events) = Some(sink);
+    }
+
+    /// Reports `event` to whoever listens (nobody is fine).
+    pub fn emit(&self, event: Event) {
+        if let Some(sink) = lock(&self.events).as_ref() {
+            let _ = sink.send(event);
+        }
+    }
+
+    /// Takes every vCPU out of the guest and keeps it out until [`Control::resume`].
+    /// Returns once every vCPU that has started is parked, or the machine is stopping.
+    /// Devices keep running: I/O in flight completes, and its interrupts wait.
+    pub fn pause(&self) {
+        {
+            let mut pause = lock(&self.pause);
+            if pause.requested {
+                return;
+            }
+            pause.requested = true;
+        }
+        self.kick_all();
+        let vcpus = lock(&self.kickers).len();
+        let pause = lock(&self.pause);
+        let _parked = self
+            .pause_changed
+            .wait_while(pause, |p| p.parked < vcpus && !self.stopping())
+            .unwrap_or_else(|e| e.into_inner());
+        drop(_parked);
+        self.emit(Event::Paused);
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        let mut pause = lock(&self.pause);
+        if !pause.requested {
+            return;
+        }
+        pause.requested = false;
+        self.pause_changed.notify_all();
+        drop(pause);
+        self.emit(Event::Resumed);
+    }
+
+    /// Whether a pause is in effect (or being asked for).
+    pub fn paused(&self) -> bool {
+        lock(&self.pause).requested
+    }
+
+    /// Called by a vCPU loop before it enters the guest: while a pause is in effect, the
+    /// vCPU waits here (and counts as parked) until it is resumed or stopped.
+    pub fn park_if_paused(&self) {
+        let mut pause = lock(&self.pause);
+        if !pause.requested || self.stopping() {
+            return;
+        }
+        pause.parked += 1;
+        self.pause_changed.notify_all();
+        let mut pause = self
+            .pause_changed
+            .wait_while(pause, |p| p.requested && !self.stopping())
+            .unwrap_or_else(|e| e.into_inner());
+        pause.parked -= 1;
     }
 
     /// The outcome the machine stopped with (once).
@@ -85,5 +172,42 @@ mod tests {
         assert_eq!(kicks.count(), 4);
         assert!(matches!(control.take_outcome(), Some(Ok(ExitReason::PowerOff))));
         assert!(control.take_outcome().is_none());
+    }
+
+    #[test]
+    fn pause_waits_for_every_vcpu_to_park_and_resume_lets_them_go() {
+        let control = Control::new();
+        let (events, received) = std::sync::mpsc::channel();
+        control.set_events(events);
+        control.add_kicker(Arc::new(CountingKicker::default()));
+        control.add_kicker(Arc::new(CountingKicker::default()));
+        let entries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                let (control, entries) = (&control, &entries);
+                // A vCPU loop: park if paused, "run", until stopped.
+                s.spawn(move || {
+                    while !control.stopping() {
+                        control.park_if_paused();
+                        entries.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                });
+            }
+            control.pause();
+            assert!(control.paused());
+            let frozen = entries.load(Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            // At most one entry each that was already past the check when paused.
+            assert!(entries.load(Ordering::SeqCst) <= frozen + 2, "vCPUs ran while paused");
+            control.resume();
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            assert!(entries.load(Ordering::SeqCst) > frozen + 2, "vCPUs did not resume");
+            control.pause();
+            // A stop releases parked vCPUs.
+            control.stop(Ok(ExitReason::Stopped));
+        });
+        let got: Vec<Event> = received.try_iter().collect();
+        assert_eq!(got, vec![Event::Paused, Event::Resumed, Event::Paused]);
     }
 }

@@ -19,6 +19,7 @@ mod boot_files;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod embed;
 pub mod irq_lines;
 pub mod irqchip;
 #[cfg(target_arch = "aarch64")]
@@ -28,6 +29,7 @@ mod testing;
 pub mod vcpu;
 
 pub use config::{ConfigError, VmConfig};
+pub use embed::{ConsoleIo, Event, Vm, VmBuilder, VmHandle};
 
 /// Why a guest stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,18 +111,9 @@ pub enum Error {
 }
 
 /// Boots the VM `config` describes on this host's hypervisor and runs it until the guest
-/// stops. Everything is validated before any vCPU runs.
+/// stops, the serial port's output going to standard output: what the `hvrun` command
+/// does. Everything is validated before any vCPU runs. [`Vm::builder`] gives more
+/// control.
 pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
-    config.validate()?;
-    config::Backend::for_host(config.backend, std::env::consts::OS)?;
-    #[cfg(target_arch = "aarch64")]
-    {
-        machine::run(config)
-    }
-    #[cfg(not(target_arch = "aarch64"))]
-    {
-        // Check the files anyway, so a typo gets the same error on every host.
-        boot_files::BootFiles::open(config)?;
-        Err(Error::UnsupportedHost(format!("{} {}", std::env::consts::ARCH, std::env::consts::OS)))
-    }
+    Vm::builder(config.clone()).serial(std::io::stdout()).start()?.wait()
 }

@@ -25,23 +25,46 @@ use crate::backends;
 use crate::boot_files::BootFiles;
 use crate::console::{self, InputTarget, RawTerminal};
 use crate::control::Control;
+use crate::embed::Io;
 use crate::irqchip::{self, Irqchip};
 use crate::vcpu::{self, VcpuContext};
-use crate::{Error, ExitReason, VmConfig};
+use crate::{Error, Event, ExitReason, VmConfig};
 
-/// Runs `config` on this host's hypervisor.
-pub fn run(config: &VmConfig) -> Result<ExitReason, Error> {
+/// A built machine, ready to run: everything that can fail before the guest runs has.
+pub type Ready = Box<dyn FnOnce() -> Result<ExitReason, Error> + Send>;
+
+/// Builds the machine `config` describes on this host's hypervisor, with `io` for its
+/// consoles and `control` for stopping, pausing and events. Returns the run, which
+/// creates the vCPUs (one thread each) and returns when the machine stops.
+pub fn build(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, Error> {
     let started = Instant::now();
     let files = BootFiles::open(config)?;
     #[cfg(target_os = "linux")]
     let hv = hypervisor::kvm::Kvm::new()?;
     #[cfg(target_os = "macos")]
     let hv = hypervisor::hvf::Hvf::new()?;
-    run_on(&hv, config, files, started)
+    build_on(&hv, config, files, io, control, started)
 }
 
-fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: Instant) -> Result<ExitReason, Error> {
+fn build_on<H: Hypervisor>(
+    hv: &H,
+    config: &VmConfig,
+    files: BootFiles,
+    io: Io,
+    control: Arc<Control>,
+    started: Instant,
+) -> Result<Ready, Error>
+where
+    H::Vm: 'static,
+{
+    let Io { console: console_io, serial } = io;
     let mut console = backends::open_console(&config.console, config.console_stdin)?;
+    let mut console_input = None;
+    if let Some(custom) = console_io {
+        let (backend, input) = backends::open_console_io(custom)?;
+        console.backend = Some(backend);
+        console_input = input;
+    }
     let nets = backends::open_nets(&config.nets)?;
     let (virtio, files) = virtio_devices(config, files, nets, console.backend.take())?;
     let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: IPA_BITS, vcpus: config.cpus })?;
@@ -52,19 +75,21 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
     let (memory, regs) = load(config, files, virtio.len(), irqchip.fdt())?;
     vm.map_memory(&memory)?;
 
-    let control = Control::new();
     let first_entry = Arc::new(OnceLock::new());
-    let uart = Arc::new(Mutex::new(Pl011::new(Box::new(std::io::stdout()), irqchip.spi_line(UART_SPI))));
+    let uart = Arc::new(Mutex::new(Pl011::new(serial, irqchip.spi_line(UART_SPI))));
     let mut bus = MmioBus::new();
     irqchip.attach(&mut bus)?;
     bus.insert(UART_BASE, UART_SIZE, uart.clone())?;
     bus.insert(RTC_BASE, RTC_SIZE, Arc::new(Mutex::new(Pl031::new())))?;
     let entry = first_entry.clone();
+    let events = Arc::clone(&control);
     let timer = BootTimer::new(Box::new(move |at: Instant| {
-        let since_entry = entry.get().map_or(String::new(), |e: &Instant| {
-            format!(", {} ms after the first vCPU entry", at.duration_since(*e).as_millis())
-        });
-        log::info!("guest boot-timer: {} ms after hvrun started{since_entry}", at.duration_since(started).as_millis());
+        let since_entry = entry.get().map(|e: &Instant| at.duration_since(*e));
+        let since_start = at.duration_since(started);
+        let after_entry =
+            since_entry.map_or(String::new(), |d| format!(", {} ms after the first vCPU entry", d.as_millis()));
+        log::info!("guest boot-timer: {} ms after hvrun started{after_entry}", since_start.as_millis());
+        events.emit(Event::BootTimer { since_start, since_first_entry: since_entry });
     }));
     bus.insert(BOOT_TIMER_BASE, BOOT_TIMER_SIZE, Arc::new(Mutex::new(timer)))?;
     for (slot, device) in (0u32..).zip(virtio) {
@@ -75,17 +100,20 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
         bus.insert(virtio_slot(slot), VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
     }
 
-    let _terminal = if config.console_stdin {
+    let terminal = if config.console_stdin {
         let raw = RawTerminal::enter().map_err(|e| Error::Console(e.to_string()))?;
         let target = match console.stdin_pipe.take() {
             Some(pipe) => InputTarget::Pipe(pipe),
             None => InputTarget::Uart(uart),
         };
-        console::spawn_stdin(target, control.clone(), raw.is_some());
+        console::spawn_input(Box::new(std::io::stdin()), target, control.clone(), raw.is_some());
         raw
     } else {
         None
     };
+    if let Some((reader, pipe)) = console_input {
+        console::spawn_input(reader, InputTarget::Pipe(pipe), control.clone(), false);
+    }
 
     log::info!(
         "booting on {} with {} vCPU(s), {} MiB and {}",
@@ -97,12 +125,29 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
     if let Irqchip::Emulated { gic, lines } = &irqchip {
         spawn_state_dump(gic.clone(), lines.clone());
     }
-    let all_created = Gate::new(config.cpus as usize);
+    let cpus = config.cpus;
+    Ok(Box::new(move || {
+        // Kept until the machine stops: the terminal's mode, the console socket's file.
+        let _keep = (terminal, console.socket);
+        run_vcpus(&vm, cpus, regs, &bus, &irqchip, &control, &first_entry);
+        control.take_outcome().unwrap_or(Ok(ExitReason::Stopped))
+    }))
+}
+
+/// One thread per vCPU, created one at a time in index order; returns when all end.
+fn run_vcpus<V: Vm>(
+    vm: &V,
+    cpus: u32,
+    regs: BootRegs,
+    bus: &MmioBus,
+    irqchip: &Irqchip,
+    control: &Control,
+    first_entry: &OnceLock<Instant>,
+) {
+    let all_created = Gate::new(cpus as usize);
     std::thread::scope(|scope| {
-        for index in 0..config.cpus {
-            let (vm, bus, irqchip, control) = (&vm, &bus, &irqchip, &control);
+        for index in 0..cpus {
             let all_created = &all_created;
-            let first_entry = &first_entry;
             let (created, my_turn_done) = std::sync::mpsc::sync_channel::<()>(1);
             let spawned = std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(scope, move || {
                 let vcpu = vm.create_vcpu(index).and_then(|mut vcpu| {
@@ -135,7 +180,7 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
             if let Err(e) = spawned {
                 control.stop(Err(Error::Thread(e.to_string())));
                 // The threads that never start must not hold the others at the gate.
-                for _ in index..config.cpus {
+                for _ in index..cpus {
                     all_created.pass_without_waiting();
                 }
                 break;
@@ -150,7 +195,6 @@ fn run_on<H: Hypervisor>(hv: &H, config: &VmConfig, files: BootFiles, started: I
             let _ = my_turn_done.recv();
         }
     });
-    control.take_outcome().unwrap_or(Ok(ExitReason::Stopped))
 }
 
 /// With `HVRUN_DUMP_AFTER=SECS` in the environment, prints the GIC's and the IRQ lines'

@@ -38,6 +38,10 @@ pub fn run_loop<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<Ex
     let mut stats = ExitStats::new();
     let mut outcome = None;
     while outcome.is_none() && !ctx.control.stopping() {
+        ctx.control.park_if_paused();
+        if ctx.control.stopping() {
+            break;
+        }
         outcome = serve_one(ctx, vcpu, &mut stats);
         if let Irqchip::Emulated { gic, .. } = ctx.irqchip {
             let level = vcpu.vtimer_asserted();

@@ -32,7 +32,8 @@ pub fn build_hvrun() -> Result<PathBuf, String> {
     sh::run(
         debian_cargo("target/cross")
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args(["build", "--release", "-p", "hvrun", "--bin", "hvrun", "-Zbuild-std=std,panic_abort"])
+            .args(["build", "--release", "-p", "hvrun", "--bin", "hvrun", "--example", "embed"])
+            .arg("-Zbuild-std=std,panic_abort")
             .args(["-p", "hvrun-e2e", "--bin", "net-forwarder"])
             .args(["--target", LINUX]),
     )?;

@@ -17,7 +17,7 @@ fn rig(verbose: bool) -> Rig {
         kernel: guest.join("vmlinuz"),
         busybox: guest.join("busybox"),
         hvrun: paths::cross_hvrun(),
-        tools: vec![paths::cross_bin("net-forwarder")],
+        tools: vec![paths::cross_bin("net-forwarder"), paths::cross_bin("examples/embed")],
         guest_dir: guest,
         work_dir: paths::root().join("target/e2e"),
         verbose,

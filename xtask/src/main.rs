@@ -26,7 +26,7 @@ commands:
   e2e [-v] [NAME...]
                  run end-to-end scenarios in the arm64 KVM rig (all when none named)
   demo           boot the demo guest in the rig and show its console
-  test           everything CI checks: fmt, clippy, tests, cross-test, check-macos, cross, e2e
+  test           everything CI checks: fmt, clippy, tests, doc, cross-test, check-macos, cross, e2e
   boottime [N]   boot hvrun's kernel N times in the rig: boot-time min/median/max, VMM memory
   bench [ARGS]   run the criterion benchmarks (ARGS go to criterion) and write docs/BENCHMARKS.md
 
@@ -81,6 +81,11 @@ fn test() -> Result<(), String> {
         "warnings",
     ]))?;
     sh::run(sh::cmd(&cargo).current_dir(&root).args(["test", "--workspace"]))?;
+    sh::run(sh::cmd(&cargo).current_dir(&root).env("RUSTDOCFLAGS", "-D warnings").args([
+        "doc",
+        "--workspace",
+        "--no-deps",
+    ]))?;
     cross::test()?;
     cross::check_macos()?;
     e2e::run(&[])?;

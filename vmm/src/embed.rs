@@ -1,0 +1,251 @@
+//! The embedding API: start a VM from code, control it from any thread, hear its events.
+//!
+//! ```no_run
+//! use std::io::Cursor;
+//! use hvrun::{Event, Vm, VmConfig};
+//!
+//! let mut config = VmConfig::new("Image");
+//! config.initrd = Some("initramfs.cpio".into());
+//! config.cmdline = "console=hvc0 quiet".into();
+//! let vm = Vm::builder(config)
+//!     .console(Cursor::new(b"echo hi\n".to_vec()), std::io::sink())
+//!     .start()?;
+//! let control = vm.handle();
+//! std::thread::spawn(move || {
+//!     control.pause();
+//!     control.resume();
+//! });
+//! for event in vm.events().iter() {
+//!     if let Event::Exited(reason) = event {
+//!         println!("guest stopped: {reason:?}");
+//!         break;
+//!     }
+//! }
+//! let reason = vm.wait()?;
+//! # Ok::<(), hvrun::Error>(())
+//! ```
+//!
+//! The library installs no handlers for the usual signals and leaves the terminal alone
+//! unless the configuration asks for it ([`VmConfig::console_stdin`],
+//! [`crate::config::ConsoleConfig::Terminal`]). On KVM it does install one handler, for
+//! a real-time signal (`SIGRTMIN`) that kicks vCPU threads out of `KVM_RUN`; it never
+//! sends that signal to threads other than its own vCPUs.
+
+use std::io::{Read, Write};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::control::Control;
+use crate::{Error, ExitReason, VmConfig};
+
+/// Something that happened to a running VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The guest wrote the boot-timer device (its init is running).
+    BootTimer {
+        /// Since the VM was started.
+        since_start: Duration,
+        /// Since the first vCPU first entered the guest.
+        since_first_entry: Option<Duration>,
+    },
+    /// Every vCPU has left the guest and waits ([`VmHandle::pause`]).
+    Paused,
+    /// The vCPUs run again ([`VmHandle::resume`]).
+    Resumed,
+    /// The machine stopped: the guest powered off, reset or crashed, or the host stopped
+    /// it. The last event; [`Vm::wait`] returns the same reason (or the error that
+    /// stopped it, with no event).
+    Exited(ExitReason),
+}
+
+/// The guest's virtio console (hvc0) on an embedder's reader and writer.
+pub struct ConsoleIo {
+    /// What the guest reads; `None`: the console has no input.
+    pub input: Option<Box<dyn Read + Send>>,
+    /// Where the guest's output goes.
+    pub output: Box<dyn Write + Send>,
+}
+
+impl std::fmt::Debug for ConsoleIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleIo").field("input", &self.input.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// What a machine is built with besides its configuration.
+// Only arm64 hosts build machines; elsewhere `start` stops at the host check.
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+pub(crate) struct Io {
+    /// hvc0 on the embedder's reader and writer (instead of `VmConfig::console`).
+    pub console: Option<ConsoleIo>,
+    /// Where the serial port's output goes.
+    pub serial: Box<dyn Write + Send>,
+}
+
+/// Builds a [`Vm`]: a configuration plus the readers and writers that are not data.
+pub struct VmBuilder {
+    config: VmConfig,
+    console: Option<ConsoleIo>,
+    serial: Option<Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for VmBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmBuilder").field("config", &self.config).field("console", &self.console).finish()
+    }
+}
+
+impl VmBuilder {
+    /// Gives the guest a virtio console (hvc0) reading `input` and writing to `output`,
+    /// in place of what the configuration's `console` says. Input is copied to the guest
+    /// by a thread of its own as the guest reads it; a slow guest stalls that thread,
+    /// never a vCPU.
+    pub fn console(mut self, input: impl Read + Send + 'static, output: impl Write + Send + 'static) -> Self {
+        self.console = Some(ConsoleIo { input: Some(Box::new(input)), output: Box::new(output) });
+        self
+    }
+
+    /// Gives the guest a virtio console (hvc0) with output only.
+    pub fn console_output(mut self, output: impl Write + Send + 'static) -> Self {
+        self.console = Some(ConsoleIo { input: None, output: Box::new(output) });
+        self
+    }
+
+    /// Sends the serial port's (PL011, `ttyAMA0`) output to `output`. Without this it is
+    /// discarded: the library does not write to standard output unless asked.
+    pub fn serial(mut self, output: impl Write + Send + 'static) -> Self {
+        self.serial = Some(Box::new(output));
+        self
+    }
+
+    /// Validates the configuration, opens its files and backends, creates the VM and
+    /// loads the guest, then starts the vCPUs on their own threads. Every error that can
+    /// be found before the guest runs is returned here.
+    pub fn start(self) -> Result<Vm, Error> {
+        let VmBuilder { config, console, serial } = self;
+        config.validate()?;
+        crate::config::Backend::for_host(config.backend, std::env::consts::OS)?;
+        let control = Control::new();
+        let (events, receiver) = channel();
+        control.set_events(events);
+        let io = Io { console, serial: serial.unwrap_or_else(|| Box::new(std::io::sink())) };
+        let run = build(&config, io, Arc::clone(&control))?;
+        let runner = Arc::clone(&control);
+        let thread = std::thread::Builder::new()
+            .name("hvrun-vm".into())
+            .spawn(move || {
+                let outcome = run();
+                if let Ok(reason) = &outcome {
+                    runner.emit(Event::Exited(*reason));
+                }
+                outcome
+            })
+            .map_err(|e| Error::Thread(e.to_string()))?;
+        Ok(Vm { handle: VmHandle { control }, thread, events: receiver })
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+fn build(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<crate::machine::Ready, Error> {
+    crate::machine::build(config, io, control)
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn build(
+    config: &VmConfig,
+    _io: Io,
+    _control: Arc<Control>,
+) -> Result<Box<dyn FnOnce() -> Result<ExitReason, Error> + Send>, Error> {
+    // Check the files anyway, so a typo gets the same error on every host.
+    crate::boot_files::BootFiles::open(config)?;
+    Err(Error::UnsupportedHost(format!("{} {}", std::env::consts::ARCH, std::env::consts::OS)))
+}
+
+/// A running VM.
+#[derive(Debug)]
+pub struct Vm {
+    handle: VmHandle,
+    thread: JoinHandle<Result<ExitReason, Error>>,
+    events: Receiver<Event>,
+}
+
+impl Vm {
+    /// Starts building a VM for `config`.
+    pub fn builder(config: VmConfig) -> VmBuilder {
+        VmBuilder { config, console: None, serial: None }
+    }
+
+    /// A handle that pauses, resumes and stops this VM from any thread.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
+    }
+
+    /// The VM's events, in the order they happened.
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Waits until the machine stops and says why.
+    pub fn wait(self) -> Result<ExitReason, Error> {
+        self.thread.join().unwrap_or_else(|_| Err(Error::Thread("the VM thread panicked".into())))
+    }
+}
+
+/// Pauses, resumes and stops a VM; cheap to clone and send to other threads.
+#[derive(Debug, Clone)]
+pub struct VmHandle {
+    control: Arc<Control>,
+}
+
+impl VmHandle {
+    /// Takes every vCPU out of the guest and keeps it out until [`VmHandle::resume`];
+    /// returns once they are all out. The guest's clock keeps running, and devices finish
+    /// the I/O they have started.
+    pub fn pause(&self) {
+        self.control.pause();
+    }
+
+    /// Lets a paused VM run again.
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.control.paused()
+    }
+
+    /// Stops the VM (the guest gets no say); [`Vm::wait`] then returns
+    /// [`ExitReason::Stopped`].
+    pub fn stop(&self) {
+        self.control.stop(Ok(ExitReason::Stopped));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::temp_file;
+
+    #[test]
+    fn bad_configurations_fail_in_start_before_anything_runs() {
+        let config = VmConfig { cpus: 0, ..VmConfig::new("/nonexistent/Image") };
+        assert!(matches!(Vm::builder(config).start(), Err(Error::Config(_))));
+        let missing = Vm::builder(VmConfig::new("/nonexistent/Image")).start().unwrap_err();
+        assert!(missing.to_string().contains("/nonexistent/Image"), "{missing}");
+    }
+
+    #[cfg(not(target_arch = "aarch64"))]
+    #[test]
+    fn a_host_without_a_hypervisor_is_one_clear_error() {
+        let mut image = vec![0u8; 4096];
+        image[56..60].copy_from_slice(b"ARMd");
+        let kernel = temp_file("embed-Image", &image);
+        let err = Vm::builder(VmConfig::new(&kernel)).console_output(std::io::sink()).start().unwrap_err();
+        assert!(matches!(err, Error::UnsupportedHost(_)), "{err}");
+        std::fs::remove_file(kernel).unwrap();
+    }
+}
