@@ -33,6 +33,39 @@ const NEXT: u16 = 1;
 /// Device-writable descriptor flag.
 pub const WRITE: u16 = 2;
 
+/// The driver's view of one split virtqueue's descriptor table and available ring.
+#[derive(Debug, Clone, Copy)]
+pub struct Ring {
+    /// Guest address of the descriptor table.
+    pub desc: u64,
+    /// Guest address of the available ring.
+    pub avail: u64,
+    /// Queue size (a power of two).
+    pub size: u16,
+}
+
+impl Ring {
+    /// Writes a chain of `(addr, len, flags)` buffers at descriptors `first..` and makes
+    /// it available, advancing `avail_idx` (the driver's copy of the ring index).
+    pub fn post(&self, mem: &GuestMemoryMmap, avail_idx: &mut u16, first: u16, buffers: &[(u64, u32, u16)]) {
+        for (i, &(addr, len, flags)) in buffers.iter().enumerate() {
+            let index = (first + i as u16) % self.size;
+            let next = (index + 1) % self.size;
+            let flags = if i + 1 < buffers.len() { flags | NEXT } else { flags };
+            let at = self.desc + 16 * u64::from(index);
+            mem.write_obj(addr, GuestAddress(at)).expect("descriptor");
+            mem.write_obj(len, GuestAddress(at + 8)).expect("descriptor");
+            mem.write_obj(flags, GuestAddress(at + 12)).expect("descriptor");
+            mem.write_obj(next, GuestAddress(at + 14)).expect("descriptor");
+        }
+        let slot = self.avail + 4 + 2 * u64::from(*avail_idx % self.size);
+        mem.write_obj(first % self.size, GuestAddress(slot)).expect("avail ring");
+        *avail_idx = avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        mem.write_obj(*avail_idx, GuestAddress(self.avail + 2)).expect("avail idx");
+    }
+}
+
 /// A device on its transport and the driver side of its queues.
 pub struct Driver {
     /// Guest memory.
@@ -73,7 +106,9 @@ impl Driver {
         }
         reg_write(&mut t, 0x70, 11);
         let n = u64::from(size);
-        let stride = 16 * n + 6 + 2 * n + 6 + 8 * n + 4096;
+        // Each queue's rings in their own 4 KiB-aligned block (the descriptor table must
+        // be 16-byte aligned).
+        let stride = (16 * n + 6 + 2 * n + 6 + 8 * n + 4095) & !4095;
         let mut layout = Vec::new();
         for q in 0..queues {
             let desc = RINGS + q as u64 * stride;
@@ -97,21 +132,8 @@ impl Driver {
     /// descriptor `first`, without notifying.
     pub fn post(&mut self, q: usize, first: u16, buffers: &[(u64, u32, u16)]) {
         let (desc, avail, _) = self.queues[q];
-        for (i, &(addr, len, flags)) in buffers.iter().enumerate() {
-            let index = (first + i as u16) % self.size;
-            let next = (index + 1) % self.size;
-            let flags = if i + 1 < buffers.len() { flags | NEXT } else { flags };
-            let at = desc + 16 * u64::from(index);
-            self.mem.write_obj(addr, GuestAddress(at)).expect("descriptor");
-            self.mem.write_obj(len, GuestAddress(at + 8)).expect("descriptor");
-            self.mem.write_obj(flags, GuestAddress(at + 12)).expect("descriptor");
-            self.mem.write_obj(next, GuestAddress(at + 14)).expect("descriptor");
-        }
-        let slot = avail + 4 + 2 * u64::from(self.avail_idx[q] % self.size);
-        self.mem.write_obj(first % self.size, GuestAddress(slot)).expect("avail ring");
-        self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        self.mem.write_obj(self.avail_idx[q], GuestAddress(avail + 2)).expect("avail idx");
+        let ring = Ring { desc, avail, size: self.size };
+        ring.post(&self.mem, &mut self.avail_idx[q], first, buffers);
     }
 
     /// Notifies queue `q`, as the guest's write to QueueNotify would.
