@@ -68,8 +68,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
          The device models run without a hypervisor: the benchmark is the guest driver, posting\n\
          requests in guest memory and notifying through the virtio-mmio transport, and waits for\n\
          the used ring. Each `hvrun` row has a `host` row measured in the same run: the host doing\n\
-         the same work itself (`pread`/`pwrite` on the same file, `memcpy` for the RAM disk). The\n\
-         ratio is host time / hvrun time: 1.0 means hvrun's path is as fast as the host's own.\n\n",
+         the same work itself: `pread`/`pwrite` on the same file and `memcpy` for the RAM disk\n\
+         (virtio-blk, one request at a time); `send` and `recv` of the same 32 frames on a unix\n\
+         datagram socketpair (virtio-net, whose backend is one end of another socketpair); the\n\
+         same copies into the same writer (virtio-console output). The ratio is host time /\n\
+         hvrun time: 1.0 means hvrun's path is as fast as the host's own. Rows without a host\n\
+         twin are single costs: an MMIO register access through the bus, and one chain through\n\
+         `virtio-queue` (pop, then add to the used ring).\n\n",
     );
     let _ = writeln!(out, "Machine: {}.\n", machine());
     out.push_str("| benchmark | operation | hvrun | host | hvrun/host |\n|---|---|---|---|---|\n");

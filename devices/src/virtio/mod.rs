@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod console;
+pub mod iovec;
 pub mod mmio;
 pub mod net;
 pub mod rng;

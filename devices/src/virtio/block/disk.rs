@@ -7,6 +7,8 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
+use crate::virtio::iovec::GuestIovecs;
+
 /// Storage behind a block device, addressed in bytes.
 pub trait Disk: Send {
     /// Size in bytes.
@@ -17,6 +19,17 @@ pub trait Disk: Send {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes `buf` at `offset`.
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Fills the guest's buffers `iov` from `offset` directly, with no copy through the
+    /// device; `None` when this disk cannot (the device then copies through a buffer).
+    fn read_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
+        let _ = (iov, offset);
+        None
+    }
+    /// Writes the guest's buffers `iov` at `offset` directly; `None` as for `read_guest`.
+    fn write_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
+        let _ = (iov, offset);
+        None
+    }
     /// Makes every completed write durable.
     fn flush(&mut self) -> io::Result<()>;
     /// Deallocates `len` bytes at `offset`; they read back as zeros.
@@ -71,6 +84,23 @@ impl Disk for FileDisk {
         self.file.write_all_at(buf, offset)
     }
 
+    fn read_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: the pieces were checked to lie in guest memory that `iov` keeps mapped;
+        // preadv writes at most their lengths into them.
+        Some(vectored_at(iov, offset, io::ErrorKind::UnexpectedEof, |v, at| unsafe {
+            libc::preadv(fd, v.as_ptr(), v.len() as libc::c_int, at)
+        }))
+    }
+
+    fn write_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: as above; pwritev only reads the pieces.
+        Some(vectored_at(iov, offset, io::ErrorKind::WriteZero, |v, at| unsafe {
+            libc::pwritev(fd, v.as_ptr(), v.len() as libc::c_int, at)
+        }))
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         // fdatasync on Linux; on macOS std uses F_FULLFSYNC, which reaches the medium.
         self.file.sync_data()
@@ -89,6 +119,33 @@ impl Disk for FileDisk {
             Ok(())
         })
     }
+}
+
+/// Repeats a positional vectored call until every byte of `iov` is done (short reads and
+/// writes happen); `short` is the error when the call makes no progress.
+fn vectored_at(
+    iov: &mut GuestIovecs<'_>,
+    mut offset: u64,
+    short: io::ErrorKind,
+    call: impl Fn(&[libc::iovec], libc::off_t) -> isize,
+) -> io::Result<()> {
+    while !iov.is_empty() {
+        let at = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let n = call(iov.iovecs(), at);
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(short));
+        }
+        iov.advance(n as usize);
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(target_os = "linux")]
@@ -159,6 +216,35 @@ impl Disk for MemDisk {
         let range = self.range(offset, buf.len())?;
         self.bytes[range].copy_from_slice(buf);
         Ok(())
+    }
+    fn read_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
+        let range = match self.range(offset, iov.len()) {
+            Ok(range) => range,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut from = range.start;
+        for piece in iov.iovecs() {
+            // SAFETY: the piece lies in guest memory that `iov` keeps mapped, and the
+            // source range is inside `self.bytes` (checked above); they cannot overlap.
+            unsafe { std::ptr::copy_nonoverlapping(self.bytes[from..].as_ptr(), piece.iov_base.cast(), piece.iov_len) };
+            from += piece.iov_len;
+        }
+        Some(Ok(()))
+    }
+    fn write_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
+        let range = match self.range(offset, iov.len()) {
+            Ok(range) => range,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut to = range.start;
+        for piece in iov.iovecs() {
+            // SAFETY: as in `read_guest`, copying the other way.
+            unsafe {
+                std::ptr::copy_nonoverlapping(piece.iov_base.cast::<u8>(), self.bytes[to..].as_mut_ptr(), piece.iov_len)
+            };
+            to += piece.iov_len;
+        }
+        Some(Ok(()))
     }
     fn flush(&mut self) -> io::Result<()> {
         self.flushes += 1;

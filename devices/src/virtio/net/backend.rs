@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use mio::net::UnixDatagram;
 use mio::{event, Interest, Registry, Token};
 
+use crate::virtio::iovec::GuestIovecs;
+
 /// Size of `struct virtio_net_hdr_v1`, which leads every frame on the queues.
 pub const VNET_HDR_LEN: usize = 12;
 
@@ -28,6 +30,13 @@ pub trait NetBackend: event::Source + Send {
     /// Sends one frame (with the header when [`NetBackend::vnet_hdr`]). `WouldBlock`:
     /// nothing was sent, try again later.
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Sends one frame straight from the guest's buffers in one vectored call, as
+    /// [`NetBackend::send`] would send their bytes; `None` when this backend cannot (the
+    /// device then copies the frame and calls `send`).
+    fn send_guest(&mut self, frame: &GuestIovecs<'_>) -> Option<io::Result<()>> {
+        let _ = frame;
+        None
+    }
     /// Receives one frame into `buf` (with the header when [`NetBackend::vnet_hdr`]);
     /// `WouldBlock` when none is waiting.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
@@ -151,6 +160,18 @@ impl NetBackend for Unixgram {
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         self.socket.send(frame).map(drop).map_err(full_is_would_block)
+    }
+
+    fn send_guest(&mut self, frame: &GuestIovecs<'_>) -> Option<io::Result<()>> {
+        let iov = frame.iovecs();
+        // SAFETY: an all-zero msghdr is valid (no address, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr().cast_mut();
+        msg.msg_iovlen = iov.len() as _;
+        // SAFETY: `msg` points at `iov`, whose pieces were checked to lie in guest memory
+        // that `frame` keeps mapped for the call; sendmsg only reads them. One datagram.
+        let n = unsafe { libc::sendmsg(self.socket.as_raw_fd(), &msg, 0) };
+        Some(if n < 0 { Err(full_is_would_block(io::Error::last_os_error())) } else { Ok(()) })
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -352,6 +373,14 @@ impl NetBackend for Tap {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    fn send_guest(&mut self, frame: &GuestIovecs<'_>) -> Option<io::Result<()>> {
+        let iov = frame.iovecs();
+        // SAFETY: the pieces were checked to lie in guest memory that `frame` keeps mapped
+        // for the call; writev only reads them. A tap takes one frame per write.
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        Some(if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) })
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {

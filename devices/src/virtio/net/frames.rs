@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestMemoryBackend as _, GuestMemoryMmap};
 
 use super::backend::{NetBackend, VNET_HDR_LEN};
 use super::QUEUE_SIZE;
+use crate::virtio::iovec::GuestIovecs;
 use crate::virtio::worker::Handler;
 use crate::virtio::{next_chain, notify_driver, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
@@ -104,6 +105,29 @@ impl Frames {
             }
             let Some(chain) = next_chain(NAME, tx, memory) else { return };
             let head = chain.head_index();
+            // Straight from the guest's buffers when the backend can; else copy below.
+            let skip = if self.backend.vnet_hdr() { 0 } else { VNET_HDR_LEN };
+            let direct = GuestIovecs::from_chain(memory, chain.clone(), false, skip, MAX_FRAME - skip)
+                .filter(|frame| !frame.is_empty())
+                .and_then(|frame| self.backend.send_guest(&frame));
+            match direct {
+                Some(Err(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    // Nothing sent: the chain goes back, to be sent when the backend is ready.
+                    tx.set_next_avail(tx.next_avail().wrapping_sub(1));
+                    return;
+                }
+                Some(result) => {
+                    if let Err(e) = result {
+                        warn_ratelimited!("{NAME}: frame not sent: {e}");
+                    }
+                    if let Err(e) = tx.add_used(memory, head, 0) {
+                        warn_ratelimited!("{NAME}: cannot return a buffer: {e}");
+                        return;
+                    }
+                    continue;
+                }
+                None => {}
+            }
             self.tx_len = gather(memory, chain, &mut self.tx_buf).unwrap_or(0);
             if let Err(e) = tx.add_used(memory, head, 0) {
                 warn_ratelimited!("{NAME}: cannot return a buffer: {e}");

@@ -99,3 +99,41 @@ fn hostile_chains_cost_the_guest_its_frames_and_nothing_else() {
     wait_for("all three buffers back", || rx.used().idx().load() == 3);
     assert_eq!(&m.read_obj::<[u8; 4]>(GuestAddress(0x4000 + VNET_HDR_LEN as u64)).unwrap(), b"kept");
 }
+
+#[test]
+fn a_frame_the_peer_cannot_take_yet_stays_in_the_guests_ring_until_it_can() {
+    let m = Arc::new(Mem(mem(0x10_0000)));
+    let (ours, peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    // Fill the peer's queue through a second handle on our end, until it refuses.
+    let filler = ours.try_clone().unwrap();
+    filler.set_nonblocking(true).unwrap();
+    // The backend raises the send buffer to 4 MiB; do it first, so what stops the filler
+    // is the peer's queue, as it will stop the device.
+    let size: libc::c_int = 4 << 20;
+    // SAFETY: `size` is a valid c_int option value for this socket.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::setsockopt(filler.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&size as *const libc::c_int).cast(), 4)
+    };
+    let mut queued = 0;
+    while filler.send(b"filler").is_ok() {
+        queued += 1;
+    }
+    let net = Net::new(Box::new(Unixgram::from_fd(OwnedFd::from(ours)).unwrap()), [2, 0, 0, 0, 0, 1]);
+    let mut t = MmioTransport::new(Box::new(net), m.clone(), Interrupt::new(Arc::new(Line::default()))).unwrap();
+    let (rx, tx) = queues(&m);
+    start(&mut t, &[&rx, &tx]);
+    m.write_slice(b"the real frame", GuestAddress(0x2000)).unwrap();
+    tx.add_desc_chains(&[chained(0x1000, VNET_HDR_LEN as u32, 0, 1), desc(0x2000, 14, 0)], 0).unwrap();
+    write_reg(&mut t, 0x50, 1);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(tx.used().idx().load(), 0, "not sent, so not used");
+    let mut buf = [0u8; 64];
+    for _ in 0..queued {
+        assert_eq!(peer.recv(&mut buf).unwrap(), 6, "a filler");
+    }
+    peer.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let n = peer.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"the real frame");
+    wait_for("the used buffer", || tx.used().idx().load() == 1);
+}
