@@ -110,6 +110,11 @@ pub fn open_nets(nets: &[NetConfig]) -> Result<Vec<OpenNet>, Error> {
                 NetBackendConfig::Unixstream(path) => {
                     Box::new(Unixstream::connect(path).map_err(|e| fail(e, " (is the network proxy listening?)"))?)
                 }
+                NetBackendConfig::Nat => {
+                    return Err(Error::Net(format!(
+                        "--net {what}: only Virtualization.framework has NAT (--backend vz)"
+                    )))
+                }
                 NetBackendConfig::Fd(fd) => {
                     // SAFETY: the user handed us this descriptor to own; F_GETFD checks that it is open
                     // before we take it.

@@ -41,6 +41,12 @@ pub enum ConfigError {
     /// A `--gic` value that is not one of the documented ones.
     #[error("--gic {0}: use auto, v2 or v3")]
     BadGic(String),
+    /// A `--share` value that does not parse.
+    #[error("--share {0}: use HOST_DIR:TAG[,ro] (TAG: 1 to 36 characters, no commas or colons)")]
+    BadShare(String),
+    /// A feature only Virtualization.framework offers, asked of another backend.
+    #[error("{0} needs --backend vz (Apple's Virtualization.framework, on macOS)")]
+    NeedsVz(&'static str),
     /// A backend this host does not have.
     #[error("--backend {0}: {1}")]
     BackendUnavailable(&'static str, &'static str),
@@ -78,6 +84,11 @@ pub struct VmConfig {
     pub backend: Option<Backend>,
     /// The interrupt controller the guest gets.
     pub gic: GicChoice,
+    /// Give the guest Rosetta for x86_64 Linux binaries (Virtualization.framework only).
+    pub rosetta: bool,
+    /// Host directories shared with the guest over virtio-fs (Virtualization.framework
+    /// only); the guest mounts each by its tag.
+    pub shares: Vec<ShareConfig>,
     /// Feed standard input to the guest's interactive console (hvc0 with
     /// [`ConsoleConfig::Terminal`], else the serial port), with the terminal in raw mode
     /// while the guest runs when it is one (Ctrl-A X quits). Off by default: a library
@@ -110,6 +121,34 @@ impl GicChoice {
     }
 }
 
+/// A host directory shared with the guest (virtio-fs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// The directory on the host.
+    pub host: PathBuf,
+    /// The tag the guest mounts it by (`mount -t virtiofs TAG /mnt`).
+    pub tag: String,
+    /// Refuse the guest's writes.
+    pub read_only: bool,
+}
+
+impl ShareConfig {
+    /// Parses `--share HOST_DIR:TAG[,ro]`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::BadShare(text.into());
+        let (spec, read_only) = match text.strip_suffix(",ro") {
+            Some(spec) => (spec, true),
+            None => (text, false),
+        };
+        let (host, tag) = spec.rsplit_once(':').ok_or_else(bad)?;
+        // virtio-fs tags are at most 36 bytes (VIRTIO_FS tag field).
+        if host.is_empty() || tag.is_empty() || tag.len() > 36 || tag.contains([',', ':']) {
+            return Err(bad());
+        }
+        Ok(ShareConfig { host: host.into(), tag: tag.into(), read_only })
+    }
+}
+
 /// A hypervisor backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -117,6 +156,8 @@ pub enum Backend {
     Kvm,
     /// Apple's Hypervisor.framework.
     Hvf,
+    /// Apple's Virtualization.framework (macOS guests, Rosetta, virtio-fs).
+    Vz,
 }
 
 impl Backend {
@@ -125,6 +166,7 @@ impl Backend {
         match text {
             "kvm" => Some(Backend::Kvm),
             "hvf" => Some(Backend::Hvf),
+            "vz" => Some(Backend::Vz),
             _ => None,
         }
     }
@@ -138,6 +180,10 @@ impl Backend {
             (Some(Backend::Kvm), _) => Err(ConfigError::BackendUnavailable("kvm", "KVM exists on Linux hosts only")),
             (Some(Backend::Hvf), _) => {
                 Err(ConfigError::BackendUnavailable("hvf", "Hypervisor.framework exists on macOS only"))
+            }
+            (Some(Backend::Vz), "macos") => Ok(Backend::Vz),
+            (Some(Backend::Vz), _) => {
+                Err(ConfigError::BackendUnavailable("vz", "Virtualization.framework exists on macOS only"))
             }
             (None, _) => Err(ConfigError::BackendUnavailable("default", "this host has no supported hypervisor")),
         }
@@ -172,15 +218,19 @@ pub enum NetBackendConfig {
     Unixstream(PathBuf),
     /// An inherited, connected datagram socket (e.g. from vmnet-helper).
     Fd(i32),
+    /// Virtualization.framework's own NAT (no helper needed; `--backend vz` only).
+    Nat,
 }
 
 impl NetConfig {
-    /// Parses `--net`: `tap=NAME`, `unixgram=PATH[,vfkit]`, `unixstream=PATH` or `fd=N`,
+    /// Parses `--net`: `tap=NAME`, `unixgram=PATH[,vfkit]`, `unixstream=PATH`, `fd=N` or `nat`,
     /// each with an optional `,mac=XX:XX:XX:XX:XX:XX`.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let bad = || ConfigError::BadNet(text.into());
         let mut parts = text.split(',');
-        let backend = match parts.next().and_then(|p| p.split_once('=')) {
+        let first = parts.next().unwrap_or_default();
+        let backend = match first.split_once('=') {
+            None if first == "nat" => NetBackendConfig::Nat,
             Some(("tap", name)) if !name.is_empty() && name.len() < 16 && name.is_ascii() => {
                 NetBackendConfig::Tap(name.into())
             }
@@ -209,6 +259,7 @@ impl NetConfig {
             NetBackendConfig::Unixgram { path, .. } => format!("unixgram={}", path.display()),
             NetBackendConfig::Unixstream(path) => format!("unixstream={}", path.display()),
             NetBackendConfig::Fd(n) => format!("fd={n}"),
+            NetBackendConfig::Nat => "nat".into(),
         }
     }
 }
@@ -277,6 +328,8 @@ impl VmConfig {
             console: ConsoleConfig::Serial,
             backend: None,
             gic: GicChoice::Auto,
+            rosetta: false,
+            shares: Vec::new(),
             console_stdin: false,
             disks: Vec::new(),
         }
@@ -289,6 +342,17 @@ impl VmConfig {
         }
         if self.gic == GicChoice::V2 && self.cpus > MAX_CPUS_GICV2 {
             return Err(ConfigError::TooManyCpusForGicv2(self.cpus));
+        }
+        if self.backend != Some(Backend::Vz) {
+            if self.rosetta {
+                return Err(ConfigError::NeedsVz("--rosetta"));
+            }
+            if !self.shares.is_empty() {
+                return Err(ConfigError::NeedsVz("--share"));
+            }
+            if self.nets.iter().any(|n| n.backend == NetBackendConfig::Nat) {
+                return Err(ConfigError::NeedsVz("--net nat"));
+            }
         }
         let console = usize::from(matches!(self.console, ConsoleConfig::Serial));
         let devices = self.disks.len() + self.nets.len() + 2 - console;
@@ -401,7 +465,8 @@ mod tests {
     #[test]
     fn backends_exist_where_their_platform_does() {
         assert_eq!(Backend::parse("hvf"), Some(Backend::Hvf));
-        assert_eq!(Backend::parse("vz"), None);
+        assert_eq!(Backend::parse("vz"), Some(Backend::Vz));
+        assert_eq!(Backend::parse("qemu"), None);
         assert_eq!(Backend::for_host(None, "linux"), Ok(Backend::Kvm));
         assert_eq!(Backend::for_host(None, "macos"), Ok(Backend::Hvf));
         assert_eq!(Backend::for_host(Some(Backend::Kvm), "linux"), Ok(Backend::Kvm));
@@ -488,6 +553,33 @@ mod tests {
         assert_eq!(VmConfig { disks: disks(47), ..ok.clone() }.validate(), Ok(()));
         assert_eq!(VmConfig { disks: disks(48), ..ok.clone() }.validate(), Err(ConfigError::TooManyDevices(49)));
         assert_eq!(GicChoice::parse("v3"), Ok(GicChoice::V3));
+        // Virtualization.framework's features are refused elsewhere, one line each.
+        let share = ShareConfig::parse("/srv/data:data,ro").unwrap();
+        assert_eq!(share, ShareConfig { host: "/srv/data".into(), tag: "data".into(), read_only: true });
+        for bad in ["nodir", ":tag", "/x:", "/x:a,b", &format!("/x:{}", "t".repeat(37))] {
+            assert!(ShareConfig::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(VmConfig { rosetta: true, ..ok.clone() }.validate(), Err(ConfigError::NeedsVz("--rosetta")));
+        assert_eq!(
+            VmConfig { shares: vec![share.clone()], ..ok.clone() }.validate(),
+            Err(ConfigError::NeedsVz("--share"))
+        );
+        let nat = NetConfig::parse("nat,mac=02:00:00:00:00:01").unwrap();
+        assert_eq!(nat.backend, NetBackendConfig::Nat);
+        assert!(nat.mac.is_some());
+        assert!(NetConfig::parse("nat=1").is_err());
+        assert_eq!(
+            VmConfig { nets: vec![nat.clone()], ..ok.clone() }.validate(),
+            Err(ConfigError::NeedsVz("--net nat"))
+        );
+        let vz =
+            VmConfig { backend: Some(Backend::Vz), rosetta: true, shares: vec![share], nets: vec![nat], ..ok.clone() };
+        assert_eq!(vz.validate(), Ok(()));
+        assert_eq!(
+            Backend::for_host(Some(Backend::Vz), "linux").unwrap_err().to_string(),
+            "--backend vz: Virtualization.framework exists on macOS only"
+        );
+        assert_eq!(Backend::for_host(Some(Backend::Vz), "macos"), Ok(Backend::Vz));
         assert_eq!(GicChoice::parse("v4"), Err(ConfigError::BadGic("v4".into())));
         for memory in [0, 1 << 20, RAM_MAX + PAGE_SIZE, (512 << 20) + 4096] {
             assert!(matches!(VmConfig { memory, ..ok.clone() }.validate(), Err(ConfigError::MemoryOutOfRange(_))));

@@ -132,7 +132,11 @@ impl VmBuilder {
         let (events, receiver) = channel();
         control.set_events(events);
         let io = Io { console, serial: serial.unwrap_or_else(|| Box::new(std::io::sink())) };
-        let run = build(&config, io, Arc::clone(&control))?;
+        let run = if config.backend == Some(crate::config::Backend::Vz) {
+            build_vz(&config, io, Arc::clone(&control))?
+        } else {
+            build(&config, io, Arc::clone(&control))?
+        };
         let runner = Arc::clone(&control);
         let thread = std::thread::Builder::new()
             .name("hvrun-vm".into())
@@ -148,17 +152,33 @@ impl VmBuilder {
     }
 }
 
+/// A built machine, ready to run on its own thread.
+type Ready = Box<dyn FnOnce() -> Result<ExitReason, Error> + Send>;
+
+/// The run on Virtualization.framework: the configuration translated and checked against
+/// this Mac's limits now, the machine started by the run.
+#[cfg(target_os = "macos")]
+fn build_vz(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, Error> {
+    if io.console.is_some() {
+        return Err(Error::Vz("an embedder's console reader and writer are not supported with vz yet".into()));
+    }
+    let plan = crate::vz::plan::linux(config, &crate::vz::macos::limits())?;
+    Ok(Box::new(move || crate::vz::macos::run_linux(&plan, control)))
+}
+
+#[cfg(not(target_os = "macos"))]
+fn build_vz(_config: &VmConfig, _io: Io, _control: Arc<Control>) -> Result<Ready, Error> {
+    // `Backend::for_host` refuses vz off macOS before this; say so again, to be sure.
+    Err(crate::config::ConfigError::BackendUnavailable("vz", "Virtualization.framework exists on macOS only").into())
+}
+
 #[cfg(target_arch = "aarch64")]
-fn build(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<crate::machine::Ready, Error> {
+fn build(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, Error> {
     crate::machine::build(config, io, control)
 }
 
 #[cfg(not(target_arch = "aarch64"))]
-fn build(
-    config: &VmConfig,
-    _io: Io,
-    _control: Arc<Control>,
-) -> Result<Box<dyn FnOnce() -> Result<ExitReason, Error> + Send>, Error> {
+fn build(config: &VmConfig, _io: Io, _control: Arc<Control>) -> Result<Ready, Error> {
     // Check the files anyway, so a typo gets the same error on every host.
     crate::boot_files::BootFiles::open(config)?;
     Err(Error::UnsupportedHost(format!("{} {}", std::env::consts::ARCH, std::env::consts::OS)))

@@ -27,6 +27,7 @@ mod machine;
 #[cfg(test)]
 mod testing;
 pub mod vcpu;
+pub mod vz;
 
 pub use config::{ConfigError, VmConfig};
 pub use embed::{ConsoleIo, Event, Vm, VmBuilder, VmHandle};
@@ -100,6 +101,12 @@ pub enum Error {
     /// The interrupt controller asked for cannot be had.
     #[error("{0}")]
     Gic(String),
+    /// Virtualization.framework refused or failed.
+    #[error("vz: {0}")]
+    Vz(String),
+    /// A configuration Virtualization.framework cannot run.
+    #[error(transparent)]
+    VzPlan(#[from] vz::plan::PlanError),
     /// A vCPU exited for a reason the VMM cannot serve.
     #[error("vcpu{vcpu} stopped on an exit hvrun cannot handle: {why}")]
     UnhandledExit {

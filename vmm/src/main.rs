@@ -47,8 +47,9 @@ struct Cli {
     /// A network interface as a virtio-net device (repeatable: eth0, eth1, ...):
     /// tap=NAME (Linux), unixgram=PATH[,vfkit] (a unix datagram socket, one ethernet
     /// frame per datagram: gvproxy, vfkit's protocol with ,vfkit), unixstream=PATH
-    /// (length-prefixed frames: socket_vmnet, passt) or fd=N (an inherited datagram
-    /// socket, e.g. from vmnet-helper); each takes ,mac=XX:XX:XX:XX:XX:XX [default MAC:
+    /// (length-prefixed frames: socket_vmnet, passt), fd=N (an inherited datagram
+    /// socket, e.g. from vmnet-helper) or nat (Virtualization.framework's NAT, with
+    /// --backend vz); each takes ,mac=XX:XX:XX:XX:XX:XX [default MAC:
     /// stable, derived from the backend].
     #[arg(long = "net", value_name = "BACKEND[,mac=MAC]", value_parser = parse_net)]
     nets: Vec<config::NetConfig>,
@@ -58,9 +59,18 @@ struct Cli {
     /// else serial]. The serial port's output always comes to this terminal.
     #[arg(long, value_name = "WHERE", value_parser = parse_console)]
     console: Option<config::ConsoleConfig>,
-    /// The hypervisor: kvm (Linux) or hvf (macOS) [default: this host's].
+    /// The hypervisor: kvm (Linux), hvf (macOS) or vz (Apple's Virtualization.framework,
+    /// macOS: Rosetta, virtio-fs shares, NAT) [default: this host's].
     #[arg(long, value_name = "NAME", value_parser = parse_backend)]
     backend: Option<config::Backend>,
+    /// Give the guest Rosetta for x86_64 Linux binaries (with --backend vz, where Rosetta
+    /// is installed); the guest mounts it with `mount -t virtiofs rosetta /mnt`.
+    #[arg(long)]
+    rosetta: bool,
+    /// Share a host directory with the guest over virtio-fs (with --backend vz;
+    /// repeatable); the guest mounts it with `mount -t virtiofs TAG /mnt`.
+    #[arg(long = "share", value_name = "HOST_DIR:TAG[,ro]", value_parser = parse_share)]
+    shares: Vec<config::ShareConfig>,
     /// Number of vCPUs (1 to 127; more than 8 need the hypervisor's GICv3).
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
@@ -79,7 +89,11 @@ fn parse_disk(text: &str) -> Result<config::DiskConfig, String> {
 }
 
 fn parse_backend(text: &str) -> Result<config::Backend, String> {
-    config::Backend::parse(text).ok_or_else(|| format!("`{text}`: use kvm or hvf"))
+    config::Backend::parse(text).ok_or_else(|| format!("`{text}`: use kvm, hvf or vz"))
+}
+
+fn parse_share(text: &str) -> Result<config::ShareConfig, String> {
+    config::ShareConfig::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_gic(text: &str) -> Result<config::GicChoice, String> {
@@ -122,6 +136,8 @@ fn main() -> ExitCode {
         nets: cli.nets,
         backend: cli.backend,
         gic: cli.gic,
+        rosetta: cli.rosetta,
+        shares: cli.shares,
         cpus: cli.cpus,
         memory: cli.memory,
         console_stdin: true,

@@ -123,6 +123,14 @@ impl Unixgram {
         Ok(this)
     }
 
+    /// A second descriptor for the same socket, for a consumer that wants a plain file
+    /// descriptor (Virtualization.framework's file-handle attachment). Keep `self` alive
+    /// meanwhile: it owns the local socket file the peer answers to.
+    pub fn duplicate_fd(&self) -> io::Result<OwnedFd> {
+        use std::os::fd::AsFd;
+        self.socket.as_fd().try_clone_to_owned()
+    }
+
     fn tune(&self) {
         for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
             let size = SOCKET_BUFFER as libc::c_int;
