@@ -219,7 +219,7 @@ mod tests {
         let plan = linux(&config, &LIMITS).unwrap();
         assert_eq!((plan.cpus, plan.memory), (4, 2 << 30));
         assert_eq!(plan.disks[0], ("root.img".into(), false, Some("root".into())));
-        assert_eq!(plan.disks[1].1, true);
+        assert!(plan.disks[1].1, "read-only");
         assert_eq!(plan.nets[0].0, Net::Nat);
         assert_eq!(plan.nets[1].0, Net::Unixgram { path: "/tmp/gv.sock".into(), vfkit: true });
         assert_eq!(plan.console, Console::Terminal { input: true });
