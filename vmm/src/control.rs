@@ -26,6 +26,8 @@ pub struct Control {
     pause: Mutex<Pause>,
     pause_changed: Condvar,
     events: Mutex<Option<Sender<Event>>>,
+    /// When the guest was asked to shut itself down ([`Control::ask_guest_to_stop`]).
+    asked_to_stop: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -79,6 +81,22 @@ impl Control {
         for kicker in lock(&self.kickers).iter() {
             kicker.kick();
         }
+    }
+
+    /// Asks the guest to shut down by itself (the power button: Virtualization.framework's
+    /// `requestStop`), where the backend can; the first ask counts.
+    pub fn ask_guest_to_stop(&self) {
+        let mut asked = lock(&self.asked_to_stop);
+        if asked.is_none() {
+            *asked = Some(std::time::Instant::now());
+        }
+        drop(asked);
+        self.kick_all();
+    }
+
+    /// When the guest was first asked to shut down, if it was.
+    pub fn asked_to_stop(&self) -> Option<std::time::Instant> {
+        *lock(&self.asked_to_stop)
     }
 
     /// Sends events to `sink` from now on.

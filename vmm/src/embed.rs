@@ -162,8 +162,8 @@ fn build_vz(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, E
     if io.console.is_some() {
         return Err(Error::Vz("an embedder's console reader and writer are not supported with vz yet".into()));
     }
-    let plan = crate::vz::plan::linux(config, &crate::vz::macos::limits())?;
-    Ok(Box::new(move || crate::vz::macos::run_linux(&plan, control)))
+    let plan = crate::vz::plan::linux(config, &crate::vz::framework::limits())?;
+    Ok(Box::new(move || crate::vz::framework::linux::run(&plan, control)))
 }
 
 #[cfg(not(target_os = "macos"))]

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use hvrun::{config, ExitReason, VmConfig};
 
+mod macos_cli;
+
 /// Exit codes, as documented in `--help`.
 const EXIT_POWEROFF: u8 = 0;
 const EXIT_ERROR: u8 = 1;
@@ -29,10 +31,14 @@ const EXIT_STOPPED: u8 = 5;
                   Set RUST_LOG=info (or debug) for more detail on standard error, including the \
                   guest's boot time when its init writes the boot-timer device."
 )]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// macOS guests: `hvrun macos install`, `hvrun macos run` (see `hvrun macos --help`).
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The arm64 Linux kernel `Image` to boot.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required = true)]
+    kernel: Option<PathBuf>,
     /// An initramfs for the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -84,6 +90,13 @@ struct Cli {
     memory: u64,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// macOS guests on Apple's Virtualization.framework (Apple Silicon Macs).
+    #[command(subcommand)]
+    Macos(macos_cli::Macos),
+}
+
 fn parse_disk(text: &str) -> Result<config::DiskConfig, String> {
     config::parse_disk(text).map_err(|e| e.to_string())
 }
@@ -126,9 +139,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Some(Command::Macos(command)) = cli.command {
+        return exit_code(macos_cli::run(command).map(|r| r.unwrap_or(ExitReason::PowerOff)));
+    }
+    let Some(kernel) = cli.kernel else {
+        eprintln!("hvrun: error: --kernel is required (see hvrun --help)");
+        return ExitCode::from(EXIT_USAGE);
+    };
     let cmdline = cli.cmdline.unwrap_or_else(|| config::default_cmdline(&cli.disks));
     let config = VmConfig {
-        kernel: cli.kernel,
+        kernel,
         initrd: cli.initrd,
         console: cli.console.unwrap_or_else(|| config::ConsoleConfig::for_cmdline(&cmdline)),
         cmdline,
@@ -142,12 +162,17 @@ fn main() -> ExitCode {
         memory: cli.memory,
         console_stdin: true,
     };
-    match hvrun::run(&config) {
+    exit_code(hvrun::run(&config))
+}
+
+/// The documented exit status for a run's outcome, with a one-line error.
+fn exit_code(outcome: Result<ExitReason, hvrun::Error>) -> ExitCode {
+    match outcome {
         Ok(ExitReason::PowerOff) => ExitCode::from(EXIT_POWEROFF),
         Ok(ExitReason::Reset) => ExitCode::from(EXIT_RESET),
         Ok(ExitReason::Crash) => ExitCode::from(EXIT_CRASH),
         Ok(ExitReason::Stopped) => ExitCode::from(EXIT_STOPPED),
-        Err(e @ hvrun::Error::Config(_)) => {
+        Err(e @ (hvrun::Error::Config(_) | hvrun::Error::VzPlan(_))) => {
             eprintln!("hvrun: error: {e}");
             ExitCode::from(EXIT_USAGE)
         }

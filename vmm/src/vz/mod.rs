@@ -10,5 +10,44 @@
 
 pub mod bundle;
 #[cfg(target_os = "macos")]
-pub mod macos;
+pub mod framework;
+pub mod mac;
 pub mod plan;
+
+use std::sync::Arc;
+
+use crate::control::Control;
+use crate::{Error, ExitReason};
+
+/// Installs macOS from a restore image into a new bundle (`hvrun macos install`),
+/// showing progress on standard error. The request is checked first on every host.
+pub fn install_macos(install: &mac::Install) -> Result<(), Error> {
+    mac::check_install(install)?;
+    #[cfg(target_os = "macos")]
+    {
+        framework::mac::install(install)
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        Err(not_here())
+    }
+}
+
+/// Runs the macOS VM in a bundle until it stops, or `control` stops it or asks the
+/// guest to shut down (`hvrun macos run`).
+pub fn run_macos(run: &mac::Run, control: Arc<Control>) -> Result<ExitReason, Error> {
+    #[cfg(target_os = "macos")]
+    {
+        framework::mac::run(run, control)
+    }
+    #[cfg(not(target_os = "macos"))]
+    {
+        let _ = (run, control);
+        Err(not_here())
+    }
+}
+
+#[cfg(not(target_os = "macos"))]
+fn not_here() -> Error {
+    Error::Vz("macOS guests need Apple's Virtualization.framework: run this on a Mac".into())
+}

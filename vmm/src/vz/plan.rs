@@ -34,7 +34,7 @@ pub enum PlanError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A flag this backend cannot honour, with what to do instead.
-    #[error("{flag}: not available with --backend vz: {instead}")]
+    #[error("{flag}: {instead}")]
     Unsupported {
         /// The flag, as the user wrote it.
         flag: String,
@@ -72,6 +72,9 @@ pub enum Net {
     Fd(i32),
 }
 
+/// A network interface and its MAC address (`None`: the framework's random one).
+pub type NetSpec = (Net, Option<[u8; 6]>);
+
 /// Where the guest's virtio console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Console {
@@ -100,7 +103,7 @@ pub struct LinuxPlan {
     /// Disk images with read-only flags and block device identifiers, in order.
     pub disks: Vec<(PathBuf, bool, Option<String>)>,
     /// Network interfaces with their MAC addresses (`None`: the framework's random one).
-    pub nets: Vec<(Net, Option<[u8; 6]>)>,
+    pub nets: Vec<NetSpec>,
     /// The virtio console.
     pub console: Console,
     /// virtio-fs shares, Rosetta's (tag [`ROSETTA_TAG`]) not among them.
@@ -127,21 +130,27 @@ pub fn linux(config: &VmConfig, limits: &Limits) -> Result<LinuxPlan, PlanError>
     in_range("--cpus", config.cpus.into(), limits.min_cpus.into(), limits.max_cpus.into())?;
     in_range("--memory", config.memory, limits.min_memory, limits.max_memory)?;
     if config.memory % MIB != 0 {
-        return Err(unsupported(format!("--memory {}", config.memory), "use a whole number of MiB"));
+        return Err(unsupported(
+            format!("--memory {}", config.memory),
+            "not a whole number of MiB, which --backend vz needs",
+        ));
     }
     if config.gic != GicChoice::Auto {
-        return Err(unsupported("--gic", "the framework chooses the interrupt controller; leave --gic out"));
+        return Err(unsupported(
+            "--gic",
+            "not with --backend vz: the framework chooses the interrupt controller; leave --gic out",
+        ));
     }
     let console = match &config.console {
         ConsoleConfig::Terminal => Console::Terminal { input: config.console_stdin },
         ConsoleConfig::File(path) => Console::File(path.clone()),
         ConsoleConfig::Socket(path) => {
-            return Err(unsupported(format!("--console socket={}", path.display()), "use --console hvc or file=PATH"))
+            return Err(unsupported(format!("--console socket={}", path.display()), "not with --backend vz: use --console hvc or file=PATH"))
         }
         ConsoleConfig::Serial => {
             return Err(unsupported(
                 "the serial console (ttyAMA0)",
-                "the framework has no PL011; boot with --cmdline 'console=hvc0 ...' for the virtio console",
+                "not with --backend vz: the framework has no PL011; boot with --cmdline 'console=hvc0 ...' for the virtio console",
             ))
         }
     };
@@ -154,12 +163,15 @@ pub fn linux(config: &VmConfig, limits: &Limits) -> Result<LinuxPlan, PlanError>
                 NetBackendConfig::Unixgram { path, vfkit } => Net::Unixgram { path: path.clone(), vfkit: *vfkit },
                 NetBackendConfig::Fd(fd) => Net::Fd(*fd),
                 NetBackendConfig::Tap(name) => {
-                    return Err(unsupported(format!("--net tap={name}"), "macOS has no taps: use nat or unixgram=PATH"))
+                    return Err(unsupported(
+                        format!("--net tap={name}"),
+                        "not with --backend vz: macOS has no taps, use nat or unixgram=PATH",
+                    ))
                 }
                 NetBackendConfig::Unixstream(path) => {
                     return Err(unsupported(
                         format!("--net unixstream={}", path.display()),
-                        "the framework takes datagram sockets: use unixgram=PATH or nat",
+                        "not with --backend vz: the framework takes datagram sockets, use unixgram=PATH or nat",
                     ))
                 }
             };

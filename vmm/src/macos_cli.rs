@@ -1,0 +1,115 @@
+//! `hvrun macos install` and `hvrun macos run`: macOS guests on Virtualization.framework.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hvrun::config::{self, NetConfig, ShareConfig};
+use hvrun::control::Control;
+use hvrun::vz::mac::{self, Install, Ipsw, Run};
+use hvrun::{Error, ExitReason};
+
+/// macOS guests (Apple Silicon Macs, Virtualization.framework).
+#[derive(Debug, clap::Subcommand)]
+pub enum Macos {
+    /// Create a VM bundle and install macOS into it from a restore image.
+    Install {
+        /// The restore image: a downloaded .ipsw, or `latest` to fetch the newest one
+        /// this Mac supports.
+        #[arg(long, value_name = "FILE|latest")]
+        ipsw: String,
+        /// The bundle directory to create (it must not exist or be empty).
+        #[arg(long, value_name = "DIR")]
+        bundle: PathBuf,
+        /// Size of the VM's disk (a sparse file).
+        #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
+        disk_size: u64,
+        /// vCPUs [default: 4, or what the image requires].
+        #[arg(long, value_name = "N")]
+        cpus: Option<u32>,
+        /// Memory [default: 8G, or what the image requires].
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        memory: Option<u64>,
+    },
+    /// Run the macOS VM in a bundle. Ctrl-C asks macOS to shut down and stops the VM
+    /// 30 s later if it has not; a second Ctrl-C stops it at once.
+    Run {
+        /// The bundle directory.
+        #[arg(long, value_name = "DIR")]
+        bundle: PathBuf,
+        /// Show the VM's display in a window.
+        #[arg(long, conflicts_with = "headless")]
+        gui: bool,
+        /// Run without a display window (the default; reach the guest by screen sharing
+        /// or ssh).
+        #[arg(long)]
+        headless: bool,
+        /// A network interface: nat or unixgram=PATH[,vfkit] (repeatable)
+        /// [default: nat].
+        #[arg(long = "net", value_name = "BACKEND[,mac=MAC]", value_parser = parse_net)]
+        nets: Vec<NetConfig>,
+        /// Share a host directory with the guest over virtio-fs (repeatable).
+        #[arg(long = "share", value_name = "HOST_DIR:TAG[,ro]", value_parser = parse_share)]
+        shares: Vec<ShareConfig>,
+    },
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    config::parse_size(text).map_err(|e| e.to_string())
+}
+
+fn parse_net(text: &str) -> Result<NetConfig, String> {
+    NetConfig::parse(text).map_err(|e| e.to_string())
+}
+
+fn parse_share(text: &str) -> Result<ShareConfig, String> {
+    ShareConfig::parse(text).map_err(|e| e.to_string())
+}
+
+/// Ctrl-C presses since `run` started.
+static INTERRUPTS: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Turns Ctrl-C into a request to the guest, then into a stop.
+fn watch_interrupts(control: Arc<Control>) {
+    // SAFETY: the handler only does an atomic add, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t) };
+    let _ = std::thread::Builder::new().name("interrupts".into()).spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(100));
+        match INTERRUPTS.load(Ordering::SeqCst) {
+            0 => {}
+            1 => control.ask_guest_to_stop(),
+            _ => return control.stop(Ok(ExitReason::Stopped)),
+        }
+    });
+}
+
+/// Runs the subcommand; `None` for a finished install, else the VM's exit.
+pub fn run(command: Macos) -> Result<Option<ExitReason>, Error> {
+    match command {
+        Macos::Install { ipsw, bundle, disk_size, cpus, memory } => {
+            let install = Install { ipsw: Ipsw::parse(&ipsw), bundle, disk_size, cpus, memory };
+            hvrun::vz::install_macos(&install)?;
+            eprintln!(
+                "hvrun: macOS installed in {}; start it with hvrun macos run --bundle DIR",
+                install.bundle.display()
+            );
+            Ok(None)
+        }
+        Macos::Run { bundle, gui, headless: _, nets, shares } => {
+            let nets = if nets.is_empty() { vec![NetConfig::parse("nat").map_err(config_error)?] } else { nets };
+            let run = Run { bundle, gui, nets: mac::nets(&nets)?, shares };
+            let control = Control::new();
+            watch_interrupts(control.clone());
+            hvrun::vz::run_macos(&run, control).map(Some)
+        }
+    }
+}
+
+fn config_error(e: hvrun::ConfigError) -> Error {
+    Error::Config(e)
+}

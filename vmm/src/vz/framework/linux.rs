@@ -1,0 +1,107 @@
+//! Linux guests: a [`LinuxPlan`] as a `VZVirtualMachineConfiguration` with the
+//! framework's Linux boot loader, then run.
+
+use std::sync::Arc;
+
+use objc2::rc::Retained;
+use objc2::AnyThread;
+use objc2_foundation::{NSArray, NSFileHandle, NSString};
+use objc2_virtualization::{
+    VZDiskImageStorageDeviceAttachment, VZEntropyDeviceConfiguration, VZFileHandleSerialPortAttachment,
+    VZLinuxBootLoader, VZLinuxRosettaDirectoryShare, VZSerialPortConfiguration, VZStorageDeviceConfiguration,
+    VZVirtioBlockDeviceConfiguration, VZVirtioConsoleDeviceSerialPortConfiguration, VZVirtioEntropyDeviceConfiguration,
+    VZVirtioFileSystemDeviceConfiguration, VZVirtualMachineConfiguration,
+};
+
+use super::{handle, machine, set_nets, share_devices, start_and_watch, url, vz_error};
+use crate::control::Control;
+use crate::vz::plan::{Console, LinuxPlan, ROSETTA_TAG};
+use crate::{Error, ExitReason};
+
+/// Builds the framework's configuration for `plan`, and checks it. Returns it with the
+/// sockets hvrun keeps for its network devices.
+fn configuration(
+    plan: &LinuxPlan,
+) -> Result<(Retained<VZVirtualMachineConfiguration>, Vec<devices::virtio::net::backend::Unixgram>), Error> {
+    // SAFETY: framework calls with valid, retained objects built here (the whole body);
+    // every object is created and configured on this thread before the machine exists.
+    unsafe {
+        let boot = VZLinuxBootLoader::initWithKernelURL(VZLinuxBootLoader::alloc(), &url(&plan.kernel));
+        boot.setCommandLine(&NSString::from_str(&plan.cmdline));
+        if let Some(initrd) = &plan.initrd {
+            boot.setInitialRamdiskURL(Some(&url(initrd)));
+        }
+        let config = VZVirtualMachineConfiguration::new();
+        config.setBootLoader(Some(&boot));
+        config.setCPUCount(plan.cpus as usize);
+        config.setMemorySize(plan.memory);
+
+        let mut disks: Vec<Retained<VZStorageDeviceConfiguration>> = Vec::new();
+        for (path, read_only, id) in &plan.disks {
+            let attachment = VZDiskImageStorageDeviceAttachment::initWithURL_readOnly_error(
+                VZDiskImageStorageDeviceAttachment::alloc(),
+                &url(path),
+                *read_only,
+            )
+            .map_err(|e| vz_error(&format!("disk {}", path.display()), &e))?;
+            let device = VZVirtioBlockDeviceConfiguration::initWithAttachment(
+                VZVirtioBlockDeviceConfiguration::alloc(),
+                &attachment,
+            );
+            if let Some(id) = id {
+                device.setBlockDeviceIdentifier(&NSString::from_str(id));
+            }
+            disks.push(Retained::into_super(device));
+        }
+        config.setStorageDevices(&NSArray::from_retained_slice(&disks));
+        let sockets = set_nets(&config, &plan.nets)?;
+
+        let (reading, writing) = match &plan.console {
+            Console::Terminal { input } => {
+                (input.then(NSFileHandle::fileHandleWithStandardInput), NSFileHandle::fileHandleWithStandardOutput())
+            }
+            Console::File(path) => {
+                let file = std::fs::File::create(path)
+                    .map_err(|e| Error::Console(format!("--console file={}: {e}", path.display())))?;
+                (None, handle(file.into()))
+            }
+        };
+        let attachment = VZFileHandleSerialPortAttachment::initWithFileHandleForReading_fileHandleForWriting(
+            VZFileHandleSerialPortAttachment::alloc(),
+            reading.as_deref(),
+            Some(&writing),
+        );
+        let console = VZVirtioConsoleDeviceSerialPortConfiguration::new();
+        console.setAttachment(Some(&attachment));
+        let ports: Vec<Retained<VZSerialPortConfiguration>> = vec![Retained::into_super(console)];
+        config.setSerialPorts(&NSArray::from_retained_slice(&ports));
+
+        let entropy: Vec<Retained<VZEntropyDeviceConfiguration>> =
+            vec![Retained::into_super(VZVirtioEntropyDeviceConfiguration::new())];
+        config.setEntropyDevices(&NSArray::from_retained_slice(&entropy));
+
+        let mut shares = share_devices(&plan.shares);
+        if plan.rosetta {
+            let rosetta = VZLinuxRosettaDirectoryShare::initWithError(VZLinuxRosettaDirectoryShare::alloc())
+                .map_err(|e| vz_error("--rosetta (is Rosetta installed? softwareupdate --install-rosetta)", &e))?;
+            let device = VZVirtioFileSystemDeviceConfiguration::initWithTag(
+                VZVirtioFileSystemDeviceConfiguration::alloc(),
+                &NSString::from_str(ROSETTA_TAG),
+            );
+            device.setShare(Some(&rosetta));
+            shares.push(Retained::into_super(device));
+        }
+        config.setDirectorySharingDevices(&NSArray::from_retained_slice(&shares));
+
+        config.validateWithError().map_err(|e| vz_error("the configuration", &e))?;
+        Ok((config, sockets))
+    }
+}
+
+/// Runs `plan` until the guest stops or `control` stops it.
+pub fn run(plan: &LinuxPlan, control: Arc<Control>) -> Result<ExitReason, Error> {
+    let (config, _sockets) = configuration(plan)?;
+    let (machine, queue) = machine(&config);
+    log::info!("booting on vz with {} vCPU(s) and {} MiB", plan.cpus, plan.memory >> 20);
+    start_and_watch(machine, &queue, &control)
+}
