@@ -193,6 +193,7 @@ fn state(machine: &Arc<Machine>, queue: &DispatchQueue) -> VZVirtualMachineState
 /// it is stopped.
 fn start_and_watch(machine: Arc<Machine>, queue: &DispatchQueue, control: &Control) -> Result<ExitReason, Error> {
     let mut pressed = false;
+    let mut paused = false;
     let started = Completion::default();
     {
         let (m, slot) = (Arc::clone(&machine), Arc::clone(&started));
@@ -210,6 +211,20 @@ fn start_and_watch(machine: Arc<Machine>, queue: &DispatchQueue, control: &Contr
         }
         if now == VZVirtualMachineState::Error {
             return Err(Error::Vz("the machine stopped with an error".into()));
+        }
+        // VmHandle::pause and resume: the framework pauses the whole machine.
+        if control.paused() != paused && (now == VZVirtualMachineState::Running || now == VZVirtualMachineState::Paused)
+        {
+            paused = control.paused();
+            let (m, slot) = (Arc::clone(&machine), Completion::default());
+            // SAFETY: on the machine's queue, as required.
+            queue.exec_async(move || unsafe {
+                if paused {
+                    m.vm.pauseWithCompletionHandler(&on_complete(&slot));
+                } else {
+                    m.vm.resumeWithCompletionHandler(&on_complete(&slot));
+                }
+            });
         }
         if let Some(asked) = control.asked_to_stop() {
             if !pressed {
