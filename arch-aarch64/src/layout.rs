@@ -55,6 +55,22 @@ pub struct GicV3Needs {
     pub spis: (u32, u32),
 }
 
+impl GicV3Needs {
+    /// The usual GICv3 geometry (KVM's vGICv3 has it): a 64 KiB distributor, two 64 KiB
+    /// frames per redistributor, 64 KiB alignment for both, a redistributor region sized
+    /// for `vcpus`, and `spis` (first INTID, count).
+    pub const fn standard(vcpus: u32, spis: (u32, u32)) -> Self {
+        GicV3Needs {
+            distributor_size: 0x1_0000,
+            distributor_align: 0x1_0000,
+            redistributor_size: 0x2_0000,
+            redistributor_region: 0x2_0000 * vcpus as u64,
+            redistributor_align: 0x1_0000,
+            spis,
+        }
+    }
+}
+
 /// Where a GICv3 goes in the memory map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GicV3Layout {
@@ -194,17 +210,8 @@ mod tests {
         assert!(last + size <= RAM_BASE);
     }
 
-    /// KVM's vGICv3: 64 KiB distributor, 128 KiB per redistributor, 64 KiB alignment,
-    /// a region sized for the VM's vCPUs.
     fn kvm_like(vcpus: u32) -> GicV3Needs {
-        GicV3Needs {
-            distributor_size: 0x1_0000,
-            distributor_align: 0x1_0000,
-            redistributor_size: 0x2_0000,
-            redistributor_region: 0x2_0000 * u64::from(vcpus),
-            redistributor_align: 0x1_0000,
-            spis: (32, 988),
-        }
+        GicV3Needs::standard(vcpus, (32, 988))
     }
 
     #[test]

@@ -146,14 +146,7 @@ mod tests {
     use super::*;
 
     fn kvm_like(vcpus: u32) -> GicV3Needs {
-        GicV3Needs {
-            distributor_size: 0x1_0000,
-            distributor_align: 0x1_0000,
-            redistributor_size: 0x2_0000,
-            redistributor_region: 0x2_0000 * u64::from(vcpus),
-            redistributor_align: 0x1_0000,
-            spis: (32, 96),
-        }
+        GicV3Needs::standard(vcpus, (32, 96))
     }
 
     #[test]

@@ -14,11 +14,6 @@ use super::platform;
 use crate::kvm_regs::spi_irq_line;
 use crate::{Error, GicV3Layout, GicV3Needs, Result, SpiSink};
 
-/// The vGICv3's fixed geometry (arch/arm64/kvm/vgic): a 64 KiB distributor, two 64 KiB
-/// frames per redistributor, 64 KiB alignment for both.
-const DIST_SIZE: u64 = 0x1_0000;
-const REDIST_SIZE: u64 = 0x2_0000;
-const ALIGN: u64 = 0x1_0000;
 /// INTIDs the vGIC is created with: the 32 private ones and 96 SPIs (KVM wants a
 /// multiple of 32).
 const NR_IRQS: u32 = 128;
@@ -32,14 +27,8 @@ pub fn needs(vm: &VmFd, vcpus: u32) -> Option<GicV3Needs> {
     // input, and the vGIC created next would take its number (found in the rig: reading
     // stdin failed with EINVAL). Forget it instead: it owns nothing.
     std::mem::forget(vm.create_device(&mut probe).ok()?);
-    Some(GicV3Needs {
-        distributor_size: DIST_SIZE,
-        distributor_align: ALIGN,
-        redistributor_size: REDIST_SIZE,
-        redistributor_region: REDIST_SIZE * u64::from(vcpus),
-        redistributor_align: ALIGN,
-        spis: (32, NR_IRQS - 32),
-    })
+    // The vGICv3 has the standard geometry (arch/arm64/kvm/vgic).
+    Some(GicV3Needs::standard(vcpus, (32, NR_IRQS - 32)))
 }
 
 fn set_attr(gic: &DeviceFd, call: &'static str, group: u32, attr: u64, addr: u64) -> Result<()> {
