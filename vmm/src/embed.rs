@@ -159,11 +159,15 @@ type Ready = Box<dyn FnOnce() -> Result<ExitReason, Error> + Send>;
 /// this Mac's limits now, the machine started by the run.
 #[cfg(target_os = "macos")]
 fn build_vz(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, Error> {
+    // The framework has no serial port: the embedder's serial writer has nothing to carry.
+    // An embedder's console takes the place of the configuration's.
+    let mut config = config.clone();
     if io.console.is_some() {
-        return Err(Error::Vz("an embedder's console reader and writer are not supported with vz yet".into()));
+        config.console = crate::config::ConsoleConfig::Terminal;
+        config.console_stdin = false;
     }
-    let plan = crate::vz::plan::linux(config, &crate::vz::framework::limits())?;
-    Ok(Box::new(move || crate::vz::framework::linux::run(&plan, control)))
+    let plan = crate::vz::plan::linux(&config, &crate::vz::framework::limits())?;
+    Ok(Box::new(move || crate::vz::framework::linux::run(&plan, io.console, control)))
 }
 
 #[cfg(not(target_os = "macos"))]
@@ -249,7 +253,6 @@ impl VmHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::temp_file;
 
     #[test]
     fn bad_configurations_fail_in_start_before_anything_runs() {
@@ -262,6 +265,7 @@ mod tests {
     #[cfg(not(target_arch = "aarch64"))]
     #[test]
     fn a_host_without_a_hypervisor_is_one_clear_error() {
+        use crate::testing::temp_file;
         let mut image = vec![0u8; 4096];
         image[56..60].copy_from_slice(b"ARMd");
         let kernel = temp_file("embed-Image", &image);

@@ -14,14 +14,48 @@ use objc2_virtualization::{
 };
 
 use super::{handle, machine, set_nets, share_devices, start_and_watch, url, vz_error};
+use std::os::fd::OwnedFd;
+
 use crate::control::Control;
+use crate::embed::ConsoleIo;
 use crate::vz::plan::{Console, LinuxPlan, ROSETTA_TAG};
 use crate::{Error, ExitReason};
 
-/// Builds the framework's configuration for `plan`, and checks it. Returns it with the
-/// sockets hvrun keeps for its network devices.
+/// The console's file handles for an embedder's reader and writer: two pipes, each
+/// pumped by a thread of its own (the framework reads and writes file handles only).
+fn embedded_console(io: ConsoleIo) -> Result<(Option<Retained<NSFileHandle>>, Retained<NSFileHandle>), Error> {
+    let pipe = || {
+        let (sender, receiver) = mio::unix::pipe::new().map_err(|e| Error::Console(format!("console pipe: {e}")))?;
+        for end in [sender.set_nonblocking(false), receiver.set_nonblocking(false)] {
+            end.map_err(|e| Error::Console(format!("console pipe: {e}")))?;
+        }
+        Ok::<_, Error>((std::fs::File::from(OwnedFd::from(sender)), std::fs::File::from(OwnedFd::from(receiver))))
+    };
+    let ConsoleIo { input, mut output } = io;
+    let (guest_writes, from_guest) = pipe()?;
+    let _ = std::thread::Builder::new().name("vz-console-out".into()).spawn(move || {
+        let mut from_guest = from_guest;
+        let _ = std::io::copy(&mut from_guest, &mut output);
+    });
+    let reading = match input {
+        Some(mut reader) => {
+            let (to_guest, guest_reads) = pipe()?;
+            let _ = std::thread::Builder::new().name("vz-console-in".into()).spawn(move || {
+                let mut to_guest = to_guest;
+                let _ = std::io::copy(&mut reader, &mut to_guest);
+            });
+            Some(handle(guest_reads.into()))
+        }
+        None => None,
+    };
+    Ok((reading, handle(guest_writes.into())))
+}
+
+/// Builds the framework's configuration for `plan` (its console on `io` when given), and
+/// checks it. Returns it with the sockets hvrun keeps for its network devices.
 fn configuration(
     plan: &LinuxPlan,
+    io: Option<ConsoleIo>,
 ) -> Result<(Retained<VZVirtualMachineConfiguration>, Vec<devices::virtio::net::backend::Unixgram>), Error> {
     // SAFETY: framework calls with valid, retained objects built here (the whole body);
     // every object is created and configured on this thread before the machine exists.
@@ -56,11 +90,12 @@ fn configuration(
         config.setStorageDevices(&NSArray::from_retained_slice(&disks));
         let sockets = set_nets(&config, &plan.nets)?;
 
-        let (reading, writing) = match &plan.console {
-            Console::Terminal { input } => {
+        let (reading, writing) = match (io, &plan.console) {
+            (Some(io), _) => embedded_console(io)?,
+            (None, Console::Terminal { input }) => {
                 (input.then(NSFileHandle::fileHandleWithStandardInput), NSFileHandle::fileHandleWithStandardOutput())
             }
-            Console::File(path) => {
+            (None, Console::File(path)) => {
                 let file = std::fs::File::create(path)
                     .map_err(|e| Error::Console(format!("--console file={}: {e}", path.display())))?;
                 (None, handle(file.into()))
@@ -98,9 +133,9 @@ fn configuration(
     }
 }
 
-/// Runs `plan` until the guest stops or `control` stops it.
-pub fn run(plan: &LinuxPlan, control: Arc<Control>) -> Result<ExitReason, Error> {
-    let (config, _sockets) = configuration(plan)?;
+/// Runs `plan` until the guest stops or `control` stops it; its console on `io` when given.
+pub fn run(plan: &LinuxPlan, io: Option<ConsoleIo>, control: Arc<Control>) -> Result<ExitReason, Error> {
+    let (config, _sockets) = configuration(plan, io)?;
     let (machine, queue) = machine(&config);
     log::info!("booting on vz with {} vCPU(s) and {} MiB", plan.cpus, plan.memory >> 20);
     start_and_watch(machine, &queue, &control)
