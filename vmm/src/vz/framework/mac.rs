@@ -248,11 +248,6 @@ unsafe impl Send for Installer {}
 
 /// Runs the macOS VM in `run.bundle` until it stops or `control` stops it.
 pub fn run(run: &Run, control: Arc<Control>) -> Result<ExitReason, Error> {
-    if run.gui {
-        return Err(Error::Vz(
-            "--gui: the display window is not built yet; use --headless (and screen sharing)".into(),
-        ));
-    }
     let (bundle, meta) = Bundle::open(&run.bundle).map_err(|e| Error::Vz(e.to_string()))?;
     let bytes = |b: Option<Vec<u8>>| NSData::with_bytes(&b.unwrap_or_default());
     // SAFETY: framework initialisers given the bundle's saved data; nil means invalid.
@@ -272,6 +267,11 @@ pub fn run(run: &Run, control: Arc<Control>) -> Result<ExitReason, Error> {
         }
     };
     let (config, _sockets) = configuration(&identity, &bundle.disk(), (meta.cpus, meta.memory), run)?;
+    if run.gui {
+        log::info!("booting macOS on vz in a window with {} vCPU(s) and {} MiB", meta.cpus, meta.memory >> 20);
+        let title = format!("hvrun: {}", bundle.dir().display());
+        return super::window::run(&config, &title, &control);
+    }
     let (machine, queue): (Arc<Machine>, _) = machine(&config);
     log::info!("booting macOS on vz with {} vCPU(s) and {} MiB", meta.cpus, meta.memory >> 20);
     start_and_watch(machine, &queue, &control)

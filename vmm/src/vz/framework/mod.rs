@@ -7,6 +7,7 @@
 
 pub mod linux;
 pub mod mac;
+mod window;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
