@@ -159,15 +159,36 @@ type Ready = Box<dyn FnOnce() -> Result<ExitReason, Error> + Send>;
 /// this Mac's limits now, the machine started by the run.
 #[cfg(target_os = "macos")]
 fn build_vz(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, Error> {
+    use crate::config::ConsoleConfig;
+    use crate::console::{self, InputTarget, RawTerminal};
     // The framework has no serial port: the embedder's serial writer has nothing to carry.
-    // An embedder's console takes the place of the configuration's.
+    let Io { mut console, .. } = io;
+    let mut terminal = None;
+    if console.is_none() && config.console == ConsoleConfig::Terminal && config.console_stdin {
+        // The terminal goes through hvrun, as on the other backends: raw mode, and
+        // Ctrl-A X to quit; the framework reads the other end of a pipe.
+        let fail = |e: std::io::Error| Error::Console(e.to_string());
+        let (sender, receiver) = mio::unix::pipe::new().map_err(fail)?;
+        sender.set_nonblocking(false).map_err(fail)?;
+        receiver.set_nonblocking(false).map_err(fail)?;
+        let raw = RawTerminal::enter().map_err(fail)?;
+        let pipe = std::fs::File::from(std::os::fd::OwnedFd::from(sender));
+        console::spawn_input(Box::new(std::io::stdin()), InputTarget::Pipe(pipe), control.clone(), raw.is_some());
+        let input = std::fs::File::from(std::os::fd::OwnedFd::from(receiver));
+        console = Some(ConsoleIo { input: Some(Box::new(input)), output: Box::new(std::io::stdout()) });
+        terminal = raw;
+    }
+    // An embedder's (or the terminal's) console takes the place of the configuration's.
     let mut config = config.clone();
-    if io.console.is_some() {
-        config.console = crate::config::ConsoleConfig::Terminal;
+    if console.is_some() {
+        config.console = ConsoleConfig::Terminal;
         config.console_stdin = false;
     }
     let plan = crate::vz::plan::linux(&config, &crate::vz::framework::limits())?;
-    Ok(Box::new(move || crate::vz::framework::linux::run(&plan, io.console, control)))
+    Ok(Box::new(move || {
+        let _terminal = terminal;
+        crate::vz::framework::linux::run(&plan, console, control)
+    }))
 }
 
 #[cfg(not(target_os = "macos"))]

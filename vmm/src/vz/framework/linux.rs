@@ -8,9 +8,9 @@ use objc2::AnyThread;
 use objc2_foundation::{NSArray, NSFileHandle, NSString};
 use objc2_virtualization::{
     VZDiskImageStorageDeviceAttachment, VZEntropyDeviceConfiguration, VZFileHandleSerialPortAttachment,
-    VZLinuxBootLoader, VZLinuxRosettaDirectoryShare, VZSerialPortConfiguration, VZStorageDeviceConfiguration,
-    VZVirtioBlockDeviceConfiguration, VZVirtioConsoleDeviceSerialPortConfiguration, VZVirtioEntropyDeviceConfiguration,
-    VZVirtioFileSystemDeviceConfiguration, VZVirtualMachineConfiguration,
+    VZLinuxBootLoader, VZLinuxRosettaAvailability, VZLinuxRosettaDirectoryShare, VZSerialPortConfiguration,
+    VZStorageDeviceConfiguration, VZVirtioBlockDeviceConfiguration, VZVirtioConsoleDeviceSerialPortConfiguration,
+    VZVirtioEntropyDeviceConfiguration, VZVirtioFileSystemDeviceConfiguration, VZVirtualMachineConfiguration,
 };
 
 use super::{handle, machine, set_nets, share_devices, start_and_watch, url, vz_error};
@@ -117,6 +117,15 @@ fn configuration(
 
         let mut shares = share_devices(&plan.shares);
         if plan.rosetta {
+            match VZLinuxRosettaDirectoryShare::availability() {
+                VZLinuxRosettaAvailability::Installed => {}
+                VZLinuxRosettaAvailability::NotInstalled => {
+                    return Err(Error::Vz(
+                        "--rosetta: Rosetta is not installed: softwareupdate --install-rosetta".into(),
+                    ))
+                }
+                _ => return Err(Error::Vz("--rosetta: this Mac cannot give Linux guests Rosetta".into())),
+            }
             let rosetta = VZLinuxRosettaDirectoryShare::initWithError(VZLinuxRosettaDirectoryShare::alloc())
                 .map_err(|e| vz_error("--rosetta (is Rosetta installed? softwareupdate --install-rosetta)", &e))?;
             let device = VZVirtioFileSystemDeviceConfiguration::initWithTag(

@@ -28,6 +28,9 @@ use crate::{Error, ExitReason};
 /// The display a macOS guest gets (pixels, and pixels per inch).
 const DISPLAY: (isize, isize, isize) = (1920, 1200, 80);
 
+/// How long loading a restore image (or asking for the latest one) may take.
+const LOAD_LIMIT: Duration = Duration::from_secs(300);
+
 /// What identifies a macOS VM to the framework.
 struct Identity {
     hardware: Retained<VZMacHardwareModel>,
@@ -109,8 +112,16 @@ fn restore_image(ipsw: &Path) -> Result<Retained<VZMacOSRestoreImage>, Error> {
     });
     // SAFETY: a local file URL and a completion block, as the method requires.
     unsafe { VZMacOSRestoreImage::loadFileURL_completionHandler(&url(ipsw), &done) };
+    let deadline = std::time::Instant::now() + LOAD_LIMIT;
     loop {
         std::thread::sleep(Duration::from_millis(100));
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Vz(format!(
+                "restore image {}: not loaded after {} s",
+                ipsw.display(),
+                LOAD_LIMIT.as_secs()
+            )));
+        }
         if let Some(outcome) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return outcome.map_err(|why| Error::Vz(format!("restore image {}: {why}", ipsw.display())));
         }
@@ -134,8 +145,12 @@ fn download_latest(dir: &Path) -> Result<PathBuf, Error> {
     });
     // SAFETY: a completion block, as the method requires.
     unsafe { VZMacOSRestoreImage::fetchLatestSupportedWithCompletionHandler(&done) };
+    let deadline = std::time::Instant::now() + LOAD_LIMIT;
     let remote = loop {
         std::thread::sleep(Duration::from_millis(100));
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Vz(format!("--ipsw latest: no answer after {} s", LOAD_LIMIT.as_secs())));
+        }
         if let Some(outcome) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
             break outcome.map_err(|why| Error::Vz(format!("--ipsw latest: {why}")))?;
         }
