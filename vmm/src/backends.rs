@@ -81,6 +81,15 @@ pub fn open_console_io(io: crate::embed::ConsoleIo) -> Result<(Backend, Option<C
     Ok((Backend::Stream { output, input: Some(receiver) }, Some((reader, File::from(OwnedFd::from(sender))))))
 }
 
+/// A pipe with both ends blocking, as `(write end, read end)`: for threads that pump
+/// bytes between a reader or writer and a consumer that wants a file descriptor.
+pub fn blocking_pipe() -> std::io::Result<(File, File)> {
+    let (sender, receiver) = mio::unix::pipe::new()?;
+    sender.set_nonblocking(false)?;
+    receiver.set_nonblocking(false)?;
+    Ok((File::from(OwnedFd::from(sender)), File::from(OwnedFd::from(receiver))))
+}
+
 /// An embedder's console reader and the pipe to copy it into.
 pub type ConsoleInput = (Box<dyn std::io::Read + Send>, File);
 

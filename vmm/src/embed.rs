@@ -168,13 +168,9 @@ fn build_vz(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, E
         // The terminal goes through hvrun, as on the other backends: raw mode, and
         // Ctrl-A X to quit; the framework reads the other end of a pipe.
         let fail = |e: std::io::Error| Error::Console(e.to_string());
-        let (sender, receiver) = mio::unix::pipe::new().map_err(fail)?;
-        sender.set_nonblocking(false).map_err(fail)?;
-        receiver.set_nonblocking(false).map_err(fail)?;
+        let (pipe, input) = crate::backends::blocking_pipe().map_err(fail)?;
         let raw = RawTerminal::enter().map_err(fail)?;
-        let pipe = std::fs::File::from(std::os::fd::OwnedFd::from(sender));
         console::spawn_input(Box::new(std::io::stdin()), InputTarget::Pipe(pipe), control.clone(), raw.is_some());
-        let input = std::fs::File::from(std::os::fd::OwnedFd::from(receiver));
         console = Some(ConsoleIo { input: Some(Box::new(input)), output: Box::new(std::io::stdout()) });
         terminal = raw;
     }

@@ -14,8 +14,6 @@ use objc2_virtualization::{
 };
 
 use super::{handle, machine, set_nets, share_devices, start_and_watch, url, vz_error};
-use std::os::fd::OwnedFd;
-
 use crate::control::Control;
 use crate::embed::ConsoleIo;
 use crate::vz::plan::{Console, LinuxPlan, ROSETTA_TAG};
@@ -24,13 +22,7 @@ use crate::{Error, ExitReason};
 /// The console's file handles for an embedder's reader and writer: two pipes, each
 /// pumped by a thread of its own (the framework reads and writes file handles only).
 fn embedded_console(io: ConsoleIo) -> Result<(Option<Retained<NSFileHandle>>, Retained<NSFileHandle>), Error> {
-    let pipe = || {
-        let (sender, receiver) = mio::unix::pipe::new().map_err(|e| Error::Console(format!("console pipe: {e}")))?;
-        for end in [sender.set_nonblocking(false), receiver.set_nonblocking(false)] {
-            end.map_err(|e| Error::Console(format!("console pipe: {e}")))?;
-        }
-        Ok::<_, Error>((std::fs::File::from(OwnedFd::from(sender)), std::fs::File::from(OwnedFd::from(receiver))))
-    };
+    let pipe = || crate::backends::blocking_pipe().map_err(|e| Error::Console(format!("console pipe: {e}")));
     let ConsoleIo { input, mut output } = io;
     let (guest_writes, from_guest) = pipe()?;
     let _ = std::thread::Builder::new().name("vz-console-out".into()).spawn(move || {
