@@ -462,7 +462,12 @@ pub const ALL: &[Scenario] = &[
                  check --kernel /guest/vmlinuz --disk /guest/vmlinuz,bogus\n\
                  check --kernel /guest/vmlinuz --backend hvf\n\
                  check --kernel /guest/vmlinuz --net unixgram=/tmp/nobody-listens.sock\n\
-                 check --kernel /guest/vmlinuz --console socket=/guest/vmlinuz",
+                 check --kernel /guest/vmlinuz --console socket=/guest/vmlinuz\n\
+                 check --kernel /guest/vmlinuz --backend vz\n\
+                 check --kernel /guest/vmlinuz --rosetta\n\
+                 check --kernel /guest/vmlinuz --share /tmp:tmp\n\
+                 check macos run --bundle /tmp/no-bundle\n\
+                 check macos install --ipsw /guest/vmlinuz --bundle /tmp/vm",
         exit_code: 0,
         markers: &[
             "[rc=1 lines=1] hvrun: error: kernel /tmp/truncated: is truncated: 100000 bytes, but its PE/COFF header says",
@@ -480,6 +485,11 @@ pub const ALL: &[Scenario] = &[
             "[rc=2 lines=1] hvrun: error: --backend hvf: Hypervisor.framework exists on macOS only",
             "[rc=1 lines=1] hvrun: error: --net unixgram=/tmp/nobody-listens.sock: No such file or directory",
             "[rc=1 lines=1] hvrun: error: console: --console socket=/guest/vmlinuz: exists and is not a socket",
+            "[rc=2 lines=1] hvrun: error: --backend vz: Virtualization.framework exists on macOS only",
+            "[rc=2 lines=1] hvrun: error: --rosetta needs --backend vz (Apple's Virtualization.framework, on macOS)",
+            "[rc=2 lines=1] hvrun: error: --share needs --backend vz",
+            "[rc=1 lines=1] hvrun: error: vz: macOS guests need Apple's Virtualization.framework: run this on a Mac",
+            "[rc=2 lines=1] hvrun: error: --ipsw /guest/vmlinuz: not a restore image",
         ],
         forbidden: &["panicked"],
         timeout_secs: 60,
