@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::irq::IrqLine;
 use crate::warn_ratelimited;
@@ -90,6 +90,34 @@ impl Interrupt {
         self.status.store(0, Ordering::SeqCst);
         self.line.set_level(false);
     }
+}
+
+/// Writes `data` across the chain's leading device-writable buffers; returns how many
+/// bytes it wrote. Stops, with a rate-limited warning naming `device`, at a
+/// device-readable buffer or one outside guest memory: the guest gets what fitted before.
+pub fn write_chain(
+    device: &str,
+    memory: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    data: &[u8],
+) -> usize {
+    let mut written = 0usize;
+    for desc in chain {
+        if written == data.len() {
+            break;
+        }
+        if !desc.is_write_only() {
+            warn_ratelimited!("{device}: device-readable descriptor where the device writes; chain ends");
+            break;
+        }
+        let n = (desc.len() as usize).min(data.len() - written);
+        if memory.write_slice(&data[written..written + n], desc.addr()).is_err() {
+            warn_ratelimited!("{device}: buffer at {:#x} is outside guest memory; chain ends", desc.addr().0);
+            break;
+        }
+        written += n;
+    }
+    written
 }
 
 /// Serves every chain the driver has made available: `serve` handles one and returns how

@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::Backend;
 use crate::virtio::worker::Handler;
-use crate::virtio::{next_chain, notify_driver, GuestMemory, Interrupt};
+use crate::virtio::{next_chain, notify_driver, write_chain, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
 const NAME: &str = "virtio-console";
@@ -141,7 +141,7 @@ impl Port {
             }
             let Some(chain) = next_chain(NAME, rx, memory) else { return };
             let head = chain.head_index();
-            let written = scatter(memory, chain, &self.input[self.input_at..]);
+            let written = write_chain(NAME, memory, chain, &self.input[self.input_at..]);
             self.input_at += written;
             if let Err(e) = rx.add_used(memory, head, written as u32) {
                 warn_ratelimited!("{NAME}: cannot return a buffer: {e}");
@@ -246,28 +246,6 @@ fn collect(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, o
             addr = GuestAddress(addr.0.wrapping_add(n as u64));
         }
     }
-}
-
-/// Writes as much of `data` as fits into the chain's device-writable descriptors;
-/// returns how much did.
-fn scatter(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, data: &[u8]) -> usize {
-    let mut written = 0usize;
-    for desc in chain {
-        if written == data.len() {
-            break;
-        }
-        if !desc.is_write_only() {
-            warn_ratelimited!("{NAME}: device-readable descriptor in the receive queue; chain ends");
-            break;
-        }
-        let n = (desc.len() as usize).min(data.len() - written);
-        if memory.write_slice(&data[written..written + n], desc.addr()).is_err() {
-            warn_ratelimited!("{NAME}: buffer at {:#x} is outside guest memory; chain ends", desc.addr().0);
-            break;
-        }
-        written += n;
-    }
-    written
 }
 
 impl Handler for Port {

@@ -13,7 +13,7 @@ use super::backend::{NetBackend, VNET_HDR_LEN};
 use super::QUEUE_SIZE;
 use crate::virtio::iovec::GuestIovecs;
 use crate::virtio::worker::Handler;
-use crate::virtio::{next_chain, notify_driver, GuestMemory, Interrupt};
+use crate::virtio::{next_chain, notify_driver, write_chain, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
 const NAME: &str = "virtio-net";
@@ -197,7 +197,8 @@ impl Frames {
         for (chain, capacity) in picked {
             let head = chain.head_index();
             let n = capacity.min(len - at);
-            scatter(memory, chain, &self.rx_buf[at..at + n]);
+            // Within the capacity checked above, so it all fits.
+            write_chain(NAME, memory, chain, &self.rx_buf[at..at + n]);
             at += n;
             if let Err(e) = rx.add_used(memory, head, n as u32) {
                 warn_ratelimited!("{NAME}: cannot return a buffer: {e}");
@@ -218,22 +219,6 @@ fn capacity(memory: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>)
         total = total.saturating_add(desc.len() as usize);
     }
     total
-}
-
-/// Writes `data` across the chain's descriptors (already checked by [`capacity`]).
-fn scatter(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, data: &[u8]) {
-    let mut at = 0usize;
-    for desc in chain {
-        if at == data.len() {
-            break;
-        }
-        let n = (desc.len() as usize).min(data.len() - at);
-        if memory.write_slice(&data[at..at + n], desc.addr()).is_err() {
-            warn_ratelimited!("{NAME}: receive buffer at {:#x} went away", desc.addr().0);
-            return;
-        }
-        at += n;
-    }
 }
 
 /// Copies a transmit chain (header and frame) into `buf`; `None` for a chain that is
