@@ -134,7 +134,8 @@ where
     }))
 }
 
-/// One thread per vCPU, created one at a time in index order; returns when all end.
+/// One thread per vCPU; returns when all end. (A backend that needs its vCPUs created
+/// in index order, as KVM does, orders the creation itself.)
 fn run_vcpus<V: Vm>(
     vm: &V,
     cpus: u32,
@@ -148,7 +149,6 @@ fn run_vcpus<V: Vm>(
     std::thread::scope(|scope| {
         for index in 0..cpus {
             let all_created = &all_created;
-            let (created, my_turn_done) = std::sync::mpsc::sync_channel::<()>(1);
             let spawned = std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(scope, move || {
                 let vcpu = vm.create_vcpu(index).and_then(|mut vcpu| {
                     if index == 0 {
@@ -158,7 +158,6 @@ fn run_vcpus<V: Vm>(
                     }
                     Ok(vcpu)
                 });
-                let _ = created.send(());
                 // Every vCPU exists before any runs: CPU_ON can only target one that does.
                 all_created.pass();
                 let mut vcpu = match vcpu {
@@ -185,14 +184,6 @@ fn run_vcpus<V: Vm>(
                 }
                 break;
             }
-            // vCPUs are created one at a time, in index order, so that each one's place in
-            // the hypervisor's creation order is its index. Linux 6.1's KVM needs that
-            // with its vGIC: the timer injects into `kvm_get_vcpu(kvm, vcpu->vcpu_id)`
-            // (arch/arm64/kvm/arch_timer.c), a lookup by creation order with the id, so a
-            // vCPU created out of turn gets another's timer interrupts (seen in the rig:
-            // no timer interrupts on the vCPUs created out of order). The wait ends when
-            // the thread has created its vCPU, or has died trying.
-            let _ = my_turn_done.recv();
         }
     });
 }

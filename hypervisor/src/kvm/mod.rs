@@ -14,7 +14,8 @@
 mod gic;
 mod kick;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_userspace_memory_region, kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_SYSTEM_EVENT_CRASH,
@@ -84,7 +85,8 @@ impl crate::Hypervisor for Kvm {
             vm: Arc::new(vm),
             target,
             memory: Vec::new(),
-            created: Mutex::new(0),
+            created: Mutex::new(Creation::default()),
+            turn: Condvar::new(),
             vcpus: config.vcpus,
             user_irq,
             gic: None,
@@ -99,9 +101,11 @@ pub struct KvmVm {
     target: kvm_vcpu_init,
     /// Keeps the mapped host memory alive as long as KVM may reach it.
     memory: Vec<Arc<GuestRam>>,
-    /// How many vCPUs KVM has created: held while creating one, so each vCPU knows its
-    /// place in KVM's creation order (see [`crate::Vm::create_vcpu`] below).
-    created: Mutex<u32>,
+    /// Which vCPU's turn it is to be created (see `create_vcpu` below): KVM's creation
+    /// order must be the index order.
+    created: Mutex<Creation>,
+    /// Wakes the vCPU whose turn has come.
+    turn: Condvar,
     /// How many vCPUs the VM will have.
     vcpus: u32,
     /// Whether KVM reports timer levels to userspace (needed without an in-kernel GIC).
@@ -153,6 +157,16 @@ impl crate::Vm for KvmVm {
         Ok(Arc::new(gic::Spis(Arc::clone(&self.vm))))
     }
 
+    /// Creates vCPU `index` once vCPUs `0..index` exist (waiting for their threads, at
+    /// most [`TURN_WAIT`]), so that KVM's creation order is the index order. KVM needs
+    /// that twice over:
+    /// - `KVM_IRQ_LINE` names a vCPU by its position in the creation order
+    ///   (`kvm_get_vcpu(kvm, vcpu_idx)` in arch/arm64/kvm/arm.c), not by the id given to
+    ///   KVM_CREATE_VCPU. When vCPU 1's thread won the race, its interrupts went to vCPU
+    ///   0 and vice versa (the "lost IPIs" and "IAR storms" of issue 3);
+    /// - Linux 6.1's vGIC injects a vCPU's timer into `kvm_get_vcpu(kvm, vcpu->vcpu_id)`
+    ///   (arch/arm64/kvm/arch_timer.c), again a lookup by position with the id: a vCPU
+    ///   created out of turn got another's timer interrupts, or none (seen in the rig).
     fn create_vcpu(&self, index: u32) -> Result<KvmVcpu> {
         if self.gic.is_none() && !self.user_irq {
             return Err(Error::Unsupported(
@@ -161,36 +175,58 @@ impl crate::Vm for KvmVm {
                     .into(),
             ));
         }
-        // KVM_IRQ_LINE names a vCPU by its position in KVM's creation order
-        // (`kvm_get_vcpu(kvm, vcpu_idx)` in arch/arm64/kvm/arm.c), not by the id given to
-        // KVM_CREATE_VCPU. Each vCPU thread creates its own vCPU, in whatever order the
-        // threads run, so the two differ whenever vCPU 1's thread wins the race: its
-        // interrupts then went to vCPU 0 and vice versa (the "lost IPIs" and "IAR storms"
-        // of issue 3). Creating under a lock and counting gives each vCPU its position.
-        // (The VMM also creates vCPUs in index order, which the vGIC needs on Linux 6.1;
-        // the position keeps the IRQ line right whatever the order.)
-        let mut created = self.created.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let created = self.created.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (mut created, waited) = self
+            .turn
+            .wait_timeout_while(created, TURN_WAIT, |c| !c.failed && c.next != index)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if created.failed || waited.timed_out() {
+            return Err(Error::Unsupported(format!("vCPU {index}: the vCPUs before it were not created")));
+        }
+        let made = self.make_vcpu(index, created.next + 1 == self.vcpus);
+        // Whatever happened, the next vCPU's turn has come; after a failure, it fails too.
+        created.next += 1;
+        created.failed |= made.is_err();
+        self.turn.notify_all();
+        drop(created);
+        let fd = made?;
+        let irq_line =
+            cpu_irq_line(index).ok_or_else(|| Error::Unsupported(format!("no IRQ line for vCPU {index}")))?;
+        let kicker = Arc::new(kick::ThreadKicker::for_current_thread());
+        let mut vcpu = KvmVcpu { fd, kicker, vm: Arc::clone(&self.vm), irq_line };
+        kick::register(vcpu.fd.get_kvm_run());
+        Ok(vcpu)
+    }
+}
+
+/// How long a vCPU waits for the ones before it to be created.
+const TURN_WAIT: Duration = Duration::from_secs(30);
+
+/// Where vCPU creation stands.
+#[derive(Debug, Default)]
+struct Creation {
+    /// The index of the next vCPU to create.
+    next: u32,
+    /// A creation failed: the ones after it cannot keep the order, so they fail too.
+    failed: bool,
+}
+
+impl KvmVm {
+    /// Creates and initialises vCPU `index` in KVM, in its turn; the `last` one finishes
+    /// the vGIC: every vCPU exists then and, since the VMM runs none before all are
+    /// created, none has run.
+    fn make_vcpu(&self, index: u32, last: bool) -> Result<VcpuFd> {
         let fd = self.vm.create_vcpu(u64::from(index)).map_err(platform("KVM_CREATE_VCPU"))?;
-        let position = *created;
-        *created += 1;
         let mut init = self.target;
         init.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
         if index > 0 {
             init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
         }
         fd.vcpu_init(&init).map_err(platform("KVM_ARM_VCPU_INIT"))?;
-        // The last vCPU finishes the vGIC, still under the lock: every vCPU exists and,
-        // since the VMM runs none before all are created, none has run.
-        if let (Some(gic), true) = (&self.gic, *created == self.vcpus) {
+        if let (Some(gic), true) = (&self.gic, last) {
             gic::init(gic)?;
         }
-        drop(created);
-        let irq_line =
-            cpu_irq_line(position).ok_or_else(|| Error::Unsupported(format!("no IRQ line for vCPU {index}")))?;
-        let kicker = Arc::new(kick::ThreadKicker::for_current_thread());
-        let mut vcpu = KvmVcpu { fd, kicker, vm: Arc::clone(&self.vm), irq_line };
-        kick::register(vcpu.fd.get_kvm_run());
-        Ok(vcpu)
+        Ok(fd)
     }
 }
 
