@@ -225,6 +225,9 @@ impl Rig {
             .arg("-cpu")
             .arg(std::env::var("HVRUN_RIG_CPU").unwrap_or_else(|_| "max,pauth-impdef=on".into()))
             .args(["-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
+            // No default NIC: the rig needs none, and its option ROM (efi-virtio.rom)
+            // comes from a package that a `--no-install-recommends` setup leaves out.
+            .args(["-nic", "none"])
             .args(std::env::var("HVRUN_RIG_QEMU_ARGS").unwrap_or_default().split_whitespace())
             .arg("-kernel")
             .arg(&self.kernel)

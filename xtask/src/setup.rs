@@ -9,7 +9,10 @@ pub const PACKAGES: &[&str] = &[
     "qemu-system-arm",       // the rig: qemu-system-aarch64
     "qemu-user-static",      // unit tests compiled for arm64, run under emulation
     "gcc-aarch64-linux-gnu", // cross linker and assembler
-    "rustc-web",             // a Rust whose std sources ship (for -Zbuild-std)
+    // Only recommended by gcc-aarch64-linux-gnu, so `--no-install-recommends` leaves it
+    // out: arm64 libc headers and static libc, for the guest tools and static Rust links.
+    "libc6-dev-arm64-cross",
+    "rustc-web", // a Rust whose std sources ship (for -Zbuild-std)
     "cargo-web",
     "rust-web-src",
     "rust-web-clippy",
