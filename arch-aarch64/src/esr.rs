@@ -12,6 +12,8 @@ pub const EC_HVC64: u8 = 0x16;
 pub const EC_SMC64: u8 = 0x17;
 /// Exception class: MSR, MRS or system instruction from AArch64.
 pub const EC_SYSREG: u8 = 0x18;
+/// Exception class: instruction abort from a lower exception level.
+pub const EC_IABT_LOW: u8 = 0x20;
 /// Exception class: data abort from a lower exception level.
 pub const EC_DABT_LOW: u8 = 0x24;
 
@@ -20,6 +22,9 @@ pub const EC_DABT_LOW: u8 = 0x24;
 pub enum Syndrome {
     /// A data abort: an access to an address with no memory behind it (MMIO).
     DataAbort(DataAbort),
+    /// An instruction abort: the guest fetched an instruction from an address with no
+    /// memory behind it.
+    InstructionAbort,
     /// HVC with its immediate; the return address is already past the instruction.
     Hvc(u16),
     /// SMC with its immediate; the return address is the SMC itself.
@@ -150,6 +155,7 @@ pub fn decode(esr: u64) -> Syndrome {
             });
             Syndrome::DataAbort(DataAbort { access, cache_maintenance: bit(8), stage1_walk: bit(7), write })
         }
+        EC_IABT_LOW => Syndrome::InstructionAbort,
         EC_HVC64 => Syndrome::Hvc(iss as u16),
         EC_SMC64 => Syndrome::Smc(iss as u16),
         EC_WFX => Syndrome::Wait(match iss & 3 {

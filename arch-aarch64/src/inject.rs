@@ -19,8 +19,8 @@ pub const VBAR_EL1: SysReg = SysReg::new(3, 0, 12, 0, 0);
 pub const PSTATE_EL1H_MASKED: u64 = 0x3c5;
 /// ESR IL bit: the trapped instruction was 32 bits long.
 const IL: u64 = 1 << 25;
-/// Data fault status code: synchronous external abort, not on a table walk.
-const DFSC_EXTERNAL: u64 = 0x10;
+/// Data and instruction fault status code: synchronous external abort, not on a table walk.
+const FSC_EXTERNAL: u64 = 0x10;
 
 /// The exception to inject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +31,12 @@ pub enum Fault {
         far: u64,
         /// Whether the access was a write.
         write: bool,
+    },
+    /// A synchronous external abort on an instruction fetch from virtual address `far`
+    /// (a prefetch abort).
+    InstructionAbort {
+        /// The faulting virtual address (FAR_EL1).
+        far: u64,
     },
     /// An undefined instruction.
     Undefined,
@@ -68,7 +74,11 @@ pub fn take(fault: Fault, pc: u64, pstate: u64, vbar: u64) -> Entry {
     let (esr, far) = match fault {
         Fault::DataAbort { far, write } => {
             let ec: u64 = if from_el1 { 0x25 } else { 0x24 };
-            ((ec << 26) | IL | (u64::from(write) << 6) | DFSC_EXTERNAL, Some(far))
+            ((ec << 26) | IL | (u64::from(write) << 6) | FSC_EXTERNAL, Some(far))
+        }
+        Fault::InstructionAbort { far } => {
+            let ec: u64 = if from_el1 { 0x21 } else { 0x20 };
+            ((ec << 26) | IL | FSC_EXTERNAL, Some(far))
         }
         Fault::Undefined => (IL, None),
     };
@@ -88,6 +98,15 @@ mod tests {
         assert_eq!(e.esr & 0x3f, 0x10, "synchronous external abort");
         assert_ne!(e.esr & (1 << 6), 0, "WnR");
         assert_eq!(e.far, Some(0xffff_0000_0a00_0000));
+    }
+
+    #[test]
+    fn a_prefetch_abort_names_the_fetch_address() {
+        let kernel = take(Fault::InstructionAbort { far: 0x0a00_0000 }, 0x0a00_0000, 0x3c5, 0x8000);
+        assert_eq!((kernel.pc, kernel.esr >> 26, kernel.esr & 0x3f), (0x8200, 0x21, 0x10), "same EL");
+        assert_eq!((kernel.elr, kernel.far), (0x0a00_0000, Some(0x0a00_0000)));
+        let user = take(Fault::InstructionAbort { far: 0x1000 }, 0x1000, 0x0, 0x8000);
+        assert_eq!((user.pc, user.esr >> 26), (0x8400, 0x20), "from EL0");
     }
 
     #[test]

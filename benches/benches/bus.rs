@@ -6,13 +6,14 @@ use std::sync::{Arc, Mutex};
 use criterion::{criterion_group, criterion_main, Criterion};
 use devices::bus::MmioBus;
 use devices::irq::NoIrq;
-use devices::pl011::Pl011;
+use devices::output::Output;
+use devices::pl011::{Pl011, OUTPUT_BUFFER};
 
 /// A bus with 16 devices, like a machine with a few virtio slots, the UART in the middle.
 fn bus() -> MmioBus {
     let mut bus = MmioBus::new();
     for i in 0..16u64 {
-        let uart = Pl011::new(Box::new(std::io::sink()), Arc::new(NoIrq));
+        let uart = Pl011::new(Output::new("serial-out", Box::new(std::io::sink()), OUTPUT_BUFFER), Arc::new(NoIrq));
         bus.insert(0x0900_0000 + i * 0x1000, 0x1000, Arc::new(Mutex::new(uart))).unwrap();
     }
     bus

@@ -6,9 +6,10 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use guest_memory::GuestMemoryMmap;
 use hvrun_benches::{Ring, DATA};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 const SIZE: u16 = 256;
 const DESC: u64 = 0x1_0000;

@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::io::Write;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use devices::virtio::console::{Backend, Console, TX_QUEUE};
+use devices::virtio::console::{stream_output, Backend, Console, TX_QUEUE};
 use hvrun_benches::{Driver, DATA};
 
 /// Buffers per iteration.
@@ -33,7 +33,7 @@ fn virtio_console(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("virtio-console/{name}x{BATCH}"));
         group.throughput(Throughput::Bytes(u64::from(size) * u64::from(BATCH)));
         let output = Box::new(Copying(Vec::with_capacity(1 << 17)));
-        let console = Console::new(Backend::Stream { output, input: None });
+        let console = Console::new(Backend::Stream { output: stream_output(output), input: None });
         let mut driver = Driver::start(Box::new(console), 2, 256, 4 << 20);
         let q = usize::from(TX_QUEUE);
         group.bench_function(BenchmarkId::new("hvrun", "output"), |b| {

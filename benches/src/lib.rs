@@ -12,7 +12,8 @@ use devices::bus::MmioDeviceMut;
 use devices::irq::NoIrq;
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::{Interrupt, VirtioDevice};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use guest_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 /// Guest memory a device can hold.
 pub struct Mem(pub GuestMemoryMmap);

@@ -10,7 +10,9 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod gic;
+pub mod host_file;
 pub mod irq;
+pub mod output;
 pub mod pl011;
 pub mod pl031;
 pub mod ratelimit;

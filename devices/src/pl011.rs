@@ -1,6 +1,8 @@
 //! An Arm PrimeCell PL011 UART (ARM DDI 0183).
 //!
-//! Transmitted bytes go straight to a host sink, so the transmit FIFO is always empty.
+//! Transmitted bytes go to an [`Output`], whose own thread writes them to the host: the
+//! transmit FIFO is always empty, and a vCPU never waits for the host's terminal (when
+//! the host stops taking output, it is dropped, counted and reported).
 //! Received bytes are queued in a FIFO of the architected depth (32 entries with
 //! `LCR_H.FEN`, 1 without) by whoever feeds host input in ([`Pl011::enqueue_input`]
 //! accepts only what fits, so the feeder holds the rest and never blocks the guest).
@@ -15,11 +17,11 @@
 //! through the PrimeCell ID registers at the end of its 4 KiB window.
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::sync::Arc;
 
 use crate::bus::{read_le, write_le, MmioDeviceMut};
 use crate::irq::IrqLine;
+use crate::output::Output;
 
 const DR: u64 = 0x000;
 const RSR_ECR: u64 = 0x004;
@@ -61,10 +63,12 @@ const INT_ALL: u32 = 0x7ff;
 /// Depth of the receive FIFO when FIFOs are enabled.
 pub const FIFO_DEPTH: usize = 32;
 
+/// How much transmitted output waits for the host before bytes are dropped.
+pub const OUTPUT_BUFFER: usize = 64 * 1024;
+
 /// A PL011 UART.
 pub struct Pl011 {
-    out: Box<dyn Write + Send>,
-    out_failed: bool,
+    out: Output,
     irq: Arc<dyn IrqLine>,
     irq_level: bool,
     rx: VecDeque<u8>,
@@ -88,10 +92,9 @@ impl std::fmt::Debug for Pl011 {
 
 impl Pl011 {
     /// A UART writing guest output to `out` and raising `irq`.
-    pub fn new(out: Box<dyn Write + Send>, irq: Arc<dyn IrqLine>) -> Self {
+    pub fn new(out: Output, irq: Arc<dyn IrqLine>) -> Self {
         Pl011 {
             out,
-            out_failed: false,
             irq,
             irq_level: false,
             rx: VecDeque::with_capacity(FIFO_DEPTH),
@@ -171,13 +174,13 @@ impl Pl011 {
     }
 
     fn transmit(&mut self, byte: u8) {
-        if !self.out_failed {
-            if let Err(e) = self.out.write_all(&[byte]).and_then(|()| self.out.flush()) {
-                log::warn!("pl011: console output failed, dropping further output: {e}");
-                self.out_failed = true;
-            }
-        }
+        self.out.write(&[byte]);
         self.latched |= INT_TX;
+    }
+
+    /// Waits until the output written so far has reached the host, at most `timeout`.
+    pub fn flush_output(&self, timeout: std::time::Duration) -> bool {
+        self.out.flush(timeout)
     }
 
     fn read_reg(&mut self, reg: u64) -> u32 {
@@ -265,10 +268,14 @@ mod tests {
     use super::*;
     use crate::testing::{Line, Sink};
 
+    fn output(writer: impl std::io::Write + Send + 'static) -> Output {
+        Output::new("test-serial", Box::new(writer), OUTPUT_BUFFER)
+    }
+
     fn uart() -> (Pl011, Sink, Arc<Line>) {
         let sink = Sink::default();
         let line = Arc::new(Line::default());
-        (Pl011::new(Box::new(sink.clone()), line.clone()), sink, line)
+        (Pl011::new(output(sink.clone()), line.clone()), sink, line)
     }
 
     fn r32(u: &mut Pl011, offset: u64) -> u32 {
@@ -293,6 +300,7 @@ mod tests {
         let (mut u, sink, _) = uart();
         u.write(0, DR, b"h");
         w32(&mut u, DR, u32::from(b'i'));
+        assert!(u.flush_output(std::time::Duration::from_secs(10)));
         assert_eq!(sink.0.lock().unwrap().as_slice(), b"hi");
         assert_eq!(r32(&mut u, FR) & (FR_TXFE | FR_TXFF | FR_RXFE), FR_TXFE | FR_RXFE);
     }
@@ -377,10 +385,38 @@ mod tests {
         assert_eq!(h, [0x34, 0x12]);
     }
 
+    /// Issue 12, hole 6: each byte went to the host writer on the vCPU's thread, under
+    /// the device's lock: a terminal that stopped taking output froze the vCPU. Now a
+    /// writer that never returns costs at most the buffer, and the guest writes on.
     #[test]
-    fn failing_output_is_reported_once_and_dropped() {
+    fn a_host_that_stops_reading_never_blocks_the_guest() {
+        struct Stuck;
+        impl std::io::Write for Stuck {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                loop {
+                    std::thread::park();
+                }
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut u = Pl011::new(output(Stuck), Arc::new(crate::irq::NoIrq));
+            for _ in 0..200_000 {
+                u.write(0, DR, b"x");
+            }
+            let _ = done.send(());
+            std::mem::forget(u);
+        });
+        assert!(finished.recv_timeout(std::time::Duration::from_secs(10)).is_ok(), "the guest's writes blocked");
+    }
+
+    #[test]
+    fn failing_output_is_dropped() {
         struct Broken;
-        impl Write for Broken {
+        impl std::io::Write for Broken {
             fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
                 Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
             }
@@ -388,9 +424,9 @@ mod tests {
                 Ok(())
             }
         }
-        let mut u = Pl011::new(Box::new(Broken), Arc::new(crate::irq::NoIrq));
+        let mut u = Pl011::new(output(Broken), Arc::new(crate::irq::NoIrq));
         u.write(0, DR, b"a");
         u.write(0, DR, b"b");
-        assert!(u.out_failed);
+        assert!(u.flush_output(std::time::Duration::from_secs(10)), "a failed writer is skipped, not waited for");
     }
 }

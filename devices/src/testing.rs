@@ -43,3 +43,71 @@ impl Write for Sink {
         Ok(())
     }
 }
+
+/// The bytes this thread has allocated and not freed since it started (frees made by
+/// other threads are not counted): for tests that a guest cannot make a device grow the
+/// VMM's memory. Counted by this crate's test allocator.
+pub fn allocated_here() -> isize {
+    ALLOCATED.with(std::cell::Cell::get)
+}
+
+thread_local! {
+    static ALLOCATED: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+}
+
+/// The system allocator, counting per thread for [`allocated_here`].
+struct Counting;
+
+// SAFETY: every call goes to the system allocator unchanged; the bookkeeping is a
+// thread-local counter with no destructor, which never allocates.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATED.with(|a| a.set(a.get() + layout.size() as isize));
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        ALLOCATED.with(|a| a.set(a.get() - layout.size() as isize));
+        // SAFETY: as above; `ptr` came from `alloc` with this layout.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        ALLOCATED.with(|a| a.set(a.get() + new_size as isize - layout.size() as isize));
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+thread_local! {
+    static VIRTIO_QUEUE_LINES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts, per thread, the log lines `virtio-queue` emits of its own.
+struct CrateLines;
+
+impl log::Log for CrateLines {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if record.target().starts_with("virtio_queue") {
+            VIRTIO_QUEUE_LINES.with(|n| n.set(n.get() + 1));
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// How many log lines `virtio-queue` has emitted on this thread (installing the counting
+/// logger for this test binary the first time).
+pub fn virtio_queue_lines_here() -> usize {
+    static LOGGER: CrateLines = CrateLines;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    VIRTIO_QUEUE_LINES.with(std::cell::Cell::get)
+}

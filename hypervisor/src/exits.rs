@@ -42,6 +42,13 @@ pub enum Decision {
         /// The faulting address.
         addr: u64,
     },
+    /// Make the guest take a prefetch abort (a synchronous external abort on an
+    /// instruction fetch): it jumped to an address no RAM backs. The guest's kernel
+    /// reports it; the VMM keeps running.
+    InjectInstructionAbort {
+        /// The faulting address.
+        addr: u64,
+    },
     /// Make the guest take an undefined-instruction exception (an unknown system
     /// register, an SMCCC conduit the guest should not use).
     InjectUndef,
@@ -56,7 +63,10 @@ impl Decision {
         match self {
             Decision::Mmio { .. } | Decision::WaitForInterrupt | Decision::Skip | Decision::ReadZero { .. } => true,
             Decision::Psci { smc } => *smc,
-            Decision::InjectDataAbort { .. } | Decision::InjectUndef | Decision::Unhandled(_) => false,
+            Decision::InjectDataAbort { .. }
+            | Decision::InjectInstructionAbort { .. }
+            | Decision::InjectUndef
+            | Decision::Unhandled(_) => false,
         }
     }
 }
@@ -65,6 +75,7 @@ impl Decision {
 pub fn decide(esr: u64, ipa: u64) -> Decision {
     match esr::decode(esr) {
         Syndrome::DataAbort(abort) => data_abort(abort, ipa),
+        Syndrome::InstructionAbort => Decision::InjectInstructionAbort { addr: ipa },
         Syndrome::Hvc(_) => Decision::Psci { smc: false },
         Syndrome::Smc(_) => Decision::Psci { smc: true },
         Syndrome::Wait(Wait::Wfi | Wait::Wfit) => Decision::WaitForInterrupt,
@@ -154,6 +165,15 @@ mod tests {
         assert_eq!(decide(trap(3, 0, 12, 12, 0, 0, true), 0), Decision::InjectUndef, "mrs x0, icc_iar1_el1");
         assert_eq!(decide(trap(3, 3, 15, 2, 0, 0, false), 0), Decision::InjectUndef, "an IMPDEF register");
         assert!(!Decision::InjectUndef.steps_pc());
+    }
+
+    /// Issue 12, hole 4: a guest jumping to an address no RAM backs ended the run.
+    #[test]
+    fn an_instruction_fetch_from_mmio_is_a_prefetch_abort_for_the_guest() {
+        use arch_aarch64::esr::EC_IABT_LOW;
+        let d = decide(ec(EC_IABT_LOW) | (1 << 25) | 0x10, 0x0a00_0000);
+        assert_eq!(d, Decision::InjectInstructionAbort { addr: 0x0a00_0000 });
+        assert!(!d.steps_pc());
     }
 
     #[test]

@@ -18,13 +18,12 @@ use std::sync::Arc;
 
 pub use arch_aarch64::layout::{GicV3Layout, GicV3Needs};
 pub use arch_aarch64::sysreg::SysReg;
-pub use memory::GuestRam;
+pub use guest_memory::{GuestMemoryMmap, GuestRam};
 
 pub mod exits;
 #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
 pub mod kvm;
 pub mod kvm_regs;
-pub mod memory;
 pub mod raw;
 
 #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
@@ -57,6 +56,12 @@ pub enum Error {
         /// Why it cannot be mapped.
         why: &'static str,
     },
+}
+
+impl From<guest_memory::Error> for Error {
+    fn from(e: guest_memory::Error) -> Self {
+        Error::Memory { addr: e.addr, size: e.size, why: e.why }
+    }
 }
 
 /// Result type of this crate.

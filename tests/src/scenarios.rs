@@ -108,6 +108,18 @@ pub const ALL: &[Scenario] = &[
         outer_gic: OuterGic::V2,
     },
     Scenario {
+        name: "mmio-aborts",
+        about: "load/store pairs, writeback loads and instruction fetches on MMIO are aborts for the guest, not the end of the VM",
+        artifacts: &["mmio-aborts.bin"],
+        script: "/bin/hvrun --kernel /guest/mmio-aborts.bin --memory 64M 2>&1; echo \"hvrun exit $?\"",
+        exit_code: 0,
+        markers: &["mmio-aborts: 3 data aborts and 1 prefetch abort taken", "hvrun exit 0"],
+        forbidden: &["FAIL", "hvrun: error", "panicked"],
+        timeout_secs: 60,
+        exchange: None,
+        outer_gic: OuterGic::V2,
+    },
+    Scenario {
         name: "missing-kernel",
         about: "a kernel path that does not exist gets one clear error line and a non-zero exit",
         artifacts: &[],
@@ -467,7 +479,12 @@ pub const ALL: &[Scenario] = &[
                  check --kernel /guest/vmlinuz --rosetta\n\
                  check --kernel /guest/vmlinuz --share /tmp:tmp\n\
                  check macos run --bundle /tmp/no-bundle\n\
-                 check macos install --ipsw /guest/vmlinuz --bundle /tmp/vm",
+                 check macos install --ipsw /guest/vmlinuz --bundle /tmp/vm\n\
+                 mkfifo /tmp/fifo\n\
+                 check --kernel /tmp/fifo\n\
+                 check --kernel /guest/vmlinuz --initrd /tmp/fifo\n\
+                 check --kernel /guest/vmlinuz --disk /tmp/fifo,readonly\n\
+                 check --kernel /guest/vmlinuz --console file=/tmp/fifo",
         exit_code: 0,
         markers: &[
             "[rc=1 lines=1] hvrun: error: kernel /tmp/truncated: is truncated: 100000 bytes, but its PE/COFF header says",
@@ -490,6 +507,11 @@ pub const ALL: &[Scenario] = &[
             "[rc=2 lines=1] hvrun: error: --share needs --backend vz",
             "[rc=1 lines=1] hvrun: error: vz: macOS guests need Apple's Virtualization.framework: run this on a Mac",
             "[rc=2 lines=1] hvrun: error: --ipsw /guest/vmlinuz: not a restore image",
+            // A FIFO where a file belongs: refused at once, never a hang (issue 12, hole 8).
+            "[rc=1 lines=1] hvrun: error: cannot read kernel /tmp/fifo: a FIFO, not a regular file",
+            "[rc=1 lines=1] hvrun: error: cannot read initrd /tmp/fifo: a FIFO, not a regular file",
+            "[rc=1 lines=1] hvrun: error: cannot read disk /tmp/fifo: a FIFO, not a regular file",
+            "[rc=1 lines=1] hvrun: error: console: --console file=/tmp/fifo: a FIFO that nobody reads",
         ],
         forbidden: &["panicked"],
         timeout_secs: 60,

@@ -105,7 +105,10 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
 
     // From another thread, as an embedder's UI would.
     let pauser = handle.clone();
-    std::thread::spawn(move || pauser.pause()).join().map_err(|_| "pause panicked")?;
+    std::thread::spawn(move || pauser.pause())
+        .join()
+        .map_err(|_| "pause panicked")?
+        .map_err(|e| format!("pause failed: {e}"))?;
     let at_pause = output.count("tick");
     std::thread::sleep(Duration::from_secs(2));
     let during = output.count("tick") - at_pause;

@@ -7,9 +7,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use std::os::fd::FromRawFd;
-
-use devices::virtio::console::Backend;
+use devices::virtio::console::{stream_output, Backend};
 use devices::virtio::net::backend::{NetBackend, Unixgram, Unixstream};
 use devices::virtio::net::{mac_from_seed, Mac};
 use mio::net::UnixListener;
@@ -53,11 +51,12 @@ pub fn open_console(config: &ConsoleConfig, stdin: bool) -> Result<OpenConsole, 
             } else {
                 None
             };
-            open.backend = Some(Backend::Stream { output: Box::new(std::io::stdout()), input });
+            open.backend = Some(Backend::Stream { output: stream_output(Box::new(std::io::stdout())), input });
         }
         ConsoleConfig::File(path) => {
-            let file = File::create(path).map_err(|e| console_error(&format!("file={}", path.display()), e))?;
-            open.backend = Some(Backend::Stream { output: Box::new(file), input: None });
+            let file = devices::host_file::open_output(path)
+                .map_err(|e| console_error(&format!("file={}", path.display()), e))?;
+            open.backend = Some(Backend::Stream { output: stream_output(Box::new(file)), input: None });
         }
         ConsoleConfig::Socket(path) => {
             let what = format!("socket={}", path.display());
@@ -75,6 +74,7 @@ pub fn open_console(config: &ConsoleConfig, stdin: bool) -> Result<OpenConsole, 
 /// it into, the device reading the other end.
 pub fn open_console_io(io: crate::embed::ConsoleIo) -> Result<(Backend, Option<ConsoleInput>), Error> {
     let crate::embed::ConsoleIo { input, output } = io;
+    let output = stream_output(output);
     let Some(reader) = input else { return Ok((Backend::Stream { output, input: None }, None)) };
     let (sender, receiver) = mio::unix::pipe::new().map_err(|e| console_error("input", e))?;
     sender.set_nonblocking(false).map_err(|e| console_error("input", e))?;
@@ -125,14 +125,8 @@ pub fn open_nets(nets: &[NetConfig]) -> Result<Vec<OpenNet>, Error> {
                     )))
                 }
                 NetBackendConfig::Fd(fd) => {
-                    // SAFETY: the user handed us this descriptor to own; F_GETFD checks that it is open
-                    // before we take it.
-                    if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
-                        return Err(fail(std::io::Error::last_os_error(), ""));
-                    }
-                    // SAFETY: the descriptor is open and, per --net fd=N, ours from now on.
-                    let owned = unsafe { OwnedFd::from_raw_fd(*fd) };
-                    Box::new(Unixgram::from_fd(owned).map_err(|e| fail(e, ""))?)
+                    let own = fd.duplicate().map_err(|e| fail(e, ""))?;
+                    Box::new(Unixgram::from_fd(own).map_err(|e| fail(e, ""))?)
                 }
             };
             Ok((backend, net.mac.unwrap_or_else(|| mac_from_seed(&what))))
@@ -184,9 +178,28 @@ mod tests {
         let _peer = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
         let opened = open_nets(std::slice::from_ref(&missing)).unwrap();
         assert_eq!(opened[0].1, mac_from_seed(&missing.mac_seed()));
-        let e = open_nets(&[NetConfig::parse("fd=999").unwrap()]).err().unwrap().to_string();
-        assert!(e.contains("fd=999"), "{e}");
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// Issue 12, hole 7: `--net fd=N` became an `OwnedFd` inside this safe function while
+    /// `VmConfig` is `Clone`, so two VMs started from clones of one configuration both
+    /// owned descriptor N and closed it twice. Now the configuration owns it and each VM
+    /// a duplicate.
+    #[test]
+    fn clones_of_a_configuration_share_one_descriptor_and_each_vm_owns_a_duplicate() {
+        let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let net =
+            NetConfig { backend: NetBackendConfig::Fd(crate::config::NetFd::new(OwnedFd::from(ours))), mac: None };
+        let config = crate::VmConfig { nets: vec![net], ..crate::VmConfig::new("Image") };
+        let clone = config.clone();
+        let first = open_nets(&config.nets).unwrap();
+        let second = open_nets(&clone.nets).unwrap();
+        drop((first, second, clone));
+        let mut third = open_nets(&config.nets).unwrap();
+        third[0].0.send(b"still the same socket").unwrap();
+        let mut buf = [0u8; 64];
+        let n = theirs.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"still the same socket");
     }
 
     #[test]

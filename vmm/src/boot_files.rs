@@ -28,11 +28,8 @@ pub struct BootFiles {
 
 fn open(what: &'static str, path: &Path) -> Result<(File, u64), Error> {
     let err = |source| Error::File { what, path: path.to_path_buf(), source };
-    let file = File::open(path).map_err(err)?;
+    let file = devices::host_file::open_regular(path, false).map_err(err)?;
     let meta = file.metadata().map_err(err)?;
-    if !meta.is_file() {
-        return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
-    }
     Ok((file, meta.len()))
 }
 
@@ -75,7 +72,7 @@ mod tests {
         assert_eq!(err.to_string(), "cannot read kernel /nonexistent/Image: No such file or directory (os error 2)");
 
         let err = BootFiles::open(&VmConfig::new("/")).unwrap_err();
-        assert!(err.to_string().contains("not a regular file"), "{err}");
+        assert_eq!(err.to_string(), "cannot read kernel /: a directory, not a regular file");
 
         let short = temp("short", b"MZ");
         let err = BootFiles::open(&VmConfig::new(&short)).unwrap_err();
@@ -97,5 +94,35 @@ mod tests {
         for p in [short, junk, good] {
             std::fs::remove_file(p).unwrap();
         }
+    }
+
+    /// Issue 12, hole 8: a FIFO given as the kernel, the initrd or a read-only disk made
+    /// start-up wait for a writer for ever; each is now one clear error, at once.
+    #[test]
+    fn fifos_where_files_belong_are_refused_at_once() {
+        let fifo = std::env::temp_dir().join(format!("hvrun-test-{}-boot-fifo", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut image = vec![0u8; 4096];
+        image[56..60].copy_from_slice(b"ARMd");
+        let kernel = temp("fifo-test-Image", &image);
+        let configs = [
+            VmConfig::new(&fifo),
+            VmConfig { initrd: Some(fifo.clone()), ..VmConfig::new(&kernel) },
+            VmConfig {
+                disks: vec![crate::config::parse_disk(&format!("{},readonly", fifo.display())).unwrap()],
+                ..VmConfig::new(&kernel)
+            },
+        ];
+        for config in configs {
+            let (done, finished) = std::sync::mpsc::channel();
+            std::thread::spawn(move || done.send(BootFiles::open(&config).map(drop).map_err(|e| e.to_string())));
+            let err = finished.recv_timeout(std::time::Duration::from_secs(10)).expect("open returned").unwrap_err();
+            assert!(err.ends_with("a FIFO, not a regular file"), "{err}");
+        }
+        std::fs::remove_file(fifo).unwrap();
+        std::fs::remove_file(kernel).unwrap();
     }
 }

@@ -1,6 +1,8 @@
 //! A VM's configuration, as the CLI or an embedder gives it, and its validation.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use arch_aarch64::layout::{PAGE_SIZE, RAM_MAX};
 
@@ -55,6 +57,15 @@ pub enum ConfigError {
         "--net {0}: use tap=NAME, unixgram=PATH[,vfkit], unixstream=PATH or fd=N, each with an optional ,mac=XX:XX:XX:XX:XX:XX"
     )]
     BadNet(String),
+    /// `--net fd=N` where nothing can hand descriptor N over (see [`NetConfig::parse_with`]).
+    #[error(
+        "--net fd={0}: an inherited descriptor can be named only on hvrun's command line; \
+         an embedder passes one as NetBackendConfig::Fd(NetFd::new(fd))"
+    )]
+    InheritedFd(i32),
+    /// `--net fd=N` naming a descriptor that cannot be used.
+    #[error("--net fd={0}: {1}")]
+    BadFd(i32, String),
     /// A `--console` argument that is not one of the documented forms.
     #[error("--console {0}: use serial, hvc, file=PATH or socket=PATH")]
     BadConsole(String),
@@ -216,16 +227,94 @@ pub enum NetBackendConfig {
     /// A unix stream socket at this path, each frame behind its 4-byte big-endian length
     /// (QEMU's stream netdev protocol: socket_vmnet, passt).
     Unixstream(PathBuf),
-    /// An inherited, connected datagram socket (e.g. from vmnet-helper).
-    Fd(i32),
+    /// A connected datagram socket handed to hvrun (e.g. from vmnet-helper).
+    Fd(NetFd),
     /// Virtualization.framework's own NAT (no helper needed; `--backend vz` only).
     Nat,
 }
 
+/// A socket descriptor handed to hvrun for a network interface. Clones of a
+/// configuration share it, and every VM started from one uses a duplicate
+/// ([`NetFd::duplicate`]): the descriptor has one owner and is closed once, when the last
+/// configuration holding it goes.
+#[derive(Clone)]
+pub struct NetFd(Arc<OwnedFd>);
+
+impl NetFd {
+    /// The descriptor `fd`, which the caller owns and gives up.
+    pub fn new(fd: OwnedFd) -> Self {
+        NetFd(Arc::new(fd))
+    }
+
+    /// Claims descriptor `fd`, which this process inherited from whoever started it
+    /// (`hvrun --net fd=N`). A number already claimed, one that is not open, or one of
+    /// the standard streams is refused.
+    ///
+    /// # Safety
+    ///
+    /// Nothing else in the process may own or use descriptor `fd`: from here on this
+    /// `NetFd` does, and closes it.
+    pub unsafe fn claim_inherited(fd: RawFd) -> Result<Self, ConfigError> {
+        static CLAIMED: std::sync::Mutex<Vec<RawFd>> = std::sync::Mutex::new(Vec::new());
+        let fail = |why: String| ConfigError::BadFd(fd, why);
+        if fd < 3 {
+            return Err(fail("0, 1 and 2 are the standard streams".into()));
+        }
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|e| e.into_inner());
+        if claimed.contains(&fd) {
+            return Err(fail("named twice".into()));
+        }
+        // SAFETY: F_GETFD only reads the descriptor's flags; a closed number fails.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(fail(format!("{} (is it inherited from the parent?)", std::io::Error::last_os_error())));
+        }
+        claimed.push(fd);
+        // SAFETY: the descriptor is open, the caller vouches that nothing else owns it,
+        // and `CLAIMED` makes sure no second `NetFd` is made of it here.
+        Ok(NetFd::new(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// A new descriptor for the same socket, for one VM to own.
+    pub fn duplicate(&self) -> std::io::Result<OwnedFd> {
+        self.0.try_clone()
+    }
+
+    /// The descriptor's number (for messages).
+    pub fn number(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl std::fmt::Debug for NetFd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NetFd({})", self.number())
+    }
+}
+
+/// Two `NetFd`s are equal when they are the same descriptor.
+impl PartialEq for NetFd {
+    fn eq(&self, other: &Self) -> bool {
+        self.number() == other.number()
+    }
+}
+
+impl Eq for NetFd {}
+
 impl NetConfig {
     /// Parses `--net`: `tap=NAME`, `unixgram=PATH[,vfkit]`, `unixstream=PATH`, `fd=N` or `nat`,
-    /// each with an optional `,mac=XX:XX:XX:XX:XX:XX`.
+    /// each with an optional `,mac=XX:XX:XX:XX:XX:XX`. Text cannot hand over a
+    /// descriptor, so `fd=N` is [`ConfigError::InheritedFd`] here: see
+    /// [`NetConfig::parse_with`].
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with(text, |n| Err(ConfigError::InheritedFd(n)))
+    }
+
+    /// Parses `--net` as [`NetConfig::parse`] does, asking `claim` for the socket that
+    /// `fd=N` names (the command line claims the descriptor the process inherited).
+    pub fn parse_with(
+        text: &str,
+        claim: impl FnOnce(RawFd) -> Result<NetFd, ConfigError>,
+    ) -> Result<Self, ConfigError> {
         let bad = || ConfigError::BadNet(text.into());
         let mut parts = text.split(',');
         let first = parts.next().unwrap_or_default();
@@ -238,7 +327,7 @@ impl NetConfig {
                 NetBackendConfig::Unixgram { path: path.into(), vfkit: false }
             }
             Some(("unixstream", path)) if !path.is_empty() => NetBackendConfig::Unixstream(path.into()),
-            Some(("fd", n)) => NetBackendConfig::Fd(n.parse().ok().filter(|n| *n >= 3).ok_or_else(bad)?),
+            Some(("fd", n)) => NetBackendConfig::Fd(claim(n.parse().map_err(|_| bad())?)?),
             _ => return Err(bad()),
         };
         let mut net = NetConfig { backend, mac: None };
@@ -258,7 +347,7 @@ impl NetConfig {
             NetBackendConfig::Tap(name) => format!("tap={name}"),
             NetBackendConfig::Unixgram { path, .. } => format!("unixgram={}", path.display()),
             NetBackendConfig::Unixstream(path) => format!("unixstream={}", path.display()),
-            NetBackendConfig::Fd(n) => format!("fd={n}"),
+            NetBackendConfig::Fd(fd) => format!("fd={}", fd.number()),
             NetBackendConfig::Nat => "nat".into(),
         }
     }
@@ -482,7 +571,15 @@ mod tests {
         let gram = NetConfig::parse("unixgram=/run/gv.sock,vfkit,mac=5a:94:ef:e4:0c:ee").unwrap();
         assert_eq!(gram.backend, NetBackendConfig::Unixgram { path: "/run/gv.sock".into(), vfkit: true });
         assert_eq!(gram.mac, Some([0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]));
-        assert_eq!(NetConfig::parse("fd=7").unwrap().backend, NetBackendConfig::Fd(7));
+        assert_eq!(NetConfig::parse("fd=7"), Err(ConfigError::InheritedFd(7)), "text alone hands over no descriptor");
+        let (ours, _theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let fd = NetFd::new(OwnedFd::from(ours));
+        let number = fd.number();
+        let claimed = NetConfig::parse_with(&format!("fd={number}"), |n| {
+            assert_eq!(n, number);
+            Ok(fd.clone())
+        });
+        assert_eq!(claimed.unwrap().backend, NetBackendConfig::Fd(fd));
         let stream = NetConfig::parse("unixstream=/var/run/socket_vmnet").unwrap();
         assert_eq!(stream.backend, NetBackendConfig::Unixstream("/var/run/socket_vmnet".into()));
         assert_ne!(tap.mac_seed(), NetConfig::parse("tap=tap1").unwrap().mac_seed());

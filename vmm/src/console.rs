@@ -257,7 +257,10 @@ mod tests {
 
     #[test]
     fn delivery_waits_for_fifo_room_and_gives_up_when_stopping() {
-        let uart = Arc::new(Mutex::new(Pl011::new(Box::new(std::io::sink()), Arc::new(devices::irq::NoIrq))));
+        let uart = Arc::new(Mutex::new(Pl011::new(
+            devices::output::Output::new("serial-out", Box::new(std::io::sink()), devices::pl011::OUTPUT_BUFFER),
+            Arc::new(devices::irq::NoIrq),
+        )));
         {
             // The guest's driver enables the receiver and unmasks its interrupts.
             use devices::bus::MmioDeviceMut;

@@ -4,10 +4,24 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use hypervisor::Kicker;
 
 use crate::{Error, Event, ExitReason};
+
+/// A pause that did not take: some vCPUs stayed in the guest (or in a device) past the
+/// deadline. The machine runs on as before.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} of {vcpus} vCPUs did not stop within {} ms; the VM keeps running", vcpus - parked, waited.as_millis())]
+pub struct PauseError {
+    /// How many vCPUs had parked.
+    pub parked: usize,
+    /// How many there are.
+    pub vcpus: usize,
+    /// How long the pause waited.
+    pub waited: Duration,
+}
 
 /// Pause bookkeeping: whether a pause is asked for, and how many vCPUs are parked.
 #[derive(Debug, Default)]
@@ -116,11 +130,14 @@ impl Control {
     /// Takes every vCPU out of the guest and keeps it out until [`Control::resume`].
     /// Returns once every vCPU that has started is parked, or the machine is stopping.
     /// Devices keep running: I/O in flight completes, and its interrupts wait.
-    pub fn pause(&self) {
+    ///
+    /// A vCPU that does not come out within `timeout` (stuck in a device, say) fails the
+    /// pause: the others are let go again, and the error says how many had parked.
+    pub fn pause(&self, timeout: Duration) -> Result<(), PauseError> {
         {
             let mut pause = lock(&self.pause);
             if pause.requested {
-                return;
+                return Ok(());
             }
             pause.requested = true;
             self.pausing.store(true, Ordering::SeqCst);
@@ -128,12 +145,20 @@ impl Control {
         self.kick_all();
         let vcpus = lock(&self.kickers).len();
         let pause = lock(&self.pause);
-        let _parked = self
+        let (mut pause, waited) = self
             .pause_changed
-            .wait_while(pause, |p| p.parked < vcpus && !self.stopping())
+            .wait_timeout_while(pause, timeout, |p| p.parked < vcpus && !self.stopping())
             .unwrap_or_else(|e| e.into_inner());
-        drop(_parked);
+        if waited.timed_out() {
+            let parked = pause.parked;
+            pause.requested = false;
+            self.pausing.store(false, Ordering::SeqCst);
+            self.pause_changed.notify_all();
+            return Err(PauseError { parked, vcpus, waited: timeout });
+        }
+        drop(pause);
         self.emit(Event::Paused);
+        Ok(())
     }
 
     /// Lets paused vCPUs run again.
@@ -220,7 +245,7 @@ mod tests {
                     }
                 });
             }
-            control.pause();
+            control.pause(Duration::from_secs(10)).unwrap();
             assert!(control.paused());
             let frozen = entries.load(Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_millis(30));
@@ -229,11 +254,41 @@ mod tests {
             control.resume();
             std::thread::sleep(std::time::Duration::from_millis(30));
             assert!(entries.load(Ordering::SeqCst) > frozen + 2, "vCPUs did not resume");
-            control.pause();
+            control.pause(Duration::from_secs(10)).unwrap();
             // A stop releases parked vCPUs.
             control.stop(Ok(ExitReason::Stopped));
         });
         let got: Vec<Event> = received.try_iter().collect();
         assert_eq!(got, vec![Event::Paused, Event::Resumed, Event::Paused]);
+    }
+
+    /// Issue 12, hole 6: `pause` waited for ever for a vCPU that never came back from the
+    /// guest (one stuck in a device). It gives up at its deadline and lets the others go.
+    #[test]
+    fn a_vcpu_that_never_parks_fails_the_pause_and_the_rest_run_on() {
+        let control = Control::new();
+        control.add_kicker(Arc::new(CountingKicker::default()));
+        control.add_kicker(Arc::new(CountingKicker::default()));
+        let entries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            let (control, entries) = (&control, &entries);
+            // One vCPU loop that parks; the other never comes back to park.
+            s.spawn(move || {
+                while !control.stopping() {
+                    control.park_if_paused();
+                    entries.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            let (done, finished) = std::sync::mpsc::channel();
+            s.spawn(move || done.send(control.pause(Duration::from_millis(200))));
+            let result = finished.recv_timeout(Duration::from_secs(10)).expect("pause returned");
+            assert_eq!(result, Err(PauseError { parked: 1, vcpus: 2, waited: Duration::from_millis(200) }));
+            assert!(!control.paused(), "the pause is called off");
+            let now = entries.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(30));
+            assert!(entries.load(Ordering::SeqCst) > now, "the vCPU that parked runs again");
+            control.stop(Ok(ExitReason::Stopped));
+        });
     }
 }

@@ -12,8 +12,9 @@
 //!     .start()?;
 //! let control = vm.handle();
 //! std::thread::spawn(move || {
-//!     control.pause();
-//!     control.resume();
+//!     if control.pause().is_ok() {
+//!         control.resume();
+//!     }
 //! });
 //! for event in vm.events().iter() {
 //!     if let Event::Exited(reason) = event {
@@ -38,6 +39,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::control::Control;
+pub use crate::control::PauseError;
 use crate::{Error, ExitReason, VmConfig};
 
 /// Something that happened to a running VM.
@@ -205,6 +207,9 @@ fn build(config: &VmConfig, _io: Io, _control: Arc<Control>) -> Result<Ready, Er
     Err(Error::UnsupportedHost(format!("{} {}", std::env::consts::ARCH, std::env::consts::OS)))
 }
 
+/// How long [`VmHandle::pause`] waits for every vCPU to leave the guest.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A running VM.
 #[derive(Debug)]
 pub struct Vm {
@@ -244,10 +249,12 @@ pub struct VmHandle {
 impl VmHandle {
     /// Takes every vCPU out of the guest and keeps it out until [`VmHandle::resume`];
     /// returns once they are all out. The guest's clock keeps running, and devices finish
-    /// the I/O they have started. With `--backend vz` the framework pauses the machine
-    /// within 100 ms of the call (hvrun watches it at that pace), after it returns.
-    pub fn pause(&self) {
-        self.control.pause();
+    /// the I/O they have started. A vCPU that does not come out within
+    /// [`PAUSE_TIMEOUT`] fails the pause and the VM runs on. With `--backend vz` the
+    /// framework pauses the machine within 100 ms of the call (hvrun watches it at that
+    /// pace), after it returns.
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.control.pause(PAUSE_TIMEOUT)
     }
 
     /// Lets a paused VM run again.

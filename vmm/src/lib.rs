@@ -30,7 +30,8 @@ pub mod vcpu;
 pub mod vz;
 
 pub use config::{ConfigError, VmConfig};
-pub use embed::{ConsoleIo, Event, Vm, VmBuilder, VmHandle};
+pub use devices::ratelimit::GuestLogLimiter;
+pub use embed::{ConsoleIo, Event, PauseError, Vm, VmBuilder, VmHandle};
 
 /// Why a guest stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,8 @@ use arch_aarch64::image;
 use arch_aarch64::layout::*;
 use devices::boot_timer::BootTimer;
 use devices::bus::MmioBus;
-use devices::pl011::Pl011;
+use devices::output::Output;
+use devices::pl011::{self, Pl011};
 use devices::pl031::Pl031;
 use devices::virtio::{
     block::Block, console::Console, mmio::MmioTransport, net::Net, rng::Rng, Interrupt, VirtioDevice,
@@ -29,6 +30,9 @@ use crate::embed::Io;
 use crate::irqchip::{self, Irqchip};
 use crate::vcpu::{self, VcpuContext};
 use crate::{Error, Event, ExitReason, VmConfig};
+
+/// How long a stopped machine waits for the host to take the serial port's last output.
+const SERIAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A built machine, ready to run: everything that can fail before the guest runs has.
 pub type Ready = Box<dyn FnOnce() -> Result<ExitReason, Error> + Send>;
@@ -76,7 +80,10 @@ where
     vm.map_memory(&memory)?;
 
     let first_entry = Arc::new(OnceLock::new());
-    let uart = Arc::new(Mutex::new(Pl011::new(serial, irqchip.spi_line(UART_SPI))));
+    let uart = Arc::new(Mutex::new(Pl011::new(
+        Output::new("serial-out", serial, pl011::OUTPUT_BUFFER),
+        irqchip.spi_line(UART_SPI),
+    )));
     let mut bus = MmioBus::new();
     irqchip.attach(&mut bus)?;
     bus.insert(UART_BASE, UART_SIZE, uart.clone())?;
@@ -104,7 +111,7 @@ where
         let raw = RawTerminal::enter().map_err(|e| Error::Console(e.to_string()))?;
         let target = match console.stdin_pipe.take() {
             Some(pipe) => InputTarget::Pipe(pipe),
-            None => InputTarget::Uart(uart),
+            None => InputTarget::Uart(uart.clone()),
         };
         console::spawn_input(Box::new(std::io::stdin()), target, control.clone(), raw.is_some());
         raw
@@ -130,6 +137,8 @@ where
         // Kept until the machine stops: the terminal's mode, the console socket's file.
         let _keep = (terminal, console.socket);
         run_vcpus(&vm, cpus, regs, &bus, &irqchip, &control, &first_entry);
+        // The guest's last words reach the host before the caller goes on (or exits).
+        devices::bus::lock(&uart).flush_output(SERIAL_FLUSH);
         control.take_outcome().unwrap_or(Ok(ExitReason::Stopped))
     }))
 }
@@ -285,7 +294,7 @@ fn load(
         .map_err(|source| Error::Kernel { path: config.kernel.clone(), source })?;
 
     let ram_len = usize::try_from(config.memory).map_err(|_| Error::Memory("RAM size overflows".into()))?;
-    let memory = GuestRam::new(&[(GuestAddress(RAM_BASE), ram_len)])?;
+    let memory = GuestRam::new(&[(GuestAddress(RAM_BASE), ram_len)]).map_err(hypervisor::Error::from)?;
 
     PE::load(&**memory, Some(GuestAddress(plan.kernel_base)), &mut kernel, None)
         .map_err(|e| Error::Memory(format!("loading kernel {}: {e}", config.kernel.display())))?;

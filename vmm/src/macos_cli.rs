@@ -60,7 +60,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 fn parse_net(text: &str) -> Result<NetConfig, String> {
-    NetConfig::parse(text).map_err(|e| e.to_string())
+    crate::parse_net(text)
 }
 
 fn parse_share(text: &str) -> Result<ShareConfig, String> {

@@ -113,8 +113,11 @@ fn parse_gic(text: &str) -> Result<config::GicChoice, String> {
     config::GicChoice::parse(text).map_err(|e| e.to_string())
 }
 
+/// `--net`, claiming the descriptor of `fd=N`.
 fn parse_net(text: &str) -> Result<config::NetConfig, String> {
-    config::NetConfig::parse(text).map_err(|e| e.to_string())
+    // SAFETY: this is the process's entry point: the descriptors it inherited belong to
+    // no other part of it, and `claim_inherited` refuses a number named twice.
+    config::NetConfig::parse_with(text, |n| unsafe { config::NetFd::claim_inherited(n) }).map_err(|e| e.to_string())
 }
 
 fn parse_console(text: &str) -> Result<config::ConsoleConfig, String> {
@@ -125,8 +128,20 @@ fn parse_size(text: &str) -> Result<u64, String> {
     config::parse_size(text).map_err(|e| e.to_string())
 }
 
+/// env_logger to standard error, with the log lines a guest can provoke in other crates
+/// rate-limited ([`hvrun::GuestLogLimiter`]).
+fn init_logging() {
+    let logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_target(false)
+        .build();
+    let max_level = logger.filter();
+    if log::set_boxed_logger(Box::new(hvrun::GuestLogLimiter::new(logger))).is_ok() {
+        log::set_max_level(max_level);
+    }
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_target(false).init();
+    init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

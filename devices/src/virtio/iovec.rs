@@ -10,8 +10,9 @@
 
 use std::marker::PhantomData;
 
+use guest_memory::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryBackend;
 
 /// The most pieces one vectored call is given: a full queue's worth of descriptors (the
 /// block device's `seg_max` is 254), well below the kernel's `UIO_MAXIOV` (1024).

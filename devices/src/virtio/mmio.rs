@@ -8,6 +8,7 @@
 //! accepts its size and addresses and finds its rings inside guest memory; notifications
 //! before DRIVER_OK are dropped. Whatever is refused is logged with a rate limit.
 
+use guest_memory::GuestMemoryMmap;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
@@ -16,7 +17,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
-use super::{Activation, GuestMemory, Interrupt, VirtioDevice, INT_CONFIG};
+use super::{Activation, GuestMemory, Interrupt, VirtioDevice};
 use crate::bus::{read_le, write_le, MmioDeviceMut};
 use crate::warn_ratelimited;
 
@@ -95,6 +96,20 @@ fn new_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
     device.queue_max_sizes().iter().filter_map(|&max| Queue::new(max).ok()).collect()
 }
 
+/// Which of the queue's rings, at the size and addresses it has, is not wholly inside guest
+/// memory (virtio 1.2, 2.7: 16 bytes a descriptor; the available ring's flags, index,
+/// entries and used event; the used ring's flags, index, 8-byte entries and avail event).
+fn rings_outside_memory(q: &Queue, memory: &GuestMemoryMmap) -> Option<&'static str> {
+    use vm_memory::GuestMemoryBackend as _;
+    let size = usize::from(q.size());
+    let rings = [
+        ("descriptor table", q.desc_table(), 16 * size),
+        ("available ring", q.avail_ring(), 6 + 2 * size),
+        ("used ring", q.used_ring(), 6 + 8 * size),
+    ];
+    rings.into_iter().find(|&(_, at, len)| !memory.check_range(GuestAddress(at), len)).map(|(ring, _, _)| ring)
+}
+
 impl MmioTransport {
     /// A transport for `device`, with guest memory and the interrupt it raises. Fails if
     /// the device asks for a queue size virtio does not allow.
@@ -162,6 +177,8 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // DEVICE_NEEDS_RESET is the device's to set (a driver writes back what it read).
+        let value = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
         let added = value & !self.status;
         if value & self.status != self.status {
             warn_ratelimited!("virtio-mmio: driver cleared status bits ({:#x} -> {value:#x}); ignored", self.status);
@@ -205,10 +222,9 @@ impl MmioTransport {
         match self.device.activate(activation) {
             Ok(()) => self.active = true,
             Err(e) => {
-                warn_ratelimited!("virtio-mmio: device type {} failed to start: {e}", self.device.device_type());
                 self.device.reset();
-                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-                self.interrupt.trigger(INT_CONFIG);
+                let kind = self.device.device_type();
+                self.interrupt.fail("virtio-mmio", format_args!("device type {kind} failed to start: {e}"));
             }
         }
     }
@@ -239,10 +255,13 @@ impl MmioTransport {
             warn_ratelimited!("virtio-mmio: queue {index} rejected: {e}");
             return;
         }
-        q.set_ready(true);
-        if !q.is_valid(self.memory.memory()) {
-            warn_ratelimited!("virtio-mmio: queue {index} rings are not inside guest memory; not ready");
-            q.set_ready(false);
+        // Checked here rather than with `Queue::is_valid`, which logs an error of its own
+        // (without a rate limit) for every refusal.
+        match rings_outside_memory(q, self.memory.memory()) {
+            None => q.set_ready(true),
+            Some(ring) => {
+                warn_ratelimited!("virtio-mmio: queue {index}'s {ring} is not inside guest memory; not ready")
+            }
         }
     }
 
@@ -261,6 +280,7 @@ impl MmioTransport {
             QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
             QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
             INTERRUPT_STATUS => self.interrupt.status(),
+            STATUS if self.interrupt.needs_reset() => self.status | VIRTIO_CONFIG_S_NEEDS_RESET,
             STATUS => self.status,
             CONFIG_GENERATION => self.config_generation,
             _ => 0,
@@ -317,7 +337,9 @@ impl MmioTransport {
             }
             QUEUE_NOTIFY => {
                 let in_range = (value as usize) < self.device.queue_max_sizes().len();
-                if self.active && in_range {
+                if self.interrupt.needs_reset() {
+                    // The device stopped; it serves nothing until the driver resets it.
+                } else if self.active && in_range {
                     self.device.queue_notify(value as u16);
                 } else {
                     warn_ratelimited!(

@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use guest_memory::GuestMemoryMmap;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use crate::bus::MmioDeviceMut;
 pub use crate::testing::{Line, Sink};
@@ -91,5 +92,54 @@ pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Runs `work` on another thread and waits up to 10 s for it: a device that hangs or
+/// spins fails the test instead of hanging it (the stuck thread is left behind).
+pub fn within_deadline<T: Send + 'static>(what: &str, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(work());
+    });
+    finished.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("{what} did not finish in 10 s"))
+}
+
+/// Issue 12, hole 1: on a started device with `queues` queues of 16 entries, the driver
+/// moves queue `index`'s available index `ahead` entries past the device's position (more
+/// than the queue holds) and notifies. The notify must return, the device must set
+/// DEVICE_NEEDS_RESET and raise a configuration-change interrupt, and a reset must finish;
+/// the transport comes back reset, for the caller to show that the device works again.
+pub fn a_runaway_index_needs_reset(t: MmioTransport, m: &Mem, queues: u64, index: u32, ahead: u16) -> MmioTransport {
+    let vqs: Vec<_> =
+        (0..queues).map(|i| MockSplitQueue::create(&m.0, GuestAddress(0x8_0000 + i * 0x1_0000), 16)).collect();
+    let t = std::sync::Arc::new(std::sync::Mutex::new(t));
+    // A device that fails a check below may be spinning: dropping it would wait for its
+    // thread for ever, so a failing test leaks it instead of hanging.
+    let mut keep = LeakOnPanic(Some(t.clone()));
+    start(&mut t.lock().unwrap(), &vqs.iter().collect::<Vec<_>>());
+    vqs[index as usize].avail().idx().store(ahead);
+    let notifier = t.clone();
+    within_deadline("the notify", move || write_reg(&mut notifier.lock().unwrap(), 0x50, index));
+    wait_for("DEVICE_NEEDS_RESET", || read_reg(&mut t.lock().unwrap(), 0x70) & 0x40 != 0);
+    assert_eq!(read_reg(&mut t.lock().unwrap(), 0x60) & 2, 2, "a configuration-change interrupt");
+    // Notifying again is harmless: the device serves nothing more.
+    write_reg(&mut t.lock().unwrap(), 0x50, index);
+    let resetter = t.clone();
+    within_deadline("the reset", move || write_reg(&mut resetter.lock().unwrap(), 0x70, 0));
+    keep.0 = None;
+    let mut t = std::sync::Arc::try_unwrap(t).expect("no thread holds the transport").into_inner().unwrap();
+    assert_eq!(read_reg(&mut t, 0x70), 0, "reset clears DEVICE_NEEDS_RESET");
+    t
+}
+
+/// Leaks what it holds if the thread is panicking (see `a_runaway_index_needs_reset`).
+struct LeakOnPanic<T>(Option<T>);
+
+impl<T> Drop for LeakOnPanic<T> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            std::mem::forget(self.0.take());
+        }
     }
 }

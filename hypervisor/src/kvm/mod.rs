@@ -18,8 +18,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_userspace_memory_region, kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_enable_cap, kvm_userspace_memory_region, kvm_vcpu_events, kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF,
+    KVM_ARM_VCPU_PSCI_0_2, KVM_CAP_ARM_INJECT_EXT_DABT, KVM_CAP_ARM_NISV_TO_USER, KVM_EXIT_ARM_NISV,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, DeviceFd, Kvm as KvmFd, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -78,6 +79,7 @@ impl crate::Hypervisor for Kvm {
         // KVM_CAP_ARM_USER_IRQ: KVM reports timer levels to userspace, which an emulated
         // GIC needs. kvm-ioctls' `Cap` has no variant for it, so ask with the raw number.
         let user_irq = vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_ARM_USER_IRQ)) > 0;
+        report_unemulable_accesses(&vm)?;
         kick::install_handler().map_err(|source| Error::Platform { call: "sigaction", source })?;
         let mut target = kvm_vcpu_init::default();
         vm.get_preferred_target(&mut target).map_err(platform("KVM_ARM_PREFERRED_TARGET"))?;
@@ -92,6 +94,28 @@ impl crate::Hypervisor for Kvm {
             gic: None,
         })
     }
+}
+
+/// Asks KVM to hand the VMM the MMIO accesses it cannot decode, so the guest can be given
+/// the data abort hardware would give it.
+///
+/// A load/store pair or an access with writeback to an address no memslot backs comes
+/// with no syndrome (ISV = 0). By default `KVM_RUN` then fails with ENOSYS, and the VMM
+/// could only end the VM: a guest could stop itself with an error at will. With
+/// `KVM_CAP_ARM_NISV_TO_USER` (Linux 5.5) KVM returns `KVM_EXIT_ARM_NISV` instead, and
+/// with `KVM_CAP_ARM_INJECT_EXT_DABT` the VMM injects an external data abort (QEMU does
+/// the same). Without them, such an access still ends the VM, with a warning now.
+fn report_unemulable_accesses(vm: &VmFd) -> Result<()> {
+    let has = |cap: u32| vm.check_extension_raw(libc::c_ulong::from(cap)) > 0;
+    if !(has(KVM_CAP_ARM_NISV_TO_USER) && has(KVM_CAP_ARM_INJECT_EXT_DABT)) {
+        log::warn!(
+            "KVM on this host cannot hand undecodable MMIO accesses to hvrun (Linux 5.5+): a guest's load/store \
+             pair on a device ends the VM instead of giving it a data abort"
+        );
+        return Ok(());
+    }
+    let cap = kvm_enable_cap { cap: KVM_CAP_ARM_NISV_TO_USER, ..Default::default() };
+    vm.enable_cap(&cap).map_err(platform("KVM_ENABLE_CAP(KVM_CAP_ARM_NISV_TO_USER)"))
 }
 
 /// A KVM VM.
@@ -193,11 +217,21 @@ impl crate::Vm for KvmVm {
         let irq_line =
             cpu_irq_line(index).ok_or_else(|| Error::Unsupported(format!("no IRQ line for vCPU {index}")))?;
         let kicker = Arc::new(kick::ThreadKicker::for_current_thread());
-        let mut vcpu = KvmVcpu { fd, kicker, vm: Arc::clone(&self.vm), irq_line };
+        let mut vcpu = KvmVcpu {
+            fd,
+            kicker,
+            vm: Arc::clone(&self.vm),
+            irq_line,
+            abort_pending: false,
+            _on_its_thread: std::marker::PhantomData,
+        };
         kick::register(vcpu.fd.get_kvm_run());
         Ok(vcpu)
     }
 }
+
+/// Whether a guest's undecodable MMIO access has been reported (once per process).
+static UNDECODABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// How long a vCPU waits for the ones before it to be created.
 const TURN_WAIT: Duration = Duration::from_secs(30);
@@ -238,6 +272,12 @@ pub struct KvmVcpu {
     vm: Arc<VmFd>,
     /// This vCPU's `KVM_IRQ_LINE` number.
     irq_line: u32,
+    /// The guest made an MMIO access KVM could not decode (`KVM_EXIT_ARM_NISV`): it takes
+    /// an external data abort when it next runs.
+    abort_pending: bool,
+    /// Not `Send`: the kick signal's handler finds this vCPU's `kvm_run` through the
+    /// creating thread's thread-local, and KVM expects `KVM_RUN` from one thread.
+    _on_its_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Drop for KvmVcpu {
@@ -260,6 +300,12 @@ impl crate::Vcpu for KvmVcpu {
             run.immediate_exit = 0;
             return Ok(VcpuExit::Interrupted);
         }
+        if self.abort_pending {
+            let mut events = kvm_vcpu_events::default();
+            events.exception.ext_dabt_pending = 1;
+            self.fd.set_vcpu_events(&events).map_err(platform("KVM_SET_VCPU_EVENTS"))?;
+            self.abort_pending = false;
+        }
         match self.fd.run() {
             Ok(kvm_ioctls::VcpuExit::MmioRead(addr, data)) => Ok(VcpuExit::MmioRead { addr, data }),
             Ok(kvm_ioctls::VcpuExit::MmioWrite(addr, data)) => Ok(VcpuExit::MmioWrite { addr, data }),
@@ -270,6 +316,15 @@ impl crate::Vcpu for KvmVcpu {
                 other => VcpuExit::Unhandled(format!("KVM_EXIT_SYSTEM_EVENT type {other}")),
             }),
             Ok(kvm_ioctls::VcpuExit::Intr) => Ok(VcpuExit::Interrupted),
+            Ok(kvm_ioctls::VcpuExit::Unsupported(KVM_EXIT_ARM_NISV)) => {
+                // (Set here, carried out at the next entry: `self.fd` is still borrowed.)
+                self.abort_pending = true;
+                crate::raw::warn_once(
+                    &UNDECODABLE,
+                    format_args!("an MMIO access KVM cannot decode (a load/store pair?); the guest gets a data abort"),
+                );
+                Ok(VcpuExit::Interrupted)
+            }
             Ok(other) => Ok(VcpuExit::Unhandled(format!("{other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(VcpuExit::Interrupted),
             Err(e) => Err(platform("KVM_RUN")(e)),
@@ -300,5 +355,32 @@ impl crate::Vcpu for KvmVcpu {
         let mut bytes = [0u8; 8];
         self.fd.get_one_reg(reg_id(reg)?, &mut bytes).map_err(platform("KVM_GET_ONE_REG"))?;
         Ok(u64::from_le_bytes(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 12, hole 7: `KvmVcpu` was `Send`, so safe code could move a vCPU off the
+    /// thread whose signal handler and thread-local kick it. (Whether a type is `Send`,
+    /// asked of a concrete type: the inherent method exists only when it is.)
+    #[test]
+    fn a_vcpu_cannot_leave_its_thread() {
+        struct Probe<T>(std::marker::PhantomData<T>);
+        trait NotSend {
+            fn is_send(&self) -> bool {
+                false
+            }
+        }
+        impl<T> NotSend for Probe<T> {}
+        impl<T: Send> Probe<T> {
+            #[allow(dead_code)]
+            fn is_send(&self) -> bool {
+                true
+            }
+        }
+        assert!(!Probe::<KvmVcpu>(std::marker::PhantomData).is_send());
+        assert!(Probe::<KvmVm>(std::marker::PhantomData).is_send(), "the probe tells them apart");
     }
 }

@@ -70,7 +70,7 @@ pub trait RawVcpu {
 
 /// Logs `message` the first time `flag` is seen: a misbehaving guest is reported once,
 /// not once per attempt.
-fn warn_once(flag: &AtomicBool, message: std::fmt::Arguments<'_>) {
+pub(crate) fn warn_once(flag: &AtomicBool, message: std::fmt::Arguments<'_>) {
     if !flag.swap(true, Ordering::Relaxed) {
         log::warn!("{message} (reported once)");
     }
@@ -353,6 +353,16 @@ impl<V: RawVcpu> RawLoop<V> {
                     ),
                 );
                 self.inject(Fault::DataAbort { far: va, write: esr & (1 << 6) != 0 }).map(|()| None)
+            }
+            Decision::InjectInstructionAbort { addr } => {
+                let index = self.index;
+                warn_once(
+                    &BAD_ACCESS,
+                    format_args!(
+                        "vcpu{index}: an instruction fetch from {addr:#x}, where no RAM is; the guest gets an abort"
+                    ),
+                );
+                self.inject(Fault::InstructionAbort { far: va }).map(|()| None)
             }
             Decision::InjectUndef => {
                 let index = self.index;

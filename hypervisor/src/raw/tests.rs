@@ -248,3 +248,21 @@ fn with_the_frameworks_gic_wfi_naps_and_no_interrupt_is_injected_by_hand() {
     assert!(log.has("vtimer mask 0"));
     assert!(!vcpu.vtimer_asserted());
 }
+
+/// Issue 12, hole 4: a guest that jumped to an address no RAM backs ended the run (an
+/// unhandled exit) on Hypervisor.framework. It gets a prefetch abort, and runs on.
+#[test]
+fn an_instruction_fetch_from_mmio_is_a_prefetch_abort_and_the_loop_goes_on() {
+    let script = vec![
+        step(
+            &[(Reg::Pc, 0x0a00_0000)],
+            exception((u64::from(arch_aarch64::esr::EC_IABT_LOW) << 26) | 0x10, 0x0a00_0000),
+        ),
+        step(&[], exception(store32(1), UART)),
+    ];
+    let mut vcpu = RawLoop::new(Fake::new(script, Log::default()), 0, Power::new(&[0x8000_0000]));
+    assert_eq!(exit_of(&mut vcpu), format!("write {UART:#x} [0, 0, 0, 0]"), "the guest ran on");
+    assert_eq!(vcpu.get_reg(Reg::Sys(ESR_EL1)).unwrap() >> 26, 0x21, "a prefetch abort from EL1");
+    assert_eq!(vcpu.get_reg(Reg::Sys(FAR_EL1)).unwrap(), 0xffff_0000_0a00_0000);
+    assert_eq!(vcpu.get_reg(Reg::Sys(arch_aarch64::inject::ELR_EL1)).unwrap(), 0x0a00_0000, "the fetch address");
+}

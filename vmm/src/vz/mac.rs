@@ -112,7 +112,7 @@ pub fn nets(nets: &[NetConfig]) -> Result<Vec<NetSpec>, PlanError> {
             NetBackendConfig::Unixgram { path, vfkit } => {
                 Ok((Net::Unixgram { path: path.clone(), vfkit: *vfkit }, n.mac))
             }
-            NetBackendConfig::Fd(fd) => Ok((Net::Fd(*fd), n.mac)),
+            NetBackendConfig::Fd(fd) => Ok((Net::Fd(fd.clone()), n.mac)),
             _ => Err(PlanError::Unsupported {
                 flag: format!("--net {}", n.mac_seed()),
                 instead: "not for a macOS guest: use nat or unixgram=PATH",

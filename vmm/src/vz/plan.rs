@@ -68,8 +68,8 @@ pub enum Net {
         /// Send vfkit's magic datagram first.
         vfkit: bool,
     },
-    /// An inherited, connected datagram socket.
-    Fd(i32),
+    /// A connected datagram socket handed to hvrun (the framework gets a duplicate).
+    Fd(crate::config::NetFd),
 }
 
 /// A network interface and its MAC address (`None`: the framework's random one).
@@ -161,7 +161,7 @@ pub fn linux(config: &VmConfig, limits: &Limits) -> Result<LinuxPlan, PlanError>
             let backend = match &net.backend {
                 NetBackendConfig::Nat => Net::Nat,
                 NetBackendConfig::Unixgram { path, vfkit } => Net::Unixgram { path: path.clone(), vfkit: *vfkit },
-                NetBackendConfig::Fd(fd) => Net::Fd(*fd),
+                NetBackendConfig::Fd(fd) => Net::Fd(fd.clone()),
                 NetBackendConfig::Tap(name) => {
                     return Err(unsupported(
                         format!("--net tap={name}"),

@@ -1,7 +1,7 @@
 //! What a virtio-blk device reads and writes: a [`Disk`]. [`FileDisk`] is a raw image
 //! file; [`MemDisk`] lives in memory (tests and benchmarks).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -48,11 +48,8 @@ impl FileDisk {
     /// Opens `path`; read-only or read-write. Takes an advisory lock (`flock`): shared
     /// for read-only, exclusive otherwise, so two VMs cannot both write one image.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let file = crate::host_file::open_regular(path, !read_only)?;
         let meta = file.metadata()?;
-        if !meta.is_file() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
-        }
         let mode = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
         // SAFETY: flock on a descriptor we own; no memory is involved.
         if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {

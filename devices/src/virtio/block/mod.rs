@@ -7,12 +7,12 @@
 //! read-only disks) and EVENT_IDX.
 
 pub mod disk;
+mod doorbell;
 pub mod request;
 
-use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -20,11 +20,12 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 
 use self::disk::Disk;
+use self::doorbell::{Doorbell, Poll, Ring};
 use self::request::{Context, ID_LEN, MAX_SEGMENTS, SECTOR_SIZE};
-use super::{drain_queue, single_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
+use super::{drain_queue, has_pending, single_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
 use crate::warn_ratelimited;
 
 /// Queue size offered to the driver.
@@ -33,16 +34,7 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Bytes of data moved per disk call.
 const BOUNCE_SIZE: usize = 256 * 1024;
-/// How long the worker keeps watching the ring after it runs dry, before it sleeps until
-/// the next notification (QEMU's iothreads poll up to 32 µs by default). A guest that
-/// issues its next request within this time is served without a thread wake-up, which
-/// costs about 7 µs a request on the development machine (docs/BENCHMARKS.md).
-const POLL: Duration = Duration::from_micros(50);
-
-enum Message {
-    Notify,
-    Stop,
-}
+const NAME: &str = "virtio-blk";
 
 struct Worker {
     memory: GuestMemory,
@@ -51,60 +43,77 @@ struct Worker {
     disk: Box<dyn Disk>,
     id: [u8; ID_LEN],
     bounce: Vec<u8>,
+    poll: Poll,
 }
 
 impl Worker {
-    fn run(mut self, messages: Receiver<Message>) -> Box<dyn Disk> {
-        while let Ok(Message::Notify) = messages.recv() {
-            if !self.serve_and_poll(&messages) {
+    /// Sleeps until a notification, then serves and polls, until told to stop; hands
+    /// the disk back.
+    fn run(mut self, bell: &Doorbell) -> Box<dyn Disk> {
+        loop {
+            let asleep = Instant::now();
+            if bell.wait(None) == Ring::Stop {
+                break;
+            }
+            self.poll.slept(asleep.elapsed());
+            if !self.serve_and_poll(bell) {
                 break;
             }
         }
         self.disk
     }
 
-    /// Serves what is there, then keeps serving while requests keep coming within
-    /// [`POLL`] of each other. Notifications that pile up meanwhile are consumed here
-    /// (one pass serves them all). `false` when told to stop.
-    fn serve_and_poll(&mut self, messages: &Receiver<Message>) -> bool {
-        let mut idle_since = Instant::now();
+    /// Serves what is there, then keeps watching the ring for [`Poll::window`] and serves
+    /// again while requests keep coming within it. Notifications that arrive meanwhile
+    /// are consumed here (one pass serves them all). `false` when told to stop.
+    fn serve_and_poll(&mut self, bell: &Doorbell) -> bool {
         loop {
-            loop {
-                match messages.try_recv() {
-                    Ok(Message::Notify) => {}
-                    Ok(Message::Stop) | Err(TryRecvError::Disconnected) => return false,
-                    Err(TryRecvError::Empty) => break,
-                }
+            if bell.take() == Ring::Stop {
+                return false;
             }
-            if self.has_requests() {
-                self.process();
-                idle_since = Instant::now();
-            } else if idle_since.elapsed() >= POLL {
+            self.process();
+            let window = self.poll.window();
+            if window.is_zero() {
                 return true;
             }
-            std::hint::spin_loop();
+            let until = Instant::now() + window;
+            loop {
+                if bell.take() == Ring::Stop {
+                    return false;
+                }
+                if self.has_requests() {
+                    self.poll.hit();
+                    break;
+                }
+                if Instant::now() >= until {
+                    self.poll.miss();
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
         }
     }
 
-    /// Whether the driver has made requests available that are not served yet.
+    /// Whether the driver has made requests available that are not served yet (the same
+    /// check that serving makes: a broken ring fails the device, and a failed device has
+    /// none).
     fn has_requests(&self) -> bool {
-        let memory = self.memory.memory();
-        self.queue.avail_idx(memory, Ordering::Acquire).is_ok_and(|idx| idx.0 != self.queue.next_avail())
+        has_pending(NAME, &self.queue, self.memory.memory(), &self.interrupt)
     }
 
     fn process(&mut self) {
         let memory = self.memory.memory();
         let (disk, id, bounce) = (&mut self.disk, &self.id, &mut self.bounce);
-        drain_queue("virtio-blk", &mut self.queue, memory, &self.interrupt, |chain| {
+        drain_queue(NAME, &mut self.queue, memory, &self.interrupt, |chain| {
             request::serve(memory, chain, Context { disk: disk.as_mut(), id, bounce })
         });
     }
 }
 
-/// A running worker: its inbox, and the thread that hands the disk back when it ends.
+/// A running worker: its doorbell, and the thread that hands the disk back when it ends.
 struct WorkerHandle {
-    messages: Sender<Message>,
-    thread: JoinHandle<Box<dyn Disk>>,
+    bell: Arc<Doorbell>,
+    thread: JoinHandle<Option<Box<dyn Disk>>>,
 }
 
 /// A virtio block device.
@@ -155,11 +164,19 @@ impl Block {
         Block { disk: Some(disk), id: id_bytes, config, features, worker: None }
     }
 
+    /// The worker thread's name: `vblk-` and the disk's ID, as far as the 15 characters
+    /// of a Linux thread name go (so `top -H` tells the disks apart).
+    fn thread_name(&self) -> String {
+        let id = String::from_utf8_lossy(&self.id);
+        let id: String = id.trim_end_matches('\0').chars().filter(char::is_ascii_graphic).take(10).collect();
+        format!("vblk-{id}")
+    }
+
     fn stop_worker(&mut self) {
-        if let Some(WorkerHandle { messages, thread }) = self.worker.take() {
-            let _ = messages.send(Message::Stop);
+        if let Some(WorkerHandle { bell, thread }) = self.worker.take() {
+            bell.stop();
             match thread.join() {
-                Ok(disk) => self.disk = Some(disk),
+                Ok(disk) => self.disk = disk,
                 Err(_) => warn_ratelimited!("virtio-blk: the worker panicked; the disk is gone"),
             }
         }
@@ -187,21 +204,34 @@ impl VirtioDevice for Block {
         let Activation { memory, queues, interrupt, .. } = activation;
         let queue = single_queue(queues)?;
         let disk = self.disk.take().ok_or_else(|| ActivateError::Backend("the disk is gone".into()))?;
-        let worker = Worker { memory, queue, interrupt, disk, id: self.id, bounce: vec![0; BOUNCE_SIZE] };
-        let (messages, inbox) = channel();
-        let thread = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || worker.run(inbox))
-            .map_err(|e| ActivateError::Backend(format!("cannot start the I/O thread: {e}")))?;
-        self.worker = Some(WorkerHandle { messages, thread });
+        let worker =
+            Worker { memory, queue, interrupt, disk, id: self.id, bounce: vec![0; BOUNCE_SIZE], poll: Poll::new() };
+        let bell = Arc::new(Doorbell::default());
+        let inbox = Arc::clone(&bell);
+        // The worker goes to the thread once it exists, so a failed spawn keeps the disk.
+        let (give, take) = std::sync::mpsc::sync_channel::<Worker>(1);
+        let spawned = std::thread::Builder::new().name(self.thread_name()).spawn(move || match take.recv() {
+            Ok(worker) => Some(worker.run(&inbox)),
+            Err(_) => None,
+        });
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(e) => {
+                self.disk = Some(worker.disk);
+                return Err(ActivateError::Backend(format!("cannot start the I/O thread: {e}")));
+            }
+        };
+        if let Err(std::sync::mpsc::SendError(worker)) = give.send(worker) {
+            self.disk = Some(worker.disk);
+            return Err(ActivateError::Backend("the I/O thread ended at once".into()));
+        }
+        self.worker = Some(WorkerHandle { bell, thread });
         Ok(())
     }
 
     fn queue_notify(&mut self, _index: u16) {
         if let Some(worker) = &self.worker {
-            if worker.messages.send(Message::Notify).is_err() {
-                warn_ratelimited!("virtio-blk: the I/O thread is gone; request not served");
-            }
+            worker.bell.ring();
         }
     }
 

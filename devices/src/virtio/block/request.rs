@@ -12,8 +12,8 @@
 
 use std::io::{Read, Write};
 
+use guest_memory::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
-use vm_memory::GuestMemoryMmap;
 
 use super::disk::Disk;
 use crate::virtio::iovec::GuestIovecs;

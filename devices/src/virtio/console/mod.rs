@@ -14,8 +14,6 @@ mod port;
 #[cfg(test)]
 mod tests;
 
-use std::io::Write;
-
 use mio::net::UnixListener;
 use mio::unix::pipe;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
@@ -24,6 +22,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use self::port::Port;
 use super::worker::Slot;
 use super::{queue_pair, ActivateError, Activation, VirtioDevice};
+use crate::output::Output;
 
 /// Queue size offered to the driver.
 pub const QUEUE_SIZE: u16 = 256;
@@ -31,14 +30,23 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: u16 = 0;
 /// The transmit queue's index.
 pub const TX_QUEUE: u16 = 1;
+/// Guest output a [`Backend::Stream`]'s [`Output`] holds for the host.
+pub const OUTPUT_BUFFER: usize = 64 * 1024;
+
+/// An [`Output`] for a [`Backend::Stream`] to `writer`.
+pub fn stream_output(writer: Box<dyn std::io::Write + Send>) -> Output {
+    Output::new("virtio-console-out", writer, OUTPUT_BUFFER)
+}
 
 /// Where the console's bytes go and come from.
 pub enum Backend {
     /// Output to a writer (the terminal, a file); input, if any, from a pipe that the
     /// host side fills (the terminal's reader thread, an embedder's reader).
     Stream {
-        /// Where guest output goes; writes may block the device's thread, never a vCPU.
-        output: Box<dyn Write + Send>,
+        /// Where guest output goes: a thread of its own writes it, so a host writer that
+        /// blocks holds up neither a vCPU nor the device (which stops taking output from
+        /// the guest while the buffer is full).
+        output: Output,
         /// Host input; `None` for an output-only console.
         input: Option<pipe::Receiver>,
     },

@@ -3,16 +3,18 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
+use std::time::Duration;
 
+use guest_memory::GuestMemoryMmap;
 use mio::event::Event;
 use mio::net::UnixStream;
 use mio::{Interest, Registry, Token};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::Backend;
 use crate::virtio::worker::Handler;
-use crate::virtio::{next_chain, notify_driver, write_chain, GuestMemory, Interrupt};
+use crate::virtio::{check_notified, give_back, next_chain, notify_driver, write_chain, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
 const NAME: &str = "virtio-console";
@@ -24,6 +26,8 @@ const INPUT_CHUNK: usize = 4096;
 /// The most output taken from one transmit chain; the rest is dropped (Linux sends at
 /// most a page per buffer).
 pub const MAX_CHAIN_OUTPUT: usize = 64 * 1024;
+/// How soon output a host writer could not take is offered again.
+const RETRY: Duration = Duration::from_millis(1);
 /// Output kept while no socket client is connected.
 pub const KEPT_OUTPUT: usize = 64 * 1024;
 
@@ -73,36 +77,37 @@ impl Port {
         let Some(mut run) = self.running.take() else { return };
         let memory = run.memory.memory();
         let (tx_from, rx_from) = (run.tx.next_used(), run.rx.next_used());
-        self.transmit(registry, memory, &mut run.tx);
-        self.receive(registry, memory, &mut run.rx);
+        self.transmit(registry, memory, &mut run.tx, &run.interrupt);
+        self.receive(registry, memory, &mut run.rx, &run.interrupt);
         notify_driver(NAME, &mut run.tx, memory, &run.interrupt, tx_from);
         notify_driver(NAME, &mut run.rx, memory, &run.interrupt, rx_from);
         self.running = Some(run);
     }
 
-    fn transmit(&mut self, registry: &Registry, memory: &GuestMemoryMmap, tx: &mut Queue) {
+    fn transmit(&mut self, registry: &Registry, memory: &GuestMemoryMmap, tx: &mut Queue, interrupt: &Interrupt) {
         while self.flush(registry) {
-            let Some(chain) = next_chain(NAME, tx, memory) else { break };
+            let Some(chain) = next_chain(NAME, tx, memory, interrupt) else { break };
             let head = chain.head_index();
             self.guest_spoke = true;
             collect(memory, chain, &mut self.output);
-            if let Err(e) = tx.add_used(memory, head, 0) {
-                warn_ratelimited!("{NAME}: cannot return a buffer: {e}");
+            if !give_back(NAME, tx, memory, head, 0) {
                 break;
             }
         }
     }
 
     /// Writes buffered output to the backend; false if some is still waiting (a socket
-    /// client that is not reading).
+    /// client that is not reading, a host writer that is behind).
     fn flush(&mut self, registry: &Registry) -> bool {
         match &mut self.backend {
             Backend::Stream { output, .. } => {
-                let (a, b) = self.output.as_slices();
-                if let Err(e) = output.write_all(a).and_then(|()| output.write_all(b)).and_then(|()| output.flush()) {
-                    warn_ratelimited!("{NAME}: output lost: {e}");
+                while !self.output.is_empty() {
+                    let taken = output.offer(self.output.as_slices().0);
+                    if taken == 0 {
+                        return false;
+                    }
+                    self.output.drain(..taken);
                 }
-                self.output.clear();
                 true
             }
             Backend::Socket(_) => {
@@ -131,7 +136,7 @@ impl Port {
         }
     }
 
-    fn receive(&mut self, registry: &Registry, memory: &GuestMemoryMmap, rx: &mut Queue) {
+    fn receive(&mut self, registry: &Registry, memory: &GuestMemoryMmap, rx: &mut Queue, interrupt: &Interrupt) {
         if !self.guest_spoke {
             return;
         }
@@ -139,12 +144,11 @@ impl Port {
             if self.input_at == self.input.len() && !self.read_input(registry) {
                 return;
             }
-            let Some(chain) = next_chain(NAME, rx, memory) else { return };
+            let Some(chain) = next_chain(NAME, rx, memory, interrupt) else { return };
             let head = chain.head_index();
             let written = write_chain(NAME, memory, chain, &self.input[self.input_at..]);
             self.input_at += written;
-            if let Err(e) = rx.add_used(memory, head, written as u32) {
-                warn_ratelimited!("{NAME}: cannot return a buffer: {e}");
+            if !give_back(NAME, rx, memory, head, written as u32) {
                 return;
             }
         }
@@ -261,7 +265,10 @@ impl Handler for Port {
         Ok(())
     }
 
-    fn notified(&mut self, registry: &Registry, _queues: u32) {
+    fn notified(&mut self, registry: &Registry, queues: u32) {
+        if let Some(run) = &self.running {
+            check_notified(NAME, queues, &[&run.rx, &run.tx], run.memory.memory(), &run.interrupt);
+        }
         self.pump(registry);
     }
 
@@ -275,6 +282,16 @@ impl Handler for Port {
     fn detach(&mut self) {
         self.running = None;
         self.guest_spoke = false;
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        // A host writer that is behind sends no event when it catches up: look again soon.
+        let behind = matches!(self.backend, Backend::Stream { .. }) && !self.output.is_empty();
+        behind.then_some(RETRY)
+    }
+
+    fn timeout(&mut self, registry: &Registry) {
+        self.pump(registry);
     }
 
     fn deregister(&mut self, registry: &Registry) {

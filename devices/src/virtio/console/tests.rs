@@ -1,12 +1,13 @@
 use std::io::{Read, Write};
 use std::sync::Arc;
 
+use guest_memory::GuestMemoryMmap;
 use mio::net::UnixListener;
 use mio::unix::pipe;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
-use super::{Backend, Console};
+use super::{stream_output, Backend, Console};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::testing::{chained, desc, mem, start, wait_for, write_reg, Line, Mem, Sink, W};
 use crate::virtio::Interrupt;
@@ -34,7 +35,7 @@ impl Guest {
 #[test]
 fn guest_output_reaches_the_writer_off_the_vcpu_thread() {
     let sink = Sink::default();
-    let mut g = Guest::new(Backend::Stream { output: Box::new(sink.clone()), input: None });
+    let mut g = Guest::new(Backend::Stream { output: stream_output(Box::new(sink.clone())), input: None });
     let m = g.m.clone();
     let (rx, tx) = queues(&m);
     start(&mut g.t, &[&rx, &tx]);
@@ -49,7 +50,7 @@ fn guest_output_reaches_the_writer_off_the_vcpu_thread() {
 #[test]
 fn host_input_waits_for_guest_buffers_and_is_split_across_them() {
     let (mut sender, receiver) = pipe::new().unwrap();
-    let mut g = Guest::new(Backend::Stream { output: Box::new(std::io::sink()), input: Some(receiver) });
+    let mut g = Guest::new(Backend::Stream { output: stream_output(Box::new(std::io::sink())), input: Some(receiver) });
     let m = g.m.clone();
     let (rx, tx) = queues(&m);
     sender.write_all(b"typed").unwrap();
@@ -74,7 +75,7 @@ fn host_input_waits_for_guest_buffers_and_is_split_across_them() {
 fn hostile_chains_are_dropped_without_harm() {
     let sink = Sink::default();
     let (mut sender, receiver) = pipe::new().unwrap();
-    let mut g = Guest::new(Backend::Stream { output: Box::new(sink.clone()), input: Some(receiver) });
+    let mut g = Guest::new(Backend::Stream { output: stream_output(Box::new(sink.clone())), input: Some(receiver) });
     let m = g.m.clone();
     let (rx, tx) = queues(&m);
     start(&mut g.t, &[&rx, &tx]);
@@ -136,4 +137,56 @@ fn a_socket_client_gets_earlier_output_a_new_client_takes_over_and_a_reset_keeps
     second.read_exact(&mut got).unwrap();
     assert_eq!(got, [b'c'; 4]);
     let _ = std::fs::remove_file(&path);
+}
+
+/// Issue 12, hole 1: a runaway available index on either queue made the console's worker
+/// spin, and a reset wait for it for ever.
+#[test]
+fn a_runaway_available_index_needs_a_reset_and_the_worker_stops() {
+    use crate::virtio::testing::a_runaway_index_needs_reset;
+    for queue in [0, 1] {
+        let sink = Sink::default();
+        let g = Guest::new(Backend::Stream { output: stream_output(Box::new(sink.clone())), input: None });
+        let Guest { m, t, .. } = g;
+        let mut t = a_runaway_index_needs_reset(t, &m, 2, queue, 0xffff);
+        let (rx, tx) = queues(&m);
+        start(&mut t, &[&rx, &tx]);
+        m.write_slice(b"alive", GuestAddress(0x1000)).unwrap();
+        tx.add_desc_chains(&[desc(0x1000, 5, 0)], 0).unwrap();
+        write_reg(&mut t, 0x50, 1);
+        wait_for("output after the reset", || sink.text() == "alive");
+    }
+}
+
+/// A host writer that never returns (a stopped terminal, a full pipe).
+struct Stuck;
+impl Write for Stuck {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        loop {
+            std::thread::park();
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Issue 12, hole 6 (the console's side): the device's thread wrote to the host and
+/// blocked with it, so a driver reset, made on a vCPU, waited for ever. Now output that
+/// the host does not take stays in the guest's ring (back-pressure) and a reset is prompt.
+#[test]
+fn a_host_writer_that_never_returns_holds_up_neither_the_guest_nor_a_reset() {
+    use crate::virtio::testing::within_deadline;
+    let g = Guest::new(Backend::Stream { output: stream_output(Box::new(Stuck)), input: None });
+    let Guest { m, mut t, .. } = g;
+    let (rx, tx) = queues(&m);
+    start(&mut t, &[&rx, &tx]);
+    let chains: Vec<_> = (0..16).map(|i| desc(0x1_0000 + i * 0x1_0000, 0x1_0000, 0)).collect();
+    tx.add_desc_chains(&chains, 0).unwrap();
+    write_reg(&mut t, 0x50, 1);
+    // The buffer takes 64 KiB and the port holds one chain more: the rest wait in the ring.
+    wait_for("the output buffer to fill", || tx.used().idx().load() >= 1);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(tx.used().idx().load() <= 3, "{} chains taken from a host that reads nothing", tx.used().idx().load());
+    within_deadline("the reset", move || write_reg(&mut t, 0x70, 0));
 }

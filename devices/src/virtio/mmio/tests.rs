@@ -2,9 +2,10 @@ use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use guest_memory::GuestMemoryMmap;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::virtio::rng::{Rng, MAX_PER_CHAIN};
@@ -255,4 +256,70 @@ fn garbage_at_every_offset_never_panics() {
             }
         }
     }
+}
+
+/// Issue 12, hole 1: an available index beyond the queue's size made the entropy device
+/// (served on the notifying vCPU thread) loop for ever. Now the notify returns with
+/// DEVICE_NEEDS_RESET set, a head index beyond the queue does the same, and after a reset
+/// the device serves again.
+#[test]
+fn a_runaway_available_index_needs_a_reset_and_a_reset_recovers() {
+    use crate::virtio::testing::a_runaway_index_needs_reset;
+    for ahead in [17, 0x8000, 0xffff] {
+        let rig = Rig::new();
+        let mem = rig.mem.clone();
+        let Rig { mut t, .. } = rig;
+        t = a_runaway_index_needs_reset(t, &mem, 1, 0, ahead);
+        let mut rig = Rig { mem: mem.clone(), line: Arc::new(Line::default()), t };
+        let vq = MockSplitQueue::create(&**mem, GuestAddress(0x4_0000), 16);
+        rig.start(&vq);
+        vq.build_desc_chain(&[desc(0x8000, 4, WRITE, 0)]).unwrap();
+        rig.w(QUEUE_NOTIFY, 0);
+        assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 4, "served again after the reset");
+    }
+}
+
+#[test]
+fn a_head_beyond_the_queue_needs_a_reset() {
+    let mut rig = Rig::new();
+    let mem = rig.mem.clone();
+    let vq = MockSplitQueue::new(&**mem, 16);
+    rig.start(&vq);
+    vq.avail().ring().ref_at(0).unwrap().store(16);
+    vq.avail().idx().store(1);
+    rig.w(QUEUE_NOTIFY, 0);
+    assert_eq!(rig.r(STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_CONFIG_S_NEEDS_RESET);
+    assert_eq!(vq.used().idx().load(), 0, "nothing returned");
+    // What the driver writes back with the bit set does not undo it; only a reset does.
+    rig.w(STATUS, 15 | VIRTIO_CONFIG_S_NEEDS_RESET);
+    assert_eq!(rig.r(STATUS), 15 | VIRTIO_CONFIG_S_NEEDS_RESET);
+    rig.w(STATUS, 0);
+    assert_eq!(rig.r(STATUS), 0);
+}
+
+/// Issue 12, hole 3: `virtio-queue` logged an error of its own, with no rate limit, for a
+/// queue made ready with its rings outside guest memory and for a chain head beyond the
+/// queue (its `add_used`): a guest could fill the host's disk through stderr. hvrun now
+/// checks first, so the crate says nothing.
+#[test]
+fn driver_mistakes_reach_no_unthrottled_log_line_of_virtio_queue() {
+    use crate::testing::virtio_queue_lines_here;
+    let before = virtio_queue_lines_here();
+    let mut rig = Rig::new();
+    rig.negotiate(true);
+    for _ in 0..100 {
+        rig.w(QUEUE_NUM, 16);
+        rig.w(QUEUE_DESC_HIGH, 0x1);
+        rig.w(QUEUE_READY, 1);
+    }
+    assert_eq!(rig.r(QUEUE_READY), 0);
+    let mem = rig.mem.clone();
+    let vq = MockSplitQueue::new(&**mem, 16);
+    rig.w(QUEUE_DESC_HIGH, 0);
+    rig.setup_queue(&vq, 16);
+    rig.w(STATUS, 15);
+    vq.avail().ring().ref_at(0).unwrap().store(16);
+    vq.avail().idx().store(1);
+    rig.w(QUEUE_NOTIFY, 0);
+    assert_eq!(virtio_queue_lines_here() - before, 0, "virtio-queue logged lines of its own");
 }

@@ -201,22 +201,37 @@ pub struct Unixstream {
 
 /// The largest frame a stream peer may announce: a 64 KiB packet and its headers.
 const MAX_STREAM_FRAME: usize = 65_536 + 64;
+/// How long [`Unixstream::connect`] waits for the peer to accept.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Unixstream {
-    /// Connects to the peer listening at `path` (socket_vmnet's socket, passt's).
+    /// Connects to the peer listening at `path` (socket_vmnet's socket, passt's), without
+    /// blocking: a peer that does not accept within [`CONNECT_TIMEOUT`] (its backlog
+    /// full, say) is an error, not a hang.
     pub fn connect(path: &Path) -> io::Result<Self> {
-        Self::from_std(std::os::unix::net::UnixStream::connect(path)?)
+        let socket = mio::net::UnixStream::connect(path)?;
+        let mut poll = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        let timeout = CONNECT_TIMEOUT.as_millis() as libc::c_int;
+        // SAFETY: one pollfd, ours, for the call's duration.
+        match unsafe { libc::poll(&mut poll, 1, timeout) } {
+            n if n < 0 => return Err(io::Error::last_os_error()),
+            0 => return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer did not accept the connection")),
+            _ => {}
+        }
+        if let Some(e) = socket.take_error()? {
+            return Err(e);
+        }
+        Ok(Self::from_mio(socket))
     }
 
     /// Uses a connected stream socket.
     pub fn from_std(socket: std::os::unix::net::UnixStream) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
-        Ok(Unixstream {
-            socket: mio::net::UnixStream::from_std(socket),
-            inbuf: Vec::with_capacity(4 + MAX_STREAM_FRAME),
-            outbuf: Vec::new(),
-            out_at: 0,
-        })
+        Ok(Self::from_mio(mio::net::UnixStream::from_std(socket)))
+    }
+
+    fn from_mio(socket: mio::net::UnixStream) -> Self {
+        Unixstream { socket, inbuf: Vec::with_capacity(4 + MAX_STREAM_FRAME), outbuf: Vec::new(), out_at: 0 }
     }
 
     /// The first whole frame in `inbuf`, as (start, length).
@@ -472,6 +487,30 @@ mod tests {
         theirs.set_nonblocking(false).unwrap();
         theirs.write_all(&u32::MAX.to_be_bytes()).unwrap();
         assert_eq!(stream.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// Issue 12, hole 8 (a path hvrun opens at start): a stream peer whose backlog is full
+    /// made a blocking connect wait for ever. It fails at once, or after the timeout.
+    #[test]
+    fn a_peer_that_never_accepts_is_an_error_not_a_hang() {
+        let path = std::env::temp_dir().join(format!("hvrun-test-{}-backlog.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // SAFETY: listen on our own socket, with the smallest backlog.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let target = path.clone();
+        let failed = crate::virtio::testing::within_deadline("connecting to a full backlog", move || {
+            let mut held = Vec::new();
+            for _ in 0..1000 {
+                match Unixstream::connect(&target) {
+                    Ok(stream) => held.push(stream),
+                    Err(e) => return Some(e),
+                }
+            }
+            None
+        });
+        assert!(failed.is_some(), "a thousand connections to a listener that accepts none");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[cfg(target_os = "linux")]

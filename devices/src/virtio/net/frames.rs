@@ -3,17 +3,18 @@
 use std::io::ErrorKind;
 use std::time::Duration;
 
+use guest_memory::GuestMemoryMmap;
 use mio::event::Event;
 use mio::{Interest, Registry, Token};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend as _, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend as _};
 
 use super::backend::{NetBackend, VNET_HDR_LEN};
 use super::QUEUE_SIZE;
 use crate::virtio::iovec::GuestIovecs;
 use crate::virtio::worker::Handler;
-use crate::virtio::{next_chain, notify_driver, write_chain, GuestMemory, Interrupt};
+use crate::virtio::{check_notified, give_back, next_chain, notify_driver, write_chain, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
 const NAME: &str = "virtio-net";
@@ -78,14 +79,14 @@ impl Frames {
         let Some(mut run) = self.running.take() else { return };
         let memory = run.memory.memory();
         let (tx_from, rx_from) = (run.tx.next_used(), run.rx.next_used());
-        self.transmit(memory, &mut run.tx);
-        self.receive(memory, &mut run.rx, run.mergeable);
+        self.transmit(memory, &mut run.tx, &run.interrupt);
+        self.receive(memory, &mut run.rx, &run.interrupt, run.mergeable);
         notify_driver(NAME, &mut run.tx, memory, &run.interrupt, tx_from);
         notify_driver(NAME, &mut run.rx, memory, &run.interrupt, rx_from);
         self.running = Some(run);
     }
 
-    fn transmit(&mut self, memory: &GuestMemoryMmap, tx: &mut Queue) {
+    fn transmit(&mut self, memory: &GuestMemoryMmap, tx: &mut Queue, interrupt: &Interrupt) {
         match self.backend.flush() {
             Ok(()) => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => return,
@@ -103,7 +104,7 @@ impl Frames {
                     }
                 }
             }
-            let Some(chain) = next_chain(NAME, tx, memory) else { return };
+            let Some(chain) = next_chain(NAME, tx, memory, interrupt) else { return };
             let head = chain.head_index();
             // Straight from the guest's buffers when the backend can; else copy below.
             let skip = if self.backend.vnet_hdr() { 0 } else { VNET_HDR_LEN };
@@ -120,8 +121,7 @@ impl Frames {
                     if let Err(e) = result {
                         warn_ratelimited!("{NAME}: frame not sent: {e}");
                     }
-                    if let Err(e) = tx.add_used(memory, head, 0) {
-                        warn_ratelimited!("{NAME}: cannot return a buffer: {e}");
+                    if !give_back(NAME, tx, memory, head, 0) {
                         return;
                     }
                     continue;
@@ -129,14 +129,13 @@ impl Frames {
                 None => {}
             }
             self.tx_len = gather(memory, chain, &mut self.tx_buf).unwrap_or(0);
-            if let Err(e) = tx.add_used(memory, head, 0) {
-                warn_ratelimited!("{NAME}: cannot return a buffer: {e}");
+            if !give_back(NAME, tx, memory, head, 0) {
                 return;
             }
         }
     }
 
-    fn receive(&mut self, memory: &GuestMemoryMmap, rx: &mut Queue, mergeable: bool) {
+    fn receive(&mut self, memory: &GuestMemoryMmap, rx: &mut Queue, interrupt: &Interrupt, mergeable: bool) {
         loop {
             if self.rx_len == 0 {
                 let vnet_hdr = self.backend.vnet_hdr();
@@ -157,7 +156,7 @@ impl Frames {
                     }
                 }
             }
-            match self.deliver(memory, rx, mergeable) {
+            match self.deliver(memory, rx, interrupt, mergeable) {
                 Delivery::NoBuffers => return,
                 Delivery::Delivered | Delivery::Dropped => self.rx_len = 0,
             }
@@ -166,13 +165,19 @@ impl Frames {
 
     /// Writes the waiting frame into as many receive buffers as it needs (one without
     /// MRG_RXBUF), setting the header's `num_buffers`.
-    fn deliver(&mut self, memory: &GuestMemoryMmap, rx: &mut Queue, mergeable: bool) -> Delivery {
+    fn deliver(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        rx: &mut Queue,
+        interrupt: &Interrupt,
+        mergeable: bool,
+    ) -> Delivery {
         let len = self.rx_len;
         let most = if mergeable { usize::from(QUEUE_SIZE) } else { 1 };
         let mut picked: Vec<(DescriptorChain<&GuestMemoryMmap>, usize)> = Vec::new();
         let mut room = 0usize;
         while room < len {
-            let Some(chain) = next_chain(NAME, rx, memory) else {
+            let Some(chain) = next_chain(NAME, rx, memory, interrupt) else {
                 // Put the chains back for when the driver has added more.
                 rx.set_next_avail(rx.next_avail().wrapping_sub(picked.len() as u16));
                 return Delivery::NoBuffers;
@@ -184,9 +189,7 @@ impl Frames {
                 // Malformed or too small: the frame is dropped and the buffers go back empty.
                 warn_ratelimited!("{NAME}: receive buffers too small or malformed; a {len}-byte frame is dropped");
                 for (chain, _) in &picked {
-                    if let Err(e) = rx.add_used(memory, chain.head_index(), 0) {
-                        warn_ratelimited!("{NAME}: cannot return a buffer: {e}");
-                    }
+                    give_back(NAME, rx, memory, chain.head_index(), 0);
                 }
                 return Delivery::Dropped;
             }
@@ -200,9 +203,7 @@ impl Frames {
             // Within the capacity checked above, so it all fits.
             write_chain(NAME, memory, chain, &self.rx_buf[at..at + n]);
             at += n;
-            if let Err(e) = rx.add_used(memory, head, n as u32) {
-                warn_ratelimited!("{NAME}: cannot return a buffer: {e}");
-            }
+            give_back(NAME, rx, memory, head, n as u32);
         }
         Delivery::Delivered
     }
@@ -250,7 +251,10 @@ impl Handler for Frames {
         registry.register(&mut *self.backend, BACKEND, Interest::READABLE | Interest::WRITABLE)
     }
 
-    fn notified(&mut self, _registry: &Registry, _queues: u32) {
+    fn notified(&mut self, _registry: &Registry, queues: u32) {
+        if let Some(run) = &self.running {
+            check_notified(NAME, queues, &[&run.rx, &run.tx], run.memory.memory(), &run.interrupt);
+        }
         self.pump();
     }
 

@@ -1,8 +1,9 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use guest_memory::GuestMemoryMmap;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::backend::{Unixgram, VNET_HDR_LEN};
 use super::{mac_from_seed, Net};
@@ -136,4 +137,24 @@ fn a_frame_the_peer_cannot_take_yet_stays_in_the_guests_ring_until_it_can() {
     let n = peer.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"the real frame");
     wait_for("the used buffer", || tx.used().idx().load() == 1);
+}
+
+/// Issue 12, hole 1: a runaway available index on either queue made the network worker
+/// spin, and a reset wait for it for ever.
+#[test]
+fn a_runaway_available_index_needs_a_reset_and_the_worker_stops() {
+    use crate::virtio::testing::a_runaway_index_needs_reset;
+    for queue in [0, 1] {
+        let m = Arc::new(Mem(mem(0x10_0000)));
+        let (t, peer, _line) = started(&m);
+        let mut t = a_runaway_index_needs_reset(t, &m, 2, queue, 257);
+        let (rx, tx) = queues(&m);
+        start(&mut t, &[&rx, &tx]);
+        m.write_slice(b"after a reset", GuestAddress(0x2000)).unwrap();
+        tx.add_desc_chains(&[chained(0x1000, VNET_HDR_LEN as u32, 0, 1), desc(0x2000, 13, 0)], 0).unwrap();
+        write_reg(&mut t, 0x50, 1);
+        let mut buf = [0u8; 100];
+        let n = peer.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"after a reset");
+    }
 }

@@ -91,9 +91,10 @@ fn set_nets(config: &VZVirtualMachineConfiguration, nets: &[NetSpec]) -> Result<
                     device.setAttachment(Some(&attachment));
                 }
                 Net::Fd(fd) => {
+                    let fd = fd.duplicate().map_err(|e| Error::Net(format!("--net fd={}: {e}", fd.number())))?;
                     let attachment = VZFileHandleNetworkDeviceAttachment::initWithFileHandle(
                         VZFileHandleNetworkDeviceAttachment::alloc(),
-                        &NSFileHandle::initWithFileDescriptor(NSFileHandle::alloc(), *fd),
+                        &handle(fd),
                     );
                     device.setAttachment(Some(&attachment));
                 }

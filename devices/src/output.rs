@@ -1,0 +1,194 @@
+//! Output that never blocks the device writing it: bytes go into a bounded buffer that a
+//! thread of its own drains into the host's writer (a terminal, a pipe, an embedder's
+//! writer). A vCPU writing a UART register must not wait for a terminal that is
+//! stopped or a pipe nobody reads: when the host falls behind by more than the buffer,
+//! further bytes are dropped and counted, with a rate-limited warning.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::bus::lock;
+use crate::warn_ratelimited;
+
+#[derive(Default)]
+struct State {
+    bytes: VecDeque<u8>,
+    /// The drain thread is waiting for bytes (notify it only then).
+    waiting: bool,
+    /// The drain thread is writing what it took.
+    writing: bool,
+    /// No more bytes will come: drain what is left, then end.
+    closed: bool,
+}
+
+struct Shared {
+    name: &'static str,
+    capacity: usize,
+    state: Mutex<State>,
+    /// Bytes arrived, or the output closed (for the drain thread).
+    work: Condvar,
+    /// The drain thread took bytes or finished writing (for `flush`).
+    progress: Condvar,
+}
+
+/// The writing end; the drain thread holds the host's writer.
+pub struct Output {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Output").field("name", &self.shared.name).finish_non_exhaustive()
+    }
+}
+
+impl Output {
+    /// Output to `writer` through a buffer of `capacity` bytes, drained by a thread named
+    /// `name` (also the name in logs). Without a thread (the host refused one), the
+    /// output is dropped, with a warning.
+    pub fn new(name: &'static str, writer: Box<dyn Write + Send>, capacity: usize) -> Self {
+        let shared = Arc::new(Shared {
+            name,
+            capacity,
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            progress: Condvar::new(),
+        });
+        let drain = Arc::clone(&shared);
+        if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(move || drain.run(writer)) {
+            log::warn!("{name}: cannot start the output thread ({e}); the output is dropped");
+            lock(&shared.state).closed = true;
+        }
+        Output { shared }
+    }
+
+    /// Queues what fits of `data` for the host; returns how many bytes that was. The
+    /// caller keeps the rest (back-pressure): see [`Output::write`] for dropping it.
+    pub fn offer(&self, data: &[u8]) -> usize {
+        let shared = &self.shared;
+        let mut state = lock(&shared.state);
+        if state.closed {
+            return data.len();
+        }
+        let n = data.len().min(shared.capacity - state.bytes.len());
+        state.bytes.extend(&data[..n]);
+        if n > 0 && state.waiting {
+            shared.work.notify_one();
+        }
+        n
+    }
+
+    /// Queues `data` for the host; what does not fit is dropped, with a rate-limited
+    /// warning. Returns how many bytes were queued.
+    pub fn write(&self, data: &[u8]) -> usize {
+        let n = self.offer(data);
+        if n < data.len() {
+            let name = self.shared.name;
+            warn_ratelimited!("{name}: the host is not taking output; {} bytes dropped", data.len() - n);
+        }
+        n
+    }
+
+    /// Waits until everything queued so far has been written to the host, at most
+    /// `timeout`; whether it was.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let shared = &self.shared;
+        let deadline = Instant::now() + timeout;
+        let mut state = lock(&shared.state);
+        while !state.bytes.is_empty() || state.writing {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = shared.progress.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+}
+
+impl Drop for Output {
+    /// Gives the host a moment to take what is left, then lets the thread go: a writer
+    /// that never returns must not hold up the VMM's exit.
+    fn drop(&mut self) {
+        self.flush(Duration::from_secs(1));
+        lock(&self.shared.state).closed = true;
+        self.shared.work.notify_one();
+    }
+}
+
+impl Shared {
+    fn run(&self, mut writer: Box<dyn Write + Send>) {
+        let mut chunk = Vec::new();
+        let mut failed = false;
+        loop {
+            {
+                let mut state = lock(&self.state);
+                state.writing = false;
+                self.progress.notify_all();
+                while state.bytes.is_empty() && !state.closed {
+                    state.waiting = true;
+                    state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
+                    state.waiting = false;
+                }
+                if state.bytes.is_empty() {
+                    return;
+                }
+                chunk.clear();
+                chunk.extend(state.bytes.drain(..));
+                state.writing = true;
+            }
+            if !failed {
+                if let Err(e) = writer.write_all(&chunk).and_then(|()| writer.flush()) {
+                    log::warn!("{}: output failed, dropping further output: {e}", self.name);
+                    failed = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Sink;
+
+    /// A writer that never returns, like a stopped terminal or a full pipe.
+    struct Stuck;
+    impl Write for Stuck {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            loop {
+                std::thread::park();
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_arrives_in_order() {
+        let sink = Sink::default();
+        let out = Output::new("test-out", Box::new(sink.clone()), 1024);
+        for i in 0..100u8 {
+            assert_eq!(out.write(&[b'a' + i % 26]), 1);
+        }
+        assert!(out.flush(Duration::from_secs(10)));
+        let want: Vec<u8> = (0..100u8).map(|i| b'a' + i % 26).collect();
+        assert_eq!(sink.0.lock().unwrap().as_slice(), want.as_slice());
+    }
+
+    #[test]
+    fn a_writer_that_never_returns_costs_a_bounded_buffer_and_never_blocks() {
+        let out = Output::new("test-stuck", Box::new(Stuck), 4096);
+        let start = Instant::now();
+        let taken: usize = (0..1_000_000).map(|_| out.write(b"x")).sum();
+        assert!(taken <= 2 * 4096, "the buffer and the chunk the thread took: {taken}");
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(!out.flush(Duration::from_millis(10)));
+        let dropping = Instant::now();
+        drop(out);
+        assert!(dropping.elapsed() < Duration::from_secs(3), "dropping waits a moment, not for ever");
+    }
+}
