@@ -16,6 +16,6 @@ pub mod output;
 pub mod pl011;
 pub mod pl031;
 pub mod ratelimit;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod virtio;

@@ -183,9 +183,10 @@ mod tests {
     fn a_writer_that_never_returns_costs_a_bounded_buffer_and_never_blocks() {
         let out = Output::new("test-stuck", Box::new(Stuck), 4096);
         let start = Instant::now();
-        let taken: usize = (0..1_000_000).map(|_| out.write(b"x")).sum();
+        let taken: usize = (0..100_000).map(|_| out.write(b"x")).sum();
         assert!(taken <= 2 * 4096, "the buffer and the chunk the thread took: {taken}");
-        assert!(start.elapsed() < Duration::from_secs(10));
+        // Blocking would be for ever; the bound only has to be finite (emulated runs are slow).
+        assert!(start.elapsed() < Duration::from_secs(60));
         assert!(!out.flush(Duration::from_millis(10)));
         let dropping = Instant::now();
         drop(out);

@@ -1,4 +1,6 @@
-//! Helpers shared by this crate's unit tests.
+//! Helpers for tests of devices (this crate's unit tests, and with the `test-utils`
+//! feature the fuzz targets): an interrupt line and a writer to look into. The unit
+//! tests also get a per-thread allocation counter and a log-line counter.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,70 +46,76 @@ impl Write for Sink {
     }
 }
 
-/// The bytes this thread has allocated and not freed since it started (frees made by
-/// other threads are not counted): for tests that a guest cannot make a device grow the
-/// VMM's memory. Counted by this crate's test allocator.
-pub fn allocated_here() -> isize {
-    ALLOCATED.with(std::cell::Cell::get)
-}
+#[cfg(test)]
+pub use counters::*;
 
-thread_local! {
-    static ALLOCATED: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
-}
-
-/// The system allocator, counting per thread for [`allocated_here`].
-struct Counting;
-
-// SAFETY: every call goes to the system allocator unchanged; the bookkeeping is a
-// thread-local counter with no destructor, which never allocates.
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        ALLOCATED.with(|a| a.set(a.get() + layout.size() as isize));
-        // SAFETY: the caller's contract is the system allocator's.
-        unsafe { std::alloc::System.alloc(layout) }
+#[cfg(test)]
+mod counters {
+    /// The bytes this thread has allocated and not freed since it started (frees made by
+    /// other threads are not counted): for tests that a guest cannot make a device grow the
+    /// VMM's memory. Counted by this crate's test allocator.
+    pub fn allocated_here() -> isize {
+        ALLOCATED.with(std::cell::Cell::get)
     }
 
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        ALLOCATED.with(|a| a.set(a.get() - layout.size() as isize));
-        // SAFETY: as above; `ptr` came from `alloc` with this layout.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    thread_local! {
+        static ALLOCATED: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
     }
 
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        ALLOCATED.with(|a| a.set(a.get() + new_size as isize - layout.size() as isize));
-        // SAFETY: as above.
-        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
-    }
-}
+    /// The system allocator, counting per thread for [`allocated_here`].
+    struct Counting;
 
-#[global_allocator]
-static COUNTING: Counting = Counting;
+    // SAFETY: every call goes to the system allocator unchanged; the bookkeeping is a
+    // thread-local counter with no destructor, which never allocates.
+    unsafe impl std::alloc::GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            ALLOCATED.with(|a| a.set(a.get() + layout.size() as isize));
+            // SAFETY: the caller's contract is the system allocator's.
+            unsafe { std::alloc::System.alloc(layout) }
+        }
 
-thread_local! {
-    static VIRTIO_QUEUE_LINES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            ALLOCATED.with(|a| a.set(a.get() - layout.size() as isize));
+            // SAFETY: as above; `ptr` came from `alloc` with this layout.
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
 
-/// Counts, per thread, the log lines `virtio-queue` emits of its own.
-struct CrateLines;
-
-impl log::Log for CrateLines {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-    fn log(&self, record: &log::Record<'_>) {
-        if record.target().starts_with("virtio_queue") {
-            VIRTIO_QUEUE_LINES.with(|n| n.set(n.get() + 1));
+        unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+            ALLOCATED.with(|a| a.set(a.get() + new_size as isize - layout.size() as isize));
+            // SAFETY: as above.
+            unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
         }
     }
-    fn flush(&self) {}
-}
 
-/// How many log lines `virtio-queue` has emitted on this thread (installing the counting
-/// logger for this test binary the first time).
-pub fn virtio_queue_lines_here() -> usize {
-    static LOGGER: CrateLines = CrateLines;
-    if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(log::LevelFilter::Warn);
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    thread_local! {
+        static VIRTIO_QUEUE_LINES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
-    VIRTIO_QUEUE_LINES.with(std::cell::Cell::get)
+
+    /// Counts, per thread, the log lines `virtio-queue` emits of its own.
+    struct CrateLines;
+
+    impl log::Log for CrateLines {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if record.target().starts_with("virtio_queue") {
+                VIRTIO_QUEUE_LINES.with(|n| n.set(n.get() + 1));
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    /// How many log lines `virtio-queue` has emitted on this thread (installing the counting
+    /// logger for this test binary the first time).
+    pub fn virtio_queue_lines_here() -> usize {
+        static LOGGER: CrateLines = CrateLines;
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(log::LevelFilter::Warn);
+        }
+        VIRTIO_QUEUE_LINES.with(std::cell::Cell::get)
+    }
 }

@@ -7,6 +7,7 @@
 mod bench;
 mod cross;
 mod e2e;
+mod fuzz;
 mod guest;
 mod kernel;
 mod paths;
@@ -26,7 +27,10 @@ commands:
   e2e [-v] [NAME...]
                  run end-to-end scenarios in the arm64 KVM rig (all when none named)
   demo           boot the demo guest in the rig and show its console
-  test           everything CI checks: fmt, clippy, tests, doc, cross-test, check-macos, cross, e2e
+  test           everything CI checks: fmt, clippy, tests, doc, fuzz smoke, cross-test, check-macos, cross, e2e
+  fuzz [TARGET...] [--time S]
+                 run the libFuzzer targets under fuzz/ (all when none named) for S seconds each
+                 (default 60); a crash, a hang or runaway memory is a failure
   boottime [N]   boot hvrun's kernel N times in the rig: boot-time min/median/max, VMM memory
   bench [ARGS]   run the criterion benchmarks (ARGS go to criterion) and write docs/BENCHMARKS.md
 
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         "demo" => e2e::demo(),
         "test" => test(),
         "bench" => bench::run(rest),
+        "fuzz" => fuzz::run(rest),
         "boottime" => e2e::boottime(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
@@ -86,6 +91,7 @@ fn test() -> Result<(), String> {
         "--workspace",
         "--no-deps",
     ]))?;
+    fuzz::smoke()?;
     cross::test()?;
     cross::check_macos()?;
     e2e::run(&[])?;

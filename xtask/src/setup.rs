@@ -23,7 +23,12 @@ pub const PACKAGES: &[&str] = &[
     "flex",
     "bison",
     "bc",
+    "g++", // libFuzzer's C++ sources (the fuzz targets' libfuzzer-sys)
 ];
+
+/// cargo-fuzz, installed with rustup's cargo when missing (it runs the fuzz targets).
+const CARGO_FUZZ: &str = "cargo-fuzz";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn installed(package: &str) -> bool {
     sh::output(sh::cmd("dpkg-query").args(["-W", "-f=${Status}", package]))
@@ -47,8 +52,22 @@ fn as_root(args: &[&str]) -> std::process::Command {
     c
 }
 
+/// Installs cargo-fuzz unless `cargo fuzz` already answers.
+fn cargo_fuzz() -> Result<(), String> {
+    let cargo = sh::host_cargo();
+    if sh::output(sh::cmd(&cargo).args(["fuzz", "--version"])).is_ok() {
+        return Ok(());
+    }
+    sh::run(sh::cmd(&cargo).args(["install", "--locked", CARGO_FUZZ, "--version", CARGO_FUZZ_VERSION]))
+}
+
 /// Installs what is missing; prints what is needed and fails on a non-Debian host.
 pub fn run() -> Result<(), String> {
+    debian_packages()?;
+    cargo_fuzz()
+}
+
+fn debian_packages() -> Result<(), String> {
     if !Path::new("/etc/debian_version").exists() {
         return Err(format!(
             "this is not a Debian host; install the equivalents of these Debian packages, \

@@ -15,7 +15,7 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
-#[cfg(test)]
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod worker;
 

@@ -1,0 +1,7 @@
+//! Placeholder: the net_frames target is being written.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|_data: &[u8]| {});
