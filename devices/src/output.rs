@@ -21,6 +21,8 @@ struct State {
     writing: bool,
     /// No more bytes will come: drain what is left, then end.
     closed: bool,
+    /// An [`Output::offer`] found the buffer full: call the progress hook when there is room.
+    short: bool,
 }
 
 struct Shared {
@@ -31,6 +33,8 @@ struct Shared {
     work: Condvar,
     /// The drain thread took bytes or finished writing (for `flush`).
     progress: Condvar,
+    /// Called from the drain thread when it has made room after an offer fell short.
+    on_room: Mutex<Option<Box<dyn Fn() + Send>>>,
 }
 
 /// The writing end; the drain thread holds the host's writer.
@@ -55,6 +59,7 @@ impl Output {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             progress: Condvar::new(),
+            on_room: Mutex::new(None),
         });
         let drain = Arc::clone(&shared);
         if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(move || drain.run(writer)) {
@@ -74,10 +79,17 @@ impl Output {
         }
         let n = data.len().min(shared.capacity - state.bytes.len());
         state.bytes.extend(&data[..n]);
+        state.short |= n < data.len();
         if n > 0 && state.waiting {
             shared.work.notify_one();
         }
         n
+    }
+
+    /// Calls `hook`, from the drain thread, whenever it makes room after an
+    /// [`Output::offer`] fell short: the writer with bytes left over can offer them again.
+    pub fn on_room(&self, hook: impl Fn() + Send + 'static) {
+        *lock(&self.shared.on_room) = Some(Box::new(hook));
     }
 
     /// Queues `data` for the host; what does not fit is dropped, with a rate-limited
@@ -123,7 +135,7 @@ impl Shared {
         let mut chunk = Vec::new();
         let mut failed = false;
         loop {
-            {
+            let made_room = {
                 let mut state = lock(&self.state);
                 state.writing = false;
                 self.progress.notify_all();
@@ -138,6 +150,12 @@ impl Shared {
                 chunk.clear();
                 chunk.extend(state.bytes.drain(..));
                 state.writing = true;
+                std::mem::take(&mut state.short)
+            };
+            if made_room {
+                if let Some(hook) = lock(&self.on_room).as_ref() {
+                    hook();
+                }
             }
             if !failed {
                 if let Err(e) = writer.write_all(&chunk).and_then(|()| writer.flush()) {

@@ -19,6 +19,8 @@ use super::ActivateError;
 
 /// The token of the waker; handlers use any other.
 pub const WAKE: Token = Token(usize::MAX);
+/// The bit of [`Handler::notified`]'s mask a [`Wake`] sets: not a queue, the backend.
+pub const BACKEND: u32 = 1 << 31;
 
 /// A running device, driven by a [`Worker`].
 pub trait Handler: Send + 'static {
@@ -26,6 +28,12 @@ pub trait Handler: Send + 'static {
     /// the activating thread, so it must not do I/O: the loop calls
     /// [`Handler::notified`] with every queue once it runs.
     fn register(&mut self, registry: &Registry) -> io::Result<()>;
+    /// Hands the handler a [`Wake`] for backends that are not file descriptors the loop
+    /// can watch (a thread that makes room in a buffer): it makes the loop call
+    /// [`Handler::notified`] with [`BACKEND`] set. Called before [`Handler::register`].
+    fn set_wake(&mut self, wake: Wake) {
+        let _ = wake;
+    }
     /// The driver notified the queues whose bits are set in `queues`.
     fn notified(&mut self, registry: &Registry, queues: u32);
     /// A registered source is ready.
@@ -49,6 +57,28 @@ struct Shared {
     waker: Waker,
     notified: AtomicU32,
     stop: AtomicBool,
+}
+
+/// Wakes a worker's loop from any thread, as if its backend were ready (see
+/// [`Handler::set_wake`]).
+#[derive(Clone)]
+pub struct Wake {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Wake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wake").finish_non_exhaustive()
+    }
+}
+
+impl Wake {
+    /// Makes the loop call [`Handler::notified`] with [`BACKEND`] soon.
+    pub fn wake(&self) {
+        self.shared.notified.fetch_or(BACKEND, Ordering::SeqCst);
+        // A loop that has ended cannot be woken and needs not be.
+        let _ = self.shared.waker.wake();
+    }
 }
 
 /// A handler running on its own thread.
@@ -75,11 +105,12 @@ impl<H: Handler> Worker<H> {
             Ok(pair) => pair,
             Err(e) => return Err((handler, e)),
         };
+        let shared = Arc::new(Shared { waker, notified: AtomicU32::new(0), stop: AtomicBool::new(false) });
+        handler.set_wake(Wake { shared: Arc::clone(&shared) });
         if let Err(e) = handler.register(poll.registry()) {
             handler.deregister(poll.registry());
             return Err((handler, e));
         }
-        let shared = Arc::new(Shared { waker, notified: AtomicU32::new(0), stop: AtomicBool::new(false) });
         let inner = Arc::clone(&shared);
         // The handler goes to the thread once it exists, so a failed spawn hands it back.
         let (give, take) = std::sync::mpsc::sync_channel::<(H, Poll)>(1);

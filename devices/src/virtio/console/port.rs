@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
-use std::time::Duration;
 
 use guest_memory::GuestMemoryMmap;
 use mio::event::Event;
@@ -13,7 +12,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::Backend;
-use crate::virtio::worker::Handler;
+use crate::virtio::worker::{Handler, Wake};
 use crate::virtio::{check_notified, give_back, next_chain, notify_driver, write_chain, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
@@ -26,8 +25,6 @@ const INPUT_CHUNK: usize = 4096;
 /// The most output taken from one transmit chain; the rest is dropped (Linux sends at
 /// most a page per buffer).
 pub const MAX_CHAIN_OUTPUT: usize = 64 * 1024;
-/// How soon output a host writer could not take is offered again.
-const RETRY: Duration = Duration::from_millis(1);
 /// Output kept while no socket client is connected.
 pub const KEPT_OUTPUT: usize = 64 * 1024;
 
@@ -253,6 +250,14 @@ fn collect(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, o
 }
 
 impl Handler for Port {
+    fn set_wake(&mut self, wake: Wake) {
+        // A host writer that was behind sends no event when it catches up: its output
+        // thread wakes the loop instead, which offers the rest again.
+        if let Backend::Stream { output, .. } = &self.backend {
+            output.on_room(move || wake.wake());
+        }
+    }
+
     fn register(&mut self, registry: &Registry) -> std::io::Result<()> {
         match &mut self.backend {
             Backend::Stream { input: Some(pipe), .. } => registry.register(pipe, INPUT, Interest::READABLE)?,
@@ -282,16 +287,6 @@ impl Handler for Port {
     fn detach(&mut self) {
         self.running = None;
         self.guest_spoke = false;
-    }
-
-    fn next_timeout(&self) -> Option<Duration> {
-        // A host writer that is behind sends no event when it catches up: look again soon.
-        let behind = matches!(self.backend, Backend::Stream { .. }) && !self.output.is_empty();
-        behind.then_some(RETRY)
-    }
-
-    fn timeout(&mut self, registry: &Registry) {
-        self.pump(registry);
     }
 
     fn deregister(&mut self, registry: &Registry) {
