@@ -10,13 +10,17 @@ use crate::{cross, guest, paths, setup};
 /// How many console lines a failure shows.
 const TAIL_LINES: usize = 40;
 
+/// `HVRUN_E2E_HVRUN`: run the scenarios with this static arm64 `hvrun` instead of the
+/// one built from the tree (e.g. an older build, to show that a scenario fails there).
+const OTHER_HVRUN: &str = "HVRUN_E2E_HVRUN";
+
 fn rig(verbose: bool) -> Rig {
     let guest = paths::guest_dir();
     Rig {
         qemu: "qemu-system-aarch64".into(),
         kernel: guest.join("vmlinuz"),
         busybox: guest.join("busybox"),
-        hvrun: paths::cross_hvrun(),
+        hvrun: std::env::var_os(OTHER_HVRUN).map_or_else(paths::cross_hvrun, std::path::PathBuf::from),
         tools: vec![paths::cross_bin("net-forwarder"), paths::cross_bin("examples/embed")],
         guest_dir: guest,
         work_dir: paths::root().join("target/e2e"),
