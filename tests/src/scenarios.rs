@@ -392,7 +392,11 @@ pub const ALL: &[Scenario] = &[
         forbidden: &["hvrun: error", "panicked", "I/O error"],
         timeout_secs: 300,
         // The script's `count=192` is `checks::DATA_DISK_MB` (a unit test holds them equal).
-        exchange: Some(crate::exchange::Exchange { input: "data.ext4", check: crate::checks::disk_integrity }),
+        exchange: Some(crate::exchange::Exchange {
+            input: "data.ext4",
+            output_len: None,
+            check: crate::checks::disk_integrity,
+        }),
         outer_gic: OuterGic::V2,
     },
     Scenario {
