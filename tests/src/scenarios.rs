@@ -400,6 +400,26 @@ pub const ALL: &[Scenario] = &[
         outer_gic: OuterGic::V2,
     },
     Scenario {
+        name: "kill-durability",
+        about: "kill -9 of hvrun at random moments of a guest's write loop loses no byte the guest flushed; ext4 is clean after journal replay",
+        artifacts: &["Image", "initramfs.cpio", "virtio_mmio.ko", "virtio_blk.ko"],
+        // Rounds of boot, write, kill -9; each round's image goes into the exchange slot.
+        script: include_str!("../scenarios/kill-durability.sh"),
+        exit_code: 0,
+        markers: &["round 0: durable: /f1 ", "round 0: image stored", "kill-durability: 20 rounds done"],
+        // Then `checks::kill_durability` runs on the stored images.
+        forbidden: &["hvrun: error", "panicked", "I/O error", "EXT4-fs error", "FAILED"],
+        // About 7 s a round in a quiet rig; three times that when the host's cores are
+        // busy. A round that hangs is cut off after 60 s.
+        timeout_secs: 600,
+        exchange: Some(crate::exchange::Exchange {
+            input: "durability.ext4",
+            output_len: Some((crate::checks::DURABILITY_ROUNDS * crate::checks::DURABILITY_IMAGE_MB) << 20),
+            check: crate::checks::kill_durability,
+        }),
+        outer_gic: OuterGic::V2,
+    },
+    Scenario {
         name: "disk-io",
         about: "guest writes reach the image intact, a read-only disk refuses writes and keeps its bytes, GET_ID works",
         artifacts: &["Image", "initramfs.cpio"],
