@@ -146,6 +146,11 @@ fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(i32, String), String
     Ok((out.status.code().unwrap_or(-1), text))
 }
 
+/// `n thing` or `n things`.
+fn count(n: usize, thing: &str) -> String {
+    format!("{n} {thing}{}", if n == 1 { "" } else { "s" })
+}
+
 /// What the host found in one round's image.
 struct RoundResult {
     /// Whether the journal held transactions to replay (the image was not cleanly unmounted).
@@ -188,7 +193,9 @@ fn check_round(image: &Path, round: &Round) -> Result<RoundResult, String> {
         let out = dumps.join(i.to_string());
         let (_, text) = run("debugfs", &["-R".as_ref(), format!("dump {path} {}", out.display()).as_ref(), img])?;
         if !out.exists() {
-            mismatches.push(format!("{path} is missing: {}", text.trim()));
+            // debugfs prints its banner, then e.g. "/f3: File not found by ext2_lookup".
+            let why = text.lines().rfind(|l| !l.trim().is_empty() && !l.starts_with("debugfs ")).unwrap_or("");
+            mismatches.push(format!("{path} is missing ({})", why.trim()));
             continue;
         }
         let found = sha256(&out)?;
@@ -243,15 +250,15 @@ pub fn kill_durability(slot: &Path, output: &[String]) -> Result<Vec<String>, St
                 flushed += result.intact;
                 let mut notes = Vec::new();
                 if round.cut_short > 0 {
-                    notes.push(format!("{} marker cut short by the kill", round.cut_short));
+                    notes.push(format!("{} cut short by the kill", count(round.cut_short, "marker")));
                 }
                 if result.unreported > 0 {
-                    notes.push(format!("{} more file written but not reported durable", result.unreported));
+                    notes.push(format!("{} more written but not reported durable", count(result.unreported, "file")));
                 }
                 lines.push(format!(
-                    "round {r}: killed {} ms after the first marker: {} files flushed, {} intact{}; {}; e2fsck -fn clean",
+                    "round {r}: killed {} ms after the first marker: {} flushed, {} intact{}; {}; e2fsck -fn clean",
                     round.kill_ms.map_or("?".into(), |ms| ms.to_string()),
-                    round.flushed.len(),
+                    count(round.flushed.len(), "file"),
                     result.intact,
                     if notes.is_empty() { String::new() } else { format!(" ({})", notes.join(", ")) },
                     if result.replayed { "journal replayed" } else { "journal had nothing to replay" },
