@@ -111,8 +111,8 @@ fn is_plain_path(s: &str) -> bool {
 
 /// Reads the kill-durability rounds from the scenario's output, by round number. The rig
 /// prints `round R: ` before each line of the guest's console (among them the writer's
-/// `durable: PATH SHA256` markers), then `round R: killed MS ms after the first marker;
-/// hvrun status S` and `round R: image stored`.
+/// `durable: PATH SHA256` markers), then `round R: killed MS ms after the first marker
+/// (seen T s after hvrun started); hvrun status S` and `round R: image stored`.
 pub fn parse_rounds(output: &[String]) -> BTreeMap<u64, Round> {
     let mut rounds: BTreeMap<u64, Round> = BTreeMap::new();
     for line in output {
@@ -223,9 +223,11 @@ fn check_round(image: &Path, round: &Round) -> Result<RoundResult, String> {
 /// with SIGKILL and stored the image; the journal is replayed (`e2fsck -p -E
 /// journal_only`, which replays the committed transactions as a mount would, and changes
 /// nothing else); then `e2fsck -fn` must exit 0: "clean after journal replay" means a full
-/// check finds nothing to fix. A file the kill caught before its marker may be there or
-/// not, whole or partly written; but every file the guest reported durable must dump
-/// (`debugfs`) with exactly the checksum the guest printed.
+/// check finds nothing to fix. (It does report the superblock's free block and inode
+/// counts as wrong: the kernel writes those only at unmount and recomputes them at mount,
+/// so e2fsck does not count them as errors.) A file the kill caught before its marker may
+/// be there or not, whole or partly written; but every file the guest reported durable
+/// must dump (`debugfs`) with exactly the checksum the guest printed.
 pub fn kill_durability(slot: &Path, output: &[String]) -> Result<Vec<String>, String> {
     let rounds = parse_rounds(output);
     let bytes = std::fs::read(slot).map_err(|e| format!("{}: {e}", slot.display()))?;
@@ -303,11 +305,12 @@ mod tests {
             format!("round 0: durable: /f0002 {sum}"),
             // The kill cut the last marker short.
             format!("round 0: durable: /f0003 {}", &sum[..20]),
-            "round 0: killed 1234 ms after the first marker; hvrun status 137".to_string(),
+            "round 0: killed 1234 ms after the first marker (seen 4.7 s after hvrun started); hvrun status 137"
+                .to_string(),
             "round 0: image stored".to_string(),
             format!("round 1: durable: /f0001 {sum}"),
             "round 1: durable: /f00".to_string(),
-            "round 1: killed 0 ms after the first marker; hvrun status 0".to_string(),
+            "round 1: killed 0 ms after the first marker (seen 9.1 s after hvrun started); hvrun status 0".to_string(),
             format!("round x: durable: /f0001 {sum}"),
             format!("durable: /f0009 {sum}"),
         ]
