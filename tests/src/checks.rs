@@ -255,7 +255,7 @@ pub fn kill_durability(slot: &Path, output: &[String]) -> Result<Vec<String>, St
                     notes.push(format!("{} cut short by the kill", count(round.cut_short, "marker")));
                 }
                 if result.unreported > 0 {
-                    notes.push(format!("{} more written but not reported durable", count(result.unreported, "file")));
+                    notes.push(format!("{} written but not reported durable", count(result.unreported, "more file")));
                 }
                 lines.push(format!(
                     "round {r}: killed {} ms after the first marker: {} flushed, {} intact{}; {}; e2fsck -fn clean",
