@@ -19,8 +19,9 @@ fn slot_offset(slot: u64) -> u64 {
     (slot * SLOT_MB) << 20
 }
 
-/// A check run on the host with the slot's contents (as a file the size of the input)
-/// and the scenario's console output; returns lines to add to the output, or a failure.
+/// A check run on the host with the slot's contents (as a file of
+/// [`Exchange::output_len`] bytes) and the scenario's console output; returns lines to
+/// add to the output, or a failure.
 pub type HostCheck = fn(image: &Path, output: &[String]) -> Result<Vec<String>, String>;
 
 /// A scenario's use of the exchange disk.
@@ -28,15 +29,18 @@ pub type HostCheck = fn(image: &Path, output: &[String]) -> Result<Vec<String>, 
 pub struct Exchange {
     /// The guest artifact written into the slot before the boot.
     pub input: &'static str,
+    /// How many bytes of the slot the check gets back: `None` for the input's size (the
+    /// scenario wrote its result over its input), `Some(n)` when it wrote more.
+    pub output_len: Option<u64>,
     /// What the host checks afterwards.
     pub check: HostCheck,
 }
 
-/// Exchanges are the same when they carry the same input (function addresses are not
-/// comparable).
+/// Exchanges are the same when they carry the same input and bring back as much
+/// (function addresses are not comparable).
 impl PartialEq for Exchange {
     fn eq(&self, other: &Self) -> bool {
-        self.input == other.input
+        self.input == other.input && self.output_len == other.output_len
     }
 }
 
@@ -57,8 +61,11 @@ pub fn prepare(disk: &Path, slots: u64, inputs: &[(u64, &Path)]) -> std::io::Res
     file.sync_all()
 }
 
-/// Copies `len` bytes of slot `slot` of `disk` into `out`.
+/// Copies `len` bytes of slot `slot` of `disk` into `out`; more than a slot is an error.
 pub fn extract(disk: &Path, slot: u64, len: u64, out: &Path) -> std::io::Result<()> {
+    if len > slot_offset(1) {
+        return Err(std::io::Error::other(format!("{len} bytes are more than a slot")));
+    }
     let mut file = std::fs::File::open(disk)?;
     file.seek(SeekFrom::Start(slot_offset(slot)))?;
     let mut bytes = Vec::new();
@@ -98,6 +105,9 @@ mod tests {
         assert_eq!(std::fs::metadata(&disk).unwrap().len(), slot_offset(2));
         extract(&disk, 1, 1000, &out).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), pattern(1000, 7));
+        extract(&disk, 1, 2000, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap()[1000..], [0; 1000], "the rest of the slot");
+        assert!(extract(&disk, 0, slot_offset(1) + 1, &out).is_err());
         assert_eq!(pattern(16, 7)[..8], pattern(8, 7)[..], "a prefix of the same stream");
         assert_ne!(pattern(8, 7), pattern(8, 8));
         for f in [disk, input, out] {

@@ -192,7 +192,9 @@ impl Rig {
     /// the failures.
     fn host_check(&self, disk: &Path, slot: u64, name: &str, x: crate::exchange::Exchange, outcome: &mut Outcome) {
         let image = self.work_dir.join(format!("{name}.img"));
-        let len = std::fs::metadata(self.guest_dir.join(x.input)).map(|m| m.len()).unwrap_or(0);
+        let len = x
+            .output_len
+            .unwrap_or_else(|| std::fs::metadata(self.guest_dir.join(x.input)).map(|m| m.len()).unwrap_or(0));
         let checked = crate::exchange::extract(disk, slot, len, &image)
             .map_err(|e| format!("reading slot {slot} of {}: {e}", disk.display()))
             .and_then(|()| (x.check)(&image, &outcome.output));

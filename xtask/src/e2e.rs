@@ -43,6 +43,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
 }
 
 fn report(outcomes: &[Outcome], rig: &Rig) -> Result<(), String> {
+    // What the host checks found, which the table below only sums up as PASS or FAIL.
+    for o in outcomes.iter().filter(|o| o.passed()) {
+        let found: Vec<&String> = o.output.iter().filter(|l| l.starts_with("host check: ")).collect();
+        if !found.is_empty() {
+            println!("\n{}:", o.name);
+            for line in found {
+                println!("  {line}");
+            }
+        }
+    }
     println!("\n{:<20} {:<6} {:>9} {:>10}", "scenario", "result", "rig time", "host time");
     let secs = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.2} s"));
     for o in outcomes {

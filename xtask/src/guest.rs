@@ -7,6 +7,8 @@
 //! - `NAME.bin`: each test program `guests/NAME.S`, assembled with the cross binutils.
 //! - `NAME`: each guest tool `guests/tools/NAME.c`, a static arm64 Linux program.
 //! - `rootfs.ext4`: an ext4 root filesystem with busybox and the same init, for `--disk`.
+//! - `data.ext4`: an ext4 filesystem holding a known pattern, for `disk-integrity`.
+//! - `durability.ext4`: an empty ext4 filesystem with a journal, for `kill-durability`.
 //! - `Image`: hvrun's own kernel with virtio built in (see [`crate::kernel`]).
 //! - `initramfs.cpio`: busybox, `guests/initramfs/init`, the helper scripts in
 //!   `guests/initramfs/t/`, the guest tools and the modules (in `/lib/modules`); boots
@@ -41,6 +43,7 @@ pub fn run() -> Result<(), String> {
     build_initramfs(&dir, &tools)?;
     build_rootfs(&dir)?;
     build_data_disk(&dir)?;
+    build_durability_disk(&dir)?;
     crate::kernel::build(&dir)?;
     Ok(())
 }
@@ -135,6 +138,25 @@ fn build_data_disk(dir: &Path) -> Result<(), String> {
     sh::run(sh::cmd("mkfs.ext4").args(["-q", "-F", "-L", "data", "-d"]).arg(&staging).arg(&output).arg(&size))?;
     mark(&output, &key)?;
     let _ = std::fs::remove_dir_all(&staging);
+    println!("guest: built {}", output.display());
+    Ok(())
+}
+
+/// Builds `durability.ext4` for the kill-durability scenario: an empty ext4 filesystem
+/// with a journal, small enough that every round's copy fits the scenario's exchange slot.
+fn build_durability_disk(dir: &Path) -> Result<(), String> {
+    use hvrun_e2e::checks::DURABILITY_IMAGE_MB;
+    let output = dir.join("durability.ext4");
+    let key = format!("empty ext4 with a journal, size={DURABILITY_IMAGE_MB}M");
+    if fresh(&output, &key) {
+        println!("guest: durability.ext4 is up to date");
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&output);
+    let size = format!("{DURABILITY_IMAGE_MB}M");
+    // At this size mke2fs picks 1 KiB blocks and a 1 MiB journal.
+    sh::run(sh::cmd("mkfs.ext4").args(["-q", "-F", "-L", "durability", "-O", "has_journal"]).arg(&output).arg(&size))?;
+    mark(&output, &key)?;
     println!("guest: built {}", output.display());
     Ok(())
 }
