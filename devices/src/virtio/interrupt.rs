@@ -78,9 +78,11 @@ impl Interrupt {
     /// limit, sets DEVICE_NEEDS_RESET and raises a configuration-change interrupt, as
     /// virtio 1.2 section 2.1.2 says. The device serves nothing more until a reset.
     pub fn fail(&self, device: &str, why: std::fmt::Arguments<'_>) {
+        // The status bit first, then the interrupt: a driver that takes the interrupt
+        // and reads Status sees DEVICE_NEEDS_RESET.
         if !self.inner.needs_reset.swap(true, Ordering::SeqCst) {
-            warn_ratelimited!("{device}: {why}; the device stops until the driver resets it");
             self.trigger(INT_CONFIG);
+            warn_ratelimited!("{device}: {why}; the device stops until the driver resets it");
         }
     }
 

@@ -25,7 +25,10 @@ use guest_memory::GuestMemoryMmap;
 use virtio_queue::Queue;
 
 pub use interrupt::{Interrupt, INT_CONFIG, INT_USED_RING};
-pub use queue::{check_notified, drain_queue, give_back, has_pending, next_chain, notify_driver, write_chain, Chain};
+pub use queue::{
+    check_notified, drain_queue, drain_queue_while, give_back, has_pending, next_chain, notify_driver, write_chain,
+    Chain,
+};
 
 /// Access to guest memory for devices, whatever owns it (the VMM's guest RAM, a test's
 /// `Box<GuestMemoryMmap>`).

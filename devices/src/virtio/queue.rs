@@ -120,10 +120,24 @@ pub fn drain_queue(
     queue: &mut Queue,
     memory: &GuestMemoryMmap,
     interrupt: &Interrupt,
+    serve: impl FnMut(Chain<'_>) -> u32,
+) {
+    drain_queue_while(device, queue, memory, interrupt, || true, serve);
+}
+
+/// [`drain_queue`], taking no further chain once `go_on` says no (the device is asked to
+/// stop): a reset waits for the request in hand, not for all the guest queued.
+pub fn drain_queue_while(
+    device: &str,
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    mut go_on: impl FnMut() -> bool,
     mut serve: impl FnMut(Chain<'_>) -> u32,
 ) {
     let used_from = queue.next_used();
-    while let Some(chain) = next_chain(device, queue, memory, interrupt) {
+    while go_on() {
+        let Some(chain) = next_chain(device, queue, memory, interrupt) else { break };
         let head = chain.head_index();
         let len = serve(chain);
         if !give_back(device, queue, memory, head, len) {

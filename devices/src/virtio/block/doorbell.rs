@@ -51,6 +51,11 @@ impl Doorbell {
         }
     }
 
+    /// Whether the worker is asked to stop (leaves a ring where it is).
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
     /// Takes a ring without waiting.
     pub fn take(&self) -> Ring {
         if self.stop.load(Ordering::SeqCst) {

@@ -25,7 +25,9 @@ use virtio_queue::Queue;
 use self::disk::Disk;
 use self::doorbell::{Doorbell, Poll, Ring};
 use self::request::{Context, ID_LEN, MAX_SEGMENTS, SECTOR_SIZE};
-use super::{drain_queue, has_pending, single_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
+use super::{
+    drain_queue_while, has_pending, single_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice,
+};
 use crate::warn_ratelimited;
 
 /// Queue size offered to the driver.
@@ -71,7 +73,7 @@ impl Worker {
             if bell.take() == Ring::Stop {
                 return false;
             }
-            self.process();
+            self.process(bell);
             let window = self.poll.window();
             if window.is_zero() {
                 return true;
@@ -101,10 +103,13 @@ impl Worker {
         has_pending(NAME, &self.queue, self.memory.memory(), &self.interrupt)
     }
 
-    fn process(&mut self) {
+    /// Serves the requests the driver has made available, until told to stop: a reset
+    /// (on a vCPU) waits for the request in hand, not for the whole ring.
+    fn process(&mut self, bell: &Doorbell) {
         let memory = self.memory.memory();
         let (disk, id, bounce) = (&mut self.disk, &self.id, &mut self.bounce);
-        drain_queue(NAME, &mut self.queue, memory, &self.interrupt, |chain| {
+        let go_on = || !bell.stopping();
+        drain_queue_while(NAME, &mut self.queue, memory, &self.interrupt, go_on, |chain| {
             request::serve(memory, chain, Context { disk: disk.as_mut(), id, bounce })
         });
     }
