@@ -1,4 +1,4 @@
-//! `cargo xtask fuzz [TARGET...] [--time SECONDS]`: the libFuzzer targets under `fuzz/`,
+//! `cargo xtask fuzz [TARGET...] [--time SECONDS] [--runs N]`: the libFuzzer targets under `fuzz/`,
 //! built and run by cargo-fuzz (installed by `cargo xtask setup`) with rustup's compiler
 //! in nightly mode (`RUSTC_BOOTSTRAP=1`: its address sanitizer runtime ships with the
 //! stable toolchain).
@@ -65,6 +65,7 @@ fn cargo_fuzz() -> Command {
 /// each (default 60); a table of what each did; an error if any found something.
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut secs = 60;
+    let mut runs = None;
     let mut names = Vec::new();
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
@@ -72,6 +73,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "--time" => {
                 let value = rest.next().ok_or("--time needs a number of seconds")?;
                 secs = value.parse().map_err(|_| format!("--time {value}: not a number of seconds"))?;
+            }
+            "--runs" => {
+                let value = rest.next().ok_or("--runs needs a number of executions")?;
+                runs = Some(value.parse().map_err(|_| format!("--runs {value}: not a number of executions"))?);
             }
             name if TARGETS.contains(&name) => names.push(name.to_string()),
             other => return Err(format!("fuzz: no target `{other}`; targets: {}", TARGETS.join(", "))),
@@ -81,22 +86,23 @@ pub fn run(args: &[String]) -> Result<(), String> {
         names = TARGETS.iter().map(|t| t.to_string()).collect();
     }
     crate::setup::run()?;
-    let stats = run_targets(&names, secs)?;
+    let stats = run_targets(&names, secs, runs)?;
     report(&stats)
 }
 
 /// Runs every target for [`SMOKE_SECS`] (the `cargo xtask test` step).
 pub fn smoke() -> Result<(), String> {
     let names: Vec<String> = TARGETS.iter().map(|t| t.to_string()).collect();
-    report(&run_targets(&names, SMOKE_SECS)?)
+    report(&run_targets(&names, SMOKE_SECS, None)?)
 }
 
-fn run_targets(names: &[String], secs: u64) -> Result<Vec<Stats>, String> {
+/// Runs each target for `secs` seconds, or until it has executed `runs` inputs.
+fn run_targets(names: &[String], secs: u64, runs: Option<u64>) -> Result<Vec<Stats>, String> {
     sh::run(cargo_fuzz().args(["build", "--target-dir"]).arg(work_dir().join("build")))?;
-    names.iter().map(|name| run_one(name, secs)).collect()
+    names.iter().map(|name| run_one(name, secs, runs)).collect()
 }
 
-fn run_one(target: &str, secs: u64) -> Result<Stats, String> {
+fn run_one(target: &str, secs: u64, runs: Option<u64>) -> Result<Stats, String> {
     let corpus = work_dir().join("corpus").join(target);
     let artifacts = work_dir().join("artifacts").join(target);
     let seeds = fuzz_dir().join("seeds").join(target);
@@ -116,9 +122,10 @@ fn run_one(target: &str, secs: u64) -> Result<Stats, String> {
         .arg(format!("-malloc_limit_mb={MALLOC_LIMIT_MB}"))
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg("-print_final_stats=1")
+        .args(runs.map(|n| format!("-runs={n}")))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    println!("fuzz: {target} for {secs} s");
+    println!("fuzz: {target} for {secs} s{}", runs.map_or(String::new(), |n| format!(" or {n} executions")));
     let out = c.output().map_err(|e| format!("cannot run cargo fuzz (run `cargo xtask setup`): {e}"))?;
     let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let log_path = work_dir().join(format!("{target}.log"));
@@ -144,6 +151,10 @@ pub fn parse_stats(target: &str, secs: u64, log: &str) -> Stats {
         }
         if let Some(cov) = line.split(" cov: ").nth(1).and_then(|r| r.split_whitespace().next()) {
             stats.coverage = cov.parse().unwrap_or(stats.coverage);
+        }
+        // "Done 9000 runs in 3 second(s)": how long it really ran.
+        if let Some(done) = line.strip_prefix("Done ").and_then(|r| r.split(" runs in ").nth(1)) {
+            stats.secs = done.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(stats.secs);
         }
     }
     stats
@@ -197,10 +208,11 @@ mod tests {
         let log = "#2\tINITED cov: 10 ft: 11 corp: 1/1b exec/s: 0 rss: 30Mb\n\
                    #4096\tpulse  cov: 812 ft: 1900 corp: 90/2Kb exec/s: 2048 rss: 40Mb\n\
                    #9000\tDONE   cov: 815 ft: 1950 corp: 95/2Kb lim: 4 exec/s: 3000 rss: 41Mb\n\
+                   Done 9000 runs in 2 second(s)\n\
                    stat::number_of_executed_units: 9000\n\
                    stat::average_exec_per_sec:     3000\n";
         let stats = parse_stats("gic", 3, log);
-        assert_eq!((stats.executions, stats.coverage), (9000, 815));
+        assert_eq!((stats.executions, stats.coverage, stats.secs), (9000, 815, 2));
         let failure = describe_failure(
             "gic",
             "==1== ERROR: libFuzzer: timeout after 10 seconds\nTest unit written to target/fuzz/artifacts/gic/timeout-ab\n",
