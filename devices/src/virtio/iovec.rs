@@ -48,11 +48,12 @@ impl<'m> GuestIovecs<'m> {
         let (mut to_skip, mut len) = (skip, 0usize);
         let mut seen_writable = false;
         for desc in chain {
-            seen_writable |= desc.is_write_only();
+            if desc.is_write_only() {
+                seen_writable = true;
+            } else if seen_writable {
+                return None; // readable after writable: malformed, whichever side is wanted
+            }
             if desc.is_write_only() != writable {
-                if seen_writable && !desc.is_write_only() {
-                    return None; // readable after writable: malformed
-                }
                 continue;
             }
             let slice = memory.get_slice(desc.addr(), desc.len() as usize).ok()?;
@@ -213,6 +214,15 @@ mod tests {
         // A readable buffer after a writable one.
         with_chain(&[(0x1000, 8, WRITE), (0x2000, 8, 0)], |mem, chain| {
             assert!(GuestIovecs::from_chain(mem, chain, true, 0, usize::MAX).is_none());
+        });
+        // The same chain asked for its readable buffers (a virtio-net transmit): refused
+        // too. The virtio_ring fuzz target found it taken, so the zero-copy transmit sent a
+        // frame from a chain that the copying path drops as malformed.
+        with_chain(&[(0x1000, 8, WRITE), (0x2000, 8, 0)], |mem, chain| {
+            assert!(GuestIovecs::from_chain(mem, chain, false, 0, usize::MAX).is_none());
+        });
+        with_chain(&[(0x1000, 16, 0), (0x2000, 8, WRITE), (0x3000, 0, 0)], |mem, chain| {
+            assert!(GuestIovecs::from_chain(mem, chain, false, 0, usize::MAX).is_none(), "even an empty one");
         });
         // Fewer bytes than the header to skip.
         with_chain(&[(0x1000, 8, 0)], |mem, chain| {

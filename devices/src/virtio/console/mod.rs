@@ -20,6 +20,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use self::port::Port;
+pub use self::port::{collect, MAX_CHAIN_OUTPUT};
 use super::worker::Slot;
 use super::{queue_pair, ActivateError, Activation, VirtioDevice};
 use crate::output::Output;

@@ -220,8 +220,9 @@ impl Port {
     }
 }
 
-/// Appends the chain's device-readable bytes to `out`, at most [`MAX_CHAIN_OUTPUT`].
-fn collect(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, out: &mut VecDeque<u8>) {
+/// Appends the chain's device-readable bytes to `out`, at most [`MAX_CHAIN_OUTPUT`]
+/// (how the port takes a transmit chain; public for the fuzz targets).
+pub fn collect(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, out: &mut VecDeque<u8>) {
     let mut taken = 0usize;
     let mut buf = [0u8; 4096];
     for desc in chain {

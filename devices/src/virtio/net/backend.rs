@@ -200,7 +200,7 @@ pub struct Unixstream {
 }
 
 /// The largest frame a stream peer may announce: a 64 KiB packet and its headers.
-const MAX_STREAM_FRAME: usize = 65_536 + 64;
+pub const MAX_STREAM_FRAME: usize = 65_536 + 64;
 /// How long [`Unixstream::connect`] waits for the peer to accept.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 

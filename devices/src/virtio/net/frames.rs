@@ -210,8 +210,9 @@ impl Frames {
 }
 
 /// Bytes the chain's leading device-writable descriptors can take, counting only those
-/// that lie inside guest memory.
-fn capacity(memory: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>) -> usize {
+/// that lie inside guest memory (how much of a received frame a receive chain takes;
+/// public for the fuzz targets).
+pub fn capacity(memory: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>) -> usize {
     let mut total = 0usize;
     for desc in chain.clone() {
         if !desc.is_write_only() || !memory.check_range(desc.addr(), desc.len() as usize) {
@@ -224,8 +225,9 @@ fn capacity(memory: &GuestMemoryMmap, chain: &DescriptorChain<&GuestMemoryMmap>)
 
 /// Copies a transmit chain (header and frame) into `buf`; `None` for a chain that is
 /// malformed, outside guest memory, shorter than the header or longer than
-/// [`MAX_FRAME`].
-fn gather(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, buf: &mut [u8]) -> Option<usize> {
+/// [`MAX_FRAME`] (the copy taken when a frame cannot go straight from the guest's
+/// buffers; public for the fuzz targets).
+pub fn gather(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, buf: &mut [u8]) -> Option<usize> {
     let mut len = 0usize;
     for desc in chain {
         let n = desc.len() as usize;

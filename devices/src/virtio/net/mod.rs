@@ -21,6 +21,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use self::backend::NetBackend;
 use self::frames::Frames;
+pub use self::frames::{capacity, gather, MAX_FRAME};
 use super::worker::Slot;
 use super::{queue_pair, ActivateError, Activation, VirtioDevice};
 
