@@ -907,7 +907,8 @@ impl Rig {
 /// id) and sets GICC_BPR to `mode % 8`, so that a few more operations reach preemption,
 /// the binary point's groups and the priority mask.
 fn boot(rig: &mut Rig, cpus: usize, mode: u8) {
-    let priorities = |word: u32| (0..4).fold(0u64, |acc, i| acc | (0x80 | u64::from(((word + i) * 8) & 0x78)) << (8 * i));
+    let priorities =
+        |word: u32| (0..4).fold(0u64, |acc, i| acc | (0x80 | u64::from(((word + i) * 8) & 0x78)) << (8 * i));
     rig.dist_write(0, GICD_CTLR, 4, 0);
     for word in (SPI_BASE..NUM_IRQS).step_by(4) {
         rig.dist_write(0, GICD_IPRIORITYR + u64::from(word), 4, priorities(word));
