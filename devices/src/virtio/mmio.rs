@@ -79,6 +79,8 @@ pub struct MmioTransport {
     addrs: Vec<QueueAddrs>,
     config_generation: u32,
     active: bool,
+    /// How many queues (the first ones) went to the device at DRIVER_OK.
+    handed_over: usize,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -136,6 +138,7 @@ impl MmioTransport {
             addrs,
             config_generation: 0,
             active: false,
+            handed_over: 0,
         })
     }
 
@@ -148,6 +151,7 @@ impl MmioTransport {
             self.device.reset();
         }
         self.active = false;
+        self.handed_over = 0;
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -213,6 +217,7 @@ impl MmioTransport {
         }
         // Queues the driver did not enable stay out; a device that needs them says so.
         let ready: Vec<Queue> = queues.into_iter().take_while(|q| q.ready()).collect();
+        self.handed_over = ready.len();
         let activation = Activation {
             memory: self.memory.clone(),
             queues: ready,
@@ -277,8 +282,13 @@ impl MmioTransport {
                 1 => (self.offered_features() >> 32) as u32,
                 _ => 0,
             },
-            QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
-            QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            QUEUE_NUM_MAX => self.device.queue_max_sizes().get(self.queue_sel as usize).map_or(0, |&m| u32::from(m)),
+            // After DRIVER_OK the queues belong to the device: the ready ones are the
+            // first `handed_over` (virtio 1.2, 4.2.2: QueueReady reads back what was written).
+            QUEUE_READY => match queue {
+                Some(q) => u32::from(q.ready()),
+                None => u32::from((self.queue_sel as usize) < self.handed_over),
+            },
             INTERRUPT_STATUS => self.interrupt.status(),
             STATUS if self.interrupt.needs_reset() => self.status | VIRTIO_CONFIG_S_NEEDS_RESET,
             STATUS => self.status,

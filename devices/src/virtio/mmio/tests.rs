@@ -191,6 +191,7 @@ fn notifications_before_driver_ok_are_dropped_and_config_freezes_after() {
     rig.w(QUEUE_NOTIFY, 0);
     assert_eq!(vq.used().idx().load(), 0, "not served before DRIVER_OK");
     rig.w(STATUS, 15);
+    assert_eq!((rig.r(QUEUE_READY), rig.r(QUEUE_NUM_MAX)), (1, 256), "read back after DRIVER_OK too");
     rig.w(QUEUE_NOTIFY, 7); // no such queue
     rig.w(QUEUE_NUM, 8); // too late
     rig.w(QUEUE_NOTIFY, 0);
