@@ -80,7 +80,9 @@ impl Worker {
             }
             let until = Instant::now() + window;
             loop {
-                if bell.take() == Ring::Stop {
+                // A load, not a take: the ring itself says whether there is work, and an
+                // atomic swap here would fight the vCPU's notifications for the cache line.
+                if bell.stopping() {
                     return false;
                 }
                 if self.has_requests() {
