@@ -170,20 +170,7 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::Sink;
-
-    /// A writer that never returns, like a stopped terminal or a full pipe.
-    struct Stuck;
-    impl Write for Stuck {
-        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-            loop {
-                std::thread::park();
-            }
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testing::{Sink, StuckWriter as Stuck};
 
     #[test]
     fn output_arrives_in_order() {

@@ -390,20 +390,9 @@ mod tests {
     /// writer that never returns costs at most the buffer, and the guest writes on.
     #[test]
     fn a_host_that_stops_reading_never_blocks_the_guest() {
-        struct Stuck;
-        impl std::io::Write for Stuck {
-            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-                loop {
-                    std::thread::park();
-                }
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut u = Pl011::new(output(Stuck), Arc::new(crate::irq::NoIrq));
+            let mut u = Pl011::new(output(crate::testing::StuckWriter), Arc::new(crate::irq::NoIrq));
             for _ in 0..100_000 {
                 u.write(0, DR, b"x");
             }

@@ -46,6 +46,21 @@ impl Write for Sink {
     }
 }
 
+/// A writer that never returns, like a stopped terminal or a pipe nobody reads.
+#[derive(Debug, Default)]
+pub struct StuckWriter;
+
+impl Write for StuckWriter {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        loop {
+            std::thread::park();
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 pub use counters::*;
 

@@ -422,8 +422,18 @@ fn readable_prefix(m: &GuestMemoryMmap, chain: &Chain) -> (Vec<u8>, bool) {
 
 /// The first `n` bytes of the chain's leading writable buffers, as they are now.
 fn leading_written(m: &GuestMemoryMmap, chain: &Chain, n: usize) -> Vec<u8> {
+    written_prefix(m, chain.descs.iter().take_while(|d| d.writable()), n)
+}
+
+/// The first `n` bytes of all the chain's writable buffers (the data before a status).
+fn leading_written_all(m: &GuestMemoryMmap, chain: &Chain, n: usize) -> Vec<u8> {
+    written_prefix(m, chain.descs.iter().filter(|d| d.writable()), n)
+}
+
+/// The first `n` bytes of the buffers `descs` (all in guest memory), as they are now.
+fn written_prefix<'a>(m: &GuestMemoryMmap, descs: impl Iterator<Item = &'a Desc>, n: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(n);
-    for d in chain.descs.iter().take_while(|d| d.writable()) {
+    for d in descs {
         let take = (d.len as usize).min(n - out.len());
         let at = out.len();
         out.resize(at + take, 0);
@@ -584,21 +594,6 @@ impl BlockModel {
             panic!("the disk changed at byte {at} where the request may not change it (capacity {capacity})");
         }
     }
-}
-
-/// The first `n` bytes of all the chain's writable buffers (the data before a status).
-fn leading_written_all(m: &GuestMemoryMmap, chain: &Chain, n: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(n);
-    for d in chain.descs.iter().filter(|d| d.writable()) {
-        let take = (d.len as usize).min(n - out.len());
-        let at = out.len();
-        out.resize(at + take, 0);
-        m.read_slice(&mut out[at..], GuestAddress(d.addr)).expect("checked to be in memory");
-        if out.len() == n {
-            break;
-        }
-    }
-    out
 }
 
 /// The first `n` bytes of `descs`' buffers (all in memory), or fewer if they hold fewer.

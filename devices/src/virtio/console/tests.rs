@@ -158,26 +158,14 @@ fn a_runaway_available_index_needs_a_reset_and_the_worker_stops() {
     }
 }
 
-/// A host writer that never returns (a stopped terminal, a full pipe).
-struct Stuck;
-impl Write for Stuck {
-    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-        loop {
-            std::thread::park();
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Issue 12, hole 6 (the console's side): the device's thread wrote to the host and
 /// blocked with it, so a driver reset, made on a vCPU, waited for ever. Now output that
 /// the host does not take stays in the guest's ring (back-pressure) and a reset is prompt.
 #[test]
 fn a_host_writer_that_never_returns_holds_up_neither_the_guest_nor_a_reset() {
     use crate::virtio::testing::within_deadline;
-    let g = Guest::new(Backend::Stream { output: stream_output(Box::new(Stuck)), input: None });
+    let stuck = crate::testing::StuckWriter;
+    let g = Guest::new(Backend::Stream { output: stream_output(Box::new(stuck)), input: None });
     let Guest { m, mut t, .. } = g;
     let (rx, tx) = queues(&m);
     start(&mut t, &[&rx, &tx]);
