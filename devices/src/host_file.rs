@@ -1,8 +1,10 @@
 //! Opening the files the host names (a kernel, an initrd, a disk image, a console log)
 //! without ever blocking. An `open` of a FIFO waits until a peer opens the other end, so
 //! a FIFO given where a file belongs would hang hvrun before any vCPU runs, with no
-//! error. Every path is opened with `O_NONBLOCK`, what it names is checked, and only then
-//! is the descriptor made blocking.
+//! error. What a path names is looked at before it is opened (so a device node where a
+//! file belongs is never opened: opening some has effects, `/dev/watchdog` arms), then it
+//! is opened with `O_NONBLOCK` and looked at again through the descriptor (the path may
+//! have changed in between), and only then is the descriptor made blocking.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -42,14 +44,20 @@ fn make_blocking(file: &File) -> io::Result<()> {
     }
 }
 
+/// Refuses `kind` unless it is a regular file.
+fn regular(kind: std::fs::FileType) -> io::Result<()> {
+    if kind.is_file() {
+        return Ok(());
+    }
+    let what = describe(kind);
+    Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{what}, not a regular file")))
+}
+
 /// Opens `path`, which must be a regular file, for reading (and writing with `write`).
 pub fn open_regular(path: &Path, write: bool) -> io::Result<File> {
+    regular(std::fs::metadata(path)?.file_type())?;
     let file = OpenOptions::new().read(true).write(write).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
-    let kind = file.metadata()?.file_type();
-    if !kind.is_file() {
-        let what = describe(kind);
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{what}, not a regular file")));
-    }
+    regular(file.metadata()?.file_type())?;
     make_blocking(&file)?;
     Ok(file)
 }
@@ -57,13 +65,14 @@ pub fn open_regular(path: &Path, write: bool) -> io::Result<File> {
 /// Opens `path` to write output to: a regular file (created or truncated), a character
 /// device (a terminal, `/dev/null`) or a FIFO that a reader already holds open.
 pub fn open_output(path: &Path) -> io::Result<File> {
+    let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| {
-        if e.raw_os_error() == Some(libc::ENXIO) {
+        if fifo && e.raw_os_error() == Some(libc::ENXIO) {
             io::Error::new(io::ErrorKind::NotConnected, "a FIFO that nobody reads")
         } else {
             e
@@ -105,6 +114,9 @@ mod tests {
         assert_eq!(e.to_string(), "a FIFO, not a regular file");
         let e = open_regular(Path::new("/"), false).unwrap_err();
         assert_eq!(e.to_string(), "a directory, not a regular file");
+        // A device node is refused before it is opened (opening some has effects).
+        let e = open_regular(Path::new("/dev/null"), true).unwrap_err();
+        assert_eq!(e.to_string(), "a character device, not a regular file");
         std::fs::remove_file(path).unwrap();
     }
 

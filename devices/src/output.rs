@@ -158,7 +158,7 @@ impl Shared {
                 }
             }
             if !failed {
-                if let Err(e) = writer.write_all(&chunk).and_then(|()| writer.flush()) {
+                if let Err(e) = write_out(&mut *writer, &chunk) {
                     log::warn!("{}: output failed, dropping further output: {e}", self.name);
                     failed = true;
                 }
@@ -167,10 +167,60 @@ impl Shared {
     }
 }
 
+/// Writes all of `chunk` and flushes. A writer that is not ready (one that shares a
+/// non-blocking file description with another program, as terminals spawned by some
+/// tools do) is waited for, not given up on: only a real error ends the output.
+fn write_out(writer: &mut dyn Write, chunk: &[u8]) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    let not_ready = || std::thread::sleep(Duration::from_millis(1));
+    let mut done = 0;
+    while done < chunk.len() {
+        match writer.write(&chunk[done..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => not_ready(),
+            Err(e) => return Err(e),
+        }
+    }
+    loop {
+        match writer.flush() {
+            Ok(()) => return Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) => not_ready(),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::{Sink, StuckWriter as Stuck};
+
+    /// From the adversarial review of issue 12: a writer that is briefly not ready (a
+    /// non-blocking terminal) made the first EAGAIN drop all later output.
+    #[test]
+    fn a_writer_that_is_not_ready_at_times_loses_nothing() {
+        struct Busy(Sink, usize);
+        impl Write for Busy {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.1 += 1;
+                if self.1 % 3 == 0 {
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                // Takes one byte at a time: partial writes too.
+                self.0.write(&buf[..1])
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let out = Output::new("test-busy", Box::new(Busy(sink.clone(), 0)), 1024);
+        assert_eq!(out.write(b"every byte arrives"), 18);
+        assert!(out.flush(Duration::from_secs(10)));
+        assert_eq!(sink.text(), "every byte arrives");
+    }
 
     #[test]
     fn output_arrives_in_order() {

@@ -24,6 +24,7 @@ pub mod exits;
 #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
 pub mod kvm;
 pub mod kvm_regs;
+pub mod mapped;
 pub mod raw;
 
 #[cfg(all(target_os = "macos", target_arch = "aarch64"))]

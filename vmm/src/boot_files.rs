@@ -37,6 +37,14 @@ impl BootFiles {
     /// Opens the files `config` names and validates the kernel's header.
     pub fn open(config: &VmConfig) -> Result<Self, Error> {
         let (mut kernel, kernel_size) = open("kernel", &config.kernel)?;
+        // Judge the size before reading: a "regular" file whose reads block (/proc/kmsg,
+        // tracefs pipes) reports 0, and is refused here rather than read.
+        if kernel_size < arch_aarch64::image::HEADER_SIZE as u64 {
+            return Err(Error::Kernel {
+                path: config.kernel.clone(),
+                source: arch_aarch64::image::ImageError::Truncated(kernel_size),
+            });
+        }
         let mut head = Vec::with_capacity(HEAD_SIZE);
         (&mut kernel).take(HEAD_SIZE as u64).read_to_end(&mut head).map_err(|source| Error::File {
             what: "kernel",
@@ -74,6 +82,10 @@ mod tests {
         let err = BootFiles::open(&VmConfig::new("/")).unwrap_err();
         assert_eq!(err.to_string(), "cannot read kernel /: a directory, not a regular file");
 
+        let empty = temp("empty", b"");
+        let err = BootFiles::open(&VmConfig::new(&empty)).unwrap_err();
+        assert!(err.to_string().ends_with("is too short to be an arm64 Image (0 bytes)"), "{err}");
+        std::fs::remove_file(empty).unwrap();
         let short = temp("short", b"MZ");
         let err = BootFiles::open(&VmConfig::new(&short)).unwrap_err();
         assert!(err.to_string().ends_with("is too short to be an arm64 Image (2 bytes)"), "{err}");

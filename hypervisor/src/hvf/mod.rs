@@ -22,7 +22,7 @@
 mod ffi;
 mod gic;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use applevisor::vcpu::{ExitReason, Vcpu as HvVcpu};
 use applevisor::vm::{GicDisabled, VirtualMachine, VirtualMachineConfig, VirtualMachineInstance};
@@ -30,6 +30,7 @@ use arch_aarch64::boot::mpidr;
 use arch_aarch64::sysreg::MPIDR_EL1;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::mapped::Mapped;
 use crate::raw::{Power, RawExit, RawLoop, RawVcpu};
 use crate::{Error, GicV3Layout, GicV3Needs, GuestRam, Reg, Result, SpiSink, VmConfig};
 
@@ -82,7 +83,7 @@ impl crate::Hypervisor for Hvf {
         vm_config.set_ipa_size(config.ipa_bits).map_err(framework("hv_vm_config_set_ipa_size"))?;
         let vm = VirtualMachine::with_config(vm_config).map_err(framework("hv_vm_create"))?;
         let mpidrs: Vec<u64> = (0..config.vcpus).map(mpidr).collect();
-        Ok(HvfVm { vm, power: Power::new(&mpidrs), memory: Mutex::new(Vec::new()), kernel_gic: false })
+        Ok(HvfVm { vm, power: Power::new(&mpidrs), memory: Mapped::default(), kernel_gic: false })
     }
 }
 
@@ -90,8 +91,8 @@ impl crate::Hypervisor for Hvf {
 pub struct HvfVm {
     vm: VirtualMachineInstance<GicDisabled>,
     power: Arc<Power>,
-    /// Mapped guest RAM, kept alive as long as the VM.
-    memory: Mutex<Vec<Arc<GuestRam>>>,
+    /// Mapped guest RAM, kept alive as long as the VM and each of its vCPUs.
+    memory: Mapped,
     /// Whether the framework's GICv3 was created.
     kernel_gic: bool,
 }
@@ -107,6 +108,9 @@ impl crate::Vm for HvfVm {
 
     fn map_memory(&mut self, memory: &Arc<GuestRam>) -> Result<()> {
         const PAGE: u64 = 16 << 10;
+        // Kept before the framework knows of it, so a failure halfway leaves nothing
+        // mapped into the guest that nobody keeps.
+        self.memory.keep(memory);
         for region in memory.iter() {
             let (addr, size) = (region.start_addr().0, region.len());
             let host = region.as_ptr();
@@ -116,12 +120,11 @@ impl crate::Vm for HvfVm {
             let flags =
                 applevisor_sys::HV_MEMORY_READ | applevisor_sys::HV_MEMORY_WRITE | applevisor_sys::HV_MEMORY_EXEC;
             // SAFETY: `host..host + size` is a live mapping owned by `memory`, which the VM
-            // keeps (below) for as long as the guest can reach it; the IPA range was
-            // checked against the VM's IPA size by the VMM's memory map.
+            // and each of its vCPUs keep (`Mapped`) for as long as the guest can reach it;
+            // the IPA range was checked against the VM's IPA size by the VMM's memory map.
             let status = unsafe { applevisor_sys::hv_vm_map(host.cast(), addr, size as usize, flags) };
             check("hv_vm_map", status)?;
         }
-        self.memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Arc::clone(memory));
         Ok(())
     }
 
@@ -137,7 +140,7 @@ impl crate::Vm for HvfVm {
 
     fn create_vcpu(&self, index: u32) -> Result<RawLoop<HvfRaw>> {
         let vcpu = self.vm.vcpu_create().map_err(framework("hv_vcpu_create"))?;
-        let mut raw = HvfRaw::new(vcpu, self.vm.clone())?;
+        let mut raw = HvfRaw::new(vcpu, self.vm.clone(), self.memory.clone())?;
         // The GICv3 routes by affinity, so MPIDR_EL1 must be set before the vCPU runs.
         raw.set_reg(Reg::Sys(MPIDR_EL1), mpidr(index))?;
         raw.set_reg(Reg::Pstate, arch_aarch64::inject::PSTATE_EL1H_MASKED)?;
@@ -151,6 +154,8 @@ pub struct HvfRaw {
     vcpu: HvVcpu,
     cancel: Arc<dyn Fn() + Send + Sync>,
     frequency: u64,
+    /// The guest RAM the VM has mapped: this vCPU can run the guest, so it keeps it.
+    _memory: Mapped,
 }
 
 impl std::fmt::Debug for HvfRaw {
@@ -160,14 +165,14 @@ impl std::fmt::Debug for HvfRaw {
 }
 
 impl HvfRaw {
-    fn new(vcpu: HvVcpu, vm: VirtualMachineInstance<GicDisabled>) -> Result<Self> {
+    fn new(vcpu: HvVcpu, vm: VirtualMachineInstance<GicDisabled>, memory: Mapped) -> Result<Self> {
         let handle = vcpu.get_handle();
         let cancel: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
             if let Err(e) = vm.vcpus_exit(std::slice::from_ref(&handle)) {
                 log::debug!("hv_vcpus_exit: {e}");
             }
         });
-        Ok(HvfRaw { vcpu, cancel, frequency: ffi::counter_frequency()? })
+        Ok(HvfRaw { vcpu, cancel, frequency: ffi::counter_frequency()?, _memory: memory })
     }
 }
 

@@ -26,6 +26,7 @@ use kvm_ioctls::{Cap, DeviceFd, Kvm as KvmFd, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::kvm_regs::{cpu_irq_line, one_reg_id};
+use crate::mapped::Mapped;
 use crate::{Error, GicV3Layout, GicV3Needs, GuestRam, Kicker, Reg, Result, SpiSink, SystemEvent, VcpuExit, VmConfig};
 
 fn platform(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -86,7 +87,7 @@ impl crate::Hypervisor for Kvm {
         Ok(KvmVm {
             vm: Arc::new(vm),
             target,
-            memory: Vec::new(),
+            memory: Mapped::default(),
             created: Mutex::new(Creation::default()),
             turn: Condvar::new(),
             vcpus: config.vcpus,
@@ -123,8 +124,8 @@ fn report_unemulable_accesses(vm: &VmFd) -> Result<()> {
 pub struct KvmVm {
     vm: Arc<VmFd>,
     target: kvm_vcpu_init,
-    /// Keeps the mapped host memory alive as long as KVM may reach it.
-    memory: Vec<Arc<GuestRam>>,
+    /// Keeps the mapped host memory alive as long as KVM may reach it (each vCPU holds it too).
+    memory: Mapped,
     /// Which vCPU's turn it is to be created (see `create_vcpu` below): KVM's creation
     /// order must be the index order.
     created: Mutex<Creation>,
@@ -142,7 +143,10 @@ impl crate::Vm for KvmVm {
     type Vcpu = KvmVcpu;
 
     fn map_memory(&mut self, memory: &Arc<GuestRam>) -> Result<()> {
-        let first_slot = self.memory.iter().map(|m| m.num_regions()).sum::<usize>();
+        let first_slot = self.memory.regions();
+        // Kept before KVM knows of it, so a failure halfway leaves no slot pointing at
+        // memory nobody keeps.
+        self.memory.keep(memory);
         for (i, region) in memory.iter().enumerate() {
             let addr = region.start_addr().0;
             let size = region.len();
@@ -160,12 +164,11 @@ impl crate::Vm for KvmVm {
                 memory_size: size,
                 userspace_addr: host as u64,
             };
-            // SAFETY: the region describes host memory owned by `memory`, which this VM
-            // keeps alive in `self.memory` for as long as the VM (and so KVM's use of
-            // the mapping) exists; the slot is new, so no other mapping is replaced.
+            // SAFETY: the region describes host memory owned by `memory`, which this VM and
+            // each of its vCPUs keep alive (`Mapped`) for as long as any of them can make the
+            // guest reach it; the slot is new, so no other mapping is replaced.
             unsafe { self.vm.set_user_memory_region(region) }.map_err(platform("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        self.memory.push(Arc::clone(memory));
         Ok(())
     }
 
@@ -223,6 +226,7 @@ impl crate::Vm for KvmVm {
             vm: Arc::clone(&self.vm),
             irq_line,
             abort_pending: false,
+            _memory: self.memory.clone(),
             _on_its_thread: std::marker::PhantomData,
         };
         kick::register(vcpu.fd.get_kvm_run());
@@ -275,6 +279,8 @@ pub struct KvmVcpu {
     /// The guest made an MMIO access KVM could not decode (`KVM_EXIT_ARM_NISV`): it takes
     /// an external data abort when it next runs.
     abort_pending: bool,
+    /// The guest RAM this vCPU's VM has mapped: it can run the guest, so it keeps it.
+    _memory: Mapped,
     /// Not `Send`: the kick signal's handler finds this vCPU's `kvm_run` through the
     /// creating thread's thread-local, and KVM expects `KVM_RUN` from one thread.
     _on_its_thread: std::marker::PhantomData<*const ()>,

@@ -34,6 +34,12 @@ pub trait Disk: Send {
     fn flush(&mut self) -> io::Result<()>;
     /// Deallocates `len` bytes at `offset`; they read back as zeros.
     fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// A hint that `len` bytes at `offset` are no longer needed (DISCARD): what they read
+    /// back as is unspecified. Deallocates them where the disk can, and otherwise does
+    /// nothing (it never writes zeros in their place, which could take a while).
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.punch_hole(offset, len)
+    }
 }
 
 /// A raw disk image file, locked against other writers.
@@ -101,6 +107,13 @@ impl Disk for FileDisk {
     fn flush(&mut self) -> io::Result<()> {
         // fdatasync on Linux; on macOS std uses F_FULLFSYNC, which reaches the medium.
         self.file.sync_data()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if let Err(e) = punch_hole(&self.file, offset, len) {
+            log::debug!("virtio-blk: discard not passed on to the image file: {e}");
+        }
+        Ok(())
     }
 
     fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {

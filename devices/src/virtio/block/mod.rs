@@ -24,7 +24,7 @@ use virtio_queue::Queue;
 
 use self::disk::Disk;
 use self::doorbell::{Doorbell, Poll, Ring};
-use self::request::{Context, ID_LEN, MAX_SEGMENTS, SECTOR_SIZE};
+use self::request::{Context, ID_LEN, MAX_DATA, MAX_SEGMENTS, MAX_ZEROES_SECTORS, SECTOR_SIZE};
 use super::{
     drain_queue_while, has_pending, single_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice,
 };
@@ -34,6 +34,9 @@ use crate::warn_ratelimited;
 pub const QUEUE_SIZE: u16 = 256;
 /// The largest single data segment the driver may send (SIZE_MAX).
 pub const SIZE_MAX: u32 = 1 << 20;
+/// Segments a request may have (SEG_MAX): the queue, less the header and the status.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+const _: () = assert!(MAX_DATA == SEG_MAX as u64 * SIZE_MAX as u64, "request::MAX_DATA is what the config says");
 /// Bytes of data moved per disk call.
 const BOUNCE_SIZE: usize = 256 * 1024;
 const NAME: &str = "virtio-blk";
@@ -157,10 +160,10 @@ impl Block {
         }
         // struct virtio_blk_config, little-endian.
         let mut config = [0u8; 60];
-        let max_sectors = u32::try_from(sectors).unwrap_or(u32::MAX);
+        let max_sectors = u32::try_from(sectors).unwrap_or(u32::MAX).min(MAX_ZEROES_SECTORS);
         config[0..8].copy_from_slice(&sectors.to_le_bytes()); // capacity
         config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes()); // size_max
-        config[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes()); // seg_max
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
         config[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
         config[40..44].copy_from_slice(&(MAX_SEGMENTS as u32).to_le_bytes()); // max_discard_seg

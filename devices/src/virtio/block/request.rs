@@ -43,6 +43,13 @@ pub const S_UNSUPP: u8 = 2;
 pub const ID_LEN: usize = 20;
 /// Segments a DISCARD or WRITE_ZEROES request may carry (advertised in the config).
 pub const MAX_SEGMENTS: usize = 1;
+/// The most data one read or write may carry: what the device advertises (SEG_MAX
+/// segments of SIZE_MAX bytes, see `super::Block`). A driver asking for more is refused,
+/// so no one request keeps the worker (and so a reset, or the VMM's exit) for long.
+pub const MAX_DATA: u64 = 254 << 20;
+/// The most sectors one DISCARD or WRITE_ZEROES segment may cover (advertised in the
+/// config): zeros a filesystem cannot punch are written, and this bounds how many.
+pub const MAX_ZEROES_SECTORS: u32 = (128 << 20) / SECTOR_SIZE as u32;
 /// The `unmap` flag of a WRITE_ZEROES segment.
 const FLAG_UNMAP: u32 = 1;
 
@@ -135,6 +142,10 @@ fn execute(
     match kind {
         T_IN => {
             let len = data.available_bytes() as u64;
+            if len > MAX_DATA {
+                warn_ratelimited!("virtio-blk: read of {len} bytes; the device takes at most {MAX_DATA}");
+                return S_IOERR;
+            }
             if len % SECTOR_SIZE != 0 || !in_bounds(sector, len, disk.capacity()) {
                 warn_ratelimited!(
                     "virtio-blk: read of {len} bytes at sector {sector} is outside the disk or not whole sectors"
@@ -162,6 +173,10 @@ fn execute(
         T_OUT => {
             let len = reader.available_bytes() as u64;
             if disk.read_only() {
+                return S_IOERR;
+            }
+            if len > MAX_DATA {
+                warn_ratelimited!("virtio-blk: write of {len} bytes; the device takes at most {MAX_DATA}");
                 return S_IOERR;
             }
             if len % SECTOR_SIZE != 0 || !in_bounds(sector, len, disk.capacity()) {
@@ -218,10 +233,15 @@ fn execute(
                     return S_UNSUPP;
                 }
                 let bytes = u64::from(sectors) * SECTOR_SIZE;
-                if !in_bounds(start, bytes, disk.capacity()) {
+                if sectors > MAX_ZEROES_SECTORS || !in_bounds(start, bytes, disk.capacity()) {
                     return S_IOERR;
                 }
-                if disk.punch_hole(start * SECTOR_SIZE, bytes).is_err() {
+                let done = if kind == T_DISCARD {
+                    disk.discard(start * SECTOR_SIZE, bytes)
+                } else {
+                    disk.punch_hole(start * SECTOR_SIZE, bytes)
+                };
+                if done.is_err() {
                     return S_IOERR;
                 }
             }

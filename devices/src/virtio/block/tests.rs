@@ -475,3 +475,43 @@ fn a_reset_waits_for_the_request_in_hand_not_the_whole_ring() {
     let served = reads.load(std::sync::atomic::Ordering::SeqCst);
     assert!(served <= 2, "{served} of 16 queued reads served before the reset returned ({took:?})");
 }
+
+/// From the adversarial review of issue 12: nothing bounded one request's data, so a
+/// chain whose descriptors all named the same buffer could ask for gigabytes, and a
+/// reset (or the VMM's exit) waited for all of it. A read or write over what the device
+/// advertises (SEG_MAX x SIZE_MAX) is refused, as is a discard or write-zeroes segment
+/// over max_discard_sectors / max_write_zeroes_sectors.
+#[test]
+fn requests_larger_than_advertised_are_refused() {
+    let m = crate::virtio::testing::mem(4 << 20);
+    let mut d = MemDisk { bytes: vec![0; 512 << 20], ..Default::default() };
+    m.write_slice(&header(T_IN, 0), GuestAddress(HDR)).unwrap();
+    let vq = MockSplitQueue::create(&m, GuestAddress(0x4_0000), 256);
+    let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    // The header, 128 writable descriptors of 2 MiB (256 MiB in all), the status.
+    let mut table = vec![RawDescriptor::from(Descriptor::new(HDR, 16, next, 1))];
+    for i in 0..128u16 {
+        table.push(RawDescriptor::from(Descriptor::new(0x20_0000, 2 << 20, W | next, i + 2)));
+    }
+    table.push(RawDescriptor::from(Descriptor::new(STATUS, 1, W, 0)));
+    for (i, raw) in (0u16..).zip(&table) {
+        vq.desc_table().store(i, *raw).unwrap();
+    }
+    vq.avail().ring().ref_at(0).unwrap().store(0);
+    vq.avail().idx().store(1);
+    let mut queue: Queue = vq.create_queue().unwrap();
+    let chain = queue.pop_descriptor_chain(&m).unwrap();
+    let (id, mut bounce) = ([0u8; ID_LEN], vec![0u8; 4096]);
+    serve(&m, chain, Context { disk: &mut d, id: &id, bounce: &mut bounce });
+    assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_IOERR, "a 256 MiB read");
+    let segment = |sectors: u32| {
+        let mut s = [0u8; 16];
+        s[8..12].copy_from_slice(&sectors.to_le_bytes());
+        s
+    };
+    let one = [hdr(), desc(DATA, 16, 0), status()];
+    let (m, mut d) = (mem(), disk());
+    m.write_slice(&segment(MAX_ZEROES_SECTORS + 1), GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&m, &mut d, T_WRITE_ZEROES, 0, &one).1, S_IOERR, "over max_write_zeroes_sectors");
+    assert_eq!(request(&m, &mut d, T_DISCARD, 0, &one).1, S_IOERR, "over max_discard_sectors");
+}
