@@ -373,57 +373,6 @@ fn a_notify_storm_while_the_worker_is_busy_costs_no_memory() {
     assert!(grown < 4096, "a million notifies allocated {grown} bytes");
 }
 
-/// CPU time used so far by this process's thread named `name`, from
-/// `/proc/self/task/*/stat` (utime + stime, in clock ticks).
-#[cfg(target_os = "linux")]
-fn thread_cpu_ticks(name: &str) -> Option<u64> {
-    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() == name {
-            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            return Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?);
-        }
-    }
-    None
-}
-
-/// Issue 12, hole 9: the worker busy-polled 50 µs after every request, so a disk with
-/// requests a little further apart kept a host core busy (N disks: N cores). Polling now
-/// adapts: requests 200 µs apart cost the worker little more than serving them.
-#[cfg(target_os = "linux")]
-#[test]
-fn requests_far_apart_do_not_keep_the_worker_spinning() {
-    const REQUESTS: u16 = 4000;
-    if std::env::var_os("HVRUN_UNDER_EMULATION").is_some() {
-        println!("skipped under emulation, where CPU time means nothing; the host's test run measures it");
-        return;
-    }
-    let m = Arc::new(Mem(mem()));
-    let block = Block::new(Box::new(disk()), "idle-test");
-    let mut t = MmioTransport::new(Box::new(block), m.clone(), Interrupt::new(Arc::new(Line::default()))).unwrap();
-    let vq = MockSplitQueue::create(&**m, GuestAddress(0x4_0000), 16);
-    start(&mut t, &[&vq]);
-    m.write_slice(&header(T_IN, 0), GuestAddress(HDR)).unwrap();
-    let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
-    let chain = [(HDR, 16, next), (DATA, 512, W | next), (STATUS, 1, W)];
-    for (i, (addr, len, flags)) in (0u16..).zip(chain) {
-        vq.desc_table().store(i, RawDescriptor::from(Descriptor::new(addr, len, flags, i + 1))).unwrap();
-    }
-    let before = thread_cpu_ticks("vblk-idle-test");
-    for n in 1..=REQUESTS {
-        vq.avail().ring().ref_at(usize::from((n - 1) % 16)).unwrap().store(0);
-        vq.avail().idx().store(n);
-        write_reg(&mut t, 0x50, 0);
-        wait_for("the read", || vq.used().idx().load() == n);
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
-    let used = thread_cpu_ticks("vblk-idle-test").unwrap() - before.unwrap_or(0);
-    // Ticks are 10 ms: busy-polling 50 µs after each request alone is 20 ticks here.
-    println!("worker CPU for {REQUESTS} requests 200 us apart: {used} ticks");
-    assert!(used < 12, "the worker used {used} ticks of CPU for {REQUESTS} requests");
-}
-
 /// A disk whose every read takes a while (a slow disk).
 struct Slow(MemDisk, Arc<std::sync::atomic::AtomicUsize>);
 
