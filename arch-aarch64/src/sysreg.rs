@@ -38,6 +38,13 @@ impl SysReg {
 
 /// Multiprocessor affinity register.
 pub const MPIDR_EL1: SysReg = SysReg::new(3, 0, 0, 0, 5);
+/// SCTLR_EL1: the MMU, caches and alignment checks at EL1 and EL0.
+pub const SCTLR_EL1: SysReg = SysReg::new(3, 0, 1, 0, 0);
+/// SCTLR_EL1 as after a reset, with the MMU and caches off: the value KVM resets it to
+/// (`reset_val` for SCTLR_EL1 in arch/arm64/kvm/sys_regs.c, Linux 6.1).
+pub const SCTLR_EL1_RESET: u64 = 0x00c5_0078;
+/// CPACR_EL1: access to floating point and SIMD at EL1 and EL0 (0 after a reset: trapped).
+pub const CPACR_EL1: SysReg = SysReg::new(3, 0, 1, 0, 2);
 /// Virtual timer control register.
 pub const CNTV_CTL_EL0: SysReg = SysReg::new(3, 3, 14, 3, 1);
 /// Virtual timer compare value.

@@ -51,7 +51,7 @@ use libfuzzer_sys::{arbitrary, fuzz_target};
 use arch_aarch64::esr::{self, MmioAccess, Syndrome};
 use arch_aarch64::inject::{ELR_EL1, ESR_EL1, FAR_EL1, PSTATE_EL1H_MASKED, SPSR_EL1, VBAR_EL1};
 use arch_aarch64::psci::{self, Action, CpuState};
-use arch_aarch64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0};
+use arch_aarch64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, CPACR_EL1, SCTLR_EL1, SCTLR_EL1_RESET};
 use hypervisor::exits::{decide, Decision};
 use hypervisor::raw::{Power, RawExit, RawLoop, RawVcpu};
 use hypervisor::{Kicker, Reg, SystemEvent, Vcpu, VcpuExit};
@@ -253,9 +253,13 @@ fn reference_decision(esr: u64, ipa: u64) -> Decision {
         0x01 if bit(0) => Decision::Skip,
         0x01 => Decision::WaitForInterrupt,
         // MSR/MRS: Op0 21:20, Op2 19:17, Op1 16:14, CRn 13:10, Rt 9:5, CRm 4:1, direction 0
-        // (1: read). The debug and OS-lock registers (Op0 2, Op1 0, CRn 0 or 1) read as
-        // zero and ignore writes (decide's documented choice); everything else is UNDEF.
-        0x18 if field(20, 2) == 2 && field(14, 3) == 0 && field(10, 4) <= 1 => {
+        // (1: read). The debug and OS-lock registers (Op0 2, Op1 0, CRn 0 or 1) and the ID
+        // register space (Op0 3, Op1 0, CRn 0, CRm 1..7; Arm ARM D19.2: reserved ID
+        // registers read as zero) read as zero and ignore writes (decide's documented
+        // choice); everything else is UNDEF.
+        0x18 if (field(20, 2) == 2 && field(14, 3) == 0 && field(10, 4) <= 1)
+            || (field(20, 2) == 3 && field(14, 3) == 0 && field(10, 4) == 0 && (1..=7).contains(&field(1, 4))) =>
+        {
             if bit(0) {
                 Decision::ReadZero { rt: field(5, 5) }
             } else {
@@ -438,6 +442,8 @@ struct Regs {
     spsr: u64,
     esr: u64,
     far: u64,
+    sctlr: u64,
+    cpacr: u64,
 }
 
 impl Regs {
@@ -453,6 +459,8 @@ impl Regs {
             Reg::Sys(SPSR_EL1) => &mut self.spsr,
             Reg::Sys(ESR_EL1) => &mut self.esr,
             Reg::Sys(FAR_EL1) => &mut self.far,
+            Reg::Sys(SCTLR_EL1) => &mut self.sctlr,
+            Reg::Sys(CPACR_EL1) => &mut self.cpacr,
             other => panic!("RawLoop used {other:?}, a register it has no business with (X31 is XZR)"),
         }
     }
@@ -563,9 +571,12 @@ impl Fake {
         let mut world = self.world.borrow_mut();
         let slot = &mut world[self.index];
         if let Some((entry, context)) = slot.start.take() {
+            // As from a reset (PSCI): the MMU and caches off, FP trapped.
             slot.expect.pc = entry;
             slot.expect.x[0] = context;
             slot.expect.pstate = PSTATE_EL1H_MASKED;
+            slot.expect.sctlr = SCTLR_EL1_RESET;
+            slot.expect.cpacr = 0;
         }
         assert_eq!(
             slot.regs, slot.expect,

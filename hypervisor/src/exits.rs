@@ -98,20 +98,25 @@ fn data_abort(abort: DataAbort, ipa: u64) -> Decision {
     }
 }
 
-/// System registers trapped to the VMM: the debug and OS-lock registers (op0 = 2, op1 = 0,
-/// CRn 0 or 1: MDSCR_EL1, OSLAR_EL1, OSDLR_EL1, OSLSR_EL1, the breakpoint and watchpoint
-/// registers) read as zero and ignore writes, as on a machine with no self-hosted debug;
-/// anything else is undefined for the guest.
+/// System registers trapped to the VMM that read as zero and ignore writes:
+/// - the debug and OS-lock registers (op0 = 2, op1 = 0, CRn 0 or 1: MDSCR_EL1, OSLAR_EL1,
+///   OSDLR_EL1, OSLSR_EL1, the breakpoint and watchpoint registers), as on a machine with
+///   no self-hosted debug;
+/// - the ID register space (op0 = 3, op1 = 0, CRn = 0, CRm = 1..7: ID_AA64ISAR2_EL1,
+///   ID_AA64ZFR0_EL1, ID_AA64SMFR0_EL1 and the rest), which the architecture defines as
+///   reading zero where nothing is implemented. Hypervisor.framework virtualizes only some
+///   of them and traps the others; Linux 5.17 and later reads them on the boot CPU, so an
+///   UNDEF there would panic every modern guest (QEMU and libkrun read them as zero too).
+///
+/// Anything else is undefined for the guest.
 fn sysreg(access: SysRegAccess) -> Decision {
     let reg = access.reg;
-    if reg.op0 == 2 && reg.op1 == 0 && reg.crn <= 1 {
-        if access.read {
-            Decision::ReadZero { rt: access.rt }
-        } else {
-            Decision::Skip
-        }
-    } else {
-        Decision::InjectUndef
+    let debug = reg.op0 == 2 && reg.op1 == 0 && reg.crn <= 1;
+    let id = reg.op0 == 3 && reg.op1 == 0 && reg.crn == 0 && (1..=7).contains(&reg.crm);
+    match (debug || id, access.read) {
+        (true, true) => Decision::ReadZero { rt: access.rt },
+        (true, false) => Decision::Skip,
+        (false, _) => Decision::InjectUndef,
     }
 }
 
@@ -163,6 +168,11 @@ mod tests {
         assert_eq!(decide(trap(2, 0, 1, 1, 4, 5, true), 0), Decision::ReadZero { rt: 5 }, "mrs x5, oslsr_el1");
         assert_eq!(decide(trap(2, 0, 0, 2, 2, 0, true), 0), Decision::ReadZero { rt: 0 }, "mrs x0, mdscr_el1");
         assert_eq!(decide(trap(3, 0, 12, 12, 0, 0, true), 0), Decision::InjectUndef, "mrs x0, icc_iar1_el1");
+        assert_eq!(
+            decide(trap(3, 0, 0, 0, 5, 0, true), 0),
+            Decision::InjectUndef,
+            "CRm 0 (MPIDR's row) is not the ID space"
+        );
         assert_eq!(decide(trap(3, 3, 15, 2, 0, 0, false), 0), Decision::InjectUndef, "an IMPDEF register");
         assert!(!Decision::InjectUndef.steps_pc());
     }
@@ -174,6 +184,19 @@ mod tests {
         let d = decide(ec(EC_IABT_LOW) | (1 << 25) | 0x10, 0x0a00_0000);
         assert_eq!(d, Decision::InjectInstructionAbort { addr: 0x0a00_0000 });
         assert!(!d.steps_pc());
+    }
+
+    /// Issue 14, fix 1: ID registers the framework does not virtualize trap, and Linux
+    /// 5.17+ reads them unconditionally at boot: they read as zero (an UNDEF panics the
+    /// guest), writes are ignored.
+    #[test]
+    fn id_registers_read_as_zero() {
+        let trap = |crm, op2, rt, read| SysRegAccess { reg: SysReg::new(3, 0, 0, crm, op2), rt, read }.syndrome();
+        assert_eq!(decide(trap(6, 2, 7, true), 0), Decision::ReadZero { rt: 7 }, "mrs x7, id_aa64isar2_el1");
+        assert_eq!(decide(trap(4, 4, 1, true), 0), Decision::ReadZero { rt: 1 }, "mrs x1, id_aa64zfr0_el1");
+        assert_eq!(decide(trap(4, 5, 2, true), 0), Decision::ReadZero { rt: 2 }, "mrs x2, id_aa64smfr0_el1");
+        assert_eq!(decide(trap(7, 7, 3, true), 0), Decision::ReadZero { rt: 3 }, "the last of the space");
+        assert_eq!(decide(trap(1, 0, 0, false), 0), Decision::Skip, "a write is ignored");
     }
 
     #[test]

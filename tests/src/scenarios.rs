@@ -231,6 +231,27 @@ pub const ALL: &[Scenario] = &[
         outer_gic: OuterGic::V2,
     },
     Scenario {
+        name: "cpu-hotplug",
+        about: "on 2 vCPUs, cpu1 goes offline and comes back ten times (PSCI CPU_OFF/CPU_ON from reset state), then runs a task",
+        artifacts: &["vmlinuz", "initramfs.cpio"],
+        script: "set -o pipefail\n\
+                 /bin/hvrun --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio --cpus 2 --memory 256M \\\n\
+                 --cmdline 'console=ttyAMA0 quiet -- /t/cpu-hotplug' 2>&1 | tr -d '\\r'\n\
+                 echo \"hvrun exit $?\"",
+        exit_code: 0,
+        markers: &[
+            "cpu1 went offline and came back 10 times",
+            "cpus online: 0-1",
+            "a task on cpu1 ran on cpu 1",
+            "kernel log clean",
+            "hvrun exit 0",
+        ],
+        forbidden: &["FAIL", "KERNEL LOG NOT CLEAN", "hvrun: error", "panicked"],
+        timeout_secs: 180,
+        exchange: None,
+        outer_gic: OuterGic::V2,
+    },
+    Scenario {
         name: "linux-reboot",
         about: "a guest reboot ends hvrun with the documented exit status 3",
         artifacts: &["vmlinuz", "initramfs.cpio"],

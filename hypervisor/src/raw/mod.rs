@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use arch_aarch64::esr::MmioAccess;
 use arch_aarch64::inject::{self, Fault};
 use arch_aarch64::psci::{self, Action};
-use arch_aarch64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0};
+use arch_aarch64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, CPACR_EL1, SCTLR_EL1, SCTLR_EL1_RESET};
 pub use power::{Power, Signal};
 
 use crate::exits::{decide, Decision};
@@ -77,9 +77,27 @@ pub(crate) fn warn_once(flag: &AtomicBool, message: std::fmt::Arguments<'_>) {
 }
 
 static BAD_ACCESS: AtomicBool = AtomicBool::new(false);
-static UNKNOWN_SYSREG: AtomicBool = AtomicBool::new(false);
 static BAD_CALL: AtomicBool = AtomicBool::new(false);
 static KERNEL_GIC_TIMER: AtomicBool = AtomicBool::new(false);
+
+/// Whether syndrome `esr` is seen for the first time: each unknown register or
+/// instruction is reported once. A guest can try all 2^16 system registers, so only the
+/// first [`REPORTED`] distinct ones are remembered (and reported).
+fn first_time(esr: u64) -> bool {
+    static SEEN: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+    // The syndrome without the register operand (Rt, bits 9:5): the same register read
+    // into another Xn is the same register.
+    let key = esr & !(0x1f << 5);
+    let mut seen = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if seen.contains(&key) || seen.len() >= REPORTED {
+        return false;
+    }
+    seen.push(key);
+    true
+}
+
+/// How many distinct unknown registers and instructions are reported.
+const REPORTED: usize = 64;
 
 /// The longest a WFI exit sleeps in the VMM when the framework's GIC holds the
 /// interrupts (see the module documentation).
@@ -199,6 +217,25 @@ impl<V: RawVcpu> RawLoop<V> {
         let nanos = u128::from(ticks) * 1_000_000_000 / u128::from(frequency);
         let wait = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
         Ok(Instant::now().checked_add(wait).unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)))
+    }
+
+    /// CPU_ON: the vCPU starts at `entry` with `context` in X0 as from a reset (PSCI:
+    /// EL1h, interrupts masked, the MMU and caches off), whatever it was doing before a
+    /// CPU_OFF: its MMU, caches and FP access are reset, and so is what this loop kept for
+    /// its last life (a load in flight, a timer it held). Without that, a CPU brought back
+    /// online fetched its physical entry address with the MMU still on.
+    fn power_on(&mut self, entry: u64, context: u64) -> Result<()> {
+        self.raw.set_reg(Reg::Sys(SCTLR_EL1), SCTLR_EL1_RESET)?;
+        self.raw.set_reg(Reg::Sys(CPACR_EL1), 0)?;
+        self.raw.set_reg(Reg::Pstate, inject::PSTATE_EL1H_MASKED)?;
+        self.raw.set_reg(Reg::Pc, entry)?;
+        self.raw.set_reg(Reg::X(0), context)?;
+        self.pending_load = None;
+        if std::mem::take(&mut self.vtimer_level) {
+            self.raw.set_vtimer_mask(false)?;
+        }
+        self.state = State::Running;
+        Ok(())
     }
 
     fn step_pc(&mut self) -> Result<()> {
@@ -366,10 +403,12 @@ impl<V: RawVcpu> RawLoop<V> {
             }
             Decision::InjectUndef => {
                 let index = self.index;
-                warn_once(
-                    &UNKNOWN_SYSREG,
-                    format_args!("vcpu{index}: ESR {esr:#x} (an unknown system register); the guest gets UNDEF"),
-                );
+                if first_time(esr) {
+                    log::warn!(
+                        "vcpu{index}: ESR {esr:#x} (an unknown system register or instruction); \
+                         the guest gets UNDEF (reported once for each)"
+                    );
+                }
                 self.inject(Fault::Undefined).map(|()| None)
             }
             Decision::Unhandled(ec) => {
@@ -388,10 +427,7 @@ impl<V: RawVcpu> RawLoop<V> {
             match self.state {
                 State::Off => {
                     if let Some((entry, context)) = self.power.take_start(self.index) {
-                        self.raw.set_reg(Reg::Pstate, inject::PSTATE_EL1H_MASKED)?;
-                        self.raw.set_reg(Reg::Pc, entry)?;
-                        self.raw.set_reg(Reg::X(0), context)?;
-                        self.state = State::Running;
+                        self.power_on(entry, context)?;
                     } else {
                         self.signal.wait(None);
                     }

@@ -266,3 +266,44 @@ fn an_instruction_fetch_from_mmio_is_a_prefetch_abort_and_the_loop_goes_on() {
     assert_eq!(vcpu.get_reg(Reg::Sys(FAR_EL1)).unwrap(), 0xffff_0000_0a00_0000);
     assert_eq!(vcpu.get_reg(Reg::Sys(arch_aarch64::inject::ELR_EL1)).unwrap(), 0x0a00_0000, "the fetch address");
 }
+
+/// Issue 14, fix 2: CPU_ON only set PSTATE, PC and X0, so a vCPU brought back after a
+/// CPU_OFF kept its MMU and caches on (and its FP access, and a timer the loop held) and
+/// fetched its physical entry address through stale translations. It starts as from reset.
+#[test]
+fn cpu_on_after_cpu_off_starts_from_reset_state() {
+    use arch_aarch64::sysreg::{CPACR_EL1, SCTLR_EL1, SCTLR_EL1_RESET};
+    let power = Power::new(&[0x8000_0000, 0x8000_0001]);
+    assert!(power.start(1, 0x4010_0000, 5), "the first CPU_ON");
+    let log = Log::default();
+    // Its first life: the MMU and caches on, FP enabled, a timer it held; then CPU_OFF.
+    let lived = [(Reg::Sys(SCTLR_EL1), 0x3050_199d), (Reg::Sys(CPACR_EL1), 3 << 20)];
+    let off = [(Reg::X(0), u64::from(psci::CPU_OFF))];
+    let script = vec![
+        step(&lived, RawExit::VtimerActivated),
+        step(&off, exception(call(EC_HVC64), 0)),
+        step(&[], exception(store32(1), UART)),
+    ];
+    let mut vcpu = RawLoop::new(Fake::new(script, log.clone()), 1, Arc::clone(&power));
+    assert_eq!(exit_of(&mut vcpu), "Interrupted", "the timer fired");
+    let waker = {
+        let power = Arc::clone(&power);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(power.start(1, 0x4020_0000, 6), "the second CPU_ON");
+        })
+    };
+    let next = loop {
+        let exit = exit_of(&mut vcpu);
+        if exit != "Interrupted" {
+            break exit;
+        }
+    };
+    waker.join().unwrap();
+    assert_eq!(next, format!("write {UART:#x} [0, 0, 0, 0]"));
+    assert_eq!(vcpu.get_reg(Reg::Sys(SCTLR_EL1)).unwrap(), SCTLR_EL1_RESET, "MMU and caches off");
+    assert_eq!(vcpu.get_reg(Reg::Sys(CPACR_EL1)).unwrap(), 0, "FP access as after a reset");
+    assert_eq!((vcpu.get_reg(Reg::Pc).unwrap(), vcpu.get_reg(Reg::X(0)).unwrap()), (0x4020_0004, 6));
+    assert!(!vcpu.vtimer_asserted(), "the timer it held went with its last life");
+    assert!(log.has("vtimer mask 0"), "and its exits are unmasked again");
+}
