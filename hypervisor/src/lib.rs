@@ -21,6 +21,7 @@ pub use arch_aarch64::sysreg::SysReg;
 pub use guest_memory::{GuestMemoryMmap, GuestRam};
 
 pub mod exits;
+pub mod hvf_regs;
 #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
 pub mod kvm;
 pub mod kvm_regs;

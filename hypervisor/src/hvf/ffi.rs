@@ -3,15 +3,11 @@
 //! header has IRQ = 0) or only accept the registers their enums list. The framework
 //! itself is linked by `applevisor-sys`.
 
+use crate::hvf_regs::{place, Place};
 use crate::{Error, Reg, Result};
 
-/// `hv_reg_t` of the program counter and of CPSR (Apple's `HV_REG_PC`, `HV_REG_CPSR`).
-const HV_REG_PC: u32 = 31;
-const HV_REG_CPSR: u32 = 34;
 /// `hv_interrupt_type_t`'s IRQ.
 const HV_INTERRUPT_TYPE_IRQ: u32 = 0;
-/// SP_EL0 as a system register (`HV_SYS_REG_SP_EL0`, encoding 3,0,4,1,0).
-const HV_SYS_REG_SP_EL0: u16 = 0xc208;
 
 #[repr(C)]
 #[derive(Default)]
@@ -34,23 +30,6 @@ fn status(call: &'static str, status: i32) -> Result<()> {
     super::check(call, status)
 }
 
-/// Where a register lives: a general register id, or a system register encoding.
-enum Place {
-    General(u32),
-    System(u16),
-}
-
-fn place(reg: Reg) -> Place {
-    match reg {
-        Reg::X(n) => Place::General(u32::from(n.min(30))),
-        Reg::Pc => Place::General(HV_REG_PC),
-        Reg::Pstate => Place::General(HV_REG_CPSR),
-        Reg::Sp => Place::System(HV_SYS_REG_SP_EL0),
-        // Apple's hv_sys_reg_t values are the op0:op1:CRn:CRm:op2 packing.
-        Reg::Sys(sys) => Place::System(sys.encoding()),
-    }
-}
-
 /// Reads a register of `vcpu`, on its thread.
 pub fn get(vcpu: u64, reg: Reg) -> Result<u64> {
     let mut value = 0u64;
@@ -60,6 +39,7 @@ pub fn get(vcpu: u64, reg: Reg) -> Result<u64> {
         Place::General(id) => status("hv_vcpu_get_reg", unsafe { hv_vcpu_get_reg(vcpu, id, &mut value) })?,
         // SAFETY: as above, for a system register encoding.
         Place::System(id) => status("hv_vcpu_get_sys_reg", unsafe { hv_vcpu_get_sys_reg(vcpu, id, &mut value) })?,
+        Place::Zero => {}
     }
     Ok(value)
 }
@@ -71,6 +51,7 @@ pub fn set(vcpu: u64, reg: Reg, value: u64) -> Result<()> {
         Place::General(id) => status("hv_vcpu_set_reg", unsafe { hv_vcpu_set_reg(vcpu, id, value) }),
         // SAFETY: as above.
         Place::System(id) => status("hv_vcpu_set_sys_reg", unsafe { hv_vcpu_set_sys_reg(vcpu, id, value) }),
+        Place::Zero => Ok(()),
     }
 }
 
