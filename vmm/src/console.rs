@@ -235,9 +235,12 @@ mod tests {
     #[test]
     fn raw_mode_on_a_terminal_and_restored_on_drop() {
         let (mut master, mut slave) = (0, 0);
-        // SAFETY: openpty fills two fds; null name/termios/winsize are allowed.
-        let rc =
-            unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+        // SAFETY: openpty fills two fds; null name/termios/winsize are allowed. `null_mut`
+        // because macOS declares the termios and winsize pointers `*mut` (Linux: `*const`,
+        // which a `*mut` coerces to).
+        let rc = unsafe {
+            libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut())
+        };
         assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
         let cooked = lflag(slave);
         assert_ne!(cooked & libc::ICANON, 0, "a new pty is in canonical mode");
