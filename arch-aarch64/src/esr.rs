@@ -44,8 +44,12 @@ pub enum Wait {
     Wfi,
     /// WFE: a hint; continuing at once is correct.
     Wfe,
-    /// WFIT: WFI with a deadline in the register the syndrome names.
-    Wfit,
+    /// WFIT: WFI that also ends when the virtual count reaches the value in register
+    /// `reg` (the syndrome's RN when its RV bit says the field is valid).
+    Wfit {
+        /// The register holding the deadline (31: XZR), when the syndrome names it.
+        reg: Option<u8>,
+    },
     /// WFET: WFE with a deadline.
     Wfet,
 }
@@ -161,7 +165,8 @@ pub fn decode(esr: u64) -> Syndrome {
         EC_WFX => Syndrome::Wait(match iss & 3 {
             0 => Wait::Wfi,
             1 => Wait::Wfe,
-            2 => Wait::Wfit,
+            // RV (bit 2) says whether RN (bits 9:5) names the deadline's register.
+            2 => Wait::Wfit { reg: (iss & (1 << 2) != 0).then_some(((iss >> 5) & 0x1f) as u8) },
             _ => Wait::Wfet,
         }),
         EC_SYSREG => {
@@ -245,7 +250,10 @@ mod tests {
         assert_eq!(decode(u64::from(EC_SMC64) << 26), Syndrome::Smc(0));
         assert_eq!(decode(u64::from(EC_WFX) << 26), Syndrome::Wait(Wait::Wfi));
         assert_eq!(decode((u64::from(EC_WFX) << 26) | 1), Syndrome::Wait(Wait::Wfe));
-        assert_eq!(decode((u64::from(EC_WFX) << 26) | 2), Syndrome::Wait(Wait::Wfit));
+        assert_eq!(decode((u64::from(EC_WFX) << 26) | 2), Syndrome::Wait(Wait::Wfit { reg: None }));
+        // wfit x7: RN = 7, RV set.
+        let wfit_x7 = (u64::from(EC_WFX) << 26) | (7 << 5) | (1 << 2) | 2;
+        assert_eq!(decode(wfit_x7), Syndrome::Wait(Wait::Wfit { reg: Some(7) }));
         assert_eq!(decode(0x3c << 26), Syndrome::Other(0x3c));
         assert_eq!(exception_class(u64::MAX), 0x3f);
     }

@@ -46,8 +46,9 @@ pub struct GicV3Needs {
     pub distributor_align: u64,
     /// Bytes of one vCPU's redistributor (two 64 KiB frames).
     pub redistributor_size: u64,
-    /// Bytes the redistributor region claims in all: HVF reserves one redistributor for
-    /// every vCPU the VM could have, however many it gets.
+    /// Bytes the redistributor region would span for every vCPU the hypervisor allows
+    /// (HVF reports it). Only the vCPUs the VM has are placed: on newer chips the whole
+    /// region may be larger than the device window.
     pub redistributor_region: u64,
     /// Alignment of the redistributor region's base (a power of two).
     pub redistributor_align: u64,
@@ -79,6 +80,41 @@ pub struct GicV3Layout {
     /// Redistributor region base, and the size that `vcpus` redistributors span (what
     /// the device tree describes).
     pub redistributors: (u64, u64),
+}
+
+/// The virtual timer's interrupt (PPI 11), as the device tree gives it to the guest.
+pub const VTIMER_INTID: u32 = 27;
+
+impl GicV3Layout {
+    /// Checks what a hypervisor's GIC says it did against this layout, which the device
+    /// tree describes to the guest: vCPU `index`'s redistributor at `reported` must be one
+    /// of the region's slots, `size` bytes apart. (Which slot is the hypervisor's choice:
+    /// the guest finds its own by affinity, and vCPUs may be created in any order.)
+    pub fn check_redistributor(&self, index: u32, size: u64, reported: u64) -> Result<(), String> {
+        let (base, len) = self.redistributors;
+        let offset = reported.wrapping_sub(base);
+        if size > 0 && reported >= base && offset < len && offset % size == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "the hypervisor's GIC put vCPU {index}'s redistributor at {reported:#x}, outside the \
+                 {size:#x}-byte slots of {base:#x}..{:#x} that the device tree describes",
+                base.saturating_add(len)
+            ))
+        }
+    }
+}
+
+/// Checks the INTID a hypervisor's GIC raises the virtual timer with against the device
+/// tree's.
+pub fn check_vtimer_intid(reported: u32) -> Result<(), String> {
+    if reported == VTIMER_INTID {
+        Ok(())
+    } else {
+        Err(format!(
+            "the hypervisor's GIC raises the virtual timer as INTID {reported}, the device tree says {VTIMER_INTID}"
+        ))
+    }
 }
 
 /// Why a hypervisor's GICv3 cannot be placed.
@@ -124,10 +160,9 @@ pub fn place_gicv3(needs: &GicV3Needs, vcpus: u32, spis_used: u32) -> Result<Gic
     let after_dist = GIC_DIST_BASE.checked_add(needs.distributor_size).ok_or(GicPlacementError::Nonsense("size"))?;
     let redist = align_up(after_dist, redist_align).ok_or(GicPlacementError::Nonsense("redistributor alignment"))?;
     let used = needs.redistributor_size.checked_mul(u64::from(vcpus)).ok_or(GicPlacementError::Nonsense("size"))?;
-    let need = needs.redistributor_region.max(used);
     let room = GIC_REDIST_LIMIT.saturating_sub(redist);
-    if need > room {
-        return Err(GicPlacementError::NoRoom { need, room });
+    if used > room {
+        return Err(GicPlacementError::NoRoom { need: used, room });
     }
     let (first, count) = needs.spis;
     let needed = SPI_BASE + spis_used;
@@ -227,15 +262,33 @@ mod tests {
         );
     }
 
+    /// Issue 14, fix 4: the whole region the framework reports (one redistributor for
+    /// every vCPU it allows) had to fit below the UART, so on a chip where it is larger
+    /// than the window the in-kernel GIC was silently off. Only the VM's vCPUs are placed.
     #[test]
-    fn gicv3_region_reserved_for_every_possible_vcpu_must_fit_and_alignment_is_honoured() {
-        // An HVF-like GIC: the region covers 64 vCPUs whatever the machine has, and the
-        // redistributor base must be 2 MiB-aligned.
+    fn only_the_vms_redistributors_are_placed_and_alignment_is_honoured() {
+        // An HVF-like GIC: a region for 64 vCPUs, a 2 MiB-aligned redistributor base.
         let needs = GicV3Needs { redistributor_region: 64 * 0x2_0000, redistributor_align: 2 << 20, ..kvm_like(2) };
         let layout = place_gicv3(&needs, 2, 64).unwrap();
         assert_eq!(layout.redistributors, (GIC_DIST_BASE + (2 << 20), 2 * 0x2_0000));
-        let huge = GicV3Needs { redistributor_region: 16 << 20, ..needs };
-        assert!(matches!(place_gicv3(&huge, 2, 64), Err(GicPlacementError::NoRoom { .. })));
+        let huge = GicV3Needs { redistributor_region: 32 << 20, ..needs };
+        assert_eq!(place_gicv3(&huge, 2, 64), Ok(layout), "a region larger than the window");
+        assert!(matches!(place_gicv3(&huge, 127, 64), Err(GicPlacementError::NoRoom { .. })));
+    }
+
+    #[test]
+    fn what_the_hypervisors_gic_reports_is_checked_against_the_device_tree() {
+        let layout = place_gicv3(&kvm_like(4), 4, 64).unwrap();
+        let base = layout.redistributors.0;
+        assert_eq!(layout.check_redistributor(0, 0x2_0000, base), Ok(()));
+        assert_eq!(layout.check_redistributor(1, 0x2_0000, base + 3 * 0x2_0000), Ok(()), "any slot");
+        let past = layout.check_redistributor(1, 0x2_0000, base + 4 * 0x2_0000).unwrap_err();
+        assert!(past.contains("vCPU 1") && past.contains(&format!("{:#x}", base + 4 * 0x2_0000)), "{past}");
+        assert!(layout.check_redistributor(0, 0x2_0000, base + 0x1_0000).is_err(), "between slots");
+        assert!(layout.check_redistributor(0, 0x2_0000, base - 0x2_0000).is_err(), "below the region");
+        assert!(layout.check_redistributor(0, 0, base).is_err());
+        assert_eq!(check_vtimer_intid(27), Ok(()));
+        assert!(check_vtimer_intid(30).unwrap_err().contains("INTID 30"));
     }
 
     #[test]

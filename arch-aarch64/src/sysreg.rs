@@ -36,6 +36,10 @@ impl SysReg {
     }
 }
 
+/// AArch64 Processor Feature Register 0 (GIC system-register interface in bits 27:24).
+pub const ID_AA64PFR0_EL1: SysReg = SysReg::new(3, 0, 0, 4, 0);
+/// AArch64 Processor Feature Register 1 (SME in bits 27:24).
+pub const ID_AA64PFR1_EL1: SysReg = SysReg::new(3, 0, 0, 4, 1);
 /// Multiprocessor affinity register.
 pub const MPIDR_EL1: SysReg = SysReg::new(3, 0, 0, 0, 5);
 /// SCTLR_EL1: the MMU, caches and alignment checks at EL1 and EL0.

@@ -8,7 +8,7 @@
 //!
 //! Oracles:
 //! - `decide` agrees with a decoding of ESR_EL2 written here from the Arm ARM (D17.2.37:
-//!   EC, ISV/SAS/SSE/SRT/SF/WnR, S1PTW, CM; the WFx TI field; the MSR/MRS ISS), and
+//!   EC, ISV/SAS/SSE/SRT/SF/WnR, S1PTW, CM; the WFx TI, RV and RN fields; the MSR/MRS ISS), and
 //!   `steps_pc` with what the decision does;
 //! - a load puts in its register the bytes read, zero- or sign-extended from the access
 //!   size and cut to 32 bits for a W register; a store writes the register's low bytes
@@ -190,7 +190,8 @@ enum Esr {
     InstructionAbort(u32),
     Hvc(u16),
     Smc(u16),
-    Wfx(u8),
+    /// TI, RV and RN (WFIT's deadline register): the low 10 bits of the ISS.
+    Wfx(u16),
     SysReg(u32),
 }
 
@@ -249,8 +250,12 @@ fn reference_decision(esr: u64, ipa: u64) -> Decision {
         0x20 => Decision::InjectInstructionAbort { addr: ipa },
         0x16 => Decision::Psci { smc: false },
         0x17 => Decision::Psci { smc: true },
-        // TI: 0b00 WFI, 0b01 WFE, 0b10 WFIT, 0b11 WFET.
+        // TI (1:0): 0b00 WFI, 0b01 WFE, 0b10 WFIT, 0b11 WFET. WFIT names its deadline's
+        // register in RN (9:5) when RV (2) is set; without it, it may end at once, as any
+        // WFI may (decide's documented choice).
         0x01 if bit(0) => Decision::Skip,
+        0x01 if bit(1) && bit(2) => Decision::WaitUntil { reg: field(5, 5) },
+        0x01 if bit(1) => Decision::Skip,
         0x01 => Decision::WaitForInterrupt,
         // MSR/MRS: Op0 21:20, Op2 19:17, Op1 16:14, CRn 13:10, Rt 9:5, CRm 4:1, direction 0
         // (1: read). The debug and OS-lock registers (Op0 2, Op1 0, CRn 0 or 1) and the ID
@@ -275,7 +280,11 @@ fn check_decision(esr: u64, ipa: u64) {
     let decision = decide(esr, ipa);
     assert_eq!(decision, reference_decision(esr, ipa), "ESR {esr:#x} IPA {ipa:#x}");
     let steps = match decision {
-        Decision::Mmio { .. } | Decision::WaitForInterrupt | Decision::Skip | Decision::ReadZero { .. } => true,
+        Decision::Mmio { .. }
+        | Decision::WaitForInterrupt
+        | Decision::WaitUntil { .. }
+        | Decision::Skip
+        | Decision::ReadZero { .. } => true,
         // HVC's preferred return address is already the next instruction; SMC's is itself.
         Decision::Psci { smc } => smc,
         _ => false,
@@ -548,6 +557,8 @@ struct Fake {
     kernel_gic: bool,
     frequency: u64,
     counter: u64,
+    /// The deadline of the WFIT the vCPU is in.
+    wfit: Option<u64>,
     /// The IRQ input the loop gave the next run.
     pending_irq: bool,
     cancelled: Arc<AtomicBool>,
@@ -629,6 +640,12 @@ impl Fake {
                         wait = true;
                         None
                     }
+                    Decision::WaitUntil { reg } => {
+                        // The wait ends by itself: the counter heads for the deadline.
+                        step_pc(&mut expect);
+                        self.wfit = Some(if reg == 31 { 0 } else { before.x[usize::from(reg)] });
+                        None
+                    }
                     Decision::Skip => {
                         step_pc(&mut expect);
                         None
@@ -708,6 +725,7 @@ impl RawVcpu for Fake {
     fn run(&mut self) -> hypervisor::Result<RawExit> {
         self.check_expected();
         self.world.borrow_mut()[self.index].needs_irq = false;
+        self.wfit = None;
         if self.cancelled.swap(false, Ordering::SeqCst) {
             return Ok(RawExit::Canceled);
         }
@@ -782,12 +800,18 @@ impl RawVcpu for Fake {
     }
 
     /// A deterministic counter that reaches any deadline in a few reads: from below the
-    /// compare value it jumps to one tick short of it, then on (time passes while the
-    /// vCPU sleeps). So a wait for the timer ends, after a sleep of at most a tick.
+    /// next deadline ahead (the compare value, a WFIT's) it jumps to one tick short of
+    /// it, then on (time passes while the vCPU sleeps). So a wait for the timer or a WFIT
+    /// ends, after a sleep of at most a tick.
     fn virtual_counter(&mut self) -> hypervisor::Result<u64> {
         let cval = self.world.borrow()[self.index].regs.cntv_cval;
-        self.counter = self.counter.saturating_add(1).max(cval.saturating_sub(1));
+        let next = [Some(cval), self.wfit].into_iter().flatten().filter(|&d| d > self.counter).min();
+        self.counter = self.counter.saturating_add(1).max(next.unwrap_or(0).saturating_sub(1));
         Ok(self.counter)
+    }
+
+    fn set_vtimer_offset(&mut self, _offset: u64) -> hypervisor::Result<()> {
+        Ok(())
     }
 
     fn counter_frequency(&self) -> u64 {
@@ -823,8 +847,10 @@ fn run_machine(m: Machine) {
                 power: Arc::clone(&power),
                 mpidrs: mpidrs.clone(),
                 kernel_gic: m.kernel_gic,
-                frequency: m.frequency,
+                // At least 1 MHz: a sleep of one tick is short.
+                frequency: m.frequency.max(1_000_000),
                 counter: 0,
+                wfit: None,
                 pending_irq: false,
                 cancelled: Arc::default(),
             };

@@ -23,9 +23,16 @@ pub enum Decision {
         /// Whether the call came through SMC (then step past it).
         smc: bool,
     },
-    /// WFI (or WFIT): step past it, then sleep until an interrupt is pending for this
-    /// vCPU, a kick, or its virtual timer's deadline.
+    /// WFI: step past it, then sleep until an interrupt is pending for this vCPU, a kick,
+    /// or its virtual timer's deadline.
     WaitForInterrupt,
+    /// WFIT: as WFI, and the wait also ends when the virtual count reaches the value in
+    /// X`reg` (XZR: at once). Never an unbounded WFI: a guest that asked for a timeout
+    /// gets it even with its timer disarmed.
+    WaitUntil {
+        /// The register holding the deadline.
+        reg: u8,
+    },
     /// Step past the instruction and carry on (WFE; cache maintenance on MMIO; a write
     /// to a register that ignores writes).
     Skip,
@@ -61,7 +68,11 @@ impl Decision {
     /// rest. Injected exceptions and HVC leave the PC alone.
     pub fn steps_pc(&self) -> bool {
         match self {
-            Decision::Mmio { .. } | Decision::WaitForInterrupt | Decision::Skip | Decision::ReadZero { .. } => true,
+            Decision::Mmio { .. }
+            | Decision::WaitForInterrupt
+            | Decision::WaitUntil { .. }
+            | Decision::Skip
+            | Decision::ReadZero { .. } => true,
             Decision::Psci { smc } => *smc,
             Decision::InjectDataAbort { .. }
             | Decision::InjectInstructionAbort { .. }
@@ -78,8 +89,11 @@ pub fn decide(esr: u64, ipa: u64) -> Decision {
         Syndrome::InstructionAbort => Decision::InjectInstructionAbort { addr: ipa },
         Syndrome::Hvc(_) => Decision::Psci { smc: false },
         Syndrome::Smc(_) => Decision::Psci { smc: true },
-        Syndrome::Wait(Wait::Wfi | Wait::Wfit) => Decision::WaitForInterrupt,
-        Syndrome::Wait(Wait::Wfe | Wait::Wfet) => Decision::Skip,
+        Syndrome::Wait(Wait::Wfi) => Decision::WaitForInterrupt,
+        Syndrome::Wait(Wait::Wfit { reg: Some(reg) }) => Decision::WaitUntil { reg },
+        // A WFIT whose deadline the syndrome does not name ends at once, as a WFI may for
+        // any reason: never a wait without the bound the guest asked for.
+        Syndrome::Wait(Wait::Wfit { reg: None } | Wait::Wfe | Wait::Wfet) => Decision::Skip,
         Syndrome::SysReg(access) => sysreg(access),
         Syndrome::Other(ec) => Decision::Unhandled(ec),
     }
@@ -155,8 +169,19 @@ mod tests {
         assert!(!Decision::Psci { smc: false }.steps_pc(), "HVC returns past itself");
         assert!(decide(ec(EC_SMC64), 0).steps_pc(), "SMC returns to itself");
         assert_eq!(decide(ec(EC_WFX), 0), Decision::WaitForInterrupt);
-        assert_eq!(decide(ec(EC_WFX) | 2, 0), Decision::WaitForInterrupt, "WFIT");
         assert_eq!(decide(ec(EC_WFX) | 1, 0), Decision::Skip, "WFE");
+    }
+
+    /// Issue 14, fix 3: WFIT was an unbounded WFI. It waits until the deadline in the
+    /// register the syndrome names (RN, valid when RV is set), and a WFIT whose register
+    /// the syndrome does not name ends at once.
+    #[test]
+    fn wfit_waits_no_longer_than_its_deadline() {
+        let wfit_x9 = ec(EC_WFX) | (9 << 5) | (1 << 2) | 2;
+        assert_eq!(decide(wfit_x9, 0), Decision::WaitUntil { reg: 9 });
+        assert!(decide(wfit_x9, 0).steps_pc());
+        assert_eq!(decide(ec(EC_WFX) | 2, 0), Decision::Skip, "no register named: no wait");
+        assert_eq!(decide(ec(EC_WFX) | (1 << 2) | 3, 0), Decision::Skip, "WFET");
     }
 
     #[test]

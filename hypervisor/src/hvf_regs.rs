@@ -1,6 +1,7 @@
 //! Where Hypervisor.framework keeps each register: a general register id
 //! (`hv_reg_t`), a system register (`hv_sys_reg_t`, the op0:op1:CRn:CRm:op2 packing), or
-//! nowhere (XZR). Portable, so it is tested on any host.
+//! nowhere (XZR); and the feature registers a vCPU is given. Portable, so it is tested on
+//! any host.
 
 use crate::Reg;
 
@@ -35,9 +36,46 @@ pub const fn place(reg: Reg) -> Place {
     }
 }
 
+/// A 4-bit field of an ID register at bit `shift`.
+const fn with_field(value: u64, shift: u32, field: u64) -> u64 {
+    (value & !(0xf << shift)) | ((field & 0xf) << shift)
+}
+
+/// ID_AA64PFR0_EL1.GIC and ID_AA64PFR1_EL1.SME: bits 27:24 of each.
+const GIC_SHIFT: u32 = 24;
+const SME_SHIFT: u32 = 24;
+
+/// The processor feature registers (ID_AA64PFR0_EL1, ID_AA64PFR1_EL1) a vCPU is given,
+/// from the framework's: what hvrun does not handle is hidden, and the guest is told the
+/// truth about the GIC.
+/// - SME is cleared: macOS 15.2 shows it on M4, and hvrun neither saves SME state nor
+///   handles its traps (QEMU hides it too). The ID registers that would describe SME
+///   and WFxT (ID_AA64SMFR0_EL1, ID_AA64ISAR2_EL1) trap and read as zero
+///   (`exits::decide`).
+/// - GIC is 1 (the GICv3 system registers) exactly when the framework's GICv3 serves
+///   the VM; with hvrun's GICv2 those registers do not exist for the guest.
+pub const fn visible_features(pfr0: u64, pfr1: u64, kernel_gic: bool) -> (u64, u64) {
+    let gic = if kernel_gic { 1 } else { 0 };
+    (with_field(pfr0, GIC_SHIFT, gic), with_field(pfr1, SME_SHIFT, 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 14, fixes 3 and 4: SME was left visible, and the GIC field was whatever the
+    /// framework said, whichever GIC served the guest.
+    #[test]
+    fn sme_is_hidden_and_the_gic_field_says_which_gic_serves() {
+        let pfr0 = 0x0000_0001_2200_1111; // EL0-EL3 AArch64, FP, AdvSIMD; GIC = 2, RAS = 2
+        let pfr1 = 0x0000_0000_0200_0120; // SME = 2 (SME2), SSBS = 2, MTE = 0, BT = 0
+        let (p0, p1) = visible_features(pfr0, pfr1, false);
+        assert_eq!(p1, 0x0000_0000_0000_0120, "SME cleared, the rest kept");
+        assert_eq!(p0, 0x0000_0001_2000_1111, "no GIC system registers with hvrun's GICv2");
+        let (p0, _) = visible_features(pfr0, pfr1, true);
+        assert_eq!(p0, 0x0000_0001_2100_1111, "the framework's GICv3: GIC = 1");
+        assert_eq!(visible_features(0, 0, true), (1 << 24, 0));
+    }
 
     /// Issue 14, fix 7: `Reg::X(31)` was clamped to X30, so a load into XZR clobbered the
     /// link register.

@@ -96,6 +96,15 @@ pub trait SpiSink: Send + Sync + std::fmt::Debug {
     fn set_spi(&self, intid: u32, level: bool) -> Result<()>;
 }
 
+/// The guest's sense of time across a pause: while the VM is paused its virtual counter
+/// stands still, so the guest sees no jump when it runs again.
+pub trait GuestClock: Send + Sync {
+    /// Every vCPU is out of the guest for a pause: the counter stops.
+    fn stop(&self);
+    /// The vCPUs are about to run again: the counter goes on from where it stopped.
+    fn start(&self);
+}
+
 /// A virtual machine: guest memory and vCPUs.
 pub trait Vm: Send + Sync {
     /// The vCPU type of this VM.
@@ -123,6 +132,13 @@ pub trait Vm: Send + Sync {
     /// Creates vCPU `index` on the calling thread. vCPU 0 starts runnable; the others
     /// start powered off, waiting for PSCI CPU_ON.
     fn create_vcpu(&self, index: u32) -> Result<Self::Vcpu>;
+
+    /// The guest's clock, where the VMM stops it during a pause; `None` where the
+    /// hypervisor does not let it (KVM before Linux 6.4's counter offset: the guest's
+    /// counter runs on while paused).
+    fn clock(&self) -> Option<Arc<dyn GuestClock>> {
+        None
+    }
 }
 
 /// Makes a vCPU's [`Vcpu::run`] return [`VcpuExit::Interrupted`] soon, from any thread.

@@ -6,7 +6,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use hypervisor::Kicker;
+use hypervisor::{GuestClock, Kicker};
 
 use crate::{Error, Event, ExitReason};
 
@@ -44,6 +44,8 @@ pub struct Control {
     events: Mutex<Option<Sender<Event>>>,
     /// When the guest was asked to shut itself down ([`Control::ask_guest_to_stop`]).
     asked_to_stop: Mutex<Option<std::time::Instant>>,
+    /// The guest's clock, stopped while the VM is paused, where the hypervisor allows.
+    clock: Mutex<Option<Arc<dyn GuestClock>>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -115,6 +117,11 @@ impl Control {
         *lock(&self.asked_to_stop)
     }
 
+    /// Stops `clock` while the VM is paused from now on.
+    pub fn set_clock(&self, clock: Arc<dyn GuestClock>) {
+        *lock(&self.clock) = Some(clock);
+    }
+
     /// Sends events to `sink` from now on.
     pub fn set_events(&self, sink: Sender<Event>) {
         *lock(&self.events) = Some(sink);
@@ -156,6 +163,10 @@ impl Control {
             self.pause_changed.notify_all();
             return Err(PauseError { parked, vcpus, waited: timeout });
         }
+        // Every vCPU is out of the guest: its time stands still until the resume.
+        if let Some(clock) = lock(&self.clock).as_ref() {
+            clock.stop();
+        }
         drop(pause);
         self.emit(Event::Paused);
         Ok(())
@@ -166,6 +177,10 @@ impl Control {
         let mut pause = lock(&self.pause);
         if !pause.requested {
             return;
+        }
+        // Before any vCPU runs again, so each sees the counter's new offset.
+        if let Some(clock) = lock(&self.clock).as_ref() {
+            clock.start();
         }
         pause.requested = false;
         self.pausing.store(false, Ordering::SeqCst);
@@ -260,6 +275,60 @@ mod tests {
         });
         let got: Vec<Event> = received.try_iter().collect();
         assert_eq!(got, vec![Event::Paused, Event::Resumed, Event::Paused]);
+    }
+
+    /// A clock that records what it was told.
+    #[derive(Default)]
+    struct RecordingClock(Mutex<Vec<&'static str>>);
+
+    impl GuestClock for RecordingClock {
+        fn stop(&self) {
+            lock(&self.0).push("stop");
+        }
+        fn start(&self) {
+            lock(&self.0).push("start");
+        }
+    }
+
+    /// Issue 14, fix 6: the guest's counter ran on while the VM was paused. The clock is
+    /// stopped once every vCPU has parked and started before any runs again; a pause
+    /// that fails, or a resume without a pause, leaves it alone.
+    #[test]
+    fn a_pause_stops_the_guest_clock_and_a_resume_starts_it() {
+        let control = Control::new();
+        let clock = Arc::new(RecordingClock::default());
+        control.set_clock(clock.clone());
+        control.resume();
+        control.add_kicker(Arc::new(CountingKicker::default()));
+        let started = Arc::new(AtomicBool::new(false));
+        std::thread::scope(|s| {
+            let (control, clock, started) = (&control, &clock, &started);
+            s.spawn(move || {
+                while !control.stopping() {
+                    control.park_if_paused();
+                    // What the vCPU sees when it runs again.
+                    if lock(&clock.0).last() == Some(&"start") {
+                        started.store(true, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            control.pause(Duration::from_secs(10)).unwrap();
+            assert_eq!(*lock(&clock.0), ["stop"]);
+            control.resume();
+            std::thread::sleep(Duration::from_millis(30));
+            assert!(started.load(Ordering::SeqCst), "the clock ran again before the vCPU did");
+            control.stop(Ok(ExitReason::Stopped));
+        });
+        assert_eq!(*lock(&clock.0), ["stop", "start"]);
+        // A pause that does not take (a vCPU that never parks) does not stop the clock.
+        let control = Control::new();
+        let clock = Arc::new(RecordingClock::default());
+        control.set_clock(clock.clone());
+        control.add_kicker(Arc::new(CountingKicker::default()));
+        assert!(control.pause(Duration::from_millis(20)).is_err());
+        control.resume();
+        assert!(lock(&clock.0).is_empty());
     }
 
     /// Issue 12, hole 6: `pause` waited for ever for a vCPU that never came back from the

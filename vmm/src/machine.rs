@@ -78,6 +78,9 @@ where
     };
     let (memory, regs) = load(config, files, virtio.len(), irqchip.fdt())?;
     vm.map_memory(&memory)?;
+    if let Some(clock) = vm.clock() {
+        control.set_clock(clock);
+    }
 
     let first_entry = Arc::new(OnceLock::new());
     let uart = Arc::new(Mutex::new(Pl011::new(

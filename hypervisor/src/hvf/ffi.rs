@@ -1,9 +1,15 @@
 //! Framework calls declared here rather than taken from `applevisor-sys` 1.0.0, whose
 //! declarations of these get an enum wrong (`hv_interrupt_type_t` has FIQ = 0; Apple's
-//! header has IRQ = 0) or only accept the registers their enums list. The framework
-//! itself is linked by `applevisor-sys`.
+//! header has IRQ = 0) or only accept the registers their enums list, and the vCPU itself
+//! ([`Vcpu`]): applevisor 1.0.0's `Vcpu::get_exit_info` reads `hv_exit_reason_t` as a
+//! Rust enum, which is undefined behaviour the day Apple adds a reason, so hvrun creates
+//! its vCPUs with the framework's own calls and reads the exit record as plain integers.
+//! The framework itself is linked by `applevisor-sys`.
+
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::hvf_regs::{place, Place};
+use crate::raw::RawExit;
 use crate::{Error, Reg, Result};
 
 /// `hv_interrupt_type_t`'s IRQ.
@@ -28,6 +34,114 @@ unsafe extern "C" {
 
 fn status(call: &'static str, status: i32) -> Result<()> {
     super::check(call, status)
+}
+
+/// `hv_vcpu_exit_t` as Apple's header lays it out (`hv_exit_reason_t`, a 32-bit enum, then
+/// `hv_vcpu_exit_exception_t`'s three 64-bit fields), with the reason as the number it is.
+#[repr(C)]
+struct ExitInfo {
+    reason: u32,
+    syndrome: u64,
+    virtual_address: u64,
+    physical_address: u64,
+}
+
+/// A vCPU of the process's VM, on the thread that created it (the type is neither `Send`
+/// nor `Sync`: the framework ties a vCPU to its thread). Destroyed when dropped.
+pub struct Vcpu {
+    id: u64,
+    /// The framework's exit record for this vCPU, valid until `hv_vcpu_destroy`.
+    exit: *const ExitInfo,
+    /// Whether the vCPU still exists, for cancellers on other threads: a destroyed id may
+    /// be reused by the framework, so nobody may ask it to exit after the destroy.
+    alive: Arc<Mutex<bool>>,
+}
+
+impl Vcpu {
+    /// Creates a vCPU with the default configuration on the calling thread.
+    pub fn create() -> Result<Self> {
+        let (mut id, mut exit) = (0u64, std::ptr::null::<ExitInfo>());
+        // SAFETY: both out-pointers are valid to write; `ExitInfo` has the layout of the
+        // `hv_vcpu_exit_t` the framework points `exit` at; a null configuration is the
+        // default one.
+        let rc = unsafe {
+            applevisor_sys::hv_vcpu_create(
+                &mut id,
+                (&raw mut exit).cast::<*const applevisor_sys::hv_vcpu_exit_t>(),
+                std::ptr::null_mut(),
+            )
+        };
+        status("hv_vcpu_create", rc)?;
+        if exit.is_null() {
+            return Err(Error::Platform { call: "hv_vcpu_create", source: std::io::Error::other("no exit record") });
+        }
+        Ok(Vcpu { id, exit, alive: Arc::new(Mutex::new(true)) })
+    }
+
+    /// The framework's id of this vCPU.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Runs the guest until an exit, and says which.
+    pub fn run(&mut self) -> Result<RawExit> {
+        // SAFETY: a vCPU of this thread, alive until `self` drops.
+        status("hv_vcpu_run", unsafe { applevisor_sys::hv_vcpu_run(self.id) })?;
+        // SAFETY: the framework filled the exit record this vCPU owns before `hv_vcpu_run`
+        // returned; every field is read as a plain integer, so any reason is a valid value.
+        let exit = unsafe { std::ptr::read(self.exit) };
+        Ok(RawExit::from_framework(exit.reason, exit.syndrome, exit.virtual_address, exit.physical_address))
+    }
+
+    /// A function that makes a running [`Vcpu::run`] return (as `Canceled`), from any
+    /// thread; after the vCPU is destroyed it does nothing.
+    pub fn canceller(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let (id, alive) = (self.id, Arc::clone(&self.alive));
+        Arc::new(move || {
+            let alive = alive.lock().unwrap_or_else(PoisonError::into_inner);
+            if *alive {
+                // SAFETY: one valid id, alive while the lock is held (`drop` takes it).
+                let rc = unsafe { applevisor_sys::hv_vcpus_exit(&id, 1) };
+                if rc != 0 {
+                    log::debug!("hv_vcpus_exit: status {rc:#x}");
+                }
+            }
+        })
+    }
+
+    /// Masks or unmasks the virtual timer's exits.
+    pub fn set_vtimer_mask(&mut self, masked: bool) -> Result<()> {
+        // SAFETY: plain values, a vCPU of this thread.
+        status("hv_vcpu_set_vtimer_mask", unsafe { applevisor_sys::hv_vcpu_set_vtimer_mask(self.id, masked) })
+    }
+
+    /// The offset between the host's absolute time and the guest's virtual counter.
+    pub fn vtimer_offset(&mut self) -> Result<u64> {
+        let mut offset = 0u64;
+        // SAFETY: `offset` is a valid u64 to write; a vCPU of this thread.
+        status("hv_vcpu_get_vtimer_offset", unsafe {
+            applevisor_sys::hv_vcpu_get_vtimer_offset(self.id, &mut offset)
+        })?;
+        Ok(offset)
+    }
+
+    /// Sets that offset.
+    pub fn set_vtimer_offset(&mut self, offset: u64) -> Result<()> {
+        // SAFETY: plain values, a vCPU of this thread.
+        status("hv_vcpu_set_vtimer_offset", unsafe { applevisor_sys::hv_vcpu_set_vtimer_offset(self.id, offset) })
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        let mut alive = self.alive.lock().unwrap_or_else(PoisonError::into_inner);
+        *alive = false;
+        // SAFETY: a vCPU of this thread, destroyed once; no canceller can use its id now.
+        let rc = unsafe { applevisor_sys::hv_vcpu_destroy(self.id) };
+        if rc != 0 {
+            log::warn!("hv_vcpu_destroy: status {rc:#x}");
+        }
+    }
 }
 
 /// Reads a register of `vcpu`, on its thread.

@@ -19,6 +19,8 @@ type ConfigSetBase = unsafe extern "C" fn(*mut c_void, u64) -> i32;
 type Create = unsafe extern "C" fn(*mut c_void) -> i32;
 type SetSpi = unsafe extern "C" fn(u32, bool) -> i32;
 type SpiRange = unsafe extern "C" fn(*mut u32, *mut u32) -> i32;
+type RedistributorBase = unsafe extern "C" fn(u64, *mut u64) -> i32;
+type GetIntid = unsafe extern "C" fn(u32, *mut u32) -> i32;
 type Release = unsafe extern "C" fn(*mut c_void);
 
 /// The `hv_gic_*` entry points hvrun uses.
@@ -34,8 +36,13 @@ struct Api {
     redistributor_size: GetSize,
     redistributor_base_alignment: GetSize,
     spi_interrupt_range: SpiRange,
+    redistributor_base: RedistributorBase,
+    get_intid: GetIntid,
     os_release: Release,
 }
+
+/// `hv_gic_intid_t`'s EL1 virtual timer (its value is the architected INTID).
+const HV_GIC_INT_EL1_VIRTUAL_TIMER: u32 = 27;
 
 /// Looks `name` up among the symbols already loaded (the framework is linked).
 fn symbol(name: &CStr) -> Option<*mut c_void> {
@@ -68,6 +75,8 @@ fn api() -> Option<&'static Api> {
             redistributor_size: load!(c"hv_gic_get_redistributor_size", GetSize),
             redistributor_base_alignment: load!(c"hv_gic_get_redistributor_base_alignment", GetSize),
             spi_interrupt_range: load!(c"hv_gic_get_spi_interrupt_range", SpiRange),
+            redistributor_base: load!(c"hv_gic_get_redistributor_base", RedistributorBase),
+            get_intid: load!(c"hv_gic_get_intid", GetIntid),
             os_release: load!(c"os_release", Release),
         })
     })
@@ -90,14 +99,43 @@ pub fn needs() -> Option<GicV3Needs> {
     if status != 0 {
         return None;
     }
-    Some(GicV3Needs {
+    let needs = GicV3Needs {
         distributor_size: size(api.distributor_size)?,
         distributor_align: size(api.distributor_base_alignment)?,
         redistributor_size: size(api.redistributor_size)?,
         redistributor_region: size(api.redistributor_region_size)?,
         redistributor_align: size(api.redistributor_base_alignment)?,
         spis: (first, count),
-    })
+    };
+    log::info!(
+        "Hypervisor.framework's GICv3: distributor {:#x} bytes (aligned {:#x}), redistributors {:#x} bytes each \
+         (region for every vCPU {:#x}, aligned {:#x}), SPIs {first}..{}",
+        needs.distributor_size,
+        needs.distributor_align,
+        needs.redistributor_size,
+        needs.redistributor_region,
+        needs.redistributor_align,
+        u64::from(first) + u64::from(count),
+    );
+    Some(needs)
+}
+
+/// Where the framework put the redistributor of the calling thread's vCPU `vcpu`.
+pub fn redistributor_base(vcpu: u64) -> Result<u64> {
+    let api = api().ok_or_else(|| Error::Unsupported("no in-kernel GICv3".into()))?;
+    let mut base = 0u64;
+    // SAFETY: `base` is a valid u64 to write; the framework checks the vCPU id.
+    super::check("hv_gic_get_redistributor_base", unsafe { (api.redistributor_base)(vcpu, &mut base) })?;
+    Ok(base)
+}
+
+/// The INTID the framework raises the EL1 virtual timer with.
+pub fn vtimer_intid() -> Result<u32> {
+    let api = api().ok_or_else(|| Error::Unsupported("no in-kernel GICv3".into()))?;
+    let mut intid = 0u32;
+    // SAFETY: `intid` is a valid u32 to write; the interrupt is a value of hv_gic_intid_t.
+    super::check("hv_gic_get_intid", unsafe { (api.get_intid)(HV_GIC_INT_EL1_VIRTUAL_TIMER, &mut intid) })?;
+    Ok(intid)
 }
 
 /// Creates the framework's GICv3 at `layout`: after the VM, before any vCPU.

@@ -14,7 +14,10 @@
 //!   so `set_pending_interrupt(IRQ)` would raise a FIQ: [`ffi`] declares the call with a
 //!   plain integer;
 //! - registers are read and written through [`ffi`] with their raw encodings, so any
-//!   system register the decisions name can be reached (the crate's enums list only some).
+//!   system register the decisions name can be reached (the crate's enums list only some);
+//! - `Vcpu::get_exit_info` reads the exit reason as a Rust enum (undefined behaviour for a
+//!   reason Apple adds later): vCPUs are [`ffi::Vcpu`]s, whose exit record is read as
+//!   integers, and an unknown reason ends the run with its number.
 //!
 //! Not run on Apple hardware yet: it is type-checked and linted for
 //! `aarch64-apple-darwin` on every CI run.
@@ -24,15 +27,15 @@ mod gic;
 
 use std::sync::Arc;
 
-use applevisor::vcpu::{ExitReason, Vcpu as HvVcpu};
 use applevisor::vm::{GicDisabled, VirtualMachine, VirtualMachineConfig, VirtualMachineInstance};
 use arch_aarch64::boot::mpidr;
-use arch_aarch64::sysreg::MPIDR_EL1;
+use arch_aarch64::sysreg::{ID_AA64PFR0_EL1, ID_AA64PFR1_EL1, MPIDR_EL1};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::hvf_regs::visible_features;
 use crate::mapped::Mapped;
-use crate::raw::{Power, RawExit, RawLoop, RawVcpu};
-use crate::{Error, GicV3Layout, GicV3Needs, GuestRam, Reg, Result, SpiSink, VmConfig};
+use crate::raw::{Power, RawExit, RawLoop, RawVcpu, VmClock, WakingSpis};
+use crate::{Error, GicV3Layout, GicV3Needs, GuestClock, GuestRam, Reg, Result, SpiSink, VmConfig};
 
 fn framework(call: &'static str) -> impl Fn(applevisor::error::HypervisorError) -> Error {
     move |e| Error::Platform { call, source: std::io::Error::other(format!("{e}")) }
@@ -83,7 +86,14 @@ impl crate::Hypervisor for Hvf {
         vm_config.set_ipa_size(config.ipa_bits).map_err(framework("hv_vm_config_set_ipa_size"))?;
         let vm = VirtualMachine::with_config(vm_config).map_err(framework("hv_vm_create"))?;
         let mpidrs: Vec<u64> = (0..config.vcpus).map(mpidr).collect();
-        Ok(HvfVm { vm, power: Power::new(&mpidrs), memory: Mapped::default(), kernel_gic: false })
+        Ok(HvfVm {
+            vm,
+            power: Power::new(&mpidrs),
+            clock: VmClock::new(ffi::absolute_time),
+            memory: Mapped::default(),
+            kernel_gic: false,
+            gic: None,
+        })
     }
 }
 
@@ -91,10 +101,14 @@ impl crate::Hypervisor for Hvf {
 pub struct HvfVm {
     vm: VirtualMachineInstance<GicDisabled>,
     power: Arc<Power>,
+    /// The guest's virtual counter, one for all vCPUs.
+    clock: Arc<VmClock>,
     /// Mapped guest RAM, kept alive as long as the VM and each of its vCPUs.
     memory: Mapped,
     /// Whether the framework's GICv3 was created.
     kernel_gic: bool,
+    /// Its layout and the size of one redistributor, to check each vCPU's against.
+    gic: Option<(GicV3Layout, u64)>,
 }
 
 impl std::fmt::Debug for HvfVm {
@@ -133,27 +147,44 @@ impl crate::Vm for HvfVm {
     }
 
     fn create_gicv3(&mut self, layout: &GicV3Layout) -> Result<Arc<dyn SpiSink>> {
+        let size = gic::needs()
+            .map(|n| n.redistributor_size)
+            .ok_or_else(|| Error::Unsupported("this macOS has no in-kernel GICv3 (macOS 15+)".into()))?;
         gic::create(layout)?;
+        arch_aarch64::layout::check_vtimer_intid(gic::vtimer_intid()?).map_err(Error::Unsupported)?;
         self.kernel_gic = true;
-        Ok(Arc::new(gic::Spis))
+        self.gic = Some((*layout, size));
+        Ok(Arc::new(WakingSpis::new(Arc::new(gic::Spis), Arc::clone(&self.power))))
     }
 
     fn create_vcpu(&self, index: u32) -> Result<RawLoop<HvfRaw>> {
-        let vcpu = self.vm.vcpu_create().map_err(framework("hv_vcpu_create"))?;
+        let vcpu = ffi::Vcpu::create()?;
+        if let Some((layout, size)) = &self.gic {
+            let base = gic::redistributor_base(vcpu.id())?;
+            layout.check_redistributor(index, *size, base).map_err(Error::Unsupported)?;
+        }
         let mut raw = HvfRaw::new(vcpu, self.vm.clone(), self.memory.clone())?;
         // The GICv3 routes by affinity, so MPIDR_EL1 must be set before the vCPU runs.
         raw.set_reg(Reg::Sys(MPIDR_EL1), mpidr(index))?;
         raw.set_reg(Reg::Pstate, arch_aarch64::inject::PSTATE_EL1H_MASKED)?;
-        let vcpu = RawLoop::new(raw, index as usize, Arc::clone(&self.power));
+        raw.hide_features(self.kernel_gic);
+        let vcpu = RawLoop::new(raw, index as usize, Arc::clone(&self.power)).with_clock(Arc::clone(&self.clock));
         Ok(if self.kernel_gic { vcpu.with_kernel_gic() } else { vcpu })
+    }
+
+    fn clock(&self) -> Option<Arc<dyn GuestClock>> {
+        Some(self.clock.clone())
     }
 }
 
 /// One vCPU's framework calls, made on its own thread.
 pub struct HvfRaw {
-    vcpu: HvVcpu,
+    /// Dropped (destroyed) before the VM and the memory it runs on.
+    vcpu: ffi::Vcpu,
     cancel: Arc<dyn Fn() + Send + Sync>,
     frequency: u64,
+    /// The VM, which must outlive its vCPUs.
+    _vm: VirtualMachineInstance<GicDisabled>,
     /// The guest RAM the VM has mapped: this vCPU can run the guest, so it keeps it.
     _memory: Mapped,
 }
@@ -165,31 +196,29 @@ impl std::fmt::Debug for HvfRaw {
 }
 
 impl HvfRaw {
-    fn new(vcpu: HvVcpu, vm: VirtualMachineInstance<GicDisabled>, memory: Mapped) -> Result<Self> {
-        let handle = vcpu.get_handle();
-        let cancel: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-            if let Err(e) = vm.vcpus_exit(std::slice::from_ref(&handle)) {
-                log::debug!("hv_vcpus_exit: {e}");
-            }
-        });
-        Ok(HvfRaw { vcpu, cancel, frequency: ffi::counter_frequency()?, _memory: memory })
+    fn new(vcpu: ffi::Vcpu, vm: VirtualMachineInstance<GicDisabled>, memory: Mapped) -> Result<Self> {
+        let cancel = vcpu.canceller();
+        Ok(HvfRaw { vcpu, cancel, frequency: ffi::counter_frequency()?, _vm: vm, _memory: memory })
+    }
+
+    /// Gives the vCPU [`visible_features`]. A framework that will not take them (before
+    /// macOS 15 the ID registers may be read-only) has no SME to hide either: logged.
+    fn hide_features(&mut self, kernel_gic: bool) {
+        let set = |raw: &mut Self| -> Result<()> {
+            let (pfr0, pfr1) = (raw.reg(Reg::Sys(ID_AA64PFR0_EL1))?, raw.reg(Reg::Sys(ID_AA64PFR1_EL1))?);
+            let (new0, new1) = visible_features(pfr0, pfr1, kernel_gic);
+            raw.set_reg(Reg::Sys(ID_AA64PFR0_EL1), new0)?;
+            raw.set_reg(Reg::Sys(ID_AA64PFR1_EL1), new1)
+        };
+        if let Err(e) = set(self) {
+            log::warn!("the vCPU's feature registers could not be adjusted ({e}); the framework's are used");
+        }
     }
 }
 
 impl RawVcpu for HvfRaw {
     fn run(&mut self) -> Result<RawExit> {
-        self.vcpu.run().map_err(framework("hv_vcpu_run"))?;
-        let exit = self.vcpu.get_exit_info();
-        Ok(match exit.reason {
-            ExitReason::CANCELED => RawExit::Canceled,
-            ExitReason::EXCEPTION => RawExit::Exception {
-                esr: exit.exception.syndrome,
-                va: exit.exception.virtual_address,
-                ipa: exit.exception.physical_address,
-            },
-            ExitReason::VTIMER_ACTIVATED => RawExit::VtimerActivated,
-            ExitReason::UNKNOWN => RawExit::Unknown(3),
-        })
+        self.vcpu.run()
     }
 
     fn reg(&mut self, reg: Reg) -> Result<u64> {
@@ -205,12 +234,15 @@ impl RawVcpu for HvfRaw {
     }
 
     fn set_vtimer_mask(&mut self, masked: bool) -> Result<()> {
-        self.vcpu.set_vtimer_mask(masked).map_err(framework("hv_vcpu_set_vtimer_mask"))
+        self.vcpu.set_vtimer_mask(masked)
+    }
+
+    fn set_vtimer_offset(&mut self, offset: u64) -> Result<()> {
+        self.vcpu.set_vtimer_offset(offset)
     }
 
     fn virtual_counter(&mut self) -> Result<u64> {
-        let offset = self.vcpu.get_vtimer_offset().map_err(framework("hv_vcpu_get_vtimer_offset"))?;
-        Ok(ffi::absolute_time().wrapping_sub(offset))
+        Ok(ffi::absolute_time().wrapping_sub(self.vcpu.vtimer_offset()?))
     }
 
     fn counter_frequency(&self) -> u64 {

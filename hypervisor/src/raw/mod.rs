@@ -7,10 +7,16 @@
 //! implement it with a scripted fake.
 //!
 //! With the framework's own GIC ([`RawLoop::with_kernel_gic`]) the framework delivers
-//! interrupts and the virtual timer itself, and WFI is not expected to exit; if one does,
-//! the vCPU naps until the timer's deadline, a kick, or at most [`KERNEL_GIC_NAP`] (an
-//! SGI or SPI the framework holds for it cannot wake the VMM's sleep), then resumes.
+//! interrupts and the virtual timer itself. A WFI that exits naps until the timer's
+//! deadline (or WFIT's), a kick, or an SPI the VMM raises ([`WakingSpis`]); and, while
+//! another vCPU is in the guest, at most [`KERNEL_GIC_NAP`]: an SGI it sends goes through
+//! the framework and never reaches the VMM. With every vCPU asleep nobody can send one,
+//! so an idle VM costs no wake-ups (see [`Power`]).
+//!
+//! Every vCPU runs with the VM's one virtual-counter offset ([`VmClock`], set before it
+//! first runs and again after a pause, which does not count as guest time).
 
+mod clock;
 mod power;
 #[cfg(test)]
 mod tests;
@@ -23,7 +29,8 @@ use arch_aarch64::esr::MmioAccess;
 use arch_aarch64::inject::{self, Fault};
 use arch_aarch64::psci::{self, Action};
 use arch_aarch64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, CPACR_EL1, SCTLR_EL1, SCTLR_EL1_RESET};
-pub use power::{Power, Signal};
+pub use clock::VmClock;
+pub use power::{Power, Signal, WakingSpis};
 
 use crate::exits::{decide, Decision};
 use crate::{Kicker, Reg, Result, SystemEvent, Vcpu, VcpuExit};
@@ -48,6 +55,26 @@ pub enum RawExit {
     Unknown(u32),
 }
 
+/// `hv_exit_reason_t`'s values in Apple's header.
+const HV_EXIT_REASON_CANCELED: u32 = 0;
+const HV_EXIT_REASON_EXCEPTION: u32 = 1;
+const HV_EXIT_REASON_VTIMER_ACTIVATED: u32 = 2;
+
+impl RawExit {
+    /// The exit `hv_vcpu_exit_t` describes, from its fields read as plain integers. A
+    /// reason this code does not know (Apple's own `HV_EXIT_REASON_UNKNOWN`, or one added
+    /// later) is [`RawExit::Unknown`] with its number, which ends the run with an error
+    /// that names it.
+    pub fn from_framework(reason: u32, syndrome: u64, va: u64, ipa: u64) -> RawExit {
+        match reason {
+            HV_EXIT_REASON_CANCELED => RawExit::Canceled,
+            HV_EXIT_REASON_EXCEPTION => RawExit::Exception { esr: syndrome, va, ipa },
+            HV_EXIT_REASON_VTIMER_ACTIVATED => RawExit::VtimerActivated,
+            code => RawExit::Unknown(code),
+        }
+    }
+}
+
 /// The per-vCPU calls of the framework, made on the vCPU's own thread.
 pub trait RawVcpu {
     /// Runs the guest until an exit.
@@ -60,6 +87,8 @@ pub trait RawVcpu {
     fn set_pending_irq(&mut self, pending: bool) -> Result<()>;
     /// Masks or unmasks the virtual timer's exits.
     fn set_vtimer_mask(&mut self, masked: bool) -> Result<()>;
+    /// Sets the offset of the guest's virtual counter from the host's.
+    fn set_vtimer_offset(&mut self, offset: u64) -> Result<()>;
     /// The guest's virtual counter now.
     fn virtual_counter(&mut self) -> Result<u64>;
     /// Counter ticks per second.
@@ -102,6 +131,11 @@ const REPORTED: usize = 64;
 /// The longest a WFI exit sleeps in the VMM when the framework's GIC holds the
 /// interrupts (see the module documentation).
 pub const KERNEL_GIC_NAP: Duration = Duration::from_millis(1);
+
+/// The earlier of an optional deadline and another.
+fn earlier(a: Option<Instant>, b: Instant) -> Option<Instant> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
 
 /// CNTV_CTL_EL0 bits.
 const TIMER_ENABLE: u64 = 1;
@@ -153,6 +187,11 @@ pub struct RawLoop<V: RawVcpu> {
     kernel_gic: bool,
     /// A load waiting for the VMM's data: it completes at the next run.
     pending_load: Option<MmioAccess>,
+    /// In WFIT: the virtual count at which the wait ends.
+    wait_until: Option<u64>,
+    /// The VM's clock, and the offset this vCPU last set from it.
+    clock: Option<Arc<VmClock>>,
+    applied_offset: Option<u64>,
     buf: [u8; 8],
 }
 
@@ -181,8 +220,29 @@ impl<V: RawVcpu> RawLoop<V> {
             vtimer_level: false,
             kernel_gic: false,
             pending_load: None,
+            wait_until: None,
+            clock: None,
+            applied_offset: None,
             buf: [0; 8],
         }
+    }
+
+    /// Runs with the VM's virtual-counter offset from `clock`.
+    pub fn with_clock(mut self, clock: Arc<VmClock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Sets the VM's counter offset if it is not the one this vCPU runs with (before the
+    /// first run, and after a pause moved it).
+    fn apply_clock(&mut self) -> Result<()> {
+        if let Some(offset) = self.clock.as_ref().map(|c| c.offset()) {
+            if self.applied_offset != Some(offset) {
+                self.raw.set_vtimer_offset(offset)?;
+                self.applied_offset = Some(offset);
+            }
+        }
+        Ok(())
     }
 
     /// The framework's GIC delivers this vCPU's interrupts and timer: no pending-IRQ
@@ -192,21 +252,37 @@ impl<V: RawVcpu> RawLoop<V> {
         self
     }
 
-    /// WFI or CPU_SUSPEND: wait for the VMM's GIC, or nap with the framework's.
+    /// WFI, WFIT or CPU_SUSPEND: wait for the VMM's GIC, or nap with the framework's
+    /// (see the module documentation).
     fn idle(&mut self) -> Result<()> {
         if !self.kernel_gic {
             self.state = State::Waiting;
             return Ok(());
         }
-        let mut until = Instant::now() + KERNEL_GIC_NAP;
+        let mut until = None;
         let (armed, met, cval) = self.timer()?;
         if armed {
             if met {
                 return Ok(());
             }
-            until = until.min(self.deadline(cval)?);
+            until = Some(self.deadline(cval)?);
         }
-        self.signal.wait(Some(until));
+        if let Some(deadline) = self.wait_until.take() {
+            if self.raw.virtual_counter()? >= deadline {
+                return Ok(());
+            }
+            until = earlier(until, self.deadline(deadline)?);
+        }
+        self.power.leave_guest();
+        let alone = self.power.begin_unbounded_nap();
+        if !alone {
+            until = earlier(until, Instant::now() + KERNEL_GIC_NAP);
+        }
+        self.signal.wait(until);
+        if alone {
+            self.power.end_unbounded_nap();
+        }
+        self.power.enter_guest();
         Ok(())
     }
 
@@ -231,10 +307,12 @@ impl<V: RawVcpu> RawLoop<V> {
         self.raw.set_reg(Reg::Pc, entry)?;
         self.raw.set_reg(Reg::X(0), context)?;
         self.pending_load = None;
+        self.wait_until = None;
         if std::mem::take(&mut self.vtimer_level) {
             self.raw.set_vtimer_mask(false)?;
         }
         self.state = State::Running;
+        self.power.enter_guest();
         Ok(())
     }
 
@@ -277,14 +355,22 @@ impl<V: RawVcpu> RawLoop<V> {
         Ok(())
     }
 
-    /// In WFI: whether to resume now, or else when the timer will fire.
+    /// In WFI: whether to resume now, or else when the timer will fire (or WFIT's
+    /// deadline pass).
     fn wait_ends(&mut self) -> Result<(bool, Option<Instant>)> {
         if self.irq_level {
             return Ok((true, None));
         }
+        let mut until = None;
+        if let Some(deadline) = self.wait_until {
+            if self.raw.virtual_counter()? >= deadline {
+                return Ok((true, None));
+            }
+            until = Some(self.deadline(deadline)?);
+        }
         let (armed, met, cval) = self.timer()?;
         if !armed {
-            return Ok((false, None));
+            return Ok((false, until));
         }
         if met {
             // The framework only reports the timer while the guest runs: raise it here,
@@ -293,7 +379,7 @@ impl<V: RawVcpu> RawLoop<V> {
             self.raw.set_vtimer_mask(true)?;
             return Ok((true, None));
         }
-        Ok((false, Some(self.deadline(cval)?)))
+        Ok((false, earlier(until, self.deadline(cval)?)))
     }
 
     fn inject(&mut self, fault: Fault) -> Result<()> {
@@ -336,6 +422,7 @@ impl<V: RawVcpu> RawLoop<V> {
             }
             Action::CpuOff => {
                 self.power.stop(self.index);
+                self.power.leave_guest();
                 self.state = State::Off;
                 return Ok(None);
             }
@@ -372,6 +459,15 @@ impl<V: RawVcpu> RawLoop<V> {
             Decision::WaitForInterrupt => {
                 self.step_pc()?;
                 self.idle()?;
+                Ok(None)
+            }
+            Decision::WaitUntil { reg } => {
+                let deadline = if reg == 31 { 0 } else { self.raw.reg(Reg::X(reg))? };
+                self.step_pc()?;
+                if self.raw.virtual_counter()? < deadline {
+                    self.wait_until = Some(deadline);
+                    self.idle()?;
+                }
                 Ok(None)
             }
             Decision::Skip => self.step_pc().map(|()| None),
@@ -420,6 +516,7 @@ impl<V: RawVcpu> RawLoop<V> {
     /// Runs until the VMM must act.
     fn step(&mut self) -> Result<Outcome> {
         self.finish_load()?;
+        self.apply_clock()?;
         loop {
             if self.signal.take() {
                 return Ok(Outcome::Interrupted);
@@ -440,6 +537,7 @@ impl<V: RawVcpu> RawLoop<V> {
                         continue;
                     }
                     self.state = State::Running;
+                    self.wait_until = None;
                     if self.vtimer_level {
                         // Woken by the timer: the VMM raises its interrupt first.
                         return Ok(Outcome::Interrupted);
@@ -450,6 +548,8 @@ impl<V: RawVcpu> RawLoop<V> {
             if !self.kernel_gic {
                 self.raw.set_pending_irq(self.irq_level)?;
             }
+            // What a wake-up was for (an SPI) is pending in the framework's GIC now.
+            self.signal.clear_wake();
             let exit = self.raw.run()?;
             if !self.kernel_gic {
                 self.follow_timer()?;

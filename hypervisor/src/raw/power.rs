@@ -1,11 +1,14 @@
-//! Which vCPUs are on, shared by all of a VM's [`super::RawLoop`]s for PSCI.
+//! Which vCPUs are on, shared by all of a VM's [`super::RawLoop`]s for PSCI; and, for
+//! the framework's GIC, which are in the guest, so a vCPU that naps in WFI knows whether
+//! anyone could send it an SGI the VMM would not hear of.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use arch_aarch64::psci::CpuState;
 
-use crate::Kicker;
+use crate::{Kicker, Result, SpiSink};
 
 struct Cpu {
     state: CpuState,
@@ -18,6 +21,10 @@ pub struct Power {
     cpus: Mutex<Vec<Cpu>>,
     signals: Vec<Arc<Signal>>,
     kickers: Vec<OnceLock<Arc<dyn Kicker>>>,
+    /// vCPUs on and not napping: those that may send an SGI (vCPU 0 starts so).
+    in_guest: AtomicUsize,
+    /// vCPUs napping without a bound, because nobody was in the guest.
+    unbounded_naps: AtomicUsize,
 }
 
 impl std::fmt::Debug for Power {
@@ -38,7 +45,51 @@ impl Power {
             cpus: Mutex::new(cpus),
             signals: mpidrs.iter().map(|_| Arc::new(Signal::default())).collect(),
             kickers: mpidrs.iter().map(|_| OnceLock::new()).collect(),
+            in_guest: AtomicUsize::new(usize::from(!mpidrs.is_empty())),
+            unbounded_naps: AtomicUsize::new(0),
         })
+    }
+
+    /// Ends every vCPU's nap, without the kick that makes its run return: they enter the
+    /// guest again, where the framework's GIC delivers what is pending (an SPI the VMM
+    /// just raised). Any thread.
+    pub fn wake_nappers(&self) {
+        for signal in &self.signals {
+            signal.wake();
+        }
+    }
+
+    /// A vCPU goes back into the guest (after a nap, or powered on). Those napping
+    /// without a bound are woken: this one may now send them an SGI.
+    pub(super) fn enter_guest(&self) {
+        self.in_guest.fetch_add(1, Ordering::SeqCst);
+        if self.unbounded_naps.load(Ordering::SeqCst) > 0 {
+            self.wake_nappers();
+        }
+    }
+
+    /// A vCPU leaves the guest (to nap, or powered off).
+    pub(super) fn leave_guest(&self) {
+        let _ = self.in_guest.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
+    /// Whether a vCPU about to nap may nap without a bound: nobody is in the guest, so
+    /// no SGI can come that the VMM would not hear of (anyone who enters the guest wakes
+    /// it). When true, the caller calls [`Power::end_unbounded_nap`] after the nap.
+    /// (Counted before the check, with `enter_guest` doing the reverse: one of the two
+    /// always sees the other.)
+    pub(super) fn begin_unbounded_nap(&self) -> bool {
+        self.unbounded_naps.fetch_add(1, Ordering::SeqCst);
+        if self.in_guest.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        self.end_unbounded_nap();
+        false
+    }
+
+    /// The end of a nap [`Power::begin_unbounded_nap`] allowed.
+    pub(super) fn end_unbounded_nap(&self) {
+        let _ = self.unbounded_naps.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Cpu>> {
@@ -94,36 +145,93 @@ impl Power {
     }
 }
 
+/// What a [`Signal`] holds.
+#[derive(Default)]
+struct Flags {
+    /// A kick: the vCPU's run returns `Interrupted`.
+    kicked: bool,
+    /// A wake-up: a sleep ends, the run goes on.
+    woken: bool,
+}
+
 /// A vCPU's wake-up: kicks and CPU_ON set it; a vCPU that is off or in WFI sleeps on it.
 #[derive(Default)]
 pub struct Signal {
-    kicked: Mutex<bool>,
+    flags: Mutex<Flags>,
     wake: Condvar,
 }
 
 impl Signal {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Flags> {
+        self.flags.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Marks a kick and wakes a sleeper.
     pub fn kick(&self) {
-        *self.kicked.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        self.lock().kicked = true;
         self.wake.notify_all();
+    }
+
+    /// Ends the current (or next) sleep without a kick.
+    pub fn wake(&self) {
+        self.lock().woken = true;
+        self.wake.notify_all();
+    }
+
+    /// Forgets a wake-up: the vCPU is about to enter the guest, which takes whatever it
+    /// was for.
+    pub fn clear_wake(&self) {
+        self.lock().woken = false;
     }
 
     /// Clears and returns whether a kick arrived.
     pub fn take(&self) -> bool {
-        std::mem::take(&mut *self.kicked.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        std::mem::take(&mut self.lock().kicked)
     }
 
-    /// Sleeps until a kick or `deadline` (forever without one); does not clear the kick.
+    /// Sleeps until a kick, a wake-up or `deadline` (forever without one); clears the
+    /// wake-up, not the kick.
     pub fn wait(&self, deadline: Option<Instant>) {
-        let mut kicked = self.kicked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        while !*kicked {
+        let mut flags = self.lock();
+        while !flags.kicked && !flags.woken {
             match deadline {
-                None => kicked = self.wake.wait(kicked).unwrap_or_else(std::sync::PoisonError::into_inner),
+                None => flags = self.wake.wait(flags).unwrap_or_else(std::sync::PoisonError::into_inner),
                 Some(at) => {
-                    let Some(left) = at.checked_duration_since(Instant::now()) else { return };
-                    kicked = self.wake.wait_timeout(kicked, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+                    let Some(left) = at.checked_duration_since(Instant::now()) else { break };
+                    flags = self.wake.wait_timeout(flags, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
                 }
             }
         }
+        flags.woken = false;
+    }
+}
+
+/// The SPIs of a framework's GIC, with the wake-up the framework does not give: raising
+/// one ends every vCPU's WFI nap, so the guest takes it at once (not at the end of a nap).
+pub struct WakingSpis {
+    spis: Arc<dyn SpiSink>,
+    power: Arc<Power>,
+}
+
+impl WakingSpis {
+    /// `spis`, waking the vCPUs of `power` on each rising level.
+    pub fn new(spis: Arc<dyn SpiSink>, power: Arc<Power>) -> Self {
+        WakingSpis { spis, power }
+    }
+}
+
+impl std::fmt::Debug for WakingSpis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WakingSpis").field("spis", &self.spis).finish_non_exhaustive()
+    }
+}
+
+impl SpiSink for WakingSpis {
+    fn set_spi(&self, intid: u32, level: bool) -> Result<()> {
+        self.spis.set_spi(intid, level)?;
+        if level {
+            self.power.wake_nappers();
+        }
+        Ok(())
     }
 }

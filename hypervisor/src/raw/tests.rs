@@ -12,6 +12,7 @@ use arch_aarch64::psci;
 use arch_aarch64::sysreg::{SysReg, CNTV_CTL_EL0, CNTV_CVAL_EL0};
 
 use super::*;
+use crate::{GuestClock, SpiSink};
 
 /// Counter frequency of the fake: 1 MHz, so a tick is a microsecond.
 const FREQUENCY: u64 = 1_000_000;
@@ -100,6 +101,10 @@ impl RawVcpu for Fake {
     }
     fn set_vtimer_mask(&mut self, masked: bool) -> Result<()> {
         self.log.push(format!("vtimer mask {}", u8::from(masked)));
+        Ok(())
+    }
+    fn set_vtimer_offset(&mut self, offset: u64) -> Result<()> {
+        self.log.push(format!("offset {offset}"));
         Ok(())
     }
     fn virtual_counter(&mut self) -> Result<u64> {
@@ -230,6 +235,9 @@ fn hostile_guests_get_architected_errors_and_the_loop_goes_on() {
 #[test]
 fn with_the_frameworks_gic_wfi_naps_and_no_interrupt_is_injected_by_hand() {
     let log = Log::default();
+    // vCPU 1 is in the guest (and could send an SGI that never reaches the VMM):
+    let power = Power::new(&[0x8000_0000, 0x8000_0001]);
+    power.enter_guest();
     let script = vec![
         // WFI with no timer: a nap of at most KERNEL_GIC_NAP, then the guest goes on.
         step(&[], exception(call(EC_WFX), 0)),
@@ -239,7 +247,7 @@ fn with_the_frameworks_gic_wfi_naps_and_no_interrupt_is_injected_by_hand() {
         step(&[], RawExit::VtimerActivated),
         step(&[(Reg::X(0), u64::from(psci::SYSTEM_OFF))], exception(call(EC_HVC64), 0)),
     ];
-    let mut vcpu = RawLoop::new(Fake::new(script, log.clone()), 0, Power::new(&[0x8000_0000])).with_kernel_gic();
+    let mut vcpu = RawLoop::new(Fake::new(script, log.clone()), 0, power).with_kernel_gic();
     let start = Instant::now();
     assert_eq!(exit_of(&mut vcpu), "System(Shutdown)");
     assert!(start.elapsed() < Duration::from_millis(500), "naps are short: {:?}", start.elapsed());
@@ -306,4 +314,150 @@ fn cpu_on_after_cpu_off_starts_from_reset_state() {
     assert_eq!((vcpu.get_reg(Reg::Pc).unwrap(), vcpu.get_reg(Reg::X(0)).unwrap()), (0x4020_0004, 6));
     assert!(!vcpu.vtimer_asserted(), "the timer it held went with its last life");
     assert!(log.has("vtimer mask 0"), "and its exits are unmasked again");
+}
+
+/// Issue 14, fix 7: applevisor read the exit reason as a Rust enum (undefined for a reason
+/// Apple adds). It is read as a number, and one the loop does not know ends the run with
+/// an error that names it.
+#[test]
+fn exit_reasons_are_numbers_and_an_unknown_one_is_an_error_naming_it() {
+    assert_eq!(RawExit::from_framework(0, 1, 2, 3), RawExit::Canceled);
+    assert_eq!(RawExit::from_framework(1, 0x9200_0046, 5, 6), RawExit::Exception { esr: 0x9200_0046, va: 5, ipa: 6 });
+    assert_eq!(RawExit::from_framework(2, 0, 0, 0), RawExit::VtimerActivated);
+    assert_eq!(RawExit::from_framework(3, 0, 0, 0), RawExit::Unknown(3), "HV_EXIT_REASON_UNKNOWN");
+    assert_eq!(RawExit::from_framework(0x8000_0001, 0, 0, 0), RawExit::Unknown(0x8000_0001));
+    let script = vec![step(&[], RawExit::from_framework(17, 0, 0, 0))];
+    let mut vcpu = RawLoop::new(Fake::new(script, Log::default()), 0, Power::new(&[0x8000_0000]));
+    assert_eq!(exit_of(&mut vcpu), "Unhandled(\"exit reason 17\")");
+}
+
+/// Runs `vcpu` on a thread until its first exit that is not an interruption, which it
+/// sends (with the time it came) on the returned channel.
+fn first_exit<V: RawVcpu + Send + 'static>(mut vcpu: RawLoop<V>) -> std::sync::mpsc::Receiver<(String, Instant)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || loop {
+        let exit = exit_of(&mut vcpu);
+        if exit != "Interrupted" {
+            let _ = tx.send((exit, Instant::now()));
+            return;
+        }
+    });
+    rx
+}
+
+/// WFIT on x4 (RN = 4, RV set).
+fn wfit_x4() -> u64 {
+    call(EC_WFX) | (4 << 5) | (1 << 2) | 2
+}
+
+/// Issue 14, fix 3: WFIT was a WFI without its timeout, so a guest waiting with its
+/// timer disarmed slept for ever. It wakes at the deadline in its register, with either
+/// GIC.
+#[test]
+fn wfit_wakes_at_its_deadline_with_the_timer_disarmed() {
+    for kernel_gic in [false, true] {
+        let script = vec![
+            // 40 ms from the start (the fake's counter is in microseconds).
+            step(&[(Reg::X(4), 40_000)], exception(wfit_x4(), 0)),
+            step(&[], exception(store32(1), UART)),
+        ];
+        let vcpu = RawLoop::new(Fake::new(script, Log::default()), 0, Power::new(&[0x8000_0000]));
+        let vcpu = if kernel_gic { vcpu.with_kernel_gic() } else { vcpu };
+        let start = Instant::now();
+        let exits = first_exit(vcpu);
+        let (exit, at) = exits.recv_timeout(Duration::from_secs(5)).expect("WFIT ended at its deadline");
+        assert_eq!(exit, format!("write {UART:#x} [0, 0, 0, 0]"));
+        assert!(at - start >= Duration::from_millis(30), "kernel_gic {kernel_gic}: woke early: {:?}", at - start);
+    }
+    // A deadline already past (or XZR) does not wait at all.
+    let script = vec![step(&[(Reg::X(4), 1)], exception(wfit_x4(), 0)), step(&[], exception(store32(1), UART))];
+    let mut vcpu = RawLoop::new(Fake::new(script, Log::default()), 0, Power::new(&[0x8000_0000]));
+    let start = Instant::now();
+    assert_eq!(exit_of(&mut vcpu), format!("write {UART:#x} [0, 0, 0, 0]"));
+    assert!(start.elapsed() < Duration::from_millis(500));
+}
+
+/// Issue 14, fix 6: every vCPU runs with the VM's one counter offset, set before it first
+/// runs, and again after a pause moved it.
+#[test]
+fn every_vcpu_runs_with_the_vms_counter_offset() {
+    use std::sync::atomic::AtomicU64;
+    let host = Arc::new(AtomicU64::new(1_000));
+    let clock = {
+        let host = Arc::clone(&host);
+        VmClock::new(move || host.load(Ordering::SeqCst))
+    };
+    let power = Power::new(&[0x8000_0000, 0x8000_0001]);
+    assert!(power.start(1, 0x4010_0000, 0));
+    let logs = [Log::default(), Log::default()];
+    let mut vcpus: Vec<_> = (0..2)
+        .map(|i| {
+            let script = vec![step(&[], exception(store32(1), UART)), step(&[], exception(store32(1), UART))];
+            RawLoop::new(Fake::new(script, logs[i].clone()), i, Arc::clone(&power)).with_clock(Arc::clone(&clock))
+        })
+        .collect();
+    for vcpu in &mut vcpus {
+        while exit_of(vcpu) == "Interrupted" {}
+    }
+    assert!(logs.iter().all(|l| l.has("offset 1000")), "the same offset on every vCPU");
+    clock.stop();
+    host.store(9_000, Ordering::SeqCst);
+    clock.start();
+    for vcpu in &mut vcpus {
+        while exit_of(vcpu) == "Interrupted" {}
+    }
+    assert!(logs.iter().all(|l| l.has("offset 9000")), "the pause's 8000 ticks are not the guest's");
+}
+
+/// Issue 14, fix 5: with the framework's GIC a WFI napped 1 ms at a time (1000 wake-ups a
+/// second for an idle vCPU) and an SPI waited for the end of a nap. A vCPU alone naps
+/// until something happens, and an SPI the VMM raises ends the nap at once.
+#[test]
+fn with_the_frameworks_gic_an_idle_vcpu_sleeps_until_an_spi() {
+    #[derive(Debug)]
+    struct Sink;
+    impl SpiSink for Sink {
+        fn set_spi(&self, _: u32, _: bool) -> Result<()> {
+            Ok(())
+        }
+    }
+    let power = Power::new(&[0x8000_0000]);
+    let script = vec![step(&[], exception(call(EC_WFX), 0)), step(&[], exception(store32(1), UART))];
+    let vcpu = RawLoop::new(Fake::new(script, Log::default()), 0, Arc::clone(&power)).with_kernel_gic();
+    let exits = first_exit(vcpu);
+    assert!(exits.recv_timeout(Duration::from_millis(200)).is_err(), "the idle vCPU went on without a reason");
+    let spis = WakingSpis::new(Arc::new(Sink), power);
+    spis.set_spi(40, false).unwrap();
+    assert!(exits.recv_timeout(Duration::from_millis(100)).is_err(), "a falling level wakes nobody");
+    let raised = Instant::now();
+    spis.set_spi(40, true).unwrap();
+    let (exit, at) = exits.recv_timeout(Duration::from_secs(5)).expect("the SPI woke it");
+    assert_eq!(exit, format!("write {UART:#x} [0, 0, 0, 0]"));
+    assert!(at - raised < Duration::from_millis(100), "woken at once: {:?}", at - raised);
+}
+
+/// With the framework's GIC an SGI never reaches the VMM: while another vCPU is in the
+/// guest (and could send one) a nap stays short; a vCPU that napped alone is woken when
+/// another enters the guest.
+#[test]
+fn with_the_frameworks_gic_a_nap_is_short_while_another_vcpu_could_send_an_sgi() {
+    let script = || vec![step(&[], exception(call(EC_WFX), 0)), step(&[], exception(store32(1), UART))];
+    // vCPU 0 is in the guest: vCPU 1's nap ends by itself.
+    let power = Power::new(&[0x8000_0000, 0x8000_0001]);
+    assert!(power.start(1, 0x4010_0000, 0));
+    let vcpu = RawLoop::new(Fake::new(script(), Log::default()), 1, Arc::clone(&power)).with_kernel_gic();
+    let start = Instant::now();
+    let (_, at) = first_exit(vcpu).recv_timeout(Duration::from_secs(5)).expect("a short nap");
+    assert!(at - start < Duration::from_millis(200), "{:?}", at - start);
+    // vCPU 0 is asleep too: vCPU 1 naps until vCPU 0 enters the guest again.
+    let power = Power::new(&[0x8000_0000, 0x8000_0001]);
+    power.leave_guest();
+    assert!(power.start(1, 0x4010_0000, 0));
+    let vcpu = RawLoop::new(Fake::new(script(), Log::default()), 1, Arc::clone(&power)).with_kernel_gic();
+    let exits = first_exit(vcpu);
+    assert!(exits.recv_timeout(Duration::from_millis(200)).is_err(), "nobody could send an SGI");
+    let entered = Instant::now();
+    power.enter_guest();
+    let (_, at) = exits.recv_timeout(Duration::from_secs(5)).expect("woken when vCPU 0 ran");
+    assert!(at - entered < Duration::from_millis(100), "{:?}", at - entered);
 }
