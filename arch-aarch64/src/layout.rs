@@ -14,15 +14,38 @@
 //! | `0x0901_0000..0x0901_1000` | PL031 RTC                          |
 //! | `0x0902_0000..0x0902_1000` | boot timer                         |
 //! | `0x0a00_0000..`            | virtio-mmio slots, 0x200 bytes each|
-//! | `0x4000_0000..RAM end`     | RAM (at most 63 GiB)               |
+//! | `0x4000_0000..RAM end`     | RAM (at most 1023 GiB)             |
 
 /// The host page size on Apple Silicon; every guest region is aligned to it.
 pub const PAGE_SIZE: u64 = 16 * 1024;
 
-/// Number of bits of guest-physical address space the machine uses (64 GiB).
-pub const IPA_BITS: u32 = 36;
-/// First guest-physical address past the machine's address space.
-pub const IPA_LIMIT: u64 = 1 << IPA_BITS;
+/// Bits of guest-physical address space a machine with up to 63 GiB of RAM uses (64 GiB):
+/// every Apple Silicon Mac offers them.
+pub const IPA_BITS_MIN: u32 = 36;
+/// Bits a larger machine uses (1 TiB), where the hypervisor allows them.
+pub const IPA_BITS_MAX: u32 = 40;
+
+/// The guest-physical address bits a machine with `ram` bytes of RAM needs: the smallest
+/// that hold its RAM, at least [`IPA_BITS_MIN`] (the devices' windows lie below RAM).
+pub const fn ipa_bits_for(ram: u64) -> u32 {
+    let end = RAM_BASE.saturating_add(ram);
+    if end <= 1 << IPA_BITS_MIN {
+        IPA_BITS_MIN
+    } else if end <= 1 << 39 {
+        39
+    } else {
+        IPA_BITS_MAX
+    }
+}
+
+/// The most RAM a machine can have in `ipa_bits` of guest-physical address space.
+pub const fn ram_limit(ipa_bits: u32) -> u64 {
+    if ipa_bits >= 64 {
+        u64::MAX - RAM_BASE
+    } else {
+        (1u64 << ipa_bits).saturating_sub(RAM_BASE)
+    }
+}
 
 /// Base of the GIC distributor.
 pub const GIC_DIST_BASE: u64 = 0x0800_0000;
@@ -193,8 +216,8 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
 
 /// First guest-physical address of RAM.
 pub const RAM_BASE: u64 = 0x4000_0000;
-/// Largest amount of RAM that fits below [`IPA_LIMIT`].
-pub const RAM_MAX: u64 = IPA_LIMIT - RAM_BASE;
+/// Largest amount of RAM a machine can have ([`IPA_BITS_MAX`] of address space).
+pub const RAM_MAX: u64 = ram_limit(IPA_BITS_MAX);
 
 /// Alignment the arm64 boot protocol requires of the kernel's load base.
 pub const KERNEL_ALIGN: u64 = 2 * 1024 * 1024;
@@ -305,11 +328,26 @@ mod tests {
         assert!(place_gicv3(&overflow, 2, 64).is_err());
     }
 
+    /// Issue 14, fix 8: every machine asked for 36 bits, so RAM stopped at 63 GiB. The
+    /// bits follow the RAM: 36 while it fits, then 39 or 40.
+    #[test]
+    fn the_address_space_grows_with_the_ram() {
+        assert_eq!(ipa_bits_for(512 << 20), 36);
+        assert_eq!(ipa_bits_for(ram_limit(36)), 36, "63 GiB");
+        assert_eq!(ipa_bits_for(ram_limit(36) + PAGE_SIZE), 39);
+        assert_eq!(ipa_bits_for(ram_limit(39)), 39, "511 GiB");
+        assert_eq!(ipa_bits_for(ram_limit(39) + PAGE_SIZE), 40);
+        assert_eq!(ipa_bits_for(RAM_MAX), 40);
+        assert_eq!(ram_limit(36), 63 << 30);
+        assert_eq!(ram_limit(40), 1023 << 30);
+        assert_eq!(ram_limit(64), u64::MAX - RAM_BASE);
+    }
+
     #[test]
     fn ram_is_page_and_kernel_aligned() {
         assert_eq!(RAM_BASE % PAGE_SIZE, 0);
         assert_eq!(RAM_BASE % KERNEL_ALIGN, 0);
-        assert_eq!(RAM_BASE + RAM_MAX, IPA_LIMIT);
+        assert_eq!(RAM_BASE + RAM_MAX, 1 << IPA_BITS_MAX);
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub enum ConfigError {
     #[error("invalid size `{0}`: use a number with an optional K, M, G or T suffix, e.g. 512M or 2G")]
     BadSize(String),
     /// RAM outside the supported range.
-    #[error("--memory {0}: must be between 16 MiB and 63 GiB, in multiples of 16 KiB")]
+    #[error("--memory {0}: must be between 16 MiB and 1023 GiB, in multiples of 16 KiB")]
     MemoryOutOfRange(String),
     /// A `--disk` value that does not parse.
     #[error("--disk {0}: use PATH[,readonly][,id=NAME] (NAME: up to 20 ASCII characters)")]

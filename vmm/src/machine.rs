@@ -71,7 +71,7 @@ where
     }
     let nets = backends::open_nets(&config.nets)?;
     let (virtio, files) = virtio_devices(config, files, nets, console.backend.take())?;
-    let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: IPA_BITS, vcpus: config.cpus })?;
+    let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: ipa_bits_for(config.memory), vcpus: config.cpus })?;
     let irqchip = match irqchip::choose(config.gic, config.cpus, vm.gicv3_needs())? {
         Some(layout) => Irqchip::Hypervisor { spis: vm.create_gicv3(&layout)?, layout },
         None => Irqchip::emulated(config.cpus),

@@ -77,8 +77,10 @@ impl crate::Hypervisor for Hvf {
 
     fn create_vm(&self, config: &VmConfig) -> Result<HvfVm> {
         if config.ipa_bits > self.max_ipa_bits {
+            let most = arch_aarch64::layout::ram_limit(self.max_ipa_bits) >> 30;
             return Err(Error::Unsupported(format!(
-                "this Mac supports {}-bit guest physical addresses, the machine needs {}",
+                "this Mac gives guests {}-bit physical addresses and this much RAM needs {}: use --memory {most}G \
+                 or less",
                 self.max_ipa_bits, config.ipa_bits
             )));
         }

@@ -65,8 +65,10 @@ impl crate::Hypervisor for Kvm {
         let max_ipa = self.kvm.get_host_ipa_limit();
         let vm = if max_ipa > 0 {
             if (max_ipa as u32) < config.ipa_bits {
+                let most = arch_aarch64::layout::ram_limit(max_ipa as u32) >> 30;
                 return Err(Error::Unsupported(format!(
-                    "this host's KVM supports {max_ipa}-bit guest physical addresses, the machine needs {}",
+                    "this host's KVM gives guests {max_ipa}-bit physical addresses and this much RAM needs {}: \
+                     use --memory {most}G or less",
                     config.ipa_bits
                 )));
             }
