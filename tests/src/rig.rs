@@ -104,6 +104,24 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, RigError> {
     std::fs::read(path).map_err(|source| RigError::Input { what, path: path.to_path_buf(), source })
 }
 
+/// The rig's machine: everything on QEMU's command line but the kernel, the initramfs,
+/// its command line and the exchange disk. `cargo xtask setup` starts exactly this to
+/// prove that the installed QEMU can run it.
+pub fn machine_args(gic: OuterGic) -> Vec<String> {
+    let mut args = vec![
+        "-M".to_string(),
+        format!("virt,virtualization=on,gic-version={}", gic.version()),
+        "-cpu".to_string(),
+        std::env::var("HVRUN_RIG_CPU").unwrap_or_else(|_| "max,pauth-impdef=on".into()),
+    ];
+    args.extend(["-smp", "2", "-m", "2048", "-nographic", "-no-reboot"].map(String::from));
+    // No default NIC: the rig needs none, and its option ROM (efi-virtio.rom) comes from
+    // a package that a `--no-install-recommends` setup leaves out.
+    args.extend(["-nic", "none"].map(String::from));
+    args.extend(std::env::var("HVRUN_RIG_QEMU_ARGS").unwrap_or_default().split_whitespace().map(String::from));
+    args
+}
+
 impl Rig {
     /// Writes the outer initramfs for `scenarios` and returns its path.
     pub fn build_initramfs(&self, scenarios: &[Scenario]) -> Result<PathBuf, RigError> {
@@ -222,15 +240,7 @@ impl Rig {
             qemu.arg("-drive").arg(drive).args(["-device", "virtio-blk-device,drive=exchange"]);
         }
         let mut child = qemu
-            .arg("-M")
-            .arg(format!("virt,virtualization=on,gic-version={}", gic.version()))
-            .arg("-cpu")
-            .arg(std::env::var("HVRUN_RIG_CPU").unwrap_or_else(|_| "max,pauth-impdef=on".into()))
-            .args(["-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
-            // No default NIC: the rig needs none, and its option ROM (efi-virtio.rom)
-            // comes from a package that a `--no-install-recommends` setup leaves out.
-            .args(["-nic", "none"])
-            .args(std::env::var("HVRUN_RIG_QEMU_ARGS").unwrap_or_default().split_whitespace())
+            .args(machine_args(gic))
             .arg("-kernel")
             .arg(&self.kernel)
             .arg("-initrd")

@@ -3,16 +3,19 @@
 //! `hvrun` for the rig, unit tests for arm64 Linux under qemu-user, and the macOS
 //! type-check. Each gets its own target directory so it never fights the host build.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::{paths, sh};
 
-const LINUX: &str = "aarch64-unknown-linux-gnu";
-const MACOS: &str = "aarch64-apple-darwin";
+/// The rig's target.
+pub const LINUX: &str = "aarch64-unknown-linux-gnu";
+/// The macOS target the workspace is checked for.
+pub const MACOS: &str = "aarch64-apple-darwin";
 
-/// Debian's cargo with an environment that keeps rustup's toolchain out of the way.
-fn debian_cargo(target_dir: &str) -> Command {
+/// Debian's cargo with an environment that keeps rustup's toolchain out of the way;
+/// `target_dir` is relative to the workspace (or absolute).
+pub fn debian_cargo(target_dir: impl AsRef<Path>) -> Command {
     let mut c = sh::cmd("/usr/bin/cargo");
     let path = std::env::var("PATH").unwrap_or_default();
     c.current_dir(paths::root())

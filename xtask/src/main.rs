@@ -11,6 +11,7 @@ mod fuzz;
 mod guest;
 mod kernel;
 mod paths;
+mod prove;
 mod setup;
 mod sh;
 
@@ -19,7 +20,8 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask COMMAND [ARGS]
 
 commands:
-  setup          install the Debian packages the toolchains and the rig need
+  setup          install the Debian packages the toolchains and the rig need, then prove
+                 each tool works by using it (names the package to install if one fails)
   guest          build guest artifacts (kernel, busybox, test programs) into the cache
   cross          static aarch64-unknown-linux-gnu build of hvrun (build-std)
   cross-test     run the workspace's unit tests compiled for arm64 Linux, under qemu-user
@@ -44,7 +46,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let result = match command.as_str() {
-        "setup" => setup::run(),
+        "setup" => setup::run().and_then(|()| prove::all()),
         "guest" => guest::run(),
         "cross" => cross::build_hvrun().map(|_| ()),
         "cross-test" => cross::test(),
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
 /// Everything CI checks, in order, stopping at the first failure.
 fn test() -> Result<(), String> {
     setup::run()?;
+    prove::all()?;
     guest::run()?;
     let root = paths::root();
     let cargo = sh::host_cargo();
