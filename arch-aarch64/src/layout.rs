@@ -13,7 +13,9 @@
 //! | `0x0900_0000..0x0900_1000` | PL011 UART                         |
 //! | `0x0901_0000..0x0901_1000` | PL031 RTC                          |
 //! | `0x0902_0000..0x0902_1000` | boot timer                         |
+//! | `0x0903_0000..0x0903_1000` | self-test probe (`hvrun selftest` only) |
 //! | `0x0a00_0000..`            | virtio-mmio slots, 0x200 bytes each|
+//! | `0x1000_0000..0x4000_0000` | a hypervisor's GICv3 redistributor region too large for the window below the UART |
 //! | `0x4000_0000..RAM end`     | RAM (at most 1023 GiB)             |
 
 /// The host page size on Apple Silicon; every guest region is aligned to it.
@@ -58,6 +60,9 @@ pub const GIC_CPU_SIZE: u64 = 0x1_0000;
 
 /// First address past the window that GICv3 redistributors may use.
 pub const GIC_REDIST_LIMIT: u64 = UART_BASE;
+/// Where a hypervisor's redistributor region goes when it does not fit below the UART:
+/// the free space between the virtio slots and RAM (768 MiB).
+pub const GIC_REDIST_HIGH_BASE: u64 = 0x1000_0000;
 
 /// What a hypervisor's own GICv3 asks of the memory map (its numbers, not ours: on HVF
 /// they come from the framework at run time).
@@ -69,9 +74,9 @@ pub struct GicV3Needs {
     pub distributor_align: u64,
     /// Bytes of one vCPU's redistributor (two 64 KiB frames).
     pub redistributor_size: u64,
-    /// Bytes the redistributor region would span for every vCPU the hypervisor allows
-    /// (HVF reports it). Only the vCPUs the VM has are placed: on newer chips the whole
-    /// region may be larger than the device window.
+    /// Bytes the redistributor region spans for every vCPU the hypervisor allows (HVF
+    /// reports it, and its GIC may claim all of it): reserved whole, so no device lies
+    /// inside; the device tree describes the VM's vCPUs' part.
     pub redistributor_region: u64,
     /// Alignment of the redistributor region's base (a power of two).
     pub redistributor_align: u64,
@@ -167,9 +172,11 @@ pub enum GicPlacementError {
 }
 
 /// Places a hypervisor's GICv3 for `vcpus` vCPUs: the distributor at [`GIC_DIST_BASE`],
-/// the redistributor region right after it (aligned as asked), all below
-/// [`GIC_REDIST_LIMIT`]; the machine's devices must find their SPIs (INTIDs
-/// `SPI_BASE..SPI_BASE + spis_used`) in the range it offers.
+/// the redistributor region right after it (aligned as asked) when the whole of it fits
+/// below [`GIC_REDIST_LIMIT`], else at [`GIC_REDIST_HIGH_BASE`] (on newer chips the region
+/// the framework reserves for every possible vCPU can outgrow the window below the UART;
+/// the GIC is moved rather than left off). The machine's devices must find their SPIs
+/// (INTIDs `SPI_BASE..SPI_BASE + spis_used`) in the range it offers.
 pub fn place_gicv3(needs: &GicV3Needs, vcpus: u32, spis_used: u32) -> Result<GicV3Layout, GicPlacementError> {
     let pow2 = |v: u64, what| if v.is_power_of_two() { Ok(v) } else { Err(GicPlacementError::Nonsense(what)) };
     let dist_align = pow2(needs.distributor_align, "distributor alignment")?;
@@ -181,12 +188,15 @@ pub fn place_gicv3(needs: &GicV3Needs, vcpus: u32, spis_used: u32) -> Result<Gic
         return Err(GicPlacementError::Nonsense("distributor alignment"));
     }
     let after_dist = GIC_DIST_BASE.checked_add(needs.distributor_size).ok_or(GicPlacementError::Nonsense("size"))?;
-    let redist = align_up(after_dist, redist_align).ok_or(GicPlacementError::Nonsense("redistributor alignment"))?;
     let used = needs.redistributor_size.checked_mul(u64::from(vcpus)).ok_or(GicPlacementError::Nonsense("size"))?;
-    let room = GIC_REDIST_LIMIT.saturating_sub(redist);
-    if used > room {
-        return Err(GicPlacementError::NoRoom { need: used, room });
-    }
+    let need = needs.redistributor_region.max(used);
+    let fits = |start: u64, limit: u64| {
+        let base = align_up(start, redist_align)?;
+        (base.checked_add(need)? <= limit).then_some(base)
+    };
+    let redist = fits(after_dist, GIC_REDIST_LIMIT)
+        .or_else(|| fits(GIC_REDIST_HIGH_BASE, RAM_BASE))
+        .ok_or(GicPlacementError::NoRoom { need, room: RAM_BASE.saturating_sub(GIC_REDIST_HIGH_BASE) })?;
     let (first, count) = needs.spis;
     let needed = SPI_BASE + spis_used;
     let end = u64::from(first) + u64::from(count);
@@ -208,6 +218,10 @@ pub const RTC_SIZE: u64 = 0x1000;
 pub const BOOT_TIMER_BASE: u64 = 0x0902_0000;
 /// Size of the boot-timer window.
 pub const BOOT_TIMER_SIZE: u64 = 0x1000;
+/// Base of the self-test probe (only `hvrun selftest`'s machines have it).
+pub const PROBE_BASE: u64 = 0x0903_0000;
+/// Size of the probe's window.
+pub const PROBE_SIZE: u64 = 0x1000;
 
 /// Base of the first virtio-mmio slot.
 pub const VIRTIO_MMIO_BASE: u64 = 0x0a00_0000;
@@ -258,6 +272,7 @@ mod tests {
             (UART_BASE, UART_SIZE),
             (RTC_BASE, RTC_SIZE),
             (BOOT_TIMER_BASE, BOOT_TIMER_SIZE),
+            (PROBE_BASE, PROBE_SIZE),
             (VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE * 32),
         ];
         windows.sort();
@@ -277,26 +292,30 @@ mod tests {
         let layout = place_gicv3(&kvm_like(4), 4, 64).unwrap();
         assert_eq!(layout.distributor, (GIC_DIST_BASE, 0x1_0000));
         assert_eq!(layout.redistributors, (GIC_DIST_BASE + 0x1_0000, 4 * 0x2_0000));
-        // 127 redistributors fit between the distributor and the UART; 128 do not.
-        assert!(place_gicv3(&kvm_like(127), 127, 64).is_ok());
-        assert_eq!(
-            place_gicv3(&kvm_like(128), 128, 64),
-            Err(GicPlacementError::NoRoom { need: 128 * 0x2_0000, room: UART_BASE - GIC_DIST_BASE - 0x1_0000 })
-        );
+        // 127 redistributors fit between the distributor and the UART; 128 go up.
+        assert_eq!(place_gicv3(&kvm_like(127), 127, 64).unwrap().redistributors.0, GIC_DIST_BASE + 0x1_0000);
+        assert_eq!(place_gicv3(&kvm_like(128), 128, 64).unwrap().redistributors.0, GIC_REDIST_HIGH_BASE);
     }
 
     /// Issue 14, fix 4: the whole region the framework reports (one redistributor for
     /// every vCPU it allows) had to fit below the UART, so on a chip where it is larger
-    /// than the window the in-kernel GIC was silently off. Only the VM's vCPUs are placed.
+    /// than the window the in-kernel GIC was silently off. It is reserved whole (the
+    /// framework may decode all of it: no device may lie inside), and moves above the
+    /// virtio slots when it does not fit below the UART.
     #[test]
-    fn only_the_vms_redistributors_are_placed_and_alignment_is_honoured() {
+    fn a_redistributor_region_too_large_for_the_window_moves_up_whole() {
         // An HVF-like GIC: a region for 64 vCPUs, a 2 MiB-aligned redistributor base.
         let needs = GicV3Needs { redistributor_region: 64 * 0x2_0000, redistributor_align: 2 << 20, ..kvm_like(2) };
         let layout = place_gicv3(&needs, 2, 64).unwrap();
         assert_eq!(layout.redistributors, (GIC_DIST_BASE + (2 << 20), 2 * 0x2_0000));
         let huge = GicV3Needs { redistributor_region: 32 << 20, ..needs };
-        assert_eq!(place_gicv3(&huge, 2, 64), Ok(layout), "a region larger than the window");
-        assert!(matches!(place_gicv3(&huge, 127, 64), Err(GicPlacementError::NoRoom { .. })));
+        let high = place_gicv3(&huge, 2, 64).unwrap();
+        assert_eq!(high.redistributors, (GIC_REDIST_HIGH_BASE, 2 * 0x2_0000), "the device tree's part");
+        const { assert!(GIC_REDIST_HIGH_BASE + (32 << 20) <= RAM_BASE) };
+        // No device inside the moved region.
+        const { assert!(VIRTIO_MMIO_BASE + 64 * VIRTIO_MMIO_SIZE <= GIC_REDIST_HIGH_BASE) };
+        let absurd = GicV3Needs { redistributor_region: 1 << 30, ..needs };
+        assert!(matches!(place_gicv3(&absurd, 2, 64), Err(GicPlacementError::NoRoom { .. })));
     }
 
     #[test]

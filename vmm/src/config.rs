@@ -7,7 +7,8 @@ use std::sync::Arc;
 use arch_aarch64::layout::{PAGE_SIZE, RAM_MAX};
 
 /// The most vCPUs a machine may have: as many GICv3 redistributors as fit below the
-/// UART in the memory map (`arch_aarch64::layout::place_gicv3`).
+/// UART in the memory map (`arch_aarch64::layout::place_gicv3`; a hypervisor that
+/// reserves more goes higher).
 pub const MAX_CPUS: u32 = 127;
 /// The most vCPUs hvrun's emulated GICv2 serves (the architecture's limit).
 pub const MAX_CPUS_GICV2: u32 = 8;

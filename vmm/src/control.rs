@@ -300,27 +300,35 @@ mod tests {
         control.set_clock(clock.clone());
         control.resume();
         control.add_kicker(Arc::new(CountingKicker::default()));
-        let started = Arc::new(AtomicBool::new(false));
+        let entries = std::sync::atomic::AtomicUsize::new(0);
+        let early = AtomicBool::new(false);
         std::thread::scope(|s| {
-            let (control, clock, started) = (&control, &clock, &started);
+            let (control, clock, entries, early) = (&control, &clock, &entries, &early);
             s.spawn(move || {
                 while !control.stopping() {
                     control.park_if_paused();
-                    // What the vCPU sees when it runs again.
-                    if lock(&clock.0).last() == Some(&"start") {
-                        started.store(true, Ordering::SeqCst);
+                    // Entering the guest: its clock must not be stopped.
+                    if lock(&clock.0).last() == Some(&"stop") && !control.stopping() {
+                        early.store(true, Ordering::SeqCst);
                     }
+                    entries.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(1));
                 }
             });
-            control.pause(Duration::from_secs(10)).unwrap();
-            assert_eq!(*lock(&clock.0), ["stop"]);
-            control.resume();
-            std::thread::sleep(Duration::from_millis(30));
-            assert!(started.load(Ordering::SeqCst), "the clock ran again before the vCPU did");
+            for _ in 0..5 {
+                control.pause(Duration::from_secs(10)).unwrap();
+                let before = entries.load(Ordering::SeqCst);
+                control.resume();
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while entries.load(Ordering::SeqCst) < before + 2 {
+                    assert!(std::time::Instant::now() < deadline, "the vCPU did not run again");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
             control.stop(Ok(ExitReason::Stopped));
         });
-        assert_eq!(*lock(&clock.0), ["stop", "start"]);
+        assert!(!early.load(Ordering::SeqCst), "a vCPU ran while the guest's clock was stopped");
+        assert_eq!(*lock(&clock.0), ["stop", "start"].repeat(5));
         // A pause that does not take (a vCPU that never parks) does not stop the clock.
         let control = Control::new();
         let clock = Arc::new(RecordingClock::default());

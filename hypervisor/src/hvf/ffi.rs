@@ -46,6 +46,11 @@ struct ExitInfo {
     physical_address: u64,
 }
 
+// The header's layout: a 4-byte reason, padding, then the exception's three u64s.
+const _: () = assert!(std::mem::size_of::<ExitInfo>() == 32);
+const _: () = assert!(std::mem::offset_of!(ExitInfo, syndrome) == 8);
+const _: () = assert!(std::mem::offset_of!(ExitInfo, physical_address) == 24);
+
 /// A vCPU of the process's VM, on the thread that created it (the type is neither `Send`
 /// nor `Sync`: the framework ties a vCPU to its thread). Destroyed when dropped.
 pub struct Vcpu {

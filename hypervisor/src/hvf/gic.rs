@@ -21,6 +21,7 @@ type SetSpi = unsafe extern "C" fn(u32, bool) -> i32;
 type SpiRange = unsafe extern "C" fn(*mut u32, *mut u32) -> i32;
 type RedistributorBase = unsafe extern "C" fn(u64, *mut u64) -> i32;
 type GetIntid = unsafe extern "C" fn(u32, *mut u32) -> i32;
+type GetRedistributorReg = unsafe extern "C" fn(u64, u32, *mut u64) -> i32;
 type Release = unsafe extern "C" fn(*mut c_void);
 
 /// The `hv_gic_*` entry points hvrun uses.
@@ -38,8 +39,13 @@ struct Api {
     spi_interrupt_range: SpiRange,
     redistributor_base: RedistributorBase,
     get_intid: GetIntid,
+    get_redistributor_reg: GetRedistributorReg,
     os_release: Release,
 }
+
+/// `hv_gic_redistributor_reg_t`'s GICR_ISENABLER0 and GICR_ISPENDR0 (in the SGI frame).
+const GICR_ISENABLER0: u32 = 0x1_0100;
+const GICR_ISPENDR0: u32 = 0x1_0200;
 
 /// `hv_gic_intid_t`'s EL1 virtual timer (its value is the architected INTID).
 const HV_GIC_INT_EL1_VIRTUAL_TIMER: u32 = 27;
@@ -77,6 +83,7 @@ fn api() -> Option<&'static Api> {
             spi_interrupt_range: load!(c"hv_gic_get_spi_interrupt_range", SpiRange),
             redistributor_base: load!(c"hv_gic_get_redistributor_base", RedistributorBase),
             get_intid: load!(c"hv_gic_get_intid", GetIntid),
+            get_redistributor_reg: load!(c"hv_gic_get_redistributor_reg", GetRedistributorReg),
             os_release: load!(c"os_release", Release),
         })
     })
@@ -127,6 +134,19 @@ pub fn redistributor_base(vcpu: u64) -> Result<u64> {
     // SAFETY: `base` is a valid u64 to write; the framework checks the vCPU id.
     super::check("hv_gic_get_redistributor_base", unsafe { (api.redistributor_base)(vcpu, &mut base) })?;
     Ok(base)
+}
+
+/// Whether an SGI or PPI is pending and enabled in the redistributor of `vcpu` (the
+/// calling thread's).
+pub fn sgi_or_ppi_pending(vcpu: u64) -> Result<bool> {
+    let api = api().ok_or_else(|| Error::Unsupported("no in-kernel GICv3".into()))?;
+    let (mut pending, mut enabled) = (0u64, 0u64);
+    // SAFETY: valid u64s to write; the framework checks the vCPU and the register id.
+    unsafe {
+        super::check("hv_gic_get_redistributor_reg", (api.get_redistributor_reg)(vcpu, GICR_ISPENDR0, &mut pending))?;
+        super::check("hv_gic_get_redistributor_reg", (api.get_redistributor_reg)(vcpu, GICR_ISENABLER0, &mut enabled))?;
+    }
+    Ok(pending & enabled & 0xffff_ffff != 0)
 }
 
 /// The INTID the framework raises the EL1 virtual timer with.

@@ -161,13 +161,15 @@ impl crate::Vm for HvfVm {
 
     fn create_vcpu(&self, index: u32) -> Result<RawLoop<HvfRaw>> {
         let vcpu = ffi::Vcpu::create()?;
-        if let Some((layout, size)) = &self.gic {
-            let base = gic::redistributor_base(vcpu.id())?;
-            layout.check_redistributor(index, *size, base).map_err(Error::Unsupported)?;
-        }
         let mut raw = HvfRaw::new(vcpu, self.vm.clone(), self.memory.clone())?;
-        // The GICv3 routes by affinity, so MPIDR_EL1 must be set before the vCPU runs.
+        // The GICv3 routes by affinity, so MPIDR_EL1 must be set before the vCPU runs (and,
+        // Apple's header says, before its redistributor's base is asked for).
         raw.set_reg(Reg::Sys(MPIDR_EL1), mpidr(index))?;
+        if let Some((layout, size)) = &self.gic {
+            let base = gic::redistributor_base(raw.vcpu.id())?;
+            layout.check_redistributor(index, *size, base).map_err(Error::Unsupported)?;
+            raw.kernel_gic = true;
+        }
         raw.set_reg(Reg::Pstate, arch_aarch64::inject::PSTATE_EL1H_MASKED)?;
         raw.hide_features(self.kernel_gic);
         let vcpu = RawLoop::new(raw, index as usize, Arc::clone(&self.power)).with_clock(Arc::clone(&self.clock));
@@ -185,6 +187,8 @@ pub struct HvfRaw {
     vcpu: ffi::Vcpu,
     cancel: Arc<dyn Fn() + Send + Sync>,
     frequency: u64,
+    /// Whether the framework's GIC serves it.
+    kernel_gic: bool,
     /// The VM, which must outlive its vCPUs.
     _vm: VirtualMachineInstance<GicDisabled>,
     /// The guest RAM the VM has mapped: this vCPU can run the guest, so it keeps it.
@@ -200,7 +204,7 @@ impl std::fmt::Debug for HvfRaw {
 impl HvfRaw {
     fn new(vcpu: ffi::Vcpu, vm: VirtualMachineInstance<GicDisabled>, memory: Mapped) -> Result<Self> {
         let cancel = vcpu.canceller();
-        Ok(HvfRaw { vcpu, cancel, frequency: ffi::counter_frequency()?, _vm: vm, _memory: memory })
+        Ok(HvfRaw { vcpu, cancel, frequency: ffi::counter_frequency()?, kernel_gic: false, _vm: vm, _memory: memory })
     }
 
     /// Gives the vCPU [`visible_features`]. A framework that will not take them (before
@@ -249,6 +253,19 @@ impl RawVcpu for HvfRaw {
 
     fn counter_frequency(&self) -> u64 {
         self.frequency
+    }
+
+    fn pending_interrupt(&mut self) -> Result<Option<bool>> {
+        if !self.kernel_gic {
+            return Ok(None);
+        }
+        Ok(match gic::sgi_or_ppi_pending(self.vcpu.id()) {
+            Ok(pending) => Some(pending),
+            Err(e) => {
+                log::debug!("{e}");
+                None
+            }
+        })
     }
 
     fn canceller(&self) -> Arc<dyn Fn() + Send + Sync> {

@@ -30,7 +30,7 @@ use arch_aarch64::inject::{self, Fault};
 use arch_aarch64::psci::{self, Action};
 use arch_aarch64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, CPACR_EL1, SCTLR_EL1, SCTLR_EL1_RESET};
 pub use clock::VmClock;
-pub use power::{Power, Signal, WakingSpis};
+pub use power::{Power, Signal, WakingSpis, Woke};
 
 use crate::exits::{decide, Decision};
 use crate::{Kicker, Reg, Result, SystemEvent, Vcpu, VcpuExit};
@@ -91,6 +91,12 @@ pub trait RawVcpu {
     fn set_vtimer_offset(&mut self, offset: u64) -> Result<()>;
     /// The guest's virtual counter now.
     fn virtual_counter(&mut self) -> Result<u64>;
+    /// Whether the framework's GIC holds an interrupt this vCPU would take (an SGI or PPI
+    /// pending and enabled in its redistributor), when the framework can say; `None`
+    /// when it cannot (then a nap ends with a run of the guest, to see).
+    fn pending_interrupt(&mut self) -> Result<Option<bool>> {
+        Ok(None)
+    }
     /// Counter ticks per second.
     fn counter_frequency(&self) -> u64;
     /// Makes a running [`RawVcpu::run`] return [`RawExit::Canceled`], from any thread.
@@ -259,6 +265,7 @@ impl<V: RawVcpu> RawLoop<V> {
             self.state = State::Waiting;
             return Ok(());
         }
+        let wfit = self.wait_until.take();
         let mut until = None;
         let (armed, met, cval) = self.timer()?;
         if armed {
@@ -267,20 +274,40 @@ impl<V: RawVcpu> RawLoop<V> {
             }
             until = Some(self.deadline(cval)?);
         }
-        if let Some(deadline) = self.wait_until.take() {
+        if let Some(deadline) = wfit {
             if self.raw.virtual_counter()? >= deadline {
                 return Ok(());
             }
             until = earlier(until, self.deadline(deadline)?);
         }
-        self.power.leave_guest();
-        let alone = self.power.begin_unbounded_nap();
-        if !alone {
-            until = earlier(until, Instant::now() + KERNEL_GIC_NAP);
-        }
-        self.signal.wait(until);
-        if alone {
-            self.power.end_unbounded_nap();
+        // Decided while this vCPU still counts as in the guest: another vCPU in there may
+        // have sent it an SGI before it trapped.
+        let mut counted = true;
+        // Another vCPU went into the guest since this one last looked, and the framework
+        // cannot say whether it sent an SGI: the next nap is short, then the guest runs.
+        let mut unsure = false;
+        loop {
+            let alone = !unsure && self.power.try_unbounded_nap(counted);
+            if std::mem::take(&mut counted) {
+                self.power.leave_guest();
+            }
+            let nap = if alone { until } else { earlier(until, Instant::now() + KERNEL_GIC_NAP) };
+            let woke = self.signal.wait(nap);
+            if alone {
+                self.power.end_unbounded_nap();
+            }
+            let deadline_passed = until.is_some_and(|u| Instant::now() >= u);
+            if matches!(woke, Woke::Kick | Woke::Wake) || deadline_passed {
+                break;
+            }
+            // A short nap ran out, or another vCPU entered the guest: nap on if the
+            // framework says nothing waits for this vCPU (so an idle VM settles with every
+            // vCPU asleep); else run the guest, which takes what is pending.
+            match (self.raw.pending_interrupt()?, woke) {
+                (Some(false), _) => unsure = false,
+                (None, Woke::Rethink) => unsure = true,
+                _ => break,
+            }
         }
         self.power.enter_guest();
         Ok(())

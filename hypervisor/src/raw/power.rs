@@ -60,11 +60,14 @@ impl Power {
     }
 
     /// A vCPU goes back into the guest (after a nap, or powered on). Those napping
-    /// without a bound are woken: this one may now send them an SGI.
+    /// without a bound are told to think again: this one may now send them an SGI, so
+    /// their naps must be short (they need not run the guest for it).
     pub(super) fn enter_guest(&self) {
         self.in_guest.fetch_add(1, Ordering::SeqCst);
         if self.unbounded_naps.load(Ordering::SeqCst) > 0 {
-            self.wake_nappers();
+            for signal in &self.signals {
+                signal.rethink();
+            }
         }
     }
 
@@ -73,14 +76,16 @@ impl Power {
         let _ = self.in_guest.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     }
 
-    /// Whether a vCPU about to nap may nap without a bound: nobody is in the guest, so
-    /// no SGI can come that the VMM would not hear of (anyone who enters the guest wakes
-    /// it). When true, the caller calls [`Power::end_unbounded_nap`] after the nap.
-    /// (Counted before the check, with `enter_guest` doing the reverse: one of the two
-    /// always sees the other.)
-    pub(super) fn begin_unbounded_nap(&self) -> bool {
+    /// Whether a vCPU about to nap may nap without a bound: no other vCPU is in the guest,
+    /// so no SGI can come that the VMM would not hear of (anyone who enters the guest
+    /// wakes it). `counted`: the caller still counts as in the guest (it decides before it
+    /// leaves, so of two vCPUs that trap together at most one naps unbounded: the other
+    /// may have sent it an SGI). When true, the caller calls [`Power::end_unbounded_nap`]
+    /// after the nap. (Counted before the check, with `enter_guest` doing the reverse:
+    /// one of the two always sees the other.)
+    pub(super) fn try_unbounded_nap(&self, counted: bool) -> bool {
         self.unbounded_naps.fetch_add(1, Ordering::SeqCst);
-        if self.in_guest.load(Ordering::SeqCst) == 0 {
+        if self.in_guest.load(Ordering::SeqCst) == usize::from(counted) {
             return true;
         }
         self.end_unbounded_nap();
@@ -152,6 +157,21 @@ struct Flags {
     kicked: bool,
     /// A wake-up: a sleep ends, the run goes on.
     woken: bool,
+    /// Another vCPU entered the guest: a nap without a bound must be thought again.
+    rethink: bool,
+}
+
+/// Why [`Signal::wait`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woke {
+    /// A kick (not cleared: `take` sees it).
+    Kick,
+    /// A wake-up ([`Signal::wake`]).
+    Wake,
+    /// Another vCPU entered the guest ([`Power::enter_guest`]).
+    Rethink,
+    /// The deadline passed.
+    Deadline,
 }
 
 /// A vCPU's wake-up: kicks and CPU_ON set it; a vCPU that is off or in WFI sleeps on it.
@@ -178,10 +198,18 @@ impl Signal {
         self.wake.notify_all();
     }
 
+    /// Asks a nap without a bound to think again.
+    fn rethink(&self) {
+        self.lock().rethink = true;
+        self.wake.notify_all();
+    }
+
     /// Forgets a wake-up: the vCPU is about to enter the guest, which takes whatever it
     /// was for.
     pub fn clear_wake(&self) {
-        self.lock().woken = false;
+        let mut flags = self.lock();
+        flags.woken = false;
+        flags.rethink = false;
     }
 
     /// Clears and returns whether a kick arrived.
@@ -189,20 +217,29 @@ impl Signal {
         std::mem::take(&mut self.lock().kicked)
     }
 
-    /// Sleeps until a kick, a wake-up or `deadline` (forever without one); clears the
-    /// wake-up, not the kick.
-    pub fn wait(&self, deadline: Option<Instant>) {
+    /// Sleeps until a kick, a wake-up, a rethink or `deadline` (forever without one), and
+    /// says which; clears the wake-up and the rethink, not the kick.
+    pub fn wait(&self, deadline: Option<Instant>) -> Woke {
         let mut flags = self.lock();
-        while !flags.kicked && !flags.woken {
+        loop {
+            if flags.kicked {
+                return Woke::Kick;
+            }
+            if std::mem::take(&mut flags.woken) {
+                flags.rethink = false;
+                return Woke::Wake;
+            }
+            if std::mem::take(&mut flags.rethink) {
+                return Woke::Rethink;
+            }
             match deadline {
                 None => flags = self.wake.wait(flags).unwrap_or_else(std::sync::PoisonError::into_inner),
                 Some(at) => {
-                    let Some(left) = at.checked_duration_since(Instant::now()) else { break };
+                    let Some(left) = at.checked_duration_since(Instant::now()) else { return Woke::Deadline };
                     flags = self.wake.wait_timeout(flags, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
                 }
             }
         }
-        flags.woken = false;
     }
 }
 
@@ -233,5 +270,46 @@ impl SpiSink for WakingSpis {
             self.power.wake_nappers();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// From the review of issue 14's fix 5: a vCPU left the guest before it decided, so
+    /// two that trapped together (one having sent the other an SGI) could both nap without
+    /// a bound, and the SGI waited for a timer. Deciding while still counted, at most one
+    /// of them does, whatever the order.
+    #[test]
+    fn of_two_vcpus_trapping_together_at_most_one_naps_unbounded() {
+        // Each vCPU decides, then leaves; any interleaving of the two.
+        let orders: [[(usize, bool); 4]; 6] = [
+            [(0, true), (0, false), (1, true), (1, false)],
+            [(0, true), (1, true), (0, false), (1, false)],
+            [(0, true), (1, true), (1, false), (0, false)],
+            [(1, true), (1, false), (0, true), (0, false)],
+            [(1, true), (0, true), (1, false), (0, false)],
+            [(1, true), (0, true), (0, false), (1, false)],
+        ];
+        for order in orders {
+            let power = Power::new(&[0, 1]);
+            power.enter_guest(); // vCPU 1 runs too
+            let mut alone = [false; 2];
+            for (vcpu, decide) in order {
+                if decide {
+                    alone[vcpu] = power.try_unbounded_nap(true);
+                } else {
+                    power.leave_guest();
+                }
+            }
+            assert!(!(alone[0] && alone[1]), "{order:?}: both napped without a bound");
+        }
+        // Alone in the guest, a vCPU may; once out, it may when nobody went in.
+        let power = Power::new(&[0]);
+        assert!(power.try_unbounded_nap(true));
+        power.end_unbounded_nap();
+        power.leave_guest();
+        assert!(power.try_unbounded_nap(false));
     }
 }
