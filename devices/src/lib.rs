@@ -15,6 +15,7 @@ pub mod irq;
 pub mod output;
 pub mod pl011;
 pub mod pl031;
+pub mod probe;
 pub mod ratelimit;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

@@ -252,6 +252,58 @@ pub const ALL: &[Scenario] = &[
         outer_gic: OuterGic::V2,
     },
     Scenario {
+        name: "selftest",
+        about: "hvrun selftest passes every row with hvrun's GICv2, and a test failed on purpose writes the report",
+        artifacts: &[],
+        script: "/bin/hvrun selftest --gic v2 --report /tmp/report.txt 2>&1\n\
+                 echo \"hvrun exit $?\"\n\
+                 HVRUN_SELFTEST_BREAK=timer /bin/hvrun selftest --gic v2 --report /tmp/broken.txt 2>&1\n\
+                 echo \"broken exit $?\"\n\
+                 test ! -e /tmp/report.txt && echo 'no report after a pass'\n\
+                 grep -q '^timer: FAIL: failed on purpose' /tmp/broken.txt && grep -q '^host: Linux' /tmp/broken.txt \\\n\
+                 && grep -q 'selftest: timer ok' /tmp/broken.txt && echo 'report written'",
+        exit_code: 0,
+        markers: &[
+            "mmio      ok",
+            "mmio-sign host",
+            "aborts    ok",
+            "psci      ok",
+            "sysregs   ok",
+            "timer     ok",
+            "hvrun exit 0",
+            "timer     FAIL",
+            "attach /tmp/broken.txt",
+            "broken exit 1",
+            "no report after a pass",
+            "report written",
+        ],
+        forbidden: &["hvrun: error", "panicked"],
+        timeout_secs: 240,
+        exchange: None,
+        outer_gic: OuterGic::V2,
+    },
+    Scenario {
+        name: "selftest-v3",
+        about: "hvrun selftest passes every row with the hypervisor's GICv3 (KVM's vGICv3)",
+        artifacts: &[],
+        script: "/bin/hvrun selftest --gic v3 2>&1\n\
+                 echo \"hvrun exit $?\"",
+        exit_code: 0,
+        markers: &[
+            "mmio      ok",
+            "mmio-sign host",
+            "aborts    ok",
+            "psci      ok",
+            "sysregs   ok",
+            "timer     ok",
+            "hvrun exit 0",
+        ],
+        forbidden: &["hvrun: error", "panicked", "FAIL"],
+        timeout_secs: 240,
+        exchange: None,
+        outer_gic: OuterGic::V3,
+    },
+    Scenario {
         name: "linux-reboot",
         about: "a guest reboot ends hvrun with the documented exit status 3",
         artifacts: &["vmlinuz", "initramfs.cpio"],

@@ -85,6 +85,8 @@ pub(crate) struct Io {
     pub console: Option<ConsoleIo>,
     /// Where the serial port's output goes.
     pub serial: Box<dyn Write + Send>,
+    /// The self-test probe, with where its verdict goes (`hvrun selftest` only).
+    pub probe: Option<Arc<std::sync::Mutex<devices::probe::Verdict>>>,
 }
 
 /// Builds a [`Vm`]: a configuration plus the readers and writers that are not data.
@@ -92,6 +94,7 @@ pub struct VmBuilder {
     config: VmConfig,
     console: Option<ConsoleIo>,
     serial: Option<Box<dyn Write + Send>>,
+    probe: Option<Arc<std::sync::Mutex<devices::probe::Verdict>>>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -123,17 +126,24 @@ impl VmBuilder {
         self
     }
 
+    /// Adds the self-test probe (`devices::probe`), which records the guest's verdict in
+    /// `verdict`: for `hvrun selftest`'s guests.
+    pub(crate) fn probe(mut self, verdict: Arc<std::sync::Mutex<devices::probe::Verdict>>) -> Self {
+        self.probe = Some(verdict);
+        self
+    }
+
     /// Validates the configuration, opens its files and backends, creates the VM and
     /// loads the guest, then starts the vCPUs on their own threads. Every error that can
     /// be found before the guest runs is returned here.
     pub fn start(self) -> Result<Vm, Error> {
-        let VmBuilder { config, console, serial } = self;
+        let VmBuilder { config, console, serial, probe } = self;
         config.validate()?;
         crate::config::Backend::for_host(config.backend, std::env::consts::OS)?;
         let control = Control::new();
         let (events, receiver) = channel();
         control.set_events(events);
-        let io = Io { console, serial: serial.unwrap_or_else(|| Box::new(std::io::sink())) };
+        let io = Io { console, serial: serial.unwrap_or_else(|| Box::new(std::io::sink())), probe };
         let run = if config.backend == Some(crate::config::Backend::Vz) {
             build_vz(&config, io, Arc::clone(&control))?
         } else {
@@ -221,7 +231,7 @@ pub struct Vm {
 impl Vm {
     /// Starts building a VM for `config`.
     pub fn builder(config: VmConfig) -> VmBuilder {
-        VmBuilder { config, console: None, serial: None }
+        VmBuilder { config, console: None, serial: None, probe: None }
     }
 
     /// A handle that pauses, resumes and stops this VM from any thread.

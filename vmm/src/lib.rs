@@ -24,6 +24,7 @@ pub mod irq_lines;
 pub mod irqchip;
 #[cfg(target_arch = "aarch64")]
 mod machine;
+pub mod selftest;
 #[cfg(test)]
 mod testing;
 pub mod vcpu;

@@ -15,6 +15,7 @@ use devices::bus::MmioBus;
 use devices::output::Output;
 use devices::pl011::{self, Pl011};
 use devices::pl031::Pl031;
+use devices::probe::Probe;
 use devices::virtio::{
     block::Block, console::Console, mmio::MmioTransport, net::Net, rng::Rng, Interrupt, VirtioDevice,
 };
@@ -61,7 +62,7 @@ fn build_on<H: Hypervisor>(
 where
     H::Vm: 'static,
 {
-    let Io { console: console_io, serial } = io;
+    let Io { console: console_io, serial, probe } = io;
     let mut console = backends::open_console(&config.console, config.console_stdin)?;
     let mut console_input = None;
     if let Some(custom) = console_io {
@@ -102,6 +103,13 @@ where
         events.emit(Event::BootTimer { since_start, since_first_entry: since_entry });
     }));
     bus.insert(BOOT_TIMER_BASE, BOOT_TIMER_SIZE, Arc::new(Mutex::new(timer)))?;
+    if let Some(verdict) = probe {
+        let (gic, redistributors) = match &irqchip {
+            Irqchip::Hypervisor { layout, .. } => (3, layout.redistributors.0),
+            Irqchip::Emulated { .. } => (2, 0),
+        };
+        bus.insert(PROBE_BASE, PROBE_SIZE, Arc::new(Mutex::new(Probe::new(gic, redistributors, verdict))))?;
+    }
     for (slot, device) in (0u32..).zip(virtio) {
         let kind = device.device_type();
         let interrupt = Interrupt::new(irqchip.spi_line(VIRTIO_SPI_BASE + slot));

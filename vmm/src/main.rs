@@ -33,7 +33,8 @@ const EXIT_STOPPED: u8 = 5;
 )]
 #[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 struct Cli {
-    /// macOS guests: `hvrun macos install`, `hvrun macos run` (see `hvrun macos --help`).
+    /// `hvrun selftest` (run it first on a new host), and macOS guests: `hvrun macos
+    /// install`, `hvrun macos run` (see `hvrun macos --help`).
     #[command(subcommand)]
     command: Option<Command>,
     /// The arm64 Linux kernel `Image` to boot.
@@ -95,6 +96,34 @@ enum Command {
     /// macOS guests on Apple's Virtualization.framework (Apple Silicon Macs).
     #[command(subcommand)]
     Macos(macos_cli::Macos),
+    /// Check that this host runs guests right: small guests, one class of exit each
+    /// (MMIO, aborts, PSCI and a second vCPU, system registers, the timer through the
+    /// GIC). Run it first on a new Mac; when a test fails it writes a report to attach
+    /// to a bug report. Exit status 0 when every test passes, 1 otherwise.
+    Selftest(SelftestArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SelftestArgs {
+    /// The interrupt controller of the test machines (v2, v3 or auto).
+    #[arg(long, value_name = "VERSION", default_value = "auto", value_parser = parse_gic)]
+    gic: config::GicChoice,
+    /// Where the report goes when a test fails.
+    #[arg(long, value_name = "PATH", default_value = "hvrun-selftest-report.txt")]
+    report: PathBuf,
+}
+
+/// `hvrun selftest`: the table on standard output; 0 when every test passed.
+fn selftest(args: SelftestArgs) -> ExitCode {
+    let options = hvrun::selftest::Options { gic: args.gic, report: args.report, ..hvrun::selftest::Options::new() };
+    match hvrun::selftest::run(&options, &mut std::io::stdout()) {
+        Ok(summary) if summary.passed() => ExitCode::from(EXIT_POWEROFF),
+        Ok(_) => ExitCode::from(EXIT_ERROR),
+        Err(e) => {
+            eprintln!("hvrun: error: selftest: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
 }
 
 fn parse_disk(text: &str) -> Result<config::DiskConfig, String> {
@@ -154,8 +183,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    if let Some(Command::Macos(command)) = cli.command {
-        return exit_code(macos_cli::run(command).map(|r| r.unwrap_or(ExitReason::PowerOff)));
+    match cli.command {
+        Some(Command::Macos(command)) => {
+            return exit_code(macos_cli::run(command).map(|r| r.unwrap_or(ExitReason::PowerOff)))
+        }
+        Some(Command::Selftest(args)) => return selftest(args),
+        None => {}
     }
     let Some(kernel) = cli.kernel else {
         eprintln!("hvrun: error: --kernel is required (see hvrun --help)");

@@ -317,16 +317,24 @@ fn debian_files(dir: &Path, package: &str, wanted: &[(&str, &str)]) -> Result<()
     Ok(())
 }
 
-/// Assembles each `guests/NAME.S` (other than included headers) into `NAME.bin`.
+/// Where `hvrun selftest`'s guests are embedded from (copies of what is assembled here).
+const EMBEDDED: &str = "vmm/src/selftest/guests";
+
+/// Assembles each `guests/NAME.S` (other than included headers) into `NAME.bin`, then
+/// checks that the copies `hvrun selftest` embeds are up to date.
 fn assemble_programs(dir: &Path) -> Result<(), String> {
     let src = paths::root().join("guests");
-    let header = std::fs::read(src.join("image-header.S")).map_err(|e| format!("guests/image-header.S: {e}"))?;
+    // What every program may include: the Image header and the `.inc` files.
+    let mut shared = read(&src.join("image-header.S"))?;
+    for inc in files(&src, "inc")? {
+        shared.extend(read(&inc)?);
+    }
     let sources = files(&src, "S")?;
     for source in sources.into_iter().filter(|p| !p.ends_with("image-header.S")) {
         let text = std::fs::read(&source).map_err(|e| format!("{}: {e}", source.display()))?;
         let name = source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let output = dir.join(format!("{name}.bin"));
-        let key = format!("{:016x}", fnv1a(&[header.as_slice(), b"\0", &text].concat()));
+        let key = format!("{:016x}", fnv1a(&[shared.as_slice(), b"\0", &text].concat()));
         if fresh(&output, &key) {
             continue;
         }
@@ -344,6 +352,31 @@ fn assemble_programs(dir: &Path) -> Result<(), String> {
         mark(&output, &key)?;
     }
     println!("guest: test programs up to date in {}", dir.display());
+    check_embedded(dir)
+}
+
+/// Each `vmm/src/selftest/guests/NAME.bin` must be what `guests/NAME.S` assembles to now;
+/// `HVRUN_UPDATE_EMBEDDED=1` copies the fresh ones there instead (then commit them).
+fn check_embedded(dir: &Path) -> Result<(), String> {
+    let embedded = paths::root().join(EMBEDDED);
+    let update = std::env::var_os("HVRUN_UPDATE_EMBEDDED").is_some();
+    for copy in files(&embedded, "bin")? {
+        let name = copy.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let fresh = read(&dir.join(&name))?;
+        if read(&copy)? == fresh {
+            continue;
+        }
+        if update {
+            std::fs::write(&copy, &fresh).map_err(|e| format!("{}: {e}", copy.display()))?;
+            println!("guest: updated {EMBEDDED}/{name}; commit it");
+        } else {
+            return Err(format!(
+                "{EMBEDDED}/{name} is not what guests/{} assembles to now: run \
+                 `HVRUN_UPDATE_EMBEDDED=1 cargo xtask guest` and commit it",
+                name.replace(".bin", ".S")
+            ));
+        }
+    }
     Ok(())
 }
 

@@ -168,7 +168,7 @@ pub enum Woke {
     Kick,
     /// A wake-up ([`Signal::wake`]).
     Wake,
-    /// Another vCPU entered the guest ([`Power::enter_guest`]).
+    /// Another vCPU entered the guest.
     Rethink,
     /// The deadline passed.
     Deadline,
