@@ -22,9 +22,7 @@
 .endm
 
 entry:
-    ldr     x1, =0x09000000
-    ldr     x4, =PROBE
-    mov     x10, #1
+    start
     mov     x11, #0
     ldr     x5, =0xfedcba98f6e5d4c3
     str     x5, [x4]

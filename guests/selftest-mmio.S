@@ -6,9 +6,7 @@
 #include "selftest.inc"
 
 entry:
-    ldr     x1, =0x09000000
-    ldr     x4, =PROBE
-    mov     x10, #1
+    start
     ldr     x5, =0xfedcba98f6e5d4c3
     str     x5, [x4]                // 1: an 8-byte store and load
     ldr     x6, [x4]

@@ -13,9 +13,7 @@
 #define AFFINITY_INFO   0xc4000004
 
 entry:
-    ldr     x1, =0x09000000
-    ldr     x4, =PROBE
-    mov     x10, #1
+    start
     ldr     x0, =PSCI_VERSION       // 1: VERSION over HVC is 0.2 or later
     hvc     #0
     mov     w21, w0

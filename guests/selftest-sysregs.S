@@ -6,12 +6,7 @@
 #include "selftest.inc"
 
 entry:
-    ldr     x1, =0x09000000
-    ldr     x4, =PROBE
-    mov     x10, #1
-    adr     x9, vectors
-    msr     vbar_el1, x9
-    isb
+    start   vectors
     mov     x20, #0                 // UNDEFs taken
     mrs     x5, midr_el1
     mrs     x5, mpidr_el1

@@ -14,12 +14,7 @@
 #define ICC_EOIR1_EL1   S3_0_C12_C12_1
 
 entry:
-    ldr     x1, =0x09000000
-    ldr     x4, =PROBE
-    mov     x10, #1
-    adr     x9, vectors
-    msr     vbar_el1, x9
-    isb
+    start   vectors
     ldr     x15, [x4, #PROBE_GIC]
     cmp     x15, #3
     b.eq    gicv3
