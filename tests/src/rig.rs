@@ -125,6 +125,38 @@ pub fn machine_args(gic: OuterGic) -> Vec<String> {
 impl Rig {
     /// Writes the outer initramfs for `scenarios` and returns its path.
     pub fn build_initramfs(&self, scenarios: &[Scenario]) -> Result<PathBuf, RigError> {
+        self.initramfs_with(scenarios, &init_script(scenarios))
+    }
+
+    /// Boots the rig on this terminal with `scenario`'s script as the only thing its init
+    /// runs, on the console with a controlling terminal: an interactive session (QEMU's
+    /// Ctrl-A X ends it). Returns QEMU's exit status.
+    pub fn interactive(&self, scenario: &Scenario) -> Result<std::process::ExitStatus, RigError> {
+        let init = format!(
+            "#!/bin/busybox sh\n\
+             /bin/busybox --install -s /bin\n\
+             export PATH=/bin\n\
+             mount -t proc proc /proc\n\
+             mount -t sysfs sysfs /sys\n\
+             mount -t devtmpfs devtmpfs /dev\n\
+             mount -t tmpfs tmpfs /tmp\n\
+             setsid cttyhack sh /e2e/{}.sh\n\
+             poweroff -f\n",
+            scenario.name
+        );
+        let initramfs = self.initramfs_with(std::slice::from_ref(scenario), &init)?;
+        Command::new(&self.qemu)
+            .args(machine_args(scenario.outer_gic))
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(initramfs)
+            .args(["-append", "console=ttyAMA0 quiet panic=-1"])
+            .status()
+            .map_err(|source| RigError::Qemu { program: self.qemu.clone(), source })
+    }
+
+    fn initramfs_with(&self, scenarios: &[Scenario], init: &str) -> Result<PathBuf, RigError> {
         let mut a = Archive::new();
         for dir in ["bin", "dev", "proc", "sys", "tmp", "e2e", "guest"] {
             a.dir(dir);
@@ -133,7 +165,7 @@ impl Rig {
         a.char_dev("dev/console", 5, 1);
         a.file("bin/busybox", 0o755, &read("busybox", &self.busybox)?);
         a.symlink("bin/sh", "busybox");
-        a.file("init", 0o755, init_script(scenarios).as_bytes());
+        a.file("init", 0o755, init.as_bytes());
         a.file("bin/hvrun", 0o755, &read("hvrun binary", &self.hvrun)?);
         for tool in &self.tools {
             let name = tool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

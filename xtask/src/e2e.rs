@@ -98,8 +98,83 @@ fn report(outcomes: &[Outcome], rig: &Rig) -> Result<(), String> {
 }
 
 /// Boots the demo guest in the rig and shows its console.
-pub fn demo() -> Result<(), String> {
-    run(&["-v".to_string(), "hello".to_string()])
+/// `cargo xtask demo [--shell]`: hvrun's main job in the rig. `hvrun --kernel Image
+/// --disk rootfs.img` boots hvrun's own kernel on the ext4 root disk with 2 vCPUs, its
+/// console shown; a scripted session runs there (the machine, the disk, a file written
+/// and read back), then a one-line summary: boot time, exits, the session's result.
+/// With `--shell` (a terminal needed) the guest's shell is yours instead: Ctrl-A X quits.
+pub fn demo(args: &[String]) -> Result<(), String> {
+    let shell = match args {
+        [] => false,
+        [flag] if flag == "--shell" => true,
+        _ => return Err(format!("demo: unknown arguments {args:?}; use `cargo xtask demo [--shell]`")),
+    };
+    if shell && !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return Err("demo --shell needs a terminal: run it from one (plain `cargo xtask demo` needs none)".into());
+    }
+    setup::run()?;
+    guest::run()?;
+    cross::build_hvrun()?;
+    if shell {
+        let scenario = demo_scenario(
+            "cp /guest/rootfs.ext4 /tmp/rootfs.img\n\
+             echo 'demo: the guest shell is yours (hvrun --kernel Image --disk rootfs.img --cpus 2); Ctrl-A X quits'\n\
+             /bin/hvrun --kernel /guest/Image --disk /tmp/rootfs.img --cpus 2",
+        );
+        let status = rig(true).interactive(&scenario).map_err(|e| e.to_string())?;
+        return if status.success() { Ok(()) } else { Err(format!("demo: the rig ended with {status}")) };
+    }
+    let scenario = demo_scenario(DEMO_SESSION);
+    let outcome = rig(true).run(std::slice::from_ref(&scenario)).map_err(|e| e.to_string())?.remove(0);
+    println!("\n{}", demo_summary(&outcome.output, outcome.passed()));
+    if outcome.passed() {
+        Ok(())
+    } else {
+        Err(format!("demo: {}", outcome.failures.join("; ")))
+    }
+}
+
+/// The demo's scripted session, typed into the guest's shell on hvc0.
+const DEMO_SESSION: &str = "cp /guest/rootfs.ext4 /tmp/rootfs.img\n\
+     set -o pipefail\n\
+     printf '%s\\n' 'uname -a' 'head -n 8 /proc/cpuinfo' 'df -h /' \\\n\
+       'dd if=/dev/urandom of=/root/demo.bin bs=1M count=16 2>&1 | tail -n 1' 'sha256sum /root/demo.bin' \\\n\
+       'sync; echo 3 > /proc/sys/vm/drop_caches' 'dd if=/root/demo.bin of=/dev/null bs=1M 2>&1 | tail -n 1' \\\n\
+       'sha256sum /root/demo.bin' 'echo demo-session-done' 'poweroff -f' \\\n\
+     | RUST_LOG=info /bin/hvrun --kernel /guest/Image --disk /tmp/rootfs.img --cpus 2 2>&1 | tr -d '\\r'\n\
+     echo \"hvrun exit $?\"";
+
+fn demo_scenario(script: &'static str) -> hvrun_e2e::scenario::Scenario {
+    hvrun_e2e::scenario::Scenario {
+        name: "demo",
+        about: "hvrun --kernel Image --disk rootfs.img with 2 vCPUs",
+        artifacts: &["Image", "rootfs.ext4"],
+        script,
+        exit_code: 0,
+        markers: &["demo-session-done", "hvrun exit 0"],
+        forbidden: &["hvrun: error", "panicked", "Kernel panic"],
+        timeout_secs: 180,
+        exchange: None,
+        outer_gic: OuterGic::V2,
+    }
+}
+
+/// One line from the demo's console: boot time, exits, whether the file read back.
+fn demo_summary(lines: &[String], passed: bool) -> String {
+    let boot =
+        lines.iter().find_map(|l| l.split("boot-timer: ").nth(1)?.split(" ms").next()?.trim().parse::<u64>().ok());
+    let exits: u64 =
+        lines.iter().filter_map(|l| l.split_once(" exits: ")?.0.rsplit(' ').next()?.parse::<u64>().ok()).sum();
+    let sums: Vec<&str> = lines.iter().filter_map(|l| l.split_whitespace().next().filter(|w| w.len() == 64)).collect();
+    let file = match sums.as_slice() {
+        [written, read] if written == read => "a 16 MiB file written, read back from disk, same sha256",
+        _ => "the file did not read back the same",
+    };
+    format!(
+        "demo: {}: hvrun booted its kernel on an ext4 disk with 2 vCPUs to init in {} ms; {exits} exits to the VMM; {file}",
+        if passed { "PASS" } else { "FAIL" },
+        boot.map_or("?".into(), |ms| ms.to_string())
+    )
 }
 
 /// `cargo xtask boottime [N]`: boots hvrun's own kernel N times (default 10) in the rig
@@ -167,4 +242,30 @@ pub fn boottime(args: &[String]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_summary_reads_the_console() {
+        let lines: Vec<String> = [
+            "[2026-12-01T20:33:33Z INFO ] guest boot-timer: 1516 ms after hvrun started, 1495 ms after the first vCPU entry",
+            "/ # sha256sum /root/demo.bin",
+            "d2bdf6b774b43fe534d50adbc3212a2137da1f354a8ea2bccce3c2029d69b8f7  /root/demo.bin",
+            "[   27.746063] something ending in a number 131072",
+            "d2bdf6b774b43fe534d50adbc3212a2137da1f354a8ea2bccce3c2029d69b8f7  /root/demo.bin",
+            "[2026-12-01T20:33:42Z INFO ] vcpu0: 25459 exits: 13604 MMIO reads, 8307 MMIO writes, 3548 interrupted",
+            "[2026-12-01T20:33:42Z INFO ] vcpu1: 16638 exits: 8525 MMIO reads, 5189 MMIO writes, 2924 interrupted",
+        ]
+        .map(String::from)
+        .to_vec();
+        let line = demo_summary(&lines, true);
+        assert!(line.starts_with("demo: PASS"), "{line}");
+        assert!(line.contains("init in 1516 ms") && line.contains("42097 exits"), "{line}");
+        assert!(line.contains("same sha256"), "{line}");
+        let changed = [&lines[..2], &lines[3..]].concat();
+        assert!(demo_summary(&changed, false).contains("did not read back"));
+    }
 }

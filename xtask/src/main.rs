@@ -28,7 +28,8 @@ commands:
   check-macos    cargo check + clippy -D warnings of the workspace for aarch64-apple-darwin
   e2e [-v] [NAME...]
                  run end-to-end scenarios in the arm64 KVM rig (all when none named)
-  demo           boot the demo guest in the rig and show its console
+  demo [--shell] hvrun --kernel Image --disk rootfs.img in the rig: a scripted session and a
+                 summary; with --shell (a terminal) the guest's shell is yours, Ctrl-A X quits
   test           everything CI checks: fmt, clippy, tests, doc, fuzz smoke, cross-test, check-macos, cross, e2e
   fuzz [TARGET...] [--time S]
                  run the libFuzzer targets under fuzz/ (all when none named) for S seconds each
@@ -52,7 +53,7 @@ fn main() -> ExitCode {
         "cross-test" => cross::test(),
         "check-macos" => cross::check_macos(),
         "e2e" => e2e::run(rest),
-        "demo" => e2e::demo(),
+        "demo" => e2e::demo(rest),
         "test" => test(),
         "bench" => bench::run(rest),
         "fuzz" => fuzz::run(rest),
