@@ -134,6 +134,66 @@ pub fn demo(args: &[String]) -> Result<(), String> {
     }
 }
 
+/// `cargo xtask test`'s check of `demo --shell`: runs it on a pseudo-terminal (script(1)),
+/// waits for the guest's shell, types a command whose answer only a shell gives, then
+/// `poweroff -f`, and expects the answer and a clean end.
+pub fn demo_shell_through_a_pty() -> Result<(), String> {
+    use std::io::{BufRead, Write};
+    let xtask = std::env::current_exe().map_err(|e| format!("demo --shell check: {e}"))?;
+    let mut child = std::process::Command::new("script")
+        .args(["-qfec", &format!("{} demo --shell", xtask.display()), "/dev/null"])
+        .current_dir(paths::root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("demo --shell check: cannot run script(1) (util-linux): {e}"))?;
+    let mut input = child.stdin.take().ok_or("demo --shell check: no stdin")?;
+    let output = child.stdout.take().ok_or("demo --shell check: no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(output).split(b'\n').map_while(Result::ok) {
+            let line = String::from_utf8_lossy(&line).replace('\r', "");
+            println!("  | {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &str, secs: u64| -> Result<(), String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return Ok(()),
+                Ok(_) => {}
+                Err(_) => return Err(format!("demo --shell check: no `{what}` within {secs} s")),
+            }
+        }
+    };
+    let result = wait_for("hvrun-guest: init started", 600)
+        .and_then(|()| {
+            // The shell starts right after init's line; give it a moment to print its prompt.
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            input.write_all(b"echo shell-$((6*7))\r").map_err(|e| e.to_string())?;
+            wait_for("shell-42", 120)
+        })
+        .and_then(|()| {
+            input.write_all(b"poweroff -f\r").map_err(|e| e.to_string())?;
+            wait_for("reboot: Power down", 120)
+        });
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    result?;
+    if status.success() {
+        println!("demo --shell: a command typed on the terminal ran in the guest's shell");
+        Ok(())
+    } else {
+        Err(format!("demo --shell check: it ended with {status}"))
+    }
+}
+
 /// The demo's scripted session, typed into the guest's shell on hvc0.
 const DEMO_SESSION: &str = "cp /guest/rootfs.ext4 /tmp/rootfs.img\n\
      set -o pipefail\n\

@@ -30,7 +30,9 @@ commands:
                  run end-to-end scenarios in the arm64 KVM rig (all when none named)
   demo [--shell] hvrun --kernel Image --disk rootfs.img in the rig: a scripted session and a
                  summary; with --shell (a terminal) the guest's shell is yours, Ctrl-A X quits
-  test           everything CI checks: fmt, clippy, tests, doc, fuzz smoke, cross-test, check-macos, cross, e2e
+  demo-pty       demo --shell driven through a pseudo-terminal (a step of test)
+  test           everything CI checks: setup's proofs, fmt, clippy, tests, doc, fuzz smoke, cross-test,
+                 check-macos, cross, e2e, demo (and demo --shell through a pty)
   fuzz [TARGET...] [--time S]
                  run the libFuzzer targets under fuzz/ (all when none named) for S seconds each
                  (default 60); a crash, a hang or runaway memory is a failure
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         "check-macos" => cross::check_macos(),
         "e2e" => e2e::run(rest),
         "demo" => e2e::demo(rest),
+        "demo-pty" => e2e::demo_shell_through_a_pty(),
         "test" => test(),
         "bench" => bench::run(rest),
         "fuzz" => fuzz::run(rest),
@@ -99,6 +102,9 @@ fn test() -> Result<(), String> {
     cross::test()?;
     cross::check_macos()?;
     e2e::run(&[])?;
+    // The README's other command, as a newcomer runs it, and its interactive form.
+    e2e::demo(&[])?;
+    e2e::demo_shell_through_a_pty()?;
     println!("xtask test: all checks passed");
     Ok(())
 }
