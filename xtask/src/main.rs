@@ -7,6 +7,7 @@
 mod bench;
 mod cross;
 mod e2e;
+mod fresh;
 mod fuzz;
 mod guest;
 mod kernel;
@@ -31,6 +32,9 @@ commands:
   demo [--shell] hvrun --kernel Image --disk rootfs.img in the rig: a scripted session and a
                  summary; with --shell (a terminal) the guest's shell is yours, Ctrl-A X quits
   demo-pty       demo --shell driven through a pseudo-terminal (a step of test)
+  fresh [--force] [--full]
+                 in a fresh Debian 12 root (mmdebstrap) with only rustup's Rust: setup, then demo
+                 (--full: and test); remembered per package list and rig command line
   test           everything CI checks: setup's proofs, fmt, clippy, tests, doc, fuzz smoke, cross-test,
                  check-macos, cross, e2e, demo (and demo --shell through a pty)
   fuzz [TARGET...] [--time S]
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         "e2e" => e2e::run(rest),
         "demo" => e2e::demo(rest),
         "demo-pty" => e2e::demo_shell_through_a_pty(),
+        "fresh" => fresh::run(rest),
         "test" => test(),
         "bench" => bench::run(rest),
         "fuzz" => fuzz::run(rest),
@@ -80,6 +85,9 @@ fn main() -> ExitCode {
 fn test() -> Result<(), String> {
     setup::run()?;
     prove::all()?;
+    // A fresh machine when setup's package list or the rig's machine changed (else the
+    // package list against the archive).
+    fresh::check()?;
     guest::run()?;
     let root = paths::root();
     let cargo = sh::host_cargo();

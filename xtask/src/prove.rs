@@ -42,7 +42,11 @@ const PROOFS: &[Proof] = &[
     },
     Proof { what: "dtc decodes a device tree", packages: "device-tree-compiler", run: dtc },
     Proof { what: "an ext4 image made and read back", packages: "e2fsprogs", run: ext4 },
-    Proof { what: "cpio, flex, bison, bc and g++ answer", packages: "cpio flex bison bc g++", run: small_tools },
+    Proof {
+        what: "cpio, flex, bison, bc, g++ and mmdebstrap answer",
+        packages: "cpio flex bison bc g++ mmdebstrap",
+        run: small_tools,
+    },
     Proof {
         what: "the guest kernel's sources",
         packages: "linux-source-6.1",
@@ -210,5 +214,6 @@ fn small_tools(_: &Path) -> Result<String, String> {
         sh::output(sh::cmd(tool).arg(flag))?;
     }
     sh::output(sh::cmd("g++").arg("--version"))?;
+    sh::output(sh::cmd("mmdebstrap").arg("--version"))?;
     Ok("all answered".into())
 }

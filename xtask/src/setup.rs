@@ -23,7 +23,8 @@ pub const PACKAGES: &[&str] = &[
     "flex",
     "bison",
     "bc",
-    "g++", // libFuzzer's C++ sources (the fuzz targets' libfuzzer-sys)
+    "g++",        // libFuzzer's C++ sources (the fuzz targets' libfuzzer-sys)
+    "mmdebstrap", // cargo xtask fresh: a fresh Debian root to run setup in
 ];
 
 /// cargo-fuzz, installed with rustup's cargo when missing (it runs the fuzz targets).
