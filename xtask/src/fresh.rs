@@ -114,8 +114,16 @@ fn rustup_home() -> PathBuf {
 /// The fresh root's mounts, in the order they are made.
 const MOUNTS: &[&str] = &["proc", "sys", "dev", "dev/pts", "opt/rustup"];
 
+/// Certificate authorities added on this host (a proxy's, say): the network's, not the
+/// project's, so the fresh root gets them too.
+const LOCAL_CAS: &str = "usr/local/share/ca-certificates";
+
 fn inside(root: &Path, full: bool) -> Result<(), String> {
     sh::run(sh::cmd("git").args(["clone", "--quiet"]).arg(paths::root()).arg(root.join("src")))?;
+    let host_cas = Path::new("/").join(LOCAL_CAS);
+    if host_cas.is_dir() {
+        sh::run(sh::cmd("cp").arg("-rT").arg(&host_cas).arg(root.join(LOCAL_CAS)))?;
+    }
     for dir in MOUNTS {
         std::fs::create_dir_all(root.join(dir)).map_err(|e| format!("{}: {e}", root.join(dir).display()))?;
     }
@@ -132,6 +140,7 @@ fn inside(root: &Path, full: bool) -> Result<(), String> {
     };
     let script = format!(
         "set -e\n\
+         update-ca-certificates >/dev/null\n\
          export RUSTUP_HOME=/opt/rustup CARGO_HOME=/root/.cargo HOME=/root\n\
          export PATH=/opt/rustup/toolchains/{toolchain}/bin:/root/.cargo/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
          export RUSTUP_TOOLCHAIN={toolchain}\n\
