@@ -2,7 +2,8 @@
 //! only rustup's Rust gets everything it needs from `cargo xtask setup`.
 //!
 //! It builds a minimal Debian 12 root with `mmdebstrap` (no recommended packages, as a
-//! new machine or container has), clones this repository into it, gives it rustup's
+//! new machine or container has; gcc and libc6-dev, the C linker rustup's Rust needs to
+//! link anything), clones this repository into it, gives it rustup's
 //! toolchains (read-only, and an empty `CARGO_HOME`, so cargo-fuzz must be installed by
 //! setup too), and runs there: `cargo xtask setup` (which installs the packages and
 //! proves each tool), then `cargo xtask demo` (guest artifacts, the cross build, the
@@ -82,7 +83,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
     sh::run(
         sh::cmd("mmdebstrap")
-            .args(["--mode=root", "--variant=minbase", "--include=ca-certificates"])
+            // rustup's Rust needs the system's C linker (`cc`) to link anything, xtask
+            // included: a machine with rustup's Rust has gcc and libc6-dev.
+            .args(["--mode=root", "--variant=minbase", "--include=ca-certificates,gcc,libc6-dev"])
             .args(["--aptopt=APT::Install-Recommends \"false\""])
             .arg(SUITE)
             .arg(&root)
