@@ -43,8 +43,8 @@ const PROOFS: &[Proof] = &[
     Proof { what: "dtc decodes a device tree", packages: "device-tree-compiler", run: dtc },
     Proof { what: "an ext4 image made and read back", packages: "e2fsprogs", run: ext4 },
     Proof {
-        what: "cpio, flex, bison, bc, g++ and mmdebstrap answer",
-        packages: "cpio flex bison bc g++ mmdebstrap",
+        what: "cpio, make, flex, bison, bc, g++ and mmdebstrap answer",
+        packages: "cpio make flex bison bc g++ mmdebstrap",
         run: small_tools,
     },
     Proof {
@@ -210,7 +210,13 @@ fn ext4(dir: &Path) -> Result<String, String> {
 }
 
 fn small_tools(_: &Path) -> Result<String, String> {
-    for (tool, flag) in [("cpio", "--version"), ("flex", "--version"), ("bison", "--version"), ("bc", "--version")] {
+    for (tool, flag) in [
+        ("cpio", "--version"),
+        ("make", "--version"),
+        ("flex", "--version"),
+        ("bison", "--version"),
+        ("bc", "--version"),
+    ] {
         sh::output(sh::cmd(tool).arg(flag))?;
     }
     sh::output(sh::cmd("g++").arg("--version"))?;

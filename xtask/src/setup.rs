@@ -20,6 +20,7 @@ pub const PACKAGES: &[&str] = &[
     "e2fsprogs",            // mkfs.ext4 and debugfs for disk images
     "cpio",                 // cross-checks the initramfs writer
     "linux-source-6.1",     // hvrun's own guest kernel (cargo xtask guest builds it)
+    "make",                 // ... with make (a fresh root has none: found by cargo xtask fresh)
     "flex",
     "bison",
     "bc",
