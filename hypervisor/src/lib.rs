@@ -225,4 +225,10 @@ pub trait Vcpu {
     fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()>;
     /// Reads a register.
     fn get_reg(&mut self, reg: Reg) -> Result<u64>;
+    /// The last exits this backend saw, oldest first, one line each (what a bug report
+    /// needs: the syndrome, the addresses, the PC). Empty where the hypervisor decodes
+    /// exits itself (KVM).
+    fn recent_exits(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }

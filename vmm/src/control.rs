@@ -46,6 +46,8 @@ pub struct Control {
     asked_to_stop: Mutex<Option<std::time::Instant>>,
     /// The guest's clock, stopped while the VM is paused, where the hypervisor allows.
     clock: Mutex<Option<Arc<dyn GuestClock>>>,
+    /// Each vCPU's last exits when its loop ended (where the backend keeps them).
+    exits: Mutex<Vec<(u32, Vec<String>)>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -120,6 +122,20 @@ impl Control {
     /// Stops `clock` while the VM is paused from now on.
     pub fn set_clock(&self, clock: Arc<dyn GuestClock>) {
         *lock(&self.clock) = Some(clock);
+    }
+
+    /// Keeps vCPU `index`'s last exits, as its loop ends.
+    pub fn record_exits(&self, index: u32, exits: Vec<String>) {
+        if !exits.is_empty() {
+            lock(&self.exits).push((index, exits));
+        }
+    }
+
+    /// Each vCPU's last exits, as recorded when its loop ended.
+    pub fn recent_exits(&self) -> Vec<(u32, Vec<String>)> {
+        let mut exits = lock(&self.exits).clone();
+        exits.sort_by_key(|(index, _)| *index);
+        exits
     }
 
     /// Sends events to `sink` from now on.

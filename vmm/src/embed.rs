@@ -258,13 +258,21 @@ pub struct VmHandle {
 
 impl VmHandle {
     /// Takes every vCPU out of the guest and keeps it out until [`VmHandle::resume`];
-    /// returns once they are all out. The guest's clock keeps running, and devices finish
-    /// the I/O they have started. A vCPU that does not come out within
+    /// returns once they are all out. Devices finish the I/O they have started. On
+    /// Hypervisor.framework the guest's virtual counter stands still while paused (no
+    /// jump on resume); on KVM it runs on. A vCPU that does not come out within
     /// [`PAUSE_TIMEOUT`] fails the pause and the VM runs on. With `--backend vz` the
     /// framework pauses the machine within 100 ms of the call (hvrun watches it at that
     /// pace), after it returns.
     pub fn pause(&self) -> Result<(), PauseError> {
         self.control.pause(PAUSE_TIMEOUT)
+    }
+
+    /// Each vCPU's last exits (oldest first, with syndrome, addresses and PC) as they
+    /// were when the VM stopped: for a bug report. Empty while it runs, and on KVM, which
+    /// decodes exits itself.
+    pub fn recent_exits(&self) -> Vec<(u32, Vec<String>)> {
+        self.control.recent_exits()
     }
 
     /// Lets a paused VM run again.

@@ -53,6 +53,7 @@ pub fn run_loop<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<Ex
         }
     }
     stats.log(ctx.index);
+    ctx.control.record_exits(ctx.index, vcpu.recent_exits());
     outcome
 }
 

@@ -158,6 +158,17 @@ enum State {
     Waiting,
 }
 
+/// How many exits [`RawLoop`] remembers for [`Vcpu::recent_exits`].
+const TRACE: usize = 16;
+
+/// What the framework's run returned, as remembered for a bug report.
+#[derive(Debug, Clone, Copy, Default)]
+struct Traced {
+    exit: Option<RawExit>,
+    /// The PC the guest stopped at.
+    pc: u64,
+}
+
 /// What a run ends with, before it borrows the MMIO buffer.
 enum Outcome {
     Read { addr: u64, size: usize },
@@ -198,6 +209,9 @@ pub struct RawLoop<V: RawVcpu> {
     /// The VM's clock, and the offset this vCPU last set from it.
     clock: Option<Arc<VmClock>>,
     applied_offset: Option<u64>,
+    /// The last [`TRACE`] exits, a ring; `trace_next` is the oldest.
+    trace: [Traced; TRACE],
+    trace_next: usize,
     buf: [u8; 8],
 }
 
@@ -229,6 +243,8 @@ impl<V: RawVcpu> RawLoop<V> {
             wait_until: None,
             clock: None,
             applied_offset: None,
+            trace: [Traced::default(); TRACE],
+            trace_next: 0,
             buf: [0; 8],
         }
     }
@@ -340,6 +356,14 @@ impl<V: RawVcpu> RawLoop<V> {
         }
         self.state = State::Running;
         self.power.enter_guest();
+        Ok(())
+    }
+
+    /// Keeps `exit` in the ring of recent exits (exceptions with their PC).
+    fn remember(&mut self, exit: RawExit) -> Result<()> {
+        let pc = if matches!(exit, RawExit::Exception { .. }) { self.raw.reg(Reg::Pc)? } else { 0 };
+        self.trace[self.trace_next] = Traced { exit: Some(exit), pc };
+        self.trace_next = (self.trace_next + 1) % TRACE;
         Ok(())
     }
 
@@ -578,6 +602,7 @@ impl<V: RawVcpu> RawLoop<V> {
             // What a wake-up was for (an SPI) is pending in the framework's GIC now.
             self.signal.clear_wake();
             let exit = self.raw.run()?;
+            self.remember(exit)?;
             if !self.kernel_gic {
                 self.follow_timer()?;
             }
@@ -635,5 +660,25 @@ impl<V: RawVcpu> Vcpu for RawLoop<V> {
 
     fn get_reg(&mut self, reg: Reg) -> Result<u64> {
         self.raw.reg(reg)
+    }
+
+    fn recent_exits(&mut self) -> Vec<String> {
+        let (newer, older) = self.trace.split_at(self.trace_next);
+        older
+            .iter()
+            .chain(newer)
+            .filter_map(|t| {
+                Some(match t.exit? {
+                    RawExit::Exception { esr, va, ipa } => {
+                        format!(
+                            "exception ESR {esr:#010x} (EC {:#04x}) VA {va:#x} IPA {ipa:#x} PC {:#x}",
+                            esr >> 26,
+                            t.pc
+                        )
+                    }
+                    other => format!("{other:?}"),
+                })
+            })
+            .collect()
     }
 }

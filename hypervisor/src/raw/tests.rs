@@ -527,3 +527,26 @@ fn wfit_on_xzr_does_not_wait() {
         assert!(start.elapsed() < Duration::from_millis(500));
     }
 }
+
+/// For the self-test's report: the last exits, oldest first, with syndrome, addresses
+/// and the PC; at most the last 16.
+#[test]
+fn the_last_exits_are_kept_for_a_bug_report() {
+    let mut script: Vec<Step> = (0..20).map(|i| step(&[(Reg::X(1), i)], exception(store32(1), UART))).collect();
+    script.push(step(&[], RawExit::VtimerActivated));
+    let mut vcpu = RawLoop::new(Fake::new(script, Log::default()), 0, Power::new(&[0x8000_0000]));
+    assert!(vcpu.recent_exits().is_empty());
+    for _ in 0..21 {
+        let _ = exit_of(&mut vcpu);
+    }
+    let exits = vcpu.recent_exits();
+    assert_eq!(exits.len(), 16, "{exits:?}");
+    assert_eq!(exits[15], "VtimerActivated");
+    let store = format!(
+        "exception ESR {:#010x} (EC 0x24) VA {:#x} IPA {UART:#x} PC ",
+        store32(1),
+        UART | 0xffff_0000_0000_0000
+    );
+    assert!(exits[0].starts_with(&store), "{}", exits[0]);
+    assert!(exits[14].ends_with("PC 0x4008004c"), "the PC of the 20th store: {}", exits[14]);
+}

@@ -147,6 +147,8 @@ pub struct Outcome {
     pub detail: String,
     /// The guest's console output.
     pub console: String,
+    /// Each vCPU's last exits, where the backend keeps them (for the report).
+    pub exits: Vec<(u32, Vec<String>)>,
     /// How long it took.
     pub elapsed: Duration,
 }
@@ -239,24 +241,26 @@ fn run_guest(test: &Test, options: &Options, dir: &Path) -> Outcome {
     let started = Instant::now();
     let console = Capture::default();
     let verdict = Arc::new(Mutex::new(Verdict::default()));
-    let finished = |(passed, host_issue): (bool, bool), detail: String| Outcome {
+    let finished = |(passed, host_issue): (bool, bool), detail: String, exits| Outcome {
         name: test.name,
         passed,
         host_issue,
         detail,
         console: console.text(),
+        exits,
         elapsed: started.elapsed(),
     };
     let kernel = dir.join(format!("{}.bin", test.name));
     if let Err(e) = std::fs::write(&kernel, test.guest) {
-        return finished((false, false), format!("cannot write the guest to {}: {e}", kernel.display()));
+        return finished((false, false), format!("cannot write the guest to {}: {e}", kernel.display()), Vec::new());
     }
     let config = VmConfig { cpus: test.cpus, memory: 64 << 20, gic: options.gic, ..VmConfig::new(&kernel) };
     let vm = match Vm::builder(config).serial(console.clone()).probe(Arc::clone(&verdict)).start() {
         Ok(vm) => vm,
-        Err(e) => return finished((false, false), format!("the machine did not start: {e}")),
+        Err(e) => return finished((false, false), format!("the machine did not start: {e}"), Vec::new()),
     };
     let handle = vm.handle();
+    let traces = vm.handle();
     let (done, waited) = std::sync::mpsc::channel::<()>();
     let timeout = options.timeout;
     let watchdog = std::thread::spawn(move || {
@@ -271,7 +275,7 @@ fn run_guest(test: &Test, options: &Options, dir: &Path) -> Outcome {
     let (passed, detail) = judge(test, exit, &console.text(), verdict, timeout);
     let (passed, host_issue, detail) =
         host_bug(test, options.backend, passed, verdict).map_or((passed, false, detail), |bug| (true, true, bug));
-    finished((passed, host_issue), detail)
+    finished((passed, host_issue), detail, traces.recent_exits())
 }
 
 /// Whether a test passed, and why (one line).
@@ -334,6 +338,7 @@ mod tests {
             host_issue: false,
             detail: detail.into(),
             console: format!("console of {}\n", test.name),
+            exits: vec![(0, vec![format!("exception ESR 0x92000046 of {}", test.name)])],
             elapsed: Duration::from_millis(5),
         }
     }
@@ -364,6 +369,7 @@ mod tests {
         assert!(report.contains("host:") && report.contains("hvrun "), "{report}");
         assert!(report.contains("timer: FAIL: check 2 failed (value 0x1e)"), "{report}");
         assert!(report.contains("console of timer"), "{report}");
+        assert!(report.contains("vcpu0: exception ESR 0x92000046 of timer"), "{report}");
         assert!(String::from_utf8(out).unwrap().contains("attach"));
         let _ = std::fs::remove_file(&options.report);
     }

@@ -69,11 +69,17 @@ pub fn write(path: &Path, options: &Options, outcomes: &[Outcome]) -> std::io::R
     for o in outcomes.iter().filter(|o| !o.passed) {
         writeln!(f, "\n--- {}: the guest's console ---", o.name)?;
         writeln!(f, "{}", o.console.trim_end())?;
+        for (vcpu, exits) in &o.exits {
+            writeln!(f, "--- {}: vcpu{vcpu}'s last exits, oldest first ---", o.name)?;
+            for exit in exits {
+                writeln!(f, "vcpu{vcpu}: {exit}")?;
+            }
+        }
     }
     writeln!(
         f,
-        "\nFor the VMM's own account of the exits, run the failing test again with \
-         RUST_LOG=debug hvrun selftest 2> log.txt and attach log.txt too."
+        "\nFor the VMM's own account, run again with RUST_LOG=debug hvrun selftest 2> log.txt \
+         and attach log.txt too."
     )?;
     f.sync_all()
 }
