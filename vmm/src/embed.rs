@@ -268,7 +268,7 @@ impl VmHandle {
         self.control.pause(PAUSE_TIMEOUT)
     }
 
-    /// Each vCPU's last exits (oldest first, with syndrome, addresses and PC) as they
+    /// Each vCPU's last exits (oldest first, with syndrome and addresses, then the PC) as they
     /// were when the VM stopped: for a bug report. Empty while it runs, and on KVM, which
     /// decodes exits itself.
     pub fn recent_exits(&self) -> Vec<(u32, Vec<String>)> {

@@ -161,14 +161,6 @@ enum State {
 /// How many exits [`RawLoop`] remembers for [`Vcpu::recent_exits`].
 const TRACE: usize = 16;
 
-/// What the framework's run returned, as remembered for a bug report.
-#[derive(Debug, Clone, Copy, Default)]
-struct Traced {
-    exit: Option<RawExit>,
-    /// The PC the guest stopped at.
-    pc: u64,
-}
-
 /// What a run ends with, before it borrows the MMIO buffer.
 enum Outcome {
     Read { addr: u64, size: usize },
@@ -209,8 +201,9 @@ pub struct RawLoop<V: RawVcpu> {
     /// The VM's clock, and the offset this vCPU last set from it.
     clock: Option<Arc<VmClock>>,
     applied_offset: Option<u64>,
-    /// The last [`TRACE`] exits, a ring; `trace_next` is the oldest.
-    trace: [Traced; TRACE],
+    /// The last [`TRACE`] exits, a ring; `trace_next` is the oldest. (Kept as the
+    /// framework gave them: nothing more is read on the exit path for it.)
+    trace: [Option<RawExit>; TRACE],
     trace_next: usize,
     buf: [u8; 8],
 }
@@ -243,7 +236,7 @@ impl<V: RawVcpu> RawLoop<V> {
             wait_until: None,
             clock: None,
             applied_offset: None,
-            trace: [Traced::default(); TRACE],
+            trace: [None; TRACE],
             trace_next: 0,
             buf: [0; 8],
         }
@@ -356,14 +349,6 @@ impl<V: RawVcpu> RawLoop<V> {
         }
         self.state = State::Running;
         self.power.enter_guest();
-        Ok(())
-    }
-
-    /// Keeps `exit` in the ring of recent exits (exceptions with their PC).
-    fn remember(&mut self, exit: RawExit) -> Result<()> {
-        let pc = if matches!(exit, RawExit::Exception { .. }) { self.raw.reg(Reg::Pc)? } else { 0 };
-        self.trace[self.trace_next] = Traced { exit: Some(exit), pc };
-        self.trace_next = (self.trace_next + 1) % TRACE;
         Ok(())
     }
 
@@ -602,7 +587,8 @@ impl<V: RawVcpu> RawLoop<V> {
             // What a wake-up was for (an SPI) is pending in the framework's GIC now.
             self.signal.clear_wake();
             let exit = self.raw.run()?;
-            self.remember(exit)?;
+            self.trace[self.trace_next] = Some(exit);
+            self.trace_next = (self.trace_next + 1) % TRACE;
             if !self.kernel_gic {
                 self.follow_timer()?;
             }
@@ -664,21 +650,21 @@ impl<V: RawVcpu> Vcpu for RawLoop<V> {
 
     fn recent_exits(&mut self) -> Vec<String> {
         let (newer, older) = self.trace.split_at(self.trace_next);
-        older
+        let mut lines: Vec<String> = older
             .iter()
             .chain(newer)
-            .filter_map(|t| {
-                Some(match t.exit? {
-                    RawExit::Exception { esr, va, ipa } => {
-                        format!(
-                            "exception ESR {esr:#010x} (EC {:#04x}) VA {va:#x} IPA {ipa:#x} PC {:#x}",
-                            esr >> 26,
-                            t.pc
-                        )
-                    }
-                    other => format!("{other:?}"),
-                })
+            .flatten()
+            .map(|exit| match *exit {
+                RawExit::Exception { esr, va, ipa } => {
+                    format!("exception ESR {esr:#010x} (EC {:#04x}) VA {va:#x} IPA {ipa:#x}", esr >> 26)
+                }
+                other => format!("{other:?}"),
             })
-            .collect()
+            .collect();
+        if !lines.is_empty() {
+            let pc = self.raw.reg(Reg::Pc).map_or_else(|e| e.to_string(), |pc| format!("{pc:#x}"));
+            lines.push(format!("the PC after the last one: {pc}"));
+        }
+        lines
     }
 }
