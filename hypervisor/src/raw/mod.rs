@@ -584,8 +584,12 @@ impl<V: RawVcpu> RawLoop<V> {
             if !self.kernel_gic {
                 self.raw.set_pending_irq(self.irq_level)?;
             }
-            // What a wake-up was for (an SPI) is pending in the framework's GIC now.
-            self.signal.clear_wake();
+            // What a wake-up was for (an SPI) is pending in the framework's GIC now. Only
+            // the framework's GIC wakes naps, so only then is there anything to clear (this
+            // runs before every entry: no lock taken for nothing).
+            if self.kernel_gic {
+                self.signal.clear_wake();
+            }
             let exit = self.raw.run()?;
             self.trace[self.trace_next] = Some(exit);
             self.trace_next = (self.trace_next + 1) % TRACE;
