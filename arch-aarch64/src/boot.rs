@@ -7,6 +7,8 @@
 
 /// PSTATE for entry at EL1h with D, A, I and F masked.
 pub const PSTATE_EL1H_DAIF_MASKED: u64 = 0x3c5;
+/// PSTATE for entry at EL2h with D, A, I and F masked (a guest given EL2: `--nested`).
+pub const PSTATE_EL2H_DAIF_MASKED: u64 = 0x3c9;
 
 /// What the boot vCPU's registers hold when it first runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +25,12 @@ impl BootRegs {
     /// The state of the boot CPU for a kernel entered at `entry` with its device tree at `fdt`.
     pub const fn linux(entry: u64, fdt: u64) -> Self {
         BootRegs { pc: entry, x0: fdt, pstate: PSTATE_EL1H_DAIF_MASKED }
+    }
+
+    /// The same state at EL2h, for a guest that has EL2 and boots there as on hardware
+    /// with virtualization (Linux then runs as a hypervisor, VHE or not).
+    pub const fn at_el2(self) -> Self {
+        BootRegs { pstate: PSTATE_EL2H_DAIF_MASKED, ..self }
     }
 }
 
@@ -45,6 +53,14 @@ mod tests {
         // EL1h (M[3:0] = 0b0101) with D, A, I, F all masked.
         assert_eq!(regs.pstate & 0xf, 0b0101);
         assert_eq!(regs.pstate >> 6 & 0xf, 0xf);
+    }
+
+    #[test]
+    fn a_nested_guest_enters_at_el2() {
+        let regs = BootRegs::linux(0x4020_0000, 0x7fe0_0000).at_el2();
+        // EL2h (M[3:0] = 0b1001), DAIF masked, the rest as at EL1.
+        assert_eq!((regs.pstate & 0xf, regs.pstate >> 6 & 0xf), (0b1001, 0xf));
+        assert_eq!((regs.pc, regs.x0), (0x4020_0000, 0x7fe0_0000));
     }
 
     #[test]

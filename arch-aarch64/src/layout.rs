@@ -136,12 +136,19 @@ impl GicV3Layout {
 /// Checks the INTID a hypervisor's GIC raises the virtual timer with against the device
 /// tree's.
 pub fn check_vtimer_intid(reported: u32) -> Result<(), String> {
-    if reported == VTIMER_INTID {
+    check_intid("the virtual timer", VTIMER_INTID, reported)
+}
+
+/// The per-CPU interrupts a guest with EL2 is told of, as (what, INTID): the GIC's
+/// maintenance interrupt (PPI 9) and EL2's physical timer (PPI 10).
+pub const EL2_INTIDS: [(&str, u32); 2] = [("the GIC maintenance interrupt", 25), ("EL2's physical timer", 26)];
+
+/// Checks the INTID a hypervisor's GIC raises `what` with against the device tree's.
+pub fn check_intid(what: &str, expected: u32, reported: u32) -> Result<(), String> {
+    if reported == expected {
         Ok(())
     } else {
-        Err(format!(
-            "the hypervisor's GIC raises the virtual timer as INTID {reported}, the device tree says {VTIMER_INTID}"
-        ))
+        Err(format!("the hypervisor's GIC raises {what} as INTID {reported}, the device tree says {expected}"))
     }
 }
 
@@ -330,7 +337,10 @@ mod tests {
         assert!(layout.check_redistributor(0, 0x2_0000, base - 0x2_0000).is_err(), "below the region");
         assert!(layout.check_redistributor(0, 0, base).is_err());
         assert_eq!(check_vtimer_intid(27), Ok(()));
-        assert!(check_vtimer_intid(30).unwrap_err().contains("INTID 30"));
+        assert!(check_vtimer_intid(30).unwrap_err().contains("the virtual timer as INTID 30"));
+        let [maintenance, el2_timer] = EL2_INTIDS;
+        assert_eq!(check_intid(maintenance.0, maintenance.1, 25), Ok(()));
+        assert!(check_intid(el2_timer.0, el2_timer.1, 30).unwrap_err().contains("EL2's physical timer as INTID 30"));
     }
 
     #[test]

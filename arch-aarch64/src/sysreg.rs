@@ -47,6 +47,11 @@ pub const SCTLR_EL1: SysReg = SysReg::new(3, 0, 1, 0, 0);
 /// SCTLR_EL1 as after a reset, with the MMU and caches off: the value KVM resets it to
 /// (`reset_val` for SCTLR_EL1 in arch/arm64/kvm/sys_regs.c, Linux 6.1).
 pub const SCTLR_EL1_RESET: u64 = 0x00c5_0078;
+/// SCTLR_EL2: the MMU and caches of EL2's translation regime.
+pub const SCTLR_EL2: SysReg = SysReg::new(3, 4, 1, 0, 0);
+/// SCTLR_EL2 with the MMU and caches off and its RES1 bits set (Linux's
+/// `INIT_SCTLR_EL2_MMU_OFF`, little-endian): what a vCPU at EL2 starts from.
+pub const SCTLR_EL2_RESET: u64 = 0x30c5_0830;
 /// CPACR_EL1: access to floating point and SIMD at EL1 and EL0 (0 after a reset: trapped).
 pub const CPACR_EL1: SysReg = SysReg::new(3, 0, 1, 0, 2);
 /// Virtual timer control register.

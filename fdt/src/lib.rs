@@ -82,6 +82,10 @@ pub struct Machine {
     pub rng_seed: Vec<u8>,
     /// `/chosen/kaslr-seed`, when non-zero.
     pub kaslr_seed: u64,
+    /// The guest has EL2 (`--nested`): PSCI is called with SMC (an HVC at EL2 is the
+    /// guest's own), and the GICv3 names its maintenance interrupt, which a guest
+    /// hypervisor's vGIC needs.
+    pub el2: bool,
 }
 
 const CLOCK_PHANDLE: u32 = 1;
@@ -92,8 +96,12 @@ const GIC_PPI: u32 = 1;
 /// Level-triggered, active high (IRQ_TYPE_LEVEL_HIGH).
 const IRQ_LEVEL_HIGH: u32 = 4;
 /// The architected timer's PPIs in the binding's order: secure physical, non-secure
-/// physical, virtual, hypervisor (INTIDs 29, 30, 27, 26).
+/// physical, virtual, hypervisor (INTIDs 29, 30, 27, 26). The optional fifth, EL2's
+/// virtual timer, is left out: Hypervisor.framework's GIC has none (`hv_gic_intid_t`),
+/// and Linux at EL2 uses the hypervisor physical timer.
 const TIMER_PPIS: [u32; 4] = [13, 14, 11, 10];
+/// The GICv3 maintenance interrupt (INTID 25), which a guest hypervisor's vGIC needs.
+const GIC_MAINTENANCE_PPI: u32 = 9;
 /// The PL011's reference clock; Linux only needs it to exist and be fixed.
 const APB_PCLK_HZ: u32 = 24_000_000;
 
@@ -126,7 +134,7 @@ pub fn build(machine: &Machine) -> Result<Vec<u8>, FdtError> {
 
     let psci = fdt.begin_node("psci")?;
     fdt.property_string_list("compatible", vec!["arm,psci-1.0".into(), "arm,psci-0.2".into()])?;
-    fdt.property_string("method", "hvc")?;
+    fdt.property_string("method", if machine.el2 { "smc" } else { "hvc" })?;
     fdt.end_node(psci)?;
 
     let (ram_base, ram_size) = machine.ram;
@@ -159,14 +167,17 @@ pub fn build(machine: &Machine) -> Result<Vec<u8>, FdtError> {
         fdt.property_array_u64("reg", &[first.base, first.size, second.base, second.size])?;
         if let Gic::V3 { .. } = gic {
             fdt.property_u32("#redistributor-regions", 1)?;
+            if machine.el2 {
+                fdt.property_array_u32("interrupts", &[GIC_PPI, GIC_MAINTENANCE_PPI, IRQ_LEVEL_HIGH])?;
+            }
         }
         fdt.property_phandle(GIC_PHANDLE)?;
         fdt.end_node(node)?;
 
         let timer = fdt.begin_node("timer")?;
         fdt.property_string("compatible", "arm,armv8-timer")?;
-        let cells: Vec<u32> =
-            TIMER_PPIS.iter().flat_map(|&ppi| [GIC_PPI, ppi, (cpu_mask << 8) | IRQ_LEVEL_HIGH]).collect();
+        let timers = if machine.el2 { &TIMER_PPIS[..] } else { &TIMER_PPIS[..4] };
+        let cells: Vec<u32> = timers.iter().flat_map(|&ppi| [GIC_PPI, ppi, (cpu_mask << 8) | IRQ_LEVEL_HIGH]).collect();
         fdt.property_array_u32("interrupts", &cells)?;
         fdt.property_null("always-on")?;
         fdt.end_node(timer)?;
@@ -264,6 +275,7 @@ mod tests {
             virtio: vec![Device { window: MmioWindow { base: 0x0a00_0000, size: 0x200 }, spi: Some(16) }],
             rng_seed: vec![0xab; 32],
             kaslr_seed: 0x1234_5678_9abc_def0,
+            el2: false,
         }
     }
 
@@ -333,6 +345,30 @@ mod tests {
             assert!(dts.contains(needle), "missing `{needle}` in:\n{dts}");
         }
         assert!(!dts.contains("cortex-a15-gic"));
+    }
+
+    #[test]
+    fn a_guest_with_el2_calls_psci_with_smc_and_has_the_gic_maintenance_interrupt() {
+        let nested = Machine {
+            gic: Some(Gic::V3 {
+                distributor: MmioWindow { base: 0x0800_0000, size: 0x1_0000 },
+                redistributors: MmioWindow { base: 0x0801_0000, size: 0x4_0000 },
+            }),
+            el2: true,
+            ..machine()
+        };
+        let dts = decompile(&build(&nested).unwrap());
+        for needle in [
+            "method = \"smc\";",
+            "#redistributor-regions = <0x01>;\n\t\tinterrupts = <0x01 0x09 0x04>;",
+            "interrupts = <0x01 0x0d 0x04 0x01 0x0e 0x04 0x01 0x0b 0x04 0x01 0x0a 0x04>;",
+        ] {
+            assert!(dts.contains(needle), "missing `{needle}` in:\n{dts}");
+        }
+        let plain = decompile(&build(&Machine { el2: false, ..nested }).unwrap());
+        assert!(
+            plain.contains("method = \"hvc\";") && !plain.contains("0x01 0x09 0x04") && !plain.contains("0x0c 0x04")
+        );
     }
 
     #[test]

@@ -41,6 +41,7 @@ struct Machine {
     virtio: Vec<(u64, u64, Option<u32>)>,
     rng_seed: Vec<u8>,
     kaslr_seed: u64,
+    el2: bool,
 }
 
 fuzz_target!(|input: Input| match input {
@@ -92,6 +93,7 @@ fn device_tree(m: Machine) {
         virtio: m.virtio.iter().take(64).map(|&(b, s, spi)| fdt::Device { window: window((b, s)), spi }).collect(),
         rng_seed: m.rng_seed,
         kaslr_seed: m.kaslr_seed,
+        el2: m.el2,
     };
     let Ok(blob) = fdt::build(&machine) else { return };
     let bootargs = hvrun_fuzz::dtb::property(&blob, "/chosen", "bootargs").expect("a well-formed blob");

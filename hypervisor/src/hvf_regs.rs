@@ -43,6 +43,8 @@ const fn with_field(value: u64, shift: u32, field: u64) -> u64 {
 
 /// ID_AA64PFR0_EL1.GIC and ID_AA64PFR1_EL1.SME: bits 27:24 of each.
 const GIC_SHIFT: u32 = 24;
+/// ID_AA64PFR0_EL1.EL2: bits 11:8.
+const EL2_SHIFT: u32 = 8;
 const SME_SHIFT: u32 = 24;
 
 /// The processor feature registers (ID_AA64PFR0_EL1, ID_AA64PFR1_EL1) a vCPU is given,
@@ -54,8 +56,10 @@ const SME_SHIFT: u32 = 24;
 ///   (`exits::decide`).
 /// - GIC is 1 (the GICv3 system registers) exactly when the framework's GICv3 serves
 ///   the VM; with hvrun's GICv2 those registers do not exist for the guest.
-pub const fn visible_features(pfr0: u64, pfr1: u64, kernel_gic: bool) -> (u64, u64) {
+/// - EL2 is shown only to a guest given EL2 (`el2`, `--nested`), as the framework has it.
+pub const fn visible_features(pfr0: u64, pfr1: u64, kernel_gic: bool, el2: bool) -> (u64, u64) {
     let gic = if kernel_gic { 1 } else { 0 };
+    let pfr0 = if el2 { pfr0 } else { with_field(pfr0, EL2_SHIFT, 0) };
     (with_field(pfr0, GIC_SHIFT, gic), with_field(pfr1, SME_SHIFT, 0))
 }
 
@@ -69,12 +73,20 @@ mod tests {
     fn sme_is_hidden_and_the_gic_field_says_which_gic_serves() {
         let pfr0 = 0x0000_0001_2200_1111; // EL0-EL3 AArch64, FP, AdvSIMD; GIC = 2, RAS = 2
         let pfr1 = 0x0000_0000_0200_0120; // SME = 2 (SME2), SSBS = 2, MTE = 0, BT = 0
-        let (p0, p1) = visible_features(pfr0, pfr1, false);
+        let (p0, p1) = visible_features(pfr0, pfr1, false, true);
         assert_eq!(p1, 0x0000_0000_0000_0120, "SME cleared, the rest kept");
         assert_eq!(p0, 0x0000_0001_2000_1111, "no GIC system registers with hvrun's GICv2");
-        let (p0, _) = visible_features(pfr0, pfr1, true);
+        let (p0, _) = visible_features(pfr0, pfr1, true, true);
         assert_eq!(p0, 0x0000_0001_2100_1111, "the framework's GICv3: GIC = 1");
-        assert_eq!(visible_features(0, 0, true), (1 << 24, 0));
+        assert_eq!(visible_features(0, 0, true, true), (1 << 24, 0));
+    }
+
+    /// `--nested`: EL2 is shown exactly to a guest that has it.
+    #[test]
+    fn el2_is_shown_only_to_a_guest_given_it() {
+        let pfr0 = 0x0000_0001_2200_1111; // EL2 = 1 (AArch64)
+        assert_eq!(visible_features(pfr0, 0, true, true).0 >> 8 & 0xf, 1);
+        assert_eq!(visible_features(pfr0, 0, true, false).0, 0x0000_0001_2100_1011, "EL2 = 0, the rest kept");
     }
 
     /// Issue 14, fix 7: `Reg::X(31)` was clamped to X30, so a load into XZR clobbered the

@@ -76,6 +76,11 @@ pub struct VmConfig {
     pub ipa_bits: u32,
     /// How many vCPUs it will have (backends that implement PSCI themselves track them).
     pub vcpus: u32,
+    /// Give the guest EL2 (nested virtualization): its vCPUs start at EL2h. A host that
+    /// cannot is an [`Error::Unsupported`] from [`Hypervisor::create_vm`]. A guest
+    /// hypervisor needs the GIC's virtualization interface, so the VMM must also create
+    /// the hypervisor's GICv3 ([`Vm::create_gicv3`]).
+    pub nested: bool,
 }
 
 /// A host virtualization facility that creates VMs.

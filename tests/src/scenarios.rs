@@ -658,6 +658,8 @@ pub const ALL: &[Scenario] = &[
                  check --kernel /guest/vmlinuz --backend vz\n\
                  check --kernel /guest/vmlinuz --rosetta\n\
                  check --kernel /guest/vmlinuz --share /tmp:tmp\n\
+                 check --kernel /guest/vmlinuz --nested\n\
+                 check --kernel /guest/vmlinuz --nested --gic v2\n\
                  check macos run --bundle /tmp/no-bundle\n\
                  check macos install --ipsw /guest/vmlinuz --bundle /tmp/vm\n\
                  mkfifo /tmp/fifo\n\
@@ -685,6 +687,9 @@ pub const ALL: &[Scenario] = &[
             "[rc=2 lines=1] hvrun: error: --backend vz: Virtualization.framework exists on macOS only",
             "[rc=2 lines=1] hvrun: error: --rosetta needs --backend vz (Apple's Virtualization.framework, on macOS)",
             "[rc=2 lines=1] hvrun: error: --share needs --backend vz",
+            // The rig's Linux 6.1 has no nested virtualization for arm64 (KVM_CAP_ARM_EL2).
+            "[rc=1 lines=1] hvrun: error: --nested: KVM on this host cannot give a guest EL2 (KVM_CAP_ARM_EL2",
+            "[rc=2 lines=1] hvrun: error: --nested with --gic v2: a guest hypervisor needs the hypervisor's GICv3",
             "[rc=1 lines=1] hvrun: error: vz: macOS guests need Apple's Virtualization.framework: run this on a Mac",
             "[rc=2 lines=1] hvrun: error: --ipsw /guest/vmlinuz: not a restore image",
             // A FIFO where a file belongs: refused at once, never a hang (issue 12, hole 8).

@@ -47,6 +47,9 @@ pub enum ConfigError {
     /// A `--share` value that does not parse.
     #[error("--share {0}: use HOST_DIR:TAG[,ro] (TAG: 1 to 36 characters, no commas or colons)")]
     BadShare(String),
+    /// `--nested` with hvrun's GICv2, which has no virtualization interface.
+    #[error("--nested with --gic v2: a guest hypervisor needs the hypervisor's GICv3; use --gic v3 or auto")]
+    NestedNeedsGicv3,
     /// A feature only Virtualization.framework offers, asked of another backend.
     #[error("{0} needs --backend vz (Apple's Virtualization.framework, on macOS)")]
     NeedsVz(&'static str),
@@ -98,6 +101,10 @@ pub struct VmConfig {
     pub gic: GicChoice,
     /// Give the guest Rosetta for x86_64 Linux binaries (Virtualization.framework only).
     pub rosetta: bool,
+    /// Nested virtualization: the guest boots at EL2 and can run its own VMs (KVM with
+    /// `KVM_CAP_ARM_EL2`, Hypervisor.framework or Virtualization.framework on macOS 15
+    /// with Apple M3 or later). It needs the hypervisor's GICv3.
+    pub nested: bool,
     /// Host directories shared with the guest over virtio-fs (Virtualization.framework
     /// only); the guest mounts each by its tag.
     pub shares: Vec<ShareConfig>,
@@ -419,6 +426,7 @@ impl VmConfig {
             backend: None,
             gic: GicChoice::Auto,
             rosetta: false,
+            nested: false,
             shares: Vec::new(),
             console_stdin: false,
             disks: Vec::new(),
@@ -432,6 +440,9 @@ impl VmConfig {
         }
         if self.gic == GicChoice::V2 && self.cpus > MAX_CPUS_GICV2 {
             return Err(ConfigError::TooManyCpusForGicv2(self.cpus));
+        }
+        if self.nested && self.gic == GicChoice::V2 {
+            return Err(ConfigError::NestedNeedsGicv3);
         }
         if self.backend != Some(Backend::Vz) {
             if self.rosetta {
@@ -645,7 +656,9 @@ mod tests {
         assert_eq!(VmConfig { cpus: 127, ..ok.clone() }.validate(), Ok(()));
         let v2 = VmConfig { gic: GicChoice::V2, ..ok.clone() };
         assert_eq!(VmConfig { cpus: 8, ..v2.clone() }.validate(), Ok(()));
-        assert_eq!(VmConfig { cpus: 9, ..v2 }.validate(), Err(ConfigError::TooManyCpusForGicv2(9)));
+        assert_eq!(VmConfig { cpus: 9, ..v2.clone() }.validate(), Err(ConfigError::TooManyCpusForGicv2(9)));
+        assert_eq!(VmConfig { nested: true, ..v2 }.validate(), Err(ConfigError::NestedNeedsGicv3));
+        assert_eq!(VmConfig { nested: true, ..ok.clone() }.validate(), Ok(()), "auto: the hypervisor's GICv3");
         let disks = |n| vec![parse_disk("a").unwrap(); n];
         // 47 disks + the entropy device fit; 48 disks do not.
         assert_eq!(VmConfig { disks: disks(47), ..ok.clone() }.validate(), Ok(()));

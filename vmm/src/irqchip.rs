@@ -27,9 +27,30 @@ const GIC_DIST_WINDOW: u64 = 0x1000;
 
 /// Which controller to build: `Some(layout)` for the hypervisor's GICv3, `None` for the
 /// emulated GICv2. `needs` is what the hypervisor's GICv3 asks for, `None` when it has
-/// none. Errors say what to change.
-pub fn choose(asked: GicChoice, cpus: u32, needs: Option<GicV3Needs>) -> Result<Option<GicV3Layout>, Error> {
+/// none. A `nested` guest (with EL2) must have the hypervisor's GICv3: its hypervisor
+/// uses the GIC's virtualization interface, which hvrun's GICv2 lacks. Errors say what to
+/// change.
+pub fn choose(
+    asked: GicChoice,
+    cpus: u32,
+    needs: Option<GicV3Needs>,
+    nested: bool,
+) -> Result<Option<GicV3Layout>, Error> {
     let placed = needs.map(|n| place_gicv3(&n, cpus, NUM_SPIS));
+    if nested {
+        return match (asked, placed) {
+            (GicChoice::V2, _) => Err(Error::Gic("--nested needs the hypervisor's GICv3: use --gic v3 or auto".into())),
+            (_, Some(Ok(layout))) => Ok(Some(layout)),
+            (_, Some(Err(why))) => {
+                Err(Error::Gic(format!("--nested needs the hypervisor's GICv3, which won't fit: {why}")))
+            }
+            (_, None) => Err(Error::Gic(
+                "--nested needs the hypervisor's GICv3, which this host does not have (KVM on a GICv3 host, \
+                 macOS 15 or later)"
+                    .into(),
+            )),
+        };
+    }
     match (asked, placed.as_ref()) {
         (GicChoice::V2, _) if cpus > MAX_CPUS_GICV2 => {
             Err(Error::Gic(format!("--gic v2 serves at most {MAX_CPUS_GICV2} vCPUs, not {cpus}: use --gic v3 or auto")))
@@ -151,31 +172,45 @@ mod tests {
 
     #[test]
     fn auto_takes_the_hypervisors_gicv3_when_there_is_one_and_else_the_gicv2() {
-        let layout = choose(GicChoice::Auto, 4, Some(kvm_like(4))).unwrap().unwrap();
+        let layout = choose(GicChoice::Auto, 4, Some(kvm_like(4)), false).unwrap().unwrap();
         assert_eq!(layout.redistributors.1, 4 * 0x2_0000);
-        assert_eq!(choose(GicChoice::Auto, 4, None).unwrap(), None);
+        assert_eq!(choose(GicChoice::Auto, 4, None, false).unwrap(), None);
         // A GIC that won't fit falls back, with a warning, while 8 vCPUs or fewer.
         let odd = GicV3Needs { redistributor_align: 3, ..kvm_like(4) };
-        assert_eq!(choose(GicChoice::Auto, 4, Some(odd)).unwrap(), None);
+        assert_eq!(choose(GicChoice::Auto, 4, Some(odd), false).unwrap(), None);
     }
 
     #[test]
     fn more_than_eight_vcpus_need_the_hypervisors_gicv3() {
-        assert!(choose(GicChoice::Auto, 12, Some(kvm_like(12))).unwrap().is_some());
-        let none = choose(GicChoice::Auto, 12, None).unwrap_err().to_string();
+        assert!(choose(GicChoice::Auto, 12, Some(kvm_like(12)), false).unwrap().is_some());
+        let none = choose(GicChoice::Auto, 12, None, false).unwrap_err().to_string();
         assert!(none.contains("--cpus 12 needs the hypervisor's GICv3"), "{none}");
-        let v2 = choose(GicChoice::V2, 9, Some(kvm_like(9))).unwrap_err().to_string();
+        let v2 = choose(GicChoice::V2, 9, Some(kvm_like(9)), false).unwrap_err().to_string();
         assert!(v2.contains("at most 8"), "{v2}");
     }
 
     #[test]
     fn v3_is_an_error_where_the_hypervisor_has_none_or_it_wont_fit() {
-        let none = choose(GicChoice::V3, 1, None).unwrap_err().to_string();
+        let none = choose(GicChoice::V3, 1, None, false).unwrap_err().to_string();
         assert!(none.contains("no GICv3 of its own"), "{none}");
         let few = GicV3Needs { spis: (32, 32), ..kvm_like(1) };
-        let err = choose(GicChoice::V3, 1, Some(few)).unwrap_err().to_string();
+        let err = choose(GicChoice::V3, 1, Some(few), false).unwrap_err().to_string();
         assert!(err.contains("won't fit"), "{err}");
-        assert_eq!(choose(GicChoice::V2, 2, Some(kvm_like(2))).unwrap(), None, "v2 is v2 even where v3 exists");
+        assert_eq!(choose(GicChoice::V2, 2, Some(kvm_like(2)), false).unwrap(), None, "v2 is v2 even where v3 exists");
+    }
+
+    #[test]
+    fn a_nested_guest_gets_the_hypervisors_gicv3_or_a_clear_error_never_the_gicv2() {
+        for asked in [GicChoice::Auto, GicChoice::V3] {
+            assert!(choose(asked, 2, Some(kvm_like(2)), true).unwrap().is_some());
+            let none = choose(asked, 2, None, true).unwrap_err().to_string();
+            assert!(none.contains("--nested needs the hypervisor's GICv3, which this host does not have"), "{none}");
+            let odd = GicV3Needs { redistributor_align: 3, ..kvm_like(2) };
+            let err = choose(asked, 2, Some(odd), true).unwrap_err().to_string();
+            assert!(err.contains("won't fit"), "no quiet fallback to the GICv2: {err}");
+        }
+        let v2 = choose(GicChoice::V2, 2, Some(kvm_like(2)), true).unwrap_err().to_string();
+        assert!(v2.contains("--nested needs the hypervisor's GICv3: use --gic v3 or auto"), "{v2}");
     }
 
     #[test]

@@ -72,8 +72,10 @@ where
     }
     let nets = backends::open_nets(&config.nets)?;
     let (virtio, files) = virtio_devices(config, files, nets, console.backend.take())?;
-    let mut vm = hv.create_vm(&hypervisor::VmConfig { ipa_bits: ipa_bits_for(config.memory), vcpus: config.cpus })?;
-    let irqchip = match irqchip::choose(config.gic, config.cpus, vm.gicv3_needs())? {
+    let vm_config =
+        hypervisor::VmConfig { ipa_bits: ipa_bits_for(config.memory), vcpus: config.cpus, nested: config.nested };
+    let mut vm = hv.create_vm(&vm_config)?;
+    let irqchip = match irqchip::choose(config.gic, config.cpus, vm.gicv3_needs(), config.nested)? {
         Some(layout) => Irqchip::Hypervisor { spis: vm.create_gicv3(&layout)?, layout },
         None => Irqchip::emulated(config.cpus),
     };
@@ -338,12 +340,14 @@ fn load(
             .collect(),
         rng_seed: seed.get(8..).map(<[u8]>::to_vec).unwrap_or_default(),
         kaslr_seed,
+        el2: config.nested,
     })?;
     memory
         .write_slice(&blob, GuestAddress(plan.fdt))
         .map_err(|e| Error::Memory(format!("writing the device tree: {e}")))?;
 
-    Ok((memory, BootRegs::linux(plan.kernel_entry, plan.fdt)))
+    let regs = BootRegs::linux(plan.kernel_entry, plan.fdt);
+    Ok((memory, if config.nested { regs.at_el2() } else { regs }))
 }
 #[cfg(test)]
 mod tests {
@@ -381,6 +385,32 @@ mod tests {
         assert!(initrd_bytes.iter().all(|&b| b == 0x5a));
         std::fs::remove_file(kernel).unwrap();
         std::fs::remove_file(initrd).unwrap();
+    }
+
+    #[test]
+    fn a_nested_guest_boots_at_el2_with_psci_over_smc() {
+        let mut image = vec![0u8; 4096];
+        image[16..24].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        image[56..60].copy_from_slice(b"ARMd");
+        let kernel = temp("Nested", &image);
+        let window = |base, size| fdt::MmioWindow { base, size };
+        let gic =
+            fdt::Gic::V3 { distributor: window(0x0800_0000, 0x1_0000), redistributors: window(0x080a_0000, 0x2_0000) };
+        let blob = |nested| {
+            let config = VmConfig { memory: 64 << 20, nested, ..VmConfig::new(&kernel) };
+            let (memory, regs) = load(&config, BootFiles::open(&config).unwrap(), 0, gic).unwrap();
+            let mut blob = vec![0u8; FDT_MAX_SIZE as usize];
+            memory.read_slice(&mut blob, GuestAddress(regs.x0)).unwrap();
+            (regs.pstate, blob)
+        };
+        let has = |blob: &[u8], s: &[u8]| blob.windows(s.len()).any(|w| w == s);
+        let (pstate, nested) = blob(true);
+        assert_eq!(pstate & 0xf, 0b1001, "EL2h");
+        assert!(has(&nested, b"smc\0") && !has(&nested, b"hvc\0"));
+        let (pstate, plain) = blob(false);
+        assert_eq!(pstate & 0xf, 0b0101, "EL1h");
+        assert!(has(&plain, b"hvc\0"));
+        std::fs::remove_file(kernel).unwrap();
     }
 
     #[test]

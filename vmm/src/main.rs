@@ -74,6 +74,11 @@ struct Cli {
     /// is installed); the guest mounts it with `mount -t virtiofs rosetta /mnt`.
     #[arg(long)]
     rosetta: bool,
+    /// Nested virtualization: the guest boots at EL2 and can run VMs of its own (KVM
+    /// with KVM_CAP_ARM_EL2, Linux 6.16+; macOS 15+ on Apple M3 or later). Needs the
+    /// hypervisor's GICv3.
+    #[arg(long)]
+    nested: bool,
     /// Share a host directory with the guest over virtio-fs (with --backend vz;
     /// repeatable); the guest mounts it with `mount -t virtiofs TAG /mnt`.
     #[arg(long = "share", value_name = "HOST_DIR:TAG[,ro]", value_parser = parse_share)]
@@ -211,6 +216,7 @@ fn main() -> ExitCode {
         backend: cli.backend,
         gic: cli.gic,
         rosetta: cli.rosetta,
+        nested: cli.nested,
         shares: cli.shares,
         cpus: cli.cpus,
         memory: cli.memory,

@@ -51,6 +51,49 @@ const _: () = assert!(std::mem::size_of::<ExitInfo>() == 32);
 const _: () = assert!(std::mem::offset_of!(ExitInfo, syndrome) == 8);
 const _: () = assert!(std::mem::offset_of!(ExitInfo, physical_address) == 24);
 
+/// The process's VM (the framework has one per process), destroyed when the last handle
+/// goes: the `HvfVm` and each of its vCPUs hold one. Created with the framework's own
+/// calls rather than applevisor's, whose configuration cannot be given EL2 without
+/// linking macOS 15 symbols (see [`super::el2`]).
+#[derive(Debug)]
+pub struct VmOwner(());
+
+impl VmOwner {
+    /// Creates the VM with `ipa_bits`-bit guest-physical addresses, and EL2 if `el2`.
+    pub fn create(ipa_bits: u32, el2: bool) -> Result<Arc<Self>> {
+        // SAFETY: no arguments; the framework returns a new configuration object or null.
+        let config = unsafe { applevisor_sys::hv_vm_config_create() };
+        if config.is_null() {
+            return Err(Error::Platform { call: "hv_vm_config_create", source: std::io::Error::other("no object") });
+        }
+        let created = (|| {
+            // SAFETY: `config` is the live configuration object created above.
+            status("hv_vm_config_set_ipa_size", unsafe {
+                applevisor_sys::hv_vm_config_set_ipa_size(config, ipa_bits)
+            })?;
+            if el2 {
+                super::el2::enable(config)?;
+            }
+            // SAFETY: as above; the framework copies what it needs from the configuration.
+            status("hv_vm_create", unsafe { applevisor_sys::hv_vm_create(config) })
+        })();
+        // SAFETY: the configuration was created above, and nothing uses it after this.
+        unsafe { applevisor_sys::os_release(config) };
+        created.map(|()| Arc::new(VmOwner(())))
+    }
+}
+
+impl Drop for VmOwner {
+    fn drop(&mut self) {
+        // SAFETY: the VM exists (created by `create`); the last handle, and with it every
+        // vCPU, is gone, so nothing runs on it.
+        let rc = unsafe { applevisor_sys::hv_vm_destroy() };
+        if rc != 0 {
+            log::warn!("hv_vm_destroy failed: status {rc:#x}");
+        }
+    }
+}
+
 /// A vCPU of the process's VM, on the thread that created it (the type is neither `Send`
 /// nor `Sync`: the framework ties a vCPU to its thread). Destroyed when dropped.
 pub struct Vcpu {

@@ -51,7 +51,7 @@ const GICR_ISPENDR0: u32 = 0x1_0200;
 const HV_GIC_INT_EL1_VIRTUAL_TIMER: u32 = 27;
 
 /// Looks `name` up among the symbols already loaded (the framework is linked).
-fn symbol(name: &CStr) -> Option<*mut c_void> {
+pub(super) fn symbol(name: &CStr) -> Option<*mut c_void> {
     // SAFETY: `name` is NUL-terminated; RTLD_DEFAULT searches the loaded images and
     // returns null when the symbol is absent.
     let ptr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
@@ -151,10 +151,15 @@ pub fn sgi_or_ppi_pending(vcpu: u64) -> Result<bool> {
 
 /// The INTID the framework raises the EL1 virtual timer with.
 pub fn vtimer_intid() -> Result<u32> {
+    intid(HV_GIC_INT_EL1_VIRTUAL_TIMER)
+}
+
+/// The INTID the framework raises `interrupt` (an `hv_gic_intid_t`) with.
+pub fn intid(interrupt: u32) -> Result<u32> {
     let api = api().ok_or_else(|| Error::Unsupported("no in-kernel GICv3".into()))?;
     let mut intid = 0u32;
     // SAFETY: `intid` is a valid u32 to write; the interrupt is a value of hv_gic_intid_t.
-    super::check("hv_gic_get_intid", unsafe { (api.get_intid)(HV_GIC_INT_EL1_VIRTUAL_TIMER, &mut intid) })?;
+    super::check("hv_gic_get_intid", unsafe { (api.get_intid)(interrupt, &mut intid) })?;
     Ok(intid)
 }
 

@@ -1,9 +1,9 @@
 //! The Hypervisor.framework backend for Apple Silicon macOS, over `applevisor` 1.0.0.
 //!
-//! Only the framework calls live here: creating the VM with its IPA size, mapping guest
-//! RAM, creating each vCPU on its own thread, and [`HvfRaw`], the per-vCPU calls behind
-//! [`RawLoop`], which makes every decision in portable, tested code (`crate::raw`,
-//! `crate::exits`). Interrupts come from macOS 15's in-kernel GICv3 when the VMM
+//! Only the framework calls live here: creating the VM with its IPA size (and EL2 for
+//! `--nested`), mapping guest RAM, creating each vCPU on its own thread, and [`HvfRaw`],
+//! the per-vCPU calls behind [`RawLoop`], which makes every decision in portable, tested
+//! code (`crate::raw`, `crate::exits`). Interrupts come from macOS 15's in-kernel GICv3 when the VMM
 //! creates it (`gic.rs`, looked up at run time), or else from the VMM's emulated GICv2
 //! through `hv_vcpu_set_pending_interrupt`, set again before every run.
 //!
@@ -17,18 +17,23 @@
 //!   system register the decisions name can be reached (the crate's enums list only some);
 //! - `Vcpu::get_exit_info` reads the exit reason as a Rust enum (undefined behaviour for a
 //!   reason Apple adds later): vCPUs are [`ffi::Vcpu`]s, whose exit record is read as
-//!   integers, and an unknown reason ends the run with its number.
+//!   integers, and an unknown reason ends the run with its number;
+//! - its VM configuration can be given EL2 only with the `macos-15-0` feature, which links
+//!   macOS 15 symbols: the VM is created with the framework's calls ([`ffi::VmOwner`]) and
+//!   EL2 enabled through a symbol found at run time (`el2.rs`).
 //!
 //! Not run on Apple hardware yet: it is type-checked and linted for
 //! `aarch64-apple-darwin` on every CI run.
 
+mod el2;
 mod ffi;
 mod gic;
 
 use std::sync::Arc;
 
-use applevisor::vm::{GicDisabled, VirtualMachine, VirtualMachineConfig, VirtualMachineInstance};
+use applevisor::vm::VirtualMachineConfig;
 use arch_aarch64::boot::mpidr;
+use arch_aarch64::inject::{PSTATE_EL1H_MASKED, PSTATE_EL2H_MASKED};
 use arch_aarch64::sysreg::{ID_AA64PFR0_EL1, ID_AA64PFR1_EL1, MPIDR_EL1};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -36,10 +41,6 @@ use crate::hvf_regs::visible_features;
 use crate::mapped::Mapped;
 use crate::raw::{Power, RawExit, RawLoop, RawVcpu, VmClock, WakingSpis};
 use crate::{Error, GicV3Layout, GicV3Needs, GuestClock, GuestRam, Reg, Result, SpiSink, VmConfig};
-
-fn framework(call: &'static str) -> impl Fn(applevisor::error::HypervisorError) -> Error {
-    move |e| Error::Platform { call, source: std::io::Error::other(format!("{e}")) }
-}
 
 fn check(call: &'static str, status: i32) -> Result<()> {
     if status == 0 {
@@ -84,12 +85,11 @@ impl crate::Hypervisor for Hvf {
                 self.max_ipa_bits, config.ipa_bits
             )));
         }
-        let mut vm_config = VirtualMachineConfig::new();
-        vm_config.set_ipa_size(config.ipa_bits).map_err(framework("hv_vm_config_set_ipa_size"))?;
-        let vm = VirtualMachine::with_config(vm_config).map_err(framework("hv_vm_create"))?;
+        let vm = ffi::VmOwner::create(config.ipa_bits, config.nested)?;
         let mpidrs: Vec<u64> = (0..config.vcpus).map(mpidr).collect();
         Ok(HvfVm {
             vm,
+            el2: config.nested,
             power: Power::new(&mpidrs),
             clock: VmClock::new(ffi::absolute_time),
             memory: Mapped::default(),
@@ -101,7 +101,9 @@ impl crate::Hypervisor for Hvf {
 
 /// A Hypervisor.framework VM (one per process).
 pub struct HvfVm {
-    vm: VirtualMachineInstance<GicDisabled>,
+    vm: Arc<ffi::VmOwner>,
+    /// The guest has EL2 (`--nested`).
+    el2: bool,
     power: Arc<Power>,
     /// The guest's virtual counter, one for all vCPUs.
     clock: Arc<VmClock>,
@@ -154,14 +156,23 @@ impl crate::Vm for HvfVm {
             .ok_or_else(|| Error::Unsupported("this macOS has no in-kernel GICv3 (macOS 15+)".into()))?;
         gic::create(layout)?;
         arch_aarch64::layout::check_vtimer_intid(gic::vtimer_intid()?).map_err(Error::Unsupported)?;
+        if self.el2 {
+            // `hv_gic_intid_t` names these by their architected INTIDs; they exist with EL2.
+            for (what, expected) in arch_aarch64::layout::EL2_INTIDS {
+                arch_aarch64::layout::check_intid(what, expected, gic::intid(expected)?).map_err(Error::Unsupported)?;
+            }
+        }
         self.kernel_gic = true;
         self.gic = Some((*layout, size));
         Ok(Arc::new(WakingSpis::new(Arc::new(gic::Spis), Arc::clone(&self.power))))
     }
 
     fn create_vcpu(&self, index: u32) -> Result<RawLoop<HvfRaw>> {
+        if self.el2 && !self.kernel_gic {
+            return Err(Error::Unsupported("--nested needs the framework's GICv3, created before the vCPUs".into()));
+        }
         let vcpu = ffi::Vcpu::create()?;
-        let mut raw = HvfRaw::new(vcpu, self.vm.clone(), self.memory.clone())?;
+        let mut raw = HvfRaw::new(vcpu, Arc::clone(&self.vm), self.memory.clone())?;
         // The GICv3 routes by affinity, so MPIDR_EL1 must be set before the vCPU runs (and,
         // Apple's header says, before its redistributor's base is asked for).
         raw.set_reg(Reg::Sys(MPIDR_EL1), mpidr(index))?;
@@ -170,10 +181,12 @@ impl crate::Vm for HvfVm {
             layout.check_redistributor(index, *size, base).map_err(Error::Unsupported)?;
             raw.kernel_gic = true;
         }
-        raw.set_reg(Reg::Pstate, arch_aarch64::inject::PSTATE_EL1H_MASKED)?;
-        raw.hide_features(self.kernel_gic);
+        let pstate = if self.el2 { PSTATE_EL2H_MASKED } else { PSTATE_EL1H_MASKED };
+        raw.set_reg(Reg::Pstate, pstate)?;
+        raw.hide_features(self.kernel_gic, self.el2);
         let vcpu = RawLoop::new(raw, index as usize, Arc::clone(&self.power)).with_clock(Arc::clone(&self.clock));
-        Ok(if self.kernel_gic { vcpu.with_kernel_gic() } else { vcpu })
+        let vcpu = if self.kernel_gic { vcpu.with_kernel_gic() } else { vcpu };
+        Ok(if self.el2 { vcpu.with_el2() } else { vcpu })
     }
 
     fn clock(&self) -> Option<Arc<dyn GuestClock>> {
@@ -190,7 +203,7 @@ pub struct HvfRaw {
     /// Whether the framework's GIC serves it.
     kernel_gic: bool,
     /// The VM, which must outlive its vCPUs.
-    _vm: VirtualMachineInstance<GicDisabled>,
+    _vm: Arc<ffi::VmOwner>,
     /// The guest RAM the VM has mapped: this vCPU can run the guest, so it keeps it.
     _memory: Mapped,
 }
@@ -202,17 +215,17 @@ impl std::fmt::Debug for HvfRaw {
 }
 
 impl HvfRaw {
-    fn new(vcpu: ffi::Vcpu, vm: VirtualMachineInstance<GicDisabled>, memory: Mapped) -> Result<Self> {
+    fn new(vcpu: ffi::Vcpu, vm: Arc<ffi::VmOwner>, memory: Mapped) -> Result<Self> {
         let cancel = vcpu.canceller();
         Ok(HvfRaw { vcpu, cancel, frequency: ffi::counter_frequency()?, kernel_gic: false, _vm: vm, _memory: memory })
     }
 
     /// Gives the vCPU [`visible_features`]. A framework that will not take them (before
     /// macOS 15 the ID registers may be read-only) has no SME to hide either: logged.
-    fn hide_features(&mut self, kernel_gic: bool) {
+    fn hide_features(&mut self, kernel_gic: bool, el2: bool) {
         let set = |raw: &mut Self| -> Result<()> {
             let (pfr0, pfr1) = (raw.reg(Reg::Sys(ID_AA64PFR0_EL1))?, raw.reg(Reg::Sys(ID_AA64PFR1_EL1))?);
-            let (new0, new1) = visible_features(pfr0, pfr1, kernel_gic);
+            let (new0, new1) = visible_features(pfr0, pfr1, kernel_gic, el2);
             raw.set_reg(Reg::Sys(ID_AA64PFR0_EL1), new0)?;
             raw.set_reg(Reg::Sys(ID_AA64PFR1_EL1), new1)
         };

@@ -18,9 +18,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_userspace_memory_region, kvm_vcpu_events, kvm_vcpu_init, KVM_ARM_VCPU_POWER_OFF,
-    KVM_ARM_VCPU_PSCI_0_2, KVM_CAP_ARM_INJECT_EXT_DABT, KVM_CAP_ARM_NISV_TO_USER, KVM_EXIT_ARM_NISV,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_enable_cap, kvm_userspace_memory_region, kvm_vcpu_events, kvm_vcpu_init, KVM_ARM_VCPU_HAS_EL2,
+    KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_CAP_ARM_INJECT_EXT_DABT, KVM_CAP_ARM_NISV_TO_USER,
+    KVM_EXIT_ARM_NISV, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, DeviceFd, Kvm as KvmFd, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -28,6 +28,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::kvm_regs::{cpu_irq_line, one_reg_id};
 use crate::mapped::Mapped;
 use crate::{Error, GicV3Layout, GicV3Needs, GuestRam, Kicker, Reg, Result, SpiSink, SystemEvent, VcpuExit, VmConfig};
+
+/// `KVM_CAP_ARM_EL2` (Linux 6.16): KVM can give a guest EL2. Not in kvm-bindings 0.14.
+const KVM_CAP_ARM_EL2: u32 = 240;
 
 fn platform(call: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |e| Error::Platform { call, source: std::io::Error::from_raw_os_error(e.errno()) }
@@ -82,6 +85,13 @@ impl crate::Hypervisor for Kvm {
         // KVM_CAP_ARM_USER_IRQ: KVM reports timer levels to userspace, which an emulated
         // GIC needs. kvm-ioctls' `Cap` has no variant for it, so ask with the raw number.
         let user_irq = vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_ARM_USER_IRQ)) > 0;
+        if config.nested && vm.check_extension_raw(libc::c_ulong::from(KVM_CAP_ARM_EL2)) <= 0 {
+            return Err(Error::Unsupported(
+                "--nested: KVM on this host cannot give a guest EL2 (KVM_CAP_ARM_EL2: Linux 6.16 or later on a CPU \
+                 with FEAT_NV2, booted with kvm-arm.mode=nested); run without --nested"
+                    .into(),
+            ));
+        }
         report_unemulable_accesses(&vm)?;
         kick::install_handler().map_err(|source| Error::Platform { call: "sigaction", source })?;
         let mut target = kvm_vcpu_init::default();
@@ -94,6 +104,7 @@ impl crate::Hypervisor for Kvm {
             turn: Condvar::new(),
             vcpus: config.vcpus,
             user_irq,
+            nested: config.nested,
             gic: None,
         })
     }
@@ -137,6 +148,8 @@ pub struct KvmVm {
     vcpus: u32,
     /// Whether KVM reports timer levels to userspace (needed without an in-kernel GIC).
     user_irq: bool,
+    /// The guest has EL2 (`KVM_ARM_VCPU_HAS_EL2`): its vCPUs reset to EL2h.
+    nested: bool,
     /// The in-kernel vGICv3, when the VMM created one.
     gic: Option<DeviceFd>,
 }
@@ -197,6 +210,9 @@ impl crate::Vm for KvmVm {
     ///   (arch/arm64/kvm/arch_timer.c), again a lookup by position with the id: a vCPU
     ///   created out of turn got another's timer interrupts, or none (seen in the rig).
     fn create_vcpu(&self, index: u32) -> Result<KvmVcpu> {
+        if self.gic.is_none() && self.nested {
+            return Err(Error::Unsupported("--nested needs KVM's vGICv3, created before the vCPUs".into()));
+        }
         if self.gic.is_none() && !self.user_irq {
             return Err(Error::Unsupported(
                 "KVM on this host cannot report timer interrupts to userspace (KVM_CAP_ARM_USER_IRQ, Linux 4.15+), \
@@ -261,6 +277,9 @@ impl KvmVm {
         init.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
         if index > 0 {
             init.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
+        }
+        if self.nested {
+            init.features[0] |= 1 << KVM_ARM_VCPU_HAS_EL2;
         }
         fd.vcpu_init(&init).map_err(platform("KVM_ARM_VCPU_INIT"))?;
         if let (Some(gic), true) = (&self.gic, last) {

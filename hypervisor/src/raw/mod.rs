@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 use arch_aarch64::esr::MmioAccess;
 use arch_aarch64::inject::{self, Fault};
 use arch_aarch64::psci::{self, Action};
-use arch_aarch64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, CPACR_EL1, SCTLR_EL1, SCTLR_EL1_RESET};
+use arch_aarch64::sysreg::{
+    CNTV_CTL_EL0, CNTV_CVAL_EL0, CPACR_EL1, SCTLR_EL1, SCTLR_EL1_RESET, SCTLR_EL2, SCTLR_EL2_RESET,
+};
 pub use clock::VmClock;
 pub use power::{Power, Signal, WakingSpis, Woke};
 
@@ -194,6 +196,8 @@ pub struct RawLoop<V: RawVcpu> {
     vtimer_level: bool,
     /// The framework's GIC delivers interrupts and the timer (macOS 15's `hv_gic`).
     kernel_gic: bool,
+    /// The guest has EL2 (`--nested`): it starts there, and takes exceptions there.
+    el2: bool,
     /// A load waiting for the VMM's data: it completes at the next run.
     pending_load: Option<MmioAccess>,
     /// In WFIT: the virtual count at which the wait ends.
@@ -232,6 +236,7 @@ impl<V: RawVcpu> RawLoop<V> {
             irq_level: false,
             vtimer_level: false,
             kernel_gic: false,
+            el2: false,
             pending_load: None,
             wait_until: None,
             clock: None,
@@ -258,6 +263,14 @@ impl<V: RawVcpu> RawLoop<V> {
             }
         }
         Ok(())
+    }
+
+    /// The guest has EL2: CPU_ON starts this vCPU at EL2h with EL2's MMU off, and an
+    /// exception the loop injects goes to EL2 where the architecture sends it there
+    /// ([`inject::target_el`]).
+    pub fn with_el2(mut self) -> Self {
+        self.el2 = true;
+        self
     }
 
     /// The framework's GIC delivers this vCPU's interrupts and timer: no pending-IRQ
@@ -288,6 +301,15 @@ impl<V: RawVcpu> RawLoop<V> {
                 return Ok(());
             }
             until = earlier(until, self.deadline(deadline)?);
+        }
+        if self.el2 {
+            // A guest at EL2 may be waiting on timers this loop does not follow (EL2's
+            // physical and virtual timers, a nested guest's): one short nap, then the guest
+            // runs again (a WFI may end early) and the framework delivers what is due.
+            self.power.leave_guest();
+            self.signal.wait(earlier(until, Instant::now() + KERNEL_GIC_NAP));
+            self.power.enter_guest();
+            return Ok(());
         }
         // Decided while this vCPU still counts as in the guest: another vCPU in there may
         // have sent it an SGI before it trapped.
@@ -332,14 +354,19 @@ impl<V: RawVcpu> RawLoop<V> {
     }
 
     /// CPU_ON: the vCPU starts at `entry` with `context` in X0 as from a reset (PSCI:
-    /// EL1h, interrupts masked, the MMU and caches off), whatever it was doing before a
-    /// CPU_OFF: its MMU, caches and FP access are reset, and so is what this loop kept for
-    /// its last life (a load in flight, a timer it held). Without that, a CPU brought back
-    /// online fetched its physical entry address with the MMU still on.
+    /// EL1h, or EL2h for a guest with EL2, interrupts masked, the MMU and caches off),
+    /// whatever it was doing before a CPU_OFF: its MMU, caches and FP access are reset, and
+    /// so is what this loop kept for its last life (a load in flight, a timer it held).
+    /// Without that, a CPU brought back online fetched its physical entry address with the
+    /// MMU still on.
     fn power_on(&mut self, entry: u64, context: u64) -> Result<()> {
         self.raw.set_reg(Reg::Sys(SCTLR_EL1), SCTLR_EL1_RESET)?;
         self.raw.set_reg(Reg::Sys(CPACR_EL1), 0)?;
-        self.raw.set_reg(Reg::Pstate, inject::PSTATE_EL1H_MASKED)?;
+        if self.el2 {
+            self.raw.set_reg(Reg::Sys(SCTLR_EL2), SCTLR_EL2_RESET)?;
+        }
+        let pstate = if self.el2 { inject::PSTATE_EL2H_MASKED } else { inject::PSTATE_EL1H_MASKED };
+        self.raw.set_reg(Reg::Pstate, pstate)?;
         self.raw.set_reg(Reg::Pc, entry)?;
         self.raw.set_reg(Reg::X(0), context)?;
         self.pending_load = None;
@@ -421,13 +448,17 @@ impl<V: RawVcpu> RawLoop<V> {
     fn inject(&mut self, fault: Fault) -> Result<()> {
         let pc = self.raw.reg(Reg::Pc)?;
         let pstate = self.raw.reg(Reg::Pstate)?;
-        let vbar = self.raw.reg(Reg::Sys(inject::VBAR_EL1))?;
-        let entry = inject::take(fault, pc, pstate, vbar);
-        self.raw.set_reg(Reg::Sys(inject::ELR_EL1), entry.elr)?;
-        self.raw.set_reg(Reg::Sys(inject::SPSR_EL1), entry.spsr)?;
-        self.raw.set_reg(Reg::Sys(inject::ESR_EL1), entry.esr)?;
+        // Only EL0 asks HCR_EL2 where it goes, and only a guest with EL2 has one.
+        let hcr =
+            if self.el2 && inject::current_el(pstate) == 0 { self.raw.reg(Reg::Sys(inject::HCR_EL2))? } else { 0 };
+        let to = inject::target_el(pstate, hcr);
+        let vbar = self.raw.reg(Reg::Sys(to.vbar))?;
+        let entry = inject::take(fault, pc, pstate, to, vbar);
+        self.raw.set_reg(Reg::Sys(to.elr), entry.elr)?;
+        self.raw.set_reg(Reg::Sys(to.spsr), entry.spsr)?;
+        self.raw.set_reg(Reg::Sys(to.esr), entry.esr)?;
         if let Some(far) = entry.far {
-            self.raw.set_reg(Reg::Sys(inject::FAR_EL1), far)?;
+            self.raw.set_reg(Reg::Sys(to.far), far)?;
         }
         self.raw.set_reg(Reg::Pstate, entry.pstate)?;
         self.raw.set_reg(Reg::Pc, entry.pc)

@@ -326,6 +326,72 @@ fn cpu_on_after_cpu_off_starts_from_reset_state() {
     assert!(log.has("vtimer mask 0"), "and its exits are unmasked again");
 }
 
+/// Issue 14, fix 8 (`--nested`): a guest with EL2 is started by CPU_ON at EL2h with EL2's
+/// MMU off, and an exception the loop injects while it runs at EL2 goes through EL2's
+/// registers and vector, not EL1's.
+#[test]
+fn a_guest_with_el2_starts_at_el2_and_takes_injected_exceptions_there() {
+    use arch_aarch64::inject::{ELR_EL2, ESR_EL2, SPSR_EL2, VBAR_EL2};
+    use arch_aarch64::sysreg::{SCTLR_EL2, SCTLR_EL2_RESET};
+    let power = Power::new(&[0x8000_0000, 0x8000_0001]);
+    assert!(power.start(1, 0x4010_0000, 5));
+    let sysreg_trap = SysRegAccess { reg: SysReg::new(3, 3, 15, 0, 0), rt: 0, read: true }.syndrome();
+    let script = vec![
+        // A last life left EL2's MMU on; the first instruction reads an unknown register.
+        step(&[(Reg::Sys(VBAR_EL2), 0x9000)], exception(sysreg_trap, 0)),
+        step(&[], exception(store32(1), UART)),
+    ];
+    let mut fake = Fake::new(script, Log::default());
+    fake.regs.push((Reg::Sys(SCTLR_EL2), 0x30d5_199d));
+    let mut vcpu = RawLoop::new(fake, 1, Arc::clone(&power)).with_el2();
+    assert_eq!(exit_of(&mut vcpu), format!("write {UART:#x} [0, 0, 0, 0]"));
+    assert_eq!(vcpu.get_reg(Reg::Sys(SCTLR_EL2)).unwrap(), SCTLR_EL2_RESET, "EL2's MMU off at CPU_ON");
+    assert_eq!(vcpu.get_reg(Reg::Sys(SPSR_EL2)).unwrap(), 0x3c9, "it ran at EL2h");
+    assert_eq!(vcpu.get_reg(Reg::Sys(ELR_EL2)).unwrap(), 0x4010_0000, "the entry point trapped");
+    assert_eq!(vcpu.get_reg(Reg::Sys(ESR_EL2)).unwrap(), 1 << 25, "UNDEF at EL2");
+    assert_eq!(vcpu.get_reg(Reg::Pc).unwrap(), 0x9204, "EL2's current-EL-SPx vector (then the store)");
+    assert_eq!(vcpu.get_reg(Reg::Sys(ESR_EL1)).unwrap(), 0, "EL1's registers untouched");
+}
+
+/// `--nested`: a lone vCPU's WFI with the framework's GIC napped until CNTV_CVAL, the
+/// only timer the loop follows; a guest at EL2 waits on EL2's timers, so it would have
+/// slept for ever. With EL2 a nap is short, and the guest runs again.
+#[test]
+fn with_el2_a_lone_vcpus_wfi_is_a_short_nap_whatever_timer_it_waits_on() {
+    let script = vec![
+        step(&[], exception(call(EC_WFX), 0)),
+        step(&[(Reg::X(0), u64::from(psci::SYSTEM_OFF))], exception(call(EC_SMC64), 0)),
+    ];
+    let vcpu =
+        RawLoop::new(Fake::new(script, Log::default()), 0, Power::new(&[0x8000_0000])).with_kernel_gic().with_el2();
+    let start = Instant::now();
+    let (exit, at) = first_exit(vcpu).recv_timeout(Duration::from_secs(5)).expect("the WFI ended");
+    assert_eq!(exit, "System(Shutdown)");
+    assert!(at - start < Duration::from_millis(500), "a short nap: {:?}", at - start);
+}
+
+/// `--nested`: the user space of a kernel at EL2 (HCR_EL2.TGE) takes its aborts at EL2.
+#[test]
+fn with_el2_user_space_of_a_kernel_at_el2_takes_its_aborts_at_el2() {
+    use arch_aarch64::inject::{ESR_EL2, FAR_EL2, HCR_EL2, VBAR_EL2};
+    let host_kernel = [
+        (Reg::Pstate, 0x0),
+        (Reg::Sys(HCR_EL2), (1 << 34) | (1 << 27)),
+        (Reg::Sys(VBAR_EL2), 0x9000),
+        (Reg::Pc, 0x40_0000),
+    ];
+    let script = vec![
+        step(&host_kernel, exception(u64::from(EC_DABT_LOW) << 26, 0x0a00_0000)),
+        step(&[], exception(store32(1), UART)),
+    ];
+    let mut vcpu = RawLoop::new(Fake::new(script, Log::default()), 0, Power::new(&[0x8000_0000])).with_el2();
+    assert_eq!(exit_of(&mut vcpu), format!("write {UART:#x} [0, 0, 0, 0]"));
+    assert_eq!(vcpu.get_reg(Reg::Sys(ESR_EL2)).unwrap() >> 26, 0x24, "a data abort from a lower EL");
+    assert_eq!(vcpu.get_reg(Reg::Sys(FAR_EL2)).unwrap(), 0xffff_0000_0a00_0000);
+    assert_eq!(vcpu.get_reg(Reg::Pc).unwrap(), 0x9404, "the lower-EL vector (then the store)");
+    assert_eq!(vcpu.get_reg(Reg::Pstate).unwrap(), 0x3c9);
+}
+
 /// Issue 14, fix 7: applevisor read the exit reason as a Rust enum (undefined for a reason
 /// Apple adds). It is read as a number, and one the loop does not know ends the run with
 /// an error that names it.

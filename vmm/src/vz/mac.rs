@@ -125,7 +125,8 @@ pub fn nets(nets: &[NetConfig]) -> Result<Vec<NetSpec>, PlanError> {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { min_cpus: 1, max_cpus: 8, min_memory: 128 << 20, max_memory: 32 << 30 };
+    const LIMITS: Limits =
+        Limits { min_cpus: 1, max_cpus: 8, min_memory: 128 << 20, max_memory: 32 << 30, nested: false };
 
     #[test]
     fn install_defaults_rise_to_the_images_requirements_and_stay_within_the_host() {

@@ -25,6 +25,8 @@ pub struct Limits {
     pub min_memory: u64,
     /// Most memory, in bytes.
     pub max_memory: u64,
+    /// Whether a Linux guest can have EL2 (`--nested`: macOS 15 on Apple M3 or later).
+    pub nested: bool,
 }
 
 /// Why a configuration cannot run on Virtualization.framework.
@@ -110,6 +112,8 @@ pub struct LinuxPlan {
     pub shares: Vec<ShareConfig>,
     /// Share Rosetta with the guest.
     pub rosetta: bool,
+    /// Nested virtualization (EL2 for the guest).
+    pub nested: bool,
 }
 
 fn unsupported(flag: impl Into<String>, instead: &'static str) -> PlanError {
@@ -133,6 +137,12 @@ pub fn linux(config: &VmConfig, limits: &Limits) -> Result<LinuxPlan, PlanError>
         return Err(unsupported(
             format!("--memory {}", config.memory),
             "not a whole number of MiB, which --backend vz needs",
+        ));
+    }
+    if config.nested && !limits.nested {
+        return Err(unsupported(
+            "--nested",
+            "this Mac's Virtualization.framework cannot give a guest EL2 (it needs macOS 15 or later on Apple M3 or later)",
         ));
     }
     if config.gic != GicChoice::Auto {
@@ -197,6 +207,7 @@ pub fn linux(config: &VmConfig, limits: &Limits) -> Result<LinuxPlan, PlanError>
         console,
         shares: config.shares.clone(),
         rosetta: config.rosetta,
+        nested: config.nested,
     })
 }
 
@@ -205,7 +216,8 @@ mod tests {
     use super::*;
     use crate::config::{parse_disk, Backend, NetConfig};
 
-    const LIMITS: Limits = Limits { min_cpus: 1, max_cpus: 10, min_memory: 128 << 20, max_memory: 16 << 30 };
+    const LIMITS: Limits =
+        Limits { min_cpus: 1, max_cpus: 10, min_memory: 128 << 20, max_memory: 16 << 30, nested: true };
 
     fn vz() -> VmConfig {
         VmConfig {
@@ -275,5 +287,14 @@ mod tests {
         }
         // Invalid whatever the backend: the configuration's own error.
         assert!(matches!(linux(&VmConfig { cpus: 0, ..vz() }, &LIMITS), Err(PlanError::Config(_))));
+    }
+
+    #[test]
+    fn nested_virtualization_where_the_framework_offers_it_and_a_clear_error_elsewhere() {
+        let nested = VmConfig { nested: true, ..vz() };
+        assert!(linux(&nested, &LIMITS).unwrap().nested);
+        assert!(!linux(&vz(), &LIMITS).unwrap().nested);
+        let err = linux(&nested, &Limits { nested: false, ..LIMITS }).unwrap_err().to_string();
+        assert!(err.contains("--nested") && err.contains("macOS 15 or later on Apple M3"), "{err}");
     }
 }

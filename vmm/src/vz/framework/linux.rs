@@ -8,9 +8,10 @@ use objc2::AnyThread;
 use objc2_foundation::{NSArray, NSFileHandle, NSString};
 use objc2_virtualization::{
     VZDiskImageStorageDeviceAttachment, VZEntropyDeviceConfiguration, VZFileHandleSerialPortAttachment,
-    VZLinuxBootLoader, VZLinuxRosettaAvailability, VZLinuxRosettaDirectoryShare, VZSerialPortConfiguration,
-    VZStorageDeviceConfiguration, VZVirtioBlockDeviceConfiguration, VZVirtioConsoleDeviceSerialPortConfiguration,
-    VZVirtioEntropyDeviceConfiguration, VZVirtioFileSystemDeviceConfiguration, VZVirtualMachineConfiguration,
+    VZGenericPlatformConfiguration, VZLinuxBootLoader, VZLinuxRosettaAvailability, VZLinuxRosettaDirectoryShare,
+    VZSerialPortConfiguration, VZStorageDeviceConfiguration, VZVirtioBlockDeviceConfiguration,
+    VZVirtioConsoleDeviceSerialPortConfiguration, VZVirtioEntropyDeviceConfiguration,
+    VZVirtioFileSystemDeviceConfiguration, VZVirtualMachineConfiguration,
 };
 
 use super::{handle, machine, set_nets, share_devices, start_and_watch, url, vz_error};
@@ -61,6 +62,11 @@ fn configuration(
         config.setBootLoader(Some(&boot));
         config.setCPUCount(plan.cpus as usize);
         config.setMemorySize(plan.memory);
+        if plan.nested {
+            let platform = VZGenericPlatformConfiguration::new();
+            platform.setNestedVirtualizationEnabled(true);
+            config.setPlatform(&platform);
+        }
 
         let mut disks: Vec<Retained<VZStorageDeviceConfiguration>> = Vec::new();
         for (path, read_only, id) in &plan.disks {

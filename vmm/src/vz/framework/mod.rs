@@ -18,10 +18,10 @@ use objc2::rc::Retained;
 use objc2::AnyThread;
 use objc2_foundation::{NSArray, NSError, NSFileHandle, NSString, NSURL};
 use objc2_virtualization::{
-    VZDirectorySharingDeviceConfiguration, VZFileHandleNetworkDeviceAttachment, VZMACAddress,
-    VZNATNetworkDeviceAttachment, VZNetworkDeviceConfiguration, VZSharedDirectory, VZSingleDirectoryShare,
-    VZVirtioFileSystemDeviceConfiguration, VZVirtioNetworkDeviceConfiguration, VZVirtualMachine,
-    VZVirtualMachineConfiguration, VZVirtualMachineState,
+    VZDirectorySharingDeviceConfiguration, VZFileHandleNetworkDeviceAttachment, VZGenericPlatformConfiguration,
+    VZMACAddress, VZNATNetworkDeviceAttachment, VZNetworkDeviceConfiguration, VZSharedDirectory,
+    VZSingleDirectoryShare, VZVirtioFileSystemDeviceConfiguration, VZVirtioNetworkDeviceConfiguration,
+    VZVirtualMachine, VZVirtualMachineConfiguration, VZVirtualMachineState,
 };
 
 use super::plan::{Limits, Net, NetSpec};
@@ -47,8 +47,20 @@ pub fn limits() -> Limits {
             max_cpus: VZVirtualMachineConfiguration::maximumAllowedCPUCount() as u32,
             min_memory: VZVirtualMachineConfiguration::minimumAllowedMemorySize(),
             max_memory: VZVirtualMachineConfiguration::maximumAllowedMemorySize(),
+            nested: nested_supported(),
         }
     }
+}
+
+/// Whether the framework can give a Linux guest EL2. The class method exists from macOS
+/// 15 on; before that, asking would raise an unrecognized-selector exception.
+fn nested_supported() -> bool {
+    let class = <VZGenericPlatformConfiguration as objc2::ClassType>::class();
+    if class.class_method(objc2::sel!(isNestedVirtualizationSupported)).is_none() {
+        return false;
+    }
+    // SAFETY: a class method without arguments, which this macOS has (checked above).
+    unsafe { VZGenericPlatformConfiguration::isNestedVirtualizationSupported() }
 }
 
 fn url(path: &std::path::Path) -> Retained<NSURL> {
