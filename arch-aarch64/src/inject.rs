@@ -32,6 +32,10 @@ pub const VBAR_EL2: SysReg = SysReg::new(3, 4, 12, 0, 0);
 pub const HCR_EL2: SysReg = SysReg::new(3, 4, 1, 1, 0);
 /// HCR_EL2.TGE: exceptions from EL0 go to EL2.
 const HCR_TGE: u64 = 1 << 27;
+/// HCR_EL2.TSC: an SMC at EL1 traps to EL2.
+pub const HCR_TSC: u64 = 1 << 19;
+/// HCR_EL2.TEA: synchronous external aborts from EL0 and EL1 go to EL2.
+const HCR_TEA: u64 = 1 << 37;
 
 /// PSTATE on exception entry to EL1: EL1h, with D, A, I and F masked.
 pub const PSTATE_EL1H_MASKED: u64 = 0x3c5;
@@ -83,14 +87,19 @@ pub const fn current_el(pstate: u64) -> u8 {
     ((pstate >> 2) & 3) as u8
 }
 
-/// Which level takes a synchronous exception raised with PSTATE `pstate`, in a guest whose
-/// HCR_EL2 is `hcr_el2` (0 for a guest without EL2): EL2 when the guest runs there, or
-/// when it runs at EL0 with HCR_EL2.TGE set (the user space of a kernel at EL2, as a VHE
-/// host's is); EL1 otherwise.
-pub const fn target_el(pstate: u64, hcr_el2: u64) -> &'static Bank {
+/// Which level takes `fault` raised with PSTATE `pstate`, in a guest whose HCR_EL2 is
+/// `hcr_el2` (0 for a guest without EL2): EL2 when the guest runs there; when it runs at
+/// EL0 with HCR_EL2.TGE set (the user space of a kernel at EL2, as a VHE host's is); for
+/// an external abort with HCR_EL2.TEA set (a guest hypervisor that takes its guests'
+/// external aborts, as KVM does with RAS); and for an HVC or a trapped SMC, which only
+/// EL2 takes. EL1 otherwise.
+pub const fn target_el(fault: Fault, pstate: u64, hcr_el2: u64) -> &'static Bank {
+    let external = matches!(fault, Fault::DataAbort { .. } | Fault::InstructionAbort { .. });
     match current_el(pstate) {
+        _ if matches!(fault, Fault::Hvc { .. } | Fault::Smc { .. }) => &EL2,
         2 | 3 => &EL2,
         0 if hcr_el2 & HCR_TGE != 0 => &EL2,
+        _ if external && hcr_el2 & HCR_TEA != 0 => &EL2,
         _ => &EL1,
     }
 }
@@ -117,6 +126,18 @@ pub enum Fault {
     },
     /// An undefined instruction.
     Undefined,
+    /// An HVC with immediate `imm`, for the guest's own EL2 (a guest with EL2 calls the
+    /// VMM through SMC). The return address is the instruction after it.
+    Hvc {
+        /// The HVC's immediate.
+        imm: u16,
+    },
+    /// An SMC with immediate `imm` trapped to the guest's EL2 (HCR_EL2.TSC). The return
+    /// address is the SMC itself.
+    Smc {
+        /// The SMC's immediate.
+        imm: u16,
+    },
 }
 
 /// Register values that deliver an exception, to be written to the target level's
@@ -158,6 +179,8 @@ pub fn take(fault: Fault, pc: u64, pstate: u64, to: &Bank, vbar: u64) -> Entry {
             ((ec << 26) | IL | FSC_EXTERNAL, Some(far))
         }
         Fault::Undefined => (IL, None),
+        Fault::Hvc { imm } => ((0x16 << 26) | IL | u64::from(imm), None),
+        Fault::Smc { imm } => ((0x17 << 26) | IL | u64::from(imm), None),
     };
     Entry { pc: vbar.wrapping_add(offset), pstate: to.pstate, elr: pc, spsr: pstate, esr, far }
 }
@@ -199,26 +222,55 @@ mod tests {
     fn a_guest_at_el2_takes_its_exceptions_at_el2() {
         // EL2h: the guest hypervisor's own fault goes to its VBAR_EL2, current EL with SPx.
         let el2h = 0x3c9;
-        let to = target_el(el2h, 0);
+        let to = target_el(Fault::Undefined, el2h, 0);
         assert_eq!(to.el, 2);
         let e = take(Fault::DataAbort { far: 0x0a00_0000, write: false }, 0x4000_0000, el2h, to, 0x9000);
         assert_eq!((e.pc, e.esr >> 26, e.pstate, e.spsr), (0x9200, 0x25, PSTATE_EL2H_MASKED, el2h));
         assert_eq!((to.elr, to.esr, to.vbar), (ELR_EL2, ESR_EL2, VBAR_EL2));
         // EL2t (SP_EL0) takes the first vector.
-        assert_eq!(take(Fault::Undefined, 0x10, 0x8, target_el(0x8, 0), 0x9000).pc, 0x9000);
+        assert_eq!(take(Fault::Undefined, 0x10, 0x8, target_el(Fault::Undefined, 0x8, 0), 0x9000).pc, 0x9000);
     }
 
     #[test]
     fn user_space_goes_to_el2_only_under_a_host_kernel_at_el2() {
         // HCR_EL2.TGE set (a VHE host's user space): EL0 faults go to EL2, from a lower EL.
-        let to = target_el(0x0, (1 << 34) | (1 << 27));
+        let fetch = Fault::InstructionAbort { far: 0x1000 };
+        let to = target_el(fetch, 0x0, (1 << 34) | (1 << 27));
         assert_eq!(to.el, 2);
-        let e = take(Fault::InstructionAbort { far: 0x1000 }, 0x1000, 0x0, to, 0x9000);
+        let e = take(fetch, 0x1000, 0x0, to, 0x9000);
         assert_eq!((e.pc, e.esr >> 26, e.pstate), (0x9400, 0x20, PSTATE_EL2H_MASKED));
         // Without TGE (a nested guest's user space, or no EL2 at all) EL1 takes them.
-        assert_eq!(target_el(0x0, 1 << 34).el, 1);
-        assert_eq!(target_el(0x0, 0).el, 1);
-        assert_eq!(target_el(0x3c5, (1 << 34) | (1 << 27)).el, 1, "EL1 is never routed by TGE here");
+        assert_eq!(target_el(fetch, 0x0, 1 << 34).el, 1);
+        assert_eq!(target_el(fetch, 0x0, 0).el, 1);
+        assert_eq!(target_el(fetch, 0x3c5, (1 << 34) | (1 << 27)).el, 1, "EL1 is never routed by TGE here");
+    }
+
+    #[test]
+    fn with_tea_a_guest_hypervisor_takes_its_guests_external_aborts() {
+        let tea = 1 << 37;
+        let abort = Fault::DataAbort { far: 0x1000, write: true };
+        for el1_or_el0 in [0x3c5, 0x0] {
+            let to = target_el(abort, el1_or_el0, tea);
+            assert_eq!(to.el, 2);
+            assert_eq!(take(abort, 0x40_0000, el1_or_el0, to, 0x9000).esr >> 26, 0x24, "from a lower EL");
+        }
+        assert_eq!(target_el(Fault::InstructionAbort { far: 0 }, 0x3c5, tea).el, 2);
+        assert_eq!(target_el(Fault::Undefined, 0x3c5, tea).el, 1, "TEA routes only external aborts");
+        assert_eq!(target_el(abort, 0x3c5, 0).el, 1);
+    }
+
+    #[test]
+    fn hvc_and_trapped_smc_go_to_el2_with_their_immediates() {
+        let hvc = Fault::Hvc { imm: 0x12 };
+        let to = target_el(hvc, 0x3c5, 0);
+        assert_eq!(to.el, 2, "from EL1");
+        let e = take(hvc, 0x4000_0004, 0x3c5, to, 0x9000);
+        assert_eq!((e.pc, e.esr, e.elr), (0x9400, (0x16 << 26) | IL | 0x12, 0x4000_0004));
+        let at_el2 = take(hvc, 0x4000_0004, 0x3c9, target_el(hvc, 0x3c9, 0), 0x9000);
+        assert_eq!(at_el2.pc, 0x9200, "an HVC at EL2 is taken at EL2, current EL");
+        let smc = Fault::Smc { imm: 0 };
+        let e = take(smc, 0x4000_0000, 0x3c5, target_el(smc, 0x3c5, HCR_TSC), 0x9000);
+        assert_eq!((e.pc, e.esr >> 26, e.elr), (0x9400, 0x17, 0x4000_0000));
     }
 
     #[test]

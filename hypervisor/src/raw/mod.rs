@@ -358,7 +358,9 @@ impl<V: RawVcpu> RawLoop<V> {
     /// whatever it was doing before a CPU_OFF: its MMU, caches and FP access are reset, and
     /// so is what this loop kept for its last life (a load in flight, a timer it held).
     /// Without that, a CPU brought back online fetched its physical entry address with the
-    /// MMU still on.
+    /// MMU still on. At EL2 the rest of EL2's state (HCR_EL2, CPTR_EL2, VBAR_EL2) keeps its
+    /// last values: no translation or trap depends on them before the entry code, which
+    /// sets them (Linux's `init_el2` does).
     fn power_on(&mut self, entry: u64, context: u64) -> Result<()> {
         self.raw.set_reg(Reg::Sys(SCTLR_EL1), SCTLR_EL1_RESET)?;
         self.raw.set_reg(Reg::Sys(CPACR_EL1), 0)?;
@@ -448,10 +450,8 @@ impl<V: RawVcpu> RawLoop<V> {
     fn inject(&mut self, fault: Fault) -> Result<()> {
         let pc = self.raw.reg(Reg::Pc)?;
         let pstate = self.raw.reg(Reg::Pstate)?;
-        // Only EL0 asks HCR_EL2 where it goes, and only a guest with EL2 has one.
-        let hcr =
-            if self.el2 && inject::current_el(pstate) == 0 { self.raw.reg(Reg::Sys(inject::HCR_EL2))? } else { 0 };
-        let to = inject::target_el(pstate, hcr);
+        let hcr = self.guest_hcr(pstate)?;
+        let to = inject::target_el(fault, pstate, hcr);
         let vbar = self.raw.reg(Reg::Sys(to.vbar))?;
         let entry = inject::take(fault, pc, pstate, to, vbar);
         self.raw.set_reg(Reg::Sys(to.elr), entry.elr)?;
@@ -462,6 +462,33 @@ impl<V: RawVcpu> RawLoop<V> {
         }
         self.raw.set_reg(Reg::Pstate, entry.pstate)?;
         self.raw.set_reg(Reg::Pc, entry.pc)
+    }
+
+    /// The guest's HCR_EL2 where it routes exceptions from EL0 or EL1 (a guest with EL2,
+    /// below EL2); 0 otherwise.
+    fn guest_hcr(&mut self, pstate: u64) -> Result<u64> {
+        if self.el2 && inject::current_el(pstate) < 2 {
+            self.raw.reg(Reg::Sys(inject::HCR_EL2))
+        } else {
+            Ok(0)
+        }
+    }
+
+    /// An HVC or SMC in a guest with EL2, whose device tree calls PSCI through SMC: an
+    /// HVC belongs to the guest's own EL2, and so does an SMC from EL1 that the guest's
+    /// HCR_EL2.TSC traps there; an SMC from EL2, or from EL1 untrapped, is a PSCI call to
+    /// the VMM. (Answering a nested guest's calls as PSCI would let it power off or
+    /// restart the outer VM's vCPUs.)
+    fn nested_call(&mut self, smc: bool, imm: u16) -> Result<Option<Outcome>> {
+        let pstate = self.raw.reg(Reg::Pstate)?;
+        let el = inject::current_el(pstate);
+        let trapped = smc && el == 1 && self.guest_hcr(pstate)? & inject::HCR_TSC != 0;
+        match (smc, el) {
+            (true, 0) => self.inject(Fault::Undefined).map(|()| None),
+            (true, _) if !trapped => self.psci(true),
+            (true, _) => self.inject(Fault::Smc { imm }).map(|()| None),
+            (false, _) => self.inject(Fault::Hvc { imm }).map(|()| None),
+        }
     }
 
     fn psci(&mut self, smc: bool) -> Result<Option<Outcome>> {
@@ -522,6 +549,7 @@ impl<V: RawVcpu> RawLoop<V> {
                 self.pending_load = Some(access);
                 Ok(Some(Outcome::Read { addr, size: access.size }))
             }
+            Decision::Psci { smc } if self.el2 => self.nested_call(smc, esr as u16),
             Decision::Psci { smc } => self.psci(smc),
             Decision::WaitForInterrupt => {
                 self.step_pc()?;

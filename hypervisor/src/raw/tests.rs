@@ -370,6 +370,50 @@ fn with_el2_a_lone_vcpus_wfi_is_a_short_nap_whatever_timer_it_waits_on() {
     assert!(at - start < Duration::from_millis(500), "a short nap: {:?}", at - start);
 }
 
+/// `--nested` (review of fix 8): every HVC and SMC was answered as PSCI, so a nested
+/// guest's HVC SYSTEM_OFF powered off the outer VM. An HVC goes to the guest's EL2, and
+/// so does an SMC its HCR_EL2.TSC traps; only an SMC from EL2 (or untrapped) reaches PSCI.
+#[test]
+fn with_el2_only_the_guest_hypervisors_smc_reaches_psci() {
+    use arch_aarch64::inject::{ELR_EL2, ESR_EL2, HCR_EL2, HCR_TSC, VBAR_EL2};
+    let off = (Reg::X(0), u64::from(psci::SYSTEM_OFF));
+    let log = Log::default();
+    let script = vec![
+        // A nested guest's kernel at EL1: HVC #5 with SYSTEM_OFF in X0 (the return address
+        // is already past the HVC).
+        step(
+            &[off, (Reg::Pstate, 0x3c5), (Reg::Pc, 0x1004), (Reg::Sys(VBAR_EL2), 0x9000)],
+            exception(call(EC_HVC64) | 5, 0),
+        ),
+        // Back at EL1, an SMC its hypervisor traps (HCR_EL2.TSC).
+        step(
+            &[off, (Reg::Pstate, 0x3c5), (Reg::Pc, 0x2000), (Reg::Sys(HCR_EL2), HCR_TSC)],
+            exception(call(EC_SMC64), 0),
+        ),
+        step(&[], exception(store32(1), UART)),
+    ];
+    let mut vcpu = RawLoop::new(Fake::new(script, log), 0, Power::new(&[0x8000_0000])).with_el2();
+    assert_eq!(exit_of(&mut vcpu), format!("write {UART:#x} [0, 0, 0, 0]"), "no power-off");
+    assert_eq!(vcpu.get_reg(Reg::Sys(ESR_EL2)).unwrap() >> 26, 0x17, "the last one: the trapped SMC, at EL2");
+    assert_eq!(vcpu.get_reg(Reg::Sys(ELR_EL2)).unwrap(), 0x2000, "returning to the SMC");
+    assert_eq!(vcpu.get_reg(Reg::Pc).unwrap(), 0x9404, "EL2's lower-EL vector (then the store)");
+    let hvc = vec![
+        step(
+            &[off, (Reg::Pstate, 0x3c5), (Reg::Pc, 0x1004), (Reg::Sys(VBAR_EL2), 0x9000)],
+            exception(call(EC_HVC64) | 5, 0),
+        ),
+        step(&[], exception(store32(1), UART)),
+    ];
+    let mut vcpu = RawLoop::new(Fake::new(hvc, Log::default()), 0, Power::new(&[0x8000_0000])).with_el2();
+    assert_eq!(exit_of(&mut vcpu), format!("write {UART:#x} [0, 0, 0, 0]"), "no power-off");
+    assert_eq!(vcpu.get_reg(Reg::Sys(ESR_EL2)).unwrap(), (0x16 << 26) | (1 << 25) | 5, "the HVC, at EL2");
+    assert_eq!(vcpu.get_reg(Reg::Sys(ELR_EL2)).unwrap(), 0x1004);
+    // The guest hypervisor's own SMC, at EL2, is PSCI.
+    let own = vec![step(&[off, (Reg::Pstate, 0x3c9)], exception(call(EC_SMC64), 0))];
+    let mut vcpu = RawLoop::new(Fake::new(own, Log::default()), 0, Power::new(&[0x8000_0000])).with_el2();
+    assert_eq!(exit_of(&mut vcpu), "System(Shutdown)");
+}
+
 /// `--nested`: the user space of a kernel at EL2 (HCR_EL2.TGE) takes its aborts at EL2.
 #[test]
 fn with_el2_user_space_of_a_kernel_at_el2_takes_its_aborts_at_el2() {
