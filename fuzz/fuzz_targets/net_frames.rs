@@ -35,7 +35,6 @@ use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use mio::{event, Interest, Registry, Token};
 
 use devices::virtio::iovec::GuestIovecs;
 use devices::virtio::net::backend::{NetBackend, Unixstream, MAX_STREAM_FRAME, VNET_HDR_LEN};
@@ -235,7 +234,7 @@ struct Log {
     taken: Vec<(usize, u64)>,
 }
 
-/// A `NetBackend` that does what the script says. Its mio source is a real socket,
+/// A `NetBackend` that does what the script says. Its file descriptor is a real socket,
 /// which the target makes readable to wake the device's worker.
 struct Scripted {
     socket: mio::net::UnixDatagram,
@@ -243,17 +242,6 @@ struct Scripted {
     log: Arc<Mutex<Log>>,
 }
 
-impl event::Source for Scripted {
-    fn register(&mut self, registry: &Registry, token: Token, interests: Interest) -> std::io::Result<()> {
-        self.socket.register(registry, token, interests)
-    }
-    fn reregister(&mut self, registry: &Registry, token: Token, interests: Interest) -> std::io::Result<()> {
-        self.socket.reregister(registry, token, interests)
-    }
-    fn deregister(&mut self, registry: &Registry) -> std::io::Result<()> {
-        self.socket.deregister(registry)
-    }
-}
 
 fn failed(step: SendStep) -> std::io::Result<()> {
     match step {
@@ -280,6 +268,10 @@ impl Scripted {
 }
 
 impl NetBackend for Scripted {
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.socket))
+    }
+
     fn vnet_hdr(&self) -> bool {
         self.vnet_hdr
     }

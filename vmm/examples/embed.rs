@@ -1,5 +1,6 @@
-//! Embedding hvrun: boot a guest from code with its console on in-memory pipes, pause
-//! and resume it from another thread, read its events, and wait for it to power off.
+//! Embedding hvrun: boot a guest from code, its kernel and initramfs handed over as bytes
+//! and its consoles (hvc0 and the serial port) on in-memory pipes; pause and resume it
+//! from another thread, read its events, and wait for it to power off.
 //!
 //! ```text
 //! cargo run --example embed -- Image initramfs.cpio
@@ -9,82 +10,33 @@
 //! guest (a loop printing "tick" goes quiet), and exits non-zero if anything is off. The
 //! rig runs it as the `embed` scenario.
 
-use std::io::{Read, Write};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+#[path = "common/mod.rs"]
+mod common;
 
+use std::time::Duration;
+
+use common::{keyboard, wait_for, Captured};
 use hvrun::{Event, ExitReason, Vm, VmConfig};
 
-/// The guest's console output, shared with this program.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        self.0.lock().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
-    }
-    fn count(&self, needle: &str) -> usize {
-        self.text().matches(needle).count()
-    }
-}
-
-/// What the guest reads: lines this program sends, as it sends them.
-struct Typed {
-    lines: Receiver<Vec<u8>>,
-    pending: Vec<u8>,
-}
-
-impl Read for Typed {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.pending.is_empty() {
-            match self.lines.recv() {
-                Ok(bytes) => self.pending = bytes,
-                Err(_) => return Ok(0), // no more input
-            }
-        }
-        let n = buf.len().min(self.pending.len());
-        buf[..n].copy_from_slice(&self.pending[..n]);
-        self.pending.drain(..n);
-        Ok(n)
-    }
-}
-
-fn type_line(keyboard: &Sender<Vec<u8>>, line: &str) -> Result<(), String> {
-    keyboard.send(format!("{line}\n").into_bytes()).map_err(|_| "the console input is gone".to_string())
-}
-
-/// Waits until `check` holds, up to `limit`.
-fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    check()
-}
-
 fn run(kernel: &str, initrd: &str) -> Result<(), String> {
-    let mut config = VmConfig::new(kernel);
-    config.initrd = Some(initrd.into());
+    // The kernel and initramfs come from memory: the configuration's paths only name
+    // them (and exist nowhere).
+    let kernel = std::fs::read(kernel).map_err(|e| format!("{kernel}: {e}"))?;
+    let initrd = std::fs::read(initrd).map_err(|e| format!("{initrd}: {e}"))?;
+    let mut config = VmConfig::new("/in-memory/Image");
+    config.initrd = Some("/in-memory/initramfs".into());
     config.cmdline = "console=hvc0 quiet".into();
     config.memory = 256 << 20;
     let output = Captured::default();
-    let (keyboard, lines) = channel();
+    let serial_output = Captured::default();
+    let (keyboard, typed) = keyboard();
+    let (serial_keyboard, serial_typed) = common::keyboard();
     let vm = Vm::builder(config)
-        .console(Typed { lines, pending: Vec::new() }, output.clone())
+        .kernel_image(kernel)
+        .initrd_image(initrd)
+        .console(typed, output.clone())
+        .serial_input(serial_typed)
+        .serial(serial_output.clone())
         .start()
         .map_err(|e| format!("start: {e}"))?;
     let handle = vm.handle();
@@ -98,7 +50,23 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
         return Err("the guest's init never spoke on hvc0".into());
     }
 
-    type_line(&keyboard, "(while :; do echo tick; sleep 0.2; done) &")?;
+    // The serial port (ttyAMA0, not the console here) reads what this program types on
+    // it: the guest reads one line and answers on hvc0.
+    keyboard.line("echo reading-serial; echo serial-got=$(head -n1 /dev/ttyAMA0)")?;
+    if !wait_for(Duration::from_secs(60), || output.count("reading-serial") >= 2) {
+        return Err(format!("the guest did not start reading the serial port; console:\n{}", output.text()));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    serial_keyboard.line("typed-on-the-serial-port")?;
+    if !wait_for(Duration::from_secs(60), || output.count("serial-got=typed-on-the-serial-port") > 0) {
+        return Err(format!("the guest did not read the serial port; console:\n{}", output.text()));
+    }
+    println!(
+        "embed: the guest read typed-on-the-serial-port from ttyAMA0 (its echo: {:?})",
+        serial_output.text().trim()
+    );
+
+    keyboard.line("(while :; do echo tick; sleep 0.2; done) &")?;
     if !wait_for(Duration::from_secs(60), || output.count("tick") >= 3) {
         return Err(format!("no ticks from the guest; console so far:\n{}", output.text()));
     }
@@ -123,7 +91,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
     }
     println!("embed: ticking again after resume ({} ticks)", output.count("tick"));
 
-    type_line(&keyboard, "kill %1; echo embed-says-$((6 * 7)); poweroff -f")?;
+    keyboard.line("kill %1; echo embed-says-$((6 * 7)); poweroff -f")?;
     // The events after the boot timer, up to the exit (the last one).
     let mut events = Vec::new();
     while let Ok(event) = vm.events().recv_timeout(Duration::from_secs(120)) {
@@ -147,19 +115,5 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    let [_, kernel, initrd] = args.as_slice() else {
-        eprintln!("usage: embed KERNEL INITRD");
-        return std::process::ExitCode::from(2);
-    };
-    match run(kernel, initrd) {
-        Ok(()) => {
-            println!("embed: ok");
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("embed: FAILED: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    common::main("embed", "KERNEL INITRD", |args| run(&args[0], &args[1]))
 }

@@ -1,13 +1,63 @@
 //! Opening and validating the files a boot needs, before anything else happens.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::Arc;
 
 use arch_aarch64::image::{ImageHeader, HEAD_SIZE};
 use devices::virtio::block::disk::FileDisk;
 
 use crate::{Error, VmConfig};
+
+/// A boot file's contents: an open file, or bytes an embedder handed over
+/// ([`crate::VmBuilder::kernel_image`]).
+#[derive(Debug)]
+pub enum Blob {
+    /// A file.
+    File(File),
+    /// Bytes in memory.
+    Bytes(Cursor<Arc<[u8]>>),
+}
+
+impl Read for Blob {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Blob::File(f) => f.read(buf),
+            Blob::Bytes(b) => b.read(buf),
+        }
+    }
+}
+
+impl Seek for Blob {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        match self {
+            Blob::File(f) => f.seek(pos),
+            Blob::Bytes(b) => b.seek(pos),
+        }
+    }
+}
+
+impl vm_memory::ReadVolatile for Blob {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        match self {
+            Blob::File(f) => f.read_volatile(buf),
+            Blob::Bytes(b) => b.read_volatile(buf),
+        }
+    }
+}
+
+/// Boot files an embedder gives as bytes, in place of the configuration's paths.
+#[derive(Debug, Clone, Default)]
+pub struct Images {
+    /// The kernel image.
+    pub kernel: Option<Arc<[u8]>>,
+    /// The initrd.
+    pub initrd: Option<Arc<[u8]>>,
+}
 
 /// The kernel and initrd, open, with the kernel's header validated.
 // On hosts that cannot run guests the files are only validated, never loaded.
@@ -15,28 +65,39 @@ use crate::{Error, VmConfig};
 #[derive(Debug)]
 pub struct BootFiles {
     /// The kernel image, positioned anywhere.
-    pub kernel: File,
+    pub kernel: Blob,
     /// Size of the kernel file in bytes.
     pub kernel_size: u64,
     /// The kernel's parsed header.
     pub header: ImageHeader,
     /// The initrd and its size, if there is one.
-    pub initrd: Option<(File, u64)>,
+    pub initrd: Option<(Blob, u64)>,
     /// The disks, open and locked, in order.
     pub disks: Vec<FileDisk>,
 }
 
-fn open(what: &'static str, path: &Path) -> Result<(File, u64), Error> {
+fn open(what: &'static str, path: &Path, bytes: Option<&Arc<[u8]>>) -> Result<(Blob, u64), Error> {
+    if let Some(bytes) = bytes {
+        return Ok((Blob::Bytes(Cursor::new(Arc::clone(bytes))), bytes.len() as u64));
+    }
     let err = |source| Error::File { what, path: path.to_path_buf(), source };
     let file = devices::host_file::open_regular(path, false).map_err(err)?;
     let meta = file.metadata().map_err(err)?;
-    Ok((file, meta.len()))
+    Ok((Blob::File(file), meta.len()))
 }
 
 impl BootFiles {
     /// Opens the files `config` names and validates the kernel's header.
+    #[cfg(test)]
     pub fn open(config: &VmConfig) -> Result<Self, Error> {
-        let (mut kernel, kernel_size) = open("kernel", &config.kernel)?;
+        Self::open_with(config, &Images::default())
+    }
+
+    /// Opens the files `config` names, taking the kernel and initrd from `images` where it
+    /// has them (the configuration's paths then only name them in messages), and
+    /// validates the kernel's header.
+    pub fn open_with(config: &VmConfig, images: &Images) -> Result<Self, Error> {
+        let (mut kernel, kernel_size) = open("kernel", &config.kernel, images.kernel.as_ref())?;
         // Judge the size before reading: a "regular" file whose reads block (/proc/kmsg,
         // tracefs pipes) reports 0, and is refused here rather than read.
         if kernel_size < arch_aarch64::image::HEADER_SIZE as u64 {
@@ -53,7 +114,11 @@ impl BootFiles {
         })?;
         let header = ImageHeader::parse(&head, kernel_size)
             .map_err(|source| Error::Kernel { path: config.kernel.clone(), source })?;
-        let initrd = config.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
+        let initrd = match (&images.initrd, &config.initrd) {
+            (Some(bytes), path) => Some(open("initrd", path.as_deref().unwrap_or(Path::new("(memory)")), Some(bytes))?),
+            (None, Some(path)) => Some(open("initrd", path, None)?),
+            (None, None) => None,
+        };
         let disks = config
             .disks
             .iter()

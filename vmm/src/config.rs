@@ -12,9 +12,6 @@ use arch_aarch64::layout::{PAGE_SIZE, RAM_MAX};
 pub const MAX_CPUS: u32 = 127;
 /// The most vCPUs hvrun's emulated GICv2 serves (the architecture's limit).
 pub const MAX_CPUS_GICV2: u32 = 8;
-/// The most virtio devices a machine may have: one SPI each from `VIRTIO_SPI_BASE` up to
-/// the 64 SPIs the machine wires.
-pub const MAX_VIRTIO_DEVICES: usize = 48;
 /// The least RAM a machine may have.
 pub const MIN_MEMORY: u64 = 16 << 20;
 /// RAM when none is asked for.
@@ -455,11 +452,7 @@ impl VmConfig {
                 return Err(ConfigError::NeedsVz("--net nat"));
             }
         }
-        let console = usize::from(matches!(self.console, ConsoleConfig::Serial));
-        let devices = self.disks.len() + self.nets.len() + 2 - console;
-        if devices > MAX_VIRTIO_DEVICES {
-            return Err(ConfigError::TooManyDevices(devices));
-        }
+        crate::slots::assign(crate::slots::count(self, &crate::slots::Extras::default()))?;
         if self.memory < MIN_MEMORY || self.memory > RAM_MAX || self.memory % PAGE_SIZE != 0 {
             return Err(ConfigError::MemoryOutOfRange(format_size(self.memory)));
         }
@@ -489,7 +482,15 @@ pub fn default_cmdline(disks: &[DiskConfig]) -> String {
     }
 }
 
-/// Parses `PATH[,readonly][,id=NAME]`.
+/// The longest serial a disk may have: virtio-blk's GET_ID answer.
+pub const MAX_DISK_ID: usize = 20;
+
+/// Whether `id` can be a disk's serial: 1 to [`MAX_DISK_ID`] ASCII bytes.
+pub fn valid_disk_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_DISK_ID && id.is_ascii()
+}
+
+/// Parses `--disk PATH[,readonly][,id=NAME]`.
 pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     let mut parts = text.split(',');
     let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| ConfigError::BadDisk(text.into()))?;
@@ -497,7 +498,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     for option in parts {
         match option.split_once('=') {
             None if option == "readonly" || option == "ro" => disk.read_only = true,
-            Some(("id", id)) if !id.is_empty() && id.len() <= 20 && id.is_ascii() => disk.id = Some(id.into()),
+            Some(("id", id)) if valid_disk_id(id) => disk.id = Some(id.into()),
             _ => return Err(ConfigError::BadDisk(text.into())),
         }
     }

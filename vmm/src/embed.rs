@@ -38,6 +38,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use devices::virtio::block::disk::Disk;
+use devices::virtio::net::backend::NetBackend;
+use devices::virtio::net::Mac;
+use devices::virtio::VirtioDevice;
+
+use crate::boot_files::Images;
 use crate::control::Control;
 pub use crate::control::PauseError;
 use crate::{Error, ExitReason, VmConfig};
@@ -77,29 +83,58 @@ impl std::fmt::Debug for ConsoleIo {
     }
 }
 
-/// What a machine is built with besides its configuration.
+/// What a machine is built with besides its configuration: an embedder's readers,
+/// writers, backends and devices.
 // Only arm64 hosts build machines; elsewhere `start` stops at the host check.
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+#[derive(Default)]
 pub(crate) struct Io {
     /// hvc0 on the embedder's reader and writer (instead of `VmConfig::console`).
     pub console: Option<ConsoleIo>,
-    /// Where the serial port's output goes.
-    pub serial: Box<dyn Write + Send>,
+    /// Where the serial port's output goes (discarded when `None`).
+    pub serial: Option<Box<dyn Write + Send>>,
+    /// What the serial port's input reads.
+    pub serial_input: Option<Box<dyn Read + Send>>,
+    /// The embedder's disks, each with its serial, after the configuration's.
+    pub disks: Vec<(Box<dyn Disk>, String)>,
+    /// The embedder's network backends, each with its MAC, after the configuration's.
+    pub nets: Vec<(Box<dyn NetBackend>, Option<Mac>)>,
+    /// The embedder's own virtio devices, after the built-in ones.
+    pub devices: Vec<Box<dyn VirtioDevice>>,
+    /// A kernel and initrd given as bytes.
+    pub images: Images,
     /// The self-test probe, with where its verdict goes (`hvrun selftest` only).
     pub probe: Option<Arc<std::sync::Mutex<devices::probe::Verdict>>>,
 }
 
-/// Builds a [`Vm`]: a configuration plus the readers and writers that are not data.
+impl Io {
+    /// What these add to the configuration's virtio devices.
+    fn extras(&self) -> crate::slots::Extras {
+        crate::slots::Extras {
+            disks: self.disks.len(),
+            nets: self.nets.len(),
+            devices: self.devices.len(),
+            console: self.console.is_some(),
+        }
+    }
+}
+
+/// Builds a [`Vm`]: a configuration plus what is not data (readers and writers, an
+/// embedder's own disks, network backends and virtio devices, a kernel in memory).
 pub struct VmBuilder {
     config: VmConfig,
-    console: Option<ConsoleIo>,
-    serial: Option<Box<dyn Write + Send>>,
-    probe: Option<Arc<std::sync::Mutex<devices::probe::Verdict>>>,
+    io: Io,
 }
 
 impl std::fmt::Debug for VmBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmBuilder").field("config", &self.config).field("console", &self.console).finish()
+        f.debug_struct("VmBuilder")
+            .field("config", &self.config)
+            .field("console", &self.io.console)
+            .field("disks", &self.io.disks.len())
+            .field("nets", &self.io.nets.len())
+            .field("devices", &self.io.devices.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -109,27 +144,75 @@ impl VmBuilder {
     /// by a thread of its own as the guest reads it; a slow guest stalls that thread,
     /// never a vCPU.
     pub fn console(mut self, input: impl Read + Send + 'static, output: impl Write + Send + 'static) -> Self {
-        self.console = Some(ConsoleIo { input: Some(Box::new(input)), output: Box::new(output) });
+        self.io.console = Some(ConsoleIo { input: Some(Box::new(input)), output: Box::new(output) });
         self
     }
 
     /// Gives the guest a virtio console (hvc0) with output only.
     pub fn console_output(mut self, output: impl Write + Send + 'static) -> Self {
-        self.console = Some(ConsoleIo { input: None, output: Box::new(output) });
+        self.io.console = Some(ConsoleIo { input: None, output: Box::new(output) });
         self
     }
 
     /// Sends the serial port's (PL011, `ttyAMA0`) output to `output`. Without this it is
     /// discarded: the library does not write to standard output unless asked.
     pub fn serial(mut self, output: impl Write + Send + 'static) -> Self {
-        self.serial = Some(Box::new(output));
+        self.io.serial = Some(Box::new(output));
+        self
+    }
+
+    /// Feeds `input` to the serial port (what the guest reads from `ttyAMA0`), by a thread
+    /// of its own as the guest takes it (the PL011's receive FIFO holds 32 bytes; a guest
+    /// that does not read stalls that thread, never a vCPU).
+    pub fn serial_input(mut self, input: impl Read + Send + 'static) -> Self {
+        self.io.serial_input = Some(Box::new(input));
+        self
+    }
+
+    /// Adds a disk of the embedder's own (in memory, over the network, copy-on-write...)
+    /// as a virtio-blk device after the configuration's disks: the guest sees it as the
+    /// next `/dev/vdX`, with `id` as its serial (1 to 20 ASCII bytes). The device calls it
+    /// from its own thread; [`Disk::flush`] must make completed writes durable before it
+    /// returns, since the guest's flush is acknowledged then.
+    pub fn disk(mut self, disk: impl Disk + 'static, id: &str) -> Self {
+        self.io.disks.push((Box::new(disk), id.into()));
+        self
+    }
+
+    /// Adds a network interface on the embedder's backend (an in-process network stack,
+    /// say; see [`NetBackend`] for how it wakes the device), after the configuration's
+    /// interfaces, with MAC address `mac` (`None`: one derived from its position).
+    pub fn net(mut self, backend: impl NetBackend + 'static, mac: Option<Mac>) -> Self {
+        self.io.nets.push((Box::new(backend), mac));
+        self
+    }
+
+    /// Adds a virtio device of the embedder's own, after the built-in ones. It is placed
+    /// and wired like them: a virtio-mmio window, an interrupt line and a device-tree
+    /// node, from the same allocator (so [`VmBuilder::start`] refuses a machine with more
+    /// devices than interrupt lines).
+    pub fn virtio(mut self, device: impl VirtioDevice + 'static) -> Self {
+        self.io.devices.push(Box::new(device));
+        self
+    }
+
+    /// Boots `image` (an arm64 Linux `Image`) instead of reading the configuration's
+    /// kernel file, whose path then only names it in messages.
+    pub fn kernel_image(mut self, image: impl Into<Arc<[u8]>>) -> Self {
+        self.io.images.kernel = Some(image.into());
+        self
+    }
+
+    /// Hands the kernel `initrd` as its initramfs instead of the configuration's file.
+    pub fn initrd_image(mut self, initrd: impl Into<Arc<[u8]>>) -> Self {
+        self.io.images.initrd = Some(initrd.into());
         self
     }
 
     /// Adds the self-test probe (`devices::probe`), which records the guest's verdict in
     /// `verdict`: for `hvrun selftest`'s guests.
     pub(crate) fn probe(mut self, verdict: Arc<std::sync::Mutex<devices::probe::Verdict>>) -> Self {
-        self.probe = Some(verdict);
+        self.io.probe = Some(verdict);
         self
     }
 
@@ -137,13 +220,16 @@ impl VmBuilder {
     /// loads the guest, then starts the vCPUs on their own threads. Every error that can
     /// be found before the guest runs is returned here.
     pub fn start(self) -> Result<Vm, Error> {
-        let VmBuilder { config, console, serial, probe } = self;
+        let VmBuilder { config, io } = self;
         config.validate()?;
         crate::config::Backend::for_host(config.backend, std::env::consts::OS)?;
+        crate::slots::assign(crate::slots::count(&config, &io.extras()))?;
+        if let Some((_, id)) = io.disks.iter().find(|(_, id)| !crate::config::valid_disk_id(id)) {
+            return Err(crate::config::ConfigError::BadDisk(format!("id={id}")).into());
+        }
         let control = Control::new();
         let (events, receiver) = channel();
         control.set_events(events);
-        let io = Io { console, serial: serial.unwrap_or_else(|| Box::new(std::io::sink())), probe };
         let run = if config.backend == Some(crate::config::Backend::Vz) {
             build_vz(&config, io, Arc::clone(&control))?
         } else {
@@ -211,9 +297,9 @@ fn build(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, Erro
 }
 
 #[cfg(not(target_arch = "aarch64"))]
-fn build(config: &VmConfig, _io: Io, _control: Arc<Control>) -> Result<Ready, Error> {
+fn build(config: &VmConfig, io: Io, _control: Arc<Control>) -> Result<Ready, Error> {
     // Check the files anyway, so a typo gets the same error on every host.
-    crate::boot_files::BootFiles::open(config)?;
+    crate::boot_files::BootFiles::open_with(config, &io.images)?;
     Err(Error::UnsupportedHost(format!("{} {}", std::env::consts::ARCH, std::env::consts::OS)))
 }
 
@@ -231,7 +317,7 @@ pub struct Vm {
 impl Vm {
     /// Starts building a VM for `config`.
     pub fn builder(config: VmConfig) -> VmBuilder {
-        VmBuilder { config, console: None, serial: None, probe: None }
+        VmBuilder { config, io: Io::default() }
     }
 
     /// A handle that pauses, resumes and stops this VM from any thread.
@@ -302,6 +388,52 @@ mod tests {
         assert!(matches!(Vm::builder(config).start(), Err(Error::Config(_))));
         let missing = Vm::builder(VmConfig::new("/nonexistent/Image")).start().unwrap_err();
         assert!(missing.to_string().contains("/nonexistent/Image"), "{missing}");
+    }
+
+    /// Issue 13: the configuration and the machine counted devices apart; 47 disks and an
+    /// embedder's console passed the check, and the console got an SPI past the GIC's
+    /// last, whose interrupts were dropped. One allocator counts everything now.
+    #[test]
+    fn a_machine_with_more_devices_than_interrupt_lines_is_refused_before_anything_runs() {
+        let disks = vec![crate::config::parse_disk("/nonexistent/disk").unwrap(); 47];
+        let config = VmConfig { disks, ..VmConfig::new("/nonexistent/Image") };
+        assert_eq!(config.validate(), Ok(()), "47 disks and the entropy device: 48 lines");
+        let err = Vm::builder(config.clone()).console_output(std::io::sink()).start().unwrap_err();
+        assert!(matches!(err, Error::Config(crate::ConfigError::TooManyDevices(49))), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "49 virtio devices (disks, network interfaces, the console and the entropy device): at most 48"
+        );
+        let few = VmConfig { disks: config.disks[..46].to_vec(), ..config };
+        let err = Vm::builder(few).virtio(Fixed).virtio(Fixed).start().unwrap_err();
+        assert!(matches!(err, Error::Config(crate::ConfigError::TooManyDevices(49))), "{err}");
+    }
+
+    /// A do-nothing device, for counting.
+    struct Fixed;
+
+    impl VirtioDevice for Fixed {
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn activate(&mut self, _: devices::virtio::Activation) -> Result<(), devices::virtio::ActivateError> {
+            Ok(())
+        }
+        fn queue_notify(&mut self, _: u16) {}
+        fn reset(&mut self) {}
+    }
+
+    #[test]
+    fn an_embedders_disk_needs_a_serial_the_guest_can_read() {
+        let disk = devices::virtio::block::disk::MemDisk { bytes: vec![0; 4096], ..Default::default() };
+        let err = Vm::builder(VmConfig::new("/nonexistent/Image")).disk(disk, "a serial far over twenty bytes").start();
+        assert!(matches!(err, Err(Error::Config(crate::ConfigError::BadDisk(_)))));
     }
 
     #[cfg(not(target_arch = "aarch64"))]

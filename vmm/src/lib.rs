@@ -25,10 +25,34 @@ pub mod irqchip;
 #[cfg(target_arch = "aarch64")]
 mod machine;
 pub mod selftest;
+mod slots;
 #[cfg(test)]
 mod testing;
 pub mod vcpu;
 pub mod vz;
+
+/// What an embedder implements to give the guest devices of its own, and the types those
+/// traits name: a [`Disk`](extend::Disk) for [`VmBuilder::disk`], a
+/// [`NetBackend`](extend::NetBackend) for [`VmBuilder::net`], a
+/// [`VirtioDevice`](extend::VirtioDevice) for [`VmBuilder::virtio`].
+///
+/// A device of one's own serves its queues with [`drain_queue`](extend::drain_queue),
+/// which carries hvrun's defences against a hostile driver (a runaway ring index, a
+/// chain that loops, a used ring outside memory) and interrupts the driver as it asked;
+/// `vmm/examples/own_device.rs` is a complete one. The crates the traits are written in
+/// ([`virtio_queue`](extend::virtio_queue), [`vm_memory`](extend::vm_memory)) are
+/// re-exported so an embedder builds against the same versions.
+pub mod extend {
+    pub use devices::virtio::block::disk::{Disk, MemDisk};
+    pub use devices::virtio::iovec::GuestIovecs;
+    pub use devices::virtio::net::backend::{NetBackend, Wake, VNET_HDR_LEN};
+    pub use devices::virtio::net::Mac;
+    pub use devices::virtio::{
+        drain_queue, queue_pair, read_config_bytes, single_queue, ActivateError, Activation, Chain, GuestMemory,
+        Interrupt, VirtioDevice, INT_CONFIG, INT_USED_RING,
+    };
+    pub use {virtio_queue, vm_memory};
+}
 
 pub use config::{ConfigError, VmConfig};
 pub use devices::ratelimit::GuestLogLimiter;

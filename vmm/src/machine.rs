@@ -29,6 +29,7 @@ use crate::console::{self, InputTarget, RawTerminal};
 use crate::control::Control;
 use crate::embed::Io;
 use crate::irqchip::{self, Irqchip};
+use crate::slots::Slot;
 use crate::vcpu::{self, VcpuContext};
 use crate::{Error, Event, ExitReason, VmConfig};
 
@@ -43,7 +44,7 @@ pub type Ready = Box<dyn FnOnce() -> Result<ExitReason, Error> + Send>;
 /// creates the vCPUs (one thread each) and returns when the machine stops.
 pub fn build(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, Error> {
     let started = Instant::now();
-    let files = BootFiles::open(config)?;
+    let files = BootFiles::open_with(config, &io.images)?;
     #[cfg(target_os = "linux")]
     let hv = hypervisor::kvm::Kvm::new()?;
     #[cfg(target_os = "macos")]
@@ -62,7 +63,9 @@ fn build_on<H: Hypervisor>(
 where
     H::Vm: 'static,
 {
-    let Io { console: console_io, serial, probe } = io;
+    let Io {
+        console: console_io, serial, serial_input, disks, nets: extra_nets, devices: extra_devices, probe, ..
+    } = io;
     let mut console = backends::open_console(&config.console, config.console_stdin)?;
     let mut console_input = None;
     if let Some(custom) = console_io {
@@ -70,8 +73,14 @@ where
         console.backend = Some(backend);
         console_input = input;
     }
-    let nets = backends::open_nets(&config.nets)?;
-    let (virtio, files) = virtio_devices(config, files, nets, console.backend.take())?;
+    let mut nets = backends::open_nets(&config.nets)?;
+    for (backend, mac) in extra_nets {
+        let position = nets.len();
+        nets.push((backend, mac.unwrap_or_else(|| devices::virtio::net::mac_from_seed(&format!("net{position}")))));
+    }
+    let extras = Extras { disks, devices: extra_devices };
+    let (virtio, files) = virtio_devices(config, files, extras, nets, console.backend.take())?;
+    let slots = crate::slots::assign(virtio.len())?;
     let vm_config =
         hypervisor::VmConfig { ipa_bits: ipa_bits_for(config.memory), vcpus: config.cpus, nested: config.nested };
     let mut vm = hv.create_vm(&vm_config)?;
@@ -79,7 +88,7 @@ where
         Some(layout) => Irqchip::Hypervisor { spis: vm.create_gicv3(&layout)?, layout },
         None => Irqchip::emulated(config.cpus),
     };
-    let (memory, regs) = load(config, files, virtio.len(), irqchip.fdt())?;
+    let (memory, regs) = load(config, files, &slots, irqchip.fdt())?;
     vm.map_memory(&memory)?;
     if let Some(clock) = vm.clock() {
         control.set_clock(clock);
@@ -87,7 +96,7 @@ where
 
     let first_entry = Arc::new(OnceLock::new());
     let uart = Arc::new(Mutex::new(Pl011::new(
-        Output::new("serial-out", serial, pl011::OUTPUT_BUFFER),
+        Output::new("serial-out", serial.unwrap_or_else(|| Box::new(std::io::sink())), pl011::OUTPUT_BUFFER),
         irqchip.spi_line(UART_SPI),
     )));
     let mut bus = MmioBus::new();
@@ -112,12 +121,12 @@ where
         };
         bus.insert(PROBE_BASE, PROBE_SIZE, Arc::new(Mutex::new(Probe::new(gic, redistributors, verdict))))?;
     }
-    for (slot, device) in (0u32..).zip(virtio) {
+    for (slot, device) in slots.iter().zip(virtio) {
         let kind = device.device_type();
-        let interrupt = Interrupt::new(irqchip.spi_line(VIRTIO_SPI_BASE + slot));
+        let interrupt = Interrupt::new(irqchip.spi_line(slot.spi));
         let transport = MmioTransport::new(device, memory.clone(), interrupt)
             .map_err(|e| Error::Virtio(format!("device type {kind}: {e}")))?;
-        bus.insert(virtio_slot(slot), VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        bus.insert(slot.base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
     }
 
     let terminal = if config.console_stdin {
@@ -133,6 +142,9 @@ where
     };
     if let Some((reader, pipe)) = console_input {
         console::spawn_input(reader, InputTarget::Pipe(pipe), control.clone(), false);
+    }
+    if let Some(reader) = serial_input {
+        console::spawn_input(reader, InputTarget::Uart(uart.clone()), control.clone(), false);
     }
 
     log::info!(
@@ -252,17 +264,20 @@ impl Gate {
     }
 }
 
-/// The guest-physical base of virtio-mmio slot `slot`.
-fn virtio_slot(slot: u32) -> u64 {
-    VIRTIO_MMIO_BASE + u64::from(slot) * VIRTIO_MMIO_SIZE
+/// An embedder's disks (with their serials) and virtio devices.
+struct Extras {
+    disks: Vec<(Box<dyn devices::virtio::block::disk::Disk>, String)>,
+    devices: Vec<Box<dyn VirtioDevice>>,
 }
 
-/// The virtio devices, in slot order: the disks first (so the first is `/dev/vda`), the
-/// network interfaces, then the entropy device and the console. Takes the open disks out
-/// of `files`.
+/// The virtio devices, in slot order (`crate::slots`): the disks first, the
+/// configuration's then the embedder's (so the first is `/dev/vda`), the network
+/// interfaces, the entropy device, the console, then the embedder's own devices. Takes
+/// the open disks out of `files`.
 fn virtio_devices(
     config: &VmConfig,
     mut files: BootFiles,
+    extras: Extras,
     nets: Vec<backends::OpenNet>,
     console: Option<devices::virtio::console::Backend>,
 ) -> Result<(Vec<Box<dyn VirtioDevice>>, BootFiles), Error> {
@@ -270,6 +285,9 @@ fn virtio_devices(
     for (index, (disk, cfg)) in files.disks.drain(..).zip(&config.disks).enumerate() {
         let id = cfg.id.clone().unwrap_or_else(|| format!("hvrun-disk{index}"));
         devices.push(Box::new(Block::new(Box::new(disk), &id)));
+    }
+    for (disk, id) in extras.disks {
+        devices.push(Box::new(Block::new(disk, &id)));
     }
     for (backend, mac) in nets {
         devices.push(Box::new(Net::new(backend, mac)));
@@ -279,6 +297,7 @@ fn virtio_devices(
     if let Some(backend) = console {
         devices.push(Box::new(Console::new(backend)));
     }
+    devices.extend(extras.devices);
     Ok((devices, files))
 }
 
@@ -298,7 +317,7 @@ fn entropy() -> Vec<u8> {
 fn load(
     config: &VmConfig,
     files: BootFiles,
-    virtio_slots: usize,
+    virtio_slots: &[Slot],
     gic: fdt::Gic,
 ) -> Result<(Arc<GuestRam>, BootRegs), Error> {
     let BootFiles { mut kernel, kernel_size, header, initrd, .. } = files;
@@ -332,11 +351,9 @@ fn load(
         gic: Some(gic),
         uart: Some(fdt::Device { window: window(UART_BASE, UART_SIZE), spi: Some(UART_SPI) }),
         rtc: Some(fdt::Device { window: window(RTC_BASE, RTC_SIZE), spi: None }),
-        virtio: (0..virtio_slots as u32)
-            .map(|slot| fdt::Device {
-                window: window(virtio_slot(slot), VIRTIO_MMIO_SIZE),
-                spi: Some(VIRTIO_SPI_BASE + slot),
-            })
+        virtio: virtio_slots
+            .iter()
+            .map(|slot| fdt::Device { window: window(slot.base, VIRTIO_MMIO_SIZE), spi: Some(slot.spi) })
             .collect(),
         rng_seed: seed.get(8..).map(<[u8]>::to_vec).unwrap_or_default(),
         kaslr_seed,
@@ -366,7 +383,13 @@ mod tests {
         let initrd = temp("initrd", &[0x5a; 5000]);
         let config = VmConfig { initrd: Some(initrd.clone()), memory: 64 << 20, ..VmConfig::new(&kernel) };
 
-        let (memory, regs) = load(&config, BootFiles::open(&config).unwrap(), 1, Irqchip::emulated(1).fdt()).unwrap();
+        let (memory, regs) = load(
+            &config,
+            BootFiles::open(&config).unwrap(),
+            &crate::slots::assign(1).unwrap(),
+            Irqchip::emulated(1).fdt(),
+        )
+        .unwrap();
         assert_eq!(memory.num_regions(), 1);
         assert_eq!(regs.pc, RAM_BASE);
         let mut first = [0u8; 8192];
@@ -398,7 +421,7 @@ mod tests {
             fdt::Gic::V3 { distributor: window(0x0800_0000, 0x1_0000), redistributors: window(0x080a_0000, 0x2_0000) };
         let blob = |nested| {
             let config = VmConfig { memory: 64 << 20, nested, ..VmConfig::new(&kernel) };
-            let (memory, regs) = load(&config, BootFiles::open(&config).unwrap(), 0, gic).unwrap();
+            let (memory, regs) = load(&config, BootFiles::open(&config).unwrap(), &[], gic).unwrap();
             let mut blob = vec![0u8; FDT_MAX_SIZE as usize];
             memory.read_slice(&mut blob, GuestAddress(regs.x0)).unwrap();
             (regs.pstate, blob)
@@ -434,7 +457,7 @@ mod tests {
         image[56..60].copy_from_slice(b"ARMd");
         let kernel = temp("Huge", &image);
         let config = VmConfig { memory: 64 << 20, ..VmConfig::new(&kernel) };
-        let err = load(&config, BootFiles::open(&config).unwrap(), 0, Irqchip::emulated(1).fdt()).unwrap_err();
+        let err = load(&config, BootFiles::open(&config).unwrap(), &[], Irqchip::emulated(1).fdt()).unwrap_err();
         assert!(err.to_string().contains("does not fit in guest RAM"), "{err}");
         std::fs::remove_file(kernel).unwrap();
     }

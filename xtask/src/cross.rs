@@ -35,7 +35,8 @@ pub fn build_hvrun() -> Result<PathBuf, String> {
     sh::run(
         debian_cargo("target/cross")
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args(["build", "--release", "-p", "hvrun", "--bin", "hvrun", "--example", "embed"])
+            .args(["build", "--release", "-p", "hvrun", "--bin", "hvrun"])
+            .args(["--example", "embed", "--example", "memdisk", "--example", "own_device"])
             .arg("-Zbuild-std=std,panic_abort")
             .args(["-p", "hvrun-e2e", "--bin", "net-forwarder"])
             .args(["--target", LINUX]),

@@ -21,7 +21,10 @@ fn rig(verbose: bool) -> Rig {
         kernel: guest.join("vmlinuz"),
         busybox: guest.join("busybox"),
         hvrun: std::env::var_os(OTHER_HVRUN).map_or_else(paths::cross_hvrun, std::path::PathBuf::from),
-        tools: vec![paths::cross_bin("net-forwarder"), paths::cross_bin("examples/embed")],
+        tools: ["net-forwarder", "examples/embed", "examples/memdisk", "examples/own_device"]
+            .into_iter()
+            .map(paths::cross_bin)
+            .collect(),
         guest_dir: guest,
         work_dir: paths::root().join("target/e2e"),
         verbose,

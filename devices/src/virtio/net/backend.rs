@@ -4,20 +4,36 @@
 //! stream netdev protocol, spoken by socket_vmnet and passt).
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use mio::net::UnixDatagram;
-use mio::{event, Interest, Registry, Token};
 
 use crate::virtio::iovec::GuestIovecs;
+pub use crate::virtio::worker::Wake;
 
 /// Size of `struct virtio_net_hdr_v1`, which leads every frame on the queues.
 pub const VNET_HDR_LEN: usize = 12;
 
 /// A network backend: sends and receives whole frames without blocking.
-pub trait NetBackend: event::Source + Send {
+///
+/// The device's event loop learns when to try again one of two ways: from a file
+/// descriptor it watches ([`NetBackend::fd`]: a tap, a socket), or from the backend
+/// itself, which calls the [`Wake`] it was given ([`NetBackend::set_wake`]) when a frame
+/// arrives or room frees up: an in-process network stack, a channel, a test double.
+pub trait NetBackend: Send {
+    /// The file descriptor the device watches: readable when a frame may be waiting,
+    /// writable when a send that returned `WouldBlock` may go through. Watched
+    /// edge-triggered, so the device receives and flushes until `WouldBlock`. `None` for
+    /// a backend that is no file descriptor and wakes the device itself.
+    fn fd(&self) -> Option<RawFd>;
+    /// Hands the backend what wakes the device's loop, each time the device starts: a
+    /// backend without [`NetBackend::fd`] calls [`Wake::wake`] (from any thread) when a
+    /// frame arrives or a blocked send may go through. Others may ignore it.
+    fn set_wake(&mut self, wake: Wake) {
+        let _ = wake;
+    }
     /// Whether frames on this backend carry a `virtio_net_hdr_v1` in front (a tap with
     /// `IFF_VNET_HDR`), so checksum and segmentation offloads can pass through.
     fn vnet_hdr(&self) -> bool;
@@ -45,27 +61,6 @@ pub trait NetBackend: event::Source + Send {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-}
-
-/// Implements `mio::event::Source` for a backend by delegating to the source `$get`
-/// gives for it.
-macro_rules! source_via {
-    ($type:ty, |$this:ident| $get:expr) => {
-        impl event::Source for $type {
-            fn register(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
-                let $this = self;
-                ($get).register(registry, token, interests)
-            }
-            fn reregister(&mut self, registry: &Registry, token: Token, interests: Interest) -> io::Result<()> {
-                let $this = self;
-                ($get).reregister(registry, token, interests)
-            }
-            fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
-                let $this = self;
-                ($get).deregister(registry)
-            }
-        }
-    };
 }
 
 /// Maps "the peer's queue is full" to `WouldBlock`: macOS reports it as ENOBUFS on
@@ -159,9 +154,11 @@ impl Drop for Unixgram {
     }
 }
 
-source_via!(Unixgram, |this| &mut this.socket);
-
 impl NetBackend for Unixgram {
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.socket.as_raw_fd())
+    }
+
     fn vnet_hdr(&self) -> bool {
         false
     }
@@ -245,9 +242,11 @@ impl Unixstream {
     }
 }
 
-source_via!(Unixstream, |this| &mut this.socket);
-
 impl NetBackend for Unixstream {
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.socket.as_raw_fd())
+    }
+
     fn vnet_hdr(&self) -> bool {
         false
     }
@@ -365,10 +364,11 @@ impl Tap {
 }
 
 #[cfg(target_os = "linux")]
-source_via!(Tap, |this| &mut mio::unix::SourceFd(&this.fd.as_raw_fd()));
-
-#[cfg(target_os = "linux")]
 impl NetBackend for Tap {
+    fn fd(&self) -> Option<RawFd> {
+        Some(self.fd.as_raw_fd())
+    }
+
     fn vnet_hdr(&self) -> bool {
         true
     }

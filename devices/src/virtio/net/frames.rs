@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use guest_memory::GuestMemoryMmap;
 use mio::event::Event;
+use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -13,7 +14,7 @@ use vm_memory::{Bytes, GuestMemoryBackend as _};
 use super::backend::{NetBackend, VNET_HDR_LEN};
 use super::QUEUE_SIZE;
 use crate::virtio::iovec::GuestIovecs;
-use crate::virtio::worker::Handler;
+use crate::virtio::worker::{Handler, Wake};
 use crate::virtio::{check_notified, give_back, next_chain, notify_driver, write_chain, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
@@ -250,7 +251,14 @@ pub fn gather(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>
 
 impl Handler for Frames {
     fn register(&mut self, registry: &Registry) -> std::io::Result<()> {
-        registry.register(&mut *self.backend, BACKEND, Interest::READABLE | Interest::WRITABLE)
+        match self.backend.fd() {
+            Some(fd) => registry.register(&mut SourceFd(&fd), BACKEND, Interest::READABLE | Interest::WRITABLE),
+            None => Ok(()),
+        }
+    }
+
+    fn set_wake(&mut self, wake: Wake) {
+        self.backend.set_wake(wake);
     }
 
     fn notified(&mut self, _registry: &Registry, queues: u32) {
@@ -265,7 +273,9 @@ impl Handler for Frames {
     }
 
     fn deregister(&mut self, registry: &Registry) {
-        let _ = registry.deregister(&mut *self.backend);
+        if let Some(fd) = self.backend.fd() {
+            let _ = registry.deregister(&mut SourceFd(&fd));
+        }
     }
 
     fn detach(&mut self) {

@@ -1,0 +1,103 @@
+//! What the examples share: the guest's console on in-memory pipes, and waiting.
+
+#![allow(dead_code)] // each example uses a part
+
+use std::io::{Read, Write};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The guest's console output, shared with the example.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Everything the guest wrote so far.
+    pub fn text(&self) -> String {
+        self.0.lock().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+    /// How often `needle` appears in it.
+    pub fn count(&self, needle: &str) -> usize {
+        self.text().matches(needle).count()
+    }
+}
+
+/// What the guest reads: lines the example types, as it types them.
+pub struct Typed {
+    lines: Receiver<Vec<u8>>,
+    pending: Vec<u8>,
+}
+
+impl Read for Typed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pending.is_empty() {
+            match self.lines.recv() {
+                Ok(bytes) => self.pending = bytes,
+                Err(_) => return Ok(0), // no more input
+            }
+        }
+        let n = buf.len().min(self.pending.len());
+        buf[..n].copy_from_slice(&self.pending[..n]);
+        self.pending.drain(..n);
+        Ok(n)
+    }
+}
+
+/// A keyboard for the guest's console: what is typed on it, the guest reads from
+/// [`Typed`].
+pub fn keyboard() -> (Keyboard, Typed) {
+    let (sender, lines) = channel();
+    (Keyboard(sender), Typed { lines, pending: Vec::new() })
+}
+
+/// Types lines into the guest's console.
+pub struct Keyboard(Sender<Vec<u8>>);
+
+impl Keyboard {
+    /// Types `line` and Enter.
+    pub fn line(&self, line: &str) -> Result<(), String> {
+        self.0.send(format!("{line}\n").into_bytes()).map_err(|_| "the console input is gone".to_string())
+    }
+}
+
+/// Waits until `check` holds, up to `limit`.
+pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}
+
+/// Runs an example's body and turns its outcome into an exit status and a last line
+/// (`NAME: ok`, or `NAME: FAILED: why`).
+pub fn main(name: &str, usage: &str, run: impl FnOnce(&[String]) -> Result<(), String>) -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() != usage.split_whitespace().count() {
+        eprintln!("usage: {name} {usage}");
+        return std::process::ExitCode::from(2);
+    }
+    match run(&args) {
+        Ok(()) => {
+            println!("{name}: ok");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{name}: FAILED: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
