@@ -82,7 +82,7 @@ pub const EL2: Bank = Bank {
     pstate: PSTATE_EL2H_MASKED,
 };
 
-/// The exception level PSTATE `pstate` names (M[3:2]).
+/// The exception level PSTATE `pstate` names (bits 3:2 of M).
 pub const fn current_el(pstate: u64) -> u8 {
     ((pstate >> 2) & 3) as u8
 }

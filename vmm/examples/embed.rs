@@ -25,7 +25,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
     let initrd = std::fs::read(initrd).map_err(|e| format!("{initrd}: {e}"))?;
     let mut config = VmConfig::new("/in-memory/Image");
     config.initrd = Some("/in-memory/initramfs".into());
-    config.cmdline = "console=hvc0 quiet".into();
+    config.cmdline = Some("console=hvc0 quiet".into());
     config.memory = 256 << 20;
     let output = Captured::default();
     let serial_output = Captured::default();

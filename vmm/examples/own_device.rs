@@ -91,7 +91,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
     let requests = Arc::new(AtomicU64::new(0));
     let mut config = VmConfig::new(kernel);
     config.initrd = Some(initrd.into());
-    config.cmdline = "console=hvc0 quiet".into();
+    config.cmdline = Some("console=hvc0 quiet".into());
     config.memory = 256 << 20;
     let output = Captured::default();
     let (keyboard, typed) = keyboard();

@@ -83,6 +83,7 @@ pub fn open_console_io(io: crate::embed::ConsoleIo) -> Result<(Backend, Option<C
 
 /// A pipe with both ends blocking, as `(write end, read end)`: for threads that pump
 /// bytes between a reader or writer and a consumer that wants a file descriptor.
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))] // Virtualization.framework's consoles
 pub fn blocking_pipe() -> std::io::Result<(File, File)> {
     let (sender, receiver) = mio::unix::pipe::new()?;
     sender.set_nonblocking(false)?;

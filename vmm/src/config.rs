@@ -19,6 +19,7 @@ pub const DEFAULT_MEMORY: u64 = 512 << 20;
 
 /// Errors in a configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// A size that does not parse.
     #[error("invalid size `{0}`: use a number with an optional K, M, G or T suffix, e.g. 512M or 2G")]
@@ -36,7 +37,7 @@ pub enum ConfigError {
     #[error("--cpus {0} with --gic v2: the GICv2 serves at most 8 vCPUs; use --gic v3 or auto")]
     TooManyCpusForGicv2(u32),
     /// More virtio devices than the machine has interrupt lines for.
-    #[error("{0} virtio devices (disks, network interfaces, the console and the entropy device): at most 48")]
+    #[error("{0} virtio devices (disks, network interfaces, the console, the entropy device and the power button): at most 48")]
     TooManyDevices(usize),
     /// A `--gic` value that is not one of the documented ones.
     #[error("--gic {0}: use auto, v2 or v3")]
@@ -72,15 +73,19 @@ pub enum ConfigError {
     BadConsole(String),
 }
 
-/// What to boot and on what machine.
+/// What to boot and on what machine: start from [`VmConfig::new`] and set fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VmConfig {
     /// The arm64 Linux `Image` (or any program with that header) to boot.
     pub kernel: PathBuf,
     /// An initramfs to hand the kernel.
     pub initrd: Option<PathBuf>,
-    /// The kernel command line.
-    pub cmdline: String,
+    /// The kernel command line; `None`: the library's default for the disks
+    /// ([`default_cmdline`]: the serial console, or with a disk
+    /// `console=hvc0 earlycon root=/dev/vda rw`). [`VmConfig::effective_cmdline`] is what
+    /// the guest gets.
+    pub cmdline: Option<String>,
     /// Number of vCPUs.
     pub cpus: u32,
     /// Guest RAM in bytes.
@@ -89,8 +94,10 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Network interfaces, in the order the guest sees them (`eth0`, `eth1`, ...).
     pub nets: Vec<NetConfig>,
-    /// Where the guest's virtio console (`hvc0`) goes.
-    pub console: ConsoleConfig,
+    /// Where the guest's virtio console (`hvc0`) goes; `None`: the terminal when the command
+    /// line makes hvc0 the console, else no hvc0 ([`ConsoleConfig::for_cmdline`]).
+    /// [`VmConfig::effective_console`] is what the machine gets.
+    pub console: Option<ConsoleConfig>,
     /// The hypervisor to run on; `None` picks this host's (KVM on Linux,
     /// Hypervisor.framework on macOS).
     pub backend: Option<Backend>,
@@ -114,6 +121,7 @@ pub struct VmConfig {
 
 /// Which interrupt controller the guest gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum GicChoice {
     /// The hypervisor's own GICv3 when it has one (KVM's vGICv3 on a GICv3 host, the
     /// in-kernel GIC of macOS 15 and later), else hvrun's emulated GICv2.
@@ -167,6 +175,7 @@ impl ShareConfig {
 
 /// A hypervisor backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Backend {
     /// Linux KVM.
     Kvm,
@@ -217,6 +226,7 @@ pub struct NetConfig {
 
 /// Where a network interface's frames go.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum NetBackendConfig {
     /// A Linux tap device (created if missing, given CAP_NET_ADMIN).
     Tap(String),
@@ -372,6 +382,7 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
 /// Where the guest's virtio console (`hvc0`) goes. The serial port (`ttyAMA0`) always
 /// writes to standard output; it also gets standard input unless hvc0 has the terminal.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConsoleConfig {
     /// No virtio console; the terminal is the serial port's.
     Serial,
@@ -409,17 +420,27 @@ impl ConsoleConfig {
 }
 
 impl VmConfig {
-    /// A configuration booting `kernel` with the defaults: one vCPU, 512 MiB, and a
-    /// command line that puts the console on the PL011.
+    /// The kernel command line the guest gets: [`VmConfig::cmdline`], or the default.
+    pub fn effective_cmdline(&self) -> String {
+        self.cmdline.clone().unwrap_or_else(|| default_cmdline(&self.disks))
+    }
+
+    /// Where hvc0 goes: [`VmConfig::console`], or what suits the command line.
+    pub fn effective_console(&self) -> ConsoleConfig {
+        self.console.clone().unwrap_or_else(|| ConsoleConfig::for_cmdline(&self.effective_cmdline()))
+    }
+
+    /// A configuration booting `kernel` with the defaults: one vCPU, 512 MiB, the default
+    /// command line and console.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmConfig {
             kernel: kernel.into(),
             initrd: None,
-            cmdline: "console=ttyAMA0".into(),
+            cmdline: None,
             cpus: 1,
             memory: DEFAULT_MEMORY,
             nets: Vec::new(),
-            console: ConsoleConfig::Serial,
+            console: None,
             backend: None,
             gic: GicChoice::Auto,
             rosetta: false,
@@ -462,6 +483,7 @@ impl VmConfig {
 
 /// A virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DiskConfig {
     /// The raw image file.
     pub path: PathBuf,
@@ -469,6 +491,13 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// The ID the guest reads with GET_ID (`/sys/block/vdX/serial`); at most 20 bytes.
     pub id: Option<String>,
+}
+
+impl DiskConfig {
+    /// A writable disk on the raw image at `path`, with the default serial.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskConfig { path: path.into(), read_only: false, id: None }
+    }
 }
 
 /// The kernel command line when none is given: the console on the PL011; with a disk,
@@ -661,9 +690,10 @@ mod tests {
         assert_eq!(VmConfig { nested: true, ..v2 }.validate(), Err(ConfigError::NestedNeedsGicv3));
         assert_eq!(VmConfig { nested: true, ..ok.clone() }.validate(), Ok(()), "auto: the hypervisor's GICv3");
         let disks = |n| vec![parse_disk("a").unwrap(); n];
-        // 47 disks + the entropy device fit; 48 disks do not.
-        assert_eq!(VmConfig { disks: disks(47), ..ok.clone() }.validate(), Ok(()));
-        assert_eq!(VmConfig { disks: disks(48), ..ok.clone() }.validate(), Err(ConfigError::TooManyDevices(49)));
+        // With disks the default console is hvc0: 45 disks + the entropy device + the
+        // console + the power button fit; 46 disks do not.
+        assert_eq!(VmConfig { disks: disks(45), ..ok.clone() }.validate(), Ok(()));
+        assert_eq!(VmConfig { disks: disks(46), ..ok.clone() }.validate(), Err(ConfigError::TooManyDevices(49)));
         assert_eq!(GicChoice::parse("v3"), Ok(GicChoice::V3));
         // Virtualization.framework's features are refused elsewhere, one line each.
         let share = ShareConfig::parse("/srv/data:data,ro").unwrap();

@@ -48,7 +48,13 @@ pub struct Control {
     clock: Mutex<Option<Arc<dyn GuestClock>>>,
     /// Each vCPU's last exits when its loop ended (where the backend keeps them).
     exits: Mutex<Vec<(u32, Vec<String>)>>,
+    /// The guest's power button, where the machine has one (KVM, Hypervisor.framework):
+    /// pressing it says whether a driver listens.
+    power_button: Mutex<Option<PowerButton>>,
 }
+
+/// Presses a guest's power button; returns whether a driver listens.
+pub type PowerButton = Box<dyn Fn() -> bool + Send + Sync>;
 
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -103,18 +109,32 @@ impl Control {
         }
     }
 
-    /// Asks the guest to shut down by itself (the power button: Virtualization.framework's
-    /// `requestStop`), where the backend can; the first ask counts.
-    pub fn ask_guest_to_stop(&self) {
+    /// Gives the machine's power button (`devices::virtio::input`) to
+    /// [`Control::ask_guest_to_stop`].
+    pub fn set_power_button(&self, button: PowerButton) {
+        *lock(&self.power_button) = Some(button);
+    }
+
+    /// Asks the guest to shut down by itself: presses the machine's power button, or, on
+    /// Virtualization.framework, has the watcher call `requestStop` (the first ask counts
+    /// there). Returns whether something in the guest can hear it (a driver for the
+    /// button; the framework's machine always).
+    pub fn ask_guest_to_stop(&self) -> bool {
         let mut asked = lock(&self.asked_to_stop);
         if asked.is_none() {
             *asked = Some(std::time::Instant::now());
         }
         drop(asked);
+        let heard = match lock(&self.power_button).as_ref() {
+            Some(press) => press(),
+            None => true,
+        };
         self.kick_all();
+        heard
     }
 
     /// When the guest was first asked to shut down, if it was.
+    #[cfg_attr(not(target_os = "macos"), allow(dead_code))] // Virtualization.framework's watchers
     pub fn asked_to_stop(&self) -> Option<std::time::Instant> {
         *lock(&self.asked_to_stop)
     }

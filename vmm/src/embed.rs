@@ -6,7 +6,7 @@
 //!
 //! let mut config = VmConfig::new("Image");
 //! config.initrd = Some("initramfs.cpio".into());
-//! config.cmdline = "console=hvc0 quiet".into();
+//! config.cmdline = Some("console=hvc0 quiet".into());
 //! let vm = Vm::builder(config)
 //!     .console(Cursor::new(b"echo hi\n".to_vec()), std::io::sink())
 //!     .start()?;
@@ -105,6 +105,8 @@ pub(crate) struct Io {
     pub images: Images,
     /// The self-test probe, with where its verdict goes (`hvrun selftest` only).
     pub probe: Option<Arc<std::sync::Mutex<devices::probe::Verdict>>>,
+    /// When to print the emulated GIC's state, for debugging a hung guest.
+    pub dump_after: Option<Duration>,
 }
 
 impl Io {
@@ -209,6 +211,14 @@ impl VmBuilder {
         self
     }
 
+    /// For debugging a guest that hangs: prints the state of hvrun's emulated GIC and of
+    /// each vCPU's interrupt line to standard error `after` the start (nothing with the
+    /// hypervisor's GIC). The `hvrun` command takes it from `HVRUN_DUMP_AFTER=SECS`.
+    pub fn dump_state_after(mut self, after: Duration) -> Self {
+        self.io.dump_after = Some(after);
+        self
+    }
+
     /// Adds the self-test probe (`devices::probe`), which records the guest's verdict in
     /// `verdict`: for `hvrun selftest`'s guests.
     pub(crate) fn probe(mut self, verdict: Arc<std::sync::Mutex<devices::probe::Verdict>>) -> Self {
@@ -246,7 +256,7 @@ impl VmBuilder {
                 outcome
             })
             .map_err(|e| Error::Thread(e.to_string()))?;
-        Ok(Vm { handle: VmHandle { control }, thread, events: receiver })
+        Ok(Vm { handle: VmHandle::new(control), thread, events: receiver })
     }
 }
 
@@ -262,7 +272,7 @@ fn build_vz(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, E
     // The framework has no serial port: the embedder's serial writer has nothing to carry.
     let Io { mut console, .. } = io;
     let mut terminal = None;
-    if console.is_none() && config.console == ConsoleConfig::Terminal && config.console_stdin {
+    if console.is_none() && config.effective_console() == ConsoleConfig::Terminal && config.console_stdin {
         // The terminal goes through hvrun, as on the other backends: raw mode, and
         // Ctrl-A X to quit; the framework reads the other end of a pipe.
         let fail = |e: std::io::Error| Error::Console(e.to_string());
@@ -275,7 +285,7 @@ fn build_vz(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, E
     // An embedder's (or the terminal's) console takes the place of the configuration's.
     let mut config = config.clone();
     if console.is_some() {
-        config.console = ConsoleConfig::Terminal;
+        config.console = Some(ConsoleConfig::Terminal);
         config.console_stdin = false;
     }
     let plan = crate::vz::plan::linux(&config, &crate::vz::framework::limits())?;
@@ -343,6 +353,11 @@ pub struct VmHandle {
 }
 
 impl VmHandle {
+    /// The handle of the machine `control` controls.
+    pub(crate) fn new(control: Arc<Control>) -> Self {
+        VmHandle { control }
+    }
+
     /// Takes every vCPU out of the guest and keeps it out until [`VmHandle::resume`];
     /// returns once they are all out. Devices finish the I/O they have started. On
     /// Hypervisor.framework the guest's virtual counter stands still while paused (no
@@ -371,6 +386,16 @@ impl VmHandle {
         self.control.paused()
     }
 
+    /// Asks the guest to shut down cleanly, as a power button does: on KVM and
+    /// Hypervisor.framework the machine's virtio-input power button sends KEY_POWER (which
+    /// systemd-logind, acpid or the guest's own script acts on); on Virtualization.framework
+    /// the framework's `requestStop`. Returns whether the guest can hear it (it has a
+    /// driver for the button); a guest that ignores it keeps running, and
+    /// [`VmHandle::stop`] ends it.
+    pub fn request_shutdown(&self) -> bool {
+        self.control.ask_guest_to_stop()
+    }
+
     /// Stops the VM (the guest gets no say); [`Vm::wait`] then returns
     /// [`ExitReason::Stopped`].
     pub fn stop(&self) {
@@ -390,21 +415,22 @@ mod tests {
         assert!(missing.to_string().contains("/nonexistent/Image"), "{missing}");
     }
 
-    /// Issue 13: the configuration and the machine counted devices apart; 47 disks and an
-    /// embedder's console passed the check, and the console got an SPI past the GIC's
-    /// last, whose interrupts were dropped. One allocator counts everything now.
+    /// Issue 13: the configuration and the machine counted devices apart; a full set of
+    /// disks and an embedder's console passed the check, and the console got an SPI past
+    /// the GIC's last, whose interrupts were dropped. One allocator counts everything now.
     #[test]
     fn a_machine_with_more_devices_than_interrupt_lines_is_refused_before_anything_runs() {
-        let disks = vec![crate::config::parse_disk("/nonexistent/disk").unwrap(); 47];
-        let config = VmConfig { disks, ..VmConfig::new("/nonexistent/Image") };
-        assert_eq!(config.validate(), Ok(()), "47 disks and the entropy device: 48 lines");
+        let disks = vec![crate::config::parse_disk("/nonexistent/disk").unwrap(); 46];
+        let serial = Some("console=ttyAMA0".into());
+        let config = VmConfig { disks, cmdline: serial, ..VmConfig::new("/nonexistent/Image") };
+        assert_eq!(config.validate(), Ok(()), "46 disks, the entropy device and the power button: 48 lines");
         let err = Vm::builder(config.clone()).console_output(std::io::sink()).start().unwrap_err();
         assert!(matches!(err, Error::Config(crate::ConfigError::TooManyDevices(49))), "{err}");
         assert_eq!(
             err.to_string(),
-            "49 virtio devices (disks, network interfaces, the console and the entropy device): at most 48"
+            "49 virtio devices (disks, network interfaces, the console, the entropy device and the power button): at most 48"
         );
-        let few = VmConfig { disks: config.disks[..46].to_vec(), ..config };
+        let few = VmConfig { disks: config.disks[..45].to_vec(), ..config };
         let err = Vm::builder(few).virtio(Fixed).virtio(Fixed).start().unwrap_err();
         assert!(matches!(err, Error::Config(crate::ConfigError::TooManyDevices(49))), "{err}");
     }

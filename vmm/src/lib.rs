@@ -14,21 +14,28 @@
 //! }
 //! ```
 
-pub mod backends;
+// The machine's parts: built only where a machine is (arm64 hosts), tested everywhere.
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+mod backends;
 mod boot_files;
 pub mod config;
-pub mod console;
-pub mod control;
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+mod console;
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+mod control;
 pub mod embed;
-pub mod irq_lines;
-pub mod irqchip;
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+mod irq_lines;
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+mod irqchip;
 #[cfg(target_arch = "aarch64")]
 mod machine;
 pub mod selftest;
 mod slots;
 #[cfg(test)]
 mod testing;
-pub mod vcpu;
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+mod vcpu;
 pub mod vz;
 
 /// What an embedder implements to give the guest devices of its own, and the types those
@@ -40,7 +47,7 @@ pub mod vz;
 /// which carries hvrun's defences against a hostile driver (a runaway ring index, a
 /// chain that loops, a used ring outside memory) and interrupts the driver as it asked;
 /// `vmm/examples/own_device.rs` is a complete one. The crates the traits are written in
-/// ([`virtio_queue`](extend::virtio_queue), [`vm_memory`](extend::vm_memory)) are
+/// ([`virtio_queue`], [`vm_memory`]) are
 /// re-exported so an embedder builds against the same versions.
 pub mod extend {
     pub use devices::virtio::block::disk::{Disk, MemDisk};
@@ -60,6 +67,7 @@ pub use embed::{ConsoleIo, Event, PauseError, Vm, VmBuilder, VmHandle};
 
 /// Why a guest stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ExitReason {
     /// The guest powered off (PSCI SYSTEM_OFF).
     PowerOff,
@@ -73,6 +81,7 @@ pub enum ExitReason {
 
 /// Errors starting or running a VM.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]

@@ -16,6 +16,7 @@ use devices::output::Output;
 use devices::pl011::{self, Pl011};
 use devices::pl031::Pl031;
 use devices::probe::Probe;
+use devices::virtio::input::PowerButtonDevice;
 use devices::virtio::{
     block::Block, console::Console, mmio::MmioTransport, net::Net, rng::Rng, Interrupt, VirtioDevice,
 };
@@ -64,9 +65,17 @@ where
     H::Vm: 'static,
 {
     let Io {
-        console: console_io, serial, serial_input, disks, nets: extra_nets, devices: extra_devices, probe, ..
+        console: console_io,
+        serial,
+        serial_input,
+        disks,
+        nets: extra_nets,
+        devices: extra_devices,
+        probe,
+        dump_after,
+        ..
     } = io;
-    let mut console = backends::open_console(&config.console, config.console_stdin)?;
+    let mut console = backends::open_console(&config.effective_console(), config.console_stdin)?;
     let mut console_input = None;
     if let Some(custom) = console_io {
         let (backend, input) = backends::open_console_io(custom)?;
@@ -78,7 +87,9 @@ where
         let position = nets.len();
         nets.push((backend, mac.unwrap_or_else(|| devices::virtio::net::mac_from_seed(&format!("net{position}")))));
     }
-    let extras = Extras { disks, devices: extra_devices };
+    let (button_device, button) = PowerButtonDevice::new();
+    control.set_power_button(Box::new(move || button.press()));
+    let extras = Extras { disks, devices: extra_devices, power_button: button_device };
     let (virtio, files) = virtio_devices(config, files, extras, nets, console.backend.take())?;
     let slots = crate::slots::assign(virtio.len())?;
     let vm_config =
@@ -154,8 +165,8 @@ where
         config.memory >> 20,
         irqchip.name()
     );
-    if let Irqchip::Emulated { gic, lines } = &irqchip {
-        spawn_state_dump(gic.clone(), lines.clone());
+    if let (Irqchip::Emulated { gic, lines }, Some(after)) = (&irqchip, dump_after) {
+        spawn_state_dump(after, gic.clone(), lines.clone());
     }
     let cpus = config.cpus;
     Ok(Box::new(move || {
@@ -222,12 +233,12 @@ fn run_vcpus<V: Vm>(
     });
 }
 
-/// With `HVRUN_DUMP_AFTER=SECS` in the environment, prints the GIC's and the IRQ lines'
-/// state to standard error after that many seconds: what a hung guest is waiting for.
-fn spawn_state_dump(gic: Arc<devices::gic::Gic>, lines: Arc<crate::irq_lines::IrqLines>) {
-    let Some(secs) = std::env::var("HVRUN_DUMP_AFTER").ok().and_then(|s| s.parse::<u64>().ok()) else { return };
+/// Prints the GIC's and the IRQ lines' state to standard error `after` the start: what a
+/// hung guest is waiting for ([`crate::VmBuilder::dump_state_after`]).
+fn spawn_state_dump(after: std::time::Duration, gic: Arc<devices::gic::Gic>, lines: Arc<crate::irq_lines::IrqLines>) {
     let _ = std::thread::Builder::new().name("state-dump".into()).spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(secs));
+        std::thread::sleep(after);
+        let secs = after.as_secs();
         eprintln!("hvrun state after {secs} s:\n{}irq lines (level, dirty, kicker): {lines:?}", gic.dump());
     });
 }
@@ -264,16 +275,17 @@ impl Gate {
     }
 }
 
-/// An embedder's disks (with their serials) and virtio devices.
+/// An embedder's disks (with their serials) and virtio devices, and the power button.
 struct Extras {
     disks: Vec<(Box<dyn devices::virtio::block::disk::Disk>, String)>,
     devices: Vec<Box<dyn VirtioDevice>>,
+    power_button: PowerButtonDevice,
 }
 
 /// The virtio devices, in slot order (`crate::slots`): the disks first, the
 /// configuration's then the embedder's (so the first is `/dev/vda`), the network
-/// interfaces, the entropy device, the console, then the embedder's own devices. Takes
-/// the open disks out of `files`.
+/// interfaces, the entropy device, the console, the power button, then the embedder's
+/// own devices. Takes the open disks out of `files`.
 fn virtio_devices(
     config: &VmConfig,
     mut files: BootFiles,
@@ -297,6 +309,7 @@ fn virtio_devices(
     if let Some(backend) = console {
         devices.push(Box::new(Console::new(backend)));
     }
+    devices.push(Box::new(extras.power_button));
     devices.extend(extras.devices);
     Ok((devices, files))
 }
@@ -346,7 +359,7 @@ fn load(
     let blob = fdt::build(&fdt::Machine {
         ram: (RAM_BASE, config.memory),
         cpu_mpidrs: (0..config.cpus).map(mpidr).collect(),
-        cmdline: config.cmdline.clone(),
+        cmdline: config.effective_cmdline(),
         initrd: initrd_range,
         gic: Some(gic),
         uart: Some(fdt::Device { window: window(UART_BASE, UART_SIZE), spi: Some(UART_SPI) }),

@@ -1,12 +1,8 @@
 //! `hvrun macos install` and `hvrun macos run`: macOS guests on Virtualization.framework.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 use hvrun::config::{self, NetConfig, ShareConfig};
-use hvrun::control::Control;
 use hvrun::vz::mac::{self, Install, Ipsw, Run};
 use hvrun::{Error, ExitReason};
 
@@ -67,27 +63,6 @@ fn parse_share(text: &str) -> Result<ShareConfig, String> {
     ShareConfig::parse(text).map_err(|e| e.to_string())
 }
 
-/// Ctrl-C presses since `run` started.
-static INTERRUPTS: AtomicU32 = AtomicU32::new(0);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTS.fetch_add(1, Ordering::SeqCst);
-}
-
-/// Turns Ctrl-C into a request to the guest, then into a stop.
-fn watch_interrupts(control: Arc<Control>) {
-    // SAFETY: the handler only does an atomic add, which is async-signal-safe.
-    unsafe { libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t) };
-    let _ = std::thread::Builder::new().name("interrupts".into()).spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(100));
-        match INTERRUPTS.load(Ordering::SeqCst) {
-            0 => {}
-            1 => control.ask_guest_to_stop(),
-            _ => return control.stop(Ok(ExitReason::Stopped)),
-        }
-    });
-}
-
 /// Runs the subcommand; `None` for a finished install, else the VM's exit.
 pub fn run(command: Macos) -> Result<Option<ExitReason>, Error> {
     match command {
@@ -103,9 +78,8 @@ pub fn run(command: Macos) -> Result<Option<ExitReason>, Error> {
         Macos::Run { bundle, gui, headless: _, nets, shares } => {
             let nets = if nets.is_empty() { vec![NetConfig::parse("nat").map_err(config_error)?] } else { nets };
             let run = Run { bundle, gui, nets: mac::nets(&nets)?, shares };
-            let control = Control::new();
-            watch_interrupts(control.clone());
-            hvrun::vz::run_macos(&run, control).map(Some)
+            let blocked = crate::signals::block();
+            hvrun::vz::run_macos(&run, |vm| crate::signals::press_then_stop(blocked, vm)).map(Some)
         }
     }
 }

@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use hvrun::{config, ExitReason, VmConfig};
+use hvrun::{config, ExitReason, Vm, VmConfig};
 
 mod macos_cli;
+mod signals;
 
 /// Exit codes, as documented in `--help`.
 const EXIT_POWEROFF: u8 = 0;
@@ -27,7 +28,9 @@ const EXIT_STOPPED: u8 = 5;
                   Ctrl-A Ctrl-A to send a Ctrl-A.\n\n\
                   Exit status: 0 when the guest powers off, 1 when hvrun fails, 2 for a bad command \
                   line, 3 when the guest asks for a reboot (hvrun does not restart it), 4 when the \
-                  guest reports a crash, 5 when stopped with Ctrl-A X.\n\n\
+                  guest reports a crash, 5 when stopped with Ctrl-A X or a second signal.\n\n\
+                  Signals: SIGTERM (and Ctrl-C when standard input is not a terminal) press the \
+                  guest's power button, so it shuts down cleanly; a second one stops it at once.\n\n\
                   Set RUST_LOG=info (or debug) for more detail on standard error, including the \
                   guest's boot time when its init writes the boot-timer device."
 )]
@@ -125,6 +128,7 @@ fn selftest(args: SelftestArgs) -> ExitCode {
         gic: args.gic,
         report: args.report,
         broken: std::env::var("HVRUN_SELFTEST_BREAK").ok(),
+        log_filter: std::env::var("RUST_LOG").ok(),
         ..hvrun::selftest::Options::new()
     };
     match hvrun::selftest::run(&options, &mut std::io::stdout()) {
@@ -205,24 +209,35 @@ fn main() -> ExitCode {
         eprintln!("hvrun: error: --kernel is required (see hvrun --help)");
         return ExitCode::from(EXIT_USAGE);
     };
-    let cmdline = cli.cmdline.unwrap_or_else(|| config::default_cmdline(&cli.disks));
-    let config = VmConfig {
-        kernel,
-        initrd: cli.initrd,
-        console: cli.console.unwrap_or_else(|| config::ConsoleConfig::for_cmdline(&cmdline)),
-        cmdline,
-        disks: cli.disks,
-        nets: cli.nets,
-        backend: cli.backend,
-        gic: cli.gic,
-        rosetta: cli.rosetta,
-        nested: cli.nested,
-        shares: cli.shares,
-        cpus: cli.cpus,
-        memory: cli.memory,
-        console_stdin: true,
-    };
-    exit_code(hvrun::run(&config))
+    let mut config = VmConfig::new(kernel);
+    config.initrd = cli.initrd;
+    config.cmdline = cli.cmdline;
+    config.console = cli.console;
+    config.disks = cli.disks;
+    config.nets = cli.nets;
+    config.backend = cli.backend;
+    config.gic = cli.gic;
+    config.rosetta = cli.rosetta;
+    config.nested = cli.nested;
+    config.shares = cli.shares;
+    config.cpus = cli.cpus;
+    config.memory = cli.memory;
+    config.console_stdin = true;
+    exit_code(run(config))
+}
+
+/// Runs the VM with the serial port on standard output; SIGTERM and SIGINT press its
+/// power button, and a second one stops it.
+fn run(config: VmConfig) -> Result<ExitReason, hvrun::Error> {
+    // Before any thread exists, so that every thread inherits the mask.
+    let blocked = signals::block();
+    let mut builder = Vm::builder(config).serial(std::io::stdout());
+    if let Some(secs) = std::env::var("HVRUN_DUMP_AFTER").ok().and_then(|s| s.parse().ok()) {
+        builder = builder.dump_state_after(std::time::Duration::from_secs(secs));
+    }
+    let vm = builder.start()?;
+    signals::press_then_stop(blocked, vm.handle());
+    vm.wait()
 }
 
 /// The documented exit status for a run's outcome, with a one-line error.
@@ -232,6 +247,10 @@ fn exit_code(outcome: Result<ExitReason, hvrun::Error>) -> ExitCode {
         Ok(ExitReason::Reset) => ExitCode::from(EXIT_RESET),
         Ok(ExitReason::Crash) => ExitCode::from(EXIT_CRASH),
         Ok(ExitReason::Stopped) => ExitCode::from(EXIT_STOPPED),
+        Ok(other) => {
+            eprintln!("hvrun: the guest stopped ({other:?})");
+            ExitCode::from(EXIT_ERROR)
+        }
         Err(e @ (hvrun::Error::Config(_) | hvrun::Error::VzPlan(_))) => {
             eprintln!("hvrun: error: {e}");
             ExitCode::from(EXIT_USAGE)

@@ -5,8 +5,8 @@
 //! embedder's own devices ([`crate::VmBuilder::start`]), and the machine, which places
 //! the devices it built by the same [`assign`] (and the device tree names the same
 //! slots). Slot `n` is the `n`-th virtio device in the order the guest enumerates them:
-//! disks, network interfaces, the entropy device, the console, then an embedder's own
-//! devices.
+//! disks, network interfaces, the entropy device, the console, the power button, then an
+//! embedder's own devices.
 
 use arch_aarch64::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_SPI_BASE};
 use devices::gic::NUM_SPIS;
@@ -43,14 +43,15 @@ pub struct Extras {
 
 /// How many virtio devices `config` with `extras` has.
 pub fn count(config: &VmConfig, extras: &Extras) -> usize {
-    let console = extras.console || config.console != ConsoleConfig::Serial;
-    let entropy = 1;
+    let console = extras.console || config.effective_console() != ConsoleConfig::Serial;
+    let (entropy, power_button) = (1, 1);
     config.disks.len()
         + extras.disks
         + config.nets.len()
         + extras.nets
         + entropy
         + usize::from(console)
+        + power_button
         + extras.devices
 }
 
@@ -83,11 +84,14 @@ mod tests {
 
     #[test]
     fn the_count_includes_what_an_embedder_adds() {
-        let config = VmConfig { disks: vec![parse_disk("a").unwrap(); 2], ..VmConfig::new("Image") };
-        assert_eq!(count(&config, &Extras::default()), 3, "two disks and the entropy device");
+        let serial = Some(ConsoleConfig::Serial);
+        let config = VmConfig { disks: vec![parse_disk("a").unwrap(); 2], console: serial, ..VmConfig::new("Image") };
+        assert_eq!(count(&config, &Extras::default()), 4, "two disks, the entropy device, the power button");
         let with_console = Extras { console: true, disks: 1, nets: 1, devices: 2 };
-        assert_eq!(count(&config, &with_console), 3 + 1 + 1 + 1 + 2);
-        let hvc = VmConfig { console: ConsoleConfig::Terminal, ..config };
-        assert_eq!(count(&hvc, &Extras { console: true, ..Extras::default() }), 4, "one console, not two");
+        assert_eq!(count(&config, &with_console), 4 + 1 + 1 + 1 + 2);
+        let hvc = VmConfig { console: Some(ConsoleConfig::Terminal), ..config };
+        assert_eq!(count(&hvc, &Extras { console: true, ..Extras::default() }), 5, "one console, not two");
+        let default = VmConfig { console: None, ..hvc };
+        assert_eq!(count(&default, &Extras::default()), 5, "with disks the default console is hvc0");
     }
 }

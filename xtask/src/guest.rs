@@ -2,7 +2,8 @@
 //! rebuilt only when their inputs change (a Debian package version, a source's hash).
 //!
 //! - `vmlinuz`: Debian's stock arm64 kernel (an uncompressed Image): the rig's outer
-//!   kernel, and a guest kernel; `virtio_mmio.ko` and `virtio-rng.ko` from the same package.
+//!   kernel, and a guest kernel; `virtio_mmio.ko`, `virtio-rng.ko`, `evdev.ko` and
+//!   `virtio_input.ko` from the same package.
 //! - `busybox`: Debian's static arm64 busybox, for the rig's init.
 //! - `NAME.bin`: each test program `guests/NAME.S`, assembled with the cross binutils.
 //! - `NAME`: each guest tool `guests/tools/NAME.c`, a static arm64 Linux program.
@@ -22,13 +23,16 @@ use crate::{paths, sh};
 
 /// What the guest cache takes from Debian's kernel package: the kernel, and the modules a
 /// guest of the stock kernel needs for virtio (virtio and virtio_ring are built in).
-const KERNEL_FILES: [(&str, &str); 5] = [
+const KERNEL_FILES: [(&str, &str); 7] = [
     ("boot/vmlinuz-", "vmlinuz"),
     // For the rig's side of scenarios: taps, and the exchange disk.
     ("*/kernel/drivers/net/tun.ko", "tun.ko"),
     ("*/kernel/drivers/block/virtio_blk.ko", "virtio_blk.ko"),
     ("*/kernel/drivers/virtio/virtio_mmio.ko", "virtio_mmio.ko"),
     ("*/kernel/drivers/char/hw_random/virtio-rng.ko", "virtio-rng.ko"),
+    // The power button (hvrun's virtio-input device) and its /dev/input/event* node.
+    ("*/kernel/drivers/input/evdev.ko", "evdev.ko"),
+    ("*/kernel/drivers/virtio/virtio_input.ko", "virtio_input.ko"),
 ];
 
 /// Builds every artifact that is missing or stale.

@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod console;
+pub mod input;
 mod interrupt;
 pub mod iovec;
 pub mod mmio;

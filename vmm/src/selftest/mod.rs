@@ -112,6 +112,8 @@ pub struct Options {
     /// A test to fail on purpose, to show what a failure looks like (the CLI takes it
     /// from `HVRUN_SELFTEST_BREAK`).
     pub broken: Option<String>,
+    /// The log filter in force, for the report (the CLI's `RUST_LOG`).
+    pub log_filter: Option<String>,
 }
 
 impl Options {
@@ -124,6 +126,7 @@ impl Options {
             report: PathBuf::from("hvrun-selftest-report.txt"),
             timeout: Duration::from_secs(30),
             broken: None,
+            log_filter: None,
         }
     }
 }

@@ -58,7 +58,7 @@ pub fn write(path: &Path, options: &Options, outcomes: &[Outcome]) -> std::io::R
         options.gic,
         options.timeout.as_secs()
     )?;
-    if let Ok(log) = std::env::var("RUST_LOG") {
+    if let Some(log) = &options.log_filter {
         writeln!(f, "RUST_LOG={log}")?;
     }
     writeln!(f)?;

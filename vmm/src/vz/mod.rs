@@ -17,7 +17,7 @@ pub mod plan;
 use std::sync::Arc;
 
 use crate::control::Control;
-use crate::{Error, ExitReason};
+use crate::{Error, ExitReason, VmHandle};
 
 /// Installs macOS from a restore image into a new bundle (`hvrun macos install`),
 /// showing progress on standard error. The request is checked first on every host.
@@ -33,9 +33,12 @@ pub fn install_macos(install: &mac::Install) -> Result<(), Error> {
     }
 }
 
-/// Runs the macOS VM in a bundle until it stops, or `control` stops it or asks the
-/// guest to shut down (`hvrun macos run`).
-pub fn run_macos(run: &mac::Run, control: Arc<Control>) -> Result<ExitReason, Error> {
+/// Runs the macOS VM in a bundle until it stops (`hvrun macos run`). `started` gets the
+/// VM's handle first, to stop it or ask the guest to shut down from any thread (with
+/// `--gui` this thread runs the window).
+pub fn run_macos(run: &mac::Run, started: impl FnOnce(VmHandle)) -> Result<ExitReason, Error> {
+    let control = Control::new();
+    started(VmHandle::new(Arc::clone(&control)));
     #[cfg(target_os = "macos")]
     {
         framework::mac::run(run, control)

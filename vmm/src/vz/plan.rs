@@ -151,7 +151,7 @@ pub fn linux(config: &VmConfig, limits: &Limits) -> Result<LinuxPlan, PlanError>
             "not with --backend vz: the framework chooses the interrupt controller; leave --gic out",
         ));
     }
-    let console = match &config.console {
+    let console = match &config.effective_console() {
         ConsoleConfig::Terminal => Console::Terminal { input: config.console_stdin },
         ConsoleConfig::File(path) => Console::File(path.clone()),
         ConsoleConfig::Socket(path) => {
@@ -199,7 +199,7 @@ pub fn linux(config: &VmConfig, limits: &Limits) -> Result<LinuxPlan, PlanError>
     Ok(LinuxPlan {
         kernel: config.kernel.clone(),
         initrd: config.initrd.clone(),
-        cmdline: config.cmdline.clone(),
+        cmdline: config.effective_cmdline(),
         cpus: config.cpus,
         memory: config.memory,
         disks: config.disks.iter().map(|d| (d.path.clone(), d.read_only, d.id.clone())).collect(),
@@ -222,8 +222,8 @@ mod tests {
     fn vz() -> VmConfig {
         VmConfig {
             backend: Some(Backend::Vz),
-            cmdline: "console=hvc0".into(),
-            console: ConsoleConfig::Terminal,
+            cmdline: Some("console=hvc0".into()),
+            console: Some(ConsoleConfig::Terminal),
             ..VmConfig::new("Image")
         }
     }
@@ -266,8 +266,8 @@ mod tests {
         let cases: Vec<(VmConfig, &str)> = vec![
             (VmConfig { nets: vec![NetConfig::parse("tap=tap0").unwrap()], ..vz() }, "--net tap=tap0"),
             (VmConfig { nets: vec![NetConfig::parse("unixstream=/s").unwrap()], ..vz() }, "--net unixstream=/s"),
-            (VmConfig { console: ConsoleConfig::Socket("/c".into()), ..vz() }, "--console socket=/c"),
-            (VmConfig { console: ConsoleConfig::Serial, ..vz() }, "console=hvc0"),
+            (VmConfig { console: Some(ConsoleConfig::Socket("/c".into())), ..vz() }, "--console socket=/c"),
+            (VmConfig { console: Some(ConsoleConfig::Serial), ..vz() }, "console=hvc0"),
             (VmConfig { gic: GicChoice::V3, ..vz() }, "--gic"),
             (
                 VmConfig { rosetta: true, shares: vec![ShareConfig::parse("/x:rosetta").unwrap()], ..vz() },

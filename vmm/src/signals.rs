@@ -1,0 +1,77 @@
+//! (CLI) SIGTERM and SIGINT as a power button: the first asks the guest to shut down
+//! cleanly, a second stops the VM at once.
+//!
+//! The two signals are blocked in the main thread before any other thread exists, so
+//! every thread inherits the mask and they arrive only where one thread waits for them
+//! (`sigwait`): no handler runs on a vCPU thread, and nothing is async-signal-unsafe.
+//! On a raw terminal Ctrl-C reaches the guest as a byte and sends no SIGINT; then only
+//! SIGTERM (or a SIGINT from `kill`) presses the button.
+
+use std::io;
+
+use hvrun::VmHandle;
+
+/// SIGINT and SIGTERM, blocked in the calling thread and every thread it starts from now.
+pub struct Blocked(libc::sigset_t);
+
+/// Blocks SIGINT and SIGTERM; call it before the program starts any thread.
+pub fn block() -> io::Result<Blocked> {
+    // SAFETY: a zeroed sigset_t is valid storage for sigemptyset to initialize.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid; sigemptyset and sigaddset initialize and extend it; the
+    // mask call changes only this thread's mask.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(Blocked(set))
+}
+
+/// Starts the thread that takes the blocked signals and calls `on_signal` with how many
+/// have come so far (1 for the first).
+fn watch(blocked: Blocked, on_signal: impl Fn(u32) + Send + 'static) {
+    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut seen = 0u32;
+        loop {
+            let mut signal = 0;
+            // SAFETY: the set is initialized and blocked in this thread (inherited); sigwait
+            // stores the signal taken in `signal`.
+            if unsafe { libc::sigwait(&blocked.0, &mut signal) } == 0 {
+                seen = seen.saturating_add(1);
+                on_signal(seen);
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("no thread for SIGINT and SIGTERM ({e}): they are ignored");
+    }
+}
+
+/// The CLI's rule for a running VM: the first signal presses its power button
+/// ([`VmHandle::request_shutdown`]), a later one stops it. Signals that came while the VM
+/// was being built waited, blocked, and count now. Without `blocked` (the mask could not
+/// be set) the signals keep their default action.
+pub fn press_then_stop(blocked: io::Result<Blocked>, vm: VmHandle) {
+    let blocked = match blocked {
+        Ok(blocked) => blocked,
+        Err(e) => return log::warn!("SIGINT and SIGTERM keep their default action ({e})"),
+    };
+    watch(blocked, move |nth| match nth {
+        1 if vm.request_shutdown() => {
+            say("asked the guest to shut down (its power button); signal again to stop it now")
+        }
+        1 => say("the guest has no driver for its power button (virtio-input); signal again to stop it now"),
+        _ => vm.stop(),
+    });
+}
+
+/// Tells the user, on standard error, what a signal did (with a carriage return: the
+/// terminal may be in raw mode).
+fn say(text: &str) {
+    eprint!("hvrun: {text}\r\n");
+}
