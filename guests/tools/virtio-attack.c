@@ -340,28 +340,30 @@ static const char *type_name(uint32_t id) {
     case VIRTIO_ID_BLOCK: return "blk";
     case VIRTIO_ID_CONSOLE: return "console";
     case VIRTIO_ID_RNG: return "rng";
+    case VIRTIO_ID_INPUT: return "input";
     default: return NULL;
     }
 }
 
-static unsigned queue_count(uint32_t id) { return id == VIRTIO_ID_NET || id == VIRTIO_ID_CONSOLE ? 2 : 1; }
+/* Devices with a receive-like queue 0 and a transmit-like queue 1. */
+static int two_way(uint32_t id) { return id == VIRTIO_ID_NET || id == VIRTIO_ID_CONSOLE || id == VIRTIO_ID_INPUT; }
+static unsigned queue_count(uint32_t id) { return two_way(id) ? 2 : 1; }
 
 /* Whether the device writes into this queue's buffers (receive-like) or reads them. */
 static int device_writes(struct dev *d, unsigned qi) {
     if (d->id == VIRTIO_ID_RNG) return 1;
-    if (d->id == VIRTIO_ID_NET || d->id == VIRTIO_ID_CONSOLE) return qi == 0;
+    if (two_way(d->id)) return qi == 0;
     return 0; /* the block queue mixes both: its chains are built by hand */
 }
 
 /* A receive queue whose chains the device takes only when input arrives: network input */
 /* can be provoked (an ARP request on the transmit queue gets an answer from the host);  */
-/* the console's file backend never has any.                                             */
-static int needs_input(struct dev *d, unsigned qi) {
-    return (d->id == VIRTIO_ID_NET || d->id == VIRTIO_ID_CONSOLE) && qi == 0;
-}
+/* the console's file backend never has any, nor the power button unpressed.              */
+static int needs_input(struct dev *d, unsigned qi) { return two_way(d->id) && qi == 0; }
 static int can_provoke(struct dev *d, unsigned qi) { return d->id == VIRTIO_ID_NET && qi == 0; }
 
-/* Slot order: disks, network interfaces, virtio-rng, console. Stops at the first empty slot. */
+/* Slot order: disks, network interfaces, virtio-rng, console, the power button (virtio-input). */
+/* Stops at the first empty slot.                                                           */
 static void discover(void) {
     int fd = open("/dev/mem", O_RDWR | O_SYNC);
     if (fd < 0) die("/dev/mem: %m");
@@ -555,6 +557,16 @@ static unsigned build_request(struct dev *d, unsigned qi, unsigned *payload) {
             set_desc(q, 0, pa(q->spare), (uint32_t)n, 0, 0);
         }
         return 1;
+    case VIRTIO_ID_INPUT:
+        /* An event buffer, or a status event (EV_LED, LED_NUML, on) for the device to read. */
+        if (qi == 0) {
+            set_desc(q, 0, pa(q->buf), 8, VRING_DESC_F_WRITE, 0);
+        } else {
+            static const uint8_t led[8] = {0x11, 0, 0, 0, 1, 0, 0, 0};
+            memcpy(q->spare, led, sizeof led);
+            set_desc(q, 0, pa(q->spare), sizeof led, 0, 0);
+        }
+        return 1;
     }
     return 0;
 }
@@ -641,6 +653,25 @@ static int works(struct dev *d, char *out, size_t n) {
             return 0;
         }
         snprintf(out, n, "console line %u out", d->checks);
+        return 1;
+    }
+    case VIRTIO_ID_INPUT: {
+        /* The status queue answers, and the configuration space still names the device. */
+        struct vq *q = &d->q[1];
+        build_request(d, 1, &payload);
+        offer(q, 0, 0, 1);
+        notify(d, 1);
+        struct seen s = wait_for(d, 1, 0, 3000);
+        char name[32] = "";
+        w8(d->regs + VIRTIO_MMIO_CONFIG, 1); /* VIRTIO_INPUT_CFG_ID_NAME */
+        w8(d->regs + VIRTIO_MMIO_CONFIG + 1, 0);
+        unsigned size = r8(d->regs + VIRTIO_MMIO_CONFIG + 2);
+        for (unsigned i = 0; i < size && i < sizeof name - 1; i++) name[i] = (char)r8(d->regs + VIRTIO_MMIO_CONFIG + 8 + i);
+        if (s.what != RETURNED || strcmp(name, "hvrun power button") != 0) {
+            describe(out, n, s, 3000);
+            return 0;
+        }
+        snprintf(out, n, "status event taken, name \"%s\"", name);
         return 1;
     }
     }
@@ -1029,7 +1060,7 @@ static void attack_queue(struct dev *d, unsigned qi, enum attack a) {
 /* returns, the device must not write guest memory any more: the used ring and the      */
 /* buffers are compared with a snapshot 300 ms later.                                   */
 static void attack_reset_in_flight(struct dev *d) {
-    unsigned qi = d->id == VIRTIO_ID_NET || d->id == VIRTIO_ID_CONSOLE ? 1 : 0;
+    unsigned qi = two_way(d->id) ? 1 : 0;
     struct vq *q = &d->q[qi];
     start(d);
     unsigned requests = 0;
@@ -1065,6 +1096,17 @@ static void attack_reset_in_flight(struct dev *d) {
             char *line = (char *)q->buf + 64 * i;
             int len = snprintf(line, 64, "virtio-attack: in flight %u\n", i);
             set_desc(q, i, pa(line), (uint32_t)len, 0, 0);
+            q->avail[2 + i] = (uint16_t)i;
+            requests++;
+        }
+        break;
+    case VIRTIO_ID_INPUT:
+        /* Status events (EV_LED) for the device to read and return. */
+        for (unsigned i = 0; i < q->size - 1u; i++) {
+            uint8_t *e = q->buf + 8 * i;
+            memset(e, 0, 8);
+            e[0] = 0x11;
+            set_desc(q, i, pa(e), 8, 0, 0);
             q->avail[2 + i] = (uint16_t)i;
             requests++;
         }

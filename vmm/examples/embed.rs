@@ -52,7 +52,8 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
 
     // The serial port (ttyAMA0, not the console here) reads what this program types on
     // it: the guest reads one line and answers on hvc0.
-    keyboard.line("echo reading-serial; echo serial-got=$(head -n1 /dev/ttyAMA0)")?;
+    // The port is opened before the guest says so (Linux empties its FIFO at the open).
+    keyboard.line("{ echo reading-serial; echo serial-got=$(head -n1); } </dev/ttyAMA0")?;
     if !wait_for(Duration::from_secs(60), || output.count("reading-serial") >= 2) {
         return Err(format!("the guest did not start reading the serial port; console:\n{}", output.text()));
     }

@@ -102,7 +102,7 @@ pub fn open_nets(nets: &[NetConfig]) -> Result<Vec<OpenNet>, Error> {
     nets.iter()
         .map(|net| {
             let what = net.mac_seed();
-            let fail = |e: std::io::Error, hint: &str| Error::Net(format!("--net {what}: {e}{hint}"));
+            let fail = |source: std::io::Error, hint: &'static str| Error::Net { what: what.clone(), source, hint };
             let backend: Box<dyn NetBackend> = match &net.backend {
                 #[cfg(target_os = "linux")]
                 NetBackendConfig::Tap(name) => {
@@ -112,7 +112,7 @@ pub fn open_nets(nets: &[NetConfig]) -> Result<Vec<OpenNet>, Error> {
                 }
                 #[cfg(not(target_os = "linux"))]
                 NetBackendConfig::Tap(_) => {
-                    return Err(Error::Net(format!("--net {what}: tap devices exist on Linux only; use unixgram=PATH")))
+                    return Err(fail(std::io::Error::other("tap devices exist on Linux only; use unixgram=PATH"), ""))
                 }
                 NetBackendConfig::Unixgram { path, vfkit } => Box::new(
                     Unixgram::connect(path, *vfkit).map_err(|e| fail(e, " (is the network proxy listening?)"))?,
@@ -121,9 +121,7 @@ pub fn open_nets(nets: &[NetConfig]) -> Result<Vec<OpenNet>, Error> {
                     Box::new(Unixstream::connect(path).map_err(|e| fail(e, " (is the network proxy listening?)"))?)
                 }
                 NetBackendConfig::Nat => {
-                    return Err(Error::Net(format!(
-                        "--net {what}: only Virtualization.framework has NAT (--backend vz)"
-                    )))
+                    return Err(fail(std::io::Error::other("only Virtualization.framework has NAT (--backend vz)"), ""))
                 }
                 NetBackendConfig::Fd(fd) => {
                     let own = fd.duplicate().map_err(|e| fail(e, ""))?;
@@ -136,7 +134,7 @@ pub fn open_nets(nets: &[NetConfig]) -> Result<Vec<OpenNet>, Error> {
 }
 
 fn console_error(what: &str, e: std::io::Error) -> Error {
-    Error::Console(format!("--console {what}: {e}"))
+    Error::Console { what: format!("--console {what}"), source: e }
 }
 
 /// Removes a socket file left by an earlier run; anything else at `path` is an error, so

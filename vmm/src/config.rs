@@ -48,6 +48,9 @@ pub enum ConfigError {
     /// `--nested` with hvrun's GICv2, which has no virtualization interface.
     #[error("--nested with --gic v2: a guest hypervisor needs the hypervisor's GICv3; use --gic v3 or auto")]
     NestedNeedsGicv3,
+    /// Something an embedder gave the builder that Virtualization.framework cannot take.
+    #[error("{0}: not with --backend vz (Virtualization.framework builds the machine itself)")]
+    NotWithVz(&'static str),
     /// A feature only Virtualization.framework offers, asked of another backend.
     #[error("{0} needs --backend vz (Apple's Virtualization.framework, on macOS)")]
     NeedsVz(&'static str),
@@ -473,7 +476,9 @@ impl VmConfig {
                 return Err(ConfigError::NeedsVz("--net nat"));
             }
         }
-        crate::slots::assign(crate::slots::count(self, &crate::slots::Extras::default()))?;
+        if self.backend != Some(Backend::Vz) {
+            crate::slots::assign(crate::slots::count(self, &crate::slots::Extras::default()))?;
+        }
         if self.memory < MIN_MEMORY || self.memory > RAM_MAX || self.memory % PAGE_SIZE != 0 {
             return Err(ConfigError::MemoryOutOfRange(format_size(self.memory)));
         }

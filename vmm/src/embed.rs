@@ -110,6 +110,22 @@ pub(crate) struct Io {
 }
 
 impl Io {
+    /// The first thing here that Virtualization.framework cannot take (it builds the
+    /// machine itself and boots files by path), if any. (A serial writer is fine: the
+    /// framework's machine has no serial port, so it gets nothing.)
+    fn not_for_vz(&self) -> Option<&'static str> {
+        [
+            (!self.disks.is_empty(), "VmBuilder::disk"),
+            (!self.nets.is_empty(), "VmBuilder::net"),
+            (!self.devices.is_empty(), "VmBuilder::virtio"),
+            (self.images.kernel.is_some(), "VmBuilder::kernel_image"),
+            (self.images.initrd.is_some(), "VmBuilder::initrd_image"),
+            (self.serial_input.is_some(), "VmBuilder::serial_input"),
+        ]
+        .into_iter()
+        .find_map(|(given, what)| given.then_some(what))
+    }
+
     /// What these add to the configuration's virtio devices.
     fn extras(&self) -> crate::slots::Extras {
         crate::slots::Extras {
@@ -232,8 +248,14 @@ impl VmBuilder {
     pub fn start(self) -> Result<Vm, Error> {
         let VmBuilder { config, io } = self;
         config.validate()?;
+        if config.backend == Some(crate::config::Backend::Vz) {
+            if let Some(what) = io.not_for_vz() {
+                return Err(crate::config::ConfigError::NotWithVz(what).into());
+            }
+        } else {
+            crate::slots::assign(crate::slots::count(&config, &io.extras()))?;
+        }
         crate::config::Backend::for_host(config.backend, std::env::consts::OS)?;
-        crate::slots::assign(crate::slots::count(&config, &io.extras()))?;
         if let Some((_, id)) = io.disks.iter().find(|(_, id)| !crate::config::valid_disk_id(id)) {
             return Err(crate::config::ConfigError::BadDisk(format!("id={id}")).into());
         }
@@ -255,7 +277,7 @@ impl VmBuilder {
                 }
                 outcome
             })
-            .map_err(|e| Error::Thread(e.to_string()))?;
+            .map_err(Error::Thread)?;
         Ok(Vm { handle: VmHandle::new(control), thread, events: receiver })
     }
 }
@@ -275,7 +297,7 @@ fn build_vz(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, E
     if console.is_none() && config.effective_console() == ConsoleConfig::Terminal && config.console_stdin {
         // The terminal goes through hvrun, as on the other backends: raw mode, and
         // Ctrl-A X to quit; the framework reads the other end of a pipe.
-        let fail = |e: std::io::Error| Error::Console(e.to_string());
+        let fail = |source: std::io::Error| Error::Console { what: "the terminal".into(), source };
         let (pipe, input) = crate::backends::blocking_pipe().map_err(fail)?;
         let raw = RawTerminal::enter().map_err(fail)?;
         console::spawn_input(Box::new(std::io::stdin()), InputTarget::Pipe(pipe), control.clone(), raw.is_some());
@@ -342,7 +364,7 @@ impl Vm {
 
     /// Waits until the machine stops and says why.
     pub fn wait(self) -> Result<ExitReason, Error> {
-        self.thread.join().unwrap_or_else(|_| Err(Error::Thread("the VM thread panicked".into())))
+        self.thread.join().unwrap_or(Err(Error::Panicked))
     }
 }
 
@@ -453,6 +475,25 @@ mod tests {
         }
         fn queue_notify(&mut self, _: u16) {}
         fn reset(&mut self) {}
+    }
+
+    /// Review of issue 13: Virtualization.framework's machine silently went without an
+    /// embedder's disks, devices and in-memory kernel. They are refused, one by one.
+    #[test]
+    fn what_virtualization_framework_cannot_take_is_refused_not_dropped() {
+        let vz = VmConfig { backend: Some(crate::config::Backend::Vz), ..VmConfig::new("/nonexistent/Image") };
+        let disk = devices::virtio::block::disk::MemDisk { bytes: vec![0; 4096], ..Default::default() };
+        let refused = |b: VmBuilder| match b.start() {
+            Err(Error::Config(crate::ConfigError::NotWithVz(what))) => what,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(refused(Vm::builder(vz.clone()).disk(disk, "d")), "VmBuilder::disk");
+        assert_eq!(refused(Vm::builder(vz.clone()).virtio(Fixed)), "VmBuilder::virtio");
+        assert_eq!(refused(Vm::builder(vz.clone()).kernel_image(vec![0u8; 64])), "VmBuilder::kernel_image");
+        assert_eq!(refused(Vm::builder(vz.clone()).serial_input(std::io::empty())), "VmBuilder::serial_input");
+        // A serial writer is fine: the framework's machine has no serial port to feed it.
+        let plain = Vm::builder(vz).serial(std::io::sink()).start().unwrap_err();
+        assert!(!matches!(plain, Error::Config(crate::ConfigError::NotWithVz(_))), "{plain}");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use arch_aarch64::layout::{place_gicv3, GicV3Layout, GicV3Needs, GIC_CPU_BASE, GIC_DIST_BASE, SPI_BASE};
+use arch_aarch64::layout::{
+    place_gicv3, GicPlacementError, GicV3Layout, GicV3Needs, GIC_CPU_BASE, GIC_DIST_BASE, SPI_BASE,
+};
 use devices::bus::MmioBus;
 use devices::gic::{Gic, NUM_SPIS};
 use devices::irq::IrqLine;
@@ -25,6 +27,54 @@ const GIC_CPU_WINDOW: u64 = 0x2000;
 /// Size of the GICv2 distributor window in the device tree.
 const GIC_DIST_WINDOW: u64 = 0x1000;
 
+/// Why the interrupt controller asked for cannot be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GicError {
+    /// More vCPUs than hvrun's GICv2 serves.
+    #[error("--gic v2 serves at most {MAX_CPUS_GICV2} vCPUs, not {cpus}: use --gic v3 or auto")]
+    TooManyCpusForV2 {
+        /// The vCPUs asked for.
+        cpus: u32,
+    },
+    /// `--gic v3` on a hypervisor without a GICv3 of its own.
+    #[error(
+        "--gic v3: this hypervisor has no GICv3 of its own (KVM needs a host with a GICv3, \
+         Hypervisor.framework needs macOS 15 or later); use --gic v2 with at most 8 vCPUs"
+    )]
+    NoGicV3,
+    /// The hypervisor's GICv3 cannot be placed in the memory map.
+    #[error("--gic v3: the hypervisor's GICv3 won't fit: {0}")]
+    WontFit(GicPlacementError),
+    /// More vCPUs than the GICv2 serves, and no GICv3 to be had.
+    #[error("--cpus {cpus} needs the hypervisor's GICv3, which this host {}; use at most {MAX_CPUS_GICV2} vCPUs", lacks(.placement.as_ref()))]
+    CpusNeedGicV3 {
+        /// The vCPUs asked for.
+        cpus: u32,
+        /// Why the hypervisor's GICv3 cannot be placed; `None`: there is none.
+        placement: Option<GicPlacementError>,
+    },
+    /// `--nested` with `--gic v2`.
+    #[error("--nested needs the hypervisor's GICv3: use --gic v3 or auto")]
+    NestedWithV2,
+    /// `--nested` where the hypervisor's GICv3 cannot be placed.
+    #[error("--nested needs the hypervisor's GICv3, which won't fit: {0}")]
+    NestedWontFit(GicPlacementError),
+    /// `--nested` on a hypervisor without a GICv3 of its own.
+    #[error(
+        "--nested needs the hypervisor's GICv3, which this host does not have (KVM on a GICv3 host, \
+         macOS 15 or later)"
+    )]
+    NestedNoGicV3,
+}
+
+fn lacks(placement: Option<&GicPlacementError>) -> String {
+    match placement {
+        Some(why) => format!("cannot place ({why})"),
+        None => "does not have (KVM on a GICv3 host, or macOS 15+)".into(),
+    }
+}
+
 /// Which controller to build: `Some(layout)` for the hypervisor's GICv3, `None` for the
 /// emulated GICv2. `needs` is what the hypervisor's GICv3 asks for, `None` when it has
 /// none. A `nested` guest (with EL2) must have the hypervisor's GICv3: its hypervisor
@@ -35,43 +85,25 @@ pub fn choose(
     cpus: u32,
     needs: Option<GicV3Needs>,
     nested: bool,
-) -> Result<Option<GicV3Layout>, Error> {
+) -> Result<Option<GicV3Layout>, GicError> {
     let placed = needs.map(|n| place_gicv3(&n, cpus, NUM_SPIS));
     if nested {
         return match (asked, placed) {
-            (GicChoice::V2, _) => Err(Error::Gic("--nested needs the hypervisor's GICv3: use --gic v3 or auto".into())),
+            (GicChoice::V2, _) => Err(GicError::NestedWithV2),
             (_, Some(Ok(layout))) => Ok(Some(layout)),
-            (_, Some(Err(why))) => {
-                Err(Error::Gic(format!("--nested needs the hypervisor's GICv3, which won't fit: {why}")))
-            }
-            (_, None) => Err(Error::Gic(
-                "--nested needs the hypervisor's GICv3, which this host does not have (KVM on a GICv3 host, \
-                 macOS 15 or later)"
-                    .into(),
-            )),
+            (_, Some(Err(why))) => Err(GicError::NestedWontFit(why)),
+            (_, None) => Err(GicError::NestedNoGicV3),
         };
     }
-    match (asked, placed.as_ref()) {
-        (GicChoice::V2, _) if cpus > MAX_CPUS_GICV2 => {
-            Err(Error::Gic(format!("--gic v2 serves at most {MAX_CPUS_GICV2} vCPUs, not {cpus}: use --gic v3 or auto")))
-        }
+    match (asked, placed) {
+        (GicChoice::V2, _) if cpus > MAX_CPUS_GICV2 => Err(GicError::TooManyCpusForV2 { cpus }),
         (GicChoice::V2, _) => Ok(None),
-        (_, Some(Ok(layout))) => Ok(Some(*layout)),
-        (GicChoice::V3, None) => Err(Error::Gic(
-            "--gic v3: this hypervisor has no GICv3 of its own (KVM needs a host with a GICv3, \
-             Hypervisor.framework needs macOS 15 or later); use --gic v2 with at most 8 vCPUs"
-                .into(),
-        )),
-        (GicChoice::V3, Some(Err(why))) => {
-            Err(Error::Gic(format!("--gic v3: the hypervisor's GICv3 won't fit: {why}")))
+        (_, Some(Ok(layout))) => Ok(Some(layout)),
+        (GicChoice::V3, None) => Err(GicError::NoGicV3),
+        (GicChoice::V3, Some(Err(why))) => Err(GicError::WontFit(why)),
+        (GicChoice::Auto, placed) if cpus > MAX_CPUS_GICV2 => {
+            Err(GicError::CpusNeedGicV3 { cpus, placement: placed.and_then(Result::err) })
         }
-        (GicChoice::Auto, _) if cpus > MAX_CPUS_GICV2 => Err(Error::Gic(format!(
-            "--cpus {cpus} needs the hypervisor's GICv3, which this host {}; use at most {MAX_CPUS_GICV2} vCPUs",
-            match &placed {
-                Some(Err(why)) => format!("cannot place ({why})"),
-                _ => "does not have (KVM on a GICv3 host, or macOS 15+)".into(),
-            }
-        ))),
         (GicChoice::Auto, Some(Err(why))) => {
             log::warn!("the hypervisor's GICv3 won't fit ({why}); using hvrun's GICv2");
             Ok(None)
@@ -191,6 +223,7 @@ mod tests {
 
     #[test]
     fn v3_is_an_error_where_the_hypervisor_has_none_or_it_wont_fit() {
+        assert_eq!(choose(GicChoice::V3, 1, None, false), Err(GicError::NoGicV3), "an error an embedder can match");
         let none = choose(GicChoice::V3, 1, None, false).unwrap_err().to_string();
         assert!(none.contains("no GICv3 of its own"), "{none}");
         let few = GicV3Needs { spis: (32, 32), ..kvm_like(1) };

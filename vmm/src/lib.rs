@@ -64,6 +64,7 @@ pub mod extend {
 pub use config::{ConfigError, VmConfig};
 pub use devices::ratelimit::GuestLogLimiter;
 pub use embed::{ConsoleIo, Event, PauseError, Vm, VmBuilder, VmHandle};
+pub use irqchip::GicError;
 
 /// Why a guest stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,29 +114,54 @@ pub enum Error {
     #[error("{0}")]
     Hypervisor(#[from] hypervisor::Error),
     /// Setting up guest memory or loading into it failed.
-    #[error("guest memory: {0}")]
-    Memory(String),
+    #[error("guest memory: {what}{}", with_source(source.as_deref()))]
+    Memory {
+        /// What was being done (`"loading kernel Image"`, `"writing the device tree"`).
+        what: String,
+        /// Why it failed, where something said.
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// Building the device tree failed.
     #[error(transparent)]
     Fdt(#[from] fdt::FdtError),
     /// The devices could not be wired up.
     #[error("devices: {0}")]
     Devices(#[from] devices::bus::BusError),
-    /// A virtio device could not be set up.
-    #[error("virtio: {0}")]
-    Virtio(String),
+    /// A virtio device asked for queues virtio does not allow.
+    #[error("virtio: device type {device}: {source}")]
+    Virtio {
+        /// Its virtio device type.
+        device: u32,
+        /// What is wrong with its queues.
+        source: virtio_queue::Error,
+    },
     /// The console could not be set up.
-    #[error("console: {0}")]
-    Console(String),
+    #[error("console: {what}: {source}")]
+    Console {
+        /// Which console (`"--console socket=PATH"`, `"the terminal"`).
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A network backend could not be opened.
-    #[error("{0}")]
-    Net(String),
-    /// A vCPU thread could not be started.
-    #[error("cannot start a vCPU thread: {0}")]
-    Thread(String),
+    #[error("--net {what}: {source}{hint}")]
+    Net {
+        /// The interface, as `--net` names it.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+        /// What to check, or "".
+        hint: &'static str,
+    },
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    /// The thread running the VM panicked (a bug in hvrun).
+    #[error("the VM thread panicked")]
+    Panicked,
     /// The interrupt controller asked for cannot be had.
-    #[error("{0}")]
-    Gic(String),
+    #[error(transparent)]
+    Gic(#[from] irqchip::GicError),
     /// Virtualization.framework refused or failed.
     #[error("vz: {0}")]
     Vz(String),
@@ -150,6 +176,11 @@ pub enum Error {
         /// The backend's description of the exit.
         why: String,
     },
+}
+
+/// `: source`, or nothing.
+fn with_source(source: Option<&(dyn std::error::Error + Send + Sync)>) -> String {
+    source.map(|e| format!(": {e}")).unwrap_or_default()
 }
 
 /// Boots the VM `config` describes on this host's hypervisor and runs it until the guest

@@ -136,12 +136,12 @@ where
         let kind = device.device_type();
         let interrupt = Interrupt::new(irqchip.spi_line(slot.spi));
         let transport = MmioTransport::new(device, memory.clone(), interrupt)
-            .map_err(|e| Error::Virtio(format!("device type {kind}: {e}")))?;
+            .map_err(|source| Error::Virtio { device: kind, source })?;
         bus.insert(slot.base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
     }
 
     let terminal = if config.console_stdin {
-        let raw = RawTerminal::enter().map_err(|e| Error::Console(e.to_string()))?;
+        let raw = RawTerminal::enter().map_err(|source| Error::Console { what: "the terminal".into(), source })?;
         let target = match console.stdin_pipe.take() {
             Some(pipe) => InputTarget::Pipe(pipe),
             None => InputTarget::Uart(uart.clone()),
@@ -222,7 +222,7 @@ fn run_vcpus<V: Vm>(
                 }
             });
             if let Err(e) = spawned {
-                control.stop(Err(Error::Thread(e.to_string())));
+                control.stop(Err(Error::Thread(e)));
                 // The threads that never start must not hold the others at the gate.
                 for _ in index..cpus {
                     all_created.pass_without_waiting();
@@ -304,7 +304,11 @@ fn virtio_devices(
     for (backend, mac) in nets {
         devices.push(Box::new(Net::new(backend, mac)));
     }
-    let urandom = std::fs::File::open("/dev/urandom").map_err(|e| Error::Virtio(format!("/dev/urandom: {e}")))?;
+    let urandom = std::fs::File::open("/dev/urandom").map_err(|source| Error::File {
+        what: "entropy source",
+        path: "/dev/urandom".into(),
+        source,
+    })?;
     devices.push(Box::new(Rng::new(Box::new(urandom))));
     if let Some(backend) = console {
         devices.push(Box::new(Console::new(backend)));
@@ -312,6 +316,11 @@ fn virtio_devices(
     devices.push(Box::new(extras.power_button));
     devices.extend(extras.devices);
     Ok((devices, files))
+}
+
+/// An [`Error::Memory`] for `what`, caused by `source`.
+fn memory_error(what: String, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Memory { what, source: Some(Box::new(source)) }
 }
 
 /// 64 bytes from the host's entropy source, for the kernel's RNG and KASLR seeds.
@@ -338,18 +347,18 @@ fn load(
     let plan = image::plan(RAM_BASE, config.memory, &header, kernel_size, initrd_size)
         .map_err(|source| Error::Kernel { path: config.kernel.clone(), source })?;
 
-    let ram_len = usize::try_from(config.memory).map_err(|_| Error::Memory("RAM size overflows".into()))?;
+    let ram_len = usize::try_from(config.memory).map_err(|e| memory_error("sizing RAM".into(), e))?;
     let memory = GuestRam::new(&[(GuestAddress(RAM_BASE), ram_len)]).map_err(hypervisor::Error::from)?;
 
     PE::load(&**memory, Some(GuestAddress(plan.kernel_base)), &mut kernel, None)
-        .map_err(|e| Error::Memory(format!("loading kernel {}: {e}", config.kernel.display())))?;
+        .map_err(|e| memory_error(format!("loading kernel {}", config.kernel.display()), e))?;
 
     let mut initrd_range = None;
     if let (Some((mut file, size)), Some(at)) = (initrd, plan.initrd) {
-        let len = usize::try_from(size).map_err(|_| Error::Memory("initrd size overflows".into()))?;
+        let len = usize::try_from(size).map_err(|e| memory_error("sizing the initrd".into(), e))?;
         memory
             .read_exact_volatile_from(GuestAddress(at), &mut file, len)
-            .map_err(|e| Error::Memory(format!("loading initrd: {e}")))?;
+            .map_err(|e| memory_error("loading initrd".into(), e))?;
         initrd_range = Some((at, at + size));
     }
 
@@ -372,9 +381,7 @@ fn load(
         kaslr_seed,
         el2: config.nested,
     })?;
-    memory
-        .write_slice(&blob, GuestAddress(plan.fdt))
-        .map_err(|e| Error::Memory(format!("writing the device tree: {e}")))?;
+    memory.write_slice(&blob, GuestAddress(plan.fdt)).map_err(|e| memory_error("writing the device tree".into(), e))?;
 
     let regs = BootRegs::linux(plan.kernel_entry, plan.fdt);
     Ok((memory, if config.nested { regs.at_el2() } else { regs }))

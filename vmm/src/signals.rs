@@ -1,5 +1,5 @@
 //! (CLI) SIGTERM and SIGINT as a power button: the first asks the guest to shut down
-//! cleanly, a second stops the VM at once.
+//! cleanly, a second stops the VM at once, a third (if the stop hangs) ends the process.
 //!
 //! The two signals are blocked in the main thread before any other thread exists, so
 //! every thread inherits the mask and they arrive only where one thread waits for them
@@ -33,7 +33,10 @@ pub fn block() -> io::Result<Blocked> {
 }
 
 /// Starts the thread that takes the blocked signals and calls `on_signal` with how many
-/// have come so far (1 for the first).
+/// have come so far (1 for the first). From the third on, when two have not ended the
+/// process, the signal takes its own course: it is unblocked and raised again, so the
+/// console's handler restores the terminal and the process dies of it, as it would have
+/// without this (a stop that does not finish must not leave hvrun unkillable).
 fn watch(blocked: Blocked, on_signal: impl Fn(u32) + Send + 'static) {
     let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
         let mut seen = 0u32;
@@ -41,9 +44,19 @@ fn watch(blocked: Blocked, on_signal: impl Fn(u32) + Send + 'static) {
             let mut signal = 0;
             // SAFETY: the set is initialized and blocked in this thread (inherited); sigwait
             // stores the signal taken in `signal`.
-            if unsafe { libc::sigwait(&blocked.0, &mut signal) } == 0 {
-                seen = seen.saturating_add(1);
+            if unsafe { libc::sigwait(&blocked.0, &mut signal) } != 0 {
+                continue;
+            }
+            seen = seen.saturating_add(1);
+            if seen < 3 {
                 on_signal(seen);
+                continue;
+            }
+            // SAFETY: unblocking in this thread only, then raising a signal at it: its
+            // handler (the console's, restoring the terminal) or its default action runs.
+            unsafe {
+                libc::pthread_sigmask(libc::SIG_UNBLOCK, &blocked.0, std::ptr::null_mut());
+                libc::raise(signal);
             }
         }
     });

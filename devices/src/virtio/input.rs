@@ -11,7 +11,8 @@
 //! `struct virtio_input_event` (8 bytes), and the status queue (LEDs and the like),
 //! whose buffers are returned unread. A press is four events (key down, report, key up,
 //! report). Presses wait for the driver's buffers, at most [`MAX_PENDING`] events: a host
-//! that presses faster than the guest listens loses presses, never memory.
+//! that presses faster than the guest listens loses presses, never memory. A press before
+//! the driver starts is not taken.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -26,7 +27,7 @@ use virtio_bindings::virtio_input::{
 use virtio_queue::Queue;
 use vm_memory::Bytes;
 
-use super::{drain_queue, drain_queue_while, queue_pair, read_config_bytes, Chain};
+use super::{drain_queue, drain_queue_while, has_pending, queue_pair, read_config_bytes, Chain};
 use super::{ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
 use crate::warn_ratelimited;
 
@@ -121,19 +122,24 @@ impl std::fmt::Debug for PowerButton {
 }
 
 impl PowerButton {
-    /// Presses and releases the key. Returns whether a driver is listening (the device is
-    /// running); the press waits for the driver either way, within [`MAX_PENDING`].
+    /// Presses and releases the key. Returns whether the press was taken: a driver is
+    /// running the device, and the events waiting for its buffers stay within
+    /// [`MAX_PENDING`]. A press before the driver has started is not kept: the guest's
+    /// input layer would deliver it to nobody (no program has the device open yet).
     pub fn press(&self) -> bool {
         let mut state = lock(&self.state);
+        if state.running.is_none() {
+            return false;
+        }
+        if state.pending.len() + 4 > MAX_PENDING {
+            warn_ratelimited!("virtio-input: the guest takes no events; a press is dropped");
+            return false;
+        }
         let press = [event(EV_KEY, KEY_POWER, 1), event(EV_SYN, SYN_REPORT, 0)];
         let release = [event(EV_KEY, KEY_POWER, 0), event(EV_SYN, SYN_REPORT, 0)];
-        if state.pending.len() + 4 <= MAX_PENDING {
-            state.pending.extend(press.into_iter().chain(release));
-        } else {
-            warn_ratelimited!("virtio-input: the guest takes no events; a press is dropped");
-        }
+        state.pending.extend(press.into_iter().chain(release));
         state.deliver();
-        state.running.is_some()
+        true
     }
 }
 
@@ -216,15 +222,20 @@ impl VirtioDevice for PowerButtonDevice {
         let (events, status) = queue_pair(queues)?;
         let mut state = lock(&self.state);
         state.running = Some(Running { memory, events, status, interrupt });
-        // A press made before the driver came waits for it.
-        state.deliver();
         Ok(())
     }
 
     fn queue_notify(&mut self, index: u16) {
         let mut state = lock(&self.state);
         match index {
-            0 => state.deliver(),
+            0 => {
+                // Checked even with no event to give: a driver that broke the ring fails
+                // the device now, not at the next press.
+                if let Some(run) = state.running.as_ref() {
+                    has_pending("virtio-input", &run.events, run.memory.memory(), &run.interrupt);
+                }
+                state.deliver();
+            }
             _ => {
                 let Some(run) = state.running.as_mut() else { return };
                 // Status (the keyboard LEDs of a keyboard): nothing to show; returned.
@@ -236,6 +247,14 @@ impl VirtioDevice for PowerButtonDevice {
     fn reset(&mut self) {
         *lock(&self.state) = State::default();
         (self.select, self.subsel) = (0, 0);
+    }
+}
+
+impl Drop for PowerButtonDevice {
+    fn drop(&mut self) {
+        // The button may outlive the machine (a `VmHandle` kept by an embedder): it must
+        // not keep the guest's memory alive through the running queues.
+        *lock(&self.state) = State::default();
     }
 }
 

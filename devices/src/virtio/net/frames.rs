@@ -23,6 +23,9 @@ const BACKEND: Token = Token(0);
 /// The largest frame with its header: a 64 KiB TSO packet, its ethernet and VLAN
 /// headers, and the virtio-net header.
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 65_536 + 64;
+/// The most receives in a row that bring no frame before the device waits for the
+/// backend's next readiness.
+const MAX_FRUITLESS_RECEIVES: u32 = 64;
 /// How soon a frame the backend could not take is offered again (macOS sends no
 /// writable event for a datagram socket whose peer was full).
 const RETRY: Duration = Duration::from_millis(1);
@@ -47,6 +50,9 @@ pub(super) struct Frames {
     /// A frame from the guest the backend could not take yet: `tx_buf[..tx_len]`.
     tx_buf: Vec<u8>,
     tx_len: usize,
+    /// A chain the backend could not take straight from the guest's buffers went back to
+    /// the ring: try again on a timer (macOS sends no writable event after ENOBUFS).
+    tx_blocked: bool,
 }
 
 /// What became of a received frame.
@@ -59,7 +65,15 @@ enum Delivery {
 
 impl Frames {
     pub(super) fn new(backend: Box<dyn NetBackend>) -> Self {
-        Frames { backend, running: None, rx_buf: vec![0; MAX_FRAME], rx_len: 0, tx_buf: vec![0; MAX_FRAME], tx_len: 0 }
+        Frames {
+            backend,
+            running: None,
+            rx_buf: vec![0; MAX_FRAME],
+            rx_len: 0,
+            tx_buf: vec![0; MAX_FRAME],
+            tx_len: 0,
+            tx_blocked: false,
+        }
     }
 
     pub(super) fn attach(
@@ -88,6 +102,7 @@ impl Frames {
     }
 
     fn transmit(&mut self, memory: &GuestMemoryMmap, tx: &mut Queue, interrupt: &Interrupt) {
+        self.tx_blocked = false;
         match self.backend.flush() {
             Ok(()) => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => return,
@@ -116,6 +131,7 @@ impl Frames {
                 Some(Err(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
                     // Nothing sent: the chain goes back, to be sent when the backend is ready.
                     tx.set_next_avail(tx.next_avail().wrapping_sub(1));
+                    self.tx_blocked = true;
                     return;
                 }
                 Some(result) => {
@@ -137,19 +153,40 @@ impl Frames {
     }
 
     fn receive(&mut self, memory: &GuestMemoryMmap, rx: &mut Queue, interrupt: &Interrupt, mergeable: bool) {
+        // Receives that bring no frame (a short one, an interruption): a backend that does
+        // only that (an embedder's, say) must not keep the device's thread here for ever.
+        let mut fruitless = 0u32;
         loop {
             if self.rx_len == 0 {
+                if fruitless == MAX_FRUITLESS_RECEIVES {
+                    warn_ratelimited!(
+                        "{NAME}: the backend keeps returning no frame; receiving waits for its next wake"
+                    );
+                    return;
+                }
                 let vnet_hdr = self.backend.vnet_hdr();
                 let buf = if vnet_hdr { &mut self.rx_buf[..] } else { &mut self.rx_buf[VNET_HDR_LEN..] };
+                let room = buf.len();
                 match self.backend.recv(buf) {
-                    Ok(n) if vnet_hdr && n < VNET_HDR_LEN => continue,
+                    Ok(n) if n > room => {
+                        warn_ratelimited!("{NAME}: the backend says it received {n} bytes into {room}; dropped");
+                        fruitless += 1;
+                        continue;
+                    }
+                    Ok(n) if vnet_hdr && n < VNET_HDR_LEN => {
+                        fruitless += 1;
+                        continue;
+                    }
                     Ok(n) => {
                         self.rx_len = if vnet_hdr { n } else { n + VNET_HDR_LEN };
                         if !vnet_hdr {
                             self.rx_buf[..VNET_HDR_LEN].fill(0);
                         }
                     }
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {
+                        fruitless += 1;
+                        continue;
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                     Err(e) => {
                         warn_ratelimited!("{NAME}: receive failed: {e}");
@@ -283,10 +320,11 @@ impl Handler for Frames {
         // Frames in flight belonged to the driver that reset the device.
         self.rx_len = 0;
         self.tx_len = 0;
+        self.tx_blocked = false;
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        (self.tx_len > 0).then_some(RETRY)
+        (self.tx_len > 0 || self.tx_blocked).then_some(RETRY)
     }
 
     fn timeout(&mut self, _registry: &Registry) {

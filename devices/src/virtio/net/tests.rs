@@ -219,3 +219,97 @@ fn a_backend_without_a_file_descriptor_wakes_the_device_itself() {
     m.read_slice(&mut got, GuestAddress(0x1_0000)).unwrap();
     assert_eq!(&got[VNET_HDR_LEN..], b"inbound");
 }
+
+/// A backend that answers every receive the same way, whatever the truth.
+struct Liar {
+    vnet_hdr: bool,
+    /// What `recv` says it received: past the buffer, or nothing.
+    overstate: bool,
+}
+
+impl super::backend::NetBackend for Liar {
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
+    }
+    fn send(&mut self, _frame: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Ok(if self.overstate { buf.len() + 100 } else { 0 })
+    }
+}
+
+/// Review of issue 13: an embedder's backend is trusted no more than a guest. One that
+/// says it received more than the buffer made the device slice past its frame buffer
+/// (a panic on its thread); one that always returns an empty frame with headers on kept
+/// the device's thread receiving for ever, so a reset never finished.
+#[test]
+fn a_backend_that_lies_about_receives_neither_panics_nor_pins_the_device() {
+    use crate::virtio::testing::within_deadline;
+    for (vnet_hdr, overstate) in [(false, true), (true, true), (true, false)] {
+        let m = Arc::new(Mem(mem(0x10_0000)));
+        let line = Arc::new(Line::default());
+        let net = Net::new(Box::new(Liar { vnet_hdr, overstate }), [2, 0, 0, 0, 0, 1]);
+        let mut t = MmioTransport::new(Box::new(net), m.clone(), Interrupt::new(line)).unwrap();
+        let (rx, tx) = queues(&m);
+        start(&mut t, &[&rx, &tx]);
+        rx.add_desc_chains(&[desc(0x1_0000, 4096, W)], 0).unwrap();
+        write_reg(&mut t, 0x50, 0);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(rx.used().idx().load(), 0, "no frame reached the guest");
+        drop((rx, tx));
+        within_deadline("the reset", move || write_reg(&mut t, 0x70, 0));
+    }
+}
+
+/// A backend without a file descriptor that cannot take a frame straight from the guest's
+/// buffers yet (as a unixgram socket on macOS gets ENOBUFS, with no writable event after).
+struct Busy {
+    refusals: u32,
+    sent: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl super::backend::NetBackend for Busy {
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    fn vnet_hdr(&self) -> bool {
+        false
+    }
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.sent.send(frame.to_vec()).map_err(std::io::Error::other)
+    }
+    fn send_guest(&mut self, frame: &crate::virtio::iovec::GuestIovecs<'_>) -> Option<std::io::Result<()>> {
+        let _ = frame;
+        if self.refusals > 0 {
+            self.refusals -= 1;
+            return Some(Err(std::io::ErrorKind::WouldBlock.into()));
+        }
+        None
+    }
+    fn recv(&mut self, _buf: &mut [u8]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::WouldBlock.into())
+    }
+}
+
+/// Review of issue 13: a frame the backend refused from the guest's buffers went back to
+/// the ring with no retry armed, so it waited for the guest's next notify. It is retried
+/// on the device's timer.
+#[test]
+fn a_frame_refused_from_the_guests_buffers_is_retried_without_another_notify() {
+    let m = Arc::new(Mem(mem(0x10_0000)));
+    let (sent, out) = std::sync::mpsc::channel();
+    let net = Net::new(Box::new(Busy { refusals: 3, sent }), [2, 0, 0, 0, 0, 1]);
+    let mut t = MmioTransport::new(Box::new(net), m.clone(), Interrupt::new(Arc::new(Line::default()))).unwrap();
+    let (rx, tx) = queues(&m);
+    start(&mut t, &[&rx, &tx]);
+    m.write_slice(&[0; VNET_HDR_LEN], GuestAddress(0x1000)).unwrap();
+    m.write_slice(b"retried", GuestAddress(0x2000)).unwrap();
+    tx.add_desc_chains(&[chained(0x1000, VNET_HDR_LEN as u32, 0, 1), desc(0x2000, 7, 0)], 0).unwrap();
+    write_reg(&mut t, 0x50, 1);
+    let frame = out.recv_timeout(std::time::Duration::from_secs(5)).expect("the frame went out with no second notify");
+    assert_eq!(frame, b"retried");
+}

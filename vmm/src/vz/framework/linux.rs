@@ -23,7 +23,8 @@ use crate::{Error, ExitReason};
 /// The console's file handles for an embedder's reader and writer: two pipes, each
 /// pumped by a thread of its own (the framework reads and writes file handles only).
 fn embedded_console(io: ConsoleIo) -> Result<(Option<Retained<NSFileHandle>>, Retained<NSFileHandle>), Error> {
-    let pipe = || crate::backends::blocking_pipe().map_err(|e| Error::Console(format!("console pipe: {e}")));
+    let pipe =
+        || crate::backends::blocking_pipe().map_err(|source| Error::Console { what: "console pipe".into(), source });
     let ConsoleIo { input, mut output } = io;
     let (guest_writes, from_guest) = pipe()?;
     let _ = std::thread::Builder::new().name("vz-console-out".into()).spawn(move || {
@@ -95,7 +96,7 @@ fn configuration(
             }
             (None, Console::File(path)) => {
                 let file = std::fs::File::create(path)
-                    .map_err(|e| Error::Console(format!("--console file={}: {e}", path.display())))?;
+                    .map_err(|source| Error::Console { what: format!("--console file={}", path.display()), source })?;
                 (None, handle(file.into()))
             }
         };

@@ -92,7 +92,11 @@ fn set_nets(config: &VZVirtualMachineConfiguration, nets: &[NetSpec]) -> Result<
             match net {
                 Net::Nat => device.setAttachment(Some(&VZNATNetworkDeviceAttachment::new())),
                 Net::Unixgram { path, vfkit } => {
-                    let fail = |e: std::io::Error| Error::Net(format!("--net unixgram={}: {e}", path.display()));
+                    let fail = |source: std::io::Error| Error::Net {
+                        what: format!("unixgram={}", path.display()),
+                        source,
+                        hint: "",
+                    };
                     let socket = Unixgram::connect(path, *vfkit).map_err(fail)?;
                     let fd = socket.duplicate_fd().map_err(fail)?;
                     sockets.push(socket);
@@ -103,7 +107,11 @@ fn set_nets(config: &VZVirtualMachineConfiguration, nets: &[NetSpec]) -> Result<
                     device.setAttachment(Some(&attachment));
                 }
                 Net::Fd(fd) => {
-                    let fd = fd.duplicate().map_err(|e| Error::Net(format!("--net fd={}: {e}", fd.number())))?;
+                    let fd = fd.duplicate().map_err(|source| Error::Net {
+                        what: format!("fd={}", fd.number()),
+                        source,
+                        hint: "",
+                    })?;
                     let attachment = VZFileHandleNetworkDeviceAttachment::initWithFileHandle(
                         VZFileHandleNetworkDeviceAttachment::alloc(),
                         &handle(fd),
