@@ -46,9 +46,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
     if !matches!(booted, Event::BootTimer { .. }) {
         return Err(format!("expected the boot timer first, got {booted:?}"));
     }
-    if !wait_for(Duration::from_secs(60), || output.count("hvrun-guest: init started") > 0) {
-        return Err("the guest's init never spoke on hvc0".into());
-    }
+    common::wait_for_init(&output)?;
 
     // The serial port (ttyAMA0, not the console here) reads what this program types on
     // it: the guest reads one line and answers on hvc0.

@@ -15,11 +15,10 @@ mod common;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use common::{keyboard, wait_for, Captured};
+use common::{keyboard, powered_off, test_guest, wait_for_init, Captured};
 use hvrun::extend::Disk;
-use hvrun::{ExitReason, Vm, VmConfig};
+use hvrun::Vm;
 
 /// What the host puts at the start of the disk.
 const SIGNATURE: &[u8] = b"hvrun-memdisk-v1";
@@ -83,10 +82,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
     contents[..SIGNATURE.len()].copy_from_slice(SIGNATURE);
     let disk = SharedDisk { bytes: Arc::new(Mutex::new(contents)), flushes: Arc::default() };
 
-    let mut config = VmConfig::new(kernel);
-    config.initrd = Some(initrd.into());
-    config.cmdline = Some("console=hvc0 quiet".into());
-    config.memory = 256 << 20;
+    let config = test_guest(kernel, initrd);
     let output = Captured::default();
     let (keyboard, typed) = keyboard();
     let vm = Vm::builder(config)
@@ -94,19 +90,12 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
         .disk(disk.clone(), "memdisk")
         .start()
         .map_err(|e| format!("start: {e}"))?;
-    if !wait_for(Duration::from_secs(120), || output.count("hvrun-guest: init started") > 0) {
-        return Err(format!("the guest's init never spoke on hvc0; console:\n{}", output.text()));
-    }
+    wait_for_init(&output)?;
     keyboard.line("echo serial=$(cat /sys/block/vda/serial) size=$(cat /sys/block/vda/size)")?;
     keyboard.line("echo read=$(head -c 16 /dev/vda)")?;
     keyboard.line("printf guest-wrote-this | dd of=/dev/vda bs=512 seek=1 conv=fsync 2>/dev/null && echo written")?;
     keyboard.line("poweroff -f")?;
-    let reason = vm.wait().map_err(|e| format!("wait: {e}"))?;
-    let text = output.text();
-    println!("memdisk: exit {reason:?}");
-    if reason != ExitReason::PowerOff {
-        return Err(format!("the guest did not power off; console:\n{text}"));
-    }
+    let text = powered_off("memdisk", vm, &output)?;
     for expected in ["serial=memdisk size=2048", "read=hvrun-memdisk-v1", "written"] {
         if !text.contains(expected) {
             return Err(format!("the guest did not say `{expected}`; console:\n{text}"));

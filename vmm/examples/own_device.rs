@@ -15,13 +15,12 @@ mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{keyboard, wait_for, Captured};
+use common::{keyboard, powered_off, test_guest, wait_for_init, Captured};
 use hvrun::extend::virtio_queue::Queue;
 use hvrun::extend::vm_memory::Bytes;
 use hvrun::extend::{drain_queue, single_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
-use hvrun::{ExitReason, Vm, VmConfig};
+use hvrun::Vm;
 
 /// What the device hands out, over and over.
 const PATTERN: &[u8] = b"hvrun-own-device-";
@@ -89,10 +88,7 @@ impl VirtioDevice for PatternRng {
 
 fn run(kernel: &str, initrd: &str) -> Result<(), String> {
     let requests = Arc::new(AtomicU64::new(0));
-    let mut config = VmConfig::new(kernel);
-    config.initrd = Some(initrd.into());
-    config.cmdline = Some("console=hvc0 quiet".into());
-    config.memory = 256 << 20;
+    let config = test_guest(kernel, initrd);
     let output = Captured::default();
     let (keyboard, typed) = keyboard();
     let vm = Vm::builder(config)
@@ -100,9 +96,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
         .virtio(PatternRng { running: None, requests: Arc::clone(&requests) })
         .start()
         .map_err(|e| format!("start: {e}"))?;
-    if !wait_for(Duration::from_secs(120), || output.count("hvrun-guest: init started") > 0) {
-        return Err(format!("the guest's init never spoke on hvc0; console:\n{}", output.text()));
-    }
+    wait_for_init(&output)?;
     let rng = "/sys/class/misc/hw_random";
     keyboard.line(&format!("echo sources=$(cat {rng}/rng_available)"))?;
     keyboard.line(&format!(
@@ -110,12 +104,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
          echo \"from $r: $(head -c 34 /dev/hwrng | tr -c 'a-z-' '.')\"; done"
     ))?;
     keyboard.line("poweroff -f")?;
-    let reason = vm.wait().map_err(|e| format!("wait: {e}"))?;
-    let text = output.text();
-    println!("own_device: exit {reason:?}");
-    if reason != ExitReason::PowerOff {
-        return Err(format!("the guest did not power off; console:\n{text}"));
-    }
+    let text = powered_off("own_device", vm, &output)?;
     let sources = text.lines().find(|l| l.starts_with("sources=")).unwrap_or_default().trim_end();
     println!("own_device: the guest's entropy {sources}");
     // Besides the virtio devices, the guest may have the hypervisor's (KVM's smccc_trng).

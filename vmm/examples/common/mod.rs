@@ -82,6 +82,35 @@ pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     check()
 }
 
+/// The examples' guest: `kernel` with hvrun's test initramfs, its console on hvc0.
+pub fn test_guest(kernel: &str, initrd: &str) -> hvrun::VmConfig {
+    let mut config = hvrun::VmConfig::new(kernel);
+    config.initrd = Some(initrd.into());
+    config.cmdline = Some("console=hvc0 quiet".into());
+    config.memory = 256 << 20;
+    config
+}
+
+/// Waits until the test initramfs's init says it started on hvc0.
+pub fn wait_for_init(output: &Captured) -> Result<(), String> {
+    if wait_for(Duration::from_secs(120), || output.count("hvrun-guest: init started") > 0) {
+        Ok(())
+    } else {
+        Err(format!("the guest's init never spoke on hvc0; console:\n{}", output.text()))
+    }
+}
+
+/// Waits for the VM to stop, which must be by the guest's power-off; returns the console.
+pub fn powered_off(name: &str, vm: hvrun::Vm, output: &Captured) -> Result<String, String> {
+    let reason = vm.wait().map_err(|e| format!("wait: {e}"))?;
+    let text = output.text();
+    println!("{name}: exit {reason:?}");
+    if reason != hvrun::ExitReason::PowerOff {
+        return Err(format!("the guest did not power off; console:\n{text}"));
+    }
+    Ok(text)
+}
+
 /// Runs an example's body and turns its outcome into an exit status and a last line
 /// (`NAME: ok`, or `NAME: FAILED: why`).
 pub fn main(name: &str, usage: &str, run: impl FnOnce(&[String]) -> Result<(), String>) -> std::process::ExitCode {
