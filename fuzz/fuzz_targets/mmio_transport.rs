@@ -7,7 +7,8 @@
 //! virtio-blk over a `MemDisk` (its worker thread); virtio-console over a
 //! `Backend::Stream` (an `Output` to a sink, an input pipe the target feeds or closes);
 //! virtio-net over one end of a unix datagram socketpair (the target sends frames from the
-//! other end and drains it). Device threads are waited for with a bounded loop.
+//! other end and drains it); the virtio-input power button (the target presses it). Device
+//! threads are waited for with a bounded loop.
 //!
 //! Oracles: no panic; every operation, every reset and the final drop return (libFuzzer's
 //! -timeout: a worker that does not stop is a hang); the heap grows by at most [`BOUND`]
@@ -43,6 +44,7 @@ use devices::bus::MmioDeviceMut;
 use devices::virtio::block::disk::MemDisk;
 use devices::virtio::block::Block;
 use devices::virtio::console::{self, stream_output, Backend, Console};
+use devices::virtio::input::{PowerButton, PowerButtonDevice};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::net::backend::{Unixgram, VNET_HDR_LEN};
 use devices::virtio::net::{self, Net};
@@ -206,6 +208,7 @@ enum Kind {
     Block { sectors: u8, read_only: bool },
     Console { sink_fails: bool },
     Net,
+    PowerButton,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -269,6 +272,7 @@ enum Host {
     None,
     Console { input: Option<mio::unix::pipe::Sender>, sink: HostSink },
     Net { peer: UnixDatagram },
+    Button(PowerButton),
 }
 
 /// Frames of the net model.
@@ -339,6 +343,10 @@ fn run(input: Input, start: isize) {
             peer.set_nonblocking(true).unwrap();
             let backend = Unixgram::from_fd(OwnedFd::from(ours)).expect("a datagram backend");
             (Box::new(Net::new(Box::new(backend), [2, 0, 0, 0, 0, 1])), Host::Net { peer })
+        }
+        Kind::PowerButton => {
+            let (device, button) = PowerButtonDevice::new();
+            (Box::new(device), Host::Button(button))
         }
     };
     let kind = device.device_type();
@@ -765,7 +773,7 @@ impl Driver {
 
     /// What the device did with a chain it used, for the content oracles.
     fn used(&mut self, q: usize, chain: &InFlight, len: u32) {
-        use virtio_bindings::virtio_ids::{VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
+        use virtio_bindings::virtio_ids::{VIRTIO_ID_CONSOLE, VIRTIO_ID_INPUT, VIRTIO_ID_NET};
         match (self.kind, q) {
             (VIRTIO_ID_CONSOLE, 0) => {
                 let got = self.leading_written(chain, len as usize);
@@ -807,6 +815,9 @@ impl Driver {
                 self.match_frames();
             }
             (VIRTIO_ID_NET, 0) => self.delivered(chain, len),
+            // An event is 8 bytes, written whole or not at all; status buffers are only read.
+            (VIRTIO_ID_INPUT, 0) => assert!(len == 0 || len == 8, "input: an event buffer used with {len} bytes"),
+            (VIRTIO_ID_INPUT, _) => assert_eq!(len, 0, "input: a status buffer written"),
             _ => {}
         }
     }
@@ -894,6 +905,9 @@ impl Driver {
                 let n = pipe.write(&bytes).unwrap_or(0);
                 self.console_in.extend_from_slice(&bytes[..n]);
             }
+            Host::Button(button) => {
+                button.press();
+            }
             Host::Net { peer } => {
                 if peer.send(&bytes).is_ok() && self.net.pushed.len() < 64 {
                     self.net.pushed.push_back(bytes);
@@ -926,7 +940,7 @@ impl Driver {
                 self.settle();
                 self.match_frames();
             }
-            Host::None => {}
+            Host::None | Host::Button(_) => {}
         }
     }
 
