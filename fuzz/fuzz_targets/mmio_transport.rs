@@ -35,7 +35,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
@@ -53,6 +53,7 @@ use devices::virtio::testing::{Line, Mem};
 
 use devices::virtio::{Interrupt, VirtioDevice};
 use hvrun_fuzz::ring::{self, overlap, Desc, Span, NEXT, WRITE};
+use hvrun_fuzz::sink::{HostSink, SINK_CAP};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Guest memory: one region.
@@ -90,8 +91,6 @@ const BOUND: usize = 8 << 20;
 /// What may stay allocated after everything of an input is dropped: lazily created
 /// statics (rate limiters, thread-local buffers of the target's own).
 const LEFT_BEHIND: usize = 1 << 20;
-/// The most host output the sink keeps (the rest is counted).
-const SINK_CAP: usize = 1 << 20;
 /// Operations per input.
 const MAX_OPS: usize = 64;
 
@@ -215,29 +214,6 @@ enum Kind {
 struct Input {
     kind: Kind,
     ops: Vec<Op>,
-}
-
-/// The host's writer for console output: keeps the first [`SINK_CAP`] bytes.
-#[derive(Clone, Default)]
-struct HostSink {
-    got: Arc<Mutex<(Vec<u8>, usize)>>,
-    fails: bool,
-}
-
-impl Write for HostSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.fails {
-            return Err(std::io::Error::other("the host writer failed"));
-        }
-        let mut got = self.got.lock().unwrap();
-        let room = SINK_CAP.saturating_sub(got.0.len());
-        got.0.extend_from_slice(&buf[..buf.len().min(room)]);
-        got.1 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// A chain the driver offered and the device has not used yet.

@@ -61,3 +61,5 @@ pub mod dtb;
 pub mod ring;
 
 pub mod layout;
+
+pub mod sink;
