@@ -1,8 +1,9 @@
 //! The host-side parsers: `--memory` sizes, `--disk`, `--net`, `--console`, `--share`
-//! and `--gic` values, the kernel's Image header and the boot placement, and the device
-//! tree built from arbitrary machines.
+//! and `--gic` values, the kernel's Image header and the boot placement, kernel files in
+//! every format (`hvrun::kernel_file`: gzip'd, EFI zboot, other compressions), and the
+//! device tree built from arbitrary machines.
 //!
-//! Oracles: no panic; sizes round-trip through `format_size`; a boot plan that is
+//! Oracles: no panic; an unpacked kernel stays within its bound; sizes round-trip through `format_size`; a boot plan that is
 //! accepted keeps the kernel, the initrd and the device tree inside RAM and apart; a
 //! device tree that builds is a well-formed blob whose `/chosen/bootargs` is the command
 //! line (parsed back with an independent reader, below).
@@ -27,6 +28,7 @@ enum Input {
     Cmdline(String),
     Image { head: Vec<u8>, file_size: u64, ram: u64, initrd: Option<u64> },
     Fdt(Machine),
+    KernelFile(Vec<u8>),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -58,7 +60,21 @@ fuzz_target!(|input: Input| match input {
     Input::Cmdline(text) => drop(ConsoleConfig::for_cmdline(&text)),
     Input::Image { head, file_size, ram, initrd } => image_plan(&head, file_size, ram, initrd),
     Input::Fdt(machine) => device_tree(machine),
+    Input::KernelFile(file) => kernel_file(&file),
 });
+
+fn kernel_file(file: &[u8]) {
+    use hvrun::kernel_file::{detect, unpack, Format, MAX_UNPACKED};
+    let format = detect(&file[..file.len().min(4096)]);
+    let unpacked = unpack(&mut std::io::Cursor::new(file), file.len() as u64, &format);
+    match (&format, unpacked) {
+        (Format::Image, Ok(None)) => {}
+        (Format::Image, other) => panic!("an Image was unpacked: {other:?}"),
+        (_, Ok(Some(bytes))) => assert!(bytes.len() as u64 <= MAX_UNPACKED),
+        (_, Ok(None)) => panic!("{format:?} needs unpacking"),
+        (_, Err(_)) => {}
+    }
+}
 
 fn image_plan(head: &[u8], file_size: u64, ram: u64, initrd: Option<u64>) {
     let Ok(header) = ImageHeader::parse(head, file_size) else { return };

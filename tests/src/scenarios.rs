@@ -349,6 +349,63 @@ pub const ALL: &[Scenario] = &[
         outer_gic: OuterGic::V2,
     },
     Scenario {
+        name: "kernel-options",
+        about: "hvrun's own kernel has Virtualization.framework's needs built in (PCI, virtio-pci, virtio-fs, binfmt_misc) and still binds hvrun's virtio-mmio devices",
+        artifacts: &["Image", "initramfs.cpio"],
+        script: "set -o pipefail\n\
+                 dd if=/dev/zero of=/tmp/disk.img bs=1M count=4 2>/dev/null\n\
+                 RUST_LOG=info /bin/hvrun --kernel /guest/Image --initrd /guest/initramfs.cpio --memory 128M \\
+                 --disk /tmp/disk.img --cmdline 'console=ttyAMA0 quiet -- /t/kernel-options' 2>&1 | tr -d '\\r'\n\
+                 echo \"hvrun exit $?\"",
+        exit_code: 0,
+        // `guests/initramfs/t/kernel-options` prints `ok: ` lines for the checks that hold and
+        // `MISSING: ` lines for those that fail.
+        markers: &[
+            "guest boot-timer:",
+            "hvrun-guest: init started",
+            "ok: filesystem [fuse] in /proc/filesystems",
+            "ok: filesystem [virtiofs] in /proc/filesystems",
+            "ok: filesystem [binfmt_misc] in /proc/filesystems",
+            "ok: pci core: /sys/bus/pci",
+            "ok: pci driver: pci-host-generic",
+            "ok: pci driver: virtio-pci",
+            "ok: virtio driver: virtiofs",
+            "ok: binfmt_misc mounted: enabled",
+            "binfmt_misc ran /tmp/binfmt-test through /tmp/interp",
+            "rng_current: virtio_rng.0",
+            "ok: disk vda: 8192 sectors",
+            "kernel log clean",
+            "hvrun exit 0",
+        ],
+        forbidden: &["MISSING", "KERNEL LOG NOT CLEAN", "hvrun: error", "panicked", "WARN ]"],
+        timeout_secs: 120,
+        exchange: None,
+        outer_gic: OuterGic::V2,
+    },
+    Scenario {
+        name: "compressed-kernel",
+        about: "a gzip'd kernel (vmlinuz as distributions ship it) is unpacked and boots; an xz one is one clear error",
+        artifacts: &["vmlinuz.gz", "initramfs.cpio"],
+        script: "set -o pipefail\n\
+                 RUST_LOG=info /bin/hvrun --kernel /guest/vmlinuz.gz --initrd /guest/initramfs.cpio --memory 128M \\
+                 --cmdline 'console=ttyAMA0 quiet -- /t/virtio-rng-check' 2>&1 | tr -d '\\r'\n\
+                 echo \"hvrun exit $?\"\n\
+                 printf '\\375\\067zXZ\\000' >/tmp/vmlinuz.xz; head -c 8192 /dev/zero >>/tmp/vmlinuz.xz\n\
+                 /bin/hvrun --kernel /tmp/vmlinuz.xz 2>&1; echo \"xz exit $?\"",
+        exit_code: 0,
+        markers: &[
+            "kernel /guest/vmlinuz.gz: Gzip, unpacked to",
+            "rng_current: virtio_rng.0",
+            "hvrun exit 0",
+            "hvrun: error: kernel /tmp/vmlinuz.xz: is compressed with xz, which hvrun does not unpack: boot the uncompressed Image (`xz -dc FILE > Image`)",
+            "xz exit 1",
+        ],
+        forbidden: &["panicked", "WARN ]", "is not an arm64 Image"],
+        timeout_secs: 120,
+        exchange: None,
+        outer_gic: OuterGic::V2,
+    },
+    Scenario {
         name: "gicv3-smp",
         about: "in a GICv3 rig, Debian's stock kernel boots on 4 vCPUs with KVM's vGICv3 (--gic v3): IPIs, timers, UART input",
         artifacts: &["vmlinuz", "initramfs.cpio"],

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use devices::virtio::console::{stream_output, Backend};
 use devices::virtio::net::backend::{NetBackend, Unixgram, Unixstream};
-use devices::virtio::net::{mac_from_seed, Mac};
+use devices::virtio::net::Mac;
 use mio::net::UnixListener;
 
 use crate::config::{ConsoleConfig, NetBackendConfig, NetConfig};
@@ -97,10 +97,12 @@ pub type ConsoleInput = (Box<dyn std::io::Read + Send>, File);
 /// A network interface's opened backend and its MAC address.
 pub type OpenNet = (Box<dyn NetBackend>, Mac);
 
-/// Opens each network interface's backend; returns them with their MAC addresses.
-pub fn open_nets(nets: &[NetConfig]) -> Result<Vec<OpenNet>, Error> {
+/// Opens each network interface's backend; returns them with their MAC addresses
+/// ([`NetConfig::macs`] for the VM `identity`).
+pub fn open_nets(nets: &[NetConfig], identity: &str) -> Result<Vec<OpenNet>, Error> {
     nets.iter()
-        .map(|net| {
+        .zip(NetConfig::macs(nets, identity))
+        .map(|(net, mac)| {
             let what = net.mac_seed();
             let fail = |source: std::io::Error, hint: &'static str| Error::Net { what: what.clone(), source, hint };
             let backend: Box<dyn NetBackend> = match &net.backend {
@@ -128,7 +130,7 @@ pub fn open_nets(nets: &[NetConfig]) -> Result<Vec<OpenNet>, Error> {
                     Box::new(Unixgram::from_fd(own).map_err(|e| fail(e, ""))?)
                 }
             };
-            Ok((backend, net.mac.unwrap_or_else(|| mac_from_seed(&what))))
+            Ok((backend, mac))
         })
         .collect()
 }
@@ -172,11 +174,11 @@ mod tests {
         let path = std::env::temp_dir().join(format!("hvrun-test-{}-net.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let missing = NetConfig::parse(&format!("unixgram={}", path.display())).unwrap();
-        let e = open_nets(std::slice::from_ref(&missing)).err().unwrap().to_string();
+        let e = open_nets(std::slice::from_ref(&missing), "vm").err().unwrap().to_string();
         assert!(e.starts_with("--net unixgram=") && e.contains("is the network proxy listening?"), "{e}");
         let _peer = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        let opened = open_nets(std::slice::from_ref(&missing)).unwrap();
-        assert_eq!(opened[0].1, mac_from_seed(&missing.mac_seed()));
+        let opened = open_nets(std::slice::from_ref(&missing), "vm").unwrap();
+        assert_eq!(opened[0].1, devices::virtio::net::mac_from_seed(&missing.mac_seed()));
         let _ = std::fs::remove_file(&path);
     }
 
@@ -191,10 +193,10 @@ mod tests {
             NetConfig { backend: NetBackendConfig::Fd(crate::config::NetFd::new(OwnedFd::from(ours))), mac: None };
         let config = crate::VmConfig { nets: vec![net], ..crate::VmConfig::new("Image") };
         let clone = config.clone();
-        let first = open_nets(&config.nets).unwrap();
-        let second = open_nets(&clone.nets).unwrap();
+        let first = open_nets(&config.nets, "vm").unwrap();
+        let second = open_nets(&clone.nets, "vm").unwrap();
         drop((first, second, clone));
-        let mut third = open_nets(&config.nets).unwrap();
+        let mut third = open_nets(&config.nets, "vm").unwrap();
         third[0].0.send(b"still the same socket").unwrap();
         let mut buf = [0u8; 64];
         let n = theirs.recv(&mut buf).unwrap();

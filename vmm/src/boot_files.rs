@@ -86,6 +86,22 @@ fn open(what: &'static str, path: &Path, bytes: Option<&Arc<[u8]>>) -> Result<(B
     Ok((Blob::File(file), meta.len()))
 }
 
+/// The first [`HEAD_SIZE`] bytes of `kernel` (fewer if it is shorter).
+fn read_head(kernel: &mut Blob, path: &Path) -> Result<Vec<u8>, Error> {
+    let mut head = Vec::with_capacity(HEAD_SIZE);
+    kernel.seek(SeekFrom::Start(0)).map_err(|source| Error::File {
+        what: "kernel",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Read::take(&mut *kernel, HEAD_SIZE as u64).read_to_end(&mut head).map_err(|source| Error::File {
+        what: "kernel",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(head)
+}
+
 impl BootFiles {
     /// Opens the files `config` names and validates the kernel's header.
     #[cfg(test)]
@@ -106,12 +122,17 @@ impl BootFiles {
                 source: arch_aarch64::image::ImageError::Truncated(kernel_size),
             });
         }
-        let mut head = Vec::with_capacity(HEAD_SIZE);
-        (&mut kernel).take(HEAD_SIZE as u64).read_to_end(&mut head).map_err(|source| Error::File {
-            what: "kernel",
-            path: config.kernel.clone(),
-            source,
-        })?;
+        let mut head = read_head(&mut kernel, &config.kernel)?;
+        let mut kernel_size = kernel_size;
+        let format = crate::kernel_file::detect(&head);
+        if let Some(unpacked) = crate::kernel_file::unpack(&mut kernel, kernel_size, &format)
+            .map_err(|source| Error::KernelFormat { path: config.kernel.clone(), source })?
+        {
+            log::info!("kernel {}: {format:?}, unpacked to {} bytes", config.kernel.display(), unpacked.len());
+            kernel_size = unpacked.len() as u64;
+            kernel = Blob::Bytes(Cursor::new(Arc::from(unpacked)));
+            head = read_head(&mut kernel, &config.kernel)?;
+        }
         let header = ImageHeader::parse(&head, kernel_size)
             .map_err(|source| Error::Kernel { path: config.kernel.clone(), source })?;
         let initrd = match (&images.initrd, &config.initrd) {
@@ -169,6 +190,33 @@ mod tests {
         let err = BootFiles::open(&config).unwrap_err();
         assert!(err.to_string().starts_with("cannot read initrd /nonexistent/initrd"), "{err}");
         for p in [short, junk, good] {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    /// Issue 15: distributions ship arm64 kernels gzip'd (`vmlinuz`); they boot as the
+    /// Image inside, and a compression hvrun does not unpack is one clear error.
+    #[test]
+    fn a_compressed_kernel_is_unpacked_or_refused_clearly() {
+        use crate::kernel_file::tests::{gzip, image};
+        let plain = image(200_000);
+        let packed = temp("vmlinuz.gz", &gzip(&plain));
+        let files = BootFiles::open(&VmConfig::new(&packed)).unwrap();
+        assert_eq!(files.kernel_size, plain.len() as u64);
+        let mut kernel = files.kernel;
+        let mut read = Vec::new();
+        kernel.seek(SeekFrom::Start(0)).unwrap();
+        kernel.read_to_end(&mut read).unwrap();
+        assert!(read == plain, "the unpacked Image is what boots");
+        let mut zstd = vec![0x28, 0xb5, 0x2f, 0xfd];
+        zstd.resize(4096, 0);
+        let zstd = temp("vmlinuz.zst", &zstd);
+        let err = BootFiles::open(&VmConfig::new(&zstd)).unwrap_err().to_string();
+        assert!(err.starts_with("kernel ") && err.contains("compressed with zstd"), "{err}");
+        // An embedder's bytes are unpacked the same way.
+        let images = Images { kernel: Some(Arc::from(gzip(&plain))), initrd: None };
+        assert_eq!(BootFiles::open_with(&VmConfig::new("(memory)"), &images).unwrap().kernel_size, plain.len() as u64);
+        for p in [packed, zstd] {
             std::fs::remove_file(p).unwrap();
         }
     }

@@ -43,7 +43,7 @@ pub enum ConfigError {
     #[error("--gic {0}: use auto, v2 or v3")]
     BadGic(String),
     /// A `--share` value that does not parse.
-    #[error("--share {0}: use HOST_DIR:TAG[,ro] (TAG: 1 to 36 characters, no commas or colons)")]
+    #[error("--share {0}: use HOST_DIR:TAG[,ro] (TAG: 1 to 35 bytes, no commas or colons)")]
     BadShare(String),
     /// `--nested` with hvrun's GICv2, which has no virtualization interface.
     #[error("--nested with --gic v2: a guest hypervisor needs the hypervisor's GICv3; use --gic v3 or auto")]
@@ -168,12 +168,18 @@ impl ShareConfig {
             None => (text, false),
         };
         let (host, tag) = spec.rsplit_once(':').ok_or_else(bad)?;
-        // virtio-fs tags are at most 36 bytes (VIRTIO_FS tag field).
-        if host.is_empty() || tag.is_empty() || tag.len() > 36 || tag.contains([',', ':']) {
+        if host.is_empty() || !valid_share_tag(tag) || tag.contains([',', ':']) {
             return Err(bad());
         }
         Ok(ShareConfig { host: host.into(), tag: tag.into(), read_only })
     }
+}
+
+/// Whether `tag` can name a virtio-fs share: 1 to 35 bytes. The device's tag field holds
+/// 36, and Virtualization.framework wants fewer than 36 (`initWithTag:` raises an
+/// Objective-C exception on a longer one, which aborts the process).
+pub fn valid_share_tag(tag: &str) -> bool {
+    !tag.is_empty() && tag.len() < 36 && !tag.contains('\0')
 }
 
 /// A hypervisor backend.
@@ -359,6 +365,26 @@ impl NetConfig {
         Ok(net)
     }
 
+    /// The MAC address of each of `nets`: its own, or a stable one derived from its
+    /// backend ([`NetConfig::mac_seed`]). A backend that does not tell VMs apart (`nat`,
+    /// `fd=N`) adds the VM's `identity` ([`VmConfig::identity`]), so two VMs on one NAT
+    /// get two addresses; a second interface on the same backend adds its position.
+    pub fn macs(nets: &[NetConfig], identity: &str) -> Vec<[u8; 6]> {
+        nets.iter()
+            .enumerate()
+            .map(|(i, net)| {
+                net.mac.unwrap_or_else(|| {
+                    let seed = match net.backend {
+                        NetBackendConfig::Nat | NetBackendConfig::Fd(_) => format!("{}@{identity}", net.mac_seed()),
+                        _ => net.mac_seed(),
+                    };
+                    let again = nets[..i].iter().any(|n| n.mac_seed() == net.mac_seed());
+                    devices::virtio::net::mac_from_seed(&if again { format!("{seed}#{i}") } else { seed })
+                })
+            })
+            .collect()
+    }
+
     /// What the stable default MAC address is derived from.
     pub fn mac_seed(&self) -> String {
         match &self.backend {
@@ -423,6 +449,19 @@ impl ConsoleConfig {
 }
 
 impl VmConfig {
+    /// What tells this VM from others on the host, for the MAC addresses of interfaces
+    /// whose backend does not ([`NetConfig::macs`]): its first disk, which no two running
+    /// VMs share (it is locked), else its kernel; the path resolved where it exists.
+    pub fn identity(&self) -> String {
+        let path = self.disks.first().map_or(&self.kernel, |d| &d.path);
+        std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()).display().to_string()
+    }
+
+    /// The MAC address of each network interface ([`NetConfig::macs`]).
+    pub fn macs(&self) -> Vec<[u8; 6]> {
+        NetConfig::macs(&self.nets, &self.identity())
+    }
+
     /// The kernel command line the guest gets: [`VmConfig::cmdline`], or the default.
     pub fn effective_cmdline(&self) -> String {
         self.cmdline.clone().unwrap_or_else(|| default_cmdline(&self.disks))
@@ -630,6 +669,23 @@ mod tests {
         let stream = NetConfig::parse("unixstream=/var/run/socket_vmnet").unwrap();
         assert_eq!(stream.backend, NetBackendConfig::Unixstream("/var/run/socket_vmnet".into()));
         assert_ne!(tap.mac_seed(), NetConfig::parse("tap=tap1").unwrap().mac_seed());
+        // Stable MACs on every backend; two interfaces on one backend still differ.
+        let nat = NetConfig::parse("nat").unwrap();
+        let own = NetConfig::parse("nat,mac=02:00:00:00:00:07").unwrap();
+        let nets = [nat.clone(), tap.clone(), nat.clone(), own];
+        let macs = NetConfig::macs(&nets, "/vm/a/root.img");
+        assert_eq!(macs[0], devices::virtio::net::mac_from_seed("nat@/vm/a/root.img"));
+        assert_eq!(macs[1], devices::virtio::net::mac_from_seed("tap=tap0"), "as before: the tap tells VMs apart");
+        assert_ne!(macs[2], macs[0]);
+        assert_eq!(macs[3], [2, 0, 0, 0, 0, 7]);
+        assert_eq!(macs, NetConfig::macs(&nets, "/vm/a/root.img"), "stable");
+        // Two VMs on one NAT get two addresses (found by review).
+        let other = NetConfig::macs(&nets, "/vm/b/root.img");
+        assert_ne!(other[0], macs[0]);
+        assert_eq!(other[1], macs[1]);
+        let a = VmConfig { disks: vec![parse_disk("/vm/a/root.img").unwrap()], ..VmConfig::new("Image") };
+        assert_eq!(a.identity(), "/vm/a/root.img");
+        assert_eq!(VmConfig::new("/boot/Image").identity(), "/boot/Image");
         for bad in [
             "",
             "tap",

@@ -8,7 +8,7 @@
 //! input is not a terminal, it is passed through byte for byte until end of file.
 //! Input never blocks the guest: bytes wait here until the UART's FIFO has room.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -91,6 +91,26 @@ impl RawTerminal {
 impl Drop for RawTerminal {
     fn drop(&mut self) {
         restore_saved();
+    }
+}
+
+/// Copies the guest's console output from `from` to `to` until either ends, flushing
+/// after every write: a prompt or an echoed key shows at once, even through a
+/// line-buffered `Stdout` or an embedder's `BufWriter` (`io::copy` never flushes).
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))] // Virtualization.framework's console
+pub fn pump(mut from: impl Read, mut to: impl Write) -> std::io::Result<u64> {
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        to.flush()?;
+        total += n as u64;
     }
 }
 
@@ -307,5 +327,37 @@ mod tests {
         assert_eq!(&got, b"ls\n");
         drop(receiver);
         assert!(!target.deliver(&control, b"nobody reads"), "a closed console ends the input");
+    }
+
+    /// Issue 15, item 6: a prompt without a newline stayed in a line-buffered writer.
+    #[test]
+    fn console_output_is_flushed_after_every_write() {
+        #[derive(Default)]
+        struct Seen {
+            shown: Arc<Mutex<Vec<u8>>>,
+            pending: Vec<u8>,
+        }
+        impl Write for Seen {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.pending.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                lock(&self.shown).append(&mut self.pending);
+                Ok(())
+            }
+        }
+        let (mut guest, from_guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        let out = Seen::default();
+        let shown = Arc::clone(&out.shown);
+        let pumping = std::thread::spawn(move || pump(from_guest, out));
+        guest.write_all(b"login: ").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while lock(&shown).as_slice() != b"login: " {
+            assert!(std::time::Instant::now() < deadline, "the prompt never showed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(guest);
+        assert_eq!(pumping.join().unwrap().unwrap(), 7);
     }
 }

@@ -293,16 +293,16 @@ fn build_vz(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, E
     use crate::console::{self, InputTarget, RawTerminal};
     // The framework has no serial port: the embedder's serial writer has nothing to carry.
     let Io { mut console, .. } = io;
-    let mut terminal = None;
+    // The terminal goes through hvrun, as on the other backends: raw mode, and Ctrl-A X
+    // to quit; the framework reads the other end of a pipe. The pipe is made now, but
+    // raw mode and the thread reading standard input start only once everything else
+    // is ready, so a failed start leaves the terminal as it was.
+    let mut terminal_pipe = None;
     if console.is_none() && config.effective_console() == ConsoleConfig::Terminal && config.console_stdin {
-        // The terminal goes through hvrun, as on the other backends: raw mode, and
-        // Ctrl-A X to quit; the framework reads the other end of a pipe.
-        let fail = |source: std::io::Error| Error::Console { what: "the terminal".into(), source };
-        let (pipe, input) = crate::backends::blocking_pipe().map_err(fail)?;
-        let raw = RawTerminal::enter().map_err(fail)?;
-        console::spawn_input(Box::new(std::io::stdin()), InputTarget::Pipe(pipe), control.clone(), raw.is_some());
+        let (pipe, input) = crate::backends::blocking_pipe()
+            .map_err(|source| Error::Console { what: "the terminal".into(), source })?;
         console = Some(ConsoleIo { input: Some(Box::new(input)), output: Box::new(std::io::stdout()) });
-        terminal = raw;
+        terminal_pipe = Some(pipe);
     }
     // An embedder's (or the terminal's) console takes the place of the configuration's.
     let mut config = config.clone();
@@ -311,9 +311,17 @@ fn build_vz(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, E
         config.console_stdin = false;
     }
     let plan = crate::vz::plan::linux(&config, &crate::vz::framework::limits())?;
+    // Files, the configuration, Rosetta and the machine: every error before the run.
+    let prepared = crate::vz::framework::linux::prepare(&plan, console)?;
+    let mut terminal = None;
+    if let Some(pipe) = terminal_pipe {
+        let raw = RawTerminal::enter().map_err(|source| Error::Console { what: "the terminal".into(), source })?;
+        console::spawn_input(Box::new(std::io::stdin()), InputTarget::Pipe(pipe), control.clone(), raw.is_some());
+        terminal = raw;
+    }
     Ok(Box::new(move || {
         let _terminal = terminal;
-        crate::vz::framework::linux::run(&plan, console, control)
+        prepared.run(control)
     }))
 }
 

@@ -28,6 +28,7 @@ pub mod embed;
 mod irq_lines;
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 mod irqchip;
+pub mod kernel_file;
 #[cfg(target_arch = "aarch64")]
 mod machine;
 pub mod selftest;
@@ -104,6 +105,14 @@ pub enum Error {
         path: std::path::PathBuf,
         /// What is wrong with it.
         source: arch_aarch64::image::ImageError,
+    },
+    /// The kernel file is compressed in a way hvrun cannot unpack, or damaged.
+    #[error("kernel {path}: {source}")]
+    KernelFormat {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        source: kernel_file::FormatError,
     },
     /// This host cannot run arm64 guests.
     #[error(

@@ -82,7 +82,7 @@ where
         console.backend = Some(backend);
         console_input = input;
     }
-    let mut nets = backends::open_nets(&config.nets)?;
+    let mut nets = backends::open_nets(&config.nets, &config.identity())?;
     for (backend, mac) in extra_nets {
         let position = nets.len();
         nets.push((backend, mac.unwrap_or_else(|| devices::virtio::net::mac_from_seed(&format!("net{position}")))));

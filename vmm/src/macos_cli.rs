@@ -67,16 +67,24 @@ fn parse_share(text: &str) -> Result<ShareConfig, String> {
 pub fn run(command: Macos) -> Result<Option<ExitReason>, Error> {
     match command {
         Macos::Install { ipsw, bundle, disk_size, cpus, memory } => {
-            let install = Install { ipsw: Ipsw::parse(&ipsw), bundle, disk_size, cpus, memory };
-            hvrun::vz::install_macos(&install)?;
+            // `--ipsw latest` downloads into the user's cache, where the next install finds it.
+            let downloads = std::env::var_os("HOME")
+                .map(|home| PathBuf::from(home).join("Library/Caches/hvrun"))
+                .unwrap_or_else(|| bundle.parent().map(PathBuf::from).unwrap_or_default());
+            let install = Install { ipsw: Ipsw::parse(&ipsw), bundle, disk_size, cpus, memory, downloads };
+            // Ctrl-C cancels the install (and removes the unfinished bundle).
+            let blocked = crate::signals::block();
+            hvrun::vz::install_macos(&install, |vm| crate::signals::cancel(blocked, vm))?;
             eprintln!(
-                "hvrun: macOS installed in {}; start it with hvrun macos run --bundle DIR",
+                "hvrun: macOS installed in {0}; the first boot needs a window for Setup Assistant: \
+                 hvrun macos run --gui --bundle {0}",
                 install.bundle.display()
             );
             Ok(None)
         }
         Macos::Run { bundle, gui, headless: _, nets, shares } => {
             let nets = if nets.is_empty() { vec![NetConfig::parse("nat").map_err(config_error)?] } else { nets };
+            hvrun::vz::plan::check_shares(&shares)?;
             let run = Run { bundle, gui, nets: mac::nets(&nets)?, shares };
             let blocked = crate::signals::block();
             hvrun::vz::run_macos(&run, |vm| crate::signals::press_then_stop(blocked, vm)).map(Some)

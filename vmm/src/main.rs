@@ -40,7 +40,7 @@ struct Cli {
     /// install`, `hvrun macos run` (see `hvrun macos --help`).
     #[command(subcommand)]
     command: Option<Command>,
-    /// The arm64 Linux kernel `Image` to boot.
+    /// The arm64 Linux kernel `Image` to boot (a gzip'd one is unpacked first).
     #[arg(long, value_name = "PATH", required = true)]
     kernel: Option<PathBuf>,
     /// An initramfs for the kernel.

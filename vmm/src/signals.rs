@@ -83,6 +83,21 @@ pub fn press_then_stop(blocked: io::Result<Blocked>, vm: VmHandle) {
     });
 }
 
+/// The CLI's rule for `hvrun macos install`: the first signal cancels the install
+/// (through `vm`'s stop); a third ends hvrun at once.
+pub fn cancel(blocked: io::Result<Blocked>, vm: VmHandle) {
+    let blocked = match blocked {
+        Ok(blocked) => blocked,
+        Err(e) => return log::warn!("SIGINT and SIGTERM keep their default action ({e})"),
+    };
+    watch(blocked, move |nth| {
+        if nth == 1 {
+            say("cancelling the install; the unfinished bundle will be removed");
+        }
+        vm.stop();
+    });
+}
+
 /// Tells the user, on standard error, what a signal did (with a carriage return: the
 /// terminal may be in raw mode).
 fn say(text: &str) {

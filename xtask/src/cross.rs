@@ -74,3 +74,41 @@ pub fn check_macos() -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+
+    /// Issue 15: `scripts/macos-run` hid codesign's errors, so an unsigned hvrun failed
+    /// later with a vague framework error. Runs the script with a stand-in `codesign`.
+    #[test]
+    fn the_macos_runner_reports_a_signing_failure_and_runs_a_signed_binary() {
+        let dir = std::env::temp_dir().join(format!("hvrun-macos-run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = |name: &str, body: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        };
+        let bin = script("hvrun", "echo ran \"$@\"");
+        let runner = crate::paths::root().join("scripts/macos-run");
+        let run = |codesign: &str| {
+            script("codesign", codesign);
+            let path = format!("{}:/usr/bin:/bin", dir.display());
+            Command::new("sh").arg(&runner).arg(&bin).arg("--version").env("PATH", path).output().unwrap()
+        };
+        let signed = run("echo 'replacing existing signature' >&2");
+        assert!(signed.status.success());
+        assert_eq!(String::from_utf8_lossy(&signed.stdout), "ran --version\n");
+        assert!(signed.stderr.is_empty(), "chatter stays quiet");
+        let failed = run("echo 'errSecInternalComponent' >&2; exit 1");
+        assert_eq!(failed.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&failed.stderr);
+        assert!(err.contains("signing") && err.contains("errSecInternalComponent"), "{err}");
+        assert!(failed.stdout.is_empty(), "the unsigned binary does not run");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -4,6 +4,8 @@
 //! - `vmlinuz`: Debian's stock arm64 kernel (an uncompressed Image): the rig's outer
 //!   kernel, and a guest kernel; `virtio_mmio.ko`, `virtio-rng.ko`, `evdev.ko` and
 //!   `virtio_input.ko` from the same package.
+//! - `vmlinuz.gz`: the same kernel gzip'd, as most distributions ship arm64 kernels, for
+//!   `compressed-kernel` (hvrun unpacks it).
 //! - `busybox`: Debian's static arm64 busybox, for the rig's init.
 //! - `NAME.bin`: each test program `guests/NAME.S`, assembled with the cross binutils.
 //! - `NAME`: each guest tool `guests/tools/NAME.c`, a static arm64 Linux program.
@@ -41,6 +43,7 @@ pub fn run() -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let kernel = resolve_kernel_package()?;
     debian_files(&dir, &kernel, &KERNEL_FILES)?;
+    build_compressed_kernel(&dir)?;
     debian_files(&dir, "busybox-static", &[("bin/busybox", "busybox")])?;
     assemble_programs(&dir)?;
     let tools = build_tools(&dir)?;
@@ -160,6 +163,22 @@ fn build_durability_disk(dir: &Path) -> Result<(), String> {
     let size = format!("{DURABILITY_IMAGE_MB}M");
     // At this size mke2fs picks 1 KiB blocks and a 1 MiB journal.
     sh::run(sh::cmd("mkfs.ext4").args(["-q", "-F", "-L", "durability", "-O", "has_journal"]).arg(&output).arg(&size))?;
+    mark(&output, &key)?;
+    println!("guest: built {}", output.display());
+    Ok(())
+}
+
+/// Gzips `vmlinuz` into `vmlinuz.gz`.
+fn build_compressed_kernel(dir: &Path) -> Result<(), String> {
+    let (input, output) = (dir.join("vmlinuz"), dir.join("vmlinuz.gz"));
+    let source = std::fs::read_to_string(stamp(&input)).map_err(|e| format!("{}: {e}", stamp(&input).display()))?;
+    let key = format!("gzip -9 of vmlinuz ({source})");
+    if fresh(&output, &key) {
+        println!("guest: vmlinuz.gz is up to date");
+        return Ok(());
+    }
+    let file = std::fs::File::create(&output).map_err(|e| format!("creating {}: {e}", output.display()))?;
+    sh::run(sh::cmd("gzip").args(["-9", "-n", "-c"]).arg(&input).stdout(file))?;
     mark(&output, &key)?;
     println!("guest: built {}", output.display());
     Ok(())

@@ -1,8 +1,11 @@
 //! hvrun's own guest kernel: Debian's `linux-source-6.1` built for arm64 with the cross
 //! gcc from `make allnoconfig` plus `guests/kernel/hvrun.config`, which builds in
 //! everything `hvrun --kernel Image --disk rootfs.img` needs (virtio-mmio, blk, net,
-//! console, rng, ext4). The source tree and the Image are cached outside the work tree,
-//! keyed by the source package's version and the fragment's hash.
+//! console, rng, input, vsock, ext4), and what Virtualization.framework's guests need,
+//! so that one Image boots on every backend: PCI with MSI (the generic ECAM host,
+//! virtio-pci, the GICv3 ITS and GICv2m), virtio-fs (FUSE) for `--share` and `--rosetta`,
+//! and binfmt_misc to register Rosetta. The source tree and the Image are cached outside
+//! the work tree, keyed by the source package's version and the fragment's hash.
 
 use std::path::Path;
 

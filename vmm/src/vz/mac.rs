@@ -1,7 +1,7 @@
 //! macOS guests: what `hvrun macos install` and `hvrun macos run` ask for, checked and
 //! sized before the framework is touched.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::plan::{Limits, Net, NetSpec, PlanError};
 use crate::config::{format_size, NetBackendConfig, NetConfig, ShareConfig};
@@ -48,7 +48,14 @@ pub struct Install {
     pub cpus: Option<u32>,
     /// Memory, when asked for.
     pub memory: Option<u64>,
+    /// Where `--ipsw latest` keeps its download (kept for the next install, and resumed
+    /// when cut short): never the bundle, which must be empty.
+    pub downloads: PathBuf,
 }
+
+/// A network interface of a macOS guest and the MAC address asked for (`None`: the
+/// bundle's own, see [`with_macs`]).
+pub type MacNet = (Net, Option<[u8; 6]>);
 
 /// `hvrun macos run`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,14 +65,24 @@ pub struct Run {
     /// Show the VM's display in a window (else headless).
     pub gui: bool,
     /// Network interfaces.
-    pub nets: Vec<NetSpec>,
+    pub nets: Vec<MacNet>,
     /// Shared directories (the guest mounts them by tag, or automatically with the
     /// framework's macOS automount tag).
     pub shares: Vec<ShareConfig>,
 }
 
-/// Checks an install request before anything is created.
+/// Checks an install request before anything is created or downloaded: the size, the
+/// image's name, and that the bundle can be made where asked.
 pub fn check_install(install: &Install) -> Result<(), PlanError> {
+    if let Err(e) = super::bundle::check_new(&install.bundle) {
+        return Err(PlanError::Unsupported {
+            flag: format!("--bundle {}", install.bundle.display()),
+            instead: match e {
+                super::bundle::BundleError::NotEmpty(_) => "exists and is not empty; pick a new directory",
+                _ => "cannot be read; pick a directory you may write",
+            },
+        });
+    }
     if install.disk_size < MIN_DISK {
         return Err(PlanError::Unsupported {
             flag: format!("--disk-size {}", format_size(install.disk_size)),
@@ -104,8 +121,35 @@ pub fn sizes(
     Ok((cpus, memory))
 }
 
+/// Where the newest restore image, at `url`, is downloaded into `dir`: the finished file
+/// (named as the server names it, so a newer macOS gets a new file) and the partial one
+/// a cut-short download resumes from.
+pub fn download_paths(dir: &Path, url: &str) -> (PathBuf, PathBuf) {
+    let name = url.split(['?', '#']).next().unwrap_or_default().rsplit('/').next().unwrap_or_default();
+    let safe = !name.starts_with('.')
+        && name.ends_with(".ipsw")
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c));
+    let name = if safe { name.to_string() } else { "latest.ipsw".to_string() };
+    (dir.join(&name), dir.join(format!("{name}.part")))
+}
+
+/// The network interfaces with their MAC addresses: the one asked for, else the bundle's
+/// (`first`) for the first interface and one derived from it for the others.
+pub fn with_macs(nets: &[MacNet], first: [u8; 6]) -> Vec<NetSpec> {
+    nets.iter()
+        .enumerate()
+        .map(|(i, (net, mac))| {
+            let derived = || {
+                let seed = first.iter().map(|b| format!("{b:02x}")).collect::<String>();
+                devices::virtio::net::mac_from_seed(&format!("{seed}#{i}"))
+            };
+            (net.clone(), mac.unwrap_or_else(|| if i == 0 { first } else { derived() }))
+        })
+        .collect()
+}
+
 /// The network interfaces `hvrun macos run --net` asks for: `nat` or `unixgram=PATH`.
-pub fn nets(nets: &[NetConfig]) -> Result<Vec<NetSpec>, PlanError> {
+pub fn nets(nets: &[NetConfig]) -> Result<Vec<MacNet>, PlanError> {
     nets.iter()
         .map(|n| match &n.backend {
             NetBackendConfig::Nat => Ok((Net::Nat, n.mac)),
@@ -126,7 +170,7 @@ mod tests {
     use super::*;
 
     const LIMITS: Limits =
-        Limits { min_cpus: 1, max_cpus: 8, min_memory: 128 << 20, max_memory: 32 << 30, nested: false };
+        Limits { max_cpus: 8, max_memory: 32 << 30, nested: false, ..crate::vz::plan::tests::LIMITS };
 
     #[test]
     fn install_defaults_rise_to_the_images_requirements_and_stay_within_the_host() {
@@ -154,6 +198,7 @@ mod tests {
             disk_size: DEFAULT_DISK,
             cpus: None,
             memory: None,
+            downloads: "/tmp".into(),
         };
         assert_eq!(check_install(&ok), Ok(()));
         assert_eq!(Ipsw::parse("latest"), Ipsw::Latest);
@@ -169,5 +214,53 @@ mod tests {
         let got = nets(&asked).unwrap();
         assert_eq!(got[0].0, Net::Nat);
         assert!(nets(&[NetConfig::parse("tap=tap0").unwrap()]).unwrap_err().to_string().contains("--net tap=tap0"));
+    }
+
+    /// Issue 15, item 1: `--ipsw latest` downloaded into the bundle, which `create` then
+    /// refused as not empty, after a 15 GB download.
+    #[test]
+    fn the_latest_image_is_downloaded_outside_the_bundle_and_can_resume() {
+        let url =
+            "https://updates.cdn-apple.com/2024FallFCS/fullrestores/062-01897/UniversalMac_15.1_24B83_Restore.ipsw";
+        let (done, part) = download_paths(Path::new("/cache"), url);
+        assert_eq!(done, Path::new("/cache/UniversalMac_15.1_24B83_Restore.ipsw"));
+        assert_eq!(part, Path::new("/cache/UniversalMac_15.1_24B83_Restore.ipsw.part"));
+        for odd in
+            ["https://x/", "https://x/../../etc/passwd", "https://x/.ipsw", "https://x/a b.ipsw", "https://x/y.zip"]
+        {
+            assert_eq!(download_paths(Path::new("/cache"), odd).0, Path::new("/cache/latest.ipsw"), "{odd}");
+        }
+        assert_eq!(download_paths(Path::new("/c"), "https://x/R.ipsw?token=1#f").0, Path::new("/c/R.ipsw"));
+        // The bundle is checked before any download.
+        let dir = std::env::temp_dir().join(format!("hvrun-mac-{}-full", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("restore.ipsw"), b"x").unwrap();
+        let install = Install {
+            ipsw: Ipsw::Latest,
+            bundle: dir.clone(),
+            disk_size: DEFAULT_DISK,
+            cpus: None,
+            memory: None,
+            downloads: std::env::temp_dir(),
+        };
+        let err = check_install(&install).unwrap_err().to_string();
+        assert!(err.contains("not empty"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_macos_guests_interfaces_keep_their_addresses() {
+        let first = [0x02, 1, 2, 3, 4, 5];
+        let asked = nets(&[
+            NetConfig::parse("nat").unwrap(),
+            NetConfig::parse("nat").unwrap(),
+            NetConfig::parse("unixgram=/s,mac=02:00:00:00:00:09").unwrap(),
+        ])
+        .unwrap();
+        let got = with_macs(&asked, first);
+        assert_eq!(got[0].1, first);
+        assert_ne!(got[1].1, first);
+        assert_eq!(got[1].1, with_macs(&asked, first)[1].1, "stable");
+        assert_eq!(got[2].1, [2, 0, 0, 0, 0, 9]);
     }
 }

@@ -9,10 +9,12 @@
 //! live in the macOS-only layer.
 
 pub mod bundle;
+pub mod files;
 #[cfg(target_os = "macos")]
 pub mod framework;
 pub mod mac;
 pub mod plan;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -21,14 +23,19 @@ use crate::{Error, ExitReason, VmHandle};
 
 /// Installs macOS from a restore image into a new bundle (`hvrun macos install`),
 /// showing progress on standard error. The request is checked first on every host.
-pub fn install_macos(install: &mac::Install) -> Result<(), Error> {
+/// `started` gets a handle whose stop (or request to shut down) cancels the install; a
+/// bundle that did not finish is removed.
+pub fn install_macos(install: &mac::Install, started: impl FnOnce(VmHandle)) -> Result<(), Error> {
     mac::check_install(install)?;
+    let control = Control::new();
+    started(VmHandle::new(Arc::clone(&control)));
     #[cfg(target_os = "macos")]
     {
-        framework::mac::install(install)
+        framework::mac::install(install, &control)
     }
     #[cfg(not(target_os = "macos"))]
     {
+        let _ = control;
         Err(not_here())
     }
 }

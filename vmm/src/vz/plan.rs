@@ -27,6 +27,10 @@ pub struct Limits {
     pub max_memory: u64,
     /// Whether a Linux guest can have EL2 (`--nested`: macOS 15 on Apple M3 or later).
     pub nested: bool,
+    /// Whether the framework can share Rosetta (`VZLinuxRosettaDirectoryShare`, macOS 13).
+    pub rosetta: bool,
+    /// Whether a disk can have an identifier (`blockDeviceIdentifier`, macOS 12.3).
+    pub disk_ids: bool,
 }
 
 /// Why a configuration cannot run on Virtualization.framework.
@@ -74,8 +78,41 @@ pub enum Net {
     Fd(crate::config::NetFd),
 }
 
-/// A network interface and its MAC address (`None`: the framework's random one).
-pub type NetSpec = (Net, Option<[u8; 6]>);
+/// A network interface and its MAC address: given, or stable (never the framework's
+/// random default, which would give the guest a new address every boot).
+pub type NetSpec = (Net, [u8; 6]);
+
+/// The send buffer of a datagram socket handed to the framework. Apple's documentation
+/// asks for a receive buffer of at least twice, ideally four times, the send buffer;
+/// vfkit and Lima use these sizes.
+pub const SOCKET_SEND_BUFFER: usize = 1 << 20;
+/// The receive buffer of a datagram socket handed to the framework.
+pub const SOCKET_RECEIVE_BUFFER: usize = 4 << 20;
+const _: () = assert!(SOCKET_RECEIVE_BUFFER >= 2 * SOCKET_SEND_BUFFER, "Apple: at least twice the send buffer");
+
+/// How the host caches a disk image and makes the guest's flushes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caching {
+    /// The framework's default. For macOS guests, as Apple's samples and Tart use.
+    Default,
+    /// Cached by the host, a flush made durable with `fsync`: for Linux guests. The
+    /// default mode is known to corrupt ext4 and btrfs in Linux guests (UTM and Lima hit
+    /// it); Lima, vfkit and Tart use this.
+    CachedFsync,
+}
+
+/// A disk on the framework.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The raw image.
+    pub path: PathBuf,
+    /// Refuse the guest's writes.
+    pub read_only: bool,
+    /// Its block device identifier.
+    pub id: Option<String>,
+    /// Its caching mode.
+    pub caching: Caching,
+}
 
 /// Where the guest's virtio console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,9 +139,9 @@ pub struct LinuxPlan {
     pub cpus: u32,
     /// Memory in bytes (a whole number of MiB).
     pub memory: u64,
-    /// Disk images with read-only flags and block device identifiers, in order.
-    pub disks: Vec<(PathBuf, bool, Option<String>)>,
-    /// Network interfaces with their MAC addresses (`None`: the framework's random one).
+    /// The disks, in order.
+    pub disks: Vec<Disk>,
+    /// Network interfaces with their MAC addresses.
     pub nets: Vec<NetSpec>,
     /// The virtio console.
     pub console: Console,
@@ -167,7 +204,8 @@ pub fn linux(config: &VmConfig, limits: &Limits) -> Result<LinuxPlan, PlanError>
     let nets = config
         .nets
         .iter()
-        .map(|net| {
+        .zip(config.macs())
+        .map(|(net, mac)| {
             let backend = match &net.backend {
                 NetBackendConfig::Nat => Net::Nat,
                 NetBackendConfig::Unixgram { path, vfkit } => Net::Unixgram { path: path.clone(), vfkit: *vfkit },
@@ -185,16 +223,26 @@ pub fn linux(config: &VmConfig, limits: &Limits) -> Result<LinuxPlan, PlanError>
                     ))
                 }
             };
-            Ok((backend, net.mac))
+            Ok((backend, mac))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if config.rosetta && !limits.rosetta {
+        return Err(unsupported(
+            "--rosetta",
+            "this macOS cannot share Rosetta with Linux guests: it needs macOS 13 or later",
+        ));
+    }
     if config.rosetta && config.shares.iter().any(|s| s.tag == ROSETTA_TAG) {
         return Err(unsupported(format!("--share with tag {ROSETTA_TAG}"), "--rosetta uses that tag; pick another"));
     }
-    let mut tags: Vec<&str> = config.shares.iter().map(|s| s.tag.as_str()).collect();
-    tags.sort_unstable();
-    if let Some(pair) = tags.windows(2).find(|p| p[0] == p[1]) {
-        return Err(unsupported(format!("--share with tag {} twice", pair[0]), "give each share its own tag"));
+    check_shares(&config.shares)?;
+    if let Some(disk) = config.disks.iter().find(|d| d.id.is_some()) {
+        if !limits.disk_ids {
+            return Err(unsupported(
+                format!("--disk {},id=…", disk.path.display()),
+                "this macOS cannot give a disk an identifier: it needs macOS 12.3 or later; leave id= out",
+            ));
+        }
     }
     Ok(LinuxPlan {
         kernel: config.kernel.clone(),
@@ -202,7 +250,16 @@ pub fn linux(config: &VmConfig, limits: &Limits) -> Result<LinuxPlan, PlanError>
         cmdline: config.effective_cmdline(),
         cpus: config.cpus,
         memory: config.memory,
-        disks: config.disks.iter().map(|d| (d.path.clone(), d.read_only, d.id.clone())).collect(),
+        disks: config
+            .disks
+            .iter()
+            .map(|d| Disk {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                id: d.id.clone(),
+                caching: Caching::CachedFsync,
+            })
+            .collect(),
         nets,
         console,
         shares: config.shares.clone(),
@@ -211,13 +268,62 @@ pub fn linux(config: &VmConfig, limits: &Limits) -> Result<LinuxPlan, PlanError>
     })
 }
 
+/// Checks share tags as the framework would, before it can raise an exception: each
+/// valid ([`crate::config::valid_share_tag`]) and used once.
+pub fn check_shares(shares: &[ShareConfig]) -> Result<(), PlanError> {
+    if let Some(bad) = shares.iter().find(|s| !crate::config::valid_share_tag(&s.tag)) {
+        return Err(unsupported(
+            format!("--share with tag {:?}", bad.tag),
+            "a share's tag must be 1 to 35 bytes (Virtualization.framework wants fewer than 36)",
+        ));
+    }
+    let mut tags: Vec<&str> = shares.iter().map(|s| s.tag.as_str()).collect();
+    tags.sort_unstable();
+    if let Some(pair) = tags.windows(2).find(|p| p[0] == p[1]) {
+        return Err(unsupported(format!("--share with tag {} twice", pair[0]), "give each share its own tag"));
+    }
+    Ok(())
+}
+
+/// Gives a datagram socket handed to the framework the buffers Apple asks for
+/// ([`SOCKET_SEND_BUFFER`], [`SOCKET_RECEIVE_BUFFER`]).
+pub fn size_socket_buffers(socket: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    for (option, size) in [(libc::SO_SNDBUF, SOCKET_SEND_BUFFER), (libc::SO_RCVBUF, SOCKET_RECEIVE_BUFFER)] {
+        let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        // SAFETY: setsockopt on a descriptor the caller keeps open, with an int option
+        // value that lives across the call and its exact size.
+        let done = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if done != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{parse_disk, Backend, NetConfig};
 
-    const LIMITS: Limits =
-        Limits { min_cpus: 1, max_cpus: 10, min_memory: 128 << 20, max_memory: 16 << 30, nested: true };
+    /// Limits of a made-up Mac that has every feature.
+    pub(crate) const LIMITS: Limits = Limits {
+        min_cpus: 1,
+        max_cpus: 10,
+        min_memory: 128 << 20,
+        max_memory: 16 << 30,
+        nested: true,
+        rosetta: true,
+        disk_ids: true,
+    };
 
     fn vz() -> VmConfig {
         VmConfig {
@@ -242,8 +348,10 @@ mod tests {
         };
         let plan = linux(&config, &LIMITS).unwrap();
         assert_eq!((plan.cpus, plan.memory), (4, 2 << 30));
-        assert_eq!(plan.disks[0], ("root.img".into(), false, Some("root".into())));
-        assert!(plan.disks[1].1, "read-only");
+        let root =
+            Disk { path: "root.img".into(), read_only: false, id: Some("root".into()), caching: Caching::CachedFsync };
+        assert_eq!(plan.disks[0], root);
+        assert!(plan.disks[1].read_only);
         assert_eq!(plan.nets[0].0, Net::Nat);
         assert_eq!(plan.nets[1].0, Net::Unixgram { path: "/tmp/gv.sock".into(), vfkit: true });
         assert_eq!(plan.console, Console::Terminal { input: true });
@@ -296,5 +404,87 @@ mod tests {
         assert!(!linux(&vz(), &LIMITS).unwrap().nested);
         let err = linux(&nested, &Limits { nested: false, ..LIMITS }).unwrap_err().to_string();
         assert!(err.contains("--nested") && err.contains("macOS 15 or later on Apple M3"), "{err}");
+    }
+
+    /// Issue 15, item 7: the framework's default caching corrupts Linux filesystems.
+    #[test]
+    fn linux_disks_are_cached_with_fsync_synchronization() {
+        let config =
+            VmConfig { disks: vec![parse_disk("a.img").unwrap(), parse_disk("b.img,readonly").unwrap()], ..vz() };
+        let plan = linux(&config, &LIMITS).unwrap();
+        assert!(plan.disks.iter().all(|d| d.caching == Caching::CachedFsync), "{:?}", plan.disks);
+    }
+
+    /// Issue 15, item 10: the framework's random MAC gave the guest a new address every
+    /// boot; the plan always carries the stable one the other backends use.
+    #[test]
+    fn every_interface_gets_a_stable_mac_address() {
+        let nets = vec![NetConfig::parse("nat").unwrap(), NetConfig::parse("unixgram=/tmp/gv.sock").unwrap()];
+        let config = VmConfig { nets: nets.clone(), ..vz() };
+        let first = linux(&config, &LIMITS).unwrap().nets;
+        assert_eq!(first, linux(&config, &LIMITS).unwrap().nets, "the same every run");
+        assert_eq!(first.iter().map(|n| n.1).collect::<Vec<_>>(), config.macs());
+        assert_ne!(first[0].1, first[1].1);
+        assert!(first.iter().all(|(_, mac)| mac[0] & 0b11 == 0b10), "locally administered unicast");
+    }
+
+    /// Issue 15, item 5: a tag of 36 bytes or more made `initWithTag:` raise an
+    /// Objective-C exception (an abort); it is refused first, with one line.
+    #[test]
+    fn share_tags_the_framework_would_abort_on_are_refused() {
+        let share = |tag: &str| ShareConfig { host: "/src".into(), tag: tag.into(), read_only: false };
+        for (tag, ok) in [
+            ("a", true),
+            (&"t".repeat(35), true),
+            (&"t".repeat(36), false),
+            ("", false),
+            ("é".repeat(18).as_str(), false),
+        ] {
+            let got = linux(&VmConfig { shares: vec![share(tag)], ..vz() }, &LIMITS);
+            assert_eq!(got.is_ok(), ok, "tag {tag:?}: {got:?}");
+        }
+        let err = linux(&VmConfig { shares: vec![share(&"t".repeat(36))], ..vz() }, &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("1 to 35 bytes"), "{err}");
+        // The command line's parser says the same.
+        assert!(ShareConfig::parse(&format!("/src:{}", "t".repeat(36))).is_err());
+        assert!(ShareConfig::parse(&format!("/src:{}", "t".repeat(35))).is_ok());
+    }
+
+    /// Issue 15, item 14: what an older macOS lacks is a clear error, not a missing class.
+    #[test]
+    fn rosetta_and_disk_ids_need_a_macos_that_has_them() {
+        let old = Limits { rosetta: false, disk_ids: false, ..LIMITS };
+        let err = linux(&VmConfig { rosetta: true, ..vz() }, &old).unwrap_err().to_string();
+        assert!(err.starts_with("--rosetta: ") && err.contains("macOS 13"), "{err}");
+        let err = linux(&VmConfig { disks: vec![parse_disk("r.img,id=root").unwrap()], ..vz() }, &old).unwrap_err();
+        assert!(err.to_string().contains("macOS 12.3"), "{err}");
+        assert!(linux(&VmConfig { disks: vec![parse_disk("r.img").unwrap()], ..vz() }, &old).is_ok());
+    }
+
+    /// Issue 15, item 12: Apple asks for a receive buffer of 2-4 times the send buffer.
+    #[test]
+    fn sockets_for_the_framework_get_large_buffers() {
+        assert_eq!((SOCKET_SEND_BUFFER, SOCKET_RECEIVE_BUFFER), (1 << 20, 4 << 20));
+        let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let get = |option| {
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt into a local int of the size given.
+            let done = unsafe {
+                libc::getsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&a),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&mut value as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(done, 0);
+            value
+        };
+        let before = (get(libc::SO_SNDBUF), get(libc::SO_RCVBUF));
+        size_socket_buffers(std::os::fd::AsFd::as_fd(&a)).unwrap();
+        // The host may cap the sizes (Linux: net.core.rmem_max), never shrink them.
+        assert!(get(libc::SO_SNDBUF) >= before.0 && get(libc::SO_RCVBUF) >= before.1);
     }
 }

@@ -1,5 +1,7 @@
 //! Linux guests: a [`LinuxPlan`] as a `VZVirtualMachineConfiguration` with the
-//! framework's Linux boot loader, then run.
+//! framework's Linux boot loader, then run. Everything that can fail before the guest
+//! runs (files, the configuration's validation, Rosetta, the machine's creation) fails
+//! in [`prepare`], which `VmBuilder::start` calls; the run only starts and watches.
 
 use std::sync::Arc;
 
@@ -7,16 +9,15 @@ use objc2::rc::Retained;
 use objc2::AnyThread;
 use objc2_foundation::{NSArray, NSFileHandle, NSString};
 use objc2_virtualization::{
-    VZDiskImageStorageDeviceAttachment, VZEntropyDeviceConfiguration, VZFileHandleSerialPortAttachment,
-    VZGenericPlatformConfiguration, VZLinuxBootLoader, VZLinuxRosettaAvailability, VZLinuxRosettaDirectoryShare,
-    VZSerialPortConfiguration, VZStorageDeviceConfiguration, VZVirtioBlockDeviceConfiguration,
-    VZVirtioConsoleDeviceSerialPortConfiguration, VZVirtioEntropyDeviceConfiguration,
-    VZVirtioFileSystemDeviceConfiguration, VZVirtualMachineConfiguration,
+    VZEntropyDeviceConfiguration, VZFileHandleSerialPortAttachment, VZGenericPlatformConfiguration, VZLinuxBootLoader,
+    VZLinuxRosettaAvailability, VZLinuxRosettaDirectoryShare, VZSerialPortConfiguration,
+    VZVirtioConsoleDeviceSerialPortConfiguration, VZVirtioEntropyDeviceConfiguration, VZVirtualMachineConfiguration,
 };
 
-use super::{handle, machine, set_nets, share_devices, start_and_watch, url, vz_error};
+use super::{disk_device, handle, set_nets, share_device, share_devices, url, vz_error, Machine};
 use crate::control::Control;
 use crate::embed::ConsoleIo;
+use crate::vz::files::TempKernel;
 use crate::vz::plan::{Console, LinuxPlan, ROSETTA_TAG};
 use crate::{Error, ExitReason};
 
@@ -29,7 +30,7 @@ fn embedded_console(io: ConsoleIo) -> Result<(Option<Retained<NSFileHandle>>, Re
     let (guest_writes, from_guest) = pipe()?;
     let _ = std::thread::Builder::new().name("vz-console-out".into()).spawn(move || {
         let mut from_guest = from_guest;
-        let _ = std::io::copy(&mut from_guest, &mut output);
+        let _ = crate::console::pump(&mut from_guest, &mut output);
     });
     let reading = match input {
         Some(mut reader) => {
@@ -69,23 +70,7 @@ fn configuration(
             config.setPlatform(&platform);
         }
 
-        let mut disks: Vec<Retained<VZStorageDeviceConfiguration>> = Vec::new();
-        for (path, read_only, id) in &plan.disks {
-            let attachment = VZDiskImageStorageDeviceAttachment::initWithURL_readOnly_error(
-                VZDiskImageStorageDeviceAttachment::alloc(),
-                &url(path),
-                *read_only,
-            )
-            .map_err(|e| vz_error(&format!("disk {}", path.display()), &e))?;
-            let device = VZVirtioBlockDeviceConfiguration::initWithAttachment(
-                VZVirtioBlockDeviceConfiguration::alloc(),
-                &attachment,
-            );
-            if let Some(id) = id {
-                device.setBlockDeviceIdentifier(&NSString::from_str(id));
-            }
-            disks.push(Retained::into_super(device));
-        }
+        let disks = plan.disks.iter().map(disk_device).collect::<Result<Vec<_>, _>>()?;
         config.setStorageDevices(&NSArray::from_retained_slice(&disks));
         let sockets = set_nets(&config, &plan.nets)?;
 
@@ -114,7 +99,7 @@ fn configuration(
             vec![Retained::into_super(VZVirtioEntropyDeviceConfiguration::new())];
         config.setEntropyDevices(&NSArray::from_retained_slice(&entropy));
 
-        let mut shares = share_devices(&plan.shares);
+        let mut shares = share_devices(&plan.shares)?;
         if plan.rosetta {
             match VZLinuxRosettaDirectoryShare::availability() {
                 VZLinuxRosettaAvailability::Installed => {}
@@ -127,12 +112,7 @@ fn configuration(
             }
             let rosetta = VZLinuxRosettaDirectoryShare::initWithError(VZLinuxRosettaDirectoryShare::alloc())
                 .map_err(|e| vz_error("--rosetta (is Rosetta installed? softwareupdate --install-rosetta)", &e))?;
-            let device = VZVirtioFileSystemDeviceConfiguration::initWithTag(
-                VZVirtioFileSystemDeviceConfiguration::alloc(),
-                &NSString::from_str(ROSETTA_TAG),
-            );
-            device.setShare(Some(&rosetta));
-            shares.push(Retained::into_super(device));
+            shares.push(share_device(ROSETTA_TAG, &rosetta)?);
         }
         config.setDirectorySharingDevices(&NSArray::from_retained_slice(&shares));
 
@@ -141,10 +121,31 @@ fn configuration(
     }
 }
 
-/// Runs `plan` until the guest stops or `control` stops it; its console on `io` when given.
-pub fn run(plan: &LinuxPlan, io: Option<ConsoleIo>, control: Arc<Control>) -> Result<ExitReason, Error> {
-    let (config, _sockets) = configuration(plan, io)?;
-    let (machine, queue) = machine(&config);
-    log::info!("booting on vz with {} vCPU(s) and {} MiB", plan.cpus, plan.memory >> 20);
-    start_and_watch(machine, &queue, &control)
+/// A Linux machine, created and ready to start: what [`prepare`] made.
+pub struct Prepared {
+    machine: Arc<Machine>,
+    /// The sockets of its network interfaces, kept until the machine is gone.
+    _sockets: Vec<devices::virtio::net::backend::Unixgram>,
+    /// The unpacked kernel, kept until the machine is gone.
+    _kernel: Option<TempKernel>,
+    cpus: u32,
+    memory: u64,
+}
+
+/// Prepares `plan` (files resolved, the kernel unpacked if compressed, the configuration
+/// built and validated, the machine created); its console on `io` when given.
+pub fn prepare(plan: &LinuxPlan, io: Option<ConsoleIo>) -> Result<Prepared, Error> {
+    let (plan, kernel) = crate::vz::files::prepare(plan, &std::env::temp_dir())?;
+    let (config, sockets) = configuration(&plan, io)?;
+    let machine = Machine::new(&config);
+    Ok(Prepared { machine, _sockets: sockets, _kernel: kernel, cpus: plan.cpus, memory: plan.memory })
+}
+
+impl Prepared {
+    /// Starts the machine and runs it until the guest stops or `control` stops it; the
+    /// machine has stopped when this returns.
+    pub fn run(self, control: Arc<Control>) -> Result<ExitReason, Error> {
+        log::info!("booting on vz with {} vCPU(s) and {} MiB", self.cpus, self.memory >> 20);
+        self.machine.start_and_watch(&control)
+    }
 }

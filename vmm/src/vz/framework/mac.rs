@@ -9,20 +9,21 @@ use objc2::rc::Retained;
 use objc2::AnyThread;
 use objc2_foundation::{NSArray, NSData, NSError};
 use objc2_virtualization::{
-    VZDiskImageStorageDeviceAttachment, VZGraphicsDeviceConfiguration, VZKeyboardConfiguration, VZMacAuxiliaryStorage,
+    VZGraphicsDeviceConfiguration, VZKeyboardConfiguration, VZMacAuxiliaryStorage,
     VZMacAuxiliaryStorageInitializationOptions, VZMacGraphicsDeviceConfiguration, VZMacGraphicsDisplayConfiguration,
     VZMacHardwareModel, VZMacMachineIdentifier, VZMacOSBootLoader, VZMacOSInstaller, VZMacOSRestoreImage,
     VZMacPlatformConfiguration, VZPointingDeviceConfiguration, VZStorageDeviceConfiguration,
-    VZUSBKeyboardConfiguration, VZUSBScreenCoordinatePointingDeviceConfiguration, VZVirtioBlockDeviceConfiguration,
-    VZVirtualMachineConfiguration,
+    VZUSBKeyboardConfiguration, VZUSBScreenCoordinatePointingDeviceConfiguration, VZVirtualMachineConfiguration,
 };
 
-use super::{limits, machine, on_complete, set_nets, share_devices, start_and_watch, take, url, vz_error};
+use super::delegate::describe;
+use super::{disk_device, limits, on_complete, set_nets, share_devices, take, url, vz_error};
 use super::{Completion, Machine, Pending};
 use crate::control::Control;
 use crate::vz::bundle::{Bundle, Meta};
-use crate::vz::mac::{check_install, sizes, Install, Ipsw, Run};
-use crate::vz::plan::Net;
+use crate::vz::files::canonical;
+use crate::vz::mac::{check_install, download_paths, sizes, with_macs, Install, Ipsw, Run};
+use crate::vz::plan::{Caching, Disk, Net, NetSpec};
 use crate::{Error, ExitReason};
 
 /// The display a macOS guest gets (pixels, and pixels per inch).
@@ -43,6 +44,7 @@ fn configuration(
     identity: &Identity,
     disk: &Path,
     (cpus, memory): (u32, u64),
+    nets: &[NetSpec],
     run: &Run,
 ) -> Result<(Retained<VZVirtualMachineConfiguration>, Vec<devices::virtio::net::backend::Unixgram>), Error> {
     // SAFETY: framework calls with valid, retained objects built here (the whole body);
@@ -75,27 +77,33 @@ fn configuration(
             vec![Retained::into_super(VZUSBScreenCoordinatePointingDeviceConfiguration::new())];
         config.setPointingDevices(&NSArray::from_retained_slice(&pointers));
 
-        let attachment = VZDiskImageStorageDeviceAttachment::initWithURL_readOnly_error(
-            VZDiskImageStorageDeviceAttachment::alloc(),
-            &url(disk),
-            false,
-        )
-        .map_err(|e| vz_error(&format!("disk {}", disk.display()), &e))?;
-        let device = VZVirtioBlockDeviceConfiguration::initWithAttachment(
-            VZVirtioBlockDeviceConfiguration::alloc(),
-            &attachment,
-        );
-        let disks: Vec<Retained<VZStorageDeviceConfiguration>> = vec![Retained::into_super(device)];
+        // The framework's default caching, as Apple's samples and Tart use for macOS.
+        let disk = Disk { path: disk.to_path_buf(), read_only: false, id: None, caching: Caching::Default };
+        let disks: Vec<Retained<VZStorageDeviceConfiguration>> = vec![disk_device(&disk)?];
         config.setStorageDevices(&NSArray::from_retained_slice(&disks));
-        let sockets = set_nets(&config, &run.nets)?;
-        config.setDirectorySharingDevices(&NSArray::from_retained_slice(&share_devices(&run.shares)));
+        let sockets = set_nets(&config, nets)?;
+        config.setDirectorySharingDevices(&NSArray::from_retained_slice(&share_devices(&run.shares)?));
 
         config.validateWithError().map_err(|e| vz_error("the configuration", &e))?;
         Ok((config, sockets))
     }
 }
 
-/// Waits for a completion handler that also hands back a restore image.
+/// Waits up to [`LOAD_LIMIT`] for `slot` to be filled by a completion handler.
+fn wait_for<T>(slot: &Pending<T>, what: &str) -> Result<T, Error> {
+    let deadline = std::time::Instant::now() + LOAD_LIMIT;
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(outcome) = take(slot) {
+            return outcome.map_err(|why| Error::Vz(format!("{what}: {why}")));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Vz(format!("{what}: no answer after {} s", LOAD_LIMIT.as_secs())));
+        }
+    }
+}
+
+/// Loads the restore image at `ipsw`.
 fn restore_image(ipsw: &Path) -> Result<Retained<VZMacOSRestoreImage>, Error> {
     let slot: Pending<Retained<VZMacOSRestoreImage>> = Arc::default();
     let out = Arc::clone(&slot);
@@ -104,7 +112,7 @@ fn restore_image(ipsw: &Path) -> Result<Retained<VZMacOSRestoreImage>, Error> {
         let outcome = unsafe {
             match (Retained::retain(image), error.as_ref()) {
                 (Some(image), None) => Ok(image),
-                (_, Some(e)) => Err(e.localizedDescription().to_string()),
+                (_, Some(e)) => Err(describe(e)),
                 (None, None) => Err("no image and no error".into()),
             }
         };
@@ -112,23 +120,11 @@ fn restore_image(ipsw: &Path) -> Result<Retained<VZMacOSRestoreImage>, Error> {
     });
     // SAFETY: a local file URL and a completion block, as the method requires.
     unsafe { VZMacOSRestoreImage::loadFileURL_completionHandler(&url(ipsw), &done) };
-    let deadline = std::time::Instant::now() + LOAD_LIMIT;
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        if std::time::Instant::now() > deadline {
-            return Err(Error::Vz(format!(
-                "restore image {}: not loaded after {} s",
-                ipsw.display(),
-                LOAD_LIMIT.as_secs()
-            )));
-        }
-        if let Some(outcome) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            return outcome.map_err(|why| Error::Vz(format!("restore image {}: {why}", ipsw.display())));
-        }
-    }
+    wait_for(&slot, &format!("restore image {}", ipsw.display()))
 }
 
-/// The newest restore image this Mac supports, downloaded into `dir` with `curl`.
+/// The newest restore image this Mac supports, downloaded with `curl` into `dir` (not
+/// the bundle): resumed where an earlier download stopped, and reused when complete.
 fn download_latest(dir: &Path) -> Result<PathBuf, Error> {
     let slot: Pending<String> = Arc::default();
     let out = Arc::clone(&slot);
@@ -137,7 +133,7 @@ fn download_latest(dir: &Path) -> Result<PathBuf, Error> {
         let outcome = unsafe {
             match (image.as_ref(), error.as_ref()) {
                 (Some(image), None) => Ok(image.URL().absoluteString().map(|s| s.to_string()).unwrap_or_default()),
-                (_, Some(e)) => Err(e.localizedDescription().to_string()),
+                (_, Some(e)) => Err(describe(e)),
                 (None, None) => Err("no image and no error".into()),
             }
         };
@@ -145,44 +141,44 @@ fn download_latest(dir: &Path) -> Result<PathBuf, Error> {
     });
     // SAFETY: a completion block, as the method requires.
     unsafe { VZMacOSRestoreImage::fetchLatestSupportedWithCompletionHandler(&done) };
-    let deadline = std::time::Instant::now() + LOAD_LIMIT;
-    let remote = loop {
-        std::thread::sleep(Duration::from_millis(100));
-        if std::time::Instant::now() > deadline {
-            return Err(Error::Vz(format!("--ipsw latest: no answer after {} s", LOAD_LIMIT.as_secs())));
-        }
-        if let Some(outcome) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            break outcome.map_err(|why| Error::Vz(format!("--ipsw latest: {why}")))?;
-        }
-    };
-    let local = dir.join("restore.ipsw");
-    eprintln!("hvrun: downloading {remote}");
+    let remote = wait_for(&slot, "--ipsw latest")?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Vz(format!("--ipsw latest: {}: {e}", dir.display())))?;
+    let (local, partial) = download_paths(&canonical("download directory", dir)?, &remote);
+    if local.is_file() {
+        eprintln!("hvrun: using {} (downloaded before)", local.display());
+        return Ok(local);
+    }
+    eprintln!("hvrun: downloading {remote}\nhvrun: into {} (kept for later installs)", local.display());
     let status = std::process::Command::new("curl")
-        .args(["--fail", "--location", "--progress-bar", "--output"])
-        .arg(&local)
+        .args(["--fail", "--location", "--progress-bar", "--continue-at", "-", "--output"])
+        .arg(&partial)
         .arg(&remote)
         .status()
         .map_err(|e| Error::Vz(format!("--ipsw latest: running curl: {e}")))?;
     if !status.success() {
-        return Err(Error::Vz(format!("--ipsw latest: downloading {remote} failed ({status})")));
+        return Err(Error::Vz(format!(
+            "--ipsw latest: downloading {remote} failed ({status}); run the install again to resume"
+        )));
     }
+    std::fs::rename(&partial, &local).map_err(|e| Error::Vz(format!("--ipsw latest: {}: {e}", local.display())))?;
     Ok(local)
 }
 
-/// Installs macOS from `install.ipsw` into a new bundle.
-pub fn install(install: &Install) -> Result<(), Error> {
+/// Installs macOS from `install.ipsw` into a new bundle; `control`'s stop or request to
+/// shut down cancels the install. A bundle that did not finish is removed.
+pub fn install(install: &Install, control: &Control) -> Result<(), Error> {
     check_install(install)?;
     let ipsw = match &install.ipsw {
-        Ipsw::File(path) => path.clone(),
-        Ipsw::Latest => {
-            std::fs::create_dir_all(&install.bundle)
-                .map_err(|e| Error::Vz(format!("bundle {}: {e}", install.bundle.display())))?;
-            download_latest(&install.bundle)?
-        }
+        Ipsw::File(path) => canonical("restore image", path)?,
+        Ipsw::Latest => download_latest(&install.downloads)?,
     };
-    let image = restore_image(&ipsw)?;
+    let image = restore_image(&ipsw).map_err(|e| match install.ipsw {
+        // A download cut short and resumed wrongly stays cached: say how to start afresh.
+        Ipsw::Latest => Error::Vz(format!("{e}; delete {} to download it again", ipsw.display())),
+        Ipsw::File(_) => e,
+    })?;
     // SAFETY: framework calls on valid objects (the whole block).
-    let (identity, meta) = unsafe {
+    let (hardware, machine_id, meta) = unsafe {
         let requirements = image.mostFeaturefulSupportedConfiguration().ok_or_else(|| {
             Error::Vz(format!("this Mac cannot run the macOS in {} (no supported hardware model)", ipsw.display()))
         })?;
@@ -200,31 +196,44 @@ pub fn install(install: &Install) -> Result<(), Error> {
             &hardware.dataRepresentation().to_vec(),
             &machine.dataRepresentation().to_vec(),
         );
-        let bundle = Bundle::create(&install.bundle, &meta).map_err(|e| Error::Vz(e.to_string()))?;
-        let aux = VZMacAuxiliaryStorage::initCreatingStorageAtURL_hardwareModel_options_error(
+        (hardware, machine, meta)
+    };
+    // From here on, a failure removes what was made (`Unfinished`'s drop).
+    let unfinished = Bundle::create(&install.bundle, &meta).map_err(|e| Error::Vz(e.to_string()))?;
+    let dir = canonical("bundle", unfinished.bundle().dir())?;
+    // SAFETY: a framework initialiser given a new file's URL and a supported model.
+    let aux = unsafe {
+        VZMacAuxiliaryStorage::initCreatingStorageAtURL_hardwareModel_options_error(
             VZMacAuxiliaryStorage::alloc(),
-            &url(&bundle.aux()),
+            &url(&dir.join(crate::vz::bundle::AUX)),
             &hardware,
             VZMacAuxiliaryStorageInitializationOptions::empty(),
         )
-        .map_err(|e| vz_error("creating the auxiliary storage", &e))?;
-        (Identity { hardware, machine, aux }, meta)
-    };
-    let run = Run { bundle: install.bundle.clone(), gui: false, nets: vec![(Net::Nat, None)], shares: Vec::new() };
-    let disk = install.bundle.join(crate::vz::bundle::DISK);
-    let (config, _sockets) = configuration(&identity, &disk, (meta.cpus, meta.memory), &run)?;
-    let (machine, queue) = machine(&config);
+    }
+    .map_err(|e| vz_error("creating the auxiliary storage", &e))?;
+    let identity = Identity { hardware, machine: machine_id, aux };
+    let run = Run { bundle: dir.clone(), gui: false, nets: vec![(Net::Nat, None)], shares: Vec::new() };
+    let nets = with_macs(&run.nets, meta.mac());
+    let disk = dir.join(crate::vz::bundle::DISK);
+    let (config, _sockets) = configuration(&identity, &disk, (meta.cpus, meta.memory), &nets, &run)?;
+    run_installer(&Machine::new(&config), &ipsw, control)?;
+    unfinished.finish().map_err(|e| Error::Vz(e.to_string()))?;
+    Ok(())
+}
+
+/// Runs the installer on `machine` with progress on standard error, until it finishes,
+/// fails, or `control` cancels it.
+fn run_installer(machine: &Arc<Machine>, ipsw: &Path, control: &Control) -> Result<(), Error> {
     let installer = Arc::new(Mutex::new(None::<Installer>));
     let installed = Completion::default();
     {
-        let (m, slot, ipsw) = (Arc::clone(&machine), Arc::clone(&installer), ipsw.clone());
-        let done = Arc::clone(&installed);
-        queue.exec_sync(move || {
+        let (slot, done, ipsw) = (Arc::clone(&installer), Arc::clone(&installed), ipsw.to_path_buf());
+        machine.on_queue(move |vm| {
             // SAFETY: the installer is made and started on the machine's queue, as required.
             let made = unsafe {
                 let installer = VZMacOSInstaller::initWithVirtualMachine_restoreImageURL(
                     VZMacOSInstaller::alloc(),
-                    &m.vm,
+                    vm,
                     &url(&ipsw),
                 );
                 installer.installWithCompletionHandler(&on_complete(&done));
@@ -233,24 +242,34 @@ pub fn install(install: &Install) -> Result<(), Error> {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Installer(made));
         });
     }
+    let mut cancelled = false;
     loop {
         std::thread::sleep(Duration::from_millis(500));
+        let cancel = !cancelled && (control.asked_to_stop().is_some() || control.stopping());
+        cancelled |= cancel;
         let slot = Arc::clone(&installer);
-        let fraction = Arc::new(Mutex::new(0.0f64));
-        let out = Arc::clone(&fraction);
-        queue.exec_sync(move || {
-            if let Some(i) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                // SAFETY: on the machine's queue, where the installer lives.
-                *out.lock().unwrap_or_else(|e| e.into_inner()) = unsafe { i.0.progress().fractionCompleted() };
+        let done = machine.on_queue(move |_| {
+            let slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(installer) = slot.as_ref() else { return 0.0 };
+            // SAFETY: on the machine's queue, where the installer lives.
+            let progress = unsafe { installer.0.progress() };
+            if cancel {
+                progress.cancel();
             }
+            progress.fractionCompleted()
         });
-        let done = *fraction.lock().unwrap_or_else(|e| e.into_inner());
-        let bar = (done * 40.0) as usize;
-        eprint!("\rinstalling macOS: [{}{}] {:>3.0}%", "#".repeat(bar), ".".repeat(40 - bar.min(40)), done * 100.0);
+        let bar = (done.clamp(0.0, 1.0) * 40.0) as usize;
+        eprint!("\rinstalling macOS: [{}{}] {:>3.0}%", "#".repeat(bar), ".".repeat(40 - bar), done * 100.0);
         let _ = std::io::stderr().flush();
         if let Some(outcome) = take(&installed) {
             eprintln!();
-            return outcome.map_err(|why| Error::Vz(format!("installing macOS: {why}")));
+            return match outcome {
+                Ok(()) => Ok(()),
+                Err(_) if cancelled => {
+                    Err(Error::Vz("installing macOS: cancelled; the unfinished bundle was removed".into()))
+                }
+                Err(why) => Err(Error::Vz(format!("installing macOS: {why}; the unfinished bundle was removed"))),
+            };
         }
     }
 }
@@ -263,16 +282,25 @@ unsafe impl Send for Installer {}
 
 /// Runs the macOS VM in `run.bundle` until it stops or `control` stops it.
 pub fn run(run: &Run, control: Arc<Control>) -> Result<ExitReason, Error> {
-    let (bundle, meta) = Bundle::open(&run.bundle).map_err(|e| Error::Vz(e.to_string()))?;
+    let dir = canonical("bundle", &run.bundle)?;
+    let (bundle, meta) = Bundle::open(&dir).map_err(|e| Error::Vz(e.to_string()))?;
+    let _lock = bundle.lock().map_err(|e| Error::Vz(e.to_string()))?;
     let bytes = |b: Option<Vec<u8>>| NSData::with_bytes(&b.unwrap_or_default());
     // SAFETY: framework initialisers given the bundle's saved data; nil means invalid.
     let identity = unsafe {
+        let hardware = VZMacHardwareModel::initWithDataRepresentation(
+            VZMacHardwareModel::alloc(),
+            &bytes(meta.hardware_model_bytes()),
+        )
+        .ok_or_else(|| Error::Vz("the bundle's hardware model is not one this Mac knows".into()))?;
+        if !hardware.isSupported() {
+            return Err(Error::Vz(format!(
+                "this Mac cannot run the macOS version in {} (its hardware model is not supported here)",
+                dir.display()
+            )));
+        }
         Identity {
-            hardware: VZMacHardwareModel::initWithDataRepresentation(
-                VZMacHardwareModel::alloc(),
-                &bytes(meta.hardware_model_bytes()),
-            )
-            .ok_or_else(|| Error::Vz("the bundle's hardware model is not one this Mac knows".into()))?,
+            hardware,
             machine: VZMacMachineIdentifier::initWithDataRepresentation(
                 VZMacMachineIdentifier::alloc(),
                 &bytes(meta.machine_identifier_bytes()),
@@ -281,13 +309,18 @@ pub fn run(run: &Run, control: Arc<Control>) -> Result<ExitReason, Error> {
             aux: VZMacAuxiliaryStorage::initWithURL(VZMacAuxiliaryStorage::alloc(), &url(&bundle.aux())),
         }
     };
-    let (config, _sockets) = configuration(&identity, &bundle.disk(), (meta.cpus, meta.memory), run)?;
+    let nets = with_macs(&run.nets, meta.mac());
+    let mut run = run.clone();
+    for share in &mut run.shares {
+        share.host = canonical("shared directory", &share.host)?;
+    }
+    let (config, _sockets) = configuration(&identity, &bundle.disk(), (meta.cpus, meta.memory), &nets, &run)?;
     if run.gui {
         log::info!("booting macOS on vz in a window with {} vCPU(s) and {} MiB", meta.cpus, meta.memory >> 20);
         let title = format!("hvrun: {}", bundle.dir().display());
         return super::window::run(&config, &title, &control);
     }
-    let (machine, queue): (Arc<Machine>, _) = machine(&config);
+    let machine = Machine::new(&config);
     log::info!("booting macOS on vz with {} vCPU(s) and {} MiB", meta.cpus, meta.memory >> 20);
-    start_and_watch(machine, &queue, &control)
+    machine.start_and_watch(&control)
 }
