@@ -57,6 +57,9 @@ pub struct Rig {
     pub hvrun: PathBuf,
     /// Other cross-built programs the scenarios use, put in `/bin` (e.g. `net-forwarder`).
     pub tools: Vec<PathBuf>,
+    /// Other files, each at the path given inside the rig (e.g. a peer VMM and its
+    /// libraries under `qemu/`, for `cargo xtask compare`), executable.
+    pub files: Vec<(String, PathBuf)>,
     /// The directory holding guest artifacts.
     pub guest_dir: PathBuf,
     /// Where the initramfs and console log are written.
@@ -170,6 +173,16 @@ impl Rig {
         for tool in &self.tools {
             let name = tool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             a.file(&format!("bin/{name}"), 0o755, &read("tool", tool)?);
+        }
+        let mut dirs: Vec<&Path> = self.files.iter().flat_map(|(at, _)| Path::new(at).ancestors().skip(1)).collect();
+        dirs.retain(|d| !d.as_os_str().is_empty());
+        dirs.sort_unstable();
+        dirs.dedup();
+        for dir in dirs {
+            a.dir(&dir.to_string_lossy());
+        }
+        for (at, file) in &self.files {
+            a.file(at, 0o755, &read("file", file)?);
         }
         let mut artifacts: Vec<&str> = scenarios.iter().flat_map(|s| s.artifacts.iter().copied()).collect();
         artifacts.sort_unstable();

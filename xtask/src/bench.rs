@@ -41,7 +41,8 @@ fn human_time(ns: f64) -> String {
     }
 }
 
-fn machine() -> String {
+/// This machine, for the reports: CPU, cores, kernel.
+pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -100,6 +101,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
     }
     let path = root.join("docs/BENCHMARKS.md");
+    // Sections after the table (written by hand, or by `cargo xtask compare`) stay.
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    if let Some(at) = old.find("\n## ") {
+        out.push_str(&old[at..]);
+    }
     std::fs::write(&path, out).map_err(|e| format!("{}: {e}", path.display()))?;
     println!("bench: wrote {}", path.display());
     Ok(())

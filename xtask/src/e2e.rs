@@ -14,7 +14,8 @@ const TAIL_LINES: usize = 40;
 /// one built from the tree (e.g. an older build, to show that a scenario fails there).
 const OTHER_HVRUN: &str = "HVRUN_E2E_HVRUN";
 
-fn rig(verbose: bool) -> Rig {
+/// The rig the scenarios run in (`-v`: echo its console).
+pub fn rig(verbose: bool) -> Rig {
     let guest = paths::guest_dir();
     Rig {
         qemu: "qemu-system-aarch64".into(),
@@ -25,6 +26,7 @@ fn rig(verbose: bool) -> Rig {
             .into_iter()
             .map(paths::cross_bin)
             .collect(),
+        files: Vec::new(),
         guest_dir: guest,
         work_dir: paths::root().join("target/e2e"),
         verbose,

@@ -253,7 +253,7 @@ pub fn mark(output: &Path, key: &str) -> Result<(), String> {
     std::fs::write(stamp(output), key).map_err(|e| format!("writing {}: {e}", stamp(output).display()))
 }
 
-fn apt_cache(args: &[&str]) -> Result<String, String> {
+pub(crate) fn apt_cache(args: &[&str]) -> Result<String, String> {
     sh::output(sh::cmd("apt-cache").args(args))
 }
 
@@ -276,7 +276,7 @@ fn resolve_kernel_package() -> Result<String, String> {
     })
 }
 
-fn candidate_version(package: &str) -> Result<String, String> {
+pub(crate) fn candidate_version(package: &str) -> Result<String, String> {
     let policy = apt_cache(&["policy", &format!("{package}:arm64")])?;
     policy
         .lines()
@@ -287,7 +287,7 @@ fn candidate_version(package: &str) -> Result<String, String> {
 }
 
 /// Every file below `dir`, recursively.
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+pub(crate) fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).into_iter().flatten().filter_map(Result::ok) {
         let path = entry.path();
         if path.is_dir() {

@@ -5,6 +5,7 @@
 //! person types.
 
 mod bench;
+mod compare;
 mod cross;
 mod e2e;
 mod fresh;
@@ -12,6 +13,7 @@ mod fuzz;
 mod guest;
 mod kernel;
 mod paths;
+mod peers;
 mod prove;
 mod setup;
 mod sh;
@@ -41,6 +43,10 @@ commands:
                  run the libFuzzer targets under fuzz/ (all when none named) for S seconds each
                  (default 60); a crash, a hang or runaway memory is a failure
   boottime [N]   boot hvrun's kernel N times in the rig: boot-time min/median/max, VMM memory
+  compare [ROUNDS]
+                 hvrun and Debian's arm64 QEMU boot the same guest in the rig, interleaved over
+                 ROUNDS rounds (default 3): start → init and start → exit, into docs/BENCHMARKS.md
+  peers          fetch Debian's arm64 QEMU with the libraries it loads into the cache (for compare)
   bench [ARGS]   run the criterion benchmarks (ARGS go to criterion) and write docs/BENCHMARKS.md
 
 environment:
@@ -66,6 +72,8 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "fuzz" => fuzz::run(rest),
         "boottime" => e2e::boottime(rest),
+        "compare" => compare::run(rest),
+        "peers" => peers::qemu().map(|(files, version)| println!("peers: QEMU {version}: {} files", files.len())),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

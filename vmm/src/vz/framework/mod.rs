@@ -212,7 +212,12 @@ fn disk_device(disk: &Disk) -> Result<Retained<VZStorageDeviceConfiguration>, Er
             &attachment,
         );
         if let Some(id) = &disk.id {
-            device.setBlockDeviceIdentifier(&NSString::from_str(id));
+            // Checked by the framework first, as share tags are: an identifier it refuses
+            // would raise an exception in the setter.
+            let id_text = NSString::from_str(id);
+            VZVirtioBlockDeviceConfiguration::validateBlockDeviceIdentifier_error(&id_text)
+                .map_err(|e| vz_error(&format!("disk {} id={id}", disk.path.display()), &e))?;
+            device.setBlockDeviceIdentifier(&id_text);
         }
         Ok(Retained::into_super(device))
     }
