@@ -31,7 +31,8 @@ const APPEND: &str = "console=ttyAMA0 quiet -- true";
 const QEMU_BASE: &str =
     "-accel kvm -cpu host -smp 1 -m 256 -display none -nodefaults -no-user-config -serial stdio -monitor none -no-reboot";
 /// hvrun's equivalent.
-const HVRUN_BASE: &str = "/bin/hvrun --cpus 1 --memory 256M";
+/// (`RUST_LOG=info`: its boot timer's and exit counts' lines, which the table reports.)
+const HVRUN_BASE: &str = "env RUST_LOG=info /bin/hvrun --cpus 1 --memory 256M";
 
 /// One VMM configuration in the comparison.
 struct Variant {
@@ -116,19 +117,47 @@ fn script(variants: &[Variant], rounds: u32) -> String {
     s
 }
 
-/// Times of one variant: start → init (Linux guests) and start → exit, seconds.
+/// Times of one variant: start → init (Linux guests) and start → exit, seconds; for
+/// hvrun also its own start (build start → the first vCPU entry, from the boot timer's
+/// line, ms) and its exits per run.
 #[derive(Debug, Default, Clone, PartialEq)]
 struct Times {
     init: Vec<f64>,
     exit: Vec<f64>,
+    own_start_ms: Vec<f64>,
+    exits: Vec<f64>,
     failed: u32,
+}
+
+/// What hvrun's log said during one run.
+#[derive(Debug, Default)]
+struct Log {
+    own_start_ms: Option<f64>,
+    exits: f64,
+}
+
+/// Reads hvrun's log lines: `guest boot-timer: N ms after hvrun started, M ms after the
+/// first vCPU entry` and `vcpuK: X exits: …`.
+fn read_log(line: &str, log: &mut Log) {
+    if let Some(rest) = line.split("boot-timer: ").nth(1) {
+        let numbers: Vec<f64> = rest.split_whitespace().filter_map(|w| w.trim_end_matches(',').parse().ok()).collect();
+        if let [since_start, since_entry] = numbers.as_slice() {
+            log.own_start_ms = Some(since_start - since_entry);
+        }
+    } else if let Some((_, rest)) = line.split_once("] vcpu") {
+        if let Some(count) = rest.split_whitespace().nth(1).filter(|_| rest.contains(" exits: ")) {
+            log.exits += count.parse::<f64>().unwrap_or(0.0);
+        }
+    }
 }
 
 /// Reads the runs out of the rig's output, by variant index.
 fn parse(output: &[String]) -> BTreeMap<usize, Times> {
     let mut times: BTreeMap<usize, Times> = BTreeMap::new();
     let mut init: BTreeMap<usize, f64> = BTreeMap::new();
+    let mut log = Log::default();
     for line in output {
+        read_log(line, &mut log);
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["COMPARE-INIT", id, at] => {
@@ -147,10 +176,15 @@ fn parse(output: &[String]) -> BTreeMap<usize, Times> {
                         if let Some(at) = init.remove(&id) {
                             entry.init.push(at - start);
                         }
+                        entry.own_start_ms.extend(log.own_start_ms);
+                        if log.exits > 0.0 {
+                            entry.exits.push(log.exits);
+                        }
                     }
                     _ => entry.failed += 1,
                 }
                 init.remove(&id);
+                log = Log::default();
             }
             _ => {}
         }
@@ -186,6 +220,14 @@ fn table(results: &[(&str, Times)], machine: &str, rounds: u32) -> String {
         let runs =
             if t.failed > 0 { format!("{} ({} failed)", t.exit.len(), t.failed) } else { t.exit.len().to_string() };
         let _ = writeln!(out, "| {name} | {runs} | {} | {} |", cell(&t.init), cell(&t.exit));
+    }
+    out.push_str(
+        "\n| hvrun | its own start: build → first vCPU entry (ms) | exits to hvrun per run |\n|---|---|---|\n",
+    );
+    for (name, t) in results.iter().filter(|(n, t)| n.starts_with("hvrun") && !t.exits.is_empty()) {
+        let plain =
+            |v: &[f64]| spread(v).map_or("–".into(), |(lo, mid, hi)| format!("{lo:.0} / **{mid:.0}** / {hi:.0}"));
+        let _ = writeln!(out, "| {name} | {} | {} |", plain(&t.own_start_ms), plain(&t.exits));
     }
     out.push_str("\n| hvrun / QEMU (medians) | start → init | start → exit | goal (exit) |\n|---|---|---|---|\n");
     let median = |name: &str, init: bool| {
@@ -281,7 +323,9 @@ mod tests {
         let output: Vec<String> = [
             "COMPARE-ROUND 1",
             "COMPARE-INIT 0 12.50",
+            "[2026-12-02T03:00:00Z INFO ] guest boot-timer: 1516 ms after hvrun started, 1495 ms after the first vCPU entry",
             "hvrun-guest: init started",
+            "[2026-12-02T03:00:01Z INFO ] vcpu0: 25459 exits: 13604 MMIO reads, 8307 MMIO writes, 3548 interrupted; 9 timer level changes",
             "COMPARE-RUN 0 start=11.00 end=13.60 rc=0",
             "COMPARE-RUN 1 start=13.60 end=14.10 rc=0",
             "COMPARE-INIT 0 20.00",
@@ -296,6 +340,11 @@ mod tests {
         assert!((hvrun.exit[0] - 2.6).abs() < 1e-9 && (hvrun.init[0] - 1.5).abs() < 1e-9);
         assert_eq!(hvrun.init.len(), 1, "a failed run's init is not kept, a run without one has none");
         assert_eq!(hvrun.failed, 1);
+        assert_eq!(
+            (hvrun.own_start_ms.as_slice(), hvrun.exits.as_slice()),
+            (&[21.0][..], &[25459.0][..]),
+            "the first run's log only"
+        );
         assert_eq!(times[&1].init.len(), 0);
         assert_eq!(spread(&[3.0, 1.0, 2.0]), Some((1.0, 2.0, 3.0)));
     }
