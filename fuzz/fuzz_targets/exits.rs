@@ -54,7 +54,7 @@ use arch_aarch64::psci::{self, Action, CpuState};
 use arch_aarch64::sysreg::{CNTV_CTL_EL0, CNTV_CVAL_EL0, CPACR_EL1, SCTLR_EL1, SCTLR_EL1_RESET};
 use hypervisor::exits::{decide, Decision};
 use hypervisor::raw::{Power, RawExit, RawLoop, RawVcpu};
-use hypervisor::{Kicker, Reg, SystemEvent, Vcpu, VcpuExit};
+use hypervisor::{IrqInput, Kicker, Reg, SystemEvent, Vcpu, VcpuExit};
 
 /// How much the heap may grow while one machine runs, once its vCPUs exist: a
 /// `RawLoop`'s state is fixed-size, and so is the fake's; what an exit allocates (the

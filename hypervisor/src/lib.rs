@@ -112,8 +112,9 @@ pub trait GuestClock: Send + Sync {
 
 /// A virtual machine: guest memory and vCPUs.
 pub trait Vm: Send + Sync {
-    /// The vCPU type of this VM.
-    type Vcpu: Vcpu;
+    /// The vCPU type of this VM. Every backend can also run its vCPUs under the VMM's own
+    /// interrupt controller, hence [`IrqInput`].
+    type Vcpu: Vcpu + IrqInput;
 
     /// What this VM's hypervisor-provided GICv3 needs from the memory map, or `None`
     /// when the host has none (KVM without vGICv3, macOS before 15). Asked before any
@@ -124,7 +125,7 @@ pub trait Vm: Send + Sync {
 
     /// Creates the hypervisor's GICv3 at `layout`, before any vCPU. From then on the
     /// hypervisor delivers interrupts, the virtual timer's included: the VMM raises
-    /// SPIs through the returned sink and never calls [`Vcpu::set_irq_line`].
+    /// SPIs through the returned sink and never uses its vCPUs' [`IrqInput`].
     fn create_gicv3(&mut self, layout: &GicV3Layout) -> Result<std::sync::Arc<dyn SpiSink>> {
         let _ = layout;
         Err(Error::Unsupported("this hypervisor has no GICv3 of its own".into()))
@@ -210,12 +211,11 @@ pub enum VcpuExit<'a> {
     Unhandled(String),
 }
 
-/// A virtual CPU. Belongs to the thread that created it.
-pub trait Vcpu {
-    /// Runs the guest until it needs the VMM.
-    fn run(&mut self) -> Result<VcpuExit<'_>>;
-    /// A handle that kicks this vCPU out of `run` from another thread.
-    fn kicker(&self) -> std::sync::Arc<dyn Kicker>;
+/// A vCPU's interrupt wiring for a VMM that emulates the interrupt controller itself:
+/// the timer's output and the CPU's IRQ input. Backends whose vCPUs can run without the
+/// hypervisor's GIC implement it; with the hypervisor's GIC ([`Vm::create_gicv3`]) it is
+/// never used, which is why it is not part of [`Vcpu`].
+pub trait IrqInput {
     /// Whether the guest's EL1 virtual timer is asserting its interrupt, as of the last
     /// exit. The VMM feeds this into its interrupt controller as the timer's PPI.
     fn vtimer_asserted(&mut self) -> bool;
@@ -226,6 +226,14 @@ pub trait Vcpu {
     /// on Linux 6.1 and can be lost; on HVF a pending interrupt belongs to the vCPU's
     /// thread by design.)
     fn set_irq_line(&mut self, level: bool) -> Result<()>;
+}
+
+/// A virtual CPU. Belongs to the thread that created it.
+pub trait Vcpu {
+    /// Runs the guest until it needs the VMM.
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    /// A handle that kicks this vCPU out of `run` from another thread.
+    fn kicker(&self) -> std::sync::Arc<dyn Kicker>;
     /// Writes a register.
     fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()>;
     /// Reads a register.

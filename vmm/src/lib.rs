@@ -25,8 +25,6 @@ mod console;
 mod control;
 pub mod embed;
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
-mod irq_lines;
-#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 mod irqchip;
 pub mod kernel_file;
 #[cfg(target_arch = "aarch64")]

@@ -95,10 +95,8 @@ where
     let vm_config =
         hypervisor::VmConfig { ipa_bits: ipa_bits_for(config.memory), vcpus: config.cpus, nested: config.nested };
     let mut vm = hv.create_vm(&vm_config)?;
-    let irqchip = match irqchip::choose(config.gic, config.cpus, vm.gicv3_needs(), config.nested)? {
-        Some(layout) => Irqchip::Hypervisor { spis: vm.create_gicv3(&layout)?, layout },
-        None => Irqchip::emulated(config.cpus),
-    };
+    let layout = irqchip::choose(config.gic, config.cpus, vm.gicv3_needs(), config.nested)?;
+    let irqchip = irqchip::build(&mut vm, layout, config.cpus)?;
     let (memory, regs) = load(config, files, &slots, irqchip.fdt())?;
     vm.map_memory(&memory)?;
     if let Some(clock) = vm.clock() {
@@ -126,10 +124,7 @@ where
     }));
     bus.insert(BOOT_TIMER_BASE, BOOT_TIMER_SIZE, Arc::new(Mutex::new(timer)))?;
     if let Some(verdict) = probe {
-        let (gic, redistributors) = match &irqchip {
-            Irqchip::Hypervisor { layout, .. } => (3, layout.redistributors.0),
-            Irqchip::Emulated { .. } => (2, 0),
-        };
+        let (gic, redistributors) = irqchip.version();
         bus.insert(PROBE_BASE, PROBE_SIZE, Arc::new(Mutex::new(Probe::new(gic, redistributors, verdict))))?;
     }
     for (slot, device) in slots.iter().zip(virtio) {
@@ -165,14 +160,14 @@ where
         config.memory >> 20,
         irqchip.name()
     );
-    if let (Irqchip::Emulated { gic, lines }, Some(after)) = (&irqchip, dump_after) {
-        spawn_state_dump(after, gic.clone(), lines.clone());
+    if let Some(after) = dump_after {
+        spawn_state_dump(after, Arc::clone(&irqchip));
     }
     let cpus = config.cpus;
     Ok(Box::new(move || {
         // Kept until the machine stops: the terminal's mode, the console socket's file.
         let _keep = (terminal, console.socket);
-        run_vcpus(&vm, cpus, regs, &bus, &irqchip, &control, &first_entry);
+        run_vcpus(&vm, cpus, regs, &bus, &*irqchip, &control, &first_entry);
         // The guest's last words reach the host before the caller goes on (or exits).
         devices::bus::lock(&uart).flush_output(SERIAL_FLUSH);
         control.take_outcome().unwrap_or(Ok(ExitReason::Stopped))
@@ -186,7 +181,7 @@ fn run_vcpus<V: Vm>(
     cpus: u32,
     regs: BootRegs,
     bus: &MmioBus,
-    irqchip: &Irqchip,
+    irqchip: &dyn Irqchip,
     control: &Control,
     first_entry: &OnceLock<Instant>,
 ) {
@@ -210,9 +205,6 @@ fn run_vcpus<V: Vm>(
                     Err(e) => return control.stop(Err(e.into())),
                 };
                 control.add_kicker(vcpu.kicker());
-                if let Irqchip::Emulated { lines, .. } = irqchip {
-                    lines.attach(index as usize, vcpu.kicker());
-                }
                 if index == 0 {
                     let _ = first_entry.set(Instant::now());
                 }
@@ -233,13 +225,16 @@ fn run_vcpus<V: Vm>(
     });
 }
 
-/// Prints the GIC's and the IRQ lines' state to standard error `after` the start: what a
+/// Prints the interrupt controller's state to standard error `after` the start: what a
 /// hung guest is waiting for ([`crate::VmBuilder::dump_state_after`]).
-fn spawn_state_dump(after: std::time::Duration, gic: Arc<devices::gic::Gic>, lines: Arc<crate::irq_lines::IrqLines>) {
+fn spawn_state_dump(after: std::time::Duration, irqchip: Arc<dyn Irqchip>) {
     let _ = std::thread::Builder::new().name("state-dump".into()).spawn(move || {
         std::thread::sleep(after);
         let secs = after.as_secs();
-        eprintln!("hvrun state after {secs} s:\n{}irq lines (level, dirty, kicker): {lines:?}", gic.dump());
+        match irqchip.dump() {
+            Some(state) => eprintln!("hvrun state after {secs} s:\n{state}"),
+            None => eprintln!("hvrun state after {secs} s: {} keeps its state to itself", irqchip.name()),
+        }
     });
 }
 
@@ -407,7 +402,7 @@ mod tests {
             &config,
             BootFiles::open(&config).unwrap(),
             &crate::slots::assign(1).unwrap(),
-            Irqchip::emulated(1).fdt(),
+            irqchip::EmulatedGic::new(1).fdt(),
         )
         .unwrap();
         assert_eq!(memory.num_regions(), 1);
@@ -477,7 +472,8 @@ mod tests {
         image[56..60].copy_from_slice(b"ARMd");
         let kernel = temp("Huge", &image);
         let config = VmConfig { memory: 64 << 20, ..VmConfig::new(&kernel) };
-        let err = load(&config, BootFiles::open(&config).unwrap(), &[], Irqchip::emulated(1).fdt()).unwrap_err();
+        let err =
+            load(&config, BootFiles::open(&config).unwrap(), &[], irqchip::EmulatedGic::new(1).fdt()).unwrap_err();
         assert!(err.to_string().contains("does not fit in guest RAM"), "{err}");
         std::fs::remove_file(kernel).unwrap();
     }

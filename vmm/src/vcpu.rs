@@ -4,12 +4,11 @@
 //! tested here against a scripted fake vCPU.
 
 use devices::bus::MmioBus;
-use devices::gic::VTIMER_PPI;
 use devices::warn_ratelimited;
-use hypervisor::{SystemEvent, Vcpu, VcpuExit};
+use hypervisor::{IrqInput, SystemEvent, Vcpu, VcpuExit};
 
 use crate::control::Control;
-use crate::irqchip::Irqchip;
+use crate::irqchip::{Irqchip, VcpuIrq};
 use crate::{Error, ExitReason};
 
 /// What a vCPU loop works with besides its vCPU.
@@ -19,9 +18,8 @@ pub struct VcpuContext<'a> {
     pub index: u32,
     /// The MMIO bus.
     pub bus: &'a MmioBus,
-    /// The interrupt controller. When it is hvrun's GIC, it gets the vCPU's timer level,
-    /// and this loop applies the vCPU's IRQ input before every run.
-    pub irqchip: &'a Irqchip,
+    /// The interrupt controller: the loop runs its per-vCPU hooks around every run.
+    pub irqchip: &'a dyn Irqchip,
     /// The machine's stop switch.
     pub control: &'a Control,
 }
@@ -31,10 +29,33 @@ pub struct VcpuContext<'a> {
 ///
 /// MMIO exits go to the bus. An access no device claims reads as zero and its write is
 /// dropped, with a rate-limited warning: a guest poking at random addresses must not
-/// stop the VMM. With hvrun's GIC, the vCPU's virtual-timer level goes to it after
-/// every exit (the hypervisor's own GIC takes the timer itself).
-pub fn run_loop<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<ExitReason, Error>> {
-    let mut timer_level = false;
+/// stop the VMM. The interrupt controller's hooks ([`VcpuIrq`]) run before every run and
+/// after every exit; the loop is chosen once, so with the hypervisor's GIC (no hooks) an
+/// exit costs nothing for interrupts at all.
+pub fn run_loop<V: Vcpu + IrqInput>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<ExitReason, Error>> {
+    match ctx.irqchip.vcpu(ctx.index, vcpu.kicker()) {
+        Some(mut hooks) => drive(ctx, vcpu, &mut *hooks),
+        None => drive(ctx, vcpu, &mut NoHooks),
+    }
+}
+
+/// The hooks of a controller that needs none.
+struct NoHooks;
+
+impl VcpuIrq for NoHooks {
+    #[inline(always)]
+    fn before_run(&mut self, _: &mut dyn IrqInput) -> hypervisor::Result<()> {
+        Ok(())
+    }
+    #[inline(always)]
+    fn after_exit(&mut self, _: &mut dyn IrqInput) {}
+}
+
+fn drive<V: Vcpu + IrqInput, H: VcpuIrq + ?Sized>(
+    ctx: VcpuContext<'_>,
+    vcpu: &mut V,
+    hooks: &mut H,
+) -> Option<Result<ExitReason, Error>> {
     let mut stats = ExitStats::new();
     let mut outcome = None;
     while outcome.is_none() && !ctx.control.stopping() {
@@ -42,16 +63,14 @@ pub fn run_loop<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V) -> Option<Result<Ex
         if ctx.control.stopping() {
             break;
         }
-        outcome = serve_one(ctx, vcpu, &mut stats);
-        if let Irqchip::Emulated { gic, .. } = ctx.irqchip {
-            let level = vcpu.vtimer_asserted();
-            if level != timer_level {
-                timer_level = level;
-                stats.timer_changes += 1;
-                gic.set_ppi_level(ctx.index as usize, VTIMER_PPI, level);
-            }
+        if let Err(e) = hooks.before_run(vcpu) {
+            outcome = Some(Err(e.into()));
+            break;
         }
+        outcome = serve_one(ctx, vcpu, &mut stats);
+        hooks.after_exit(vcpu);
     }
+    stats.timer_changes = hooks.timer_changes();
     stats.log(ctx.index);
     ctx.control.record_exits(ctx.index, vcpu.recent_exits());
     outcome
@@ -102,11 +121,6 @@ impl ExitStats {
 fn serve_one<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V, stats: &mut ExitStats) -> Option<Result<ExitReason, Error>> {
     let index = ctx.index;
     let bus = ctx.bus;
-    if let Irqchip::Emulated { lines, .. } = ctx.irqchip {
-        if let Err(e) = lines.sync(index as usize, vcpu) {
-            return Some(Err(e.into()));
-        }
-    }
     let exit = match vcpu.run() {
         Ok(exit) => exit,
         Err(e) => return Some(Err(e.into())),
@@ -139,7 +153,9 @@ fn serve_one<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V, stats: &mut ExitStats)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::irqchip::{EmulatedGic, HypervisorGic};
     use devices::bus::MmioDeviceMut;
+    use devices::gic::VTIMER_PPI;
     use hypervisor::{Kicker, Reg};
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
@@ -200,18 +216,21 @@ mod tests {
         fn kicker(&self) -> Arc<dyn Kicker> {
             Arc::new(NoKick)
         }
+        fn set_reg(&mut self, _: Reg, _: u64) -> hypervisor::Result<()> {
+            Ok(())
+        }
+        fn get_reg(&mut self, _: Reg) -> hypervisor::Result<u64> {
+            Ok(0)
+        }
+    }
+
+    impl IrqInput for Scripted {
         fn vtimer_asserted(&mut self) -> bool {
             self.timer
         }
         fn set_irq_line(&mut self, level: bool) -> hypervisor::Result<()> {
             self.irq_levels.push(level);
             Ok(())
-        }
-        fn set_reg(&mut self, _: Reg, _: u64) -> hypervisor::Result<()> {
-            Ok(())
-        }
-        fn get_reg(&mut self, _: Reg) -> hypervisor::Result<u64> {
-            Ok(0)
         }
     }
 
@@ -230,19 +249,19 @@ mod tests {
 
     struct Machine {
         bus: MmioBus,
-        irqchip: Irqchip,
+        irqchip: Arc<dyn Irqchip>,
         control: Arc<Control>,
     }
 
     fn machine() -> Machine {
         let mut bus = MmioBus::new();
         bus.insert(0x1000, 0x100, Arc::new(Mutex::new(Register::default()))).unwrap();
-        Machine { bus, irqchip: Irqchip::emulated(1), control: Control::new() }
+        Machine { bus, irqchip: Arc::new(EmulatedGic::new(1)), control: Control::new() }
     }
 
     fn run_vcpu(m: &Machine, steps: Vec<Step>) -> (Option<Result<ExitReason, Error>>, Scripted) {
         let mut vcpu = Scripted { steps: steps.into(), ..Default::default() };
-        let ctx = VcpuContext { index: 0, bus: &m.bus, irqchip: &m.irqchip, control: &m.control };
+        let ctx = VcpuContext { index: 0, bus: &m.bus, irqchip: &*m.irqchip, control: &m.control };
         let result = run_loop(ctx, &mut vcpu);
         (result, vcpu)
     }
@@ -293,9 +312,9 @@ mod tests {
 
     #[test]
     fn timer_level_reaches_the_gic_as_ppi_27() {
-        let m = machine();
-        let Irqchip::Emulated { gic, .. } = &m.irqchip else { unreachable!() };
-        let (dist, cpu) = (gic.distributor(), gic.cpu_interface());
+        let chip = Arc::new(EmulatedGic::new(1));
+        let m = Machine { irqchip: chip.clone(), ..machine() };
+        let (dist, cpu) = (chip.gic().distributor(), chip.gic().cpu_interface());
         dist.write(0, 0x000, &1u32.to_le_bytes());
         dist.write(0, 0x100, &(1u32 << VTIMER_PPI).to_le_bytes());
         cpu.write(0, 0x00, &1u32.to_le_bytes());
@@ -317,7 +336,7 @@ mod tests {
         }
         let mut m = machine();
         let layout = arch_aarch64::layout::GicV3Layout { distributor: (0, 0), redistributors: (0, 0) };
-        m.irqchip = Irqchip::Hypervisor { spis: Arc::new(Sink), layout };
+        m.irqchip = Arc::new(HypervisorGic { spis: Arc::new(Sink), layout });
         let steps = vec![Step::Timer(true), Step::Timer(false), Step::System(SystemEvent::Shutdown)];
         let (result, vcpu) = run_vcpu(&m, steps);
         assert!(matches!(result, Some(Ok(ExitReason::PowerOff))));

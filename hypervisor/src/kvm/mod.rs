@@ -318,6 +318,19 @@ fn reg_id(reg: Reg) -> Result<u64> {
     one_reg_id(reg).ok_or_else(|| Error::Unsupported(format!("no KVM register id for {reg:?}")))
 }
 
+impl crate::IrqInput for KvmVcpu {
+    fn vtimer_asserted(&mut self) -> bool {
+        // SAFETY: with KVM_CAP_ARM_USER_IRQ, KVM keeps `s.regs` (kvm_sync_regs, one u64
+        // on arm64) valid in every kvm_run; reading a u64 from the union is always defined.
+        let level = unsafe { self.fd.get_kvm_run().s.regs.device_irq_level };
+        level & u64::from(kvm_bindings::KVM_ARM_DEV_EL1_VTIMER) != 0
+    }
+
+    fn set_irq_line(&mut self, level: bool) -> Result<()> {
+        self.vm.set_irq_line(self.irq_line, level).map_err(platform("KVM_IRQ_LINE"))
+    }
+}
+
 impl crate::Vcpu for KvmVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         // A kick that landed since the last run: consume it here, so the caller gets to
@@ -360,17 +373,6 @@ impl crate::Vcpu for KvmVcpu {
 
     fn kicker(&self) -> Arc<dyn Kicker> {
         self.kicker.clone()
-    }
-
-    fn vtimer_asserted(&mut self) -> bool {
-        // SAFETY: with KVM_CAP_ARM_USER_IRQ, KVM keeps `s.regs` (kvm_sync_regs, one u64
-        // on arm64) valid in every kvm_run; reading a u64 from the union is always defined.
-        let level = unsafe { self.fd.get_kvm_run().s.regs.device_irq_level };
-        level & u64::from(kvm_bindings::KVM_ARM_DEV_EL1_VTIMER) != 0
-    }
-
-    fn set_irq_line(&mut self, level: bool) -> Result<()> {
-        self.vm.set_irq_line(self.irq_line, level).map_err(platform("KVM_IRQ_LINE"))
     }
 
     fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()> {

@@ -35,7 +35,7 @@ pub use clock::VmClock;
 pub use power::{Power, Signal, WakingSpis, Woke};
 
 use crate::exits::{decide, Decision};
-use crate::{Kicker, Reg, Result, SystemEvent, Vcpu, VcpuExit};
+use crate::{IrqInput, Kicker, Reg, Result, SystemEvent, Vcpu, VcpuExit};
 
 /// Why the framework's run returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -679,6 +679,17 @@ impl<V: RawVcpu> RawLoop<V> {
     }
 }
 
+impl<V: RawVcpu> IrqInput for RawLoop<V> {
+    fn vtimer_asserted(&mut self) -> bool {
+        self.vtimer_level
+    }
+
+    fn set_irq_line(&mut self, level: bool) -> Result<()> {
+        self.irq_level = level;
+        Ok(())
+    }
+}
+
 impl<V: RawVcpu> Vcpu for RawLoop<V> {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         Ok(match self.step()? {
@@ -692,15 +703,6 @@ impl<V: RawVcpu> Vcpu for RawLoop<V> {
 
     fn kicker(&self) -> Arc<dyn Kicker> {
         self.kicker.clone()
-    }
-
-    fn vtimer_asserted(&mut self) -> bool {
-        self.vtimer_level
-    }
-
-    fn set_irq_line(&mut self, level: bool) -> Result<()> {
-        self.irq_level = level;
-        Ok(())
     }
 
     fn set_reg(&mut self, reg: Reg, value: u64) -> Result<()> {

@@ -4,28 +4,27 @@
 //! [`choose`] is the decision, portable and tested: what `--gic` asked for, how many
 //! vCPUs, and what the hypervisor offers. [`Irqchip`] is the result the machine is built
 //! around: the SPI lines devices drive, the device-tree node, and, for the emulated
-//! GIC, its MMIO windows and the vCPUs' IRQ inputs.
+//! GIC, its MMIO windows; [`VcpuIrq`] is what each vCPU's loop does for it around every
+//! run. [`EmulatedGic`] (hvrun's GICv2, `emulated.rs`) feeds the timer in and the IRQ
+//! line out on every vCPU; [`HypervisorGic`] (`hypervisor_gic.rs`) needs no hooks at
+//! all, so its vCPUs' loops have nothing to do per exit.
+
+mod emulated;
+mod hypervisor_gic;
+mod irq_lines;
 
 use std::sync::Arc;
 
-use arch_aarch64::layout::{
-    place_gicv3, GicPlacementError, GicV3Layout, GicV3Needs, GIC_CPU_BASE, GIC_DIST_BASE, SPI_BASE,
-};
+use arch_aarch64::layout::{place_gicv3, GicPlacementError, GicV3Layout, GicV3Needs};
 use devices::bus::MmioBus;
-use devices::gic::{Gic, NUM_SPIS};
+use devices::gic::NUM_SPIS;
 use devices::irq::IrqLine;
-use devices::warn_ratelimited;
-use hypervisor::SpiSink;
+use hypervisor::{IrqInput, Kicker};
 
+pub use self::emulated::EmulatedGic;
+pub use self::hypervisor_gic::HypervisorGic;
 use crate::config::{GicChoice, MAX_CPUS_GICV2};
-use crate::irq_lines::IrqLines;
 use crate::Error;
-
-/// Size of the GICv2 CPU interface window in the device tree: two 4 KiB pages, the
-/// second holding GICC_DIR.
-const GIC_CPU_WINDOW: u64 = 0x2000;
-/// Size of the GICv2 distributor window in the device tree.
-const GIC_DIST_WINDOW: u64 = 0x1000;
 
 /// Why the interrupt controller asked for cannot be had.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,86 +111,53 @@ pub fn choose(
     }
 }
 
-/// The machine's interrupt controller.
-#[derive(Debug)]
-pub enum Irqchip {
-    /// hvrun's GICv2, and the vCPUs' IRQ inputs it drives.
-    Emulated {
-        /// The GIC.
-        gic: Arc<Gic>,
-        /// Each vCPU's IRQ input, applied by the vCPU's own thread.
-        lines: Arc<IrqLines>,
-    },
-    /// The hypervisor's GICv3: it delivers everything; the VMM only drives SPIs.
-    Hypervisor {
-        /// The SPI inputs.
-        spis: Arc<dyn SpiSink>,
-        /// Where it sits.
-        layout: GicV3Layout,
-    },
-}
-
-impl Irqchip {
-    /// hvrun's GICv2 for `cpus` vCPUs.
-    pub fn emulated(cpus: u32) -> Self {
-        let lines = IrqLines::new(cpus as usize);
-        Irqchip::Emulated { gic: Gic::new(cpus as usize, lines.clone()), lines }
-    }
-
+/// The machine's interrupt controller, as the machine is built around it: the SPI lines
+/// devices drive, the device-tree node, its MMIO windows if it has any, and what each
+/// vCPU's loop must do around every run ([`VcpuIrq`]).
+pub trait Irqchip: Send + Sync + std::fmt::Debug {
     /// What to log.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Irqchip::Emulated { .. } => "hvrun's GICv2",
-            Irqchip::Hypervisor { .. } => "the hypervisor's GICv3",
-        }
-    }
-
+    fn name(&self) -> &'static str;
     /// The input line of SPI `spi` (INTID `32 + spi`), for a device.
-    pub fn spi_line(&self, spi: u32) -> Arc<dyn IrqLine> {
-        match self {
-            Irqchip::Emulated { gic, .. } => gic.spi_line(spi),
-            Irqchip::Hypervisor { spis, .. } => {
-                Arc::new(HypervisorSpi { spis: Arc::clone(spis), intid: SPI_BASE + spi })
-            }
-        }
-    }
-
-    /// Puts the emulated GIC's windows on the bus (the hypervisor's GIC needs none).
-    pub fn attach(&self, bus: &mut MmioBus) -> Result<(), Error> {
-        if let Irqchip::Emulated { gic, .. } = self {
-            bus.insert(GIC_DIST_BASE, GIC_DIST_WINDOW, gic.distributor())?;
-            bus.insert(GIC_CPU_BASE, GIC_CPU_WINDOW, gic.cpu_interface())?;
-        }
+    fn spi_line(&self, spi: u32) -> Arc<dyn IrqLine>;
+    /// Puts the controller's MMIO windows on the bus, if the VMM emulates them.
+    fn attach(&self, bus: &mut MmioBus) -> Result<(), Error> {
+        let _ = bus;
         Ok(())
     }
-
     /// The device-tree node.
-    pub fn fdt(&self) -> fdt::Gic {
-        let window = |(base, size)| fdt::MmioWindow { base, size };
-        match self {
-            Irqchip::Emulated { .. } => fdt::Gic::V2 {
-                distributor: window((GIC_DIST_BASE, GIC_DIST_WINDOW)),
-                cpu_interface: window((GIC_CPU_BASE, GIC_CPU_WINDOW)),
-            },
-            Irqchip::Hypervisor { layout, .. } => {
-                fdt::Gic::V3 { distributor: window(layout.distributor), redistributors: window(layout.redistributors) }
-            }
-        }
+    fn fdt(&self) -> fdt::Gic;
+    /// The GIC architecture version (2 or 3), and the base of the redistributors (0 for
+    /// a GICv2), for the self-test probe.
+    fn version(&self) -> (u64, u64);
+    /// The hooks vCPU `index`'s loop calls around every run, set up on that vCPU's
+    /// thread with its kicker; `None` when the hypervisor does it all.
+    fn vcpu(&self, index: u32, kicker: Arc<dyn Kicker>) -> Option<Box<dyn VcpuIrq + '_>>;
+    /// The controller's state for a report on a hung guest
+    /// ([`crate::VmBuilder::dump_state_after`]); `None` when it is the hypervisor's.
+    fn dump(&self) -> Option<String> {
+        None
     }
 }
 
-/// A device's line into the hypervisor's GIC.
-struct HypervisorSpi {
-    spis: Arc<dyn SpiSink>,
-    intid: u32,
+/// What one vCPU's loop does for the interrupt controller, on the vCPU's thread.
+pub trait VcpuIrq {
+    /// Before the vCPU enters the guest: what is pending for it goes in.
+    fn before_run(&mut self, vcpu: &mut dyn IrqInput) -> hypervisor::Result<()>;
+    /// After an exit: what the vCPU changed (its timer's level) goes to the controller.
+    fn after_exit(&mut self, vcpu: &mut dyn IrqInput);
+    /// How many times the timer's level changed, for the exit statistics.
+    fn timer_changes(&self) -> u64 {
+        0
+    }
 }
 
-impl IrqLine for HypervisorSpi {
-    fn set_level(&self, level: bool) {
-        if let Err(e) = self.spis.set_spi(self.intid, level) {
-            warn_ratelimited!("SPI {}: {e}", self.intid);
-        }
-    }
+/// The controller chosen for this machine: hvrun's GICv2 for `cpus` vCPUs, or the
+/// hypervisor's GICv3 at `layout` (created here, before any vCPU).
+pub fn build<V: hypervisor::Vm>(vm: &mut V, layout: Option<GicV3Layout>, cpus: u32) -> Result<Arc<dyn Irqchip>, Error> {
+    Ok(match layout {
+        Some(layout) => Arc::new(HypervisorGic { spis: vm.create_gicv3(&layout)?, layout }),
+        None => Arc::new(EmulatedGic::new(cpus)),
+    })
 }
 
 #[cfg(test)]
@@ -244,24 +210,5 @@ mod tests {
         }
         let v2 = choose(GicChoice::V2, 2, Some(kvm_like(2)), true).unwrap_err().to_string();
         assert!(v2.contains("--nested needs the hypervisor's GICv3: use --gic v3 or auto"), "{v2}");
-    }
-
-    #[test]
-    fn device_tree_nodes_follow_the_choice() {
-        assert!(matches!(Irqchip::emulated(2).fdt(), fdt::Gic::V2 { .. }));
-        #[derive(Debug)]
-        struct Sink;
-        impl SpiSink for Sink {
-            fn set_spi(&self, _: u32, _: bool) -> hypervisor::Result<()> {
-                Ok(())
-            }
-        }
-        let layout = place_gicv3(&kvm_like(2), 2, NUM_SPIS).unwrap();
-        let chip = Irqchip::Hypervisor { spis: Arc::new(Sink), layout };
-        let fdt::Gic::V3 { redistributors, .. } = chip.fdt() else { panic!("not a GICv3") };
-        assert_eq!((redistributors.base, redistributors.size), layout.redistributors);
-        let mut bus = MmioBus::new();
-        chip.attach(&mut bus).unwrap();
-        assert!(bus.read(0, GIC_DIST_BASE, &mut [0u8; 4]).is_err(), "no emulated windows on the bus");
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! The GIC may change a vCPU's line from any thread: another vCPU sending an IPI, the
 //! console thread raising the UART's SPI. Setting the line directly from there is racy on
-//! KVM and impossible on HVF (see [`hypervisor::Vcpu::set_irq_line`]), so [`IrqLines`]
+//! KVM and impossible on HVF (see [`hypervisor::IrqInput::set_irq_line`]), so [`IrqLines`]
 //! records the level, marks it dirty and kicks the vCPU; the vCPU loop calls
 //! [`IrqLines::sync`] before every run. A change made by the vCPU's own thread (its timer,
 //! its own EOI) needs no kick: the loop syncs before it re-enters the guest.
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use devices::gic::CpuIrqSink;
-use hypervisor::{Kicker, Vcpu};
+use hypervisor::{IrqInput, Kicker};
 
 thread_local! {
     /// The index of the vCPU living on this thread (`usize::MAX` on other threads).
@@ -55,7 +55,7 @@ impl IrqLines {
 
     /// Applies the level to `vcpu` (index `index`) if it changed since the last call;
     /// call on its thread before it runs.
-    pub fn sync<V: Vcpu>(&self, index: usize, vcpu: &mut V) -> hypervisor::Result<()> {
+    pub fn sync(&self, index: usize, vcpu: &mut dyn IrqInput) -> hypervisor::Result<()> {
         let Some(line) = self.lines.get(index) else { return Ok(()) };
         if line.dirty.swap(false, Ordering::SeqCst) {
             vcpu.set_irq_line(line.level.load(Ordering::SeqCst))?;
