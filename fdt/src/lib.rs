@@ -78,6 +78,10 @@ pub struct Machine {
     pub rtc: Option<Device>,
     /// virtio-mmio devices, each with its window and SPI.
     pub virtio: Vec<Device>,
+    /// The virtio-mmio devices' SPIs are rising-edge triggered (IRQ_TYPE_EDGE_RISING)
+    /// rather than level-high: when the VMM raises them through the hypervisor's edge
+    /// triggers (KVM's irqfd), which pulse the line.
+    pub virtio_edge: bool,
     /// Bytes for `/chosen/rng-seed` (the kernel's entropy at boot); none when empty.
     pub rng_seed: Vec<u8>,
     /// `/chosen/kaslr-seed`, when non-zero.
@@ -95,6 +99,8 @@ const GIC_SPI: u32 = 0;
 const GIC_PPI: u32 = 1;
 /// Level-triggered, active high (IRQ_TYPE_LEVEL_HIGH).
 const IRQ_LEVEL_HIGH: u32 = 4;
+/// Edge-triggered, rising (IRQ_TYPE_EDGE_RISING).
+const IRQ_EDGE_RISING: u32 = 1;
 /// The architected timer's PPIs in the binding's order: secure physical, non-secure
 /// physical, virtual, hypervisor (INTIDs 29, 30, 27, 26). The optional fifth, EL2's
 /// virtual timer, is left out: Hypervisor.framework's GIC has none (`hv_gic_intid_t`),
@@ -207,7 +213,8 @@ pub fn build(machine: &Machine) -> Result<Vec<u8>, FdtError> {
         fdt.property_string("compatible", "virtio,mmio")?;
         fdt.property_array_u64("reg", &[dev.window.base, dev.window.size])?;
         if let (Some(spi), true) = (dev.spi, machine.gic.is_some()) {
-            fdt.property_array_u32("interrupts", &[GIC_SPI, spi, IRQ_LEVEL_HIGH])?;
+            let trigger = if machine.virtio_edge { IRQ_EDGE_RISING } else { IRQ_LEVEL_HIGH };
+            fdt.property_array_u32("interrupts", &[GIC_SPI, spi, trigger])?;
         }
         fdt.property_null("dma-coherent")?;
         fdt.end_node(node)?;
@@ -273,6 +280,7 @@ mod tests {
             uart: Some(Device { window: MmioWindow { base: 0x0900_0000, size: 0x1000 }, spi: Some(1) }),
             rtc: Some(Device { window: MmioWindow { base: 0x0901_0000, size: 0x1000 }, spi: None }),
             virtio: vec![Device { window: MmioWindow { base: 0x0a00_0000, size: 0x200 }, spi: Some(16) }],
+            virtio_edge: false,
             rng_seed: vec![0xab; 32],
             kaslr_seed: 0x1234_5678_9abc_def0,
             el2: false,
@@ -345,6 +353,14 @@ mod tests {
             assert!(dts.contains(needle), "missing `{needle}` in:\n{dts}");
         }
         assert!(!dts.contains("cortex-a15-gic"));
+    }
+
+    #[test]
+    fn virtio_interrupts_are_rising_edges_when_asked_and_the_uart_stays_level() {
+        let edge = Machine { virtio_edge: true, ..machine() };
+        let dts = decompile(&build(&edge).unwrap());
+        assert!(dts.contains("virtio_mmio@a000000 {\n\t\tcompatible = \"virtio,mmio\";\n\t\treg = <0x00 0xa000000 0x00 0x200>;\n\t\tinterrupts = <0x00 0x10 0x01>;"), "{dts}");
+        assert!(dts.contains("interrupts = <0x00 0x01 0x04>;"), "the PL011's SPI is level-high: {dts}");
     }
 
     #[test]

@@ -107,6 +107,7 @@ fn device_tree(m: Machine) {
         uart: m.uart.then(|| fdt::Device { window: window(m.windows[0]), spi: Some(1) }),
         rtc: None,
         virtio: m.virtio.iter().take(64).map(|&(b, s, spi)| fdt::Device { window: window((b, s)), spi }).collect(),
+        virtio_edge: m.el2 && m.kaslr_seed & 1 == 1,
         rng_seed: m.rng_seed,
         kaslr_seed: m.kaslr_seed,
         el2: m.el2,

@@ -54,6 +54,17 @@ pub const fn spi_irq_line(intid: u32) -> Option<u32> {
     Some((IRQ_TYPE_SPI << IRQ_TYPE_SHIFT) | intid)
 }
 
+/// The GSI that KVM's default routing on arm64 gives SPI `intid` of a vGIC created with
+/// `nr_irqs` INTIDs, for `KVM_IRQFD`: GSI `n` is the vGIC's pin `n`, which is INTID
+/// `32 + n` (`kvm_vgic_setup_default_irq_routing` and `vgic_irqfd_set_irq` in
+/// arch/arm64/kvm/vgic/vgic-irqfd.c). `None` outside the vGIC's SPIs.
+pub const fn irqfd_gsi(intid: u32, nr_irqs: u32) -> Option<u32> {
+    if intid < 32 || intid >= nr_irqs {
+        return None;
+    }
+    Some(intid - 32)
+}
+
 /// The `KVM_IRQ_LINE` number of vCPU `vcpu`'s IRQ input (for a VM without an in-kernel
 /// interrupt controller): type CPU, the vCPU index split over VCPU (bits 23:16) and VCPU2
 /// (bits 31:28), line IRQ. `None` past the 4096 vCPUs the encoding reaches.
@@ -87,6 +98,15 @@ mod tests {
         assert_eq!(spi_irq_line(1019), Some(0x0100_03fb));
         assert_eq!(spi_irq_line(31), None);
         assert_eq!(spi_irq_line(1020), None);
+    }
+
+    #[test]
+    fn irqfd_gsis_are_spi_pins() {
+        assert_eq!(irqfd_gsi(32, 128), Some(0));
+        assert_eq!(irqfd_gsi(48, 128), Some(16));
+        assert_eq!(irqfd_gsi(127, 128), Some(95));
+        assert_eq!(irqfd_gsi(128, 128), None, "past the vGIC's SPIs");
+        assert_eq!(irqfd_gsi(27, 128), None, "a PPI has no GSI");
     }
     use arch_aarch64::sysreg::MPIDR_EL1;
 

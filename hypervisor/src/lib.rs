@@ -99,6 +99,25 @@ pub trait Hypervisor {
 pub trait SpiSink: Send + Sync + std::fmt::Debug {
     /// Sets the level of SPI `intid` (an absolute INTID, 32 and up).
     fn set_spi(&self, intid: u32, level: bool) -> Result<()>;
+    /// Whether [`SpiSink::edge_trigger`] gives triggers on this hypervisor (KVM with
+    /// irqfd). Asked before the device tree is written: SPIs raised through triggers
+    /// must be described as edge-triggered there.
+    fn has_edge_triggers(&self) -> bool {
+        false
+    }
+    /// A trigger that raises SPI `intid` as a rising edge from any thread, straight into
+    /// the hypervisor's GIC: KVM's irqfd, an eventfd the kernel watches and injects from,
+    /// with no ioctl and no lock of the VMM's. For SPIs the guest has configured
+    /// edge-triggered.
+    fn edge_trigger(&self, intid: u32) -> Result<Box<dyn EdgeTrigger>> {
+        Err(Error::Unsupported(format!("SPI {intid}: this hypervisor has no edge triggers")))
+    }
+}
+
+/// Raises one SPI as an edge ([`SpiSink::edge_trigger`]).
+pub trait EdgeTrigger: Send + Sync + std::fmt::Debug {
+    /// One rising edge: the SPI becomes pending.
+    fn trigger(&self) -> Result<()>;
 }
 
 /// The guest's sense of time across a pause: while the VM is paused its virtual counter

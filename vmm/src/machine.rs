@@ -97,7 +97,7 @@ where
     let mut vm = hv.create_vm(&vm_config)?;
     let layout = irqchip::choose(config.gic, config.cpus, vm.gicv3_needs(), config.nested)?;
     let irqchip = irqchip::build(&mut vm, layout, config.cpus)?;
-    let (memory, regs) = load(config, files, &slots, irqchip.fdt())?;
+    let (memory, regs) = load(config, files, &slots, irqchip.fdt(), irqchip.virtio_edge())?;
     vm.map_memory(&memory)?;
     if let Some(clock) = vm.clock() {
         control.set_clock(clock);
@@ -129,7 +129,7 @@ where
     }
     for (slot, device) in slots.iter().zip(virtio) {
         let kind = device.device_type();
-        let interrupt = Interrupt::new(irqchip.spi_line(slot.spi));
+        let interrupt = Interrupt::new(irqchip.virtio_line(slot.spi));
         let transport = MmioTransport::new(device, memory.clone(), interrupt)
             .map_err(|source| Error::Virtio { device: kind, source })?;
         bus.insert(slot.base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
@@ -336,6 +336,7 @@ fn load(
     files: BootFiles,
     virtio_slots: &[Slot],
     gic: fdt::Gic,
+    virtio_edge: bool,
 ) -> Result<(Arc<GuestRam>, BootRegs), Error> {
     let BootFiles { mut kernel, kernel_size, header, initrd, .. } = files;
     let initrd_size = initrd.as_ref().map(|(_, size)| *size);
@@ -372,6 +373,7 @@ fn load(
             .iter()
             .map(|slot| fdt::Device { window: window(slot.base, VIRTIO_MMIO_SIZE), spi: Some(slot.spi) })
             .collect(),
+        virtio_edge,
         rng_seed: seed.get(8..).map(<[u8]>::to_vec).unwrap_or_default(),
         kaslr_seed,
         el2: config.nested,
@@ -403,6 +405,7 @@ mod tests {
             BootFiles::open(&config).unwrap(),
             &crate::slots::assign(1).unwrap(),
             irqchip::EmulatedGic::new(1).fdt(),
+            false,
         )
         .unwrap();
         assert_eq!(memory.num_regions(), 1);
@@ -436,7 +439,7 @@ mod tests {
             fdt::Gic::V3 { distributor: window(0x0800_0000, 0x1_0000), redistributors: window(0x080a_0000, 0x2_0000) };
         let blob = |nested| {
             let config = VmConfig { memory: 64 << 20, nested, ..VmConfig::new(&kernel) };
-            let (memory, regs) = load(&config, BootFiles::open(&config).unwrap(), &[], gic).unwrap();
+            let (memory, regs) = load(&config, BootFiles::open(&config).unwrap(), &[], gic, true).unwrap();
             let mut blob = vec![0u8; FDT_MAX_SIZE as usize];
             memory.read_slice(&mut blob, GuestAddress(regs.x0)).unwrap();
             (regs.pstate, blob)
@@ -472,8 +475,8 @@ mod tests {
         image[56..60].copy_from_slice(b"ARMd");
         let kernel = temp("Huge", &image);
         let config = VmConfig { memory: 64 << 20, ..VmConfig::new(&kernel) };
-        let err =
-            load(&config, BootFiles::open(&config).unwrap(), &[], irqchip::EmulatedGic::new(1).fdt()).unwrap_err();
+        let err = load(&config, BootFiles::open(&config).unwrap(), &[], irqchip::EmulatedGic::new(1).fdt(), false)
+            .unwrap_err();
         assert!(err.to_string().contains("does not fit in guest RAM"), "{err}");
         std::fs::remove_file(kernel).unwrap();
     }

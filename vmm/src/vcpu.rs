@@ -336,7 +336,7 @@ mod tests {
         }
         let mut m = machine();
         let layout = arch_aarch64::layout::GicV3Layout { distributor: (0, 0), redistributors: (0, 0) };
-        m.irqchip = Arc::new(HypervisorGic { spis: Arc::new(Sink), layout });
+        m.irqchip = Arc::new(HypervisorGic::new(Arc::new(Sink), layout));
         let steps = vec![Step::Timer(true), Step::Timer(false), Step::System(SystemEvent::Shutdown)];
         let (result, vcpu) = run_vcpu(&m, steps);
         assert!(matches!(result, Some(Ok(ExitReason::PowerOff))));

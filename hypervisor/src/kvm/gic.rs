@@ -1,5 +1,5 @@
-//! KVM's in-kernel GICv3 (vGICv3): probing, creation, SPI lines and the final
-//! initialisation once every vCPU exists.
+//! KVM's in-kernel GICv3 (vGICv3): probing, creation, SPI lines (and irqfd edges) and
+//! the final initialisation once every vCPU exists.
 
 use std::sync::Arc;
 
@@ -8,11 +8,12 @@ use kvm_bindings::{
     KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
     KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
-use kvm_ioctls::{DeviceFd, VmFd};
+use kvm_ioctls::{Cap, DeviceFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::platform;
-use crate::kvm_regs::spi_irq_line;
-use crate::{Error, GicV3Layout, GicV3Needs, Result, SpiSink};
+use crate::kvm_regs::{irqfd_gsi, spi_irq_line};
+use crate::{EdgeTrigger, Error, GicV3Layout, GicV3Needs, Result, SpiSink};
 
 /// INTIDs the vGIC is created with: the 32 private ones and 96 SPIs (KVM wants a
 /// multiple of 32).
@@ -68,13 +69,64 @@ pub fn init(gic: &DeviceFd) -> Result<()> {
     set_attr(gic, "vGICv3 init", KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT.into(), 0)
 }
 
-/// SPI lines of the vGIC, through `KVM_IRQ_LINE` (a VM ioctl, fine from any thread).
+/// SPI lines of the vGIC, through `KVM_IRQ_LINE` (a VM ioctl, fine from any thread),
+/// and edges through irqfds where KVM has them.
 #[derive(Debug)]
-pub struct Spis(pub Arc<VmFd>);
+pub struct Spis {
+    vm: Arc<VmFd>,
+    irqfd: bool,
+}
+
+impl Spis {
+    /// The SPIs of `vm`'s vGIC.
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        let irqfd = vm.check_extension(Cap::Irqfd);
+        Spis { vm, irqfd }
+    }
+}
 
 impl SpiSink for Spis {
     fn set_spi(&self, intid: u32, level: bool) -> Result<()> {
         let line = spi_irq_line(intid).ok_or_else(|| Error::Unsupported(format!("INTID {intid} is not an SPI")))?;
-        self.0.set_irq_line(line, level).map_err(platform("KVM_IRQ_LINE (SPI)"))
+        self.vm.set_irq_line(line, level).map_err(platform("KVM_IRQ_LINE (SPI)"))
+    }
+
+    fn has_edge_triggers(&self) -> bool {
+        self.irqfd
+    }
+
+    fn edge_trigger(&self, intid: u32) -> Result<Box<dyn EdgeTrigger>> {
+        let gsi = irqfd_gsi(intid, NR_IRQS)
+            .ok_or_else(|| Error::Unsupported(format!("INTID {intid} is not one of the vGIC's SPIs")))?;
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Platform { call: "eventfd (irqfd)", source })?;
+        self.vm.register_irqfd(&fd, gsi).map_err(platform("KVM_IRQFD"))?;
+        Ok(Box::new(Irqfd { fd, vm: Arc::clone(&self.vm), gsi }))
+    }
+}
+
+/// An irqfd: writing to the eventfd makes KVM pulse the SPI (line up, then down: an
+/// edge for an edge-triggered SPI).
+#[derive(Debug)]
+struct Irqfd {
+    fd: EventFd,
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl EdgeTrigger for Irqfd {
+    fn trigger(&self) -> Result<()> {
+        match self.fd.write(1) {
+            // The counter is full (2^64 - 2 edges not yet taken by KVM): one more adds nothing.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            other => other.map_err(|source| Error::Platform { call: "irqfd write", source }),
+        }
+    }
+}
+
+impl Drop for Irqfd {
+    fn drop(&mut self) {
+        if let Err(e) = self.vm.unregister_irqfd(&self.fd, self.gsi) {
+            log::debug!("KVM_IRQFD deassign of GSI {}: {e}", self.gsi);
+        }
     }
 }

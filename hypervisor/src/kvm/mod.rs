@@ -196,7 +196,7 @@ impl crate::Vm for KvmVm {
             return Err(Error::Unsupported("the VM already has a GICv3".into()));
         }
         self.gic = Some(gic::create(&self.vm, layout)?);
-        Ok(Arc::new(gic::Spis(Arc::clone(&self.vm))))
+        Ok(Arc::new(gic::Spis::new(Arc::clone(&self.vm))))
     }
 
     /// Creates vCPU `index` once vCPUs `0..index` exist (waiting for their threads, at

@@ -7,17 +7,26 @@ use std::sync::Arc;
 use arch_aarch64::layout::{GicV3Layout, SPI_BASE};
 use devices::irq::IrqLine;
 use devices::warn_ratelimited;
-use hypervisor::{Kicker, SpiSink};
+use hypervisor::{EdgeTrigger, Kicker, SpiSink};
 
 use super::{Irqchip, VcpuIrq};
 
 /// The hypervisor's GICv3.
 #[derive(Debug)]
 pub struct HypervisorGic {
-    /// The SPI inputs.
-    pub spis: Arc<dyn SpiSink>,
-    /// Where it sits.
-    pub layout: GicV3Layout,
+    spis: Arc<dyn SpiSink>,
+    layout: GicV3Layout,
+    /// The virtio transports' SPIs are raised as edges through the hypervisor's own
+    /// triggers (KVM's irqfd): an interrupt costs one write to an eventfd, and no ioctl.
+    edges: bool,
+}
+
+impl HypervisorGic {
+    /// The GICv3 at `layout`, driven through `spis`.
+    pub fn new(spis: Arc<dyn SpiSink>, layout: GicV3Layout) -> Self {
+        let edges = spis.has_edge_triggers();
+        HypervisorGic { spis, layout, edges }
+    }
 }
 
 impl Irqchip for HypervisorGic {
@@ -27,6 +36,25 @@ impl Irqchip for HypervisorGic {
 
     fn spi_line(&self, spi: u32) -> Arc<dyn IrqLine> {
         Arc::new(HypervisorSpi { spis: Arc::clone(&self.spis), intid: SPI_BASE + spi })
+    }
+
+    fn virtio_line(&self, spi: u32) -> Arc<dyn IrqLine> {
+        if !self.edges {
+            return self.spi_line(spi);
+        }
+        match self.spis.edge_trigger(SPI_BASE + spi) {
+            Ok(trigger) => Arc::new(EdgeSpi { trigger, intid: SPI_BASE + spi }),
+            Err(e) => {
+                // The device tree says edge: a level line raised and lowered is a rising
+                // edge per interrupt too, only through the slower ioctl.
+                log::warn!("SPI {}: no edge trigger ({e}); raising it through its level", SPI_BASE + spi);
+                self.spi_line(spi)
+            }
+        }
+    }
+
+    fn virtio_edge(&self) -> bool {
+        self.edges
     }
 
     fn fdt(&self) -> fdt::Gic {
@@ -60,6 +88,23 @@ impl IrqLine for HypervisorSpi {
     }
 }
 
+/// A device's line raised as edges: each rise is one trigger; a fall is nothing (the
+/// SPI is edge-triggered, so the GIC latched the rise).
+struct EdgeSpi {
+    trigger: Box<dyn EdgeTrigger>,
+    intid: u32,
+}
+
+impl IrqLine for EdgeSpi {
+    fn set_level(&self, level: bool) {
+        if level {
+            if let Err(e) = self.trigger.trigger() {
+                warn_ratelimited!("SPI {}: {e}", self.intid);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,7 +128,7 @@ mod tests {
     fn a_v3_node_no_windows_and_spis_by_absolute_intid() {
         let layout = place_gicv3(&GicV3Needs::standard(2, (32, 96)), 2, NUM_SPIS).unwrap();
         let sink = Arc::new(Sink::default());
-        let chip = HypervisorGic { spis: sink.clone(), layout };
+        let chip = HypervisorGic::new(sink.clone(), layout);
         let fdt::Gic::V3 { redistributors, .. } = chip.fdt() else { panic!("not a GICv3") };
         assert_eq!((redistributors.base, redistributors.size), layout.redistributors);
         assert_eq!(chip.version(), (3, layout.redistributors.0));
@@ -93,5 +138,61 @@ mod tests {
         chip.spi_line(5).set_level(true);
         assert_eq!(*sink.0.lock().unwrap(), vec![(37, true)]);
         assert!(chip.dump().is_none());
+        // Without edge triggers a virtio line is the level line.
+        assert!(!chip.virtio_edge());
+        chip.virtio_line(6).set_level(false);
+        assert_eq!(sink.0.lock().unwrap()[1], (38, false));
+    }
+
+    /// A sink with edge triggers that count, and one SPI whose trigger cannot be had.
+    #[derive(Debug, Default)]
+    struct EdgeSink {
+        levels: Mutex<Vec<(u32, bool)>>,
+        edges: Arc<Mutex<Vec<u32>>>,
+    }
+    #[derive(Debug)]
+    struct Counted(Arc<Mutex<Vec<u32>>>, u32);
+    impl EdgeTrigger for Counted {
+        fn trigger(&self) -> hypervisor::Result<()> {
+            self.0.lock().unwrap().push(self.1);
+            Ok(())
+        }
+    }
+    impl SpiSink for EdgeSink {
+        fn set_spi(&self, intid: u32, level: bool) -> hypervisor::Result<()> {
+            self.levels.lock().unwrap().push((intid, level));
+            Ok(())
+        }
+        fn has_edge_triggers(&self) -> bool {
+            true
+        }
+        fn edge_trigger(&self, intid: u32) -> hypervisor::Result<Box<dyn EdgeTrigger>> {
+            if intid == 40 {
+                return Err(hypervisor::Error::Unsupported("no more eventfds".into()));
+            }
+            Ok(Box::new(Counted(Arc::clone(&self.edges), intid)))
+        }
+    }
+
+    #[test]
+    fn with_edge_triggers_virtio_lines_pulse_on_each_rise_and_fall_back_to_levels() {
+        let layout = place_gicv3(&GicV3Needs::standard(1, (32, 96)), 1, NUM_SPIS).unwrap();
+        let sink = Arc::new(EdgeSink::default());
+        let chip = HypervisorGic::new(sink.clone(), layout);
+        assert!(chip.virtio_edge(), "the device tree must say edge");
+        let line = chip.virtio_line(4);
+        for level in [true, false, true, true, false] {
+            line.set_level(level);
+        }
+        assert_eq!(*sink.edges.lock().unwrap(), vec![36, 36, 36], "one edge per rise, none per fall");
+        assert!(sink.levels.lock().unwrap().is_empty(), "no ioctl on the edge path");
+        // A trigger that cannot be had: the level line, whose rise is an edge too.
+        let fallback = chip.virtio_line(8);
+        fallback.set_level(true);
+        fallback.set_level(false);
+        assert_eq!(*sink.levels.lock().unwrap(), vec![(40, true), (40, false)]);
+        // The UART's line stays a level line.
+        chip.spi_line(1).set_level(true);
+        assert_eq!(sink.levels.lock().unwrap()[2], (33, true));
     }
 }

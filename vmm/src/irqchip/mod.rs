@@ -119,6 +119,17 @@ pub trait Irqchip: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     /// The input line of SPI `spi` (INTID `32 + spi`), for a device.
     fn spi_line(&self, spi: u32) -> Arc<dyn IrqLine>;
+    /// The line of a virtio transport's SPI `spi`: a rising edge per interrupt where the
+    /// controller raises edges without the VMM's help ([`Irqchip::virtio_edge`]), else
+    /// the level line of [`Irqchip::spi_line`].
+    fn virtio_line(&self, spi: u32) -> Arc<dyn IrqLine> {
+        self.spi_line(spi)
+    }
+    /// Whether [`Irqchip::virtio_line`] gives edges, so the device tree must describe the
+    /// virtio SPIs as edge-triggered.
+    fn virtio_edge(&self) -> bool {
+        false
+    }
     /// Puts the controller's MMIO windows on the bus, if the VMM emulates them.
     fn attach(&self, bus: &mut MmioBus) -> Result<(), Error> {
         let _ = bus;
@@ -155,7 +166,7 @@ pub trait VcpuIrq {
 /// hypervisor's GICv3 at `layout` (created here, before any vCPU).
 pub fn build<V: hypervisor::Vm>(vm: &mut V, layout: Option<GicV3Layout>, cpus: u32) -> Result<Arc<dyn Irqchip>, Error> {
     Ok(match layout {
-        Some(layout) => Arc::new(HypervisorGic { spis: vm.create_gicv3(&layout)?, layout }),
+        Some(layout) => Arc::new(HypervisorGic::new(vm.create_gicv3(&layout)?, layout)),
         None => Arc::new(EmulatedGic::new(cpus)),
     })
 }
