@@ -158,6 +158,17 @@ pub trait Vm: Send + Sync {
     /// start powered off, waiting for PSCI CPU_ON.
     fn create_vcpu(&self, index: u32) -> Result<Self::Vcpu>;
 
+    /// A file descriptor the hypervisor makes readable, instead of exiting to the VMM,
+    /// whenever the guest writes the 4-byte value `value` at guest-physical `addr`
+    /// (KVM's ioeventfd: the vCPU goes on running). Reading it (8 bytes, non-blocking)
+    /// takes the writes that came since the last read. `None` where the hypervisor has no
+    /// such thing (Hypervisor.framework): such writes stay MMIO exits. The registration
+    /// lasts as long as the VM.
+    fn write_notifier(&self, addr: u64, value: u32) -> Result<Option<std::os::fd::OwnedFd>> {
+        let _ = (addr, value);
+        Ok(None)
+    }
+
     /// The guest's clock, where the VMM stops it during a pause; `None` where the
     /// hypervisor does not let it (KVM before Linux 6.4's counter offset: the guest's
     /// counter runs on while paused).

@@ -3,8 +3,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use hypervisor::{GuestClock, Kicker};
 
@@ -38,12 +38,14 @@ pub struct Control {
     /// Mirrors `pause.requested`, so the vCPU loop checks a pause without a lock.
     pausing: AtomicBool,
     outcome: Mutex<Option<Result<ExitReason, Error>>>,
+    /// When the first outcome came (for the stop timeline).
+    stopped_at: OnceLock<Instant>,
     kickers: Mutex<Vec<Arc<dyn Kicker>>>,
     pause: Mutex<Pause>,
     pause_changed: Condvar,
     events: Mutex<Option<Sender<Event>>>,
     /// When the guest was asked to shut itself down ([`Control::ask_guest_to_stop`]).
-    asked_to_stop: Mutex<Option<std::time::Instant>>,
+    asked_to_stop: Mutex<Option<Instant>>,
     /// The guest's clock, stopped while the VM is paused, where the hypervisor allows.
     clock: Mutex<Option<Arc<dyn GuestClock>>>,
     /// Each vCPU's last exits when its loop ended (where the backend keeps them).
@@ -91,6 +93,7 @@ impl Control {
             let mut slot = lock(&self.outcome);
             if slot.is_none() {
                 *slot = Some(outcome);
+                let _ = self.stopped_at.set(Instant::now());
             } else if let Err(e) = outcome {
                 log::debug!("also while stopping: {e}");
             }
@@ -122,7 +125,7 @@ impl Control {
     pub fn ask_guest_to_stop(&self) -> bool {
         let mut asked = lock(&self.asked_to_stop);
         if asked.is_none() {
-            *asked = Some(std::time::Instant::now());
+            *asked = Some(Instant::now());
         }
         drop(asked);
         let heard = match lock(&self.power_button).as_ref() {
@@ -135,7 +138,7 @@ impl Control {
 
     /// When the guest was first asked to shut down, if it was.
     #[cfg_attr(not(target_os = "macos"), allow(dead_code))] // Virtualization.framework's watchers
-    pub fn asked_to_stop(&self) -> Option<std::time::Instant> {
+    pub fn asked_to_stop(&self) -> Option<Instant> {
         *lock(&self.asked_to_stop)
     }
 
@@ -250,6 +253,11 @@ impl Control {
         pause.parked -= 1;
     }
 
+    /// When the machine was first stopped.
+    pub fn stopped_at(&self) -> Option<Instant> {
+        self.stopped_at.get().copied()
+    }
+
     /// The outcome the machine stopped with (once).
     pub fn take_outcome(&self) -> Option<Result<ExitReason, Error>> {
         lock(&self.outcome).take()
@@ -355,9 +363,9 @@ mod tests {
                 control.pause(Duration::from_secs(10)).unwrap();
                 let before = entries.load(Ordering::SeqCst);
                 control.resume();
-                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + Duration::from_secs(10);
                 while entries.load(Ordering::SeqCst) < before + 2 {
-                    assert!(std::time::Instant::now() < deadline, "the vCPU did not run again");
+                    assert!(Instant::now() < deadline, "the vCPU did not run again");
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }

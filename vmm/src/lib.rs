@@ -34,6 +34,8 @@ mod slots;
 #[cfg(test)]
 mod testing;
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+mod timeline;
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 mod vcpu;
 pub mod vz;
 

@@ -31,6 +31,7 @@ use crate::control::Control;
 use crate::embed::Io;
 use crate::irqchip::{self, Irqchip};
 use crate::slots::Slot;
+use crate::timeline::Timeline;
 use crate::vcpu::{self, VcpuContext};
 use crate::{Error, Event, ExitReason, VmConfig};
 
@@ -44,13 +45,15 @@ pub type Ready = Box<dyn FnOnce() -> Result<ExitReason, Error> + Send>;
 /// consoles and `control` for stopping, pausing and events. Returns the run, which
 /// creates the vCPUs (one thread each) and returns when the machine stops.
 pub fn build(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, Error> {
-    let started = Instant::now();
+    let mut timeline = Timeline::new(Instant::now());
     let files = BootFiles::open_with(config, &io.images)?;
+    timeline.mark("files");
     #[cfg(target_os = "linux")]
     let hv = hypervisor::kvm::Kvm::new()?;
     #[cfg(target_os = "macos")]
     let hv = hypervisor::hvf::Hvf::new()?;
-    build_on(&hv, config, files, io, control, started)
+    timeline.mark("hypervisor");
+    build_on(&hv, config, files, io, control, timeline)
 }
 
 fn build_on<H: Hypervisor>(
@@ -59,7 +62,7 @@ fn build_on<H: Hypervisor>(
     files: BootFiles,
     io: Io,
     control: Arc<Control>,
-    started: Instant,
+    mut timeline: Timeline,
 ) -> Result<Ready, Error>
 where
     H::Vm: 'static,
@@ -90,15 +93,19 @@ where
     let (button_device, button) = PowerButtonDevice::new();
     control.set_power_button(Box::new(move || button.press()));
     let extras = Extras { disks, devices: extra_devices, power_button: button_device };
+    timeline.mark("backends");
     let (virtio, files) = virtio_devices(config, files, extras, nets, console.backend.take())?;
+    timeline.mark("devices");
     let slots = crate::slots::assign(virtio.len())?;
     let vm_config =
         hypervisor::VmConfig { ipa_bits: ipa_bits_for(config.memory), vcpus: config.cpus, nested: config.nested };
     let mut vm = hv.create_vm(&vm_config)?;
     let layout = irqchip::choose(config.gic, config.cpus, vm.gicv3_needs(), config.nested)?;
     let irqchip = irqchip::build(&mut vm, layout, config.cpus)?;
-    let (memory, regs) = load(config, files, &slots, irqchip.fdt(), irqchip.virtio_edge())?;
+    timeline.mark("vm");
+    let (memory, regs) = load(config, files, &slots, (irqchip.fdt(), irqchip.virtio_edge()), &mut timeline)?;
     vm.map_memory(&memory)?;
+    timeline.mark("map");
     if let Some(clock) = vm.clock() {
         control.set_clock(clock);
     }
@@ -114,6 +121,7 @@ where
     bus.insert(RTC_BASE, RTC_SIZE, Arc::new(Mutex::new(Pl031::new())))?;
     let entry = first_entry.clone();
     let events = Arc::clone(&control);
+    let started = timeline.start();
     let timer = BootTimer::new(Box::new(move |at: Instant| {
         let since_entry = entry.get().map(|e: &Instant| at.duration_since(*e));
         let since_start = at.duration_since(started);
@@ -164,27 +172,42 @@ where
         spawn_state_dump(after, Arc::clone(&irqchip));
     }
     let cpus = config.cpus;
+    timeline.mark("bus");
     Ok(Box::new(move || {
         // Kept until the machine stops: the terminal's mode, the console socket's file.
         let _keep = (terminal, console.socket);
-        run_vcpus(&vm, cpus, regs, &bus, &*irqchip, &control, &first_entry);
+        timeline.mark("waiting to run");
+        let vcpus = Vcpus { cpus, regs, first_entry: &first_entry, timeline: &timeline };
+        run_vcpus(&vm, vcpus, &bus, &*irqchip, &control);
+        // How the machine comes down, from the first stop (the guest's power-off).
+        let mut down = Timeline::new(control.stopped_at().unwrap_or_else(Instant::now));
+        down.mark("vcpus out");
         // The guest's last words reach the host before the caller goes on (or exits).
         devices::bus::lock(&uart).flush_output(SERIAL_FLUSH);
+        down.mark("serial flushed");
+        drop(bus);
+        down.mark("devices stopped");
+        drop(vm);
+        down.mark("vm closed");
+        log::info!("stop timeline: {}", down.summary());
         control.take_outcome().unwrap_or(Ok(ExitReason::Stopped))
     }))
 }
 
-/// One thread per vCPU; returns when all end. (A backend that needs its vCPUs created
-/// in index order, as KVM does, orders the creation itself.)
-fn run_vcpus<V: Vm>(
-    vm: &V,
+/// What the vCPU threads start from.
+struct Vcpus<'a> {
     cpus: u32,
     regs: BootRegs,
-    bus: &MmioBus,
-    irqchip: &dyn Irqchip,
-    control: &Control,
-    first_entry: &OnceLock<Instant>,
-) {
+    /// Set by vCPU 0 when it first enters the guest.
+    first_entry: &'a OnceLock<Instant>,
+    /// The start so far, logged with the vCPUs' part by vCPU 0 as it enters.
+    timeline: &'a Timeline,
+}
+
+/// One thread per vCPU; returns when all end. (A backend that needs its vCPUs created
+/// in index order, as KVM does, orders the creation itself.)
+fn run_vcpus<V: Vm>(vm: &V, vcpus: Vcpus<'_>, bus: &MmioBus, irqchip: &dyn Irqchip, control: &Control) {
+    let Vcpus { cpus, regs, first_entry, timeline } = vcpus;
     let all_created = Gate::new(cpus as usize);
     std::thread::scope(|scope| {
         for index in 0..cpus {
@@ -200,13 +223,20 @@ fn run_vcpus<V: Vm>(
                 });
                 // Every vCPU exists before any runs: CPU_ON can only target one that does.
                 all_created.pass();
+                if index == 0 {
+                    irqchip.vcpus_created();
+                }
                 let mut vcpu = match vcpu {
                     Ok(vcpu) => vcpu,
                     Err(e) => return control.stop(Err(e.into())),
                 };
                 control.add_kicker(vcpu.kicker());
                 if index == 0 {
-                    let _ = first_entry.set(Instant::now());
+                    let now = Instant::now();
+                    let _ = first_entry.set(now);
+                    let mut start = timeline.clone();
+                    start.mark_at("vcpus", now);
+                    log::info!("start timeline: {}", start.summary());
                 }
                 let ctx = VcpuContext { index, bus, irqchip, control };
                 if let Some(outcome) = vcpu::run_loop(ctx, &mut vcpu) {
@@ -335,8 +365,8 @@ fn load(
     config: &VmConfig,
     files: BootFiles,
     virtio_slots: &[Slot],
-    gic: fdt::Gic,
-    virtio_edge: bool,
+    (gic, virtio_edge): (fdt::Gic, bool),
+    timeline: &mut Timeline,
 ) -> Result<(Arc<GuestRam>, BootRegs), Error> {
     let BootFiles { mut kernel, kernel_size, header, initrd, .. } = files;
     let initrd_size = initrd.as_ref().map(|(_, size)| *size);
@@ -345,9 +375,11 @@ fn load(
 
     let ram_len = usize::try_from(config.memory).map_err(|e| memory_error("sizing RAM".into(), e))?;
     let memory = GuestRam::new(&[(GuestAddress(RAM_BASE), ram_len)]).map_err(hypervisor::Error::from)?;
+    timeline.mark("ram");
 
     PE::load(&**memory, Some(GuestAddress(plan.kernel_base)), &mut kernel, None)
         .map_err(|e| memory_error(format!("loading kernel {}", config.kernel.display()), e))?;
+    timeline.mark("kernel");
 
     let mut initrd_range = None;
     if let (Some((mut file, size)), Some(at)) = (initrd, plan.initrd) {
@@ -356,6 +388,7 @@ fn load(
             .read_exact_volatile_from(GuestAddress(at), &mut file, len)
             .map_err(|e| memory_error("loading initrd".into(), e))?;
         initrd_range = Some((at, at + size));
+        timeline.mark("initrd");
     }
 
     let seed = entropy();
@@ -379,6 +412,7 @@ fn load(
         el2: config.nested,
     })?;
     memory.write_slice(&blob, GuestAddress(plan.fdt)).map_err(|e| memory_error("writing the device tree".into(), e))?;
+    timeline.mark("device tree");
 
     let regs = BootRegs::linux(plan.kernel_entry, plan.fdt);
     Ok((memory, if config.nested { regs.at_el2() } else { regs }))
@@ -404,8 +438,8 @@ mod tests {
             &config,
             BootFiles::open(&config).unwrap(),
             &crate::slots::assign(1).unwrap(),
-            irqchip::EmulatedGic::new(1).fdt(),
-            false,
+            (irqchip::EmulatedGic::new(1).fdt(), false),
+            &mut Timeline::new(Instant::now()),
         )
         .unwrap();
         assert_eq!(memory.num_regions(), 1);
@@ -439,7 +473,9 @@ mod tests {
             fdt::Gic::V3 { distributor: window(0x0800_0000, 0x1_0000), redistributors: window(0x080a_0000, 0x2_0000) };
         let blob = |nested| {
             let config = VmConfig { memory: 64 << 20, nested, ..VmConfig::new(&kernel) };
-            let (memory, regs) = load(&config, BootFiles::open(&config).unwrap(), &[], gic, true).unwrap();
+            let (memory, regs) =
+                load(&config, BootFiles::open(&config).unwrap(), &[], (gic, true), &mut Timeline::new(Instant::now()))
+                    .unwrap();
             let mut blob = vec![0u8; FDT_MAX_SIZE as usize];
             memory.read_slice(&mut blob, GuestAddress(regs.x0)).unwrap();
             (regs.pstate, blob)
@@ -475,8 +511,14 @@ mod tests {
         image[56..60].copy_from_slice(b"ARMd");
         let kernel = temp("Huge", &image);
         let config = VmConfig { memory: 64 << 20, ..VmConfig::new(&kernel) };
-        let err = load(&config, BootFiles::open(&config).unwrap(), &[], irqchip::EmulatedGic::new(1).fdt(), false)
-            .unwrap_err();
+        let err = load(
+            &config,
+            BootFiles::open(&config).unwrap(),
+            &[],
+            (irqchip::EmulatedGic::new(1).fdt(), false),
+            &mut Timeline::new(Instant::now()),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("does not fit in guest RAM"), "{err}");
         std::fs::remove_file(kernel).unwrap();
     }

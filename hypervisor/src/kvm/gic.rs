@@ -98,7 +98,8 @@ impl SpiSink for Spis {
     fn edge_trigger(&self, intid: u32) -> Result<Box<dyn EdgeTrigger>> {
         let gsi = irqfd_gsi(intid, NR_IRQS)
             .ok_or_else(|| Error::Unsupported(format!("INTID {intid} is not one of the vGIC's SPIs")))?;
-        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Platform { call: "eventfd (irqfd)", source })?;
+        let fd =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Platform { call: "eventfd (irqfd)", source })?;
         self.vm.register_irqfd(&fd, gsi).map_err(platform("KVM_IRQFD"))?;
         Ok(Box::new(Irqfd { fd, vm: Arc::clone(&self.vm), gsi }))
     }

@@ -14,6 +14,7 @@
 mod gic;
 mod kick;
 
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -22,8 +23,9 @@ use kvm_bindings::{
     KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_CAP_ARM_INJECT_EXT_DABT, KVM_CAP_ARM_NISV_TO_USER,
     KVM_EXIT_ARM_NISV, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Cap, DeviceFd, Kvm as KvmFd, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, DeviceFd, IoEventAddress, Kvm as KvmFd, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::kvm_regs::{cpu_irq_line, one_reg_id};
 use crate::mapped::Mapped;
@@ -96,6 +98,7 @@ impl crate::Hypervisor for Kvm {
         kick::install_handler().map_err(|source| Error::Platform { call: "sigaction", source })?;
         let mut target = kvm_vcpu_init::default();
         vm.get_preferred_target(&mut target).map_err(platform("KVM_ARM_PREFERRED_TARGET"))?;
+        let ioeventfd = vm.check_extension(Cap::IoeventFd);
         Ok(KvmVm {
             vm: Arc::new(vm),
             target,
@@ -106,6 +109,7 @@ impl crate::Hypervisor for Kvm {
             user_irq,
             nested: config.nested,
             gic: None,
+            ioeventfd,
         })
     }
 }
@@ -152,6 +156,8 @@ pub struct KvmVm {
     nested: bool,
     /// The in-kernel vGICv3, when the VMM created one.
     gic: Option<DeviceFd>,
+    /// KVM signals eventfds for guest writes (`KVM_CAP_IOEVENTFD`).
+    ioeventfd: bool,
 }
 
 impl crate::Vm for KvmVm {
@@ -189,6 +195,18 @@ impl crate::Vm for KvmVm {
 
     fn gicv3_needs(&self) -> Option<GicV3Needs> {
         gic::needs(&self.vm, self.vcpus)
+    }
+
+    fn write_notifier(&self, addr: u64, value: u32) -> Result<Option<OwnedFd>> {
+        if !self.ioeventfd {
+            return Ok(None);
+        }
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Platform { call: "eventfd", source })?;
+        // A u32 `datamatch`: KVM matches 4-byte writes of exactly that value.
+        self.vm.register_ioevent(&fd, &IoEventAddress::Mmio(addr), value).map_err(platform("KVM_IOEVENTFD"))?;
+        // SAFETY: `into_raw_fd` hands over the descriptor the EventFd owned; nothing else
+        // owns or closes it.
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd.into_raw_fd()) }))
     }
 
     fn create_gicv3(&mut self, layout: &GicV3Layout) -> Result<Arc<dyn SpiSink>> {

@@ -2,7 +2,7 @@
 //! interrupt controller: it delivers everything, the virtual timer's interrupt included,
 //! so the vCPU loops have no hooks to run, and the VMM only drives SPIs.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arch_aarch64::layout::{GicV3Layout, SPI_BASE};
 use devices::irq::IrqLine;
@@ -19,13 +19,15 @@ pub struct HypervisorGic {
     /// The virtio transports' SPIs are raised as edges through the hypervisor's own
     /// triggers (KVM's irqfd): an interrupt costs one write to an eventfd, and no ioctl.
     edges: bool,
+    /// The virtio lines, given their triggers once every vCPU exists.
+    edge_lines: Mutex<Vec<Arc<EdgeSpi>>>,
 }
 
 impl HypervisorGic {
     /// The GICv3 at `layout`, driven through `spis`.
     pub fn new(spis: Arc<dyn SpiSink>, layout: GicV3Layout) -> Self {
         let edges = spis.has_edge_triggers();
-        HypervisorGic { spis, layout, edges }
+        HypervisorGic { spis, layout, edges, edge_lines: Mutex::new(Vec::new()) }
     }
 }
 
@@ -42,19 +44,28 @@ impl Irqchip for HypervisorGic {
         if !self.edges {
             return self.spi_line(spi);
         }
-        match self.spis.edge_trigger(SPI_BASE + spi) {
-            Ok(trigger) => Arc::new(EdgeSpi { trigger, intid: SPI_BASE + spi }),
-            Err(e) => {
-                // The device tree says edge: a level line raised and lowered is a rising
-                // edge per interrupt too, only through the slower ioctl.
-                log::warn!("SPI {}: no edge trigger ({e}); raising it through its level", SPI_BASE + spi);
-                self.spi_line(spi)
-            }
-        }
+        let line = Arc::new(EdgeSpi { spis: Arc::clone(&self.spis), intid: SPI_BASE + spi, trigger: OnceLock::new() });
+        devices::bus::lock(&self.edge_lines).push(Arc::clone(&line));
+        line
     }
 
     fn virtio_edge(&self) -> bool {
         self.edges
+    }
+
+    /// KVM takes irqfds only once its vGIC is initialised, which it is when the last
+    /// vCPU exists (`kvm_irqfd_assign` answers EAGAIN before): the virtio lines get their
+    /// triggers now. A line without one raises its SPI through the level ioctl, which is
+    /// a rising edge per interrupt too.
+    fn vcpus_created(&self) {
+        for line in devices::bus::lock(&self.edge_lines).iter() {
+            match self.spis.edge_trigger(line.intid) {
+                Ok(trigger) => {
+                    let _ = line.trigger.set(trigger);
+                }
+                Err(e) => log::warn!("SPI {}: no edge trigger ({e}); raising it through its level", line.intid),
+            }
+        }
     }
 
     fn fdt(&self) -> fdt::Gic {
@@ -88,19 +99,25 @@ impl IrqLine for HypervisorSpi {
     }
 }
 
-/// A device's line raised as edges: each rise is one trigger; a fall is nothing (the
-/// SPI is edge-triggered, so the GIC latched the rise).
+/// A virtio transport's line into an edge-triggered SPI: each rise is one trigger, a fall
+/// is nothing (the GIC latched the rise). Until it has its trigger, and if it never gets
+/// one, the line's level goes through [`SpiSink::set_spi`], whose rises are edges too.
+#[derive(Debug)]
 struct EdgeSpi {
-    trigger: Box<dyn EdgeTrigger>,
+    spis: Arc<dyn SpiSink>,
     intid: u32,
+    trigger: OnceLock<Box<dyn EdgeTrigger>>,
 }
 
 impl IrqLine for EdgeSpi {
     fn set_level(&self, level: bool) {
-        if level {
-            if let Err(e) = self.trigger.trigger() {
-                warn_ratelimited!("SPI {}: {e}", self.intid);
-            }
+        let result = match self.trigger.get() {
+            Some(trigger) if level => trigger.trigger(),
+            Some(_) => Ok(()),
+            None => self.spis.set_spi(self.intid, level),
+        };
+        if let Err(e) = result {
+            warn_ratelimited!("SPI {}: {e}", self.intid);
         }
     }
 }
@@ -112,7 +129,6 @@ mod tests {
     use devices::bus::MmioBus;
     use devices::gic::NUM_SPIS;
     use hypervisor::GicV3Needs;
-    use std::sync::Mutex;
 
     /// Records the SPIs set.
     #[derive(Debug, Default)]
@@ -180,14 +196,18 @@ mod tests {
         let sink = Arc::new(EdgeSink::default());
         let chip = HypervisorGic::new(sink.clone(), layout);
         assert!(chip.virtio_edge(), "the device tree must say edge");
-        let line = chip.virtio_line(4);
+        let (line, fallback) = (chip.virtio_line(4), chip.virtio_line(8));
+        // Before the vCPUs exist (KVM's vGIC not initialised), levels through the ioctl.
+        line.set_level(true);
+        line.set_level(false);
+        assert_eq!(std::mem::take(&mut *sink.levels.lock().unwrap()), vec![(36, true), (36, false)]);
+        chip.vcpus_created();
         for level in [true, false, true, true, false] {
             line.set_level(level);
         }
         assert_eq!(*sink.edges.lock().unwrap(), vec![36, 36, 36], "one edge per rise, none per fall");
         assert!(sink.levels.lock().unwrap().is_empty(), "no ioctl on the edge path");
         // A trigger that cannot be had: the level line, whose rise is an edge too.
-        let fallback = chip.virtio_line(8);
         fallback.set_level(true);
         fallback.set_level(false);
         assert_eq!(*sink.levels.lock().unwrap(), vec![(40, true), (40, false)]);

@@ -143,6 +143,8 @@ pub trait Irqchip: Send + Sync + std::fmt::Debug {
     /// The hooks vCPU `index`'s loop calls around every run, set up on that vCPU's
     /// thread with its kicker; `None` when the hypervisor does it all.
     fn vcpu(&self, index: u32, kicker: Arc<dyn Kicker>) -> Option<Box<dyn VcpuIrq + '_>>;
+    /// Every vCPU exists (called once, before any enters the guest).
+    fn vcpus_created(&self) {}
     /// The controller's state for a report on a hung guest
     /// ([`crate::VmBuilder::dump_state_after`]); `None` when it is the hypervisor's.
     fn dump(&self) -> Option<String> {
