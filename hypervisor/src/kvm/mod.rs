@@ -98,7 +98,7 @@ impl crate::Hypervisor for Kvm {
         kick::install_handler().map_err(|source| Error::Platform { call: "sigaction", source })?;
         let mut target = kvm_vcpu_init::default();
         vm.get_preferred_target(&mut target).map_err(platform("KVM_ARM_PREFERRED_TARGET"))?;
-        let ioeventfd = vm.check_extension(Cap::IoeventFd);
+        let ioeventfd = vm.check_extension(Cap::Ioeventfd);
         Ok(KvmVm {
             vm: Arc::new(vm),
             target,
