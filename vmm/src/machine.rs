@@ -17,9 +17,9 @@ use devices::pl011::{self, Pl011};
 use devices::pl031::Pl031;
 use devices::probe::Probe;
 use devices::virtio::input::PowerButtonDevice;
-use devices::virtio::{
-    block::Block, console::Console, mmio::MmioTransport, net::Net, rng::Rng, Interrupt, VirtioDevice,
-};
+use devices::virtio::mmio::{self, MmioTransport};
+use devices::virtio::notifier::QueueNotifier;
+use devices::virtio::{block::Block, console::Console, net::Net, rng::Rng, Interrupt, VirtioDevice};
 use hypervisor::{GuestRam, Hypervisor, Reg, Vcpu, Vm};
 use linux_loader::loader::{pe::PE, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
@@ -135,7 +135,10 @@ where
         let (gic, redistributors) = irqchip.version();
         bus.insert(PROBE_BASE, PROBE_SIZE, Arc::new(Mutex::new(Probe::new(gic, redistributors, verdict))))?;
     }
-    for (slot, device) in slots.iter().zip(virtio) {
+    for (slot, mut device) in slots.iter().zip(virtio) {
+        if device.wants_notifiers() {
+            device.set_notifiers(queue_notifiers(&vm, slot.base, device.queue_max_sizes().len()));
+        }
         let kind = device.device_type();
         let interrupt = Interrupt::new(irqchip.virtio_line(slot.spi));
         let transport = MmioTransport::new(device, memory.clone(), interrupt)
@@ -192,6 +195,22 @@ where
         log::info!("stop timeline: {}", down.summary());
         control.take_outcome().unwrap_or(Ok(ExitReason::Stopped))
     }))
+}
+
+/// Notifiers for the queues of the virtio-mmio transport at `base` where the hypervisor
+/// has them (KVM's ioeventfd): the driver's write of a queue's index to QueueNotify then
+/// wakes the device's event loop without the vCPU leaving the guest. A queue without one
+/// is notified through the MMIO exit, as on every hypervisor without them.
+fn queue_notifiers<V: Vm>(vm: &V, base: u64, queues: usize) -> Vec<QueueNotifier> {
+    let mut notifiers = Vec::new();
+    for queue in (0..queues).filter_map(|q| u16::try_from(q).ok()) {
+        match vm.write_notifier(base + mmio::QUEUE_NOTIFY, u32::from(queue)) {
+            Ok(Some(fd)) => notifiers.push(QueueNotifier::new(queue, fd)),
+            Ok(None) => break,
+            Err(e) => log::warn!("virtio-mmio at {base:#x}: queue {queue} is notified through exits: {e}"),
+        }
+    }
+    notifiers
 }
 
 /// What the vCPU threads start from.

@@ -14,6 +14,7 @@ mod interrupt;
 pub mod iovec;
 pub mod mmio;
 pub mod net;
+pub mod notifier;
 pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
@@ -122,6 +123,18 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// The driver notified queue `index` (only called after a successful activation).
     fn queue_notify(&mut self, index: u16);
+    /// Whether the device's event loop can watch its queues' notifiers
+    /// ([`notifier::QueueNotifier`], KVM's ioeventfd), so the VMM should make them. A
+    /// device that says yes still serves [`VirtioDevice::queue_notify`]: writes the
+    /// hypervisor does not match arrive that way.
+    fn wants_notifiers(&self) -> bool {
+        false
+    }
+    /// Hands the device its queues' notifiers (some or all), once, before the first
+    /// activation; they last as long as the device.
+    fn set_notifiers(&mut self, notifiers: Vec<notifier::QueueNotifier>) {
+        let _ = notifiers;
+    }
     /// Returns to the state before activation, dropping the queues and stopping any
     /// backend work (driver reset or a failed activation).
     fn reset(&mut self);
