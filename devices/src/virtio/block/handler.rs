@@ -3,10 +3,15 @@
 //!
 //! A request that arrives alone (nothing else in flight or waiting: queue depth 1) is
 //! served right on the worker, with no hand-off. When more are waiting, the worker hands
-//! them to the queue's I/O threads ([`Pool`]) and keeps taking and answering, so a
-//! disk that serves many requests at once ([`SharedDisk`]) has up to the pool's size in
-//! flight; answers go into the used ring in the order the requests finish. A disk that
-//! serves one at a time is served on the worker only.
+//! them to the queue's I/O threads ([`Pool`]) and keeps taking and answering, and runs
+//! one of those no thread has started yet rather than wait idle; so a disk that serves
+//! many requests at once ([`SharedDisk`]) has up to [`super::IO_THREADS`] in flight per
+//! queue, and answers go into the used ring in the order the requests finish. At most a
+//! queue's size of requests are in flight (a driver that offers the same descriptors
+//! again meanwhile waits). A disk that serves one at a time is served on the worker only.
+//!
+//! A reset (the worker asked to stop) starts nothing more and answers nothing more: it
+//! waits for the requests in hand and drops the rest.
 //!
 //! Flushes: a flush is started only once every request taken before it from this queue
 //! has finished, and no request after it is taken meanwhile; then the flush runs (later
@@ -84,6 +89,8 @@ struct Session {
     in_flight: u16,
     /// A flush waiting for the requests taken before it.
     held_flush: Option<Box<Job>>,
+    /// The worker's, once it runs: whether it is asked to stop.
+    wake: Option<Wake>,
 }
 
 impl QueueHandler {
@@ -125,6 +132,7 @@ impl QueueHandler {
             finished: Vec::with_capacity(size),
             in_flight: 0,
             held_flush: None,
+            wake: None,
         });
     }
 
@@ -135,13 +143,10 @@ impl QueueHandler {
     /// Serves what there is to serve; true if there was anything.
     fn work(&mut self) -> bool {
         let Some(session) = self.session.as_mut() else { return false };
-        let (info, id, wake) = (&self.info, &self.id, self.wake.as_ref());
-        let stopping = || wake.is_some_and(Wake::stopping);
+        let (info, id) = (&self.info, &self.id);
         match &mut self.backend {
-            Backend::Serial { disk, bounce } => {
-                session.work(&mut Serial { disk: disk.as_mut(), bounce }, info, id, stopping)
-            }
-            Backend::Shared(disk) => session.work(&mut Shared(disk.as_ref()), info, id, stopping),
+            Backend::Serial { disk, bounce } => session.work(&mut Serial { disk: disk.as_mut(), bounce }, info, id),
+            Backend::Shared(disk) => session.work(&mut Shared(disk.as_ref()), info, id),
         }
     }
 
@@ -184,29 +189,32 @@ impl Session {
 
     fn has_work(&self) -> bool {
         let memory = self.memory.memory();
-        self.pool.as_ref().is_some_and(Pool::has_finished)
+        self.pool.as_ref().is_some_and(|pool| pool.has_finished() || pool.has_queued())
             || (self.held_flush.is_some() && self.in_flight == 0)
             || (self.can_take() && has_pending(NAME, &self.queue, memory, &self.interrupt))
     }
 
+    /// Whether the worker is asked to stop: from then on nothing is started or answered
+    /// (a reset waits for the work in hand, and the driver gets no answer after it).
+    fn stopping(&self) -> bool {
+        self.wake.as_ref().is_some_and(Wake::stopping)
+    }
+
     /// Answers what the pool finished, starts a held flush whose turn came, and takes and
-    /// serves what the driver made available, until `stopping`; then interrupts the
-    /// driver if it asked. True if it did anything.
-    fn work(
-        &mut self,
-        target: &mut dyn Target,
-        info: &DiskInfo,
-        id: &[u8; ID_LEN],
-        stopping: impl Fn() -> bool,
-    ) -> bool {
+    /// serves what the driver made available; then interrupts the driver if it asked.
+    /// True if it did anything.
+    fn work(&mut self, target: &mut dyn Target, info: &DiskInfo, id: &[u8; ID_LEN]) -> bool {
         let memory = self.memory.clone();
         let mem = memory.memory();
         let used_from = self.queue.next_used();
         let mut did = false;
         if let Some(pool) = &self.pool {
             pool.take_finished(&mut self.finished);
+            let stopping = self.stopping();
             for job in self.finished.drain(..) {
-                answer(mem, &mut self.queue, &job.request, Some(job.op), job.status);
+                if !stopping {
+                    answer(mem, &mut self.queue, &job.request, Some(job.op), job.status);
+                }
                 self.in_flight -= 1;
                 self.spare.push(job);
                 did = true;
@@ -218,7 +226,7 @@ impl Session {
                 did = true;
             }
         }
-        while self.can_take() && !stopping() && has_pending(NAME, &self.queue, mem, &self.interrupt) {
+        while self.can_take() && !self.stopping() && has_pending(NAME, &self.queue, mem, &self.interrupt) {
             let Some(chain) = next_chain(NAME, &mut self.queue, mem, &self.interrupt) else { break };
             let mut job = self.spare.pop().unwrap_or_else(Job::boxed);
             job.request.parse(mem, chain);
@@ -242,6 +250,12 @@ impl Session {
                 }
             }
         }
+        // Rather than wait idle for the I/O threads, run one of the jobs none has started.
+        if let Some(job) = self.pool.as_ref().filter(|_| !self.stopping()).and_then(Pool::steal) {
+            self.in_flight -= 1;
+            self.run_here(job, target, mem);
+            did = true;
+        }
         notify_driver(NAME, &mut self.queue, mem, &self.interrupt, used_from);
         did
     }
@@ -259,8 +273,15 @@ impl Session {
                 Err(back) => job = back,
             }
         }
+        self.run_here(job, target, mem);
+    }
+
+    /// Runs a job on the worker and answers it.
+    fn run_here(&mut self, mut job: Box<Job>, target: &mut dyn Target, mem: &GuestMemoryMmap) {
         job.status = job.request.run(job.op, target);
-        answer(mem, &mut self.queue, &job.request, Some(job.op), job.status);
+        if !self.stopping() {
+            answer(mem, &mut self.queue, &job.request, Some(job.op), job.status);
+        }
         self.spare.push(job);
     }
 }
@@ -280,7 +301,12 @@ impl Handler for QueueHandler {
         if let (Some(session), Backend::Shared(disk)) = (self.session.as_mut(), &self.backend) {
             let size = usize::from(session.queue.size());
             let (name, memory) = (self.pool_name.clone(), session.memory.clone());
-            session.pool = Some(Pool::new(name, self.io_threads, size, Arc::clone(disk), memory, wake.clone()));
+            // The worker runs jobs too (those no I/O thread has started), so it counts.
+            let threads = self.io_threads.saturating_sub(1).max(1);
+            session.pool = Some(Pool::new(name, threads, size, Arc::clone(disk), memory, wake.clone()));
+        }
+        if let Some(session) = self.session.as_mut() {
+            session.wake = Some(wake.clone());
         }
         self.wake = Some(wake);
     }
@@ -322,7 +348,14 @@ impl Handler for QueueHandler {
     }
 
     fn poll(&mut self, _registry: &Registry) -> bool {
-        if self.stopping() || !self.has_work() {
+        if self.stopping() {
+            return false;
+        }
+        if !self.has_work() {
+            if self.session.as_ref().is_some_and(|s| s.in_flight > 0) {
+                // The I/O threads have work: let them have this CPU if they need it.
+                std::thread::yield_now();
+            }
             return false;
         }
         self.window.hit();

@@ -43,9 +43,9 @@ const _: () = assert!(SEG_MAX as usize + 2 <= buffers::MAX_PIECES, "a request of
 /// thread and up to [`IO_THREADS`] I/O threads; past 8 queues a guest gains little (its
 /// block layer maps several CPUs to a queue) and the host gains threads.
 pub const MAX_QUEUES: usize = 8;
-/// The most I/O threads one queue runs requests on at once (besides its worker), for a
-/// disk that serves many requests at once. They start as requests pile up and sleep when
-/// there are none.
+/// The most threads that run one queue's requests at once, for a disk that serves many
+/// requests at once: the queue's worker and `IO_THREADS - 1` I/O threads, which start as
+/// requests pile up and sleep when there are none.
 pub const IO_THREADS: usize = 8;
 /// Bytes of the configuration space (`struct virtio_blk_config` up to
 /// `write_zeroes_may_unmap` and its padding).

@@ -56,6 +56,8 @@ struct Inner {
     work: Condvar,
     /// How many jobs `finished` holds, for a look without the lock.
     finished: AtomicUsize,
+    /// How many jobs `queued` holds, likewise.
+    queued: AtomicUsize,
 }
 
 impl Inner {
@@ -99,7 +101,12 @@ impl Pool {
             idle: 0,
             stop: false,
         };
-        let inner = Arc::new(Inner { state: Mutex::new(state), work: Condvar::new(), finished: AtomicUsize::new(0) });
+        let inner = Arc::new(Inner {
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            finished: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+        });
         Pool { inner, threads: Vec::with_capacity(max), max, name, disk, memory, wake }
     }
 
@@ -109,6 +116,7 @@ impl Pool {
     pub(super) fn submit(&mut self, job: Box<Job>) -> Result<(), Box<Job>> {
         let mut state = self.inner.lock();
         state.queued.push_back(job);
+        self.inner.queued.store(state.queued.len(), Ordering::Release);
         let short = state.queued.len() > state.idle;
         drop(state);
         self.inner.work.notify_one();
@@ -116,7 +124,7 @@ impl Pool {
             if let Err(e) = self.spawn() {
                 warn_ratelimited!("virtio-blk: cannot start an I/O thread: {e}");
                 if self.threads.is_empty() {
-                    if let Some(job) = self.inner.lock().queued.pop_back() {
+                    if let Some(job) = self.steal() {
                         return Err(job);
                     }
                 }
@@ -135,6 +143,23 @@ impl Pool {
         })?;
         self.threads.push(thread);
         Ok(())
+    }
+
+    /// Takes back a job no thread has started, for the worker to run itself rather than
+    /// wait idle.
+    pub(super) fn steal(&self) -> Option<Box<Job>> {
+        if self.inner.queued.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut state = self.inner.lock();
+        let job = state.queued.pop_back();
+        self.inner.queued.store(state.queued.len(), Ordering::Release);
+        job
+    }
+
+    /// Whether jobs are waiting for a thread.
+    pub(super) fn has_queued(&self) -> bool {
+        self.inner.queued.load(Ordering::Acquire) > 0
     }
 
     /// Whether jobs are done and waiting for [`Pool::take_finished`].
@@ -163,6 +188,7 @@ impl Pool {
         let mut state = self.inner.lock();
         state.stop = true;
         let mut back: Vec<Box<Job>> = state.queued.drain(..).collect();
+        self.inner.queued.store(0, Ordering::Release);
         drop(state);
         self.inner.work.notify_all();
         for thread in self.threads.drain(..) {
@@ -189,7 +215,11 @@ fn serve(inner: &Inner, disk: &dyn SharedDisk, wake: &Wake) {
         if state.stop {
             return;
         }
-        let Some(mut job) = state.queued.pop_front() else {
+        // Once the queue's worker is asked to stop, no job is started: a reset waits for
+        // the jobs in hand only (`Pool::stop` wakes this thread to end it).
+        let next = if wake.stopping() { None } else { state.queued.pop_front() };
+        inner.queued.store(state.queued.len(), Ordering::Release);
+        let Some(mut job) = next else {
             state.idle += 1;
             state = inner.work.wait(state).unwrap_or_else(|e| e.into_inner());
             state.idle -= 1;
