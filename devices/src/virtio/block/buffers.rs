@@ -136,24 +136,22 @@ impl GuestBuffers<'_> {
     }
 
     /// Drops the first `n` bytes (after a short read or write).
-    pub fn advance(&mut self, mut n: usize) {
-        n = n.min(self.len);
+    pub fn advance(&mut self, n: usize) {
+        let mut n = n.min(self.len);
         self.len -= n;
-        let mut whole = 0;
-        for piece in self.iov.iter_mut() {
-            if n == 0 {
-                break;
-            }
-            let step = n.min(piece.iov_len);
-            piece.iov_base = piece.iov_base.cast::<u8>().wrapping_add(step).cast();
-            piece.iov_len -= step;
-            n -= step;
-            if piece.iov_len == 0 {
-                whole += 1;
-            }
-        }
         let iov = std::mem::take(&mut self.iov);
-        self.iov = &mut iov[whole..];
+        // The pieces `n` covers whole go; the next one loses its first bytes.
+        let mut whole = 0;
+        while whole < iov.len() && iov[whole].iov_len <= n {
+            n -= iov[whole].iov_len;
+            whole += 1;
+        }
+        let rest = &mut iov[whole..];
+        if let Some(first) = rest.first_mut() {
+            first.iov_base = first.iov_base.cast::<u8>().wrapping_add(n).cast();
+            first.iov_len -= n;
+        }
+        self.iov = rest;
     }
 
     /// Copies the first bytes of `src` into the buffers and drops them from the front;

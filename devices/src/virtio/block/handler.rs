@@ -35,7 +35,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::disk::{Disk, SharedDisk};
 use super::pool::{Job, Pool};
-use super::request::{DiskInfo, Op, Plan, Request, Serial, Shared, Target, ID_LEN};
+use super::request::{DiskInfo, Op, Plan, Request, Target, ID_LEN};
 use crate::virtio::worker::{Handler, PollWindow, Wake};
 use crate::virtio::{give_back, has_pending, next_chain, notify_driver, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
@@ -145,8 +145,8 @@ impl QueueHandler {
         let Some(session) = self.session.as_mut() else { return false };
         let (info, id) = (&self.info, &self.id);
         match &mut self.backend {
-            Backend::Serial { disk, bounce } => session.work(&mut Serial { disk: disk.as_mut(), bounce }, info, id),
-            Backend::Shared(disk) => session.work(&mut Shared(disk.as_ref()), info, id),
+            Backend::Serial { disk, bounce } => session.work(&mut Target::Serial(disk.as_mut(), bounce), info, id),
+            Backend::Shared(disk) => session.work(&mut Target::Shared(disk.as_ref()), info, id),
         }
     }
 
@@ -203,7 +203,7 @@ impl Session {
     /// Answers what the pool finished, starts a held flush whose turn came, and takes and
     /// serves what the driver made available; then interrupts the driver if it asked.
     /// True if it did anything.
-    fn work(&mut self, target: &mut dyn Target, info: &DiskInfo, id: &[u8; ID_LEN]) -> bool {
+    fn work(&mut self, target: &mut Target<'_>, info: &DiskInfo, id: &[u8; ID_LEN]) -> bool {
         let memory = self.memory.clone();
         let mem = memory.memory();
         let used_from = self.queue.next_used();
@@ -262,7 +262,7 @@ impl Session {
 
     /// Runs a job: on the pool when other requests are in flight or waiting, right here
     /// (and answered) when it is alone or there is no pool.
-    fn dispatch(&mut self, mut job: Box<Job>, target: &mut dyn Target, mem: &GuestMemoryMmap) {
+    fn dispatch(&mut self, mut job: Box<Job>, target: &mut Target<'_>, mem: &GuestMemoryMmap) {
         let alone = self.in_flight == 0 && !has_pending(NAME, &self.queue, mem, &self.interrupt);
         if let (Some(pool), false) = (self.pool.as_mut(), alone) {
             match pool.submit(job) {
@@ -277,7 +277,7 @@ impl Session {
     }
 
     /// Runs a job on the worker and answers it.
-    fn run_here(&mut self, mut job: Box<Job>, target: &mut dyn Target, mem: &GuestMemoryMmap) {
+    fn run_here(&mut self, mut job: Box<Job>, target: &mut Target<'_>, mem: &GuestMemoryMmap) {
         job.status = job.request.run(job.op, target);
         if !self.stopping() {
             answer(mem, &mut self.queue, &job.request, Some(job.op), job.status);

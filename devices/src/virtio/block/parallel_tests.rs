@@ -166,6 +166,16 @@ impl Rig {
         Rig { mem, transport }
     }
 
+    /// A device over `disk` (whose reads and writes at `held` offsets wait), started
+    /// with one queue.
+    fn started(disk: &Recorder, held: impl IntoIterator<Item = u64>, id: &str) -> Self {
+        disk.hold(held);
+        let mut rig = Rig::new(Block::new(Box::new(disk.clone()), id));
+        let mem = rig.mem.clone();
+        start(&mut rig.transport, &[&queue(&mem, 0)]);
+        rig
+    }
+
     fn notify(&mut self, q: u32) {
         write_reg(&mut self.transport, 0x50, q);
     }
@@ -251,11 +261,9 @@ fn parallel_requests_are_each_answered_once_with_the_right_data() {
 fn requests_complete_out_of_order() {
     let disk = Recorder::new(1 << 20);
     let offsets = [0u64, 4096, 8192, 12288];
-    disk.hold(offsets);
-    let mut rig = Rig::new(Block::new(Box::new(disk.clone()), "ooo"));
+    let mut rig = Rig::started(&disk, offsets, "ooo");
     let mem = rig.mem.clone();
     let vq = queue(&mem, 0);
-    start(&mut rig.transport, &[&vq]);
     for (k, offset) in (0u16..).zip(offsets) {
         post(&mem, &vq, k, T_IN, offset / 512);
     }
@@ -274,11 +282,9 @@ fn requests_complete_out_of_order() {
 #[test]
 fn a_flush_waits_for_the_writes_before_it_on_its_queue() {
     let disk = Recorder::new(1 << 20);
-    disk.hold([0, 4096, 8192]);
-    let mut rig = Rig::new(Block::new(Box::new(disk.clone()), "flush"));
+    let mut rig = Rig::started(&disk, [0, 4096, 8192], "flush");
     let mem = rig.mem.clone();
     let vq = queue(&mem, 0);
-    start(&mut rig.transport, &[&vq]);
     for k in 0..3u16 {
         post(&mem, &vq, k, T_OUT, u64::from(k) * 8);
     }
@@ -408,11 +414,9 @@ fn a_driver_without_mq_is_served_on_queue_0_only() {
 #[test]
 fn a_reset_with_requests_in_flight_answers_none_and_keeps_the_disk() {
     let disk = Recorder::new(1 << 20);
-    disk.hold((0..32u64).map(|k| k * 4096));
-    let mut rig = Rig::new(Block::new(Box::new(disk.clone()), "reset"));
+    let mut rig = Rig::started(&disk, (0..32u64).map(|k| k * 4096), "reset");
     let mem = rig.mem.clone();
     let vq = queue(&mem, 0);
-    start(&mut rig.transport, &[&vq]);
     for k in 0..32u16 {
         post(&mem, &vq, k, T_IN, u64::from(k) * 8);
     }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use super::disk::SharedDisk;
-use super::request::{Op, Request, Shared, S_IOERR};
+use super::request::{Op, Request, Target, S_IOERR};
 use crate::virtio::worker::Wake;
 use crate::virtio::GuestMemory;
 use crate::warn_ratelimited;
@@ -226,7 +226,7 @@ fn serve(inner: &Inner, disk: &dyn SharedDisk, wake: &Wake) {
             continue;
         };
         drop(state);
-        job.status = job.request.run(job.op, &mut Shared(disk));
+        job.status = job.request.run(job.op, &mut Target::Shared(disk));
         state = inner.lock();
         state.finished.push(job);
         inner.finished.fetch_add(1, Ordering::Release);

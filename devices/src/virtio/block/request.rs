@@ -80,7 +80,7 @@ pub fn serve(mem: &GuestMemoryMmap, chain: Chain<'_>, ctx: Context<'_>) -> u32 {
     let (status, op) = match request.prepare(&info, id) {
         Plan::Drop => return 0,
         Plan::Done(status) => (status, None),
-        Plan::Io(op) => (request.run(op, &mut Serial { disk, bounce }), Some(op)),
+        Plan::Io(op) => (request.run(op, &mut Target::Serial(disk, bounce)), Some(op)),
     };
     request.finish(mem, op, status)
 }
@@ -356,7 +356,7 @@ impl Request {
     }
 
     /// Does the disk work of `op` (from [`Request::prepare`]) and returns the status.
-    pub(crate) fn run(&mut self, op: Op, target: &mut dyn Target) -> u8 {
+    pub(crate) fn run(&mut self, op: Op, target: &mut Target<'_>) -> u8 {
         let (what, result) = match op {
             Op::Read(offset) => {
                 let mut data = self.pieces.buffers(true, (self.writable_len - 1) as usize);
@@ -367,8 +367,8 @@ impl Request {
                 ("write", target.write(&mut data, offset))
             }
             Op::Flush => ("flush", target.flush()),
-            Op::Discard { offset, len } => ("discard", target.discard(offset, len)),
-            Op::WriteZeroes { offset, len } => ("write-zeroes", target.punch_hole(offset, len)),
+            Op::Discard { offset, len } => ("discard", target.zero(true, offset, len)),
+            Op::WriteZeroes { offset, len } => ("write-zeroes", target.zero(false, offset, len)),
         };
         match result {
             Ok(()) => S_OK,
@@ -398,99 +398,76 @@ impl Request {
     }
 }
 
-/// What a request's disk work runs against: a [`Disk`] on the queue's worker or a
-/// [`SharedDisk`] on any thread.
-pub(crate) trait Target {
-    /// Fills `bufs` from `offset`.
-    fn read(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()>;
-    /// Writes `bufs` at `offset`.
-    fn write(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()>;
-    /// Makes completed writes durable.
-    fn flush(&mut self) -> io::Result<()>;
-    /// Zeroes `len` bytes at `offset`.
-    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()>;
-    /// Discards `len` bytes at `offset`.
-    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
+/// What a request's disk work runs against.
+pub(crate) enum Target<'a> {
+    /// A [`Disk`] that serves one request at a time, on the queue's worker, with the
+    /// bounce buffer (at least a byte) for a disk that cannot reach guest memory itself.
+    Serial(&'a mut dyn Disk, &'a mut [u8]),
+    /// A [`SharedDisk`], from any thread.
+    Shared(&'a dyn SharedDisk),
 }
 
-/// A [`Disk`] that serves one request at a time, with the bounce buffer for a disk that
-/// cannot reach guest memory itself.
-pub(crate) struct Serial<'a> {
-    /// The disk.
-    pub(crate) disk: &'a mut dyn Disk,
-    /// The bounce buffer (at least a byte).
-    pub(crate) bounce: &'a mut [u8],
-}
-
-impl Target for Serial<'_> {
-    fn read(&mut self, bufs: &mut GuestBuffers<'_>, mut offset: u64) -> io::Result<()> {
-        if let Some(result) = self.disk.read_guest(bufs, offset) {
-            return result;
-        }
-        while !bufs.is_empty() {
-            let n = bufs.len().min(self.bounce.len());
-            if n == 0 {
-                return Err(io::Error::other("no bounce buffer"));
-            }
-            self.disk.read_at(&mut self.bounce[..n], offset)?;
-            bufs.fill_from(&self.bounce[..n]);
-            offset += n as u64;
-        }
-        Ok(())
-    }
-
-    fn write(&mut self, bufs: &mut GuestBuffers<'_>, mut offset: u64) -> io::Result<()> {
-        if let Some(result) = self.disk.write_guest(bufs, offset) {
-            return result;
-        }
-        while !bufs.is_empty() {
-            let n = bufs.len().min(self.bounce.len());
-            if n == 0 {
-                return Err(io::Error::other("no bounce buffer"));
-            }
-            bufs.drain_into(&mut self.bounce[..n]);
-            self.disk.write_at(&self.bounce[..n], offset)?;
-            offset += n as u64;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.disk.flush()
-    }
-
-    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.disk.punch_hole(offset, len)
-    }
-
-    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.disk.discard(offset, len)
-    }
-}
-
-/// A [`SharedDisk`], from any thread.
-pub(crate) struct Shared<'a>(pub(crate) &'a dyn SharedDisk);
-
-impl Target for Shared<'_> {
+impl Target<'_> {
     fn read(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()> {
-        self.0.read_guest(bufs, offset)
+        match self {
+            Target::Shared(disk) => disk.read_guest(bufs, offset),
+            Target::Serial(disk, bounce) => disk.read_guest(bufs, offset).unwrap_or_else(|| {
+                through(bufs, offset, bounce, |bufs, chunk, at| {
+                    disk.read_at(chunk, at)?;
+                    bufs.fill_from(chunk);
+                    Ok(())
+                })
+            }),
+        }
     }
 
     fn write(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()> {
-        self.0.write_guest(bufs, offset)
+        match self {
+            Target::Shared(disk) => disk.write_guest(bufs, offset),
+            Target::Serial(disk, bounce) => disk.write_guest(bufs, offset).unwrap_or_else(|| {
+                through(bufs, offset, bounce, |bufs, chunk, at| {
+                    bufs.drain_into(chunk);
+                    disk.write_at(chunk, at)
+                })
+            }),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+        match self {
+            Target::Shared(disk) => disk.flush(),
+            Target::Serial(disk, _) => disk.flush(),
+        }
     }
 
-    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.punch_hole(offset, len)
+    /// Discards (`discard`) or zeroes `len` bytes at `offset`.
+    fn zero(&mut self, discard: bool, offset: u64, len: u64) -> io::Result<()> {
+        match (self, discard) {
+            (Target::Shared(disk), true) => disk.discard(offset, len),
+            (Target::Shared(disk), false) => disk.punch_hole(offset, len),
+            (Target::Serial(disk, _), true) => disk.discard(offset, len),
+            (Target::Serial(disk, _), false) => disk.punch_hole(offset, len),
+        }
     }
+}
 
-    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.discard(offset, len)
+/// Moves `bufs` through `bounce` a chunk at a time: `step` gets the buffers, a chunk of
+/// the bounce buffer as long as the next piece of data, and its offset on the disk.
+fn through(
+    bufs: &mut GuestBuffers<'_>,
+    mut offset: u64,
+    bounce: &mut [u8],
+    mut step: impl FnMut(&mut GuestBuffers<'_>, &mut [u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    while !bufs.is_empty() {
+        let n = bufs.len().min(bounce.len());
+        if n == 0 {
+            return Err(io::Error::other("no bounce buffer"));
+        }
+        step(bufs, &mut bounce[..n], offset)?;
+        offset += n as u64;
     }
+    Ok(())
 }
 
 /// A request header, for tests and benchmarks that play the driver.

@@ -50,12 +50,19 @@ impl Handler for Counter {
     }
 }
 
+/// `counter` on a worker, once it has done the round every worker starts with.
+fn running(counter: Counter) -> Worker<Counter> {
+    let done = counter.done.clone();
+    let worker = Worker::spawn("worker-test", counter).map_err(|(_, e)| e).unwrap();
+    wait_for("the first round", || done.load(Ordering::SeqCst) >= 1);
+    worker
+}
+
 #[test]
 fn no_notification_is_lost_between_a_look_and_a_sleep() {
     let counter = Counter::default();
     let done = counter.done.clone();
-    let worker = Worker::spawn("worker-test", counter).map_err(|(_, e)| e).unwrap();
-    wait_for("the first round", || done.load(Ordering::SeqCst) >= 1);
+    let worker = running(counter);
     for round in 0..20_000u64 {
         let before = done.load(Ordering::SeqCst);
         worker.notify(0);
@@ -100,19 +107,14 @@ fn a_window_that_passes_puts_the_loop_to_sleep() {
 
 #[test]
 fn a_wake_reaches_the_loop_and_says_when_it_stops() {
-    let counter = Counter::default();
-    let done = counter.done.clone();
-    let worker = Worker::spawn("worker-test", counter).map_err(|(_, e)| e).unwrap();
-    wait_for("the first round", || done.load(Ordering::SeqCst) >= 1);
-    let handler = worker.stop().unwrap();
+    let handler = running(Counter::default()).stop().unwrap();
     let wake = handler.wake.clone().unwrap();
     assert!(wake.stopping());
     wake.wake(); // a loop that ended is not woken, and that is no error
 
     let counter = Counter::default();
     let done = counter.done.clone();
-    let worker = Worker::spawn("worker-test", counter).map_err(|(_, e)| e).unwrap();
-    wait_for("the first round", || done.load(Ordering::SeqCst) >= 1);
+    let worker = running(counter);
     let wake = Wake { shared: Arc::clone(&worker.shared) };
     assert!(!wake.stopping());
     wake.wake();
