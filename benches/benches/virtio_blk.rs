@@ -2,14 +2,22 @@
 //! notify, wait for the used ring), against a RAM disk and a raw file in the page cache;
 //! and, in the same run, the host doing the same I/O itself (`pread`/`pwrite` on the same
 //! file, `memcpy` for the RAM disk) so `cargo xtask bench` can print hvrun/host.
+//!
+//! The `4k-random-qdN` rows keep N random 4 KiB requests in flight on the file disk (the
+//! driver posts a new one as soon as one is done, as `fio --iodepth=N` does) and time
+//! each request; their host twin is the same number of 4 KiB `pread`s or `pwrite`s at
+//! random offsets of the same file, spread over as many threads as hvrun does that I/O on
+//! at that depth: `min(N, block::IO_THREADS)` (at depth 1 the queue's worker, beyond it
+//! its I/O threads).
 
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use devices::virtio::block::disk::{FileDisk, MemDisk};
 use devices::virtio::block::request::{header, T_IN, T_OUT};
-use devices::virtio::block::Block;
+use devices::virtio::block::{Block, IO_THREADS};
 use hvrun_benches::{Driver, DATA, WRITE};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -108,5 +116,116 @@ fn virtio_blk(c: &mut Criterion) {
     let _ = std::fs::remove_file(&path);
 }
 
-criterion_group!(benches, virtio_blk);
+/// Queue depths of the `4k-random-qdN` rows.
+const DEPTHS: [u16; 3] = [1, 8, 32];
+/// Where the in-flight requests' headers, status bytes and data buffers go (request `k`
+/// at `k` times 16 bytes, 1 byte, 4 KiB).
+const HDRS: u64 = DATA + 0x1_0000;
+const STATUSES: u64 = DATA + 0x2_0000;
+const BUFS: u64 = DATA + 0x4_0000;
+
+/// Request `n`'s offset in the queue-depth rows: random, 4 KiB-aligned.
+fn random_4k(n: u64) -> u64 {
+    offset(n, 4096, true)
+}
+
+/// Posts request `slot` (descriptors `3 * slot..`) for the `n`th I/O.
+fn post_slot(driver: &mut Driver, slot: u16, n: u64, write: bool) {
+    let (hdr, status, buf) = (HDRS + 16 * u64::from(slot), STATUSES + u64::from(slot), BUFS + 4096 * u64::from(slot));
+    let kind = if write { T_OUT } else { T_IN };
+    driver.mem.write_slice(&header(kind, random_4k(n) / 512), GuestAddress(hdr)).unwrap();
+    let data_flags = if write { 0 } else { WRITE };
+    driver.post(0, 3 * slot, &[(hdr, 16, 0), (buf, 4096, data_flags), (status, 1, WRITE)]);
+}
+
+/// Runs `iters` requests with `depth` in flight; returns the time they took.
+fn hvrun_at_depth(driver: &mut Driver, depth: u16, iters: u64, write: bool, next: &mut u64) -> Duration {
+    let start = Instant::now();
+    let (mut posted, mut done) = (0u64, 0u64);
+    while posted < iters.min(u64::from(depth)) {
+        post_slot(driver, posted as u16, *next, write);
+        (posted, *next) = (posted + 1, *next + 1);
+    }
+    driver.notify(0);
+    let mut freed = Vec::with_capacity(usize::from(depth));
+    while done < iters {
+        driver.take_used(0, |head, _| freed.push(head / 3));
+        if freed.is_empty() {
+            std::thread::yield_now();
+            continue;
+        }
+        done += freed.len() as u64;
+        let mut again = false;
+        for slot in freed.drain(..) {
+            if posted < iters {
+                post_slot(driver, slot, *next, write);
+                (posted, *next, again) = (posted + 1, *next + 1, true);
+            }
+        }
+        if again {
+            driver.notify(0);
+        }
+    }
+    start.elapsed()
+}
+
+/// The host twin of [`hvrun_at_depth`]: `iters` 4 KiB `pread`s or `pwrite`s at random
+/// offsets of `file`, on `threads` threads; returns the time they took.
+fn host_at_depth(file: &std::fs::File, threads: u64, iters: u64, write: bool, next: &mut u64) -> Duration {
+    let first = *next;
+    *next += iters;
+    let barrier = std::sync::Barrier::new(threads as usize + 1);
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let barrier = &barrier;
+            scope.spawn(move || {
+                let mut buf = vec![0x5au8; 4096];
+                barrier.wait();
+                for n in (first + t..first + iters).step_by(threads as usize) {
+                    if write {
+                        file.write_all_at(&buf, random_4k(n)).unwrap();
+                    } else {
+                        file.read_exact_at(&mut buf, random_4k(n)).unwrap();
+                    }
+                }
+                black_box(&buf);
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        // The scope joins the threads before it returns.
+        start
+    })
+    .elapsed()
+}
+
+fn queue_depths(c: &mut Criterion) {
+    let path = file_path();
+    std::fs::write(&path, vec![0u8; DISK as usize]).unwrap();
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    for depth in DEPTHS {
+        let mut group = c.benchmark_group(format!("virtio-blk/file/4k-random-qd{depth}"));
+        group.throughput(Throughput::Bytes(4096));
+        for write in [false, true] {
+            let op = if write { "write" } else { "read" };
+            let disk = FileDisk::open(&path, false).unwrap();
+            let mut driver = Driver::start(Box::new(Block::new(Box::new(disk), "bench")), 1, 256, 8 << 20);
+            driver.mem.write_slice(&vec![0x5a; 4096 * usize::from(depth)], GuestAddress(BUFS)).unwrap();
+            let mut next = 0u64;
+            group.bench_function(BenchmarkId::new("hvrun", op), |b| {
+                b.iter_custom(|iters| hvrun_at_depth(&mut driver, depth, iters, write, &mut next))
+            });
+            drop(driver);
+            let threads = u64::from(depth).min(IO_THREADS as u64);
+            let mut next = 0u64;
+            group.bench_function(BenchmarkId::new("host", op), |b| {
+                b.iter_custom(|iters| host_at_depth(&file, threads, iters, write, &mut next))
+            });
+        }
+        group.finish();
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+criterion_group!(benches, virtio_blk, queue_depths);
 criterion_main!(benches);

@@ -163,4 +163,24 @@ impl Driver {
         let last = u64::from(target.wrapping_sub(1) % self.size);
         self.mem.read_obj(GuestAddress(used + 4 + 8 * last + 4)).expect("used elem")
     }
+
+    /// Looks at queue `q`'s used ring without waiting: calls `each` with the head
+    /// descriptor and the length of every buffer the device used since the last look (or
+    /// [`Driver::wait_used`]), oldest first, and returns how many there were. For
+    /// benchmarks that keep several requests in flight and reuse each one's descriptors
+    /// as soon as it is done.
+    pub fn take_used(&mut self, q: usize, mut each: impl FnMut(u16, u32)) -> u16 {
+        let (_, _, used) = self.queues[q];
+        let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).expect("used idx");
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        let new = idx.wrapping_sub(self.used_seen[q]);
+        for i in 0..new {
+            let at = used + 4 + 8 * u64::from(self.used_seen[q].wrapping_add(i) % self.size);
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("used elem");
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("used elem");
+            each(id as u16, len);
+        }
+        self.used_seen[q] = idx;
+        new
+    }
 }

@@ -338,12 +338,14 @@ fn virtio_devices(
     console: Option<devices::virtio::console::Backend>,
 ) -> Result<(Vec<Box<dyn VirtioDevice>>, BootFiles), Error> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    // A queue per vCPU (up to block::MAX_QUEUES) for disks that serve requests in parallel.
+    let queues = usize::try_from(config.cpus).unwrap_or(1);
     for (index, (disk, cfg)) in files.disks.drain(..).zip(&config.disks).enumerate() {
         let id = cfg.id.clone().unwrap_or_else(|| format!("hvrun-disk{index}"));
-        devices.push(Box::new(Block::new(Box::new(disk), &id)));
+        devices.push(Box::new(Block::with_queues(Box::new(disk), &id, queues)));
     }
     for (disk, id) in extras.disks {
-        devices.push(Box::new(Block::new(disk, &id)));
+        devices.push(Box::new(Block::with_queues(disk, &id, queues)));
     }
     for (backend, mac) in nets {
         devices.push(Box::new(Net::new(backend, mac)));

@@ -1,16 +1,24 @@
-//! An event-loop thread for devices whose backends are file descriptors (console, net).
+//! An event-loop thread per running device (console, net) or queue (block).
 //!
 //! The loop is `mio` (epoll on Linux, kqueue on macOS). A [`Worker`] owns a
 //! [`Handler`]: the running device with its queues and backend. Queue notifications
 //! from vCPU threads set a bit and wake the loop through a `mio::Waker`, so a vCPU never
-//! does backend I/O. Stopping the worker hands the handler back, so the device can keep
-//! its backend (an open tap, a connected socket) across a driver reset.
+//! does backend I/O; the waker is written only while the loop sleeps, so a notification
+//! while it works or polls costs an atomic or and a load. Stopping the worker hands the
+//! handler back, so the device can keep its backend (an open tap, a connected socket, a
+//! disk) across a driver reset.
+//!
+//! A handler may ask the loop to poll before it sleeps ([`Handler::poll_window`]): the
+//! loop then spins on [`Handler::poll`] for that long, watching for a stop, so a busy
+//! device catches the driver's next request without a thread wake-up (and, with
+//! EVENT_IDX, without the driver notifying at all). [`PollWindow`] is the adaptive policy
+//! that keeps an idle device from spinning.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::{Events, Poll, Registry, Token, Waker};
@@ -51,12 +59,47 @@ pub trait Handler: Send + 'static {
     fn timeout(&mut self, registry: &Registry) {
         let _ = registry;
     }
+    /// How long the loop should keep calling [`Handler::poll`] before it sleeps, asked
+    /// after every round of work and after every poll that found some. Zero (the
+    /// default) sleeps at once.
+    fn poll_window(&mut self) -> Duration {
+        Duration::ZERO
+    }
+    /// Looks for work without waiting and does it; true when there was some. The loop
+    /// calls it in a spin during [`Handler::poll_window`], and stops spinning when the
+    /// worker is asked to stop.
+    fn poll(&mut self, registry: &Registry) -> bool {
+        let _ = registry;
+        false
+    }
+    /// A window from [`Handler::poll_window`] passed with nothing found: the loop sleeps.
+    fn poll_expired(&mut self) {}
 }
 
 struct Shared {
     waker: Waker,
     notified: AtomicU32,
     stop: AtomicBool,
+    /// Whether the loop is (about to be) asleep in `mio::Poll::poll`: only then does a
+    /// notification need the waker. Set before the loop looks at `notified` a last time,
+    /// and read after a notifier has set its bit (both `SeqCst`), so one of the two sees
+    /// the other.
+    sleeping: AtomicBool,
+}
+
+impl Shared {
+    /// Wakes the loop if it sleeps (or is about to).
+    fn wake(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.wake_now();
+        }
+    }
+
+    fn wake_now(&self) {
+        if let Err(e) = self.waker.wake() {
+            crate::warn_ratelimited!("device event loop: cannot wake it: {e}");
+        }
+    }
 }
 
 /// Wakes a worker's loop from any thread, as if its backend were ready (see
@@ -76,8 +119,13 @@ impl Wake {
     /// Makes the loop call [`Handler::notified`] with [`BACKEND`] soon.
     pub fn wake(&self) {
         self.shared.notified.fetch_or(BACKEND, Ordering::SeqCst);
-        // A loop that has ended cannot be woken and needs not be.
-        let _ = self.shared.waker.wake();
+        self.shared.wake();
+    }
+
+    /// Whether the worker is asked to stop: a handler in the middle of a long batch
+    /// stops taking work (a reset waits for the work in hand, not for all that is queued).
+    pub fn stopping(&self) -> bool {
+        self.shared.stop.load(Ordering::SeqCst)
     }
 }
 
@@ -105,7 +153,12 @@ impl<H: Handler> Worker<H> {
             Ok(pair) => pair,
             Err(e) => return Err((handler, e)),
         };
-        let shared = Arc::new(Shared { waker, notified: AtomicU32::new(0), stop: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            waker,
+            notified: AtomicU32::new(0),
+            stop: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
+        });
         handler.set_wake(Wake { shared: Arc::clone(&shared) });
         if let Err(e) = handler.register(poll.registry()) {
             handler.deregister(poll.registry());
@@ -135,7 +188,7 @@ impl<H: Handler> Worker<H> {
         // Whatever the driver queued before DRIVER_OK, and input already waiting, is
         // served on the device's thread.
         worker.shared.notified.store(u32::MAX, Ordering::SeqCst);
-        worker.wake();
+        worker.shared.wake();
         Ok(worker)
     }
 
@@ -143,20 +196,14 @@ impl<H: Handler> Worker<H> {
     pub fn notify(&self, index: u16) {
         if let Some(bit) = 1u32.checked_shl(u32::from(index)) {
             self.shared.notified.fetch_or(bit, Ordering::SeqCst);
-            self.wake();
-        }
-    }
-
-    fn wake(&self) {
-        if let Err(e) = self.shared.waker.wake() {
-            crate::warn_ratelimited!("device event loop: cannot wake it: {e}");
+            self.shared.wake();
         }
     }
 
     /// Stops the loop and hands the handler back (`None` if the thread panicked).
     pub fn stop(self) -> Option<H> {
         self.shared.stop.store(true, Ordering::SeqCst);
-        self.wake();
+        self.shared.wake_now();
         self.thread.join().ok().flatten()
     }
 }
@@ -164,7 +211,7 @@ impl<H: Handler> Worker<H> {
 /// A device's handler: idle between driver sessions, keeping its backend, or running on
 /// a [`Worker`] while the driver has the device started.
 pub struct Slot<H: Handler> {
-    name: &'static str,
+    name: String,
     idle: Option<H>,
     running: Option<Worker<H>>,
 }
@@ -176,15 +223,16 @@ impl<H: Handler> std::fmt::Debug for Slot<H> {
 }
 
 impl<H: Handler> Slot<H> {
-    /// An idle slot; `name` names the device and its thread.
-    pub fn new(name: &'static str, handler: H) -> Self {
-        Slot { name, idle: Some(handler), running: None }
+    /// An idle slot; `name` names the device and its thread (at most 15 bytes show in
+    /// a Linux thread name).
+    pub fn new(name: impl Into<String>, handler: H) -> Self {
+        Slot { name: name.into(), idle: Some(handler), running: None }
     }
 
     /// Runs the idle handler on a new worker, once `attach` has handed it the driver's
     /// queues; on any failure the handler stays idle with its backend.
     pub fn start(&mut self, attach: impl FnOnce(&mut H) -> io::Result<()>) -> Result<(), ActivateError> {
-        let name = self.name;
+        let name = self.name.as_str();
         let mut handler =
             self.idle.take().ok_or_else(|| ActivateError::Backend(format!("{name}: the backend is gone")))?;
         if let Err(e) = attach(&mut handler) {
@@ -235,7 +283,13 @@ impl<H: Handler> Drop for Slot<H> {
 fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared) {
     let mut events = Events::with_capacity(64);
     loop {
-        if let Err(e) = poll.poll(&mut events, handler.next_timeout()) {
+        // From here on a notification writes the waker; one made before is seen here.
+        shared.sleeping.store(true, Ordering::SeqCst);
+        let pending = shared.notified.load(Ordering::SeqCst) != 0 || shared.stop.load(Ordering::SeqCst);
+        let timeout = if pending { Some(Duration::ZERO) } else { handler.next_timeout() };
+        let polled = poll.poll(&mut events, timeout);
+        shared.sleeping.store(false, Ordering::SeqCst);
+        if let Err(e) = polled {
             if e.kind() != io::ErrorKind::Interrupted {
                 log::error!("device event loop failed, the device stops: {e}");
                 return;
@@ -244,7 +298,7 @@ fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared) {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
-        if events.is_empty() {
+        if events.is_empty() && !pending {
             handler.timeout(poll.registry());
         }
         for event in events.iter() {
@@ -256,5 +310,97 @@ fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared) {
         if queues != 0 {
             handler.notified(poll.registry(), queues);
         }
+        if !spin(handler, poll.registry(), shared) {
+            return;
+        }
     }
 }
+
+/// Calls [`Handler::poll`] in a spin for as long as the handler's
+/// [`Handler::poll_window`] says; false when the worker is asked to stop meanwhile.
+/// Notifications that arrive while it spins stay set (the waker is not written, the loop
+/// is awake): the handler's poll sees their work in its queues, and the loop passes the
+/// bits on before it sleeps.
+fn spin<H: Handler>(handler: &mut H, registry: &Registry, shared: &Shared) -> bool {
+    let mut window = handler.poll_window();
+    while !window.is_zero() {
+        let until = Instant::now() + window;
+        loop {
+            if shared.stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            if handler.poll(registry) {
+                break;
+            }
+            if Instant::now() >= until {
+                handler.poll_expired();
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        window = handler.poll_window();
+    }
+    true
+}
+
+/// How long a device keeps polling its queues after it runs dry before it sleeps, adapted
+/// to what polling earns (QEMU's adaptive polling, in spirit): a driver whose next
+/// request comes within the window is served without a thread wake-up, while an idle or
+/// slow device stops polling after a few misses and costs no CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollWindow {
+    window: Duration,
+}
+
+impl PollWindow {
+    /// The longest window (QEMU's iothreads poll up to 32 µs by default).
+    pub const MAX: Duration = Duration::from_micros(50);
+    /// The window a hit grows from when it was 0.
+    const START: Duration = Duration::from_micros(4);
+    /// Below this a window shrinks to nothing.
+    const MIN: Duration = Duration::from_micros(2);
+
+    /// Polling off until requests show they come close together.
+    pub const fn new() -> Self {
+        PollWindow { window: Duration::ZERO }
+    }
+
+    /// How long to poll now.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    fn grow(&mut self) {
+        self.window = (self.window * 2).max(Self::START).min(Self::MAX);
+    }
+
+    /// Work came while polling: keep polling, a little longer.
+    pub fn hit(&mut self) {
+        self.grow();
+    }
+
+    /// The window passed with nothing: poll half as long next time.
+    pub fn miss(&mut self) {
+        self.window /= 2;
+        if self.window < Self::MIN {
+            self.window = Duration::ZERO;
+        }
+    }
+
+    /// The device slept for `slept` before the next work came: had it polled that long,
+    /// it would have caught it, so a short sleep grows the window.
+    pub fn slept(&mut self, slept: Duration) {
+        if slept <= Self::MAX {
+            self.grow();
+        }
+    }
+}
+
+impl Default for PollWindow {
+    fn default() -> Self {
+        PollWindow::new()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,13 +1,15 @@
 //! What a virtio-blk device reads and writes: a [`Disk`]. [`FileDisk`] is a raw image
-//! file; [`MemDisk`] lives in memory (tests and benchmarks).
+//! file, which also serves many requests at once ([`SharedDisk`]); [`MemDisk`] lives in
+//! memory (tests and benchmarks).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
 
-use crate::virtio::iovec::GuestIovecs;
+pub use super::buffers::GuestBuffers;
 
 /// Storage behind a block device, addressed in bytes.
 pub trait Disk: Send {
@@ -19,15 +21,15 @@ pub trait Disk: Send {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes `buf` at `offset`.
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
-    /// Fills the guest's buffers `iov` from `offset` directly, with no copy through the
+    /// Fills the guest's buffers `bufs` from `offset` directly, with no copy through the
     /// device; `None` when this disk cannot (the device then copies through a buffer).
-    fn read_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
-        let _ = (iov, offset);
+    fn read_guest(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> Option<io::Result<()>> {
+        let _ = (bufs, offset);
         None
     }
-    /// Writes the guest's buffers `iov` at `offset` directly; `None` as for `read_guest`.
-    fn write_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
-        let _ = (iov, offset);
+    /// Writes the guest's buffers `bufs` at `offset` directly; `None` as for `read_guest`.
+    fn write_guest(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> Option<io::Result<()>> {
+        let _ = (bufs, offset);
         None
     }
     /// Makes every completed write durable.
@@ -40,11 +42,43 @@ pub trait Disk: Send {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.punch_hole(offset, len)
     }
+    /// The same disk as a [`SharedDisk`], when it can serve requests from several threads
+    /// at once: the device then serves a queue's requests in parallel and offers a queue
+    /// per vCPU (`VIRTIO_BLK_F_MQ`). `None` (the default): one request at a time, on one
+    /// queue, through this trait's `&mut self` methods.
+    fn shared(&self) -> Option<Arc<dyn SharedDisk>> {
+        None
+    }
 }
 
-/// A raw disk image file, locked against other writers.
-#[derive(Debug)]
+/// A disk that serves requests from any number of threads at once (positional reads and
+/// writes need no lock). Its capacity and whether it is read-only are the [`Disk`]'s
+/// that offered it.
+pub trait SharedDisk: Send + Sync {
+    /// Fills `bufs` from `offset`.
+    fn read_guest(&self, bufs: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()>;
+    /// Writes `bufs` at `offset`.
+    fn write_guest(&self, bufs: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()>;
+    /// Makes durable every write that completed before the call (whichever thread made
+    /// it).
+    fn flush(&self) -> io::Result<()>;
+    /// Deallocates `len` bytes at `offset`; they read back as zeros.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// A hint that `len` bytes at `offset` are no longer needed (see [`Disk::discard`]).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// A raw disk image file, locked against other writers. Its requests can be served from
+/// many threads at once ([`Disk::shared`]).
+#[derive(Debug, Clone)]
 pub struct FileDisk {
+    image: Arc<FileImage>,
+}
+
+/// The open image behind a [`FileDisk`] and its shared handles; the lock goes with the
+/// last of them.
+#[derive(Debug)]
+struct FileImage {
     file: File,
     capacity: u64,
     read_only: bool,
@@ -66,64 +100,91 @@ impl FileDisk {
                 e
             });
         }
-        Ok(FileDisk { file, capacity: meta.len(), read_only })
+        Ok(FileDisk { image: Arc::new(FileImage { file, capacity: meta.len(), read_only }) })
     }
 }
 
 impl Disk for FileDisk {
     fn capacity(&self) -> u64 {
-        self.capacity
+        self.image.capacity
     }
 
     fn read_only(&self) -> bool {
-        self.read_only
+        self.image.read_only
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.image.file.read_exact_at(buf, offset)
     }
 
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.image.file.write_all_at(buf, offset)
     }
 
-    fn read_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: the pieces were checked to lie in guest memory that `iov` keeps mapped;
-        // preadv writes at most their lengths into them.
-        Some(vectored_at(iov, offset, io::ErrorKind::UnexpectedEof, |v, at| unsafe {
-            libc::preadv(fd, v.as_ptr(), v.len() as libc::c_int, at)
-        }))
+    fn read_guest(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> Option<io::Result<()>> {
+        Some(self.image.read_guest(bufs, offset))
     }
 
-    fn write_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: as above; pwritev only reads the pieces.
-        Some(vectored_at(iov, offset, io::ErrorKind::WriteZero, |v, at| unsafe {
-            libc::pwritev(fd, v.as_ptr(), v.len() as libc::c_int, at)
-        }))
+    fn write_guest(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> Option<io::Result<()>> {
+        Some(self.image.write_guest(bufs, offset))
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        // fdatasync on Linux; on macOS std uses F_FULLFSYNC, which reaches the medium.
-        self.file.sync_data()
+        self.image.flush()
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.image.discard(offset, len)
+    }
+
+    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.image.punch_hole(offset, len)
+    }
+
+    fn shared(&self) -> Option<Arc<dyn SharedDisk>> {
+        Some(self.image.clone())
+    }
+}
+
+impl SharedDisk for FileImage {
+    fn read_guest(&self, bufs: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: the pieces lie in guest memory that stays mapped while `bufs` exists;
+        // preadv writes at most their lengths into them.
+        vectored_at(bufs, offset, io::ErrorKind::UnexpectedEof, |v, at| unsafe {
+            libc::preadv(fd, v.as_ptr(), v.len() as libc::c_int, at)
+        })
+    }
+
+    fn write_guest(&self, bufs: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: as above; pwritev only reads the pieces.
+        vectored_at(bufs, offset, io::ErrorKind::WriteZero, |v, at| unsafe {
+            libc::pwritev(fd, v.as_ptr(), v.len() as libc::c_int, at)
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // fdatasync on Linux; on macOS std uses F_FULLFSYNC, which reaches the medium.
+        // Either covers every write to the file that returned before it, on any thread.
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if let Err(e) = punch_hole(&self.file, offset, len) {
             log::debug!("virtio-blk: discard not passed on to the image file: {e}");
         }
         Ok(())
     }
 
-    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         punch_hole(&self.file, offset, len).or_else(|_| {
             // The filesystem cannot punch holes: write the zeros instead.
-            let zeros = vec![0u8; 64 * 1024];
+            static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
             let mut done = 0;
             while done < len {
-                let n = (len - done).min(zeros.len() as u64) as usize;
-                self.file.write_all_at(&zeros[..n], offset + done)?;
+                let n = (len - done).min(ZEROS.len() as u64) as usize;
+                self.file.write_all_at(&ZEROS[..n], offset + done)?;
                 done += n as u64;
             }
             Ok(())
@@ -131,10 +192,10 @@ impl Disk for FileDisk {
     }
 }
 
-/// Repeats a positional vectored call until every byte of `iov` is done (short reads and
+/// Repeats a positional vectored call until every byte of `bufs` is done (short reads and
 /// writes happen); `short` is the error when the call makes no progress.
 fn vectored_at(
-    iov: &mut GuestIovecs<'_>,
+    iov: &mut GuestBuffers<'_>,
     mut offset: u64,
     short: io::ErrorKind,
     call: impl Fn(&[libc::iovec], libc::off_t) -> isize,
@@ -227,34 +288,15 @@ impl Disk for MemDisk {
         self.bytes[range].copy_from_slice(buf);
         Ok(())
     }
-    fn read_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
-        let range = match self.range(offset, iov.len()) {
-            Ok(range) => range,
-            Err(e) => return Some(Err(e)),
-        };
-        let mut from = range.start;
-        for piece in iov.iovecs() {
-            // SAFETY: the piece lies in guest memory that `iov` keeps mapped, and the
-            // source range is inside `self.bytes` (checked above); they cannot overlap.
-            unsafe { std::ptr::copy_nonoverlapping(self.bytes[from..].as_ptr(), piece.iov_base.cast(), piece.iov_len) };
-            from += piece.iov_len;
-        }
-        Some(Ok(()))
+    fn read_guest(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> Option<io::Result<()>> {
+        Some(self.range(offset, bufs.len()).map(|range| {
+            bufs.fill_from(&self.bytes[range]);
+        }))
     }
-    fn write_guest(&mut self, iov: &mut GuestIovecs<'_>, offset: u64) -> Option<io::Result<()>> {
-        let range = match self.range(offset, iov.len()) {
-            Ok(range) => range,
-            Err(e) => return Some(Err(e)),
-        };
-        let mut to = range.start;
-        for piece in iov.iovecs() {
-            // SAFETY: as in `read_guest`, copying the other way.
-            unsafe {
-                std::ptr::copy_nonoverlapping(piece.iov_base.cast::<u8>(), self.bytes[to..].as_mut_ptr(), piece.iov_len)
-            };
-            to += piece.iov_len;
-        }
-        Some(Ok(()))
+    fn write_guest(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> Option<io::Result<()>> {
+        Some(self.range(offset, bufs.len()).map(|range| {
+            bufs.drain_into(&mut self.bytes[range]);
+        }))
     }
     fn flush(&mut self) -> io::Result<()> {
         self.flushes += 1;

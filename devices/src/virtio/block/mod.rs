@@ -1,34 +1,35 @@
-//! virtio-blk (virtio spec v1.2 section 5.2): a raw disk image behind a virtqueue.
+//! virtio-blk (virtio spec v1.2 section 5.2): a raw disk image behind one or more
+//! virtqueues.
 //!
-//! Requests are served on a worker thread per device, never on a vCPU thread: a queue
-//! notification only wakes the worker. The worker owns the disk while the device runs
-//! and hands it back on reset, so a driver can reset and start the device again.
-//! Features: SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, DISCARD, WRITE_ZEROES, RO (for
-//! read-only disks) and EVENT_IDX.
+//! Each queue is served on a worker thread of its own ([`worker::Slot`]), never on a
+//! vCPU thread: a queue notification only wakes it. A disk that serves many requests at
+//! once ([`disk::SharedDisk`], such as a [`disk::FileDisk`]) gets a queue per vCPU
+//! (`VIRTIO_BLK_F_MQ`, up to [`MAX_QUEUES`]) and each queue's requests run in parallel on
+//! its I/O threads (see `handler`); any other disk is served one request at a time on one
+//! queue, its worker owning the disk while it runs. Either way the device keeps the disk
+//! across a reset, so a driver can reset and start the device again.
+//!
+//! Features: SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, DISCARD, WRITE_ZEROES, RO (for read-only
+//! disks), MQ (for shared disks on machines with more than one vCPU) and EVENT_IDX.
 
+mod buffers;
 pub mod disk;
-mod doorbell;
+mod handler;
+mod pool;
 pub mod request;
 
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Instant;
-
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
-    VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::Queue;
 
 use self::disk::Disk;
-use self::doorbell::{Doorbell, Poll, Ring};
-use self::request::{Context, ID_LEN, MAX_DATA, MAX_SEGMENTS, MAX_ZEROES_SECTORS, SECTOR_SIZE};
-use super::{
-    drain_queue_while, has_pending, single_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice,
-};
-use crate::warn_ratelimited;
+use self::handler::{Backend, QueueHandler};
+use self::request::{DiskInfo, ID_LEN, MAX_DATA, MAX_SEGMENTS, MAX_ZEROES_SECTORS, SECTOR_SIZE};
+use super::worker::Slot;
+use super::{ActivateError, Activation, VirtioDevice};
 
 /// Queue size offered to the driver.
 pub const QUEUE_SIZE: u16 = 256;
@@ -37,160 +38,127 @@ pub const SIZE_MAX: u32 = 1 << 20;
 /// Segments a request may have (SEG_MAX): the queue, less the header and the status.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 const _: () = assert!(MAX_DATA == SEG_MAX as u64 * SIZE_MAX as u64, "request::MAX_DATA is what the config says");
-/// Bytes of data moved per disk call.
-const BOUNCE_SIZE: usize = 256 * 1024;
-const NAME: &str = "virtio-blk";
-
-struct Worker {
-    memory: GuestMemory,
-    queue: Queue,
-    interrupt: Interrupt,
-    disk: Box<dyn Disk>,
-    id: [u8; ID_LEN],
-    bounce: Vec<u8>,
-    poll: Poll,
-}
-
-impl Worker {
-    /// Sleeps until a notification, then serves and polls, until told to stop; hands
-    /// the disk back.
-    fn run(mut self, bell: &Doorbell) -> Box<dyn Disk> {
-        loop {
-            let asleep = Instant::now();
-            if bell.wait(None) == Ring::Stop {
-                break;
-            }
-            self.poll.slept(asleep.elapsed());
-            if !self.serve_and_poll(bell) {
-                break;
-            }
-        }
-        self.disk
-    }
-
-    /// Serves what is there, then keeps watching the ring for [`Poll::window`] and serves
-    /// again while requests keep coming within it. Notifications that arrive meanwhile
-    /// are consumed here (one pass serves them all). `false` when told to stop.
-    fn serve_and_poll(&mut self, bell: &Doorbell) -> bool {
-        loop {
-            if bell.take() == Ring::Stop {
-                return false;
-            }
-            self.process(bell);
-            let window = self.poll.window();
-            if window.is_zero() {
-                return true;
-            }
-            let until = Instant::now() + window;
-            loop {
-                // A load, not a take: the ring itself says whether there is work, and an
-                // atomic swap here would fight the vCPU's notifications for the cache line.
-                if bell.stopping() {
-                    return false;
-                }
-                if self.has_requests() {
-                    self.poll.hit();
-                    break;
-                }
-                if Instant::now() >= until {
-                    self.poll.miss();
-                    return true;
-                }
-                std::hint::spin_loop();
-            }
-        }
-    }
-
-    /// Whether the driver has made requests available that are not served yet (the same
-    /// check that serving makes: a broken ring fails the device, and a failed device has
-    /// none).
-    fn has_requests(&self) -> bool {
-        has_pending(NAME, &self.queue, self.memory.memory(), &self.interrupt)
-    }
-
-    /// Serves the requests the driver has made available, until told to stop: a reset
-    /// (on a vCPU) waits for the request in hand, not for the whole ring.
-    fn process(&mut self, bell: &Doorbell) {
-        let memory = self.memory.memory();
-        let (disk, id, bounce) = (&mut self.disk, &self.id, &mut self.bounce);
-        let go_on = || !bell.stopping();
-        drain_queue_while(NAME, &mut self.queue, memory, &self.interrupt, go_on, |chain| {
-            request::serve(memory, chain, Context { disk: disk.as_mut(), id, bounce })
-        });
-    }
-}
-
-/// A running worker: its doorbell, and the thread that hands the disk back when it ends.
-struct WorkerHandle {
-    bell: Arc<Doorbell>,
-    thread: JoinHandle<Option<Box<dyn Disk>>>,
-}
+const _: () = assert!(SEG_MAX as usize + 2 <= buffers::MAX_PIECES, "a request of SEG_MAX segments fits inline");
+/// The most queues a device offers: one per vCPU up to this many. Each queue is a worker
+/// thread and up to [`IO_THREADS`] I/O threads; past 8 queues a guest gains little (its
+/// block layer maps several CPUs to a queue) and the host gains threads.
+pub const MAX_QUEUES: usize = 8;
+/// The most threads that run one queue's requests at once, for a disk that serves many
+/// requests at once: the queue's worker and `IO_THREADS - 1` I/O threads, which start as
+/// requests pile up and sleep when there are none.
+pub const IO_THREADS: usize = 8;
+/// Bytes of the configuration space (`struct virtio_blk_config` up to
+/// `write_zeroes_may_unmap` and its padding).
+const CONFIG_LEN: usize = 60;
 
 /// A virtio block device.
 pub struct Block {
-    disk: Option<Box<dyn Disk>>,
-    id: [u8; ID_LEN],
-    config: [u8; 60],
+    config: [u8; CONFIG_LEN],
     features: u64,
-    worker: Option<WorkerHandle>,
+    queue_sizes: Vec<u16>,
+    /// One per queue offered, in queue order.
+    queues: Vec<Slot<QueueHandler>>,
+    /// How many queues run (the first ones).
+    running: usize,
+    /// A shared disk, kept while its handles serve the queues.
+    _disk: Option<Box<dyn Disk>>,
 }
 
 impl std::fmt::Debug for Block {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Block").field("running", &self.worker.is_some()).finish_non_exhaustive()
+        f.debug_struct("Block")
+            .field("queues", &self.queues.len())
+            .field("running", &self.running)
+            .finish_non_exhaustive()
     }
 }
 
+/// The first `n` printable characters of the disk's ID, for thread names (a Linux thread
+/// name shows 15 bytes, so `top -H` tells the disks apart).
+fn short_id(id: &[u8; ID_LEN], n: usize) -> String {
+    let id = String::from_utf8_lossy(id);
+    id.trim_end_matches('\0').chars().filter(char::is_ascii_graphic).take(n).collect()
+}
+
 impl Block {
-    /// A block device over `disk`, answering GET_ID with `id` (at most 20 bytes used).
+    /// A block device over `disk` with one queue, answering GET_ID with `id` (at most 20
+    /// bytes used).
     pub fn new(disk: Box<dyn Disk>, id: &str) -> Self {
+        Block::with_queues(disk, id, 1)
+    }
+
+    /// A block device over `disk` offering `queues` queues (`VIRTIO_BLK_F_MQ`; give the
+    /// vCPU count), at least 1 and at most [`MAX_QUEUES`], when the disk serves requests
+    /// from several threads at once ([`Disk::shared`]); one queue otherwise.
+    pub fn with_queues(disk: Box<dyn Disk>, id: &str, queues: usize) -> Self {
         let mut id_bytes = [0u8; ID_LEN];
         let n = id.len().min(ID_LEN);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
-        let sectors = disk.capacity() / SECTOR_SIZE;
+        let info = DiskInfo { capacity: disk.capacity(), read_only: disk.read_only() };
+        let shared = disk.shared();
+        let count = if shared.is_some() { queues.clamp(1, MAX_QUEUES) } else { 1 };
+        let handler = |index: usize, backend: Backend| {
+            let (worker, pool) = if index == 0 {
+                (format!("vblk-{}", short_id(&id_bytes, 10)), format!("vbio-{}", short_id(&id_bytes, 10)))
+            } else {
+                (format!("vblk{index}-{}", short_id(&id_bytes, 9)), format!("vbio{index}-{}", short_id(&id_bytes, 9)))
+            };
+            Slot::new(worker, QueueHandler::new(backend, info, id_bytes, pool, IO_THREADS))
+        };
+        let (slots, kept) = match shared {
+            Some(shared) => {
+                let slots = (0..count).map(|i| handler(i, Backend::Shared(shared.clone()))).collect();
+                (slots, Some(disk))
+            }
+            None => (vec![handler(0, Backend::Serial { disk, bounce: Vec::new() })], None),
+        };
         let mut features = (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_RING_F_EVENT_IDX);
-        if disk.read_only() {
+        if info.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         } else {
             features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
-        // struct virtio_blk_config, little-endian.
-        let mut config = [0u8; 60];
-        let max_sectors = u32::try_from(sectors).unwrap_or(u32::MAX).min(MAX_ZEROES_SECTORS);
-        config[0..8].copy_from_slice(&sectors.to_le_bytes()); // capacity
-        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes()); // size_max
-        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
-        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
-        config[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
-        config[40..44].copy_from_slice(&(MAX_SEGMENTS as u32).to_le_bytes()); // max_discard_seg
-        config[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
-        config[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
-        config[52..56].copy_from_slice(&(MAX_SEGMENTS as u32).to_le_bytes()); // max_write_zeroes_seg
-        config[56] = 1; // write_zeroes_may_unmap
-        Block { disk: Some(disk), id: id_bytes, config, features, worker: None }
-    }
-
-    /// The worker thread's name: `vblk-` and the disk's ID, as far as the 15 characters
-    /// of a Linux thread name go (so `top -H` tells the disks apart).
-    fn thread_name(&self) -> String {
-        let id = String::from_utf8_lossy(&self.id);
-        let id: String = id.trim_end_matches('\0').chars().filter(char::is_ascii_graphic).take(10).collect();
-        format!("vblk-{id}")
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some(WorkerHandle { bell, thread }) = self.worker.take() {
-            bell.stop();
-            match thread.join() {
-                Ok(disk) => self.disk = disk,
-                Err(_) => warn_ratelimited!("virtio-blk: the worker panicked; the disk is gone"),
-            }
+        if count > 1 {
+            features |= 1 << VIRTIO_BLK_F_MQ;
+        }
+        Block {
+            config: config_space(info.capacity / SECTOR_SIZE, count as u16),
+            features,
+            queue_sizes: vec![QUEUE_SIZE; count],
+            queues: slots,
+            running: 0,
+            _disk: kept,
         }
     }
+
+    fn stop_queues(&mut self) {
+        for slot in &mut self.queues[..self.running] {
+            slot.stop();
+        }
+        self.running = 0;
+    }
+}
+
+/// `struct virtio_blk_config` (spec 5.2.4), little-endian.
+fn config_space(sectors: u64, num_queues: u16) -> [u8; CONFIG_LEN] {
+    let mut config = [0u8; CONFIG_LEN];
+    let max_sectors = u32::try_from(sectors).unwrap_or(u32::MAX).min(MAX_ZEROES_SECTORS);
+    config[0..8].copy_from_slice(&sectors.to_le_bytes()); // capacity
+    config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes()); // size_max
+    config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
+    config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+    config[34..36].copy_from_slice(&num_queues.to_le_bytes()); // num_queues
+    config[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
+    config[40..44].copy_from_slice(&(MAX_SEGMENTS as u32).to_le_bytes()); // max_discard_seg
+    config[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+    config[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+    config[52..56].copy_from_slice(&(MAX_SEGMENTS as u32).to_le_bytes()); // max_write_zeroes_seg
+    config[56] = 1; // write_zeroes_may_unmap
+    config
 }
 
 impl VirtioDevice for Block {
@@ -199,7 +167,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -211,50 +179,46 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation { memory, queues, interrupt, .. } = activation;
-        let queue = single_queue(queues)?;
-        let disk = self.disk.take().ok_or_else(|| ActivateError::Backend("the disk is gone".into()))?;
-        let worker =
-            Worker { memory, queue, interrupt, disk, id: self.id, bounce: vec![0; BOUNCE_SIZE], poll: Poll::new() };
-        let bell = Arc::new(Doorbell::default());
-        let inbox = Arc::clone(&bell);
-        // The worker goes to the thread once it exists, so a failed spawn keeps the disk.
-        let (give, take) = std::sync::mpsc::sync_channel::<Worker>(1);
-        let spawned = std::thread::Builder::new().name(self.thread_name()).spawn(move || match take.recv() {
-            Ok(worker) => Some(worker.run(&inbox)),
-            Err(_) => None,
-        });
-        let thread = match spawned {
-            Ok(thread) => thread,
-            Err(e) => {
-                self.disk = Some(worker.disk);
-                return Err(ActivateError::Backend(format!("cannot start the I/O thread: {e}")));
-            }
-        };
-        if let Err(std::sync::mpsc::SendError(worker)) = give.send(worker) {
-            self.disk = Some(worker.disk);
-            return Err(ActivateError::Backend("the I/O thread ended at once".into()));
+        let Activation { memory, queues, interrupt, acked_features } = activation;
+        if queues.is_empty() {
+            return Err(ActivateError::MissingQueues { needed: 1, got: 0 });
         }
-        self.worker = Some(WorkerHandle { bell, thread });
+        // A driver that did not take MQ uses queue 0 only.
+        let usable = if acked_features & (1 << VIRTIO_BLK_F_MQ) != 0 { queues.len() } else { 1 };
+        let event_idx = acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for (slot, queue) in self.queues.iter_mut().zip(queues).take(usable) {
+            let (memory, interrupt) = (memory.clone(), interrupt.clone());
+            let started = slot.start(|handler| {
+                handler.attach(memory, queue, interrupt, event_idx);
+                Ok(())
+            });
+            if let Err(e) = started {
+                self.stop_queues();
+                return Err(e);
+            }
+            self.running += 1;
+        }
         Ok(())
     }
 
-    fn queue_notify(&mut self, _index: u16) {
-        if let Some(worker) = &self.worker {
-            worker.bell.ring();
+    fn queue_notify(&mut self, index: u16) {
+        if let Some(slot) = self.queues[..self.running].get(usize::from(index)) {
+            slot.notify(0);
         }
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.stop_queues();
     }
 }
 
 impl Drop for Block {
     fn drop(&mut self) {
-        self.stop_worker();
+        self.stop_queues();
     }
 }
 
+#[cfg(test)]
+mod parallel_tests;
 #[cfg(test)]
 mod tests;

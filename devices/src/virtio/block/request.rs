@@ -2,21 +2,26 @@
 //!
 //! A request is a 16-byte header (type, reserved, sector) in device-readable memory, then
 //! data, then one status byte at the very end of the device-writable memory. Nothing is
-//! assumed about how the driver split these across descriptors: [`serve`] reads the
-//! readable part as one stream and writes the writable part as another (`virtio-queue`'s
-//! `Reader`/`Writer`, which also check every descriptor lies in guest memory). Reads and
-//! writes go straight between the disk and the guest's buffers when the disk can
-//! (`preadv`/`pwritev` over [`GuestIovecs`], every piece checked against guest memory);
-//! otherwise data moves through a bounded bounce buffer. Either way no guest-chosen
-//! length sizes an allocation.
+//! assumed about how the driver split these across descriptors. [`Request::parse`] walks
+//! the chain once: it copies the header (and a DISCARD/WRITE_ZEROES segment) out,
+//! records every other non-empty buffer as a piece of guest memory (checked against it,
+//! [`Pieces`]) and the status byte's address. [`Request::prepare`] validates the request
+//! against the disk and says what to do ([`Plan`]); [`Request::run`] does the disk I/O,
+//! on the queue's worker or an I/O thread, straight between the disk and the guest's
+//! buffers when the disk can (`preadv`/`pwritev`) and through a bounded bounce buffer
+//! otherwise; [`Request::finish`] writes the status. No guest-chosen length sizes an
+//! allocation, and a request allocates nothing.
+//!
+//! [`serve`] does all four at once, for one request at a time.
 
-use std::io::{Read, Write};
+use std::io;
 
 use guest_memory::GuestMemoryMmap;
-use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::disk::Disk;
-use crate::virtio::iovec::GuestIovecs;
+use super::buffers::{GuestBuffers, Pieces, MAX_PIECES};
+use super::disk::{Disk, SharedDisk};
+use crate::virtio::Chain;
 use crate::warn_ratelimited;
 
 /// Bytes in a sector, the unit of `sector` and `capacity`.
@@ -52,20 +57,102 @@ pub const MAX_DATA: u64 = 254 << 20;
 pub const MAX_ZEROES_SECTORS: u32 = (128 << 20) / SECTOR_SIZE as u32;
 /// The `unmap` flag of a WRITE_ZEROES segment.
 const FLAG_UNMAP: u32 = 1;
+/// Bytes in a request header and in a DISCARD/WRITE_ZEROES segment.
+const HEADER_LEN: usize = 16;
 
-/// What a request works with besides its chain.
+/// What a request works with besides its chain, for [`serve`].
 pub struct Context<'a> {
     /// The disk.
     pub disk: &'a mut dyn Disk,
     /// The device's ID string, zero-padded.
     pub id: &'a [u8; ID_LEN],
-    /// The bounce buffer for data.
+    /// The bounce buffer for data, for a disk that cannot reach guest memory itself.
     pub bounce: &'a mut [u8],
 }
 
-/// Whether `len` bytes at `sector` lie inside a disk of `capacity` bytes.
-fn in_bounds(sector: u64, len: u64, capacity: u64) -> bool {
-    sector.checked_mul(SECTOR_SIZE).and_then(|start| start.checked_add(len)).is_some_and(|end| end <= capacity)
+/// Serves the request in `chain` and writes its status. Returns how many bytes it wrote
+/// into the chain (the used length); 0 when the chain has nowhere to put a status.
+pub fn serve(mem: &GuestMemoryMmap, chain: Chain<'_>, ctx: Context<'_>) -> u32 {
+    let Context { disk, id, bounce } = ctx;
+    let info = DiskInfo { capacity: disk.capacity(), read_only: disk.read_only() };
+    let mut request = Request::new();
+    request.parse(mem, chain);
+    let (status, op) = match request.prepare(&info, id) {
+        Plan::Drop => return 0,
+        Plan::Done(status) => (status, None),
+        Plan::Io(op) => (request.run(op, &mut Target::Serial(disk, bounce)), Some(op)),
+    };
+    request.finish(mem, op, status)
+}
+
+/// What the device knows of its disk.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DiskInfo {
+    /// Size in bytes.
+    pub(crate) capacity: u64,
+    /// Whether writes are refused.
+    pub(crate) read_only: bool,
+}
+
+/// What to do with a request, once checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// Give the chain back with nothing written: it has nowhere to put a status, or a
+    /// buffer outside guest memory.
+    Drop,
+    /// Answer at once with this status (malformed or refused requests, GET_ID).
+    Done(u8),
+    /// Disk work, then the status it earns.
+    Io(Op),
+}
+
+/// The disk work a request asks for, checked against the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// Fill the data buffers from this byte offset.
+    Read(u64),
+    /// Write the data buffers at this byte offset.
+    Write(u64),
+    /// Make completed writes durable.
+    Flush,
+    /// Discard `len` bytes at `offset`.
+    Discard { offset: u64, len: u64 },
+    /// Zero `len` bytes at `offset`.
+    WriteZeroes { offset: u64, len: u64 },
+}
+
+/// Why a walk over a chain found it unusable as it stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// A buffer outside guest memory: nothing is written, not even a status.
+    OutsideMemory,
+    /// More pieces than [`MAX_PIECES`]: an I/O error.
+    TooManyPieces,
+}
+
+/// One request: what the walk over its chain found, kept for as long as the request is in
+/// flight. Inline (its pieces too), so requests are recycled, never allocated one by one.
+pub(crate) struct Request {
+    head: u16,
+    header: [u8; HEADER_LEN],
+    header_len: usize,
+    /// The first bytes after the header (a DISCARD/WRITE_ZEROES segment).
+    segment: [u8; HEADER_LEN],
+    segment_len: usize,
+    /// Device-readable bytes after the header.
+    readable_len: u64,
+    /// Device-writable bytes, the status byte included.
+    writable_len: u64,
+    /// The status byte: the last byte of the last non-empty device-writable buffer.
+    status: Option<GuestAddress>,
+    fault: Option<Fault>,
+    pieces: Pieces,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request").field("head", &self.head).field("kind", &self.kind()).finish_non_exhaustive()
+    }
 }
 
 fn le32(b: &[u8]) -> u32 {
@@ -76,193 +163,311 @@ fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
-/// Serves the request in `chain` and writes its status. Returns how many bytes it wrote
-/// into the chain (the used length); 0 when the chain has nowhere to put a status.
-pub fn serve(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, ctx: Context<'_>) -> u32 {
-    let (reader, writer) = match (chain.clone().reader(mem), chain.clone().writer(mem)) {
-        (Ok(r), Ok(w)) => (r, w),
-        _ => {
-            warn_ratelimited!("virtio-blk: request with buffers outside guest memory dropped");
+/// Whether `len` bytes at `sector` lie inside a disk of `capacity` bytes.
+fn in_bounds(sector: u64, len: u64, capacity: u64) -> bool {
+    sector.checked_mul(SECTOR_SIZE).and_then(|start| start.checked_add(len)).is_some_and(|end| end <= capacity)
+}
+
+impl Request {
+    /// An empty request.
+    pub(crate) const fn new() -> Self {
+        Request {
+            head: 0,
+            header: [0; HEADER_LEN],
+            header_len: 0,
+            segment: [0; HEADER_LEN],
+            segment_len: 0,
+            readable_len: 0,
+            writable_len: 0,
+            status: None,
+            fault: None,
+            pieces: Pieces::new(),
+        }
+    }
+
+    /// The chain's head descriptor, for the used ring.
+    pub(crate) fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// The request type, once the header is whole.
+    fn kind(&self) -> Option<u32> {
+        (self.header_len == HEADER_LEN).then(|| le32(&self.header[0..4]))
+    }
+
+    /// Walks `chain` once, recording what [`Request::prepare`] and [`Request::run`]
+    /// need; whatever this request held before is forgotten. Zero-length buffers are
+    /// skipped; a buffer outside guest memory ends the walk.
+    pub(crate) fn parse(&mut self, memory: &GuestMemoryMmap, chain: Chain<'_>) {
+        self.head = chain.head_index();
+        self.header_len = 0;
+        self.segment_len = 0;
+        self.readable_len = 0;
+        self.writable_len = 0;
+        self.status = None;
+        self.fault = None;
+        self.pieces.clear();
+        for desc in chain {
+            let len = desc.len() as usize;
+            if len == 0 {
+                continue;
+            }
+            let writable = desc.is_write_only();
+            for slice in memory.get_slices(desc.addr(), len) {
+                let Ok(slice) = slice else {
+                    self.fault = Some(Fault::OutsideMemory);
+                    return;
+                };
+                let (at, base) = if writable {
+                    (0, slice.ptr_guard_mut().as_ptr())
+                } else {
+                    (self.take_header(&slice), slice.ptr_guard().as_ptr().cast_mut())
+                };
+                if at == slice.len() {
+                    continue;
+                }
+                if !writable && self.segment_len < HEADER_LEN && matches!(self.kind(), Some(T_DISCARD | T_WRITE_ZEROES))
+                {
+                    let n = (HEADER_LEN - self.segment_len).min(slice.len() - at);
+                    if let Ok(part) = slice.subslice(at, n) {
+                        part.copy_to(&mut self.segment[self.segment_len..self.segment_len + n]);
+                        self.segment_len += n;
+                    }
+                }
+                let piece = slice.len() - at;
+                // SAFETY: `at + piece` is the slice's length, and the slice was just checked
+                // to lie in guest memory, which the holder of this request keeps mapped
+                // while it is in flight.
+                if !unsafe { self.pieces.push(writable, base.wrapping_add(at), piece) } {
+                    self.fault.get_or_insert(Fault::TooManyPieces);
+                }
+                if writable {
+                    self.writable_len += piece as u64;
+                } else {
+                    self.readable_len += piece as u64;
+                }
+            }
+            if writable {
+                // The whole buffer is in guest memory, so its last byte's address exists.
+                self.status = desc.addr().checked_add(len as u64 - 1);
+            }
+        }
+        self.pieces.seal();
+    }
+
+    /// Copies the start of a device-readable slice into the header while it is short of
+    /// 16 bytes; returns how many bytes of the slice went there.
+    fn take_header(&mut self, slice: &vm_memory::VolatileSlice<'_, impl vm_memory::bitmap::BitmapSlice>) -> usize {
+        let n = (HEADER_LEN - self.header_len).min(slice.len());
+        if n == 0 {
             return 0;
         }
-    };
-    let mut reader = reader;
-    let mut data = writer;
-    let writable = data.available_bytes();
-    if writable == 0 {
-        warn_ratelimited!("virtio-blk: request without a writable status byte dropped");
-        return 0;
-    }
-    let Ok(mut status_out) = data.split_at(writable - 1) else { return 0 };
-    let direct = Direct { mem, chain };
-    let mut written = None;
-    let status = execute(&mut reader, &mut data, direct, ctx, &mut written);
-    if status_out.write_all(&[status]).is_err() {
-        return 0;
-    }
-    (written.unwrap_or(data.bytes_written()) + 1) as u32
-}
-
-/// The chain again, for moving data straight between the disk and guest memory.
-struct Direct<'m> {
-    mem: &'m GuestMemoryMmap,
-    chain: DescriptorChain<&'m GuestMemoryMmap>,
-}
-
-impl<'m> Direct<'m> {
-    /// The request's data buffers: the `len` device-writable bytes before the status
-    /// byte (`writable`), or the device-readable bytes after the 16-byte header.
-    fn data(self, writable: bool, len: usize) -> Option<GuestIovecs<'m>> {
-        let skip = if writable { 0 } else { 16 };
-        let mut iov = GuestIovecs::from_chain(self.mem, self.chain, writable, skip, usize::MAX)?;
-        iov.truncate(len);
-        (iov.len() == len).then_some(iov)
-    }
-}
-
-type ChainReader<'a> = virtio_queue::Reader<'a>;
-type ChainWriter<'a> = virtio_queue::Writer<'a>;
-
-/// Serves the request and returns its status. `written` gets how many data bytes went
-/// into the chain when they did not go through `data` (which counts its own).
-fn execute(
-    reader: &mut ChainReader<'_>,
-    data: &mut ChainWriter<'_>,
-    direct: Direct<'_>,
-    ctx: Context<'_>,
-    written: &mut Option<usize>,
-) -> u8 {
-    let mut header = [0u8; 16];
-    if reader.read_exact(&mut header).is_err() {
-        warn_ratelimited!("virtio-blk: request without a 16-byte device-readable header");
-        return S_IOERR;
-    }
-    let (kind, sector) = (le32(&header[0..4]), le64(&header[8..16]));
-    let Context { disk, id, bounce } = ctx;
-    match kind {
-        T_IN => {
-            let len = data.available_bytes() as u64;
-            if len > MAX_DATA {
-                warn_ratelimited!("virtio-blk: read of {len} bytes; the device takes at most {MAX_DATA}");
-                return S_IOERR;
+        match slice.subslice(0, n) {
+            Ok(part) => {
+                part.copy_to(&mut self.header[self.header_len..self.header_len + n]);
+                self.header_len += n;
+                n
             }
-            if len % SECTOR_SIZE != 0 || !in_bounds(sector, len, disk.capacity()) {
-                warn_ratelimited!(
-                    "virtio-blk: read of {len} bytes at sector {sector} is outside the disk or not whole sectors"
-                );
-                return S_IOERR;
-            }
-            if let Some(mut iov) = direct.data(true, len as usize) {
-                if let Some(result) = disk.read_guest(&mut iov, sector * SECTOR_SIZE) {
-                    *written = Some(len as usize);
-                    return status_of("read", result);
-                }
-            }
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(bounce.len() as u64) as usize;
-                if disk.read_at(&mut bounce[..n], sector * SECTOR_SIZE + done).is_err()
-                    || data.write_all(&bounce[..n]).is_err()
-                {
-                    return S_IOERR;
-                }
-                done += n as u64;
-            }
-            S_OK
+            Err(_) => 0,
         }
-        T_OUT => {
-            let len = reader.available_bytes() as u64;
-            if disk.read_only() {
-                return S_IOERR;
-            }
-            if len > MAX_DATA {
-                warn_ratelimited!("virtio-blk: write of {len} bytes; the device takes at most {MAX_DATA}");
-                return S_IOERR;
-            }
-            if len % SECTOR_SIZE != 0 || !in_bounds(sector, len, disk.capacity()) {
-                warn_ratelimited!(
-                    "virtio-blk: write of {len} bytes at sector {sector} is outside the disk or not whole sectors"
-                );
-                return S_IOERR;
-            }
-            if let Some(mut iov) = direct.data(false, len as usize) {
-                if let Some(result) = disk.write_guest(&mut iov, sector * SECTOR_SIZE) {
-                    return status_of("write", result);
-                }
-            }
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(bounce.len() as u64) as usize;
-                if reader.read_exact(&mut bounce[..n]).is_err()
-                    || disk.write_at(&bounce[..n], sector * SECTOR_SIZE + done).is_err()
-                {
-                    return S_IOERR;
-                }
-                done += n as u64;
-            }
-            S_OK
+    }
+
+    /// Checks the request against the disk and says what to do. GET_ID is answered here
+    /// (its ID is written into the buffers); so is any request that is malformed or
+    /// refused.
+    pub(crate) fn prepare(&mut self, disk: &DiskInfo, id: &[u8; ID_LEN]) -> Plan {
+        let Some(_) = self.status.filter(|_| self.fault != Some(Fault::OutsideMemory)) else {
+            warn_ratelimited!(
+                "virtio-blk: request with a buffer outside guest memory or no writable status byte dropped"
+            );
+            return Plan::Drop;
+        };
+        let Some(kind) = self.kind() else {
+            warn_ratelimited!("virtio-blk: request without a 16-byte device-readable header");
+            return Plan::Done(S_IOERR);
+        };
+        if self.fault == Some(Fault::TooManyPieces) {
+            warn_ratelimited!("virtio-blk: request in more than {MAX_PIECES} pieces refused");
+            return Plan::Done(S_IOERR);
         }
-        T_FLUSH => match disk.flush() {
+        self.pieces.drop_last_writable_byte();
+        let sector = le64(&self.header[8..16]);
+        let data_in = self.writable_len - 1;
+        match kind {
+            T_IN => Self::check_data("read", sector, data_in, disk).map_or(Plan::Done(S_IOERR), Plan::Io),
+            T_OUT if disk.read_only => Plan::Done(S_IOERR),
+            T_OUT => Self::check_data("write", sector, self.readable_len, disk).map_or(Plan::Done(S_IOERR), Plan::Io),
+            T_FLUSH => Plan::Io(Op::Flush),
+            T_GET_ID => {
+                let n = (data_in as usize).min(ID_LEN);
+                self.pieces.buffers(true, n).fill_from(&id[..n]);
+                Plan::Done(S_OK)
+            }
+            T_DISCARD | T_WRITE_ZEROES => self.check_segment(kind, disk),
+            other => {
+                warn_ratelimited!("virtio-blk: unsupported request type {other}");
+                Plan::Done(S_UNSUPP)
+            }
+        }
+    }
+
+    /// The read or write of `len` bytes at `sector`, if the device takes it.
+    fn check_data(what: &str, sector: u64, len: u64, disk: &DiskInfo) -> Option<Op> {
+        if len > MAX_DATA {
+            warn_ratelimited!("virtio-blk: {what} of {len} bytes; the device takes at most {MAX_DATA}");
+            return None;
+        }
+        if len % SECTOR_SIZE != 0 || !in_bounds(sector, len, disk.capacity) {
+            warn_ratelimited!(
+                "virtio-blk: {what} of {len} bytes at sector {sector} is outside the disk or not whole sectors"
+            );
+            return None;
+        }
+        let offset = sector * SECTOR_SIZE;
+        Some(if what == "read" { Op::Read(offset) } else { Op::Write(offset) })
+    }
+
+    /// A DISCARD or WRITE_ZEROES request's one segment, checked.
+    fn check_segment(&self, kind: u32, disk: &DiskInfo) -> Plan {
+        if disk.read_only {
+            return Plan::Done(S_IOERR);
+        }
+        let len = self.readable_len;
+        if len == 0 || len % HEADER_LEN as u64 != 0 || len / HEADER_LEN as u64 > MAX_SEGMENTS as u64 {
+            warn_ratelimited!("virtio-blk: discard/write-zeroes with {len} bytes of segments");
+            return Plan::Done(S_UNSUPP);
+        }
+        let s = &self.segment;
+        let (start, sectors, flags) = (le64(&s[0..8]), le32(&s[8..12]), le32(&s[12..16]));
+        let allowed = if kind == T_DISCARD { 0 } else { FLAG_UNMAP };
+        if flags & !allowed != 0 {
+            return Plan::Done(S_UNSUPP);
+        }
+        let bytes = u64::from(sectors) * SECTOR_SIZE;
+        if sectors > MAX_ZEROES_SECTORS || !in_bounds(start, bytes, disk.capacity) {
+            return Plan::Done(S_IOERR);
+        }
+        let offset = start * SECTOR_SIZE;
+        Plan::Io(if kind == T_DISCARD {
+            Op::Discard { offset, len: bytes }
+        } else {
+            Op::WriteZeroes { offset, len: bytes }
+        })
+    }
+
+    /// Does the disk work of `op` (from [`Request::prepare`]) and returns the status.
+    pub(crate) fn run(&mut self, op: Op, target: &mut Target<'_>) -> u8 {
+        let (what, result) = match op {
+            Op::Read(offset) => {
+                let mut data = self.pieces.buffers(true, (self.writable_len - 1) as usize);
+                ("read", target.read(&mut data, offset))
+            }
+            Op::Write(offset) => {
+                let mut data = self.pieces.buffers(false, self.readable_len as usize);
+                ("write", target.write(&mut data, offset))
+            }
+            Op::Flush => ("flush", target.flush()),
+            Op::Discard { offset, len } => ("discard", target.zero(true, offset, len)),
+            Op::WriteZeroes { offset, len } => ("write-zeroes", target.zero(false, offset, len)),
+        };
+        match result {
             Ok(()) => S_OK,
             Err(e) => {
-                warn_ratelimited!("virtio-blk: flush failed: {e}");
+                warn_ratelimited!("virtio-blk: {what} failed: {e}");
                 S_IOERR
             }
-        },
-        T_GET_ID => {
-            let n = data.available_bytes().min(ID_LEN);
-            if data.write_all(&id[..n]).is_err() {
-                return S_IOERR;
-            }
-            S_OK
         }
-        T_DISCARD | T_WRITE_ZEROES => {
-            if disk.read_only() {
-                return S_IOERR;
-            }
-            let len = reader.available_bytes();
-            if len == 0 || len % 16 != 0 || len / 16 > MAX_SEGMENTS {
-                warn_ratelimited!("virtio-blk: discard/write-zeroes with {len} bytes of segments");
-                return S_UNSUPP;
-            }
-            let mut segment = [0u8; 16];
-            while reader.read_exact(&mut segment).is_ok() {
-                let (start, sectors, flags) = (le64(&segment[0..8]), le32(&segment[8..12]), le32(&segment[12..16]));
-                let allowed = if kind == T_DISCARD { 0 } else { FLAG_UNMAP };
-                if flags & !allowed != 0 {
-                    return S_UNSUPP;
-                }
-                let bytes = u64::from(sectors) * SECTOR_SIZE;
-                if sectors > MAX_ZEROES_SECTORS || !in_bounds(start, bytes, disk.capacity()) {
-                    return S_IOERR;
-                }
-                let done = if kind == T_DISCARD {
-                    disk.discard(start * SECTOR_SIZE, bytes)
-                } else {
-                    disk.punch_hole(start * SECTOR_SIZE, bytes)
-                };
-                if done.is_err() {
-                    return S_IOERR;
-                }
-            }
-            S_OK
+    }
+
+    /// Writes `status` into the request's status byte; returns the used length: the data
+    /// a successful read or GET_ID wrote, and the status byte. 0 for a dropped request.
+    /// `op` is what ran (`None`: answered by [`Request::prepare`]).
+    pub(crate) fn finish(&self, memory: &GuestMemoryMmap, op: Option<Op>, status: u8) -> u32 {
+        let Some(at) = self.status.filter(|_| self.fault != Some(Fault::OutsideMemory)) else { return 0 };
+        if memory.write_obj(status, at).is_err() {
+            return 0;
         }
-        other => {
-            warn_ratelimited!("virtio-blk: unsupported request type {other}");
-            S_UNSUPP
+        let data_in = self.writable_len - 1;
+        let data = match (op, status) {
+            (Some(Op::Read(_)), S_OK) => data_in,
+            (None, S_OK) if self.kind() == Some(T_GET_ID) => data_in.min(ID_LEN as u64),
+            _ => 0,
+        };
+        // The chain holds at most 4 GiB (virtio-queue stops a longer one).
+        u32::try_from(data + 1).unwrap_or(u32::MAX)
+    }
+}
+
+/// What a request's disk work runs against.
+pub(crate) enum Target<'a> {
+    /// A [`Disk`] that serves one request at a time, on the queue's worker, with the
+    /// bounce buffer (at least a byte) for a disk that cannot reach guest memory itself.
+    Serial(&'a mut dyn Disk, &'a mut [u8]),
+    /// A [`SharedDisk`], from any thread.
+    Shared(&'a dyn SharedDisk),
+}
+
+impl Target<'_> {
+    fn read(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        match self {
+            Target::Shared(disk) => disk.read_guest(bufs, offset),
+            Target::Serial(disk, bounce) => disk.read_guest(bufs, offset).unwrap_or_else(|| {
+                through(bufs, offset, bounce, |bufs, chunk, at| {
+                    disk.read_at(chunk, at)?;
+                    bufs.fill_from(chunk);
+                    Ok(())
+                })
+            }),
+        }
+    }
+
+    fn write(&mut self, bufs: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        match self {
+            Target::Shared(disk) => disk.write_guest(bufs, offset),
+            Target::Serial(disk, bounce) => disk.write_guest(bufs, offset).unwrap_or_else(|| {
+                through(bufs, offset, bounce, |bufs, chunk, at| {
+                    bufs.drain_into(chunk);
+                    disk.write_at(chunk, at)
+                })
+            }),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Target::Shared(disk) => disk.flush(),
+            Target::Serial(disk, _) => disk.flush(),
+        }
+    }
+
+    /// Discards (`discard`) or zeroes `len` bytes at `offset`.
+    fn zero(&mut self, discard: bool, offset: u64, len: u64) -> io::Result<()> {
+        match (self, discard) {
+            (Target::Shared(disk), true) => disk.discard(offset, len),
+            (Target::Shared(disk), false) => disk.punch_hole(offset, len),
+            (Target::Serial(disk, _), true) => disk.discard(offset, len),
+            (Target::Serial(disk, _), false) => disk.punch_hole(offset, len),
         }
     }
 }
 
-/// The status for a disk read or write's `result`.
-fn status_of(what: &str, result: std::io::Result<()>) -> u8 {
-    match result {
-        Ok(()) => S_OK,
-        Err(e) => {
-            warn_ratelimited!("virtio-blk: {what} failed: {e}");
-            S_IOERR
+/// Moves `bufs` through `bounce` a chunk at a time: `step` gets the buffers, a chunk of
+/// the bounce buffer as long as the next piece of data, and its offset on the disk.
+fn through(
+    bufs: &mut GuestBuffers<'_>,
+    mut offset: u64,
+    bounce: &mut [u8],
+    mut step: impl FnMut(&mut GuestBuffers<'_>, &mut [u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    while !bufs.is_empty() {
+        let n = bufs.len().min(bounce.len());
+        if n == 0 {
+            return Err(io::Error::other("no bounce buffer"));
         }
+        step(bufs, &mut bounce[..n], offset)?;
+        offset += n as u64;
     }
+    Ok(())
 }
 
 /// A request header, for tests and benchmarks that play the driver.

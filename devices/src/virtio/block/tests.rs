@@ -464,3 +464,72 @@ fn requests_larger_than_advertised_are_refused() {
     assert_eq!(request(&m, &mut d, T_WRITE_ZEROES, 0, &one).1, S_IOERR, "over max_write_zeroes_sectors");
     assert_eq!(request(&m, &mut d, T_DISCARD, 0, &one).1, S_IOERR, "over max_discard_sectors");
 }
+
+/// A read of `pieces` writable buffers of 8 bytes each, through an indirect table (which
+/// `virtio-queue` follows whether or not it was negotiated): (used length, status).
+fn read_in_pieces(m: &GuestMemoryMmap, d: &mut dyn Disk, pieces: u16) -> (u32, u8) {
+    const TABLE: u64 = 0x5_0000;
+    let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    let mut table = vec![Descriptor::new(HDR, 16, next, 1)];
+    for i in 0..pieces {
+        table.push(Descriptor::new(DATA + 8 * u64::from(i), 8, W | next, i + 2));
+    }
+    table.push(Descriptor::new(STATUS, 1, W, 0));
+    for (i, entry) in (0u64..).zip(&table) {
+        m.write_obj(RawDescriptor::from(*entry), GuestAddress(TABLE + 16 * i)).unwrap();
+    }
+    m.write_slice(&header(T_IN, 0), GuestAddress(HDR)).unwrap();
+    m.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+    let indirect = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+    let vq = MockSplitQueue::new(m, 16);
+    let chain = vq.build_desc_chain(&[desc(TABLE, 16 * table.len() as u32, indirect)]).unwrap();
+    let (id, mut bounce) = ([0u8; ID_LEN], vec![0u8; 512]);
+    let len = serve(m, chain, Context { disk: d, id: &id, bounce: &mut bounce });
+    (len, m.read_obj(GuestAddress(STATUS)).unwrap())
+}
+
+/// Hostile chains get the status their request earns, in one walk: too many pieces (more
+/// than SEG_MAX, through an indirect table), a header split across descriptors, a
+/// status byte in a device-readable descriptor, buffers in the wrong order.
+#[test]
+fn hostile_chains_get_the_right_status() {
+    let (m, mut d) = (mem(), disk());
+    // 192 pieces of 8 bytes: 3 sectors, fine.
+    assert_eq!(read_in_pieces(&m, &mut d, 192), (1537, S_OK));
+    let mut got = vec![0u8; 1536];
+    m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert_eq!(got, d.bytes[..1536]);
+    // 384 pieces: more than a request may have.
+    assert_eq!(read_in_pieces(&m, &mut d, 384), (1, S_IOERR));
+
+    // The header in three pieces.
+    m.write_slice(&header(T_IN, 2), GuestAddress(HDR)).unwrap();
+    let split = [desc(HDR, 3, 0), desc(HDR + 3, 9, 0), desc(HDR + 12, 4, 0), desc(DATA, 512, W), status()];
+    let vq = MockSplitQueue::new(&m, 16);
+    let (id, mut bounce) = ([0u8; ID_LEN], vec![0u8; 512]);
+    let len = serve(&m, vq.build_desc_chain(&split).unwrap(), Context { disk: &mut d, id: &id, bounce: &mut bounce });
+    assert_eq!((len, m.read_obj::<u8>(GuestAddress(STATUS)).unwrap()), (513, S_OK));
+    let mut got = [0u8; 512];
+    m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert_eq!(got[..], d.bytes[1024..1536]);
+
+    // The status descriptor is device-readable: the last writable byte (the data's) takes
+    // the status, and 511 bytes of data are not whole sectors.
+    let before = d.clone();
+    let readable_status = [hdr(), desc(DATA, 512, W), desc(STATUS, 1, 0)];
+    m.write_obj(0xeeu8, GuestAddress(DATA + 511)).unwrap();
+    assert_eq!(request(&m, &mut d, T_IN, 0, &readable_status).0, 1);
+    assert_eq!(m.read_obj::<u8>(GuestAddress(DATA + 511)).unwrap(), S_IOERR);
+    // A write whose only writable byte is the status, placed first: served as the
+    // device-readable and device-writable streams say.
+    m.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&m, &mut d, T_OUT, 4, &[status(), hdr(), desc(DATA, 512, 0)]), (1, S_OK));
+    assert_eq!(d.bytes[2048..2560], [0x5a; 512]);
+    assert_eq!(d.bytes[..2048], before.bytes[..2048]);
+    // A sector past the end, and one so large the byte offset overflows.
+    let read = [hdr(), desc(DATA, 512, W), status()];
+    assert_eq!(request(&m, &mut d, T_IN, 128, &read), (1, S_IOERR));
+    assert_eq!(request(&m, &mut d, T_OUT, u64::MAX, &[hdr(), desc(DATA, 512, 0), status()]), (1, S_IOERR));
+    // A zero-length descriptor outside guest memory is no buffer at all.
+    assert_eq!(request(&m, &mut d, T_FLUSH, 0, &[hdr(), desc(u64::MAX - 8, 0, W), status()]), (1, S_OK));
+}

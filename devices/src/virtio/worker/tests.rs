@@ -1,0 +1,143 @@
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::Registry;
+
+use super::*;
+use crate::virtio::testing::wait_for;
+
+/// A handler that counts what the loop asks of it; `work` is work waiting for `poll`.
+#[derive(Default)]
+struct Counter {
+    notified: Arc<AtomicU64>,
+    polls: Arc<AtomicU64>,
+    work: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    window: Duration,
+    wake: Option<Wake>,
+}
+
+impl Handler for Counter {
+    fn register(&mut self, _registry: &Registry) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_wake(&mut self, wake: Wake) {
+        self.wake = Some(wake);
+    }
+    fn notified(&mut self, _registry: &Registry, _queues: u32) {
+        self.notified.fetch_add(1, Ordering::SeqCst);
+        self.done.fetch_add(1, Ordering::SeqCst);
+    }
+    fn ready(&mut self, _registry: &Registry, _event: &Event) {}
+    fn deregister(&mut self, _registry: &Registry) {}
+    fn detach(&mut self) {}
+    fn poll_window(&mut self) -> Duration {
+        self.window
+    }
+    fn poll(&mut self, _registry: &Registry) -> bool {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        if self.work.swap(false, Ordering::SeqCst) {
+            self.done.fetch_add(1, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+    fn poll_expired(&mut self) {
+        // One window per round of work, so an idle loop sleeps.
+        self.window = Duration::ZERO;
+    }
+}
+
+/// `counter` on a worker, once it has done the round every worker starts with.
+fn running(counter: Counter) -> Worker<Counter> {
+    let done = counter.done.clone();
+    let worker = Worker::spawn("worker-test", counter).map_err(|(_, e)| e).unwrap();
+    wait_for("the first round", || done.load(Ordering::SeqCst) >= 1);
+    worker
+}
+
+#[test]
+fn no_notification_is_lost_between_a_look_and_a_sleep() {
+    let counter = Counter::default();
+    let done = counter.done.clone();
+    let worker = running(counter);
+    for round in 0..20_000u64 {
+        let before = done.load(Ordering::SeqCst);
+        worker.notify(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while done.load(Ordering::SeqCst) == before {
+            assert!(Instant::now() < deadline, "notification {round} was lost");
+            std::hint::spin_loop();
+        }
+    }
+    assert!(worker.stop().is_some());
+}
+
+#[test]
+fn the_loop_spins_on_poll_for_the_window_and_stops_when_asked() {
+    let counter = Counter { window: Duration::from_secs(3600), ..Counter::default() };
+    let (polls, work, done) = (counter.polls.clone(), counter.work.clone(), counter.done.clone());
+    let worker = Worker::spawn("worker-test", counter).map_err(|(_, e)| e).unwrap();
+    wait_for("polling", || polls.load(Ordering::SeqCst) > 100);
+    // Work found by polling is done without a notification.
+    let notified = done.load(Ordering::SeqCst);
+    work.store(true, Ordering::SeqCst);
+    wait_for("the polled work", || done.load(Ordering::SeqCst) == notified + 1);
+    // A stop ends an hour's window at once.
+    let stopping = Instant::now();
+    let handler = worker.stop().expect("the handler comes back");
+    assert!(stopping.elapsed() < Duration::from_secs(5));
+    assert_eq!(handler.notified.load(Ordering::SeqCst), 1, "only the start's round");
+}
+
+#[test]
+fn a_window_that_passes_puts_the_loop_to_sleep() {
+    let counter = Counter { window: Duration::from_millis(5), ..Counter::default() };
+    let polls = counter.polls.clone();
+    let worker = Worker::spawn("worker-test", counter).map_err(|(_, e)| e).unwrap();
+    wait_for("the window to pass", || polls.load(Ordering::SeqCst) > 0);
+    std::thread::sleep(Duration::from_millis(50));
+    let after = polls.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(polls.load(Ordering::SeqCst), after, "no polling once asleep");
+    assert!(worker.stop().is_some());
+}
+
+#[test]
+fn a_wake_reaches_the_loop_and_says_when_it_stops() {
+    let handler = running(Counter::default()).stop().unwrap();
+    let wake = handler.wake.clone().unwrap();
+    assert!(wake.stopping());
+    wake.wake(); // a loop that ended is not woken, and that is no error
+
+    let counter = Counter::default();
+    let done = counter.done.clone();
+    let worker = running(counter);
+    let wake = Wake { shared: Arc::clone(&worker.shared) };
+    assert!(!wake.stopping());
+    wake.wake();
+    wait_for("the wake", || done.load(Ordering::SeqCst) >= 2);
+    assert!(worker.stop().is_some());
+}
+
+#[test]
+fn polling_grows_on_hits_and_dies_out_on_misses() {
+    let mut poll = PollWindow::new();
+    assert_eq!(poll.window(), Duration::ZERO, "off at first");
+    poll.slept(Duration::from_micros(10));
+    assert_eq!(poll.window(), PollWindow::START, "a short sleep turns it on");
+    for _ in 0..10 {
+        poll.hit();
+    }
+    assert_eq!(poll.window(), PollWindow::MAX, "capped");
+    let mut misses = 0;
+    while poll.window() > Duration::ZERO {
+        poll.miss();
+        misses += 1;
+    }
+    assert!(misses <= 6, "an idle device stops polling after a few misses ({misses})");
+    poll.slept(Duration::from_millis(1));
+    assert_eq!(poll.window(), Duration::ZERO, "a long sleep leaves it off");
+}
