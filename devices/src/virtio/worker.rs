@@ -15,18 +15,24 @@
 //! that keeps an idle device from spinning.
 
 use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
-use mio::{Events, Poll, Registry, Token, Waker};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
+use super::notifier::QueueNotifier;
 use super::ActivateError;
 
-/// The token of the waker; handlers use any other.
+/// The token of the waker.
 pub const WAKE: Token = Token(usize::MAX);
+/// Tokens from here up to [`WAKE`] are the queue notifiers' ([`Slot::watch`]); handlers
+/// use tokens below.
+pub const NOTIFIERS: usize = usize::MAX - 64;
 /// The bit of [`Handler::notified`]'s mask a [`Wake`] sets: not a queue, the backend.
 pub const BACKEND: u32 = 1 << 31;
 
@@ -129,6 +135,10 @@ impl Wake {
     }
 }
 
+/// Queue notifiers a worker watches, each with the bit of [`Handler::notified`]'s mask
+/// its notifications set.
+pub type Notifiers = Arc<Vec<(u32, QueueNotifier)>>;
+
 /// A handler running on its own thread.
 pub struct Worker<H: Handler> {
     shared: Arc<Shared>,
@@ -142,9 +152,10 @@ impl<H: Handler> std::fmt::Debug for Worker<H> {
 }
 
 impl<H: Handler> Worker<H> {
-    /// Starts `handler` on a thread called `name`. On failure the handler is returned
-    /// with the error, so its backend is not lost.
-    pub fn spawn(name: &str, mut handler: H) -> Result<Self, (H, io::Error)> {
+    /// Starts `handler` on a thread called `name`, watching `notifiers` besides the
+    /// handler's own sources. On failure the handler is returned with the error, so its
+    /// backend is not lost.
+    pub fn spawn(name: &str, mut handler: H, notifiers: Notifiers) -> Result<Self, (H, io::Error)> {
         let setup = Poll::new().and_then(|poll| {
             let waker = Waker::new(poll.registry(), WAKE)?;
             Ok((poll, waker))
@@ -160,7 +171,7 @@ impl<H: Handler> Worker<H> {
             sleeping: AtomicBool::new(false),
         });
         handler.set_wake(Wake { shared: Arc::clone(&shared) });
-        if let Err(e) = handler.register(poll.registry()) {
+        if let Err(e) = watch(poll.registry(), &notifiers).and_then(|()| handler.register(poll.registry())) {
             handler.deregister(poll.registry());
             return Err((handler, e));
         }
@@ -169,7 +180,7 @@ impl<H: Handler> Worker<H> {
         let (give, take) = std::sync::mpsc::sync_channel::<(H, Poll)>(1);
         let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
             let (mut handler, mut poll) = take.recv().ok()?;
-            run(&mut handler, &mut poll, &inner);
+            run(&mut handler, &mut poll, &inner, &notifiers);
             handler.deregister(poll.registry());
             Some(handler)
         });
@@ -214,6 +225,7 @@ pub struct Slot<H: Handler> {
     name: String,
     idle: Option<H>,
     running: Option<Worker<H>>,
+    notifiers: Notifiers,
 }
 
 impl<H: Handler> std::fmt::Debug for Slot<H> {
@@ -226,7 +238,20 @@ impl<H: Handler> Slot<H> {
     /// An idle slot; `name` names the device and its thread (at most 15 bytes show in
     /// a Linux thread name).
     pub fn new(name: impl Into<String>, handler: H) -> Self {
-        Slot { name: name.into(), idle: Some(handler), running: None }
+        Slot { name: name.into(), idle: Some(handler), running: None, notifiers: Arc::default() }
+    }
+
+    /// Has every worker of this slot watch `notifier`, whose notifications reach the
+    /// handler as bit `bit` of [`Handler::notified`] (as [`Slot::notify`] with `bit`
+    /// does). For notifiers the machine makes before the device starts: false, and the
+    /// notifier dropped, while a worker runs, for a bit past 31, or past 64 notifiers.
+    pub fn watch(&mut self, bit: u16, notifier: QueueNotifier) -> bool {
+        let Some(notifiers) = Arc::get_mut(&mut self.notifiers) else { return false };
+        if u32::from(bit) >= u32::BITS || notifiers.len() >= WAKE.0 - NOTIFIERS {
+            return false;
+        }
+        notifiers.push((1 << bit, notifier));
+        true
     }
 
     /// Runs the idle handler on a new worker, once `attach` has handed it the driver's
@@ -240,7 +265,7 @@ impl<H: Handler> Slot<H> {
             self.idle = Some(handler);
             return Err(ActivateError::Backend(format!("{name}: {e}")));
         }
-        match Worker::spawn(name, handler) {
+        match Worker::spawn(name, handler, Arc::clone(&self.notifiers)) {
             Ok(worker) => {
                 self.running = Some(worker);
                 Ok(())
@@ -249,6 +274,17 @@ impl<H: Handler> Slot<H> {
                 handler.detach();
                 self.idle = Some(handler);
                 Err(ActivateError::Backend(format!("{name}: cannot start the device thread: {e}")))
+            }
+        }
+    }
+
+    /// [`Slot::watch`]es each notifier with its own queue's bit (a device whose worker
+    /// serves all its queues).
+    pub fn watch_all(&mut self, notifiers: Vec<QueueNotifier>) {
+        for notifier in notifiers {
+            let queue = notifier.queue();
+            if !self.watch(queue, notifier) {
+                crate::warn_ratelimited!("{}: queue {queue}'s notifier cannot be watched", self.name);
             }
         }
     }
@@ -280,7 +316,30 @@ impl<H: Handler> Drop for Slot<H> {
     }
 }
 
-fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared) {
+/// Registers the notifiers with the loop.
+fn watch(registry: &Registry, notifiers: &[(u32, QueueNotifier)]) -> io::Result<()> {
+    for (i, (_, notifier)) in notifiers.iter().enumerate() {
+        let fd = notifier.as_fd().as_raw_fd();
+        registry.register(&mut SourceFd(&fd), Token(NOTIFIERS + i), Interest::READABLE)?;
+    }
+    Ok(())
+}
+
+/// The queue bits of the notifiers among `events` that were signalled.
+fn notified_by(events: &Events, notifiers: &[(u32, QueueNotifier)]) -> u32 {
+    let mut queues = 0;
+    for event in events.iter() {
+        let Some((bit, notifier)) = event.token().0.checked_sub(NOTIFIERS).and_then(|i| notifiers.get(i)) else {
+            continue;
+        };
+        if notifier.take() {
+            queues |= bit;
+        }
+    }
+    queues
+}
+
+fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared, notifiers: &[(u32, QueueNotifier)]) {
     let mut events = Events::with_capacity(64);
     loop {
         // From here on a notification writes the waker; one made before is seen here.
@@ -302,11 +361,11 @@ fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared) {
             handler.timeout(poll.registry());
         }
         for event in events.iter() {
-            if event.token() != WAKE {
+            if event.token().0 < NOTIFIERS {
                 handler.ready(poll.registry(), event);
             }
         }
-        let queues = shared.notified.swap(0, Ordering::SeqCst);
+        let queues = shared.notified.swap(0, Ordering::SeqCst) | notified_by(&events, notifiers);
         if queues != 0 {
             handler.notified(poll.registry(), queues);
         }

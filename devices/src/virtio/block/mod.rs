@@ -28,6 +28,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use self::disk::Disk;
 use self::handler::{Backend, QueueHandler};
 use self::request::{DiskInfo, ID_LEN, MAX_DATA, MAX_SEGMENTS, MAX_ZEROES_SECTORS, SECTOR_SIZE};
+use super::notifier::QueueNotifier;
 use super::worker::Slot;
 use super::{ActivateError, Activation, VirtioDevice};
 
@@ -204,6 +205,21 @@ impl VirtioDevice for Block {
     fn queue_notify(&mut self, index: u16) {
         if let Some(slot) = self.queues[..self.running].get(usize::from(index)) {
             slot.notify(0);
+        }
+    }
+
+    fn wants_notifiers(&self) -> bool {
+        true
+    }
+
+    /// Each queue's notifier goes to that queue's worker, as its bit 0.
+    fn set_notifiers(&mut self, notifiers: Vec<QueueNotifier>) {
+        for notifier in notifiers {
+            let queue = notifier.queue();
+            let watched = self.queues.get_mut(usize::from(queue)).is_some_and(|slot| slot.watch(0, notifier));
+            if !watched {
+                crate::warn_ratelimited!("virtio-blk: queue {queue}'s notifier cannot be watched");
+            }
         }
     }
 

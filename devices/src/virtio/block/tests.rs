@@ -12,7 +12,7 @@ use super::request::*;
 use super::Block;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::testing::{desc, read_reg, start, wait_for, write_reg, Line, Mem, W};
-use crate::virtio::Interrupt;
+use crate::virtio::{Interrupt, VirtioDevice};
 
 const MEM: usize = 0x10_0000;
 const HDR: u64 = 0x1_0000;
@@ -230,6 +230,37 @@ fn requests_are_served_off_the_notifying_thread_and_survive_a_reset() {
         assert_eq!(shared.0.lock().unwrap().bytes[512..1024], [round as u8 + 1; 512]);
         write_reg(&mut t, 0x70, 0); // reset: the worker stops and hands the disk back
     }
+}
+
+#[test]
+fn a_queue_notifier_reaches_the_queues_worker_without_a_register_write() {
+    use crate::virtio::notifier::tests::pipe_notifier;
+    use std::io::Write;
+    let m = Arc::new(Mem(mem()));
+    let line = Arc::new(Line::default());
+    let shared = Shared(Arc::new(Mutex::new(disk())));
+    let mut block = Block::new(Box::new(shared.clone()), "disk0");
+    assert!(block.wants_notifiers());
+    let (notifier, mut ring) = pipe_notifier(0);
+    block.set_notifiers(vec![notifier, pipe_notifier(99).0]);
+    let mut t = MmioTransport::new(Box::new(block), m.clone(), Interrupt::new(line.clone())).unwrap();
+    let vq = MockSplitQueue::create(&**m, GuestAddress(0x8_0000), 16);
+    start(&mut t, &[&vq]);
+    // A first request through the register, so the worker has done its first round...
+    m.write_slice(&header(T_OUT, 1), GuestAddress(HDR)).unwrap();
+    vq.build_desc_chain(&[hdr(), desc(DATA, 512, 0), status()]).unwrap();
+    write_reg(&mut t, 0x50, 0);
+    wait_for("the first answer", || vq.used().idx().load() == 1);
+    // ...and, once its polling has died out, sleeps: only the notifier can wake it now.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    m.write_slice(&header(T_OUT, 2), GuestAddress(HDR)).unwrap();
+    m.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+    vq.build_desc_chain(&[hdr(), desc(DATA, 512, 0), status()]).unwrap();
+    ring.write_all(&1u64.to_ne_bytes()).unwrap(); // what KVM does for the guest's notify
+    wait_for("the answer to the notifier", || vq.used().idx().load() == 2);
+    assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+    assert_eq!(shared.0.lock().unwrap().bytes[1024..1536], [0x5a; 512]);
+    write_reg(&mut t, 0x70, 0);
 }
 
 /// A disk with no direct path to guest memory: requests go through the bounce buffer.

@@ -21,6 +21,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use self::port::Port;
 pub use self::port::{collect, MAX_CHAIN_OUTPUT};
+use super::notifier::QueueNotifier;
 use super::worker::Slot;
 use super::{queue_pair, ActivateError, Activation, VirtioDevice};
 use crate::output::Output;
@@ -108,6 +109,14 @@ impl VirtioDevice for Console {
 
     fn queue_notify(&mut self, index: u16) {
         self.port.notify(index);
+    }
+
+    fn wants_notifiers(&self) -> bool {
+        true
+    }
+
+    fn set_notifiers(&mut self, notifiers: Vec<QueueNotifier>) {
+        self.port.watch_all(notifiers);
     }
 
     fn reset(&mut self) {

@@ -22,6 +22,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use self::backend::NetBackend;
 use self::frames::Frames;
 pub use self::frames::{capacity, gather, MAX_FRAME};
+use super::notifier::QueueNotifier;
 use super::worker::Slot;
 use super::{queue_pair, ActivateError, Activation, VirtioDevice};
 
@@ -92,6 +93,14 @@ impl VirtioDevice for Net {
 
     fn queue_notify(&mut self, index: u16) {
         self.frames.notify(index);
+    }
+
+    fn wants_notifiers(&self) -> bool {
+        true
+    }
+
+    fn set_notifiers(&mut self, notifiers: Vec<QueueNotifier>) {
+        self.frames.watch_all(notifiers);
     }
 
     fn reset(&mut self) {

@@ -1,4 +1,5 @@
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -6,12 +7,15 @@ use mio::event::Event;
 use mio::Registry;
 
 use super::*;
+use crate::virtio::notifier::tests::pipe_notifier;
 use crate::virtio::testing::wait_for;
 
 /// A handler that counts what the loop asks of it; `work` is work waiting for `poll`.
 #[derive(Default)]
 struct Counter {
     notified: Arc<AtomicU64>,
+    /// Every queue bit the loop passed on.
+    queues: Arc<AtomicU32>,
     polls: Arc<AtomicU64>,
     work: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
@@ -26,7 +30,8 @@ impl Handler for Counter {
     fn set_wake(&mut self, wake: Wake) {
         self.wake = Some(wake);
     }
-    fn notified(&mut self, _registry: &Registry, _queues: u32) {
+    fn notified(&mut self, _registry: &Registry, queues: u32) {
+        self.queues.fetch_or(queues, Ordering::SeqCst);
         self.notified.fetch_add(1, Ordering::SeqCst);
         self.done.fetch_add(1, Ordering::SeqCst);
     }
@@ -53,7 +58,7 @@ impl Handler for Counter {
 /// `counter` on a worker, once it has done the round every worker starts with.
 fn running(counter: Counter) -> Worker<Counter> {
     let done = counter.done.clone();
-    let worker = Worker::spawn("worker-test", counter).map_err(|(_, e)| e).unwrap();
+    let worker = Worker::spawn("worker-test", counter, Arc::default()).map_err(|(_, e)| e).unwrap();
     wait_for("the first round", || done.load(Ordering::SeqCst) >= 1);
     worker
 }
@@ -79,7 +84,7 @@ fn no_notification_is_lost_between_a_look_and_a_sleep() {
 fn the_loop_spins_on_poll_for_the_window_and_stops_when_asked() {
     let counter = Counter { window: Duration::from_secs(3600), ..Counter::default() };
     let (polls, work, done) = (counter.polls.clone(), counter.work.clone(), counter.done.clone());
-    let worker = Worker::spawn("worker-test", counter).map_err(|(_, e)| e).unwrap();
+    let worker = Worker::spawn("worker-test", counter, Arc::default()).map_err(|(_, e)| e).unwrap();
     wait_for("polling", || polls.load(Ordering::SeqCst) > 100);
     // Work found by polling is done without a notification.
     let notified = done.load(Ordering::SeqCst);
@@ -96,7 +101,7 @@ fn the_loop_spins_on_poll_for_the_window_and_stops_when_asked() {
 fn a_window_that_passes_puts_the_loop_to_sleep() {
     let counter = Counter { window: Duration::from_millis(5), ..Counter::default() };
     let polls = counter.polls.clone();
-    let worker = Worker::spawn("worker-test", counter).map_err(|(_, e)| e).unwrap();
+    let worker = Worker::spawn("worker-test", counter, Arc::default()).map_err(|(_, e)| e).unwrap();
     wait_for("the window to pass", || polls.load(Ordering::SeqCst) > 0);
     std::thread::sleep(Duration::from_millis(50));
     let after = polls.load(Ordering::SeqCst);
@@ -140,4 +145,32 @@ fn polling_grows_on_hits_and_dies_out_on_misses() {
     assert!(misses <= 6, "an idle device stops polling after a few misses ({misses})");
     poll.slept(Duration::from_millis(1));
     assert_eq!(poll.window(), Duration::ZERO, "a long sleep leaves it off");
+}
+
+#[test]
+fn a_slot_hears_its_notifiers_as_the_bits_they_were_given_across_restarts() {
+    let counter = Counter::default();
+    let (queues, done) = (counter.queues.clone(), counter.done.clone());
+    let mut slot = Slot::new("worker-test", counter);
+    let (three, mut ring_three) = pipe_notifier(3);
+    let (five, mut ring_five) = pipe_notifier(5);
+    assert!(slot.watch(3, three));
+    assert!(slot.watch(0, five), "a block queue's worker hears its queue as bit 0");
+    for round in 0..2 {
+        slot.start(|_| Ok(())).unwrap();
+        // Every start begins with a round for all queues.
+        wait_for("the first round", || queues.load(Ordering::SeqCst) == u32::MAX);
+        queues.store(0, Ordering::SeqCst);
+        ring_three.write_all(&1u64.to_ne_bytes()).unwrap();
+        wait_for("queue 3's notifier", || queues.load(Ordering::SeqCst) == 1 << 3);
+        ring_five.write_all(&1u64.to_ne_bytes()).unwrap();
+        wait_for("queue 5's notifier", || queues.load(Ordering::SeqCst) == 1 << 3 | 1);
+        let (seven, _ring) = pipe_notifier(7);
+        assert!(!slot.watch(7, seven), "no new notifier while a worker runs (round {round})");
+        slot.stop();
+        queues.store(0, Ordering::SeqCst);
+    }
+    assert!(done.load(Ordering::SeqCst) >= 6);
+    let (big, _ring) = pipe_notifier(40);
+    assert!(!slot.watch(40, big), "no bit past 31");
 }
