@@ -183,4 +183,9 @@ impl Driver {
         self.used_seen[q] = idx;
         new
     }
+
+    /// The started device's transport, to put on a bus (the driver side is given up).
+    pub fn into_transport(self) -> MmioTransport {
+        self.transport
+    }
 }
