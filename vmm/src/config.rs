@@ -75,7 +75,10 @@ pub enum ConfigError {
     #[error("--console {0}: use serial, hvc, file=PATH or socket=PATH")]
     BadConsole(String),
     /// A `--balloon` argument that is not one of the documented forms.
-    #[error("--balloon={0}: use a comma-separated list of reporting=on|off, deflate-on-oom=on|off, stats=SECONDS (0: off, at most 3600)")]
+    #[error(
+        "--balloon={0}: use a comma-separated list of reporting=on|off, deflate-on-oom=on|off, \
+         stats=SECONDS (0: off, at most 3600), target=SIZE"
+    )]
     BadBalloon(String),
 }
 
@@ -132,7 +135,9 @@ pub use devices::virtio::balloon::BalloonOptions;
 
 /// Parses `--balloon[=OPTIONS]`: empty for everything on (free page reporting,
 /// deflate-on-OOM, statistics every 5 s), or a comma-separated list changing that:
-/// `reporting=on|off`, `deflate-on-oom=on|off`, `stats=SECONDS` (0: no statistics queue).
+/// `reporting=on|off`, `deflate-on-oom=on|off`, `stats=SECONDS` (0: no statistics queue),
+/// `target=SIZE` (the balloon's size at boot, e.g. 256M: the guest gives that much back
+/// as it starts).
 pub fn parse_balloon(text: &str) -> Result<BalloonOptions, ConfigError> {
     let bad = || ConfigError::BadBalloon(text.into());
     let mut options = BalloonOptions::default();
@@ -153,6 +158,7 @@ pub fn parse_balloon(text: &str) -> Result<BalloonOptions, ConfigError> {
                 }
                 options.stats_interval = (secs > 0).then(|| std::time::Duration::from_secs(secs));
             }
+            "target" => options.initial_target = parse_size(value).map_err(|_| bad())?,
             _ => return Err(bad()),
         }
     }
@@ -847,7 +853,8 @@ mod tests {
                 ..all
             })
         );
-        for bad in ["reporting", "reporting=yes", "stats=-1", "stats=3601", "hints=on"] {
+        assert_eq!(parse_balloon("target=256M"), Ok(BalloonOptions { initial_target: 256 << 20, ..all }));
+        for bad in ["reporting", "reporting=yes", "stats=-1", "stats=3601", "hints=on", "target=lots"] {
             assert_eq!(parse_balloon(bad), Err(ConfigError::BadBalloon(bad.into())), "{bad}");
         }
         let vz = VmConfig { backend: Some(Backend::Vz), balloon: Some(all), ..VmConfig::new("Image") };

@@ -99,7 +99,8 @@ struct Cli {
     memory: u64,
     /// A virtio-balloon: `--balloon` alone offers free page reporting (memory the guest
     /// frees goes back to the host), deflate-on-OOM and statistics every 5 s;
-    /// `--balloon=reporting=off,deflate-on-oom=off,stats=SECONDS` (0: none) changes that.
+    /// `--balloon=reporting=off,deflate-on-oom=off,stats=SECONDS` (0: none) changes that,
+    /// and `target=SIZE` has the guest give SIZE back as it boots.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, require_equals = true, default_missing_value = "", value_parser = parse_balloon)]
     balloon: Option<config::BalloonOptions>,
 }

@@ -66,12 +66,20 @@ pub struct BalloonOptions {
     /// Offer the statistics queue and ask for fresh statistics at this interval; `None`:
     /// no statistics.
     pub stats_interval: Option<Duration>,
+    /// The target the balloon starts with, in bytes (the driver inflates to it as it
+    /// starts); [`BalloonHandle::set_target`] changes it.
+    pub initial_target: u64,
 }
 
 impl Default for BalloonOptions {
     /// Everything on, statistics every [`DEFAULT_STATS_INTERVAL`].
     fn default() -> Self {
-        BalloonOptions { free_page_reporting: true, deflate_on_oom: true, stats_interval: Some(DEFAULT_STATS_INTERVAL) }
+        BalloonOptions {
+            free_page_reporting: true,
+            deflate_on_oom: true,
+            stats_interval: Some(DEFAULT_STATS_INTERVAL),
+            initial_target: 0,
+        }
     }
 }
 
@@ -144,6 +152,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `bytes` in 4 KiB pages, rounded down, at most `u32::MAX`.
+fn pages(bytes: u64) -> u32 {
+    u32::try_from(bytes / PAGE_SIZE).unwrap_or(u32::MAX)
+}
+
 /// The host's side of a balloon: sets its target, reads what the guest did. Cheap to
 /// clone; any thread.
 #[derive(Debug, Clone)]
@@ -157,7 +170,7 @@ impl BalloonHandle {
     /// interrupt if the driver has the device started (otherwise the driver reads it when
     /// it starts). Returns the target in pages.
     pub fn set_target(&self, bytes: u64) -> u32 {
-        let pages = u32::try_from(bytes / PAGE_SIZE).unwrap_or(u32::MAX);
+        let pages = pages(bytes);
         self.shared.target.store(pages, Ordering::SeqCst);
         if let Some(interrupt) = lock(&self.shared.interrupt).as_ref() {
             interrupt.trigger(INT_CONFIG);
@@ -204,6 +217,7 @@ impl Balloon {
     /// A balloon offering `options`, and the host's handle on it.
     pub fn new(options: BalloonOptions) -> (Self, BalloonHandle) {
         let shared = Arc::new(Shared::default());
+        shared.target.store(pages(options.initial_target), Ordering::SeqCst);
         let engine = Slot::new(NAME, Engine::new(Arc::clone(&shared), options.stats_interval));
         (Balloon { options, shared: Arc::clone(&shared), engine }, BalloonHandle { shared })
     }
@@ -250,7 +264,15 @@ impl VirtioDevice for Balloon {
         }
         config[start..end].copy_from_slice(data);
         let actual = u32::from_le_bytes([config[4], config[5], config[6], config[7]]);
-        self.shared.actual.store(actual, Ordering::SeqCst);
+        let before = self.shared.actual.swap(actual, Ordering::SeqCst);
+        // Linux writes `actual` after every MiB it moves: a line every 64 MiB, and when
+        // the balloon reaches its target.
+        let target = self.shared.target.load(Ordering::SeqCst);
+        let step = (64 << 20) / PAGE_SIZE as u32;
+        if actual != before && (actual == target || actual / step != before / step) {
+            let mib = |pages: u32| (u64::from(pages) * PAGE_SIZE) >> 20;
+            log::info!("{NAME}: the guest's balloon holds {} MiB (target {} MiB)", mib(actual), mib(target));
+        }
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {

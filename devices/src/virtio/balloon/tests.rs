@@ -83,7 +83,12 @@ fn the_queue_map_follows_the_negotiated_features() {
 
 #[test]
 fn only_the_chosen_features_are_offered() {
-    let mut g = Guest::new(BalloonOptions { free_page_reporting: false, deflate_on_oom: true, stats_interval: None });
+    let mut g = Guest::new(BalloonOptions {
+        free_page_reporting: false,
+        deflate_on_oom: true,
+        stats_interval: None,
+        initial_target: 0,
+    });
     write_reg(&mut g.t, 0x14, 0);
     let offered = read_reg(&mut g.t, 0x10);
     assert_eq!(offered & 0x3f, 1 << F_DEFLATE_ON_OOM);
@@ -195,7 +200,8 @@ fn statistics_are_read_kept_and_asked_for_again() {
 
 #[test]
 fn the_host_target_reaches_the_driver_and_actual_comes_back() {
-    let mut g = Guest::new(all_on());
+    let mut g = Guest::new(BalloonOptions { initial_target: 8 << 20, ..all_on() });
+    assert_eq!(g.config(0), 2048, "the initial target");
     assert_eq!(g.handle.set_target(64 << 20), 16384);
     assert_eq!(g.config(0), 16384, "num_pages, before the driver starts");
     assert!(!g.line.high(), "no driver, no interrupt");
