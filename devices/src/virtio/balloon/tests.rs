@@ -55,6 +55,13 @@ fn queues(m: &Mem, n: u64) -> Vec<MockSplitQueue<'_, GuestMemoryMmap>> {
     (0..n).map(|i| MockSplitQueue::create(&m.0, GuestAddress(0x8_0000 + i * 0x1_0000), 16)).collect()
 }
 
+/// Starts the device with all four queues.
+fn started<'a>(g: &mut Guest, m: &'a Mem) -> Vec<MockSplitQueue<'a, GuestMemoryMmap>> {
+    let vqs = queues(m, 4);
+    start(&mut g.t, &vqs.iter().collect::<Vec<_>>());
+    vqs
+}
+
 fn all_on() -> BalloonOptions {
     BalloonOptions { stats_interval: Some(Duration::from_millis(50)), ..BalloonOptions::default() }
 }
@@ -102,8 +109,7 @@ fn only_the_chosen_features_are_offered() {
 fn inflate_releases_valid_frames_and_ignores_hostile_ones() {
     let mut g = Guest::new(all_on());
     let m = g.m.clone();
-    let vqs = queues(&m, 4);
-    start(&mut g.t, &vqs.iter().collect::<Vec<_>>());
+    let vqs = started(&mut g, &m);
     g.fill(0x20_0000, 0x2_0000, 0xa5);
     // 64 KiB of frames (in any order, some twice), and frames past RAM and at u32::MAX.
     let mut pfns: Vec<u32> = (0x200..0x210).rev().collect();
@@ -127,8 +133,7 @@ fn inflate_releases_valid_frames_and_ignores_hostile_ones() {
 fn malformed_page_arrays_are_dropped_without_harm() {
     let mut g = Guest::new(all_on());
     let m = g.m.clone();
-    let vqs = queues(&m, 4);
-    start(&mut g.t, &vqs.iter().collect::<Vec<_>>());
+    let vqs = started(&mut g, &m);
     g.fill(0x20_0000, 0x1_0000, 0xa5);
     let len = pfn_array(&g, 0x1000, &[0x200, 0x201]);
     vqs[0].add_desc_chains(&[desc(0x1000, len - 1, 0)], 0).unwrap(); // a partial entry
@@ -145,8 +150,7 @@ fn malformed_page_arrays_are_dropped_without_harm() {
 fn reported_ranges_are_released_when_inside_ram() {
     let mut g = Guest::new(all_on());
     let m = g.m.clone();
-    let vqs = queues(&m, 4);
-    start(&mut g.t, &vqs.iter().collect::<Vec<_>>());
+    let vqs = started(&mut g, &m);
     g.fill(0x20_0000, 0x20_0000, 0xa5);
     let page = super::release::host_page_size() as usize;
     vqs[3]
@@ -175,8 +179,7 @@ fn reported_ranges_are_released_when_inside_ram() {
 fn statistics_are_read_kept_and_asked_for_again() {
     let mut g = Guest::new(all_on());
     let m = g.m.clone();
-    let vqs = queues(&m, 4);
-    start(&mut g.t, &vqs.iter().collect::<Vec<_>>());
+    let vqs = started(&mut g, &m);
     let entry = |tag: u16, value: u64| [tag.to_le_bytes().as_slice(), &value.to_le_bytes()].concat();
     let buf = [entry(MEMFREE, 300 << 20), entry(MEMTOT, 512 << 20)].concat();
     g.m.write_slice(&buf, GuestAddress(0x1000)).unwrap();
