@@ -6,7 +6,7 @@
 //! guest RAM ([`host_range`]); only whole host pages inside it are released
 //! ([`inner_pages`]: 4 KiB pages on Linux, 16 KiB on Apple Silicon, whatever the guest's
 //! page size), and a deflate asks for the pages touching it back ([`outer_pages`]). The
-//! call itself ([`advise`]) is thin: `madvise(MADV_DONTNEED)` on Linux (guest RAM is
+//! call itself (`advise`, under [`apply`]) is thin: `madvise(MADV_DONTNEED)` on Linux (guest RAM is
 //! private anonymous memory, which reads back as zeros and costs nothing until touched
 //! again), `MADV_FREE_REUSABLE` on macOS (which drops the process's footprint at once,
 //! where `MADV_DONTNEED` does not) and `MADV_FREE_REUSE` when the guest takes pages back.
