@@ -836,8 +836,10 @@ pub const ALL: &[Scenario] = &[
 /// The scenarios named in `names`, or all of them when `names` is empty. Unknown names
 /// are an error that lists the known ones.
 pub fn select(names: &[String]) -> Result<Vec<Scenario>, String> {
+    let mut all = ALL.to_vec();
+    all.extend(crate::balloon::scenarios());
     if names.is_empty() {
-        return Ok(ALL.to_vec());
+        return Ok(all);
     }
     let mut unique: Vec<&String> = Vec::new();
     for name in names {
@@ -848,8 +850,8 @@ pub fn select(names: &[String]) -> Result<Vec<Scenario>, String> {
     unique
         .into_iter()
         .map(|name| {
-            ALL.iter().find(|s| s.name == name).cloned().ok_or_else(|| {
-                let known: Vec<_> = ALL.iter().map(|s| s.name).collect();
+            all.iter().find(|s| s.name == name).cloned().ok_or_else(|| {
+                let known: Vec<_> = all.iter().map(|s| s.name).collect();
                 format!("no scenario named `{name}`; known: {}", known.join(", "))
             })
         })
@@ -874,7 +876,7 @@ mod tests {
 
     #[test]
     fn selection() {
-        assert_eq!(select(&[]).unwrap().len(), ALL.len());
+        assert_eq!(select(&[]).unwrap().len(), ALL.len() + crate::balloon::scenarios().len());
         assert_eq!(select(&["hello".into()]).unwrap()[0].name, "hello");
         assert_eq!(select(&["hello".into(), "hello".into()]).unwrap().len(), 1);
         let err = select(&["nope".into()]).unwrap_err();

@@ -74,6 +74,12 @@ pub enum ConfigError {
     /// A `--console` argument that is not one of the documented forms.
     #[error("--console {0}: use serial, hvc, file=PATH or socket=PATH")]
     BadConsole(String),
+    /// A `--balloon` argument that is not one of the documented forms.
+    #[error(
+        "--balloon={0}: use a comma-separated list of reporting=on|off, deflate-on-oom=on|off, \
+         stats=SECONDS (0: off, at most 3600), target=SIZE"
+    )]
+    BadBalloon(String),
 }
 
 /// What to boot and on what machine: start from [`VmConfig::new`] and set fields.
@@ -120,6 +126,43 @@ pub struct VmConfig {
     /// while the guest runs when it is one (Ctrl-A X quits). Off by default: a library
     /// must not touch the terminal unless asked.
     pub console_stdin: bool,
+    /// A virtio-balloon device with these features (`--balloon`); `None`: no balloon.
+    /// The embedder sets its target through [`crate::VmHandle::set_balloon_target`].
+    pub balloon: Option<BalloonOptions>,
+}
+
+pub use devices::virtio::balloon::BalloonOptions;
+
+/// Parses `--balloon[=OPTIONS]`: empty for everything on (free page reporting,
+/// deflate-on-OOM, statistics every 5 s), or a comma-separated list changing that:
+/// `reporting=on|off`, `deflate-on-oom=on|off`, `stats=SECONDS` (0: no statistics queue),
+/// `target=SIZE` (the balloon's size at boot, e.g. 256M: the guest gives that much back
+/// as it starts).
+pub fn parse_balloon(text: &str) -> Result<BalloonOptions, ConfigError> {
+    let bad = || ConfigError::BadBalloon(text.into());
+    let mut options = BalloonOptions::default();
+    for item in text.split(',').filter(|i| !i.is_empty()) {
+        let (key, value) = item.split_once('=').ok_or_else(bad)?;
+        let on = || match value {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err(bad()),
+        };
+        match key {
+            "reporting" => options.free_page_reporting = on()?,
+            "deflate-on-oom" => options.deflate_on_oom = on()?,
+            "stats" => {
+                let secs: u64 = value.parse().map_err(|_| bad())?;
+                if secs > 3600 {
+                    return Err(bad());
+                }
+                options.stats_interval = (secs > 0).then(|| std::time::Duration::from_secs(secs));
+            }
+            "target" => options.initial_target = parse_size(value).map_err(|_| bad())?,
+            _ => return Err(bad()),
+        }
+    }
+    Ok(options)
 }
 
 /// Which interrupt controller the guest gets.
@@ -490,6 +533,7 @@ impl VmConfig {
             shares: Vec::new(),
             console_stdin: false,
             disks: Vec::new(),
+            balloon: None,
         }
     }
 
@@ -514,6 +558,9 @@ impl VmConfig {
             if self.nets.iter().any(|n| n.backend == NetBackendConfig::Nat) {
                 return Err(ConfigError::NeedsVz("--net nat"));
             }
+        }
+        if self.backend == Some(Backend::Vz) && self.balloon.is_some() {
+            return Err(ConfigError::NotWithVz("--balloon"));
         }
         if self.backend != Some(Backend::Vz) {
             crate::slots::assign(crate::slots::count(self, &crate::slots::Extras::default()))?;
@@ -788,5 +835,32 @@ mod tests {
             assert!(matches!(VmConfig { memory, ..ok.clone() }.validate(), Err(ConfigError::MemoryOutOfRange(_))));
         }
         assert_eq!(VmConfig { memory: RAM_MAX, cpus: 8, ..ok }.validate(), Ok(()));
+    }
+
+    #[test]
+    fn balloon_options_parse_and_vz_refuses_them() {
+        let all = BalloonOptions::default();
+        assert_eq!(parse_balloon(""), Ok(all));
+        assert_eq!(
+            parse_balloon("reporting=off,stats=0"),
+            Ok(BalloonOptions { free_page_reporting: false, stats_interval: None, ..all })
+        );
+        assert_eq!(
+            parse_balloon("deflate-on-oom=off,stats=2"),
+            Ok(BalloonOptions {
+                deflate_on_oom: false,
+                stats_interval: Some(std::time::Duration::from_secs(2)),
+                ..all
+            })
+        );
+        assert_eq!(parse_balloon("target=256M"), Ok(BalloonOptions { initial_target: 256 << 20, ..all }));
+        for bad in ["reporting", "reporting=yes", "stats=-1", "stats=3601", "hints=on", "target=lots"] {
+            assert_eq!(parse_balloon(bad), Err(ConfigError::BadBalloon(bad.into())), "{bad}");
+        }
+        let vz = VmConfig { backend: Some(Backend::Vz), balloon: Some(all), ..VmConfig::new("Image") };
+        assert_eq!(vz.validate(), Err(ConfigError::NotWithVz("--balloon")));
+        let kvm = VmConfig { backend: None, ..vz };
+        assert_eq!(kvm.validate(), Ok(()));
+        assert_eq!(crate::slots::count(&kvm, &crate::slots::Extras::default()), 3, "entropy, power button, balloon");
     }
 }

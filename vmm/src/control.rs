@@ -53,6 +53,8 @@ pub struct Control {
     /// The guest's power button, where the machine has one (KVM, Hypervisor.framework):
     /// pressing it says whether a driver listens.
     power_button: Mutex<Option<PowerButton>>,
+    /// The machine's balloon, if it has one.
+    balloon: OnceLock<devices::virtio::balloon::BalloonHandle>,
 }
 
 /// Presses a guest's power button; returns whether a driver listens.
@@ -110,6 +112,16 @@ impl Control {
         for kicker in lock(&self.kickers).iter() {
             kicker.kick();
         }
+    }
+
+    /// Gives the machine's balloon to [`crate::VmHandle::set_balloon_target`] (once).
+    pub fn set_balloon(&self, balloon: devices::virtio::balloon::BalloonHandle) {
+        let _ = self.balloon.set(balloon);
+    }
+
+    /// The machine's balloon, if it has one.
+    pub fn balloon(&self) -> Option<&devices::virtio::balloon::BalloonHandle> {
+        self.balloon.get()
     }
 
     /// Gives the machine's power button (`devices::virtio::input`) to

@@ -227,6 +227,14 @@ impl VmBuilder {
         self
     }
 
+    /// Gives the guest a virtio-balloon with `options` (as `--balloon` does): with free
+    /// page reporting, memory the guest frees goes back to the host within seconds; the
+    /// target is set with [`VmHandle::set_balloon_target`]. Not with `--backend vz`.
+    pub fn balloon(mut self, options: crate::config::BalloonOptions) -> Self {
+        self.config.balloon = Some(options);
+        self
+    }
+
     /// For debugging a guest that hangs: prints the state of hvrun's emulated GIC and of
     /// each vCPU's interrupt line to standard error `after` the start (nothing with the
     /// hypervisor's GIC). The `hvrun` command takes it from `HVRUN_DUMP_AFTER=SECS`.
@@ -424,6 +432,21 @@ impl VmHandle {
     /// [`VmHandle::stop`] ends it.
     pub fn request_shutdown(&self) -> bool {
         self.control.ask_guest_to_stop()
+    }
+
+    /// Asks the guest to hold `bytes` in its balloon (rounded down to 4 KiB pages): the
+    /// guest inflates (gives the host that much memory) or deflates towards it, and says
+    /// how far it got in [`devices::virtio::balloon::BalloonHandle::actual`] (see
+    /// [`VmHandle::balloon`]). Returns false if the machine has no balloon
+    /// ([`VmBuilder::balloon`], `--balloon`).
+    pub fn set_balloon_target(&self, bytes: u64) -> bool {
+        self.control.balloon().map(|b| b.set_target(bytes)).is_some()
+    }
+
+    /// The machine's balloon, for its target, what the guest holds (`actual`), the
+    /// memory given back so far and the guest's last statistics; `None` without one.
+    pub fn balloon(&self) -> Option<devices::virtio::balloon::BalloonHandle> {
+        self.control.balloon().cloned()
     }
 
     /// Stops the VM (the guest gets no say); [`Vm::wait`] then returns

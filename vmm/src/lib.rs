@@ -62,8 +62,9 @@ pub mod extend {
     pub use {virtio_queue, vm_memory};
 }
 
-pub use config::{ConfigError, VmConfig};
+pub use config::{BalloonOptions, ConfigError, VmConfig};
 pub use devices::ratelimit::GuestLogLimiter;
+pub use devices::virtio::balloon::{stats as balloon_stats, BalloonHandle, Stats as BalloonStats};
 pub use embed::{ConsoleIo, Event, PauseError, Vm, VmBuilder, VmHandle};
 pub use irqchip::GicError;
 

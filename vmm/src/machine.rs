@@ -92,7 +92,12 @@ where
     }
     let (button_device, button) = PowerButtonDevice::new();
     control.set_power_button(Box::new(move || button.press()));
-    let extras = Extras { disks, devices: extra_devices, power_button: button_device };
+    let balloon = config.balloon.map(|options| {
+        let (device, handle) = devices::virtio::balloon::Balloon::new(options);
+        control.set_balloon(handle);
+        device
+    });
+    let extras = Extras { disks, devices: extra_devices, power_button: button_device, balloon };
     timeline.mark("backends");
     let (virtio, files) = virtio_devices(config, files, extras, nets, console.backend.take())?;
     timeline.mark("devices");
@@ -324,12 +329,13 @@ struct Extras {
     disks: Vec<(Box<dyn devices::virtio::block::disk::Disk>, String)>,
     devices: Vec<Box<dyn VirtioDevice>>,
     power_button: PowerButtonDevice,
+    balloon: Option<devices::virtio::balloon::Balloon>,
 }
 
 /// The virtio devices, in slot order (`crate::slots`): the disks first, the
 /// configuration's then the embedder's (so the first is `/dev/vda`), the network
-/// interfaces, the entropy device, the console, the power button, then the embedder's
-/// own devices. Takes the open disks out of `files`.
+/// interfaces, the entropy device, the console, the power button, the balloon, then the
+/// embedder's own devices. Takes the open disks out of `files`.
 fn virtio_devices(
     config: &VmConfig,
     mut files: BootFiles,
@@ -360,6 +366,9 @@ fn virtio_devices(
         devices.push(Box::new(Console::new(backend)));
     }
     devices.push(Box::new(extras.power_button));
+    if let Some(balloon) = extras.balloon {
+        devices.push(Box::new(balloon));
+    }
     devices.extend(extras.devices);
     Ok((devices, files))
 }

@@ -97,6 +97,12 @@ struct Cli {
     /// Guest RAM, e.g. 512M or 2G.
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
     memory: u64,
+    /// A virtio-balloon: `--balloon` alone offers free page reporting (memory the guest
+    /// frees goes back to the host), deflate-on-OOM and statistics every 5 s;
+    /// `--balloon=reporting=off,deflate-on-oom=off,stats=SECONDS` (0: none) changes that,
+    /// and `target=SIZE` has the guest give SIZE back as it boots.
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, require_equals = true, default_missing_value = "", value_parser = parse_balloon)]
+    balloon: Option<config::BalloonOptions>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -151,6 +157,10 @@ fn parse_backend(text: &str) -> Result<config::Backend, String> {
 
 fn parse_share(text: &str) -> Result<config::ShareConfig, String> {
     config::ShareConfig::parse(text).map_err(|e| e.to_string())
+}
+
+fn parse_balloon(text: &str) -> Result<config::BalloonOptions, String> {
+    config::parse_balloon(text).map_err(|e| e.to_string())
 }
 
 fn parse_gic(text: &str) -> Result<config::GicChoice, String> {
@@ -222,6 +232,7 @@ fn main() -> ExitCode {
     config.shares = cli.shares;
     config.cpus = cli.cpus;
     config.memory = cli.memory;
+    config.balloon = cli.balloon;
     config.console_stdin = true;
     exit_code(run(config))
 }

@@ -7,6 +7,7 @@
 //! and interrupt when the driver sets DRIVER_OK. Devices never see a hypervisor: memory
 //! is a [`GuestMemoryHandle`] and the interrupt an [`crate::irq::IrqLine`].
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod input;
