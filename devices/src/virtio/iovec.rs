@@ -30,6 +30,41 @@ const INLINE: usize = 16;
 
 const EMPTY: libc::iovec = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
 
+/// A device's own storage for [`GuestIovecs`] (see [`GuestIovecs::with_spill`]) and for
+/// windows on them ([`GuestIovecs::window`]), reused from one call to the next.
+pub struct IovecBuf {
+    pieces: Vec<libc::iovec>,
+}
+
+// SAFETY: the pointers it holds are only followed during a call by the `GuestIovecs` or
+// the caller that filled it, into memory they keep alive; between calls they are never
+// followed, so the buffer may move to another thread with the device that owns it.
+unsafe impl Send for IovecBuf {}
+
+impl Default for IovecBuf {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for IovecBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IovecBuf").field("capacity", &self.pieces.capacity()).finish()
+    }
+}
+
+impl IovecBuf {
+    /// Room for [`MAX_IOVECS`] pieces and an overflow buffer, allocated once.
+    pub fn new() -> Self {
+        IovecBuf { pieces: Vec::with_capacity(MAX_IOVECS + 1) }
+    }
+
+    /// The pieces last written by [`GuestIovecs::window`].
+    pub fn as_slice(&self) -> &[libc::iovec] {
+        &self.pieces
+    }
+}
+
 /// Where the pieces beyond the inline array go.
 enum Spill<'m> {
     /// Not used yet: the pieces are in the inline array.
@@ -79,12 +114,11 @@ impl<'m> GuestIovecs<'m> {
         }
     }
 
-    /// No pieces yet, kept in `spill` (cleared first): a buffer the device owns and
-    /// reuses, so that no chain, however many pieces it has, costs an allocation once
-    /// `spill` has room for [`MAX_IOVECS`] + 1.
-    pub fn with_spill(spill: &'m mut Vec<libc::iovec>) -> Self {
-        spill.clear();
-        GuestIovecs { spill: Spill::Borrowed(spill), ..Self::new() }
+    /// No pieces yet, kept in `spill` (cleared first): storage the device owns and
+    /// reuses, so that no chain, however many pieces it has, costs an allocation.
+    pub fn with_spill(spill: &'m mut IovecBuf) -> Self {
+        spill.pieces.clear();
+        GuestIovecs { spill: Spill::Borrowed(&mut spill.pieces), ..Self::new() }
     }
 
     /// The device-readable buffers of `chain` (`writable` false: data the guest gives)
@@ -116,11 +150,35 @@ impl<'m> GuestIovecs<'m> {
         skip: usize,
         limit: usize,
     ) -> Option<usize> {
+        self.push_checked(memory, chain, writable, false, skip, limit)
+    }
+
+    /// Appends the buffers of `chain`, all of which must be device-writable (a receive
+    /// buffer: `None` if one is device-readable), skipping the first `skip` bytes; as
+    /// [`GuestIovecs::push_chain`] otherwise.
+    pub fn push_writable_chain(
+        &mut self,
+        memory: &'m GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        skip: usize,
+    ) -> Option<usize> {
+        self.push_checked(memory, chain, true, true, skip, usize::MAX)
+    }
+
+    fn push_checked(
+        &mut self,
+        memory: &'m GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        writable: bool,
+        only: bool,
+        skip: usize,
+        limit: usize,
+    ) -> Option<usize> {
         if self.overflow {
             return None;
         }
         let (end, len) = (self.end, self.len);
-        let added = self.push_pieces(memory, chain, writable, skip, limit);
+        let added = self.push_pieces(memory, chain, writable, only, skip, limit);
         if added.is_none() {
             self.end = end;
             self.len = len;
@@ -131,11 +189,13 @@ impl<'m> GuestIovecs<'m> {
         added
     }
 
+    /// Adds the chain's pieces of the kind wanted (`only`: every buffer must be of it).
     fn push_pieces(
         &mut self,
         memory: &'m GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
         writable: bool,
+        only: bool,
         skip: usize,
         limit: usize,
     ) -> Option<usize> {
@@ -146,6 +206,9 @@ impl<'m> GuestIovecs<'m> {
                 seen_writable = true;
             } else if seen_writable {
                 return None; // readable after writable: malformed, whichever side is wanted
+            }
+            if only && desc.is_write_only() != writable {
+                return None;
             }
             if desc.is_write_only() != writable {
                 continue;
@@ -288,6 +351,27 @@ impl<'m> GuestIovecs<'m> {
         self.start += dropped;
         if self.start == self.end {
             self.overflow = false;
+        }
+    }
+
+    /// The pieces covering bytes `offset..offset + len` (fewer where the pieces end),
+    /// written into `out` (cleared first): for a vectored call on part of the buffers (the
+    /// rest of a frame after a short read).
+    pub fn window(&self, mut offset: usize, mut len: usize, out: &mut IovecBuf) {
+        let out = &mut out.pieces;
+        out.clear();
+        for piece in self.iovecs() {
+            if len == 0 {
+                break;
+            }
+            let skip = offset.min(piece.iov_len);
+            offset -= skip;
+            let take = (piece.iov_len - skip).min(len);
+            if take > 0 {
+                // `skip + take <= iov_len`: inside the piece.
+                out.push(libc::iovec { iov_base: piece.iov_base.cast::<u8>().wrapping_add(skip).cast(), iov_len: take });
+                len -= take;
+            }
         }
     }
 

@@ -142,8 +142,8 @@ fn several_chains_in_a_reused_spill_buffer_and_an_overflow_buffer_last() {
     let second = [(0x2_0000, 8, WRITE), (0x2_1000, 8, 0)]; // readable after writable: refused
     let third = spread(0x3_0000, 1, 6, WRITE);
     with_chains(&[&first, &second, &third], |mem, chains| {
-        let mut spill = Vec::with_capacity(MAX_IOVECS + 1);
-        let capacity = spill.capacity();
+        let mut spill = IovecBuf::new();
+        let capacity = spill.pieces.capacity();
         let mut overflow = [0u8; 8];
         let mut chains = chains.into_iter();
         let mut iov = GuestIovecs::with_spill(&mut spill);
@@ -166,7 +166,7 @@ fn several_chains_in_a_reused_spill_buffer_and_an_overflow_buffer_last() {
         assert_eq!(&overflow[..], &data[21..29]);
         assert_eq!(mem.read_obj::<[u8; 6]>(GuestAddress(0x1_0004)).unwrap(), [0, 1, 2, 3, 4, 5]);
         assert_eq!(mem.read_obj::<[u8; 6]>(GuestAddress(0x3_0000)).unwrap(), [16, 17, 18, 19, 20, 21]);
-        assert_eq!(spill.capacity(), capacity, "the spill buffer was reused, not grown");
+        assert_eq!(spill.pieces.capacity(), capacity, "the spill buffer was reused, not grown");
     });
 }
 
@@ -175,7 +175,7 @@ fn at_most_max_iovecs_pieces_then_the_overflow() {
     // A chain of 16 pieces 17 times: 272 pieces, past MAX_IOVECS.
     let pieces = spread(0x1_0000, 16, 8, WRITE);
     with_chains(&[&pieces], |mem, chains| {
-        let mut spill = Vec::new();
+        let mut spill = IovecBuf { pieces: Vec::new() };
         let mut iov = GuestIovecs::with_spill(&mut spill);
         let added: Vec<_> = (0..17).map(|_| iov.push_chain(mem, chains[0].clone(), true, 0, usize::MAX)).collect();
         assert!(added[..16].iter().all(|a| *a == Some(128)));
@@ -184,5 +184,22 @@ fn at_most_max_iovecs_pieces_then_the_overflow() {
         let mut overflow = [0u8; 1];
         assert!(iov.push_overflow(&mut overflow), "one more piece for the overflow");
         assert_eq!(iov.iovecs().len(), MAX_IOVECS + 1);
+    });
+}
+
+#[test]
+fn a_window_on_part_of_the_pieces() {
+    let pieces = spread(0x1_0000, 3, 10, WRITE);
+    with_chains(&[&pieces], |mem, mut chains| {
+        let iov = GuestIovecs::from_chain(mem, chains.remove(0), true, 0, usize::MAX).unwrap();
+        let base = |i: u64| mem.get_host_address(GuestAddress(0x1_0000 + i * 0x1000)).unwrap() as usize;
+        let mut out = IovecBuf { pieces: vec![EMPTY; 9] };
+        let pieces = |out: &IovecBuf| out.as_slice().iter().map(|p| (p.iov_base as usize, p.iov_len)).collect::<Vec<_>>();
+        iov.window(7, 15, &mut out);
+        assert_eq!(pieces(&out), [(base(0) + 7, 3), (base(1), 10), (base(2), 2)]);
+        iov.window(25, 100, &mut out);
+        assert_eq!(pieces(&out), [(base(2) + 5, 5)]);
+        iov.window(30, 1, &mut out);
+        assert!(out.as_slice().is_empty());
     });
 }
