@@ -30,7 +30,7 @@ use virtio_queue::Queue;
 pub use interrupt::{Interrupt, INT_CONFIG, INT_USED_RING};
 pub use queue::{
     check_notified, drain_queue, drain_queue_while, give_back, has_pending, next_chain, notify_driver, write_chain,
-    Chain,
+    write_chain_at, Chain, Chains,
 };
 
 /// Access to guest memory for devices, whatever owns it (the VMM's guest RAM, a test's

@@ -2,13 +2,17 @@
 //! checked first: a driver that breaks the ring's rules gets DEVICE_NEEDS_RESET
 //! ([`Interrupt::fail`]), never a device that spins, and never a call into `virtio-queue`
 //! that would log an error of its own for it.
+//!
+//! A device's pass over a queue goes through [`Chains`]: it reads the available index
+//! once per batch of chains rather than once per chain, writes the used ring through one
+//! checked view of it, and interrupts the driver once at the end of the pass.
 
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 
 use guest_memory::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::Bytes;
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::{Interrupt, INT_USED_RING};
 use crate::warn_ratelimited;
@@ -135,37 +139,64 @@ pub fn drain_queue_while(
     mut go_on: impl FnMut() -> bool,
     mut serve: impl FnMut(Chain<'_>) -> u32,
 ) {
-    let used_from = queue.next_used();
-    while go_on() {
-        let Some(chain) = next_chain(device, queue, memory, interrupt) else { break };
-        let head = chain.head_index();
-        let len = serve(chain);
-        if !give_back(device, queue, memory, head, len) {
-            break;
+    let mut chains = Chains::new(device, queue, memory, interrupt);
+    while let Some(mut batch) = chains.batch() {
+        loop {
+            if !go_on() {
+                return;
+            }
+            let Some(chain) = batch.next() else { break };
+            let head = chain.head_index();
+            let len = serve(chain);
+            if !batch.give_back(head, len) {
+                return;
+            }
         }
     }
-    notify_driver(device, queue, memory, interrupt, used_from);
 }
 
 /// Interrupts the driver if buffers were used since the used index was `used_from`, and
-/// the driver asked for it (always without EVENT_IDX; per the used event with it). Work
-/// that used nothing (a wake-up with no data, a driver's spurious notify) interrupts no one.
+/// the driver asked for it (always without EVENT_IDX; with it, when the used index passed
+/// the driver's used event). Work that used nothing (a wake-up with no data, a driver's
+/// spurious notify) interrupts no one.
+///
+/// The used event is compared with `used_from` itself, not with `virtio-queue`'s count
+/// of buffers added since its last check (`Queue::needs_notification`), which only its
+/// own `add_used` keeps: [`Chains`] writes the used ring itself.
 pub fn notify_driver(device: &str, queue: &mut Queue, memory: &GuestMemoryMmap, interrupt: &Interrupt, used_from: u16) {
-    if queue.next_used() == used_from {
+    let used = Wrapping(queue.next_used());
+    if used.0 == used_from {
         return;
     }
-    match queue.needs_notification(memory) {
-        Ok(true) => interrupt.trigger(INT_USED_RING),
-        Ok(false) => {}
-        Err(e) => warn_ratelimited!("{device}: queue error: {e}"),
+    if queue.event_idx_enabled() {
+        // The used ring's entries and index are written; the used event must be read
+        // after them (the driver writes it, then reads the used index).
+        fence(Ordering::SeqCst);
+        let at = GuestAddress(queue.avail_ring()).checked_add(4 + 2 * u64::from(queue.size()));
+        let event = match at.map(|at| memory.load::<u16>(at, Ordering::Relaxed)) {
+            Some(Ok(event)) => Wrapping(u16::from_le(event)),
+            Some(Err(e)) => return warn_ratelimited!("{device}: queue error: cannot read the used event: {e}"),
+            None => return warn_ratelimited!("{device}: queue error: the used event's address overflows"),
+        };
+        // As Linux's vring_need_event: did the index move past the event in this pass?
+        if used - event - Wrapping(1) >= used - Wrapping(used_from) {
+            return;
+        }
     }
+    interrupt.trigger(INT_USED_RING);
 }
 
 /// Writes `data` across the chain's leading device-writable buffers; returns how many
 /// bytes it wrote. Stops, with a rate-limited warning naming `device`, at a
 /// device-readable buffer or one outside guest memory: the guest gets what fitted before.
 pub fn write_chain(device: &str, memory: &GuestMemoryMmap, chain: Chain<'_>, data: &[u8]) -> usize {
-    let mut written = 0usize;
+    write_chain_at(device, memory, chain, 0, data)
+}
+
+/// [`write_chain`] from byte `offset` of the chain's device-writable buffers on (a field
+/// of a header written earlier); returns how many bytes of `data` it wrote.
+pub fn write_chain_at(device: &str, memory: &GuestMemoryMmap, chain: Chain<'_>, offset: usize, data: &[u8]) -> usize {
+    let (mut skip, mut written) = (offset, 0usize);
     for desc in chain {
         if written == data.len() {
             break;
@@ -174,12 +205,26 @@ pub fn write_chain(device: &str, memory: &GuestMemoryMmap, chain: Chain<'_>, dat
             warn_ratelimited!("{device}: device-readable descriptor where the device writes; chain ends");
             break;
         }
-        let n = (desc.len() as usize).min(data.len() - written);
-        if memory.write_slice(&data[written..written + n], desc.addr()).is_err() {
+        let len = desc.len() as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = (len - skip).min(data.len() - written);
+        // `skip < len <= u32::MAX`; an address past the end of guest memory fails the write.
+        let at = GuestAddress(desc.addr().0.wrapping_add(skip as u64));
+        if memory.write_slice(&data[written..written + n], at).is_err() {
             warn_ratelimited!("{device}: buffer at {:#x} is outside guest memory; chain ends", desc.addr().0);
             break;
         }
+        skip = 0;
         written += n;
     }
     written
 }
+
+mod chains;
+#[cfg(test)]
+mod tests;
+
+pub use chains::{Batch, Chains};

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use mio::net::UnixDatagram;
 
-use crate::virtio::iovec::GuestIovecs;
+use crate::virtio::iovec::{GuestIovecs, IovecBuf};
 pub use crate::virtio::worker::Wake;
 
 /// Size of `struct virtio_net_hdr_v1`, which leads every frame on the queues.
@@ -56,6 +56,22 @@ pub trait NetBackend: Send {
     /// Receives one frame into `buf` (with the header when [`NetBackend::vnet_hdr`]);
     /// `WouldBlock` when none is waiting.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Receives one frame straight into `frame` (the guest's buffers, then possibly a
+    /// host buffer for what overflows them) in one vectored call, as [`NetBackend::recv`]
+    /// would into one buffer of `frame.len()` bytes: its length, at most `frame.len()`
+    /// (`InvalidData` for a longer frame, which is dropped, or left for a larger `frame`).
+    /// `None` when this backend cannot (the device then calls `recv` and copies).
+    fn recv_guest(&mut self, frame: &GuestIovecs<'_>) -> Option<io::Result<usize>> {
+        let _ = frame;
+        None
+    }
+    /// The length of the frame [`NetBackend::recv`] would return next (with the header
+    /// when [`NetBackend::vnet_hdr`]), without taking it, so the device can pick exactly
+    /// the guest buffers it needs; `WouldBlock` when none is waiting. `None` when this
+    /// backend cannot tell.
+    fn peek_len(&mut self) -> Option<io::Result<usize>> {
+        None
+    }
     /// Writes out what an earlier [`NetBackend::send`] accepted but could not finish;
     /// `WouldBlock` while some remains.
     fn flush(&mut self) -> io::Result<()> {
@@ -182,6 +198,61 @@ impl NetBackend for Unixgram {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.socket.recv(buf)
     }
+
+    fn recv_guest(&mut self, frame: &GuestIovecs<'_>) -> Option<io::Result<usize>> {
+        let iov = frame.iovecs();
+        // SAFETY: an all-zero msghdr is valid (no address, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr().cast_mut();
+        msg.msg_iovlen = iov.len() as _;
+        // SAFETY: `msg` points at `iov`, whose pieces lie in guest memory (or the host
+        // buffer after it) that `frame` keeps mapped for the call; recvmsg writes at most
+        // their lengths. One datagram.
+        let n = unsafe { libc::recvmsg(self.socket.as_raw_fd(), &mut msg, 0) };
+        if n < 0 {
+            return Some(Err(io::Error::last_os_error()));
+        }
+        if msg.msg_flags & libc::MSG_TRUNC != 0 {
+            let why = format!("a datagram over {} bytes", frame.len());
+            return Some(Err(io::Error::new(io::ErrorKind::InvalidData, why)));
+        }
+        Some(Ok(n as usize))
+    }
+
+    fn peek_len(&mut self) -> Option<io::Result<usize>> {
+        datagram_len(self.socket.as_raw_fd())
+    }
+}
+
+/// The length of the datagram waiting on `fd`, left in place: Linux says it for a
+/// zero-length peek with MSG_TRUNC.
+#[cfg(target_os = "linux")]
+fn datagram_len(fd: RawFd) -> Option<io::Result<usize>> {
+    // SAFETY: a zero-length receive into no buffer; MSG_PEEK leaves the datagram queued.
+    let n = unsafe { libc::recv(fd, std::ptr::null_mut(), 0, libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT) };
+    Some(if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) })
+}
+
+/// The length of the datagram waiting on `fd`, left in place: macOS says it in SO_NREAD
+/// (the first record's bytes). 0 is also what it says with nothing queued: then the
+/// device is told nothing and receives as without a peek.
+#[cfg(target_os = "macos")]
+fn datagram_len(fd: RawFd) -> Option<io::Result<usize>> {
+    let mut n: libc::c_int = 0;
+    let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_NREAD writes one c_int into `n`, whose size `size` gives.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_NREAD, (&mut n as *mut libc::c_int).cast(), &mut size) };
+    match rc {
+        0 if n > 0 => Some(Ok(n as usize)),
+        0 => None,
+        _ => Some(Err(io::Error::last_os_error())),
+    }
+}
+
+/// Other systems cannot say how long a datagram is without taking it.
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+fn datagram_len(_fd: RawFd) -> Option<io::Result<usize>> {
+    None
 }
 
 /// Frames over a unix stream socket, each behind its length as a 4-byte big-endian
@@ -194,6 +265,8 @@ pub struct Unixstream {
     /// Bytes of accepted frames not yet written: `outbuf[out_at..]`.
     outbuf: Vec<u8>,
     out_at: usize,
+    /// The guest buffers the rest of a frame is read into (reused).
+    window: IovecBuf,
 }
 
 /// The largest frame a stream peer may announce: a 64 KiB packet and its headers.
@@ -228,17 +301,85 @@ impl Unixstream {
     }
 
     fn from_mio(socket: mio::net::UnixStream) -> Self {
-        Unixstream { socket, inbuf: Vec::with_capacity(4 + MAX_STREAM_FRAME), outbuf: Vec::new(), out_at: 0 }
+        let window = IovecBuf::new();
+        Unixstream { socket, inbuf: Vec::with_capacity(4 + MAX_STREAM_FRAME), outbuf: Vec::new(), out_at: 0, window }
     }
 
     /// The first whole frame in `inbuf`, as (start, length).
     fn whole_frame(&self) -> io::Result<Option<(usize, usize)>> {
+        let Some(len) = self.frame_len()? else { return Ok(None) };
+        Ok((self.inbuf.len() >= 4 + len).then_some((4, len)))
+    }
+
+    /// The length of the frame `inbuf` starts, once its prefix is in.
+    fn frame_len(&self) -> io::Result<Option<usize>> {
         let Some(prefix) = self.inbuf.get(..4) else { return Ok(None) };
         let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
         if len > MAX_STREAM_FRAME {
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("the peer sent a {len}-byte frame")));
         }
-        Ok((self.inbuf.len() >= 4 + len).then_some((4, len)))
+        Ok(Some(len))
+    }
+
+    /// The next frame's length, reading the rest of its prefix (and nothing past it) if
+    /// need be.
+    fn next_len(&mut self) -> io::Result<usize> {
+        use std::io::Read;
+        loop {
+            if let Some(len) = self.frame_len()? {
+                return Ok(len);
+            }
+            let mut prefix = [0u8; 4];
+            let want = 4 - self.inbuf.len();
+            match self.socket.read(&mut prefix[..want]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.inbuf.extend_from_slice(&prefix[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// [`NetBackend::recv_guest`]: the frame's body goes straight into the guest's
+    /// buffers, after what of it was already read; a short read is copied back into
+    /// `inbuf` (the buffers are the guest's again if the device puts them back).
+    fn recv_into(&mut self, frame: &GuestIovecs<'_>) -> io::Result<usize> {
+        loop {
+            let len = self.next_len()?;
+            if len > frame.len() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a {len}-byte frame")));
+            }
+            let have = (self.inbuf.len() - 4).min(len);
+            frame.write_bytes(0, &self.inbuf[4..4 + have]);
+            if have == len {
+                self.inbuf.drain(..4 + len);
+                return Ok(len);
+            }
+            frame.window(have, len - have, &mut self.window);
+            let pieces = self.window.as_slice();
+            // SAFETY: the pieces are a window on `frame`'s, which lie in guest memory
+            // (or the host buffer after it) kept mapped for this call; readv writes at
+            // most their lengths.
+            let n = unsafe { libc::readv(self.socket.as_raw_fd(), pieces.as_ptr(), pieces.len() as _) };
+            match n {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n if n < 0 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                n if n as usize == len - have => {
+                    self.inbuf.clear();
+                    return Ok(len);
+                }
+                n => {
+                    let at = self.inbuf.len();
+                    self.inbuf.resize(at + n as usize, 0);
+                    frame.read_bytes(have, &mut self.inbuf[at..]);
+                }
+            }
+        }
     }
 }
 
@@ -281,6 +422,14 @@ impl NetBackend for Unixstream {
         self.outbuf.clear();
         self.out_at = 0;
         Ok(())
+    }
+
+    fn recv_guest(&mut self, frame: &GuestIovecs<'_>) -> Option<io::Result<usize>> {
+        Some(self.recv_into(frame))
+    }
+
+    fn peek_len(&mut self) -> Option<io::Result<usize>> {
+        Some(self.next_len())
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -414,110 +563,16 @@ impl NetBackend for Tap {
         }
         Ok(n as usize)
     }
+
+    fn recv_guest(&mut self, frame: &GuestIovecs<'_>) -> Option<io::Result<usize>> {
+        let iov = frame.iovecs();
+        // SAFETY: the pieces lie in guest memory (or the host buffer after it) that
+        // `frame` keeps mapped for the call; readv writes at most their lengths. A tap
+        // gives one frame per read (the device's buffers hold the largest a tap gives).
+        let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        Some(if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) })
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unixgram_connects_sends_the_vfkit_magic_and_cleans_up() {
-        let dir = std::env::temp_dir();
-        let peer_path = dir.join(format!("hvrun-test-{}-peer.sock", std::process::id()));
-        let _ = std::fs::remove_file(&peer_path);
-        let peer = std::os::unix::net::UnixDatagram::bind(&peer_path).unwrap();
-        let mut gram = Unixgram::connect(&peer_path, true).unwrap();
-        let local = gram.local.clone().unwrap();
-        let mut buf = [0u8; 64];
-        let (n, from) = peer.recv_from(&mut buf).unwrap();
-        assert_eq!(&buf[..n], VFKIT_MAGIC);
-        gram.send(b"frame").unwrap();
-        assert_eq!(peer.recv(&mut buf).unwrap(), 5);
-        peer.send_to(b"reply", from.as_pathname().unwrap()).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let n = loop {
-            match gram.recv(&mut buf) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {}
-                Err(e) => panic!("{e}"),
-            }
-        };
-        assert_eq!(&buf[..n], b"reply");
-        drop(gram);
-        assert!(!local.exists(), "the local socket file is removed");
-        let _ = std::fs::remove_file(&peer_path);
-    }
-
-    #[test]
-    fn unixstream_frames_survive_partial_reads_and_writes() {
-        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut stream = Unixstream::from_std(ours).unwrap();
-        let mut buf = vec![0u8; MAX_STREAM_FRAME];
-        assert_eq!(stream.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
-        // A frame in two pieces, then two frames in one write.
-        use std::io::{Read, Write};
-        theirs.write_all(&[0, 0, 0, 5, b'h', b'e']).unwrap();
-        assert_eq!(stream.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
-        theirs.write_all(&[b'l', b'l', b'o', 0, 0, 0, 2, b'o', b'k']).unwrap();
-        let n = stream.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"hello");
-        let n = stream.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"ok");
-        // Sending frames the peer does not read: accepted until the socket fills, then
-        // WouldBlock; a flush after the peer reads finishes the last one.
-        let frame = vec![7u8; 60_000];
-        let mut sent = 0;
-        while stream.send(&frame).is_ok() {
-            sent += 1;
-            assert!(sent < 1000, "the socket never filled");
-        }
-        theirs.set_nonblocking(true).unwrap();
-        let mut total = 0;
-        let mut chunk = vec![0u8; 1 << 16];
-        loop {
-            let flushed = stream.flush().is_ok();
-            match theirs.read(&mut chunk) {
-                Ok(n) => total += n,
-                Err(_) if flushed => break,
-                Err(_) => {}
-            }
-        }
-        assert_eq!(total, sent * (4 + frame.len()));
-        // A peer announcing an impossible frame is an error, not an allocation.
-        theirs.set_nonblocking(false).unwrap();
-        theirs.write_all(&u32::MAX.to_be_bytes()).unwrap();
-        assert_eq!(stream.recv(&mut buf).unwrap_err().kind(), io::ErrorKind::InvalidData);
-    }
-
-    /// Issue 12, hole 8 (a path hvrun opens at start): a stream peer whose backlog is full
-    /// made a blocking connect wait for ever. It fails at once, or after the timeout.
-    #[test]
-    fn a_peer_that_never_accepts_is_an_error_not_a_hang() {
-        let path = std::env::temp_dir().join(format!("hvrun-test-{}-backlog.sock", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        // SAFETY: listen on our own socket, with the smallest backlog.
-        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
-        let target = path.clone();
-        let failed = crate::virtio::testing::within_deadline("connecting to a full backlog", move || {
-            let mut held = Vec::new();
-            for _ in 0..1000 {
-                match Unixstream::connect(&target) {
-                    Ok(stream) => held.push(stream),
-                    Err(e) => return Some(e),
-                }
-            }
-            None
-        });
-        assert!(failed.is_some(), "a thousand connections to a listener that accepts none");
-        let _ = std::fs::remove_file(&path);
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn tap_names_are_checked_before_any_system_call() {
-        for bad in ["", "a-name-that-is-too-long", "tap\u{e9}"] {
-            assert_eq!(Tap::open(bad).unwrap_err().kind(), io::ErrorKind::InvalidInput, "{bad}");
-        }
-    }
-}
+mod tests;

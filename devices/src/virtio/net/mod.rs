@@ -8,6 +8,7 @@
 
 pub mod backend;
 mod frames;
+mod receive;
 #[cfg(test)]
 mod tests;
 

@@ -12,7 +12,7 @@ use crate::virtio::testing::{chained, desc, mem, read_reg, start, wait_for, writ
 use crate::virtio::Interrupt;
 
 /// A started device over one end of a datagram socketpair; the test holds the other.
-fn started(m: &Arc<Mem>) -> (MmioTransport, std::os::unix::net::UnixDatagram, Arc<Line>) {
+pub(super) fn started(m: &Arc<Mem>) -> (MmioTransport, std::os::unix::net::UnixDatagram, Arc<Line>) {
     let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
     let backend = Unixgram::from_fd(OwnedFd::from(ours)).unwrap();
     let line = Arc::new(Line::default());
@@ -22,7 +22,8 @@ fn started(m: &Arc<Mem>) -> (MmioTransport, std::os::unix::net::UnixDatagram, Ar
     (t, theirs, line)
 }
 
-fn queues(m: &Mem) -> (MockSplitQueue<'_, GuestMemoryMmap>, MockSplitQueue<'_, GuestMemoryMmap>) {
+/// The receive and transmit queues' driver side.
+pub(super) fn queues(m: &Mem) -> (MockSplitQueue<'_, GuestMemoryMmap>, MockSplitQueue<'_, GuestMemoryMmap>) {
     (MockSplitQueue::create(&m.0, GuestAddress(0x8_0000), 16), MockSplitQueue::create(&m.0, GuestAddress(0x9_0000), 16))
 }
 
