@@ -40,6 +40,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let selected = scenarios::select(&names)?;
     setup::run()?;
     guest::run()?;
+    if selected.iter().any(|s| s.artifacts.contains(&crate::io_guest::ARTIFACT)) {
+        crate::io_guest::build()?;
+    }
     cross::build_hvrun()?;
     let rig = rig(verbose);
     println!("e2e: booting the rig with {} scenario(s)", selected.len());

@@ -258,7 +258,7 @@ pub(crate) fn apt_cache(args: &[&str]) -> Result<String, String> {
 }
 
 /// The versioned package behind `linux-image-arm64` (e.g. `linux-image-6.1.0-57-arm64`).
-fn resolve_kernel_package() -> Result<String, String> {
+pub(crate) fn resolve_kernel_package() -> Result<String, String> {
     let find = || -> Option<String> {
         let deps = apt_cache(&["depends", "linux-image-arm64:arm64"]).ok()?;
         deps.lines()
@@ -301,7 +301,7 @@ pub(crate) fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 /// Extracts files from Debian's arm64 package `package` into `dir`: for each
 /// `(pattern, name)`, the file whose path inside the package starts with `pattern` (or,
 /// for a pattern starting with `*`, ends with the rest) becomes `dir/name`.
-fn debian_files(dir: &Path, package: &str, wanted: &[(&str, &str)]) -> Result<(), String> {
+pub(crate) fn debian_files(dir: &Path, package: &str, wanted: &[(&str, &str)]) -> Result<(), String> {
     let key = format!("{package}={}", candidate_version(package)?);
     if wanted.iter().all(|(_, name)| fresh(&dir.join(name), &key)) {
         println!("guest: {} up to date ({key})", wanted.iter().map(|w| w.1).collect::<Vec<_>>().join(", "));

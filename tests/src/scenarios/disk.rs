@@ -3,6 +3,14 @@
 
 use crate::scenario::{OuterGic, Scenario};
 
+/// The I/O guest's initramfs (built by `cargo xtask`): the test init, busybox, Debian's
+/// arm64 `fio` and `iperf3` with their libraries, and `guests/io/` in `/io`.
+pub const IO_INITRAMFS: &str = "io-initramfs.cpio";
+
+/// The rig's shell function `io PROGRAM ARGS…`, which runs `fio` or `iperf3` from
+/// [`IO_INITRAMFS`] on the rig host; a script using it starts with it.
+pub const IO_IN_RIG: &str = include_str!("../../scenarios/io-tools.sh");
+
 pub const DISK_BOOT: Scenario = Scenario {
         name: "disk-boot",
         about: "`hvrun --kernel Image --disk rootfs.img` boots to a shell on hvc0 with an ext4 root; a session typed on the host runs there",
@@ -107,6 +115,26 @@ pub const DISK_IO: Scenario = Scenario {
     ],
     forbidden: &["hvrun: error", "panicked", "ACCEPTED A WRITE"],
     timeout_secs: 180,
+    exchange: None,
+    outer_gic: OuterGic::V2,
+};
+
+pub const FIO_VERIFY: Scenario = Scenario {
+    name: "fio-verify",
+    about: "fio writes random 4 KiB blocks at queue depth 32 through virtio-blk with an fsync every 16 and verifies each (crc32c); the image verifies again on the rig host and in a second boot, and a block changed on purpose fails the check",
+    artifacts: &["vmlinuz", IO_INITRAMFS],
+    script: concat!(include_str!("../../scenarios/io-tools.sh"), include_str!("../../scenarios/fio-verify.sh")),
+    exit_code: 0,
+    markers: &[
+        "boot1: fio-verify: write ok: 8192 KiB written and 8192 KiB read back and verified",
+        "boot1: hvrun exit 0",
+        "rig host: the image verifies (8192 KiB read back)",
+        "boot2: fio-verify: check ok: 8192 KiB read back and verified",
+        "boot2: hvrun exit 0",
+        "rig host: the changed image fails: verify failed at file /tmp/verify.img offset 4096000",
+    ],
+    forbidden: &["hvrun: error", "panicked", "I/O error", "does NOT verify", "PASSED", "boot1: fio-verify: write FAILED"],
+    timeout_secs: 240,
     exchange: None,
     outer_gic: OuterGic::V2,
 };

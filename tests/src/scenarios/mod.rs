@@ -7,6 +7,8 @@ mod hostile;
 mod machine;
 mod net;
 
+pub use disk::{IO_INITRAMFS, IO_IN_RIG};
+
 use crate::scenario::Scenario;
 
 /// Every scenario, in the order the rig runs them.
@@ -38,6 +40,7 @@ pub const ALL: &[Scenario] = &[
     disk::DISK_INTEGRITY,
     disk::KILL_DURABILITY,
     disk::DISK_IO,
+    disk::FIO_VERIFY,
     hostile::MMIO_GARBAGE,
     hostile::HOSTILE_DRIVER,
     machine::POWER_BUTTON,
