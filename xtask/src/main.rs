@@ -44,9 +44,10 @@ commands:
                  run the libFuzzer targets under fuzz/ (all when none named) for S seconds each
                  (default 60); a crash, a hang or runaway memory is a failure
   boottime [N]   boot hvrun's kernel N times in the rig: boot-time min/median/max, VMM memory
-  compare [ROUNDS]
+  compare [ROUNDS] [--start-only|--io-only]
                  hvrun and Debian's arm64 QEMU boot the same guest in the rig, interleaved over
-                 ROUNDS rounds (default 3): start → init and start → exit, into docs/BENCHMARKS.md
+                 ROUNDS rounds (default 3): start → init and start → exit; and the same fio and
+                 iperf3 runs in an I/O guest; all into docs/BENCHMARKS.md (only when both parts ran)
   peers          fetch Debian's arm64 QEMU, fio and iperf3 with the libraries they load into the
                  cache, and build the I/O guest's initramfs (for compare and fio-verify)
   bench [ARGS]   run the criterion benchmarks (ARGS go to criterion) and write docs/BENCHMARKS.md
