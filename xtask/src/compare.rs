@@ -23,6 +23,7 @@ use crate::peers::{self, QEMU_IN_RIG};
 use crate::{cross, e2e, guest, io_guest, paths, setup};
 
 mod io;
+mod timeline;
 
 /// The guest both VMMs boot.
 const GUEST: &str = "-kernel /guest/vmlinuz -initrd /guest/initramfs.cpio";
@@ -299,6 +300,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     rig.files = files;
     let mut results: Vec<(&str, Times)> = Vec::new();
     let mut io_results = None;
+    let mut timelines = timeline::Timelines::new();
     for (gic, name) in [(OuterGic::V2, "compare-gicv2"), (OuterGic::V3, "compare-gicv3")] {
         let variants = variants(gic);
         let mut scenarios = Vec::new();
@@ -306,12 +308,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
             scenarios.push(Scenario {
                 name,
                 about: "hvrun and QEMU boot the same guest, interleaved",
-                artifacts: &["vmlinuz", "initramfs.cpio", "poweroff.bin"],
-                script: Box::leak(script(&variants, rounds).into_boxed_str()),
+                artifacts: &["vmlinuz", "initramfs.cpio", "poweroff.bin", "timeline.bin"],
+                script: Box::leak(
+                    format!("{}{}", script(&variants, rounds), timeline::script(gic, rounds)).into_boxed_str(),
+                ),
                 exit_code: 0,
-                markers: &["COMPARE-RUN"],
+                markers: &["COMPARE-RUN", "TIMELINE"],
                 forbidden: &["panicked"],
-                timeout_secs: 60 + 40 * rounds * variants.len() as u32,
+                timeout_secs: 60 + 40 * rounds * (variants.len() as u32 + 2),
                 exchange: None,
                 outer_gic: gic,
             });
@@ -334,6 +338,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let mut outcomes = rig.run(&scenarios).map_err(|e| e.to_string())?.into_iter();
         if parts != Parts::Io {
             let outcome = outcomes.next().ok_or("compare: the rig returned no outcome")?;
+            timeline::parse(&outcome.output, &mut timelines);
             let mut times = parse(&outcome.output);
             for (id, v) in variants.iter().enumerate() {
                 let t = times.remove(&id).unwrap_or_default();
@@ -364,6 +369,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let machine = format!("QEMU {version}; rig: {}", crate::bench::machine());
     let mut section = if parts != Parts::Io { table(&results, &machine, rounds) } else { String::new() };
+    section.push_str(&timeline::table(&timelines));
     if let Some(io) = &io_results {
         section.push_str(&io::table(io));
     }
