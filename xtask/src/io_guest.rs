@@ -22,7 +22,8 @@ use crate::paths;
 use crate::peers::{self, Bundle};
 
 /// The guest's I/O tools.
-const TOOLS: Bundle = Bundle { name: "io", packages: &["fio", "iperf3"], programs: &["usr/bin/fio", "usr/bin/iperf3"] };
+pub const TOOLS: Bundle =
+    Bundle { name: "io", packages: &["fio", "iperf3"], programs: &["usr/bin/fio", "usr/bin/iperf3"] };
 
 /// The archive's name in the guest cache (and under `/guest` in the rig).
 pub use hvrun_e2e::scenarios::IO_INITRAMFS as ARTIFACT;

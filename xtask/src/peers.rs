@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::guest::{apt_cache, candidate_version, fresh, mark, walk};
+use crate::guest::{apt_cache, arm64_candidates, candidate_versions, fresh, mark, walk};
 use crate::{paths, sh};
 
 /// Programs from Debian's arm64 packages, fetched with the libraries they load.
@@ -36,6 +36,14 @@ pub struct Fetched {
 /// The peer VMM.
 pub const QEMU: Bundle =
     Bundle { name: "qemu", packages: &["qemu-system-arm"], programs: &["usr/bin/qemu-system-aarch64"] };
+/// Every bundle the project fetches (`cargo xtask setup` proves apt knows their packages).
+pub const BUNDLES: [&Bundle; 2] = [&QEMU, &crate::io_guest::TOOLS];
+
+/// The shared libraries the arm64 ELF file `file` names (`DT_NEEDED`).
+pub fn needed_libs(file: &Path) -> Result<Vec<String>, String> {
+    needed(file).map(|d| d.needed)
+}
+
 /// Where QEMU lives in the rig.
 pub const QEMU_DIR: &str = "qemu";
 /// The command that runs QEMU in the rig.
@@ -63,8 +71,9 @@ pub fn fetch(bundle: &Bundle) -> Result<Fetched, String> {
     let versions = bundle
         .packages
         .iter()
-        .map(|p| candidate_version(p).map(|v| format!("{p}={v}")))
-        .collect::<Result<Vec<_>, _>>()?
+        .zip(candidate_versions(bundle.packages)?)
+        .map(|(p, v)| format!("{p}={v}"))
+        .collect::<Vec<_>>()
         .join(" ");
     let dir = paths::cache().join("peers").join(bundle.name);
     let programs: Vec<PathBuf> = bundle.programs.iter().map(|p| dir.join(file_name(Path::new(p)))).collect();
@@ -110,21 +119,9 @@ fn closure(packages: &[&str]) -> Result<Vec<String>, String> {
 
 /// Those of `packages` that have an arm64 build (one `apt-cache policy` for all).
 fn with_arm64_build(packages: &[String]) -> Result<Vec<String>, String> {
-    let specs: Vec<String> = packages.iter().map(|p| format!("{p}:arm64")).collect();
-    let refs: Vec<&str> = std::iter::once("policy").chain(specs.iter().map(String::as_str)).collect();
-    let policy = apt_cache(&refs)?;
-    let mut kept = Vec::new();
-    let mut current = None;
-    for line in policy.lines() {
-        if !line.starts_with(' ') {
-            current = line.strip_suffix(":arm64:").map(str::to_string);
-        } else if let (Some(name), Some(candidate)) = (&current, line.trim().strip_prefix("Candidate: ")) {
-            if candidate != "(none)" {
-                kept.push(name.clone());
-            }
-        }
-    }
-    Ok(kept)
+    let names: Vec<&str> = packages.iter().map(String::as_str).collect();
+    let candidates = arm64_candidates(&names)?;
+    Ok(packages.iter().filter(|p| candidates.contains_key(p.as_str())).cloned().collect())
 }
 
 /// What an arm64 ELF file's dynamic section and program headers say.
