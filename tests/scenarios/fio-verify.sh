@@ -5,7 +5,7 @@
 # Last, one block is changed on purpose, and the check must fail: the proof that it
 # would see a write that went wrong.
 set -o pipefail
-size=8M
+size=4M
 img=/tmp/verify.img
 boot() {
     /bin/hvrun --kernel /guest/vmlinuz --initrd /guest/io-initramfs.cpio --memory 512M --disk "$img,id=verify" \
@@ -16,7 +16,7 @@ host_check() {
     FIO_DISK=$img FIO_ENGINE=psync FIO_DIRECT=0 FIO_SIZE=$size \
         io fio --verify_only --output-format=terse --terse-version=3 /tmp/io/io/verify.fio >/tmp/host-check.out 2>&1
 }
-dd if=/dev/zero of=$img bs=1M count=16 2>/dev/null
+dd if=/dev/zero of=$img bs=1M count=8 2>/dev/null
 boot write boot1
 if host_check; then
     echo "rig host: the image verifies ($(awk -F';' '/^3;/ { print $6 }' /tmp/host-check.out) KiB read back)"

@@ -147,11 +147,15 @@ fn read_log(line: &str, log: &mut Log) {
         if let [since_start, since_entry] = numbers.as_slice() {
             log.own_start_ms = Some(since_start - since_entry);
         }
-    } else if let Some((_, rest)) = line.split_once("] vcpu") {
-        if let Some(count) = rest.split_whitespace().nth(1).filter(|_| rest.contains(" exits: ")) {
-            log.exits += count.parse::<f64>().unwrap_or(0.0);
-        }
+    } else if let Some(count) = exits_in(line) {
+        log.exits += count;
     }
+}
+
+/// The exits a `vcpuN: X exits: …` log line of hvrun counts.
+fn exits_in(line: &str) -> Option<f64> {
+    let (_, rest) = line.split_once("] vcpu")?;
+    rest.split_whitespace().nth(1).filter(|_| rest.contains(" exits: "))?.parse().ok()
 }
 
 /// Reads the runs out of the rig's output, by variant index.

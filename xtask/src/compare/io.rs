@@ -50,7 +50,7 @@ fn variants() -> [(&'static str, String); 2] {
         (
             "hvrun",
             format!(
-                "/bin/hvrun --cpus 1 --memory {MEMORY_MB}M --gic v3 --kernel /guest/vmlinuz --initrd /guest/{IO_INITRAMFS} \
+                "env RUST_LOG=info /bin/hvrun --cpus 1 --memory {MEMORY_MB}M --gic v3 --kernel /guest/vmlinuz --initrd /guest/{IO_INITRAMFS} \
                  --disk /tmp/io.img --net tap=tap0 --cmdline '{args}'"
             ),
         ),
@@ -116,6 +116,8 @@ pub struct Results {
     values: BTreeMap<(usize, &'static str), Vec<f64>>,
     /// Runs that ended with an error, by VMM index.
     failed: BTreeMap<usize, u32>,
+    /// hvrun's exits per run (its `vcpuN: … exits` log lines, summed).
+    exits: Vec<f64>,
 }
 
 /// The metric and value a fio terse (version 3) line gives: reads' bandwidth (KiB/s) and
@@ -150,15 +152,25 @@ fn iperf_value(direction: &str, line: &str) -> Option<(&'static str, f64)> {
 pub fn parse(output: &[String]) -> Results {
     let mut results = Results::default();
     let mut run: Vec<(&'static str, f64)> = Vec::new();
+    let mut exits = 0.0;
     for line in output {
         let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(count) = super::exits_in(line) {
+            exits += count;
+        }
         match words.as_slice() {
-            ["COMPARE-IO-BEGIN", _] => run.clear(),
+            ["COMPARE-IO-BEGIN", _] => {
+                run.clear();
+                exits = 0.0;
+            }
             ["COMPARE-IO-END", id, rc] => {
                 let Ok(id) = id.parse::<usize>() else { continue };
                 if *rc == "rc=0" {
                     for (key, value) in run.drain(..) {
                         results.values.entry((id, key)).or_default().push(value);
+                    }
+                    if exits > 0.0 {
+                        results.exits.push(exits);
                     }
                 } else {
                     *results.failed.entry(id).or_default() += 1;
@@ -196,6 +208,9 @@ pub fn table(results: &Results) -> String {
         };
         let show = |v: &[f64]| if unit == "IOPS" { cell_plain(v) } else { cell(v) };
         let _ = writeln!(out, "| {row} | {unit} | {} | {} | {ratio} | ≥ 1.0 |", show(ours), show(theirs));
+    }
+    if !results.exits.is_empty() {
+        let _ = writeln!(out, "\nExits to hvrun per run (boot, fio and iperf3): {}.", cell_plain(&results.exits));
     }
     for (id, failed) in &results.failed {
         let _ = writeln!(out, "\n{} run(s) of {} failed.", failed, names.get(*id).copied().unwrap_or("?"));
@@ -256,6 +271,8 @@ mod tests {
             "COMPARE-IO-BEGIN 0".to_string(),
             format!("FIO {}", terse("rand-read-4k-qd1", 0, (4000, 1000), (0, 0))),
             "IPERF host-to-guest [  5]   0.00-3.00   sec   100 MBytes   1500 Mbits/sec   receiver".into(),
+            "[2026-12-02T05:00:00Z INFO ] vcpu0: 25459 exits: 13604 MMIO reads, 8307 MMIO writes, 3548 interrupted"
+                .into(),
             "COMPARE-IO-END 0 rc=0".into(),
             "COMPARE-IO-BEGIN 1".into(),
             format!("FIO {}", terse("rand-read-4k-qd1", 0, (8000, 2000), (0, 0))),
@@ -273,6 +290,7 @@ mod tests {
         let table = table(&results);
         assert!(table.contains("| fio random read, 4 KiB, depth 1 | IOPS | 1000 / **1000** / 1000 | 500 / **500** / 500 | 2.00 | ≥ 1.0 |"), "{table}");
         assert!(table.contains("1 run(s) of QEMU failed"), "{table}");
+        assert!(table.contains("Exits to hvrun per run (boot, fio and iperf3): 25459 / **25459** / 25459."), "{table}");
         assert_eq!(runs(&results), [0, 0], "no run has every metric");
     }
 

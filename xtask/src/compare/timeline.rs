@@ -123,7 +123,7 @@ pub fn parse(output: &[String], into: &mut Timelines) {
             }
         } else if text.contains("reboot: Power down") {
             run.power_down.get_or_insert(at);
-        } else if text.contains("] vcpu") && text.contains(" exits: ") {
+        } else if super::exits_in(text).is_some() {
             run.vcpus_done = Some(at);
         }
     }
