@@ -7,7 +7,6 @@
 //! boots QEMU, collects the console with host timestamps, and [`report`] checks each
 //! scenario's slice of it. `cargo xtask e2e` drives all of this.
 
-pub mod balloon;
 pub mod checks;
 pub mod cpio;
 pub mod exchange;

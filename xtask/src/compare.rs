@@ -20,16 +20,19 @@ use std::fmt::Write as _;
 use hvrun_e2e::scenario::{OuterGic, Scenario};
 
 use crate::peers::{self, QEMU_IN_RIG};
-use crate::{cross, e2e, guest, paths, setup};
+use crate::{cross, e2e, guest, io_guest, paths, setup};
+
+mod io;
+mod timeline;
 
 /// The guest both VMMs boot.
 const GUEST: &str = "-kernel /guest/vmlinuz -initrd /guest/initramfs.cpio";
 /// Its command line: init runs `true`, then powers off.
 const APPEND: &str = "console=ttyAMA0 quiet -- true";
-/// QEMU's machine apart from the interrupt controller: KVM, one vCPU, 256 MiB, the
+/// QEMU's machine apart from the interrupt controller and the RAM: KVM, one vCPU, the
 /// console on standard output, nothing else.
 const QEMU_BASE: &str =
-    "-accel kvm -cpu host -smp 1 -m 256 -display none -nodefaults -no-user-config -serial stdio -monitor none -no-reboot";
+    "-accel kvm -cpu host -smp 1 -display none -nodefaults -no-user-config -serial stdio -monitor none -no-reboot";
 /// hvrun's equivalent.
 /// (`RUST_LOG=info`: its boot timer's and exit counts' lines, which the table reports.)
 const HVRUN_BASE: &str = "env RUST_LOG=info /bin/hvrun --cpus 1 --memory 256M";
@@ -56,7 +59,7 @@ fn variants(gic: OuterGic) -> Vec<Variant> {
     };
     let qemu = |machine: &str, linux: bool| {
         let guest = if linux { format!("{GUEST} -append '{APPEND}'") } else { "-kernel /guest/poweroff.bin".into() };
-        format!("{QEMU_IN_RIG} -M {machine} {QEMU_BASE} {guest}")
+        format!("{QEMU_IN_RIG} -M {machine} {QEMU_BASE} -m 256 {guest}")
     };
     match gic {
         OuterGic::V2 => vec![
@@ -144,11 +147,15 @@ fn read_log(line: &str, log: &mut Log) {
         if let [since_start, since_entry] = numbers.as_slice() {
             log.own_start_ms = Some(since_start - since_entry);
         }
-    } else if let Some((_, rest)) = line.split_once("] vcpu") {
-        if let Some(count) = rest.split_whitespace().nth(1).filter(|_| rest.contains(" exits: ")) {
-            log.exits += count.parse::<f64>().unwrap_or(0.0);
-        }
+    } else if let Some(count) = exits_in(line) {
+        log.exits += count;
     }
+}
+
+/// The exits a `vcpuN: X exits: …` log line of hvrun counts.
+fn exits_in(line: &str) -> Option<f64> {
+    let (_, rest) = line.split_once("] vcpu")?;
+    rest.split_whitespace().nth(1).filter(|_| rest.contains(" exits: "))?.parse().ok()
 }
 
 /// Reads the runs out of the rig's output, by variant index.
@@ -199,6 +206,7 @@ fn spread(values: &[f64]) -> Option<(f64, f64, f64)> {
     Some((*v.first()?, v[v.len() / 2], *v.last()?))
 }
 
+/// min / **median** / max, two decimals.
 fn cell(values: &[f64]) -> String {
     spread(values).map_or("–".into(), |(lo, mid, hi)| format!("{lo:.2} / **{mid:.2}** / {hi:.2}"))
 }
@@ -260,58 +268,130 @@ pub fn put_section(doc: &str, section: &str) -> String {
     )
 }
 
-/// `cargo xtask compare [ROUNDS]`.
+/// What `cargo xtask compare` runs: the start rows, the I/O rows, or both (and only then
+/// does it write docs/BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parts {
+    Both,
+    Start,
+    Io,
+}
+
+/// `cargo xtask compare [ROUNDS] [--start-only|--io-only]`.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let rounds: u32 = match args.first() {
-        Some(n) => {
-            n.parse().ok().filter(|&n| n > 0).ok_or_else(|| format!("compare: `{n}` is not a number of rounds"))?
+    let mut rounds = 3;
+    let mut parts = Parts::Both;
+    for arg in args {
+        match arg.as_str() {
+            "--start-only" => parts = Parts::Start,
+            "--io-only" => parts = Parts::Io,
+            n => {
+                rounds =
+                    n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                        format!("compare: `{n}` is neither a number of rounds nor --start-only/--io-only")
+                    })?
+            }
         }
-        None => 3,
-    };
+    }
     setup::run()?;
     guest::run()?;
+    if parts != Parts::Start {
+        io_guest::build()?;
+    }
     cross::build_hvrun()?;
     let (files, version) = peers::qemu()?;
     let mut rig = e2e::rig(false);
     rig.files = files;
     let mut results: Vec<(&str, Times)> = Vec::new();
+    let mut io_results = None;
+    let mut timelines = timeline::Timelines::new();
     for (gic, name) in [(OuterGic::V2, "compare-gicv2"), (OuterGic::V3, "compare-gicv3")] {
         let variants = variants(gic);
-        let scenario = Scenario {
-            name,
-            about: "hvrun and QEMU boot the same guest, interleaved",
-            artifacts: &["vmlinuz", "initramfs.cpio", "poweroff.bin"],
-            script: Box::leak(script(&variants, rounds).into_boxed_str()),
-            exit_code: 0,
-            markers: &["COMPARE-RUN"],
-            forbidden: &["panicked"],
-            timeout_secs: 60 + 40 * rounds * variants.len() as u32,
-            exchange: None,
-            outer_gic: gic,
-        };
-        println!("compare: {} VMM configurations × {rounds} rounds in the GICv{} rig", variants.len(), gic.version());
-        let outcome = rig.run(std::slice::from_ref(&scenario)).map_err(|e| e.to_string())?.remove(0);
-        let mut times = parse(&outcome.output);
-        for (id, v) in variants.iter().enumerate() {
-            let t = times.remove(&id).unwrap_or_default();
-            if t.exit.is_empty() {
-                let tail: Vec<&String> = outcome.output.iter().rev().take(30).collect();
-                return Err(format!("compare: `{}` never ran to the end; the rig's last lines: {tail:#?}", v.name));
+        let mut scenarios = Vec::new();
+        if parts != Parts::Io {
+            scenarios.push(Scenario {
+                name,
+                about: "hvrun and QEMU boot the same guest, interleaved",
+                artifacts: &["vmlinuz", "initramfs.cpio", "poweroff.bin", "timeline.bin"],
+                script: Box::leak(
+                    format!("{}{}", script(&variants, rounds), timeline::script(gic, rounds)).into_boxed_str(),
+                ),
+                exit_code: 0,
+                markers: &["COMPARE-RUN", "TIMELINE"],
+                forbidden: &["panicked"],
+                timeout_secs: 60 + 40 * rounds * (variants.len() as u32 + 2),
+                exchange: None,
+                outer_gic: gic,
+            });
+        }
+        let io = parts != Parts::Start && gic == OuterGic::V3;
+        if io {
+            scenarios.push(io::scenario(rounds));
+        }
+        if scenarios.is_empty() {
+            continue;
+        }
+        let mut what = Vec::new();
+        if parts != Parts::Io {
+            what.push(format!("{} VMM configurations", variants.len()));
+        }
+        if io {
+            what.push("the I/O guest on hvrun and QEMU".to_string());
+        }
+        println!("compare: {} × {rounds} rounds in the GICv{} rig", what.join(" and "), gic.version());
+        let mut outcomes = rig.run(&scenarios).map_err(|e| e.to_string())?.into_iter();
+        if parts != Parts::Io {
+            let outcome = outcomes.next().ok_or("compare: the rig returned no outcome")?;
+            timeline::parse(&outcome.output, &mut timelines);
+            let mut times = parse(&outcome.output);
+            for (id, v) in variants.iter().enumerate() {
+                let t = times.remove(&id).unwrap_or_default();
+                if t.exit.is_empty() {
+                    return Err(format!(
+                        "compare: `{}` never ran to the end; the rig's last lines: {:#?}",
+                        v.name,
+                        tail(&outcome.output)
+                    ));
+                }
+                if v.linux && t.init.len() != t.exit.len() {
+                    return Err(format!("compare: `{}`: the guest's init did not speak in every run", v.name));
+                }
+                results.push((v.name, t));
             }
-            if v.linux && t.init.len() != t.exit.len() {
-                return Err(format!("compare: `{}`: the guest's init did not speak in every run", v.name));
+        }
+        if io {
+            let outcome = outcomes.next().ok_or("compare: the rig returned no I/O outcome")?;
+            let parsed = io::parse(&outcome.output);
+            if io::runs(&parsed).contains(&0) {
+                return Err(format!(
+                    "compare: a VMM never finished the I/O workload; the rig's last lines: {:#?}",
+                    tail(&outcome.output)
+                ));
             }
-            results.push((v.name, t));
+            io_results = Some(parsed);
         }
     }
     let machine = format!("QEMU {version}; rig: {}", crate::bench::machine());
-    let section = table(&results, &machine, rounds);
+    let mut section = if parts != Parts::Io { table(&results, &machine, rounds) } else { String::new() };
+    section.push_str(&timeline::table(&timelines));
+    if let Some(io) = &io_results {
+        section.push_str(&io::table(io));
+    }
     println!("\n{section}");
+    if parts != Parts::Both {
+        println!("compare: only part of the comparison ran; docs/BENCHMARKS.md is left as it was");
+        return Ok(());
+    }
     let path = paths::root().join("docs/BENCHMARKS.md");
     let doc = std::fs::read_to_string(&path).unwrap_or_default();
     std::fs::write(&path, put_section(&doc, &section)).map_err(|e| format!("{}: {e}", path.display()))?;
     println!("compare: wrote {}", path.display());
     Ok(())
+}
+
+/// The last 30 lines of a rig's output, newest first.
+fn tail(output: &[String]) -> Vec<&String> {
+    output.iter().rev().take(30).collect()
 }
 
 #[cfg(test)]

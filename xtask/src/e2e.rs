@@ -22,7 +22,7 @@ pub fn rig(verbose: bool) -> Rig {
         kernel: guest.join("vmlinuz"),
         busybox: guest.join("busybox"),
         hvrun: std::env::var_os(OTHER_HVRUN).map_or_else(paths::cross_hvrun, std::path::PathBuf::from),
-        tools: ["net-forwarder", "examples/embed", "examples/memdisk", "examples/own_device"]
+        tools: ["net-forwarder", "timeline", "examples/embed", "examples/memdisk", "examples/own_device"]
             .into_iter()
             .map(paths::cross_bin)
             .collect(),
@@ -40,6 +40,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let selected = scenarios::select(&names)?;
     setup::run()?;
     guest::run()?;
+    if selected.iter().any(|s| s.artifacts.contains(&crate::io_guest::ARTIFACT)) {
+        crate::io_guest::build()?;
+    }
     cross::build_hvrun()?;
     let rig = rig(verbose);
     println!("e2e: booting the rig with {} scenario(s)", selected.len());

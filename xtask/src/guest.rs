@@ -258,7 +258,7 @@ pub(crate) fn apt_cache(args: &[&str]) -> Result<String, String> {
 }
 
 /// The versioned package behind `linux-image-arm64` (e.g. `linux-image-6.1.0-57-arm64`).
-fn resolve_kernel_package() -> Result<String, String> {
+pub(crate) fn resolve_kernel_package() -> Result<String, String> {
     let find = || -> Option<String> {
         let deps = apt_cache(&["depends", "linux-image-arm64:arm64"]).ok()?;
         deps.lines()
@@ -276,14 +276,38 @@ fn resolve_kernel_package() -> Result<String, String> {
     })
 }
 
+/// The candidate arm64 versions of those of `packages` that have one (one `apt-cache
+/// policy` for all), by package.
+pub(crate) fn arm64_candidates(packages: &[&str]) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let specs: Vec<String> = packages.iter().map(|p| format!("{p}:arm64")).collect();
+    let args: Vec<&str> = std::iter::once("policy").chain(specs.iter().map(String::as_str)).collect();
+    Ok(policy_candidates(&apt_cache(&args)?))
+}
+
+/// Reads `apt-cache policy NAME:arm64…`: each package's candidate, unless `(none)`.
+fn policy_candidates(policy: &str) -> std::collections::BTreeMap<String, String> {
+    let mut found = std::collections::BTreeMap::new();
+    let mut current = None;
+    for line in policy.lines() {
+        if !line.starts_with(' ') {
+            current = line.strip_suffix(":arm64:");
+        } else if let (Some(name), Some(v)) = (current, line.trim().strip_prefix("Candidate: ")) {
+            if v != "(none)" {
+                found.insert(name.to_string(), v.to_string());
+            }
+        }
+    }
+    found
+}
+
+/// The candidate arm64 versions of `packages`, in order.
+pub(crate) fn candidate_versions(packages: &[&str]) -> Result<Vec<String>, String> {
+    let mut found = arm64_candidates(packages)?;
+    packages.iter().map(|p| found.remove(*p).ok_or_else(|| format!("no installable version of {p}:arm64"))).collect()
+}
+
 pub(crate) fn candidate_version(package: &str) -> Result<String, String> {
-    let policy = apt_cache(&["policy", &format!("{package}:arm64")])?;
-    policy
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Candidate: "))
-        .filter(|v| *v != "(none)")
-        .map(str::to_string)
-        .ok_or_else(|| format!("no installable version of {package}:arm64"))
+    candidate_versions(&[package]).map(|mut v| v.remove(0))
 }
 
 /// Every file below `dir`, recursively.
@@ -301,7 +325,7 @@ pub(crate) fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 /// Extracts files from Debian's arm64 package `package` into `dir`: for each
 /// `(pattern, name)`, the file whose path inside the package starts with `pattern` (or,
 /// for a pattern starting with `*`, ends with the rest) becomes `dir/name`.
-fn debian_files(dir: &Path, package: &str, wanted: &[(&str, &str)]) -> Result<(), String> {
+pub(crate) fn debian_files(dir: &Path, package: &str, wanted: &[(&str, &str)]) -> Result<(), String> {
     let key = format!("{package}={}", candidate_version(package)?);
     if wanted.iter().all(|(_, name)| fresh(&dir.join(name), &key)) {
         println!("guest: {} up to date ({key})", wanted.iter().map(|w| w.1).collect::<Vec<_>>().join(", "));
@@ -417,5 +441,14 @@ mod tests {
     fn fnv_is_stable() {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn candidates_are_read_from_apt_cache_policy() {
+        let policy = "fio:arm64:\n  Installed: (none)\n  Candidate: 3.33-3\n  Version table:\n     3.33-3 500\n\
+                      mime-support:arm64:\n  Installed: (none)\n  Candidate: (none)\n";
+        let found = policy_candidates(policy);
+        assert_eq!(found.get("fio").map(String::as_str), Some("3.33-3"));
+        assert_eq!(found.len(), 1, "a package without an arm64 build has no candidate");
     }
 }

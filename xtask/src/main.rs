@@ -11,6 +11,7 @@ mod e2e;
 mod fresh;
 mod fuzz;
 mod guest;
+mod io_guest;
 mod kernel;
 mod paths;
 mod peers;
@@ -43,10 +44,12 @@ commands:
                  run the libFuzzer targets under fuzz/ (all when none named) for S seconds each
                  (default 60); a crash, a hang or runaway memory is a failure
   boottime [N]   boot hvrun's kernel N times in the rig: boot-time min/median/max, VMM memory
-  compare [ROUNDS]
+  compare [ROUNDS] [--start-only|--io-only]
                  hvrun and Debian's arm64 QEMU boot the same guest in the rig, interleaved over
-                 ROUNDS rounds (default 3): start → init and start → exit, into docs/BENCHMARKS.md
-  peers          fetch Debian's arm64 QEMU with the libraries it loads into the cache (for compare)
+                 ROUNDS rounds (default 3): start → init and start → exit; and the same fio and
+                 iperf3 runs in an I/O guest; all into docs/BENCHMARKS.md (only when both parts ran)
+  peers          fetch Debian's arm64 QEMU, fio and iperf3 with the libraries they load into the
+                 cache, and build the I/O guest's initramfs (for compare and fio-verify)
   bench [ARGS]   run the criterion benchmarks (ARGS go to criterion) and write docs/BENCHMARKS.md
 
 environment:
@@ -73,7 +76,10 @@ fn main() -> ExitCode {
         "fuzz" => fuzz::run(rest),
         "boottime" => e2e::boottime(rest),
         "compare" => compare::run(rest),
-        "peers" => peers::qemu().map(|(files, version)| println!("peers: QEMU {version}: {} files", files.len())),
+        "peers" => peers::qemu().and_then(|(files, version)| {
+            println!("peers: QEMU {version}: {} files", files.len());
+            guest::run().and_then(|()| io_guest::build()).map(|tools| println!("peers: the I/O guest has {tools}"))
+        }),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

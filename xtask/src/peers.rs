@@ -1,19 +1,49 @@
-//! Peer VMMs for `cargo xtask compare`: Debian's arm64 QEMU (`qemu-system-aarch64` from
-//! `qemu-system-arm`) with exactly the shared libraries it loads, taken from Debian's
-//! arm64 packages and cached outside the work tree, ready to put into the rig. In the rig
-//! it runs through its own dynamic loader: `/qemu/lib/ld-linux-aarch64.so.1
-//! --library-path /qemu/lib /qemu/qemu-system-aarch64 …` (the rig has no libc).
+//! Debian's arm64 programs with exactly the shared libraries they load, taken from
+//! Debian's arm64 packages and cached outside the work tree, ready to put into the rig or
+//! a guest: the peer VMM of `cargo xtask compare` (`qemu-system-aarch64` from
+//! `qemu-system-arm`) and the guest's I/O tools (`fio`, `iperf3`; see [`crate::io_guest`]).
+//! In the rig a program runs through its own dynamic loader, e.g.
+//! `/qemu/lib/ld-linux-aarch64.so.1 --library-path /qemu/lib /qemu/qemu-system-aarch64 …`
+//! (the rig has no libc).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::guest::{apt_cache, candidate_version, fresh, mark, walk};
+use crate::guest::{apt_cache, arm64_candidates, candidate_versions, fresh, mark, walk};
 use crate::{paths, sh};
 
-/// The Debian package with `qemu-system-aarch64`.
-const QEMU_PACKAGE: &str = "qemu-system-arm";
-/// The binary.
-const QEMU_BINARY: &str = "qemu-system-aarch64";
+/// Programs from Debian's arm64 packages, fetched with the libraries they load.
+pub struct Bundle {
+    /// Its directory in the cache, under `peers/`.
+    pub name: &'static str,
+    /// The packages holding the programs (their dependencies come along).
+    pub packages: &'static [&'static str],
+    /// The programs: paths inside the unpacked packages.
+    pub programs: &'static [&'static str],
+}
+
+/// A bundle in the cache.
+pub struct Fetched {
+    /// The programs, in [`Bundle::programs`]' order.
+    pub programs: Vec<PathBuf>,
+    /// Every library they load, the dynamic loader (`ld-linux-aarch64.so.1`) included,
+    /// sorted by name.
+    pub libs: Vec<PathBuf>,
+    /// `package=version` of each of [`Bundle::packages`], space-separated.
+    pub versions: String,
+}
+
+/// The peer VMM.
+pub const QEMU: Bundle =
+    Bundle { name: "qemu", packages: &["qemu-system-arm"], programs: &["usr/bin/qemu-system-aarch64"] };
+/// Every bundle the project fetches (`cargo xtask setup` proves apt knows their packages).
+pub const BUNDLES: [&Bundle; 2] = [&QEMU, &crate::io_guest::TOOLS];
+
+/// The shared libraries the arm64 ELF file `file` names (`DT_NEEDED`).
+pub fn needed_libs(file: &Path) -> Result<Vec<String>, String> {
+    needed(file).map(|d| d.needed)
+}
+
 /// Where QEMU lives in the rig.
 pub const QEMU_DIR: &str = "qemu";
 /// The command that runs QEMU in the rig.
@@ -22,33 +52,51 @@ pub const QEMU_IN_RIG: &str = "/qemu/lib/ld-linux-aarch64.so.1 --library-path /q
 /// QEMU and its libraries: `(path in the rig, file on the host)`, built into the cache
 /// unless up to date. Also returns QEMU's version.
 pub fn qemu() -> Result<(Vec<(String, PathBuf)>, String), String> {
-    let version = candidate_version(QEMU_PACKAGE)?;
-    let dir = paths::cache().join("peers/qemu");
-    let binary = dir.join(QEMU_BINARY);
-    let key = format!("{QEMU_PACKAGE}={version} with its libraries");
-    if fresh(&binary, &key) {
-        println!("peers: {QEMU_BINARY} is up to date ({key})");
-    } else {
-        build(&dir, &key)?;
-    }
-    let mut files = vec![(format!("{QEMU_DIR}/{QEMU_BINARY}"), binary)];
-    let mut libs = Vec::new();
-    walk(&dir.join("lib"), &mut libs);
-    libs.sort();
-    for lib in libs {
-        let name = lib.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        files.push((format!("{QEMU_DIR}/lib/{name}"), lib));
-    }
+    let fetched = fetch(&QEMU)?;
+    let mut files: Vec<(String, PathBuf)> =
+        fetched.programs.iter().map(|p| (format!("{QEMU_DIR}/{}", file_name(p)), p.clone())).collect();
+    files.extend(fetched.libs.iter().map(|lib| (format!("{QEMU_DIR}/lib/{}", file_name(lib)), lib.clone())));
+    let version = fetched.versions.split_once('=').map_or(fetched.versions.clone(), |(_, v)| v.to_string());
     Ok((files, version))
 }
 
-/// The packages `package` needs for arm64, itself included (Depends and Pre-Depends,
+/// A path's last component, as text.
+pub fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// `bundle` from the cache, fetched and unpacked first unless up to date (the key: the
+/// candidate version of each package).
+pub fn fetch(bundle: &Bundle) -> Result<Fetched, String> {
+    let versions = bundle
+        .packages
+        .iter()
+        .zip(candidate_versions(bundle.packages)?)
+        .map(|(p, v)| format!("{p}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let dir = paths::cache().join("peers").join(bundle.name);
+    let programs: Vec<PathBuf> = bundle.programs.iter().map(|p| dir.join(file_name(Path::new(p)))).collect();
+    let stamped = programs.first().ok_or_else(|| format!("bundle {} names no program", bundle.name))?;
+    let key = format!("{versions} with {} libraries", if bundle.packages.len() == 1 { "its" } else { "their" });
+    if fresh(stamped, &key) && programs.iter().all(|p| p.is_file()) {
+        println!("peers: {} up to date ({key})", bundle.name);
+    } else {
+        build(bundle, &dir, &key)?;
+    }
+    let mut libs = Vec::new();
+    walk(&dir.join("lib"), &mut libs);
+    libs.sort();
+    Ok(Fetched { programs, libs, versions })
+}
+
+/// The packages `packages` need for arm64, themselves included (Depends and Pre-Depends,
 /// recursively). apt prints some of them without the `:arm64` (multi-arch libraries it
 /// also has natively), so every name is fetched for arm64; the ones without an arm64
 /// build (architecture-independent data) are skipped when downloading.
-fn closure(package: &str) -> Result<Vec<String>, String> {
-    let spec = format!("{package}:arm64");
-    let out = apt_cache(&[
+fn closure(packages: &[&str]) -> Result<Vec<String>, String> {
+    let specs: Vec<String> = packages.iter().map(|p| format!("{p}:arm64")).collect();
+    let mut args = vec![
         "depends",
         "--recurse",
         "--no-recommends",
@@ -57,8 +105,9 @@ fn closure(package: &str) -> Result<Vec<String>, String> {
         "--no-breaks",
         "--no-replaces",
         "--no-enhances",
-        &spec,
-    ])?;
+    ];
+    args.extend(specs.iter().map(String::as_str));
+    let out = apt_cache(&args)?;
     let names: BTreeSet<String> = out
         .lines()
         .filter(|l| !l.starts_with(' ') && !l.starts_with('<'))
@@ -70,37 +119,46 @@ fn closure(package: &str) -> Result<Vec<String>, String> {
 
 /// Those of `packages` that have an arm64 build (one `apt-cache policy` for all).
 fn with_arm64_build(packages: &[String]) -> Result<Vec<String>, String> {
-    let specs: Vec<String> = packages.iter().map(|p| format!("{p}:arm64")).collect();
-    let refs: Vec<&str> = std::iter::once("policy").chain(specs.iter().map(String::as_str)).collect();
-    let policy = apt_cache(&refs)?;
-    let mut kept = Vec::new();
-    let mut current = None;
-    for line in policy.lines() {
-        if !line.starts_with(' ') {
-            current = line.strip_suffix(":arm64:").map(str::to_string);
-        } else if let (Some(name), Some(candidate)) = (&current, line.trim().strip_prefix("Candidate: ")) {
-            if candidate != "(none)" {
-                kept.push(name.clone());
-            }
-        }
-    }
-    Ok(kept)
+    let names: Vec<&str> = packages.iter().map(String::as_str).collect();
+    let candidates = arm64_candidates(&names)?;
+    Ok(packages.iter().filter(|p| candidates.contains_key(p.as_str())).cloned().collect())
 }
 
-/// The shared libraries an arm64 ELF file names (`DT_NEEDED`), and its interpreter.
-fn needed(file: &Path) -> Result<(Vec<String>, Option<String>), String> {
-    let dynamic = sh::output(sh::cmd("aarch64-linux-gnu-readelf").args(["-d", "-l", "-W"]).arg(file))?;
-    let libs = dynamic
-        .lines()
-        .filter(|l| l.contains("(NEEDED)"))
-        .filter_map(|l| Some(l.split('[').nth(1)?.split(']').next()?.to_string()))
-        .collect();
-    let interpreter = dynamic
-        .lines()
-        .find_map(|l| l.split("[Requesting program interpreter: ").nth(1)?.split(']').next())
-        .and_then(|p| p.rsplit('/').next())
-        .map(str::to_string);
-    Ok((libs, interpreter))
+/// What an arm64 ELF file's dynamic section and program headers say.
+#[derive(Debug, Default, PartialEq)]
+struct Dynamic {
+    /// The shared libraries it names (`DT_NEEDED`).
+    needed: Vec<String>,
+    /// Its program interpreter's file name.
+    interpreter: Option<String>,
+    /// The directories of its `DT_RUNPATH` and `DT_RPATH` (e.g. librados's
+    /// `/usr/lib/aarch64-linux-gnu/ceph`), as written (`$ORIGIN` unexpanded).
+    search: Vec<String>,
+}
+
+/// Reads `readelf -d -l -W`'s output.
+fn dynamic(readelf: &str) -> Dynamic {
+    let bracketed = |l: &str| Some(l.split('[').nth(1)?.split(']').next()?.to_string());
+    Dynamic {
+        needed: readelf.lines().filter(|l| l.contains("(NEEDED)")).filter_map(bracketed).collect(),
+        interpreter: readelf
+            .lines()
+            .find_map(|l| l.split("[Requesting program interpreter: ").nth(1)?.split(']').next())
+            .and_then(|p| p.rsplit('/').next())
+            .map(str::to_string),
+        search: readelf
+            .lines()
+            .filter(|l| l.contains("(RUNPATH)") || l.contains("(RPATH)"))
+            .filter_map(bracketed)
+            .flat_map(|paths| paths.split(':').map(str::to_string).collect::<Vec<_>>())
+            .filter(|p| !p.is_empty())
+            .collect(),
+    }
+}
+
+/// [`Dynamic`] of `file`.
+fn needed(file: &Path) -> Result<Dynamic, String> {
+    Ok(dynamic(&sh::output(sh::cmd("aarch64-linux-gnu-readelf").args(["-d", "-l", "-W"]).arg(file))?))
 }
 
 /// Resolves `path` inside the unpacked `tree`, following symbolic links there (an
@@ -118,12 +176,25 @@ fn resolve(tree: &Path, mut path: PathBuf) -> Option<PathBuf> {
     None
 }
 
-fn build(dir: &Path, key: &str) -> Result<(), String> {
+/// Adds the run path directories `search` of `file` (inside the unpacked `tree`) to `dirs`.
+fn add_search(tree: &Path, file: &Path, search: &[String], dirs: &mut Vec<PathBuf>) {
+    for path in search {
+        let dir = match path.strip_prefix("$ORIGIN") {
+            Some(rest) => file.parent().unwrap_or(tree).join(rest.trim_start_matches('/')),
+            None => tree.join(path.trim_start_matches('/')),
+        };
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+}
+
+fn build(bundle: &Bundle, dir: &Path, key: &str) -> Result<(), String> {
     let work = paths::cache().join("peers/download");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| format!("creating {}: {e}", work.display()))?;
-    let packages = with_arm64_build(&closure(QEMU_PACKAGE)?)?;
-    println!("peers: downloading {} arm64 packages for {QEMU_PACKAGE}", packages.len());
+    let packages = with_arm64_build(&closure(bundle.packages)?)?;
+    println!("peers: downloading {} arm64 packages for {}", packages.len(), bundle.packages.join(" "));
     let specs: Vec<String> = packages.iter().map(|p| format!("{p}:arm64")).collect();
     sh::output(
         sh::cmd("apt-get").current_dir(&work).args(["-q", "-o", "APT::Sandbox::User=root", "download"]).args(&specs),
@@ -139,35 +210,66 @@ fn build(dir: &Path, key: &str) -> Result<(), String> {
     for deb in &debs {
         sh::output(sh::cmd("dpkg-deb").arg("-x").arg(deb).arg(&tree))?;
     }
-    let lib_dirs = ["lib/aarch64-linux-gnu", "usr/lib/aarch64-linux-gnu", "lib", "usr/lib"].map(|d| tree.join(d));
-    let find = |name: &str| lib_dirs.iter().find_map(|d| resolve(&tree, d.join(name)));
-    let binary = resolve(&tree, tree.join("usr/bin").join(QEMU_BINARY))
-        .ok_or_else(|| format!("{QEMU_PACKAGE} has no usr/bin/{QEMU_BINARY}"))?;
+    // The loader's default directories, and those the files' run paths add.
+    let mut lib_dirs: Vec<PathBuf> =
+        ["lib/aarch64-linux-gnu", "usr/lib/aarch64-linux-gnu", "lib", "usr/lib"].map(|d| tree.join(d)).to_vec();
     let _ = std::fs::remove_dir_all(dir);
     let lib_out = dir.join("lib");
     std::fs::create_dir_all(&lib_out).map_err(|e| format!("creating {}: {e}", lib_out.display()))?;
-    let (mut queue, interpreter) = needed(&binary)?;
-    let interpreter = interpreter.ok_or_else(|| format!("{QEMU_BINARY} names no program interpreter"))?;
-    queue.push(interpreter);
     let mut done = BTreeSet::new();
-    while let Some(name) = queue.pop() {
-        if !done.insert(name.clone()) {
-            continue;
+    for program in bundle.programs {
+        let binary = resolve(&tree, tree.join(program))
+            .ok_or_else(|| format!("{} have no {program}", bundle.packages.join(" ")))?;
+        let top = needed(&binary)?;
+        add_search(&tree, &binary, &top.search, &mut lib_dirs);
+        let mut queue = top.needed;
+        queue.push(top.interpreter.ok_or_else(|| format!("{program} names no program interpreter"))?);
+        while let Some(name) = queue.pop() {
+            if !done.insert(name.clone()) {
+                continue;
+            }
+            let file = lib_dirs
+                .iter()
+                .find_map(|d| resolve(&tree, d.join(&name)))
+                .ok_or_else(|| format!("{program} needs {name}, which no downloaded package has"))?;
+            std::fs::copy(&file, lib_out.join(&name)).map_err(|e| format!("copying {}: {e}", file.display()))?;
+            let more = needed(&file)?;
+            add_search(&tree, &file, &more.search, &mut lib_dirs);
+            queue.extend(more.needed);
         }
-        let file = find(&name).ok_or_else(|| format!("{QEMU_BINARY} needs {name}, which no downloaded package has"))?;
-        std::fs::copy(&file, lib_out.join(&name)).map_err(|e| format!("copying {}: {e}", file.display()))?;
-        queue.extend(needed(&file)?.0);
+        let out = dir.join(file_name(Path::new(program)));
+        std::fs::copy(&binary, &out).map_err(|e| format!("copying {}: {e}", binary.display()))?;
     }
-    std::fs::copy(&binary, dir.join(QEMU_BINARY)).map_err(|e| format!("copying {}: {e}", binary.display()))?;
-    mark(&dir.join(QEMU_BINARY), key)?;
+    if let Some(first) = bundle.programs.first() {
+        mark(&dir.join(file_name(Path::new(first))), key)?;
+    }
     let _ = std::fs::remove_dir_all(&work);
-    println!("peers: {QEMU_BINARY} with {} libraries in {}", done.len(), dir.display());
+    println!("peers: {} with {} libraries in {}", bundle.programs.join(" "), done.len(), dir.display());
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dynamic_section_is_read() {
+        let readelf = "  [Requesting program interpreter: /lib/ld-linux-aarch64.so.1]\n\
+             Dynamic section at offset 0x1000 contains 3 entries:\n\
+             \x20 0x0000000000000001 (NEEDED)             Shared library: [libceph-common.so.2]\n\
+             \x20 0x0000000000000001 (NEEDED)             Shared library: [libc.so.6]\n\
+             \x20 0x000000000000001d (RUNPATH)            Library runpath: [/usr/lib/aarch64-linux-gnu/ceph:$ORIGIN/x]\n";
+        let d = dynamic(readelf);
+        assert_eq!(d.needed, ["libceph-common.so.2", "libc.so.6"]);
+        assert_eq!(d.interpreter.as_deref(), Some("ld-linux-aarch64.so.1"));
+        assert_eq!(d.search, ["/usr/lib/aarch64-linux-gnu/ceph", "$ORIGIN/x"]);
+        let tree = Path::new("/t");
+        let mut dirs = vec![tree.join("lib")];
+        add_search(tree, &tree.join("usr/lib/librados.so.2"), &d.search, &mut dirs);
+        add_search(tree, &tree.join("usr/lib/librados.so.2"), &d.search, &mut dirs);
+        assert_eq!(dirs, [tree.join("lib"), tree.join("usr/lib/aarch64-linux-gnu/ceph"), tree.join("usr/lib/x")]);
+        assert_eq!(dynamic("static"), Dynamic::default());
+    }
 
     #[test]
     fn links_resolve_inside_the_unpacked_tree() {

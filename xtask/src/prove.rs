@@ -40,6 +40,11 @@ const PROOFS: &[Proof] = &[
         packages: "qemu-system-arm",
         run: rig_qemu,
     },
+    Proof {
+        what: "arm64 programs' libraries found (readelf) and the arm64 packages compare fetches known to apt",
+        packages: "gcc-aarch64-linux-gnu (its binutils-aarch64-linux-gnu) libc6-dev-arm64-cross, and arm64 as a foreign architecture",
+        run: peers,
+    },
     Proof { what: "dtc decodes a device tree", packages: "device-tree-compiler", run: dtc },
     Proof { what: "an ext4 image made and read back", packages: "e2fsprogs", run: ext4 },
     Proof {
@@ -182,6 +187,23 @@ fn rig_qemu(dir: &Path) -> Result<String, String> {
     let _ = child.kill();
     let _ = child.wait();
     Ok("it started and waited".into())
+}
+
+/// What `cargo xtask peers` does, short of downloading: reads the libraries a dynamic
+/// arm64 program names with the cross readelf, and resolves the arm64 packages it fetches.
+fn peers(dir: &Path) -> Result<String, String> {
+    let source = dir.join("dynamic.c");
+    let program = dir.join("dynamic-c");
+    write(&source, "int main(void) { return 0; }\n")?;
+    sh::output(sh::cmd("aarch64-linux-gnu-gcc").arg("-o").arg(&program).arg(&source))?;
+    let libs = crate::peers::needed_libs(&program)?;
+    if !libs.iter().any(|l| l == "libc.so.6") {
+        return Err(format!("readelf found {libs:?} in a dynamic arm64 program, not libc.so.6"));
+    }
+    let packages: Vec<&str> = crate::peers::BUNDLES.iter().flat_map(|b| b.packages.iter().copied()).collect();
+    let versions = crate::guest::candidate_versions(&packages)?;
+    let known: Vec<String> = packages.iter().zip(versions).map(|(p, v)| format!("{p} {v}")).collect();
+    Ok(format!("libc.so.6 found; arm64 {}", known.join(", ")))
 }
 
 fn dtc(dir: &Path) -> Result<String, String> {

@@ -369,7 +369,10 @@ impl<'m> GuestIovecs<'m> {
             let take = (piece.iov_len - skip).min(len);
             if take > 0 {
                 // `skip + take <= iov_len`: inside the piece.
-                out.push(libc::iovec { iov_base: piece.iov_base.cast::<u8>().wrapping_add(skip).cast(), iov_len: take });
+                out.push(libc::iovec {
+                    iov_base: piece.iov_base.cast::<u8>().wrapping_add(skip).cast(),
+                    iov_len: take,
+                });
                 len -= take;
             }
         }

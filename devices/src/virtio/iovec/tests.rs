@@ -6,10 +6,7 @@ use vm_memory::{Bytes, GuestAddress};
 const WRITE: u16 = 2;
 
 /// A chain of `(addr, len, flags)` buffers in a fresh 1 MiB guest memory.
-fn with_chain(
-    buffers: &[(u64, u32, u16)],
-    check: impl FnOnce(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>),
-) {
+fn with_chain(buffers: &[(u64, u32, u16)], check: impl FnOnce(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>)) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let queue = MockSplitQueue::new(&mem, 16);
     let descs: Vec<RawDescriptor> = buffers
@@ -57,10 +54,7 @@ fn writable_buffers_with_a_limit_and_advance() {
         assert_eq!((iov.len(), iov.iovecs().len()), (15, 2));
         iov.advance(12);
         assert_eq!((iov.len(), iov.iovecs().len()), (3, 1));
-        assert_eq!(
-            iov.iovecs()[0].iov_base as usize - mem.get_host_address(GuestAddress(0x3000)).unwrap() as usize,
-            2
-        );
+        assert_eq!(iov.iovecs()[0].iov_base as usize - mem.get_host_address(GuestAddress(0x3000)).unwrap() as usize, 2);
     });
 }
 
@@ -194,7 +188,8 @@ fn a_window_on_part_of_the_pieces() {
         let iov = GuestIovecs::from_chain(mem, chains.remove(0), true, 0, usize::MAX).unwrap();
         let base = |i: u64| mem.get_host_address(GuestAddress(0x1_0000 + i * 0x1000)).unwrap() as usize;
         let mut out = IovecBuf { pieces: vec![EMPTY; 9] };
-        let pieces = |out: &IovecBuf| out.as_slice().iter().map(|p| (p.iov_base as usize, p.iov_len)).collect::<Vec<_>>();
+        let pieces =
+            |out: &IovecBuf| out.as_slice().iter().map(|p| (p.iov_base as usize, p.iov_len)).collect::<Vec<_>>();
         iov.window(7, 15, &mut out);
         assert_eq!(pieces(&out), [(base(0) + 7, 3), (base(1), 10), (base(2), 2)]);
         iov.window(25, 100, &mut out);

@@ -241,7 +241,9 @@ fn datagram_len(fd: RawFd) -> Option<io::Result<usize>> {
     let mut n: libc::c_int = 0;
     let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: SO_NREAD writes one c_int into `n`, whose size `size` gives.
-    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_NREAD, (&mut n as *mut libc::c_int).cast(), &mut size) };
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_NREAD, (&mut n as *mut libc::c_int).cast(), &mut size)
+    };
     match rc {
         0 if n > 0 => Some(Ok(n as usize)),
         0 => None,

@@ -111,7 +111,8 @@ impl Receiver {
                 warn_ratelimited!("{NAME}: the backend keeps returning no frame; receiving waits for its next wake");
                 return;
             }
-            let mut step = if self.in_place { self.receive_in_place(backend, memory, rx, mergeable) } else { Step::Copy };
+            let mut step =
+                if self.in_place { self.receive_in_place(backend, memory, rx, mergeable) } else { Step::Copy };
             if matches!(step, Step::Copy) {
                 step = self.receive_copy(backend);
             }
