@@ -1,8 +1,8 @@
 //! virtio-blk (virtio spec v1.2 section 5.2): a raw disk image behind one or more
 //! virtqueues.
 //!
-//! Each queue is served on a worker thread of its own ([`worker::Slot`]), never on a
-//! vCPU thread: a queue notification only wakes it. A disk that serves many requests at
+//! Each queue is served on a worker thread of its own ([`super::worker::Slot`]), never
+//! on a vCPU thread: a queue notification only wakes it. A disk that serves many requests at
 //! once ([`disk::SharedDisk`], such as a [`disk::FileDisk`]) gets a queue per vCPU
 //! (`VIRTIO_BLK_F_MQ`, up to [`MAX_QUEUES`]) and each queue's requests run in parallel on
 //! its I/O threads (see `handler`); any other disk is served one request at a time on one

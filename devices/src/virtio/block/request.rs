@@ -2,15 +2,15 @@
 //!
 //! A request is a 16-byte header (type, reserved, sector) in device-readable memory, then
 //! data, then one status byte at the very end of the device-writable memory. Nothing is
-//! assumed about how the driver split these across descriptors. [`Request::parse`] walks
-//! the chain once: it copies the header (and a DISCARD/WRITE_ZEROES segment) out,
-//! records every other non-empty buffer as a piece of guest memory (checked against it,
-//! [`Pieces`]) and the status byte's address. [`Request::prepare`] validates the request
-//! against the disk and says what to do ([`Plan`]); [`Request::run`] does the disk I/O,
-//! on the queue's worker or an I/O thread, straight between the disk and the guest's
-//! buffers when the disk can (`preadv`/`pwritev`) and through a bounded bounce buffer
-//! otherwise; [`Request::finish`] writes the status. No guest-chosen length sizes an
-//! allocation, and a request allocates nothing.
+//! assumed about how the driver split these across descriptors. The device walks the
+//! chain once (`Request::parse`): it copies the header (and a DISCARD/WRITE_ZEROES
+//! segment) out, records every other non-empty buffer as a piece of guest memory, checked
+//! against it and kept inline, and the status byte's address. Then it validates the
+//! request against the disk (`Request::prepare`), does the disk I/O (`Request::run`), on
+//! the queue's worker or an I/O thread, straight between the disk and the guest's buffers
+//! when the disk can (`preadv`/`pwritev`) and through a bounded bounce buffer otherwise,
+//! and writes the status (`Request::finish`). No guest-chosen length sizes an allocation,
+//! and a request allocates nothing.
 //!
 //! [`serve`] does all four at once, for one request at a time.
 
