@@ -46,6 +46,13 @@ impl Guest {
         buf.iter().filter(|&&b| b == 0).count()
     }
 
+    /// Whether `start..start + len` reads as released: zeros on Linux, which drops the
+    /// pages at once (macOS keeps the bytes of reusable pages until it needs the memory,
+    /// so there only the counters tell).
+    fn released(&self, start: u64, len: usize) -> bool {
+        !cfg!(target_os = "linux") || self.zeros(start, len) == len
+    }
+
     fn config(&mut self, offset: u64) -> u32 {
         read_reg(&mut self.t, 0x100 + offset)
     }
@@ -118,7 +125,7 @@ fn inflate_releases_valid_frames_and_ignores_hostile_ones() {
     vqs[0].add_desc_chains(&[desc(0x1000, len, 0)], 0).unwrap();
     write_reg(&mut g.t, 0x50, 0);
     wait_for("the inflate buffer back", || vqs[0].used().idx().load() == 1);
-    assert_eq!(g.zeros(0x20_0000, 0x1_0000), 0x1_0000, "the inflated pages were released");
+    assert!(g.released(0x20_0000, 0x1_0000), "the inflated pages were released");
     assert_eq!(g.zeros(0x21_0000, 0x1_0000), 0, "the others were not");
     assert_eq!(g.handle.released(), 0x1_0000);
     assert!(g.line.high());
@@ -142,7 +149,9 @@ fn malformed_page_arrays_are_dropped_without_harm() {
     vqs[0].add_desc_chains(&[desc(0x1000, u32::MAX, 0)], 3).unwrap(); // huge
     write_reg(&mut g.t, 0x50, 0);
     wait_for("four buffers back", || vqs[0].used().idx().load() == 4);
-    assert_eq!(g.zeros(0x20_0000, 0x1000), 0x1000, "the first whole entry of the partial array counts");
+    if super::release::host_page_size() == 0x1000 {
+        assert!(g.released(0x20_0000, 0x1000), "the first whole entry of the partial array counts");
+    }
     assert_eq!(g.zeros(0x20_1000, 0x1000), 0, "the partial entry does not");
 }
 
@@ -168,9 +177,9 @@ fn reported_ranges_are_released_when_inside_ram() {
     vqs[3].add_desc_chains(&[desc(0x10_0000, u32::MAX, W)], 4).unwrap();
     write_reg(&mut g.t, 0x50, 3);
     wait_for("the reports back", || vqs[3].used().idx().load() == 2);
-    assert_eq!(g.zeros(0x20_0000, 0x10_0000), 0x10_0000);
+    assert!(g.released(0x20_0000, 0x10_0000));
     assert_eq!(g.zeros(0x30_0000, page), 0, "the ragged head of the unaligned range stays");
-    assert_eq!(g.zeros(0x30_0000 + page as u64, page), page, "its one whole page goes");
+    assert!(g.released(0x30_0000 + page as u64, page), "its one whole page goes");
     assert_eq!(g.zeros(0x3f_f000, 0x1000), 0, "the straddling range is untouched");
     assert_eq!(g.handle.released(), 0x10_0000 + page as u64);
 }
