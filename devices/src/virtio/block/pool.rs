@@ -117,9 +117,12 @@ impl Pool {
         let mut state = self.inner.lock();
         state.queued.push_back(job);
         self.inner.queued.store(state.queued.len(), Ordering::Release);
-        let short = state.queued.len() > state.idle;
+        let (idle, short) = (state.idle > 0, state.queued.len() > state.idle);
         drop(state);
-        self.inner.work.notify_one();
+        if idle {
+            // Only a waiting thread needs the wake-up (and its system call).
+            self.inner.work.notify_one();
+        }
         if short && self.threads.len() < self.max {
             if let Err(e) = self.spawn() {
                 warn_ratelimited!("virtio-blk: cannot start an I/O thread: {e}");
@@ -145,13 +148,16 @@ impl Pool {
         Ok(())
     }
 
-    /// Takes back a job no thread has started, for the worker to run itself rather than
-    /// wait idle.
+    /// Takes back a job no thread has started while every thread is busy, for the worker
+    /// to run itself rather than wait idle.
     pub(super) fn steal(&self) -> Option<Box<Job>> {
         if self.inner.queued.load(Ordering::Acquire) == 0 {
             return None;
         }
         let mut state = self.inner.lock();
+        if state.idle > 0 {
+            return None; // a thread is on its way to it
+        }
         let job = state.queued.pop_back();
         self.inner.queued.store(state.queued.len(), Ordering::Release);
         job
