@@ -4,7 +4,6 @@
 //! stopped or a pipe nobody reads: when the host falls behind by more than the buffer,
 //! further bytes are dropped and counted, with a rate-limited warning.
 
-use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -14,7 +13,9 @@ use crate::warn_ratelimited;
 
 #[derive(Default)]
 struct State {
-    bytes: VecDeque<u8>,
+    /// The bytes queued: `buf[..filled]` (`buf` keeps its length, the capacity).
+    buf: Vec<u8>,
+    filled: usize,
     /// The drain thread is waiting for bytes (notify it only then).
     waiting: bool,
     /// The drain thread is writing what it took.
@@ -56,7 +57,7 @@ impl Output {
         let shared = Arc::new(Shared {
             name,
             capacity,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State { buf: vec![0; capacity], ..State::default() }),
             work: Condvar::new(),
             progress: Condvar::new(),
             on_room: Mutex::new(None),
@@ -72,14 +73,26 @@ impl Output {
     /// Queues what fits of `data` for the host; returns how many bytes that was. The
     /// caller keeps the rest (back-pressure): see [`Output::write`] for dropping it.
     pub fn offer(&self, data: &[u8]) -> usize {
+        self.offer_with(data.len(), |room| {
+            room.copy_from_slice(&data[..room.len()]);
+            room.len()
+        })
+    }
+
+    /// [`Output::offer`] for bytes the caller copies in itself (from guest memory, say,
+    /// with no copy of its own on the way): `fill` gets room for up to `len` bytes (less
+    /// if the buffer is fuller) and says how many it wrote. Returns that many.
+    pub fn offer_with(&self, len: usize, fill: impl FnOnce(&mut [u8]) -> usize) -> usize {
         let shared = &self.shared;
         let mut state = lock(&shared.state);
         if state.closed {
-            return data.len();
+            return len;
         }
-        let n = data.len().min(shared.capacity - state.bytes.len());
-        state.bytes.extend(&data[..n]);
-        state.short |= n < data.len();
+        let at = state.filled;
+        let room = len.min(shared.capacity - at);
+        let n = fill(&mut state.buf[at..at + room]).min(room);
+        state.filled += n;
+        state.short |= n < len;
         if n > 0 && state.waiting {
             shared.work.notify_one();
         }
@@ -109,7 +122,7 @@ impl Output {
         let shared = &self.shared;
         let deadline = Instant::now() + timeout;
         let mut state = lock(&shared.state);
-        while !state.bytes.is_empty() || state.writing {
+        while state.filled > 0 || state.writing {
             let now = Instant::now();
             if now >= deadline {
                 return false;
@@ -132,25 +145,25 @@ impl Drop for Output {
 
 impl Shared {
     fn run(&self, mut writer: Box<dyn Write + Send>) {
-        let mut chunk = Vec::new();
+        // The buffers trade places: the writers fill one while this writes the other.
+        let mut chunk = vec![0; self.capacity];
         let mut failed = false;
         loop {
-            let made_room = {
+            let (made_room, len) = {
                 let mut state = lock(&self.state);
                 state.writing = false;
                 self.progress.notify_all();
-                while state.bytes.is_empty() && !state.closed {
+                while state.filled == 0 && !state.closed {
                     state.waiting = true;
                     state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
                     state.waiting = false;
                 }
-                if state.bytes.is_empty() {
+                if state.filled == 0 {
                     return;
                 }
-                chunk.clear();
-                chunk.extend(state.bytes.drain(..));
+                std::mem::swap(&mut chunk, &mut state.buf);
                 state.writing = true;
-                std::mem::take(&mut state.short)
+                (std::mem::take(&mut state.short), std::mem::take(&mut state.filled))
             };
             if made_room {
                 if let Some(hook) = lock(&self.on_room).as_ref() {
@@ -158,7 +171,7 @@ impl Shared {
                 }
             }
             if !failed {
-                if let Err(e) = write_out(&mut *writer, &chunk) {
+                if let Err(e) = write_out(&mut *writer, &chunk[..len]) {
                     log::warn!("{}: output failed, dropping further output: {e}", self.name);
                     failed = true;
                 }
@@ -220,6 +233,27 @@ mod tests {
         assert_eq!(out.write(b"every byte arrives"), 18);
         assert!(out.flush(Duration::from_secs(10)));
         assert_eq!(sink.text(), "every byte arrives");
+    }
+
+    #[test]
+    fn offer_with_hands_over_the_room_there_is_and_takes_what_was_written() {
+        let out = Output::new("test-offer-with", Box::new(Stuck), 16);
+        // The drain thread takes the first bytes and is stuck writing them: 16 more fit.
+        assert_eq!(out.offer(b"taken by the thread"), 16);
+        let start = Instant::now();
+        while out.offer(b"x") == 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "the thread never took the first bytes");
+            std::thread::yield_now();
+        }
+        let mut offered = 0;
+        assert_eq!(out.offer_with(100, |room| {
+            offered = room.len();
+            room[..4].copy_from_slice(b"four");
+            4
+        }), 4);
+        assert_eq!(offered, 15, "room for what fits");
+        assert_eq!(out.offer_with(11, |room| room.len()), 11);
+        assert_eq!(out.offer_with(1, |room| room.len()), 0, "full");
     }
 
     #[test]

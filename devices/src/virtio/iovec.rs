@@ -153,16 +153,17 @@ impl<'m> GuestIovecs<'m> {
         self.push_checked(memory, chain, writable, false, skip, limit)
     }
 
-    /// Appends the buffers of `chain`, all of which must be device-writable (a receive
-    /// buffer: `None` if one is device-readable), skipping the first `skip` bytes; as
-    /// [`GuestIovecs::push_chain`] otherwise.
-    pub fn push_writable_chain(
+    /// [`GuestIovecs::push_chain`] for a chain whose buffers must all be of the kind
+    /// wanted (a receive buffer, a console's output): `None` if one is of the other.
+    pub fn push_uniform_chain(
         &mut self,
         memory: &'m GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
+        writable: bool,
         skip: usize,
+        limit: usize,
     ) -> Option<usize> {
-        self.push_checked(memory, chain, true, true, skip, usize::MAX)
+        self.push_checked(memory, chain, writable, true, skip, limit)
     }
 
     fn push_checked(

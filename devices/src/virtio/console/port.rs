@@ -3,17 +3,19 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 
 use guest_memory::GuestMemoryMmap;
 use mio::event::Event;
 use mio::net::UnixStream;
 use mio::{Interest, Registry, Token};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::Backend;
+use crate::virtio::iovec::{GuestIovecs, IovecBuf, MAX_IOVECS};
 use crate::virtio::worker::{Handler, Wake};
-use crate::virtio::{check_notified, give_back, next_chain, notify_driver, write_chain, GuestMemory, Interrupt};
+use crate::virtio::{check_notified, write_chain, Chains, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
 const NAME: &str = "virtio-console";
@@ -27,6 +29,8 @@ const INPUT_CHUNK: usize = 4096;
 pub const MAX_CHAIN_OUTPUT: usize = 64 * 1024;
 /// Output kept while no socket client is connected.
 pub const KEPT_OUTPUT: usize = 64 * 1024;
+/// The most transmit chains handed to the backend in one call.
+const BATCH: usize = 64;
 
 struct Running {
     memory: GuestMemory,
@@ -43,8 +47,13 @@ pub(super) struct Port {
     /// Host input read but not yet given to the guest: `input[input_at..]`.
     input: Vec<u8>,
     input_at: usize,
-    /// Guest output not yet written to the backend.
+    /// Guest output not yet written to the backend, copied out of the guest's buffers
+    /// (the rest of one the backend took part of, one that cannot be written in place).
     output: VecDeque<u8>,
+    /// The pieces of the transmit chains written in one call, and those chains (head,
+    /// bytes), reused.
+    out_iov: IovecBuf,
+    out_chains: Vec<(u16, usize)>,
     /// Whether the guest has written to the port since the driver started it. Host
     /// input waits until then: Linux posts receive buffers before it marks the console
     /// port connected, and discards what arrives in between.
@@ -60,6 +69,8 @@ impl Port {
             input: Vec::new(),
             input_at: 0,
             output: VecDeque::new(),
+            out_iov: IovecBuf::new(),
+            out_chains: Vec::with_capacity(BATCH),
             guest_spoke: false,
         }
     }
@@ -73,22 +84,70 @@ impl Port {
     fn pump(&mut self, registry: &Registry) {
         let Some(mut run) = self.running.take() else { return };
         let memory = run.memory.memory();
-        let (tx_from, rx_from) = (run.tx.next_used(), run.rx.next_used());
-        self.transmit(registry, memory, &mut run.tx, &run.interrupt);
-        self.receive(registry, memory, &mut run.rx, &run.interrupt);
-        notify_driver(NAME, &mut run.tx, memory, &run.interrupt, tx_from);
-        notify_driver(NAME, &mut run.rx, memory, &run.interrupt, rx_from);
+        // Each pass interrupts the driver, if it asked to be, when it ends.
+        self.transmit(registry, memory, &mut Chains::new(NAME, &mut run.tx, memory, &run.interrupt));
+        self.receive(registry, memory, &mut Chains::new(NAME, &mut run.rx, memory, &run.interrupt));
         self.running = Some(run);
     }
 
-    fn transmit(&mut self, registry: &Registry, memory: &GuestMemoryMmap, tx: &mut Queue, interrupt: &Interrupt) {
+    /// Hands the guest's output to the backend: up to [`BATCH`] chains at a time, in one
+    /// call and straight from the guest's buffers (a `writev` to a socket client; one
+    /// copy into the host writer's buffer). Chains the backend did not take go back to
+    /// the ring until it has room; the rest of one it took part of waits in `output`.
+    fn transmit(&mut self, registry: &Registry, memory: &GuestMemoryMmap, tx: &mut Chains<'_, '_>) {
         while self.flush(registry) {
-            let Some(chain) = next_chain(NAME, tx, memory, interrupt) else { break };
-            let head = chain.head_index();
-            self.guest_spoke = true;
-            collect(memory, chain, &mut self.output);
-            if !give_back(NAME, tx, memory, head, 0) {
-                break;
+            let mut iov = GuestIovecs::with_spill(&mut self.out_iov);
+            self.out_chains.clear();
+            let mut copied = false;
+            while self.out_chains.len() < BATCH && iov.iovecs().len() < MAX_IOVECS {
+                let Some(chain) = tx.next() else { break };
+                self.guest_spoke = true;
+                let head = chain.head_index();
+                match iov.push_uniform_chain(memory, chain.clone(), false, 0, MAX_CHAIN_OUTPUT) {
+                    Some(n) => self.out_chains.push((head, n)),
+                    None if self.out_chains.is_empty() => {
+                        // Copied instead: `collect` takes what it can and says what is
+                        // wrong with the rest (too long, device-writable buffers...).
+                        collect(memory, chain, &mut self.output);
+                        if !tx.give_back(head, 0) {
+                            return;
+                        }
+                        copied = true;
+                        break;
+                    }
+                    None => {
+                        tx.put_back(1);
+                        break;
+                    }
+                }
+            }
+            if self.out_chains.is_empty() {
+                if copied {
+                    continue; // flushed first, then the next chains
+                }
+                return;
+            }
+            let taken = write_out(&mut self.backend, &mut self.client, registry, &iov, &mut self.output);
+            // The chains the backend took whole go back to the driver; the rest of one
+            // it took part of is copied out; those it did not touch go back to the ring.
+            let (mut at, mut whole) = (0usize, true);
+            for (i, &(head, n)) in self.out_chains.iter().enumerate() {
+                if at >= taken && n > 0 {
+                    tx.put_back(self.out_chains.len() - i);
+                    whole = false;
+                    break;
+                }
+                if at + n > taken {
+                    copy_out(&iov, taken, at + n - taken, &mut self.output);
+                    whole = false;
+                }
+                at += n;
+                if !tx.give_back(head, 0) {
+                    return;
+                }
+            }
+            if !whole {
+                return;
             }
         }
     }
@@ -133,7 +192,7 @@ impl Port {
         }
     }
 
-    fn receive(&mut self, registry: &Registry, memory: &GuestMemoryMmap, rx: &mut Queue, interrupt: &Interrupt) {
+    fn receive(&mut self, registry: &Registry, memory: &GuestMemoryMmap, rx: &mut Chains<'_, '_>) {
         if !self.guest_spoke {
             return;
         }
@@ -141,11 +200,11 @@ impl Port {
             if self.input_at == self.input.len() && !self.read_input(registry) {
                 return;
             }
-            let Some(chain) = next_chain(NAME, rx, memory, interrupt) else { return };
+            let Some(chain) = rx.next() else { return };
             let head = chain.head_index();
             let written = write_chain(NAME, memory, chain, &self.input[self.input_at..]);
             self.input_at += written;
-            if !give_back(NAME, rx, memory, head, written as u32) {
+            if !rx.give_back(head, written as u32) {
                 return;
             }
         }
@@ -217,6 +276,67 @@ impl Port {
                 }
             }
         }
+    }
+}
+
+/// Hands the guest's output in `iov` to the backend in one call; returns how many bytes
+/// it took. Output with no socket client to take it is kept (copied into `kept`, of which
+/// the last [`KEPT_OUTPUT`] bytes stay), as is output a client that went away left.
+fn write_out(
+    backend: &mut Backend,
+    client: &mut Option<UnixStream>,
+    registry: &Registry,
+    iov: &GuestIovecs<'_>,
+    kept: &mut VecDeque<u8>,
+) -> usize {
+    match backend {
+        Backend::Stream { output, .. } => output.offer_with(iov.len(), |room| iov.read_bytes(0, room)),
+        Backend::Socket(_) => {
+            if let Some(stream) = client {
+                let pieces = iov.iovecs();
+                // SAFETY: an all-zero msghdr is valid (no address, no control data).
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = pieces.as_ptr().cast_mut();
+                msg.msg_iovlen = pieces.len() as _;
+                loop {
+                    // SAFETY: `msg` points at pieces that lie in guest memory `iov` keeps
+                    // mapped for the call; sendmsg only reads them. No SIGPIPE for a
+                    // client that went away: an error instead.
+                    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+                    if n >= 0 {
+                        return n as usize;
+                    }
+                    let e = std::io::Error::last_os_error();
+                    match e.kind() {
+                        ErrorKind::Interrupted => {}
+                        ErrorKind::WouldBlock => return 0,
+                        _ => {
+                            log::info!("{NAME}: socket client gone ({e})");
+                            if let Some(mut stream) = client.take() {
+                                let _ = registry.deregister(&mut stream);
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            copy_out(iov, 0, iov.len(), kept);
+            iov.len()
+        }
+    }
+}
+
+/// Appends `len` bytes of `iov` from `offset` on to `out`.
+fn copy_out(iov: &GuestIovecs<'_>, offset: usize, len: usize, out: &mut VecDeque<u8>) {
+    let mut buf = [0u8; 4096];
+    let mut done = 0;
+    while done < len {
+        let n = iov.read_bytes(offset + done, &mut buf[..(len - done).min(4096)]);
+        if n == 0 {
+            break;
+        }
+        out.extend(&buf[..n]);
+        done += n;
     }
 }
 

@@ -25,7 +25,11 @@ struct Guest {
 
 impl Guest {
     fn new(backend: Backend) -> Self {
-        let m = Arc::new(Mem(mem(0x10_0000)));
+        Self::with_memory(backend, 0x10_0000)
+    }
+
+    fn with_memory(backend: Backend, size: usize) -> Self {
+        let m = Arc::new(Mem(mem(size)));
         let line = Arc::new(Line::default());
         let t = MmioTransport::new(Box::new(Console::new(backend)), m.clone(), Interrupt::new(line.clone())).unwrap();
         Guest { m, line, t }
@@ -177,4 +181,111 @@ fn a_host_writer_that_never_returns_holds_up_neither_the_guest_nor_a_reset() {
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert!(tx.used().idx().load() <= 3, "{} chains taken from a host that reads nothing", tx.used().idx().load());
     within_deadline("the reset", move || write_reg(&mut t, 0x70, 0));
+}
+
+/// A writer that records the size of each write and lets none through until `open`.
+#[derive(Clone, Default)]
+struct Gated {
+    sink: Sink,
+    open: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    writes: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl Gated {
+    fn open(&self) {
+        *self.open.0.lock().unwrap() = true;
+        self.open.1.notify_all();
+    }
+}
+
+impl Write for Gated {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut open = self.open.0.lock().unwrap();
+        while !*open {
+            open = self.open.1.wait(open).unwrap();
+        }
+        self.writes.lock().unwrap().push(buf.len());
+        self.sink.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `count` transmit chains of `len` bytes from 1 MiB on (past the queues), each filled
+/// with its own pattern; returns what they hold, in order.
+fn output_chains(m: &Mem, tx: &MockSplitQueue<GuestMemoryMmap>, count: u64, len: u32, first: u16) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut descs = Vec::new();
+    for i in 0..count {
+        let bytes: Vec<u8> = (0..len).map(|b| (b % 241) as u8 ^ (i as u8 * 17)).collect();
+        let at = 0x10_0000 + i * 0x1_0000;
+        m.write_slice(&bytes, GuestAddress(at)).unwrap();
+        all.extend(bytes);
+        descs.push(desc(at, len, 0));
+    }
+    tx.add_desc_chains(&descs, first).unwrap();
+    all
+}
+
+#[test]
+fn a_pass_hands_the_writer_all_its_buffers_at_once() {
+    let writer = Gated::default();
+    writer.open();
+    let mut g = Guest::with_memory(Backend::Stream { output: stream_output(Box::new(writer.clone())), input: None }, 0x20_0000);
+    let m = g.m.clone();
+    let (rx, tx) = queues(&m);
+    start(&mut g.t, &[&rx, &tx]);
+    let sent = output_chains(&m, &tx, 8, 1024, 0);
+    write_reg(&mut g.t, 0x50, 1);
+    wait_for("the output", || writer.sink.0.lock().unwrap().len() == sent.len());
+    assert!(*writer.sink.0.lock().unwrap() == sent);
+    assert_eq!(*writer.writes.lock().unwrap(), [8 * 1024], "one write for the eight buffers");
+    wait_for("the used buffers", || tx.used().idx().load() == 8);
+}
+
+#[test]
+fn output_the_writer_takes_part_of_goes_out_whole_and_in_order() {
+    // The writer holds the first 64 KiB (the buffer's size) until it is let go: of three
+    // 40 KiB buffers, the first is taken whole, the second in part (its rest is copied
+    // out), the third waits in the ring.
+    let writer = Gated::default();
+    let mut g = Guest::with_memory(Backend::Stream { output: stream_output(Box::new(writer.clone())), input: None }, 0x20_0000);
+    let m = g.m.clone();
+    let (rx, tx) = queues(&m);
+    start(&mut g.t, &[&rx, &tx]);
+    let sent = output_chains(&m, &tx, 3, 40 * 1024, 0);
+    write_reg(&mut g.t, 0x50, 1);
+    // Once the writer's thread holds the first 64 KiB, there is room for the rest.
+    wait_for("the used buffers", || tx.used().idx().load() == 3);
+    writer.open();
+    wait_for("all the output", || writer.sink.0.lock().unwrap().len() == sent.len());
+    assert!(*writer.sink.0.lock().unwrap() == sent, "every byte, in order");
+    assert_eq!(*writer.writes.lock().unwrap(), [64 * 1024, 56 * 1024], "the buffer's worth, then the rest");
+}
+
+#[test]
+fn a_socket_client_that_reads_slowly_gets_every_byte_in_order() {
+    let path = std::env::temp_dir().join(format!("hvrun-console-slow-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut g = Guest::with_memory(Backend::Socket(UnixListener::bind(&path).unwrap()), 0x20_0000);
+    let m = g.m.clone();
+    let (rx, tx) = queues(&m);
+    start(&mut g.t, &[&rx, &tx]);
+    let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    // Let the device accept it before there is output.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    // More than a socket holds: the device's writes come up short, then wait.
+    let sent = output_chains(&m, &tx, 8, 0x1_0000, 0);
+    write_reg(&mut g.t, 0x50, 1);
+    let mut got = vec![0u8; sent.len()];
+    let mut at = 0;
+    while at < got.len() {
+        let n = client.read(&mut got[at..(at + 1000).min(sent.len())]).unwrap();
+        assert!(n > 0, "the device closed the connection");
+        at += n;
+    }
+    assert!(got == sent, "every byte, in order");
+    wait_for("the used buffers", || tx.used().idx().load() == 8);
+    let _ = std::fs::remove_file(&path);
 }

@@ -198,3 +198,17 @@ fn a_window_on_part_of_the_pieces() {
         assert!(out.as_slice().is_empty());
     });
 }
+
+#[test]
+fn a_uniform_chain_has_buffers_of_one_kind_only() {
+    let mixed = [(0x1_0000, 8, 0), (0x1_1000, 8, WRITE)];
+    let writable = spread(0x2_0000, 2, 8, WRITE);
+    with_chains(&[&mixed, &writable], |mem, chains| {
+        let mut iov = GuestIovecs::new();
+        assert_eq!(iov.push_chain(mem, chains[0].clone(), true, 0, usize::MAX), Some(8), "the readable one skipped");
+        assert_eq!(iov.push_uniform_chain(mem, chains[0].clone(), true, 0, usize::MAX), None);
+        assert_eq!(iov.push_uniform_chain(mem, chains[0].clone(), false, 0, usize::MAX), None);
+        assert_eq!(iov.push_uniform_chain(mem, chains[1].clone(), true, 0, usize::MAX), Some(16));
+        assert_eq!(iov.push_uniform_chain(mem, chains[1].clone(), false, 0, usize::MAX), None);
+    });
+}

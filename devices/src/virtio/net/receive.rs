@@ -159,7 +159,7 @@ impl Receiver {
             let head = chain.head_index();
             // The first chain holds the header whole (the device writes its last field).
             let skip = if taken.is_empty() { hdr } else { 0 };
-            match iov.push_writable_chain(memory, chain.clone(), skip) {
+            match iov.push_uniform_chain(memory, chain.clone(), true, skip, usize::MAX) {
                 Some(bytes) if !taken.is_empty() || bytes + skip >= VNET_HDR_LEN => {
                     taken.push((head, bytes + skip));
                     room += bytes + skip;
