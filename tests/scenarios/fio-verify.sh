@@ -34,3 +34,5 @@ if host_check; then
 else
     echo "rig host: the changed image fails: $(grep -o 'verify failed at .*' /tmp/host-check.out | head -n 1)"
 fi
+# The rig's /tmp is its RAM, shared with the scenarios after this one.
+rm -rf /tmp/io "$img" /tmp/host-check.out

@@ -74,7 +74,7 @@ fn script(rounds: u32) -> String {
         "{IO_IN_RIG}set -o pipefail\n\
          insmod /guest/tun.ko 2>/dev/null; ip link set lo up\n\
          tunctl -t tap0 >/dev/null && ip link set tap0 up && ip addr add {SUBNET}.1/24 dev tap0\n\
-         io iperf3 -s >/tmp/iperf3-server.log 2>&1 &\n\
+         io iperf3 -s -D -I /tmp/iperf3.pid --logfile /tmp/iperf3-server.log\n\
          dd if=/dev/zero of=/tmp/io.img bs=1M count={DISK_MB} 2>/dev/null\n\
          run() {{\n\
          \x20   id=$1; shift\n\
@@ -90,7 +90,7 @@ fn script(rounds: u32) -> String {
             let _ = writeln!(s, "run {id} {}", variants[id].1);
         }
     }
-    s.push_str("kill %1 2>/dev/null; true\n");
+    s.push_str("kill $(cat /tmp/iperf3.pid) 2>/dev/null; rm -rf /tmp/io /tmp/io.img; true\n");
     s
 }
 
