@@ -246,11 +246,14 @@ mod tests {
             std::thread::yield_now();
         }
         let mut offered = 0;
-        assert_eq!(out.offer_with(100, |room| {
-            offered = room.len();
-            room[..4].copy_from_slice(b"four");
+        assert_eq!(
+            out.offer_with(100, |room| {
+                offered = room.len();
+                room[..4].copy_from_slice(b"four");
+                4
+            }),
             4
-        }), 4);
+        );
         assert_eq!(offered, 15, "room for what fits");
         assert_eq!(out.offer_with(11, |room| room.len()), 11);
         assert_eq!(out.offer_with(1, |room| room.len()), 0, "full");

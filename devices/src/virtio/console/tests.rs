@@ -232,7 +232,8 @@ fn output_chains(m: &Mem, tx: &MockSplitQueue<GuestMemoryMmap>, count: u64, len:
 fn a_pass_hands_the_writer_all_its_buffers_at_once() {
     let writer = Gated::default();
     writer.open();
-    let mut g = Guest::with_memory(Backend::Stream { output: stream_output(Box::new(writer.clone())), input: None }, 0x20_0000);
+    let mut g =
+        Guest::with_memory(Backend::Stream { output: stream_output(Box::new(writer.clone())), input: None }, 0x20_0000);
     let m = g.m.clone();
     let (rx, tx) = queues(&m);
     start(&mut g.t, &[&rx, &tx]);
@@ -250,7 +251,8 @@ fn output_the_writer_takes_part_of_goes_out_whole_and_in_order() {
     // 40 KiB buffers, the first is taken whole, the second in part (its rest is copied
     // out), the third waits in the ring.
     let writer = Gated::default();
-    let mut g = Guest::with_memory(Backend::Stream { output: stream_output(Box::new(writer.clone())), input: None }, 0x20_0000);
+    let mut g =
+        Guest::with_memory(Backend::Stream { output: stream_output(Box::new(writer.clone())), input: None }, 0x20_0000);
     let m = g.m.clone();
     let (rx, tx) = queues(&m);
     start(&mut g.t, &[&rx, &tx]);
