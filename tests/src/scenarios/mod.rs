@@ -46,9 +46,11 @@ pub const ALL: &[Scenario] = &[
     hostile::HOSTILE_DRIVER,
     machine::POWER_BUTTON,
     machine::BAD_INPUT,
-    balloon::BALLOON_REPORTING,
-    balloon::BALLOON_INFLATE,
 ];
+
+/// Scenarios written but not yet seen passing in the rig: run by name only
+/// (`cargo xtask e2e balloon-reporting`), not in the full run, until they have.
+pub const BY_NAME_ONLY: &[Scenario] = &[balloon::BALLOON_REPORTING, balloon::BALLOON_INFLATE];
 
 /// The scenarios named in `names`, or all of them when `names` is empty. Unknown names
 /// are an error that lists the known ones.
@@ -65,8 +67,9 @@ pub fn select(names: &[String]) -> Result<Vec<Scenario>, String> {
     unique
         .into_iter()
         .map(|name| {
-            ALL.iter().find(|s| s.name == name).cloned().ok_or_else(|| {
-                let known: Vec<_> = ALL.iter().map(|s| s.name).collect();
+            let mut known_ones = ALL.iter().chain(BY_NAME_ONLY);
+            known_ones.find(|s| s.name == name).cloned().ok_or_else(|| {
+                let known: Vec<_> = ALL.iter().chain(BY_NAME_ONLY).map(|s| s.name).collect();
                 format!("no scenario named `{name}`; known: {}", known.join(", "))
             })
         })
@@ -79,11 +82,11 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_shell_safe() {
-        let mut names: Vec<_> = ALL.iter().map(|s| s.name).collect();
+        let mut names: Vec<_> = ALL.iter().chain(BY_NAME_ONLY).map(|s| s.name).collect();
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), ALL.len());
-        for s in ALL {
+        assert_eq!(names.len(), ALL.len() + BY_NAME_ONLY.len());
+        for s in ALL.iter().chain(BY_NAME_ONLY) {
             assert!(s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'), "{}", s.name);
             assert!(!s.markers.is_empty(), "{} checks nothing", s.name);
         }
@@ -93,6 +96,7 @@ mod tests {
     fn selection() {
         assert_eq!(select(&[]).unwrap().len(), ALL.len());
         assert_eq!(select(&["hello".into()]).unwrap()[0].name, "hello");
+        assert_eq!(select(&["balloon-reporting".into()]).unwrap()[0].name, "balloon-reporting");
         assert_eq!(select(&["hello".into(), "hello".into()]).unwrap().len(), 1);
         let err = select(&["nope".into()]).unwrap_err();
         assert!(err.contains("no scenario named `nope`") && err.contains("hello"), "{err}");
