@@ -206,7 +206,12 @@ pub fn table(results: &Results) -> String {
             (Some(a), Some(b)) if b.1 > 0.0 => format!("{:.2}", a.1 / b.1),
             _ => "–".into(),
         };
-        let show = |v: &[f64]| if unit == "IOPS" { cell_plain(v) } else { cell(v) };
+        // The rig's network moves tens of Mbit/s: Gbit/s get three decimals.
+        let show = |v: &[f64]| match unit {
+            "IOPS" => cell_plain(v),
+            "Gbit/s" => spread(v).map_or("–".into(), |(lo, mid, hi)| format!("{lo:.3} / **{mid:.3}** / {hi:.3}")),
+            _ => cell(v),
+        };
         let _ = writeln!(out, "| {row} | {unit} | {} | {} | {ratio} | ≥ 1.0 |", show(ours), show(theirs));
     }
     if !results.exits.is_empty() {
