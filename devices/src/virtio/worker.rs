@@ -16,7 +16,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -84,19 +84,26 @@ pub trait Handler: Send + 'static {
 
 struct Shared {
     waker: Waker,
-    notified: AtomicU32,
+    /// The queue (and [`BACKEND`]) bits notified since the loop last looked, and
+    /// [`SLEEPING`]. One word, so a notifier's `fetch_or` and the loop's own `fetch_or` of
+    /// [`SLEEPING`] are ordered by the word's coherence alone: either the loop sees the
+    /// notifier's bit before it sleeps, or the notifier sees that the loop sleeps and
+    /// writes the waker. (Two separate flags in the Dekker pattern also work on real
+    /// arm64, where a `SeqCst` store and load are STLR and LDAR, but not under QEMU's
+    /// user-mode emulation on an x86 host, which lets the store pass the load: a
+    /// notification was lost there once in 17,000 rounds.)
+    state: AtomicU64,
     stop: AtomicBool,
-    /// Whether the loop is (about to be) asleep in `mio::Poll::poll`: only then does a
-    /// notification need the waker. Set before the loop looks at `notified` a last time,
-    /// and read after a notifier has set its bit (both `SeqCst`), so one of the two sees
-    /// the other.
-    sleeping: AtomicBool,
 }
 
+/// [`Shared::state`]'s bit for a loop that is (about to be) asleep in `mio::Poll::poll`:
+/// only then does a notification need the waker.
+const SLEEPING: u64 = 1 << 32;
+
 impl Shared {
-    /// Wakes the loop if it sleeps (or is about to).
-    fn wake(&self) {
-        if self.sleeping.load(Ordering::SeqCst) {
+    /// Sets `bits` and wakes the loop if it sleeps (or is about to).
+    fn notify(&self, bits: u32) {
+        if self.state.fetch_or(u64::from(bits), Ordering::SeqCst) & SLEEPING != 0 {
             self.wake_now();
         }
     }
@@ -124,8 +131,7 @@ impl std::fmt::Debug for Wake {
 impl Wake {
     /// Makes the loop call [`Handler::notified`] with [`BACKEND`] soon.
     pub fn wake(&self) {
-        self.shared.notified.fetch_or(BACKEND, Ordering::SeqCst);
-        self.shared.wake();
+        self.shared.notify(BACKEND);
     }
 
     /// Whether the worker is asked to stop: a handler in the middle of a long batch
@@ -164,12 +170,7 @@ impl<H: Handler> Worker<H> {
             Ok(pair) => pair,
             Err(e) => return Err((handler, e)),
         };
-        let shared = Arc::new(Shared {
-            waker,
-            notified: AtomicU32::new(0),
-            stop: AtomicBool::new(false),
-            sleeping: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared { waker, state: AtomicU64::new(0), stop: AtomicBool::new(false) });
         handler.set_wake(Wake { shared: Arc::clone(&shared) });
         if let Err(e) = watch(poll.registry(), &notifiers).and_then(|()| handler.register(poll.registry())) {
             handler.deregister(poll.registry());
@@ -198,16 +199,14 @@ impl<H: Handler> Worker<H> {
         let worker = Worker { shared, thread };
         // Whatever the driver queued before DRIVER_OK, and input already waiting, is
         // served on the device's thread.
-        worker.shared.notified.store(u32::MAX, Ordering::SeqCst);
-        worker.shared.wake();
+        worker.shared.notify(u32::MAX);
         Ok(worker)
     }
 
     /// Tells the loop the driver notified queue `index` (0..32).
     pub fn notify(&self, index: u16) {
         if let Some(bit) = 1u32.checked_shl(u32::from(index)) {
-            self.shared.notified.fetch_or(bit, Ordering::SeqCst);
-            self.shared.wake();
+            self.shared.notify(bit);
         }
     }
 
@@ -343,11 +342,10 @@ fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared, notifiers:
     let mut events = Events::with_capacity(64);
     loop {
         // From here on a notification writes the waker; one made before is seen here.
-        shared.sleeping.store(true, Ordering::SeqCst);
-        let pending = shared.notified.load(Ordering::SeqCst) != 0 || shared.stop.load(Ordering::SeqCst);
+        let pending = shared.state.fetch_or(SLEEPING, Ordering::SeqCst) != 0 || shared.stop.load(Ordering::SeqCst);
         let timeout = if pending { Some(Duration::ZERO) } else { handler.next_timeout() };
         let polled = poll.poll(&mut events, timeout);
-        shared.sleeping.store(false, Ordering::SeqCst);
+        shared.state.fetch_and(!SLEEPING, Ordering::SeqCst);
         if let Err(e) = polled {
             if e.kind() != io::ErrorKind::Interrupted {
                 log::error!("device event loop failed, the device stops: {e}");
@@ -365,7 +363,8 @@ fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared, notifiers:
                 handler.ready(poll.registry(), event);
             }
         }
-        let queues = shared.notified.swap(0, Ordering::SeqCst) | notified_by(&events, notifiers);
+        // Truncation keeps the queue bits: SLEEPING is clear here (only this loop sets it).
+        let queues = shared.state.swap(0, Ordering::SeqCst) as u32 | notified_by(&events, notifiers);
         if queues != 0 {
             handler.notified(poll.registry(), queues);
         }
