@@ -1,28 +1,68 @@
 //! virtio-console's transmit path (guest output) driven through guest memory: 32 buffers
-//! per iteration, posted together with one notify, into a writer that copies what it gets
-//! (as a terminal or file write would). The `host` twin copies the same bytes into the
-//! same kind of writer directly, so `cargo xtask bench` can print hvrun/host.
+//! per iteration, posted together with one notify, written to a file (as `--console
+//! file=PATH` does). The `host` twin writes the same 32 buffers to the same kind of file
+//! itself, with one `writev`, so `cargo xtask bench` can print hvrun/host.
+//!
+//! Both write into a file in the system's temporary directory, in place (each write
+//! where the last one ended, back at the start after 1 MiB), so the kernel copies the
+//! bytes into pages the file already has. hvrun's iteration ends when the device has
+//! given back the buffers; the bytes reach the file on the console's own output thread,
+//! from a buffer of [`OUTPUT_BUFFER`] bytes, so iteration after iteration hvrun can go
+//! no faster than its writes to the file (the rows are the steady state).
 
+use std::fs::File;
 use std::hint::black_box;
-use std::io::Write;
+use std::io::{IoSlice, Seek, SeekFrom, Write};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use devices::virtio::console::{stream_output, Backend, Console, TX_QUEUE};
+use devices::virtio::console::{stream_output, Backend, Console, OUTPUT_BUFFER, TX_QUEUE};
 use hvrun_benches::{Driver, DATA};
 
 /// Buffers per iteration.
 const BATCH: u16 = 32;
+/// Where a file's writes start again from its beginning.
+const WRAP: u64 = 1 << 20;
 
-/// A writer that copies what it is given into a reused buffer, then forgets it.
-struct Copying(Vec<u8>);
+/// A file written in place: each write where the last ended, from the start again past
+/// [`WRAP`].
+struct FileSink {
+    file: File,
+    at: u64,
+}
 
-impl Write for Copying {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.clear();
-        self.0.extend_from_slice(buf);
-        black_box(&self.0);
-        Ok(buf.len())
+impl FileSink {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("hvrun-bench-{}-{name}", std::process::id()));
+        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).expect("bench file");
+        let _ = std::fs::remove_file(&path);
+        // The pages exist before the timing starts.
+        file.set_len(WRAP + (1 << 20)).expect("bench file size");
+        FileSink { file, at: 0 }
     }
+
+    fn wrap(&mut self) -> std::io::Result<()> {
+        if self.at >= WRAP {
+            self.at = self.file.seek(SeekFrom::Start(0))?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for FileSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.wrap()?;
+        let n = self.file.write(buf)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        self.wrap()?;
+        let n = self.file.write_vectored(bufs)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
@@ -32,7 +72,7 @@ fn virtio_console(c: &mut Criterion) {
     for (name, size) in [("4KiB", 4096u32), ("64KiB", 65_536)] {
         let mut group = c.benchmark_group(format!("virtio-console/{name}x{BATCH}"));
         group.throughput(Throughput::Bytes(u64::from(size) * u64::from(BATCH)));
-        let output = Box::new(Copying(Vec::with_capacity(1 << 17)));
+        let output = Box::new(FileSink::new(&format!("{name}-hvrun")));
         let console = Console::new(Backend::Stream { output: stream_output(output), input: None });
         let mut driver = Driver::start(Box::new(console), 2, 256, 4 << 20);
         let q = usize::from(TX_QUEUE);
@@ -45,17 +85,22 @@ fn virtio_console(c: &mut Criterion) {
                 driver.wait_used(q, BATCH);
             })
         });
-        let mut sink = Copying(Vec::with_capacity(1 << 17));
-        let bytes = vec![0x61u8; size as usize];
+        let mut sink = FileSink::new(&format!("{name}-host"));
+        let buffers: Vec<Vec<u8>> = (0..BATCH).map(|i| vec![0x61 + (i % 2) as u8; size as usize]).collect();
         group.bench_function(BenchmarkId::new("host", "output"), |b| {
             b.iter(|| {
-                for _ in 0..BATCH {
-                    sink.write_all(&bytes).unwrap();
+                let mut slices: Vec<IoSlice<'_>> = buffers.iter().map(|b| IoSlice::new(b)).collect();
+                let mut left = &mut slices[..];
+                while !left.is_empty() {
+                    let n = sink.write_vectored(left).expect("host write");
+                    IoSlice::advance_slices(&mut left, n);
                 }
+                black_box(&sink);
             })
         });
         group.finish();
     }
+    black_box(OUTPUT_BUFFER);
 }
 
 criterion_group!(benches, virtio_console);

@@ -32,8 +32,10 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: u16 = 0;
 /// The transmit queue's index.
 pub const TX_QUEUE: u16 = 1;
-/// Guest output a [`Backend::Stream`]'s [`Output`] holds for the host.
-pub const OUTPUT_BUFFER: usize = 64 * 1024;
+/// Guest output a [`Backend::Stream`]'s [`Output`] holds for the host (and as much
+/// again being written): more than a pass's worth of the guest's usual buffers, so the
+/// device empties the ring without waiting for the writer's thread.
+pub const OUTPUT_BUFFER: usize = 256 * 1024;
 
 /// An [`Output`] for a [`Backend::Stream`] to `writer`.
 pub fn stream_output(writer: Box<dyn std::io::Write + Send>) -> Output {

@@ -171,15 +171,20 @@ fn a_host_writer_that_never_returns_holds_up_neither_the_guest_nor_a_reset() {
     let stuck = crate::testing::StuckWriter;
     let g = Guest::new(Backend::Stream { output: stream_output(Box::new(stuck)), input: None });
     let Guest { m, mut t, .. } = g;
-    let (rx, tx) = queues(&m);
+    // 32 entries for 16 chains: the mock's used ring overlaps its available ring past
+    // half the entries (see `testing::start`).
+    let (rx, tx) = (queues(&m).0, MockSplitQueue::create(&m.0, GuestAddress(0x9_0000), 32));
     start(&mut t, &[&rx, &tx]);
     let chains: Vec<_> = (0..16).map(|i| desc(0x1_0000 + i * 0x1_0000, 0x1_0000, 0)).collect();
     tx.add_desc_chains(&chains, 0).unwrap();
     write_reg(&mut t, 0x50, 1);
-    // The buffer takes 64 KiB and the port holds one chain more: the rest wait in the ring.
+    // The writer's thread holds a buffer's worth, the buffer takes as much again, and the
+    // port the rest of one chain: the others wait in the ring.
     wait_for("the output buffer to fill", || tx.used().idx().load() >= 1);
     std::thread::sleep(std::time::Duration::from_millis(50));
-    assert!(tx.used().idx().load() <= 3, "{} chains taken from a host that reads nothing", tx.used().idx().load());
+    let most = 2 * super::OUTPUT_BUFFER / 0x1_0000 + 1;
+    let used = usize::from(tx.used().idx().load());
+    assert!(used <= most, "{used} chains taken from a host that reads nothing");
     within_deadline("the reset", move || write_reg(&mut t, 0x70, 0));
 }
 
@@ -247,23 +252,24 @@ fn a_pass_hands_the_writer_all_its_buffers_at_once() {
 
 #[test]
 fn output_the_writer_takes_part_of_goes_out_whole_and_in_order() {
-    // The writer holds the first 64 KiB (the buffer's size) until it is let go: of three
-    // 40 KiB buffers, the first is taken whole, the second in part (its rest is copied
-    // out), the third waits in the ring.
+    // Six buffers of 56 KiB, more than the output buffer holds: the first are taken
+    // whole, one in part (its rest is copied out), the last waits in the ring until the
+    // writer's thread has taken the buffer's worth (and stays in the writer, held).
     let writer = Gated::default();
-    let mut g =
-        Guest::with_memory(Backend::Stream { output: stream_output(Box::new(writer.clone())), input: None }, 0x20_0000);
+    let output = stream_output(Box::new(writer.clone()));
+    let mut g = Guest::with_memory(Backend::Stream { output, input: None }, 0x20_0000);
     let m = g.m.clone();
     let (rx, tx) = queues(&m);
     start(&mut g.t, &[&rx, &tx]);
-    let sent = output_chains(&m, &tx, 3, 40 * 1024, 0);
+    let sent = output_chains(&m, &tx, 6, 56 * 1024, 0);
+    assert!(sent.len() > super::OUTPUT_BUFFER && sent.len() <= 2 * super::OUTPUT_BUFFER);
     write_reg(&mut g.t, 0x50, 1);
-    // Once the writer's thread holds the first 64 KiB, there is room for the rest.
-    wait_for("the used buffers", || tx.used().idx().load() == 3);
+    wait_for("the used buffers", || tx.used().idx().load() == 6);
     writer.open();
     wait_for("all the output", || writer.sink.0.lock().unwrap().len() == sent.len());
     assert!(*writer.sink.0.lock().unwrap() == sent, "every byte, in order");
-    assert_eq!(*writer.writes.lock().unwrap(), [64 * 1024, 56 * 1024], "the buffer's worth, then the rest");
+    let writes = writer.writes.lock().unwrap().clone();
+    assert_eq!(writes, [super::OUTPUT_BUFFER, sent.len() - super::OUTPUT_BUFFER], "the buffer's worth, then the rest");
 }
 
 #[test]

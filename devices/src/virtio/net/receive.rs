@@ -135,22 +135,14 @@ impl Receiver {
         let vnet = backend.vnet_hdr();
         // What the backend gives comes after the header the device writes, if any.
         let hdr = if vnet { 0 } else { VNET_HDR_LEN };
-        let exact = if mergeable {
-            match backend.peek_len() {
-                // Not trusted: a length past the largest frame is read as not known.
-                Some(Ok(n)) => n.checked_add(hdr).filter(|&n| n <= MAX_FRAME),
-                Some(Err(e)) => return failed(&e),
-                None => None,
-            }
-        } else {
-            None
-        };
-        let want = exact.unwrap_or(self.expect);
-
-        let Receiver { iov: spill, overflow, taken, .. } = self;
+        let Receiver { iov: spill, overflow, taken, expect, .. } = self;
         let mut iov = GuestIovecs::with_spill(spill);
         taken.clear();
         let (mut room, mut first, mut ran_dry) = (0usize, None::<Chain<'_>>, false);
+        // The frame's length, once the first chain is taken and cannot hold any frame:
+        // so as to take the chains it needs, no more, no fewer.
+        let mut exact = None;
+        let mut want = *expect;
         while taken.is_empty() || (mergeable && room < want && taken.len() < MOST_CHAINS) {
             let Some(chain) = rx.next() else {
                 ran_dry = true;
@@ -170,6 +162,18 @@ impl Receiver {
                     rx.put_back(1);
                     break;
                 }
+            }
+            if mergeable && taken.len() == 1 && room < MAX_FRAME {
+                match backend.peek_len() {
+                    // Not trusted: a length past the largest frame is read as not known.
+                    Some(Ok(n)) => exact = n.checked_add(hdr).filter(|&n| n <= MAX_FRAME),
+                    Some(Err(e)) => {
+                        rx.put_back(1);
+                        return failed(&e);
+                    }
+                    None => {}
+                }
+                want = exact.unwrap_or(want);
             }
         }
         let count = taken.len();
@@ -212,8 +216,8 @@ impl Receiver {
             }
         };
         let total = n + hdr;
-        self.expect = if total >= self.expect { total } else { self.expect - (self.expect - total) / 8 };
-        self.expect = self.expect.max(FIRST_EXPECT);
+        *expect = if total >= *expect { total } else { *expect - (*expect - total) / 8 };
+        *expect = (*expect).max(FIRST_EXPECT);
 
         if n <= guest {
             // In the guest's buffers: give back as many as it took, then the rest go back.

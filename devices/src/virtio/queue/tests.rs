@@ -63,11 +63,17 @@ fn interrupt() -> (Interrupt, Arc<Line>) {
     (Interrupt::new(line.clone()), line)
 }
 
+/// A driver, its queue (with or without EVENT_IDX) and the device's interrupt.
+fn rig(event_idx: bool) -> (Driver, Queue, Interrupt, Arc<Line>) {
+    let d = Driver::new();
+    let q = d.queue(event_idx);
+    let (int, line) = interrupt();
+    (d, q, int, line)
+}
+
 #[test]
 fn chains_come_in_order_and_one_put_back_comes_again() {
-    let mut d = Driver::new();
-    let mut q = d.queue(false);
-    let (int, line) = interrupt();
+    let (mut d, mut q, int, line) = rig(false);
     for head in [3, 1, 4, 0, 5, 9, 2] {
         d.post(head);
     }
@@ -99,9 +105,7 @@ fn chains_come_in_order_and_one_put_back_comes_again() {
 
 #[test]
 fn a_pass_that_uses_nothing_interrupts_no_one() {
-    let mut d = Driver::new();
-    let mut q = d.queue(false);
-    let (int, line) = interrupt();
+    let (mut d, mut q, int, line) = rig(false);
     d.post(0);
     let mut chains = Chains::new("test", &mut q, &d.mem, &int);
     chains.next().unwrap();
@@ -113,9 +117,7 @@ fn a_pass_that_uses_nothing_interrupts_no_one() {
 
 #[test]
 fn a_runaway_available_index_fails_the_device_and_nothing_is_used() {
-    let mut d = Driver::new();
-    let mut q = d.queue(false);
-    let (int, _line) = interrupt();
+    let (mut d, mut q, int, _line) = rig(false);
     d.post(0);
     d.mem.write_obj(SIZE + 1, GuestAddress(AVAIL + 2)).unwrap();
     let mut chains = Chains::new("test", &mut q, &d.mem, &int);
@@ -128,9 +130,7 @@ fn a_runaway_available_index_fails_the_device_and_nothing_is_used() {
 
 #[test]
 fn chains_before_a_head_beyond_the_queue_are_served_then_the_device_fails() {
-    let mut d = Driver::new();
-    let mut q = d.queue(false);
-    let (int, _line) = interrupt();
+    let (mut d, mut q, int, _line) = rig(false);
     for head in [0, 1, SIZE, 2] {
         d.post(head);
     }
@@ -149,9 +149,7 @@ fn chains_before_a_head_beyond_the_queue_are_served_then_the_device_fails() {
 
 #[test]
 fn with_event_idx_the_driver_is_interrupted_only_past_its_used_event() {
-    let mut d = Driver::new();
-    let mut q = d.queue(true);
-    let (int, line) = interrupt();
+    let (mut d, mut q, int, line) = rig(true);
     // used_event sits after the available ring's entries.
     let used_event = GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE));
     d.mem.write_obj(5u16, used_event).unwrap();
@@ -215,9 +213,7 @@ fn write_chain_at_starts_at_an_offset_across_buffers() {
 
 #[test]
 fn a_batch_takes_what_one_look_at_the_index_shows_and_the_next_one_the_rest() {
-    let mut d = Driver::new();
-    let mut q = d.queue(false);
-    let (int, line) = interrupt();
+    let (mut d, mut q, int, line) = rig(false);
     for head in 0..3 {
         d.post(head);
     }
@@ -250,9 +246,7 @@ fn a_batch_takes_what_one_look_at_the_index_shows_and_the_next_one_the_rest() {
 
 #[test]
 fn a_batch_stops_at_a_head_beyond_the_queue_and_after_a_runaway_index_there_is_none() {
-    let mut d = Driver::new();
-    let mut q = d.queue(false);
-    let (int, _line) = interrupt();
+    let (mut d, mut q, int, _line) = rig(false);
     for head in [0, SIZE + 3, 1] {
         d.post(head);
     }
@@ -264,9 +258,7 @@ fn a_batch_stops_at_a_head_beyond_the_queue_and_after_a_runaway_index_there_is_n
     assert!(chains.batch().is_none());
     drop(chains);
 
-    let mut d = Driver::new();
-    let mut q = d.queue(false);
-    let (int, _line) = interrupt();
+    let (mut d, mut q, int, _line) = rig(false);
     d.post(0);
     d.mem.write_obj(SIZE + 1, GuestAddress(AVAIL + 2)).unwrap();
     let mut chains = Chains::new("test", &mut q, &d.mem, &int);
@@ -276,9 +268,7 @@ fn a_batch_stops_at_a_head_beyond_the_queue_and_after_a_runaway_index_there_is_n
 
 #[test]
 fn drain_queue_serves_every_chain_and_stops_when_asked() {
-    let mut d = Driver::new();
-    let mut q = d.queue(false);
-    let (int, line) = interrupt();
+    let (mut d, mut q, int, line) = rig(false);
     for head in 0..5 {
         d.post(head);
     }
