@@ -27,13 +27,14 @@
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::disk::SharedDisk;
 use super::request::{DiskInfo, Op, Plan, Request, Target, ID_LEN};
-use crate::virtio::worker::Wake;
+use crate::virtio::worker::{PollWindow, Wake};
 use crate::virtio::{give_back, has_pending, next_chain, notify_driver, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
@@ -107,8 +108,7 @@ impl Crew {
         let avail_idx = GuestAddress(queue.avail_ring().wrapping_add(2));
         let next_avail = AtomicU16::new(queue.next_avail());
         let helpers = if disk.is_some() { helpers } else { 0 };
-        let ring =
-            Ring {
+        let ring = Ring {
             queue,
             busy: 0,
             shut: false,
@@ -205,7 +205,10 @@ impl Crew {
         let mut ring = self.lock();
         if ring.busy > 1 {
             ring.shut = true;
-            ring = self.drained.wait_while(ring, |r| r.busy > 1 && !r.over && !self.stopping()).unwrap_or_else(|e| e.into_inner());
+            ring = self
+                .drained
+                .wait_while(ring, |r| r.busy > 1 && !r.over && !self.stopping())
+                .unwrap_or_else(|e| e.into_inner());
             ring.shut = false;
             if ring.idle > 0 {
                 self.work.notify_all();
@@ -257,25 +260,60 @@ impl Crew {
         }
     }
 
-    /// A helper's life: serve, sleep until called, until the session is over.
+    /// A helper's life until the session is over: serve; watch the ring for a while
+    /// (adaptive, as the worker does, yielding the CPU to whoever needs it) while requests
+    /// keep coming; sleep until called.
     fn help(self: &Arc<Self>, request: &mut Request, target: &mut Target<'_>) {
+        let mut window = PollWindow::new();
         loop {
-            self.serve(request, target, true);
+            let mut asleep = None;
+            if self.serve(request, target, false) {
+                window.hit();
+            } else {
+                if self.poll(&mut window) {
+                    continue;
+                }
+                // Going to sleep: take what is left, turning notifications back on when
+                // the ring is empty (the worker may be asleep already).
+                if self.serve(request, target, true) {
+                    continue;
+                }
+                asleep = Some(Instant::now());
+            }
             let mem = self.memory.memory();
             let mut ring = self.lock();
             loop {
                 if ring.over || self.stopping() {
                     return;
                 }
-                if !ring.shut && ring.busy < ring.queue.size() && has_pending(NAME, &ring.queue, mem, &self.interrupt)
-                {
+                if !ring.shut && ring.busy < ring.queue.size() && has_pending(NAME, &ring.queue, mem, &self.interrupt) {
                     break;
                 }
                 ring.idle += 1;
                 ring = self.work.wait(ring).unwrap_or_else(|e| e.into_inner());
                 ring.idle -= 1;
             }
+            if let Some(at) = asleep {
+                window.slept(at.elapsed());
+            }
         }
+    }
+
+    /// Watches the ring for `window`'s time; true when a request came (a hit).
+    fn poll(&self, window: &mut PollWindow) -> bool {
+        let until = Instant::now() + window.window();
+        while Instant::now() < until {
+            std::thread::yield_now();
+            if self.wake.stopping() {
+                return false;
+            }
+            if self.may_have_work() {
+                window.hit();
+                return true;
+            }
+        }
+        window.miss();
+        false
     }
 
     /// Ends the session: helpers finish the requests in hand (unanswered) and end.

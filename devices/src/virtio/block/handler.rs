@@ -71,13 +71,7 @@ pub(super) struct QueueHandler {
 impl QueueHandler {
     /// A handler for a queue of the disk `backend`, with at most `helpers` helper
     /// threads called `helper_name` (for a shared disk).
-    pub(super) fn new(
-        backend: Backend,
-        info: DiskInfo,
-        id: [u8; ID_LEN],
-        helper_name: String,
-        helpers: usize,
-    ) -> Self {
+    pub(super) fn new(backend: Backend, info: DiskInfo, id: [u8; ID_LEN], helper_name: String, helpers: usize) -> Self {
         QueueHandler {
             backend,
             info,

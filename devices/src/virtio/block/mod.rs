@@ -14,8 +14,8 @@
 //! disks), MQ (for shared disks on machines with more than one vCPU) and EVENT_IDX.
 
 mod buffers;
-pub mod disk;
 mod crew;
+pub mod disk;
 mod handler;
 pub mod request;
 
