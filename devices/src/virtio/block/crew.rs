@@ -30,7 +30,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::disk::SharedDisk;
 use super::request::{DiskInfo, Op, Plan, Request, Target, ID_LEN};
@@ -41,6 +41,15 @@ use crate::warn_ratelimited;
 const NAME: &str = "virtio-blk";
 /// Stack for a helper: its request (a few KiB) and calls into the disk.
 const STACK: usize = 256 << 10;
+
+/// Where the driver's available index is in this process: guest memory.
+struct AvailIdx(std::ptr::NonNull<AtomicU16>);
+
+// SAFETY: the pointer is into guest memory, which the crew holding it keeps mapped, and
+// it is only ever read atomically: any thread may do that.
+unsafe impl Send for AvailIdx {}
+// SAFETY: as above.
+unsafe impl Sync for AvailIdx {}
 
 /// The ring and what the threads serving it keep track of together.
 struct Ring {
@@ -67,9 +76,10 @@ pub(super) struct Crew {
     drained: Condvar,
     memory: GuestMemory,
     interrupt: Interrupt,
-    /// Where the driver's available index is, and the device's position in the ring (a
-    /// copy of the queue's, kept under the lock): to look for work without the lock.
-    avail_idx: GuestAddress,
+    /// The driver's available index in guest memory (checked to lie there and aligned,
+    /// when the crew was made), and the device's position in the ring (a copy of the
+    /// queue's, kept under the lock): to look for work without the lock.
+    avail_idx: Option<AvailIdx>,
     next_avail: AtomicU16,
     /// The disk for helpers; `None` for a disk only the worker may use (no helpers).
     disk: Option<Arc<dyn SharedDisk>>,
@@ -105,7 +115,15 @@ impl Crew {
     /// A crew for `queue` (no helper runs yet); `wake` is its worker's.
     pub(super) fn new(memory: GuestMemory, queue: Queue, interrupt: Interrupt, wake: Wake, members: Members) -> Self {
         let Members { disk, helpers, name, info, id } = members;
-        let avail_idx = GuestAddress(queue.avail_ring().wrapping_add(2));
+        // The ring is in guest memory (the transport checked it) and 2-byte aligned
+        // (virtio-queue checked it), so its index is an aligned u16 there.
+        let avail_idx = memory
+            .memory()
+            .get_slice(GuestAddress(queue.avail_ring().wrapping_add(2)), 2)
+            .ok()
+            .and_then(|slice| std::ptr::NonNull::new(slice.ptr_guard_mut().as_ptr()))
+            .filter(|ptr| ptr.as_ptr().align_offset(2) == 0)
+            .map(|ptr| AvailIdx(ptr.cast()));
         let next_avail = AtomicU16::new(queue.next_avail());
         let helpers = if disk.is_some() { helpers } else { 0 };
         let ring = Ring {
@@ -145,8 +163,12 @@ impl Crew {
     /// Whether the driver may have made requests available that nobody took: a look at
     /// the available index without the lock (a hint; [`Crew::serve`] checks it all).
     pub(super) fn may_have_work(&self) -> bool {
-        let taken = self.next_avail.load(Ordering::Acquire);
-        self.memory.memory().read_obj::<u16>(self.avail_idx).is_ok_and(|idx| u16::from_le(idx) != taken)
+        let Some(AvailIdx(avail_idx)) = &self.avail_idx else { return false };
+        // SAFETY: the index lies in guest memory, which `self.memory` keeps mapped, and is
+        // aligned for a u16 (see `new`); the guest writes it concurrently, so it is read
+        // atomically.
+        let idx = unsafe { avail_idx.as_ref() }.load(Ordering::Acquire);
+        u16::from_le(idx) != self.next_avail.load(Ordering::Acquire)
     }
 
     /// Runs `with` on the queue and the guest's memory, under the lock.
