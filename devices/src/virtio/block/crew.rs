@@ -56,7 +56,9 @@ struct Ring {
     queue: Queue,
     /// Requests taken and not yet answered (or dropped).
     busy: u16,
-    /// A flush waits for the requests before it: nobody takes another.
+    /// Flushes waiting for the requests taken before them.
+    flushes: u16,
+    /// A flush waits: nobody takes another request.
     shut: bool,
     /// Helpers waiting for work.
     idle: usize,
@@ -129,6 +131,7 @@ impl Crew {
         let ring = Ring {
             queue,
             busy: 0,
+            flushes: 0,
             shut: false,
             idle: 0,
             helpers: Vec::with_capacity(helpers),
@@ -215,22 +218,30 @@ impl Crew {
                     notify_driver(NAME, &mut ring.queue, mem, &self.interrupt, used_from);
                 }
             }
-            if ring.shut && ring.busy == 1 {
+            if ring.shut && ring.busy <= ring.flushes {
                 self.drained.notify_all();
             }
         }
     }
 
-    /// Shuts the ring until the requests taken before this thread's flush are answered;
-    /// false if the worker was asked to stop meanwhile (the flush is then not run).
+    /// Shuts the ring until the requests taken before this thread's flush are answered
+    /// (all but other flushes, which wait alike and need not wait for each other); false
+    /// if the worker was asked to stop meanwhile (the flush is then not run).
     fn wait_for_earlier(&self) -> bool {
         let mut ring = self.lock();
-        if ring.busy > 1 {
+        ring.flushes += 1;
+        if ring.busy > ring.flushes {
             ring.shut = true;
             ring = self
                 .drained
-                .wait_while(ring, |r| r.busy > 1 && !r.over && !self.stopping())
+                .wait_while(ring, |r| r.busy > r.flushes && !r.over && !self.stopping())
                 .unwrap_or_else(|e| e.into_inner());
+        } else {
+            // Flushes that waited for this one's company go too.
+            self.drained.notify_all();
+        }
+        ring.flushes -= 1;
+        if ring.flushes == 0 && ring.shut {
             ring.shut = false;
             if ring.idle > 0 {
                 self.work.notify_all();

@@ -327,6 +327,32 @@ fn a_flush_waits_for_the_writes_before_it_on_its_queue() {
     assert!(flush_answer >= 3, "the flush is answered after the writes before it");
 }
 
+/// Flushes taken together wait for the writes before them, not for each other.
+#[test]
+fn flushes_in_a_row_all_complete() {
+    let disk = Recorder::new(1 << 20);
+    let mut rig = Rig::started(&disk, [0, 4096], "flushes");
+    let _open = Opener(&disk);
+    let mem = rig.mem.clone();
+    let vq = queue(&mem, 0);
+    post(&mem, &vq, 0, T_OUT, 0);
+    post(&mem, &vq, 1, T_OUT, 8);
+    for k in 2..6u16 {
+        post(&mem, &vq, k, T_FLUSH, 0);
+    }
+    rig.notify(0);
+    wait_for("two writes in flight", || disk.waiting() == 2);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(!disk.seen().contains(&Seen::FlushStart));
+    disk.release(4096);
+    disk.release(0);
+    wait_for("all six answered", || vq.used().idx().load() == 6);
+    let seen = disk.seen();
+    let first_flush = seen.iter().position(|&s| s == Seen::FlushStart).unwrap();
+    assert!(seen[..first_flush].contains(&Seen::Wrote(0)) && seen[..first_flush].contains(&Seen::Wrote(4096)));
+    assert!((0..6).all(|k| status(&mem, k) == S_OK));
+}
+
 /// With MQ, a write the driver saw completed on one queue is covered by a flush on
 /// another; a write still in flight on another queue is not waited for (the spec asks
 /// for completed writes only).
