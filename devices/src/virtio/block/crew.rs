@@ -15,11 +15,12 @@
 //! request, whatever the driver offers.
 //!
 //! Flushes: a thread that takes a flush shuts the ring (nobody takes another request),
-//! waits until every request taken before it has been answered, opens the ring and runs
-//! the flush (later requests may run beside it). So a flush covers every write the
-//! driver saw completed before it submitted the flush, on this queue or another (a write
-//! is answered only after its disk call returned, and the flush calls the disk after
-//! that), and, beyond what the spec asks, every write submitted before it on its queue.
+//! waits until every request taken before it (or alongside it) has been answered, but
+//! for other flushes, which wait alike; then it opens the ring and runs the flush (later
+//! requests may run beside it). So a flush covers every write the driver saw completed
+//! before it submitted the flush, on this queue or another (a write is answered only
+//! after its disk call returned, and the flush calls the disk after that), and, beyond
+//! what the spec asks, every write submitted before it on its queue.
 //!
 //! Once the worker is asked to stop (a reset), nobody takes or answers anything more: a
 //! reset waits for the requests in hand and the driver gets no answer after it.
