@@ -2,20 +2,21 @@
 //! virtqueues.
 //!
 //! Each queue is served on a worker thread of its own ([`super::worker::Slot`]), never
-//! on a vCPU thread: a queue notification only wakes it. A disk that serves many requests at
-//! once ([`disk::SharedDisk`], such as a [`disk::FileDisk`]) gets a queue per vCPU
-//! (`VIRTIO_BLK_F_MQ`, up to [`MAX_QUEUES`]) and each queue's requests run in parallel on
-//! its I/O threads (see `handler`); any other disk is served one request at a time on one
-//! queue, its worker owning the disk while it runs. Either way the device keeps the disk
-//! across a reset, so a driver can reset and start the device again.
+//! on a vCPU thread: a queue notification only wakes it. A disk that serves many
+//! requests at once ([`disk::SharedDisk`], such as a [`disk::FileDisk`]) gets a queue per
+//! vCPU (`VIRTIO_BLK_F_MQ`, up to [`MAX_QUEUES`]) and each queue's requests run in
+//! parallel on up to [`IO_THREADS`] threads (see `crew`); any other disk is served one
+//! request at a time on one queue, its worker owning the disk while it runs. Either way
+//! the device keeps the disk across a reset, so a driver can reset and start the device
+//! again.
 //!
 //! Features: SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, DISCARD, WRITE_ZEROES, RO (for read-only
 //! disks), MQ (for shared disks on machines with more than one vCPU) and EVENT_IDX.
 
 mod buffers;
+mod crew;
 pub mod disk;
 mod handler;
-mod pool;
 pub mod request;
 
 use virtio_bindings::virtio_blk::{
@@ -41,11 +42,11 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 const _: () = assert!(MAX_DATA == SEG_MAX as u64 * SIZE_MAX as u64, "request::MAX_DATA is what the config says");
 const _: () = assert!(SEG_MAX as usize + 2 <= buffers::MAX_PIECES, "a request of SEG_MAX segments fits inline");
 /// The most queues a device offers: one per vCPU up to this many. Each queue is a worker
-/// thread and up to [`IO_THREADS`] I/O threads; past 8 queues a guest gains little (its
+/// thread and up to [`IO_THREADS`]` - 1` helpers; past 8 queues a guest gains little (its
 /// block layer maps several CPUs to a queue) and the host gains threads.
 pub const MAX_QUEUES: usize = 8;
-/// The most threads that run one queue's requests at once, for a disk that serves many
-/// requests at once: the queue's worker and `IO_THREADS - 1` I/O threads, which start as
+/// The most threads that serve one queue's requests at once, for a disk that serves many
+/// requests at once: the queue's worker and `IO_THREADS - 1` helpers, which start as
 /// requests pile up and sleep when there are none.
 pub const IO_THREADS: usize = 8;
 /// Bytes of the configuration space (`struct virtio_blk_config` up to
@@ -104,7 +105,7 @@ impl Block {
             } else {
                 (format!("vblk{index}-{}", short_id(&id_bytes, 9)), format!("vbio{index}-{}", short_id(&id_bytes, 9)))
             };
-            Slot::new(worker, QueueHandler::new(backend, info, id_bytes, pool, IO_THREADS))
+            Slot::new(worker, QueueHandler::new(backend, info, id_bytes, pool, IO_THREADS - 1))
         };
         let (slots, kept) = match shared {
             Some(shared) => {
