@@ -4,10 +4,12 @@
 # (built in) and SIGINT; then a guest that ignores the button is stopped by a second
 # signal (exit 5).
 now() { cut -d. -f1 /proc/uptime; }
-# boot NAME KERNEL COMMAND: starts hvrun in the background, its output in /tmp/NAME.
+# boot NAME KERNEL COMMAND: starts hvrun in the background, the guest's console in
+# /tmp/NAME, hvrun's own messages in /tmp/NAME.err (apart: the console's line the signal
+# comes after may not have its newline yet).
 boot() {
     /bin/hvrun --kernel "$2" --initrd /guest/initramfs.cpio --memory 256M \
-        --cmdline "console=ttyAMA0 quiet -- $3" </dev/null >/tmp/$1 2>&1 &
+        --cmdline "console=ttyAMA0 quiet -- $3" </dev/null >/tmp/$1 2>/tmp/$1.err &
     pid=$!
 }
 # wait_for NAME TEXT: until TEXT is in /tmp/NAME, hvrun has gone, or 120 s.
@@ -20,6 +22,7 @@ finish() {
     wait $pid
     rc=$?
     tr -d '\r' </tmp/$1 | sed "s/^/$1: /"
+    sed "s/^/$1: /" </tmp/$1.err
     echo "$1: hvrun exit $rc"
 }
 

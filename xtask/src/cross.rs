@@ -36,7 +36,7 @@ pub fn build_hvrun() -> Result<PathBuf, String> {
         debian_cargo("target/cross")
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
             .args(["build", "--release", "-p", "hvrun", "--bin", "hvrun"])
-            .args(["--example", "embed", "--example", "memdisk", "--example", "own_device"])
+            .args(["--example", "embed", "--example", "memdisk", "--example", "own_device", "--example", "balloon"])
             .arg("-Zbuild-std=std,panic_abort")
             .args(["-p", "hvrun-e2e", "--bin", "net-forwarder", "--bin", "timeline"])
             .args(["--target", LINUX]),

@@ -76,3 +76,25 @@ pub const BALLOON_INFLATE: Scenario = Scenario {
     exchange: None,
     outer_gic: OuterGic::V2,
 };
+
+/// The balloon's target set from the embedding API, up and down again.
+pub const BALLOON_TARGET: Scenario = Scenario {
+    name: "balloon-target",
+    about: "examples/balloon.rs: VmHandle::set_balloon_target inflates the balloon to 256 MiB (the memory goes back to the host) and deflates it to 0; the guest then fills 350 MiB, intact",
+    artifacts: &["Image", "initramfs.cpio"],
+    script: "/bin/balloon /guest/Image /guest/initramfs.cpio 2>&1; echo \"balloon exit $?\"",
+    exit_code: 0,
+    markers: &[
+        "balloon: the guest touched 300 MiB and freed it",
+        "balloon: inflated to 256 MiB in",
+        "balloon: deflated to 0 MiB in",
+        "balloon: the guest filled 350 MiB after the deflate, intact",
+        "balloon: exit PowerOff",
+        "balloon: ok",
+        "balloon exit 0",
+    ],
+    forbidden: &["FAILED", "panicked"],
+    timeout_secs: 400,
+    exchange: None,
+    outer_gic: OuterGic::V2,
+};
