@@ -250,7 +250,13 @@ impl Muxer {
             self.owners.remove(&token);
             return;
         }
-        let local = self.allocate_local_port();
+        let mut local = self.allocate_local_port();
+        // A guest's own connection may use a port of the range with the same peer port.
+        while self.conns.contains_key(&(local, port)) {
+            let taken = local;
+            local = self.allocate_local_port();
+            self.local_ports.remove(&taken);
+        }
         let key = (local, port);
         self.conns.insert(key, Conn::host_initiated(stream, token, local, port, sent[end..].to_vec()));
         self.owners.insert(token, Owner::Conn(key));
@@ -414,9 +420,13 @@ impl Muxer {
             if let Some(&(local, peer)) = self.rsts.front() {
                 let Some(chain) = rx.next() else { return };
                 let head = chain.head_index();
-                let hdr = self.header(local, peer, OP_RST);
-                let written = write_chain(NAME, memory, chain, &hdr.to_bytes());
-                self.rsts.pop_front();
+                let written = if writable_len(chain.clone(), HDR_LEN) < HDR_LEN {
+                    warn_ratelimited!("{NAME}: a receive buffer cannot hold a packet header");
+                    0
+                } else {
+                    self.rsts.pop_front();
+                    write_chain(NAME, memory, chain, &self.header(local, peer, OP_RST).to_bytes())
+                };
                 if !rx.give_back(head, written as u32) {
                     return;
                 }
