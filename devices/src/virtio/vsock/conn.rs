@@ -335,13 +335,18 @@ impl Conn {
                 self.shut_write_if_done();
                 Verdict::Keep
             }
-            (State::Established | State::PeerInit | State::PeerClosed { rcv: false, .. }, OP_CREDIT_UPDATE) => {
-                Verdict::Keep
-            }
+            // The credit was taken above, in any state (Linux sends updates as its reader
+            // drains, shut down or not).
+            (_, OP_CREDIT_UPDATE) => Verdict::Keep,
             (State::Established | State::PeerInit | State::PeerClosed { send: false, .. }, OP_CREDIT_REQUEST) => {
                 self.pending |= PENDING_CREDIT_ANSWER;
                 Verdict::Keep
             }
+            // The host closed and the guest shuts down too (Linux does as its socket
+            // closes): the connection is done, reset it now rather than at the timeout.
+            (State::LocalClosed, OP_SHUTDOWN) => Verdict::Kill,
+            // Packets in flight when the guest learnt that the host closed.
+            (State::LocalClosed, _) => Verdict::Keep,
             (state, op) => {
                 crate::warn_ratelimited!(
                     "vsock: dropped a guest packet with op {op} for port {} in state {state:?}",

@@ -27,7 +27,8 @@
 //!   embedder may take port P itself ([`VsockHandle::listen`]): it gets one end of a
 //!   fresh socket pair per connection, and `PATH_P` is not tried.
 //! - A host stream's end (EOF) sends the guest SHUTDOWN (receive and send) and gives it
-//!   2 s to reset; a guest SHUTDOWN with both flags resets the connection once the data
+//!   2 s to reset (a SHUTDOWN from the guest then resets it at once; Firecracker waits for
+//!   the timeout); a guest SHUTDOWN with both flags resets the connection once the data
 //!   the guest sent is written (or after 2 s). A guest's SHUTDOWN SEND shuts the host
 //!   stream's write half once its data is written (Firecracker does not), so the host
 //!   reader sees the end.

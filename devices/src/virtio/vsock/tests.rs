@@ -349,6 +349,43 @@ fn a_host_peer_that_never_reads_bounds_the_buffering_to_the_credit() {
 }
 
 #[test]
+fn guest_data_flows_on_the_devices_credit_updates() {
+    let mut g = Guest::new("credit-in");
+    let listener = UnixListener::bind(g.port_path(65)).unwrap();
+    let s = guest_connection(&mut g, &listener, 3003, 65);
+    const TOTAL: usize = 4 * BUF_ALLOC as usize;
+    let reader = std::thread::spawn(move || {
+        let mut s = s;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        while got.len() < TOTAL {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the stream ended after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    });
+    let data: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
+    let (mut sent, mut fwd, mut updates) = (0usize, 0u32, 0);
+    while sent < TOTAL {
+        let credit = BUF_ALLOC - (sent as u32).wrapping_sub(fwd);
+        let wait = if credit == 0 { Duration::from_secs(10) } else { Duration::ZERO };
+        if let Some((hdr, _)) = g.try_recv(wait) {
+            assert_eq!(hdr.op, OP_CREDIT_UPDATE);
+            fwd = hdr.fwd_cnt;
+            updates += 1;
+            continue;
+        }
+        assert!(credit > 0, "starved: no credit update with {sent} bytes sent");
+        let n = (credit as usize).min(MAX_PAYLOAD).min(TOTAL - sent);
+        g.send(g.hdr(OP_RW, 3003, 65), &data[sent..sent + n]);
+        sent += n;
+    }
+    assert!(reader.join().unwrap() == data, "the host read what the guest sent");
+    assert!(updates >= 3, "{updates} credit updates for 4 buffers' worth");
+}
+
+#[test]
 fn a_guest_sending_past_its_credit_gets_rst() {
     let mut g = Guest::new("greedy");
     let listener = UnixListener::bind(g.port_path(62)).unwrap();
@@ -395,6 +432,14 @@ fn shutdown_both_ways_and_rst_free_the_connection() {
     g.quiet(SHORT);
     g.send(g.hdr(OP_RW, 4001, 63), b"late");
     assert_eq!(g.recv().0.op, OP_RST, "data for a freed connection");
+    // The host closes and the guest shuts down in turn: RST at once, not at the timeout.
+    let s = guest_connection(&mut g, &listener, 4002, 63);
+    drop(s);
+    assert_eq!(g.recv().0.op, OP_SHUTDOWN);
+    g.send(g.hdr(OP_CREDIT_UPDATE, 4002, 63), &[]);
+    g.send(Header { flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..g.hdr(OP_SHUTDOWN, 4002, 63) }, &[]);
+    let (hdr, _) = g.try_recv(Duration::from_millis(1000)).expect("an RST before the 2 s timeout");
+    assert_eq!((hdr.op, hdr.dst_port), (OP_RST, 4002));
     // A guest RST on a host-initiated connection closes the client.
     let (mut c, local) = host_connection(&mut g, 5);
     g.send(g.hdr(OP_RST, 5, local), &[]);
