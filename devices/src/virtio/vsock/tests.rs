@@ -491,6 +491,23 @@ fn packets_of_other_types_cids_or_connections_are_refused_or_dropped() {
 }
 
 #[test]
+fn receive_buffers_too_small_for_a_header_come_back_empty() {
+    let mut g = Guest::bare("small-rx");
+    g.send(g.hdr(OP_RW, 1, 2), b"for no connection"); // an RST is due
+    let mut c = client(&g);
+    c.write_all(b"CONNECT 8\n").unwrap(); // a REQUEST is due
+    std::thread::sleep(Duration::from_millis(50));
+    for (id, len) in [(0, 0), (1, 10), (2, HDR_LEN as u32 - 1), (3, HDR_LEN as u32), (4, 100)] {
+        g.post_rx_len(id, len);
+    }
+    let used: Vec<_> = (0..5).map(|_| g.rx_used()).collect();
+    assert_eq!(used[..3].iter().map(|u| (u.0, u.1)).collect::<Vec<_>>(), [(0, 0), (1, 0), (2, 0)]);
+    assert_eq!((used[3].0, used[3].1, used[3].2.map(|h| h.op)), (3, HDR_LEN as u32, Some(OP_RST)));
+    let request = used[4].2.expect("a header");
+    assert_eq!((used[4].0, used[4].1, request.op, request.dst_port), (4, HDR_LEN as u32, OP_REQUEST, 8));
+}
+
+#[test]
 fn transport_reset_reaches_the_event_queue_and_drops_the_connections() {
     let mut g = Guest::new("reset-event");
     let (mut c, _) = host_connection(&mut g, 12);

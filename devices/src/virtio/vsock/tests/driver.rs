@@ -113,6 +113,8 @@ pub struct Guest {
     /// What the guest advertises in its packets.
     pub buf_alloc: u32,
     pub fwd_cnt: u32,
+    /// Receive buffers posted when the device starts.
+    rx_bufs: u16,
 }
 
 impl Guest {
@@ -123,13 +125,23 @@ impl Guest {
 
     /// [`Guest::new`] with at most `max` connections.
     pub fn with_limit(name: &str, max: usize) -> Self {
+        Self::build(name, max, RX_BUFS)
+    }
+
+    /// [`Guest::new`] with no receive buffers posted: the test posts its own
+    /// ([`Guest::post_rx_len`], ids from 0).
+    pub fn bare(name: &str) -> Self {
+        Self::build(name, MAX_CONNECTIONS, 0)
+    }
+
+    fn build(name: &str, max: usize, rx_bufs: u16) -> Self {
         let dir = TempDir::new(name);
         let path = dir.0.join("v.sock");
         let (vsock, handle) = Vsock::with_limit(CID, bind(&path).unwrap(), path, max).unwrap();
         let m = Arc::new(Mem(mem(RAM)));
         let t = MmioTransport::new(Box::new(vsock), m.clone(), Interrupt::new(Arc::new(Line::default()))).unwrap();
         let rings = RINGS.map(|base| Ring { base, next_avail: 0, last_used: 0 });
-        let mut g = Guest { m, t, handle, dir, rings, tx_next: 0, buf_alloc: 256 * 1024, fwd_cnt: 0 };
+        let mut g = Guest { m, t, handle, dir, rings, tx_next: 0, buf_alloc: 256 * 1024, fwd_cnt: 0, rx_bufs };
         g.start();
         g
     }
@@ -170,7 +182,7 @@ impl Guest {
         }
         write_reg(t, 0x70, 15);
         assert_eq!(read_reg(t, 0x70), 15, "the device accepted DRIVER_OK");
-        for id in 0..RX_BUFS {
+        for id in 0..self.rx_bufs {
             self.post_rx(id);
         }
         for id in 0..2u16 {
@@ -183,6 +195,27 @@ impl Guest {
 
     fn post_rx(&mut self, id: u16) {
         self.rings[0].add(&self.m, id, &[(RX_BASE + SLOT * u64::from(id), RX_LEN, W)]);
+    }
+
+    /// Posts receive buffer `id` of `len` bytes and notifies.
+    pub fn post_rx_len(&mut self, id: u16, len: u32) {
+        self.rings[0].add(&self.m, id, &[(RX_BASE + SLOT * u64::from(id), len, W)]);
+        write_reg(&mut self.t, 0x50, 0);
+    }
+
+    /// The next receive buffer the device used, within 10 s: (id, bytes written, the
+    /// header if it holds one).
+    pub fn rx_used(&mut self) -> (u16, u32, Option<Header>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((id, len)) = self.rings[0].take_used(&self.m) {
+                let mut b = [0u8; HDR_LEN];
+                self.m.read_slice(&mut b, GuestAddress(RX_BASE + SLOT * u64::from(id))).unwrap();
+                return (id, len, (len as usize >= HDR_LEN).then(|| Header::from_bytes(&b)));
+            }
+            assert!(Instant::now() < deadline, "no receive buffer used");
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// A header from the guest's `src` port to the host's `dst`, with the guest's credit.
