@@ -54,6 +54,32 @@
 //!   checked; the device's work runs on its [`Worker`](super::worker::Worker), never on a
 //!   vCPU.
 //!
+//! # Firecracker's rules: matched, and where hvrun differs
+//!
+//! Matched (read in Firecracker's `unix/muxer.rs`, `csm/connection.rs`, `csm/mod.rs` and
+//! `docs/vsock.md`): the CONNECT line as above; `OK <port>\n` written once the guest's
+//! RESPONSE arrives (a client that cannot take it is reset); host ports from `1 << 30`,
+//! round robin in `[1 << 30, 1 << 31)`, starting over after a driver reset; `PATH_P` for
+//! guest connections, RST when the connect fails; 1023 connections, a host client past
+//! them accepted and closed; the 2 s request and shutdown timeouts, after which the
+//! guest gets an RST; a host EOF as SHUTDOWN with both flags; a guest SHUTDOWN with both
+//! flags answered with RST once the buffered data is written; RW past the advertised
+//! credit resets the connection; a CREDIT_REQUEST when the guest's credit is used up;
+//! RST for another socket type and for packets of no connection; malformed chains
+//! dropped; an RST's header carries no credit.
+//!
+//! Different: the CONNECT line may come in pieces (Firecracker: closed unless whole at
+//! the first read); an RST for no connection is not answered (Firecracker answers it); a
+//! packet not from the guest's CID is dropped (Firecracker does not look); the device
+//! advertises 256 KiB per connection (Firecracker 64 KiB) and sends CREDIT_UPDATE when the
+//! space the guest believes it has is under half the buffer and under a packet, or a
+//! packet's worth behind (Firecracker: when it forwarded all but 4 KiB of its buffer
+//! since it last said); it answers a CREDIT_REQUEST with a CREDIT_UPDATE even when other
+//! packets carry the credit; a guest SHUTDOWN SEND half-closes the host stream; a guest
+//! SHUTDOWN after the host's EOF resets at once; queued RSTs are bounded at 1024
+//! (Firecracker's queue: 256); a stale socket file at `PATH` is replaced, a live one is
+//! an error (Firecracker removes only its own previous socket when reconfigured).
+//!
 //! # Events
 //!
 //! [`VsockHandle::transport_reset`] drops every connection and sends the driver
