@@ -80,6 +80,15 @@ pub enum ConfigError {
          stats=SECONDS (0: off, at most 3600), target=SIZE"
     )]
     BadBalloon(String),
+    /// A `--vsock` argument that is not `cid=N,socket=PATH`.
+    #[error("--vsock {0}: use cid=N,socket=PATH (N from 3 to 4294967294)")]
+    BadVsock(String),
+    /// A vsock device that cannot be (its CID, what is at its socket's path).
+    #[error("--vsock: {0}")]
+    Vsock(String),
+    /// `VmBuilder::vsock_listener` without a vsock device.
+    #[error("VmBuilder::vsock_listener needs a vsock device (VmBuilder::vsock, --vsock)")]
+    VsockListenerWithoutVsock,
 }
 
 /// What to boot and on what machine: start from [`VmConfig::new`] and set fields.
@@ -129,9 +138,54 @@ pub struct VmConfig {
     /// A virtio-balloon device with these features (`--balloon`); `None`: no balloon.
     /// The embedder sets its target through [`crate::VmHandle::set_balloon_target`].
     pub balloon: Option<BalloonOptions>,
+    /// A virtio-vsock device (`--vsock`); `None`: none.
+    pub vsock: Option<VsockConfig>,
 }
 
 pub use devices::virtio::balloon::BalloonOptions;
+
+/// A virtio-vsock device: the guest's CID and the host's unix socket (Firecracker's
+/// hybrid vsock: host programs connect to `socket` and write `CONNECT <port>\n`; the
+/// guest's connections to host port P go to `socket`_P).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID, 3 to 4294967294.
+    pub cid: u64,
+    /// The unix socket the device listens on (a stale one is replaced).
+    pub socket: PathBuf,
+}
+
+impl VsockConfig {
+    /// A device for guest `cid` listening on `socket`.
+    pub fn new(cid: u64, socket: impl Into<PathBuf>) -> Self {
+        VsockConfig { cid, socket: socket.into() }
+    }
+
+    /// Checks the CID, and what is at the socket's path (nothing, or a stale socket).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let vsock_error = |e: devices::virtio::vsock::VsockError| ConfigError::Vsock(e.to_string());
+        devices::virtio::vsock::check_cid(self.cid).map_err(vsock_error)?;
+        devices::virtio::vsock::check_socket_path(&self.socket).map_err(vsock_error)
+    }
+}
+
+/// Parses `--vsock cid=N,socket=PATH` (in either order); the CID's range and the path are
+/// checked by [`VsockConfig::validate`].
+pub fn parse_vsock(text: &str) -> Result<VsockConfig, ConfigError> {
+    let bad = || ConfigError::BadVsock(text.into());
+    let (mut cid, mut socket) = (None, None);
+    for item in text.split(',') {
+        match item.split_once('=') {
+            Some(("cid", value)) if cid.is_none() => cid = Some(value.parse::<u64>().map_err(|_| bad())?),
+            Some(("socket", value)) if socket.is_none() && !value.is_empty() => socket = Some(PathBuf::from(value)),
+            _ => return Err(bad()),
+        }
+    }
+    match (cid, socket) {
+        (Some(cid), Some(socket)) => Ok(VsockConfig { cid, socket }),
+        _ => Err(bad()),
+    }
+}
 
 /// Parses `--balloon[=OPTIONS]`: empty for everything on (free page reporting,
 /// deflate-on-OOM, statistics every 5 s), or a comma-separated list changing that:
@@ -534,6 +588,7 @@ impl VmConfig {
             console_stdin: false,
             disks: Vec::new(),
             balloon: None,
+            vsock: None,
         }
     }
 
@@ -561,6 +616,12 @@ impl VmConfig {
         }
         if self.backend == Some(Backend::Vz) && self.balloon.is_some() {
             return Err(ConfigError::NotWithVz("--balloon"));
+        }
+        if let Some(vsock) = &self.vsock {
+            if self.backend == Some(Backend::Vz) {
+                return Err(ConfigError::NotWithVz("--vsock"));
+            }
+            vsock.validate()?;
         }
         if self.backend != Some(Backend::Vz) {
             crate::slots::assign(crate::slots::count(self, &crate::slots::Extras::default()))?;
@@ -862,5 +923,42 @@ mod tests {
         let kvm = VmConfig { backend: None, ..vz };
         assert_eq!(kvm.validate(), Ok(()));
         assert_eq!(crate::slots::count(&kvm, &crate::slots::Extras::default()), 3, "entropy, power button, balloon");
+    }
+
+    #[test]
+    fn vsock_options_parse_with_one_line_errors_and_vz_refuses_them() {
+        let dir = std::env::temp_dir().join(format!("hvrun-config-vsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("v.sock");
+        let text = format!("cid=3,socket={}", socket.display());
+        assert_eq!(parse_vsock(&text), Ok(VsockConfig::new(3, &socket)));
+        assert_eq!(parse_vsock("socket=/tmp/a,cid=42"), Ok(VsockConfig::new(42, "/tmp/a")));
+        for bad in ["", "cid=3", "socket=/tmp/a", "cid=x,socket=/a", "cid=3,socket=", "cid=3,socket=/a,cid=4", "port=3"]
+        {
+            assert_eq!(parse_vsock(bad), Err(ConfigError::BadVsock(bad.into())), "{bad}");
+        }
+        let with = |cid: u64, path: &std::path::Path| VmConfig {
+            vsock: Some(VsockConfig::new(cid, path)),
+            ..VmConfig::new("Image")
+        };
+        assert_eq!(with(3, &socket).validate(), Ok(()));
+        for cid in [0, 2, u64::from(u32::MAX), 1 << 32] {
+            let e = with(cid, &socket).validate().unwrap_err();
+            assert_eq!(e, ConfigError::Vsock(format!("vsock CID {cid} is invalid: a guest's CID is 3 to 4294967294")));
+            assert!(!e.to_string().contains('\n'), "one line");
+        }
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert_eq!(
+            with(3, &file).validate().unwrap_err().to_string(),
+            format!("--vsock: {}: exists and is not a socket", file.display())
+        );
+        // A stale socket file is fine: it is replaced when the device binds.
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        assert_eq!(with(3, &socket).validate(), Ok(()));
+        let vz = VmConfig { backend: Some(Backend::Vz), ..with(3, &socket) };
+        assert_eq!(vz.validate(), Err(ConfigError::NotWithVz("--vsock")));
+        assert_eq!(crate::slots::count(&with(3, &socket), &crate::slots::Extras::default()), 3, "+ vsock");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -55,6 +55,8 @@ pub struct Control {
     power_button: Mutex<Option<PowerButton>>,
     /// The machine's balloon, if it has one.
     balloon: OnceLock<devices::virtio::balloon::BalloonHandle>,
+    /// The machine's vsock device, if it has one.
+    vsock: OnceLock<devices::virtio::vsock::VsockHandle>,
 }
 
 /// Presses a guest's power button; returns whether a driver listens.
@@ -122,6 +124,16 @@ impl Control {
     /// The machine's balloon, if it has one.
     pub fn balloon(&self) -> Option<&devices::virtio::balloon::BalloonHandle> {
         self.balloon.get()
+    }
+
+    /// Gives the machine's vsock device to [`crate::VmHandle::vsock`] (once).
+    pub fn set_vsock(&self, vsock: devices::virtio::vsock::VsockHandle) {
+        let _ = self.vsock.set(vsock);
+    }
+
+    /// The machine's vsock device, if it has one.
+    pub fn vsock(&self) -> Option<&devices::virtio::vsock::VsockHandle> {
+        self.vsock.get()
     }
 
     /// Gives the machine's power button (`devices::virtio::input`) to

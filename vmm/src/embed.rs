@@ -107,6 +107,8 @@ pub(crate) struct Io {
     pub probe: Option<Arc<std::sync::Mutex<devices::probe::Verdict>>>,
     /// When to print the emulated GIC's state, for debugging a hung guest.
     pub dump_after: Option<Duration>,
+    /// Vsock ports the embedder serves in-process, each with where its connections go.
+    pub vsock_listeners: Vec<(u32, std::sync::mpsc::Sender<std::os::unix::net::UnixStream>)>,
 }
 
 impl Io {
@@ -121,6 +123,7 @@ impl Io {
             (self.images.kernel.is_some(), "VmBuilder::kernel_image"),
             (self.images.initrd.is_some(), "VmBuilder::initrd_image"),
             (self.serial_input.is_some(), "VmBuilder::serial_input"),
+            (!self.vsock_listeners.is_empty(), "VmBuilder::vsock_listener"),
         ]
         .into_iter()
         .find_map(|(given, what)| given.then_some(what))
@@ -235,6 +238,32 @@ impl VmBuilder {
         self
     }
 
+    /// Gives the guest a virtio-vsock device (as `--vsock` does): CID `vsock.cid`,
+    /// listening on the unix socket `vsock.socket` for host programs, which write
+    /// `CONNECT <port>\n` and read `OK <host port>\n` once the guest accepts; the guest's
+    /// connections to host port P go to the socket `vsock.socket`_P, or to the embedder
+    /// ([`VmBuilder::vsock_listener`]). Firecracker's and Cloud Hypervisor's protocol.
+    /// Not with `--backend vz`.
+    pub fn vsock(mut self, vsock: crate::config::VsockConfig) -> Self {
+        self.config.vsock = Some(vsock);
+        self
+    }
+
+    /// Serves the guest's vsock connections to host port `port` in-process: for each, the
+    /// host end of a connected socket pair is sent down `connections` (a blocking
+    /// [`UnixStream`](std::os::unix::net::UnixStream); the device holds the other end and
+    /// moves its bytes to and from the guest). The socket `vsock.socket`_`port` is then not
+    /// tried; once the receiver is dropped, it is again. [`VmHandle::vsock`] adds and
+    /// removes ports while the guest runs. Needs [`VmBuilder::vsock`].
+    pub fn vsock_listener(
+        mut self,
+        port: u32,
+        connections: std::sync::mpsc::Sender<std::os::unix::net::UnixStream>,
+    ) -> Self {
+        self.io.vsock_listeners.push((port, connections));
+        self
+    }
+
     /// For debugging a guest that hangs: prints the state of hvrun's emulated GIC and of
     /// each vCPU's interrupt line to standard error `after` the start (nothing with the
     /// hypervisor's GIC). The `hvrun` command takes it from `HVRUN_DUMP_AFTER=SECS`.
@@ -256,6 +285,9 @@ impl VmBuilder {
     pub fn start(self) -> Result<Vm, Error> {
         let VmBuilder { config, io } = self;
         config.validate()?;
+        if config.vsock.is_none() && !io.vsock_listeners.is_empty() {
+            return Err(crate::config::ConfigError::VsockListenerWithoutVsock.into());
+        }
         if config.backend == Some(crate::config::Backend::Vz) {
             if let Some(what) = io.not_for_vz() {
                 return Err(crate::config::ConfigError::NotWithVz(what).into());
@@ -449,6 +481,13 @@ impl VmHandle {
         self.control.balloon().cloned()
     }
 
+    /// The machine's vsock device, to serve ports in-process
+    /// ([`devices::virtio::vsock::VsockHandle::listen`]) or send the guest a transport
+    /// reset; `None` without one ([`VmBuilder::vsock`], `--vsock`).
+    pub fn vsock(&self) -> Option<devices::virtio::vsock::VsockHandle> {
+        self.control.vsock().cloned()
+    }
+
     /// Stops the VM (the guest gets no say); [`Vm::wait`] then returns
     /// [`ExitReason::Stopped`].
     pub fn stop(&self) {
@@ -486,6 +525,13 @@ mod tests {
         let few = VmConfig { disks: config.disks[..45].to_vec(), ..config };
         let err = Vm::builder(few).virtio(Fixed).virtio(Fixed).start().unwrap_err();
         assert!(matches!(err, Error::Config(crate::ConfigError::TooManyDevices(49))), "{err}");
+    }
+
+    #[test]
+    fn a_vsock_listener_needs_a_vsock_device() {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let err = Vm::builder(VmConfig::new("/nonexistent/Image")).vsock_listener(5, tx).start().unwrap_err();
+        assert!(matches!(err, Error::Config(crate::ConfigError::VsockListenerWithoutVsock)), "{err}");
     }
 
     /// A do-nothing device, for counting.

@@ -62,9 +62,10 @@ pub mod extend {
     pub use {virtio_queue, vm_memory};
 }
 
-pub use config::{BalloonOptions, ConfigError, VmConfig};
+pub use config::{BalloonOptions, ConfigError, VmConfig, VsockConfig};
 pub use devices::ratelimit::GuestLogLimiter;
 pub use devices::virtio::balloon::{stats as balloon_stats, BalloonHandle, Stats as BalloonStats};
+pub use devices::virtio::vsock::VsockHandle;
 pub use embed::{ConsoleIo, Event, PauseError, Vm, VmBuilder, VmHandle};
 pub use irqchip::GicError;
 
@@ -163,6 +164,9 @@ pub enum Error {
         /// What to check, or "".
         hint: &'static str,
     },
+    /// The vsock device's socket could not be set up.
+    #[error("--vsock: {0}")]
+    Vsock(#[from] devices::virtio::vsock::VsockError),
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),

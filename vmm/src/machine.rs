@@ -76,6 +76,7 @@ where
         devices: extra_devices,
         probe,
         dump_after,
+        vsock_listeners,
         ..
     } = io;
     let mut console = backends::open_console(&config.effective_console(), config.console_stdin)?;
@@ -97,7 +98,19 @@ where
         control.set_balloon(handle);
         device
     });
-    let extras = Extras { disks, devices: extra_devices, power_button: button_device, balloon };
+    let vsock = match &config.vsock {
+        Some(vsock) => {
+            let listener = devices::virtio::vsock::bind(&vsock.socket)?;
+            let (device, handle) = devices::virtio::vsock::Vsock::new(vsock.cid, listener, vsock.socket.clone())?;
+            for (port, connections) in vsock_listeners {
+                handle.listen(port, connections);
+            }
+            control.set_vsock(handle);
+            Some(device)
+        }
+        None => None,
+    };
+    let extras = Extras { disks, devices: extra_devices, power_button: button_device, balloon, vsock };
     timeline.mark("backends");
     let (virtio, files) = virtio_devices(config, files, extras, nets, console.backend.take())?;
     timeline.mark("devices");
@@ -330,12 +343,13 @@ struct Extras {
     devices: Vec<Box<dyn VirtioDevice>>,
     power_button: PowerButtonDevice,
     balloon: Option<devices::virtio::balloon::Balloon>,
+    vsock: Option<devices::virtio::vsock::Vsock>,
 }
 
 /// The virtio devices, in slot order (`crate::slots`): the disks first, the
 /// configuration's then the embedder's (so the first is `/dev/vda`), the network
-/// interfaces, the entropy device, the console, the power button, the balloon, then the
-/// embedder's own devices. Takes the open disks out of `files`.
+/// interfaces, the entropy device, the console, the power button, the balloon, the vsock
+/// device, then the embedder's own devices. Takes the open disks out of `files`.
 fn virtio_devices(
     config: &VmConfig,
     mut files: BootFiles,
@@ -368,6 +382,9 @@ fn virtio_devices(
     devices.push(Box::new(extras.power_button));
     if let Some(balloon) = extras.balloon {
         devices.push(Box::new(balloon));
+    }
+    if let Some(vsock) = extras.vsock {
+        devices.push(Box::new(vsock));
     }
     devices.extend(extras.devices);
     Ok((devices, files))

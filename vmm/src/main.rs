@@ -103,6 +103,11 @@ struct Cli {
     /// and `target=SIZE` has the guest give SIZE back as it boots.
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, require_equals = true, default_missing_value = "", value_parser = parse_balloon)]
     balloon: Option<config::BalloonOptions>,
+    /// A virtio-vsock device, `cid=N,socket=PATH` (N from 3 to 4294967294): host programs
+    /// connect to PATH and write `CONNECT <port>\n` (Firecracker's protocol); the guest's
+    /// connections to host port P go to the unix socket PATH_P.
+    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
+    vsock: Option<config::VsockConfig>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -161,6 +166,10 @@ fn parse_share(text: &str) -> Result<config::ShareConfig, String> {
 
 fn parse_balloon(text: &str) -> Result<config::BalloonOptions, String> {
     config::parse_balloon(text).map_err(|e| e.to_string())
+}
+
+fn parse_vsock(text: &str) -> Result<config::VsockConfig, String> {
+    config::parse_vsock(text).map_err(|e| e.to_string())
 }
 
 fn parse_gic(text: &str) -> Result<config::GicChoice, String> {
@@ -233,6 +242,7 @@ fn main() -> ExitCode {
     config.cpus = cli.cpus;
     config.memory = cli.memory;
     config.balloon = cli.balloon;
+    config.vsock = cli.vsock;
     config.console_stdin = true;
     exit_code(run(config))
 }

@@ -6,7 +6,7 @@
 //! the devices it built by the same [`assign`] (and the device tree names the same
 //! slots). Slot `n` is the `n`-th virtio device in the order the guest enumerates them:
 //! disks, network interfaces, the entropy device, the console, the power button, the
-//! balloon, then an embedder's own devices.
+//! balloon, the vsock device, then an embedder's own devices.
 
 use arch_aarch64::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_SPI_BASE};
 use devices::gic::NUM_SPIS;
@@ -53,6 +53,7 @@ pub fn count(config: &VmConfig, extras: &Extras) -> usize {
         + usize::from(console)
         + power_button
         + usize::from(config.balloon.is_some())
+        + usize::from(config.vsock.is_some())
         + extras.devices
 }
 

@@ -20,6 +20,7 @@ pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::Arc;

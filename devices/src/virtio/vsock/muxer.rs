@@ -1,0 +1,573 @@
+//! The device's event loop: the unix listener, each host client still to send its
+//! CONNECT line, each connection's stream, and the three queues, run by a
+//! [`Worker`](crate::virtio::worker::Worker) while the driver has the device started.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
+use std::io::{ErrorKind, Read};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_memory::GuestMemoryMmap;
+use mio::event::Event;
+use mio::net::{UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+use virtio_queue::Queue;
+
+use super::conn::{Conn, Verdict};
+use super::connect::{line_end, parse_line, MAX_LINE};
+use super::packet::{
+    read_packet, writable_len, Header, HDR_LEN, HOST_CID, MAX_PAYLOAD, OP_REQUEST, OP_RST, TYPE_STREAM,
+};
+use super::{lock, Shared, EVENT_TRANSPORT_RESET, NAME};
+use crate::virtio::worker::{Handler, Wake, BACKEND};
+use crate::virtio::{check_notified, write_chain, Chains, GuestMemory, Interrupt};
+use crate::warn_ratelimited;
+
+const LISTENER: Token = Token(0);
+/// RSTs waiting for receive buffers, at most (Firecracker's muxer queue holds 256); more
+/// are dropped with a warning.
+const MAX_RSTS: usize = 1024;
+/// Transmit chains taken in one go before the receive queue gets its turn.
+const TX_BATCH: usize = 256;
+
+/// (host-side port, guest port).
+type Key = (u32, u32);
+
+enum Owner {
+    /// A host client that has not sent its CONNECT line yet.
+    Client,
+    /// A connection's stream.
+    Conn(Key),
+}
+
+struct Client {
+    stream: UnixStream,
+    /// What it sent so far, at most [`MAX_LINE`] bytes.
+    sent: Vec<u8>,
+}
+
+struct Running {
+    memory: GuestMemory,
+    rx: Queue,
+    tx: Queue,
+    event: Queue,
+    interrupt: Interrupt,
+}
+
+/// The connections and the queues.
+pub(super) struct Muxer {
+    cid: u64,
+    path: PathBuf,
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    running: Option<Running>,
+    conns: HashMap<Key, Conn>,
+    clients: HashMap<Token, Client>,
+    owners: HashMap<Token, Owner>,
+    /// Connections that may have a packet for the guest, each once (`Conn::queued`).
+    ready: VecDeque<Key>,
+    /// RSTs for the guest: (host-side port, guest port).
+    rsts: VecDeque<Key>,
+    next_token: usize,
+    local_port_last: u32,
+    local_ports: HashSet<u32>,
+    /// A TRANSPORT_RESET event waits for an event buffer.
+    reset_due: bool,
+    /// The earliest connection expiry, as [`Handler::next_timeout`] last found it.
+    earliest: Cell<Option<Instant>>,
+    /// A guest packet's payload, at most [`MAX_PAYLOAD`] bytes.
+    payload: Vec<u8>,
+    /// A packet for the guest: header and payload.
+    out: Vec<u8>,
+}
+
+/// The first host-side port Firecracker gives a host-initiated connection, less one.
+const PORT_BEFORE_FIRST: u32 = (1 << 30) - 1;
+
+impl Muxer {
+    pub(super) fn new(
+        cid: u64,
+        path: PathBuf,
+        listener: UnixListener,
+        shared: Arc<Shared>,
+        max_connections: usize,
+    ) -> Self {
+        Muxer {
+            cid,
+            path,
+            listener,
+            shared,
+            max_connections,
+            running: None,
+            conns: HashMap::new(),
+            clients: HashMap::new(),
+            owners: HashMap::new(),
+            ready: VecDeque::new(),
+            rsts: VecDeque::new(),
+            next_token: 1,
+            local_port_last: PORT_BEFORE_FIRST,
+            local_ports: HashSet::new(),
+            reset_due: false,
+            earliest: Cell::new(None),
+            payload: Vec::with_capacity(MAX_PAYLOAD),
+            out: vec![0; HDR_LEN + MAX_PAYLOAD],
+        }
+    }
+
+    pub(super) fn attach(&mut self, memory: GuestMemory, queues: [Queue; 3], interrupt: Interrupt) {
+        let [rx, tx, event] = queues;
+        self.running = Some(Running { memory, rx, tx, event, interrupt });
+    }
+
+    fn token(&mut self) -> Token {
+        // Tokens are never reused: a stale event cannot reach a new stream.
+        self.next_token += 1;
+        Token(self.next_token)
+    }
+
+    fn open(&self) -> usize {
+        self.conns.len() + self.clients.len()
+    }
+
+    /// Firecracker's allocation: round robin over [1 << 30, 1 << 31), skipping ports in use.
+    fn allocate_local_port(&mut self) -> u32 {
+        loop {
+            self.local_port_last = ((self.local_port_last.wrapping_add(1)) & !(1 << 31)) | (1 << 30);
+            if self.local_ports.insert(self.local_port_last) {
+                return self.local_port_last;
+            }
+        }
+    }
+
+    fn queue_ready(&mut self, key: Key) {
+        if let Some(conn) = self.conns.get_mut(&key) {
+            if !conn.queued && conn.has_output() {
+                conn.queued = true;
+                self.ready.push_back(key);
+            }
+        }
+    }
+
+    fn rst(&mut self, key: Key) {
+        if self.rsts.len() >= MAX_RSTS {
+            warn_ratelimited!("{NAME}: too many RSTs wait for receive buffers; one to port {} dropped", key.1);
+            return;
+        }
+        self.rsts.push_back(key);
+    }
+
+    /// Closes a connection's host stream and forgets it.
+    fn remove(&mut self, registry: &Registry, key: Key) {
+        if let Some(mut conn) = self.conns.remove(&key) {
+            let _ = registry.deregister(&mut conn.stream);
+            self.owners.remove(&conn.token);
+            self.local_ports.remove(&key.0);
+        }
+    }
+
+    /// Resets a connection: RST to the guest, the host stream closed.
+    fn kill(&mut self, registry: &Registry, key: Key) {
+        if self.conns.contains_key(&key) {
+            self.remove(registry, key);
+            self.rst(key);
+        }
+    }
+
+    fn drop_all(&mut self, registry: &Registry) {
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.remove(registry, key);
+        }
+        self.ready.clear();
+        self.rsts.clear();
+        self.local_port_last = PORT_BEFORE_FIRST;
+    }
+
+    fn accept(&mut self, registry: &Registry) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    if self.open() >= self.max_connections {
+                        warn_ratelimited!("{NAME}: {} connections open; a host client is refused", self.open());
+                        continue; // dropped: closed
+                    }
+                    let token = self.token();
+                    if let Err(e) = registry.register(&mut stream, token, Interest::READABLE) {
+                        warn_ratelimited!("{NAME}: cannot watch a host client: {e}");
+                        continue;
+                    }
+                    self.clients.insert(token, Client { stream, sent: Vec::with_capacity(MAX_LINE) });
+                    self.owners.insert(token, Owner::Client);
+                    self.client_read(registry, token);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn_ratelimited!("{NAME}: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drop_client(&mut self, registry: &Registry, token: Token) {
+        if let Some(mut client) = self.clients.remove(&token) {
+            let _ = registry.deregister(&mut client.stream);
+        }
+        self.owners.remove(&token);
+    }
+
+    /// Reads a host client's CONNECT line; once whole, the client becomes a connection
+    /// whose REQUEST goes to the guest, or is closed if the line is malformed.
+    fn client_read(&mut self, registry: &Registry, token: Token) {
+        let Some(client) = self.clients.get_mut(&token) else { return };
+        let end = loop {
+            if let Some(end) = line_end(&client.sent) {
+                break end;
+            }
+            let mut buf = [0u8; MAX_LINE];
+            let room = MAX_LINE - client.sent.len();
+            match client.stream.read(&mut buf[..room]) {
+                Ok(0) => return self.drop_client(registry, token),
+                Ok(n) => client.sent.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(_) => return self.drop_client(registry, token),
+            }
+        };
+        let Some(port) = parse_line(&client.sent[..end]) else {
+            log::info!("{NAME}: a host client sent a malformed CONNECT line; closed");
+            return self.drop_client(registry, token);
+        };
+        let Some(Client { mut stream, sent }) = self.clients.remove(&token) else { return };
+        if let Err(e) = registry.reregister(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+            warn_ratelimited!("{NAME}: cannot watch a host connection: {e}");
+            self.owners.remove(&token);
+            return;
+        }
+        let mut local = self.allocate_local_port();
+        // A guest's own connection may use a port of the range with the same peer port.
+        while self.conns.contains_key(&(local, port)) {
+            let taken = local;
+            local = self.allocate_local_port();
+            self.local_ports.remove(&taken);
+        }
+        let key = (local, port);
+        self.conns.insert(key, Conn::host_initiated(stream, token, local, port, sent[end..].to_vec()));
+        self.owners.insert(token, Owner::Conn(key));
+        self.queue_ready(key);
+    }
+
+    /// The host end of a guest's connection to `port`: the embedder's, if it listens on
+    /// the port, or a connection to the unix socket `PATH_port`.
+    fn host_end(&self, port: u32) -> Option<UnixStream> {
+        let sender = lock(&self.shared.ports).get(&port).cloned();
+        if let Some(sender) = sender {
+            match std::os::unix::net::UnixStream::pair() {
+                Ok((ours, theirs)) => {
+                    if sender.send(theirs).is_ok() && ours.set_nonblocking(true).is_ok() {
+                        return Some(UnixStream::from_std(ours));
+                    }
+                    // The embedder stopped listening: the port is the socket's again.
+                    lock(&self.shared.ports).remove(&port);
+                }
+                Err(e) => {
+                    warn_ratelimited!("{NAME}: cannot make a socket pair for port {port}: {e}");
+                    return None;
+                }
+            }
+        }
+        let mut path = OsString::from(self.path.as_os_str());
+        path.push(format!("_{port}"));
+        // Non-blocking: a listener with a full backlog refuses rather than stalls the loop.
+        UnixStream::connect(&path).ok()
+    }
+
+    /// A REQUEST for no known connection.
+    fn guest_connects(&mut self, registry: &Registry, hdr: &Header) {
+        let key = (hdr.dst_port, hdr.src_port);
+        if self.open() >= self.max_connections {
+            warn_ratelimited!("{NAME}: {} connections open; the guest's to port {} is refused", self.open(), key.0);
+            return self.rst(key);
+        }
+        let Some(mut stream) = self.host_end(hdr.dst_port) else { return self.rst(key) };
+        let token = self.token();
+        if let Err(e) = registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+            warn_ratelimited!("{NAME}: cannot watch a host connection: {e}");
+            return self.rst(key);
+        }
+        self.conns.insert(key, Conn::guest_initiated(stream, token, hdr));
+        self.owners.insert(token, Owner::Conn(key));
+        self.queue_ready(key);
+    }
+
+    /// A packet from the guest.
+    pub(super) fn guest_packet(&mut self, registry: &Registry, hdr: &Header, payload: &[u8]) {
+        let key = (hdr.dst_port, hdr.src_port);
+        if hdr.kind != TYPE_STREAM {
+            // As Firecracker: any other socket type is refused with an RST.
+            return self.rst(key);
+        }
+        if hdr.dst_cid != HOST_CID || hdr.src_cid != self.cid {
+            return warn_ratelimited!(
+                "{NAME}: dropped a guest packet from CID {} to CID {} (the guest is {}, the host 2)",
+                hdr.src_cid,
+                hdr.dst_cid,
+                self.cid
+            );
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            match hdr.op {
+                OP_REQUEST => self.guest_connects(registry, hdr),
+                // Never an RST for an RST (Linux does not either): no ping-pong.
+                OP_RST => {}
+                _ => self.rst(key),
+            }
+            return;
+        };
+        if hdr.op == OP_RST {
+            return self.remove(registry, key);
+        }
+        match conn.guest_packet(hdr, payload) {
+            Verdict::Keep => self.queue_ready(key),
+            Verdict::Kill => self.kill(registry, key),
+        }
+    }
+
+    fn conn_event(&mut self, registry: &Registry, key: Key, event: &Event) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            conn.set_readable();
+        }
+        if (event.is_writable() || event.is_write_closed() || event.is_error()) && conn.flush() == Verdict::Kill {
+            return self.kill(registry, key);
+        }
+        self.queue_ready(key);
+    }
+
+    /// Resets the connections whose guest did not answer in time.
+    fn expire(&mut self, registry: &Registry) {
+        let now = Instant::now();
+        let due: Vec<Key> =
+            self.conns.iter().filter(|(_, c)| c.expiry.is_some_and(|at| at <= now)).map(|(k, _)| *k).collect();
+        for key in due {
+            log::debug!("{NAME}: the guest's port {} did not answer in time; connection reset", key.1);
+            self.kill(registry, key);
+        }
+    }
+
+    /// Serves the queues until neither way can move more.
+    fn pump(&mut self, registry: &Registry) {
+        if self.shared.reset.swap(false, Ordering::SeqCst) {
+            // The guest's driver drops every connection on the event; so does the device.
+            self.drop_all(registry);
+            self.reset_due = true;
+        }
+        if self.earliest.get().is_some_and(|at| at <= Instant::now()) {
+            self.expire(registry);
+        }
+        let Some(mut run) = self.running.take() else { return };
+        let memory = run.memory.memory();
+        loop {
+            let taken = self.transmit(registry, memory, &mut Chains::new(NAME, &mut run.tx, memory, &run.interrupt));
+            self.receive(registry, memory, &mut Chains::new(NAME, &mut run.rx, memory, &run.interrupt));
+            if taken < TX_BATCH || run.interrupt.needs_reset() {
+                break;
+            }
+        }
+        if self.reset_due {
+            let mut event = Chains::new(NAME, &mut run.event, memory, &run.interrupt);
+            if let Some(chain) = event.next() {
+                let head = chain.head_index();
+                let written = write_chain(NAME, memory, chain, &EVENT_TRANSPORT_RESET.to_le_bytes());
+                event.give_back(head, written as u32);
+                self.reset_due = false;
+            }
+        }
+        self.running = Some(run);
+    }
+
+    /// Takes up to [`TX_BATCH`] of the guest's packets; returns how many chains it took.
+    fn transmit(&mut self, registry: &Registry, memory: &GuestMemoryMmap, tx: &mut Chains<'_, '_>) -> usize {
+        let mut payload = std::mem::take(&mut self.payload);
+        let mut taken = 0;
+        while taken < TX_BATCH {
+            let Some(chain) = tx.next() else { break };
+            taken += 1;
+            let head = chain.head_index();
+            let packet = read_packet(memory, chain, &mut payload);
+            if !tx.give_back(head, 0) {
+                break;
+            }
+            match packet {
+                Ok(hdr) => self.guest_packet(registry, &hdr, &payload),
+                Err(e) => warn_ratelimited!("{NAME}: dropped a guest packet: {e}"),
+            }
+        }
+        self.payload = payload;
+        taken
+    }
+
+    /// Fills the guest's receive buffers: RSTs first, then each connection with something
+    /// to say, one packet at a time in turn.
+    fn receive(&mut self, registry: &Registry, memory: &GuestMemoryMmap, rx: &mut Chains<'_, '_>) {
+        loop {
+            if let Some(&(local, peer)) = self.rsts.front() {
+                let Some(chain) = rx.next() else { return };
+                let head = chain.head_index();
+                let written = if writable_len(chain.clone(), HDR_LEN) < HDR_LEN {
+                    warn_ratelimited!("{NAME}: a receive buffer cannot hold a packet header");
+                    0
+                } else {
+                    self.rsts.pop_front();
+                    write_chain(NAME, memory, chain, &self.header(local, peer, OP_RST).to_bytes())
+                };
+                if !rx.give_back(head, written as u32) {
+                    return;
+                }
+                continue;
+            }
+            let Some(key) = self.ready.pop_front() else { return };
+            let Some(conn) = self.conns.get_mut(&key) else { continue };
+            conn.queued = false;
+            if !conn.has_output() {
+                continue;
+            }
+            let Some(chain) = rx.next() else {
+                conn.queued = true;
+                self.ready.push_front(key);
+                return;
+            };
+            let head = chain.head_index();
+            let room = writable_len(chain.clone(), HDR_LEN + MAX_PAYLOAD);
+            if room < HDR_LEN {
+                warn_ratelimited!("{NAME}: a receive buffer of {room} byte(s) cannot hold a packet header");
+                conn.queued = true;
+                self.ready.push_front(key);
+                if !rx.give_back(head, 0) {
+                    return;
+                }
+                continue;
+            }
+            let produced = conn.produce(&mut self.out[HDR_LEN..room]);
+            let out = match produced {
+                Ok(Some(out)) => out,
+                Ok(None) => {
+                    rx.put_back(1);
+                    continue;
+                }
+                Err(()) => {
+                    rx.put_back(1);
+                    self.kill(registry, key);
+                    continue;
+                }
+            };
+            let Some(conn) = self.conns.get_mut(&key) else { continue };
+            let hdr = Header {
+                src_cid: HOST_CID,
+                dst_cid: self.cid,
+                src_port: conn.local_port,
+                dst_port: conn.peer_port,
+                len: out.len as u32,
+                kind: TYPE_STREAM,
+                op: out.op,
+                flags: out.flags,
+                buf_alloc: super::conn::BUF_ALLOC,
+                fwd_cnt: conn.tell_fwd_cnt(),
+            };
+            self.out[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
+            let written = write_chain(NAME, memory, chain, &self.out[..HDR_LEN + out.len]);
+            self.queue_ready(key);
+            if !rx.give_back(head, written as u32) {
+                return;
+            }
+        }
+    }
+
+    /// An RST's header: no credit (as Firecracker's).
+    fn header(&self, local: u32, peer: u32, op: u16) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: local,
+            dst_port: peer,
+            kind: TYPE_STREAM,
+            op,
+            ..Header::default()
+        }
+    }
+}
+
+impl Handler for Muxer {
+    fn set_wake(&mut self, wake: Wake) {
+        *lock(&self.shared.wake) = Some(wake);
+    }
+
+    fn register(&mut self, registry: &Registry) -> std::io::Result<()> {
+        registry.register(&mut self.listener, LISTENER, Interest::READABLE)
+    }
+
+    fn notified(&mut self, registry: &Registry, queues: u32) {
+        if let Some(run) = &self.running {
+            let queues_only = queues & !BACKEND;
+            check_notified(NAME, queues_only, &[&run.rx, &run.tx, &run.event], run.memory.memory(), &run.interrupt);
+        }
+        self.pump(registry);
+    }
+
+    fn ready(&mut self, registry: &Registry, event: &Event) {
+        let token = event.token();
+        if token == LISTENER {
+            self.accept(registry);
+        } else {
+            match self.owners.get(&token) {
+                Some(Owner::Client) => self.client_read(registry, token),
+                Some(Owner::Conn(key)) => {
+                    let key = *key;
+                    self.conn_event(registry, key, event);
+                }
+                None => {}
+            }
+        }
+        self.pump(registry);
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let earliest = self.conns.values().filter_map(|c| c.expiry).min();
+        self.earliest.set(earliest);
+        earliest.map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    fn timeout(&mut self, registry: &Registry) {
+        self.expire(registry);
+        self.pump(registry);
+    }
+
+    fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        self.drop_all(registry);
+        let tokens: Vec<Token> = self.clients.keys().copied().collect();
+        for token in tokens {
+            self.drop_client(registry, token);
+        }
+    }
+
+    fn detach(&mut self) {
+        *lock(&self.shared.wake) = None;
+        self.running = None;
+        self.conns.clear();
+        self.clients.clear();
+        self.owners.clear();
+        self.ready.clear();
+        self.rsts.clear();
+        self.local_ports.clear();
+        self.local_port_last = PORT_BEFORE_FIRST;
+        self.reset_due = false;
+        self.earliest.set(None);
+    }
+}
