@@ -50,12 +50,8 @@ fn guest_does(keyboard: &Keyboard, output: &Captured, command: &str, tag: &str) 
 fn run(kernel: &str, initrd: &str) -> Result<(), String> {
     let mut config = test_guest(kernel, initrd);
     config.memory = 512 * MIB;
-    let options = BalloonOptions {
-        free_page_reporting: false,
-        deflate_on_oom: false,
-        stats_interval: None,
-        initial_target: 0,
-    };
+    let options =
+        BalloonOptions { free_page_reporting: false, deflate_on_oom: false, stats_interval: None, initial_target: 0 };
     let output = Captured::default();
     let (keyboard, typed) = keyboard();
     let vm = Vm::builder(config)

@@ -22,10 +22,17 @@ pub fn rig(verbose: bool) -> Rig {
         kernel: guest.join("vmlinuz"),
         busybox: guest.join("busybox"),
         hvrun: std::env::var_os(OTHER_HVRUN).map_or_else(paths::cross_hvrun, std::path::PathBuf::from),
-        tools: ["net-forwarder", "timeline", "examples/embed", "examples/memdisk", "examples/own_device", "examples/balloon"]
-            .into_iter()
-            .map(paths::cross_bin)
-            .collect(),
+        tools: [
+            "net-forwarder",
+            "timeline",
+            "examples/embed",
+            "examples/memdisk",
+            "examples/own_device",
+            "examples/balloon",
+        ]
+        .into_iter()
+        .map(paths::cross_bin)
+        .collect(),
         files: Vec::new(),
         guest_dir: guest,
         work_dir: paths::root().join("target/e2e"),
