@@ -57,6 +57,12 @@ pub struct Rig {
     pub hvrun: PathBuf,
     /// Other cross-built programs the scenarios use, put in `/bin` (e.g. `net-forwarder`).
     pub tools: Vec<PathBuf>,
+    /// The names of [`Rig::tools`] that guests need too: each is also packed alone as
+    /// `/guest/NAME.cpio` (`bin/NAME`, executable; see [`guest_tool_archive`]), for a
+    /// scenario to append to a guest's initramfs, since the Linux kernel unpacks
+    /// concatenated newc archives (`cat /guest/initramfs.cpio /guest/NAME.cpio`). The guest
+    /// initramfs itself is built before the tools are cross-built.
+    pub guest_tools: Vec<String>,
     /// Other files, each at the path given inside the rig (e.g. a peer VMM and its
     /// libraries under `qemu/`, for `cargo xtask compare`), executable.
     pub files: Vec<(String, PathBuf)>,
@@ -101,6 +107,16 @@ pub fn init_script(scenarios: &[Scenario]) -> String {
     }
     s.push_str("echo E2E-DONE\nsync\npoweroff -f\n");
     s
+}
+
+/// A newc archive holding only `bin/NAME` (the directory, then `program`, executable): what
+/// a guest initramfs gains when the archive is appended to it.
+pub fn guest_tool_archive(name: &str, program: &[u8]) -> Vec<u8> {
+    let mut a = Archive::new();
+    a.dir("bin").file(&format!("bin/{name}"), 0o755, program);
+    let mut out = Vec::new();
+    a.finish(&mut out).expect("writing to memory");
+    out
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, RigError> {
@@ -172,7 +188,19 @@ impl Rig {
         a.file("bin/hvrun", 0o755, &read("hvrun binary", &self.hvrun)?);
         for tool in &self.tools {
             let name = tool.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            a.file(&format!("bin/{name}"), 0o755, &read("tool", tool)?);
+            let program = read("tool", tool)?;
+            if self.guest_tools.contains(&name) {
+                a.file(&format!("guest/{name}.cpio"), 0o644, &guest_tool_archive(&name, &program));
+            }
+            a.file(&format!("bin/{name}"), 0o755, &program);
+        }
+        for name in &self.guest_tools {
+            if !self.tools.iter().any(|t| t.file_name().is_some_and(|n| n.to_string_lossy() == name.as_str())) {
+                let path = PathBuf::from(name);
+                let source =
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "a guest tool that is not among the tools");
+                return Err(RigError::Input { what: "guest tool", path, source });
+            }
         }
         let mut dirs: Vec<&Path> = self.files.iter().flat_map(|(at, _)| Path::new(at).ancestors().skip(1)).collect();
         dirs.retain(|d| !d.as_os_str().is_empty());
@@ -364,5 +392,23 @@ mod tests {
             assert!(begin < run && run < end);
         }
         assert!(script.trim_end().ends_with("poweroff -f"));
+    }
+
+    /// A guest tool's archive is whole newc entries, 4-byte aligned like every archive
+    /// the writer makes, so it can follow another one (the kernel skips the padding
+    /// between archives, and only that).
+    #[test]
+    fn a_guest_tools_archive_can_be_appended() {
+        let program = b"\x7fELF and the rest";
+        let archive = guest_tool_archive("vsock-peer", program);
+        assert_eq!(archive.len() % 4, 0);
+        assert!(archive.starts_with(b"070701"));
+        let at = archive.windows(15).position(|w| w == b"bin/vsock-peer\0").unwrap();
+        let header = std::str::from_utf8(&archive[at - 110..at]).unwrap();
+        // c_mode: a regular file, rwxr-xr-x; c_filesize: the program's.
+        assert_eq!(&header[6 + 8..6 + 2 * 8], "000081ed");
+        assert_eq!(u32::from_str_radix(&header[6 + 6 * 8..6 + 7 * 8], 16).unwrap() as usize, program.len());
+        assert!(archive.windows(program.len()).any(|w| w == program));
+        assert!(archive.windows(10).any(|w| w == b"TRAILER!!!"));
     }
 }

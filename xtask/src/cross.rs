@@ -38,7 +38,7 @@ pub fn build_hvrun() -> Result<PathBuf, String> {
             .args(["build", "--release", "-p", "hvrun", "--bin", "hvrun"])
             .args(["--example", "embed", "--example", "memdisk", "--example", "own_device", "--example", "balloon"])
             .arg("-Zbuild-std=std,panic_abort")
-            .args(["-p", "hvrun-e2e", "--bin", "net-forwarder", "--bin", "timeline"])
+            .args(["-p", "hvrun-e2e", "--bin", "net-forwarder", "--bin", "vsock-peer", "--bin", "timeline"])
             .args(["--target", LINUX]),
     )?;
     let bin = paths::cross_hvrun();

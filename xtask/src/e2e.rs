@@ -25,6 +25,7 @@ pub fn rig(verbose: bool) -> Rig {
         tools: [
             "net-forwarder",
             "timeline",
+            "vsock-peer",
             "examples/embed",
             "examples/memdisk",
             "examples/own_device",
@@ -33,6 +34,7 @@ pub fn rig(verbose: bool) -> Rig {
         .into_iter()
         .map(paths::cross_bin)
         .collect(),
+        guest_tools: vec!["vsock-peer".into()],
         files: Vec::new(),
         guest_dir: guest,
         work_dir: paths::root().join("target/e2e"),

@@ -7,6 +7,7 @@ mod embed;
 mod hostile;
 mod machine;
 mod net;
+mod vsock;
 
 pub use disk::{IO_INITRAMFS, IO_IN_RIG};
 
@@ -49,6 +50,7 @@ pub const ALL: &[Scenario] = &[
     balloon::BALLOON_REPORTING,
     balloon::BALLOON_INFLATE,
     balloon::BALLOON_TARGET,
+    vsock::VSOCK,
 ];
 
 /// Scenarios written but not yet seen passing in the rig: run by name only
