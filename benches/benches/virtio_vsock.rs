@@ -59,6 +59,8 @@ struct Guest {
     /// Transmit chains not seen used yet, and the next control slot.
     tx_pending: u16,
     control_next: u16,
+    /// The receive buffers one look at the used ring found (kept to spare an allocation).
+    used: Vec<(u16, u32)>,
 }
 
 impl Guest {
@@ -113,7 +115,8 @@ impl Guest {
     fn receive(&mut self) -> (usize, Header) {
         let mut bytes = 0;
         let mut last = Header::default();
-        let mut used = Vec::new();
+        let mut used = std::mem::take(&mut self.used);
+        used.clear();
         while used.is_empty() {
             self.driver.take_used(RX, |id, len| used.push((id, len)));
             if used.is_empty() {
@@ -128,20 +131,23 @@ impl Guest {
             self.driver.post(RX, id, &[(rx_buffer(id), RX_LEN, WRITE)]);
         }
         self.driver.notify(RX);
+        self.used = used;
         (bytes, last)
     }
 
     /// Posts again the receive buffers the device used, if any (its credit updates while
     /// the guest sends), without waiting.
     fn repost_rx(&mut self) {
-        let mut used = Vec::new();
-        self.driver.take_used(RX, |id, _| used.push(id));
-        for &id in &used {
+        let mut used = std::mem::take(&mut self.used);
+        used.clear();
+        self.driver.take_used(RX, |id, len| used.push((id, len)));
+        for &(id, _) in &used {
             self.driver.post(RX, id, &[(rx_buffer(id), RX_LEN, WRITE)]);
         }
         if !used.is_empty() {
             self.driver.notify(RX);
         }
+        self.used = used;
     }
 
     /// Takes `n` payload bytes out of the receive buffer, telling the device the credit
@@ -165,7 +171,8 @@ fn connect(dir: &std::path::Path) -> (Guest, UnixStream) {
         driver.post(RX, id, &[(rx_buffer(id), RX_LEN, WRITE)]);
     }
     driver.notify(RX);
-    let mut guest = Guest { driver, host_port: 0, fwd_cnt: 0, told: 0, tx_pending: 0, control_next: 0 };
+    let mut guest =
+        Guest { driver, host_port: 0, fwd_cnt: 0, told: 0, tx_pending: 0, control_next: 0, used: Vec::new() };
     let mut client = UnixStream::connect(&path).expect("connect");
     client.write_all(format!("CONNECT {PORT}\n").as_bytes()).expect("CONNECT");
     let (_, request) = guest.receive();
