@@ -134,3 +134,24 @@ mod counters {
         VIRTIO_QUEUE_LINES.with(std::cell::Cell::get)
     }
 }
+
+/// A fresh temporary directory (named after the process and `name`), removed with
+/// everything in it when dropped.
+#[derive(Debug)]
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// Makes the directory, replacing one of the same name left by an earlier run.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("hvrun-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

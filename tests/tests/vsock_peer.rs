@@ -5,10 +5,11 @@
 #![cfg(target_os = "linux")]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use devices::testing::TempDir;
 use devices::virtio::vsock::packet::{
     Header, HDR_LEN, HOST_CID, MAX_PAYLOAD, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV,
     SHUTDOWN_SEND, TYPE_STREAM,
@@ -27,24 +28,6 @@ const TX_AREA: u64 = DATA + SLOT * RX_BUFS as u64;
 
 fn rx_buffer(id: u16) -> u64 {
     DATA + SLOT * u64::from(id)
-}
-
-/// A temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("vsock-peer-device-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The guest: the device started, receive buffers posted.

@@ -444,25 +444,9 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::thread::JoinHandle;
 
+    use devices::testing::TempDir;
+
     use super::peer::{hybrid_connect, parse, plumb, Ending, Failure, Socket};
-
-    /// A temporary directory, removed when dropped.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("vsock-peer-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     /// An output the test reads afterwards.
     #[derive(Clone, Default)]

@@ -11,13 +11,14 @@ use std::time::Duration;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
-use self::driver::{Guest, TempDir, CID};
+use self::driver::{Guest, CID};
 use super::connect::{line_end, parse_line};
 use super::packet::{
     read_packet, Header, PacketError, HDR_LEN, MAX_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST,
     OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND,
 };
 use super::{bind, check_cid, check_socket_path, Vsock, VsockError, BUF_ALLOC, EVENT_TRANSPORT_RESET};
+use crate::testing::TempDir;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::testing::{a_runaway_index_needs_reset, desc, mem, read_reg, Line, Mem, W};
 use crate::virtio::Interrupt;

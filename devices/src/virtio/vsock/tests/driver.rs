@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::super::packet::{Header, HDR_LEN, HOST_CID, MAX_PAYLOAD, TYPE_STREAM};
 use super::super::{bind, Vsock, VsockHandle, MAX_CONNECTIONS};
+use crate::testing::TempDir;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::testing::{mem, read_reg, write_reg, Line, Mem, W};
 use crate::virtio::Interrupt;
@@ -81,24 +82,6 @@ impl Ring {
         let len = u32::from_le(m.read_obj::<u32>(GuestAddress(at + 4)).unwrap());
         self.last_used = self.last_used.wrapping_add(1);
         Some((id as u16, len))
-    }
-}
-
-/// A temporary directory, removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("hvrun-vsock-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
