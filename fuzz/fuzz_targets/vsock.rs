@@ -231,7 +231,7 @@ fn run(steps: &[Step], start: isize) {
     let _ = std::fs::remove_file(port_path(1));
     let listener = UnixListener::bind(port_path(1)).expect("a port listener");
     listener.set_nonblocking(true).unwrap();
-    let (embedder, accepted) = std::sync::mpsc::channel();
+    let (embedder, accepted) = std::sync::mpsc::sync_channel(4);
     handle.listen(2, embedder);
     let mem = ring::guest_memory(&[(0, RAM)]);
     let mut d = Driver { mem, next_avail: [0; 3], last_used: [0; 3], rx_next: 0, rx_bufs: Vec::new() };

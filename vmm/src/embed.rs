@@ -108,7 +108,7 @@ pub(crate) struct Io {
     /// When to print the emulated GIC's state, for debugging a hung guest.
     pub dump_after: Option<Duration>,
     /// Vsock ports the embedder serves in-process, each with where its connections go.
-    pub vsock_listeners: Vec<(u32, std::sync::mpsc::Sender<std::os::unix::net::UnixStream>)>,
+    pub vsock_listeners: Vec<(u32, std::sync::mpsc::SyncSender<std::os::unix::net::UnixStream>)>,
 }
 
 impl Io {
@@ -253,12 +253,15 @@ impl VmBuilder {
     /// host end of a connected socket pair is sent down `connections` (a blocking
     /// [`UnixStream`](std::os::unix::net::UnixStream); the device holds the other end and
     /// moves its bytes to and from the guest). The socket `vsock.socket`_`port` is then not
-    /// tried; once the receiver is dropped, it is again. [`VmHandle::vsock`] adds and
-    /// removes ports while the guest runs. Needs [`VmBuilder::vsock`].
+    /// tried; once the receiver is dropped, it is again. The channel's bound
+    /// (`std::sync::mpsc::sync_channel(n)`) is how many connections may wait for the
+    /// embedder: while it is full, the guest's connections to the port are refused.
+    /// [`VmHandle::vsock`] adds and removes ports while the guest runs. Needs
+    /// [`VmBuilder::vsock`].
     pub fn vsock_listener(
         mut self,
         port: u32,
-        connections: std::sync::mpsc::Sender<std::os::unix::net::UnixStream>,
+        connections: std::sync::mpsc::SyncSender<std::os::unix::net::UnixStream>,
     ) -> Self {
         self.io.vsock_listeners.push((port, connections));
         self
@@ -529,7 +532,7 @@ mod tests {
 
     #[test]
     fn a_vsock_listener_needs_a_vsock_device() {
-        let (tx, _rx) = std::sync::mpsc::channel();
+        let (tx, _rx) = std::sync::mpsc::sync_channel(4);
         let err = Vm::builder(VmConfig::new("/nonexistent/Image")).vsock_listener(5, tx).start().unwrap_err();
         assert!(matches!(err, Error::Config(crate::ConfigError::VsockListenerWithoutVsock)), "{err}");
     }

@@ -25,7 +25,8 @@
 //!   the unix socket `PATH_P` (`PATH`, `_`, P in decimal); if nothing listens there (or its
 //!   backlog is full: the connect never blocks the device), the guest gets an RST. An
 //!   embedder may take port P itself ([`VsockHandle::listen`]): it gets one end of a
-//!   fresh socket pair per connection, and `PATH_P` is not tried.
+//!   fresh socket pair per connection through a bounded channel (full: the guest gets an
+//!   RST), and `PATH_P` is not tried.
 //! - A host stream's end (EOF) sends the guest SHUTDOWN (receive and send) and gives it
 //!   2 s to reset (a SHUTDOWN from the guest then resets it at once; Firecracker waits for
 //!   the timeout); a guest SHUTDOWN with both flags resets the connection once the data
@@ -43,7 +44,11 @@
 //!   64 KiB a packet: a guest that does not read leaves the bytes in the host's socket.
 //! - Guest to host: the device advertises [`BUF_ALLOC`] (256 KiB) per connection and holds
 //!   at most that much for a host stream that is not reading; a guest that sends past its
-//!   credit gets an RST for the connection (as Firecracker). Worst case: 1023 × 256 KiB.
+//!   credit gets an RST for the connection (as Firecracker). Worst case: 1023 × 256 KiB
+//!   (`VecDeque` growth may hold up to twice that in capacity).
+//! - The list of connections with a packet for the guest holds each live connection at
+//!   most once: a connection's entry leaves it when the connection goes, so a guest that
+//!   posts no receive buffers while it opens and resets connections cannot grow it.
 //! - A transmit chain without a whole 44-byte header, with `len` over 64 KiB or beyond the
 //!   chain's readable bytes, or with a device-writable buffer, is dropped with a
 //!   rate-limited warning (as Firecracker). A packet of another socket type gets an RST (as
@@ -100,7 +105,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
@@ -195,7 +200,7 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, VsockError>
 #[derive(Default)]
 struct Shared {
     /// Ports an embedder listens on, each with where its connections go.
-    ports: Mutex<HashMap<u32, Sender<UnixStream>>>,
+    ports: Mutex<HashMap<u32, SyncSender<UnixStream>>>,
     /// A TRANSPORT_RESET was asked for.
     reset: AtomicBool,
     /// The running worker's wake, while the driver has the device started.
@@ -222,10 +227,14 @@ impl std::fmt::Debug for VsockHandle {
 impl VsockHandle {
     /// Serves the guest's connections to host port `port` in-process: each one the guest
     /// opens is sent down `connections` as the host end of a connected [`UnixStream`]
-    /// (blocking; the other end is the device's). Replaces an earlier listener on the
-    /// port. While it listens, `PATH_port` is not tried; once the receiver is dropped, the
-    /// next connection to the port stops listening and goes to `PATH_port` again.
-    pub fn listen(&self, port: u32, connections: Sender<UnixStream>) {
+    /// (blocking; the other end is the device's). The channel's bound is how many
+    /// connections may wait for the embedder to take them: while it is full, the guest's
+    /// connections to the port are refused (RST), so a guest that opens and resets
+    /// connections faster than the embedder takes them cannot pile up file descriptors
+    /// here. Replaces an earlier listener on the port. While it listens, `PATH_port` is
+    /// not tried; once the receiver is dropped, the next connection to the port stops
+    /// listening and goes to `PATH_port` again.
+    pub fn listen(&self, port: u32, connections: SyncSender<UnixStream>) {
         lock(&self.shared.ports).insert(port, connections);
     }
 

@@ -8,6 +8,7 @@ use std::ffi::OsString;
 use std::io::{ErrorKind, Read};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::TrySendError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -164,6 +165,11 @@ impl Muxer {
     /// Closes a connection's host stream and forgets it.
     fn remove(&mut self, registry: &Registry, key: Key) {
         if let Some(mut conn) = self.conns.remove(&key) {
+            if conn.queued {
+                // Not left for `receive` to find: while the guest posts no receive
+                // buffers, a REQUEST/RST churn would grow the list without bound.
+                self.ready.retain(|k| *k != key);
+            }
             let _ = registry.deregister(&mut conn.stream);
             self.owners.remove(&conn.token);
             self.local_ports.remove(&key.0);
@@ -269,13 +275,19 @@ impl Muxer {
         let sender = lock(&self.shared.ports).get(&port).cloned();
         if let Some(sender) = sender {
             match std::os::unix::net::UnixStream::pair() {
-                Ok((ours, theirs)) => {
-                    if sender.send(theirs).is_ok() && ours.set_nonblocking(true).is_ok() {
-                        return Some(UnixStream::from_std(ours));
+                Ok((ours, theirs)) => match sender.try_send(theirs) {
+                    Ok(()) => return ours.set_nonblocking(true).is_ok().then(|| UnixStream::from_std(ours)),
+                    Err(TrySendError::Full(_)) => {
+                        warn_ratelimited!(
+                            "{NAME}: the embedder has not taken port {port}'s last connections; one refused"
+                        );
+                        return None;
                     }
                     // The embedder stopped listening: the port is the socket's again.
-                    lock(&self.shared.ports).remove(&port);
-                }
+                    Err(TrySendError::Disconnected(_)) => {
+                        lock(&self.shared.ports).remove(&port);
+                    }
+                },
                 Err(e) => {
                     warn_ratelimited!("{NAME}: cannot make a socket pair for port {port}: {e}");
                     return None;

@@ -270,7 +270,7 @@ fn a_guest_connection_reaches_path_port_or_gets_rst() {
 #[test]
 fn an_embedders_port_gets_a_socket_pair_per_connection() {
     let mut g = Guest::new("embedder");
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = std::sync::mpsc::sync_channel(4);
     g.handle.listen(7, tx);
     g.send(g.hdr(OP_REQUEST, 2000, 7), &[]);
     assert_eq!(g.recv().0.op, OP_RESPONSE);
@@ -283,6 +283,26 @@ fn an_embedders_port_gets_a_socket_pair_per_connection() {
     drop(rx);
     g.send(g.hdr(OP_REQUEST, 2001, 7), &[]);
     assert_eq!(g.recv().0.op, OP_RST);
+}
+
+#[test]
+fn connections_the_embedder_has_not_taken_are_bounded_by_its_channel() {
+    let mut g = Guest::new("embedder-full");
+    let (tx, rx) = std::sync::mpsc::sync_channel(2);
+    g.handle.listen(7, tx);
+    // The guest opens and resets connections; the embedder takes none of them yet.
+    for src in 2000..2002 {
+        g.send(g.hdr(OP_REQUEST, src, 7), &[]);
+        assert_eq!(g.recv().0.op, OP_RESPONSE);
+        g.send(g.hdr(OP_RST, src, 7), &[]);
+    }
+    // Two wait in the channel: the next is refused rather than queued.
+    g.send(g.hdr(OP_REQUEST, 2002, 7), &[]);
+    assert_eq!(g.recv().0.op, OP_RST);
+    // Once the embedder takes one, the port accepts again.
+    let _taken = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    g.send(g.hdr(OP_REQUEST, 2003, 7), &[]);
+    assert_eq!(g.recv().0.op, OP_RESPONSE);
 }
 
 #[test]
