@@ -247,11 +247,37 @@ fn main() -> ExitCode {
     exit_code(run(config))
 }
 
+/// Raises the soft limit on open files to the hard limit (at most 65,536), as
+/// Firecracker's jailer does: a guest may hold up to 1,023 vsock connections, each a file
+/// descriptor here, beside the machine's own (vCPUs, event loops, disks, taps), which a
+/// common soft limit of 1,024 would not leave room for. A refusal is harmless: the limit
+/// stays as it was.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    // macOS refuses more than its per-process maximum (often 10,240 or more): step down.
+    for wanted in [65_536, 10_240] {
+        let target = limit.rlim_max.min(wanted);
+        if target <= limit.rlim_cur {
+            return;
+        }
+        let raised = libc::rlimit { rlim_cur: target, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return;
+        }
+    }
+}
+
 /// Runs the VM with the serial port on standard output; SIGTERM and SIGINT press its
 /// power button, and a second one stops it.
 fn run(config: VmConfig) -> Result<ExitReason, hvrun::Error> {
     // Before any thread exists, so that every thread inherits the mask.
     let blocked = signals::block();
+    raise_file_limit();
     let mut builder = Vm::builder(config).serial(std::io::stdout());
     if let Some(secs) = std::env::var("HVRUN_DUMP_AFTER").ok().and_then(|s| s.parse().ok()) {
         builder = builder.dump_state_after(std::time::Duration::from_secs(secs));

@@ -19,8 +19,9 @@
 //!   tenth byte on; `connect` in any case; a decimal `u32`; words after it ignored); a
 //!   malformed line closes the connection. Unlike Firecracker, the line may arrive in
 //!   pieces (Firecracker closes a client whose whole line is not there at its first
-//!   read); like Firecracker, a client that sends nothing is kept (it counts against the
-//!   connection limit).
+//!   read), within [`TIMEOUT`] (2 s) of connecting; a client that has not sent a whole
+//!   line by then is closed (Firecracker keeps a client that sends nothing), so silent
+//!   clients cannot hold the connection slots.
 //! - **Guest-initiated**: a guest connecting to CID 2, port P makes the device connect to
 //!   the unix socket `PATH_P` (`PATH`, `_`, P in decimal); if nothing listens there (or its
 //!   backlog is full: the connect never blocks the device), the guest gets an RST. An
@@ -73,8 +74,8 @@
 //! RST for another socket type and for packets of no connection; malformed chains
 //! dropped; an RST's header carries no credit.
 //!
-//! Different: the CONNECT line may come in pieces (Firecracker: closed unless whole at
-//! the first read); an RST for no connection is not answered (Firecracker answers it); a
+//! Different: the CONNECT line may come in pieces within 2 s (Firecracker: closed unless
+//! whole at the first read, kept forever if nothing was sent); an RST for no connection is not answered (Firecracker answers it); a
 //! packet not from the guest's CID is dropped (Firecracker does not look); the device
 //! advertises 256 KiB per connection (Firecracker 64 KiB) and sends CREDIT_UPDATE when the
 //! space the guest believes it has is under half the buffer and under a packet, or a

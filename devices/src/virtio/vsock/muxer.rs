@@ -18,7 +18,7 @@ use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use virtio_queue::Queue;
 
-use super::conn::{Conn, Verdict};
+use super::conn::{Conn, Verdict, TIMEOUT};
 use super::connect::{line_end, parse_line, MAX_LINE};
 use super::packet::{
     read_packet, writable_len, Header, HDR_LEN, HOST_CID, MAX_PAYLOAD, OP_REQUEST, OP_RST, TYPE_STREAM,
@@ -49,6 +49,9 @@ struct Client {
     stream: UnixStream,
     /// What it sent so far, at most [`MAX_LINE`] bytes.
     sent: Vec<u8>,
+    /// When it is closed if its CONNECT line is not whole by then ([`TIMEOUT`] after it
+    /// connected): a client that sends nothing must not hold a connection slot forever.
+    deadline: Instant,
 }
 
 struct Running {
@@ -207,7 +210,8 @@ impl Muxer {
                         warn_ratelimited!("{NAME}: cannot watch a host client: {e}");
                         continue;
                     }
-                    self.clients.insert(token, Client { stream, sent: Vec::with_capacity(MAX_LINE) });
+                    let deadline = Instant::now() + TIMEOUT;
+                    self.clients.insert(token, Client { stream, sent: Vec::with_capacity(MAX_LINE), deadline });
                     self.owners.insert(token, Owner::Client);
                     self.client_read(registry, token);
                 }
@@ -250,7 +254,7 @@ impl Muxer {
             log::info!("{NAME}: a host client sent a malformed CONNECT line; closed");
             return self.drop_client(registry, token);
         };
-        let Some(Client { mut stream, sent }) = self.clients.remove(&token) else { return };
+        let Some(Client { mut stream, sent, .. }) = self.clients.remove(&token) else { return };
         if let Err(e) = registry.reregister(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
             warn_ratelimited!("{NAME}: cannot watch a host connection: {e}");
             self.owners.remove(&token);
@@ -367,6 +371,11 @@ impl Muxer {
         let now = Instant::now();
         let due: Vec<Key> =
             self.conns.iter().filter(|(_, c)| c.expiry.is_some_and(|at| at <= now)).map(|(k, _)| *k).collect();
+        let late: Vec<Token> = self.clients.iter().filter(|(_, c)| c.deadline <= now).map(|(t, _)| *t).collect();
+        for token in late {
+            log::info!("{NAME}: a host client sent no whole CONNECT line in {} s; closed", TIMEOUT.as_secs());
+            self.drop_client(registry, token);
+        }
         for key in due {
             log::debug!("{NAME}: the guest's port {} did not answer in time; connection reset", key.1);
             self.kill(registry, key);
@@ -550,7 +559,8 @@ impl Handler for Muxer {
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        let earliest = self.conns.values().filter_map(|c| c.expiry).min();
+        let clients = self.clients.values().map(|c| c.deadline);
+        let earliest = self.conns.values().filter_map(|c| c.expiry).chain(clients).min();
         self.earliest.set(earliest);
         earliest.map(|at| at.saturating_duration_since(Instant::now()))
     }

@@ -249,6 +249,27 @@ fn a_malformed_connect_line_closes_the_host_connection() {
 }
 
 #[test]
+fn a_host_client_without_a_whole_connect_line_is_closed_after_the_timeout() {
+    let g = Guest::with_limit("silent-client", 2);
+    let started = std::time::Instant::now();
+    let mut silent = client(&g);
+    let mut partial = client(&g);
+    partial.write_all(b"CONN").unwrap();
+    // Both slots are taken meanwhile: a third client is turned away.
+    let mut third = client(&g);
+    assert!(closed(&mut third), "past the limit");
+    assert!(closed(&mut silent) && closed(&mut partial), "closed once their time is up");
+    let waited = started.elapsed();
+    assert!(waited >= super::TIMEOUT && waited < super::TIMEOUT * 4, "closed after {waited:?}");
+    // Their slots are free again.
+    let mut c = client(&g);
+    c.write_all(b"CONNECT 77\n").unwrap();
+    let mut g = g;
+    let (hdr, _) = g.recv();
+    assert_eq!((hdr.op, hdr.dst_port), (OP_REQUEST, 77));
+}
+
+#[test]
 fn a_guest_connection_reaches_path_port_or_gets_rst() {
     let mut g = Guest::new("guest-init");
     g.send(g.hdr(OP_REQUEST, 1000, 52), &[]);
