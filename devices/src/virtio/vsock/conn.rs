@@ -307,6 +307,12 @@ impl Conn {
                 self.check_credit();
                 Verdict::Keep
             }
+            // A RESPONSE to a REQUEST the guest has not been sent yet (host ports are
+            // predictable) is not an answer: the REQUEST still goes out and is answered.
+            (State::LocalInit, OP_RESPONSE) if self.pending & PENDING_REQUEST != 0 => {
+                crate::warn_ratelimited!("vsock: a RESPONSE for port {} before its REQUEST; dropped", self.local_port);
+                Verdict::Keep
+            }
             (State::LocalInit, OP_RESPONSE) => {
                 self.expiry = None;
                 self.state = State::Established;
@@ -343,8 +349,18 @@ impl Conn {
                 Verdict::Keep
             }
             // The host closed and the guest shuts down too (Linux does as its socket
-            // closes): the connection is done, reset it now rather than at the timeout.
-            (State::LocalClosed, OP_SHUTDOWN) => Verdict::Kill,
+            // closes): the connection is done, reset it now rather than at the timeout;
+            // guest data still buffered for a host that only half-closed is written first
+            // (within the timeout already running), as after a guest shutdown.
+            (State::LocalClosed, OP_SHUTDOWN) => {
+                if self.tx_buf.is_empty() {
+                    return Verdict::Kill;
+                }
+                self.state = State::PeerClosed { rcv: true, send: true };
+                self.expiry.get_or_insert(Instant::now() + TIMEOUT);
+                self.shut_write_if_done();
+                Verdict::Keep
+            }
             // Packets in flight when the guest learnt that the host closed.
             (State::LocalClosed, _) => Verdict::Keep,
             (state, op) => {

@@ -270,6 +270,33 @@ fn a_host_client_without_a_whole_connect_line_is_closed_after_the_timeout() {
 }
 
 #[test]
+fn a_response_before_its_request_is_dropped_and_the_real_answer_holds() {
+    let mut g = Guest::bare("early-response");
+    let mut c = client(&g);
+    c.write_all(b"CONNECT 77\n").unwrap();
+    // No receive buffer yet: the REQUEST waits. A guest guessing the host port answers
+    // first; that is no answer.
+    std::thread::sleep(Duration::from_millis(100));
+    g.send(g.hdr(OP_RESPONSE, 77, 1 << 30), &[]);
+    c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 16];
+    assert!(c.read(&mut buf).is_err(), "no OK before the REQUEST went out");
+    g.post_rx_len(0, 4096);
+    let (_, _, hdr) = g.rx_used();
+    let hdr = hdr.unwrap();
+    assert_eq!((hdr.op, hdr.src_port, hdr.dst_port), (OP_REQUEST, 1 << 30, 77));
+    g.post_rx_len(0, 4096);
+    g.send(g.hdr(OP_RESPONSE, 77, 1 << 30), &[]);
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(read_n(&mut c, 14), b"OK 1073741824\n");
+    // Established for good: no reset at the request's timeout.
+    std::thread::sleep(super::TIMEOUT + Duration::from_millis(500));
+    c.write_all(b"still here").unwrap();
+    let (_, len, hdr) = g.rx_used();
+    assert_eq!(hdr.map(|h| h.op), Some(OP_RW), "{len} bytes");
+}
+
+#[test]
 fn a_guest_connection_reaches_path_port_or_gets_rst() {
     let mut g = Guest::new("guest-init");
     g.send(g.hdr(OP_REQUEST, 1000, 52), &[]);
