@@ -478,6 +478,17 @@ impl Muxer {
             let produced = conn.produce(&mut self.out[HDR_LEN..room]);
             let out = match produced {
                 Ok(Some(out)) => out,
+                // Data waits but the buffer holds a header only: it comes back empty (as
+                // one too small for a header), and the connection waits for the next.
+                Ok(None) if room == HDR_LEN && conn.has_output() => {
+                    warn_ratelimited!("{NAME}: a receive buffer of {room} bytes holds no data");
+                    conn.queued = true;
+                    self.ready.push_front(key);
+                    if !rx.give_back(head, 0) {
+                        return;
+                    }
+                    continue;
+                }
                 Ok(None) => {
                     rx.put_back(1);
                     continue;

@@ -574,6 +574,18 @@ fn receive_buffers_too_small_for_a_header_come_back_empty() {
     assert_eq!((used[3].0, used[3].1, used[3].2.map(|h| h.op)), (3, HDR_LEN as u32, Some(OP_RST)));
     let request = used[4].2.expect("a header");
     assert_eq!((used[4].0, used[4].1, request.op, request.dst_port), (4, HDR_LEN as u32, OP_REQUEST, 8));
+    // Once established, a buffer that holds a header only cannot carry the waiting data:
+    // it comes back empty, and the data goes in the next buffer.
+    g.send(g.hdr(OP_RESPONSE, 8, request.src_port), &[]);
+    assert_eq!(read_n(&mut c, 14), b"OK 1073741824\n");
+    c.write_all(b"data").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    g.post_rx_len(5, HDR_LEN as u32);
+    let (id, len, _) = g.rx_used();
+    assert_eq!((id, len), (5, 0), "a header-only buffer comes back empty");
+    g.post_rx_len(6, 100);
+    let (id, len, hdr) = g.rx_used();
+    assert_eq!((id, len, hdr.map(|h| h.op)), (6, HDR_LEN as u32 + 4, Some(OP_RW)));
 }
 
 #[test]
