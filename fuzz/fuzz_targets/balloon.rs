@@ -60,7 +60,9 @@ fuzz_target!(|input: Input| match input {
         let range = Range { start, len };
         let advice = if reuse { Advice::Reuse } else { Advice::Release };
         let inside = len > 0
-            && REGIONS.iter().any(|&(at, size)| start >= at && start.checked_add(len).is_some_and(|e| e <= at + size as u64));
+            && REGIONS
+                .iter()
+                .any(|&(at, size)| start >= at && start.checked_add(len).is_some_and(|e| e <= at + size as u64));
         match plan(&ram, range, advice, page) {
             Err(_) => assert!(!inside, "{range:?} is in RAM"),
             Ok(None) => assert!(len == 0 || inside),
