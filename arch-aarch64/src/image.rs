@@ -1,9 +1,9 @@
 //! The arm64 Linux `Image` header (Documentation/arch/arm64/booting.rst) and where a
 //! boot places the kernel, the initrd and the device tree in RAM.
 //!
-//! Copying the image into guest memory is `linux-loader`'s job; this module validates
-//! the header first (so a wrong file gets a clear error on any host) and plans the
-//! placement, including the kernel's BSS, which `linux-loader` does not account for.
+//! This module validates the header (so a wrong file gets a clear error on any host,
+//! before anything is loaded) and plans the placement, including the kernel's BSS; the
+//! VMM then copies the file to [`BootPlan::kernel_entry`] (`guest_memory::load`).
 
 use crate::layout::{align_down, align_up, FDT_MAX_SIZE, KERNEL_ALIGN, PAGE_SIZE};
 

@@ -23,6 +23,8 @@ use vm_memory::bitmap::{Bitmap, NewBitmap, WithBitmapSlice};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::GuestAddress;
 
+pub mod load;
+
 /// Guest memory as devices, loaders and backends see it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<Mapping>;
 /// One region of [`GuestMemoryMmap`].

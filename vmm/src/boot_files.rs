@@ -20,6 +20,17 @@ pub enum Blob {
     Bytes(Cursor<Arc<[u8]>>),
 }
 
+#[cfg(target_arch = "aarch64")] // for the machine, which only arm64 hosts build
+impl Blob {
+    /// Where a loader takes its bytes from (the whole file, or the bytes).
+    pub fn source(&self) -> guest_memory::load::Source<'_> {
+        match self {
+            Blob::File(file) => guest_memory::load::Source::File(file, 0),
+            Blob::Bytes(bytes) => guest_memory::load::Source::Bytes(bytes.get_ref()),
+        }
+    }
+}
+
 impl Read for Blob {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {

@@ -1,7 +1,8 @@
 //! Building the machine and running it: memory, kernel, device tree, devices, vCPUs.
 //!
-//! Compiled for arm64 hosts only (`linux-loader`'s arm64 Image loader exists only there);
-//! everything it decides is computed by tested portable code in `arch-aarch64`.
+//! Compiled for arm64 hosts only; everything it decides is computed by tested portable
+//! code in `arch-aarch64`. The kernel and initrd are loaded by `guest_memory::load`, on
+//! several threads (`linux-loader`'s Image loader reads the file on one).
 
 use std::io::Read;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -20,8 +21,8 @@ use devices::virtio::input::PowerButtonDevice;
 use devices::virtio::mmio::{self, MmioTransport};
 use devices::virtio::notifier::QueueNotifier;
 use devices::virtio::{block::Block, console::Console, net::Net, rng::Rng, Interrupt, VirtioDevice};
+use guest_memory::load;
 use hypervisor::{GuestRam, Hypervisor, Reg, Vcpu, Vm};
-use linux_loader::loader::{pe::PE, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::backends;
@@ -415,7 +416,7 @@ fn load(
     (gic, virtio_edge): (fdt::Gic, bool),
     timeline: &mut Timeline,
 ) -> Result<(Arc<GuestRam>, BootRegs), Error> {
-    let BootFiles { mut kernel, kernel_size, header, initrd, .. } = files;
+    let BootFiles { kernel, kernel_size, header, initrd, .. } = files;
     let initrd_size = initrd.as_ref().map(|(_, size)| *size);
     let plan = image::plan(RAM_BASE, config.memory, &header, kernel_size, initrd_size)
         .map_err(|source| Error::Kernel { path: config.kernel.clone(), source })?;
@@ -423,16 +424,15 @@ fn load(
     let ram_len = usize::try_from(config.memory).map_err(|e| memory_error("sizing RAM".into(), e))?;
     let memory = GuestRam::new(&[(GuestAddress(RAM_BASE), ram_len)]).map_err(hypervisor::Error::from)?;
     timeline.mark("ram");
-
-    PE::load(&**memory, Some(GuestAddress(plan.kernel_base)), &mut kernel, None)
+    let kernel_len = usize::try_from(kernel_size).map_err(|e| memory_error("sizing the kernel".into(), e))?;
+    load::load(&memory, GuestAddress(plan.kernel_entry), kernel.source(), kernel_len)
         .map_err(|e| memory_error(format!("loading kernel {}", config.kernel.display()), e))?;
     timeline.mark("kernel");
 
     let mut initrd_range = None;
-    if let (Some((mut file, size)), Some(at)) = (initrd, plan.initrd) {
+    if let (Some((file, size)), Some(at)) = (initrd, plan.initrd) {
         let len = usize::try_from(size).map_err(|e| memory_error("sizing the initrd".into(), e))?;
-        memory
-            .read_exact_volatile_from(GuestAddress(at), &mut file, len)
+        load::load(&memory, GuestAddress(at), file.source(), len)
             .map_err(|e| memory_error("loading initrd".into(), e))?;
         initrd_range = Some((at, at + size));
         timeline.mark("initrd");
