@@ -13,7 +13,10 @@
 //! in a buffer the device owns and reuses ([`GuestIovecs::with_spill`]). Only
 //! [`GuestIovecs::from_chain`] on a chain of more pieces than the array holds allocates.
 
+use std::collections::VecDeque;
+use std::io;
 use std::marker::PhantomData;
+use std::os::fd::RawFd;
 
 use guest_memory::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
@@ -418,6 +421,48 @@ impl<'m> GuestIovecs<'m> {
             done += slice.copy_to(&mut out[done..]);
         }
         done
+    }
+
+    /// Appends `len` bytes from `offset` on to `out` (fewer if the pieces end first).
+    pub fn append_to(&self, offset: usize, len: usize, out: &mut VecDeque<u8>) {
+        let mut buf = [0u8; 4096];
+        let mut done = 0;
+        while done < len {
+            let want = (len - done).min(buf.len());
+            let n = self.read_bytes(offset + done, &mut buf[..want]);
+            if n == 0 {
+                break;
+            }
+            out.extend(&buf[..n]);
+            done += n;
+        }
+    }
+
+    /// Sends the pieces on the stream socket `fd` with one `sendmsg`, with no SIGPIPE
+    /// for a peer that went away (an error instead): the bytes the socket took, `Ok(0)`
+    /// when it would block.
+    pub fn send_stream(&self, fd: RawFd) -> io::Result<usize> {
+        let pieces = self.iovecs();
+        // SAFETY: an all-zero msghdr is valid (no address, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = pieces.as_ptr().cast_mut();
+        msg.msg_iovlen = pieces.len() as _;
+        loop {
+            // SAFETY: `msg` points at pieces that were checked to lie in guest memory
+            // (or are a host buffer this value borrows), kept mapped for the call;
+            // sendmsg only reads them.
+            let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+            if n >= 0 {
+                // A non-negative `ssize_t` fits in `usize`.
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        }
     }
 }
 

@@ -374,15 +374,26 @@ fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared, notifiers:
     }
 }
 
+/// The longest one spin of [`Handler::poll`] calls lasts while it keeps finding work,
+/// before the loop looks at its event sources again.
+const SPIN_BUDGET: Duration = Duration::from_millis(1);
+
 /// Calls [`Handler::poll`] in a spin for as long as the handler's
 /// [`Handler::poll_window`] says; false when the worker is asked to stop meanwhile.
 /// Notifications that arrive while it spins stay set (the waker is not written, the loop
 /// is awake): the handler's poll sees their work in its queues, and the loop passes the
-/// bits on before it sleeps.
+/// bits on before it sleeps. A spin that keeps finding work ends after [`SPIN_BUDGET`],
+/// so the loop still looks at the device's other event sources (a socket's readiness,
+/// a deadline) while the driver keeps it busy.
 fn spin<H: Handler>(handler: &mut H, registry: &Registry, shared: &Shared) -> bool {
+    let started = Instant::now();
     let mut window = handler.poll_window();
     while !window.is_zero() {
-        let until = Instant::now() + window;
+        let now = Instant::now();
+        if now.duration_since(started) >= SPIN_BUDGET {
+            return true;
+        }
+        let until = now + window;
         // The clock is read every few polls: it costs more than a poll that finds nothing.
         for spins in 1u32.. {
             if shared.stop.load(Ordering::SeqCst) {

@@ -138,7 +138,7 @@ impl Port {
                     break;
                 }
                 if at + n > taken {
-                    copy_out(&iov, taken, at + n - taken, &mut self.output);
+                    iov.append_to(taken, at + n - taken, &mut self.output);
                     whole = false;
                 }
                 at += n;
@@ -293,50 +293,19 @@ fn write_out(
         Backend::Stream { output, .. } => output.offer_with(iov.len(), |room| iov.read_bytes(0, room)),
         Backend::Socket(_) => {
             if let Some(stream) = client {
-                let pieces = iov.iovecs();
-                // SAFETY: an all-zero msghdr is valid (no address, no control data).
-                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                msg.msg_iov = pieces.as_ptr().cast_mut();
-                msg.msg_iovlen = pieces.len() as _;
-                loop {
-                    // SAFETY: `msg` points at pieces that lie in guest memory `iov` keeps
-                    // mapped for the call; sendmsg only reads them. No SIGPIPE for a
-                    // client that went away: an error instead.
-                    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-                    if n >= 0 {
-                        return n as usize;
-                    }
-                    let e = std::io::Error::last_os_error();
-                    match e.kind() {
-                        ErrorKind::Interrupted => {}
-                        ErrorKind::WouldBlock => return 0,
-                        _ => {
-                            log::info!("{NAME}: socket client gone ({e})");
-                            if let Some(mut stream) = client.take() {
-                                let _ = registry.deregister(&mut stream);
-                            }
-                            break;
+                match iov.send_stream(stream.as_raw_fd()) {
+                    Ok(n) => return n,
+                    Err(e) => {
+                        log::info!("{NAME}: socket client gone ({e})");
+                        if let Some(mut stream) = client.take() {
+                            let _ = registry.deregister(&mut stream);
                         }
                     }
                 }
             }
-            copy_out(iov, 0, iov.len(), kept);
+            iov.append_to(0, iov.len(), kept);
             iov.len()
         }
-    }
-}
-
-/// Appends `len` bytes of `iov` from `offset` on to `out`.
-fn copy_out(iov: &GuestIovecs<'_>, offset: usize, len: usize, out: &mut VecDeque<u8>) {
-    let mut buf = [0u8; 4096];
-    let mut done = 0;
-    while done < len {
-        let n = iov.read_bytes(offset + done, &mut buf[..(len - done).min(4096)]);
-        if n == 0 {
-            break;
-        }
-        out.extend(&buf[..n]);
-        done += n;
     }
 }
 

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use mio::net::UnixStream;
 use mio::Token;
 
+use crate::virtio::iovec::GuestIovecs;
+
 use super::packet::{
     Header, MAX_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, OP_SHUTDOWN,
     SHUTDOWN_RCV, SHUTDOWN_SEND,
@@ -70,6 +72,49 @@ pub struct Out {
     pub flags: u32,
     /// Payload bytes.
     pub len: usize,
+}
+
+/// A guest packet's payload: copied out of guest memory, or still in it.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a, 'm> {
+    /// Bytes in a buffer of the device's.
+    Bytes(&'a [u8]),
+    /// The guest's buffers, checked against guest memory: sent to the host stream from
+    /// there, with no copy of the device's.
+    Guest(&'a GuestIovecs<'m>),
+}
+
+impl Payload<'_, '_> {
+    /// Its bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Bytes(bytes) => bytes.len(),
+            Payload::Guest(iov) => iov.len(),
+        }
+    }
+
+    /// Whether it has none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes as much as `stream` takes now: how much, `Err` when the stream failed.
+    fn send(&self, stream: &mut UnixStream) -> Result<usize, ()> {
+        match self {
+            Payload::Bytes(bytes) => write_some(stream, bytes),
+            Payload::Guest(iov) => iov.send_stream(stream.as_raw_fd()).map_err(|e| {
+                log::debug!("vsock: writing to a host stream failed: {e}");
+            }),
+        }
+    }
+
+    /// Appends its bytes from `from` on to `out`.
+    fn append_from(&self, from: usize, out: &mut VecDeque<u8>) {
+        match self {
+            Payload::Bytes(bytes) => out.extend(&bytes[from..]),
+            Payload::Guest(iov) => iov.append_to(from, iov.len() - from, out),
+        }
+    }
 }
 
 const PENDING_REQUEST: u8 = 1;
@@ -273,7 +318,7 @@ impl Conn {
     }
 
     /// A packet from the guest for this connection (not RST, which the owner handles).
-    pub fn guest_packet(&mut self, hdr: &Header, payload: &[u8]) -> Verdict {
+    pub fn guest_packet(&mut self, hdr: &Header, payload: Payload<'_, '_>) -> Verdict {
         if (hdr.buf_alloc, hdr.fwd_cnt) != (self.peer_buf_alloc, self.peer_fwd_cnt.0) {
             // New credit: the device may ask again once it is used up (asking again for
             // none would ping-pong with a guest that answers every request).
@@ -295,7 +340,7 @@ impl Conn {
                 }
                 self.recv_cnt += payload.len() as u32;
                 let written = if self.tx_buf.is_empty() {
-                    match write_some(&mut self.stream, payload) {
+                    match payload.send(&mut self.stream) {
                         Ok(n) => n,
                         Err(()) => return Verdict::Kill,
                     }
@@ -303,7 +348,7 @@ impl Conn {
                     0
                 };
                 self.fwd_cnt += written as u32;
-                self.tx_buf.extend(&payload[written..]);
+                payload.append_from(written, &mut self.tx_buf);
                 self.check_credit();
                 Verdict::Keep
             }

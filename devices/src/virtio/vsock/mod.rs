@@ -86,6 +86,17 @@
 //! (Firecracker's queue: 256); a stale socket file at `PATH` is replaced, a live one is
 //! an error (Firecracker removes only its own previous socket when reconfigured).
 //!
+//! # Moving the bytes
+//!
+//! A guest packet's payload goes to the host stream with one `sendmsg` straight from the
+//! guest's buffers ([`packet::check_packet`], then the buffers as `iovec`s; a chain that
+//! cannot be taken that way is copied out with [`packet::read_packet`]); only what the
+//! stream does not take is copied into the connection's buffer. The device polls its
+//! queues for a short adaptive window after work (as virtio-blk does), so a guest that
+//! streams is served without a thread wake-up per packet; deadlines are looked at at
+//! least every 100 ms while it is busy, and an `accept` that failed (no descriptors
+//! left) is tried again 100 ms later, since the listener's readiness is edge-triggered.
+//!
 //! # Events
 //!
 //! [`VsockHandle::transport_reset`] drops every connection and sends the driver

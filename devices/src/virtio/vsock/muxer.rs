@@ -16,15 +16,16 @@ use guest_memory::GuestMemoryMmap;
 use mio::event::Event;
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 
-use super::conn::{Conn, Verdict, TIMEOUT};
+use super::conn::{Conn, Payload, Verdict, TIMEOUT};
 use super::connect::{line_end, parse_line, MAX_LINE};
 use super::packet::{
-    read_packet, writable_len, Header, HDR_LEN, HOST_CID, MAX_PAYLOAD, OP_REQUEST, OP_RST, TYPE_STREAM,
+    check_packet, read_packet, writable_len, Header, HDR_LEN, HOST_CID, MAX_PAYLOAD, OP_REQUEST, OP_RST, TYPE_STREAM,
 };
 use super::{lock, Shared, EVENT_TRANSPORT_RESET, NAME};
-use crate::virtio::worker::{Handler, Wake, BACKEND};
+use crate::virtio::iovec::GuestIovecs;
+use crate::virtio::worker::{Handler, PollWindow, Wake, BACKEND};
 use crate::virtio::{check_notified, write_chain, Chains, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
@@ -34,6 +35,10 @@ const LISTENER: Token = Token(0);
 const MAX_RSTS: usize = 1024;
 /// Transmit chains taken in one go before the receive queue gets its turn.
 const TX_BATCH: usize = 256;
+/// How often a device that never sleeps (a guest that keeps notifying, a host stream that
+/// keeps sending) still looks at its deadlines, and how long a failed `accept` (no file
+/// descriptors left) waits before it is tried again.
+const SWEEP: Duration = Duration::from_millis(100);
 
 /// (host-side port, guest port).
 type Key = (u32, u32);
@@ -84,6 +89,16 @@ pub(super) struct Muxer {
     reset_due: bool,
     /// The earliest connection expiry, as [`Handler::next_timeout`] last found it.
     earliest: Cell<Option<Instant>>,
+    /// When the deadlines were last looked at: at most [`SWEEP`] apart while busy, since
+    /// `earliest` is only as new as the last sleep.
+    last_sweep: Instant,
+    /// When to try `accept` again after it failed: the listener's events are
+    /// edge-triggered, so clients waiting in its backlog would wait for the next one.
+    accept_retry: Option<Instant>,
+    /// How long to keep watching the queues after a round of work before sleeping.
+    window: PollWindow,
+    /// When the loop last went to sleep (a short sleep grows the window).
+    asleep_since: Option<Instant>,
     /// A guest packet's payload, at most [`MAX_PAYLOAD`] bytes.
     payload: Vec<u8>,
     /// A packet for the guest: header and payload.
@@ -118,6 +133,10 @@ impl Muxer {
             local_ports: HashSet::new(),
             reset_due: false,
             earliest: Cell::new(None),
+            last_sweep: Instant::now(),
+            accept_retry: None,
+            window: PollWindow::new(),
+            asleep_since: None,
             payload: Vec::with_capacity(MAX_PAYLOAD),
             out: vec![0; HDR_LEN + MAX_PAYLOAD],
         }
@@ -218,7 +237,8 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    warn_ratelimited!("{NAME}: accept failed: {e}");
+                    warn_ratelimited!("{NAME}: accept failed: {e}; tried again in {} ms", SWEEP.as_millis());
+                    self.accept_retry = Some(Instant::now() + SWEEP);
                     return;
                 }
             }
@@ -323,7 +343,7 @@ impl Muxer {
     }
 
     /// A packet from the guest.
-    pub(super) fn guest_packet(&mut self, registry: &Registry, hdr: &Header, payload: &[u8]) {
+    pub(super) fn guest_packet(&mut self, registry: &Registry, hdr: &Header, payload: Payload<'_, '_>) {
         let key = (hdr.dst_port, hdr.src_port);
         if hdr.kind != TYPE_STREAM {
             // As Firecracker: any other socket type is refused with an RST.
@@ -366,9 +386,15 @@ impl Muxer {
         self.queue_ready(key);
     }
 
-    /// Resets the connections whose guest did not answer in time.
-    fn expire(&mut self, registry: &Registry) {
+    /// Resets the connections whose guest did not answer in time, closes the host
+    /// clients that did not send their line in time, and tries a failed `accept` again.
+    fn sweep(&mut self, registry: &Registry) {
         let now = Instant::now();
+        self.last_sweep = now;
+        if self.accept_retry.is_some_and(|at| at <= now) {
+            self.accept_retry = None;
+            self.accept(registry);
+        }
         let due: Vec<Key> =
             self.conns.iter().filter(|(_, c)| c.expiry.is_some_and(|at| at <= now)).map(|(k, _)| *k).collect();
         let late: Vec<Token> = self.clients.iter().filter(|(_, c)| c.deadline <= now).map(|(t, _)| *t).collect();
@@ -389,8 +415,9 @@ impl Muxer {
             self.drop_all(registry);
             self.reset_due = true;
         }
-        if self.earliest.get().is_some_and(|at| at <= Instant::now()) {
-            self.expire(registry);
+        let now = Instant::now();
+        if self.earliest.get().is_some_and(|at| at <= now) || now >= self.last_sweep + SWEEP {
+            self.sweep(registry);
         }
         let Some(mut run) = self.running.take() else { return };
         let memory = run.memory.memory();
@@ -421,13 +448,24 @@ impl Muxer {
             let Some(chain) = tx.next() else { break };
             taken += 1;
             let head = chain.head_index();
-            let packet = read_packet(memory, chain, &mut payload);
+            // The payload goes to the host stream straight from the guest's buffers, which
+            // go back to the guest after; a chain they cannot be taken from as `iovec`s
+            // (bytes past the payload, a buffer straddling two regions, too many pieces)
+            // is copied out first.
+            match check_packet(memory, chain.clone()) {
+                Ok(hdr) => match GuestIovecs::from_chain(memory, chain.clone(), false, HDR_LEN, hdr.len as usize) {
+                    Some(iov) if iov.len() == hdr.len as usize => {
+                        self.guest_packet(registry, &hdr, Payload::Guest(&iov));
+                    }
+                    _ => match read_packet(memory, chain, &mut payload) {
+                        Ok(hdr) => self.guest_packet(registry, &hdr, Payload::Bytes(&payload)),
+                        Err(e) => warn_ratelimited!("{NAME}: dropped a guest packet: {e}"),
+                    },
+                },
+                Err(e) => warn_ratelimited!("{NAME}: dropped a guest packet: {e}"),
+            }
             if !tx.give_back(head, 0) {
                 break;
-            }
-            match packet {
-                Ok(hdr) => self.guest_packet(registry, &hdr, &payload),
-                Err(e) => warn_ratelimited!("{NAME}: dropped a guest packet: {e}"),
             }
         }
         self.payload = payload;
@@ -545,6 +583,9 @@ impl Handler for Muxer {
     }
 
     fn notified(&mut self, registry: &Registry, queues: u32) {
+        if let Some(slept) = self.asleep_since.take().map(|at| at.elapsed()) {
+            self.window.slept(slept);
+        }
         if let Some(run) = &self.running {
             let queues_only = queues & !BACKEND;
             check_notified(NAME, queues_only, &[&run.rx, &run.tx, &run.event], run.memory.memory(), &run.interrupt);
@@ -569,15 +610,44 @@ impl Handler for Muxer {
         self.pump(registry);
     }
 
+    fn poll_window(&mut self) -> Duration {
+        let window = if self.running.is_some() { self.window.window() } else { Duration::ZERO };
+        if window.is_zero() {
+            self.asleep_since = Some(Instant::now());
+        }
+        window
+    }
+
+    fn poll(&mut self, registry: &Registry) -> bool {
+        let Some(run) = self.running.as_ref().filter(|run| !run.interrupt.needs_reset()) else { return false };
+        let memory = run.memory.memory();
+        let has_avail =
+            |queue: &Queue| queue.avail_idx(memory, Ordering::Acquire).is_ok_and(|idx| idx.0 != queue.next_avail());
+        // Work: packets from the guest, or receive buffers for what waits for the guest.
+        let waiting = !self.ready.is_empty() || !self.rsts.is_empty();
+        let work = has_avail(&run.tx) || (waiting && has_avail(&run.rx));
+        if !work {
+            return false;
+        }
+        self.pump(registry);
+        self.window.hit();
+        true
+    }
+
+    fn poll_expired(&mut self) {
+        self.window.miss();
+        self.asleep_since = Some(Instant::now());
+    }
+
     fn next_timeout(&self) -> Option<Duration> {
         let clients = self.clients.values().map(|c| c.deadline);
-        let earliest = self.conns.values().filter_map(|c| c.expiry).chain(clients).min();
+        let earliest = self.conns.values().filter_map(|c| c.expiry).chain(clients).chain(self.accept_retry).min();
         self.earliest.set(earliest);
         earliest.map(|at| at.saturating_duration_since(Instant::now()))
     }
 
     fn timeout(&mut self, registry: &Registry) {
-        self.expire(registry);
+        self.sweep(registry);
         self.pump(registry);
     }
 

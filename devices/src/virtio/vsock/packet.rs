@@ -2,7 +2,7 @@
 //! and taking a guest's packet out of a transmit chain with every length checked.
 
 use guest_memory::GuestMemoryMmap;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::virtio::Chain;
 
@@ -140,11 +140,35 @@ pub enum PacketError {
 /// caller's buffer never grows past that). Bytes past the payload are ignored.
 pub fn read_packet(memory: &GuestMemoryMmap, chain: Chain<'_>, payload: &mut Vec<u8>) -> Result<Header, PacketError> {
     payload.clear();
+    walk(memory, chain, |at, n| {
+        let start = payload.len();
+        payload.resize(start + n, 0);
+        memory.read_slice(&mut payload[start..], GuestAddress(at)).map_err(|_| PacketError::OutsideMemory(at))
+    })
+}
+
+/// Checks a transmit chain as [`read_packet`] does and returns its header, leaving the
+/// payload in guest memory (for a caller that sends it from there).
+pub fn check_packet(memory: &GuestMemoryMmap, chain: Chain<'_>) -> Result<Header, PacketError> {
+    walk(memory, chain, |at, n| {
+        memory.get_slice(GuestAddress(at), n).map(drop).map_err(|_| PacketError::OutsideMemory(at))
+    })
+}
+
+/// Walks a transmit chain: reads its header, then gives `payload` each piece of the
+/// payload (guest address, length) up to the header's `len`, and checks that there was
+/// as much as announced. Bytes past the payload are not looked at.
+fn walk(
+    memory: &GuestMemoryMmap,
+    chain: Chain<'_>,
+    mut payload: impl FnMut(u64, usize) -> Result<(), PacketError>,
+) -> Result<Header, PacketError> {
     let mut hdr = [0u8; HDR_LEN];
     let mut have_hdr = 0usize;
     let mut want: Option<usize> = None;
+    let mut held = 0usize;
     for desc in chain {
-        if want == Some(payload.len()) {
+        if want == Some(held) {
             break;
         }
         if desc.is_write_only() {
@@ -169,20 +193,17 @@ pub fn read_packet(memory: &GuestMemoryMmap, chain: Chain<'_>, payload: &mut Vec
             }
         }
         if let Some(want) = want {
-            let n = left.min(want - payload.len());
+            let n = left.min(want - held);
             if n > 0 {
-                let at = payload.len();
-                payload.resize(at + n, 0);
-                memory
-                    .read_slice(&mut payload[at..], GuestAddress(addr))
-                    .map_err(|_| PacketError::OutsideMemory(addr))?;
+                payload(addr, n)?;
+                held += n;
             }
         }
     }
     let Some(want) = want else { return Err(PacketError::ShortHeader(have_hdr)) };
     let header = Header::from_bytes(&hdr);
-    if payload.len() < want {
-        return Err(PacketError::ShortPayload { announced: header.len, held: payload.len() });
+    if held < want {
+        return Err(PacketError::ShortPayload { announced: header.len, held });
     }
     Ok(header)
 }

@@ -190,6 +190,26 @@ fn a_host_initiated_connection_carries_bytes_both_ways() {
     assert_eq!(local, FIRST_LOCAL_PORT + 1);
 }
 
+/// The payload reaches the host whole whatever the chain's shape: spread over several
+/// buffers (sent from them), and in a chain with bytes past it (copied out first), in
+/// order.
+#[test]
+fn payloads_reach_the_host_whole_from_any_chain_shape() {
+    let mut g = Guest::new("shapes");
+    let (mut c, local) = host_connection(&mut g, 9);
+    let hdr = Header { len: 10, ..g.hdr(OP_RW, 9, local) };
+    let mut bytes = vec![0u8; 0x300];
+    bytes[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
+    bytes[0x100..0x104].copy_from_slice(b"0123");
+    bytes[0x200..0x206].copy_from_slice(b"456789");
+    g.send_chain(&bytes, &[(0, HDR_LEN as u32, 0), (0x100, 4, 0), (0x200, 6, 0)]);
+    bytes[HDR_LEN..HDR_LEN + 16].copy_from_slice(b"abcdefghijEXTRA!");
+    g.send_chain(&bytes, &[(0, HDR_LEN as u32 + 16, 0)]);
+    assert_eq!(read_n(&mut c, 20), b"0123456789abcdefghij");
+    g.send(g.hdr(OP_RW, 9, local), b"end");
+    assert_eq!(read_n(&mut c, 3), b"end", "nothing past a payload reaches the host");
+}
+
 #[test]
 fn bytes_after_the_connect_line_wait_for_the_guest_to_accept() {
     let mut g = Guest::new("early");
@@ -223,6 +243,34 @@ fn a_guest_refusing_or_not_answering_closes_the_host_client() {
     assert!(started.elapsed() >= Duration::from_millis(1500), "closed after the 2 s timeout");
     let (rst, _) = g.recv();
     assert_eq!((rst.op, rst.src_port, rst.dst_port), (OP_RST, hdr.src_port, 6));
+}
+
+/// The host ends its stream (the guest has 2 s to reset) while the guest notifies without
+/// pause and never answers: the RST still comes at the timeout. (Review finding F10: the
+/// deadlines were looked at only when the device's loop went to sleep, so a loop that
+/// never slept would postpone them; it now also looks every 100 ms while busy. This
+/// test's notifications leave the loop gaps to sleep in, so it checks the timing, not
+/// that case.)
+#[test]
+fn a_guest_that_keeps_notifying_does_not_postpone_the_shutdown_timeout() {
+    let mut g = Guest::new("busy");
+    let listener = UnixListener::bind(g.port_path(64)).unwrap();
+    let s = guest_connection(&mut g, &listener, 4100, 64);
+    drop(s);
+    assert_eq!(g.recv().0.op, OP_SHUTDOWN);
+    let started = std::time::Instant::now();
+    let rst_after = loop {
+        for _ in 0..256 {
+            g.notify(1);
+        }
+        if let Some((hdr, _)) = g.try_recv(Duration::ZERO) {
+            assert_eq!((hdr.op, hdr.dst_port), (OP_RST, 4100));
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < super::TIMEOUT * 3, "the shutdown never expired");
+    };
+    assert!(rst_after >= Duration::from_millis(1500), "RST after {rst_after:?}");
+    assert!(rst_after < super::TIMEOUT + Duration::from_secs(1), "RST after {rst_after:?}");
 }
 
 #[test]

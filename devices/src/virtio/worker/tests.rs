@@ -18,6 +18,8 @@ struct Counter {
     queues: Arc<AtomicU32>,
     polls: Arc<AtomicU64>,
     work: Arc<AtomicBool>,
+    /// Every poll finds work.
+    busy: bool,
     done: Arc<AtomicU64>,
     window: Duration,
     wake: Option<Wake>,
@@ -43,7 +45,7 @@ impl Handler for Counter {
     }
     fn poll(&mut self, _registry: &Registry) -> bool {
         self.polls.fetch_add(1, Ordering::SeqCst);
-        if self.work.swap(false, Ordering::SeqCst) {
+        if self.busy || self.work.swap(false, Ordering::SeqCst) {
             self.done.fetch_add(1, Ordering::SeqCst);
             return true;
         }
@@ -95,6 +97,21 @@ fn the_loop_spins_on_poll_for_the_window_and_stops_when_asked() {
     let handler = worker.stop().expect("the handler comes back");
     assert!(stopping.elapsed() < Duration::from_secs(5));
     assert_eq!(handler.notified.load(Ordering::SeqCst), 1, "only the start's round");
+}
+
+/// A driver that keeps the device busy (every poll finds work) must not keep the loop
+/// from its other event sources: the spin ends after its budget, and the notification
+/// (here, as a socket's readiness would be) is heard.
+#[test]
+fn a_loop_kept_busy_by_polling_still_hears_its_event_sources() {
+    let counter = Counter { window: Duration::from_secs(3600), busy: true, ..Counter::default() };
+    let (polls, notified) = (counter.polls.clone(), counter.notified.clone());
+    let worker = Worker::spawn("worker-test", counter, Arc::default()).map_err(|(_, e)| e).unwrap();
+    wait_for("polling", || polls.load(Ordering::SeqCst) > 100);
+    let before = notified.load(Ordering::SeqCst);
+    worker.notify(3);
+    wait_for("the notification, while polls keep finding work", || notified.load(Ordering::SeqCst) > before);
+    assert!(worker.stop().is_some());
 }
 
 #[test]

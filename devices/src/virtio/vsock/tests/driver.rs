@@ -180,6 +180,11 @@ impl Guest {
         self.rings[0].add(&self.m, id, &[(RX_BASE + SLOT * u64::from(id), RX_LEN, W)]);
     }
 
+    /// Notifies queue `q` with nothing new in it.
+    pub fn notify(&mut self, q: u32) {
+        write_reg(&mut self.t, 0x50, q);
+    }
+
     /// Posts receive buffer `id` of `len` bytes and notifies.
     pub fn post_rx_len(&mut self, id: u16, len: u32) {
         self.rings[0].add(&self.m, id, &[(RX_BASE + SLOT * u64::from(id), len, W)]);
