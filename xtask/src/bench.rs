@@ -73,9 +73,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
          (virtio-blk, one request at a time); `send` and `recv` of the same 32 frames on a unix\n\
          datagram socketpair (virtio-net, whose backend is one end of another socketpair); one\n\
          `writev` of the same 32 buffers to the same kind of file (virtio-console output, which\n\
-         goes to a file); `write` and `read` of the same 64 KiB on a unix stream socketpair\n\
-         (virtio-vsock, one stream each way between the guest and a host client of its hybrid\n\
-         unix socket: the row's time is per 64 KiB, so 64 KiB / time is its throughput). The ratio is host time / hvrun time: 1.0 means hvrun's path is as fast\n\
+         goes to a file); a stream through a unix stream socketpair, one thread writing 64 KiB\n\
+         at a time and another reading (virtio-vsock: a stream each way between the guest and a\n\
+         host client of its hybrid unix socket, whose own socket is such a pair; the row's time\n\
+         is per 64 KiB of a long stream, so 64 KiB / time is its throughput). The ratio is host time / hvrun time: 1.0 means hvrun's path is as fast\n\
          as the host's own. Rows without a host twin are single costs: an MMIO register access\n\
          through the bus, and one chain through a virtqueue (taken, then added to the used ring:\n\
          hvrun's `drain_queue`, and `virtio-queue`'s own calls).\n\n",
