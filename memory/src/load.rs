@@ -48,20 +48,29 @@ pub fn load(memory: &GuestMemoryMmap, addr: GuestAddress, source: Source<'_>, le
         return load_piece(memory, addr, source, 0, len);
     }
     std::thread::scope(|scope| {
-        let workers: Vec<_> =
-            pieces.iter().map(|&(at, n)| scope.spawn(move || load_piece(memory, addr, source, at, n))).collect();
+        let mut results = Vec::with_capacity(pieces.len());
+        let mut workers = Vec::with_capacity(pieces.len());
+        for &(at, n) in &pieces {
+            let piece = move || load_piece(memory, addr, source, at, n);
+            // A thread the host cannot start (a process limit, memory): this one loads
+            // the piece itself.
+            match std::thread::Builder::new().name("hvrun-load".into()).spawn_scoped(scope, piece) {
+                Ok(worker) => workers.push(worker),
+                Err(_) => results.push(load_piece(memory, addr, source, at, n)),
+            }
+        }
         // Every thread is joined before the first error is returned.
-        let results: Vec<io::Result<()>> = workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err(io::Error::other("a loader thread panicked"))))
-            .collect();
+        results.extend(
+            workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(io::Error::other("a loader thread panicked")))),
+        );
         results.into_iter().collect()
     })
 }
 
-/// Splits `len` bytes at guest address `addr` into at most `threads` pieces of at least
-/// [`MIN_PIECE`] bytes each (all of it in one piece if it is smaller), cut at
-/// [`HOST_ALIGN`] boundaries of the guest address: `(offset into the range, length)`.
+/// Splits `len` bytes at guest address `addr` into at most `threads` pieces, no more than
+/// one per [`MIN_PIECE`] bytes (all of it in one piece if it is smaller), cut at
+/// [`HOST_ALIGN`] boundaries of the guest address (so a piece may be up to 2 MiB shorter
+/// than an even share): `(offset into the range, length)`.
 fn pieces(addr: u64, len: usize, threads: usize) -> Vec<(usize, usize)> {
     let count = threads.clamp(1, (len / MIN_PIECE).max(1));
     let align = HOST_ALIGN as u64;

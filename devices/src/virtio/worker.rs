@@ -340,9 +340,17 @@ fn notified_by(events: &Events, notifiers: &[(u32, QueueNotifier)]) -> u32 {
 
 fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared, notifiers: &[(u32, QueueNotifier)]) {
     let mut events = Events::with_capacity(64);
+    // A spin ended by its budget with work still coming: the loop looks at its event
+    // sources without sleeping and polls again. It must not sleep: the handler has not
+    // turned its notifications back on (`poll_expired`, `poll_window` of zero), so the
+    // driver may not notify for what it queues next.
+    let mut busy = false;
     loop {
         // From here on a notification writes the waker; one made before is seen here.
-        let pending = shared.state.fetch_or(SLEEPING, Ordering::SeqCst) != 0 || shared.stop.load(Ordering::SeqCst);
+        // (A busy loop does not sleep, so it does not say it does: notifiers then leave
+        // the waker alone.)
+        let pending =
+            busy || shared.state.fetch_or(SLEEPING, Ordering::SeqCst) != 0 || shared.stop.load(Ordering::SeqCst);
         let timeout = if pending { Some(Duration::ZERO) } else { handler.next_timeout() };
         let polled = poll.poll(&mut events, timeout);
         shared.state.fetch_and(!SLEEPING, Ordering::SeqCst);
@@ -368,10 +376,22 @@ fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared, notifiers:
         if queues != 0 {
             handler.notified(poll.registry(), queues);
         }
-        if !spin(handler, poll.registry(), shared) {
-            return;
-        }
+        busy = match spin(handler, poll.registry(), shared) {
+            Spin::Stop => return,
+            Spin::Idle => false,
+            Spin::Budget => true,
+        };
     }
+}
+
+/// How a spin ended.
+enum Spin {
+    /// The worker is asked to stop.
+    Stop,
+    /// The handler's window passed with nothing found (or it asked for none): it may sleep.
+    Idle,
+    /// Polls kept finding work for [`SPIN_BUDGET`]: look at the event sources, then poll on.
+    Budget,
 }
 
 /// The longest one spin of [`Handler::poll`] calls lasts while it keeps finding work,
@@ -379,38 +399,38 @@ fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared, notifiers:
 const SPIN_BUDGET: Duration = Duration::from_millis(1);
 
 /// Calls [`Handler::poll`] in a spin for as long as the handler's
-/// [`Handler::poll_window`] says; false when the worker is asked to stop meanwhile.
+/// [`Handler::poll_window`] says.
 /// Notifications that arrive while it spins stay set (the waker is not written, the loop
 /// is awake): the handler's poll sees their work in its queues, and the loop passes the
 /// bits on before it sleeps. A spin that keeps finding work ends after [`SPIN_BUDGET`],
 /// so the loop still looks at the device's other event sources (a socket's readiness,
 /// a deadline) while the driver keeps it busy.
-fn spin<H: Handler>(handler: &mut H, registry: &Registry, shared: &Shared) -> bool {
+fn spin<H: Handler>(handler: &mut H, registry: &Registry, shared: &Shared) -> Spin {
     let started = Instant::now();
     let mut window = handler.poll_window();
     while !window.is_zero() {
         let now = Instant::now();
         if now.duration_since(started) >= SPIN_BUDGET {
-            return true;
+            return Spin::Budget;
         }
         let until = now + window;
         // The clock is read every few polls: it costs more than a poll that finds nothing.
         for spins in 1u32.. {
             if shared.stop.load(Ordering::SeqCst) {
-                return false;
+                return Spin::Stop;
             }
             if handler.poll(registry) {
                 break;
             }
             if spins % 8 == 0 && Instant::now() >= until {
                 handler.poll_expired();
-                return true;
+                return Spin::Idle;
             }
             std::hint::spin_loop();
         }
         window = handler.poll_window();
     }
-    true
+    Spin::Idle
 }
 
 /// How long a device keeps polling its queues after it runs dry before it sleeps, adapted

@@ -35,6 +35,10 @@ const LISTENER: Token = Token(0);
 const MAX_RSTS: usize = 1024;
 /// Transmit chains taken in one go before the receive queue gets its turn.
 const TX_BATCH: usize = 256;
+/// Rounds of [`TX_BATCH`] transmit chains one `pump` takes at most; if the guest keeps
+/// the queue full, the loop comes back for more (a wake of its own) after looking at its
+/// sockets and deadlines.
+const MAX_ROUNDS: usize = 4;
 /// How often a device that never sleeps (a guest that keeps notifying, a host stream that
 /// keeps sending) still looks at its deadlines, and how long a failed `accept` (no file
 /// descriptors left) waits before it is tried again.
@@ -236,6 +240,8 @@ impl Muxer {
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                // A client that went before it was accepted: the next one may be fine.
+                Err(e) if e.kind() == ErrorKind::ConnectionAborted || e.raw_os_error() == Some(libc::EPROTO) => {}
                 Err(e) => {
                     warn_ratelimited!("{NAME}: accept failed: {e}; tried again in {} ms", SWEEP.as_millis());
                     self.accept_retry = Some(Instant::now() + SWEEP);
@@ -391,6 +397,8 @@ impl Muxer {
     fn sweep(&mut self, registry: &Registry) {
         let now = Instant::now();
         self.last_sweep = now;
+        // Until the loop next sleeps and works it out again, the 100 ms sweeps stand in.
+        self.earliest.set(None);
         if self.accept_retry.is_some_and(|at| at <= now) {
             self.accept_retry = None;
             self.accept(registry);
@@ -421,10 +429,16 @@ impl Muxer {
         }
         let Some(mut run) = self.running.take() else { return };
         let memory = run.memory.memory();
-        loop {
+        for round in 1.. {
             let taken = self.transmit(registry, memory, &mut Chains::new(NAME, &mut run.tx, memory, &run.interrupt));
             self.receive(registry, memory, &mut Chains::new(NAME, &mut run.rx, memory, &run.interrupt));
             if taken < TX_BATCH || run.interrupt.needs_reset() {
+                break;
+            }
+            if round == MAX_ROUNDS {
+                if let Some(wake) = lock(&self.shared.wake).as_ref() {
+                    wake.wake();
+                }
                 break;
             }
         }

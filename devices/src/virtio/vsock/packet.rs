@@ -151,7 +151,12 @@ pub fn read_packet(memory: &GuestMemoryMmap, chain: Chain<'_>, payload: &mut Vec
 /// payload in guest memory (for a caller that sends it from there).
 pub fn check_packet(memory: &GuestMemoryMmap, chain: Chain<'_>) -> Result<Header, PacketError> {
     walk(memory, chain, |at, n| {
-        memory.get_slice(GuestAddress(at), n).map(drop).map_err(|_| PacketError::OutsideMemory(at))
+        // (`check_range`: a piece may span two adjacent regions, as `read_slice` allows.)
+        if memory.check_range(GuestAddress(at), n) {
+            Ok(())
+        } else {
+            Err(PacketError::OutsideMemory(at))
+        }
     })
 }
 
