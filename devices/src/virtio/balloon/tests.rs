@@ -124,11 +124,11 @@ fn inflate_releases_valid_frames_and_ignores_hostile_ones() {
     let len = pfn_array(&g, 0x1000, &pfns);
     vqs[0].add_desc_chains(&[desc(0x1000, len, 0)], 0).unwrap();
     write_reg(&mut g.t, 0x50, 0);
-    wait_for("the inflate buffer back", || vqs[0].used().idx().load() == 1);
+    // The worker publishes the used index before it raises the line: wait for both.
+    wait_for("the inflate buffer back and its interrupt", || vqs[0].used().idx().load() == 1 && g.line.high());
     assert!(g.released(0x20_0000, 0x1_0000), "the inflated pages were released");
     assert_eq!(g.zeros(0x21_0000, 0x1_0000), 0, "the others were not");
     assert_eq!(g.handle.released(), 0x1_0000);
-    assert!(g.line.high());
     // A deflate of the same frames returns the buffer and changes nothing.
     vqs[1].add_desc_chains(&[desc(0x1000, len, 0)], 0).unwrap();
     write_reg(&mut g.t, 0x50, 1);
