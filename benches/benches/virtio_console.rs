@@ -1,14 +1,17 @@
 //! virtio-console's transmit path (guest output) driven through guest memory: 32 buffers
-//! per iteration, posted together with one notify, written to a file (as `--console
-//! file=PATH` does). The `host` twin writes the same 32 buffers to the same kind of file
-//! itself, with one `writev`, so `cargo xtask bench` can print hvrun/host.
+//! per iteration, posted together with one notify, written to a file. The `hvrun` rows
+//! are `--console file=PATH` (`Backend::File`: the device writes a pass's buffers with
+//! one `writev` straight from guest memory); the `hvrun-stream` rows are the terminal's
+//! path (`Backend::Stream`: the device copies the bytes into an output buffer of
+//! [`OUTPUT_BUFFER`] bytes that a thread of its own writes to the file, so iteration after
+//! iteration it goes no faster than that thread's writes). The `host` twin writes the same
+//! 32 buffers to the same kind of file itself, with one `writev`, so `cargo xtask bench`
+//! can print hvrun/host.
 //!
-//! Both write into a file in the system's temporary directory, in place (each write
+//! All write into a file in the system's temporary directory, in place (each write
 //! where the last one ended, back at the start after 1 MiB), so the kernel copies the
-//! bytes into pages the file already has. hvrun's iteration ends when the device has
-//! given back the buffers; the bytes reach the file on the console's own output thread,
-//! from a buffer of [`OUTPUT_BUFFER`] bytes, so iteration after iteration hvrun can go
-//! no faster than its writes to the file (the rows are the steady state).
+//! bytes into pages the file already has. An iteration ends when the device has given
+//! back the buffers.
 
 use std::fs::File;
 use std::hint::black_box;
@@ -72,11 +75,30 @@ fn virtio_console(c: &mut Criterion) {
     for (name, size) in [("4KiB", 4096u32), ("64KiB", 65_536)] {
         let mut group = c.benchmark_group(format!("virtio-console/{name}x{BATCH}"));
         group.throughput(Throughput::Bytes(u64::from(size) * u64::from(BATCH)));
-        let output = Box::new(FileSink::new(&format!("{name}-hvrun")));
-        let console = Console::new(Backend::Stream { output: stream_output(output), input: None });
-        let mut driver = Driver::start(Box::new(console), 2, 256, 4 << 20);
+        // The device writes through its own handle to the file; this one (the same open
+        // file, so the same position) rewinds it between iterations, as the host twin's
+        // sink does.
+        let mut rewind = FileSink::new(&format!("{name}-hvrun"));
+        let device_file = rewind.file.try_clone().expect("bench file handle");
+        let mut driver = Driver::start(Box::new(Console::new(Backend::File(device_file))), 2, 256, 4 << 20);
         let q = usize::from(TX_QUEUE);
         group.bench_function(BenchmarkId::new("hvrun", "output"), |b| {
+            b.iter(|| {
+                for i in 0..BATCH {
+                    driver.post(q, i, &[(DATA + u64::from(i % 2) * u64::from(size), size, 0)]);
+                }
+                driver.notify(q);
+                driver.wait_used(q, BATCH);
+                rewind.at += u64::from(size) * u64::from(BATCH);
+                rewind.wrap().expect("rewind");
+            })
+        });
+        // The terminal's path (`Backend::Stream`): a copy into the output buffer, which a
+        // thread of its own writes to the file.
+        let output = Box::new(FileSink::new(&format!("{name}-stream")));
+        let console = Console::new(Backend::Stream { output: stream_output(output), input: None });
+        let mut driver = Driver::start(Box::new(console), 2, 256, 4 << 20);
+        group.bench_function(BenchmarkId::new("hvrun-stream", "output"), |b| {
             b.iter(|| {
                 for i in 0..BATCH {
                     driver.post(q, i, &[(DATA + u64::from(i % 2) * u64::from(size), size, 0)]);

@@ -56,7 +56,14 @@ pub fn open_console(config: &ConsoleConfig, stdin: bool) -> Result<OpenConsole, 
         ConsoleConfig::File(path) => {
             let file = devices::host_file::open_output(path)
                 .map_err(|e| console_error(&format!("file={}", path.display()), e))?;
-            open.backend = Some(Backend::Stream { output: stream_output(Box::new(file)), input: None });
+            // A regular file is written by the device itself; a FIFO or a terminal,
+            // which may block, through an output thread.
+            let regular = file.metadata().is_ok_and(|m| m.is_file());
+            open.backend = Some(if regular {
+                Backend::File(file)
+            } else {
+                Backend::Stream { output: stream_output(Box::new(file)), input: None }
+            });
         }
         ConsoleConfig::Socket(path) => {
             let what = format!("socket={}", path.display());
@@ -165,8 +172,10 @@ mod tests {
         assert!(matches!(open.backend, Some(Backend::Stream { input: None, .. })) && open.stdin_pipe.is_none());
         let log = std::env::temp_dir().join(format!("hvrun-test-{}-console.log", std::process::id()));
         let open = super::open_console(&ConsoleConfig::File(log.clone()), true).unwrap();
-        assert!(matches!(open.backend, Some(Backend::Stream { input: None, .. })) && log.exists());
+        assert!(matches!(open.backend, Some(Backend::File(_))) && log.exists(), "a regular file: written in place");
         let _ = std::fs::remove_file(&log);
+        let open = super::open_console(&ConsoleConfig::File("/dev/null".into()), true).unwrap();
+        assert!(matches!(open.backend, Some(Backend::Stream { input: None, .. })), "a device: through a thread");
     }
 
     #[test]

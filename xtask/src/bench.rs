@@ -85,20 +85,24 @@ pub fn run(args: &[String]) -> Result<(), String> {
     out.push_str("| benchmark | operation | hvrun | host | hvrun/host |\n|---|---|---|---|---|\n");
     for id in &ids {
         let parts: Vec<&str> = id.rsplitn(3, '/').collect();
-        // ids look like GROUP/hvrun/OP; the host twin is GROUP/host/OP.
+        // ids look like GROUP/hvrun/OP (or GROUP/hvrun-VARIANT/OP, another path of
+        // hvrun's for the same work); the host twin is GROUP/host/OP.
         let [op, who, group] = parts.as_slice() else { continue };
-        if *who != "hvrun" {
-            continue;
-        }
+        let Some(variant) = who.strip_prefix("hvrun") else { continue };
+        let label = match variant.strip_prefix('-') {
+            Some(variant) => format!("{group} ({variant})"),
+            None if variant.is_empty() => group.to_string(),
+            None => continue,
+        };
         let hvrun = mean_ns(&criterion.join(id).join("new/estimates.json"));
         let host = mean_ns(&criterion.join(format!("{group}/host/{op}")).join("new/estimates.json"));
         let (Some(hvrun), host) = (hvrun, host) else { continue };
         let ratio = host.map_or("–".to_string(), |h| format!("{:.2}", h / hvrun));
         let host = host.map_or("–".to_string(), human_time);
-        let _ = writeln!(out, "| {group} | {op} | {} | {host} | {ratio} |", human_time(hvrun));
+        let _ = writeln!(out, "| {label} | {op} | {} | {host} | {ratio} |", human_time(hvrun));
     }
     for id in &ids {
-        if !id.contains("/hvrun/") && !id.contains("/host/") {
+        if !id.contains("/hvrun/") && !id.contains("/hvrun-") && !id.contains("/host/") {
             if let Some(ns) = mean_ns(&criterion.join(id).join("new/estimates.json")) {
                 let _ = writeln!(out, "| {id} | – | {} | – | – |", human_time(ns));
             }

@@ -438,6 +438,19 @@ impl<'m> GuestIovecs<'m> {
         }
     }
 
+    /// Writes the pieces to the file `fd` with one `writev`: the bytes it took, `Ok(0)`
+    /// when it would block.
+    pub fn write_file(&self, fd: RawFd) -> io::Result<usize> {
+        let pieces = self.iovecs();
+        let count = pieces.len().min(MAX_IOVECS) as libc::c_int;
+        retry(|| {
+            // SAFETY: the pieces were checked to lie in guest memory (or are a host
+            // buffer this value borrows), kept mapped for the call; writev only reads
+            // them, and `count` is at most their number.
+            unsafe { libc::writev(fd, pieces.as_ptr(), count) }
+        })
+    }
+
     /// Sends the pieces on the stream socket `fd` with one `sendmsg`, with no SIGPIPE
     /// for a peer that went away (an error instead): the bytes the socket took, `Ok(0)`
     /// when it would block.
@@ -447,21 +460,29 @@ impl<'m> GuestIovecs<'m> {
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = pieces.as_ptr().cast_mut();
         msg.msg_iovlen = pieces.len() as _;
-        loop {
+        retry(|| {
             // SAFETY: `msg` points at pieces that were checked to lie in guest memory
             // (or are a host buffer this value borrows), kept mapped for the call;
             // sendmsg only reads them.
-            let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-            if n >= 0 {
-                // A non-negative `ssize_t` fits in `usize`.
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => {}
-                io::ErrorKind::WouldBlock => return Ok(0),
-                _ => return Err(e),
-            }
+            unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) }
+        })
+    }
+}
+
+/// Calls `op` (a system call that returns a byte count or -1) until it is not
+/// interrupted: the bytes it moved, `Ok(0)` when it would block.
+fn retry(mut op: impl FnMut() -> libc::ssize_t) -> io::Result<usize> {
+    loop {
+        let n = op();
+        if n >= 0 {
+            // A non-negative `ssize_t` fits in `usize`.
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(e),
         }
     }
 }

@@ -440,6 +440,8 @@ fn spin<H: Handler>(handler: &mut H, registry: &Registry, shared: &Shared) -> Sp
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PollWindow {
     window: Duration,
+    /// When the device last went to sleep (see [`PollWindow::asleep`]).
+    asleep_since: Option<Instant>,
 }
 
 impl PollWindow {
@@ -452,7 +454,7 @@ impl PollWindow {
 
     /// Polling off until requests show they come close together.
     pub const fn new() -> Self {
-        PollWindow { window: Duration::ZERO }
+        PollWindow { window: Duration::ZERO, asleep_since: None }
     }
 
     /// How long to poll now.
@@ -483,6 +485,19 @@ impl PollWindow {
         if slept <= Self::MAX {
             self.grow();
         }
+    }
+
+    /// The device stops polling and goes to sleep now (its window is zero or passed).
+    pub fn asleep(&mut self) {
+        self.asleep_since = Some(Instant::now());
+    }
+
+    /// The device was notified: if it had gone to sleep, the time it slept counts as in
+    /// [`PollWindow::slept`]. True if it had.
+    pub fn woke(&mut self) -> bool {
+        let Some(at) = self.asleep_since.take() else { return false };
+        self.slept(at.elapsed());
+        true
     }
 }
 

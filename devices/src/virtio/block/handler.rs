@@ -11,7 +11,6 @@
 //! turns notifications back on and looks once more before it sleeps.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use mio::event::Event;
 use mio::Registry;
@@ -61,8 +60,6 @@ pub(super) struct QueueHandler {
     /// The worker's own request.
     request: Box<Request>,
     window: PollWindow,
-    /// When the worker last went to sleep (to grow the polling window after short sleeps).
-    asleep_since: Option<Instant>,
     event_idx: bool,
     started: Option<Started>,
     crew: Option<Arc<Crew>>,
@@ -80,7 +77,6 @@ impl QueueHandler {
             helpers,
             request: Box::new(Request::new()),
             window: PollWindow::new(),
-            asleep_since: None,
             event_idx: false,
             started: None,
             crew: None,
@@ -109,7 +105,7 @@ impl QueueHandler {
     /// Before the worker sleeps: notifications back on, and one more look at the ring
     /// (a request made before they were on would otherwise wait for the next one).
     fn arm(&mut self) {
-        self.asleep_since = Some(Instant::now());
+        self.window.asleep();
         while let Some(crew) = &self.crew {
             match crew.with_queue(|queue, memory| queue.enable_notification(memory)) {
                 Ok(true) => {
@@ -144,8 +140,7 @@ impl Handler for QueueHandler {
     }
 
     fn notified(&mut self, _registry: &Registry, _queues: u32) {
-        if let Some(slept) = self.asleep_since.take().map(|at| at.elapsed()) {
-            self.window.slept(slept);
+        if self.window.woke() {
             if let Some(crew) = self.crew.as_ref().filter(|_| !self.event_idx) {
                 // Without EVENT_IDX, NO_NOTIFY keeps the driver from notifying while we
                 // are awake; `arm` clears it.
@@ -167,7 +162,7 @@ impl Handler for QueueHandler {
             crew.stop();
         }
         self.started = None;
-        self.asleep_since = None;
+        self.window = PollWindow::new();
         if let Backend::Serial { bounce, .. } = &mut self.backend {
             *bounce = Vec::new();
         }

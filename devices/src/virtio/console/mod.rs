@@ -2,7 +2,8 @@
 //!
 //! Queue 0 (receiveq) carries host input to the guest, queue 1 (transmitq) guest output
 //! to the host. The backend is a [`Backend`]: a writer with an optional input pipe (the
-//! host terminal, a file), or a unix socket served to one client at a time. The device
+//! host terminal, a FIFO), a regular file the device writes itself, or a unix socket
+//! served to one client at a time. The device
 //! runs on a [`Worker`](super::worker::Worker) event loop, so guest output never blocks
 //! a vCPU and host input is read only when the guest has posted buffers for it, and
 //! only once the guest has written to the port: Linux discards input that arrives
@@ -54,6 +55,11 @@ pub enum Backend {
         /// Host input; `None` for an output-only console.
         input: Option<pipe::Receiver>,
     },
+    /// Output to a regular file, written by the device itself straight from the guest's
+    /// buffers (one `writev` a pass, no copy and no thread between): a regular file
+    /// takes its writes without waiting for a reader. Anything else that may block (a
+    /// terminal, a FIFO) belongs in a [`Backend::Stream`].
+    File(std::fs::File),
     /// A unix socket the VMM listens on. One client at a time has the console (a new
     /// one takes over); output written while none is connected is kept (the last
     /// 64 KiB) for the next one.
@@ -64,6 +70,7 @@ impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Backend::Stream { input, .. } => write!(f, "Stream(input: {})", input.is_some()),
+            Backend::File(_) => f.write_str("File"),
             Backend::Socket(_) => f.write_str("Socket"),
         }
     }

@@ -4,18 +4,19 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use guest_memory::GuestMemoryMmap;
 use mio::event::Event;
 use mio::net::UnixStream;
 use mio::{Interest, Registry, Token};
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::Backend;
 use crate::virtio::iovec::{GuestIovecs, IovecBuf, MAX_IOVECS};
-use crate::virtio::worker::{Handler, Wake};
-use crate::virtio::{check_notified, write_chain, Chains, GuestMemory, Interrupt};
+use crate::virtio::worker::{Handler, PollWindow, Wake};
+use crate::virtio::{check_notified, has_pending, write_chain, Chains, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
 const NAME: &str = "virtio-console";
@@ -58,6 +59,9 @@ pub(super) struct Port {
     /// input waits until then: Linux posts receive buffers before it marks the console
     /// port connected, and discards what arrives in between.
     guest_spoke: bool,
+    /// How long the loop keeps looking at the transmit queue after a pass: a guest
+    /// writing a stream of output is then served without a thread wake-up per write.
+    window: PollWindow,
 }
 
 impl Port {
@@ -72,6 +76,7 @@ impl Port {
             out_iov: IovecBuf::new(),
             out_chains: Vec::with_capacity(BATCH),
             guest_spoke: false,
+            window: PollWindow::new(),
         }
     }
 
@@ -166,6 +171,13 @@ impl Port {
                 }
                 true
             }
+            Backend::File(file) => {
+                while !self.output.is_empty() {
+                    let n = write_file(file, self.output.as_slices().0);
+                    self.output.drain(..n);
+                }
+                true
+            }
             Backend::Socket(_) => {
                 let Some(client) = &mut self.client else {
                     let excess = self.output.len().saturating_sub(KEPT_OUTPUT);
@@ -244,6 +256,7 @@ impl Port {
                     let _ = registry.deregister(&mut pipe);
                 }
             }
+            Backend::File(_) => {}
             Backend::Socket(_) => self.drop_client(registry),
         }
     }
@@ -291,6 +304,10 @@ fn write_out(
 ) -> usize {
     match backend {
         Backend::Stream { output, .. } => output.offer_with(iov.len(), |room| iov.read_bytes(0, room)),
+        Backend::File(file) => match iov.write_file(file.as_raw_fd()) {
+            Ok(n) if n > 0 || iov.is_empty() => n,
+            result => file_refused(result.err(), iov.len()),
+        },
         Backend::Socket(_) => {
             if let Some(stream) = client {
                 match iov.send_stream(stream.as_raw_fd()) {
@@ -307,6 +324,24 @@ fn write_out(
             iov.len()
         }
     }
+}
+
+/// Writes some of `bytes` to the output file: how many it took. Output the file refuses
+/// (a full disk) is dropped, with a rate-limited warning: the guest keeps going.
+fn write_file(file: &std::fs::File, bytes: &[u8]) -> usize {
+    match (&*file).write(bytes) {
+        Ok(n) if n > 0 => n,
+        Err(e) if e.kind() == ErrorKind::Interrupted => 0,
+        result => file_refused(result.err(), bytes.len()),
+    }
+}
+
+/// The output file took none of `len` bytes (`error`, or a zero-byte write): they are
+/// dropped, with a rate-limited warning. Returns `len`, as if written.
+fn file_refused(error: Option<std::io::Error>, len: usize) -> usize {
+    let why = error.map_or_else(|| "it takes no more".into(), |e| e.to_string());
+    warn_ratelimited!("{NAME}: cannot write the output file ({why}); {len} bytes of output are dropped");
+    len
 }
 
 /// Appends the chain's device-readable bytes to `out`, at most [`MAX_CHAIN_OUTPUT`]
@@ -351,7 +386,7 @@ impl Handler for Port {
     fn register(&mut self, registry: &Registry) -> std::io::Result<()> {
         match &mut self.backend {
             Backend::Stream { input: Some(pipe), .. } => registry.register(pipe, INPUT, Interest::READABLE)?,
-            Backend::Stream { input: None, .. } => {}
+            Backend::Stream { input: None, .. } | Backend::File(_) => {}
             Backend::Socket(listener) => registry.register(listener, LISTENER, Interest::READABLE)?,
         }
         if let Some(client) = &mut self.client {
@@ -361,6 +396,7 @@ impl Handler for Port {
     }
 
     fn notified(&mut self, registry: &Registry, queues: u32) {
+        self.window.woke();
         if let Some(run) = &self.running {
             check_notified(NAME, queues, &[&run.rx, &run.tx], run.memory.memory(), &run.interrupt);
         }
@@ -377,6 +413,40 @@ impl Handler for Port {
     fn detach(&mut self) {
         self.running = None;
         self.guest_spoke = false;
+        self.window = PollWindow::new();
+    }
+
+    fn poll_window(&mut self) -> Duration {
+        let window = if self.running.is_some() { self.window.window() } else { Duration::ZERO };
+        if window.is_zero() {
+            self.window.asleep();
+        }
+        window
+    }
+
+    /// Output the guest queued since the last pass (and input for buffers it added):
+    /// a hit only if the pass moved some, so a backend with no room ends the spin.
+    fn poll(&mut self, registry: &Registry) -> bool {
+        let Some(run) = self.running.as_ref() else { return false };
+        let memory = run.memory.memory();
+        let avail = |queue: &Queue| has_pending(NAME, queue, memory, &run.interrupt);
+        let input = self.input_at < self.input.len();
+        if !(avail(&run.tx) || input && avail(&run.rx)) {
+            return false;
+        }
+        let positions = |run: &Running| (run.tx.next_avail(), run.rx.next_avail());
+        let before = positions(run);
+        self.pump(registry);
+        if self.running.as_ref().map(positions) == Some(before) {
+            return false;
+        }
+        self.window.hit();
+        true
+    }
+
+    fn poll_expired(&mut self) {
+        self.window.miss();
+        self.window.asleep();
     }
 
     fn deregister(&mut self, registry: &Registry) {
@@ -384,7 +454,7 @@ impl Handler for Port {
             Backend::Stream { input: Some(pipe), .. } => {
                 let _ = registry.deregister(pipe);
             }
-            Backend::Stream { input: None, .. } => {}
+            Backend::Stream { input: None, .. } | Backend::File(_) => {}
             Backend::Socket(listener) => {
                 let _ = registry.deregister(listener);
             }

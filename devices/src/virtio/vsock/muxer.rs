@@ -101,8 +101,6 @@ pub(super) struct Muxer {
     accept_retry: Option<Instant>,
     /// How long to keep watching the queues after a round of work before sleeping.
     window: PollWindow,
-    /// When the loop last went to sleep (a short sleep grows the window).
-    asleep_since: Option<Instant>,
     /// A guest packet's payload, at most [`MAX_PAYLOAD`] bytes.
     payload: Vec<u8>,
     /// A packet for the guest: header and payload.
@@ -140,7 +138,6 @@ impl Muxer {
             last_sweep: Instant::now(),
             accept_retry: None,
             window: PollWindow::new(),
-            asleep_since: None,
             payload: Vec::with_capacity(MAX_PAYLOAD),
             out: vec![0; HDR_LEN + MAX_PAYLOAD],
         }
@@ -597,9 +594,7 @@ impl Handler for Muxer {
     }
 
     fn notified(&mut self, registry: &Registry, queues: u32) {
-        if let Some(slept) = self.asleep_since.take().map(|at| at.elapsed()) {
-            self.window.slept(slept);
-        }
+        self.window.woke();
         if let Some(run) = &self.running {
             let queues_only = queues & !BACKEND;
             check_notified(NAME, queues_only, &[&run.rx, &run.tx, &run.event], run.memory.memory(), &run.interrupt);
@@ -627,7 +622,7 @@ impl Handler for Muxer {
     fn poll_window(&mut self) -> Duration {
         let window = if self.running.is_some() { self.window.window() } else { Duration::ZERO };
         if window.is_zero() {
-            self.asleep_since = Some(Instant::now());
+            self.window.asleep();
         }
         window
     }
@@ -650,7 +645,7 @@ impl Handler for Muxer {
 
     fn poll_expired(&mut self) {
         self.window.miss();
-        self.asleep_since = Some(Instant::now());
+        self.window.asleep();
     }
 
     fn next_timeout(&self) -> Option<Duration> {
