@@ -31,6 +31,7 @@ pub mod kernel_file;
 mod machine;
 pub mod selftest;
 mod slots;
+pub mod snapshot;
 #[cfg(test)]
 mod testing;
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]

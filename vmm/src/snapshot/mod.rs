@@ -1,0 +1,111 @@
+//! Snapshots: a paused VM saved to a directory, to be continued by a new process.
+//!
+//! A snapshot directory holds the state file (`state`, see [`format`]): what the restore
+//! must honour ([`Requirements`], checked before anything else is read) and the state of
+//! the vCPUs, the interrupt controller and the devices, each a section of its own. Guest
+//! RAM is a file of its own beside it, mapped on restore so pages load on first touch.
+//!
+//! Where it stands (issue 18): the container format and the requirements check are
+//! here and tested; saving and restoring the machine's parts is being built on them.
+
+pub mod format;
+
+use serde::{Deserialize, Serialize};
+
+/// The hypervisor a snapshot was taken on: a vCPU's and an interrupt controller's state
+/// only make sense to the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hypervisor {
+    /// Linux KVM.
+    Kvm,
+    /// Apple's Hypervisor.framework.
+    Hvf,
+}
+
+/// The interrupt controller a snapshot's guest was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IrqChip {
+    /// hvrun's own GICv2 (`--gic v2`).
+    GicV2,
+    /// The hypervisor's GICv3 (`--gic v3`).
+    GicV3,
+}
+
+/// What a host must offer to continue a snapshot. [`Requirements::check`] compares
+/// a snapshot's with the restoring host's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requirements {
+    /// The hypervisor.
+    pub hypervisor: Hypervisor,
+    /// The interrupt controller.
+    pub irqchip: IrqChip,
+    /// How many vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM's ranges: (guest physical address, bytes).
+    pub memory: Vec<(u64, u64)>,
+    /// The CPU's feature registers the guest saw, by name (`ID_AA64PFR0_EL1`...), with
+    /// their values: a guest may have chosen code paths by any of them.
+    pub cpu_features: Vec<(String, u64)>,
+}
+
+impl Requirements {
+    /// Whether `host` (what this process offers) can continue a snapshot that needs
+    /// `self`; otherwise one line saying what differs.
+    pub fn check(&self, host: &Requirements) -> Result<(), String> {
+        if self.hypervisor != host.hypervisor {
+            return Err(format!(
+                "the snapshot was taken on {:?}, this host runs {:?}: a vCPU's state does not carry over",
+                self.hypervisor, host.hypervisor
+            ));
+        }
+        if self.irqchip != host.irqchip {
+            return Err(format!(
+                "the snapshot's guest has a {:?} interrupt controller, this machine would have {:?} \
+                 (restore with the same --gic)",
+                self.irqchip, host.irqchip
+            ));
+        }
+        for (name, value) in &self.cpu_features {
+            match host.cpu_features.iter().find(|(n, _)| n == name) {
+                Some((_, here)) if here == value => {}
+                Some((_, here)) => {
+                    return Err(format!("the CPU differs: {name} is {here:#018x} here, {value:#018x} in the snapshot"))
+                }
+                None => return Err(format!("the CPU differs: this host does not report {name}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kvm_v3() -> Requirements {
+        Requirements {
+            hypervisor: Hypervisor::Kvm,
+            irqchip: IrqChip::GicV3,
+            vcpus: 2,
+            memory: vec![(0x4000_0000, 256 << 20)],
+            cpu_features: vec![("ID_AA64PFR0_EL1".into(), 0x1100_0011), ("ID_AA64ISAR0_EL1".into(), 0x10_2120)],
+        }
+    }
+
+    #[test]
+    fn a_host_that_cannot_honour_a_snapshot_is_named_in_one_line() {
+        let snap = kvm_v3();
+        assert_eq!(snap.check(&kvm_v3()), Ok(()));
+        let e = snap.check(&Requirements { hypervisor: Hypervisor::Hvf, ..kvm_v3() }).unwrap_err();
+        assert!(e.contains("taken on Kvm, this host runs Hvf"), "{e}");
+        let e = snap.check(&Requirements { irqchip: IrqChip::GicV2, ..kvm_v3() }).unwrap_err();
+        assert!(e.contains("--gic"), "{e}");
+        let mut other = kvm_v3();
+        other.cpu_features[1].1 = 0x10_2121;
+        let e = snap.check(&other).unwrap_err();
+        assert!(e.contains("ID_AA64ISAR0_EL1 is 0x0000000000102121 here, 0x0000000000102120"), "{e}");
+        other.cpu_features.truncate(1);
+        let e = snap.check(&other).unwrap_err();
+        assert!(e.contains("does not report ID_AA64ISAR0_EL1") && !e.contains('\n'), "{e}");
+    }
+}
