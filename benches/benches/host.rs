@@ -42,7 +42,7 @@ fn wake_ups(c: &mut Criterion) {
             signal(&q);
         }
     });
-    c.bench_function("host: thread wake-up round trip (eventfd, peer sleeping)", |b| {
+    c.bench_function("host thread wake-up round trip (eventfd, peer sleeping)", |b| {
         b.iter(|| {
             signal(&ping);
             wait(&pong);
@@ -58,7 +58,7 @@ fn wake_ups(c: &mut Criterion) {
             _ => std::hint::spin_loop(),
         }
     });
-    c.bench_function("host: thread round trip (peer spinning)", |b| {
+    c.bench_function("host thread round trip (peer spinning)", |b| {
         b.iter(|| {
             flag.store(1, Ordering::Release);
             while flag.load(Ordering::Acquire) != 2 {

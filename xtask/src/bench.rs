@@ -70,16 +70,19 @@ pub fn run(args: &[String]) -> Result<(), String> {
          requests in guest memory and notifying through the virtio-mmio transport, and waits for\n\
          the used ring. Each `hvrun` row has a `host` row measured in the same run: the host doing\n\
          the same work itself: `pread`/`pwrite` on the same file and `memcpy` for the RAM disk\n\
-         (virtio-blk, one request at a time); `send` and `recv` of the same 32 frames on a unix\n\
-         datagram socketpair (virtio-net, whose backend is one end of another socketpair); one\n\
-         `writev` of the same 32 buffers to the same kind of file (virtio-console output, which\n\
-         goes to a file); a stream through a unix stream socketpair, one thread writing 64 KiB\n\
+         (virtio-blk; the `-qdN` rows keep N requests in flight, the host twin runs as many\n\
+         threads); `send` and `recv` of the same 32 frames on a unix datagram socketpair, from\n\
+         or into 32 buffers as the guest's are (virtio-net, whose backend is one end of another\n\
+         socketpair); one `writev` of the same 32 buffers to the same kind of file\n\
+         (virtio-console output to a file: the device's own `writev`, and in the `(stream)` rows\n\
+         the terminal's path through an output thread); a stream through a unix stream socketpair, one thread writing 64 KiB\n\
          at a time and another reading (virtio-vsock: a stream each way between the guest and a\n\
          host client of its hybrid unix socket, whose own socket is such a pair; the row's time\n\
          is per 64 KiB of a long stream, so 64 KiB / time is its throughput). The ratio is host time / hvrun time: 1.0 means hvrun's path is as fast\n\
          as the host's own. Rows without a host twin are single costs: an MMIO register access\n\
-         through the bus, and one chain through a virtqueue (taken, then added to the used ring:\n\
-         hvrun's `drain_queue`, and `virtio-queue`'s own calls).\n\n",
+         through the bus, one chain through a virtqueue (taken, then added to the used ring:\n\
+         hvrun's `drain_queue`, and `virtio-queue`'s own calls), and this machine's price for\n\
+         waking a thread (`benches/benches/host.rs`).\n\n",
     );
     let _ = writeln!(out, "Machine: {}.\n", machine());
     out.push_str("| benchmark | operation | hvrun | host | hvrun/host |\n|---|---|---|---|---|\n");
