@@ -487,6 +487,23 @@ impl PollWindow {
         }
     }
 
+    /// A handler's [`Handler::poll_window`]: the window now for a device that is
+    /// running (none for one that is not); a zero window means it goes to sleep.
+    pub fn next(&mut self, running: bool) -> Duration {
+        let window = if running { self.window } else { Duration::ZERO };
+        if window.is_zero() {
+            self.asleep();
+        }
+        window
+    }
+
+    /// A handler's [`Handler::poll_expired`]: the window passed with nothing found, so
+    /// the next is half as long, and the device goes to sleep.
+    pub fn expired(&mut self) {
+        self.miss();
+        self.asleep();
+    }
+
     /// The device stops polling and goes to sleep now (its window is zero or passed).
     pub fn asleep(&mut self) {
         self.asleep_since = Some(Instant::now());

@@ -417,11 +417,7 @@ impl Handler for Port {
     }
 
     fn poll_window(&mut self) -> Duration {
-        let window = if self.running.is_some() { self.window.window() } else { Duration::ZERO };
-        if window.is_zero() {
-            self.window.asleep();
-        }
-        window
+        self.window.next(self.running.is_some())
     }
 
     /// Output the guest queued since the last pass (and input for buffers it added):
@@ -445,8 +441,7 @@ impl Handler for Port {
     }
 
     fn poll_expired(&mut self) {
-        self.window.miss();
-        self.window.asleep();
+        self.window.expired();
     }
 
     fn deregister(&mut self, registry: &Registry) {

@@ -232,11 +232,7 @@ impl Handler for Frames {
     }
 
     fn poll_window(&mut self) -> Duration {
-        let window = if self.running.is_some() { self.window.window() } else { Duration::ZERO };
-        if window.is_zero() {
-            self.window.asleep();
-        }
-        window
+        self.window.next(self.running.is_some())
     }
 
     /// Frames the guest queued to send, or (when it has receive buffers posted) frames
@@ -260,8 +256,7 @@ impl Handler for Frames {
     }
 
     fn poll_expired(&mut self) {
-        self.window.miss();
-        self.window.asleep();
+        self.window.expired();
     }
 
     fn next_timeout(&self) -> Option<Duration> {

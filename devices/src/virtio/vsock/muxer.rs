@@ -620,11 +620,7 @@ impl Handler for Muxer {
     }
 
     fn poll_window(&mut self) -> Duration {
-        let window = if self.running.is_some() { self.window.window() } else { Duration::ZERO };
-        if window.is_zero() {
-            self.window.asleep();
-        }
-        window
+        self.window.next(self.running.is_some())
     }
 
     fn poll(&mut self, registry: &Registry) -> bool {
@@ -644,8 +640,7 @@ impl Handler for Muxer {
     }
 
     fn poll_expired(&mut self) {
-        self.window.miss();
-        self.window.asleep();
+        self.window.expired();
     }
 
     fn next_timeout(&self) -> Option<Duration> {
