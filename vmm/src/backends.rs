@@ -29,7 +29,7 @@ pub struct OpenConsole {
 
 /// A unix socket's file, removed on drop.
 #[derive(Debug)]
-pub struct SocketFile(PathBuf);
+pub struct SocketFile(pub(crate) PathBuf);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
@@ -148,7 +148,7 @@ fn console_error(what: &str, e: std::io::Error) -> Error {
 
 /// Removes a socket file left by an earlier run; anything else at `path` is an error, so
 /// a typo never deletes a user's file.
-fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
         Ok(_) => Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket")),

@@ -23,6 +23,7 @@ pub mod config;
 mod console;
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 mod control;
+pub mod control_socket;
 pub mod embed;
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 mod irqchip;

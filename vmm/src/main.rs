@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use hvrun::control_socket::ControlSocket;
 use hvrun::{config, ExitReason, Vm, VmConfig};
 
 mod macos_cli;
@@ -108,6 +109,11 @@ struct Cli {
     /// connections to host port P go to the unix socket PATH_P.
     #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
     vsock: Option<config::VsockConfig>,
+    /// A unix socket hvrun listens on for control commands from other programs, one
+    /// JSON object per line: {"command":"pause"}, "resume", "status" or "stop"; each
+    /// gets one JSON line back ({"ok":true} or {"ok":false,"error":"..."}).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -244,7 +250,15 @@ fn main() -> ExitCode {
     config.balloon = cli.balloon;
     config.vsock = cli.vsock;
     config.console_stdin = true;
-    exit_code(run(config))
+    // Bound before anything runs, so that a bad path is an error before the guest starts.
+    let control = match cli.control.as_deref().map(ControlSocket::bind).transpose() {
+        Ok(control) => control,
+        Err(e) => {
+            eprintln!("hvrun: error: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    exit_code(run(config, control))
 }
 
 /// Raises the soft limit on open files to the hard limit (at most 65,536), as
@@ -273,8 +287,8 @@ fn raise_file_limit() {
 }
 
 /// Runs the VM with the serial port on standard output; SIGTERM and SIGINT press its
-/// power button, and a second one stops it.
-fn run(config: VmConfig) -> Result<ExitReason, hvrun::Error> {
+/// power button, and a second one stops it. `control`, if any, is served once it runs.
+fn run(config: VmConfig, control: Option<ControlSocket>) -> Result<ExitReason, hvrun::Error> {
     // Before any thread exists, so that every thread inherits the mask.
     let blocked = signals::block();
     raise_file_limit();
@@ -284,6 +298,7 @@ fn run(config: VmConfig) -> Result<ExitReason, hvrun::Error> {
     }
     let vm = builder.start()?;
     signals::press_then_stop(blocked, vm.handle());
+    let _control = control.map(|control| control.serve(vm.handle()));
     vm.wait()
 }
 

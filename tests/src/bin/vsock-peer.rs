@@ -12,7 +12,9 @@
 //! - `uds-listen [--ready FILE] PATH` (rig host): listens on the unix socket PATH (a guest's
 //!   connection to port P arrives at the device's `PATH_P`) and accepts one connection;
 //! - `hybrid-hold PATH PORT` (rig host): connects as `hybrid` does, then never reads,
-//!   sleeping until it is killed.
+//!   sleeping until it is killed;
+//! - `uds-connect PATH` (rig host): connects to the unix socket PATH (`nc -U`, for
+//!   hvrun's `--control` socket) and half-closes at stdin's end.
 //!
 //! `--ready FILE` creates FILE once the socket listens, so a script knows when to connect.
 //!
@@ -54,7 +56,8 @@ mod peer {
         \x20      vsock-peer connect CID PORT\n\
         \x20      vsock-peer hybrid [--echo] PATH PORT\n\
         \x20      vsock-peer uds-listen [--ready FILE] PATH\n\
-        \x20      vsock-peer hybrid-hold PATH PORT";
+        \x20      vsock-peer hybrid-hold PATH PORT\n\
+        \x20      vsock-peer uds-connect PATH";
 
     /// The exit status of a hybrid connection closed without an `OK` line.
     pub const REFUSED: u8 = 3;
@@ -167,6 +170,10 @@ mod peer {
                 let (conn, _) = listener.accept().map_err(io_err(format!("accepting on {path}")))?;
                 drop(listener);
                 plumb_stdio(conn.into(), Ending::HoldWrite)
+            }
+            ("uds-connect", [path]) => {
+                let conn = UnixStream::connect(path).map_err(io_err(format!("connecting to {path}")))?;
+                plumb_stdio(conn.into(), Ending::HalfClose)
             }
             ("hybrid-hold", [path, port]) => {
                 let _conn = hybrid_connect(Path::new(path), number("port", port)?)?;

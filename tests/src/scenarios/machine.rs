@@ -372,6 +372,29 @@ pub const CONSOLE_FILE: Scenario = Scenario {
         outer_gic: OuterGic::V2,
 };
 
+pub const CONTROL_SOCKET: Scenario = Scenario {
+        name: "control-socket",
+        about: "--control PATH: another program pauses (no guest progress while paused), resumes, asks the status of and stops the VM with JSON lines; a bad command is an error; the socket file goes with hvrun",
+        artifacts: &["Image", "initramfs.cpio"],
+        script: include_str!("../../scenarios/control-socket.sh"),
+        exit_code: 0,
+        markers: &[
+            "control: pause -> {\"ok\":true}",
+            "control: status -> {\"ok\":true,\"paused\":true}",
+            "control: no tick while paused",
+            "control: resume -> {\"ok\":true}",
+            "control: ticks again after the resume",
+            "control: bogus -> {\"ok\":false,\"error\":\"bad command: unknown variant `reboot`",
+            "control: stop -> {\"ok\":true}",
+            "hvrun exit 5",
+            "control: the socket file is gone",
+        ],
+        forbidden: &["FAIL", "panicked", "hvrun: error"],
+        timeout_secs: 180,
+        exchange: None,
+        outer_gic: OuterGic::V2,
+};
+
 pub const POWER_BUTTON: Scenario = Scenario {
         name: "power-button",
         about: "SIGTERM or SIGINT to hvrun presses the guest's power button (virtio-input, KEY_POWER): Debian's stock kernel and hvrun's own take their shutdown path and hvrun exits 0; a second signal stops a guest that ignores it",
@@ -420,6 +443,7 @@ pub const BAD_INPUT: Scenario = Scenario {
                  check --kernel /guest/vmlinuz --backend hvf\n\
                  check --kernel /guest/vmlinuz --net unixgram=/tmp/nobody-listens.sock\n\
                  check --kernel /guest/vmlinuz --console socket=/guest/vmlinuz\n\
+                 check --kernel /guest/vmlinuz --control /guest/vmlinuz\n\
                  check --kernel /guest/vmlinuz --backend vz\n\
                  check --kernel /guest/vmlinuz --rosetta\n\
                  check --kernel /guest/vmlinuz --share /tmp:tmp\n\
@@ -449,6 +473,7 @@ pub const BAD_INPUT: Scenario = Scenario {
             "[rc=2 lines=1] hvrun: error: --backend hvf: Hypervisor.framework exists on macOS only",
             "[rc=1 lines=1] hvrun: error: --net unixgram=/tmp/nobody-listens.sock: No such file or directory",
             "[rc=1 lines=1] hvrun: error: console: --console socket=/guest/vmlinuz: exists and is not a socket",
+            "[rc=1 lines=1] hvrun: error: --control /guest/vmlinuz: exists and is not a socket",
             "[rc=2 lines=1] hvrun: error: --backend vz: Virtualization.framework exists on macOS only",
             "[rc=2 lines=1] hvrun: error: --rosetta needs --backend vz (Apple's Virtualization.framework, on macOS)",
             "[rc=2 lines=1] hvrun: error: --share needs --backend vz",

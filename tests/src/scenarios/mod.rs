@@ -36,6 +36,7 @@ pub const ALL: &[Scenario] = &[
     embed::EMBED_DEVICE,
     disk::DISK_BOOT,
     machine::CONSOLE_FILE,
+    machine::CONTROL_SOCKET,
     net::NET_TAP,
     net::NET_UNIXGRAM,
     net::NET_UNIXSTREAM,

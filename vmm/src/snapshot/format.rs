@@ -14,7 +14,8 @@
 //! a snapshot from another hvrun format is refused with both versions named, not
 //! misread.
 
-use std::io::Write;
+use std::collections::HashSet;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -29,6 +30,9 @@ pub const VERSION: u32 = 1;
 /// The largest state file read (guest RAM is a file of its own): a bound on what a
 /// damaged or hostile file can make hvrun allocate.
 pub const MAX_STATE: u64 = 64 << 20;
+/// The most sections a state file has (a machine's vCPUs, interrupt controller and
+/// devices are a few hundred at most): a bound on the work a hostile file can cause.
+pub const MAX_SECTIONS: u32 = 4096;
 /// Bytes of the trailer.
 const TRAILER: usize = END.len() + 4;
 /// Bytes of the header.
@@ -88,11 +92,15 @@ impl Writer {
         Writer::default()
     }
 
-    /// Adds the section `name` holding `value`. Names are at most 255 bytes and unique.
+    /// Adds the section `name` holding `value`. Names are at most 255 bytes and unique,
+    /// and there are at most [`MAX_SECTIONS`].
     pub fn add<T: Serialize>(&mut self, name: &str, value: &T) -> Result<(), FormatError> {
         let encode = |why: String| FormatError::Encode { section: name.into(), why };
         if name.len() > usize::from(u8::MAX) || self.sections.iter().any(|(n, _)| n == name) {
             return Err(encode("the name is too long or used twice".into()));
+        }
+        if self.sections.len() >= MAX_SECTIONS as usize {
+            return Err(encode(format!("more than {MAX_SECTIONS} sections")));
         }
         let payload = postcard::to_stdvec(value).map_err(|e| encode(e.to_string()))?;
         self.sections.push((name.into(), payload));
@@ -125,17 +133,20 @@ impl Writer {
     /// Writes the file at `path` durably: to a temporary file beside it, synced, then
     /// renamed over `path` (a crash leaves the old file or the new one, never half).
     pub fn write(&self, path: &Path) -> Result<(), FormatError> {
+        let bytes = self.to_bytes();
+        if bytes.len() as u64 > MAX_STATE {
+            return Err(FormatError::TooBig(bytes.len() as u64));
+        }
         let mut name = path.file_name().unwrap_or_default().to_os_string();
         name.push(".partial");
         let partial = path.with_file_name(name);
         let mut file = std::fs::File::create(&partial)?;
-        file.write_all(&self.to_bytes())?;
+        file.write_all(&bytes)?;
         file.sync_all()?;
         std::fs::rename(&partial, path)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // The rename is durable once the directory is.
-            std::fs::File::open(dir)?.sync_all()?;
-        }
+        // The rename is durable once the directory is.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()?;
         Ok(())
     }
 }
@@ -147,13 +158,20 @@ pub struct StateFile {
 }
 
 impl StateFile {
-    /// Reads and checks the file at `path`.
+    /// Reads and checks the file at `path`: a regular file (a FIFO or a device would
+    /// never end), read no further than [`MAX_STATE`] bytes even if it grows meanwhile.
     pub fn read(path: &Path) -> Result<Self, FormatError> {
-        let len = std::fs::metadata(path)?.len();
-        if len > MAX_STATE {
-            return Err(FormatError::TooBig(len));
+        let file = std::fs::File::open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(FormatError::Damaged("the state file is not a regular file".into()));
         }
-        Self::parse(&std::fs::read(path)?)
+        if meta.len() > MAX_STATE {
+            return Err(FormatError::TooBig(meta.len()));
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_STATE + 1).read_to_end(&mut bytes)?;
+        Self::parse(&bytes)
     }
 
     /// Checks `bytes` as a state file and splits it into its sections.
@@ -164,6 +182,8 @@ impl StateFile {
         }
         let mut at = Cursor { bytes, at: MAGIC.len() };
         let found = at.u32().ok_or_else(|| damaged("no version"))?;
+        // The version before the checksums: a later format may lay out the rest
+        // differently, and must be named as such, not as a damaged file.
         if found != VERSION {
             return Err(FormatError::Version { found });
         }
@@ -183,7 +203,11 @@ impl StateFile {
         }
         let mut at = Cursor { bytes: content, at: MAGIC.len() + 4 };
         let count = at.u32().ok_or_else(|| damaged("no section count"))?;
+        if count > MAX_SECTIONS {
+            return Err(FormatError::Damaged(format!("{count} sections, more than {MAX_SECTIONS}")));
+        }
         let mut sections: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut names = HashSet::new();
         for _ in 0..count {
             let name_len = usize::from(at.take(1).ok_or_else(|| damaged("a section is cut short"))?[0]);
             let name = at.take(name_len).ok_or_else(|| damaged("a section is cut short"))?;
@@ -200,7 +224,7 @@ impl StateFile {
             if hasher.finalize() != crc {
                 return Err(FormatError::Damaged(format!("the `{name}` section's checksum does not match")));
             }
-            if sections.iter().any(|(n, _)| n == name) {
+            if !names.insert(name) {
                 return Err(FormatError::Damaged(format!("two `{name}` sections")));
             }
             sections.push((name.into(), payload.to_vec()));

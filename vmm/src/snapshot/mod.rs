@@ -1,6 +1,6 @@
 //! Snapshots: a paused VM saved to a directory, to be continued by a new process.
 //!
-//! A snapshot directory holds the state file (`state`, see [`format`]): what the restore
+//! A snapshot directory holds the state file (`state`, see [`format`](mod@format)): what the restore
 //! must honour ([`Requirements`], checked before anything else is read) and the state of
 //! the vCPUs, the interrupt controller and the devices, each a section of its own. Guest
 //! RAM is a file of its own beside it, mapped on restore so pages load on first touch.
@@ -31,8 +31,11 @@ pub enum IrqChip {
     GicV3,
 }
 
-/// What a host must offer to continue a snapshot. [`Requirements::check`] compares
-/// a snapshot's with the restoring host's.
+/// What a snapshot's machine is and needs. [`Requirements::check`] compares a
+/// snapshot's with what the restoring host offers: the hypervisor, the interrupt
+/// controller and the CPU's features. The vCPU count and RAM ranges are not the host's
+/// to offer: the restore builds the machine with the snapshot's (a host that cannot
+/// fails there, as any machine too large for it does).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Requirements {
     /// The hypervisor.

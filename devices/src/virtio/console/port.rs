@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::Backend;
 use crate::virtio::iovec::{GuestIovecs, IovecBuf, MAX_IOVECS};
-use crate::virtio::worker::{Handler, PollWindow, Wake};
+use crate::virtio::worker::{Handler, PollWindow, Wake, BACKEND};
 use crate::virtio::{check_notified, has_pending, write_chain, Chains, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
@@ -151,7 +151,11 @@ impl Port {
                     return;
                 }
             }
-            if !whole {
+            // A backend that took only part waits for room, and says when it has some
+            // (a socket's writable event, an output thread's wake). A file gives no such
+            // sign: it is offered the rest at once (it took some, or refused and had
+            // the output dropped).
+            if !whole && !matches!(self.backend, Backend::File(_)) {
                 return;
             }
         }
@@ -396,7 +400,11 @@ impl Handler for Port {
     }
 
     fn notified(&mut self, registry: &Registry, queues: u32) {
-        self.window.woke();
+        if queues & !BACKEND != 0 {
+            // The driver's notification, not the output thread's: the time asleep
+            // tells how close together the guest's requests come.
+            self.window.woke();
+        }
         if let Some(run) = &self.running {
             check_notified(NAME, queues, &[&run.rx, &run.tx], run.memory.memory(), &run.interrupt);
         }

@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
 use super::*;
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -93,4 +95,26 @@ fn a_file_is_written_whole_and_read_back() {
     big.set_len(MAX_STATE + 1).unwrap();
     assert!(matches!(StateFile::read(&dir.join("big")), Err(FormatError::TooBig(_))));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn hostile_files_are_refused_cheaply() {
+    // A section count past the limit, with a valid checksum (an attacker can compute one).
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&MAGIC);
+    bytes.extend_from_slice(&VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(MAX_SECTIONS + 1).to_le_bytes());
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(b"HVRUNEND");
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    let e = StateFile::parse(&bytes).unwrap_err().to_string();
+    assert!(e.contains("4097 sections"), "{e}");
+    // Not a regular file: refused, not read forever.
+    let e = StateFile::read(Path::new("/dev/zero")).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    let mut w = Writer::new();
+    for i in 0..MAX_SECTIONS {
+        w.add(&i.to_string(), &()).unwrap();
+    }
+    assert!(w.add("one more", &()).is_err());
 }

@@ -1,0 +1,121 @@
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::*;
+
+/// A VM stand-in that counts what it was asked.
+#[derive(Default)]
+struct Fake {
+    paused: AtomicBool,
+    stops: AtomicUsize,
+    refuse_pause: bool,
+}
+
+impl Controls for Arc<Fake> {
+    fn pause(&self) -> Result<(), String> {
+        if self.refuse_pause {
+            return Err("a vCPU did not come out".into());
+        }
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+    fn paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+    fn stop(&self) {
+        self.stops.fetch_add(1, Ordering::SeqCst);
+    }
+    fn snapshot(&self, dir: &Path) -> Result<(), String> {
+        Err(format!("no snapshot to {}", dir.display()))
+    }
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap()
+}
+
+#[test]
+fn each_command_acts_and_answers_in_one_json_line() {
+    let fake = Arc::new(Fake::default());
+    assert_eq!(answer(&fake, r#"{"command":"pause"}"#), r#"{"ok":true}"#);
+    assert_eq!(answer(&fake, r#" {"command": "status"} "#), r#"{"ok":true,"paused":true}"#);
+    assert_eq!(json(&answer(&fake, r#"{"command":"resume"}"#)), json(r#"{"ok":true}"#));
+    assert!(!fake.paused.load(Ordering::SeqCst));
+    assert_eq!(json(&answer(&fake, r#"{"command":"stop"}"#)), json(r#"{"ok":true}"#));
+    assert_eq!(fake.stops.load(Ordering::SeqCst), 1);
+    let snap = answer(&fake, r#"{"command":"snapshot","dir":"/tmp/s"}"#);
+    assert_eq!(snap, r#"{"ok":false,"error":"no snapshot to /tmp/s"}"#, "ok first, then the error");
+    let refusing = Arc::new(Fake { refuse_pause: true, ..Fake::default() });
+    assert_eq!(json(&answer(&refusing, r#"{"command":"pause"}"#))["error"], "a vCPU did not come out");
+}
+
+#[test]
+fn malformed_or_unknown_commands_are_errors_that_change_nothing() {
+    let fake = Arc::new(Fake::default());
+    for line in [
+        "",
+        "pause",
+        "{",
+        "null",
+        r#"{"command":"reboot"}"#,
+        r#"{"command":"pause","now":true}"#,
+        r#"{"command":"snapshot"}"#,
+        r#"{"command":"snapshot","dir":7}"#,
+        r#"{"cmd":"pause"}"#,
+        "\u{0}\u{1}",
+    ] {
+        let reply = json(&answer(&fake, line));
+        assert_eq!(reply["ok"], false, "{line:?} -> {reply}");
+        assert!(reply["error"].as_str().unwrap().starts_with("bad command"), "{line:?} -> {reply}");
+    }
+    assert!(!fake.paused.load(Ordering::SeqCst) && fake.stops.load(Ordering::SeqCst) == 0);
+}
+
+#[test]
+fn the_socket_serves_clients_line_by_line_and_drops_overlong_lines() {
+    let path = std::env::temp_dir().join(format!("hvrun-test-{}-control.sock", std::process::id()));
+    // A stale socket file is replaced; a regular file is refused.
+    std::fs::write(&path, b"not a socket").unwrap();
+    let e = ControlSocket::bind(&path).unwrap_err().to_string();
+    assert!(e.starts_with("--control ") && e.contains("exists and is not a socket"), "{e}");
+    std::fs::remove_file(&path).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let fake = Arc::new(Fake::default());
+    let server = ControlSocket::bind(&path).unwrap().serve(Arc::clone(&fake));
+
+    let mut client = UnixStream::connect(&path).unwrap();
+    let mut replies = BufReader::new(client.try_clone().unwrap());
+    let mut reply = String::new();
+    client.write_all(b"{\"command\":\"pause\"}\n\n{\"command\":\"status\"}\n").unwrap();
+    replies.read_line(&mut reply).unwrap();
+    assert_eq!(json(&reply), json(r#"{"ok":true}"#));
+    reply.clear();
+    replies.read_line(&mut reply).unwrap();
+    assert_eq!(json(&reply), json(r#"{"ok":true,"paused":true}"#), "the blank line is skipped");
+
+    // A second client at the same time.
+    let mut other = UnixStream::connect(&path).unwrap();
+    other.write_all(b"{\"command\":\"resume\"}\n").unwrap();
+    reply.clear();
+    BufReader::new(other.try_clone().unwrap()).read_line(&mut reply).unwrap();
+    assert_eq!(json(&reply), json(r#"{"ok":true}"#));
+    assert!(!fake.paused.load(Ordering::SeqCst));
+
+    // An overlong line gets one error and the connection ends.
+    client.write_all(&vec![b'x'; MAX_LINE + 10]).unwrap();
+    reply.clear();
+    replies.read_line(&mut reply).unwrap();
+    assert!(json(&reply)["error"].as_str().unwrap().contains("at most"), "{reply}");
+    reply.clear();
+    // Closed: the end of the stream, or a reset for the bytes it never read.
+    assert!(!matches!(replies.read_line(&mut reply), Ok(n) if n > 0), "{reply}");
+
+    drop(server);
+    assert!(!path.exists(), "the socket file goes with the server");
+}
