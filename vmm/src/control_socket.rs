@@ -169,7 +169,15 @@ impl ControlSocket {
 fn accept(listener: &UnixListener, controls: &Arc<dyn Controls>) {
     let clients = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: wait a little rather than spin on it.
+                devices::warn_ratelimited!("--control: cannot accept a client: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
         if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
             clients.fetch_sub(1, Ordering::SeqCst);
             let mut stream = stream;
