@@ -12,7 +12,8 @@
 //! loop then spins on [`Handler::poll`] for that long, watching for a stop, so a busy
 //! device catches the driver's next request without a thread wake-up (and, with
 //! EVENT_IDX, without the driver notifying at all). [`PollWindow`] is the adaptive policy
-//! that keeps an idle device from spinning.
+//! that keeps an idle device from spinning. The spin yields the CPU every few polls, and
+//! a handler with host sockets ([`Handler::polls_sources`]) has them looked at in it.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -80,6 +81,13 @@ pub trait Handler: Send + 'static {
     }
     /// A window from [`Handler::poll_window`] passed with nothing found: the loop sleeps.
     fn poll_expired(&mut self) {}
+    /// True when the backend's own sources (host sockets) may become ready while the
+    /// loop spins and the spin should look at them too, without sleeping, every few
+    /// polls; otherwise a socket that turns readable or writable waits for the window
+    /// to end.
+    fn polls_sources(&self) -> bool {
+        false
+    }
 }
 
 struct Shared {
@@ -366,21 +374,32 @@ fn run<H: Handler>(handler: &mut H, poll: &mut Poll, shared: &Shared, notifiers:
         if events.is_empty() && !pending {
             handler.timeout(poll.registry());
         }
-        for event in events.iter() {
-            if event.token().0 < NOTIFIERS {
-                handler.ready(poll.registry(), event);
-            }
-        }
-        // Truncation keeps the queue bits: SLEEPING is clear here (only this loop sets it).
-        let queues = shared.state.swap(0, Ordering::SeqCst) as u32 | notified_by(&events, notifiers);
-        if queues != 0 {
-            handler.notified(poll.registry(), queues);
-        }
-        busy = match spin(handler, poll.registry(), shared) {
+        dispatch(handler, poll.registry(), &events, shared, notifiers);
+        busy = match spin(handler, poll, &mut events, shared, notifiers) {
             Spin::Stop => return,
             Spin::Idle => false,
             Spin::Budget => true,
         };
+    }
+}
+
+/// Hands the handler the sources that are ready and the queues notified.
+fn dispatch<H: Handler>(
+    handler: &mut H,
+    registry: &Registry,
+    events: &Events,
+    shared: &Shared,
+    notifiers: &[(u32, QueueNotifier)],
+) {
+    for event in events.iter() {
+        if event.token().0 < NOTIFIERS {
+            handler.ready(registry, event);
+        }
+    }
+    // Truncation keeps the queue bits: SLEEPING is clear here (only this loop sets it).
+    let queues = shared.state.swap(0, Ordering::SeqCst) as u32 | notified_by(events, notifiers);
+    if queues != 0 {
+        handler.notified(registry, queues);
     }
 }
 
@@ -404,8 +423,15 @@ const SPIN_BUDGET: Duration = Duration::from_millis(1);
 /// is awake): the handler's poll sees their work in its queues, and the loop passes the
 /// bits on before it sleeps. A spin that keeps finding work ends after [`SPIN_BUDGET`],
 /// so the loop still looks at the device's other event sources (a socket's readiness,
-/// a deadline) while the driver keeps it busy.
-fn spin<H: Handler>(handler: &mut H, registry: &Registry, shared: &Shared) -> Spin {
+/// a deadline) while the driver keeps it busy. A handler that
+/// [`Handler::polls_sources`] has them looked at, without sleeping, every few polls.
+fn spin<H: Handler>(
+    handler: &mut H,
+    poll: &mut Poll,
+    events: &mut Events,
+    shared: &Shared,
+    notifiers: &[(u32, QueueNotifier)],
+) -> Spin {
     let started = Instant::now();
     let mut window = handler.poll_window();
     while !window.is_zero() {
@@ -419,18 +445,40 @@ fn spin<H: Handler>(handler: &mut H, registry: &Registry, shared: &Shared) -> Sp
             if shared.stop.load(Ordering::SeqCst) {
                 return Spin::Stop;
             }
-            if handler.poll(registry) {
+            if handler.poll(poll.registry()) {
                 break;
             }
-            if spins % 8 == 0 && Instant::now() >= until {
-                handler.poll_expired();
-                return Spin::Idle;
+            if spins % 8 == 0 {
+                if handler.polls_sources() && ready_now(poll, events) {
+                    dispatch(handler, poll.registry(), events, shared, notifiers);
+                    break;
+                }
+                if Instant::now() >= until {
+                    handler.poll_expired();
+                    return Spin::Idle;
+                }
+                // A thread waiting for the CPU (the driver's, or the host peer's on a
+                // host with fewer cores than busy threads) gets it now and then, rather
+                // than at the end of the window: the vsock rows of `cargo xtask bench`
+                // went from 22-30 to 16 µs per 64 KiB guest-to-host on the 2-core
+                // machine of docs/BENCHMARKS.md (no other row lost). With a core free,
+                // the yield returns at once.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
             }
-            std::hint::spin_loop();
         }
         window = handler.poll_window();
     }
     Spin::Idle
+}
+
+/// Looks at the loop's sources without waiting; true when some are ready (in `events`).
+fn ready_now(poll: &mut Poll, events: &mut Events) -> bool {
+    match poll.poll(events, Some(Duration::ZERO)) {
+        Ok(()) => !events.is_empty(),
+        Err(_) => false,
+    }
 }
 
 /// How long a device keeps polling its queues after it runs dry before it sleeps, adapted

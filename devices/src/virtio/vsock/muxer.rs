@@ -643,6 +643,12 @@ impl Handler for Muxer {
         self.window.expired();
     }
 
+    /// Host streams turn readable (data for the guest) and writable (room for what the
+    /// guest sent) while the device polls its queues.
+    fn polls_sources(&self) -> bool {
+        !self.conns.is_empty()
+    }
+
     fn next_timeout(&self) -> Option<Duration> {
         let clients = self.clients.values().map(|c| c.deadline);
         let earliest = self.conns.values().filter_map(|c| c.expiry).chain(clients).chain(self.accept_retry).min();

@@ -210,3 +210,52 @@ fn a_slot_hears_its_notifiers_as_the_bits_they_were_given_across_restarts() {
     let (big, _ring) = pipe_notifier(40);
     assert!(!slot.watch(40, big), "no bit past 31");
 }
+
+/// A handler with a host socket of its own that asks the spin to look at it.
+struct Sources {
+    stream: mio::net::UnixStream,
+    ready: Arc<AtomicU64>,
+    polls: Arc<AtomicU64>,
+}
+
+impl Handler for Sources {
+    fn register(&mut self, registry: &Registry) -> io::Result<()> {
+        registry.register(&mut self.stream, mio::Token(1), mio::Interest::READABLE)
+    }
+    fn notified(&mut self, _registry: &Registry, _queues: u32) {}
+    fn ready(&mut self, _registry: &Registry, _event: &Event) {
+        let mut scratch = [0u8; 64];
+        while matches!(io::Read::read(&mut self.stream, &mut scratch), Ok(n) if n > 0) {}
+        self.ready.fetch_add(1, Ordering::SeqCst);
+    }
+    fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.stream);
+    }
+    fn detach(&mut self) {}
+    fn poll_window(&mut self) -> Duration {
+        Duration::from_secs(3600)
+    }
+    fn poll(&mut self, _registry: &Registry) -> bool {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        false
+    }
+    fn polls_sources(&self) -> bool {
+        true
+    }
+}
+
+/// A socket that turns readable while the loop spins (an hour's window, polls that find
+/// nothing) is served in the spin, not when the window ends.
+#[test]
+fn a_source_that_turns_ready_while_the_loop_spins_is_served_at_once() {
+    let (ours, mut peer) = mio::net::UnixStream::pair().unwrap();
+    let sources = Sources { stream: ours, ready: Arc::default(), polls: Arc::default() };
+    let (ready, polls) = (sources.ready.clone(), sources.polls.clone());
+    let worker = Worker::spawn("worker-test", sources, Arc::default()).map_err(|(_, e)| e).unwrap();
+    wait_for("polling", || polls.load(Ordering::SeqCst) > 100);
+    for round in 1..=3 {
+        peer.write_all(b"x").unwrap();
+        wait_for("the socket's readiness, while the loop spins", || ready.load(Ordering::SeqCst) >= round);
+    }
+    assert!(worker.stop().is_some());
+}
