@@ -3,7 +3,7 @@
 //! nowhere (XZR); and the feature registers a vCPU is given. Portable, so it is tested on
 //! any host.
 
-use crate::Reg;
+use crate::{Reg, SysReg};
 
 /// `hv_reg_t` of the program counter and of CPSR (Apple's `HV_REG_PC`, `HV_REG_CPSR`).
 const HV_REG_PC: u32 = 31;
@@ -63,9 +63,161 @@ pub const fn visible_features(pfr0: u64, pfr1: u64, kernel_gic: bool, el2: bool)
     (with_field(pfr0, GIC_SHIFT, gic), with_field(pfr1, SME_SHIFT, 0))
 }
 
+/// `hv_reg_t` of FPCR and FPSR (Apple's `HV_REG_FPCR`, `HV_REG_FPSR`).
+const HV_REG_FPCR: u32 = 32;
+const HV_REG_FPSR: u32 = 33;
+
+/// A register of a vCPU's saved state on Hypervisor.framework, which has no register
+/// list to ask: the explicit list is [`state_regs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StateReg {
+    /// A general register (`hv_reg_t`: X0..X30, PC, FPCR, FPSR, CPSR), 8 bytes.
+    General(u32),
+    /// A SIMD/FP register Q0..Q31 (`hv_simd_fp_reg_t`), 16 bytes.
+    Simd(u8),
+    /// A system register (`hv_sys_reg_t`, its encoding), 8 bytes.
+    System(u16),
+    /// The guest's virtual counter (CNTVCT_EL0) when it was saved, 8 bytes: a restore
+    /// sets the VM's counter offset so the guest's counter goes on from it.
+    VirtualCounter,
+}
+
+/// The id-space tags of [`StateReg::id`].
+const TAG_SHIFT: u32 = 32;
+const TAG_GENERAL: u64 = 1;
+const TAG_SIMD: u64 = 2;
+const TAG_SYSTEM: u64 = 3;
+const TAG_COUNTER: u64 = 4;
+
+impl StateReg {
+    /// Its id in a saved [`crate::state::VcpuState`].
+    pub const fn id(self) -> u64 {
+        match self {
+            StateReg::General(n) => TAG_GENERAL << TAG_SHIFT | n as u64,
+            StateReg::Simd(n) => TAG_SIMD << TAG_SHIFT | n as u64,
+            StateReg::System(enc) => TAG_SYSTEM << TAG_SHIFT | enc as u64,
+            StateReg::VirtualCounter => TAG_COUNTER << TAG_SHIFT,
+        }
+    }
+
+    /// The register an id names, if it is one of [`state_regs`].
+    pub fn from_id(id: u64) -> Option<StateReg> {
+        state_regs().find(|r| r.id() == id)
+    }
+
+    /// How many bytes it holds.
+    pub const fn width(self) -> usize {
+        match self {
+            StateReg::Simd(_) => 16,
+            _ => 8,
+        }
+    }
+}
+
+/// The system registers of a vCPU's saved state: every EL1 and EL0 register a guest can
+/// set and the framework lets the VMM read and write (the list QEMU's
+/// `target/arm/hvf/hvf.c` keeps, checked against `hv_sys_reg_t`): translation
+/// (SCTLR, TCR, TTBR0/1, MAIR, AMAIR), exceptions (VBAR, ELR, SPSR, ESR, FAR, PAR, AFSR0/1),
+/// stacks and thread ids (SP_EL0/1, TPIDR_EL0/EL1, TPIDRRO_EL0, CONTEXTIDR), CPACR,
+/// CNTKCTL, CSSELR, the virtual timer (CNTV_CTL, CNTV_CVAL), the debug registers (MDSCR,
+/// MDCCINT, the 16 breakpoint and watchpoint pairs), the pointer-authentication keys,
+/// and the identity registers hvrun sets at creation (MPIDR, ID_AA64PFR0/1).
+const SYSTEM_STATE: &[(u8, u8, u8, u8, u8)] = &[
+    (3, 0, 0, 0, 5),  // MPIDR_EL1
+    (3, 0, 0, 4, 0),  // ID_AA64PFR0_EL1
+    (3, 0, 0, 4, 1),  // ID_AA64PFR1_EL1
+    (3, 0, 1, 0, 0),  // SCTLR_EL1
+    (3, 0, 1, 0, 2),  // CPACR_EL1
+    (3, 0, 2, 0, 0),  // TTBR0_EL1
+    (3, 0, 2, 0, 1),  // TTBR1_EL1
+    (3, 0, 2, 0, 2),  // TCR_EL1
+    (3, 0, 2, 1, 0),  // APIAKEYLO_EL1
+    (3, 0, 2, 1, 1),  // APIAKEYHI_EL1
+    (3, 0, 2, 1, 2),  // APIBKEYLO_EL1
+    (3, 0, 2, 1, 3),  // APIBKEYHI_EL1
+    (3, 0, 2, 2, 0),  // APDAKEYLO_EL1
+    (3, 0, 2, 2, 1),  // APDAKEYHI_EL1
+    (3, 0, 2, 2, 2),  // APDBKEYLO_EL1
+    (3, 0, 2, 2, 3),  // APDBKEYHI_EL1
+    (3, 0, 2, 3, 0),  // APGAKEYLO_EL1
+    (3, 0, 2, 3, 1),  // APGAKEYHI_EL1
+    (3, 0, 4, 0, 0),  // SPSR_EL1
+    (3, 0, 4, 0, 1),  // ELR_EL1
+    (3, 0, 4, 1, 0),  // SP_EL0
+    (3, 4, 4, 1, 0),  // SP_EL1
+    (3, 0, 5, 1, 0),  // AFSR0_EL1
+    (3, 0, 5, 1, 1),  // AFSR1_EL1
+    (3, 0, 5, 2, 0),  // ESR_EL1
+    (3, 0, 6, 0, 0),  // FAR_EL1
+    (3, 0, 7, 4, 0),  // PAR_EL1
+    (3, 0, 10, 2, 0), // MAIR_EL1
+    (3, 0, 10, 3, 0), // AMAIR_EL1
+    (3, 0, 12, 0, 0), // VBAR_EL1
+    (3, 0, 13, 0, 1), // CONTEXTIDR_EL1
+    (3, 0, 13, 0, 4), // TPIDR_EL1
+    (3, 0, 14, 1, 0), // CNTKCTL_EL1
+    (3, 2, 0, 0, 0),  // CSSELR_EL1
+    (3, 3, 13, 0, 2), // TPIDR_EL0
+    (3, 3, 13, 0, 3), // TPIDRRO_EL0
+    (3, 3, 14, 3, 1), // CNTV_CTL_EL0
+    (3, 3, 14, 3, 2), // CNTV_CVAL_EL0
+    (2, 0, 0, 2, 0),  // MDCCINT_EL1
+    (2, 0, 0, 2, 2),  // MDSCR_EL1
+];
+
+/// Every register of a vCPU's saved state on Hypervisor.framework, in the order a
+/// restore writes them (the identity registers first).
+pub fn state_regs() -> impl Iterator<Item = StateReg> + Clone {
+    let general = (0..=30).chain([HV_REG_PC, HV_REG_FPCR, HV_REG_FPSR, HV_REG_CPSR]).map(StateReg::General);
+    let simd = (0..32).map(StateReg::Simd);
+    let system = SYSTEM_STATE
+        .iter()
+        .map(|&(op0, op1, crn, crm, op2)| StateReg::System(SysReg::new(op0, op1, crn, crm, op2).encoding()));
+    // DBGBVRn, DBGBCRn, DBGWVRn, DBGWCRn: op0 2, op1 0, CRn 0, CRm n, op2 4..7.
+    let debug =
+        (0..16u8).flat_map(|n| (4..8u8).map(move |op2| StateReg::System(SysReg::new(2, 0, 0, n, op2).encoding())));
+    general.chain(simd).chain(system).chain(debug).chain([StateReg::VirtualCounter])
+}
+
+/// The width in bytes of a saved register id, for [`crate::state::VcpuState::check`].
+pub fn state_width(id: u64) -> Option<usize> {
+    StateReg::from_id(id).map(StateReg::width)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_saved_list_has_what_the_issue_names_once_each_and_ids_round_trip() {
+        let all: Vec<StateReg> = state_regs().collect();
+        let unique: std::collections::HashSet<u64> = all.iter().map(|r| r.id()).collect();
+        assert_eq!(unique.len(), all.len(), "no register twice");
+        assert_eq!(all.len(), 35 + 32 + SYSTEM_STATE.len() + 64 + 1);
+        for reg in &all {
+            assert_eq!(StateReg::from_id(reg.id()), Some(*reg));
+            assert_eq!(state_width(reg.id()), Some(reg.width()));
+        }
+        assert_eq!(state_width(0x3_0000_0000 | 0xffff), None, "not on the list");
+        let system = |op0, op1, crn, crm, op2| StateReg::System(SysReg::new(op0, op1, crn, crm, op2).encoding());
+        let must = [
+            system(3, 0, 1, 0, 0),  // SCTLR_EL1
+            system(3, 0, 2, 0, 2),  // TCR_EL1
+            system(3, 0, 12, 0, 0), // VBAR_EL1
+            system(3, 4, 4, 1, 0),  // SP_EL1
+            system(3, 0, 2, 3, 1),  // APGAKEYHI_EL1
+            system(3, 3, 14, 3, 2), // CNTV_CVAL_EL0
+            system(2, 0, 0, 15, 7), // DBGWCR15_EL1
+            StateReg::General(HV_REG_CPSR),
+            StateReg::Simd(31),
+            StateReg::VirtualCounter,
+        ];
+        for reg in must {
+            assert!(all.contains(&reg), "{reg:?} is saved");
+        }
+        // SP_EL0 is where `place` says it is.
+        assert!(all.contains(&StateReg::System(HV_SYS_REG_SP_EL0)));
+    }
 
     /// Issue 14, fixes 3 and 4: SME was left visible, and the GIC field was whatever the
     /// framework said, whichever GIC served the guest.

@@ -1,6 +1,7 @@
 //! KVM's `KVM_{GET,SET}_ONE_REG` ids for arm64 registers (Documentation/virt/kvm/api.rst,
 //! "ARM64 registers"), computed in portable code so they are tested on any host.
 
+use crate::state::Power;
 use crate::Reg;
 
 /// `KVM_REG_ARM64`: the architecture field of a register id.
@@ -80,9 +81,75 @@ pub const fn cpu_irq_line(vcpu: u32) -> Option<u32> {
     )
 }
 
+/// `KVM_REG_ARCH_MASK`: the architecture field of a register id.
+const REG_ARCH_MASK: u64 = 0xff00_0000_0000_0000;
+/// `KVM_REG_SIZE_SHIFT` and `KVM_REG_SIZE_MASK`: log2 of the register's size in bytes.
+const REG_SIZE_SHIFT: u32 = 52;
+const REG_SIZE_MASK: u64 = 0x00f0_0000_0000_0000;
+
+/// How many bytes register `id` holds, from the size its id carries (`KVM_REG_SIZE`), for
+/// an arm64 id of at most 2048 bits (SVE's Z registers); `None` for anything else.
+pub const fn reg_width(id: u64) -> Option<usize> {
+    if id & REG_ARCH_MASK != REG_ARM64 {
+        return None;
+    }
+    let log2 = (id & REG_SIZE_MASK) >> REG_SIZE_SHIFT;
+    if log2 > 8 {
+        return None;
+    }
+    Some(1 << log2)
+}
+
+/// `KVM_MP_STATE_RUNNABLE`, `KVM_MP_STATE_STOPPED` and `KVM_MP_STATE_SUSPENDED`, the
+/// power states KVM gives an arm64 vCPU.
+pub const MP_STATE_RUNNABLE: u32 = 0;
+/// See [`MP_STATE_RUNNABLE`].
+pub const MP_STATE_STOPPED: u32 = 3;
+/// See [`MP_STATE_RUNNABLE`].
+pub const MP_STATE_SUSPENDED: u32 = 4;
+
+/// A KVM power state as a [`Power`]; `None` for one arm64 KVM does not have.
+pub const fn power_of(mp_state: u32) -> Option<Power> {
+    match mp_state {
+        MP_STATE_RUNNABLE => Some(Power::On),
+        MP_STATE_STOPPED => Some(Power::Off),
+        MP_STATE_SUSPENDED => Some(Power::Suspended),
+        _ => None,
+    }
+}
+
+/// The KVM power state of a [`Power`].
+pub const fn mp_state_of(power: Power) -> u32 {
+    match power {
+        Power::On => MP_STATE_RUNNABLE,
+        Power::Off => MP_STATE_STOPPED,
+        Power::Suspended => MP_STATE_SUSPENDED,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_register_id_says_how_wide_it_is() {
+        assert_eq!(reg_width(one_reg_id(Reg::Pc).unwrap()), Some(8));
+        // V0 (`KVM_REG_ARM_CORE_REG(fp_regs.vregs[0])`, 128 bits) and FPSR (32 bits).
+        assert_eq!(reg_width(0x6040_0000_0010_0054), Some(16));
+        assert_eq!(reg_width(0x6020_0000_0010_00d4), Some(4));
+        // SVE's Z0 slice 0 (2048 bits).
+        assert_eq!(reg_width(0x6080_0000_0015_0000), Some(256));
+        assert_eq!(reg_width(0x6090_0000_0015_0000), None, "past 2048 bits");
+        assert_eq!(reg_width(0x4030_0000_0010_0000), None, "x86's id space");
+    }
+
+    #[test]
+    fn power_states_round_trip() {
+        for power in [Power::On, Power::Off, Power::Suspended] {
+            assert_eq!(power_of(mp_state_of(power)), Some(power));
+        }
+        assert_eq!(power_of(1), None, "KVM_MP_STATE_UNINITIALIZED is x86's");
+    }
 
     #[test]
     fn cpu_irq_lines() {

@@ -27,6 +27,7 @@ pub mod kvm;
 pub mod kvm_regs;
 pub mod mapped;
 pub mod raw;
+pub mod state;
 
 #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
 pub mod hvf;
@@ -273,5 +274,16 @@ pub trait Vcpu {
     /// exits itself (KVM).
     fn recent_exits(&mut self) -> Vec<String> {
         Vec::new()
+    }
+    /// Everything the guest can observe of this vCPU, for a snapshot. Called on the
+    /// vCPU's own thread while it is out of [`Vcpu::run`] (the VM paused).
+    fn save_state(&mut self) -> Result<state::VcpuState> {
+        Err(Error::Unsupported("this hypervisor backend cannot save a vCPU's state".into()))
+    }
+    /// Puts back a state [`Vcpu::save_state`] gave, on a vCPU created for it and not yet
+    /// run. The state is checked first; nothing is written when it does not fit.
+    fn restore_state(&mut self, state: &state::VcpuState) -> Result<()> {
+        let _ = state;
+        Err(Error::Unsupported("this hypervisor backend cannot restore a vCPU's state".into()))
     }
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use crate::bus::{lock, read_le, write_le, MmioDevice};
 use crate::irq::IrqLine;
 use crate::warn_ratelimited;
-pub use state::{GicState, MAX_CPUS, NUM_SPIS, SPURIOUS};
+pub use state::{GicRestoreError, GicState, SavedGic, MAX_CPUS, NUM_SPIS, SPURIOUS};
 
 /// The INTID of the EL1 virtual timer's PPI.
 pub const VTIMER_PPI: u32 = 27;
@@ -50,6 +50,17 @@ impl Gic {
         let result = f(&mut state);
         state.update(&*self.sink);
         result
+    }
+
+    /// The GIC's whole state, for a snapshot.
+    pub fn save(&self) -> SavedGic {
+        lock(&self.state).save()
+    }
+
+    /// Puts back a state [`Gic::save`] gave (checked whole first: a refused one changes
+    /// nothing), then drives the CPU lines it raises.
+    pub fn restore(&self, saved: &SavedGic) -> Result<(), GicRestoreError> {
+        self.with(|state| state.restore(saved))
     }
 
     /// The distributor window (4 KiB of registers).

@@ -14,6 +14,9 @@
 
 use super::CpuIrqSink;
 
+mod saved;
+pub use saved::{GicRestoreError, SavedCpu, SavedGic, SavedIrq};
+
 /// Number of SGIs.
 pub const NUM_SGIS: u32 = 16;
 /// First SPI id.

@@ -19,16 +19,18 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_userspace_memory_region, kvm_vcpu_events, kvm_vcpu_init, KVM_ARM_VCPU_HAS_EL2,
-    KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_CAP_ARM_INJECT_EXT_DABT, KVM_CAP_ARM_NISV_TO_USER,
-    KVM_EXIT_ARM_NISV, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_enable_cap, kvm_mp_state, kvm_userspace_memory_region, kvm_vcpu_events, kvm_vcpu_init, RegList,
+    KVM_ARM_VCPU_HAS_EL2, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_CAP_ARM_INJECT_EXT_DABT,
+    KVM_CAP_ARM_NISV_TO_USER, KVM_EXIT_ARM_NISV, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, DeviceFd, IoEventAddress, Kvm as KvmFd, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::kvm_regs::{cpu_irq_line, one_reg_id};
+use crate::kvm_regs::{cpu_irq_line, mp_state_of, one_reg_id, power_of, reg_width};
 use crate::mapped::Mapped;
+use crate::state::{PendingSerror, RegValue, VcpuState, MAX_REGS, MAX_REG_BYTES};
 use crate::{Error, GicV3Layout, GicV3Needs, GuestRam, Kicker, Reg, Result, SpiSink, SystemEvent, VcpuExit, VmConfig};
 
 /// `KVM_CAP_ARM_EL2` (Linux 6.16): KVM can give a guest EL2. Not in kvm-bindings 0.14.
@@ -402,6 +404,59 @@ impl crate::Vcpu for KvmVcpu {
         let mut bytes = [0u8; 8];
         self.fd.get_one_reg(reg_id(reg)?, &mut bytes).map_err(platform("KVM_GET_ONE_REG"))?;
         Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// Every register KVM lists for this vCPU (`KVM_GET_REG_LIST`: core, FP/SIMD, system
+    /// registers with the timer's, the firmware's pseudo-registers, the cache geometry),
+    /// so nothing a new kernel or CPU adds is forgotten; then the power state and a
+    /// pending SError. The timer's `KVM_REG_ARM_TIMER_CNT` is among them: written back,
+    /// it sets the VM's counter offset, so the guest's counter goes on from the value
+    /// saved, without the time the VM spent saved.
+    fn save_state(&mut self) -> Result<VcpuState> {
+        let mut list = RegList::new(MAX_REGS).map_err(|_| Error::Unsupported("a register list".into()))?;
+        self.fd.get_reg_list(&mut list).map_err(platform("KVM_GET_REG_LIST"))?;
+        let mut regs = Vec::with_capacity(list.as_slice().len());
+        let mut bytes = [0u8; MAX_REG_BYTES];
+        for &id in list.as_slice() {
+            let width = reg_width(id).filter(|&w| w <= MAX_REG_BYTES).ok_or_else(|| {
+                Error::Unsupported(format!("KVM lists register {id:#x}, whose size hvrun cannot save"))
+            })?;
+            self.fd.get_one_reg(id, &mut bytes[..width]).map_err(platform("KVM_GET_ONE_REG"))?;
+            regs.push(RegValue { id, value: bytes[..width].to_vec() });
+        }
+        let mp = self.fd.get_mp_state().map_err(platform("KVM_GET_MP_STATE"))?;
+        let power = power_of(mp.mp_state)
+            .ok_or_else(|| Error::Unsupported(format!("KVM reports power state {}, unknown to hvrun", mp.mp_state)))?;
+        let events = self.fd.get_vcpu_events().map_err(platform("KVM_GET_VCPU_EVENTS"))?;
+        let serror = (events.exception.serror_pending != 0).then(|| PendingSerror {
+            esr: (events.exception.serror_has_esr != 0).then_some(events.exception.serror_esr),
+        });
+        Ok(VcpuState { regs, power, serror })
+    }
+
+    fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
+        state.check(reg_width).map_err(|e| Error::Unsupported(e.to_string()))?;
+        for reg in &state.regs {
+            self.fd.set_one_reg(reg.id, &reg.value).map_err(|e| Error::Platform {
+                call: "KVM_SET_ONE_REG",
+                source: std::io::Error::other(format!(
+                    "register {:#x}: {} (a snapshot from a different CPU or kernel?)",
+                    reg.id,
+                    std::io::Error::from_raw_os_error(e.errno())
+                )),
+            })?;
+        }
+        let mut events = kvm_vcpu_events::default();
+        if let Some(serror) = state.serror {
+            events.exception.serror_pending = 1;
+            if let Some(esr) = serror.esr {
+                events.exception.serror_has_esr = 1;
+                events.exception.serror_esr = esr;
+            }
+        }
+        self.fd.set_vcpu_events(&events).map_err(platform("KVM_SET_VCPU_EVENTS"))?;
+        let mp = kvm_mp_state { mp_state: mp_state_of(state.power) };
+        self.fd.set_mp_state(mp).map_err(platform("KVM_SET_MP_STATE"))
     }
 }
 
