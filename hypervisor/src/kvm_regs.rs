@@ -100,13 +100,16 @@ pub const fn reg_width(id: u64) -> Option<usize> {
     Some(1 << log2)
 }
 
-/// `KVM_MP_STATE_RUNNABLE`, `KVM_MP_STATE_STOPPED` and `KVM_MP_STATE_SUSPENDED`, the
-/// power states KVM gives an arm64 vCPU.
+/// `KVM_MP_STATE_RUNNABLE`, `KVM_MP_STATE_STOPPED` and `KVM_MP_STATE_SUSPENDED` (the
+/// uapi's 0, 5 and 10), the only power states arm64 KVM takes (`kvm_arch_vcpu_ioctl_set_mpstate`).
 pub const MP_STATE_RUNNABLE: u32 = 0;
 /// See [`MP_STATE_RUNNABLE`].
-pub const MP_STATE_STOPPED: u32 = 3;
+pub const MP_STATE_STOPPED: u32 = 5;
 /// See [`MP_STATE_RUNNABLE`].
-pub const MP_STATE_SUSPENDED: u32 = 4;
+pub const MP_STATE_SUSPENDED: u32 = 10;
+
+/// The ESR an SError may carry: its ISS (bits 24:0); KVM refuses anything above.
+pub const SERROR_ESR_MASK: u64 = 0x1ff_ffff;
 
 /// A KVM power state as a [`Power`]; `None` for one arm64 KVM does not have.
 pub const fn power_of(mp_state: u32) -> Option<Power> {
@@ -143,12 +146,15 @@ mod tests {
         assert_eq!(reg_width(0x4030_0000_0010_0000), None, "x86's id space");
     }
 
+    /// Review finding: STOPPED and SUSPENDED were 3 and 4 (x86's HALTED and
+    /// SIPI_RECEIVED), which arm64 KVM refuses: a powered-off vCPU could not be saved.
     #[test]
-    fn power_states_round_trip() {
+    fn power_states_are_the_uapi_values_and_round_trip() {
+        assert_eq!((mp_state_of(Power::On), mp_state_of(Power::Off), mp_state_of(Power::Suspended)), (0, 5, 10));
         for power in [Power::On, Power::Off, Power::Suspended] {
             assert_eq!(power_of(mp_state_of(power)), Some(power));
         }
-        assert_eq!(power_of(1), None, "KVM_MP_STATE_UNINITIALIZED is x86's");
+        assert_eq!(power_of(3), None, "KVM_MP_STATE_HALTED is x86's");
     }
 
     #[test]

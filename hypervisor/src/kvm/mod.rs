@@ -28,7 +28,7 @@ use kvm_ioctls::{Cap, DeviceFd, IoEventAddress, Kvm as KvmFd, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::kvm_regs::{cpu_irq_line, mp_state_of, one_reg_id, power_of, reg_width};
+use crate::kvm_regs::{cpu_irq_line, mp_state_of, one_reg_id, power_of, reg_width, SERROR_ESR_MASK};
 use crate::mapped::Mapped;
 use crate::state::{PendingSerror, RegValue, VcpuState, MAX_REGS, MAX_REG_BYTES};
 use crate::{Error, GicV3Layout, GicV3Needs, GuestRam, Kicker, Reg, Result, SpiSink, SystemEvent, VcpuExit, VmConfig};
@@ -338,6 +338,15 @@ fn reg_id(reg: Reg) -> Result<u64> {
     one_reg_id(reg).ok_or_else(|| Error::Unsupported(format!("no KVM register id for {reg:?}")))
 }
 
+impl KvmVcpu {
+    /// The ids of every register KVM gives this vCPU (`KVM_GET_REG_LIST`).
+    fn reg_ids(&self) -> Result<Vec<u64>> {
+        let mut list = RegList::new(MAX_REGS).map_err(|_| Error::Unsupported("a register list".into()))?;
+        self.fd.get_reg_list(&mut list).map_err(platform("KVM_GET_REG_LIST"))?;
+        Ok(list.as_slice().to_vec())
+    }
+}
+
 impl crate::IrqInput for KvmVcpu {
     fn vtimer_asserted(&mut self) -> bool {
         // SAFETY: with KVM_CAP_ARM_USER_IRQ, KVM keeps `s.regs` (kvm_sync_regs, one u64
@@ -413,11 +422,10 @@ impl crate::Vcpu for KvmVcpu {
     /// it sets the VM's counter offset, so the guest's counter goes on from the value
     /// saved, without the time the VM spent saved.
     fn save_state(&mut self) -> Result<VcpuState> {
-        let mut list = RegList::new(MAX_REGS).map_err(|_| Error::Unsupported("a register list".into()))?;
-        self.fd.get_reg_list(&mut list).map_err(platform("KVM_GET_REG_LIST"))?;
-        let mut regs = Vec::with_capacity(list.as_slice().len());
+        let ids = self.reg_ids()?;
+        let mut regs = Vec::with_capacity(ids.len());
         let mut bytes = [0u8; MAX_REG_BYTES];
-        for &id in list.as_slice() {
+        for id in ids {
             let width = reg_width(id).filter(|&w| w <= MAX_REG_BYTES).ok_or_else(|| {
                 Error::Unsupported(format!("KVM lists register {id:#x}, whose size hvrun cannot save"))
             })?;
@@ -434,8 +442,28 @@ impl crate::Vcpu for KvmVcpu {
         Ok(VcpuState { regs, power, serror })
     }
 
+    /// Checked whole before the first write: the saved registers must be exactly the
+    /// ones this vCPU has (a snapshot from another kernel or CPU lists others), and a
+    /// pending SError's syndrome must fit its ISS.
     fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
         state.check(reg_width).map_err(|e| Error::Unsupported(e.to_string()))?;
+        let ours: std::collections::HashSet<u64> = self.reg_ids()?.into_iter().collect();
+        if let Some(reg) = state.regs.iter().find(|r| !ours.contains(&r.id)) {
+            return Err(Error::Unsupported(format!(
+                "the snapshot has register {:#x}, which this host's KVM does not give a vCPU (taken on another kernel or CPU?)",
+                reg.id
+            )));
+        }
+        if state.regs.len() != ours.len() {
+            return Err(Error::Unsupported(format!(
+                "the snapshot saved {} of the {} registers this host's KVM gives a vCPU (taken on another kernel or CPU?)",
+                state.regs.len(),
+                ours.len()
+            )));
+        }
+        if state.serror.and_then(|s| s.esr).is_some_and(|esr| esr & !SERROR_ESR_MASK != 0) {
+            return Err(Error::Unsupported("the snapshot's pending SError has a syndrome past its ISS".into()));
+        }
         for reg in &state.regs {
             self.fd.set_one_reg(reg.id, &reg.value).map_err(|e| Error::Platform {
                 call: "KVM_SET_ONE_REG",

@@ -79,7 +79,8 @@ fn irq_of(saved: &SavedIrq) -> Result<Irq, GicRestoreError> {
     })
 }
 
-fn cpu_of(saved: &SavedCpu) -> Result<Cpu, GicRestoreError> {
+/// A saved CPU interface, checked, for a GIC whose CPUs are the bits of `cpus_known`.
+fn cpu_of(saved: &SavedCpu, cpus_known: u16, spis: &[Irq]) -> Result<Cpu, GicRestoreError> {
     let mut cpu = Cpu::new();
     if saved.private.len() != cpu.private.len() || saved.sgi_sources.len() != cpu.sgi_sources.len() {
         return Err(GicRestoreError::Damaged("a CPU's SGI and PPI tables"));
@@ -93,12 +94,18 @@ fn cpu_of(saved: &SavedCpu) -> Result<Cpu, GicRestoreError> {
     if saved.pmr & !PRIORITY_MASK != 0 || !(MIN_BPR..=7).contains(&saved.bpr) {
         return Err(GicRestoreError::Damaged("a CPU's priority mask or binary point"));
     }
+    if saved.sgi_sources.iter().any(|&s| u16::from(s) & !cpus_known != 0) {
+        return Err(GicRestoreError::Damaged("an SGI pending from a CPU this GIC does not have"));
+    }
     // An interrupt is on the stack from its acknowledge to its priority drop, once: at
-    // most one entry per interrupt, each an interrupt that exists, with a real priority.
-    if saved.active_stack.len() > NUM_IRQS as usize
-        || saved.active_stack.iter().any(|&(p, id)| id >= NUM_IRQS || p & !PRIORITY_MASK != 0)
-    {
-        return Err(GicRestoreError::Damaged("a CPU's active-priority stack"));
+    // most one entry per interrupt, each an active interrupt, with a real priority.
+    let mut seen = [false; NUM_IRQS as usize];
+    for &(priority, id) in &saved.active_stack {
+        let irq = if id < SPI_BASE { cpu.private.get(id as usize) } else { spis.get((id - SPI_BASE) as usize) };
+        let fresh = irq.is_some_and(|irq| irq.active) && !std::mem::replace(&mut seen[id as usize], true);
+        if !fresh || priority & !PRIORITY_MASK != 0 {
+            return Err(GicRestoreError::Damaged("a CPU's active-priority stack"));
+        }
     }
     cpu.sgi_sources.copy_from_slice(&saved.sgi_sources);
     cpu.enabled = saved.enabled;
@@ -142,18 +149,21 @@ impl GicState {
         if saved.spis.len() != NUM_SPIS as usize || saved.spi_targets.len() != NUM_SPIS as usize {
             return Err(GicRestoreError::Damaged("the SPI tables"));
         }
-        let targets_known = (1u16 << self.cpus.len().min(MAX_CPUS)) - 1;
-        if saved.spi_targets.iter().any(|&t| u16::from(t) & !targets_known != 0) {
+        let cpus_known = (1u16 << self.cpus.len().min(MAX_CPUS)) - 1;
+        if saved.spi_targets.iter().any(|&t| u16::from(t) & !cpus_known != 0) {
             return Err(GicRestoreError::Damaged("an SPI routed to a CPU this GIC does not have"));
         }
         let spis = saved.spis.iter().map(irq_of).collect::<Result<Vec<_>, _>>()?;
-        let cpus = saved.cpus.iter().map(cpu_of).collect::<Result<Vec<_>, _>>()?;
+        let mut cpus = saved.cpus.iter().map(|c| cpu_of(c, cpus_known, &spis)).collect::<Result<Vec<_>, _>>()?;
+        // Each output keeps the level the sink was last told, so the next update lowers
+        // a line the restored state does not raise, and raises the others.
+        for (new, old) in cpus.iter_mut().zip(&self.cpus) {
+            new.irq_out = old.irq_out;
+        }
         self.enabled = saved.enabled;
         self.spis = spis;
         self.spi_targets = saved.spi_targets.clone();
-        // The outputs start low, so the next update tells the sink of every raised one.
         self.cpus = cpus;
-        debug_assert!(self.spis.len() + SPI_BASE as usize == NUM_IRQS as usize);
         Ok(())
     }
 }
@@ -215,13 +225,27 @@ mod tests {
         assert!(copy.end_of_interrupt(0, 1 | (1 << 10)));
     }
 
+    /// Review finding: the restored CPUs started with their outputs low, so a line the
+    /// old state had raised stayed up when the restored one did not signal that CPU.
+    #[test]
+    fn a_restore_lowers_a_line_the_saved_state_does_not_raise() {
+        let sink = Lines::default();
+        let mut gic = busy();
+        gic.update(&sink);
+        assert!(gic.irq_out(1), "SPI 40 signalled to CPU 1");
+        gic.restore(&GicState::new(2).save()).unwrap();
+        gic.update(&sink);
+        assert!(!gic.irq_out(1));
+        assert_eq!(sink.0.lock().unwrap().last(), Some(&(1, false)), "the sink is told");
+    }
+
     #[test]
     fn a_damaged_or_foreign_state_is_refused_and_changes_nothing() {
         let saved = busy().save();
         let mut other = GicState::new(1);
         assert_eq!(other.restore(&saved), Err(GicRestoreError::Cpus { saved: 2, now: 1 }));
         let fresh = GicState::new(2).save();
-        let damage: [fn(&mut SavedGic); 9] = [
+        let damage: [fn(&mut SavedGic); 12] = [
             |s| s.spis.pop().map(drop).unwrap_or(()),
             |s| s.spi_targets[3] = 0b100,
             |s| s.spis[0].priority = 0x81,
@@ -231,6 +255,9 @@ mod tests {
             |s| s.cpus[0].bpr = 9,
             |s| s.cpus[0].active_stack.push((0x80, 5000)),
             |s| s.cpus[0].active_stack = vec![(0x80, 40); 200],
+            |s| s.cpus[0].sgi_sources[3] = 0b100,
+            |s| s.cpus[0].active_stack.push((0, 1)),
+            |s| s.cpus[0].active_stack.push((0x80, 40)),
         ];
         for (i, damage) in damage.iter().enumerate() {
             let mut bad = saved.clone();

@@ -644,7 +644,9 @@ impl Handler for Muxer {
     }
 
     /// Host streams turn readable (data for the guest) and writable (room for what the
-    /// guest sent) while the device polls its queues.
+    /// guest sent) while the device polls its queues. Only with connections open: the
+    /// listener and clients still writing their `CONNECT` line wait for the window's end
+    /// (a connection's set-up is not on a stream's path).
     fn polls_sources(&self) -> bool {
         !self.conns.is_empty()
     }
