@@ -15,7 +15,7 @@
 use super::CpuIrqSink;
 
 mod saved;
-pub use saved::{GicRestoreError, SavedCpu, SavedGic, SavedIrq};
+pub use saved::{GicRestoreError, SavedCpu, SavedGic};
 
 /// Number of SGIs.
 pub const NUM_SGIS: u32 = 16;
@@ -41,7 +41,7 @@ pub fn cpu_bit(cpu: usize) -> u8 {
     u32::try_from(cpu).ok().and_then(|c| 1u8.checked_shl(c)).unwrap_or(0)
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Irq {
     enabled: bool,
     /// Pending from an edge or a software set; cleared by acknowledge or ICPENDR.

@@ -6,21 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{Cpu, GicState, Irq, MAX_CPUS, MIN_BPR, NUM_IRQS, NUM_SGIS, NUM_SPIS, PRIORITY_MASK, SPI_BASE};
 
-/// One interrupt's saved state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SavedIrq {
-    enabled: bool,
-    latched: bool,
-    level: bool,
-    active: bool,
-    priority: u8,
-    edge: bool,
-}
-
 /// One CPU interface's saved state, its banked SGIs and PPIs included.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedCpu {
-    private: Vec<SavedIrq>,
+    private: Vec<Irq>,
     sgi_sources: Vec<u8>,
     enabled: bool,
     eoi_mode: bool,
@@ -33,7 +22,7 @@ pub struct SavedCpu {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedGic {
     enabled: bool,
-    spis: Vec<SavedIrq>,
+    spis: Vec<Irq>,
     spi_targets: Vec<u8>,
     cpus: Vec<SavedCpu>,
 }
@@ -54,29 +43,12 @@ pub enum GicRestoreError {
     Damaged(&'static str),
 }
 
-fn saved_irq(irq: &Irq) -> SavedIrq {
-    SavedIrq {
-        enabled: irq.enabled,
-        latched: irq.latched,
-        level: irq.level,
-        active: irq.active,
-        priority: irq.priority,
-        edge: irq.edge,
-    }
-}
-
-fn irq_of(saved: &SavedIrq) -> Result<Irq, GicRestoreError> {
+/// A saved interrupt, checked.
+fn irq_of(saved: &Irq) -> Result<Irq, GicRestoreError> {
     if saved.priority & !PRIORITY_MASK != 0 {
         return Err(GicRestoreError::Damaged("a priority with bits this GIC does not implement"));
     }
-    Ok(Irq {
-        enabled: saved.enabled,
-        latched: saved.latched,
-        level: saved.level,
-        active: saved.active,
-        priority: saved.priority,
-        edge: saved.edge,
-    })
+    Ok(*saved)
 }
 
 /// A saved CPU interface, checked, for a GIC whose CPUs are the bits of `cpus_known`.
@@ -121,13 +93,13 @@ impl GicState {
     pub fn save(&self) -> SavedGic {
         SavedGic {
             enabled: self.enabled,
-            spis: self.spis.iter().map(saved_irq).collect(),
+            spis: self.spis.clone(),
             spi_targets: self.spi_targets.clone(),
             cpus: self
                 .cpus
                 .iter()
                 .map(|c| SavedCpu {
-                    private: c.private.iter().map(saved_irq).collect(),
+                    private: c.private.to_vec(),
                     sgi_sources: c.sgi_sources.to_vec(),
                     enabled: c.enabled,
                     eoi_mode: c.eoi_mode,
