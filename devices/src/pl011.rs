@@ -246,6 +246,51 @@ macro_rules! devices_warn {
 }
 use devices_warn;
 
+/// A PL011's state for snapshots: its registers and the receive FIFO (the transmit side
+/// is always empty).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedPl011 {
+    /// Bytes received and not yet read by the guest, oldest first.
+    pub rx: Vec<u8>,
+    /// ILPR, IBRD, FBRD, LCR_H, CR, IFLS, IMSC, DMACR, as the guest wrote them.
+    pub regs: [u32; 8],
+    /// The latched raw interrupt bits (TX, modem, errors).
+    pub latched: u32,
+}
+
+impl Pl011 {
+    /// The UART's state.
+    pub fn save(&self) -> SavedPl011 {
+        SavedPl011 {
+            rx: self.rx.iter().copied().collect(),
+            regs: [self.ilpr, self.ibrd, self.fbrd, self.lcr_h, self.cr, self.ifls, self.imsc, self.dmacr],
+            latched: self.latched,
+        }
+    }
+
+    /// Takes `saved` as the UART's state and drives the interrupt line to match. A FIFO
+    /// deeper than the device's, or interrupt bits it does not have, are refused and
+    /// nothing changes.
+    pub fn restore(&mut self, saved: &SavedPl011) -> Result<(), String> {
+        let [ilpr, ibrd, fbrd, lcr_h, cr, ifls, imsc, dmacr] = saved.regs;
+        let fifo = if lcr_h & LCR_H_FEN != 0 { FIFO_DEPTH } else { 1 };
+        if saved.rx.len() > fifo {
+            return Err(format!("{} bytes in a receive FIFO of {fifo}", saved.rx.len()));
+        }
+        if (saved.latched | imsc) & !INT_ALL != 0 {
+            return Err(format!("interrupt bits {:#x} / mask {imsc:#x} outside {INT_ALL:#x}", saved.latched));
+        }
+        self.rx = saved.rx.iter().copied().collect();
+        (self.ilpr, self.ibrd, self.fbrd, self.lcr_h, self.cr, self.ifls, self.imsc, self.dmacr) =
+            (ilpr, ibrd, fbrd, lcr_h, cr, ifls, imsc, dmacr);
+        self.latched = saved.latched;
+        // The line's level as this device last drove it is unknown to the new one: set it.
+        self.irq_level = self.ris() & self.imsc != 0;
+        self.irq.set_level(self.irq_level);
+        Ok(())
+    }
+}
+
 impl MmioDeviceMut for Pl011 {
     fn read(&mut self, _vcpu: usize, offset: u64, data: &mut [u8]) {
         // Registers are 32 bits wide; byte and halfword reads see the matching lanes.
@@ -418,5 +463,31 @@ mod tests {
         u.write(0, DR, b"a");
         u.write(0, DR, b"b");
         assert!(u.flush_output(std::time::Duration::from_secs(10)), "a failed writer is skipped, not waited for");
+    }
+
+    #[test]
+    fn a_restored_uart_has_the_saved_registers_fifo_and_interrupt() {
+        let (mut u, _sink, _line) = uart();
+        w32(&mut u, LCR_H, LCR_H_FEN);
+        w32(&mut u, CR, 0x301);
+        w32(&mut u, IMSC, INT_RX | INT_RT);
+        assert_eq!(u.enqueue_input(b"abc"), 3);
+        let saved = u.save();
+        assert_eq!(saved.rx, b"abc");
+
+        let (mut again, _sink, line) = uart();
+        again.restore(&saved).unwrap();
+        assert!(line.0.load(std::sync::atomic::Ordering::SeqCst), "the receive timeout interrupt is up");
+        assert_eq!(r32(&mut again, DR) & 0xff, u32::from(b'a'));
+        assert_eq!(r32(&mut again, IMSC), INT_RX | INT_RT);
+        assert_eq!(again.save().rx, b"bc");
+
+        let mut deep = saved.clone();
+        deep.rx = vec![0; FIFO_DEPTH + 1];
+        assert!(again.restore(&deep).unwrap_err().contains("33 bytes in a receive FIFO of 32"));
+        let mut bits = saved;
+        bits.latched = 1 << 12;
+        assert!(again.restore(&bits).is_err());
+        assert_eq!(again.save().rx, b"bc", "a refused state changes nothing");
     }
 }

@@ -28,6 +28,37 @@ impl Pl031 {
     }
 }
 
+/// A PL031's state for snapshots: `vm-superio`'s registers. The offset is to the host's
+/// clock, so a restored guest's clock reads the wall time, as after a suspend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedPl031 {
+    /// The load register.
+    pub lr: u32,
+    /// Seconds added to the host's clock.
+    pub offset: i64,
+    /// The match register.
+    pub mr: u32,
+    /// The interrupt mask.
+    pub imsc: u32,
+    /// The raw interrupt status.
+    pub ris: u32,
+}
+
+impl Pl031 {
+    /// The RTC's state.
+    pub fn save(&self) -> SavedPl031 {
+        let vm_superio::rtc_pl031::RtcState { lr, offset, mr, imsc, ris } = self.rtc.state();
+        SavedPl031 { lr, offset, mr, imsc, ris }
+    }
+
+    /// Takes `saved` as the RTC's state (every value is one the guest could have set).
+    pub fn restore(&mut self, saved: &SavedPl031) {
+        let SavedPl031 { lr, offset, mr, imsc, ris } = *saved;
+        let state = vm_superio::rtc_pl031::RtcState { lr, offset, mr, imsc, ris };
+        self.rtc = Rtc::from_state(&state, vm_superio::rtc_pl031::NoEvents);
+    }
+}
+
 /// The 4 KiB window's register offset as `vm-superio` takes it, when the access is one
 /// aligned 32-bit register inside the window.
 fn register(offset: u64, len: usize) -> Option<u16> {
@@ -92,5 +123,16 @@ mod tests {
                 rtc.read(0, offset, &mut b);
             }
         }
+    }
+
+    #[test]
+    fn a_restored_rtc_keeps_the_guests_setting() {
+        let mut rtc = Pl031::new();
+        rtc.write(0, 0x8, &1_000_000u32.to_le_bytes()); // RTCLR
+        let saved = rtc.save();
+        let mut again = Pl031::new();
+        again.restore(&saved);
+        assert!(r32(&mut again, 0).abs_diff(1_000_000) <= 1);
+        assert_eq!(again.save(), saved);
     }
 }

@@ -248,6 +248,19 @@ impl VirtioDevice for PowerButtonDevice {
         *lock(&self.state) = State::default();
         (self.select, self.subsel) = (0, 0);
     }
+
+    /// The driver's select and subsel.
+    fn save_state(&self) -> Vec<u8> {
+        vec![self.select, self.subsel]
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let [select, subsel] = *state else {
+            return Err(format!("{} bytes of state, virtio-input's is 2", state.len()));
+        };
+        (self.select, self.subsel) = (select, subsel);
+        Ok(())
+    }
 }
 
 impl Drop for PowerButtonDevice {

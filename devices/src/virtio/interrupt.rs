@@ -91,6 +91,13 @@ impl Interrupt {
         self.inner.needs_reset.load(Ordering::Relaxed)
     }
 
+    /// Takes a saved InterruptStatus and DEVICE_NEEDS_RESET (a snapshot's), driving the
+    /// line to match.
+    pub(crate) fn restore(&self, status: u32, needs_reset: bool) {
+        self.inner.needs_reset.store(needs_reset, Ordering::SeqCst);
+        self.update(|_| status);
+    }
+
     /// Back to the state after [`Interrupt::new`] (a device reset).
     pub(crate) fn clear(&self) {
         self.inner.needs_reset.store(false, Ordering::SeqCst);

@@ -21,6 +21,9 @@ use super::{Activation, GuestMemory, Interrupt, VirtioDevice};
 use crate::bus::{read_le, write_le, MmioDeviceMut};
 use crate::warn_ratelimited;
 
+mod saved;
+pub use saved::{SavedQueue, SavedTransport, TransportRestoreError};
+
 const MAGIC_VALUE: u64 = 0x000;
 const VERSION: u64 = 0x004;
 const DEVICE_ID: u64 = 0x008;
@@ -82,6 +85,8 @@ pub struct MmioTransport {
     active: bool,
     /// How many queues (the first ones) went to the device at DRIVER_OK.
     handed_over: usize,
+    /// The sizes of the queues handed over (a snapshot saves them).
+    handed_sizes: Vec<u16>,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -140,6 +145,7 @@ impl MmioTransport {
             config_generation: 0,
             active: false,
             handed_over: 0,
+            handed_sizes: Vec::new(),
         })
     }
 
@@ -153,6 +159,7 @@ impl MmioTransport {
         }
         self.active = false;
         self.handed_over = 0;
+        self.handed_sizes.clear();
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -219,6 +226,7 @@ impl MmioTransport {
         // Queues the driver did not enable stay out; a device that needs them says so.
         let ready: Vec<Queue> = queues.into_iter().take_while(|q| q.ready()).collect();
         self.handed_over = ready.len();
+        self.handed_sizes = ready.iter().map(|q| q.size()).collect();
         let activation = Activation {
             memory: self.memory.clone(),
             queues: ready,

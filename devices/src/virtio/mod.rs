@@ -140,4 +140,22 @@ pub trait VirtioDevice: Send {
     /// Returns to the state before activation, dropping the queues and stopping any
     /// backend work (driver reset or a failed activation).
     fn reset(&mut self);
+    /// The device's own state for a snapshot, beyond its queues and the transport's
+    /// registers: what the driver set in its configuration space, what the protocol
+    /// needs carried over. Called while the guest is paused, before the transport stops
+    /// the device (a stop forgets what the driver set). Empty for a device with none.
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Takes state that [`VirtioDevice::save_state`] returned (in another process, from a
+    /// snapshot file: check it), with the device stopped, before the transport starts it
+    /// again. A device with no
+    /// state of its own takes only an empty one.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} bytes of state for a device that keeps none", state.len()))
+        }
+    }
 }

@@ -302,4 +302,21 @@ impl VirtioDevice for Balloon {
         // A reset driver holds no pages: they are all the guest's again.
         self.shared.actual.store(0, Ordering::SeqCst);
     }
+
+    /// The host's target and the driver's `actual`, in pages (little-endian u32s): the
+    /// guest's balloon holds its pages across a restore and the target stands.
+    fn save_state(&self) -> Vec<u8> {
+        let mut state = self.shared.target.load(Ordering::SeqCst).to_le_bytes().to_vec();
+        state.extend_from_slice(&self.shared.actual.load(Ordering::SeqCst).to_le_bytes());
+        state
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let Ok([t0, t1, t2, t3, a0, a1, a2, a3]) = <[u8; 8]>::try_from(state) else {
+            return Err(format!("{} bytes of state, virtio-balloon's is 8", state.len()));
+        };
+        self.shared.target.store(u32::from_le_bytes([t0, t1, t2, t3]), Ordering::SeqCst);
+        self.shared.actual.store(u32::from_le_bytes([a0, a1, a2, a3]), Ordering::SeqCst);
+        Ok(())
+    }
 }

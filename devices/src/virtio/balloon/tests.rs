@@ -279,3 +279,31 @@ fn a_runaway_available_index_needs_a_reset_and_the_device_works_again() {
     wait_for("the report back", || vqs[3].used().idx().load() == 1);
     assert_eq!(handle.released(), 0x1000);
 }
+
+#[test]
+fn the_target_and_the_guests_balloon_carry_over_a_restore() {
+    let mut g = Guest::new(BalloonOptions::default());
+    let m = g.m.clone();
+    let _vqs = started(&mut g, &m);
+    g.handle.set_target(8 << 20);
+    write_reg(&mut g.t, 0x104, 1000);
+    let saved = g.t.save();
+    assert_eq!(g.handle.actual(), 0, "a stopped device holds nothing until it is restored");
+
+    let mut again = Guest::new(BalloonOptions::default());
+    again.m = g.m.clone();
+    again.t = MmioTransport::new(
+        Box::new(Balloon::new(BalloonOptions::default()).0),
+        g.m.clone(),
+        Interrupt::new(again.line.clone()),
+    )
+    .unwrap();
+    again.t.restore(&saved).unwrap();
+    assert_eq!(again.config(0), 2048, "the target, in 4 KiB pages");
+    assert_eq!(again.config(4), 1000, "what the guest's balloon holds");
+
+    let mut bad = saved;
+    bad.device.pop();
+    let e = again.t.restore(&bad).unwrap_err().to_string();
+    assert!(e.contains("7 bytes of state, virtio-balloon's is 8"), "{e}");
+}

@@ -190,3 +190,28 @@ fn a_runaway_available_index_on_either_queue_needs_a_reset() {
         assert_eq!(status.used().idx().load(), 1);
     }
 }
+
+#[test]
+fn the_drivers_select_carries_over_a_restore_and_a_press_reaches_the_restored_device() {
+    let m = Arc::new(Mem(mem(1 << 20)));
+    let (mut t, _button, _line) = started(&m);
+    let (events, status) = queues(&m);
+    start(&mut t, &[&events, &status]);
+    events.build_multiple_desc_chains(&[desc(0x1000, 8, W), desc(0x1100, 8, W)]).unwrap();
+    let name = config(&mut t, 1, 0);
+    let saved = t.save();
+    assert_eq!(saved.device, [1, 0]);
+
+    let (mut again, button, _line) = started(&m);
+    again.restore(&saved).unwrap();
+    let mut size = [0u8];
+    again.read(0, 0x102, &mut size);
+    assert_eq!(usize::from(size[0]), name.len(), "the same select answers");
+    // The event buffers the first device held are the restored one's.
+    assert!(button.press());
+    crate::virtio::testing::wait_for("the press", || events.used().idx().load() == 2);
+
+    let mut bad = saved;
+    bad.device.push(0);
+    assert!(again.restore(&bad).unwrap_err().to_string().contains("virtio-input's is 2"));
+}

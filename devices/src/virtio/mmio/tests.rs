@@ -324,3 +324,93 @@ fn driver_mistakes_reach_no_unthrottled_log_line_of_virtio_queue() {
     rig.w(QUEUE_NOTIFY, 0);
     assert_eq!(virtio_queue_lines_here() - before, 0, "virtio-queue logged lines of its own");
 }
+
+/// A started rng that has served one chain, saved: what the snapshot tests start from.
+fn served_once_and_saved() -> (Rig, MockSplitQueue<'static, GuestMemoryMmap>, SavedTransport) {
+    let mut rig = Rig::new();
+    // The mock borrows memory for as long as the test runs.
+    let mem: &'static Mem = Box::leak(Box::new(Mem(rig.mem.0.clone())));
+    let vq = MockSplitQueue::new(&mem.0, 16);
+    rig.start(&vq);
+    vq.build_desc_chain(&[desc(0x8000, 16, WRITE, 0)]).unwrap();
+    rig.w(QUEUE_NOTIFY, 0);
+    assert_eq!(vq.used().idx().load(), 1);
+    rig.w(QUEUE_SEL, 0);
+    let saved = rig.t.save();
+    (rig, vq, saved)
+}
+
+#[test]
+fn a_saved_transport_goes_on_in_a_new_one_from_where_it_was() {
+    let (rig, vq, saved) = served_once_and_saved();
+    assert_eq!(saved.status, 15);
+    assert_eq!(saved.interrupt_status, 1, "the used buffer's interrupt is pending");
+    assert_eq!(saved.queues[0].position, 1);
+    assert!(saved.queues[0].ready && saved.queues[0].size == 16);
+
+    // A new process: the same guest memory, a fresh device and line.
+    let line = Arc::new(Line::default());
+    let fresh = Rng::new(Box::new(Fives));
+    let mut t = MmioTransport::new(Box::new(fresh), rig.mem.clone(), Interrupt::new(line.clone())).unwrap();
+    t.restore(&saved).unwrap();
+    let mut again = Rig { mem: rig.mem.clone(), line, t };
+    assert_eq!(again.r(STATUS), 15);
+    assert_eq!(again.r(INTERRUPT_STATUS), 1);
+    assert!(again.line.0.load(Ordering::SeqCst), "the pending interrupt's line is up again");
+    assert_eq!(again.r(QUEUE_READY), 1);
+    // The driver's next chain is the second: the device answers it in the second used slot.
+    vq.build_desc_chain(&[desc(0x9000, 8, WRITE, 0)]).unwrap();
+    again.w(QUEUE_NOTIFY, 0);
+    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(vq.used().ring().ref_at(1).unwrap().load().len(), 8);
+    // And it saves the same way again.
+    assert_eq!(again.t.save().queues[0].position, 2);
+}
+
+#[test]
+fn a_transport_resumes_after_its_own_save_and_a_chain_taken_but_not_given_back_is_taken_again() {
+    let (mut rig, vq, saved) = served_once_and_saved();
+    // While saved (the guest paused) the device is stopped: a notify is not served.
+    vq.build_desc_chain(&[desc(0x9000, 8, WRITE, 0)]).unwrap();
+    rig.w(QUEUE_NOTIFY, 0);
+    assert_eq!(vq.used().idx().load(), 1);
+    // Resumed, the device takes the chain the driver made available meanwhile.
+    rig.t.restore(&saved).unwrap();
+    rig.w(QUEUE_NOTIFY, 0);
+    assert_eq!(vq.used().idx().load(), 2);
+}
+
+#[test]
+fn a_saved_transport_that_does_not_fit_is_refused_and_nothing_changes() {
+    let (rig, _vq, saved) = served_once_and_saved();
+    let fresh = || {
+        let line = Arc::new(Line::default());
+        let t = MmioTransport::new(Box::new(Rng::new(Box::new(Fives))), rig.mem.clone(), Interrupt::new(line.clone()))
+            .unwrap();
+        Rig { mem: rig.mem.clone(), line, t }
+    };
+    let refused = |change: &dyn Fn(&mut SavedTransport), expect: &str| {
+        let mut bad = saved.clone();
+        change(&mut bad);
+        let mut rig = fresh();
+        let e = rig.t.restore(&bad).unwrap_err().to_string();
+        assert!(e.contains(expect), "{e} (expected {expect})");
+        assert_eq!(rig.r(STATUS), 0, "nothing changed");
+        assert_eq!(rig.r(INTERRUPT_STATUS), 0);
+    };
+    refused(&|s| s.device_type = 2, "type 2, this one is of type 4");
+    refused(&|s| s.queues.push(s.queues[0].clone()), "2 queues, this one 1");
+    refused(&|s| s.acked_features |= 1 << 20, "driver features");
+    refused(&|s| s.status |= 0x20, "status");
+    refused(&|s| s.queues[0].size = 12, "size 12");
+    refused(&|s| s.queues[0].size = 512, "size 512");
+    refused(&|s| s.queues[0].used = [(MEM_SIZE - 8) as u32, 0], "used ring is not inside guest memory");
+    refused(&|s| s.queues[0].desc = [0, 1], "descriptor table is not inside guest memory");
+    refused(&|s| s.device = vec![1], "keeps none");
+    // A saved state of a device the driver never started restores as such.
+    let mut idle = fresh();
+    let never = idle.t.save();
+    let mut rig = fresh();
+    rig.t.restore(&never).unwrap();
+    assert_eq!(rig.r(STATUS), 0);
+}

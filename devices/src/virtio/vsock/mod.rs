@@ -269,6 +269,7 @@ impl VsockHandle {
 pub struct Vsock {
     cid: u64,
     muxer: Slot<Muxer>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -302,7 +303,7 @@ impl Vsock {
         let listener = mio::net::UnixListener::from_std(listener);
         let max = max_connections.min(MAX_CONNECTIONS);
         let muxer = Muxer::new(cid, path, listener, Arc::clone(&shared), max);
-        Ok((Vsock { cid, muxer: Slot::new(NAME, muxer) }, VsockHandle { shared }))
+        Ok((Vsock { cid, muxer: Slot::new(NAME, muxer), shared: Arc::clone(&shared) }, VsockHandle { shared }))
     }
 }
 
@@ -356,5 +357,16 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.muxer.stop();
+    }
+
+    /// Nothing to restore (connections are host sockets and do not carry over), but the
+    /// driver must learn that its connections are gone: the restored device starts with
+    /// a TRANSPORT_RESET, as Firecracker's does after a snapshot.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if !state.is_empty() {
+            return Err(format!("{} bytes of state; virtio-vsock keeps none", state.len()));
+        }
+        self.shared.reset.store(true, Ordering::SeqCst);
+        Ok(())
     }
 }

@@ -654,6 +654,21 @@ fn transport_reset_reaches_the_event_queue_and_drops_the_connections() {
 }
 
 #[test]
+fn a_restored_device_starts_with_a_transport_reset_and_its_connections_gone() {
+    let mut g = Guest::new("restored");
+    let (mut c, _) = host_connection(&mut g, 12);
+    // A snapshot stops the device; resuming from it restores the same state.
+    let saved = g.t.save();
+    assert!(saved.device.is_empty(), "connections are not saved");
+    g.t.restore(&saved).unwrap();
+    assert_eq!(g.event(), Some(EVENT_TRANSPORT_RESET));
+    assert!(closed(&mut c), "the connection is dropped");
+    let mut bad = saved;
+    bad.device = vec![0];
+    assert!(g.t.restore(&bad).unwrap_err().to_string().contains("keeps none"));
+}
+
+#[test]
 fn a_runaway_available_index_needs_a_reset_and_the_device_works_again() {
     let dir = TempDir::new("runaway");
     let path = dir.0.join("v.sock");
