@@ -100,6 +100,35 @@ pub const fn reg_width(id: u64) -> Option<usize> {
     Some(1 << log2)
 }
 
+/// The name of the identification register (op0 3, op1 0, CRn 0, CRm 1 to 7: the
+/// feature registers a guest chooses code paths by) that `id` names, as a 64-bit KVM
+/// system register; `None` for any other id. Unnamed ones are `S3_0_C0_C<m>_<op2>`.
+pub fn id_register_name(id: u64) -> Option<String> {
+    if id & !0xffff != REG_ARM64 | REG_SIZE_U64 | REG_ARM64_SYSREG {
+        return None;
+    }
+    let (op0, op1, crn, crm, op2) = ((id >> 14) & 3, (id >> 11) & 7, (id >> 7) & 15, (id >> 3) & 15, id & 7);
+    if (op0, op1, crn) != (3, 0, 0) || !(1..=7).contains(&crm) {
+        return None;
+    }
+    let known = match (crm, op2) {
+        (4, 0) => "ID_AA64PFR0_EL1",
+        (4, 1) => "ID_AA64PFR1_EL1",
+        (4, 4) => "ID_AA64ZFR0_EL1",
+        (4, 5) => "ID_AA64SMFR0_EL1",
+        (5, 0) => "ID_AA64DFR0_EL1",
+        (5, 1) => "ID_AA64DFR1_EL1",
+        (6, 0) => "ID_AA64ISAR0_EL1",
+        (6, 1) => "ID_AA64ISAR1_EL1",
+        (6, 2) => "ID_AA64ISAR2_EL1",
+        (7, 0) => "ID_AA64MMFR0_EL1",
+        (7, 1) => "ID_AA64MMFR1_EL1",
+        (7, 2) => "ID_AA64MMFR2_EL1",
+        _ => return Some(format!("S3_0_C0_C{crm}_{op2}")),
+    };
+    Some(known.into())
+}
+
 /// `KVM_MP_STATE_RUNNABLE`, `KVM_MP_STATE_STOPPED` and `KVM_MP_STATE_SUSPENDED` (the
 /// uapi's 0, 5 and 10), the only power states arm64 KVM takes (`kvm_arch_vcpu_ioctl_set_mpstate`).
 pub const MP_STATE_RUNNABLE: u32 = 0;
@@ -198,5 +227,16 @@ mod tests {
     fn out_of_range_x_register_has_no_id() {
         assert_eq!(one_reg_id(Reg::X(31)), None);
         assert_eq!(one_reg_id(Reg::X(255)), None);
+    }
+
+    #[test]
+    fn identification_registers_are_named_and_nothing_else_is() {
+        let sysreg = |crm: u64, op2: u64| REG_ARM64 | REG_SIZE_U64 | REG_ARM64_SYSREG | (3 << 14) | (crm << 3) | op2;
+        assert_eq!(id_register_name(sysreg(6, 0)).as_deref(), Some("ID_AA64ISAR0_EL1"));
+        assert_eq!(id_register_name(sysreg(4, 0)).as_deref(), Some("ID_AA64PFR0_EL1"));
+        assert_eq!(id_register_name(sysreg(3, 3)).as_deref(), Some("S3_0_C0_C3_3"));
+        assert_eq!(id_register_name(sysreg(0, 5)), None, "MPIDR_EL1 is the vCPU's, not the CPU's");
+        assert_eq!(id_register_name(sysreg(8, 0)), None);
+        assert_eq!(id_register_name(one_reg_id(Reg::Pc).unwrap()), None);
     }
 }

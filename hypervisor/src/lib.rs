@@ -21,6 +21,7 @@ pub use arch_aarch64::sysreg::SysReg;
 pub use guest_memory::{GuestMemoryMmap, GuestRam};
 
 pub mod exits;
+pub mod gicv3_state;
 pub mod hvf_regs;
 #[cfg(all(target_os = "linux", target_arch = "aarch64"))]
 pub mod kvm;
@@ -112,6 +113,19 @@ pub trait SpiSink: Send + Sync + std::fmt::Debug {
     /// edge-triggered.
     fn edge_trigger(&self, intid: u32) -> Result<Box<dyn EdgeTrigger>> {
         Err(Error::Unsupported(format!("SPI {intid}: this hypervisor has no edge triggers")))
+    }
+    /// The state of the hypervisor's GIC (distributor, redistributors, CPU interfaces,
+    /// SPI levels), for a snapshot. Called once every vCPU exists and none runs (the VM
+    /// paused).
+    fn save_gic(&self) -> Result<gicv3_state::SavedGicV3> {
+        Err(Error::Unsupported("this hypervisor's GIC cannot be saved for a snapshot".into()))
+    }
+    /// Puts back a state [`SpiSink::save_gic`] gave, once every vCPU exists with its
+    /// registers restored (MPIDR_EL1 included) and before any runs. The state is checked
+    /// against this GIC first; nothing is written when it does not fit.
+    fn restore_gic(&self, saved: &gicv3_state::SavedGicV3) -> Result<()> {
+        let _ = saved;
+        Err(Error::Unsupported("this hypervisor's GIC cannot be restored from a snapshot".into()))
     }
 }
 

@@ -23,6 +23,7 @@ use vm_memory::bitmap::{Bitmap, NewBitmap, WithBitmapSlice};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::GuestAddress;
 
+pub mod file;
 pub mod load;
 
 /// Guest memory as devices, loaders and backends see it.
@@ -137,6 +138,16 @@ fn map_aligned(len: usize) -> std::io::Result<*mut u8> {
 /// A region of `len` bytes of fresh host memory at guest address `addr`, owning its
 /// mapping.
 fn region(addr: GuestAddress, len: usize) -> Result<GuestRegionMmap, Error> {
+    region_with(addr, len, |_| Ok(()))
+}
+
+/// A region as [`region`] makes it, with `fill` given the fresh mapping's host address
+/// before the region exists (to map a file over it); the mapping is unmapped if it fails.
+fn region_with(
+    addr: GuestAddress,
+    len: usize,
+    fill: impl FnOnce(*mut u8) -> Result<(), &'static str>,
+) -> Result<GuestRegionMmap, Error> {
     let fail = |why| Error { addr: addr.0, size: len as u64, why };
     if len == 0 || len % (16 << 10) != 0 {
         return Err(fail("size is not a positive multiple of 16 KiB"));
@@ -145,6 +156,7 @@ fn region(addr: GuestAddress, len: usize) -> Result<GuestRegionMmap, Error> {
     // From here the mapping belongs to `owner`: dropped on any failure below, or with the
     // region once it exists.
     let owner = Mapping { owned: Some((ptr as usize, len)) };
+    fill(ptr).map_err(fail)?;
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     // SAFETY: `ptr..ptr + len` is the mapping just made; `owner`, which the region
     // takes as its bitmap, keeps it mapped for as long as the region exists.
@@ -161,6 +173,10 @@ impl GuestRam {
     /// divisor 16 KiB and regions must not overlap.
     pub fn new(ranges: &[(GuestAddress, usize)]) -> Result<Arc<Self>, Error> {
         let regions = ranges.iter().map(|&(addr, len)| region(addr, len)).collect::<Result<Vec<_>, _>>()?;
+        Self::from_regions(regions, ranges)
+    }
+
+    fn from_regions(regions: Vec<GuestRegionMmap>, ranges: &[(GuestAddress, usize)]) -> Result<Arc<Self>, Error> {
         let memory = GuestMemoryMmap::from_regions(regions).map_err(|_| Error {
             addr: ranges.first().map_or(0, |r| r.0 .0),
             size: 0,

@@ -151,19 +151,24 @@ impl BootFiles {
             (None, Some(path)) => Some(open("initrd", path, None)?),
             (None, None) => None,
         };
-        let disks = config
-            .disks
-            .iter()
-            .map(|d| {
-                FileDisk::open(&d.path, d.read_only).map_err(|source| Error::File {
-                    what: "disk",
-                    path: d.path.clone(),
-                    source,
-                })
-            })
-            .collect::<Result<_, _>>()?;
+        let disks = open_disks(config)?;
         Ok(BootFiles { kernel, kernel_size, header, initrd, disks })
     }
+}
+
+/// The disks `config` names, open and locked, in order.
+pub fn open_disks(config: &VmConfig) -> Result<Vec<FileDisk>, Error> {
+    config
+        .disks
+        .iter()
+        .map(|d| {
+            FileDisk::open(&d.path, d.read_only).map_err(|source| Error::File {
+                what: "disk",
+                path: d.path.clone(),
+                source,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -92,7 +92,7 @@ pub enum ConfigError {
 }
 
 /// What to boot and on what machine: start from [`VmConfig::new`] and set fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct VmConfig {
     /// The arm64 Linux `Image` (or any program with that header) to boot.
@@ -147,7 +147,7 @@ pub use devices::virtio::balloon::BalloonOptions;
 /// A virtio-vsock device: the guest's CID and the host's unix socket (Firecracker's
 /// hybrid vsock: host programs connect to `socket` and write `CONNECT <port>\n`; the
 /// guest's connections to host port P go to `socket`_P).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// The guest's CID, 3 to 4294967294.
     pub cid: u64,
@@ -220,7 +220,7 @@ pub fn parse_balloon(text: &str) -> Result<BalloonOptions, ConfigError> {
 }
 
 /// Which interrupt controller the guest gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum GicChoice {
     /// The hypervisor's own GICv3 when it has one (KVM's vGICv3 on a GICv3 host, the
@@ -246,7 +246,7 @@ impl GicChoice {
 }
 
 /// A host directory shared with the guest (virtio-fs).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShareConfig {
     /// The directory on the host.
     pub host: PathBuf,
@@ -280,7 +280,7 @@ pub fn valid_share_tag(tag: &str) -> bool {
 }
 
 /// A hypervisor backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Backend {
     /// Linux KVM.
@@ -322,7 +322,7 @@ impl Backend {
 }
 
 /// A network interface: its backend and MAC address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// Where its frames go.
     pub backend: NetBackendConfig,
@@ -331,7 +331,7 @@ pub struct NetConfig {
 }
 
 /// Where a network interface's frames go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum NetBackendConfig {
     /// A Linux tap device (created if missing, given CAP_NET_ADMIN).
@@ -348,7 +348,9 @@ pub enum NetBackendConfig {
     /// A unix stream socket at this path, each frame behind its 4-byte big-endian length
     /// (QEMU's stream netdev protocol: socket_vmnet, passt).
     Unixstream(PathBuf),
-    /// A connected datagram socket handed to hvrun (e.g. from vmnet-helper).
+    /// A connected datagram socket handed to hvrun (e.g. from vmnet-helper). (A snapshot
+    /// cannot name it: the restore gives the network again.)
+    #[serde(skip)]
     Fd(NetFd),
     /// Virtualization.framework's own NAT (no helper needed; `--backend vz` only).
     Nat,
@@ -507,7 +509,7 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
 
 /// Where the guest's virtio console (`hvc0`) goes. The serial port (`ttyAMA0`) always
 /// writes to standard output; it also gets standard input unless hvc0 has the terminal.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum ConsoleConfig {
     /// No virtio console; the terminal is the serial port's.
@@ -634,7 +636,7 @@ impl VmConfig {
 }
 
 /// A virtio-blk disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct DiskConfig {
     /// The raw image file.

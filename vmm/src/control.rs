@@ -6,6 +6,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use hypervisor::state::VcpuState;
 use hypervisor::{GuestClock, Kicker};
 
 use crate::{Error, Event, ExitReason};
@@ -23,12 +24,20 @@ pub struct PauseError {
     pub waited: Duration,
 }
 
-/// Pause bookkeeping: whether a pause is asked for, and how many vCPUs are parked.
+/// Pause bookkeeping: whether a pause is asked for, how many vCPUs are parked, and the
+/// parked vCPUs' saved states (a snapshot's).
 #[derive(Debug, Default)]
 struct Pause {
     requested: bool,
     parked: usize,
+    /// Raised by [`Control::save_vcpus`]: each parked vCPU saves its state once per round.
+    save_round: u64,
+    /// This round's states, by vCPU index.
+    saved: Vec<(u32, Result<VcpuState, String>)>,
 }
+
+/// How a parked vCPU saves its state, on its own thread.
+pub type SaveVcpu<'a> = &'a mut dyn FnMut() -> hypervisor::Result<VcpuState>;
 
 /// Shared by the vCPU threads and whoever else may stop or pause the machine (the
 /// console's escape key, an embedder).
@@ -57,6 +66,10 @@ pub struct Control {
     balloon: OnceLock<devices::virtio::balloon::BalloonHandle>,
     /// The machine's vsock device, if it has one.
     vsock: OnceLock<devices::virtio::vsock::VsockHandle>,
+    /// What a snapshot saves, while the machine runs (KVM and Hypervisor.framework).
+    snapshot: Mutex<Option<Arc<crate::snapshot::machine::Parts>>>,
+    /// One snapshot at a time.
+    snapshotting: Mutex<()>,
 }
 
 /// Presses a guest's power button; returns whether a driver listens.
@@ -134,6 +147,41 @@ impl Control {
     /// The machine's vsock device, if it has one.
     pub fn vsock(&self) -> Option<&devices::virtio::vsock::VsockHandle> {
         self.vsock.get()
+    }
+
+    /// Gives [`Control::snapshot`] the machine's parts, or takes them back (`None`) as
+    /// the machine stops, so a handle kept afterwards holds no guest memory.
+    pub fn set_snapshot_parts(&self, parts: Option<crate::snapshot::machine::Parts>) {
+        *lock(&self.snapshot) = parts.map(Arc::new);
+    }
+
+    /// Saves the machine into `dir`: pauses it (if it runs), has every vCPU save its
+    /// state, saves the rest, and leaves it paused; a failed snapshot leaves it running
+    /// if it was.
+    pub fn snapshot(&self, dir: &std::path::Path, timeout: Duration) -> Result<(), Error> {
+        use crate::snapshot::SnapshotError;
+        let _one = lock(&self.snapshotting);
+        let parts = lock(&self.snapshot).clone().ok_or_else(|| {
+            SnapshotError::Unsupported("it is not running on KVM or Hypervisor.framework (or has stopped)".into())
+        })?;
+        let was_paused = self.paused();
+        self.pause(timeout).map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
+        let started = Instant::now();
+        let saved =
+            self.save_vcpus(timeout).map_err(SnapshotError::Unsupported).and_then(|vcpus| parts.save(dir, vcpus));
+        match saved {
+            Ok(()) => {
+                log::info!("snapshot written to {} in {} ms", dir.display(), started.elapsed().as_millis());
+                Ok(())
+            }
+            Err(e) => {
+                // A failed snapshot leaves the VM as it found it.
+                if !was_paused {
+                    self.resume();
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Gives the machine's power button (`devices::virtio::input`) to
@@ -258,9 +306,10 @@ impl Control {
     }
 
     /// Called by a vCPU loop before it enters the guest: while a pause is in effect, the
-    /// vCPU waits here (and counts as parked) until it is resumed or stopped. Without a
-    /// pause it is one atomic load: this runs on every exit.
-    pub fn park_if_paused(&self) {
+    /// vCPU waits here (and counts as parked) until it is resumed or stopped, and saves
+    /// its state with `save` whenever [`Control::save_vcpus`] asks. Without a pause it is
+    /// one atomic load: this runs on every exit.
+    pub fn park_if_paused(&self, index: u32, save: SaveVcpu<'_>) {
         if !self.paused() {
             return;
         }
@@ -270,11 +319,48 @@ impl Control {
         }
         pause.parked += 1;
         self.pause_changed.notify_all();
-        let mut pause = self
-            .pause_changed
-            .wait_while(pause, |p| p.requested && !self.stopping())
-            .unwrap_or_else(|e| e.into_inner());
+        let mut round = pause.save_round;
+        loop {
+            pause = self
+                .pause_changed
+                .wait_while(pause, |p| p.requested && !self.stopping() && p.save_round == round)
+                .unwrap_or_else(|e| e.into_inner());
+            if !pause.requested || self.stopping() {
+                break;
+            }
+            round = pause.save_round;
+            let state = save().map_err(|e| e.to_string());
+            pause.saved.push((index, state));
+            self.pause_changed.notify_all();
+        }
         pause.parked -= 1;
+    }
+
+    /// Every vCPU's state, saved by each on its own thread while paused (a snapshot's),
+    /// in index order. The machine must be paused; `timeout` bounds the wait.
+    pub fn save_vcpus(&self, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let vcpus = lock(&self.kickers).len();
+        let mut pause = lock(&self.pause);
+        if !pause.requested || pause.parked < vcpus {
+            return Err("the VM is not paused".into());
+        }
+        pause.saved.clear();
+        pause.save_round += 1;
+        self.pause_changed.notify_all();
+        let (mut pause, waited) = self
+            .pause_changed
+            .wait_timeout_while(pause, timeout, |p| p.saved.len() < vcpus && p.requested && !self.stopping())
+            .unwrap_or_else(|e| e.into_inner());
+        if pause.saved.len() < vcpus {
+            let why = if waited.timed_out() { "did not save within the time allowed" } else { "were let go" };
+            return Err(format!("{} of {vcpus} vCPUs saved their state; the others {why}", pause.saved.len()));
+        }
+        let mut saved = std::mem::take(&mut pause.saved);
+        saved.sort_by_key(|(index, _)| *index);
+        saved
+            .into_iter()
+            .map(|(index, state)| state.map_err(|e| format!("vCPU {index} cannot save its state: {e}")))
+            .collect()
     }
 
     /// When the machine was first stopped.
@@ -292,6 +378,50 @@ impl Control {
 mod tests {
     use super::*;
     use crate::testing::CountingKicker;
+    use hypervisor::state::{Power, RegValue};
+
+    fn no_save() -> hypervisor::Result<VcpuState> {
+        Err(hypervisor::Error::Unsupported("no state in this test".into()))
+    }
+
+    #[test]
+    fn parked_vcpus_save_their_state_on_their_own_threads_when_asked() {
+        let control = Control::new();
+        for _ in 0..2 {
+            control.add_kicker(Arc::new(CountingKicker::default()));
+        }
+        assert!(control.save_vcpus(Duration::from_secs(1)).unwrap_err().contains("not paused"));
+        let saves = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for index in 0..2u32 {
+                let (control, saves) = (&control, &saves);
+                s.spawn(move || {
+                    let me = std::thread::current().id();
+                    let mut save = || {
+                        assert_eq!(std::thread::current().id(), me);
+                        saves.fetch_add(1, Ordering::SeqCst);
+                        if index == 1 && saves.load(Ordering::SeqCst) > 2 {
+                            return Err(hypervisor::Error::Unsupported("a broken vCPU".into()));
+                        }
+                        let regs = vec![RegValue { id: u64::from(index), value: vec![index as u8; 8] }];
+                        Ok(VcpuState { regs, power: Power::On, serror: None })
+                    };
+                    while !control.stopping() {
+                        control.park_if_paused(index, &mut save);
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                });
+            }
+            control.pause(Duration::from_secs(5)).unwrap();
+            let states = control.save_vcpus(Duration::from_secs(5)).unwrap();
+            assert_eq!(states.iter().map(|s| s.regs[0].id).collect::<Vec<_>>(), [0, 1], "in index order");
+            assert_eq!(saves.load(Ordering::SeqCst), 2, "each saved once");
+            let e = control.save_vcpus(Duration::from_secs(5)).unwrap_err();
+            assert!(e.contains("vCPU 1 cannot save its state: ") && e.contains("a broken vCPU"), "{e}");
+            control.resume();
+            control.stop(Ok(ExitReason::Stopped));
+        });
+    }
 
     #[test]
     fn first_outcome_wins_and_everyone_is_kicked() {
@@ -322,7 +452,7 @@ mod tests {
                 // A vCPU loop: park if paused, "run", until stopped.
                 s.spawn(move || {
                     while !control.stopping() {
-                        control.park_if_paused();
+                        control.park_if_paused(0, &mut no_save);
                         entries.fetch_add(1, Ordering::SeqCst);
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
@@ -374,7 +504,7 @@ mod tests {
             let (control, clock, entries, early) = (&control, &clock, &entries, &early);
             s.spawn(move || {
                 while !control.stopping() {
-                    control.park_if_paused();
+                    control.park_if_paused(0, &mut no_save);
                     // Entering the guest: its clock must not be stopped.
                     if lock(&clock.0).last() == Some(&"stop") && !control.stopping() {
                         early.store(true, Ordering::SeqCst);
@@ -420,7 +550,7 @@ mod tests {
             // One vCPU loop that parks; the other never comes back to park.
             s.spawn(move || {
                 while !control.stopping() {
-                    control.park_if_paused();
+                    control.park_if_paused(0, &mut no_save);
                     entries.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(1));
                 }

@@ -7,7 +7,7 @@
 //! {"command": "resume"}                 -> {"ok": true}
 //! {"command": "status"}                 -> {"ok": true, "paused": false}
 //! {"command": "stop"}                   -> {"ok": true}   (the VM stops, exit status 5)
-//! {"command": "snapshot", "dir": "D"}   -> {"ok": false, "error": "..."} until snapshots land
+//! {"command": "snapshot", "dir": "D"}   -> {"ok": true}   (saved in D, left paused)
 //! anything else                         -> {"ok": false, "error": "..."}
 //! ```
 //!
@@ -63,8 +63,8 @@ impl Controls for VmHandle {
         VmHandle::stop(self);
     }
 
-    fn snapshot(&self, _dir: &Path) -> Result<(), String> {
-        Err("snapshots are not available in this hvrun yet".into())
+    fn snapshot(&self, dir: &Path) -> Result<(), String> {
+        VmHandle::snapshot(self, dir).map_err(|e| e.to_string())
     }
 }
 

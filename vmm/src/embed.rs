@@ -109,6 +109,18 @@ pub(crate) struct Io {
     pub dump_after: Option<Duration>,
     /// Vsock ports the embedder serves in-process, each with where its connections go.
     pub vsock_listeners: Vec<(u32, std::sync::mpsc::SyncSender<std::os::unix::net::UnixStream>)>,
+    /// Continue the snapshot in this directory instead of booting.
+    pub restore: Option<Restore>,
+}
+
+/// A restore asked for: the snapshot's directory, and whether to take the disks as they
+/// are even if they are not the images the snapshot was taken with.
+#[derive(Debug, Clone)]
+pub(crate) struct Restore {
+    /// The snapshot.
+    pub dir: std::path::PathBuf,
+    /// Take the disks as they are.
+    pub trust_disks: bool,
 }
 
 impl Io {
@@ -124,6 +136,7 @@ impl Io {
             (self.images.initrd.is_some(), "VmBuilder::initrd_image"),
             (self.serial_input.is_some(), "VmBuilder::serial_input"),
             (!self.vsock_listeners.is_empty(), "VmBuilder::vsock_listener"),
+            (self.restore.is_some(), "VmBuilder::restore"),
         ]
         .into_iter()
         .find_map(|(given, what)| given.then_some(what))
@@ -275,6 +288,19 @@ impl VmBuilder {
         self
     }
 
+    /// Continues the guest saved in the snapshot directory `dir` ([`VmHandle::snapshot`])
+    /// instead of booting one. The configuration must be the snapshot's
+    /// ([`crate::snapshot::machine::saved_config`]) with, where they changed, the paths of
+    /// its disks and its network, console and vsock backends; an embedder gives again
+    /// the disks, backends and devices it added, in the same order. The disks must be the
+    /// images the snapshot was taken with (same size and fingerprint) unless
+    /// `trust_disks`. A snapshot this host or this configuration cannot continue is an
+    /// error from [`VmBuilder::start`], before any vCPU runs.
+    pub fn restore(mut self, dir: impl Into<std::path::PathBuf>, trust_disks: bool) -> Self {
+        self.io.restore = Some(Restore { dir: dir.into(), trust_disks });
+        self
+    }
+
     /// Adds the self-test probe (`devices::probe`), which records the guest's verdict in
     /// `verdict`: for `hvrun selftest`'s guests.
     pub(crate) fn probe(mut self, verdict: Arc<std::sync::Mutex<devices::probe::Verdict>>) -> Self {
@@ -382,7 +408,12 @@ fn build(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, Erro
 #[cfg(not(target_arch = "aarch64"))]
 fn build(config: &VmConfig, io: Io, _control: Arc<Control>) -> Result<Ready, Error> {
     // Check the files anyway, so a typo gets the same error on every host.
-    crate::boot_files::BootFiles::open_with(config, &io.images)?;
+    match &io.restore {
+        Some(restore) => {
+            crate::snapshot::machine::Loaded::read(&restore.dir)?.check_disks(&config.disks, restore.trust_disks)?
+        }
+        None => drop(crate::boot_files::BootFiles::open_with(config, &io.images)?),
+    }
     Err(Error::UnsupportedHost(format!("{} {}", std::env::consts::ARCH, std::env::consts::OS)))
 }
 
@@ -495,6 +526,18 @@ impl VmHandle {
     /// [`ExitReason::Stopped`].
     pub fn stop(&self) {
         self.control.stop(Ok(ExitReason::Stopped));
+    }
+
+    /// Saves the VM into the directory `dir` (created if needed; a snapshot there is
+    /// replaced): pauses it if it runs (within [`PAUSE_TIMEOUT`]), saves every vCPU, the
+    /// interrupt controller, the devices and guest RAM, and leaves it paused
+    /// ([`VmHandle::resume`] lets it go on). `hvrun --restore DIR` or
+    /// [`VmBuilder::restore`] continue it in a new process, as many times as wanted.
+    /// Devices stop while they are saved: a disk's requests in flight reach the disk
+    /// and are served again after a restore; vsock connections end (the guest is told
+    /// with a transport reset).
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<(), Error> {
+        self.control.snapshot(dir, PAUSE_TIMEOUT)
     }
 }
 

@@ -184,6 +184,9 @@ pub enum Error {
     /// A configuration Virtualization.framework cannot run.
     #[error(transparent)]
     VzPlan(#[from] vz::plan::PlanError),
+    /// A snapshot could not be taken or restored.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
     /// A vCPU exited for a reason the VMM cannot serve.
     #[error("vcpu{vcpu} stopped on an exit hvrun cannot handle: {why}")]
     UnhandledExit {

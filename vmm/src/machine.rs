@@ -32,9 +32,17 @@ use crate::control::Control;
 use crate::embed::Io;
 use crate::irqchip::{self, Irqchip};
 use crate::slots::Slot;
+use crate::snapshot::machine::{Loaded, Parts};
+use crate::snapshot::{self, Resume};
 use crate::timeline::Timeline;
 use crate::vcpu::{self, VcpuContext};
 use crate::{Error, Event, ExitReason, VmConfig};
+
+/// The hypervisor this host's machines run on, as a snapshot names it.
+#[cfg(target_os = "linux")]
+const HYPERVISOR: snapshot::Hypervisor = snapshot::Hypervisor::Kvm;
+#[cfg(target_os = "macos")]
+const HYPERVISOR: snapshot::Hypervisor = snapshot::Hypervisor::Hvf;
 
 /// How long a stopped machine waits for the host to take the serial port's last output.
 const SERIAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
@@ -47,7 +55,14 @@ pub type Ready = Box<dyn FnOnce() -> Result<ExitReason, Error> + Send>;
 /// creates the vCPUs (one thread each) and returns when the machine stops.
 pub fn build(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, Error> {
     let mut timeline = Timeline::new(Instant::now());
-    let files = BootFiles::open_with(config, &io.images)?;
+    let files = match &io.restore {
+        Some(restore) => {
+            let loaded = Loaded::read(&restore.dir)?;
+            loaded.check_disks(&config.disks, restore.trust_disks)?;
+            Begin::Restore(Box::new(loaded))
+        }
+        None => Begin::Boot(BootFiles::open_with(config, &io.images)?),
+    };
     timeline.mark("files");
     #[cfg(target_os = "linux")]
     let hv = hypervisor::kvm::Kvm::new()?;
@@ -57,10 +72,16 @@ pub fn build(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, 
     build_on(&hv, config, files, io, control, timeline)
 }
 
+/// How a machine starts: booting its kernel, or from a snapshot.
+enum Begin {
+    Boot(BootFiles),
+    Restore(Box<Loaded>),
+}
+
 fn build_on<H: Hypervisor>(
     hv: &H,
     config: &VmConfig,
-    files: BootFiles,
+    begin: Begin,
     io: Io,
     control: Arc<Control>,
     mut timeline: Timeline,
@@ -113,16 +134,48 @@ where
     };
     let extras = Extras { disks, devices: extra_devices, power_button: button_device, balloon, vsock };
     timeline.mark("backends");
-    let (virtio, files) = virtio_devices(config, files, extras, nets, console.backend.take())?;
+    let (files, loaded, disk_files) = match begin {
+        Begin::Boot(mut files) => {
+            let disks = std::mem::take(&mut files.disks);
+            (Some(files), None, disks)
+        }
+        Begin::Restore(loaded) => (None, Some(loaded), crate::boot_files::open_disks(config)?),
+    };
+    let virtio = virtio_devices(config, disk_files, extras, nets, console.backend.take())?;
     timeline.mark("devices");
     let slots = crate::slots::assign(virtio.len())?;
     let vm_config =
         hypervisor::VmConfig { ipa_bits: ipa_bits_for(config.memory), vcpus: config.cpus, nested: config.nested };
     let mut vm = hv.create_vm(&vm_config)?;
-    let layout = irqchip::choose(config.gic, config.cpus, vm.gicv3_needs(), config.nested)?;
+    // A restore gets the controller the snapshot's guest had, or an error.
+    let gic = match loaded.as_ref().map(|l| l.requirements.irqchip) {
+        Some(snapshot::IrqChip::GicV2) => crate::config::GicChoice::V2,
+        Some(snapshot::IrqChip::GicV3) => crate::config::GicChoice::V3,
+        None => config.gic,
+    };
+    let layout = irqchip::choose(gic, config.cpus, vm.gicv3_needs(), config.nested)?;
     let irqchip = irqchip::build(&mut vm, layout, config.cpus)?;
+    let requirements = snapshot::Requirements {
+        hypervisor: HYPERVISOR,
+        irqchip: if layout.is_some() { snapshot::IrqChip::GicV3 } else { snapshot::IrqChip::GicV2 },
+        vcpus: config.cpus,
+        memory: vec![(RAM_BASE, config.memory)],
+        cpu_features: Vec::new(),
+    };
     timeline.mark("vm");
-    let (memory, regs) = load(config, files, &slots, (irqchip.fdt(), irqchip.virtio_edge()), &mut timeline)?;
+    let (memory, regs) = match (files, &loaded) {
+        (Some(files), _) => {
+            let (memory, regs) = load(config, files, &slots, (irqchip.fdt(), irqchip.virtio_edge()), &mut timeline)?;
+            (memory, Some(regs))
+        }
+        (None, Some(loaded)) => {
+            loaded.fits(config, &requirements)?;
+            let memory = loaded.memory()?;
+            timeline.mark("ram");
+            (memory, None)
+        }
+        (None, None) => unreachable!("a machine boots or is restored"),
+    };
     vm.map_memory(&memory)?;
     timeline.mark("map");
     if let Some(clock) = vm.clock() {
@@ -137,7 +190,8 @@ where
     let mut bus = MmioBus::new();
     irqchip.attach(&mut bus)?;
     bus.insert(UART_BASE, UART_SIZE, uart.clone())?;
-    bus.insert(RTC_BASE, RTC_SIZE, Arc::new(Mutex::new(Pl031::new())))?;
+    let rtc = Arc::new(Mutex::new(Pl031::new()));
+    bus.insert(RTC_BASE, RTC_SIZE, rtc.clone())?;
     let entry = first_entry.clone();
     let events = Arc::clone(&control);
     let started = timeline.start();
@@ -154,6 +208,7 @@ where
         let (gic, redistributors) = irqchip.version();
         bus.insert(PROBE_BASE, PROBE_SIZE, Arc::new(Mutex::new(Probe::new(gic, redistributors, verdict))))?;
     }
+    let mut transports = Vec::with_capacity(virtio.len());
     for (slot, mut device) in slots.iter().zip(virtio) {
         if device.wants_notifiers() {
             device.set_notifiers(queue_notifiers(&vm, slot.base, device.queue_max_sizes().len()));
@@ -162,8 +217,25 @@ where
         let interrupt = Interrupt::new(irqchip.virtio_line(slot.spi));
         let transport = MmioTransport::new(device, memory.clone(), interrupt)
             .map_err(|source| Error::Virtio { device: kind, source })?;
-        bus.insert(slot.base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(slot.base, VIRTIO_MMIO_SIZE, transport.clone())?;
+        transports.push(transport);
     }
+    let parts = Parts {
+        config: config.clone(),
+        requirements,
+        memory: Arc::clone(&memory),
+        irqchip: Arc::clone(&irqchip),
+        uart: Arc::clone(&uart),
+        rtc,
+        transports,
+    };
+    let begin = match (regs, loaded) {
+        (Some(regs), _) => Start::Boot(regs),
+        (None, Some(loaded)) => Start::Restore(Resume::new(*loaded, &parts)?),
+        (None, None) => unreachable!("a machine boots or is restored"),
+    };
+    control.set_snapshot_parts(Some(parts));
 
     let terminal = if config.console_stdin {
         let raw = RawTerminal::enter().map_err(|source| Error::Console { what: "the terminal".into(), source })?;
@@ -199,8 +271,10 @@ where
         // Kept until the machine stops: the terminal's mode, the console socket's file.
         let _keep = (terminal, console.socket);
         timeline.mark("waiting to run");
-        let vcpus = Vcpus { cpus, regs, first_entry: &first_entry, timeline: &timeline };
+        let vcpus = Vcpus { cpus, begin: &begin, first_entry: &first_entry, timeline: &timeline };
         run_vcpus(&vm, vcpus, &bus, &*irqchip, &control);
+        control.set_snapshot_parts(None);
+        drop(begin);
         // How the machine comes down, from the first stop (the guest's power-off).
         let mut down = Timeline::new(control.stopped_at().unwrap_or_else(Instant::now));
         down.mark("vcpus out");
@@ -235,7 +309,7 @@ fn queue_notifiers<V: Vm>(vm: &V, base: u64, queues: usize) -> Vec<QueueNotifier
 /// What the vCPU threads start from.
 struct Vcpus<'a> {
     cpus: u32,
-    regs: BootRegs,
+    begin: &'a Start,
     /// Set by vCPU 0 when it first enters the guest.
     first_entry: &'a OnceLock<Instant>,
     /// The start so far, logged with the vCPUs' part by vCPU 0 as it enters.
@@ -243,31 +317,35 @@ struct Vcpus<'a> {
 }
 
 /// One thread per vCPU; returns when all end. (A backend that needs its vCPUs created
-/// in index order, as KVM does, orders the creation itself.)
+/// in index order, as KVM does, orders the creation itself.) Every vCPU is created and
+/// given its first state (boot registers, or a snapshot's), then vCPU 0 has the
+/// controller (and, on a restore, the devices) take theirs, then they run: none runs
+/// before all of that is done, and none runs if any of it failed.
 fn run_vcpus<V: Vm>(vm: &V, vcpus: Vcpus<'_>, bus: &MmioBus, irqchip: &dyn Irqchip, control: &Control) {
-    let Vcpus { cpus, regs, first_entry, timeline } = vcpus;
+    let Vcpus { cpus, begin, first_entry, timeline } = vcpus;
     let all_created = Gate::new(cpus as usize);
+    let all_ready = Gate::new(cpus as usize);
     std::thread::scope(|scope| {
         for index in 0..cpus {
-            let all_created = &all_created;
+            let (all_created, all_ready) = (&all_created, &all_ready);
             let spawned = std::thread::Builder::new().name(format!("vcpu{index}")).spawn_scoped(scope, move || {
                 let vcpu = vm.create_vcpu(index).and_then(|mut vcpu| {
-                    if index == 0 {
-                        vcpu.set_reg(Reg::Pc, regs.pc)?;
-                        vcpu.set_reg(Reg::X(0), regs.x0)?;
-                        vcpu.set_reg(Reg::Pstate, regs.pstate)?;
-                    }
+                    begin.vcpu(index, &mut vcpu)?;
                     Ok(vcpu)
                 });
+                let vcpu = vcpu.map_err(|e| control.stop(Err(e.into()))).ok();
                 // Every vCPU exists before any runs: CPU_ON can only target one that does.
                 all_created.pass();
                 if index == 0 {
                     irqchip.vcpus_created();
+                    if !control.stopping() {
+                        if let Err(e) = begin.devices(irqchip) {
+                            control.stop(Err(e));
+                        }
+                    }
                 }
-                let mut vcpu = match vcpu {
-                    Ok(vcpu) => vcpu,
-                    Err(e) => return control.stop(Err(e.into())),
-                };
+                all_ready.pass();
+                let Some(mut vcpu) = vcpu else { return };
                 control.add_kicker(vcpu.kicker());
                 if index == 0 {
                     let now = Instant::now();
@@ -283,9 +361,10 @@ fn run_vcpus<V: Vm>(vm: &V, vcpus: Vcpus<'_>, bus: &MmioBus, irqchip: &dyn Irqch
             });
             if let Err(e) = spawned {
                 control.stop(Err(Error::Thread(e)));
-                // The threads that never start must not hold the others at the gate.
+                // The threads that never start must not hold the others at the gates.
                 for _ in index..cpus {
                     all_created.pass_without_waiting();
+                    all_ready.pass_without_waiting();
                 }
                 break;
             }
@@ -338,6 +417,36 @@ impl Gate {
     }
 }
 
+/// How the vCPUs start: at the kernel's entry, or where a snapshot left them.
+enum Start {
+    Boot(BootRegs),
+    Restore(Resume),
+}
+
+impl Start {
+    /// Gives vCPU `index`, just created, its first state.
+    fn vcpu<C: Vcpu>(&self, index: u32, vcpu: &mut C) -> hypervisor::Result<()> {
+        match self {
+            Start::Boot(regs) if index == 0 => {
+                vcpu.set_reg(Reg::Pc, regs.pc)?;
+                vcpu.set_reg(Reg::X(0), regs.x0)?;
+                vcpu.set_reg(Reg::Pstate, regs.pstate)
+            }
+            Start::Boot(_) => Ok(()),
+            Start::Restore(resume) => resume.vcpu(index, vcpu),
+        }
+    }
+
+    /// Once every vCPU has its state: on a restore, the interrupt controller's, then the
+    /// devices'.
+    fn devices(&self, irqchip: &dyn Irqchip) -> Result<(), Error> {
+        match self {
+            Start::Boot(_) => Ok(()),
+            Start::Restore(resume) => Ok(resume.devices(irqchip)?),
+        }
+    }
+}
+
 /// An embedder's disks (with their serials) and virtio devices, and the power button.
 struct Extras {
     disks: Vec<(Box<dyn devices::virtio::block::disk::Disk>, String)>,
@@ -353,15 +462,15 @@ struct Extras {
 /// device, then the embedder's own devices. Takes the open disks out of `files`.
 fn virtio_devices(
     config: &VmConfig,
-    mut files: BootFiles,
+    disks: Vec<devices::virtio::block::disk::FileDisk>,
     extras: Extras,
     nets: Vec<backends::OpenNet>,
     console: Option<devices::virtio::console::Backend>,
-) -> Result<(Vec<Box<dyn VirtioDevice>>, BootFiles), Error> {
+) -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     // A queue per vCPU (up to block::MAX_QUEUES) for disks that serve requests in parallel.
     let queues = usize::try_from(config.cpus).unwrap_or(1);
-    for (index, (disk, cfg)) in files.disks.drain(..).zip(&config.disks).enumerate() {
+    for (index, (disk, cfg)) in disks.into_iter().zip(&config.disks).enumerate() {
         let id = cfg.id.clone().unwrap_or_else(|| format!("hvrun-disk{index}"));
         devices.push(Box::new(Block::with_queues(Box::new(disk), &id, queues)));
     }
@@ -388,7 +497,7 @@ fn virtio_devices(
         devices.push(Box::new(vsock));
     }
     devices.extend(extras.devices);
-    Ok((devices, files))
+    Ok(devices)
 }
 
 /// An [`Error::Memory`] for `what`, caused by `source`.

@@ -42,7 +42,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// The arm64 Linux kernel `Image` to boot (a gzip'd one is unpacked first).
-    #[arg(long, value_name = "PATH", required = true)]
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
     kernel: Option<PathBuf>,
     /// An initramfs for the kernel.
     #[arg(long, value_name = "PATH")]
@@ -110,10 +110,21 @@ struct Cli {
     #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
     vsock: Option<config::VsockConfig>,
     /// A unix socket hvrun listens on for control commands from other programs, one
-    /// JSON object per line: {"command":"pause"}, "resume", "status" or "stop"; each
+    /// JSON object per line: {"command":"pause"}, "resume", "status", "stop" or
+    /// {"command":"snapshot","dir":"DIR"} (saves the VM, left paused: see --restore); each
     /// gets one JSON line back ({"ok":true} or {"ok":false,"error":"..."}).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Continue the guest saved in snapshot directory DIR (`{"command":"snapshot",
+    /// "dir":"DIR"}` on the control socket) instead of booting one: the same machine,
+    /// with the disks at the paths it had (or those --disk gives, in the same order)
+    /// and the network, console and vsock backends it had (or those the flags give).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "gic", "nested", "balloon", "backend"])]
+    restore: Option<PathBuf>,
+    /// With --restore: take the disks as they are even if they are not the images the
+    /// snapshot was taken with (by size and fingerprint).
+    #[arg(long, requires = "restore")]
+    restore_trust_disks: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -230,26 +241,51 @@ fn main() -> ExitCode {
         Some(Command::Selftest(args)) => return selftest(args),
         None => {}
     }
-    let Some(kernel) = cli.kernel else {
-        eprintln!("hvrun: error: --kernel is required (see hvrun --help)");
-        return ExitCode::from(EXIT_USAGE);
+    let config = match (cli.kernel, &cli.restore) {
+        (_, Some(dir)) => match hvrun::snapshot::machine::saved_config(dir) {
+            Ok(mut config) => {
+                // The backends it had, unless given again.
+                if !cli.disks.is_empty() {
+                    config.disks = cli.disks;
+                }
+                if !cli.nets.is_empty() {
+                    config.nets = cli.nets;
+                }
+                config.console = cli.console.or(config.console);
+                config.vsock = cli.vsock.or(config.vsock);
+                config.console_stdin = true;
+                config
+            }
+            Err(e) => {
+                eprintln!("hvrun: error: {e}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        },
+        (Some(kernel), None) => {
+            let mut config = VmConfig::new(kernel);
+            config.initrd = cli.initrd;
+            config.cmdline = cli.cmdline;
+            config.console = cli.console;
+            config.disks = cli.disks;
+            config.nets = cli.nets;
+            config.backend = cli.backend;
+            config.gic = cli.gic;
+            config.rosetta = cli.rosetta;
+            config.nested = cli.nested;
+            config.shares = cli.shares;
+            config.cpus = cli.cpus;
+            config.memory = cli.memory;
+            config.balloon = cli.balloon;
+            config.vsock = cli.vsock;
+            config.console_stdin = true;
+            config
+        }
+        (None, None) => {
+            eprintln!("hvrun: error: --kernel is required (see hvrun --help)");
+            return ExitCode::from(EXIT_USAGE);
+        }
     };
-    let mut config = VmConfig::new(kernel);
-    config.initrd = cli.initrd;
-    config.cmdline = cli.cmdline;
-    config.console = cli.console;
-    config.disks = cli.disks;
-    config.nets = cli.nets;
-    config.backend = cli.backend;
-    config.gic = cli.gic;
-    config.rosetta = cli.rosetta;
-    config.nested = cli.nested;
-    config.shares = cli.shares;
-    config.cpus = cli.cpus;
-    config.memory = cli.memory;
-    config.balloon = cli.balloon;
-    config.vsock = cli.vsock;
-    config.console_stdin = true;
+    let restore = cli.restore.map(|dir| (dir, cli.restore_trust_disks));
     // Bound before anything runs, so that a bad path is an error before the guest starts.
     let control = match cli.control.as_deref().map(ControlSocket::bind).transpose() {
         Ok(control) => control,
@@ -258,7 +294,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
-    exit_code(run(config, control))
+    exit_code(run(config, restore, control))
 }
 
 /// Raises the soft limit on open files to the hard limit (at most 65,536), as
@@ -286,13 +322,21 @@ fn raise_file_limit() {
     }
 }
 
-/// Runs the VM with the serial port on standard output; SIGTERM and SIGINT press its
-/// power button, and a second one stops it. `control`, if any, is served once it runs.
-fn run(config: VmConfig, control: Option<ControlSocket>) -> Result<ExitReason, hvrun::Error> {
+/// Runs the VM (or continues the snapshot `restore` names, with whether to trust its
+/// disks) with the serial port on standard output; SIGTERM and SIGINT press its power
+/// button, and a second one stops it. `control`, if any, is served once it runs.
+fn run(
+    config: VmConfig,
+    restore: Option<(PathBuf, bool)>,
+    control: Option<ControlSocket>,
+) -> Result<ExitReason, hvrun::Error> {
     // Before any thread exists, so that every thread inherits the mask.
     let blocked = signals::block();
     raise_file_limit();
     let mut builder = Vm::builder(config).serial(std::io::stdout());
+    if let Some((dir, trust_disks)) = restore {
+        builder = builder.restore(dir, trust_disks);
+    }
     if let Some(secs) = std::env::var("HVRUN_DUMP_AFTER").ok().and_then(|s| s.parse().ok()) {
         builder = builder.dump_state_after(std::time::Duration::from_secs(secs));
     }

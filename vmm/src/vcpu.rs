@@ -59,7 +59,7 @@ fn drive<V: Vcpu + IrqInput, H: VcpuIrq + ?Sized>(
     let mut stats = ExitStats::new();
     let mut outcome = None;
     while outcome.is_none() && !ctx.control.stopping() {
-        ctx.control.park_if_paused();
+        ctx.control.park_if_paused(ctx.index, &mut || vcpu.save_state());
         if ctx.control.stopping() {
             break;
         }

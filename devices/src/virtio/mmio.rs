@@ -149,6 +149,11 @@ impl MmioTransport {
         })
     }
 
+    /// The device's virtio type.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
     fn offered_features(&self) -> u64 {
         self.device.features() | (1 << VIRTIO_F_VERSION_1)
     }

@@ -6,6 +6,7 @@
 //! its vCPUs with the framework's own calls and reads the exit record as plain integers.
 //! The framework itself is linked by `applevisor-sys`.
 
+use std::arch::aarch64::uint8x16_t;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::hvf_regs::{place, Place};
@@ -28,6 +29,11 @@ unsafe extern "C" {
     fn hv_vcpu_get_sys_reg(vcpu: u64, reg: u16, value: *mut u64) -> i32;
     fn hv_vcpu_set_sys_reg(vcpu: u64, reg: u16, value: u64) -> i32;
     fn hv_vcpu_set_pending_interrupt(vcpu: u64, kind: u32, pending: bool) -> i32;
+    fn hv_vcpu_get_simd_fp_reg(vcpu: u64, reg: u32, value: *mut uint8x16_t) -> i32;
+    // applevisor-sys 1.0.0 declares the value as a `u128`, which Rust passes in two
+    // general registers; Apple's `hv_simd_fp_uchar16_t` is a 16-byte vector, which the
+    // AAPCS64 passes in a SIMD register, as Rust passes `uint8x16_t`.
+    fn hv_vcpu_set_simd_fp_reg(vcpu: u64, reg: u32, value: uint8x16_t) -> i32;
     fn mach_absolute_time() -> u64;
     fn mach_timebase_info(info: *mut TimebaseInfo) -> i32;
 }
@@ -194,27 +200,68 @@ impl Drop for Vcpu {
 
 /// Reads a register of `vcpu`, on its thread.
 pub fn get(vcpu: u64, reg: Reg) -> Result<u64> {
-    let mut value = 0u64;
     match place(reg) {
-        // SAFETY: `value` is a valid u64 to write; the framework checks the vCPU and the
-        // register id and reports a bad one as an error status.
-        Place::General(id) => status("hv_vcpu_get_reg", unsafe { hv_vcpu_get_reg(vcpu, id, &mut value) })?,
-        // SAFETY: as above, for a system register encoding.
-        Place::System(id) => status("hv_vcpu_get_sys_reg", unsafe { hv_vcpu_get_sys_reg(vcpu, id, &mut value) })?,
-        Place::Zero => {}
+        Place::General(id) => get_general(vcpu, id),
+        Place::System(id) => get_system(vcpu, id),
+        Place::Zero => Ok(0),
     }
-    Ok(value)
 }
 
 /// Writes a register of `vcpu`, on its thread.
 pub fn set(vcpu: u64, reg: Reg, value: u64) -> Result<()> {
     match place(reg) {
-        // SAFETY: plain values; the framework validates the vCPU and register id.
-        Place::General(id) => status("hv_vcpu_set_reg", unsafe { hv_vcpu_set_reg(vcpu, id, value) }),
-        // SAFETY: as above.
-        Place::System(id) => status("hv_vcpu_set_sys_reg", unsafe { hv_vcpu_set_sys_reg(vcpu, id, value) }),
+        Place::General(id) => set_general(vcpu, id, value),
+        Place::System(id) => set_system(vcpu, id, value),
         Place::Zero => Ok(()),
     }
+}
+
+/// Reads general register `id` (`hv_reg_t`) of `vcpu`.
+pub fn get_general(vcpu: u64, id: u32) -> Result<u64> {
+    let mut value = 0u64;
+    // SAFETY: `value` is a valid u64 to write; the framework checks the vCPU and the
+    // register id and reports a bad one as an error status.
+    status("hv_vcpu_get_reg", unsafe { hv_vcpu_get_reg(vcpu, id, &mut value) })?;
+    Ok(value)
+}
+
+/// Writes general register `id` (`hv_reg_t`) of `vcpu`.
+pub fn set_general(vcpu: u64, id: u32, value: u64) -> Result<()> {
+    // SAFETY: plain values; the framework validates the vCPU and register id.
+    status("hv_vcpu_set_reg", unsafe { hv_vcpu_set_reg(vcpu, id, value) })
+}
+
+/// Reads the system register whose encoding is `id` (`hv_sys_reg_t`) of `vcpu`.
+pub fn get_system(vcpu: u64, id: u16) -> Result<u64> {
+    let mut value = 0u64;
+    // SAFETY: as in `get_general`, for a system register encoding.
+    status("hv_vcpu_get_sys_reg", unsafe { hv_vcpu_get_sys_reg(vcpu, id, &mut value) })?;
+    Ok(value)
+}
+
+/// Writes the system register whose encoding is `id` (`hv_sys_reg_t`) of `vcpu`.
+pub fn set_system(vcpu: u64, id: u16, value: u64) -> Result<()> {
+    // SAFETY: plain values; the framework validates the vCPU and register id.
+    status("hv_vcpu_set_sys_reg", unsafe { hv_vcpu_set_sys_reg(vcpu, id, value) })
+}
+
+/// Reads SIMD/FP register Q`q` of `vcpu`, as its 16 bytes in memory order.
+pub fn get_simd(vcpu: u64, q: u8) -> Result<[u8; 16]> {
+    // SAFETY: every bit pattern is a valid `uint8x16_t`, which is 16 bytes as the array is.
+    let mut value: uint8x16_t = unsafe { std::mem::transmute([0u8; 16]) };
+    // SAFETY: `value` is a valid, aligned `hv_simd_fp_uchar16_t` to write; the framework
+    // checks the vCPU and register id.
+    status("hv_vcpu_get_simd_fp_reg", unsafe { hv_vcpu_get_simd_fp_reg(vcpu, u32::from(q), &mut value) })?;
+    // SAFETY: the same 16 bytes, as an array.
+    Ok(unsafe { std::mem::transmute::<uint8x16_t, [u8; 16]>(value) })
+}
+
+/// Writes SIMD/FP register Q`q` of `vcpu` from its 16 bytes in memory order.
+pub fn set_simd(vcpu: u64, q: u8, bytes: [u8; 16]) -> Result<()> {
+    // SAFETY: every bit pattern is a valid `uint8x16_t`, of the array's 16 bytes.
+    let value: uint8x16_t = unsafe { std::mem::transmute(bytes) };
+    // SAFETY: a plain value, passed as Apple's header declares it (see the declaration).
+    status("hv_vcpu_set_simd_fp_reg", unsafe { hv_vcpu_set_simd_fp_reg(vcpu, u32::from(q), value) })
 }
 
 /// Sets or clears the vCPU's pending IRQ for its next run.

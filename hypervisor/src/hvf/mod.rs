@@ -37,7 +37,7 @@ use arch_aarch64::inject::{PSTATE_EL1H_MASKED, PSTATE_EL2H_MASKED};
 use arch_aarch64::sysreg::{ID_AA64PFR0_EL1, ID_AA64PFR1_EL1, MPIDR_EL1};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::hvf_regs::visible_features;
+use crate::hvf_regs::{visible_features, StateReg};
 use crate::mapped::Mapped;
 use crate::raw::{Power, RawExit, RawLoop, RawVcpu, VmClock, WakingSpis};
 use crate::{Error, GicV3Layout, GicV3Needs, GuestClock, GuestRam, Reg, Result, SpiSink, VmConfig};
@@ -279,6 +279,28 @@ impl RawVcpu for HvfRaw {
                 None
             }
         })
+    }
+
+    fn state_reg(&mut self, reg: StateReg) -> Result<Vec<u8>> {
+        let id = self.vcpu.id();
+        Ok(match reg {
+            StateReg::General(r) => ffi::get_general(id, r)?.to_le_bytes().to_vec(),
+            StateReg::Simd(q) => ffi::get_simd(id, q)?.to_vec(),
+            StateReg::System(encoding) => ffi::get_system(id, encoding)?.to_le_bytes().to_vec(),
+            StateReg::VirtualCounter => return Err(Error::Unsupported("the virtual counter is the VM clock's".into())),
+        })
+    }
+
+    fn set_state_reg(&mut self, reg: StateReg, value: &[u8]) -> Result<()> {
+        let id = self.vcpu.id();
+        let bad = || Error::Unsupported(format!("{reg:?}: {} bytes", value.len()));
+        let word = || value.try_into().map(u64::from_le_bytes).map_err(|_| bad());
+        match reg {
+            StateReg::General(r) => ffi::set_general(id, r, word()?),
+            StateReg::Simd(q) => ffi::set_simd(id, q, value.try_into().map_err(|_| bad())?),
+            StateReg::System(encoding) => ffi::set_system(id, encoding, word()?),
+            StateReg::VirtualCounter => Err(Error::Unsupported("the virtual counter is the VM clock's".into())),
+        }
     }
 
     fn canceller(&self) -> Arc<dyn Fn() + Send + Sync> {

@@ -157,7 +157,7 @@ pub struct KvmVm {
     /// The guest has EL2 (`KVM_ARM_VCPU_HAS_EL2`): its vCPUs reset to EL2h.
     nested: bool,
     /// The in-kernel vGICv3, when the VMM created one.
-    gic: Option<DeviceFd>,
+    gic: Option<Arc<DeviceFd>>,
     /// KVM signals eventfds for guest writes (`KVM_CAP_IOEVENTFD`).
     ioeventfd: bool,
 }
@@ -215,8 +215,9 @@ impl crate::Vm for KvmVm {
         if self.gic.is_some() {
             return Err(Error::Unsupported("the VM already has a GICv3".into()));
         }
-        self.gic = Some(gic::create(&self.vm, layout)?);
-        Ok(Arc::new(gic::Spis::new(Arc::clone(&self.vm))))
+        let gic = Arc::new(gic::create(&self.vm, layout)?);
+        self.gic = Some(Arc::clone(&gic));
+        Ok(Arc::new(gic::Spis::new(Arc::clone(&self.vm), gic, self.vcpus)))
     }
 
     /// Creates vCPU `index` once vCPUs `0..index` exist (waiting for their threads, at
@@ -264,6 +265,7 @@ impl crate::Vm for KvmVm {
             vm: Arc::clone(&self.vm),
             irq_line,
             abort_pending: false,
+            entered: false,
             _memory: self.memory.clone(),
             _on_its_thread: std::marker::PhantomData,
         };
@@ -309,6 +311,9 @@ impl KvmVm {
     }
 }
 
+/// The most registers a `KVM_GET_REG_LIST` is asked for: kvm-bindings' `RegList` limit.
+const REG_LIST_MAX: usize = 500;
+
 /// A KVM vCPU. Lives on the thread that created it.
 #[derive(Debug)]
 pub struct KvmVcpu {
@@ -320,6 +325,8 @@ pub struct KvmVcpu {
     /// The guest made an MMIO access KVM could not decode (`KVM_EXIT_ARM_NISV`): it takes
     /// an external data abort when it next runs.
     abort_pending: bool,
+    /// `KVM_RUN` has been called: an exit may be half done ([`KvmVcpu::complete_pending`]).
+    entered: bool,
     /// The guest RAM this vCPU's VM has mapped: it can run the guest, so it keeps it.
     _memory: Mapped,
     /// Not `Send`: the kick signal's handler finds this vCPU's `kvm_run` through the
@@ -341,9 +348,42 @@ fn reg_id(reg: Reg) -> Result<u64> {
 impl KvmVcpu {
     /// The ids of every register KVM gives this vCPU (`KVM_GET_REG_LIST`).
     fn reg_ids(&self) -> Result<Vec<u64>> {
-        let mut list = RegList::new(MAX_REGS).map_err(|_| Error::Unsupported("a register list".into()))?;
+        // kvm-bindings 0.14 caps a `RegList` at 500 entries (its `ARM64_REGS_MAX`), as
+        // Firecracker's does; a vCPU with more (SVE with its Z and P registers, on a host
+        // with long vectors) gets E2BIG from KVM, reported as such.
+        let mut list = RegList::new(REG_LIST_MAX.min(MAX_REGS))
+            .map_err(|e| Error::Unsupported(format!("a register list of {REG_LIST_MAX}: {e:?}")))?;
         self.fd.get_reg_list(&mut list).map_err(platform("KVM_GET_REG_LIST"))?;
         Ok(list.as_slice().to_vec())
+    }
+}
+
+impl KvmVcpu {
+    /// Finishes what the last exit left half done, without running a guest instruction:
+    /// an MMIO load completes into its register only at the next `KVM_RUN` (KVM's API
+    /// documentation: userspace re-enters with `immediate_exit` set before it saves a
+    /// vCPU's state), and a data abort owed for an access KVM could not decode is taken.
+    fn complete_pending(&mut self) -> Result<()> {
+        // A vCPU that never ran has nothing half done, and its first KVM_RUN would
+        // initialise it for running (fixing its ID registers) before a restore writes them.
+        if !self.entered {
+            return Ok(());
+        }
+        if self.abort_pending {
+            let mut events = kvm_vcpu_events::default();
+            events.exception.ext_dabt_pending = 1;
+            self.fd.set_vcpu_events(&events).map_err(platform("KVM_SET_VCPU_EVENTS"))?;
+            self.abort_pending = false;
+        }
+        self.fd.get_kvm_run().immediate_exit = 1;
+        let result = match self.fd.run() {
+            Ok(kvm_ioctls::VcpuExit::Intr) => Ok(()),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(platform("KVM_RUN")(e)),
+            Ok(other) => Err(Error::Unsupported(format!("KVM ran the guest to {other:?} while completing an exit"))),
+        };
+        self.fd.get_kvm_run().immediate_exit = 0;
+        result
     }
 }
 
@@ -375,6 +415,7 @@ impl crate::Vcpu for KvmVcpu {
             self.fd.set_vcpu_events(&events).map_err(platform("KVM_SET_VCPU_EVENTS"))?;
             self.abort_pending = false;
         }
+        self.entered = true;
         match self.fd.run() {
             Ok(kvm_ioctls::VcpuExit::MmioRead(addr, data)) => Ok(VcpuExit::MmioRead { addr, data }),
             Ok(kvm_ioctls::VcpuExit::MmioWrite(addr, data)) => Ok(VcpuExit::MmioWrite { addr, data }),
@@ -422,6 +463,7 @@ impl crate::Vcpu for KvmVcpu {
     /// it sets the VM's counter offset, so the guest's counter goes on from the value
     /// saved, without the time the VM spent saved.
     fn save_state(&mut self) -> Result<VcpuState> {
+        self.complete_pending()?;
         let ids = self.reg_ids()?;
         let mut regs = Vec::with_capacity(ids.len());
         let mut bytes = [0u8; MAX_REG_BYTES];

@@ -38,6 +38,19 @@ impl VmClock {
     pub fn offset(&self) -> u64 {
         self.offset.load(Ordering::SeqCst)
     }
+
+    /// The guest's counter now, or where it stands while the VM is paused (a snapshot's
+    /// value: every vCPU saves the same).
+    pub fn guest_counter(&self) -> u64 {
+        let stopped_at = *self.stopped_at.lock().unwrap_or_else(PoisonError::into_inner);
+        stopped_at.unwrap_or_else(|| (self.now)()).wrapping_sub(self.offset())
+    }
+
+    /// Sets the offset so the guest's counter reads `counter` now (a restored snapshot's
+    /// guest goes on from where it was saved).
+    pub fn set_guest_counter(&self, counter: u64) {
+        self.offset.store((self.now)().wrapping_sub(counter), Ordering::SeqCst);
+    }
 }
 
 impl GuestClock for VmClock {
@@ -80,5 +93,26 @@ mod tests {
         clock.start(); // nor does a start without a stop
         host.store(100_500, Ordering::SeqCst);
         assert_eq!(guest(), 1_500);
+    }
+
+    #[test]
+    fn a_saved_counter_is_where_the_pause_stopped_it_and_a_restore_goes_on_from_it() {
+        let host = Arc::new(AtomicU64::new(10_000));
+        let now = {
+            let host = Arc::clone(&host);
+            move || host.load(Ordering::SeqCst)
+        };
+        let clock = VmClock::new(now.clone());
+        host.store(12_000, Ordering::SeqCst);
+        clock.stop();
+        host.store(50_000, Ordering::SeqCst);
+        assert_eq!(clock.guest_counter(), 2_000, "paused: the counter stands");
+        // A new process, later.
+        host.store(900_000, Ordering::SeqCst);
+        let restored = VmClock::new(now);
+        restored.set_guest_counter(2_000);
+        assert_eq!(restored.guest_counter(), 2_000);
+        host.store(900_700, Ordering::SeqCst);
+        assert_eq!(restored.guest_counter(), 2_700);
     }
 }

@@ -18,6 +18,7 @@
 
 mod clock;
 mod power;
+mod state;
 #[cfg(test)]
 mod tests;
 
@@ -35,6 +36,7 @@ pub use clock::VmClock;
 pub use power::{Power, Signal, WakingSpis, Woke};
 
 use crate::exits::{decide, Decision};
+use crate::hvf_regs::StateReg;
 use crate::{IrqInput, Kicker, Reg, Result, SystemEvent, Vcpu, VcpuExit};
 
 /// Why the framework's run returned.
@@ -98,6 +100,16 @@ pub trait RawVcpu {
     /// when it cannot (then a nap ends with a run of the guest, to see).
     fn pending_interrupt(&mut self) -> Result<Option<bool>> {
         Ok(None)
+    }
+    /// Reads a register a snapshot saves, as [`StateReg::width`] little-endian bytes
+    /// (never [`StateReg::VirtualCounter`], which the loop keeps).
+    fn state_reg(&mut self, reg: StateReg) -> Result<Vec<u8>> {
+        Err(crate::Error::Unsupported(format!("this framework cannot read {reg:?} for a snapshot")))
+    }
+    /// Writes a register a snapshot saved ([`RawVcpu::state_reg`]'s bytes).
+    fn set_state_reg(&mut self, reg: StateReg, value: &[u8]) -> Result<()> {
+        let _ = value;
+        Err(crate::Error::Unsupported(format!("this framework cannot write {reg:?} from a snapshot")))
     }
     /// Counter ticks per second.
     fn counter_frequency(&self) -> u64;
@@ -711,6 +723,14 @@ impl<V: RawVcpu> Vcpu for RawLoop<V> {
 
     fn get_reg(&mut self, reg: Reg) -> Result<u64> {
         self.raw.reg(reg)
+    }
+
+    fn save_state(&mut self) -> Result<crate::state::VcpuState> {
+        self.save()
+    }
+
+    fn restore_state(&mut self, state: &crate::state::VcpuState) -> Result<()> {
+        self.restore(state)
     }
 
     fn recent_exits(&mut self) -> Vec<String> {

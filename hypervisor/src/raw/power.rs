@@ -141,6 +141,14 @@ impl Power {
         self.lock().get_mut(index).and_then(|c| c.start.take())
     }
 
+    /// Whether vCPU `index` is on, as a snapshot's restore says (no start pending).
+    pub(super) fn set_on(&self, index: usize, on: bool) {
+        if let Some(cpu) = self.lock().get_mut(index) {
+            cpu.state.on = on;
+            cpu.start = None;
+        }
+    }
+
     /// CPU_OFF: vCPU `index` stops until a CPU_ON.
     pub(super) fn stop(&self, index: usize) {
         if let Some(cpu) = self.lock().get_mut(index) {

@@ -67,6 +67,8 @@ struct Fake {
     born: Instant,
     cancelled: Arc<AtomicBool>,
     log: Log,
+    /// The registers a snapshot saves, by id (zeros until written).
+    state: std::collections::HashMap<u64, Vec<u8>>,
 }
 
 impl Fake {
@@ -79,6 +81,7 @@ impl Fake {
             born: Instant::now(),
             cancelled: Arc::default(),
             log,
+            state: std::collections::HashMap::new(),
         }
     }
 }
@@ -122,6 +125,13 @@ impl RawVcpu for Fake {
     }
     fn pending_interrupt(&mut self) -> Result<Option<bool>> {
         Ok(self.pending)
+    }
+    fn state_reg(&mut self, reg: StateReg) -> Result<Vec<u8>> {
+        Ok(self.state.get(&reg.id()).cloned().unwrap_or_else(|| vec![0; reg.width()]))
+    }
+    fn set_state_reg(&mut self, reg: StateReg, value: &[u8]) -> Result<()> {
+        self.state.insert(reg.id(), value.to_vec());
+        Ok(())
     }
     fn canceller(&self) -> Arc<dyn Fn() + Send + Sync> {
         let flag = Arc::clone(&self.cancelled);
@@ -656,4 +666,66 @@ fn the_last_exits_are_kept_for_a_bug_report() {
         format!("exception ESR {:#010x} (EC 0x24) VA {:#x} IPA {UART:#x}", store32(1), UART | 0xffff_0000_0000_0000);
     assert_eq!(exits[0], store);
     assert_eq!(exits[16], "the PC after the last one: 0x40080050", "20 stores stepped over");
+}
+
+/// A 2-vCPU VM's vCPU `index` on a fake with `script`, sharing `power` and `clock`.
+fn clocked(index: usize, script: Vec<Step>, power: &Arc<Power>, clock: &Arc<VmClock>) -> RawLoop<Fake> {
+    RawLoop::new(Fake::new(script, Log::default()), index, Arc::clone(power)).with_clock(Arc::clone(clock))
+}
+
+#[test]
+fn a_saved_vcpu_comes_back_in_a_new_vm_with_its_registers_power_and_counter() {
+    let host = Arc::new(std::sync::atomic::AtomicU64::new(1_000));
+    let now = {
+        let host = Arc::clone(&host);
+        move || host.load(Ordering::SeqCst)
+    };
+    let (power, clock) = (Power::new(&[0x8000_0000, 0x8000_0001]), VmClock::new(now.clone()));
+    let mut first = clocked(0, Vec::new(), &power, &clock);
+    let q5 = crate::hvf_regs::StateReg::Simd(5);
+    first.raw.state.insert(q5.id(), (1..=16).collect());
+    host.store(4_000, Ordering::SeqCst);
+    clock.stop();
+    let saved = first.save_state().unwrap();
+    assert_eq!(saved.power, crate::state::Power::On);
+    let second = clocked(1, Vec::new(), &power, &clock).save_state().unwrap();
+    assert_eq!(second.power, crate::state::Power::Off);
+    let counter = |s: &crate::state::VcpuState| s.regs.last().map(|r| r.value.clone());
+    assert_eq!(counter(&saved), Some(3_000u64.to_le_bytes().to_vec()), "the counter as the pause left it");
+    assert_eq!(counter(&saved), counter(&second), "every vCPU saves the same counter");
+
+    // A new VM: vCPU 1 was off, and comes back in WFI.
+    host.store(100_000, Ordering::SeqCst);
+    let (power, clock) = (Power::new(&[0x8000_0000, 0x8000_0001]), VmClock::new(now));
+    let mut again = clocked(1, Vec::new(), &power, &clock);
+    let suspended = crate::state::VcpuState { power: crate::state::Power::Suspended, ..saved.clone() };
+    again.restore_state(&suspended).unwrap();
+    assert_eq!(again.raw.state.get(&q5.id()), Some(&(1..=16).collect::<Vec<u8>>()));
+    assert_eq!(clock.guest_counter(), 3_000, "the guest's counter goes on from the saved one");
+    assert!(power.states()[1].on, "PSCI sees it on");
+    assert_eq!(again.save_state().unwrap().power, crate::state::Power::Suspended);
+
+    // Damaged or foreign states are refused before anything is written.
+    let mut fresh = clocked(0, Vec::new(), &power, &clock);
+    let mut short = saved.clone();
+    short.regs.pop();
+    assert!(fresh.restore_state(&short).unwrap_err().to_string().contains("not Hypervisor.framework's list"));
+    let mut wide = saved.clone();
+    wide.regs[0].value.push(0);
+    assert!(fresh.restore_state(&wide).is_err());
+    let serror = crate::state::VcpuState { serror: Some(crate::state::PendingSerror { esr: None }), ..saved };
+    assert!(fresh.restore_state(&serror).unwrap_err().to_string().contains("SError"));
+    assert!(fresh.raw.state.is_empty(), "nothing written");
+}
+
+#[test]
+fn a_load_the_vmm_served_completes_before_the_vcpu_is_saved() {
+    let script = vec![step(&[], exception(load32(3), UART))];
+    let power = Power::new(&[0x8000_0000]);
+    let clock = VmClock::new(|| 0);
+    let mut vcpu = clocked(0, script, &power, &clock);
+    assert_eq!(exit_of(&mut vcpu), format!("read {UART:#x}"));
+    vcpu.save_state().unwrap();
+    assert_eq!(vcpu.raw.reg(Reg::X(3)).unwrap(), 0x1234_5678);
+    assert_eq!(vcpu.raw.reg(Reg::Pc).unwrap(), 0x4008_0004, "stepped past the load");
 }

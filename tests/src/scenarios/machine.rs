@@ -395,6 +395,67 @@ pub const CONTROL_SOCKET: Scenario = Scenario {
         outer_gic: OuterGic::V2,
 };
 
+/// What both snapshot scenarios must show (see `tests/scenarios/snapshot.sh`).
+const SNAPSHOT_MARKERS: &[&str] = &[
+    "snapshot: {\"ok\":true}",
+    "snapshot: left paused at count",
+    "snapshot: files:",
+    "/tmp/out1: continues at count",
+    "/tmp/out1: dmesg checked after the restore",
+    "clone 1: the guest's TCP connection carries count",
+    "clone 1: stop -> {\"ok\":true}",
+    "clone 1: its disk holds count",
+    "snapshot: the disk copy holds count",
+    "/tmp/out2: continues at count",
+    "/tmp/out2: dmesg checked after the restore",
+    "clone 2: stop -> {\"ok\":true}",
+    "wrong disk: hvrun: error: cannot restore: disk /tmp/disk2.img is not the image the snapshot was taken with",
+];
+
+pub const SNAPSHOT: Scenario = Scenario {
+        name: "snapshot",
+        about: "snapshot and restore with hvrun's GICv2: a 2-vCPU guest counting to its serial port, its disk and a TCP connection is saved through the control socket, hvrun is killed, and two clones continue it from the next count (no reset, no gap) with the disk consistent, the TCP connection carrying on and no RCU stall or clocksource complaint; a disk that is not the snapshot's is refused",
+        artifacts: &["Image", "initramfs.cpio", "tun.ko"],
+        script: include_str!("../../scenarios/snapshot.sh"),
+        exit_code: 0,
+        markers: SNAPSHOT_MARKERS,
+        forbidden: &["FAIL", "DMESG-BAD", "stall", "panicked", "Kernel panic"],
+        timeout_secs: 900,
+        exchange: None,
+        outer_gic: OuterGic::V2,
+};
+
+pub const SNAPSHOT_GICV3: Scenario = Scenario {
+        name: "snapshot-gicv3",
+        about: "the snapshot scenario with KVM's vGICv3 (a GICv3 rig, --gic auto): its distributor, redistributors and CPU interfaces saved through their device attributes and restored in the new process",
+        outer_gic: OuterGic::V3,
+        ..SNAPSHOT
+};
+
+/// A measurement rather than a check (run by name: `cargo xtask e2e snapshot-timing`):
+/// restore times against cold boots, for docs/BENCHMARKS.md and issue 18's goals.
+pub const SNAPSHOT_TIMING: Scenario = Scenario {
+        name: "snapshot-timing",
+        about: "how long a restore takes from hvrun's start to a running guest (10 runs) against a cold boot of the same guest to its init (3 runs), for 256 MiB and 2 GiB guests with 2 vCPUs and hvrun's GICv2, caches dropped before each",
+        artifacts: &["Image", "initramfs.cpio"],
+        script: include_str!("../../scenarios/snapshot-timing.sh"),
+        exit_code: 0,
+        markers: &[
+            "timing: 256M snapshot:",
+            "timing: 256M cold boot to init (ms, 3 runs): min",
+            "timing: 256M restore to the guest running (ms, 10 runs): min",
+            "timing: 2G snapshot:",
+            "timing: 2G cold boot to init (ms, 3 runs): min",
+            "timing: 2G restore to the guest running (ms, 10 runs): min",
+            "timing: restore/cold boot (medians): 256M",
+            "timing: 2G restore / 256M restore (medians):",
+        ],
+        forbidden: &["FAIL", "panicked", "hvrun: error"],
+        timeout_secs: 2400,
+        exchange: None,
+        outer_gic: OuterGic::V2,
+};
+
 pub const POWER_BUTTON: Scenario = Scenario {
         name: "power-button",
         about: "SIGTERM or SIGINT to hvrun presses the guest's power button (virtio-input, KEY_POWER): Debian's stock kernel and hvrun's own take their shutdown path and hvrun exits 0; a second signal stops a guest that ignores it",

@@ -12,7 +12,7 @@ use devices::irq::IrqLine;
 use hypervisor::{IrqInput, Kicker};
 
 use super::irq_lines::IrqLines;
-use super::{Irqchip, VcpuIrq};
+use super::{Irqchip, SavedIrqchip, VcpuIrq};
 use crate::Error;
 
 /// Size of the GICv2 CPU interface window in the device tree: two 4 KiB pages, the
@@ -70,7 +70,21 @@ impl Irqchip for EmulatedGic {
 
     fn vcpu(&self, index: u32, kicker: Arc<dyn Kicker>) -> Option<Box<dyn VcpuIrq + '_>> {
         self.lines.attach(index as usize, kicker);
-        Some(Box::new(Wiring { gic: &self.gic, lines: &self.lines, index: index as usize, timer: false, changes: 0 }))
+        // The level the GIC has is not known here (a restored state may hold either), so
+        // the first exit tells it the vCPU's, whatever it is: the hypervisor reports a
+        // timer that was asserted when the vCPU was created only once.
+        Some(Box::new(Wiring { gic: &self.gic, lines: &self.lines, index: index as usize, timer: None, changes: 0 }))
+    }
+
+    fn save(&self) -> Result<SavedIrqchip, String> {
+        Ok(SavedIrqchip::GicV2(self.gic.save()))
+    }
+
+    fn restore(&self, saved: &SavedIrqchip) -> Result<(), String> {
+        match saved {
+            SavedIrqchip::GicV2(gic) => self.gic.restore(gic).map_err(|e| e.to_string()),
+            SavedIrqchip::GicV3(_) => Err("the snapshot's guest had the hypervisor's GICv3, not hvrun's GICv2".into()),
+        }
     }
 
     fn dump(&self) -> Option<String> {
@@ -83,8 +97,8 @@ struct Wiring<'a> {
     gic: &'a Gic,
     lines: &'a IrqLines,
     index: usize,
-    /// The timer level the GIC has.
-    timer: bool,
+    /// The timer level the GIC has, once this vCPU has told it.
+    timer: Option<bool>,
     changes: u64,
 }
 
@@ -95,8 +109,8 @@ impl VcpuIrq for Wiring<'_> {
 
     fn after_exit(&mut self, vcpu: &mut dyn IrqInput) {
         let level = vcpu.vtimer_asserted();
-        if level != self.timer {
-            self.timer = level;
+        if Some(level) != self.timer {
+            self.timer = Some(level);
             self.changes += 1;
             self.gic.set_ppi_level(self.index, VTIMER_PPI, level);
         }
@@ -122,5 +136,36 @@ mod tests {
         bus.read(0, GIC_DIST_BASE + 4, &mut typer).unwrap();
         assert_eq!((u32::from_le_bytes(typer) >> 5) & 7, 1, "GICD_TYPER says two CPUs");
         assert!(chip.dump().is_some());
+    }
+
+    /// A vCPU whose timer is asserted.
+    struct Asserted;
+    impl IrqInput for Asserted {
+        fn vtimer_asserted(&mut self) -> bool {
+            true
+        }
+        fn set_irq_line(&mut self, _: bool) -> hypervisor::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Issue 18: a restored vCPU whose timer was asserted when it was saved reports it
+    /// once, at its first exit; the loop took the GIC's line as already high and never
+    /// told it, and the guest's CPU waited for its timer for ever.
+    #[test]
+    fn the_timer_level_at_the_first_exit_reaches_the_gic_whatever_it_held() {
+        let chip = EmulatedGic::new(1);
+        let mut bus = MmioBus::new();
+        chip.attach(&mut bus).unwrap();
+        let write = |addr: u64, value: u32| bus.write(0, addr, &value.to_le_bytes()).unwrap();
+        write(GIC_DIST_BASE, 1); // GICD_CTLR
+        write(GIC_DIST_BASE + 0x100, 1 << VTIMER_PPI); // GICD_ISENABLER0
+        write(GIC_CPU_BASE, 1); // GICC_CTLR
+        write(GIC_CPU_BASE + 4, 0xff); // GICC_PMR
+        assert!(!chip.gic().irq_asserted(0));
+        let mut wiring = chip.vcpu(0, Arc::new(crate::testing::CountingKicker::default())).unwrap();
+        wiring.after_exit(&mut Asserted);
+        assert!(chip.gic().irq_asserted(0), "the timer's interrupt reaches the CPU");
+        assert_eq!(wiring.timer_changes(), 1);
     }
 }

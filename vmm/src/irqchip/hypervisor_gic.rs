@@ -9,7 +9,7 @@ use devices::irq::IrqLine;
 use devices::warn_ratelimited;
 use hypervisor::{EdgeTrigger, Kicker, SpiSink};
 
-use super::{Irqchip, VcpuIrq};
+use super::{Irqchip, SavedIrqchip, VcpuIrq};
 
 /// The hypervisor's GICv3.
 #[derive(Debug)]
@@ -65,6 +65,17 @@ impl Irqchip for HypervisorGic {
                 }
                 Err(e) => log::warn!("SPI {}: no edge trigger ({e}); raising it through its level", line.intid),
             }
+        }
+    }
+
+    fn save(&self) -> Result<SavedIrqchip, String> {
+        self.spis.save_gic().map(SavedIrqchip::GicV3).map_err(|e| e.to_string())
+    }
+
+    fn restore(&self, saved: &SavedIrqchip) -> Result<(), String> {
+        match saved {
+            SavedIrqchip::GicV3(gic) => self.spis.restore_gic(gic).map_err(|e| e.to_string()),
+            SavedIrqchip::GicV2(_) => Err("the snapshot's guest had hvrun's GICv2, not the hypervisor's GICv3".into()),
         }
     }
 

@@ -145,11 +145,30 @@ pub trait Irqchip: Send + Sync + std::fmt::Debug {
     fn vcpu(&self, index: u32, kicker: Arc<dyn Kicker>) -> Option<Box<dyn VcpuIrq + '_>>;
     /// Every vCPU exists (called once, before any enters the guest).
     fn vcpus_created(&self) {}
+    /// The controller's state for a snapshot, with every vCPU paused.
+    fn save(&self) -> Result<SavedIrqchip, String> {
+        Err(format!("{} cannot be saved in a snapshot yet", self.name()))
+    }
+    /// Puts back a state [`Irqchip::save`] gave (checked first), once every vCPU exists
+    /// and has its own state back, before any runs.
+    fn restore(&self, saved: &SavedIrqchip) -> Result<(), String> {
+        let _ = saved;
+        Err(format!("{} cannot be restored from a snapshot yet", self.name()))
+    }
     /// The controller's state for a report on a hung guest
     /// ([`crate::VmBuilder::dump_state_after`]); `None` when it is the hypervisor's.
     fn dump(&self) -> Option<String> {
         None
     }
+}
+
+/// An interrupt controller's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SavedIrqchip {
+    /// hvrun's GICv2.
+    GicV2(devices::gic::SavedGic),
+    /// The hypervisor's GICv3 (KVM's vGICv3, as its device attributes).
+    GicV3(hypervisor::gicv3_state::SavedGicV3),
 }
 
 /// What one vCPU's loop does for the interrupt controller, on the vCPU's thread.

@@ -5,12 +5,64 @@
 //! the vCPUs, the interrupt controller and the devices, each a section of its own. Guest
 //! RAM is a file of its own beside it, mapped on restore so pages load on first touch.
 //!
-//! Where it stands (issue 18): the container format and the requirements check are
-//! here and tested; saving and restoring the machine's parts is being built on them.
+//! [`machine`] saves a paused machine's parts and reads a snapshot back for a restore.
 
 pub mod format;
+pub mod machine;
+mod resume;
+
+pub use resume::Resume;
+
+use std::path::PathBuf;
+
+use hypervisor::state::VcpuState;
 
 use serde::{Deserialize, Serialize};
+
+/// Why a snapshot cannot be taken or used.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The state file is not one this hvrun can use.
+    #[error("snapshot: {0}")]
+    Format(#[from] format::FormatError),
+    /// A file of the snapshot, or a disk, could not be read or written.
+    #[error("snapshot: {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The directory holds no snapshot.
+    #[error("{} holds no snapshot (no `state` file in it)", .0.display())]
+    NotASnapshot(PathBuf),
+    /// This machine cannot be saved (a part that cannot be, yet).
+    #[error("cannot snapshot this VM: {0}")]
+    Unsupported(String),
+    /// What the restore was given differs from what the snapshot's guest had.
+    #[error("cannot restore: {0}")]
+    Mismatch(String),
+    /// This host cannot continue the snapshot.
+    #[error("cannot restore on this host: {0}")]
+    Host(String),
+    /// Guest RAM could not be mapped from the memory file.
+    #[error("snapshot: {0}")]
+    Memory(#[from] guest_memory::Error),
+}
+
+/// The CPU's identification registers in a vCPU's saved state, by name: what the guest
+/// may have chosen its code paths by. (KVM's register ids; the Hypervisor.framework
+/// backend saves none of these yet.)
+pub fn cpu_features(vcpu: &VcpuState) -> Vec<(String, u64)> {
+    vcpu.regs
+        .iter()
+        .filter_map(|r| {
+            let name = hypervisor::kvm_regs::id_register_name(r.id)?;
+            let value = u64::from_le_bytes(r.value.get(..8)?.try_into().ok()?);
+            Some((name, value))
+        })
+        .collect()
+}
 
 /// The hypervisor a snapshot was taken on: a vCPU's and an interrupt controller's state
 /// only make sense to the same one.

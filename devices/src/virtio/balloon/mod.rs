@@ -57,7 +57,7 @@ pub const PAGE_SIZE: u64 = 1 << release::PFN_SHIFT;
 const NAME: &str = "virtio-balloon";
 
 /// What the balloon offers the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonOptions {
     /// Offer free page reporting (the guest's free memory goes back to the host).
     pub free_page_reporting: bool,

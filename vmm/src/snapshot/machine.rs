@@ -1,0 +1,324 @@
+//! A machine's snapshot: what a running machine hands over to be saved ([`Parts`]), and
+//! a snapshot read back and checked for a restore ([`Loaded`]).
+//!
+//! The directory holds `state` (the sections below, in the container of
+//! [`format`](super::format)) and `memory` (guest RAM, [`guest_memory::file`]):
+//!
+//! | section | holds |
+//! |---|---|
+//! | `requirements` | [`Requirements`]: checked before anything else is decoded |
+//! | `config` | the machine's [`VmConfig`] (a restore builds the same machine) |
+//! | `disks` | each disk's size and fingerprint ([`DiskPrint`]) |
+//! | `memory` | the memory file's length |
+//! | `vcpus` | every vCPU's [`VcpuState`] |
+//! | `irqchip` | the interrupt controller's state |
+//! | `uart`, `rtc` | the PL011's and the PL031's |
+//! | `virtio` | every virtio-mmio transport's, in slot order |
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock;
+use devices::pl011::{Pl011, SavedPl011};
+use devices::pl031::{Pl031, SavedPl031};
+use devices::virtio::mmio::{MmioTransport, SavedTransport};
+use guest_memory::GuestRam;
+use hypervisor::state::VcpuState;
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestAddress;
+
+use super::format::{FormatError, StateFile, Writer};
+use super::{Requirements, SnapshotError};
+use crate::irqchip::{Irqchip, SavedIrqchip};
+use crate::VmConfig;
+
+/// The state file's name in a snapshot directory.
+pub const STATE: &str = "state";
+/// The memory file's name in a snapshot directory.
+pub const MEMORY: &str = "memory";
+
+/// Bytes of a disk read for its fingerprint: its first and last MiB, and 64 blocks of
+/// 4 KiB spread between.
+const PRINT_ENDS: u64 = 1 << 20;
+const PRINT_BLOCKS: u64 = 64;
+const PRINT_BLOCK: usize = 4096;
+
+/// What identifies a disk image: its size and a CRC-32 of samples of it (its ends and
+/// blocks spread over it), which a different image or one written since almost surely
+/// changes, read in a few milliseconds whatever the disk's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskPrint {
+    /// Bytes.
+    pub size: u64,
+    /// CRC-32 of the samples.
+    pub fingerprint: u32,
+}
+
+impl DiskPrint {
+    /// The print of the image at `path`.
+    pub fn of(path: &Path) -> std::io::Result<DiskPrint> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        let mut crc = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; PRINT_ENDS as usize];
+        let mut sample = |at: u64, len: usize, crc: &mut crc32fast::Hasher| -> std::io::Result<()> {
+            let len = len.min(usize::try_from(size.saturating_sub(at)).unwrap_or(usize::MAX));
+            file.read_exact_at(&mut buf[..len], at)?;
+            crc.update(&buf[..len]);
+            Ok(())
+        };
+        sample(0, PRINT_ENDS as usize, &mut crc)?;
+        for i in 1..PRINT_BLOCKS {
+            sample(size / PRINT_BLOCKS * i, PRINT_BLOCK, &mut crc)?;
+        }
+        sample(size.saturating_sub(PRINT_ENDS), PRINT_ENDS as usize, &mut crc)?;
+        Ok(DiskPrint { size, fingerprint: crc.finalize() })
+    }
+}
+
+/// What a running machine hands over to be saved: its configuration and the parts
+/// holding state. The vCPUs save themselves (`Control::save_vcpus`).
+pub struct Parts {
+    /// The machine's configuration.
+    pub config: VmConfig,
+    /// What a restore needs of its host (the CPU's features are filled in at saving).
+    pub requirements: Requirements,
+    /// Guest RAM.
+    pub memory: Arc<GuestRam>,
+    /// The interrupt controller.
+    pub irqchip: Arc<dyn Irqchip>,
+    /// The UART.
+    pub uart: Arc<Mutex<Pl011>>,
+    /// The RTC.
+    pub rtc: Arc<Mutex<Pl031>>,
+    /// The virtio transports, in slot order.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts").field("requirements", &self.requirements).finish_non_exhaustive()
+    }
+}
+
+impl Parts {
+    /// Saves the machine into `dir` (created if missing), with the vCPUs' states
+    /// `vcpus`; the VM must be paused. The devices stop while they are saved and start
+    /// again before this returns, whatever happened. The state file is written last:
+    /// a directory without one (a failed snapshot) is no snapshot.
+    pub fn save(&self, dir: &Path, vcpus: Vec<VcpuState>) -> Result<(), SnapshotError> {
+        let io = |what: &str, path: &Path| {
+            let what = format!("{what} {}", path.display());
+            move |source| SnapshotError::Io { what, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        let state = dir.join(STATE);
+        match std::fs::remove_file(&state) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("replacing", &state)(e)),
+            _ => {}
+        }
+        let powers: Vec<_> = vcpus.iter().map(|v| v.power).collect();
+        log::info!("snapshot: {} vCPUs (power {powers:?}), {} virtio devices", vcpus.len(), self.transports.len());
+        let mut requirements = self.requirements.clone();
+        requirements.cpu_features = vcpus.first().map(super::cpu_features).unwrap_or_default();
+        let irqchip = self.irqchip.save().map_err(SnapshotError::Unsupported)?;
+        let uart = lock(&self.uart).save();
+        let rtc = lock(&self.rtc).save();
+        // Each device stops here, and its requests in hand reach the disk first.
+        let virtio: Vec<SavedTransport> = self.transports.iter().map(|t| lock(t).save()).collect();
+        let result = self.write(dir, &requirements, (vcpus, irqchip, uart, rtc), &virtio);
+        for (transport, saved) in self.transports.iter().zip(&virtio) {
+            if let Err(e) = lock(transport).restore(saved) {
+                log::error!("a virtio device does not start again after the snapshot: {e}");
+            }
+        }
+        result
+    }
+
+    fn write(
+        &self,
+        dir: &Path,
+        requirements: &Requirements,
+        (vcpus, irqchip, uart, rtc): (Vec<VcpuState>, SavedIrqchip, SavedPl011, SavedPl031),
+        virtio: &[SavedTransport],
+    ) -> Result<(), SnapshotError> {
+        let io = |what: String| move |source| SnapshotError::Io { what, source };
+        let memory_path = dir.join(MEMORY);
+        let memory_file = File::create(&memory_path).map_err(io(format!("creating {}", memory_path.display())))?;
+        guest_memory::file::save(&self.memory, &memory_file)
+            .and_then(|_| memory_file.sync_all())
+            .map_err(io(format!("writing {}", memory_path.display())))?;
+        let memory_len = memory_file.metadata().map_err(io(format!("reading {}", memory_path.display())))?.len();
+        let mut disks = Vec::new();
+        for disk in &self.config.disks {
+            // Whatever the guest wrote is on the disk before its print is taken.
+            File::open(&disk.path)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| DiskPrint::of(&disk.path))
+                .map(|print| disks.push(print))
+                .map_err(io(format!("reading disk {}", disk.path.display())))?;
+        }
+        let mut w = Writer::new();
+        w.add("requirements", requirements)?;
+        w.add("config", &self.config)?;
+        w.add("disks", &disks)?;
+        w.add("memory", &memory_len)?;
+        w.add("vcpus", &vcpus)?;
+        w.add("irqchip", &irqchip)?;
+        w.add("uart", &uart)?;
+        w.add("rtc", &rtc)?;
+        w.add("virtio", &virtio)?;
+        w.write(&dir.join(STATE))?;
+        Ok(())
+    }
+}
+
+/// A snapshot read back: every section decoded and checked against the others.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The snapshot's directory.
+    pub dir: PathBuf,
+    /// What it needs of the host.
+    pub requirements: Requirements,
+    /// The machine's configuration when it was saved.
+    pub config: VmConfig,
+    /// Each disk's print.
+    pub disks: Vec<DiskPrint>,
+    /// Every vCPU's state.
+    pub vcpus: Vec<VcpuState>,
+    /// The interrupt controller's.
+    pub irqchip: SavedIrqchip,
+    /// The UART's.
+    pub uart: SavedPl011,
+    /// The RTC's.
+    pub rtc: SavedPl031,
+    /// The virtio transports', in slot order.
+    pub virtio: Vec<SavedTransport>,
+    memory_len: u64,
+}
+
+impl Loaded {
+    /// Reads and checks the snapshot in `dir`.
+    pub fn read(dir: &Path) -> Result<Loaded, SnapshotError> {
+        let path = dir.join(STATE);
+        let file = match StateFile::read(&path) {
+            Err(FormatError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SnapshotError::NotASnapshot(dir.to_path_buf()))
+            }
+            other => other?,
+        };
+        let requirements: Requirements = file.get("requirements")?;
+        let loaded = Loaded {
+            dir: dir.to_path_buf(),
+            config: file.get("config")?,
+            disks: file.get("disks")?,
+            memory_len: file.get("memory")?,
+            vcpus: file.get("vcpus")?,
+            irqchip: file.get("irqchip")?,
+            uart: file.get("uart")?,
+            rtc: file.get("rtc")?,
+            virtio: file.get("virtio")?,
+            requirements,
+        };
+        loaded.consistent()?;
+        Ok(loaded)
+    }
+
+    /// The sections agree with each other (a hostile file could make them disagree).
+    fn consistent(&self) -> Result<(), SnapshotError> {
+        let bad = |why: String| Err(SnapshotError::Format(FormatError::Damaged(why)));
+        let r = &self.requirements;
+        if r.vcpus != self.config.cpus || self.vcpus.len() != self.config.cpus as usize {
+            return bad(format!("{} vCPUs saved for a machine of {}", self.vcpus.len(), self.config.cpus));
+        }
+        if r.memory != [(arch_aarch64::layout::RAM_BASE, self.config.memory)] || self.memory_len != self.config.memory {
+            return bad("the memory's size disagrees with the machine's".into());
+        }
+        if self.disks.len() != self.config.disks.len() {
+            return bad(format!("{} disk prints for {} disks", self.disks.len(), self.config.disks.len()));
+        }
+        Ok(())
+    }
+
+    /// Whether a machine built from `config` on a host offering `host` (its CPU's
+    /// features aside: those are checked on the first vCPU) can continue this snapshot:
+    /// the same vCPUs, RAM and nesting, the same hypervisor and interrupt controller.
+    pub fn fits(&self, config: &VmConfig, host: &Requirements) -> Result<(), SnapshotError> {
+        let saved = &self.config;
+        let shape = |c: &VmConfig| {
+            let nested = if c.nested { ", nested" } else { "" };
+            format!("{} vCPU(s), {} MiB{nested}", c.cpus, c.memory >> 20)
+        };
+        if (config.cpus, config.memory, config.nested) != (saved.cpus, saved.memory, saved.nested) {
+            return Err(SnapshotError::Mismatch(format!(
+                "the snapshot's guest has {}, this configuration {}",
+                shape(saved),
+                shape(config)
+            )));
+        }
+        let host = Requirements { cpu_features: self.requirements.cpu_features.clone(), ..host.clone() };
+        self.requirements.check(&host).map_err(SnapshotError::Host)
+    }
+
+    /// Guest RAM, mapped copy-on-write from the memory file.
+    pub fn memory(&self) -> Result<Arc<GuestRam>, SnapshotError> {
+        let path = self.dir.join(MEMORY);
+        let file =
+            File::open(&path).map_err(|source| SnapshotError::Io { what: path.display().to_string(), source })?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if len != self.memory_len {
+            return Err(SnapshotError::Format(FormatError::Damaged(format!(
+                "the memory file is {len} bytes, the snapshot's guest had {}",
+                self.memory_len
+            ))));
+        }
+        let ranges: Vec<(GuestAddress, usize)> = self
+            .requirements
+            .memory
+            .iter()
+            .map(|&(at, len)| (GuestAddress(at), usize::try_from(len).unwrap_or(usize::MAX)))
+            .collect();
+        Ok(GuestRam::from_file(&ranges, &file)?)
+    }
+
+    /// Whether each of `disks` is the image the snapshot's guest had (by size and
+    /// fingerprint), unless `trust` says to take them as they are.
+    pub fn check_disks(&self, disks: &[crate::config::DiskConfig], trust: bool) -> Result<(), SnapshotError> {
+        if disks.len() != self.disks.len() {
+            return Err(SnapshotError::Mismatch(format!(
+                "the snapshot's guest had {} disk(s), {} given",
+                self.disks.len(),
+                disks.len()
+            )));
+        }
+        for (disk, saved) in disks.iter().zip(&self.disks) {
+            let print = DiskPrint::of(&disk.path).map_err(|source| SnapshotError::Io {
+                what: format!("reading disk {}", disk.path.display()),
+                source,
+            })?;
+            if print != *saved && !trust {
+                return Err(SnapshotError::Mismatch(format!(
+                    "disk {} is not the image the snapshot was taken with ({} bytes, fingerprint {:08x}; the \
+                     snapshot's: {} bytes, {:08x}); give the right one, or --restore-trust-disks",
+                    disk.path.display(),
+                    print.size,
+                    print.fingerprint,
+                    saved.size,
+                    saved.fingerprint
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The configuration the snapshot in `dir` was taken with (the CLI builds its restore
+/// from it, with the backends given again).
+pub fn saved_config(dir: &Path) -> Result<VmConfig, SnapshotError> {
+    Ok(Loaded::read(dir)?.config)
+}
+
+#[cfg(test)]
+mod tests;
