@@ -216,6 +216,21 @@ pub struct SavedGicV3 {
     pub regs: Vec<SavedReg>,
 }
 
+/// A hypervisor's own GICv3 state, as that hypervisor gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HypervisorGicState {
+    /// KVM's vGICv3, attribute by attribute.
+    Kvm(SavedGicV3),
+    /// macOS 15's in-kernel GIC: the framework's own serialized state
+    /// (`hv_gic_state_get_data`: versioned, checked by `hv_gic_set_state`), which leaves
+    /// out the CPU interfaces; those are each vCPU's registers
+    /// ([`crate::hvf_regs::StateReg::GicCpu`]).
+    Hvf(Vec<u8>),
+}
+
+/// The largest macOS GIC state accepted from a snapshot (the framework's is a few KiB).
+pub const MAX_HVF_BLOB: usize = 1 << 20;
+
 /// Why a saved vGICv3 state does not fit this machine.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GicV3StateError {

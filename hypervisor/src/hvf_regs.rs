@@ -80,6 +80,9 @@ pub enum StateReg {
     /// The guest's virtual counter (CNTVCT_EL0) when it was saved, 8 bytes: a restore
     /// sets the VM's counter offset so the guest's counter goes on from it.
     VirtualCounter,
+    /// A register of the CPU interface of macOS 15's in-kernel GIC (`hv_gic_icc_reg_t`,
+    /// its encoding), 8 bytes: the part of the GIC's state its serialized blob leaves out.
+    GicCpu(u16),
 }
 
 /// The id-space tags of [`StateReg::id`].
@@ -88,6 +91,7 @@ const TAG_GENERAL: u64 = 1;
 const TAG_SIMD: u64 = 2;
 const TAG_SYSTEM: u64 = 3;
 const TAG_COUNTER: u64 = 4;
+const TAG_GIC_CPU: u64 = 5;
 
 impl StateReg {
     /// Its id in a saved [`crate::state::VcpuState`].
@@ -97,12 +101,13 @@ impl StateReg {
             StateReg::Simd(n) => TAG_SIMD << TAG_SHIFT | n as u64,
             StateReg::System(enc) => TAG_SYSTEM << TAG_SHIFT | enc as u64,
             StateReg::VirtualCounter => TAG_COUNTER << TAG_SHIFT,
+            StateReg::GicCpu(enc) => TAG_GIC_CPU << TAG_SHIFT | enc as u64,
         }
     }
 
-    /// The register an id names, if it is one of [`state_regs`].
+    /// The register an id names, if it is one of [`state_regs`] (with the in-kernel GIC).
     pub fn from_id(id: u64) -> Option<StateReg> {
-        state_regs().find(|r| r.id() == id)
+        state_regs(true).find(|r| r.id() == id)
     }
 
     /// How many bytes it holds.
@@ -165,9 +170,25 @@ const SYSTEM_STATE: &[(u8, u8, u8, u8, u8)] = &[
     (2, 0, 0, 2, 2),  // MDSCR_EL1
 ];
 
+/// The CPU interface registers of macOS 15's in-kernel GIC a vCPU's saved state holds
+/// (`hv_gic_icc_reg_t`'s, but RPR, which is read-only, and SRE_EL2), in the order a
+/// restore writes them: SRE first, CTLR before the active priorities (as KVM's order).
+const GIC_CPU_STATE: &[u16] = &[
+    0xc665, // ICC_SRE_EL1
+    0xc664, // ICC_CTLR_EL1
+    0xc230, // ICC_PMR_EL1
+    0xc643, // ICC_BPR0_EL1
+    0xc663, // ICC_BPR1_EL1
+    0xc644, // ICC_AP0R0_EL1
+    0xc648, // ICC_AP1R0_EL1
+    0xc666, // ICC_IGRPEN0_EL1
+    0xc667, // ICC_IGRPEN1_EL1
+];
+
 /// Every register of a vCPU's saved state on Hypervisor.framework, in the order a
-/// restore writes them (the identity registers first).
-pub fn state_regs() -> impl Iterator<Item = StateReg> + Clone {
+/// restore writes them (the identity registers first); with the framework's GIC
+/// (`kernel_gic`) its CPU interface's registers too.
+pub fn state_regs(kernel_gic: bool) -> impl Iterator<Item = StateReg> + Clone {
     let general = (0..=30).chain([HV_REG_PC, HV_REG_FPCR, HV_REG_FPSR, HV_REG_CPSR]).map(StateReg::General);
     let simd = (0..32).map(StateReg::Simd);
     let system = SYSTEM_STATE
@@ -176,7 +197,8 @@ pub fn state_regs() -> impl Iterator<Item = StateReg> + Clone {
     // DBGBVRn, DBGBCRn, DBGWVRn, DBGWCRn: op0 2, op1 0, CRn 0, CRm n, op2 4..7.
     let debug =
         (0..16u8).flat_map(|n| (4..8u8).map(move |op2| StateReg::System(SysReg::new(2, 0, 0, n, op2).encoding())));
-    general.chain(simd).chain(system).chain(debug).chain([StateReg::VirtualCounter])
+    let gic = GIC_CPU_STATE.iter().filter(move |_| kernel_gic).map(|&enc| StateReg::GicCpu(enc));
+    general.chain(simd).chain(system).chain(debug).chain([StateReg::VirtualCounter]).chain(gic)
 }
 
 /// The width in bytes of a saved register id, for [`crate::state::VcpuState::check`].
@@ -190,10 +212,13 @@ mod tests {
 
     #[test]
     fn the_saved_list_has_what_the_issue_names_once_each_and_ids_round_trip() {
-        let all: Vec<StateReg> = state_regs().collect();
+        let all: Vec<StateReg> = state_regs(true).collect();
         let unique: std::collections::HashSet<u64> = all.iter().map(|r| r.id()).collect();
         assert_eq!(unique.len(), all.len(), "no register twice");
-        assert_eq!(all.len(), 35 + 32 + SYSTEM_STATE.len() + 64 + 1);
+        assert_eq!(all.len(), 35 + 32 + SYSTEM_STATE.len() + 64 + 1 + GIC_CPU_STATE.len());
+        let without: Vec<StateReg> = state_regs(false).collect();
+        assert_eq!(without[..], all[..all.len() - GIC_CPU_STATE.len()], "the GIC's registers come last");
+        assert_eq!(all[without.len()], StateReg::GicCpu(0xc665), "ICC_SRE_EL1 first");
         for reg in &all {
             assert_eq!(StateReg::from_id(reg.id()), Some(*reg));
             assert_eq!(state_width(reg.id()), Some(reg.width()));

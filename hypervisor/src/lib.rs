@@ -117,13 +117,13 @@ pub trait SpiSink: Send + Sync + std::fmt::Debug {
     /// The state of the hypervisor's GIC (distributor, redistributors, CPU interfaces,
     /// SPI levels), for a snapshot. Called once every vCPU exists and none runs (the VM
     /// paused).
-    fn save_gic(&self) -> Result<gicv3_state::SavedGicV3> {
+    fn save_gic(&self) -> Result<gicv3_state::HypervisorGicState> {
         Err(Error::Unsupported("this hypervisor's GIC cannot be saved for a snapshot".into()))
     }
     /// Puts back a state [`SpiSink::save_gic`] gave, once every vCPU exists with its
     /// registers restored (MPIDR_EL1 included) and before any runs. The state is checked
     /// against this GIC first; nothing is written when it does not fit.
-    fn restore_gic(&self, saved: &gicv3_state::SavedGicV3) -> Result<()> {
+    fn restore_gic(&self, saved: &gicv3_state::HypervisorGicState) -> Result<()> {
         let _ = saved;
         Err(Error::Unsupported("this hypervisor's GIC cannot be restored from a snapshot".into()))
     }

@@ -24,6 +24,7 @@ rm -rf /tmp/snap
   --net tap=tap0 --control /tmp/ctl0.sock --cmdline 'console=ttyAMA0 quiet -- /t/snapshot-loop 10.0.2'
  echo "hvrun exit $?") 2>&1 | tr -d '\r' >/tmp/out0 &
 wait_in /tmp/out0 '^count 30$' 240 || fail "the guest did not count to 30"
+echo "snapshot: $(grep -o 'booting on .*' /tmp/out0)"
 echo "snapshot: $(ctl /tmp/ctl0.sock '{"command":"snapshot","dir":"/tmp/snap"}')"
 c=$(counts /tmp/out0 | tail -1)
 sleep 2

@@ -232,7 +232,7 @@ where
     };
     let begin = match (regs, loaded) {
         (Some(regs), _) => Start::Boot(regs),
-        (None, Some(loaded)) => Start::Restore(Resume::new(*loaded, &parts)?),
+        (None, Some(loaded)) => Start::Restore(Box::new(Resume::new(*loaded, &parts)?)),
         (None, None) => unreachable!("a machine boots or is restored"),
     };
     control.set_snapshot_parts(Some(parts));
@@ -420,7 +420,7 @@ impl Gate {
 /// How the vCPUs start: at the kernel's entry, or where a snapshot left them.
 enum Start {
     Boot(BootRegs),
-    Restore(Resume),
+    Restore(Box<Resume>),
 }
 
 impl Start {

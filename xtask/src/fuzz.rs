@@ -17,7 +17,7 @@ use crate::{paths, sh};
 
 /// Every target, one per surface a guest (or the host's input) reaches.
 pub const TARGETS: &[&str] =
-    &["virtio_ring", "mmio_transport", "gic", "net_frames", "vsock", "balloon", "exits", "host_parsers"];
+    &["virtio_ring", "mmio_transport", "gic", "net_frames", "vsock", "balloon", "exits", "host_parsers", "snapshot"];
 /// How long `cargo xtask test` runs each target.
 pub const SMOKE_SECS: u64 = 30;
 /// An input that runs longer than this is a hang.

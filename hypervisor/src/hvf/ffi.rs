@@ -6,7 +6,6 @@
 //! its vCPUs with the framework's own calls and reads the exit record as plain integers.
 //! The framework itself is linked by `applevisor-sys`.
 
-use std::arch::aarch64::uint8x16_t;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::hvf_regs::{place, Place};
@@ -29,11 +28,13 @@ unsafe extern "C" {
     fn hv_vcpu_get_sys_reg(vcpu: u64, reg: u16, value: *mut u64) -> i32;
     fn hv_vcpu_set_sys_reg(vcpu: u64, reg: u16, value: u64) -> i32;
     fn hv_vcpu_set_pending_interrupt(vcpu: u64, kind: u32, pending: bool) -> i32;
-    fn hv_vcpu_get_simd_fp_reg(vcpu: u64, reg: u32, value: *mut uint8x16_t) -> i32;
-    // applevisor-sys 1.0.0 declares the value as a `u128`, which Rust passes in two
-    // general registers; Apple's `hv_simd_fp_uchar16_t` is a 16-byte vector, which the
-    // AAPCS64 passes in a SIMD register, as Rust passes `uint8x16_t`.
-    fn hv_vcpu_set_simd_fp_reg(vcpu: u64, reg: u32, value: uint8x16_t) -> i32;
+    fn hv_vcpu_get_simd_fp_reg(vcpu: u64, reg: u32, value: *mut [u8; 16]) -> i32;
+    // `hv_return_t hv_vcpu_set_simd_fp_reg(hv_vcpu_t, hv_simd_fp_reg_t,
+    // hv_simd_fp_uchar16_t)`: called only from `set_simd`'s assembly, which passes the
+    // 16-byte vector in q0 as the AAPCS64 does. (applevisor-sys 1.0.0 declares the value
+    // as a `u128`, which Rust passes in two general registers, and stable Rust cannot
+    // pass a SIMD type through FFI.)
+    fn hv_vcpu_set_simd_fp_reg();
     fn mach_absolute_time() -> u64;
     fn mach_timebase_info(info: *mut TimebaseInfo) -> i32;
 }
@@ -247,21 +248,38 @@ pub fn set_system(vcpu: u64, id: u16, value: u64) -> Result<()> {
 
 /// Reads SIMD/FP register Q`q` of `vcpu`, as its 16 bytes in memory order.
 pub fn get_simd(vcpu: u64, q: u8) -> Result<[u8; 16]> {
-    // SAFETY: every bit pattern is a valid `uint8x16_t`, which is 16 bytes as the array is.
-    let mut value: uint8x16_t = unsafe { std::mem::transmute([0u8; 16]) };
-    // SAFETY: `value` is a valid, aligned `hv_simd_fp_uchar16_t` to write; the framework
-    // checks the vCPU and register id.
-    status("hv_vcpu_get_simd_fp_reg", unsafe { hv_vcpu_get_simd_fp_reg(vcpu, u32::from(q), &mut value) })?;
-    // SAFETY: the same 16 bytes, as an array.
-    Ok(unsafe { std::mem::transmute::<uint8x16_t, [u8; 16]>(value) })
+    let mut value = Simd([0; 16]);
+    // SAFETY: `value` is 16 writable bytes aligned as `hv_simd_fp_uchar16_t` (16); the
+    // framework checks the vCPU and register id.
+    status("hv_vcpu_get_simd_fp_reg", unsafe { hv_vcpu_get_simd_fp_reg(vcpu, u32::from(q), &mut value.0) })?;
+    Ok(value.0)
 }
+
+/// 16 bytes aligned as a 128-bit vector.
+#[repr(C, align(16))]
+struct Simd([u8; 16]);
 
 /// Writes SIMD/FP register Q`q` of `vcpu` from its 16 bytes in memory order.
 pub fn set_simd(vcpu: u64, q: u8, bytes: [u8; 16]) -> Result<()> {
-    // SAFETY: every bit pattern is a valid `uint8x16_t`, of the array's 16 bytes.
-    let value: uint8x16_t = unsafe { std::mem::transmute(bytes) };
-    // SAFETY: a plain value, passed as Apple's header declares it (see the declaration).
-    status("hv_vcpu_set_simd_fp_reg", unsafe { hv_vcpu_set_simd_fp_reg(vcpu, u32::from(q), value) })
+    let value = Simd(bytes);
+    let rc: u64;
+    // SAFETY: a call to `hv_vcpu_set_simd_fp_reg` as the AAPCS64 makes it: the vCPU in x0,
+    // the register id in w1, the vector in q0 (loaded from `value`, 16 readable bytes), the
+    // status back in w0; `clobber_abi("C")` tells the compiler every register the callee
+    // may change (x30 among them), and the stack is aligned for a call on entry to an
+    // `asm!` block. The framework checks the vCPU and register id.
+    unsafe {
+        std::arch::asm!(
+            "ldr q0, [{value}]",
+            "bl {set}",
+            value = in(reg) value.0.as_ptr(),
+            set = sym hv_vcpu_set_simd_fp_reg,
+            inlateout("x0") vcpu => rc,
+            in("x1") u64::from(q),
+            clobber_abi("C"),
+        );
+    }
+    status("hv_vcpu_set_simd_fp_reg", rc as u32 as i32)
 }
 
 /// Sets or clears the vCPU's pending IRQ for its next run.

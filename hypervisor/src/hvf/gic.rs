@@ -9,6 +9,7 @@
 use std::ffi::{c_void, CStr};
 use std::sync::OnceLock;
 
+use crate::gicv3_state::{HypervisorGicState, MAX_HVF_BLOB};
 use crate::{Error, GicV3Layout, GicV3Needs, Result, SpiSink};
 
 // Signatures from Apple's `hv_gic.h`, as `applevisor-sys` 1.0.0 declares them under its
@@ -23,6 +24,24 @@ type RedistributorBase = unsafe extern "C" fn(u64, *mut u64) -> i32;
 type GetIntid = unsafe extern "C" fn(u32, *mut u32) -> i32;
 type GetRedistributorReg = unsafe extern "C" fn(u64, u32, *mut u64) -> i32;
 type Release = unsafe extern "C" fn(*mut c_void);
+type GetIccReg = unsafe extern "C" fn(u64, u16, *mut u64) -> i32;
+type SetIccReg = unsafe extern "C" fn(u64, u16, u64) -> i32;
+type StateCreate = unsafe extern "C" fn() -> *mut c_void;
+type StateGetSize = unsafe extern "C" fn(*mut c_void, *mut usize) -> i32;
+type StateGetData = unsafe extern "C" fn(*mut c_void, *mut c_void) -> i32;
+type SetState = unsafe extern "C" fn(*const c_void, usize) -> i32;
+
+/// The `hv_gic_*` entry points a snapshot uses: the CPU interfaces' registers and the
+/// rest of the GIC's state as the framework serializes it.
+struct StateApi {
+    get_icc_reg: GetIccReg,
+    set_icc_reg: SetIccReg,
+    state_create: StateCreate,
+    state_get_size: StateGetSize,
+    state_get_data: StateGetData,
+    set_state: SetState,
+    os_release: Release,
+}
 
 /// The `hv_gic_*` entry points hvrun uses.
 struct Api {
@@ -88,6 +107,74 @@ fn api() -> Option<&'static Api> {
         })
     })
     .as_ref()
+}
+
+fn state_api() -> Result<&'static StateApi> {
+    static API: OnceLock<Option<StateApi>> = OnceLock::new();
+    API.get_or_init(|| {
+        Some(StateApi {
+            get_icc_reg: load!(c"hv_gic_get_icc_reg", GetIccReg),
+            set_icc_reg: load!(c"hv_gic_set_icc_reg", SetIccReg),
+            state_create: load!(c"hv_gic_state_create", StateCreate),
+            state_get_size: load!(c"hv_gic_state_get_size", StateGetSize),
+            state_get_data: load!(c"hv_gic_state_get_data", StateGetData),
+            set_state: load!(c"hv_gic_set_state", SetState),
+            os_release: load!(c"os_release", Release),
+        })
+    })
+    .as_ref()
+    .ok_or_else(|| Error::Unsupported("this macOS's GIC cannot save its state (macOS 15+)".into()))
+}
+
+/// CPU interface register `encoding` (`hv_gic_icc_reg_t`) of `vcpu`, the calling thread's.
+pub fn icc_reg(vcpu: u64, encoding: u16) -> Result<u64> {
+    let mut value = 0u64;
+    // SAFETY: `value` is a valid u64 to write; the framework checks the vCPU and register.
+    super::check("hv_gic_get_icc_reg", unsafe { (state_api()?.get_icc_reg)(vcpu, encoding, &mut value) })?;
+    Ok(value)
+}
+
+/// Writes CPU interface register `encoding` of `vcpu`, the calling thread's.
+pub fn set_icc_reg(vcpu: u64, encoding: u16, value: u64) -> Result<()> {
+    // SAFETY: plain values; the framework checks the vCPU and register.
+    super::check("hv_gic_set_icc_reg", unsafe { (state_api()?.set_icc_reg)(vcpu, encoding, value) })
+}
+
+/// The GIC's state but its CPU interfaces, as the framework serializes it (every vCPU
+/// out of the guest).
+fn save_state() -> Result<Vec<u8>> {
+    let api = state_api()?;
+    // SAFETY: no arguments; returns an os_object we release below, or null.
+    let state = unsafe { (api.state_create)() };
+    if state.is_null() {
+        return Err(Error::Platform { call: "hv_gic_state_create", source: std::io::Error::other("null") });
+    }
+    let mut size = 0usize;
+    // SAFETY: `state` is live; `size` is a valid usize to write.
+    let sized = super::check("hv_gic_state_get_size", unsafe { (api.state_get_size)(state, &mut size) });
+    let blob = sized.and_then(|()| {
+        if size > MAX_HVF_BLOB {
+            return Err(Error::Unsupported(format!("the framework's GIC state is {size} bytes")));
+        }
+        let mut blob = vec![0u8; size];
+        // SAFETY: `blob` has the `size` bytes the framework asked for.
+        super::check("hv_gic_state_get_data", unsafe { (api.state_get_data)(state, blob.as_mut_ptr().cast()) })?;
+        Ok(blob)
+    });
+    // SAFETY: `state` came from hv_gic_state_create and is released once, here.
+    unsafe { (api.os_release)(state) };
+    blob
+}
+
+/// Puts back a state [`save_state`] gave: after the GIC and every vCPU exist, before
+/// any runs. The framework checks the blob (it is versioned) and refuses one it cannot
+/// take.
+fn restore_state(blob: &[u8]) -> Result<()> {
+    if blob.len() > MAX_HVF_BLOB {
+        return Err(Error::Unsupported(format!("a GIC state of {} bytes", blob.len())));
+    }
+    // SAFETY: `blob` is `blob.len()` readable bytes; the framework only reads them.
+    super::check("hv_gic_set_state", unsafe { (state_api()?.set_state)(blob.as_ptr().cast(), blob.len()) })
 }
 
 fn size(get: GetSize) -> Option<u64> {
@@ -200,5 +287,16 @@ impl SpiSink for Spis {
         let api = api().ok_or_else(|| Error::Unsupported("no in-kernel GICv3".into()))?;
         // SAFETY: plain values; the framework refuses an INTID outside its SPI range.
         super::check("hv_gic_set_spi", unsafe { (api.set_spi)(intid, level) })
+    }
+
+    fn save_gic(&self) -> Result<HypervisorGicState> {
+        save_state().map(HypervisorGicState::Hvf)
+    }
+
+    fn restore_gic(&self, saved: &HypervisorGicState) -> Result<()> {
+        match saved {
+            HypervisorGicState::Hvf(blob) => restore_state(blob),
+            HypervisorGicState::Kvm(_) => Err(Error::Unsupported("the snapshot's GICv3 is KVM's, not macOS's".into())),
+        }
     }
 }

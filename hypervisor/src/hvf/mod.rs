@@ -287,6 +287,7 @@ impl RawVcpu for HvfRaw {
             StateReg::General(r) => ffi::get_general(id, r)?.to_le_bytes().to_vec(),
             StateReg::Simd(q) => ffi::get_simd(id, q)?.to_vec(),
             StateReg::System(encoding) => ffi::get_system(id, encoding)?.to_le_bytes().to_vec(),
+            StateReg::GicCpu(encoding) => gic::icc_reg(id, encoding)?.to_le_bytes().to_vec(),
             StateReg::VirtualCounter => return Err(Error::Unsupported("the virtual counter is the VM clock's".into())),
         })
     }
@@ -299,6 +300,7 @@ impl RawVcpu for HvfRaw {
             StateReg::General(r) => ffi::set_general(id, r, word()?),
             StateReg::Simd(q) => ffi::set_simd(id, q, value.try_into().map_err(|_| bad())?),
             StateReg::System(encoding) => ffi::set_system(id, encoding, word()?),
+            StateReg::GicCpu(encoding) => gic::set_icc_reg(id, encoding, word()?),
             StateReg::VirtualCounter => Err(Error::Unsupported("the virtual counter is the VM clock's".into())),
         }
     }

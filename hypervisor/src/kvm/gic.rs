@@ -16,7 +16,7 @@ use kvm_ioctls::{Cap, DeviceFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::platform;
-use crate::gicv3_state::{self, Attr, GicV3Shape, SavedGicV3};
+use crate::gicv3_state::{self, Attr, GicV3Shape, HypervisorGicState};
 use crate::kvm_regs::{irqfd_gsi, spi_irq_line};
 use crate::{EdgeTrigger, Error, GicV3Layout, GicV3Needs, Result, SpiSink};
 
@@ -161,15 +161,18 @@ impl SpiSink for Spis {
     /// KVM's `KVM_DEV_ARM_VGIC_GRP_{DIST,REDIST}_REGS`, `_CPU_SYSREGS` and `_LEVEL_INFO`
     /// attributes, read one by one: the vGIC must be initialised and no vCPU in
     /// `KVM_RUN` (KVM answers EBUSY otherwise).
-    fn save_gic(&self) -> Result<SavedGicV3> {
-        gicv3_state::save(&self.shape, |attr| get_state_attr(&self.gic, attr))
+    fn save_gic(&self) -> Result<HypervisorGicState> {
+        gicv3_state::save(&self.shape, |attr| get_state_attr(&self.gic, attr)).map(HypervisorGicState::Kvm)
     }
 
     /// Checked against this vGIC, then written back in [`gicv3_state::for_each_attr`]'s
     /// order. KVM refuses a CPU interface with more priority or ID bits than this host's
     /// (`ICC_CTLR_EL1`), or a vGIC of another implementation (`GICD_IIDR`): the error
     /// names the attribute.
-    fn restore_gic(&self, saved: &SavedGicV3) -> Result<()> {
+    fn restore_gic(&self, saved: &HypervisorGicState) -> Result<()> {
+        let HypervisorGicState::Kvm(saved) = saved else {
+            return Err(Error::Unsupported("the snapshot's GICv3 is macOS's, not KVM's".into()));
+        };
         saved.restore(&self.shape, |attr, value| set_state_attr(&self.gic, attr, value))
     }
 }

@@ -279,6 +279,14 @@ impl SpiSink for WakingSpis {
         }
         Ok(())
     }
+
+    fn save_gic(&self) -> Result<crate::gicv3_state::HypervisorGicState> {
+        self.spis.save_gic()
+    }
+
+    fn restore_gic(&self, saved: &crate::gicv3_state::HypervisorGicState) -> Result<()> {
+        self.spis.restore_gic(saved)
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! A [`RawLoop`]'s vCPU saved and restored for snapshots (Hypervisor.framework): the
-//! registers of [`state_regs`], read and written through [`RawVcpu::state_reg`] and
-//! [`RawVcpu::set_state_reg`], the guest's virtual counter from the VM's clock, and the
-//! power state the loop keeps (on, off, or waiting in WFI).
+//! registers of [`state_regs`] (with the framework's GIC, its CPU interface's too), read
+//! and written through [`RawVcpu::state_reg`] and [`RawVcpu::set_state_reg`], the
+//! guest's virtual counter from the VM's clock, and the power state the loop keeps (on,
+//! off, or waiting in WFI).
 
 use crate::hvf_regs::{state_regs, state_width, StateReg};
 use crate::state::{Power as SavedPower, RegValue, VcpuState};
@@ -16,7 +17,7 @@ impl<V: RawVcpu> RawLoop<V> {
         self.finish_load()?;
         let clock = self.clock.clone().ok_or_else(|| Error::Unsupported("a vCPU without the VM's clock".into()))?;
         let mut regs = Vec::new();
-        for reg in state_regs() {
+        for reg in state_regs(self.kernel_gic) {
             let value = match reg {
                 StateReg::VirtualCounter => clock.guest_counter().to_le_bytes().to_vec(),
                 other => self.raw.state_reg(other)?,
@@ -41,7 +42,7 @@ impl<V: RawVcpu> RawLoop<V> {
     pub(super) fn restore(&mut self, state: &VcpuState) -> Result<()> {
         let refuse = |why: String| Error::Unsupported(why);
         state.check(state_width).map_err(|e| refuse(e.to_string()))?;
-        if state.regs.iter().map(|r| r.id).ne(state_regs().map(StateReg::id)) {
+        if state.regs.iter().map(|r| r.id).ne(state_regs(self.kernel_gic).map(StateReg::id)) {
             return Err(refuse("the saved vCPU's registers are not Hypervisor.framework's list of this hvrun".into()));
         }
         if state.serror.is_some() {
@@ -49,7 +50,7 @@ impl<V: RawVcpu> RawLoop<V> {
         }
         let clock = self.clock.clone().ok_or_else(|| refuse("a vCPU without the VM's clock".into()))?;
         let mut counter = None;
-        for (reg, saved) in state_regs().zip(&state.regs) {
+        for (reg, saved) in state_regs(self.kernel_gic).zip(&state.regs) {
             match reg {
                 StateReg::VirtualCounter => {
                     counter = saved.value.as_slice().try_into().ok().map(u64::from_le_bytes);

@@ -729,3 +729,19 @@ fn a_load_the_vmm_served_completes_before_the_vcpu_is_saved() {
     assert_eq!(vcpu.raw.reg(Reg::X(3)).unwrap(), 0x1234_5678);
     assert_eq!(vcpu.raw.reg(Reg::Pc).unwrap(), 0x4008_0004, "stepped past the load");
 }
+
+#[test]
+fn with_the_frameworks_gic_a_vcpu_saves_its_cpu_interface_and_a_vm_without_it_refuses_it() {
+    let (power, clock) = (Power::new(&[0x8000_0000]), VmClock::new(|| 0));
+    let sre = crate::hvf_regs::StateReg::GicCpu(0xc665);
+    let mut with = clocked(0, Vec::new(), &power, &clock).with_kernel_gic();
+    with.raw.state.insert(sre.id(), 7u64.to_le_bytes().to_vec());
+    let saved = with.save_state().unwrap();
+    let plain = clocked(0, Vec::new(), &power, &clock).save_state().unwrap();
+    assert_eq!(saved.regs.len(), plain.regs.len() + 9, "the ICC registers");
+    let mut again = clocked(0, Vec::new(), &power, &clock).with_kernel_gic();
+    again.restore_state(&saved).unwrap();
+    assert_eq!(again.raw.state.get(&sre.id()), Some(&7u64.to_le_bytes().to_vec()));
+    let mut without = clocked(0, Vec::new(), &power, &clock);
+    assert!(without.restore_state(&saved).is_err(), "a snapshot with the framework's GIC needs it");
+}

@@ -39,6 +39,7 @@ pub const ALL: &[Scenario] = &[
     machine::CONTROL_SOCKET,
     machine::SNAPSHOT,
     machine::SNAPSHOT_GICV3,
+    machine::SNAPSHOT_TIMING,
     net::NET_TAP,
     net::NET_UNIXGRAM,
     net::NET_UNIXSTREAM,
@@ -56,9 +57,9 @@ pub const ALL: &[Scenario] = &[
     vsock::VSOCK,
 ];
 
-/// Scenarios run by name only (`cargo xtask e2e NAME`), not in the full run: those
-/// written but not yet seen passing in the rig, and measurements (`snapshot-timing`).
-pub const BY_NAME_ONLY: &[Scenario] = &[machine::SNAPSHOT_TIMING];
+/// Scenarios written but not yet seen passing in the rig: run by name only
+/// (`cargo xtask e2e balloon-reporting`), not in the full run, until they have.
+pub const BY_NAME_ONLY: &[Scenario] = &[];
 
 /// The scenarios named in `names`, or all of them when `names` is empty. Unknown names
 /// are an error that lists the known ones.

@@ -167,8 +167,9 @@ pub trait Irqchip: Send + Sync + std::fmt::Debug {
 pub enum SavedIrqchip {
     /// hvrun's GICv2.
     GicV2(devices::gic::SavedGic),
-    /// The hypervisor's GICv3 (KVM's vGICv3, as its device attributes).
-    GicV3(hypervisor::gicv3_state::SavedGicV3),
+    /// The hypervisor's GICv3 (KVM's vGICv3 as its device attributes, macOS's as the
+    /// framework's own serialized state).
+    GicV3(hypervisor::gicv3_state::HypervisorGicState),
 }
 
 /// What one vCPU's loop does for the interrupt controller, on the vCPU's thread.

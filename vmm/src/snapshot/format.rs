@@ -95,6 +95,14 @@ impl Writer {
     /// Adds the section `name` holding `value`. Names are at most 255 bytes and unique,
     /// and there are at most [`MAX_SECTIONS`].
     pub fn add<T: Serialize>(&mut self, name: &str, value: &T) -> Result<(), FormatError> {
+        let payload =
+            postcard::to_stdvec(value).map_err(|e| FormatError::Encode { section: name.into(), why: e.to_string() })?;
+        self.add_encoded(name, payload)
+    }
+
+    /// Adds the section `name` holding `payload` as it is (already encoded; the fuzz
+    /// target uses it to reach the decoders with valid containers).
+    pub fn add_encoded(&mut self, name: &str, payload: Vec<u8>) -> Result<(), FormatError> {
         let encode = |why: String| FormatError::Encode { section: name.into(), why };
         if name.len() > usize::from(u8::MAX) || self.sections.iter().any(|(n, _)| n == name) {
             return Err(encode("the name is too long or used twice".into()));
@@ -102,7 +110,6 @@ impl Writer {
         if self.sections.len() >= MAX_SECTIONS as usize {
             return Err(encode(format!("more than {MAX_SECTIONS} sections")));
         }
-        let payload = postcard::to_stdvec(value).map_err(|e| encode(e.to_string()))?;
         self.sections.push((name.into(), payload));
         Ok(())
     }

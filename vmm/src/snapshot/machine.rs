@@ -209,6 +209,16 @@ impl Loaded {
             }
             other => other?,
         };
+        Self::decode(dir, &file)
+    }
+
+    /// A state file's bytes, checked and decoded, as the snapshot in `dir` (whose memory
+    /// file is not looked at): what [`Loaded::read`] does after reading the file.
+    pub fn parse(dir: &Path, bytes: &[u8]) -> Result<Loaded, SnapshotError> {
+        Self::decode(dir, &StateFile::parse(bytes)?)
+    }
+
+    fn decode(dir: &Path, file: &StateFile) -> Result<Loaded, SnapshotError> {
         let requirements: Requirements = file.get("requirements")?;
         let loaded = Loaded {
             dir: dir.to_path_buf(),

@@ -11,6 +11,7 @@ pub mod format;
 pub mod machine;
 mod resume;
 
+pub use crate::irqchip::SavedIrqchip;
 pub use resume::Resume;
 
 use std::path::PathBuf;
