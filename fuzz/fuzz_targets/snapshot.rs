@@ -75,7 +75,8 @@ fuzz_target!(|input: Input| {
     }
     let out = Output::new("fuzz-serial", Box::new(std::io::sink()), pl011::OUTPUT_BUFFER);
     let _ = Pl011::new(out, Arc::new(Nowhere)).restore(&loaded.uart);
-    let memory = Arc::new(guest_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+    let ram = guest_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let memory: devices::virtio::GuestMemory = Arc::new(Box::new(ram));
     for saved in loaded.virtio.iter().take(64) {
         let rng = Rng::new(Box::new(std::io::repeat(1)));
         let mut t = MmioTransport::new(Box::new(rng), memory.clone(), Interrupt::new(Arc::new(Nowhere))).unwrap();

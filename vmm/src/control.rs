@@ -177,7 +177,7 @@ impl Control {
             Err(e) => {
                 // A failed snapshot leaves the VM as it found it.
                 if !was_paused {
-                    self.resume();
+                    self.resume_now();
                 }
                 Err(e.into())
             }
@@ -283,8 +283,14 @@ impl Control {
         Ok(())
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets paused vCPUs run again; during a snapshot, once it is written (the snapshot
+    /// holds the pause until then, whoever else asks).
     pub fn resume(&self) {
+        let _no_snapshot = lock(&self.snapshotting);
+        self.resume_now();
+    }
+
+    fn resume_now(&self) {
         let mut pause = lock(&self.pause);
         if !pause.requested {
             return;

@@ -22,7 +22,7 @@ use crate::bus::{read_le, write_le, MmioDeviceMut};
 use crate::warn_ratelimited;
 
 mod saved;
-pub use saved::{SavedQueue, SavedTransport, TransportRestoreError};
+pub use saved::{SavedQueue, SavedTransport, TransportRestoreError, TransportSaveError};
 
 const MAGIC_VALUE: u64 = 0x000;
 const VERSION: u64 = 0x004;

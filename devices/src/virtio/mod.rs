@@ -140,6 +140,14 @@ pub trait VirtioDevice: Send {
     /// Returns to the state before activation, dropping the queues and stopping any
     /// backend work (driver reset or a failed activation).
     fn reset(&mut self);
+    /// Whether every chain the driver makes available comes back once served, soon
+    /// (block requests; not receive buffers held until data comes). A snapshot then
+    /// waits, with the guest paused, until each queue's used index has caught up with its
+    /// available one before it stops the device: no request is left in hand, whatever
+    /// the order the device answers in.
+    fn answers_every_chain(&self) -> bool {
+        false
+    }
     /// The device's own state for a snapshot, beyond its queues and the transport's
     /// registers: what the driver set in its configuration space, what the protocol
     /// needs carried over. Called while the guest is paused, before the transport stops

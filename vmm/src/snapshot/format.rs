@@ -168,7 +168,14 @@ impl StateFile {
     /// Reads and checks the file at `path`: a regular file (a FIFO or a device would
     /// never end), read no further than [`MAX_STATE`] bytes even if it grows meanwhile.
     pub fn read(path: &Path) -> Result<Self, FormatError> {
-        let file = std::fs::File::open(path)?;
+        // Opened without blocking: a FIFO at `path` is refused, never waited on.
+        let file = match devices::host_file::open_regular(path, false) {
+            Ok(file) => file,
+            Err(_) if path.exists() && !path.is_file() => {
+                return Err(FormatError::Damaged("the state file is not a regular file".into()))
+            }
+            Err(e) => return Err(FormatError::Io(e)),
+        };
         let meta = file.metadata()?;
         if !meta.is_file() {
             return Err(FormatError::Damaged("the state file is not a regular file".into()));

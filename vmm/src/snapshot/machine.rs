@@ -16,7 +16,7 @@
 //! | `virtio` | every virtio-mmio transport's, in slot order |
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -46,20 +46,41 @@ const PRINT_BLOCKS: u64 = 64;
 const PRINT_BLOCK: usize = 4096;
 
 /// What identifies a disk image: its size and a CRC-32 of samples of it (its ends and
-/// blocks spread over it), which a different image or one written since almost surely
-/// changes, read in a few milliseconds whatever the disk's size.
+/// blocks spread over it), which tells another image in a few milliseconds whatever the
+/// disk's size; and which file it was (device, inode) with its last change, which tells
+/// the same file written since (a sample would miss a few blocks written). A copy is
+/// another file: only its size and samples are compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskPrint {
     /// Bytes.
     pub size: u64,
     /// CRC-32 of the samples.
     pub fingerprint: u32,
+    /// The file's device and inode.
+    pub file: (u64, u64),
+    /// Its last modification (seconds, nanoseconds).
+    pub modified: (i64, i64),
+}
+
+impl DiskPrint {
+    /// Why `self` (a disk given now) is not the image `saved` was, if it is not.
+    fn differs(&self, saved: &DiskPrint) -> Option<String> {
+        if (self.size, self.fingerprint) != (saved.size, saved.fingerprint) {
+            return Some(format!(
+                "is not the image the snapshot was taken with ({} bytes, fingerprint {:08x}; the snapshot's: {} \
+                 bytes, {:08x})",
+                self.size, self.fingerprint, saved.size, saved.fingerprint
+            ));
+        }
+        (self.file == saved.file && self.modified != saved.modified)
+            .then(|| "was written since the snapshot was taken".to_string())
+    }
 }
 
 impl DiskPrint {
     /// The print of the image at `path`.
     pub fn of(path: &Path) -> std::io::Result<DiskPrint> {
-        let file = File::open(path)?;
+        let file = devices::host_file::open_regular(path, false)?;
         let size = file.metadata()?.len();
         let mut crc = crc32fast::Hasher::new();
         let mut buf = vec![0u8; PRINT_ENDS as usize];
@@ -74,7 +95,13 @@ impl DiskPrint {
             sample(size / PRINT_BLOCKS * i, PRINT_BLOCK, &mut crc)?;
         }
         sample(size.saturating_sub(PRINT_ENDS), PRINT_ENDS as usize, &mut crc)?;
-        Ok(DiskPrint { size, fingerprint: crc.finalize() })
+        let meta = file.metadata()?;
+        Ok(DiskPrint {
+            size,
+            fingerprint: crc.finalize(),
+            file: (meta.dev(), meta.ino()),
+            modified: (meta.mtime(), meta.mtime_nsec()),
+        })
     }
 }
 
@@ -114,10 +141,19 @@ impl Parts {
             move |source| SnapshotError::Io { what, source }
         };
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        // The old state file goes first, durably: until the new one is written, the
+        // directory holds no snapshot (never an old state beside a new memory file).
         let state = dir.join(STATE);
         match std::fs::remove_file(&state) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("replacing", &state)(e)),
-            _ => {}
+            _ => File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing", dir))?,
+        }
+        if vcpus.len() != self.config.cpus as usize {
+            return Err(SnapshotError::Unsupported(format!(
+                "{} of its {} vCPUs saved their state (it is still starting)",
+                vcpus.len(),
+                self.config.cpus
+            )));
         }
         let powers: Vec<_> = vcpus.iter().map(|v| v.power).collect();
         log::info!("snapshot: {} vCPUs (power {powers:?}), {} virtio devices", vcpus.len(), self.transports.len());
@@ -126,15 +162,29 @@ impl Parts {
         let irqchip = self.irqchip.save().map_err(SnapshotError::Unsupported)?;
         let uart = lock(&self.uart).save();
         let rtc = lock(&self.rtc).save();
-        // Each device stops here, and its requests in hand reach the disk first.
-        let virtio: Vec<SavedTransport> = self.transports.iter().map(|t| lock(t).save()).collect();
-        let result = self.write(dir, &requirements, (vcpus, irqchip, uart, rtc), &virtio);
-        for (transport, saved) in self.transports.iter().zip(&virtio) {
-            if let Err(e) = lock(transport).restore(saved) {
-                log::error!("a virtio device does not start again after the snapshot: {e}");
+        // Each device stops here (a disk's once it has answered the requests it took).
+        let mut virtio = Vec::with_capacity(self.transports.len());
+        for transport in &self.transports {
+            match lock(transport).save() {
+                Ok(saved) => virtio.push(saved),
+                Err(e) => {
+                    self.restart(&virtio);
+                    return Err(SnapshotError::Unsupported(e.to_string()));
+                }
             }
         }
+        let result = self.write(dir, &requirements, (vcpus, irqchip, uart, rtc), &virtio);
+        self.restart(&virtio);
         result
+    }
+
+    /// Starts again the devices `saved` (the first ones) stopped.
+    fn restart(&self, saved: &[SavedTransport]) {
+        for (slot, (transport, saved)) in self.transports.iter().zip(saved).enumerate() {
+            if let Err(e) = lock(transport).restore(saved) {
+                log::error!("virtio slot {slot} does not start again after the snapshot: {e}");
+            }
+        }
     }
 
     fn write(
@@ -145,16 +195,20 @@ impl Parts {
         virtio: &[SavedTransport],
     ) -> Result<(), SnapshotError> {
         let io = |what: String| move |source| SnapshotError::Io { what, source };
+        // A new file, renamed over the old one: a VM restored from this directory maps
+        // the old one (truncating it in place would pull its pages from under it).
         let memory_path = dir.join(MEMORY);
-        let memory_file = File::create(&memory_path).map_err(io(format!("creating {}", memory_path.display())))?;
+        let partial = dir.join(format!("{MEMORY}.partial"));
+        let memory_file = File::create(&partial).map_err(io(format!("creating {}", partial.display())))?;
         guest_memory::file::save(&self.memory, &memory_file)
             .and_then(|_| memory_file.sync_all())
+            .and_then(|()| std::fs::rename(&partial, &memory_path))
             .map_err(io(format!("writing {}", memory_path.display())))?;
         let memory_len = memory_file.metadata().map_err(io(format!("reading {}", memory_path.display())))?.len();
         let mut disks = Vec::new();
         for disk in &self.config.disks {
             // Whatever the guest wrote is on the disk before its print is taken.
-            File::open(&disk.path)
+            devices::host_file::open_regular(&disk.path, false)
                 .and_then(|f| f.sync_all())
                 .and_then(|()| DiskPrint::of(&disk.path))
                 .map(|print| disks.push(print))
@@ -275,8 +329,8 @@ impl Loaded {
     /// Guest RAM, mapped copy-on-write from the memory file.
     pub fn memory(&self) -> Result<Arc<GuestRam>, SnapshotError> {
         let path = self.dir.join(MEMORY);
-        let file =
-            File::open(&path).map_err(|source| SnapshotError::Io { what: path.display().to_string(), source })?;
+        let file = devices::host_file::open_regular(&path, false)
+            .map_err(|source| SnapshotError::Io { what: path.display().to_string(), source })?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         if len != self.memory_len {
             return Err(SnapshotError::Format(FormatError::Damaged(format!(
@@ -308,15 +362,10 @@ impl Loaded {
                 what: format!("reading disk {}", disk.path.display()),
                 source,
             })?;
-            if print != *saved && !trust {
+            if let Some(why) = print.differs(saved).filter(|_| !trust) {
                 return Err(SnapshotError::Mismatch(format!(
-                    "disk {} is not the image the snapshot was taken with ({} bytes, fingerprint {:08x}; the \
-                     snapshot's: {} bytes, {:08x}); give the right one, or --restore-trust-disks",
-                    disk.path.display(),
-                    print.size,
-                    print.fingerprint,
-                    saved.size,
-                    saved.fingerprint
+                    "disk {} {why}; give the image as it was, or --restore-trust-disks",
+                    disk.path.display()
                 )));
             }
         }

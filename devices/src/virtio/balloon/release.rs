@@ -7,8 +7,10 @@
 //! ([`inner_pages`]: 4 KiB pages on Linux, 16 KiB on Apple Silicon, whatever the guest's
 //! page size), and a deflate asks for the pages touching it back ([`outer_pages`]). The
 //! call itself (`advise`, under [`apply`]) is thin: `madvise(MADV_DONTNEED)` on Linux (guest RAM is
-//! private anonymous memory, which reads back as zeros and costs nothing until touched
-//! again), `MADV_FREE_REUSABLE` on macOS (which drops the process's footprint at once,
+//! private memory: anonymous, which reads back as zeros and costs nothing until touched
+//! again, or after a snapshot's restore a private mapping of its memory file, which
+//! reads back as the file's bytes; the balloon offers no page poisoning, so the guest
+//! expects nothing of a reported page's contents), `MADV_FREE_REUSABLE` on macOS (which drops the process's footprint at once,
 //! where `MADV_DONTNEED` does not) and `MADV_FREE_REUSE` when the guest takes pages back.
 
 use guest_memory::GuestMemoryMmap;

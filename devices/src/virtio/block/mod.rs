@@ -224,6 +224,10 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn answers_every_chain(&self) -> bool {
+        true
+    }
+
     fn reset(&mut self) {
         self.stop_queues();
     }

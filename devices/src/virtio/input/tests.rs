@@ -199,7 +199,7 @@ fn the_drivers_select_carries_over_a_restore_and_a_press_reaches_the_restored_de
     start(&mut t, &[&events, &status]);
     events.build_multiple_desc_chains(&[desc(0x1000, 8, W), desc(0x1100, 8, W)]).unwrap();
     let name = config(&mut t, 1, 0);
-    let saved = t.save();
+    let saved = t.save().unwrap();
     assert_eq!(saved.device, [1, 0]);
 
     let (mut again, button, _line) = started(&m);

@@ -12,6 +12,8 @@
 //! checks the whole saved state against the device and guest memory before it changes
 //! anything, then starts the device again if the driver had it started.
 
+use std::time::{Duration, Instant};
+
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
@@ -76,6 +78,22 @@ pub struct SavedTransport {
     pub device: Vec<u8>,
 }
 
+/// How long a snapshot waits for a device to answer the requests it took.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Why a transport cannot be saved now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportSaveError {
+    /// The device did not answer the requests it took in time (a disk that hangs).
+    #[error("virtio device type {device_type} did not finish the requests of queue {queue} within {} s", DRAIN.as_secs())]
+    Busy {
+        /// The device's type.
+        device_type: u32,
+        /// The queue still busy.
+        queue: usize,
+    },
+}
+
 /// Why a saved transport cannot be restored into this one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransportRestoreError {
@@ -117,10 +135,14 @@ pub enum TransportRestoreError {
 }
 
 impl MmioTransport {
-    /// Stops the device, if it runs, and returns the transport's state. The transport then
+    /// Stops the device, if it runs, and returns the transport's state (a device that
+    /// answers every chain answers those it took first). The transport then
     /// stands as it was, with the device stopped: [`MmioTransport::restore`] with the
     /// returned state starts it again (the guest must not run in between).
-    pub fn save(&mut self) -> SavedTransport {
+    pub fn save(&mut self) -> Result<SavedTransport, TransportSaveError> {
+        if self.active && self.device.answers_every_chain() {
+            self.drain()?;
+        }
         // The device's own state first: stopping a device resets what the driver set.
         let device = self.device.save_state();
         if self.active {
@@ -137,7 +159,10 @@ impl MmioTransport {
                 // Handed to the device: its size is the handed-over one, its place the
                 // used ring's index (inside memory: checked when it became ready).
                 None => {
-                    let size = self.handed_sizes.get(index).copied().unwrap_or(0);
+                    // A queue the driver did not enable keeps no size worth saving (it
+                    // cannot be set up again before a reset): the device's largest.
+                    let max = self.device.queue_max_sizes().get(index).copied().unwrap_or(0);
+                    let size = self.handed_sizes.get(index).copied().unwrap_or(max);
                     let ready = index < self.handed_over;
                     let position = if ready {
                         memory
@@ -152,7 +177,7 @@ impl MmioTransport {
             };
             queues.push(saved);
         }
-        SavedTransport {
+        Ok(SavedTransport {
             device_type: self.device.device_type(),
             status: self.status,
             device_features_sel: self.device_features_sel,
@@ -164,6 +189,26 @@ impl MmioTransport {
             needs_reset: self.interrupt.needs_reset(),
             queues,
             device,
+        })
+    }
+
+    /// Waits until every started queue's used index equals its available index (the
+    /// guest is paused: nothing new comes), so the device holds no request.
+    fn drain(&self) -> Result<(), TransportSaveError> {
+        let memory = self.memory.memory();
+        let index_at = |ring: [u32; 2]| {
+            memory.read_obj::<u16>(GuestAddress(join(ring).0.wrapping_add(2))).map(u16::from_le).unwrap_or(0)
+        };
+        let deadline = Instant::now() + DRAIN;
+        loop {
+            let busy = self.addrs[..self.handed_over].iter().position(|a| index_at(a.avail) != index_at(a.used));
+            match busy {
+                None => return Ok(()),
+                Some(queue) if Instant::now() >= deadline => {
+                    return Err(TransportSaveError::Busy { device_type: self.device.device_type(), queue })
+                }
+                Some(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
         }
     }
 

@@ -658,7 +658,7 @@ fn a_restored_device_starts_with_a_transport_reset_and_its_connections_gone() {
     let mut g = Guest::new("restored");
     let (mut c, _) = host_connection(&mut g, 12);
     // A snapshot stops the device; resuming from it restores the same state.
-    let saved = g.t.save();
+    let saved = g.t.save().unwrap();
     assert!(saved.device.is_empty(), "connections are not saved");
     g.t.restore(&saved).unwrap();
     assert_eq!(g.event(), Some(EVENT_TRANSPORT_RESET));
