@@ -27,7 +27,7 @@ dd if=/dev/zero of=/tmp/disk.img bs=1M count=0 seek=32 2>/dev/null
 /bin/hvrun --kernel /guest/vmlinuz --initrd /guest/initramfs.cpio --memory 256M \
     --disk /tmp/disk.img,id=hostile-disk --net tap=tap5 --console file=/tmp/hvc.log \
     --cmdline "console=ttyAMA0 quiet iomem=relaxed -- /bin/virtio-attack --storm $STORM --storm-secs $STORM_SECS --deadline 170 --arp-target 10.0.5.1" \
-    >/tmp/out 2>&1 &
+    >/tmp/out 2>/tmp/err &
 pid=$!
 start=$(now)
 echo "rig: hvrun started"
@@ -41,12 +41,16 @@ threads() {
     done | awk '{ printf "%s%s %s %s", n++ ? ", " : "", $1, $2, $3 }'
 }
 
-# hvrun's output, as far as this script reads it: its first MiB. hvrun rate-limits what
-# a guest can make it log, so the whole run writes far less (about 100 KB); a flood of
-# output is a failure of its own, and must not make this script slow.
+# hvrun's output, as far as this script reads it: the first MiB of the guest's serial
+# port (stdout) and of hvrun's log (stderr). They are kept apart: the serial port's bytes
+# reach stdout in whatever pieces its output thread takes, so a log line written between
+# two of them would cut a guest line in two. hvrun rate-limits what a guest can make it
+# log, so the whole run writes far less (about 100 KB); a flood of output is a failure
+# of its own, and must not make this script slow.
 out() { head -c 1048576 /tmp/out | tr -d '\r'; }
-bytes() { ls -ln /tmp/out | awk '{ print $5 }'; }
-# Waits (at most $2 s) for a line of hvrun's output to contain $1, while hvrun runs.
+err() { head -c 1048576 /tmp/err | tr -d '\r'; }
+bytes() { cat /tmp/out /tmp/err | wc -c; }
+# Waits (at most $2 s) for a line of the guest's output to contain $1, while hvrun runs.
 # Says every 30 s how long it has waited, and what hvrun's threads are doing.
 wait_for() {
     end=$(( $(now) + $2 )); next=$(( $(now) + 30 ))
@@ -88,6 +92,8 @@ while kill -0 $pid 2>/dev/null && [ $(now) -lt $end ]; do sleep 1; done
 if kill -0 $pid 2>/dev/null; then
     echo "HVRUN STILL RUNNING after $(( $(now) - start )) s; its last lines:"
     tail -c 2000 /tmp/out | tr -d '\r' | tail -5
+    echo "hvrun's last log lines:"
+    tail -c 2000 /tmp/err | tr -d '\r' | tail -5
     echo "hvrun threads: $(threads)"
     sleep 5
     echo "hvrun threads 5 s later: $(threads)"
@@ -98,13 +104,15 @@ fi
 if kill -0 $pid 2>/dev/null; then rc="unkillable"; else wait $pid; rc=$?; fi
 
 # hvrun's output: the program's lines; hvrun's (rate-limited) warnings are counted by
-# kind (numbers collapsed to N), not shown one by one.
+# kind (numbers collapsed to N), not shown one by one; anything else hvrun wrote to its
+# log (an error, a panic) is shown as it is.
 size=$(bytes)
 [ $size -gt 1048576 ] && echo "HVRUN OUTPUT FLOODED: $size bytes; from its first MiB:"
 log='^\[[^]]* (WARN|ERROR) *\]'
-out | grep -Ev "$log" | head -300
-echo "hvrun log lines: $(out | grep -Ec "$log"), by kind:"
-out | grep -E "$log" | sed -e 's/^\[[^ ]* //' -E -e 's/0x[0-9a-f]+|[0-9]+/N/g' | sort | uniq -c | sort -rn | head -60
+out | head -300
+err | grep -Ev "$log" | head -20
+echo "hvrun log lines: $(err | grep -Ec "$log"), by kind:"
+err | grep -E "$log" | sed -e 's/^\[[^ ]* //' -E -e 's/0x[0-9a-f]+|[0-9]+/N/g' | sort | uniq -c | sort -rn | head -60
 echo "console file: $(grep -c 'console check' /tmp/hvc.log) check lines, $(grep -c 'in flight' /tmp/hvc.log) in-flight lines"
 echo "memory at attack start (+${seen_start:-?} s): ${before:-NOT SAMPLED}"
 echo "memory at attacks done (+${seen_done:-?} s): ${after:-NOT SAMPLED}"
