@@ -27,7 +27,7 @@ use devices::virtio::mmio::MmioTransport;
 use devices::virtio::rng::Rng;
 use devices::virtio::Interrupt;
 use hvrun::snapshot::format::Writer;
-use hvrun::snapshot::machine::Loaded;
+use hvrun::snapshot::machine::{Loaded, SnapshotFiles};
 use vm_memory::GuestAddress;
 
 #[derive(Arbitrary, Debug)]
@@ -58,7 +58,7 @@ fuzz_target!(|input: Input| {
             w.to_bytes()
         }
     };
-    let Ok(loaded) = Loaded::parse(Path::new("/nonexistent"), &bytes) else { return };
+    let Ok(loaded) = Loaded::parse(&SnapshotFiles::in_dir(Path::new("/nonexistent")), &bytes) else { return };
     match &loaded.irqchip {
         hvrun::snapshot::SavedIrqchip::GicV2(saved) => {
             let gic = Gic::new(loaded.config.cpus.clamp(1, 8) as usize, Arc::new(Nowhere));

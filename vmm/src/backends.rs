@@ -198,8 +198,11 @@ mod tests {
     #[test]
     fn clones_of_a_configuration_share_one_descriptor_and_each_vm_owns_a_duplicate() {
         let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        let net =
-            NetConfig { backend: NetBackendConfig::Fd(crate::config::NetFd::new(OwnedFd::from(ours))), mac: None };
+        let net = NetConfig {
+            backend: NetBackendConfig::Fd(crate::config::NetFd::new(OwnedFd::from(ours))),
+            mac: None,
+            id: None,
+        };
         let config = crate::VmConfig { nets: vec![net], ..crate::VmConfig::new("Image") };
         let clone = config.clone();
         let first = open_nets(&config.nets, "vm").unwrap();

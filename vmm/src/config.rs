@@ -328,6 +328,10 @@ pub struct NetConfig {
     pub backend: NetBackendConfig,
     /// Its MAC address; `None` derives a stable one from the backend.
     pub mac: Option<[u8; 6]>,
+    /// A name for it (Firecracker's `iface_id`), by which a restore may give it another
+    /// backend.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 /// Where a network interface's frames go.
@@ -453,7 +457,7 @@ impl NetConfig {
             Some(("fd", n)) => NetBackendConfig::Fd(claim(n.parse().map_err(|_| bad())?)?),
             _ => return Err(bad()),
         };
-        let mut net = NetConfig { backend, mac: None };
+        let mut net = NetConfig { backend, mac: None, id: None };
         for option in parts {
             match (option.split_once('='), &mut net.backend) {
                 (None, NetBackendConfig::Unixgram { vfkit, .. }) if option == "vfkit" => *vfkit = true,
@@ -497,7 +501,7 @@ impl NetConfig {
 }
 
 /// Parses `XX:XX:XX:XX:XX:XX` (a unicast address).
-fn parse_mac(text: &str) -> Option<[u8; 6]> {
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in &mut mac {
@@ -763,7 +767,7 @@ mod tests {
     #[test]
     fn nets_parse() {
         let tap = NetConfig::parse("tap=tap0").unwrap();
-        assert_eq!(tap, NetConfig { backend: NetBackendConfig::Tap("tap0".into()), mac: None });
+        assert_eq!(tap, NetConfig { backend: NetBackendConfig::Tap("tap0".into()), mac: None, id: None });
         let gram = NetConfig::parse("unixgram=/run/gv.sock,vfkit,mac=5a:94:ef:e4:0c:ee").unwrap();
         assert_eq!(gram.backend, NetBackendConfig::Unixgram { path: "/run/gv.sock".into(), vfkit: true });
         assert_eq!(gram.mac, Some([0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]));

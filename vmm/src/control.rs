@@ -155,10 +155,10 @@ impl Control {
         *lock(&self.snapshot) = parts.map(Arc::new);
     }
 
-    /// Saves the machine into `dir`: pauses it (if it runs), has every vCPU save its
+    /// Saves the machine into `files`: pauses it (if it runs), has every vCPU save its
     /// state, saves the rest, and leaves it paused; a failed snapshot leaves it running
     /// if it was.
-    pub fn snapshot(&self, dir: &std::path::Path, timeout: Duration) -> Result<(), Error> {
+    pub fn snapshot(&self, files: &crate::snapshot::machine::SnapshotFiles, timeout: Duration) -> Result<(), Error> {
         use crate::snapshot::SnapshotError;
         let _one = lock(&self.snapshotting);
         let parts = lock(&self.snapshot).clone().ok_or_else(|| {
@@ -168,10 +168,10 @@ impl Control {
         self.pause(timeout).map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
         let started = Instant::now();
         let saved =
-            self.save_vcpus(timeout).map_err(SnapshotError::Unsupported).and_then(|vcpus| parts.save(dir, vcpus));
+            self.save_vcpus(timeout).map_err(SnapshotError::Unsupported).and_then(|vcpus| parts.save(files, vcpus));
         match saved {
             Ok(()) => {
-                log::info!("snapshot written to {} in {} ms", dir.display(), started.elapsed().as_millis());
+                log::info!("snapshot written to {} in {} ms", files.state.display(), started.elapsed().as_millis());
                 Ok(())
             }
             Err(e) => {

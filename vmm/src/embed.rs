@@ -46,6 +46,7 @@ use devices::virtio::VirtioDevice;
 use crate::boot_files::Images;
 use crate::control::Control;
 pub use crate::control::PauseError;
+use crate::snapshot::machine::SnapshotFiles;
 use crate::{Error, ExitReason, VmConfig};
 
 /// Something that happened to a running VM.
@@ -109,16 +110,16 @@ pub(crate) struct Io {
     pub dump_after: Option<Duration>,
     /// Vsock ports the embedder serves in-process, each with where its connections go.
     pub vsock_listeners: Vec<(u32, std::sync::mpsc::SyncSender<std::os::unix::net::UnixStream>)>,
-    /// Continue the snapshot in this directory instead of booting.
+    /// Continue this snapshot instead of booting.
     pub restore: Option<Restore>,
 }
 
-/// A restore asked for: the snapshot's directory, and whether to take the disks as they
+/// A restore asked for: the snapshot's files, and whether to take the disks as they
 /// are even if they are not the images the snapshot was taken with.
 #[derive(Debug, Clone)]
 pub(crate) struct Restore {
     /// The snapshot.
-    pub dir: std::path::PathBuf,
+    pub files: SnapshotFiles,
     /// Take the disks as they are.
     pub trust_disks: bool,
 }
@@ -296,8 +297,14 @@ impl VmBuilder {
     /// images the snapshot was taken with (same size and fingerprint) unless
     /// `trust_disks`. A snapshot this host or this configuration cannot continue is an
     /// error from [`VmBuilder::start`], before any vCPU runs.
-    pub fn restore(mut self, dir: impl Into<std::path::PathBuf>, trust_disks: bool) -> Self {
-        self.io.restore = Some(Restore { dir: dir.into(), trust_disks });
+    pub fn restore(self, dir: impl AsRef<std::path::Path>, trust_disks: bool) -> Self {
+        self.restore_files(SnapshotFiles::in_dir(dir.as_ref()), trust_disks)
+    }
+
+    /// [`VmBuilder::restore`] from a state file and a memory file wherever they are
+    /// ([`VmHandle::snapshot_files`]).
+    pub fn restore_files(mut self, files: SnapshotFiles, trust_disks: bool) -> Self {
+        self.io.restore = Some(Restore { files, trust_disks });
         self
     }
 
@@ -410,7 +417,7 @@ fn build(config: &VmConfig, io: Io, _control: Arc<Control>) -> Result<Ready, Err
     // Check the files anyway, so a typo gets the same error on every host.
     match &io.restore {
         Some(restore) => {
-            crate::snapshot::machine::Loaded::read(&restore.dir)?.check_disks(&config.disks, restore.trust_disks)?
+            crate::snapshot::machine::Loaded::read(&restore.files)?.check_disks(&config.disks, restore.trust_disks)?
         }
         None => drop(crate::boot_files::BootFiles::open_with(config, &io.images)?),
     }
@@ -537,7 +544,13 @@ impl VmHandle {
     /// and are served again after a restore; vsock connections end (the guest is told
     /// with a transport reset).
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<(), Error> {
-        self.control.snapshot(dir, PAUSE_TIMEOUT)
+        self.snapshot_files(&SnapshotFiles::in_dir(dir))
+    }
+
+    /// [`VmHandle::snapshot`] into a state file and a memory file wherever they are
+    /// (Firecracker's API names each); [`VmBuilder::restore_files`] continues it.
+    pub fn snapshot_files(&self, files: &SnapshotFiles) -> Result<(), Error> {
+        self.control.snapshot(files, PAUSE_TIMEOUT)
     }
 }
 

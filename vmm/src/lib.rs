@@ -15,6 +15,7 @@
 //! ```
 
 // The machine's parts: built only where a machine is (arm64 hosts), tested everywhere.
+pub mod api;
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 mod backends;
 mod boot_files;

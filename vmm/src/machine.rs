@@ -57,7 +57,7 @@ pub fn build(config: &VmConfig, io: Io, control: Arc<Control>) -> Result<Ready, 
     let mut timeline = Timeline::new(Instant::now());
     let files = match &io.restore {
         Some(restore) => {
-            let loaded = Loaded::read(&restore.dir)?;
+            let loaded = Loaded::read(&restore.files)?;
             loaded.check_disks(&config.disks, restore.trust_disks)?;
             Begin::Restore(Box::new(loaded))
         }

@@ -7,6 +7,7 @@ use clap::Parser;
 use hvrun::control_socket::ControlSocket;
 use hvrun::{config, ExitReason, Vm, VmConfig};
 
+mod api_cli;
 mod macos_cli;
 mod signals;
 
@@ -16,7 +17,7 @@ const EXIT_ERROR: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_RESET: u8 = 3;
 const EXIT_CRASH: u8 = 4;
-const EXIT_STOPPED: u8 = 5;
+pub(crate) const EXIT_STOPPED: u8 = 5;
 
 /// Boot an arm64 Linux guest on KVM (arm64 Linux) or Hypervisor.framework (Apple Silicon).
 #[derive(Debug, Parser)]
@@ -42,7 +43,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// The arm64 Linux kernel `Image` to boot (a gzip'd one is unpacked first).
-    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "api_sock", "config_file"])]
     kernel: Option<PathBuf>,
     /// An initramfs for the kernel.
     #[arg(long, value_name = "PATH")]
@@ -125,7 +126,33 @@ struct Cli {
     /// snapshot was taken with (by size and fingerprint).
     #[arg(long, requires = "restore")]
     restore_trust_disks: bool,
+    /// Serve Firecracker's REST API on this unix socket (HTTP/1.1, its paths and JSON
+    /// objects: see the README): the VM is configured by API calls and starts at
+    /// `PUT /actions {"action_type":"InstanceStart"}`, or continues a snapshot at
+    /// `PUT /snapshot/load`. The machine's flags (--kernel, --disk, ...) are not taken.
+    #[arg(long, value_name = "PATH", conflicts_with_all = MACHINE_FLAGS)]
+    api_sock: Option<PathBuf>,
+    /// Start the VM a Firecracker JSON configuration file describes (the objects of
+    /// `GET /vm/config`: "boot-source", "machine-config", "drives", ...), with or
+    /// without --api-sock.
+    #[arg(long, value_name = "FILE", conflicts_with_all = MACHINE_FLAGS)]
+    config_file: Option<PathBuf>,
+    /// No API socket (Firecracker's flag; hvrun serves none without --api-sock anyway).
+    #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
+    no_api: bool,
+    /// The instance's id, as `GET /` shows it (Firecracker's flag).
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    id: String,
+    /// The largest API request body taken, in bytes (Firecracker's flag and default).
+    #[arg(long, value_name = "BYTES", default_value_t = hvrun::api::http::DEFAULT_MAX_BODY)]
+    http_api_max_payload_size: usize,
 }
+
+/// The flags that describe a machine, which --api-sock and --config-file describe instead.
+const MACHINE_FLAGS: [&str; 17] = [
+    "kernel", "initrd", "cmdline", "disks", "nets", "console", "backend", "rosetta", "nested", "shares", "cpus", "gic",
+    "memory", "balloon", "vsock", "control", "restore",
+];
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
@@ -209,14 +236,24 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// env_logger to standard error, with the log lines a guest can provoke in other crates
-/// rate-limited ([`hvrun::GuestLogLimiter`]).
+/// rate-limited ([`hvrun::GuestLogLimiter`]). Without RUST_LOG, warnings and errors;
+/// the level alone decides, so that Firecracker's `PUT /logger` can change it
+/// ([`set_log_level`]).
 fn init_logging() {
-    let logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+    let from_env = std::env::var_os("RUST_LOG").is_some();
+    let logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("trace"))
         .format_target(false)
         .build();
-    let max_level = logger.filter();
+    let max_level = if from_env { logger.filter() } else { log::LevelFilter::Warn };
     if log::set_boxed_logger(Box::new(hvrun::GuestLogLimiter::new(logger))).is_ok() {
         log::set_max_level(max_level);
+    }
+}
+
+/// Changes the log level (`PUT /logger`), unless RUST_LOG chose the filter.
+pub(crate) fn set_log_level(level: log::LevelFilter) {
+    if std::env::var_os("RUST_LOG").is_none() {
+        log::set_max_level(level);
     }
 }
 
@@ -241,26 +278,43 @@ fn main() -> ExitCode {
         Some(Command::Selftest(args)) => return selftest(args),
         None => {}
     }
-    let config = match (cli.kernel, &cli.restore) {
-        (_, Some(dir)) => match hvrun::snapshot::machine::saved_config(dir) {
-            Ok(mut config) => {
-                // The backends it had, unless given again.
-                if !cli.disks.is_empty() {
-                    config.disks = cli.disks;
-                }
-                if !cli.nets.is_empty() {
-                    config.nets = cli.nets;
-                }
-                config.console = cli.console.or(config.console);
-                config.vsock = cli.vsock.or(config.vsock);
-                config.console_stdin = true;
-                config
-            }
+    if cli.api_sock.is_some() || cli.config_file.is_some() {
+        let options = api_cli::ApiOptions {
+            socket: cli.api_sock,
+            config_file: cli.config_file,
+            id: cli.id,
+            max_body: cli.http_api_max_payload_size,
+        };
+        return match api_cli::run(options) {
+            Ok(reason) => exit_code(Ok(reason)),
             Err(e) => {
                 eprintln!("hvrun: error: {e}");
-                return ExitCode::from(EXIT_ERROR);
+                ExitCode::from(EXIT_ERROR)
             }
-        },
+        };
+    }
+    let config = match (cli.kernel, &cli.restore) {
+        (_, Some(dir)) => {
+            match hvrun::snapshot::machine::saved_config(&hvrun::snapshot::machine::SnapshotFiles::in_dir(dir)) {
+                Ok(mut config) => {
+                    // The backends it had, unless given again.
+                    if !cli.disks.is_empty() {
+                        config.disks = cli.disks;
+                    }
+                    if !cli.nets.is_empty() {
+                        config.nets = cli.nets;
+                    }
+                    config.console = cli.console.or(config.console);
+                    config.vsock = cli.vsock.or(config.vsock);
+                    config.console_stdin = true;
+                    config
+                }
+                Err(e) => {
+                    eprintln!("hvrun: error: {e}");
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            }
+        }
         (Some(kernel), None) => {
             let mut config = VmConfig::new(kernel);
             config.initrd = cli.initrd;
@@ -302,7 +356,7 @@ fn main() -> ExitCode {
 /// descriptor here, beside the machine's own (vCPUs, event loops, disks, taps), which a
 /// common soft limit of 1,024 would not leave room for. A refusal is harmless: the limit
 /// stays as it was.
-fn raise_file_limit() {
+pub(crate) fn raise_file_limit() {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes the struct it is given.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {

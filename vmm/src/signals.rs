@@ -74,13 +74,35 @@ pub fn press_then_stop(blocked: io::Result<Blocked>, vm: VmHandle) {
         Ok(blocked) => blocked,
         Err(e) => return log::warn!("SIGINT and SIGTERM keep their default action ({e})"),
     };
-    watch(blocked, move |nth| match nth {
+    watch(blocked, move |nth| press_or_stop(&vm, nth));
+}
+
+/// [`press_then_stop`] for a VM that starts later (through the API): until `vm` is set,
+/// a signal calls `before` (which ends hvrun).
+pub fn press_then_stop_once_running(
+    blocked: io::Result<Blocked>,
+    vm: std::sync::Arc<std::sync::OnceLock<VmHandle>>,
+    before: impl Fn() + Send + 'static,
+) {
+    let blocked = match blocked {
+        Ok(blocked) => blocked,
+        Err(e) => return log::warn!("SIGINT and SIGTERM keep their default action ({e})"),
+    };
+    watch(blocked, move |nth| match vm.get() {
+        None => before(),
+        Some(vm) => press_or_stop(vm, nth),
+    });
+}
+
+/// What the `nth` signal does to a running VM.
+fn press_or_stop(vm: &VmHandle, nth: u32) {
+    match nth {
         1 if vm.request_shutdown() => {
             say("asked the guest to shut down (its power button); signal again to stop it now")
         }
         1 => say("the guest has no driver for its power button (virtio-input); signal again to stop it now"),
         _ => vm.stop(),
-    });
+    }
 }
 
 /// The CLI's rule for `hvrun macos install`: the first signal cancels the install

@@ -26,7 +26,7 @@ pub const MAGIC: [u8; 8] = *b"HVRUNSNP";
 /// The trailer's first bytes.
 const END: [u8; 8] = *b"HVRUNEND";
 /// The format this hvrun writes and the only one it reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The largest state file read (guest RAM is a file of its own): a bound on what a
 /// damaged or hostile file can make hvrun allocate.
 pub const MAX_STATE: u64 = 64 << 20;

@@ -1,8 +1,9 @@
 //! A machine's snapshot: what a running machine hands over to be saved ([`Parts`]), and
 //! a snapshot read back and checked for a restore ([`Loaded`]).
 //!
-//! The directory holds `state` (the sections below, in the container of
-//! [`format`](super::format)) and `memory` (guest RAM, [`guest_memory::file`]):
+//! A snapshot is two files ([`SnapshotFiles`]), by default `state` and `memory` in one
+//! directory: the state file holds the sections below, in the container of
+//! [`format`](super::format); the memory file holds guest RAM ([`guest_memory::file`]).
 //!
 //! | section | holds |
 //! |---|---|
@@ -38,6 +39,39 @@ use crate::VmConfig;
 pub const STATE: &str = "state";
 /// The memory file's name in a snapshot directory.
 pub const MEMORY: &str = "memory";
+
+/// Where a snapshot's two files are: `state` and `memory` in a directory
+/// ([`SnapshotFiles::in_dir`]), or paths of their own (Firecracker's API names each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFiles {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory file.
+    pub memory: PathBuf,
+}
+
+impl SnapshotFiles {
+    /// The files [`STATE`] and [`MEMORY`] in `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        SnapshotFiles { state: dir.join(STATE), memory: dir.join(MEMORY) }
+    }
+
+    /// The memory file while it is written (renamed to [`SnapshotFiles::memory`] once
+    /// complete).
+    fn partial_memory(&self) -> PathBuf {
+        let mut name = self.memory.clone().into_os_string();
+        name.push(".partial");
+        name.into()
+    }
+
+    /// The directory holding `file` (`.` for a bare name).
+    fn parent(file: &Path) -> &Path {
+        match file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        }
+    }
+}
 
 /// Bytes of a disk read for its fingerprint: its first and last MiB, and 64 blocks of
 /// 4 KiB spread between.
@@ -131,22 +165,31 @@ impl std::fmt::Debug for Parts {
 }
 
 impl Parts {
-    /// Saves the machine into `dir` (created if missing), with the vCPUs' states
-    /// `vcpus`; the VM must be paused. The devices stop while they are saved and start
-    /// again before this returns, whatever happened. The state file is written last:
-    /// a directory without one (a failed snapshot) is no snapshot.
-    pub fn save(&self, dir: &Path, vcpus: Vec<VcpuState>) -> Result<(), SnapshotError> {
+    /// Saves the machine into `files` (their directories created if missing), with the
+    /// vCPUs' states `vcpus`; the VM must be paused. The devices stop while they are
+    /// saved and start again before this returns, whatever happened. The state file is
+    /// written last: without one (a failed snapshot) there is no snapshot.
+    pub fn save(&self, files: &SnapshotFiles, vcpus: Vec<VcpuState>) -> Result<(), SnapshotError> {
         let io = |what: &str, path: &Path| {
             let what = format!("{what} {}", path.display());
             move |source| SnapshotError::Io { what, source }
         };
-        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
-        // The old state file goes first, durably: until the new one is written, the
-        // directory holds no snapshot (never an old state beside a new memory file).
-        let state = dir.join(STATE);
-        match std::fs::remove_file(&state) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("replacing", &state)(e)),
-            _ => File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing", dir))?,
+        if files.state == files.memory {
+            return Err(SnapshotError::Unsupported(format!(
+                "the state and memory files are both {}",
+                files.state.display()
+            )));
+        }
+        for file in [&files.state, &files.memory] {
+            let dir = SnapshotFiles::parent(file);
+            std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        }
+        // The old state file goes first, durably: until the new one is written, there
+        // is no snapshot (never an old state beside a new memory file).
+        let (state, state_dir) = (&files.state, SnapshotFiles::parent(&files.state));
+        match std::fs::remove_file(state) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("replacing", state)(e)),
+            _ => File::open(state_dir).and_then(|d| d.sync_all()).map_err(io("syncing", state_dir))?,
         }
         if vcpus.len() != self.config.cpus as usize {
             return Err(SnapshotError::Unsupported(format!(
@@ -173,7 +216,7 @@ impl Parts {
                 }
             }
         }
-        let result = self.write(dir, &requirements, (vcpus, irqchip, uart, rtc), &virtio);
+        let result = self.write(files, &requirements, (vcpus, irqchip, uart, rtc), &virtio);
         self.restart(&virtio);
         result
     }
@@ -189,20 +232,20 @@ impl Parts {
 
     fn write(
         &self,
-        dir: &Path,
+        files: &SnapshotFiles,
         requirements: &Requirements,
         (vcpus, irqchip, uart, rtc): (Vec<VcpuState>, SavedIrqchip, SavedPl011, SavedPl031),
         virtio: &[SavedTransport],
     ) -> Result<(), SnapshotError> {
         let io = |what: String| move |source| SnapshotError::Io { what, source };
-        // A new file, renamed over the old one: a VM restored from this directory maps
-        // the old one (truncating it in place would pull its pages from under it).
-        let memory_path = dir.join(MEMORY);
-        let partial = dir.join(format!("{MEMORY}.partial"));
+        // A new file, renamed over the old one: a VM restored from these files maps the
+        // old one (truncating it in place would pull its pages from under it).
+        let memory_path = &files.memory;
+        let partial = files.partial_memory();
         let memory_file = File::create(&partial).map_err(io(format!("creating {}", partial.display())))?;
         guest_memory::file::save(&self.memory, &memory_file)
             .and_then(|_| memory_file.sync_all())
-            .and_then(|()| std::fs::rename(&partial, &memory_path))
+            .and_then(|()| std::fs::rename(&partial, memory_path))
             .map_err(io(format!("writing {}", memory_path.display())))?;
         let memory_len = memory_file.metadata().map_err(io(format!("reading {}", memory_path.display())))?.len();
         let mut disks = Vec::new();
@@ -224,7 +267,7 @@ impl Parts {
         w.add("uart", &uart)?;
         w.add("rtc", &rtc)?;
         w.add("virtio", &virtio)?;
-        w.write(&dir.join(STATE))?;
+        w.write(&files.state)?;
         Ok(())
     }
 }
@@ -232,8 +275,8 @@ impl Parts {
 /// A snapshot read back: every section decoded and checked against the others.
 #[derive(Debug)]
 pub struct Loaded {
-    /// The snapshot's directory.
-    pub dir: PathBuf,
+    /// The snapshot's files.
+    pub files: SnapshotFiles,
     /// What it needs of the host.
     pub requirements: Requirements,
     /// The machine's configuration when it was saved.
@@ -254,28 +297,28 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Reads and checks the snapshot in `dir`.
-    pub fn read(dir: &Path) -> Result<Loaded, SnapshotError> {
-        let path = dir.join(STATE);
-        let file = match StateFile::read(&path) {
+    /// Reads and checks the snapshot in `files` (the memory file is opened later, by
+    /// [`Loaded::memory`]).
+    pub fn read(files: &SnapshotFiles) -> Result<Loaded, SnapshotError> {
+        let file = match StateFile::read(&files.state) {
             Err(FormatError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SnapshotError::NotASnapshot(dir.to_path_buf()))
+                return Err(SnapshotError::NotASnapshot(files.state.clone()))
             }
             other => other?,
         };
-        Self::decode(dir, &file)
+        Self::decode(files, &file)
     }
 
-    /// A state file's bytes, checked and decoded, as the snapshot in `dir` (whose memory
-    /// file is not looked at): what [`Loaded::read`] does after reading the file.
-    pub fn parse(dir: &Path, bytes: &[u8]) -> Result<Loaded, SnapshotError> {
-        Self::decode(dir, &StateFile::parse(bytes)?)
+    /// A state file's bytes, checked and decoded, as the snapshot in `files` (whose
+    /// memory file is not looked at): what [`Loaded::read`] does after reading the file.
+    pub fn parse(files: &SnapshotFiles, bytes: &[u8]) -> Result<Loaded, SnapshotError> {
+        Self::decode(files, &StateFile::parse(bytes)?)
     }
 
-    fn decode(dir: &Path, file: &StateFile) -> Result<Loaded, SnapshotError> {
+    fn decode(files: &SnapshotFiles, file: &StateFile) -> Result<Loaded, SnapshotError> {
         let requirements: Requirements = file.get("requirements")?;
         let loaded = Loaded {
-            dir: dir.to_path_buf(),
+            files: files.clone(),
             config: file.get("config")?,
             disks: file.get("disks")?,
             memory_len: file.get("memory")?,
@@ -328,8 +371,8 @@ impl Loaded {
 
     /// Guest RAM, mapped copy-on-write from the memory file.
     pub fn memory(&self) -> Result<Arc<GuestRam>, SnapshotError> {
-        let path = self.dir.join(MEMORY);
-        let file = devices::host_file::open_regular(&path, false)
+        let path = &self.files.memory;
+        let file = devices::host_file::open_regular(path, false)
             .map_err(|source| SnapshotError::Io { what: path.display().to_string(), source })?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         if len != self.memory_len {
@@ -373,10 +416,10 @@ impl Loaded {
     }
 }
 
-/// The configuration the snapshot in `dir` was taken with (the CLI builds its restore
+/// The configuration the snapshot in `files` was taken with (the CLI builds its restore
 /// from it, with the backends given again).
-pub fn saved_config(dir: &Path) -> Result<VmConfig, SnapshotError> {
-    Ok(Loaded::read(dir)?.config)
+pub fn saved_config(files: &SnapshotFiles) -> Result<VmConfig, SnapshotError> {
+    Ok(Loaded::read(files)?.config)
 }
 
 #[cfg(test)]

@@ -34,8 +34,8 @@ pub enum SnapshotError {
         /// Why it failed.
         source: std::io::Error,
     },
-    /// The directory holds no snapshot.
-    #[error("{} holds no snapshot (no `state` file in it)", .0.display())]
+    /// There is no state file (the path given is the state file's).
+    #[error("no snapshot at {}: there is no state file", .0.display())]
     NotASnapshot(PathBuf),
     /// This machine cannot be saved (a part that cannot be, yet).
     #[error("cannot snapshot this VM: {0}")]

@@ -77,9 +77,9 @@ fn a_saved_machine_reads_back_whole_with_its_memory_and_cpu_features() {
     let dir = dir("whole");
     let parts = parts(&disk(&dir.join("disks")));
     let snap = dir.join("snap");
-    parts.save(&snap, vec![vcpu(0), vcpu(1)]).unwrap();
+    parts.save(&SnapshotFiles::in_dir(&snap), vec![vcpu(0), vcpu(1)]).unwrap();
 
-    let loaded = Loaded::read(&snap).unwrap();
+    let loaded = Loaded::read(&SnapshotFiles::in_dir(&snap)).unwrap();
     assert_eq!(loaded.vcpus, [vcpu(0), vcpu(1)]);
     assert_eq!(loaded.requirements.cpu_features, [("ID_AA64ISAR0_EL1".to_string(), 0x1021)]);
     assert_eq!(loaded.config, parts.config);
@@ -103,8 +103,8 @@ fn what_a_restore_cannot_honour_is_refused_in_one_line() {
     let disk = disk(&dir.join("disks"));
     let parts = parts(&disk);
     let snap = dir.join("snap");
-    parts.save(&snap, vec![vcpu(0), vcpu(1)]).unwrap();
-    let loaded = Loaded::read(&snap).unwrap();
+    parts.save(&SnapshotFiles::in_dir(&snap), vec![vcpu(0), vcpu(1)]).unwrap();
+    let loaded = Loaded::read(&SnapshotFiles::in_dir(&snap)).unwrap();
     let one_line = |e: SnapshotError, expect: &str| {
         let e = e.to_string();
         assert!(e.contains(expect) && !e.contains('\n'), "{e} (expected {expect})");
@@ -128,7 +128,7 @@ fn what_a_restore_cannot_honour_is_refused_in_one_line() {
     let memory = snap.join(MEMORY);
     std::fs::OpenOptions::new().write(true).open(&memory).unwrap().set_len(RAM - 4096).unwrap();
     one_line(loaded.memory().unwrap_err(), "the memory file is");
-    one_line(Loaded::read(&dir).unwrap_err(), "holds no snapshot");
+    one_line(Loaded::read(&SnapshotFiles::in_dir(&dir)).unwrap_err(), "there is no state file");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -139,12 +139,12 @@ fn the_devices_run_again_after_a_snapshot_and_a_failed_one_leaves_no_state_file(
     // A snapshot into a path that cannot be a directory fails; the machine is unharmed.
     let file = dir.join("a-file");
     std::fs::write(&file, b"").unwrap();
-    assert!(parts.save(&file.join("snap"), vec![vcpu(0), vcpu(1)]).is_err());
+    assert!(parts.save(&SnapshotFiles::in_dir(&file.join("snap")), vec![vcpu(0), vcpu(1)]).is_err());
     let snap = dir.join("snap");
-    parts.save(&snap, vec![vcpu(0), vcpu(1)]).unwrap();
+    parts.save(&SnapshotFiles::in_dir(&snap), vec![vcpu(0), vcpu(1)]).unwrap();
     // A second snapshot into the same directory replaces the first.
-    parts.save(&snap, vec![vcpu(1), vcpu(0)]).unwrap();
-    assert_eq!(Loaded::read(&snap).unwrap().vcpus, [vcpu(1), vcpu(0)]);
+    parts.save(&SnapshotFiles::in_dir(&snap), vec![vcpu(1), vcpu(0)]).unwrap();
+    assert_eq!(Loaded::read(&SnapshotFiles::in_dir(&snap)).unwrap().vcpus, [vcpu(1), vcpu(0)]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -167,5 +167,21 @@ fn the_same_disk_written_since_is_refused_and_a_copy_is_taken() {
     let now = DiskPrint::of(&disk).unwrap();
     assert_eq!(now.fingerprint, saved.fingerprint, "the samples miss the write");
     assert_eq!(now.differs(&saved).as_deref(), Some("was written since the snapshot was taken"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_state_and_memory_files_may_be_anywhere_but_not_one_file() {
+    let dir = dir("apart");
+    let parts = parts(&disk(&dir.join("disks")));
+    let files = SnapshotFiles { state: dir.join("a/vm.state"), memory: dir.join("b/c/vm.mem") };
+    parts.save(&files, vec![vcpu(0), vcpu(1)]).unwrap();
+    assert!(files.memory.is_file() && !dir.join("b/c/vm.mem.partial").exists());
+    let loaded = Loaded::read(&files).unwrap();
+    let mut first = [0u8; 5];
+    loaded.memory().unwrap().read_slice(&mut first, GuestAddress(RAM_BASE)).unwrap();
+    assert_eq!(&first, b"first");
+    let same = SnapshotFiles { state: dir.join("x"), memory: dir.join("x") };
+    assert!(parts.save(&same, vec![vcpu(0), vcpu(1)]).unwrap_err().to_string().contains("both"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

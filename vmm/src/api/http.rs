@@ -1,0 +1,249 @@
+//! HTTP/1.1 on one connection of the API socket: requests read with `httparse` (heads of
+//! at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] headers; bodies sized by
+//! `Content-Length`, at most [`Limits::max_body`] bytes), responses written whole.
+//! Connections stay open between requests (HTTP/1.1's default, as Firecracker's clients
+//! expect) unless the client says `Connection: close`. `Expect: 100-continue` is
+//! answered, so curl sends a large body at once. Chunked bodies are refused: no client
+//! of Firecracker's API sends them.
+
+use std::io::{ErrorKind, Read, Write};
+
+/// The longest request head (request line and headers) taken.
+pub const MAX_HEAD: usize = 8192;
+/// The most headers a request may have.
+pub const MAX_HEADERS: usize = 32;
+/// Firecracker's default limit on a request's body (its `--http-api-max-payload-size`).
+pub const DEFAULT_MAX_BODY: usize = 51_200;
+
+/// What a connection accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The longest body taken.
+    pub max_body: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_body: DEFAULT_MAX_BODY }
+    }
+}
+
+/// One request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The method, as sent (`GET`, `PUT`, `PATCH`, ...).
+    pub method: String,
+    /// The path, without a query string.
+    pub path: String,
+    /// The body, if the request had one (a `Content-Length` above 0).
+    pub body: Option<Vec<u8>>,
+}
+
+/// One response: a status and, unless it is 204, a JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The JSON body.
+    pub body: Option<String>,
+}
+
+impl Response {
+    /// 204 No Content.
+    pub fn no_content() -> Self {
+        Response { status: 204, body: None }
+    }
+
+    /// 200 with `body`.
+    pub fn ok(body: String) -> Self {
+        Response { status: 200, body: Some(body) }
+    }
+
+    /// `status` with Firecracker's error body, `{"fault_message": "..."}`.
+    pub fn fault(status: u16, message: &str) -> Self {
+        Response { status, body: Some(serde_json::json!({ "fault_message": message }).to_string()) }
+    }
+}
+
+/// Why a connection ends (after the response, if the client is to get one).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConnectionEnd {
+    /// The client closed it, between requests or in the middle of one.
+    Closed,
+    /// A request the connection cannot go on after: answered with this, then closed.
+    Refused(Response),
+}
+
+/// One client connection: reads requests, writes responses.
+#[derive(Debug)]
+pub struct Connection<S> {
+    stream: S,
+    limits: Limits,
+    /// Bytes read and not yet part of a request taken (a pipelined request's start).
+    buf: Vec<u8>,
+    /// The client asked to close after this response.
+    close_after: bool,
+}
+
+impl<S: Read + Write> Connection<S> {
+    /// A connection over `stream`.
+    pub fn new(stream: S, limits: Limits) -> Self {
+        Connection { stream, limits, buf: Vec::new(), close_after: false }
+    }
+
+    /// The next request. A malformed or oversized one is [`ConnectionEnd::Refused`] with
+    /// the response it gets: the connection cannot be trusted past it.
+    pub fn next_request(&mut self) -> Result<Request, ConnectionEnd> {
+        let (head_len, mut request, body_len, expects_continue) = loop {
+            if let Some(head) = self.parse_head()? {
+                break head;
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(refused(431, &format!("The request head is over {MAX_HEAD} bytes.")));
+            }
+            self.fill(MAX_HEAD - self.buf.len())?;
+        };
+        if body_len > self.limits.max_body {
+            // Firecracker's words and status (413).
+            return Err(refused(
+                413,
+                &format!(
+                    "Request payload with size {body_len} is larger than the limit of {} allowed by server.",
+                    self.limits.max_body
+                ),
+            ));
+        }
+        if expects_continue && self.buf.len() < head_len + body_len {
+            self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").map_err(|_| ConnectionEnd::Closed)?;
+        }
+        while self.buf.len() < head_len + body_len {
+            self.fill(head_len + body_len - self.buf.len())?;
+        }
+        let rest = self.buf.split_off(head_len + body_len);
+        let mut body = std::mem::replace(&mut self.buf, rest);
+        if body_len > 0 {
+            request.body = Some(body.split_off(head_len));
+        }
+        Ok(request)
+    }
+
+    /// Writes `response`; false when the connection is to close now (the client asked
+    /// to, or is gone).
+    pub fn respond(&mut self, response: &Response) -> bool {
+        let written = self.stream.write_all(&encode(response, self.close_after)).and_then(|()| self.stream.flush());
+        written.is_ok() && !self.close_after
+    }
+
+    /// Writes the response that ends the connection.
+    pub fn refuse(&mut self, response: &Response) {
+        let _ = self.stream.write_all(&encode(response, true)).and_then(|()| self.stream.flush());
+    }
+
+    /// Reads at most `want` more bytes into the buffer (at least one).
+    fn fill(&mut self, want: usize) -> Result<(), ConnectionEnd> {
+        let mut chunk = [0u8; 4096];
+        let want = want.min(chunk.len());
+        loop {
+            match self.stream.read(&mut chunk[..want]) {
+                Ok(0) => return Err(ConnectionEnd::Closed),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => return Err(ConnectionEnd::Closed),
+            }
+        }
+    }
+
+    /// The request head in the buffer, if it is whole: its length, the request, the
+    /// body's length and whether the client waits for `100 Continue`.
+    #[allow(clippy::type_complexity)]
+    fn parse_head(&mut self) -> Result<Option<(usize, Request, usize, bool)>, ConnectionEnd> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        let head_len = match parsed.parse(&self.buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(refused(431, &format!("A request has at most {MAX_HEADERS} headers.")))
+            }
+            Err(e) => return Err(refused(400, &format!("Malformed HTTP request: {e}."))),
+        };
+        let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version) else {
+            return Err(refused(400, "Malformed HTTP request."));
+        };
+        let mut body_len = 0usize;
+        let mut expects_continue = false;
+        // HTTP/1.0 closes after each response unless asked to keep the connection.
+        let mut close = version == 0;
+        for header in parsed.headers.iter() {
+            let value = std::str::from_utf8(header.value).unwrap_or("").trim();
+            match header.name.to_ascii_lowercase().as_str() {
+                "content-length" => {
+                    body_len = match value.parse::<usize>() {
+                        Ok(len) if body_len == 0 || len == body_len => len,
+                        _ => return Err(refused(400, "Invalid Content-Length header.")),
+                    }
+                }
+                "transfer-encoding" => return Err(refused(501, "Chunked bodies are not supported.")),
+                "expect" if value.eq_ignore_ascii_case("100-continue") => expects_continue = true,
+                "connection" if value.eq_ignore_ascii_case("close") => close = true,
+                "connection" if value.eq_ignore_ascii_case("keep-alive") => close = false,
+                _ => {}
+            }
+        }
+        self.close_after = close;
+        let path = target.split(['?', '#']).next().unwrap_or("").to_string();
+        let request = Request { method: method.to_string(), path, body: None };
+        Ok(Some((head_len, request, body_len, expects_continue)))
+    }
+}
+
+fn refused(status: u16, message: &str) -> ConnectionEnd {
+    ConnectionEnd::Refused(Response::fault(status, message))
+}
+
+/// The reason phrase of the statuses this server sends.
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// `response` as bytes on the wire.
+pub fn encode(response: &Response, close: bool) -> Vec<u8> {
+    let mut head = format!("HTTP/1.1 {} {}\r\nServer: hvrun\r\n", response.status, reason(response.status));
+    if close {
+        head.push_str("Connection: close\r\n");
+    }
+    match &response.body {
+        Some(body) => {
+            head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()));
+            let mut bytes = head.into_bytes();
+            bytes.extend_from_slice(body.as_bytes());
+            bytes
+        }
+        None if response.status == 204 => {
+            head.push_str("\r\n");
+            head.into_bytes()
+        }
+        None => {
+            head.push_str("Content-Length: 0\r\n\r\n");
+            head.into_bytes()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,158 @@
+//! Firecracker's REST API (`hvrun --api-sock PATH`): the same paths, methods, JSON
+//! objects and status codes, over HTTP/1.1 on a unix socket, so that tools written for
+//! Firecracker (its SDKs, orchestrators, `curl --unix-socket`) drive hvrun.
+//!
+//! - [`http`]: requests off a connection, responses onto it (`httparse`, with limits).
+//! - [`model`]: Firecracker's JSON objects.
+//! - [`setup`]: the configuration put before the VM starts, turned into a [`crate::VmConfig`].
+//! - [`router`]: what each path and method does, in which phase ([`router::Api`]).
+//!
+//! Threads: one accepts connections; each connection (at most [`MAX_CLIENTS`] at once)
+//! has a thread that reads its requests and hands them to one dispatcher thread, which
+//! owns the [`router::Api`] and answers them one at a time, in arrival order, as
+//! Firecracker does. The VM is started and driven through [`router::Host`] and
+//! [`router::Running`] (the CLI's are [`crate::VmHandle`] and a host that hands the VM
+//! to the main thread), so the API is a thin layer like the CLI.
+
+pub mod http;
+pub mod model;
+pub mod router;
+pub mod setup;
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use self::http::{Connection, ConnectionEnd, Limits, Request, Response};
+use self::router::Api;
+use crate::backends::{remove_stale_socket, SocketFile};
+
+impl router::Running for crate::VmHandle {
+    fn pause(&self) -> Result<(), String> {
+        crate::VmHandle::pause(self).map_err(|e| e.to_string())
+    }
+
+    fn resume(&self) {
+        crate::VmHandle::resume(self);
+    }
+
+    fn paused(&self) -> bool {
+        self.is_paused()
+    }
+
+    fn ctrl_alt_del(&self) -> bool {
+        self.request_shutdown()
+    }
+
+    fn snapshot(&self, files: &crate::snapshot::machine::SnapshotFiles) -> Result<(), String> {
+        self.snapshot_files(files).map_err(|e| e.to_string())
+    }
+
+    fn balloon(&self) -> Option<devices::virtio::balloon::BalloonHandle> {
+        crate::VmHandle::balloon(self)
+    }
+}
+
+/// Connections served at once; more get 503 and are closed.
+pub const MAX_CLIENTS: usize = 16;
+
+/// Why the API socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("--api-sock {path}: {source}")]
+pub struct ApiError {
+    path: String,
+    source: std::io::Error,
+}
+
+/// The API socket, bound; [`ApiServer::serve`] serves it. Dropping it removes the
+/// socket file.
+#[derive(Debug)]
+pub struct ApiServer {
+    listener: UnixListener,
+    _file: SocketFile,
+}
+
+/// A request on its way to the dispatcher, with where its response goes.
+type Job = (Request, Sender<Response>);
+
+impl ApiServer {
+    /// Binds `path` (a socket left by an earlier run is replaced; any other file there
+    /// is an error), before anything else, so that a bad path fails first.
+    pub fn bind(path: &Path) -> Result<Self, ApiError> {
+        let error = |source| ApiError { path: path.display().to_string(), source };
+        remove_stale_socket(path).map_err(error)?;
+        let listener = UnixListener::bind(path).map_err(error)?;
+        Ok(ApiServer { listener, _file: SocketFile(path.to_path_buf()) })
+    }
+
+    /// Serves `api` on threads of its own until the process ends, taking bodies up to
+    /// `limits`. Returns self (keep it: dropping it removes the socket file).
+    pub fn serve(self, api: Api, limits: Limits) -> std::io::Result<Self> {
+        let (jobs, queue) = channel::<Job>();
+        std::thread::Builder::new().name("api".into()).spawn(move || dispatch(api, &queue))?;
+        let listener = self.listener.try_clone()?;
+        std::thread::Builder::new().name("api-accept".into()).spawn(move || accept(&listener, &jobs, limits))?;
+        Ok(self)
+    }
+}
+
+/// Answers requests one at a time, in arrival order.
+fn dispatch(mut api: Api, queue: &Receiver<Job>) {
+    for (request, reply) in queue {
+        log::info!("api: {} {}", request.method, request.path);
+        let response = api.handle(&request);
+        if response.status >= 400 {
+            log::info!("api: {} {}: {}", request.method, request.path, response.body.as_deref().unwrap_or(""));
+        }
+        let _ = reply.send(response);
+    }
+}
+
+fn accept(listener: &UnixListener, jobs: &Sender<Job>, limits: Limits) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                devices::warn_ratelimited!("api: cannot accept a client: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            clients.fetch_sub(1, Ordering::SeqCst);
+            Connection::new(stream, limits).refuse(&Response::fault(503, "Too many API connections."));
+            continue;
+        }
+        let (jobs, clients) = (jobs.clone(), Arc::clone(&clients));
+        let spawned = std::thread::Builder::new().name("api-client".into()).spawn(move || {
+            serve_client(stream, &jobs, limits);
+            clients.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            log::warn!("api: cannot serve a client: {e}");
+        }
+    }
+}
+
+/// Serves one connection until the client closes it or sends what ends it.
+fn serve_client(stream: UnixStream, jobs: &Sender<Job>, limits: Limits) {
+    let mut connection = Connection::new(stream, limits);
+    loop {
+        let request = match connection.next_request() {
+            Ok(request) => request,
+            Err(ConnectionEnd::Closed) => return,
+            Err(ConnectionEnd::Refused(response)) => return connection.refuse(&response),
+        };
+        let (reply, response) = channel();
+        if jobs.send((request, reply)).is_err() {
+            return connection.refuse(&Response::fault(503, "The API is shutting down."));
+        }
+        let response = response.recv().unwrap_or_else(|_| Response::fault(500, "The request was not answered."));
+        if !connection.respond(&response) {
+            return;
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! Firecracker's API, request by request: which path and method does what, in which
+//! phase (before `InstanceStart`, or once the VM runs), with Firecracker's status codes
+//! and error messages. The VM itself is behind [`Host`] and [`Running`], so this runs
+//! in tests without one.
+
+use devices::virtio::balloon::BalloonHandle;
+use serde::de::DeserializeOwned;
+
+use super::http::{Request, Response};
+use super::model::{
+    unsupported, Balloon, BalloonStats, BalloonUpdate, BootSource, Drive, EntropyDevice, FullVmConfiguration,
+    InstanceActionInfo, InstanceInfo, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics,
+    NetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmState, Vsock,
+};
+use super::setup::Setup;
+use crate::config::{NetBackendConfig, VsockConfig};
+use crate::snapshot::machine::SnapshotFiles;
+use crate::VmConfig;
+
+/// The version of Firecracker's API that hvrun follows (`GET /version`).
+pub const FIRECRACKER_API_VERSION: &str = "1.13.0";
+
+const POST_BOOT: &str = "The requested operation is not supported after starting the microVM.";
+const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
+
+/// A VM that runs (a [`crate::VmHandle`], or a stand-in in tests).
+pub trait Running: Send {
+    /// Pauses it.
+    fn pause(&self) -> Result<(), String>;
+    /// Lets it run again.
+    fn resume(&self);
+    /// Whether it is paused.
+    fn paused(&self) -> bool;
+    /// Presses its power button; false if no driver listens.
+    fn ctrl_alt_del(&self) -> bool;
+    /// Saves it (left paused).
+    fn snapshot(&self, files: &SnapshotFiles) -> Result<(), String>;
+    /// Its balloon, if it has one.
+    fn balloon(&self) -> Option<BalloonHandle>;
+}
+
+/// What the API does to the process: start a VM, continue a snapshot, send the log
+/// somewhere.
+pub trait Host: Send {
+    /// Boots `config`.
+    fn boot(&mut self, config: VmConfig) -> Result<Box<dyn Running>, String>;
+    /// Continues the snapshot `files` with `config` (the snapshot's, with overrides).
+    fn restore(&mut self, config: VmConfig, files: SnapshotFiles) -> Result<Box<dyn Running>, String>;
+    /// The configuration a snapshot was taken with.
+    fn saved_config(&mut self, files: &SnapshotFiles) -> Result<VmConfig, String>;
+    /// Applies `PUT /logger`.
+    fn logger(&mut self, logger: &Logger) -> Result<(), String>;
+}
+
+/// The API's state: the configuration until the VM starts, then the VM.
+pub struct Api {
+    host: Box<dyn Host>,
+    id: String,
+    setup: Setup,
+    running: Option<(Box<dyn Running>, FullVmConfiguration)>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").field("id", &self.id).field("started", &self.running.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// The body of `request`, decoded as `T` (Firecracker's message when it is not).
+fn body<T: DeserializeOwned>(request: &Request) -> Result<T, String> {
+    let bytes = request.body.as_deref().unwrap_or_default();
+    serde_json::from_slice(bytes)
+        .map_err(|e| format!("An error occurred when deserializing the json body of a request: {e}."))
+}
+
+/// 204, or 400 with the message.
+fn done(result: Result<(), String>) -> Response {
+    match result {
+        Ok(()) => Response::no_content(),
+        Err(message) => Response::fault(400, &message),
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Response {
+    match serde_json::to_string(value) {
+        Ok(text) => Response::ok(text),
+        Err(e) => Response::fault(500, &e.to_string()),
+    }
+}
+
+impl Api {
+    /// An API for instance `id` that starts VMs through `host`.
+    pub fn new(host: Box<dyn Host>, id: &str) -> Self {
+        Api { host, id: id.to_string(), setup: Setup::default(), running: None }
+    }
+
+    /// Configures the VM from a Firecracker configuration file's objects (each checked
+    /// as its `PUT` would be) and starts it.
+    pub fn start_from(&mut self, file: FullVmConfiguration) -> Result<(), String> {
+        let absent = [
+            ("cpu-config", file.cpu_config.is_some()),
+            ("mmds-config", file.mmds_config.is_some()),
+            ("memory-hotplug", file.memory_hotplug.is_some()),
+            ("pmem", file.pmem.is_some()),
+            ("serial", file.serial.is_some()),
+        ];
+        if let Some((name, _)) = absent.iter().find(|(_, given)| *given) {
+            return Err(unsupported(&format!("`{name}`")));
+        }
+        if let Some(logger) = &file.logger {
+            self.host.logger(logger)?;
+            self.setup.logger = Some(logger.clone());
+        }
+        if file.metrics.is_some() {
+            return Err(unsupported("metrics yet (`metrics`); they are planned"));
+        }
+        if let Some(machine) = file.machine_config {
+            self.setup.set_machine(machine)?;
+        }
+        self.setup.set_boot(file.boot_source.ok_or("it has no `boot-source`")?)?;
+        for drive in file.drives {
+            self.setup.set_drive(drive)?;
+        }
+        for net in file.network_interfaces {
+            self.setup.set_net(net)?;
+        }
+        if let Some(vsock) = file.vsock {
+            self.setup.set_vsock(vsock)?;
+        }
+        if let Some(balloon) = file.balloon {
+            self.setup.set_balloon(balloon)?;
+        }
+        if let Some(entropy) = file.entropy {
+            self.setup.set_entropy(entropy)?;
+        }
+        let vm = self.host.boot(self.setup.vm_config()?)?;
+        self.running = Some((vm, self.setup.export()));
+        Ok(())
+    }
+
+    /// Whether the VM was started (booted or restored).
+    pub fn started(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// The answer to `request`.
+    pub fn handle(&mut self, request: &Request) -> Response {
+        let method = request.method.as_str();
+        match (method, &request.body) {
+            ("GET", Some(_)) => return Response::fault(400, "GET request cannot have a body."),
+            ("PUT", None) => return Response::fault(400, "Empty PUT request."),
+            ("PATCH", None) => return Response::fault(400, "Empty PATCH request."),
+            _ => {}
+        }
+        let path: Vec<&str> = request.path.trim_start_matches('/').split_terminator('/').collect();
+        match (method, path.as_slice()) {
+            ("GET", []) => json(&self.info()),
+            ("GET", ["version"]) => json(&serde_json::json!({ "firecracker_version": FIRECRACKER_API_VERSION })),
+            ("GET", ["machine-config"]) => json(self.config().machine_config.as_ref().unwrap_or(&self.setup.machine)),
+            ("GET", ["vm", "config"]) => json(&self.config()),
+            ("GET", ["balloon"]) => match &self.config().balloon {
+                Some(balloon) => json(balloon),
+                None => Response::fault(400, "No balloon device found."),
+            },
+            ("GET", ["balloon", "statistics"]) => self.balloon_stats(),
+            ("PUT", ["actions"]) => self.action(request),
+            ("PATCH", ["vm"]) => self.patch_vm(request),
+            ("PUT", ["snapshot", "create"]) => self.snapshot_create(request),
+            ("PUT", ["snapshot", "load"]) => self.snapshot_load(request),
+            ("PATCH", ["balloon"]) => self.patch_balloon(request),
+            ("PUT", ["logger"]) => done(body::<Logger>(request).and_then(|l| {
+                self.host.logger(&l)?;
+                self.setup.logger = Some(l);
+                Ok(())
+            })),
+            ("PUT", ["metrics"]) => done(
+                body::<Metrics>(request).and_then(|_| Err(unsupported("metrics yet (PUT /metrics); they are planned"))),
+            ),
+            ("PATCH", ["drives", _]) if self.started() => {
+                done(Err(unsupported("replacing a drive's file after boot yet")))
+            }
+            ("PATCH", ["network-interfaces", _]) if self.started() => {
+                done(Err(unsupported("rate limiters on network interfaces")))
+            }
+            ("PATCH", ["drives" | "network-interfaces", _]) => Response::fault(400, PRE_BOOT),
+            ("PUT", [resource, ..]) if self.started() && Self::pre_boot(resource) => Response::fault(400, POST_BOOT),
+            ("PATCH", ["machine-config"]) if self.started() => Response::fault(400, POST_BOOT),
+            ("PUT", ["machine-config"]) => done(body(request).and_then(|m| self.setup.set_machine(m))),
+            ("PATCH", ["machine-config"]) => done(body(request).and_then(|u| self.patch_machine(u))),
+            ("PUT", ["boot-source"]) => done(body(request).and_then(|b: BootSource| self.setup.set_boot(b))),
+            ("PUT", ["drives", id]) => done(body(request).and_then(|d: Drive| {
+                same_id(id, &d.drive_id)?;
+                self.setup.set_drive(d)
+            })),
+            ("PUT", ["network-interfaces", id]) => done(body(request).and_then(|n: NetworkInterface| {
+                same_id(id, &n.iface_id)?;
+                self.setup.set_net(n)
+            })),
+            ("PUT", ["vsock"]) => done(body(request).and_then(|v: Vsock| self.setup.set_vsock(v))),
+            ("PUT", ["balloon"]) => done(body(request).and_then(|b: Balloon| self.setup.set_balloon(b))),
+            ("PUT", ["entropy"]) => done(body(request).and_then(|e: EntropyDevice| self.setup.set_entropy(e))),
+            ("PUT", ["cpu-config" | "mmds" | "pmem" | "serial" | "hotplug", ..])
+            | ("PATCH", ["mmds" | "pmem" | "hotplug", ..])
+            | ("GET", ["mmds" | "hotplug", ..]) => Response::fault(400, &unsupported(&request.path)),
+            _ => Response::fault(400, &format!("Invalid request method and/or path: {method} {}.", request.path)),
+        }
+    }
+
+    /// Resources that can only be put before boot.
+    fn pre_boot(resource: &str) -> bool {
+        matches!(
+            resource,
+            "machine-config" | "boot-source" | "drives" | "network-interfaces" | "vsock" | "balloon" | "entropy"
+        )
+    }
+
+    fn info(&self) -> InstanceInfo {
+        let state = match &self.running {
+            None => "Not started",
+            Some((vm, _)) if vm.paused() => "Paused",
+            Some(_) => "Running",
+        };
+        InstanceInfo {
+            app_name: "hvrun".into(),
+            id: self.id.clone(),
+            state: state.into(),
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    fn config(&self) -> FullVmConfiguration {
+        match &self.running {
+            Some((_, config)) => config.clone(),
+            None => self.setup.export(),
+        }
+    }
+
+    fn patch_machine(&mut self, update: MachineConfigurationUpdate) -> Result<(), String> {
+        let old = self.setup.machine.clone();
+        self.setup.set_machine(MachineConfiguration {
+            vcpu_count: update.vcpu_count.unwrap_or(old.vcpu_count),
+            mem_size_mib: update.mem_size_mib.unwrap_or(old.mem_size_mib),
+            smt: update.smt.unwrap_or(old.smt),
+            track_dirty_pages: update.track_dirty_pages.unwrap_or(old.track_dirty_pages),
+            cpu_template: update.cpu_template.or(old.cpu_template),
+            huge_pages: update.huge_pages.or(old.huge_pages),
+        })
+    }
+
+    fn action(&mut self, request: &Request) -> Response {
+        let action = match body::<InstanceActionInfo>(request) {
+            Ok(action) => action,
+            Err(e) => return Response::fault(400, &e),
+        };
+        match (action.action_type.as_str(), &self.running) {
+            ("InstanceStart", Some(_)) => Response::fault(400, POST_BOOT),
+            ("InstanceStart", None) => {
+                let started = self
+                    .setup
+                    .vm_config()
+                    .and_then(|config| self.host.boot(config).map_err(|e| format!("Failed to start the microVM: {e}")));
+                match started {
+                    Ok(vm) => {
+                        self.running = Some((vm, self.setup.export()));
+                        Response::no_content()
+                    }
+                    Err(e) => Response::fault(400, &e),
+                }
+            }
+            ("SendCtrlAltDel", None) => Response::fault(400, PRE_BOOT),
+            ("SendCtrlAltDel", Some((vm, _))) if vm.ctrl_alt_del() => Response::no_content(),
+            ("SendCtrlAltDel", Some(_)) => {
+                Response::fault(400, "The guest has no driver for its power button (virtio-input); nothing was sent.")
+            }
+            ("FlushMetrics", _) => Response::fault(400, &unsupported("metrics yet (FlushMetrics); they are planned")),
+            (other, _) => Response::fault(
+                400,
+                &format!(
+                    "An error occurred when deserializing the json body of a request: unknown variant `{other}`, \
+                     expected one of `FlushMetrics`, `InstanceStart`, `SendCtrlAltDel`."
+                ),
+            ),
+        }
+    }
+
+    fn patch_vm(&mut self, request: &Request) -> Response {
+        let state = match body::<VmState>(request) {
+            Ok(state) => state,
+            Err(e) => return Response::fault(400, &e),
+        };
+        let Some((vm, _)) = &self.running else { return Response::fault(400, PRE_BOOT) };
+        match state.state.as_str() {
+            "Paused" => done(vm.pause().map_err(|e| format!("Failed to pause the microVM: {e}"))),
+            "Resumed" => {
+                vm.resume();
+                Response::no_content()
+            }
+            other => Response::fault(
+                400,
+                &format!(
+                    "An error occurred when deserializing the json body of a request: unknown variant `{other}`, \
+                     expected `Paused` or `Resumed`."
+                ),
+            ),
+        }
+    }
+
+    fn snapshot_create(&mut self, request: &Request) -> Response {
+        let params = match body::<SnapshotCreateParams>(request) {
+            Ok(params) => params,
+            Err(e) => return Response::fault(400, &e),
+        };
+        let Some((vm, _)) = &self.running else { return Response::fault(400, PRE_BOOT) };
+        if params.snapshot_type.as_deref().is_some_and(|t| t != "Full") {
+            return Response::fault(400, &unsupported("diff snapshots"));
+        }
+        if !vm.paused() {
+            return Response::fault(400, "Cannot create a snapshot: the microVM is not paused (PATCH /vm first).");
+        }
+        let files = SnapshotFiles { state: params.snapshot_path.into(), memory: params.mem_file_path.into() };
+        done(vm.snapshot(&files).map_err(|e| format!("Cannot create the snapshot: {e}")))
+    }
+
+    fn snapshot_load(&mut self, request: &Request) -> Response {
+        let params = match body::<SnapshotLoadParams>(request) {
+            Ok(params) => params,
+            Err(e) => return Response::fault(400, &e),
+        };
+        if self.running.is_some() {
+            return Response::fault(400, POST_BOOT);
+        }
+        if self.setup.configured() {
+            return Response::fault(
+                400,
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            );
+        }
+        match self.load(params) {
+            Ok((vm, config)) => {
+                self.running = Some((vm, config));
+                Response::no_content()
+            }
+            Err(e) => Response::fault(400, &format!("Cannot load the snapshot: {e}")),
+        }
+    }
+
+    fn load(&mut self, params: SnapshotLoadParams) -> Result<(Box<dyn Running>, FullVmConfiguration), String> {
+        let memory = match (params.mem_file_path, params.mem_backend) {
+            (Some(path), None) => path,
+            (None, Some(backend)) if backend.backend_type == "File" => backend.backend_path,
+            (None, Some(_)) => return Err(unsupported("memory backends other than File (Uffd)")),
+            _ => return Err("exactly one of `mem_file_path` and `mem_backend` must be given".into()),
+        };
+        if params.enable_diff_snapshots || params.track_dirty_pages {
+            return Err(unsupported("dirty page tracking"));
+        }
+        if params.huge_pages.as_deref().is_some_and(|h| h != "None" && h != "Snapshot") {
+            return Err(unsupported("huge pages"));
+        }
+        let files = SnapshotFiles { state: params.snapshot_path.into(), memory: memory.into() };
+        let mut config = self.host.saved_config(&files)?;
+        for o in &params.network_overrides {
+            let net = config
+                .nets
+                .iter_mut()
+                .find(|n| n.id.as_deref() == Some(o.iface_id.as_str()))
+                .ok_or_else(|| format!("the snapshot has no network interface `{}`", o.iface_id))?;
+            net.backend = NetBackendConfig::Tap(o.host_dev_name.clone());
+        }
+        if let Some(o) = &params.vsock_override {
+            let vsock = config.vsock.as_mut().ok_or("the snapshot has no vsock device")?;
+            *vsock = VsockConfig::new(vsock.cid, &o.uds_path);
+        }
+        let exported = exported(&config);
+        let vm = self.host.restore(config, files)?;
+        if !params.resume_vm {
+            vm.pause()?;
+        }
+        Ok((vm, exported))
+    }
+
+    fn patch_balloon(&mut self, request: &Request) -> Response {
+        if request.path != "/balloon" {
+            return Response::fault(400, &unsupported(&request.path));
+        }
+        let update = match body::<BalloonUpdate>(request) {
+            Ok(update) => update,
+            Err(e) => return Response::fault(400, &e),
+        };
+        match &mut self.running {
+            None => match &mut self.setup.balloon {
+                Some(balloon) => {
+                    balloon.amount_mib = update.amount_mib;
+                    Response::no_content()
+                }
+                None => Response::fault(400, "No balloon device found."),
+            },
+            Some((vm, config)) => match (vm.balloon(), &mut config.balloon) {
+                (Some(handle), Some(balloon)) => {
+                    handle.set_target(update.amount_mib << 20);
+                    balloon.amount_mib = update.amount_mib;
+                    Response::no_content()
+                }
+                _ => Response::fault(400, "No balloon device found."),
+            },
+        }
+    }
+
+    fn balloon_stats(&self) -> Response {
+        let Some((vm, config)) = &self.running else { return Response::fault(400, PRE_BOOT) };
+        let (Some(handle), Some(balloon)) = (vm.balloon(), &config.balloon) else {
+            return Response::fault(400, "No balloon device found.");
+        };
+        if balloon.stats_polling_interval_s == 0 {
+            return Response::fault(400, "Statistics are not enabled on the balloon device.");
+        }
+        let mut stats = BalloonStats {
+            target_pages: handle.target() >> 12,
+            actual_pages: handle.actual() >> 12,
+            target_mib: handle.target() >> 20,
+            actual_mib: handle.actual() >> 20,
+            ..BalloonStats::default()
+        };
+        if let Some(guest) = handle.stats() {
+            use devices::virtio::balloon::stats as tag;
+            let names = [
+                (tag::SWAP_IN, "swap_in"),
+                (tag::SWAP_OUT, "swap_out"),
+                (tag::MAJFLT, "major_faults"),
+                (tag::MINFLT, "minor_faults"),
+                (tag::MEMFREE, "free_memory"),
+                (tag::MEMTOT, "total_memory"),
+                (tag::AVAIL, "available_memory"),
+                (tag::CACHES, "disk_caches"),
+            ];
+            for (t, name) in names {
+                if let Some(value) = guest.get(t) {
+                    stats.guest.insert(name.into(), value.into());
+                }
+            }
+        }
+        json(&stats)
+    }
+}
+
+/// The path's id and the body's must be the same (Firecracker's rule).
+fn same_id(path_id: &str, body_id: &str) -> Result<(), String> {
+    super::setup::check_id(path_id)?;
+    if path_id != body_id {
+        return Err("The id from the path does not match the id from the body!".into());
+    }
+    Ok(())
+}
+
+/// What `GET /vm/config` shows for a VM restored from a snapshot (Firecracker leaves
+/// the boot source out too).
+fn exported(config: &VmConfig) -> FullVmConfiguration {
+    FullVmConfiguration {
+        machine_config: Some(MachineConfiguration {
+            vcpu_count: config.cpus,
+            mem_size_mib: config.memory >> 20,
+            ..MachineConfiguration::default()
+        }),
+        drives: config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Drive {
+                drive_id: d.id.clone().unwrap_or_else(|| format!("drive{i}")),
+                path_on_host: Some(d.path.display().to_string()),
+                is_root_device: false,
+                is_read_only: d.read_only,
+                partuuid: None,
+                cache_type: None,
+                io_engine: None,
+                rate_limiter: None,
+                socket: None,
+            })
+            .collect(),
+        network_interfaces: config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NetworkInterface {
+                iface_id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
+                host_dev_name: match &n.backend {
+                    NetBackendConfig::Tap(name) => Some(name.clone()),
+                    _ => None,
+                },
+                guest_mac: n.mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+                hvrun_backend: None,
+                mtu: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+            .collect(),
+        vsock: config.vsock.as_ref().map(|v| Vsock {
+            guest_cid: v.cid,
+            uds_path: v.socket.display().to_string(),
+            vsock_id: None,
+        }),
+        balloon: config.balloon.as_ref().map(|b| Balloon {
+            amount_mib: b.initial_target >> 20,
+            deflate_on_oom: b.deflate_on_oom,
+            stats_polling_interval_s: b.stats_interval.map_or(0, |d| d.as_secs()),
+            free_page_reporting: b.free_page_reporting,
+            free_page_hinting: false,
+        }),
+        ..FullVmConfiguration::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

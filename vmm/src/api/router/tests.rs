@@ -1,0 +1,297 @@
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::*;
+
+/// What the fake host and VM were asked to do.
+#[derive(Debug, Default)]
+struct Seen {
+    booted: Option<VmConfig>,
+    restored: Option<(VmConfig, SnapshotFiles)>,
+    snapshots: Vec<SnapshotFiles>,
+    presses: u32,
+    paused: AtomicBool,
+    loggers: Vec<Logger>,
+}
+
+struct FakeVm(Arc<Mutex<Seen>>);
+
+impl Running for FakeVm {
+    fn pause(&self) -> Result<(), String> {
+        self.0.lock().unwrap().paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn resume(&self) {
+        self.0.lock().unwrap().paused.store(false, Ordering::SeqCst);
+    }
+    fn paused(&self) -> bool {
+        self.0.lock().unwrap().paused.load(Ordering::SeqCst)
+    }
+    fn ctrl_alt_del(&self) -> bool {
+        self.0.lock().unwrap().presses += 1;
+        true
+    }
+    fn snapshot(&self, files: &SnapshotFiles) -> Result<(), String> {
+        self.0.lock().unwrap().snapshots.push(files.clone());
+        Ok(())
+    }
+    fn balloon(&self) -> Option<BalloonHandle> {
+        None
+    }
+}
+
+struct FakeHost {
+    seen: Arc<Mutex<Seen>>,
+    saved: VmConfig,
+}
+
+impl Host for FakeHost {
+    fn boot(&mut self, config: VmConfig) -> Result<Box<dyn Running>, String> {
+        self.seen.lock().unwrap().booted = Some(config);
+        Ok(Box::new(FakeVm(Arc::clone(&self.seen))))
+    }
+    fn restore(&mut self, config: VmConfig, files: SnapshotFiles) -> Result<Box<dyn Running>, String> {
+        self.seen.lock().unwrap().restored = Some((config, files));
+        Ok(Box::new(FakeVm(Arc::clone(&self.seen))))
+    }
+    fn saved_config(&mut self, _files: &SnapshotFiles) -> Result<VmConfig, String> {
+        Ok(self.saved.clone())
+    }
+    fn logger(&mut self, logger: &Logger) -> Result<(), String> {
+        self.seen.lock().unwrap().loggers.push(logger.clone());
+        Ok(())
+    }
+}
+
+/// Files the configuration names, which must exist when they are put.
+fn files() -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("hvrun-api-router-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (kernel, disk) = (dir.join("Image"), dir.join("disk.img"));
+    std::fs::write(&kernel, b"kernel").unwrap();
+    std::fs::write(&disk, vec![0; 4096]).unwrap();
+    (kernel, disk)
+}
+
+fn new_api() -> (Api, Arc<Mutex<Seen>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut saved = VmConfig::new("/k");
+    saved.nets = vec![crate::config::NetConfig {
+        backend: NetBackendConfig::Tap("tap0".into()),
+        mac: None,
+        id: Some("eth0".into()),
+    }];
+    saved.vsock = Some(VsockConfig::new(3, "/old.sock"));
+    (Api::new(Box::new(FakeHost { seen: Arc::clone(&seen), saved }), "vm1"), seen)
+}
+
+fn call(api: &mut Api, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let request = Request { method: method.into(), path: path.into(), body: body.map(|b| b.as_bytes().to_vec()) };
+    let response = api.handle(&request);
+    (response.status, response.body.unwrap_or_default())
+}
+
+fn configure(api: &mut Api) {
+    let (kernel, disk) = files();
+    let put = |api: &mut Api, path: &str, body: String| {
+        let (status, text) = call(api, "PUT", path, Some(&body));
+        assert_eq!(status, 204, "PUT {path}: {text}");
+    };
+    put(api, "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256}"#.into());
+    put(
+        api,
+        "/boot-source",
+        format!(r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1"}}"#, kernel.display()),
+    );
+    put(
+        api,
+        "/drives/data",
+        format!(r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false}}"#, disk.display()),
+    );
+    put(
+        api,
+        "/drives/rootfs",
+        format!(
+            r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": true}}"#,
+            disk.display()
+        ),
+    );
+    put(
+        api,
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "host_dev_name": "tap5", "guest_mac": "06:00:ac:10:00:02"}"#.into(),
+    );
+    put(api, "/vsock", r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#.into());
+    put(api, "/entropy", "{}".into());
+}
+
+#[test]
+fn a_configured_vm_starts_as_firecracker_would_build_it() {
+    let (mut api, seen) = new_api();
+    assert_eq!(
+        call(&mut api, "GET", "/", None),
+        (200, r#"{"app_name":"hvrun","id":"vm1","state":"Not started","vmm_version":"0.1.0"}"#.into())
+    );
+    configure(&mut api);
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
+    let config = seen.lock().unwrap().booted.clone().unwrap();
+    assert_eq!((config.cpus, config.memory), (2, 256 << 20));
+    // The root drive first, with root= and ro; Firecracker's console is hvrun's PL011.
+    let ids: Vec<_> = config.disks.iter().map(|d| d.id.clone().unwrap()).collect();
+    assert_eq!(ids, ["rootfs", "data"]);
+    assert!(config.disks[0].read_only && !config.disks[1].read_only);
+    assert_eq!(config.cmdline.as_deref(), Some("console=ttyAMA0 reboot=k panic=1 root=/dev/vda ro"));
+    assert_eq!(config.nets[0].backend, NetBackendConfig::Tap("tap5".into()));
+    assert_eq!(config.nets[0].mac, Some([6, 0, 0xac, 0x10, 0, 2]));
+    assert_eq!(config.vsock, Some(VsockConfig::new(3, "/tmp/v.sock")));
+    assert!(call(&mut api, "GET", "/", None).1.contains(r#""state":"Running""#));
+    let (status, exported) = call(&mut api, "GET", "/vm/config", None);
+    assert_eq!(status, 200);
+    assert!(exported.contains(r#""drive_id":"rootfs""#) && exported.contains(r#""boot-source""#), "{exported}");
+}
+
+#[test]
+fn calls_in_the_wrong_phase_get_firecrackers_errors() {
+    let (mut api, seen) = new_api();
+    let pre = r#"{"fault_message":"The requested operation is not supported before starting the microVM."}"#;
+    let post = r#"{"fault_message":"The requested operation is not supported after starting the microVM."}"#;
+    assert_eq!(call(&mut api, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)), (400, pre.into()));
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)), (400, pre.into()));
+    let create = r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#;
+    assert_eq!(call(&mut api, "PUT", "/snapshot/create", Some(create)), (400, pre.into()));
+    // Without a boot source the VM cannot start.
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 400);
+    configure(&mut api);
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)), (400, post.into()));
+    assert_eq!(call(&mut api, "PUT", "/boot-source", Some(r#"{"kernel_image_path": "/k"}"#)), (400, post.into()));
+    assert_eq!(
+        call(&mut api, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)),
+        (400, post.into())
+    );
+    assert_eq!(
+        call(&mut api, "PUT", "/snapshot/load", Some(r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#)),
+        (400, post.into())
+    );
+    // A snapshot wants a paused VM; pause, snapshot, resume and the power button work.
+    assert_eq!(call(&mut api, "PUT", "/snapshot/create", Some(create)).0, 400);
+    assert_eq!(call(&mut api, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    assert!(call(&mut api, "GET", "/", None).1.contains(r#""state":"Paused""#));
+    assert_eq!(call(&mut api, "PUT", "/snapshot/create", Some(create)).0, 204);
+    assert_eq!(call(&mut api, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)).0, 204);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.snapshots, [SnapshotFiles { state: "/s".into(), memory: "/m".into() }]);
+    assert_eq!(seen.presses, 1);
+}
+
+#[test]
+fn bad_requests_get_400_with_a_fault_message_and_change_nothing() {
+    let (mut api, _) = new_api();
+    let cases: &[(&str, &str, Option<&str>, &str)] = &[
+        ("GET", "/", Some("{}"), "GET request cannot have a body."),
+        ("PUT", "/machine-config", None, "Empty PUT request."),
+        ("PATCH", "/vm", None, "Empty PATCH request."),
+        ("PUT", "/machine-config", Some("{"), "An error occurred when deserializing the json body"),
+        ("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 128, "x": 1}"#), "unknown field `x`"),
+        ("PUT", "/machine-config", Some(r#"{"vcpu_count": "2", "mem_size_mib": 128}"#), "invalid type"),
+        ("PUT", "/machine-config", Some(r#"{"vcpu_count": 33, "mem_size_mib": 128}"#), "The vCPU number is invalid"),
+        ("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 0}"#), "memory size"),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 128, "smt": true}"#),
+            "does not support SMT",
+        ),
+        ("PUT", "/boot-source", Some(r#"{"kernel_image_path": "/nonexistent/Image"}"#), "Invalid kernel path"),
+        ("PUT", "/drives/a", Some(r#"{"drive_id": "b", "is_root_device": false}"#), "does not match"),
+        ("PUT", "/drives/a-b", Some(r#"{"drive_id": "a-b", "is_root_device": false}"#), "alphanumeric"),
+        (
+            "PUT",
+            "/drives/a",
+            Some(r#"{"drive_id": "a", "is_root_device": false, "path_on_host": "/nonexistent"}"#),
+            "Unable to open",
+        ),
+        ("PUT", "/drives/a", Some(r#"{"drive_id": "a", "is_root_device": false, "socket": "/s"}"#), "vhost-user"),
+        ("PUT", "/network-interfaces/e", Some(r#"{"iface_id": "e"}"#), "needs `host_dev_name`"),
+        (
+            "PUT",
+            "/network-interfaces/e",
+            Some(r#"{"iface_id": "e", "host_dev_name": "t", "guest_mac": "zz"}"#),
+            "Invalid guest_mac",
+        ),
+        ("PUT", "/vsock", Some(r#"{"guest_cid": 2, "uds_path": "/v"}"#), "CID"),
+        ("PUT", "/balloon", Some(r#"{"amount_mib": 1, "deflate_on_oom": true, "free_page_hinting": true}"#), "hinting"),
+        ("PUT", "/actions", Some(r#"{"action_type": "Reboot"}"#), "unknown variant `Reboot`"),
+        ("PUT", "/metrics", Some(r#"{"metrics_path": "/m"}"#), "does not support metrics"),
+        ("PUT", "/mmds", Some("{}"), "does not support /mmds"),
+        ("DELETE", "/drives/a", None, "Invalid request method and/or path: DELETE /drives/a."),
+        ("GET", "/nothing", None, "Invalid request method and/or path"),
+        ("PUT", "/snapshot/load", Some(r#"{"snapshot_path": "/s"}"#), "exactly one of"),
+    ];
+    for (method, path, body, expected) in cases {
+        let (status, text) = call(&mut api, method, path, *body);
+        assert_eq!(status, 400, "{method} {path}: {text}");
+        let fault: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let message = fault["fault_message"].as_str().unwrap();
+        assert!(message.contains(expected), "{method} {path}: {message} (expected {expected})");
+    }
+    // Nothing was taken.
+    let (_, config) = call(&mut api, "GET", "/vm/config", None);
+    assert_eq!(
+        config,
+        r#"{"machine-config":{"vcpu_count":1,"mem_size_mib":128,"smt":false,"track_dirty_pages":false},"drives":[],"network-interfaces":[]}"#
+    );
+}
+
+#[test]
+fn a_snapshot_loads_only_first_with_its_overrides_and_stays_paused_unless_resumed() {
+    let (mut api, seen) = new_api();
+    let load = r#"{"snapshot_path": "/s/state", "mem_backend": {"backend_type": "File", "backend_path": "/s/mem"},
+                   "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}],
+                   "vsock_override": {"uds_path": "/new.sock"}}"#;
+    assert_eq!(call(&mut api, "PUT", "/snapshot/load", Some(load)).0, 204);
+    let (config, files) = seen.lock().unwrap().restored.clone().unwrap();
+    assert_eq!(files, SnapshotFiles { state: "/s/state".into(), memory: "/s/mem".into() });
+    assert_eq!(config.nets[0].backend, NetBackendConfig::Tap("tap9".into()));
+    assert_eq!(config.vsock, Some(VsockConfig::new(3, "/new.sock")));
+    assert!(call(&mut api, "GET", "/", None).1.contains(r#""state":"Paused""#));
+
+    // An override naming an interface the snapshot lacks is refused; so is a load
+    // after anything was configured.
+    let (mut api, _) = new_api();
+    let bad = r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": [{"iface_id": "eth7", "host_dev_name": "t"}]}"#;
+    assert!(call(&mut api, "PUT", "/snapshot/load", Some(bad)).1.contains("no network interface `eth7`"));
+    assert_eq!(call(&mut api, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)).0, 204);
+    let ok = r#"{"snapshot_path": "/s", "mem_file_path": "/m", "resume_vm": true}"#;
+    assert!(call(&mut api, "PUT", "/snapshot/load", Some(ok)).1.contains("not allowed after configuring"));
+
+    let (mut api, _) = new_api();
+    assert_eq!(call(&mut api, "PUT", "/snapshot/load", Some(ok)).0, 204);
+    assert!(call(&mut api, "GET", "/", None).1.contains(r#""state":"Running""#));
+}
+
+#[test]
+fn a_configuration_file_starts_the_vm_and_refuses_what_hvrun_lacks() {
+    let (kernel, _) = files();
+    let (mut api, seen) = new_api();
+    let file: FullVmConfiguration = serde_json::from_str(&format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64}},
+            "logger": {{"level": "Info"}}}}"#,
+        kernel.display()
+    ))
+    .unwrap();
+    api.start_from(file).unwrap();
+    assert!(api.started());
+    assert_eq!(seen.lock().unwrap().booted.as_ref().unwrap().memory, 64 << 20);
+    assert_eq!(seen.lock().unwrap().loggers.len(), 1);
+
+    let (mut api, _) = new_api();
+    let file: FullVmConfiguration = serde_json::from_str(r#"{"mmds-config": {"network_interfaces": []}}"#).unwrap();
+    assert!(api.start_from(file).unwrap_err().contains("`mmds-config`"));
+    assert!(
+        serde_json::from_str::<FullVmConfiguration>(r#"{"boot_source": {}}"#).is_err(),
+        "unknown sections are refused"
+    );
+}
