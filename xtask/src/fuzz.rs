@@ -16,8 +16,18 @@ use std::process::{Command, Stdio};
 use crate::{paths, sh};
 
 /// Every target, one per surface a guest (or the host's input) reaches.
-pub const TARGETS: &[&str] =
-    &["virtio_ring", "mmio_transport", "gic", "net_frames", "vsock", "balloon", "exits", "host_parsers", "snapshot"];
+pub const TARGETS: &[&str] = &[
+    "virtio_ring",
+    "mmio_transport",
+    "gic",
+    "net_frames",
+    "vsock",
+    "balloon",
+    "exits",
+    "host_parsers",
+    "snapshot",
+    "api",
+];
 /// How long `cargo xtask test` runs each target.
 pub const SMOKE_SECS: u64 = 30;
 /// An input that runs longer than this is a hang.
