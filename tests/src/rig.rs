@@ -119,6 +119,18 @@ pub fn guest_tool_archive(name: &str, program: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One of [`crate::scenarios::RIG_ARCHIVES`], checked to be a newc archive, padded to a
+/// multiple of 4 bytes: the kernel unpacks an archive that follows another only from a
+/// 4-byte boundary.
+fn rig_archive(name: &str, dir: &Path, mut data: Vec<u8>) -> Result<Vec<u8>, RigError> {
+    if !data.starts_with(b"070701") {
+        let source = std::io::Error::new(std::io::ErrorKind::InvalidData, "not a newc (070701) archive");
+        return Err(RigError::Input { what: "rig archive", path: dir.join(name), source });
+    }
+    data.resize(data.len().next_multiple_of(4), 0);
+    Ok(data)
+}
+
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, RigError> {
     std::fs::read(path).map_err(|source| RigError::Input { what, path: path.to_path_buf(), source })
 }
@@ -215,8 +227,16 @@ impl Rig {
         let mut artifacts: Vec<&str> = scenarios.iter().flat_map(|s| s.artifacts.iter().copied()).collect();
         artifacts.sort_unstable();
         artifacts.dedup();
+        // Archives of programs the rig runs follow its own archive, and the kernel unpacks
+        // them into the root.
+        let mut appended = Vec::new();
         for name in artifacts {
-            a.file(&format!("guest/{name}"), 0o644, &read("guest artifact", &self.guest_dir.join(name))?);
+            let data = read("guest artifact", &self.guest_dir.join(name))?;
+            if crate::scenarios::RIG_ARCHIVES.contains(&name) {
+                appended.push(rig_archive(name, &self.guest_dir, data)?);
+            } else {
+                a.file(&format!("guest/{name}"), 0o644, &data);
+            }
         }
         for sc in scenarios {
             a.file(&format!("e2e/{}.sh", sc.name), 0o755, format!("{}\n", sc.script).as_bytes());
@@ -226,6 +246,9 @@ impl Rig {
         std::fs::create_dir_all(&self.work_dir).map_err(out)?;
         let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(out)?);
         a.finish(&mut file).map_err(out)?;
+        for archive in &appended {
+            file.write_all(archive).map_err(out)?;
+        }
         file.flush().map_err(out)?;
         Ok(path)
     }
@@ -392,6 +415,16 @@ mod tests {
             assert!(begin < run && run < end);
         }
         assert!(script.trim_end().ends_with("poweroff -f"));
+    }
+
+    #[test]
+    fn a_rig_archive_is_padded_and_must_be_newc() {
+        let dir = Path::new("/cache");
+        let padded = rig_archive("curl.cpio", dir, b"070701abc".to_vec()).unwrap();
+        assert_eq!(padded, b"070701abc\0\0\0");
+        assert_eq!(rig_archive("curl.cpio", dir, b"07070112".to_vec()).unwrap().len(), 8);
+        let err = rig_archive("curl.cpio", dir, b"\x1f\x8b gzip".to_vec()).unwrap_err();
+        assert!(err.to_string().contains("/cache/curl.cpio"), "{err}");
     }
 
     /// A guest tool's archive is whole newc entries, 4-byte aligned like every archive

@@ -52,6 +52,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if selected.iter().any(|s| s.artifacts.contains(&crate::io_guest::ARTIFACT)) {
         crate::io_guest::build()?;
     }
+    if selected.iter().any(|s| s.artifacts.contains(&scenarios::CURL_ARCHIVE)) {
+        crate::peers::curl()?;
+    }
     cross::build_hvrun()?;
     let rig = rig(verbose);
     println!("e2e: booting the rig with {} scenario(s)", selected.len());

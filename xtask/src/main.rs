@@ -48,8 +48,9 @@ commands:
                  hvrun and Debian's arm64 QEMU boot the same guest in the rig, interleaved over
                  ROUNDS rounds (default 3): start → init and start → exit; and the same fio and
                  iperf3 runs in an I/O guest; all into docs/BENCHMARKS.md (only when both parts ran)
-  peers          fetch Debian's arm64 QEMU, fio and iperf3 with the libraries they load into the
-                 cache, and build the I/O guest's initramfs (for compare and fio-verify)
+  peers          fetch Debian's arm64 QEMU, fio, iperf3 and curl with the libraries they load into
+                 the cache, and build the I/O guest's initramfs (for compare and fio-verify) and
+                 the rig's curl archive (for the API scenarios)
   bench [ARGS]   run the criterion benchmarks (ARGS go to criterion) and write docs/BENCHMARKS.md
 
 environment:
@@ -76,10 +77,12 @@ fn main() -> ExitCode {
         "fuzz" => fuzz::run(rest),
         "boottime" => e2e::boottime(rest),
         "compare" => compare::run(rest),
-        "peers" => peers::qemu().and_then(|(files, version)| {
-            println!("peers: QEMU {version}: {} files", files.len());
-            guest::run().and_then(|()| io_guest::build()).map(|tools| println!("peers: the I/O guest has {tools}"))
-        }),
+        "peers" => peers::qemu()
+            .and_then(|(files, version)| {
+                println!("peers: QEMU {version}: {} files", files.len());
+                guest::run().and_then(|()| io_guest::build()).map(|tools| println!("peers: the I/O guest has {tools}"))
+            })
+            .and_then(|()| peers::curl().map(|curl| println!("peers: the rig's curl is {curl}"))),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

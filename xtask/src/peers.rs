@@ -1,7 +1,8 @@
 //! Debian's arm64 programs with exactly the shared libraries they load, taken from
 //! Debian's arm64 packages and cached outside the work tree, ready to put into the rig or
 //! a guest: the peer VMM of `cargo xtask compare` (`qemu-system-aarch64` from
-//! `qemu-system-arm`) and the guest's I/O tools (`fio`, `iperf3`; see [`crate::io_guest`]).
+//! `qemu-system-arm`), the guest's I/O tools (`fio`, `iperf3`; see [`crate::io_guest`]) and
+//! `curl`, the API client of the rig's scenarios ([`curl`]).
 //! In the rig a program runs through its own dynamic loader, e.g.
 //! `/qemu/lib/ld-linux-aarch64.so.1 --library-path /qemu/lib /qemu/qemu-system-aarch64 …`
 //! (the rig has no libc).
@@ -36,8 +37,11 @@ pub struct Fetched {
 /// The peer VMM.
 pub const QEMU: Bundle =
     Bundle { name: "qemu", packages: &["qemu-system-arm"], programs: &["usr/bin/qemu-system-aarch64"] };
+/// The HTTP client the rig's scenarios drive hvrun's API socket with (`curl
+/// --unix-socket`): a client not written here.
+pub const CURL: Bundle = Bundle { name: "curl", packages: &["curl"], programs: &["usr/bin/curl"] };
 /// Every bundle the project fetches (`cargo xtask setup` proves apt knows their packages).
-pub const BUNDLES: [&Bundle; 2] = [&QEMU, &crate::io_guest::TOOLS];
+pub const BUNDLES: [&Bundle; 3] = [&QEMU, &crate::io_guest::TOOLS, &CURL];
 
 /// The shared libraries the arm64 ELF file `file` names (`DT_NEEDED`).
 pub fn needed_libs(file: &Path) -> Result<Vec<String>, String> {
@@ -53,11 +57,48 @@ pub const QEMU_IN_RIG: &str = "/qemu/lib/ld-linux-aarch64.so.1 --library-path /q
 /// unless up to date. Also returns QEMU's version.
 pub fn qemu() -> Result<(Vec<(String, PathBuf)>, String), String> {
     let fetched = fetch(&QEMU)?;
-    let mut files: Vec<(String, PathBuf)> =
-        fetched.programs.iter().map(|p| (format!("{QEMU_DIR}/{}", file_name(p)), p.clone())).collect();
-    files.extend(fetched.libs.iter().map(|lib| (format!("{QEMU_DIR}/lib/{}", file_name(lib)), lib.clone())));
     let version = fetched.versions.split_once('=').map_or(fetched.versions.clone(), |(_, v)| v.to_string());
-    Ok((files, version))
+    Ok((in_rig(&fetched, QEMU_DIR), version))
+}
+
+/// A fetched bundle's files under `dir` in the rig: `(path in the rig, file on the host)`,
+/// the programs in `dir`, the libraries and the loader in `dir/lib`.
+fn in_rig(fetched: &Fetched, dir: &str) -> Vec<(String, PathBuf)> {
+    let mut files: Vec<(String, PathBuf)> =
+        fetched.programs.iter().map(|p| (format!("{dir}/{}", file_name(p)), p.clone())).collect();
+    files.extend(fetched.libs.iter().map(|lib| (format!("{dir}/lib/{}", file_name(lib)), lib.clone())));
+    files
+}
+
+/// Builds [`hvrun_e2e::scenarios::CURL_ARCHIVE`] in the guest cache unless it is up to
+/// date: Debian's arm64 `curl` and the libraries it loads as `curl/curl` and `curl/lib/`,
+/// a newc archive the rig unpacks into its root for a scenario that lists it (run there
+/// as [`hvrun_e2e::scenarios::CURL_IN_RIG`]). Returns the package's version.
+pub fn curl() -> Result<String, String> {
+    use hvrun_e2e::scenarios::{CURL_ARCHIVE, CURL_DIR};
+    let fetched = fetch(&CURL)?;
+    let files = in_rig(&fetched, CURL_DIR);
+    let names: Vec<&str> = files.iter().map(|(at, _)| at.as_str()).collect();
+    let key = format!("{} ({})", fetched.versions, names.join(" "));
+    let output = crate::paths::guest_dir().join(CURL_ARCHIVE);
+    if crate::guest::fresh(&output, &key) {
+        println!("peers: {CURL_ARCHIVE} is up to date ({})", fetched.versions);
+        return Ok(fetched.versions);
+    }
+    let mut a = hvrun_e2e::cpio::Archive::new();
+    a.dir(CURL_DIR).dir(&format!("{CURL_DIR}/lib"));
+    for (at, file) in &files {
+        a.file(at, 0o755, &std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?);
+    }
+    if let Some(dir) = output.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let mut file = std::fs::File::create(&output).map_err(|e| format!("{}: {e}", output.display()))?;
+    a.finish(&mut file).map_err(|e| format!("{}: {e}", output.display()))?;
+    mark(&output, &key)?;
+    let size = std::fs::metadata(&output).map(|m| m.len() >> 10).unwrap_or(0);
+    println!("peers: built {} ({size} KiB: {}, {} libraries)", output.display(), fetched.versions, fetched.libs.len());
+    Ok(fetched.versions)
 }
 
 /// A path's last component, as text.

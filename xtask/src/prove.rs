@@ -41,7 +41,7 @@ const PROOFS: &[Proof] = &[
         run: rig_qemu,
     },
     Proof {
-        what: "arm64 programs' libraries found (readelf) and the arm64 packages compare fetches known to apt",
+        what: "arm64 programs' libraries found (readelf) and the arm64 packages peers.rs fetches (compare, the I/O guest, the rig's curl) known to apt",
         packages: "gcc-aarch64-linux-gnu (its binutils-aarch64-linux-gnu) libc6-dev-arm64-cross, and arm64 as a foreign architecture",
         run: peers,
     },

@@ -1,6 +1,7 @@
 //! The scenarios themselves: data, one entry each. Later work adds entries here, not
 //! code in the harness.
 
+mod api;
 mod balloon;
 mod disk;
 mod embed;
@@ -9,6 +10,7 @@ mod machine;
 mod net;
 mod vsock;
 
+pub use api::{CURL_ARCHIVE, CURL_DIR, CURL_IN_RIG};
 pub use disk::{IO_INITRAMFS, IO_IN_RIG};
 
 use crate::scenario::Scenario;
@@ -55,11 +57,17 @@ pub const ALL: &[Scenario] = &[
     balloon::BALLOON_INFLATE,
     balloon::BALLOON_TARGET,
     vsock::VSOCK,
+    api::CURL_RUNS,
 ];
 
 /// Scenarios written but not yet seen passing in the rig: run by name only
 /// (`cargo xtask e2e balloon-reporting`), not in the full run, until they have.
 pub const BY_NAME_ONLY: &[Scenario] = &[];
+
+/// Artifacts the rig unpacks into its own root rather than carrying as `/guest/NAME`:
+/// newc archives of programs the rig runs (the kernel unpacks archives that follow the
+/// rig's own initramfs).
+pub const RIG_ARCHIVES: &[&str] = &[CURL_ARCHIVE];
 
 /// The scenarios named in `names`, or all of them when `names` is empty. Unknown names
 /// are an error that lists the known ones.
