@@ -1,5 +1,6 @@
-//! A client not written here: Debian's arm64 `curl`, which the rig carries for the
-//! scenarios that list [`CURL_ARCHIVE`] and runs as [`CURL_IN_RIG`].
+//! Firecracker's API, driven by a client not written here: Debian's arm64 `curl`, which
+//! the rig carries for the scenarios that list [`CURL_ARCHIVE`] and runs as
+//! [`CURL_IN_RIG`].
 
 use crate::scenario::{OuterGic, Scenario};
 
@@ -50,6 +51,56 @@ pub const CURL_RUNS: Scenario = Scenario {
     outer_gic: OuterGic::V2,
 };
 
+pub const FC_API: Scenario = Scenario {
+    name: "fc-api",
+    about: "Firecracker's getting-started sequence through curl against `hvrun --api-sock`: a 2-vCPU guest counting to its serial port, disk and a TCP connection is configured and started through the API, paused (the count stops), resumed (it goes on), paused and snapshotted; a second hvrun loads the snapshot through its own socket and the count continues there; SendCtrlAltDel shuts the guest down and hvrun exits 0; a bad JSON body, an unknown field, a second InstanceStart, a boot source after the start and a snapshot load on a running machine are refused with 400 and a fault_message",
+    artifacts: &["Image", "initramfs.cpio", "tun.ko", CURL_ARCHIVE],
+    script: concat!(curl_function!(), include_str!("../../scenarios/fc-api.sh")),
+    exit_code: 0,
+    markers: &[
+        "fc-api: /tmp/fc.sock is up",
+        "fc-api: GET / -> 200 Not started",
+        "fc-api: PUT /machine-config -> 204",
+        "fc-api: PUT /machine-config with a bad JSON body -> 400 with a fault_message",
+        "fc-api: PUT /drives/rootfs with an unknown field -> 400 with a fault_message",
+        "fc-api: PUT /boot-source -> 204",
+        "fc-api: PUT /drives/rootfs -> 204",
+        "fc-api: PUT /network-interfaces/eth0 -> 204",
+        "fc-api: PUT /actions InstanceStart -> 204",
+        "fc-api: the guest counts (count 30)",
+        "fc-api: GET / -> 200 Running",
+        "fc-api: a second InstanceStart -> 400 with a fault_message",
+        "fc-api: PUT /boot-source after the start -> 400 with a fault_message",
+        "fc-api: PATCH /vm Paused -> 204",
+        "fc-api: GET / -> 200 Paused",
+        "fc-api: paused: the count stays at",
+        "fc-api: PATCH /vm Resumed -> 204",
+        "fc-api: GET / -> 200 Running",
+        "fc-api: resumed: the count goes on past",
+        "fc-api: PATCH /vm Paused -> 204",
+        "fc-api: PUT /snapshot/create -> 204",
+        "fc-api: snapshot taken at count",
+        "fc-api: the first hvrun killed",
+        "fc-api: /tmp/fc2.sock is up",
+        "fc-api: GET / -> 200 Not started",
+        "fc-api: PUT /snapshot/load -> 204",
+        "fc-api: the second hvrun continues at count",
+        "fc-api: GET / -> 200 Running",
+        "fc-api: dmesg checked after the load",
+        "fc-api: the guest's TCP connection carries count",
+        "fc-api: PUT /snapshot/load on a running machine -> 400 with a fault_message",
+        "fc-api: PUT /actions SendCtrlAltDel -> 204",
+        "fc-api: the guest took its shutdown path",
+        "fc-api: the guest powered down",
+        "fc-api: the second hvrun exit 0",
+        "fc-api: the disk holds count",
+    ],
+    forbidden: &["FAIL", "DMESG-BAD", "detected stall", "panicked", "Kernel panic", "hvrun: error"],
+    timeout_secs: 900,
+    exchange: None,
+    outer_gic: OuterGic::V2,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,7 +109,46 @@ mod tests {
     fn curl_runs_from_its_directory() {
         let lib = format!("/{CURL_DIR}/lib");
         assert_eq!(CURL_IN_RIG, format!("{lib}/ld-linux-aarch64.so.1 --library-path {lib} /{CURL_DIR}/curl"));
-        assert!(CURL_RUNS.artifacts.contains(&CURL_ARCHIVE));
-        assert!(CURL_RUNS.script.starts_with(&format!("curl() {{ {CURL_IN_RIG} \"$@\"; }}\n")));
+        for sc in [&CURL_RUNS, &FC_API] {
+            assert!(sc.artifacts.contains(&CURL_ARCHIVE), "{}", sc.name);
+            assert!(sc.script.starts_with(&format!("curl() {{ {CURL_IN_RIG} \"$@\"; }}\n")), "{}", sc.name);
+        }
+    }
+
+    /// Every marker of fc-api is a line its script prints: the fixed ones as they are,
+    /// those of its `ok`, `refused` and `state` functions from the calls.
+    #[test]
+    fn fc_api_markers_come_from_its_script() {
+        let script = FC_API.script;
+        for marker in FC_API.markers {
+            let text = marker.strip_prefix("fc-api: ").unwrap();
+            let printed = if let Some(call) = text.strip_suffix(" -> 400 with a fault_message") {
+                script.contains(&format!("refused '{call}' "))
+            } else if let Some(state) = text.strip_prefix("GET / -> 200 ") {
+                script.contains(&format!("state /tmp/fc.sock {state}\n"))
+                    || script.contains(&format!("state /tmp/fc.sock '{state}'\n"))
+                    || script.contains(&format!("state /tmp/fc2.sock {state}\n"))
+                    || script.contains(&format!("state /tmp/fc2.sock '{state}'\n"))
+            } else if let Some((call, code)) = text.split_once(" -> ") {
+                let mut words = call.split(' ');
+                let (method, path) = (words.next().unwrap(), words.next().unwrap());
+                let request = format!(" {code} {method} {path} '");
+                match words.next() {
+                    Some(value) => script
+                        .match_indices(&request)
+                        .any(|(at, _)| script[at..].lines().next().unwrap().contains(&format!("\"{value}\""))),
+                    None => script.contains(&request),
+                }
+            } else if let Some(sock) = text.strip_suffix(" is up") {
+                script.contains(&format!("wait_sock {sock} $pid"))
+            } else {
+                // An `echo "fc-api: …"` whose text before its first expansion fits.
+                script.split("echo \"fc-api: ").skip(1).any(|echo| {
+                    let fixed = echo.split(['$', '"']).next().unwrap();
+                    text.starts_with(fixed) || fixed.starts_with(text)
+                })
+            };
+            assert!(printed, "fc-api's script prints no `{marker}`");
+        }
     }
 }

@@ -1,0 +1,186 @@
+# fc-api: hvrun's Firecracker API (`hvrun --api-sock PATH`: HTTP/1.1 over a unix socket)
+# driven by curl, a client not written here, the way Firecracker's getting-started guide
+# drives Firecracker. A guest with 2 vCPUs counts every 100 ms (guests/initramfs/t/
+# snapshot-loop) to its serial port, its disk and a TCP connection to this host, and
+# waits for its power button (t/power-button). The first hvrun is configured and started
+# through the API, paused, resumed, paused again and snapshotted, then killed; a second
+# hvrun loads the snapshot through its own API socket and the count goes on there, until
+# SendCtrlAltDel takes the guest down its shutdown path and hvrun exits 0. Malformed and
+# out-of-place requests are refused with 400 and a fault_message.
+# `curl` is Debian's (the scenario prepends the function that runs it in the rig).
+now() { cut -d' ' -f1 /proc/uptime | cut -d. -f1; }
+# wait_in FILE PATTERN SECONDS: waits for PATTERN (a grep pattern) on a line of FILE,
+# carriage returns taken out (the serial console ends its lines with \r\n).
+wait_in() {
+    end=$(( $(now) + $3 ))
+    until tr -d '\r' <"$1" 2>/dev/null | grep -q "$2" || [ $(now) -ge $end ]; do sleep 1; done
+    tr -d '\r' <"$1" 2>/dev/null | grep -q "$2"
+}
+counts() { tr -d '\r' <"$1" | sed -n 's/^count \([0-9]*\)$/\1/p'; }
+last_count() { counts "$1" | tail -n 1; }
+pid1=; pid2=; tcp=
+cleanup() {
+    kill -9 $pid1 $pid2 2>/dev/null
+    kill $tcp 2>/dev/null
+    rm -rf /tmp/snap /tmp/disk.img /tmp/fc.sock /tmp/fc2.sock /tmp/fc-body /tmp/fc-hold
+}
+fail() {
+    echo "fc-api: FAIL: $*"
+    for f in /tmp/fc1.out /tmp/fc1.err /tmp/fc2.out /tmp/fc2.err /tmp/fc-tcp.log; do
+        [ -e "$f" ] && { echo "== $f"; tr -d '\r' <"$f" | grep -v '^count ' | tail -n 40; }
+    done
+    cleanup
+    exit 1
+}
+# api SOCKET METHOD PATH [BODY]: one request; prints the status code and leaves the
+# response's body in /tmp/fc-body.
+api() {
+    sock=$1 method=$2 path=$3
+    shift 3
+    rm -f /tmp/fc-body
+    if [ $# -gt 0 ]; then
+        curl -s --unix-socket "$sock" -o /tmp/fc-body -w '%{http_code}' -X "$method" "http://localhost$path" \
+            -H 'Accept: application/json' -H 'Content-Type: application/json' -d "$1"
+    else
+        curl -s --unix-socket "$sock" -o /tmp/fc-body -w '%{http_code}' -X "$method" "http://localhost$path" \
+            -H 'Accept: application/json'
+    fi
+}
+body() { cat /tmp/fc-body 2>/dev/null; }
+# ok SOCKET CODE METHOD PATH [BODY]: a request that must answer CODE. Its line names
+# the action or the state a body asks for ("PUT /actions InstanceStart -> 204").
+ok() {
+    sock=$1 want=$2
+    shift 2
+    what="$1 $2$(echo "$3" | sed -n -e 's/.*"action_type": *"\([A-Za-z]*\)".*/ \1/p' -e 's/.*"state": *"\([A-Za-z]*\)".*/ \1/p')"
+    got=$(api "$sock" "$@")
+    [ "$got" = "$want" ] || fail "$what answered '$got', not $want: $(body)"
+    echo "fc-api: $what -> $got"
+}
+# refused WHAT SOCKET METHOD PATH BODY: a request that must answer 400 with a fault_message.
+refused() {
+    what=$1
+    shift
+    got=$(api "$@")
+    [ "$got" = 400 ] && grep -q '"fault_message"' /tmp/fc-body || fail "$what answered '$got': $(body)"
+    echo "fc-api: $what -> 400 with a fault_message: $(body)"
+}
+# state SOCKET STATE: GET / must answer 200 with the instance in STATE.
+state() {
+    got=$(api "$1" GET /)
+    [ "$got" = 200 ] && grep -q "\"state\" *: *\"$2\"" /tmp/fc-body || fail "GET / answered '$got': $(body), not $2"
+    echo "fc-api: GET / -> 200 $2"
+}
+# alive PID: the process runs (it exists and is no zombie).
+alive() { [ -e /proc/$1/status ] && ! grep -q '^State:[[:space:]]*Z' /proc/$1/status; }
+# wait_sock SOCKET PID: until hvrun (PID) has made its API socket.
+wait_sock() {
+    n=0
+    until [ -S "$1" ] || ! alive $2 || [ $n -ge 300 ]; do sleep 0.1; n=$((n + 1)); done
+    [ -S "$1" ] || fail "no API socket $1 ($(alive $2 && echo 'hvrun runs, 30 s on' || echo 'hvrun ended'))"
+    echo "fc-api: $1 is up"
+}
+
+cleanup
+ip link set lo up; insmod /guest/tun.ko 2>/dev/null
+tunctl -t tap6 >/dev/null && ip link set tap6 up && ip addr add 10.0.6.1/24 dev tap6
+mkfifo /tmp/fc-hold
+nc -l -p 5010 <>/tmp/fc-hold >/tmp/fc-tcp.log &
+tcp=$!
+dd if=/dev/zero of=/tmp/disk.img bs=1M count=4 2>/dev/null
+mkdir -p /tmp/snap
+
+RUST_LOG=info /bin/hvrun --api-sock /tmp/fc.sock </dev/null >/tmp/fc1.out 2>/tmp/fc1.err &
+pid1=$!
+wait_sock /tmp/fc.sock $pid1
+state /tmp/fc.sock 'Not started'
+ok /tmp/fc.sock 204 PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 256}'
+refused 'PUT /machine-config with a bad JSON body' /tmp/fc.sock PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": '
+refused 'PUT /drives/rootfs with an unknown field' /tmp/fc.sock PUT /drives/rootfs \
+    '{"drive_id": "rootfs", "path_on_host": "/tmp/disk.img", "is_root_device": false, "is_read_only": false, "no_such_field": 1}'
+ok /tmp/fc.sock 204 PUT /boot-source '{
+        "kernel_image_path": "/guest/Image",
+        "initrd_path": "/guest/initramfs.cpio",
+        "boot_args": "console=ttyAMA0 quiet -- /t/snapshot-loop 10.0.6 & /t/power-button"
+    }'
+ok /tmp/fc.sock 204 PUT /drives/rootfs '{
+        "drive_id": "rootfs",
+        "path_on_host": "/tmp/disk.img",
+        "is_root_device": false,
+        "is_read_only": false
+    }'
+ok /tmp/fc.sock 204 PUT /network-interfaces/eth0 '{"iface_id": "eth0", "host_dev_name": "tap6"}'
+ok /tmp/fc.sock 204 PUT /actions '{"action_type": "InstanceStart"}'
+wait_in /tmp/fc1.out '^count 30$' 240 || fail "the guest did not count to 30"
+echo "fc-api: the guest counts (count 30)"
+state /tmp/fc.sock Running
+refused 'a second InstanceStart' /tmp/fc.sock PUT /actions '{"action_type": "InstanceStart"}'
+refused 'PUT /boot-source after the start' /tmp/fc.sock PUT /boot-source \
+    '{"kernel_image_path": "/guest/Image", "boot_args": "console=ttyAMA0"}'
+
+ok /tmp/fc.sock 204 PATCH /vm '{"state": "Paused"}'
+state /tmp/fc.sock Paused
+c=$(last_count /tmp/fc1.out)
+sleep 2
+[ "$(last_count /tmp/fc1.out)" = "$c" ] || fail "the guest counted on while paused (from $c)"
+echo "fc-api: paused: the count stays at $c"
+ok /tmp/fc.sock 204 PATCH /vm '{"state": "Resumed"}'
+state /tmp/fc.sock Running
+wait_in /tmp/fc1.out "^count $((c + 10))\$" 60 || fail "the count did not go on past $c after the resume"
+echo "fc-api: resumed: the count goes on past $c"
+ok /tmp/fc.sock 204 PATCH /vm '{"state": "Paused"}'
+ok /tmp/fc.sock 204 PUT /snapshot/create '{
+        "snapshot_type": "Full",
+        "snapshot_path": "/tmp/snap/vm.state",
+        "mem_file_path": "/tmp/snap/vm.mem"
+    }'
+c=$(last_count /tmp/fc1.out)
+sleep 2
+[ "$(last_count /tmp/fc1.out)" = "$c" ] || fail "the guest counted on after the snapshot (from $c)"
+echo "fc-api: snapshot taken at count $c: $(ls -s /tmp/snap | tr '\n' ' ')"
+kill -9 $pid1
+wait $pid1
+echo "fc-api: the first hvrun killed (status $?)"
+pid1=
+
+RUST_LOG=info /bin/hvrun --api-sock /tmp/fc2.sock </dev/null >/tmp/fc2.out 2>/tmp/fc2.err &
+pid2=$!
+wait_sock /tmp/fc2.sock $pid2
+state /tmp/fc2.sock 'Not started'
+ok /tmp/fc2.sock 204 PUT /snapshot/load '{
+        "snapshot_path": "/tmp/snap/vm.state",
+        "mem_backend": {"backend_type": "File", "backend_path": "/tmp/snap/vm.mem"},
+        "resume_vm": true
+    }'
+wait_in /tmp/fc2.out "^count $((c + 1))\$" 60 || fail "no count $((c + 1)) after the snapshot load"
+first=$(counts /tmp/fc2.out | head -n 1)
+[ "$first" = $((c + 1)) ] || fail "the second hvrun went on at count $first, not $((c + 1))"
+echo "fc-api: the second hvrun continues at count $first"
+state /tmp/fc2.sock Running
+wait_in /tmp/fc2.out "^dmesg checked at count $(( (c / 20 + 2) * 20 ))\$" 120 || fail "no dmesg check after the load"
+echo "fc-api: dmesg checked after the load"
+wait_in /tmp/fc-tcp.log "^count $((c + 25))\$" 60 || fail "the guest's TCP connection does not carry count $((c + 25))"
+echo "fc-api: the guest's TCP connection carries count $((c + 25))"
+refused 'PUT /snapshot/load on a running machine' /tmp/fc2.sock PUT /snapshot/load \
+    '{"snapshot_path": "/tmp/snap/vm.state", "mem_backend": {"backend_type": "File", "backend_path": "/tmp/snap/vm.mem"}}'
+
+ok /tmp/fc2.sock 204 PUT /actions '{"action_type": "SendCtrlAltDel"}'
+(sleep 60; kill -9 $pid2 2>/dev/null) &
+dog=$!
+wait $pid2
+rc=$?
+kill $dog 2>/dev/null
+pid2=
+wait_in /tmp/fc2.out 'power-button: pressed' 1 || fail "the guest did not see its power button pressed (hvrun status $rc)"
+echo "fc-api: the guest took its shutdown path"
+wait_in /tmp/fc2.out 'reboot: Power down' 1 || fail "the guest did not power down (hvrun status $rc)"
+echo "fc-api: the guest powered down"
+echo "fc-api: the second hvrun exit $rc"
+n=$(head -c 32 /tmp/disk.img | sed -n 's/^count \([0-9]*\).*/\1/p')
+[ -n "$n" ] && [ "$n" -gt "$((c + 20))" ] || fail "the disk holds count '$n', the snapshot was at $c"
+echo "fc-api: the disk holds count $n"
+# What the forbidden list looks for, if it is anywhere in the files.
+cat /tmp/fc1.out /tmp/fc2.out | tr -d '\r' | grep -E 'DMESG-BAD|detected stall|Kernel panic'
+cat /tmp/fc1.err /tmp/fc2.err | grep -E 'hvrun: error|panicked'
+cleanup
+[ "$rc" = 0 ]
