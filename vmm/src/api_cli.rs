@@ -55,16 +55,18 @@ impl Host for CliHost {
         if logger.module.is_some() {
             return Err(hvrun::api::model::unsupported("a logger `module` filter"));
         }
-        let level = match logger.level.as_deref() {
+        // Firecracker takes the level in any case.
+        let level = match logger.level.as_deref().map(str::to_ascii_lowercase).as_deref() {
             None => None,
-            Some("Off") => Some(log::LevelFilter::Off),
-            Some("Error") => Some(log::LevelFilter::Error),
-            Some("Warning" | "Warn") => Some(log::LevelFilter::Warn),
-            Some("Info") => Some(log::LevelFilter::Info),
-            Some("Debug") => Some(log::LevelFilter::Debug),
-            Some("Trace") => Some(log::LevelFilter::Trace),
-            Some(other) => {
-                return Err(format!("Invalid log level `{other}`: use Error, Warning, Info, Debug, Trace or Off."))
+            Some("off") => Some(log::LevelFilter::Off),
+            Some("error") => Some(log::LevelFilter::Error),
+            Some("warning" | "warn") => Some(log::LevelFilter::Warn),
+            Some("info") => Some(log::LevelFilter::Info),
+            Some("debug") => Some(log::LevelFilter::Debug),
+            Some("trace") => Some(log::LevelFilter::Trace),
+            Some(_) => {
+                let given = logger.level.as_deref().unwrap_or_default();
+                return Err(format!("Invalid log level `{given}`: use Error, Warning, Info, Debug, Trace or Off."));
             }
         };
         if let Some(path) = &logger.log_path {

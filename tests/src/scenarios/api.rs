@@ -101,6 +101,28 @@ pub const FC_API: Scenario = Scenario {
     outer_gic: OuterGic::V2,
 };
 
+pub const FC_CONFIG_FILE: Scenario = Scenario {
+    name: "fc-config-file",
+    about: "`hvrun --config-file FILE --no-api` boots fc-api's guest from Firecracker's JSON configuration (boot-source with console=ttyS0, machine-config, a drive, a tap with its MAC, entropy); SIGTERM presses its power button and hvrun exits 0; an invalid file and a missing one are one line and exit status 1",
+    artifacts: &["Image", "initramfs.cpio", "tun.ko"],
+    script: include_str!("../../scenarios/fc-config-file.sh"),
+    exit_code: 0,
+    markers: &[
+        "fc-config-file: the guest counts (count 20)",
+        "fc-config-file: the guest waits for its power button",
+        "fc-config-file: counts arrive over TCP",
+        "fc-config-file: the guest's MAC (the host's ARP table): 06:00:0a:00:07:0f",
+        "fc-config-file: after SIGTERM hvrun exit 0",
+        "power-button: pressed; the guest runs its shutdown path",
+        "fc-config-file: an invalid file: exit 1, 1 line(s): hvrun: error: --config-file /tmp/bad.json: missing field `mem_size_mib`",
+        "fc-config-file: a missing file: exit 1, 1 line(s): hvrun: error: --config-file /tmp/nonexistent.json: No such file",
+    ],
+    forbidden: &["FAIL", "DMESG-BAD", "panicked", "Kernel panic"],
+    timeout_secs: 420,
+    exchange: None,
+    outer_gic: OuterGic::V2,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -139,6 +139,11 @@ impl<S: Read + Write> Connection<S> {
         let _ = self.stream.write_all(&encode(response, true)).and_then(|()| self.stream.flush());
     }
 
+    /// The stream, given back.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+
     /// Reads at most `want` more bytes into the buffer (at least one).
     fn fill(&mut self, want: usize) -> Result<(), ConnectionEnd> {
         let mut chunk = [0u8; 4096];

@@ -14,6 +14,8 @@
 //! [`router::Running`] (the CLI's are [`crate::VmHandle`] and a host that hands the VM
 //! to the main thread), so the API is a thin layer like the CLI.
 
+#[cfg(test)]
+mod contract;
 pub mod http;
 pub mod model;
 pub mod router;
@@ -123,7 +125,7 @@ fn accept(listener: &UnixListener, jobs: &Sender<Job>, limits: Limits) {
         };
         if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
             clients.fetch_sub(1, Ordering::SeqCst);
-            Connection::new(stream, limits).refuse(&Response::fault(503, "Too many API connections."));
+            refuse_busy(stream);
             continue;
         }
         let (jobs, clients) = (jobs.clone(), Arc::clone(&clients));
@@ -137,6 +139,26 @@ fn accept(listener: &UnixListener, jobs: &Sender<Job>, limits: Limits) {
     }
 }
 
+/// Tells a client past [`MAX_CLIENTS`] to come back later. What it sent is read first
+/// (for at most 100 ms): a socket closed with unread data resets the connection, and
+/// the client would see that instead of the answer.
+fn refuse_busy(mut stream: UnixStream) {
+    use std::io::Read;
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_millis(100)));
+    let _ = stream.read(&mut [0u8; http::MAX_HEAD]);
+    Connection::new(stream, Limits::default()).refuse(&Response::fault(503, "Too many API connections."));
+}
+
+/// After a refusal: reads (for at most 100 ms, at most 1 MiB) what the client still
+/// sends, such as the body of a request refused for its size, so that it reads the
+/// answer rather than a reset connection.
+fn linger(stream: UnixStream) {
+    use std::io::Read;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_millis(100)));
+    let _ = std::io::copy(&mut (&stream).take(1 << 20), &mut std::io::sink());
+}
+
 /// Serves one connection until the client closes it or sends what ends it.
 fn serve_client(stream: UnixStream, jobs: &Sender<Job>, limits: Limits) {
     let mut connection = Connection::new(stream, limits);
@@ -144,7 +166,10 @@ fn serve_client(stream: UnixStream, jobs: &Sender<Job>, limits: Limits) {
         let request = match connection.next_request() {
             Ok(request) => request,
             Err(ConnectionEnd::Closed) => return,
-            Err(ConnectionEnd::Refused(response)) => return connection.refuse(&response),
+            Err(ConnectionEnd::Refused(response)) => {
+                connection.refuse(&response);
+                return linger(connection.into_inner());
+            }
         };
         let (reply, response) = channel();
         if jobs.send((request, reply)).is_err() {
@@ -156,3 +181,6 @@ fn serve_client(stream: UnixStream, jobs: &Sender<Job>, limits: Limits) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -106,9 +106,10 @@ pub struct Drive {
 pub struct NetworkInterface {
     /// The interface's id.
     pub iface_id: String,
-    /// The tap device (Linux hosts).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_dev_name: Option<String>,
+    /// The tap device (Linux hosts); empty with [`NetworkInterface::hvrun_backend`]
+    /// (Firecracker's schema requires the field).
+    #[serde(default)]
+    pub host_dev_name: String,
     /// The guest's MAC, `XX:XX:XX:XX:XX:XX`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
@@ -248,9 +249,6 @@ pub struct SnapshotCreateParams {
     /// `Full` (or absent) only.
     #[serde(default)]
     pub snapshot_type: Option<String>,
-    /// Deprecated by Firecracker; ignored.
-    #[serde(default)]
-    pub version: Option<String>,
 }
 
 /// `mem_backend` of [`SnapshotLoadParams`].

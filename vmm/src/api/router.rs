@@ -18,7 +18,7 @@ use crate::snapshot::machine::SnapshotFiles;
 use crate::VmConfig;
 
 /// The version of Firecracker's API that hvrun follows (`GET /version`).
-pub const FIRECRACKER_API_VERSION: &str = "1.13.0";
+pub const FIRECRACKER_API_VERSION: &str = "1.16.1";
 
 const POST_BOOT: &str = "The requested operation is not supported after starting the microVM.";
 const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
@@ -146,13 +146,19 @@ impl Api {
     /// The answer to `request`.
     pub fn handle(&mut self, request: &Request) -> Response {
         let method = request.method.as_str();
+        let path: Vec<&str> = request.path.trim_start_matches('/').split_terminator('/').collect();
+        // Firecracker's balloon operations hvrun lacks (some have no body): refused by name.
+        if let ("GET" | "PATCH", ["balloon", "hinting", ..]) | ("PATCH", ["balloon", "statistics"]) =
+            (method, path.as_slice())
+        {
+            return Response::fault(400, &unsupported(&format!("{method} {}", request.path)));
+        }
         match (method, &request.body) {
             ("GET", Some(_)) => return Response::fault(400, "GET request cannot have a body."),
             ("PUT", None) => return Response::fault(400, "Empty PUT request."),
             ("PATCH", None) => return Response::fault(400, "Empty PATCH request."),
             _ => {}
         }
-        let path: Vec<&str> = request.path.trim_start_matches('/').split_terminator('/').collect();
         match (method, path.as_slice()) {
             ("GET", []) => json(&self.info()),
             ("GET", ["version"]) => json(&serde_json::json!({ "firecracker_version": FIRECRACKER_API_VERSION })),
@@ -484,11 +490,14 @@ fn exported(config: &VmConfig) -> FullVmConfiguration {
             .map(|(i, n)| NetworkInterface {
                 iface_id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
                 host_dev_name: match &n.backend {
-                    NetBackendConfig::Tap(name) => Some(name.clone()),
-                    _ => None,
+                    NetBackendConfig::Tap(name) => name.clone(),
+                    _ => String::new(),
                 },
                 guest_mac: n.mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
-                hvrun_backend: None,
+                hvrun_backend: match &n.backend {
+                    NetBackendConfig::Tap(_) => None,
+                    _ => Some(n.mac_seed()),
+                },
                 mtu: None,
                 rx_rate_limiter: None,
                 tx_rate_limiter: None,
@@ -511,4 +520,4 @@ fn exported(config: &VmConfig) -> FullVmConfiguration {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -123,7 +123,7 @@ impl Setup {
             return Err(format!("The drive id `{}` is too long for a virtio-blk serial (20 bytes).", drive.drive_id));
         }
         let path = drive.path_on_host.as_deref().ok_or("A drive needs `path_on_host`.")?;
-        devices::host_file::open_regular(std::path::Path::new(path), drive.is_read_only)
+        devices::host_file::open_regular(std::path::Path::new(path), !drive.is_read_only)
             .map_err(|e| format!("Unable to open the drive's file {path}: {e}"))?;
         if drive.is_root_device && self.drives.iter().any(|d| d.is_root_device && d.drive_id != drive.drive_id) {
             return Err("A root block device already exists!".into());
@@ -252,7 +252,7 @@ fn cmdline(args: &str, root: Option<&Drive>) -> String {
 fn net_config(net: &NetworkInterface) -> Result<NetConfig, String> {
     let mut config = match (&net.hvrun_backend, &net.host_dev_name) {
         (Some(backend), _) => NetConfig::parse(backend).map_err(|e| format!("hvrun_backend: {e}"))?,
-        (None, Some(tap)) if !tap.is_empty() => {
+        (None, tap) if !tap.is_empty() => {
             NetConfig { backend: NetBackendConfig::Tap(tap.clone()), mac: None, id: None }
         }
         _ => return Err("A network interface needs `host_dev_name` (a tap) or `hvrun_backend`.".into()),

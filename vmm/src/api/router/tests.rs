@@ -6,7 +6,7 @@ use super::*;
 
 /// What the fake host and VM were asked to do.
 #[derive(Debug, Default)]
-struct Seen {
+pub(crate) struct Seen {
     booted: Option<VmConfig>,
     restored: Option<(VmConfig, SnapshotFiles)>,
     snapshots: Vec<SnapshotFiles>,
@@ -74,7 +74,8 @@ fn files() -> (PathBuf, PathBuf) {
     (kernel, disk)
 }
 
-fn new_api() -> (Api, Arc<Mutex<Seen>>) {
+/// An API over a fake host (also for the server's tests).
+pub(crate) fn new_api() -> (Api, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let mut saved = VmConfig::new("/k");
     saved.nets = vec![crate::config::NetConfig {
