@@ -42,6 +42,9 @@ impl Running for FakeVm {
     fn balloon(&self) -> Option<BalloonHandle> {
         None
     }
+    fn replace_disk(&self, _id: &str, _path: &std::path::Path) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 struct FakeHost;

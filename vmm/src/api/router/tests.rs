@@ -13,6 +13,7 @@ pub(crate) struct Seen {
     presses: u32,
     paused: AtomicBool,
     loggers: Vec<Logger>,
+    replaced: Vec<(String, PathBuf)>,
 }
 
 struct FakeVm(Arc<Mutex<Seen>>);
@@ -38,6 +39,10 @@ impl Running for FakeVm {
     }
     fn balloon(&self) -> Option<BalloonHandle> {
         None
+    }
+    fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), String> {
+        self.0.lock().unwrap().replaced.push((id.into(), path.into()));
+        Ok(())
     }
 }
 
@@ -182,7 +187,19 @@ fn calls_in_the_wrong_phase_get_firecrackers_errors() {
     assert_eq!(call(&mut api, "PUT", "/snapshot/create", Some(create)).0, 204);
     assert_eq!(call(&mut api, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0, 204);
     assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#)).0, 204);
+    // A drive's image is replaced by id; an unknown drive and a rate limiter are refused.
+    assert_eq!(
+        call(&mut api, "PATCH", "/drives/data", Some(r#"{"drive_id": "data", "path_on_host": "/new.img"}"#)).0,
+        204
+    );
+    assert!(call(&mut api, "PATCH", "/drives/nope", Some(r#"{"drive_id": "nope", "path_on_host": "/n"}"#))
+        .1
+        .contains("No drive"));
+    let limited = r#"{"drive_id": "data", "rate_limiter": {}}"#;
+    assert!(call(&mut api, "PATCH", "/drives/data", Some(limited)).1.contains("rate limiters"));
+    assert!(call(&mut api, "GET", "/vm/config", None).1.contains(r#""path_on_host":"/new.img""#));
     let seen = seen.lock().unwrap();
+    assert_eq!(seen.replaced, [("data".to_string(), PathBuf::from("/new.img"))]);
     assert_eq!(seen.snapshots, [SnapshotFiles { state: "/s".into(), memory: "/m".into() }]);
     assert_eq!(seen.presses, 1);
 }
