@@ -82,6 +82,19 @@ pub struct Pl011 {
     /// Latched raw interrupt bits (TX, modem, errors); RX and RT are derived from the FIFO.
     latched: u32,
     dmacr: u32,
+    /// What the UART has carried so far, for metrics.
+    stats: UartStats,
+}
+
+/// What a UART has carried so far (counters for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UartStats {
+    /// Bytes the guest transmitted.
+    pub tx_bytes: u64,
+    /// Of those, bytes dropped because the host did not take them.
+    pub tx_dropped: u64,
+    /// Bytes of host input the guest read.
+    pub rx_bytes: u64,
 }
 
 impl std::fmt::Debug for Pl011 {
@@ -107,7 +120,13 @@ impl Pl011 {
             imsc: 0,
             latched: 0,
             dmacr: 0,
+            stats: UartStats::default(),
         }
+    }
+
+    /// What the UART has carried so far.
+    pub fn stats(&self) -> UartStats {
+        self.stats
     }
 
     fn fifo_capacity(&self) -> usize {
@@ -174,7 +193,10 @@ impl Pl011 {
     }
 
     fn transmit(&mut self, byte: u8) {
-        self.out.write(&[byte]);
+        self.stats.tx_bytes += 1;
+        if self.out.write(&[byte]) == 0 {
+            self.stats.tx_dropped += 1;
+        }
         self.latched |= INT_TX;
     }
 
@@ -186,6 +208,7 @@ impl Pl011 {
     fn read_reg(&mut self, reg: u64) -> u32 {
         match reg {
             DR => {
+                self.stats.rx_bytes += u64::from(!self.rx.is_empty());
                 let byte = self.rx.pop_front().unwrap_or(0);
                 self.update_irq();
                 u32::from(byte)

@@ -1,9 +1,11 @@
-# fc-config-file: `hvrun --config-file FILE --no-api`, Firecracker's JSON configuration
-# as flintlock and the SDKs start it: the guest of fc-api (2 vCPUs counting to its serial
+# fc-config-file: `hvrun --config-file FILE`, Firecracker's JSON configuration as
+# flintlock and the SDKs start it: the guest of fc-api (2 vCPUs counting to its serial
 # port, its disk and a TCP connection, waiting for its power button) boots from the
-# file's boot-source, machine-config, drives and network-interfaces; SIGTERM presses
-# the power button and hvrun exits 0. Then a file hvrun cannot use (a machine-config
-# without mem_size_mib) is one line on standard error and exit status 1.
+# file's boot-source, machine-config, drives, network-interfaces and metrics; with
+# --api-sock beside it, FlushMetrics writes a metrics line (checked for the vCPUs'
+# exits and the devices' interrupts); SIGTERM presses the power button and hvrun exits
+# 0. Then a file hvrun cannot use (a machine-config without mem_size_mib) is one line on
+# standard error and exit status 1, with --no-api.
 now() { cut -d' ' -f1 /proc/uptime | cut -d. -f1; }
 wait_in() {
     end=$(( $(now) + $3 ))
@@ -30,10 +32,12 @@ cat >/tmp/vm.json <<'JSON'
   "network-interfaces": [
     { "iface_id": "eth0", "guest_mac": "06:00:0a:00:07:0f", "host_dev_name": "tap7" }
   ],
-  "entropy": {}
+  "entropy": {},
+  "metrics": { "metrics_path": "/tmp/cf-metrics.json" }
 }
 JSON
-/bin/hvrun --config-file /tmp/vm.json --no-api </dev/null >/tmp/cf.out 2>/tmp/cf.err &
+: >/tmp/cf-metrics.json
+/bin/hvrun --config-file /tmp/vm.json --api-sock /tmp/cf.sock </dev/null >/tmp/cf.out 2>/tmp/cf.err &
 pid=$!
 if wait_in /tmp/cf.out '^count 20$' 240; then
     echo "fc-config-file: the guest counts (count 20)"
@@ -43,6 +47,14 @@ fi
 wait_in /tmp/cf.out 'waiting for the power button' 30 && echo "fc-config-file: the guest waits for its power button"
 grep -q 'count' /tmp/cf-tcp.log && echo "fc-config-file: counts arrive over TCP"
 echo "fc-config-file: the guest's MAC (the host's ARP table): $(awk '$1 == "10.0.7.15" { print $4 }' /proc/net/arp)"
+code=$(curl -s --unix-socket /tmp/cf.sock -o /tmp/cf-body -w '%{http_code}' -X PUT http://localhost/actions \
+    -H 'Content-Type: application/json' -d '{"action_type": "FlushMetrics"}')
+echo "fc-config-file: PUT /actions FlushMetrics -> $code"
+# The counters of the last line: the vCPUs' exits, the disk's and the network's interrupts.
+metric() { tail -n 1 /tmp/cf-metrics.json | grep -o "\"$1\":{[^}]*}" | grep -o "\"$2\":[0-9]*" | head -n 1 | cut -d: -f2; }
+echo "fc-config-file: metrics line: $(wc -l </tmp/cf-metrics.json) line(s); vcpu exit_mmio_write $(metric vcpu exit_mmio_write), block0 interrupts $(metric block0 interrupts), net0 interrupts $(metric net0 interrupts), uart tx_bytes $(metric uart tx_bytes)"
+[ "$(metric vcpu exit_mmio_write)" -gt 0 ] && [ "$(metric block0 interrupts)" -gt 0 ] && [ "$(metric net0 interrupts)" -gt 0 ] \
+    && echo "fc-config-file: the metrics count the guest's work"
 kill -TERM $pid
 end=$(( $(now) + 60 ))
 while [ -e /proc/$pid/status ] && ! grep -q '^State:[[:space:]]*Z' /proc/$pid/status && [ $(now) -lt $end ]; do sleep 1; done

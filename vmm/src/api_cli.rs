@@ -88,14 +88,13 @@ impl CliHost {
     }
 }
 
-/// Sends standard error (hvrun's log) to `path`, a file (appended to, created if
-/// missing) or a FIFO (opened without waiting for a reader), as Firecracker's logger.
+/// Sends standard error (hvrun's log) to `path`, which must exist, as in Firecracker: a
+/// file (appended to) or a FIFO (opened without waiting for a reader).
 fn redirect_log(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .append(true)
-        .create(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| format!("Cannot open the log file {}: {e}", path.display()))?;

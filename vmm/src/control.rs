@@ -70,6 +70,8 @@ pub struct Control {
     snapshot: Mutex<Option<Arc<crate::snapshot::machine::Parts>>>,
     /// One snapshot at a time.
     snapshotting: Mutex<()>,
+    /// The vCPUs' counters (the devices' are read from `snapshot`'s parts).
+    metrics: crate::metrics::Registry,
 }
 
 /// Presses a guest's power button; returns whether a driver listens.
@@ -147,6 +149,24 @@ impl Control {
     /// The machine's vsock device, if it has one.
     pub fn vsock(&self) -> Option<&devices::virtio::vsock::VsockHandle> {
         self.vsock.get()
+    }
+
+    /// The vCPUs' counters.
+    pub fn metrics(&self) -> &crate::metrics::Registry {
+        &self.metrics
+    }
+
+    /// Every counter of the machine, as totals ([`crate::metrics::collect`]).
+    pub fn collect_metrics(&self) -> serde_json::Value {
+        let parts = lock(&self.snapshot).clone();
+        let stats = match parts.as_deref() {
+            Some(parts) => crate::metrics::PartStats {
+                transports: parts.transports.iter().map(|t| lock(t).stats()).collect(),
+                uart: Some(lock(&parts.uart).stats()),
+            },
+            None => crate::metrics::PartStats::default(),
+        };
+        crate::metrics::collect(&self.metrics, &stats)
     }
 
     /// Gives [`Control::snapshot`] the machine's parts, or takes them back (`None`) as

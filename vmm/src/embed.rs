@@ -507,6 +507,13 @@ impl VmHandle {
         self.control.ask_guest_to_stop()
     }
 
+    /// The machine's counters so far, as one JSON object of totals: each vCPU's exits
+    /// by kind, each virtio device's starts, resets, interrupts and failures, the UART's
+    /// bytes ([`crate::metrics::collect`]).
+    pub fn metrics(&self) -> serde_json::Value {
+        self.control.collect_metrics()
+    }
+
     /// Asks the guest to hold `bytes` in its balloon (rounded down to 4 KiB pages): the
     /// guest inflates (gives the host that much memory) or deflates towards it, and says
     /// how far it got in [`devices::virtio::balloon::BalloonHandle::actual`] (see

@@ -31,6 +31,7 @@ mod irqchip;
 pub mod kernel_file;
 #[cfg(target_arch = "aarch64")]
 mod machine;
+pub mod metrics;
 pub mod selftest;
 mod slots;
 pub mod snapshot;

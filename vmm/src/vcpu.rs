@@ -9,6 +9,7 @@ use hypervisor::{IrqInput, SystemEvent, Vcpu, VcpuExit};
 
 use crate::control::Control;
 use crate::irqchip::{Irqchip, VcpuIrq};
+use crate::metrics::VcpuCounters;
 use crate::{Error, ExitReason};
 
 /// What a vCPU loop works with besides its vCPU.
@@ -56,7 +57,7 @@ fn drive<V: Vcpu + IrqInput, H: VcpuIrq + ?Sized>(
     vcpu: &mut V,
     hooks: &mut H,
 ) -> Option<Result<ExitReason, Error>> {
-    let mut stats = ExitStats::new();
+    let mut stats = ExitStats::new(ctx.control.metrics().vcpu(ctx.index));
     let mut outcome = None;
     while outcome.is_none() && !ctx.control.stopping() {
         ctx.control.park_if_paused(ctx.index, &mut || vcpu.save_state());
@@ -76,20 +77,19 @@ fn drive<V: Vcpu + IrqInput, H: VcpuIrq + ?Sized>(
     outcome
 }
 
-/// What a vCPU's exits were, for `RUST_LOG=info` (totals) and `debug` (busiest registers).
-#[derive(Debug, Default)]
+/// What a vCPU's exits were: counters for metrics ([`crate::metrics`]), and for
+/// `RUST_LOG=info` (totals) and `debug` (busiest registers) when the loop ends.
+#[derive(Debug)]
 struct ExitStats {
-    reads: u64,
-    writes: u64,
-    interrupted: u64,
+    counters: std::sync::Arc<VcpuCounters>,
     timer_changes: u64,
     by_addr: Option<std::collections::HashMap<u64, u64>>,
 }
 
 impl ExitStats {
-    fn new() -> Self {
+    fn new(counters: std::sync::Arc<VcpuCounters>) -> Self {
         let by_addr = log::log_enabled!(log::Level::Debug).then(std::collections::HashMap::new);
-        ExitStats { by_addr, ..Default::default() }
+        ExitStats { counters, timer_changes: 0, by_addr }
     }
 
     fn mmio(&mut self, addr: u64) {
@@ -99,12 +99,15 @@ impl ExitStats {
     }
 
     fn log(&self, index: u32) {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let (reads, writes, interrupted) =
+            (get(&self.counters.mmio_reads), get(&self.counters.mmio_writes), get(&self.counters.interrupted));
         log::info!(
             "vcpu{index}: {} exits: {} MMIO reads, {} MMIO writes, {} interrupted; {} timer level changes",
-            self.reads + self.writes + self.interrupted,
-            self.reads,
-            self.writes,
-            self.interrupted,
+            reads + writes + interrupted,
+            reads,
+            writes,
+            interrupted,
             self.timer_changes
         );
         if let Some(map) = &self.by_addr {
@@ -127,24 +130,26 @@ fn serve_one<V: Vcpu>(ctx: VcpuContext<'_>, vcpu: &mut V, stats: &mut ExitStats)
     };
     match exit {
         VcpuExit::MmioRead { addr, data } => {
-            stats.reads += 1;
+            VcpuCounters::bump(&stats.counters.mmio_reads);
             stats.mmio(addr);
             if let Err(e) = bus.read(index as usize, addr, data) {
                 data.fill(0);
+                VcpuCounters::bump(&stats.counters.bad_accesses);
                 warn_ratelimited!("vcpu{index}: {e}: read returns 0");
             }
         }
         VcpuExit::MmioWrite { addr, data } => {
-            stats.writes += 1;
+            VcpuCounters::bump(&stats.counters.mmio_writes);
             stats.mmio(addr);
             if let Err(e) = bus.write(index as usize, addr, data) {
+                VcpuCounters::bump(&stats.counters.bad_accesses);
                 warn_ratelimited!("vcpu{index}: {e}: write ignored");
             }
         }
         VcpuExit::System(SystemEvent::Shutdown) => return Some(Ok(ExitReason::PowerOff)),
         VcpuExit::System(SystemEvent::Reset) => return Some(Ok(ExitReason::Reset)),
         VcpuExit::System(SystemEvent::Crash) => return Some(Ok(ExitReason::Crash)),
-        VcpuExit::Interrupted => stats.interrupted += 1,
+        VcpuExit::Interrupted => VcpuCounters::bump(&stats.counters.interrupted),
         VcpuExit::Unhandled(why) => return Some(Err(Error::UnhandledExit { vcpu: index, why })),
     }
     None

@@ -1,7 +1,7 @@
 //! A transport's interrupt, shared by the transport and its device: the InterruptStatus
 //! register, the line behind it, and the device's "needs reset" state.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::irq::IrqLine;
@@ -19,6 +19,10 @@ struct Inner {
     line: Arc<dyn IrqLine>,
     /// The device met a driver error it cannot go on from (virtio 1.2, 2.1.2).
     needs_reset: AtomicBool,
+    /// Interrupts raised ([`Interrupt::trigger`] calls), for metrics.
+    triggered: AtomicU64,
+    /// Times the device failed ([`Interrupt::fail`]), for metrics.
+    failures: AtomicU64,
 }
 
 /// A transport's interrupt: the InterruptStatus register and the line behind it. The line
@@ -44,7 +48,15 @@ impl std::fmt::Debug for Interrupt {
 impl Interrupt {
     /// An interrupt with no status bits set, driving `line`.
     pub fn new(line: Arc<dyn IrqLine>) -> Self {
-        Interrupt { inner: Arc::new(Inner { status: Mutex::new(0), line, needs_reset: AtomicBool::new(false) }) }
+        Interrupt {
+            inner: Arc::new(Inner {
+                status: Mutex::new(0),
+                line,
+                needs_reset: AtomicBool::new(false),
+                triggered: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            }),
+        }
     }
 
     /// Sets or clears status bits through `change`, then drives the line from the result,
@@ -60,7 +72,18 @@ impl Interrupt {
 
     /// Sets status `bits` and raises the line.
     pub fn trigger(&self, bits: u32) {
+        self.inner.triggered.fetch_add(1, Ordering::Relaxed);
         self.update(|status| status | bits);
+    }
+
+    /// How many interrupts were raised so far.
+    pub fn triggered(&self) -> u64 {
+        self.inner.triggered.load(Ordering::Relaxed)
+    }
+
+    /// How many times the device failed ([`Interrupt::fail`]) so far.
+    pub fn failures(&self) -> u64 {
+        self.inner.failures.load(Ordering::Relaxed)
     }
 
     /// Clears status `bits` (InterruptACK); lowers the line when none remain.
@@ -81,6 +104,7 @@ impl Interrupt {
         // The status bit first, then the interrupt: a driver that takes the interrupt
         // and reads Status sees DEVICE_NEEDS_RESET.
         if !self.inner.needs_reset.swap(true, Ordering::SeqCst) {
+            self.inner.failures.fetch_add(1, Ordering::Relaxed);
             self.trigger(INT_CONFIG);
             warn_ratelimited!("{device}: {why}; the device stops until the driver resets it");
         }

@@ -87,6 +87,25 @@ pub struct MmioTransport {
     handed_over: usize,
     /// The sizes of the queues handed over (a snapshot saves them).
     handed_sizes: Vec<u16>,
+    /// Counters for metrics.
+    stats: TransportStats,
+}
+
+/// What a transport has seen so far (counters for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TransportStats {
+    /// The device's virtio type.
+    pub device_type: u32,
+    /// Times a driver started the device (DRIVER_OK).
+    pub activations: u64,
+    /// Times the device refused to start.
+    pub activate_fails: u64,
+    /// Resets of a started or starting device.
+    pub resets: u64,
+    /// Interrupts raised.
+    pub interrupts: u64,
+    /// Times the device stopped on a driver error (DEVICE_NEEDS_RESET).
+    pub failures: u64,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -146,7 +165,18 @@ impl MmioTransport {
             active: false,
             handed_over: 0,
             handed_sizes: Vec::new(),
+            stats: TransportStats::default(),
         })
+    }
+
+    /// What the transport has seen so far.
+    pub fn stats(&self) -> TransportStats {
+        TransportStats {
+            device_type: self.device.device_type(),
+            interrupts: self.interrupt.triggered(),
+            failures: self.interrupt.failures(),
+            ..self.stats
+        }
     }
 
     /// The device's virtio type.
@@ -159,6 +189,9 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
+        if self.status != 0 {
+            self.stats.resets += 1;
+        }
         if self.active {
             self.device.reset();
         }
@@ -238,9 +271,11 @@ impl MmioTransport {
             acked_features: self.acked_features,
             interrupt: self.interrupt.clone(),
         };
+        self.stats.activations += 1;
         match self.device.activate(activation) {
             Ok(()) => self.active = true,
             Err(e) => {
+                self.stats.activate_fails += 1;
                 self.device.reset();
                 let kind = self.device.device_type();
                 self.interrupt.fail("virtio-mmio", format_args!("device type {kind} failed to start: {e}"));

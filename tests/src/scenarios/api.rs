@@ -104,14 +104,17 @@ pub const FC_API: Scenario = Scenario {
 pub const FC_CONFIG_FILE: Scenario = Scenario {
     name: "fc-config-file",
     about: "`hvrun --config-file FILE --no-api` boots fc-api's guest from Firecracker's JSON configuration (boot-source with console=ttyS0, machine-config, a drive, a tap with its MAC, entropy); SIGTERM presses its power button and hvrun exits 0; an invalid file and a missing one are one line and exit status 1",
-    artifacts: &["Image", "initramfs.cpio", "tun.ko"],
-    script: include_str!("../../scenarios/fc-config-file.sh"),
+    artifacts: &["Image", "initramfs.cpio", "tun.ko", CURL_ARCHIVE],
+    script: concat!(curl_function!(), include_str!("../../scenarios/fc-config-file.sh")),
     exit_code: 0,
     markers: &[
         "fc-config-file: the guest counts (count 20)",
         "fc-config-file: the guest waits for its power button",
         "fc-config-file: counts arrive over TCP",
         "fc-config-file: the guest's MAC (the host's ARP table): 06:00:0a:00:07:0f",
+        "fc-config-file: PUT /actions FlushMetrics -> 204",
+        "fc-config-file: metrics line: 1 line(s)",
+        "fc-config-file: the metrics count the guest's work",
         "fc-config-file: after SIGTERM hvrun exit 0",
         "power-button: pressed; the guest runs its shutdown path",
         "fc-config-file: an invalid file: exit 1, 1 line(s): hvrun: error: --config-file /tmp/bad.json: missing field `mem_size_mib`",
@@ -131,7 +134,7 @@ mod tests {
     fn curl_runs_from_its_directory() {
         let lib = format!("/{CURL_DIR}/lib");
         assert_eq!(CURL_IN_RIG, format!("{lib}/ld-linux-aarch64.so.1 --library-path {lib} /{CURL_DIR}/curl"));
-        for sc in [&CURL_RUNS, &FC_API] {
+        for sc in [&CURL_RUNS, &FC_API, &FC_CONFIG_FILE] {
             assert!(sc.artifacts.contains(&CURL_ARCHIVE), "{}", sc.name);
             assert!(sc.script.starts_with(&format!("curl() {{ {CURL_IN_RIG} \"$@\"; }}\n")), "{}", sc.name);
         }

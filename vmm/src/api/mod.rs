@@ -20,6 +20,7 @@ pub mod http;
 pub mod model;
 pub mod router;
 pub mod setup;
+pub mod sink;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -58,6 +59,10 @@ impl router::Running for crate::VmHandle {
 
     fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), String> {
         crate::VmHandle::replace_disk(self, id, path).map_err(|e| e.to_string())
+    }
+
+    fn metrics(&self) -> serde_json::Value {
+        crate::VmHandle::metrics(self)
     }
 }
 
@@ -106,7 +111,23 @@ impl ApiServer {
 
 /// Answers requests one at a time, in arrival order.
 fn dispatch(mut api: Api, queue: &Receiver<Job>) {
-    for (request, reply) in queue {
+    loop {
+        // Between requests, the periodic metrics line.
+        let job = match api.next_tick() {
+            Some(wait) => match queue.recv_timeout(wait) {
+                Ok(job) => job,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    api.tick();
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            },
+            None => match queue.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
+        let (request, reply) = job;
         log::info!("api: {} {}", request.method, request.path);
         let response = api.handle(&request);
         if response.status >= 400 {

@@ -13,6 +13,7 @@ use super::model::{
     NetworkInterface, PartialDrive, SnapshotCreateParams, SnapshotLoadParams, VmState, Vsock,
 };
 use super::setup::Setup;
+use super::sink::{ApiCounters, Sink};
 use crate::config::{NetBackendConfig, VsockConfig};
 use crate::snapshot::machine::SnapshotFiles;
 use crate::VmConfig;
@@ -39,6 +40,8 @@ pub trait Running: Send {
     fn balloon(&self) -> Option<BalloonHandle>;
     /// Gives the disk `id` the image at `path` (`PATCH /drives/{id}`).
     fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), String>;
+    /// Its counters, as totals ([`crate::metrics::collect`]).
+    fn metrics(&self) -> serde_json::Value;
 }
 
 /// What the API does to the process: start a VM, continue a snapshot, send the log
@@ -60,6 +63,9 @@ pub struct Api {
     id: String,
     setup: Setup,
     running: Option<(Box<dyn Running>, FullVmConfiguration)>,
+    /// `PUT /metrics`' destination.
+    metrics: Option<Sink>,
+    counters: ApiCounters,
 }
 
 impl std::fmt::Debug for Api {
@@ -93,7 +99,14 @@ fn json<T: serde::Serialize>(value: &T) -> Response {
 impl Api {
     /// An API for instance `id` that starts VMs through `host`.
     pub fn new(host: Box<dyn Host>, id: &str) -> Self {
-        Api { host, id: id.to_string(), setup: Setup::default(), running: None }
+        Api {
+            host,
+            id: id.to_string(),
+            setup: Setup::default(),
+            running: None,
+            metrics: None,
+            counters: ApiCounters::default(),
+        }
     }
 
     /// Configures the VM from a Firecracker configuration file's objects (each checked
@@ -113,8 +126,8 @@ impl Api {
             self.host.logger(logger)?;
             self.setup.logger = Some(logger.clone());
         }
-        if file.metrics.is_some() {
-            return Err(unsupported("metrics yet (`metrics`); they are planned"));
+        if let Some(metrics) = &file.metrics {
+            self.set_metrics(metrics.clone())?;
         }
         if let Some(machine) = file.machine_config {
             self.setup.set_machine(machine)?;
@@ -145,8 +158,48 @@ impl Api {
         self.running.is_some()
     }
 
-    /// The answer to `request`.
+    /// The answer to `request` (counted for the API's metrics).
     pub fn handle(&mut self, request: &Request) -> Response {
+        let response = self.route(request);
+        self.counters.requests += 1;
+        self.counters.errors += u64::from(response.status >= 400);
+        response
+    }
+
+    /// How long until a periodic metrics line is due, if one will be (metrics configured
+    /// and the VM started).
+    pub fn next_tick(&self) -> Option<std::time::Duration> {
+        self.metrics.as_ref().filter(|_| self.started()).map(Sink::until_due)
+    }
+
+    /// Writes the periodic metrics line if it is due.
+    pub fn tick(&mut self) {
+        if self.metrics.as_ref().is_some_and(Sink::due) && self.started() {
+            if let Err(e) = self.flush_metrics() {
+                devices::warn_ratelimited!("metrics: {e}");
+            }
+        }
+    }
+
+    fn flush_metrics(&mut self) -> Result<(), String> {
+        let machine = match &self.running {
+            Some((vm, _)) => vm.metrics(),
+            None => serde_json::json!({}),
+        };
+        let sink = self.metrics.as_mut().ok_or("The metrics system is not configured (PUT /metrics first).")?;
+        sink.write(machine, self.counters)
+    }
+
+    fn set_metrics(&mut self, metrics: Metrics) -> Result<(), String> {
+        if self.metrics.is_some() {
+            return Err("Reinitialization of metrics not allowed.".into());
+        }
+        self.metrics = Some(Sink::open(&metrics, &self.id)?);
+        self.setup.metrics = Some(metrics);
+        Ok(())
+    }
+
+    fn route(&mut self, request: &Request) -> Response {
         let method = request.method.as_str();
         let path: Vec<&str> = request.path.trim_start_matches('/').split_terminator('/').collect();
         // Firecracker's balloon operations hvrun lacks (some have no body): refused by name.
@@ -181,9 +234,7 @@ impl Api {
                 self.setup.logger = Some(l);
                 Ok(())
             })),
-            ("PUT", ["metrics"]) => done(
-                body::<Metrics>(request).and_then(|_| Err(unsupported("metrics yet (PUT /metrics); they are planned"))),
-            ),
+            ("PUT", ["metrics"]) => done(body::<Metrics>(request).and_then(|m| self.set_metrics(m))),
             ("PATCH", ["drives", id]) if self.started() => done(body(request).and_then(|d| self.patch_drive(id, d))),
             ("PATCH", ["network-interfaces", _]) if self.started() => {
                 done(Err(unsupported("rate limiters on network interfaces")))
@@ -293,7 +344,7 @@ impl Api {
             ("SendCtrlAltDel", Some(_)) => {
                 Response::fault(400, "The guest has no driver for its power button (virtio-input); nothing was sent.")
             }
-            ("FlushMetrics", _) => Response::fault(400, &unsupported("metrics yet (FlushMetrics); they are planned")),
+            ("FlushMetrics", _) => done(self.flush_metrics()),
             (other, _) => Response::fault(
                 400,
                 &format!(

@@ -43,7 +43,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("PUT", "/cpu-config"),
     ("PUT", "/pmem/{id}"),
     ("PATCH", "/pmem/{id}"),
-    ("PUT", "/metrics"),
     ("PUT", "/mmds"),
     ("PATCH", "/mmds"),
     ("GET", "/mmds"),
@@ -105,6 +104,9 @@ impl Running for FakeVm {
     }
     fn replace_disk(&self, _id: &str, _path: &std::path::Path) -> Result<(), String> {
         Ok(())
+    }
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::json!({"vcpu": {"exit_mmio_read": 1}})
     }
 }
 
@@ -599,7 +601,11 @@ fn every_operation() -> Vec<String> {
             for fill in [Fill::Required, Fill::Every] {
                 let mut h = if started { Harness::started() } else { Harness::new() };
                 let path = op.path(schema::SAMPLE_STRING);
-                let body = op.body.as_ref().map(|(s, _)| sample(s, fill));
+                let mut body = op.body.as_ref().map(|(s, _)| sample(s, fill));
+                // A metrics file goes where the fixtures are, not into the working directory.
+                if let Some(path) = body.as_mut().and_then(|b| b.get_mut("metrics_path")) {
+                    *path = json!(files().dir.join("metrics.json"));
+                }
                 let what = format!(
                     "{} {path} ({}, {fill:?} body {body:?})",
                     op.method,

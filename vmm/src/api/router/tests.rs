@@ -44,6 +44,9 @@ impl Running for FakeVm {
         self.0.lock().unwrap().replaced.push((id.into(), path.into()));
         Ok(())
     }
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::json!({"vcpu": {"exit_mmio_read": 1}})
+    }
 }
 
 struct FakeHost {
@@ -242,7 +245,7 @@ fn bad_requests_get_400_with_a_fault_message_and_change_nothing() {
         ("PUT", "/vsock", Some(r#"{"guest_cid": 2, "uds_path": "/v"}"#), "CID"),
         ("PUT", "/balloon", Some(r#"{"amount_mib": 1, "deflate_on_oom": true, "free_page_hinting": true}"#), "hinting"),
         ("PUT", "/actions", Some(r#"{"action_type": "Reboot"}"#), "unknown variant `Reboot`"),
-        ("PUT", "/metrics", Some(r#"{"metrics_path": "/m"}"#), "does not support metrics"),
+        ("PUT", "/metrics", Some(r#"{"metrics_path": "/nonexistent/m"}"#), "Cannot open the metrics file"),
         ("PUT", "/mmds", Some("{}"), "does not support /mmds"),
         ("DELETE", "/drives/a", None, "Invalid request method and/or path: DELETE /drives/a."),
         ("GET", "/nothing", None, "Invalid request method and/or path"),
@@ -312,4 +315,32 @@ fn a_configuration_file_starts_the_vm_and_refuses_what_hvrun_lacks() {
         serde_json::from_str::<FullVmConfiguration>(r#"{"boot_source": {}}"#).is_err(),
         "unknown sections are refused"
     );
+}
+
+#[test]
+fn metrics_go_to_an_existing_file_once_configured_and_flush_on_demand() {
+    let (mut api, _) = new_api();
+    let (kernel, _) = files();
+    let path = kernel.with_file_name("metrics.json");
+    std::fs::write(&path, b"").unwrap();
+    let body = format!(r#"{{"metrics_path": "{}"}}"#, path.display());
+    assert_eq!(call(&mut api, "PUT", "/metrics", Some(&body)).0, 204);
+    assert!(call(&mut api, "PUT", "/metrics", Some(&body)).1.contains("Reinitialization of metrics not allowed."));
+    let flush = Some(r#"{"action_type": "FlushMetrics"}"#);
+    assert_eq!(call(&mut api, "PUT", "/actions", flush).0, 204);
+    assert!(api.next_tick().is_none(), "no periodic line before the start");
+    configure(&mut api);
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
+    assert!(api.next_tick().is_some());
+    assert_eq!(call(&mut api, "PUT", "/actions", flush).0, 204);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0].get("vcpu").is_none());
+    assert_eq!(lines[1]["vcpu"]["exit_mmio_read"], 1);
+    // Requests answered between the two lines (a request counts once answered): the
+    // first FlushMetrics, the configuration (7 PUTs) and InstanceStart.
+    assert_eq!(lines[1]["api_server"]["requests"], 9);
+    assert_eq!(lines[1]["api_server"]["errors"], 0);
+    assert_eq!(lines[0]["api_server"]["errors"], 1);
 }
