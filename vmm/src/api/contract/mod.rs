@@ -12,10 +12,8 @@ mod props;
 mod schema;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use devices::virtio::balloon::BalloonHandle;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -23,9 +21,9 @@ use serde_json::{json, Value};
 use self::schema::{definition, operation, operations, properties, reference, sample, validate, Fill};
 use super::http::{Request, Response};
 use super::model::*;
-use super::router::{Api, Host, Running};
+use super::router::tests::{FakeHost, Seen};
+use super::router::Api;
 use crate::config::{DiskConfig, NetBackendConfig, NetConfig, VsockConfig};
-use crate::snapshot::machine::SnapshotFiles;
 use crate::VmConfig;
 
 /// Properties hvrun adds to Firecracker's objects in what it answers.
@@ -64,85 +62,7 @@ const PHASE_ERRORS: &[&str] = &[
     "The requested operation is not supported after starting the microVM.",
 ];
 
-// ---- A fake host and VM (as in router/tests.rs, with a balloon handle) ----
-
-/// What the fake host and VM were asked to do.
-#[derive(Debug, Default)]
-struct Seen {
-    booted: Option<VmConfig>,
-    restored: Option<(VmConfig, SnapshotFiles)>,
-    snapshots: Vec<SnapshotFiles>,
-    presses: u32,
-    paused: AtomicBool,
-    loggers: Vec<Logger>,
-}
-
-/// A VM that records what it is asked; it has a balloon if its configuration does.
-struct FakeVm(Arc<Mutex<Seen>>, Option<BalloonHandle>);
-
-impl Running for FakeVm {
-    fn pause(&self) -> Result<(), String> {
-        self.0.lock().unwrap().paused.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-    fn resume(&self) {
-        self.0.lock().unwrap().paused.store(false, Ordering::SeqCst);
-    }
-    fn paused(&self) -> bool {
-        self.0.lock().unwrap().paused.load(Ordering::SeqCst)
-    }
-    fn ctrl_alt_del(&self) -> bool {
-        self.0.lock().unwrap().presses += 1;
-        true
-    }
-    fn snapshot(&self, files: &SnapshotFiles) -> Result<(), String> {
-        self.0.lock().unwrap().snapshots.push(files.clone());
-        Ok(())
-    }
-    fn balloon(&self) -> Option<BalloonHandle> {
-        self.1.clone()
-    }
-    fn replace_disk(&self, _id: &str, _path: &std::path::Path) -> Result<(), String> {
-        Ok(())
-    }
-    fn metrics(&self) -> serde_json::Value {
-        serde_json::json!({"vcpu": {"exit_mmio_read": 1}})
-    }
-}
-
-/// A host that starts [`FakeVm`]s; its snapshots were all taken with `saved`.
-struct FakeHost {
-    seen: Arc<Mutex<Seen>>,
-    saved: VmConfig,
-}
-
-impl FakeHost {
-    /// A VM for `config`, with a balloon handle if it has a balloon.
-    fn vm(&self, config: &VmConfig) -> Box<dyn Running> {
-        let balloon = config.balloon.map(|o| devices::virtio::balloon::Balloon::new(o).1);
-        Box::new(FakeVm(Arc::clone(&self.seen), balloon))
-    }
-}
-
-impl Host for FakeHost {
-    fn boot(&mut self, config: VmConfig) -> Result<Box<dyn Running>, String> {
-        let vm = self.vm(&config);
-        self.seen.lock().unwrap().booted = Some(config);
-        Ok(vm)
-    }
-    fn restore(&mut self, config: VmConfig, files: SnapshotFiles) -> Result<Box<dyn Running>, String> {
-        let vm = self.vm(&config);
-        self.seen.lock().unwrap().restored = Some((config, files));
-        Ok(vm)
-    }
-    fn saved_config(&mut self, _files: &SnapshotFiles) -> Result<VmConfig, String> {
-        Ok(self.saved.clone())
-    }
-    fn logger(&mut self, logger: &Logger) -> Result<(), String> {
-        self.seen.lock().unwrap().loggers.push(logger.clone());
-        Ok(())
-    }
-}
+// The fake host and VM are the router tests' (`router::tests::{FakeHost, Seen}`).
 
 /// Files the configuration names (they must exist when put): kernel, initrd, disk.
 struct Files {

@@ -4,19 +4,20 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 
-/// What the fake host and VM were asked to do.
+/// What the fake host and VM were asked to do (also for the contract tests).
 #[derive(Debug, Default)]
 pub(crate) struct Seen {
-    booted: Option<VmConfig>,
-    restored: Option<(VmConfig, SnapshotFiles)>,
-    snapshots: Vec<SnapshotFiles>,
-    presses: u32,
-    paused: AtomicBool,
-    loggers: Vec<Logger>,
-    replaced: Vec<(String, PathBuf)>,
+    pub(crate) booted: Option<VmConfig>,
+    pub(crate) restored: Option<(VmConfig, SnapshotFiles)>,
+    pub(crate) snapshots: Vec<SnapshotFiles>,
+    pub(crate) presses: u32,
+    pub(crate) paused: AtomicBool,
+    pub(crate) loggers: Vec<Logger>,
+    pub(crate) replaced: Vec<(String, PathBuf)>,
 }
 
-struct FakeVm(Arc<Mutex<Seen>>);
+/// A VM that records what it is asked; it has a balloon if its configuration does.
+pub(crate) struct FakeVm(Arc<Mutex<Seen>>, Option<BalloonHandle>);
 
 impl Running for FakeVm {
     fn pause(&self) -> Result<(), String> {
@@ -38,7 +39,7 @@ impl Running for FakeVm {
         Ok(())
     }
     fn balloon(&self) -> Option<BalloonHandle> {
-        None
+        self.1.clone()
     }
     fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), String> {
         self.0.lock().unwrap().replaced.push((id.into(), path.into()));
@@ -49,19 +50,30 @@ impl Running for FakeVm {
     }
 }
 
-struct FakeHost {
-    seen: Arc<Mutex<Seen>>,
-    saved: VmConfig,
+/// A host that starts [`FakeVm`]s; its snapshots were all taken with `saved`.
+pub(crate) struct FakeHost {
+    pub(crate) seen: Arc<Mutex<Seen>>,
+    pub(crate) saved: VmConfig,
+}
+
+impl FakeHost {
+    /// A VM for `config`, with a balloon handle if it has a balloon.
+    fn vm(&self, config: &VmConfig) -> Box<dyn Running> {
+        let balloon = config.balloon.map(|o| devices::virtio::balloon::Balloon::new(o).1);
+        Box::new(FakeVm(Arc::clone(&self.seen), balloon))
+    }
 }
 
 impl Host for FakeHost {
     fn boot(&mut self, config: VmConfig) -> Result<Box<dyn Running>, String> {
+        let vm = self.vm(&config);
         self.seen.lock().unwrap().booted = Some(config);
-        Ok(Box::new(FakeVm(Arc::clone(&self.seen))))
+        Ok(vm)
     }
     fn restore(&mut self, config: VmConfig, files: SnapshotFiles) -> Result<Box<dyn Running>, String> {
+        let vm = self.vm(&config);
         self.seen.lock().unwrap().restored = Some((config, files));
-        Ok(Box::new(FakeVm(Arc::clone(&self.seen))))
+        Ok(vm)
     }
     fn saved_config(&mut self, _files: &SnapshotFiles) -> Result<VmConfig, String> {
         Ok(self.saved.clone())
