@@ -121,6 +121,13 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let _ = (offset, data);
     }
+    /// How many times the device changed its configuration space by itself (a disk's new
+    /// capacity), for the transport's ConfigGeneration: a driver reading a field in
+    /// several accesses sees it move if the field changed in between. 0 (the default) for
+    /// a device whose configuration only the driver changes.
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// Starts the device with the driver's queues.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// The driver notified queue `index` (only called after a successful activation).

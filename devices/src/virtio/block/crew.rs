@@ -1,5 +1,5 @@
 //! The threads that serve one queue: its worker and, for a disk that serves many requests
-//! at once ([`SharedDisk`]), up to [`super::IO_THREADS`]` - 1` helpers. Each of them takes a
+//! at once ([`SharedDisk`](super::disk::SharedDisk)), up to [`super::IO_THREADS`]` - 1` helpers. Each of them takes a
 //! request from the ring, serves it and answers it itself, so a request passes from one
 //! thread to another only when the driver makes it available; and each thread that takes
 //! a request while more are waiting calls a helper for the next (a sleeping one, or a new
@@ -33,8 +33,8 @@ use std::time::Instant;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::disk::SharedDisk;
-use super::request::{DiskInfo, Op, Plan, Request, Target, ID_LEN};
+use super::drive::Drive;
+use super::request::{Op, Plan, Request, ID_LEN};
 use crate::virtio::worker::{PollWindow, Wake};
 use crate::virtio::{give_back, has_pending, next_chain, notify_driver, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
@@ -84,11 +84,11 @@ pub(super) struct Crew {
     /// queue's, kept under the lock): to look for work without the lock.
     avail_idx: Option<AvailIdx>,
     next_avail: AtomicU16,
-    /// The disk for helpers; `None` for a disk only the worker may use (no helpers).
-    disk: Option<Arc<dyn SharedDisk>>,
+    /// The disk: each request holds it while it is checked and served.
+    drive: Arc<Drive>,
+    /// How many helpers at most (none for a disk only the worker may use).
     helpers: usize,
     helper_name: String,
-    info: DiskInfo,
     id: [u8; ID_LEN],
     /// The worker's: whether it is asked to stop.
     wake: Wake,
@@ -102,14 +102,12 @@ impl std::fmt::Debug for Crew {
 
 /// How a crew is made up.
 pub(super) struct Members {
-    /// The disk for helpers (`None`: the worker alone serves the queue).
-    pub(super) disk: Option<Arc<dyn SharedDisk>>,
-    /// How many helpers at most.
+    /// The disk.
+    pub(super) drive: Arc<Drive>,
+    /// How many helpers at most (none unless the disk serves requests in parallel).
     pub(super) helpers: usize,
     /// Their thread name.
     pub(super) name: String,
-    /// The disk's size and whether it is read-only.
-    pub(super) info: DiskInfo,
     /// The device's ID string.
     pub(super) id: [u8; ID_LEN],
 }
@@ -117,7 +115,7 @@ pub(super) struct Members {
 impl Crew {
     /// A crew for `queue` (no helper runs yet); `wake` is its worker's.
     pub(super) fn new(memory: GuestMemory, queue: Queue, interrupt: Interrupt, wake: Wake, members: Members) -> Self {
-        let Members { disk, helpers, name, info, id } = members;
+        let Members { drive, helpers, name, id } = members;
         // The ring is in guest memory (the transport checked it) and 2-byte aligned
         // (virtio-queue checked it), so its index is an aligned u16 there.
         let avail_idx = memory
@@ -128,7 +126,7 @@ impl Crew {
             .filter(|ptr| ptr.as_ptr().align_offset(2) == 0)
             .map(|ptr| AvailIdx(ptr.cast()));
         let next_avail = AtomicU16::new(queue.next_avail());
-        let helpers = if disk.is_some() { helpers } else { 0 };
+        let helpers = if drive.parallel() { helpers } else { 0 };
         let ring = Ring {
             queue,
             busy: 0,
@@ -147,10 +145,9 @@ impl Crew {
             interrupt,
             avail_idx,
             next_avail,
-            disk,
+            drive,
             helpers,
             helper_name: name,
-            info,
             id,
             wake,
         }
@@ -180,11 +177,11 @@ impl Crew {
         with(&mut self.lock().queue, self.memory.memory())
     }
 
-    /// Takes, serves and answers requests with `request` and `target` (this thread's)
+    /// Takes, serves and answers requests with `request` and `bounce` (this thread's)
     /// until none is waiting, the ring is shut or the worker stops; true if it took any.
     /// A helper (`arm`) turns the driver's notifications back on when it finds the ring
     /// empty, as it is going to sleep; the worker does that itself before it sleeps.
-    pub(super) fn serve(self: &Arc<Self>, request: &mut Request, target: &mut Target<'_>, arm: bool) -> bool {
+    pub(super) fn serve(self: &Arc<Self>, request: &mut Request, bounce: &mut [u8], arm: bool) -> bool {
         let mem = self.memory.memory();
         let mut took = false;
         let mut ring = self.lock();
@@ -204,12 +201,7 @@ impl Crew {
                 self.spawn_helper();
             }
             request.parse(mem, chain);
-            let (status, op) = match request.prepare(&self.info, &self.id) {
-                Plan::Drop => (None, None),
-                Plan::Done(status) => (Some(status), None),
-                Plan::Io(Op::Flush) if !self.wait_for_earlier() => (None, None),
-                Plan::Io(op) => (Some(request.run(op, target)), Some(op)),
-            };
+            let (status, op) = self.handle(request, bounce);
             ring = self.lock();
             ring.busy -= 1;
             if !self.stopping() {
@@ -222,6 +214,27 @@ impl Crew {
             if ring.shut && ring.busy <= ring.flushes {
                 self.drained.notify_all();
             }
+        }
+    }
+
+    /// Checks and serves the request `request` holds, holding the disk meanwhile (a swap
+    /// waits); a flush lets it go while it waits for the requests before it (which need
+    /// it), and may then run on a disk swapped in meanwhile: the swap flushed the old one.
+    /// Returns the status to answer with (`None`: no answer) and the work that ran.
+    fn handle(&self, request: &mut Request, bounce: &mut [u8]) -> (Option<u8>, Option<Op>) {
+        let mut disk = self.drive.hold();
+        match request.prepare(&disk.info(), &self.id) {
+            Plan::Drop => (None, None),
+            Plan::Done(status) => (Some(status), None),
+            Plan::Io(Op::Flush) => {
+                drop(disk);
+                if !self.wait_for_earlier() {
+                    return (None, None);
+                }
+                let status = request.run(Op::Flush, &mut self.drive.hold().target(bounce));
+                (Some(status), Some(Op::Flush))
+            }
+            Plan::Io(op) => (Some(request.run(op, &mut disk.target(bounce))), Some(op)),
         }
     }
 
@@ -266,14 +279,10 @@ impl Crew {
     }
 
     fn spawn_helper(self: &Arc<Self>) {
-        let Some(disk) = self.disk.clone() else {
-            self.lock().starting -= 1;
-            return;
-        };
         let crew = Arc::clone(self);
         let spawned = std::thread::Builder::new().name(self.helper_name.clone()).stack_size(STACK).spawn(move || {
             let mut request = Box::new(Request::new());
-            crew.help(&mut request, &mut Target::Shared(disk.as_ref()));
+            crew.help(&mut request);
         });
         let mut ring = self.lock();
         ring.starting -= 1;
@@ -297,11 +306,13 @@ impl Crew {
     /// A helper's life until the session is over: serve; watch the ring for a while
     /// (adaptive, as the worker does, yielding the CPU to whoever needs it) while requests
     /// keep coming; sleep until called.
-    fn help(self: &Arc<Self>, request: &mut Request, target: &mut Target<'_>) {
+    fn help(self: &Arc<Self>, request: &mut Request) {
+        // Helpers serve only a disk that reaches guest memory itself: no bounce buffer.
+        let bounce: &mut [u8] = &mut [];
         let mut window = PollWindow::new();
         loop {
             let mut asleep = None;
-            if self.serve(request, target, false) {
+            if self.serve(request, bounce, false) {
                 window.hit();
             } else {
                 if self.poll(&mut window) {
@@ -309,7 +320,7 @@ impl Crew {
                 }
                 // Going to sleep: take what is left, turning notifications back on when
                 // the ring is empty (the worker may be asleep already).
-                if self.serve(request, target, true) {
+                if self.serve(request, bounce, true) {
                     continue;
                 }
                 asleep = Some(Instant::now());

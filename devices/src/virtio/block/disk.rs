@@ -102,6 +102,24 @@ impl FileDisk {
         }
         Ok(FileDisk { image: Arc::new(FileImage { file, capacity: meta.len(), read_only }) })
     }
+
+    /// Whether `path` names the file this disk has open (the same device and inode),
+    /// which [`FileDisk::open`] would find locked by this very disk.
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.image.file.metadata(), std::fs::metadata(path)) {
+            (Ok(open), Ok(named)) => (open.dev(), open.ino()) == (named.dev(), named.ino()),
+            _ => false,
+        }
+    }
+
+    /// The same image again, with its size as it is now (the file grew or shrank since it
+    /// was opened): a new descriptor for the same open file, so it shares the lock.
+    pub fn reopen(&self) -> io::Result<FileDisk> {
+        let file = self.image.file.try_clone()?;
+        let capacity = file.metadata()?.len();
+        Ok(FileDisk { image: Arc::new(FileImage { file, capacity, read_only: self.image.read_only }) })
+    }
 }
 
 impl Disk for FileDisk {
@@ -348,6 +366,28 @@ mod tests {
         drop(first);
         let _a = FileDisk::open(&path, true).unwrap();
         let _b = FileDisk::open(&path, true).expect("readers share");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// PATCH /drives with the drive's own path (its file resized): the file is open and
+    /// locked by the disk, so it is opened again through the disk, sharing its lock.
+    #[test]
+    fn a_disk_reopened_sees_its_new_size_and_keeps_the_lock() {
+        let path = image("reopen", &[3u8; 4096]);
+        let disk = FileDisk::open(&path, false).unwrap();
+        assert!(disk.is_at(&path));
+        assert!(!disk.is_at(&std::env::temp_dir()), "another file");
+        assert!(!disk.is_at(Path::new("/nonexistent/hvrun")), "no file");
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(8192).unwrap();
+        assert!(FileDisk::open(&path, false).is_err(), "locked by the disk");
+        let mut again = disk.reopen().unwrap();
+        assert_eq!((disk.capacity(), again.capacity()), (4096, 8192));
+        assert!(!again.read_only());
+        drop(disk);
+        again.write_at(&[9], 8191).unwrap();
+        assert!(FileDisk::open(&path, true).is_err(), "the lock stays with the disk reopened");
+        drop(again);
+        FileDisk::open(&path, false).expect("the lock goes with the last descriptor");
         std::fs::remove_file(path).unwrap();
     }
 

@@ -17,8 +17,8 @@ use mio::Registry;
 use virtio_queue::{Queue, QueueT};
 
 use super::crew::{Crew, Members};
-use super::disk::{Disk, SharedDisk};
-use super::request::{DiskInfo, Request, Target, ID_LEN};
+use super::drive::Drive;
+use super::request::{Request, ID_LEN};
 use crate::virtio::worker::{Handler, PollWindow, Wake};
 use crate::virtio::{GuestMemory, Interrupt};
 use crate::warn_ratelimited;
@@ -26,20 +26,6 @@ use crate::warn_ratelimited;
 const NAME: &str = "virtio-blk";
 /// Bytes of data moved per call for a disk that cannot reach guest memory itself.
 const BOUNCE_SIZE: usize = 256 * 1024;
-
-/// The disk as a queue sees it.
-pub(super) enum Backend {
-    /// One request at a time, on the worker of the device's only queue; the bounce buffer
-    /// is allocated when the queue starts.
-    Serial {
-        /// The disk.
-        disk: Box<dyn Disk>,
-        /// The bounce buffer.
-        bounce: Vec<u8>,
-    },
-    /// Any number at once, from any thread.
-    Shared(Arc<dyn SharedDisk>),
-}
 
 /// What the driver hands over when it starts the queue, until the worker runs.
 struct Started {
@@ -51,8 +37,10 @@ struct Started {
 /// A queue's handler: the disk and what it knows of it, kept across driver sessions, and
 /// the crew while the driver has the queue started.
 pub(super) struct QueueHandler {
-    backend: Backend,
-    info: DiskInfo,
+    drive: Arc<Drive>,
+    /// For a disk served one request at a time that cannot reach guest memory itself;
+    /// allocated while the queue runs.
+    bounce: Vec<u8>,
     id: [u8; ID_LEN],
     /// Name and number of the helpers' threads.
     helper_name: String,
@@ -66,12 +54,12 @@ pub(super) struct QueueHandler {
 }
 
 impl QueueHandler {
-    /// A handler for a queue of the disk `backend`, with at most `helpers` helper
-    /// threads called `helper_name` (for a shared disk).
-    pub(super) fn new(backend: Backend, info: DiskInfo, id: [u8; ID_LEN], helper_name: String, helpers: usize) -> Self {
+    /// A handler for a queue of `drive`, with at most `helpers` helper threads called
+    /// `helper_name` (for a disk that serves requests in parallel).
+    pub(super) fn new(drive: Arc<Drive>, id: [u8; ID_LEN], helper_name: String, helpers: usize) -> Self {
         QueueHandler {
-            backend,
-            info,
+            drive,
+            bounce: Vec::new(),
             id,
             helper_name,
             helpers,
@@ -85,8 +73,8 @@ impl QueueHandler {
 
     /// Takes the driver's queue for a session (before the worker starts).
     pub(super) fn attach(&mut self, memory: GuestMemory, queue: Queue, interrupt: Interrupt, event_idx: bool) {
-        if let Backend::Serial { bounce, .. } = &mut self.backend {
-            bounce.resize(BOUNCE_SIZE, 0);
+        if !self.drive.parallel() {
+            self.bounce.resize(BOUNCE_SIZE, 0);
         }
         self.event_idx = event_idx;
         self.started = Some(Started { memory, queue, interrupt });
@@ -95,11 +83,7 @@ impl QueueHandler {
     /// Serves what is waiting; true if there was anything.
     fn serve(&mut self) -> bool {
         let Some(crew) = &self.crew else { return false };
-        let mut target = match &mut self.backend {
-            Backend::Serial { disk, bounce } => Target::Serial(disk.as_mut(), bounce),
-            Backend::Shared(disk) => Target::Shared(&**disk),
-        };
-        crew.serve(&mut self.request, &mut target, false)
+        crew.serve(&mut self.request, &mut self.bounce, false)
     }
 
     /// Before the worker sleeps: notifications back on, and one more look at the ring
@@ -130,12 +114,12 @@ impl Handler for QueueHandler {
 
     fn set_wake(&mut self, wake: Wake) {
         let Some(Started { memory, queue, interrupt }) = self.started.take() else { return };
-        let disk = match &self.backend {
-            Backend::Shared(disk) => Some(Arc::clone(disk)),
-            Backend::Serial { .. } => None,
+        let members = Members {
+            drive: Arc::clone(&self.drive),
+            helpers: self.helpers,
+            name: self.helper_name.clone(),
+            id: self.id,
         };
-        let members =
-            Members { disk, helpers: self.helpers, name: self.helper_name.clone(), info: self.info, id: self.id };
         self.crew = Some(Arc::new(Crew::new(memory, queue, interrupt, wake, members)));
     }
 
@@ -163,9 +147,7 @@ impl Handler for QueueHandler {
         }
         self.started = None;
         self.window = PollWindow::new();
-        if let Backend::Serial { bounce, .. } = &mut self.backend {
-            *bounce = Vec::new();
-        }
+        self.bounce = Vec::new();
     }
 
     fn poll_window(&mut self) -> std::time::Duration {

@@ -8,7 +8,8 @@
 //! parallel on up to [`IO_THREADS`] threads (see `crew`); any other disk is served one
 //! request at a time on one queue, its worker owning the disk while it runs. Either way
 //! the device keeps the disk across a reset, so a driver can reset and start the device
-//! again.
+//! again. The host may give the device another disk while it runs ([`BlockHandle`]; see
+//! `drive`).
 //!
 //! Features: SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, DISCARD, WRITE_ZEROES, RO (for read-only
 //! disks), MQ (for shared disks on machines with more than one vCPU) and EVENT_IDX.
@@ -16,8 +17,11 @@
 mod buffers;
 mod crew;
 pub mod disk;
+mod drive;
 mod handler;
 pub mod request;
+
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
@@ -27,8 +31,10 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use self::disk::Disk;
-use self::handler::{Backend, QueueHandler};
-use self::request::{DiskInfo, ID_LEN, MAX_DATA, MAX_SEGMENTS, MAX_ZEROES_SECTORS, SECTOR_SIZE};
+use self::drive::Drive;
+pub use self::drive::{BlockHandle, ReplaceError};
+use self::handler::QueueHandler;
+use self::request::{ID_LEN, MAX_DATA, MAX_SEGMENTS, MAX_ZEROES_SECTORS, SECTOR_SIZE};
 use super::notifier::QueueNotifier;
 use super::worker::Slot;
 use super::{ActivateError, Activation, VirtioDevice};
@@ -55,15 +61,14 @@ const CONFIG_LEN: usize = 60;
 
 /// A virtio block device.
 pub struct Block {
-    config: [u8; CONFIG_LEN],
     features: u64,
     queue_sizes: Vec<u16>,
     /// One per queue offered, in queue order.
     queues: Vec<Slot<QueueHandler>>,
     /// How many queues run (the first ones).
     running: usize,
-    /// A shared disk, kept while its handles serve the queues.
-    _disk: Option<Box<dyn Disk>>,
+    /// The disk, which the queues' threads and the host's [`BlockHandle`]s share.
+    drive: Arc<Drive>,
 }
 
 impl std::fmt::Debug for Block {
@@ -96,30 +101,28 @@ impl Block {
         let mut id_bytes = [0u8; ID_LEN];
         let n = id.len().min(ID_LEN);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
-        let info = DiskInfo { capacity: disk.capacity(), read_only: disk.read_only() };
-        let shared = disk.shared();
-        let count = if shared.is_some() { queues.clamp(1, MAX_QUEUES) } else { 1 };
-        let handler = |index: usize, backend: Backend| {
-            let (worker, pool) = if index == 0 {
-                (format!("vblk-{}", short_id(&id_bytes, 10)), format!("vbio-{}", short_id(&id_bytes, 10)))
-            } else {
-                (format!("vblk{index}-{}", short_id(&id_bytes, 9)), format!("vbio{index}-{}", short_id(&id_bytes, 9)))
-            };
-            Slot::new(worker, QueueHandler::new(backend, info, id_bytes, pool, IO_THREADS - 1))
-        };
-        let (slots, kept) = match shared {
-            Some(shared) => {
-                let slots = (0..count).map(|i| handler(i, Backend::Shared(shared.clone()))).collect();
-                (slots, Some(disk))
-            }
-            None => (vec![handler(0, Backend::Serial { disk, bounce: Vec::new() })], None),
-        };
+        let drive = Drive::new(disk);
+        let count = if drive.parallel() { queues.clamp(1, MAX_QUEUES) } else { 1 };
+        let helpers = if drive.parallel() { IO_THREADS - 1 } else { 0 };
+        let slots = (0..count)
+            .map(|index| {
+                let (worker, pool) = if index == 0 {
+                    (format!("vblk-{}", short_id(&id_bytes, 10)), format!("vbio-{}", short_id(&id_bytes, 10)))
+                } else {
+                    (
+                        format!("vblk{index}-{}", short_id(&id_bytes, 9)),
+                        format!("vbio{index}-{}", short_id(&id_bytes, 9)),
+                    )
+                };
+                Slot::new(worker, QueueHandler::new(Arc::clone(&drive), id_bytes, pool, helpers))
+            })
+            .collect();
         let mut features = (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_RING_F_EVENT_IDX);
-        if info.read_only {
+        if drive.read_only() {
             features |= 1 << VIRTIO_BLK_F_RO;
         } else {
             features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
@@ -127,17 +130,16 @@ impl Block {
         if count > 1 {
             features |= 1 << VIRTIO_BLK_F_MQ;
         }
-        Block {
-            config: config_space(info.capacity / SECTOR_SIZE, count as u16),
-            features,
-            queue_sizes: vec![QUEUE_SIZE; count],
-            queues: slots,
-            running: 0,
-            _disk: kept,
-        }
+        Block { features, queue_sizes: vec![QUEUE_SIZE; count], queues: slots, running: 0, drive }
+    }
+
+    /// The host's handle on this device: to give it another disk while it runs.
+    pub fn handle(&self) -> BlockHandle {
+        BlockHandle::new(&self.drive)
     }
 
     fn stop_queues(&mut self) {
+        self.drive.stopped();
         for slot in &mut self.queues[..self.running] {
             slot.stop();
         }
@@ -177,7 +179,13 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_bytes(&self.config, offset, data);
+        // Built on each read: the capacity changes when the host swaps the disk.
+        let config = config_space(self.drive.sectors(), self.queue_sizes.len() as u16);
+        super::read_config_bytes(&config, offset, data);
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.drive.generation()
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
@@ -188,6 +196,7 @@ impl VirtioDevice for Block {
         // A driver that did not take MQ uses queue 0 only.
         let usable = if acked_features & (1 << VIRTIO_BLK_F_MQ) != 0 { queues.len() } else { 1 };
         let event_idx = acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        self.drive.started(interrupt.clone());
         for (slot, queue) in self.queues.iter_mut().zip(queues).take(usable) {
             let (memory, interrupt) = (memory.clone(), interrupt.clone());
             let started = slot.start(|handler| {
@@ -241,5 +250,7 @@ impl Drop for Block {
 
 #[cfg(test)]
 mod parallel_tests;
+#[cfg(test)]
+mod swap_tests;
 #[cfg(test)]
 mod tests;

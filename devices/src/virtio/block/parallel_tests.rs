@@ -21,14 +21,14 @@ const MEM: usize = 4 << 20;
 /// Request `k`'s header, status byte and 4 KiB data buffer.
 const HDRS: u64 = 0x1_0000;
 const STATUSES: u64 = 0x1_8000;
-const BUFS: u64 = 0x10_0000;
+pub(super) const BUFS: u64 = 0x10_0000;
 /// Queue `q`'s rings.
 const RINGS: u64 = 0x30_0000;
 const QUEUE: u16 = 256;
 
 /// What the recording disk saw, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Seen {
+pub(super) enum Seen {
     /// A read or write at this offset started.
     Start(u64),
     /// A write at this offset returned.
@@ -42,8 +42,8 @@ enum Seen {
 }
 
 #[derive(Default)]
-struct Recording {
-    bytes: Vec<u8>,
+pub(super) struct Recording {
+    pub(super) bytes: Vec<u8>,
     seen: Vec<Seen>,
     /// Offsets whose reads and writes wait until taken out.
     held: HashSet<u64>,
@@ -54,33 +54,33 @@ struct Recording {
 /// A disk in memory that serves many requests at once and records what it does; reads
 /// and writes at held offsets wait until the test lets them go.
 #[derive(Clone, Default)]
-struct Recorder(Arc<(Mutex<Recording>, Condvar)>);
+pub(super) struct Recorder(Arc<(Mutex<Recording>, Condvar)>);
 
 impl Recorder {
-    fn new(size: usize) -> Self {
+    pub(super) fn new(size: usize) -> Self {
         let recorder = Recorder::default();
         recorder.state().bytes = (0..size).map(|i| (i % 251) as u8).collect();
         recorder
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, Recording> {
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, Recording> {
         self.0 .0.lock().unwrap()
     }
 
-    fn hold(&self, offsets: impl IntoIterator<Item = u64>) {
+    pub(super) fn hold(&self, offsets: impl IntoIterator<Item = u64>) {
         self.state().held.extend(offsets);
     }
 
-    fn release(&self, offset: u64) {
+    pub(super) fn release(&self, offset: u64) {
         self.state().held.remove(&offset);
         self.0 .1.notify_all();
     }
 
-    fn waiting(&self) -> usize {
+    pub(super) fn waiting(&self) -> usize {
         self.state().waiting
     }
 
-    fn seen(&self) -> Vec<Seen> {
+    pub(super) fn seen(&self) -> Vec<Seen> {
         self.state().seen.clone()
     }
 
@@ -154,7 +154,7 @@ impl Disk for Recorder {
 
 /// Lets every held read and write go when dropped, so that a failing test ends instead
 /// of waiting for them in the device's drop (declare it after the device).
-struct Opener<'a>(&'a Recorder);
+pub(super) struct Opener<'a>(pub(super) &'a Recorder);
 
 impl Drop for Opener<'_> {
     fn drop(&mut self) {
@@ -164,22 +164,25 @@ impl Drop for Opener<'_> {
 }
 
 /// A device on its transport, and the guest memory it works in.
-struct Rig {
-    mem: Arc<Mem>,
-    transport: MmioTransport,
+pub(super) struct Rig {
+    pub(super) mem: Arc<Mem>,
+    pub(super) transport: MmioTransport,
+    /// The host's handle on the device.
+    pub(super) handle: super::BlockHandle,
 }
 
 impl Rig {
-    fn new(block: Block) -> Self {
+    pub(super) fn new(block: Block) -> Self {
         let mem = Arc::new(Mem(crate::virtio::testing::mem(MEM)));
         let line = Arc::new(Line::default());
+        let handle = block.handle();
         let transport = MmioTransport::new(Box::new(block), mem.clone(), Interrupt::new(line)).unwrap();
-        Rig { mem, transport }
+        Rig { mem, transport, handle }
     }
 
     /// A device over `disk` (whose reads and writes at `held` offsets wait), started
     /// with one queue.
-    fn started(disk: &Recorder, held: impl IntoIterator<Item = u64>, id: &str) -> Self {
+    pub(super) fn started(disk: &Recorder, held: impl IntoIterator<Item = u64>, id: &str) -> Self {
         disk.hold(held);
         let mut rig = Rig::new(Block::new(Box::new(disk.clone()), id));
         let mem = rig.mem.clone();
@@ -187,19 +190,19 @@ impl Rig {
         rig
     }
 
-    fn notify(&mut self, q: u32) {
+    pub(super) fn notify(&mut self, q: u32) {
         write_reg(&mut self.transport, 0x50, q);
     }
 }
 
 /// Queue `q`'s rings, [`QUEUE`] entries.
-fn queue(mem: &Mem, q: u64) -> MockSplitQueue<'_, GuestMemoryMmap> {
+pub(super) fn queue(mem: &Mem, q: u64) -> MockSplitQueue<'_, GuestMemoryMmap> {
     MockSplitQueue::create(&mem.0, GuestAddress(RINGS + q * 0x1_0000), QUEUE)
 }
 
 /// Makes request `k` (descriptors `3k..`, its own header, buffer and status) of `kind`
 /// at `sector` available on `vq`, without notifying.
-fn post(mem: &Mem, vq: &MockSplitQueue<'_, GuestMemoryMmap>, k: u16, kind: u32, sector: u64) {
+pub(super) fn post(mem: &Mem, vq: &MockSplitQueue<'_, GuestMemoryMmap>, k: u16, kind: u32, sector: u64) {
     let (hdr, buf, status) = (HDRS + 16 * u64::from(k), BUFS + 4096 * u64::from(k), STATUSES + u64::from(k));
     mem.write_slice(&header(kind, sector), GuestAddress(hdr)).unwrap();
     mem.write_obj(0xeeu8, GuestAddress(status)).unwrap();
@@ -213,12 +216,12 @@ fn post(mem: &Mem, vq: &MockSplitQueue<'_, GuestMemoryMmap>, k: u16, kind: u32, 
 }
 
 /// Request `k`'s status byte.
-fn status(mem: &Mem, k: u16) -> u8 {
+pub(super) fn status(mem: &Mem, k: u16) -> u8 {
     mem.read_obj(GuestAddress(STATUSES + u64::from(k))).unwrap()
 }
 
 /// The heads in `vq`'s used ring so far, in order.
-fn used(vq: &MockSplitQueue<'_, GuestMemoryMmap>) -> Vec<u16> {
+pub(super) fn used(vq: &MockSplitQueue<'_, GuestMemoryMmap>) -> Vec<u16> {
     let n = vq.used().idx().load();
     (0..n).map(|i| vq.used().ring().ref_at(usize::from(i)).unwrap().load().id() as u16).collect()
 }
