@@ -171,6 +171,19 @@ pub fn open_disks(config: &VmConfig) -> Result<Vec<FileDisk>, Error> {
         .collect()
 }
 
+/// Opens the image at `path` to take the place of `current`, a disk's image now
+/// ([`crate::VmHandle::replace_disk`]), as [`open_disks`] opens disks at boot: locked,
+/// read-only as the drive was configured (`read_only`). When `path` is the file `current`
+/// has open (the same image, resized since: Firecracker's way to have the guest see a
+/// new size), it is opened again through `current`, which holds its lock.
+pub fn open_replacement(current: &FileDisk, path: &Path, read_only: bool) -> std::io::Result<FileDisk> {
+    if current.is_at(path) {
+        current.reopen()
+    } else {
+        FileDisk::open(path, read_only)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,5 +278,26 @@ mod tests {
         }
         std::fs::remove_file(fifo).unwrap();
         std::fs::remove_file(kernel).unwrap();
+    }
+
+    /// A drive's new image is opened as disks are at boot (locked, read-only as the drive
+    /// was), and the drive's own file, resized, through the disk that holds its lock.
+    #[test]
+    fn a_replacement_image_is_opened_as_at_boot_or_through_the_disk_that_has_it() {
+        use devices::virtio::block::disk::Disk;
+        let (old, new) = (temp("replace-old.img", &[1; 4096]), temp("replace-new.img", &[2; 8192]));
+        let current = FileDisk::open(&old, false).unwrap();
+        let other = open_replacement(&current, &new, false).unwrap();
+        assert_eq!((other.capacity(), other.read_only()), (8192, false));
+        assert!(FileDisk::open(&new, true).is_err(), "locked like a disk opened at boot");
+        drop(other);
+        assert!(open_replacement(&current, &new, true).unwrap().read_only(), "the drive's read-only setting");
+        std::fs::OpenOptions::new().write(true).open(&old).unwrap().set_len(16384).unwrap();
+        assert_eq!(open_replacement(&current, &old, false).unwrap().capacity(), 16384, "the same file, resized");
+        let missing = open_replacement(&current, Path::new("/nonexistent/disk2.img"), false).unwrap_err();
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+        drop(current);
+        std::fs::remove_file(old).unwrap();
+        std::fs::remove_file(new).unwrap();
     }
 }

@@ -66,6 +66,9 @@ pub struct Control {
     balloon: OnceLock<devices::virtio::balloon::BalloonHandle>,
     /// The machine's vsock device, if it has one.
     vsock: OnceLock<devices::virtio::vsock::VsockHandle>,
+    /// The configuration's disks, for [`Control::replace_disk`], while the machine runs
+    /// (KVM and Hypervisor.framework).
+    disks: Mutex<Option<Vec<DiskSlot>>>,
     /// What a snapshot saves, while the machine runs (KVM and Hypervisor.framework).
     snapshot: Mutex<Option<Arc<crate::snapshot::machine::Parts>>>,
     /// One snapshot at a time.
@@ -76,6 +79,21 @@ pub struct Control {
 
 /// Presses a guest's power button; returns whether a driver listens.
 pub type PowerButton = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// One of the configuration's disks, as [`Control::replace_disk`] finds it.
+#[derive(Debug)]
+pub struct DiskSlot {
+    /// Its place in the configuration's disks.
+    pub index: usize,
+    /// Its id: the configuration's, or the serial the machine gave it (`hvrun-diskN`).
+    pub id: String,
+    /// Whether the drive was configured read-only (a new image is opened alike).
+    pub read_only: bool,
+    /// The device's handle.
+    pub handle: devices::virtio::block::BlockHandle,
+    /// The image the device has now (for the same file given again).
+    pub image: devices::virtio::block::disk::FileDisk,
+}
 
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -149,6 +167,44 @@ impl Control {
     /// The machine's vsock device, if it has one.
     pub fn vsock(&self) -> Option<&devices::virtio::vsock::VsockHandle> {
         self.vsock.get()
+    }
+
+    /// Gives [`Control::replace_disk`] the configuration's disks, or takes them back
+    /// (`None`) as the machine stops, so a handle kept afterwards holds no image open.
+    pub fn set_disks(&self, disks: Option<Vec<DiskSlot>>) {
+        *lock(&self.disks) = disks;
+    }
+
+    /// Gives the disk `id` the image at `path` (Firecracker's `PATCH /drives`): opened
+    /// as at boot (locked, read-only as the drive was configured), swapped in once the
+    /// requests in hand on the old image are done (see
+    /// [`devices::virtio::block::BlockHandle::replace`]), and recorded in the
+    /// configuration a snapshot saves, so a snapshot taken afterwards names it. Not
+    /// during a snapshot.
+    pub fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), Error> {
+        let refused = |why: String| Error::DiskUpdate { id: id.into(), why };
+        let _one = lock(&self.snapshotting);
+        let mut disks = lock(&self.disks);
+        let Some(disks) = disks.as_mut() else {
+            return Err(refused("the VM is not running on KVM or Hypervisor.framework (or has stopped)".into()));
+        };
+        let Some(slot) = disks.iter_mut().find(|slot| slot.id == id) else {
+            let ids: Vec<_> = disks.iter().map(|slot| slot.id.as_str()).collect();
+            let known = if ids.is_empty() { "it has none".to_string() } else { ids.join(", ") };
+            return Err(refused(format!("the VM has no disk with this id (its disks: {known})")));
+        };
+        let image = crate::boot_files::open_replacement(&slot.image, path, slot.read_only)
+            .map_err(|e| refused(format!("cannot open {}: {e}", path.display())))?;
+        slot.handle.replace(Box::new(image.clone())).map_err(|e| refused(e.to_string()))?;
+        slot.image = image;
+        let index = slot.index;
+        let mut parts = lock(&self.snapshot);
+        if let Some(old) = parts.as_deref() {
+            *parts = Some(Arc::new(with_disk_path(old, index, path)));
+        }
+        drop(parts);
+        log::info!("disk {id}: now {} ({} bytes)", path.display(), slot.handle.capacity().unwrap_or(0));
+        Ok(())
     }
 
     /// The vCPUs' counters.
@@ -400,6 +456,29 @@ impl Control {
     }
 }
 
+/// `parts` with disk `index`'s image at `path`.
+fn with_disk_path(
+    parts: &crate::snapshot::machine::Parts,
+    index: usize,
+    path: &std::path::Path,
+) -> crate::snapshot::machine::Parts {
+    let mut config = parts.config.clone();
+    if let Some(disk) = config.disks.get_mut(index) {
+        disk.path = path.to_path_buf();
+    }
+    crate::snapshot::machine::Parts {
+        config,
+        requirements: parts.requirements.clone(),
+        memory: Arc::clone(&parts.memory),
+        irqchip: Arc::clone(&parts.irqchip),
+        uart: Arc::clone(&parts.uart),
+        rtc: Arc::clone(&parts.rtc),
+        transports: parts.transports.clone(),
+    }
+}
+
+#[cfg(test)]
+mod disk_tests;
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -554,11 +554,16 @@ impl VmHandle {
         self.snapshot_files(&SnapshotFiles::in_dir(dir))
     }
 
-    /// Gives the disk whose id is `id` the image at `path` (Firecracker's `PATCH
-    /// /drives`): the guest sees the new image's size, with a configuration-change
-    /// interrupt.
+    /// Gives the disk whose id is `id` (its [`crate::config::DiskConfig::id`], or
+    /// `hvrun-diskN` for the configuration's disk N without one) the image at `path`
+    /// (Firecracker's `PATCH /drives`): opened as disks are at boot (locked; read-only if
+    /// the drive is), swapped in once the requests in hand on the old image are done (the
+    /// old image is flushed first), and the guest sees the new image's size, with a
+    /// configuration-change interrupt. A snapshot taken afterwards names the new image.
+    /// The same path again picks up the file's new size. On KVM and Hypervisor.framework
+    /// only; an embedder's own disks ([`VmBuilder::disk`]) have no path to replace.
     pub fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<(), Error> {
-        Err(Error::DiskUpdate { id: id.into(), why: format!("cannot take {}: not supported yet", path.display()) })
+        self.control.replace_disk(id, path)
     }
 
     /// [`VmHandle::snapshot`] into a state file and a memory file wherever they are

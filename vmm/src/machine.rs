@@ -28,7 +28,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::backends;
 use crate::boot_files::BootFiles;
 use crate::console::{self, InputTarget, RawTerminal};
-use crate::control::Control;
+use crate::control::{Control, DiskSlot};
 use crate::embed::Io;
 use crate::irqchip::{self, Irqchip};
 use crate::slots::Slot;
@@ -141,7 +141,7 @@ where
         }
         Begin::Restore(loaded) => (None, Some(loaded), crate::boot_files::open_disks(config)?),
     };
-    let virtio = virtio_devices(config, disk_files, extras, nets, console.backend.take())?;
+    let (virtio, disk_slots) = virtio_devices(config, disk_files, extras, nets, console.backend.take())?;
     timeline.mark("devices");
     let slots = crate::slots::assign(virtio.len())?;
     let vm_config =
@@ -255,6 +255,7 @@ where
         console::spawn_input(reader, InputTarget::Uart(uart.clone()), control.clone(), false);
     }
 
+    control.set_disks(Some(disk_slots));
     log::info!(
         "booting on {} with {} vCPU(s), {} MiB and {}",
         hv.name(),
@@ -274,6 +275,7 @@ where
         let vcpus = Vcpus { cpus, begin: &begin, first_entry: &first_entry, timeline: &timeline };
         run_vcpus(&vm, vcpus, &bus, &*irqchip, &control);
         control.set_snapshot_parts(None);
+        control.set_disks(None);
         drop(begin);
         // How the machine comes down, from the first stop (the guest's power-off).
         let mut down = Timeline::new(control.stopped_at().unwrap_or_else(Instant::now));
@@ -447,6 +449,9 @@ impl Start {
     }
 }
 
+/// Virtio devices, in slot order.
+type VirtioList = Vec<Box<dyn VirtioDevice>>;
+
 /// An embedder's disks (with their serials) and virtio devices, and the power button.
 struct Extras {
     disks: Vec<(Box<dyn devices::virtio::block::disk::Disk>, String)>,
@@ -459,20 +464,24 @@ struct Extras {
 /// The virtio devices, in slot order (`crate::slots`): the disks first, the
 /// configuration's then the embedder's (so the first is `/dev/vda`), the network
 /// interfaces, the entropy device, the console, the power button, the balloon, the vsock
-/// device, then the embedder's own devices. Takes the open disks out of `files`.
+/// device, then the embedder's own devices; and the configuration's disks for
+/// [`Control::replace_disk`].
 fn virtio_devices(
     config: &VmConfig,
     disks: Vec<devices::virtio::block::disk::FileDisk>,
     extras: Extras,
     nets: Vec<backends::OpenNet>,
     console: Option<devices::virtio::console::Backend>,
-) -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+) -> Result<(VirtioList, Vec<DiskSlot>), Error> {
+    let mut devices: VirtioList = Vec::new();
+    let mut slots = Vec::with_capacity(disks.len());
     // A queue per vCPU (up to block::MAX_QUEUES) for disks that serve requests in parallel.
     let queues = usize::try_from(config.cpus).unwrap_or(1);
-    for (index, (disk, cfg)) in disks.into_iter().zip(&config.disks).enumerate() {
+    for (index, (image, cfg)) in disks.into_iter().zip(&config.disks).enumerate() {
         let id = cfg.id.clone().unwrap_or_else(|| format!("hvrun-disk{index}"));
-        devices.push(Box::new(Block::with_queues(Box::new(disk), &id, queues)));
+        let block = Block::with_queues(Box::new(image.clone()), &id, queues);
+        slots.push(DiskSlot { index, id, read_only: cfg.read_only, handle: block.handle(), image });
+        devices.push(Box::new(block));
     }
     for (disk, id) in extras.disks {
         devices.push(Box::new(Block::with_queues(disk, &id, queues)));
@@ -497,7 +506,7 @@ fn virtio_devices(
         devices.push(Box::new(vsock));
     }
     devices.extend(extras.devices);
-    Ok(devices)
+    Ok((devices, slots))
 }
 
 /// An [`Error::Memory`] for `what`, caused by `source`.
