@@ -3,10 +3,12 @@
 # drives Firecracker. A guest with 2 vCPUs counts every 100 ms (guests/initramfs/t/
 # snapshot-loop) to its serial port, its disk and a TCP connection to this host, and
 # waits for its power button (t/power-button). The first hvrun is configured and started
-# through the API, paused, resumed, paused again and snapshotted, then killed; a second
-# hvrun loads the snapshot through its own API socket and the count goes on there, until
-# SendCtrlAltDel takes the guest down its shutdown path and hvrun exits 0. Malformed and
-# out-of-place requests are refused with 400 and a fault_message.
+# through the API; its drive gets a new image while it runs (PATCH /drives/rootfs: the
+# count goes on in /tmp/disk2.img and the old image is no longer written); it is paused,
+# resumed, paused again and snapshotted, then killed; a second hvrun loads the snapshot
+# (which names the new image) through its own API socket and the count goes on there,
+# until SendCtrlAltDel takes the guest down its shutdown path and hvrun exits 0.
+# Malformed and out-of-place requests are refused with 400 and a fault_message.
 # `curl` is Debian's (the scenario prepends the function that runs it in the rig).
 now() { cut -d' ' -f1 /proc/uptime | cut -d. -f1; }
 # wait_in FILE PATTERN SECONDS: waits for PATTERN (a grep pattern) on a line of FILE,
@@ -17,12 +19,14 @@ wait_in() {
     tr -d '\r' <"$1" 2>/dev/null | grep -q "$2"
 }
 counts() { tr -d '\r' <"$1" | sed -n 's/^count \([0-9]*\)$/\1/p'; }
+# disk_count IMAGE: the count the guest last wrote into the image's first sector.
+disk_count() { head -c 32 "$1" | sed -n 's/^count \([0-9]*\).*/\1/p'; }
 last_count() { counts "$1" | tail -n 1; }
 pid1=; pid2=; tcp=
 cleanup() {
     kill -9 $pid1 $pid2 2>/dev/null
     kill $tcp 2>/dev/null
-    rm -rf /tmp/snap /tmp/disk.img /tmp/fc.sock /tmp/fc2.sock /tmp/fc-body /tmp/fc-hold
+    rm -rf /tmp/snap /tmp/disk.img /tmp/disk2.img /tmp/fc.sock /tmp/fc2.sock /tmp/fc-body /tmp/fc-hold
 }
 fail() {
     echo "fc-api: FAIL: $*"
@@ -118,6 +122,25 @@ refused 'a second InstanceStart' /tmp/fc.sock PUT /actions '{"action_type": "Ins
 refused 'PUT /boot-source after the start' /tmp/fc.sock PUT /boot-source \
     '{"kernel_image_path": "/guest/Image", "boot_args": "console=ttyAMA0"}'
 
+# A new image for the running guest's drive: its writes go there from now on.
+dd if=/dev/zero of=/tmp/disk2.img bs=1M count=4 2>/dev/null
+refused 'PATCH /drives/nope' /tmp/fc.sock PATCH /drives/nope '{"drive_id": "nope", "path_on_host": "/tmp/disk2.img"}'
+refused 'PATCH /drives/rootfs with a missing file' /tmp/fc.sock PATCH /drives/rootfs \
+    '{"drive_id": "rootfs", "path_on_host": "/tmp/nonexistent.img"}'
+c=$(last_count /tmp/fc1.out)
+ok /tmp/fc.sock 204 PATCH /drives/rootfs '{"drive_id": "rootfs", "path_on_host": "/tmp/disk2.img"}'
+sleep 2
+n=$(disk_count /tmp/disk2.img)
+[ -n "$n" ] && [ "$n" -gt "$c" ] || fail "the new image holds count '$n' 2 s after the swap at count $c"
+echo "fc-api: the new image holds count $n (swapped at count $c)"
+old=$(disk_count /tmp/disk.img)
+sleep 1
+[ "$(disk_count /tmp/disk.img)" = "$old" ] || fail "the old image is still written (count $old, then $(disk_count /tmp/disk.img))"
+[ "$(disk_count /tmp/disk2.img)" -gt "$n" ] || fail "the count stopped in the new image at $n"
+echo "fc-api: the old image stays at count $old"
+grep -q 'disk rootfs: now /tmp/disk2.img (4194304 bytes)' /tmp/fc1.err || fail "hvrun did not log the swap"
+echo "fc-api: hvrun logged the swap: $(grep -o 'disk rootfs: now .*' /tmp/fc1.err)"
+
 ok /tmp/fc.sock 204 PATCH /vm '{"state": "Paused"}'
 state /tmp/fc.sock Paused
 c=$(last_count /tmp/fc1.out)
@@ -176,9 +199,10 @@ echo "fc-api: the guest took its shutdown path"
 wait_in /tmp/fc2.out 'reboot: Power down' 1 || fail "the guest did not power down (hvrun status $rc)"
 echo "fc-api: the guest powered down"
 echo "fc-api: the second hvrun exit $rc"
-n=$(head -c 32 /tmp/disk.img | sed -n 's/^count \([0-9]*\).*/\1/p')
-[ -n "$n" ] && [ "$n" -gt "$((c + 20))" ] || fail "the disk holds count '$n', the snapshot was at $c"
-echo "fc-api: the disk holds count $n"
+# The snapshot named the drive's new image, so the second hvrun wrote on there.
+n=$(disk_count /tmp/disk2.img)
+[ -n "$n" ] && [ "$n" -gt "$((c + 20))" ] || fail "the new image holds count '$n', the snapshot was at $c"
+echo "fc-api: after the load the new image holds count $n"
 # What the forbidden list looks for, if it is anywhere in the files.
 cat /tmp/fc1.out /tmp/fc2.out | tr -d '\r' | grep -E 'DMESG-BAD|detected stall|Kernel panic'
 cat /tmp/fc1.err /tmp/fc2.err | grep -E 'hvrun: error|panicked'
