@@ -341,7 +341,9 @@ impl MmioTransport {
             INTERRUPT_STATUS => self.interrupt.status(),
             STATUS if self.interrupt.needs_reset() => self.status | VIRTIO_CONFIG_S_NEEDS_RESET,
             STATUS => self.status,
-            CONFIG_GENERATION => self.config_generation,
+            // The transport's count moves on the driver's writes, the device's on its
+            // own changes (a disk swapped): either tells the driver to read again.
+            CONFIG_GENERATION => self.config_generation.wrapping_add(self.device.config_generation()),
             _ => 0,
         }
     }
