@@ -3,7 +3,9 @@
 # to the serial port, its disk and a TCP connection to this host. Through the control
 # socket the rig host snapshots it, then kills hvrun with SIGKILL, and continues the
 # snapshot twice, one clone after the other: the first on the same disk and tap, the
-# second on a copy of the disk taken at the snapshot.
+# second on a copy of the disk taken at the snapshot. hvrun's log goes to OUT.log, apart
+# from the guest's serial output in OUT: a log line written between two pieces of a guest
+# line would cut it in two.
 now() { cut -d' ' -f1 /proc/uptime | cut -d. -f1; }
 # wait_in FILE PATTERN SECONDS: waits for PATTERN to show in FILE.
 wait_in() {
@@ -21,10 +23,10 @@ nc -l -p 5010 <>/tmp/hold >/tmp/tcp.log &
 dd if=/dev/zero of=/tmp/disk.img bs=1M count=4 2>/dev/null
 rm -rf /tmp/snap
 (RUST_LOG=info /bin/hvrun --kernel /guest/Image --initrd /guest/initramfs.cpio --cpus 2 --memory 256M --disk /tmp/disk.img \
-  --net tap=tap0 --control /tmp/ctl0.sock --cmdline 'console=ttyAMA0 quiet -- /t/snapshot-loop 10.0.2'
- echo "hvrun exit $?") 2>&1 | tr -d '\r' >/tmp/out0 &
+  --net tap=tap0 --control /tmp/ctl0.sock --cmdline 'console=ttyAMA0 quiet -- /t/snapshot-loop 10.0.2' 2>/tmp/out0.log
+ echo "hvrun exit $?") | tr -d '\r' >/tmp/out0 &
 wait_in /tmp/out0 '^count 30$' 240 || fail "the guest did not count to 30"
-echo "snapshot: $(grep -o 'booting on .*' /tmp/out0)"
+echo "snapshot: $(grep -o 'booting on .*' /tmp/out0.log)"
 echo "snapshot: $(ctl /tmp/ctl0.sock '{"command":"snapshot","dir":"/tmp/snap"}')"
 c=$(counts /tmp/out0 | tail -1)
 sleep 2
@@ -38,7 +40,7 @@ cp /tmp/disk.img /tmp/disk2.img
 restore() {
     out=$1; sock=$2; shift 2
     t=$(cut -d' ' -f1 /proc/uptime)
-    (RUST_LOG=info /bin/hvrun --restore /tmp/snap --control "$sock" "$@"; echo "hvrun exit $?") 2>&1 | tr -d '\r' >"$out" &
+    (RUST_LOG=info /bin/hvrun --restore /tmp/snap --control "$sock" "$@" 2>"$out.log"; echo "hvrun exit $?") | tr -d '\r' >"$out" &
     wait_in "$out" "^count $((c + 1))\$" 60 || { ctl "$sock" '{"command":"stop"}'; sleep 5; fail "$out: no count $((c + 1)) after the restore"; }
     echo "$out: first count $(awk -v s="$t" '{ print $1 - s }' /proc/uptime) s after hvrun started"
     first=$(counts "$out" | head -1)
@@ -61,4 +63,4 @@ wait_in /tmp/out2 'hvrun exit' 30 || fail "clone 2 still runs"
 # The same snapshot with a disk that is not its own is refused in one line.
 dd if=/dev/urandom of=/tmp/disk2.img bs=1k count=1 conv=notrunc 2>/dev/null
 /bin/hvrun --restore /tmp/snap --disk /tmp/disk2.img 2>&1 | sed 's/^/wrong disk: /'
-grep -hiE 'DMESG-BAD|stall|panic|hvrun exit|hvrun: error' /tmp/out0 /tmp/out1 /tmp/out2
+grep -hiE 'DMESG-BAD|stall|panic|hvrun exit|hvrun: error' /tmp/out0 /tmp/out1 /tmp/out2 /tmp/out*.log
