@@ -3,7 +3,7 @@
 # port, its disk and a TCP connection, waiting for its power button) boots from the
 # file's boot-source, machine-config, drives, network-interfaces and metrics; with
 # --api-sock beside it, FlushMetrics writes a metrics line (checked for the vCPUs'
-# exits and the devices' interrupts); SIGTERM presses the power button and hvrun exits
+# exits, the devices' interrupts, and the disk's and the network's requests and bytes); SIGTERM presses the power button and hvrun exits
 # 0. Then a file hvrun cannot use (a machine-config without mem_size_mib) is one line on
 # standard error and exit status 1, with --no-api.
 now() { cut -d' ' -f1 /proc/uptime | cut -d. -f1; }
@@ -55,6 +55,12 @@ metric() { tail -n 1 /tmp/cf-metrics.json | grep -o "\"$1\":{[^}]*}" | grep -o "
 echo "fc-config-file: metrics line: $(wc -l </tmp/cf-metrics.json) line(s); vcpu exit_mmio_write $(metric vcpu exit_mmio_write), block0 interrupts $(metric block0 interrupts), net0 interrupts $(metric net0 interrupts), uart tx_bytes $(metric uart tx_bytes)"
 [ "$(metric vcpu exit_mmio_write)" -gt 0 ] && [ "$(metric block0 interrupts)" -gt 0 ] && [ "$(metric net0 interrupts)" -gt 0 ] \
     && echo "fc-config-file: the metrics count the guest's work"
+# Each device's own counters: the disk's requests and the bytes the guest wrote to it,
+# the frames and bytes the guest sent and received.
+echo "fc-config-file: block0 requests $(metric block0 requests), tx_bytes $(metric block0 tx_bytes), rx_bytes $(metric block0 rx_bytes), errors $(metric block0 errors); net0 requests $(metric net0 requests), tx_bytes $(metric net0 tx_bytes), rx_bytes $(metric net0 rx_bytes), errors $(metric net0 errors)"
+[ "$(metric block0 requests)" -gt 0 ] && [ "$(metric block0 tx_bytes)" -gt 0 ] && [ "$(metric block0 errors)" -eq 0 ] \
+    && [ "$(metric net0 tx_bytes)" -gt 0 ] && [ "$(metric net0 rx_bytes)" -gt 0 ] \
+    && echo "fc-config-file: the metrics count each device's requests and bytes"
 kill -TERM $pid
 end=$(( $(now) + 60 ))
 while [ -e /proc/$pid/status ] && ! grep -q '^State:[[:space:]]*Z' /proc/$pid/status && [ $(now) -lt $end ]; do sleep 1; done

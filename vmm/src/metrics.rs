@@ -1,6 +1,7 @@
 //! Counters of a running machine, in the style of Firecracker's metrics: each vCPU's
-//! exits by kind, each virtio device's starts, resets, interrupts and failures (by its
-//! transport), and the UART's bytes. [`collect`] reads them all as one JSON object of
+//! exits by kind; each virtio device's starts, resets, interrupts and failures (by its
+//! transport) and its own requests, bytes each way and errors
+//! ([`devices::virtio::counters`]); and the UART's bytes. [`collect`] reads them all as one JSON object of
 //! totals; the API's metrics writer turns successive totals into the increments
 //! Firecracker reports ([`increments`]).
 
@@ -141,6 +142,7 @@ pub fn increments(now: &Value, before: Option<&Value>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use devices::virtio::counters::DeviceStats;
     use devices::virtio::mmio::TransportStats;
 
     #[test]
@@ -152,13 +154,22 @@ mod tests {
         VcpuCounters::bump(&v0.mmio_reads);
         VcpuCounters::bump(&v1.mmio_reads);
         VcpuCounters::bump(&v1.mmio_writes);
-        let net = TransportStats { device_type: 1, activations: 1, interrupts: 7, ..TransportStats::default() };
+        let counted = DeviceStats { requests: 5, rx_bytes: 300, tx_bytes: 200, errors: 1 };
+        let net = TransportStats {
+            device_type: 1,
+            activations: 1,
+            interrupts: 7,
+            device: Some(counted),
+            ..Default::default()
+        };
         let block = TransportStats { device_type: 2, interrupts: 3, ..TransportStats::default() };
         let parts = PartStats { transports: vec![block, net, block], uart: Some(Default::default()) };
         let first = collect(&registry, &parts);
         assert_eq!(first["vcpu"]["exit_mmio_read"], 2);
         assert_eq!(first["vcpus"][1]["exit_mmio_write"], 1);
         assert_eq!(first["net0"]["interrupts"], 7);
+        assert_eq!((first["net0"]["requests"].as_u64(), first["net0"]["rx_bytes"].as_u64()), (Some(5), Some(300)));
+        assert!(first["block0"].get("requests").is_none(), "a device without counters has none");
         assert_eq!(first["block1"]["interrupts"], 3);
         assert!(first["block0"].get("device_type").is_none());
         assert_eq!(first["uart"]["tx_bytes"], 0);

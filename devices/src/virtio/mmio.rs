@@ -106,6 +106,9 @@ pub struct TransportStats {
     pub interrupts: u64,
     /// Times the device stopped on a driver error (DEVICE_NEEDS_RESET).
     pub failures: u64,
+    /// The device's own counters, when it keeps them.
+    #[serde(flatten)]
+    pub device: Option<super::counters::DeviceStats>,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -175,6 +178,7 @@ impl MmioTransport {
             device_type: self.device.device_type(),
             interrupts: self.interrupt.triggered(),
             failures: self.interrupt.failures(),
+            device: self.device.counters(),
             ..self.stats
         }
     }

@@ -10,6 +10,7 @@
 pub mod balloon;
 pub mod block;
 pub mod console;
+pub mod counters;
 pub mod input;
 mod interrupt;
 pub mod iovec;
@@ -154,6 +155,11 @@ pub trait VirtioDevice: Send {
     /// the order the device answers in.
     fn answers_every_chain(&self) -> bool {
         false
+    }
+    /// The device's counters for metrics: requests, bytes each way and errors (see
+    /// [`counters`]). `None` for a device that keeps none.
+    fn counters(&self) -> Option<counters::DeviceStats> {
+        None
     }
     /// The device's own state for a snapshot, beyond its queues and the transport's
     /// registers: what the driver set in its configuration space, what the protocol

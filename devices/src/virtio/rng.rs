@@ -13,6 +13,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::Queue;
 use vm_memory::Bytes;
 
+use super::counters::{DeviceCounters, DeviceStats};
 use super::{drain_queue, single_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
 use crate::warn_ratelimited;
 
@@ -32,6 +33,7 @@ pub struct Rng {
     source: Box<dyn Read + Send>,
     buf: Vec<u8>,
     running: Option<Running>,
+    counters: DeviceCounters,
 }
 
 impl std::fmt::Debug for Rng {
@@ -43,21 +45,41 @@ impl std::fmt::Debug for Rng {
 impl Rng {
     /// An entropy device reading from `source` (the host's `/dev/urandom` in the VMM).
     pub fn new(source: Box<dyn Read + Send>) -> Self {
-        Rng { source, buf: vec![0; 4096], running: None }
+        Rng { source, buf: vec![0; 4096], running: None, counters: DeviceCounters::default() }
     }
 
-    /// Fills the chain's writable descriptors; returns the bytes written.
+    /// Fills the chain's writable descriptors; returns the bytes written. Counts the
+    /// request, and an error if it ends early on a bad descriptor or the host's source.
     fn fill(
         source: &mut dyn Read,
         buf: &mut [u8],
         memory: &GuestMemoryMmap,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        counters: &DeviceCounters,
     ) -> u32 {
+        let (written, failed) = match Self::fill_chain(source, buf, memory, chain) {
+            Ok(n) => (n, false),
+            Err(n) => (n, true),
+        };
+        counters.request(u64::from(written), 0);
+        if failed {
+            counters.error();
+        }
+        written
+    }
+
+    /// [`Self::fill`]'s work: `Err` with the bytes written when the chain ended early.
+    fn fill_chain(
+        source: &mut dyn Read,
+        buf: &mut [u8],
+        memory: &GuestMemoryMmap,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<u32, u32> {
         let mut written = 0usize;
         for desc in chain {
             if !desc.is_write_only() {
                 warn_ratelimited!("virtio-rng: device-readable descriptor in a request; chain ends");
-                break;
+                return Err(written as u32);
             }
             let mut left = (desc.len() as usize).min(MAX_PER_CHAIN - written);
             let mut addr = desc.addr();
@@ -65,11 +87,11 @@ impl Rng {
                 let n = left.min(buf.len());
                 if let Err(e) = source.read_exact(&mut buf[..n]) {
                     warn_ratelimited!("virtio-rng: host entropy source failed: {e}");
-                    return written as u32;
+                    return Err(written as u32);
                 }
                 if memory.write_slice(&buf[..n], addr).is_err() {
                     warn_ratelimited!("virtio-rng: buffer at {:#x} is outside guest memory; chain ends", addr.0);
-                    return written as u32;
+                    return Err(written as u32);
                 }
                 written += n;
                 left -= n;
@@ -79,15 +101,15 @@ impl Rng {
                 break;
             }
         }
-        written as u32
+        Ok(written as u32)
     }
 
     fn process(&mut self) {
         let Some(run) = self.running.as_mut() else { return };
         let memory = run.memory.memory();
-        let (source, buf) = (&mut self.source, &mut self.buf);
+        let (source, buf, counters) = (&mut self.source, &mut self.buf, &self.counters);
         drain_queue("virtio-rng", &mut run.queue, memory, &run.interrupt, |chain| {
-            Self::fill(source, buf, memory, chain)
+            Self::fill(source, buf, memory, chain, counters)
         });
     }
 }
@@ -118,5 +140,9 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.running = None;
+    }
+
+    fn counters(&self) -> Option<DeviceStats> {
+        Some(self.counters.snapshot())
     }
 }

@@ -121,6 +121,7 @@ pub const FC_CONFIG_FILE: Scenario = Scenario {
         "fc-config-file: PUT /actions FlushMetrics -> 204",
         "fc-config-file: metrics line: 1 line(s)",
         "fc-config-file: the metrics count the guest's work",
+        "fc-config-file: the metrics count each device's requests and bytes",
         "fc-config-file: after SIGTERM hvrun exit 0",
         "power-button: pressed; the guest runs its shutdown path",
         "fc-config-file: an invalid file: exit 1, 1 line(s): hvrun: error: --config-file /tmp/bad.json: missing field `mem_size_mib`",

@@ -202,6 +202,7 @@ impl Crew {
             }
             request.parse(mem, chain);
             let (status, op) = self.handle(request, bounce);
+            request.count(self.drive.counters(), op, status);
             ring = self.lock();
             ring.busy -= 1;
             if !self.stopping() {

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 
 use super::disk::{Disk, SharedDisk};
 use super::request::{DiskInfo, Target, SECTOR_SIZE};
+use crate::virtio::counters::DeviceCounters;
 use crate::virtio::{Interrupt, INT_CONFIG};
 
 /// A disk served from many threads at once, through `shared`; `disk`, which offered it,
@@ -57,6 +58,8 @@ pub(super) struct Drive {
     generation: AtomicU32,
     /// How a new capacity reaches the driver.
     announce: Mutex<Announce>,
+    /// Requests served, for metrics (whatever disk served them).
+    counters: DeviceCounters,
 }
 
 /// How a new capacity reaches the driver.
@@ -130,7 +133,13 @@ impl Drive {
             sectors: AtomicU64::new(info.capacity / SECTOR_SIZE),
             generation: AtomicU32::new(0),
             announce: Mutex::new(Announce::default()),
+            counters: DeviceCounters::default(),
         })
+    }
+
+    /// The device's counters, which the queues' threads add to.
+    pub(super) fn counters(&self) -> &DeviceCounters {
+        &self.counters
     }
 
     /// Whether requests may run on several threads at once.

@@ -237,6 +237,10 @@ impl VirtioDevice for Block {
         true
     }
 
+    fn counters(&self) -> Option<crate::virtio::counters::DeviceStats> {
+        Some(self.drive.counters().snapshot())
+    }
+
     fn reset(&mut self) {
         self.stop_queues();
     }

@@ -21,6 +21,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::buffers::{GuestBuffers, Pieces, MAX_PIECES};
 use super::disk::{Disk, SharedDisk};
+use crate::virtio::counters::DeviceCounters;
 use crate::virtio::Chain;
 use crate::warn_ratelimited;
 
@@ -395,6 +396,22 @@ impl Request {
         };
         // The chain holds at most 4 GiB (virtio-queue stops a longer one).
         u32::try_from(data + 1).unwrap_or(u32::MAX)
+    }
+
+    /// Counts the request in `counters`, answered with `status` (`None`: given back
+    /// without one) after `op` ran: a read's or a write's data when it succeeded, and an
+    /// error for any status but OK.
+    pub(crate) fn count(&self, counters: &DeviceCounters, op: Option<Op>, status: Option<u8>) {
+        let ok = status == Some(S_OK);
+        let (rx, tx) = match op {
+            Some(Op::Read(_)) if ok => (self.writable_len.saturating_sub(1), 0),
+            Some(Op::Write(_)) if ok => (0, self.readable_len),
+            _ => (0, 0),
+        };
+        counters.request(rx, tx);
+        if !ok {
+            counters.error();
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::disk::{Disk, MemDisk};
 use super::request::*;
 use super::Block;
+use crate::virtio::counters::DeviceStats;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::testing::{desc, read_reg, start, wait_for, write_reg, Line, Mem, W};
 use crate::virtio::{Interrupt, VirtioDevice};
@@ -230,6 +231,20 @@ fn requests_are_served_off_the_notifying_thread_and_survive_a_reset() {
         assert_eq!(shared.0.lock().unwrap().bytes[512..1024], [round as u8 + 1; 512]);
         write_reg(&mut t, 0x70, 0); // reset: the worker stops and hands the disk back
     }
+    // A read, and a request of a type the device does not know, in a third session.
+    let vq = MockSplitQueue::create(&**m, GuestAddress(0xa_0000), 16);
+    start(&mut t, &[&vq]);
+    m.write_slice(&header(T_IN, 1), GuestAddress(HDR)).unwrap();
+    vq.build_desc_chain(&[hdr(), desc(DATA, 512, W), status()]).unwrap();
+    write_reg(&mut t, 0x50, 0);
+    wait_for("the read's answer", || vq.used().idx().load() == 1);
+    m.write_slice(&header(99, 0), GuestAddress(HDR)).unwrap();
+    vq.build_desc_chain(&[hdr(), status()]).unwrap();
+    write_reg(&mut t, 0x50, 0);
+    wait_for("the refusal", || vq.used().idx().load() == 2);
+    assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_UNSUPP);
+    let counted = DeviceStats { requests: 4, rx_bytes: 512, tx_bytes: 1024, errors: 1 };
+    assert_eq!(t.stats().device, Some(counted), "counted across resets");
 }
 
 #[test]

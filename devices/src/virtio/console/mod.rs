@@ -15,6 +15,8 @@ mod port;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
 use mio::net::UnixListener;
 use mio::unix::pipe;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
@@ -22,6 +24,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use self::port::Port;
 pub use self::port::{collect, MAX_CHAIN_OUTPUT};
+use super::counters::{DeviceCounters, DeviceStats};
 use super::notifier::QueueNotifier;
 use super::worker::Slot;
 use super::{queue_pair, ActivateError, Activation, VirtioDevice};
@@ -79,6 +82,7 @@ impl std::fmt::Debug for Backend {
 /// The console device.
 pub struct Console {
     port: Slot<Port>,
+    counters: Arc<DeviceCounters>,
 }
 
 impl std::fmt::Debug for Console {
@@ -90,7 +94,8 @@ impl std::fmt::Debug for Console {
 impl Console {
     /// A console over `backend`.
     pub fn new(backend: Backend) -> Self {
-        Console { port: Slot::new("virtio-console", Port::new(backend)) }
+        let counters = Arc::new(DeviceCounters::default());
+        Console { port: Slot::new("virtio-console", Port::new(backend, Arc::clone(&counters))), counters }
     }
 }
 
@@ -130,5 +135,9 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         self.port.stop();
+    }
+
+    fn counters(&self) -> Option<DeviceStats> {
+        Some(self.counters.snapshot())
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use guest_memory::GuestMemoryMmap;
@@ -14,6 +15,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::Backend;
+use crate::virtio::counters::DeviceCounters;
 use crate::virtio::iovec::{GuestIovecs, IovecBuf, MAX_IOVECS};
 use crate::virtio::worker::{Handler, PollWindow, Wake, BACKEND};
 use crate::virtio::{check_notified, has_pending, write_chain, Chains, GuestMemory, Interrupt};
@@ -62,10 +64,12 @@ pub(super) struct Port {
     /// How long the loop keeps looking at the transmit queue after a pass: a guest
     /// writing a stream of output is then served without a thread wake-up per write.
     window: PollWindow,
+    /// Buffers each way, for metrics (shared with the device).
+    counters: Arc<DeviceCounters>,
 }
 
 impl Port {
-    pub(super) fn new(backend: Backend) -> Self {
+    pub(super) fn new(backend: Backend, counters: Arc<DeviceCounters>) -> Self {
         Port {
             backend,
             client: None,
@@ -77,6 +81,7 @@ impl Port {
             out_chains: Vec::with_capacity(BATCH),
             guest_spoke: false,
             window: PollWindow::new(),
+            counters,
         }
     }
 
@@ -113,7 +118,12 @@ impl Port {
                     None if self.out_chains.is_empty() => {
                         // Copied instead: `collect` takes what it can and says what is
                         // wrong with the rest (too long, device-writable buffers...).
-                        collect(memory, chain, &mut self.output);
+                        let before = self.output.len();
+                        let whole = collect(memory, chain, &mut self.output);
+                        self.counters.request(0, (self.output.len() - before) as u64);
+                        if !whole {
+                            self.counters.error();
+                        }
                         if !tx.give_back(head, 0) {
                             return;
                         }
@@ -147,6 +157,7 @@ impl Port {
                     whole = false;
                 }
                 at += n;
+                self.counters.request(0, n as u64);
                 if !tx.give_back(head, 0) {
                     return;
                 }
@@ -220,6 +231,10 @@ impl Port {
             let head = chain.head_index();
             let written = write_chain(NAME, memory, chain, &self.input[self.input_at..]);
             self.input_at += written;
+            self.counters.request(written as u64, 0);
+            if written == 0 {
+                self.counters.error(); // a buffer the device cannot write (`write_chain` said why)
+            }
             if !rx.give_back(head, written as u32) {
                 return;
             }
@@ -349,26 +364,27 @@ fn file_refused(error: Option<std::io::Error>, len: usize) -> usize {
 }
 
 /// Appends the chain's device-readable bytes to `out`, at most [`MAX_CHAIN_OUTPUT`]
-/// (how the port takes a transmit chain; public for the fuzz targets).
-pub fn collect(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, out: &mut VecDeque<u8>) {
+/// (how the port takes a transmit chain; public for the fuzz targets). Returns false
+/// if the chain was malformed or too long, and only its first bytes were taken.
+pub fn collect(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, out: &mut VecDeque<u8>) -> bool {
     let mut taken = 0usize;
     let mut buf = [0u8; 4096];
     for desc in chain {
         if desc.is_write_only() {
             warn_ratelimited!("{NAME}: device-writable descriptor in the transmit queue; chain ends");
-            return;
+            return false;
         }
         let mut left = desc.len() as usize;
         let mut addr = desc.addr();
         while left > 0 {
             if taken >= MAX_CHAIN_OUTPUT {
                 warn_ratelimited!("{NAME}: transmit chain over {MAX_CHAIN_OUTPUT} bytes; the rest is dropped");
-                return;
+                return false;
             }
             let n = left.min(buf.len()).min(MAX_CHAIN_OUTPUT - taken);
             if memory.read_slice(&mut buf[..n], addr).is_err() {
                 warn_ratelimited!("{NAME}: buffer at {:#x} is outside guest memory; chain ends", addr.0);
-                return;
+                return false;
             }
             out.extend(&buf[..n]);
             taken += n;
@@ -376,6 +392,7 @@ pub fn collect(memory: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap
             addr = GuestAddress(addr.0.wrapping_add(n as u64));
         }
     }
+    true
 }
 
 impl Handler for Port {

@@ -8,6 +8,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{stream_output, Backend, Console};
+use crate::virtio::counters::DeviceStats;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::testing::{chained, desc, mem, start, wait_for, write_reg, Line, Mem, Sink, W};
 use crate::virtio::Interrupt;
@@ -49,6 +50,7 @@ fn guest_output_reaches_the_writer_off_the_vcpu_thread() {
     write_reg(&mut g.t, 0x50, 1);
     wait_for("the output", || sink.text() == "hello, host\n");
     wait_for("the used buffer and interrupt", || tx.used().idx().load() == 1 && g.line.high());
+    assert_eq!(g.t.stats().device, Some(DeviceStats { requests: 1, rx_bytes: 0, tx_bytes: 12, errors: 0 }));
 }
 
 #[test]
@@ -95,6 +97,9 @@ fn hostile_chains_are_dropped_without_harm() {
     write_reg(&mut g.t, 0x50, 0);
     wait_for("three used buffers", || rx.used().idx().load() == 3);
     assert_eq!(g.m.read_obj::<u8>(GuestAddress(0x4000)).unwrap(), b'x');
+    // Three bad transmit chains; two bad receive buffers and one that took the input.
+    let stats = g.t.stats().device.unwrap();
+    assert_eq!((stats.requests, stats.rx_bytes, stats.errors), (6, 1, 5));
 }
 
 #[test]

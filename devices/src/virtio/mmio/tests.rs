@@ -8,6 +8,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+use crate::virtio::counters::DeviceStats;
 use crate::virtio::rng::{Rng, MAX_PER_CHAIN};
 use crate::virtio::testing::{Line, Mem};
 
@@ -123,6 +124,13 @@ fn a_driver_gets_entropy_and_an_interrupt() {
     assert!(rig.line.0.load(Ordering::SeqCst));
     rig.w(INTERRUPT_ACK, 1);
     assert!(!rig.line.0.load(Ordering::SeqCst));
+    // A device-readable buffer ends a chain early: an error.
+    vq.build_desc_chain(&[desc(0x8000, 4, WRITE | NEXT, 1), desc(0x9000, 8, 0, 0)]).unwrap();
+    rig.w(QUEUE_NOTIFY, 0);
+    let stats = rig.t.stats();
+    assert_eq!(stats.activations, 1);
+    let counted = DeviceStats { requests: 2, rx_bytes: 28, tx_bytes: 0, errors: 1 };
+    assert_eq!(stats.device, Some(counted), "the entropy device's own counters");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Moving frames between the queues and the backend, on the device's event loop.
 
 use std::io::ErrorKind;
+use std::sync::Arc;
 use std::time::Duration;
 
 use guest_memory::GuestMemoryMmap;
@@ -13,6 +14,7 @@ use vm_memory::{Bytes, GuestMemoryBackend as _};
 
 use super::backend::{NetBackend, VNET_HDR_LEN};
 use super::receive::Receiver;
+use crate::virtio::counters::DeviceCounters;
 use crate::virtio::iovec::{GuestIovecs, IovecBuf};
 use crate::virtio::worker::{Handler, PollWindow, Wake};
 use crate::virtio::{check_notified, has_pending, Chains, GuestMemory, Interrupt};
@@ -40,6 +42,8 @@ pub(super) struct Frames {
     backend: Box<dyn NetBackend>,
     running: Option<Running>,
     receiver: Receiver,
+    /// Frames each way, for metrics (shared with the receiver and the device).
+    counters: Arc<DeviceCounters>,
     /// A frame from the guest the backend could not take yet: `tx_buf[..tx_len]`.
     tx_buf: Vec<u8>,
     tx_len: usize,
@@ -54,11 +58,12 @@ pub(super) struct Frames {
 }
 
 impl Frames {
-    pub(super) fn new(backend: Box<dyn NetBackend>) -> Self {
+    pub(super) fn new(backend: Box<dyn NetBackend>, counters: Arc<DeviceCounters>) -> Self {
         Frames {
             backend,
             running: None,
-            receiver: Receiver::new(),
+            receiver: Receiver::new(Arc::clone(&counters)),
+            counters,
             tx_buf: vec![0; MAX_FRAME],
             tx_len: 0,
             tx_iov: IovecBuf::new(),
@@ -109,10 +114,8 @@ impl Frames {
                 let head = chain.head_index();
                 // Straight from the guest's buffers when the backend can; else copy below.
                 let mut frame = GuestIovecs::with_spill(&mut self.tx_iov);
-                let direct = frame
-                    .push_chain(memory, chain.clone(), false, skip, MAX_FRAME - skip)
-                    .filter(|&n| n > 0)
-                    .and_then(|_| self.backend.send_guest(&frame));
+                let pushed = frame.push_chain(memory, chain.clone(), false, skip, MAX_FRAME - skip).filter(|&n| n > 0);
+                let direct = pushed.and_then(|_| self.backend.send_guest(&frame));
                 drop(frame);
                 match direct {
                     Some(Err(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
@@ -121,12 +124,24 @@ impl Frames {
                         self.tx_blocked = true;
                         return;
                     }
-                    Some(result) => {
-                        if let Err(e) = result {
-                            warn_ratelimited!("{NAME}: frame not sent: {e}");
+                    Some(Ok(())) => {
+                        // The frame's bytes, without the virtio-net header.
+                        let sent = pushed.unwrap_or(0).saturating_sub(VNET_HDR_LEN - skip);
+                        self.counters.request(0, sent as u64);
+                    }
+                    Some(Err(e)) => {
+                        warn_ratelimited!("{NAME}: frame not sent: {e}");
+                        self.counters.request(0, 0);
+                        self.counters.error();
+                    }
+                    None => {
+                        self.tx_len = gather(memory, chain, &mut self.tx_buf).unwrap_or(0);
+                        // Counted here; a send that then fails counts an error too.
+                        self.counters.request(0, self.tx_len.saturating_sub(VNET_HDR_LEN) as u64);
+                        if self.tx_len == 0 {
+                            self.counters.error();
                         }
                     }
-                    None => self.tx_len = gather(memory, chain, &mut self.tx_buf).unwrap_or(0),
                 }
                 if !batch.give_back(head, 0) {
                     return;
@@ -146,7 +161,10 @@ impl Frames {
         match self.backend.send(&self.tx_buf[skip..self.tx_len]) {
             Ok(()) => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => return false,
-            Err(e) => warn_ratelimited!("{NAME}: frame not sent: {e}"),
+            Err(e) => {
+                warn_ratelimited!("{NAME}: frame not sent: {e}");
+                self.counters.error();
+            }
         }
         self.tx_len = 0;
         true

@@ -12,6 +12,8 @@ mod receive;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -23,6 +25,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use self::backend::NetBackend;
 use self::frames::Frames;
 pub use self::frames::{capacity, gather, MAX_FRAME};
+use super::counters::{DeviceCounters, DeviceStats};
 use super::notifier::QueueNotifier;
 use super::worker::Slot;
 use super::{queue_pair, ActivateError, Activation, VirtioDevice};
@@ -38,6 +41,7 @@ pub struct Net {
     features: u64,
     config: [u8; 8],
     frames: Slot<Frames>,
+    counters: Arc<DeviceCounters>,
 }
 
 impl std::fmt::Debug for Net {
@@ -65,7 +69,9 @@ impl Net {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&mac);
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        Net { features, config, frames: Slot::new("virtio-net", Frames::new(backend)) }
+        let counters = Arc::new(DeviceCounters::default());
+        let frames = Slot::new("virtio-net", Frames::new(backend, Arc::clone(&counters)));
+        Net { features, config, frames, counters }
     }
 }
 
@@ -106,6 +112,10 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.frames.stop();
+    }
+
+    fn counters(&self) -> Option<DeviceStats> {
+        Some(self.counters.snapshot())
     }
 }
 

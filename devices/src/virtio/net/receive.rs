@@ -10,12 +10,14 @@
 //! many chains as it needs.
 
 use std::io::ErrorKind;
+use std::sync::Arc;
 
 use guest_memory::GuestMemoryMmap;
 
 use super::backend::{NetBackend, VNET_HDR_LEN};
 use super::frames::{capacity, MAX_FRAME};
 use super::QUEUE_SIZE;
+use crate::virtio::counters::DeviceCounters;
 use crate::virtio::iovec::{GuestIovecs, IovecBuf};
 use crate::virtio::{write_chain, write_chain_at, Chain, Chains};
 use crate::warn_ratelimited;
@@ -48,6 +50,8 @@ pub(super) struct Receiver {
     expect: usize,
     /// The backend receives in place (false once it said it cannot).
     in_place: bool,
+    /// Frames delivered and dropped, for metrics.
+    counters: Arc<DeviceCounters>,
 }
 
 /// What one attempt at a frame came to.
@@ -71,7 +75,7 @@ enum Delivery {
 }
 
 impl Receiver {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(counters: Arc<DeviceCounters>) -> Self {
         Receiver {
             buf: vec![0; MAX_FRAME],
             len: 0,
@@ -80,6 +84,7 @@ impl Receiver {
             taken: Vec::with_capacity(MOST_CHAINS),
             expect: FIRST_EXPECT,
             in_place: true,
+            counters,
         }
     }
 
@@ -169,7 +174,7 @@ impl Receiver {
                     Some(Ok(n)) => exact = n.checked_add(hdr).filter(|&n| n <= MAX_FRAME),
                     Some(Err(e)) => {
                         rx.put_back(1);
-                        return failed(&e);
+                        return failed(&e, &self.counters);
                     }
                     None => {}
                 }
@@ -206,7 +211,7 @@ impl Receiver {
             Some(Ok(n)) => n,
             Some(Err(e)) => {
                 rx.put_back(count);
-                return failed(&e);
+                return failed(&e, &self.counters);
             }
             None => {
                 drop(iov);
@@ -232,6 +237,7 @@ impl Receiver {
             header[NUM_BUFFERS..].copy_from_slice(&(buffers as u16).to_le_bytes());
             let from = if vnet { NUM_BUFFERS } else { 0 };
             write_chain_at(NAME, memory, first, from, &header[from..]);
+            self.counters.request((total - VNET_HDR_LEN) as u64, 0);
             let mut left = total;
             for &(head, room) in &self.taken[..buffers] {
                 let n = room.min(left);
@@ -251,6 +257,8 @@ impl Receiver {
             rx.put_back(count);
         } else {
             warn_ratelimited!("{NAME}: receive buffers too small or malformed; a {total}-byte frame is dropped");
+            self.counters.request(0, 0);
+            self.counters.error();
             rx.give_back(self.taken[0].0, 0);
         }
         Step::Done
@@ -274,7 +282,7 @@ impl Receiver {
                 }
                 Step::Done
             }
-            Err(e) => failed(&e),
+            Err(e) => failed(&e, &self.counters),
         }
     }
 
@@ -298,6 +306,8 @@ impl Receiver {
             if capacity == 0 || (count == most && room < len) {
                 // Malformed or too small: the frame is dropped and the buffers go back empty.
                 warn_ratelimited!("{NAME}: receive buffers too small or malformed; a {len}-byte frame is dropped");
+                self.counters.request(0, 0);
+                self.counters.error();
                 for (chain, _) in picked[..count].iter().flatten() {
                     rx.give_back(chain.head_index(), 0);
                 }
@@ -314,22 +324,26 @@ impl Receiver {
             at += n;
             rx.give_back(head, n as u32);
         }
+        self.counters.request(len.saturating_sub(VNET_HDR_LEN) as u64, 0);
         Delivery::Delivered
     }
 }
 
 /// What a failed receive means for the loop.
-fn failed(e: &std::io::Error) -> Step {
+/// A frame dropped or a receive that failed counts an error.
+fn failed(e: &std::io::Error, counters: &DeviceCounters) -> Step {
     match e.kind() {
         ErrorKind::WouldBlock => Step::Wait,
         ErrorKind::Interrupted => Step::Fruitless,
         // A frame too long for any buffers: it is gone, the next may do.
         ErrorKind::InvalidData => {
             warn_ratelimited!("{NAME}: frame dropped: {e}");
+            counters.error();
             Step::Fruitless
         }
         _ => {
             warn_ratelimited!("{NAME}: receive failed: {e}");
+            counters.error();
             Step::Wait
         }
     }

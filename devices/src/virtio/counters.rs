@@ -1,0 +1,89 @@
+//! Per-device counters for metrics: how many requests a device served, the bytes it
+//! moved each way and how many requests went wrong. The device's threads add to them as
+//! they work (relaxed atomic adds: nobody orders anything by them); the VMM reads a
+//! [`DeviceStats`] copy through [`super::VirtioDevice::counters`] whenever it reports.
+//!
+//! The directions are the guest's, as Firecracker names them: `rx` is what the guest
+//! received (a disk's reads, frames and stream data delivered to it, entropy, console
+//! input), `tx` what it sent (a disk's writes, frames and stream data it sent, console
+//! output).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A device's counters, shared by its threads (see the module).
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    requests: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A copy of a device's counters, as totals since the device was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceStats {
+    /// Requests served: chains taken from the driver, whatever became of them (a disk's
+    /// requests, frames and packets each way, console buffers, entropy requests).
+    pub requests: u64,
+    /// Bytes the device wrote into the guest's buffers as data.
+    pub rx_bytes: u64,
+    /// Bytes of data the device took from the guest's buffers.
+    pub tx_bytes: u64,
+    /// Requests that failed or were refused: malformed chains, requests answered with an
+    /// error status, host I/O that failed.
+    pub errors: u64,
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    if n != 0 {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl DeviceCounters {
+    /// Counts one request that moved `rx` bytes into the guest and `tx` bytes out of it.
+    pub fn request(&self, rx: u64, tx: u64) {
+        add(&self.requests, 1);
+        add(&self.rx_bytes, rx);
+        add(&self.tx_bytes, tx);
+    }
+
+    /// Counts `n` requests at once, with their bytes (a device that counts per pass).
+    pub fn requests(&self, n: u64, rx: u64, tx: u64) {
+        add(&self.requests, n);
+        add(&self.rx_bytes, rx);
+        add(&self.tx_bytes, tx);
+    }
+
+    /// Counts a request that failed or was refused (also counted by [`Self::request`]
+    /// when it was taken from the driver).
+    pub fn error(&self) {
+        add(&self.errors, 1);
+    }
+
+    /// The counters' values now.
+    pub fn snapshot(&self) -> DeviceStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DeviceStats {
+            requests: get(&self.requests),
+            rx_bytes: get(&self.rx_bytes),
+            tx_bytes: get(&self.tx_bytes),
+            errors: get(&self.errors),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_add_up() {
+        let c = DeviceCounters::default();
+        c.request(10, 0);
+        c.request(0, 7);
+        c.requests(3, 1, 2);
+        c.error();
+        assert_eq!(c.snapshot(), DeviceStats { requests: 5, rx_bytes: 11, tx_bytes: 9, errors: 1 });
+    }
+}
