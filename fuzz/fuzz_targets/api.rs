@@ -57,7 +57,7 @@ impl Host for FakeHost {
         config.validate().map_err(|e| e.to_string())?;
         Ok(Box::new(FakeVm))
     }
-    fn restore(&mut self, _config: VmConfig, _files: SnapshotFiles) -> Result<Box<dyn Running>, String> {
+    fn restore(&mut self, _config: VmConfig, _files: SnapshotFiles, _paused: bool) -> Result<Box<dyn Running>, String> {
         Ok(Box::new(FakeVm))
     }
     fn saved_config(&mut self, _files: &SnapshotFiles) -> Result<VmConfig, String> {

@@ -5,7 +5,9 @@
 # waits for its power button (t/power-button). The first hvrun is configured and started
 # through the API; its drive gets a new image while it runs (PATCH /drives/rootfs: the
 # count goes on in /tmp/disk2.img and the old image is no longer written); it is paused,
-# resumed, paused again and snapshotted, then killed; a second hvrun loads the snapshot
+# resumed, paused again and snapshotted, then killed; another hvrun loads the snapshot
+# paused (resume_vm false: the guest runs nothing until it is resumed); a second hvrun
+# loads the snapshot
 # (which names the new image) through its own API socket and the count goes on there,
 # until SendCtrlAltDel takes the guest down its shutdown path and hvrun exits 0.
 # Malformed and out-of-place requests are refused with 400 and a fault_message.
@@ -22,15 +24,15 @@ counts() { tr -d '\r' <"$1" | sed -n 's/^count \([0-9]*\)$/\1/p'; }
 # disk_count IMAGE: the count the guest last wrote into the image's first sector.
 disk_count() { head -c 32 "$1" | sed -n 's/^count \([0-9]*\).*/\1/p'; }
 last_count() { counts "$1" | tail -n 1; }
-pid1=; pid2=; tcp=
+pid1=; pid2=; pid3=; tcp=
 cleanup() {
-    kill -9 $pid1 $pid2 2>/dev/null
+    kill -9 $pid1 $pid2 $pid3 2>/dev/null
     kill $tcp 2>/dev/null
-    rm -rf /tmp/snap /tmp/disk.img /tmp/disk2.img /tmp/fc.sock /tmp/fc2.sock /tmp/fc-body /tmp/fc-hold
+    rm -rf /tmp/snap /tmp/disk.img /tmp/disk2.img /tmp/disk2.keep /tmp/fc.sock /tmp/fc2.sock /tmp/fc3.sock /tmp/fc-body /tmp/fc-hold
 }
 fail() {
     echo "fc-api: FAIL: $*"
-    for f in /tmp/fc1.out /tmp/fc1.err /tmp/fc2.out /tmp/fc2.err /tmp/fc-tcp.log; do
+    for f in /tmp/fc1.out /tmp/fc1.err /tmp/fc3.out /tmp/fc3.err /tmp/fc2.out /tmp/fc2.err /tmp/fc-tcp.log; do
         [ -e "$f" ] && { echo "== $f"; tr -d '\r' <"$f" | grep -v '^count ' | tail -n 40; }
     done
     cleanup
@@ -166,6 +168,34 @@ wait $pid1
 echo "fc-api: the first hvrun killed (status $?)"
 pid1=
 
+# A snapshot loaded with resume_vm false: the guest runs nothing (no count on its serial
+# port, nothing written on its disk) until PATCH /vm Resumed, then goes on where it was.
+# The disk is put back afterwards, for the second hvrun's load (a snapshot's disk must be
+# the image it was taken with).
+cp /tmp/disk2.img /tmp/disk2.keep
+RUST_LOG=info /bin/hvrun --api-sock /tmp/fc3.sock </dev/null >/tmp/fc3.out 2>/tmp/fc3.err &
+pid3=$!
+wait_sock /tmp/fc3.sock $pid3
+ok /tmp/fc3.sock 204 PUT /snapshot/load '{
+        "snapshot_path": "/tmp/snap/vm.state",
+        "mem_backend": {"backend_type": "File", "backend_path": "/tmp/snap/vm.mem"},
+        "resume_vm": false
+    }'
+state /tmp/fc3.sock Paused
+sleep 3
+[ -z "$(counts /tmp/fc3.out)" ] || fail "the guest loaded paused counted: $(counts /tmp/fc3.out | head -n 1)"
+cmp -s /tmp/disk2.img /tmp/disk2.keep || fail "the guest loaded paused wrote on its disk"
+echo "fc-api: loaded paused: for 3 s the guest runs nothing"
+ok /tmp/fc3.sock 204 PATCH /vm '{"state": "Resumed"}'
+wait_in /tmp/fc3.out "^count $((c + 1))\$" 60 || fail "no count $((c + 1)) after resuming the paused load"
+[ "$(counts /tmp/fc3.out | head -n 1)" = $((c + 1)) ] || fail "the paused load went on at $(counts /tmp/fc3.out | head -n 1)"
+echo "fc-api: resumed after a paused load: count $((c + 1)) comes next"
+kill -9 $pid3
+wait $pid3
+pid3=
+cp /tmp/disk2.keep /tmp/disk2.img
+echo "fc-api: the paused load's hvrun killed, the disk put back"
+
 RUST_LOG=info /bin/hvrun --api-sock /tmp/fc2.sock </dev/null >/tmp/fc2.out 2>/tmp/fc2.err &
 pid2=$!
 wait_sock /tmp/fc2.sock $pid2
@@ -204,7 +234,7 @@ n=$(disk_count /tmp/disk2.img)
 [ -n "$n" ] && [ "$n" -gt "$((c + 20))" ] || fail "the new image holds count '$n', the snapshot was at $c"
 echo "fc-api: after the load the new image holds count $n"
 # What the forbidden list looks for, if it is anywhere in the files.
-cat /tmp/fc1.out /tmp/fc2.out | tr -d '\r' | grep -E 'DMESG-BAD|detected stall|Kernel panic'
-cat /tmp/fc1.err /tmp/fc2.err | grep -E 'hvrun: error|panicked'
+cat /tmp/fc1.out /tmp/fc3.out /tmp/fc2.out | tr -d '\r' | grep -E 'DMESG-BAD|detected stall|Kernel panic'
+cat /tmp/fc1.err /tmp/fc3.err /tmp/fc2.err | grep -E 'hvrun: error|panicked'
 cleanup
 [ "$rc" = 0 ]

@@ -40,9 +40,10 @@ impl Host for CliHost {
         self.start(Vm::builder(config))
     }
 
-    fn restore(&mut self, config: VmConfig, files: SnapshotFiles) -> Result<Box<dyn Running>, String> {
+    fn restore(&mut self, config: VmConfig, files: SnapshotFiles, paused: bool) -> Result<Box<dyn Running>, String> {
         // The disks are checked against the snapshot's (size and fingerprint).
-        self.start(Vm::builder(config).restore_files(files, false))
+        let builder = Vm::builder(config).restore_files(files, false);
+        self.start(if paused { builder.start_paused() } else { builder })
     }
 
     fn saved_config(&mut self, files: &SnapshotFiles) -> Result<VmConfig, String> {

@@ -290,9 +290,15 @@ impl Control {
         *lock(&self.asked_to_stop)
     }
 
-    /// Stops `clock` while the VM is paused from now on.
+    /// Stops `clock` while the VM is paused from now on (at once if it is paused now:
+    /// [`Control::pause_before_start`]).
     pub fn set_clock(&self, clock: Arc<dyn GuestClock>) {
+        let pause = lock(&self.pause);
+        if pause.requested {
+            clock.stop();
+        }
         *lock(&self.clock) = Some(clock);
+        drop(pause);
     }
 
     /// Keeps vCPU `index`'s last exits, as its loop ends.
@@ -357,6 +363,20 @@ impl Control {
         drop(pause);
         self.emit(Event::Paused);
         Ok(())
+    }
+
+    /// Pauses a machine whose vCPUs have not started: each parks before its first entry,
+    /// until [`Control::resume`]. The clock given later stops at once
+    /// ([`Control::set_clock`]).
+    pub fn pause_before_start(&self) {
+        let mut pause = lock(&self.pause);
+        pause.requested = true;
+        self.pausing.store(true, Ordering::SeqCst);
+        if let Some(clock) = lock(&self.clock).as_ref() {
+            clock.stop();
+        }
+        drop(pause);
+        self.emit(Event::Paused);
     }
 
     /// Lets paused vCPUs run again; during a snapshot, once it is written (the snapshot
@@ -591,6 +611,43 @@ mod tests {
         fn start(&self) {
             lock(&self.0).push("start");
         }
+    }
+
+    /// A machine started paused (a snapshot loaded with `resume_vm: false`): its vCPU
+    /// parks before its first entry and its clock, given after the pause, stands still
+    /// until the resume.
+    #[test]
+    fn a_machine_paused_before_it_starts_enters_the_guest_only_once_resumed() {
+        let control = Control::new();
+        control.pause_before_start();
+        let clock = Arc::new(RecordingClock::default());
+        control.set_clock(clock.clone());
+        assert!(control.paused());
+        control.add_kicker(Arc::new(CountingKicker::default()));
+        let entries = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            let (control, entries) = (&control, &entries);
+            s.spawn(move || {
+                while !control.stopping() {
+                    control.park_if_paused(0, &mut no_save);
+                    entries.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            // The pause is already in effect: asking again waits for nothing new.
+            control.pause(Duration::from_secs(10)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(entries.load(Ordering::SeqCst), 0, "a vCPU entered the guest before the resume");
+            assert_eq!(*lock(&clock.0), ["stop"]);
+            control.resume();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while entries.load(Ordering::SeqCst) == 0 {
+                assert!(Instant::now() < deadline, "the vCPU did not run once resumed");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            control.stop(Ok(ExitReason::Stopped));
+        });
+        assert_eq!(*lock(&clock.0), ["stop", "start"]);
     }
 
     /// Issue 14, fix 6: the guest's counter ran on while the VM was paused. The clock is

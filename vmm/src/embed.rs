@@ -112,6 +112,8 @@ pub(crate) struct Io {
     pub vsock_listeners: Vec<(u32, std::sync::mpsc::SyncSender<std::os::unix::net::UnixStream>)>,
     /// Continue this snapshot instead of booting.
     pub restore: Option<Restore>,
+    /// The vCPUs park before their first entry, until [`VmHandle::resume`].
+    pub start_paused: bool,
 }
 
 /// A restore asked for: the snapshot's files, and whether to take the disks as they
@@ -138,6 +140,7 @@ impl Io {
             (self.serial_input.is_some(), "VmBuilder::serial_input"),
             (!self.vsock_listeners.is_empty(), "VmBuilder::vsock_listener"),
             (self.restore.is_some(), "VmBuilder::restore"),
+            (self.start_paused, "VmBuilder::start_paused"),
         ]
         .into_iter()
         .find_map(|(given, what)| given.then_some(what))
@@ -308,6 +311,15 @@ impl VmBuilder {
         self
     }
 
+    /// Starts the machine paused: the devices run, but every vCPU parks before its first
+    /// entry into the guest, and the guest's clock stands still, until
+    /// [`VmHandle::resume`]. A restored guest then does not run a single instruction
+    /// before it is resumed (Firecracker's snapshot load with `resume_vm: false`).
+    pub fn start_paused(mut self) -> Self {
+        self.io.start_paused = true;
+        self
+    }
+
     /// Adds the self-test probe (`devices::probe`), which records the guest's verdict in
     /// `verdict`: for `hvrun selftest`'s guests.
     pub(crate) fn probe(mut self, verdict: Arc<std::sync::Mutex<devices::probe::Verdict>>) -> Self {
@@ -338,6 +350,9 @@ impl VmBuilder {
         let control = Control::new();
         let (events, receiver) = channel();
         control.set_events(events);
+        if io.start_paused {
+            control.pause_before_start();
+        }
         let run = if config.backend == Some(crate::config::Backend::Vz) {
             build_vz(&config, io, Arc::clone(&control))?
         } else {

@@ -53,7 +53,7 @@ pub const CURL_RUNS: Scenario = Scenario {
 
 pub const FC_API: Scenario = Scenario {
     name: "fc-api",
-    about: "Firecracker's getting-started sequence through curl against `hvrun --api-sock`: a 2-vCPU guest counting to its serial port, disk and a TCP connection is configured and started through the API, its drive gets a new image while it runs (PATCH /drives: the count goes on in the new image, the old one is no longer written), it is paused (the count stops), resumed (it goes on), paused and snapshotted; a second hvrun loads the snapshot (which names the new image) through its own socket and the count continues there; SendCtrlAltDel shuts the guest down and hvrun exits 0; a bad JSON body, an unknown field, a second InstanceStart, a boot source after the start, a PATCH of an unknown drive or to a missing file and a snapshot load on a running machine are refused with 400 and a fault_message",
+    about: "Firecracker's getting-started sequence through curl against `hvrun --api-sock`: a 2-vCPU guest counting to its serial port, disk and a TCP connection is configured and started through the API, its drive gets a new image while it runs (PATCH /drives: the count goes on in the new image, the old one is no longer written), it is paused (the count stops), resumed (it goes on), paused and snapshotted; a snapshot loaded with resume_vm false runs nothing (no count, its disk untouched) until PATCH /vm Resumed, then goes on at the next count; a second hvrun loads the snapshot (which names the new image) through its own socket and the count continues there; SendCtrlAltDel shuts the guest down and hvrun exits 0; a bad JSON body, an unknown field, a second InstanceStart, a boot source after the start, a PATCH of an unknown drive or to a missing file and a snapshot load on a running machine are refused with 400 and a fault_message",
     artifacts: &["Image", "initramfs.cpio", "tun.ko", CURL_ARCHIVE],
     script: concat!(curl_function!(), include_str!("../../scenarios/fc-api.sh")),
     exit_code: 0,
@@ -87,6 +87,13 @@ pub const FC_API: Scenario = Scenario {
         "fc-api: PUT /snapshot/create -> 204",
         "fc-api: snapshot taken at count",
         "fc-api: the first hvrun killed",
+        "fc-api: /tmp/fc3.sock is up",
+        "fc-api: PUT /snapshot/load -> 204",
+        "fc-api: GET / -> 200 Paused",
+        "fc-api: loaded paused: for 3 s the guest runs nothing",
+        "fc-api: PATCH /vm Resumed -> 204",
+        "fc-api: resumed after a paused load: count",
+        "fc-api: the paused load's hvrun killed, the disk put back",
         "fc-api: /tmp/fc2.sock is up",
         "fc-api: GET / -> 200 Not started",
         "fc-api: PUT /snapshot/load -> 204",

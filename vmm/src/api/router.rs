@@ -49,8 +49,9 @@ pub trait Running: Send {
 pub trait Host: Send {
     /// Boots `config`.
     fn boot(&mut self, config: VmConfig) -> Result<Box<dyn Running>, String>;
-    /// Continues the snapshot `files` with `config` (the snapshot's, with overrides).
-    fn restore(&mut self, config: VmConfig, files: SnapshotFiles) -> Result<Box<dyn Running>, String>;
+    /// Continues the snapshot `files` with `config` (the snapshot's, with overrides);
+    /// `paused`: the guest runs nothing until it is resumed.
+    fn restore(&mut self, config: VmConfig, files: SnapshotFiles, paused: bool) -> Result<Box<dyn Running>, String>;
     /// The configuration a snapshot was taken with.
     fn saved_config(&mut self, files: &SnapshotFiles) -> Result<VmConfig, String>;
     /// Applies `PUT /logger`.
@@ -444,10 +445,7 @@ impl Api {
             *vsock = VsockConfig::new(vsock.cid, &o.uds_path);
         }
         let exported = exported(&config);
-        let vm = self.host.restore(config, files)?;
-        if !params.resume_vm {
-            vm.pause()?;
-        }
+        let vm = self.host.restore(config, files, !params.resume_vm)?;
         Ok((vm, exported))
     }
 

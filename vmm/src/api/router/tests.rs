@@ -70,8 +70,9 @@ impl Host for FakeHost {
         self.seen.lock().unwrap().booted = Some(config);
         Ok(vm)
     }
-    fn restore(&mut self, config: VmConfig, files: SnapshotFiles) -> Result<Box<dyn Running>, String> {
+    fn restore(&mut self, config: VmConfig, files: SnapshotFiles, paused: bool) -> Result<Box<dyn Running>, String> {
         let vm = self.vm(&config);
+        self.seen.lock().unwrap().paused.store(paused, Ordering::SeqCst);
         self.seen.lock().unwrap().restored = Some((config, files));
         Ok(vm)
     }
