@@ -170,8 +170,8 @@ pid1=
 
 # A snapshot loaded with resume_vm false: the guest runs nothing (no count on its serial
 # port, nothing written on its disk) until PATCH /vm Resumed, then goes on where it was.
-# The disk is put back afterwards, for the second hvrun's load (a snapshot's disk must be
-# the image it was taken with).
+# The disk is put back afterwards, for the second hvrun's load: the copy made before,
+# another file with the snapshot's bytes (the same file written since is refused).
 cp /tmp/disk2.img /tmp/disk2.keep
 RUST_LOG=info /bin/hvrun --api-sock /tmp/fc3.sock </dev/null >/tmp/fc3.out 2>/tmp/fc3.err &
 pid3=$!
@@ -193,7 +193,7 @@ echo "fc-api: resumed after a paused load: count $((c + 1)) comes next"
 kill -9 $pid3
 wait $pid3
 pid3=
-cp /tmp/disk2.keep /tmp/disk2.img
+mv -f /tmp/disk2.keep /tmp/disk2.img
 echo "fc-api: the paused load's hvrun killed, the disk put back"
 
 RUST_LOG=info /bin/hvrun --api-sock /tmp/fc2.sock </dev/null >/tmp/fc2.out 2>/tmp/fc2.err &
