@@ -3,6 +3,13 @@
 //! writer). A vCPU writing a UART register must not wait for a terminal that is
 //! stopped or a pipe nobody reads: when the host falls behind by more than the buffer,
 //! further bytes are dropped and counted, with a rate-limited warning.
+//!
+//! An output made with [`Output::lines`] (the serial port's) writes whole lines: the
+//! drain thread keeps back the end of a line until its newline comes, for at most
+//! [`HOLD`] after the last byte and [`MAX_HELD`] bytes. hvrun's log goes to standard
+//! error, often the same terminal or file as the serial port's standard output, and a log
+//! line written while the guest is half-way through a line would otherwise cut it in
+//! two. A prompt without a newline still shows, [`HOLD`] late.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
@@ -24,7 +31,16 @@ struct State {
     closed: bool,
     /// An [`Output::offer`] found the buffer full: call the progress hook when there is room.
     short: bool,
+    /// Bytes the drain thread keeps back, the end of a line (see the module).
+    held: usize,
+    /// [`Output::flush`] waits: write what is kept back now.
+    release: bool,
 }
+
+/// How long the end of a line is kept back after its last byte, waiting for the rest.
+pub const HOLD: Duration = Duration::from_millis(10);
+/// The most bytes kept back: a longer line without a newline is written as it comes.
+pub const MAX_HELD: usize = 1024;
 
 struct Shared {
     name: &'static str,
@@ -36,6 +52,8 @@ struct Shared {
     progress: Condvar,
     /// Called from the drain thread when it has made room after an offer fell short.
     on_room: Mutex<Option<Box<dyn Fn() + Send>>>,
+    /// Whole lines only (see the module).
+    lines: bool,
 }
 
 /// The writing end; the drain thread holds the host's writer.
@@ -54,6 +72,16 @@ impl Output {
     /// `name` (also the name in logs). Without a thread (the host refused one), the
     /// output is dropped, with a warning.
     pub fn new(name: &'static str, writer: Box<dyn Write + Send>, capacity: usize) -> Self {
+        Output::start(name, writer, capacity, false)
+    }
+
+    /// [`Output::new`] writing whole lines, so that another writer to the same file (the
+    /// log on standard error) does not cut them (see the module).
+    pub fn lines(name: &'static str, writer: Box<dyn Write + Send>, capacity: usize) -> Self {
+        Output::start(name, writer, capacity, true)
+    }
+
+    fn start(name: &'static str, writer: Box<dyn Write + Send>, capacity: usize, lines: bool) -> Self {
         let shared = Arc::new(Shared {
             name,
             capacity,
@@ -61,6 +89,7 @@ impl Output {
             work: Condvar::new(),
             progress: Condvar::new(),
             on_room: Mutex::new(None),
+            lines,
         });
         let drain = Arc::clone(&shared);
         if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(move || drain.run(writer)) {
@@ -122,7 +151,11 @@ impl Output {
         let shared = &self.shared;
         let deadline = Instant::now() + timeout;
         let mut state = lock(&shared.state);
-        while state.filled > 0 || state.writing {
+        while state.filled > 0 || state.writing || state.held > 0 {
+            if state.held > 0 && !state.release {
+                state.release = true;
+                shared.work.notify_one();
+            }
             let now = Instant::now();
             if now >= deadline {
                 return false;
@@ -147,36 +180,69 @@ impl Shared {
     fn run(&self, mut writer: Box<dyn Write + Send>) {
         // The buffers trade places: the writers fill one while this writes the other.
         let mut chunk = vec![0; self.capacity];
+        // Whole lines: the end of a line kept back, and what goes out in one write.
+        let mut held: Vec<u8> = Vec::new();
+        let mut out: Vec<u8> = Vec::new();
         let mut failed = false;
         loop {
-            let (made_room, len) = {
+            let (made_room, len, release) = {
                 let mut state = lock(&self.state);
                 state.writing = false;
+                state.held = held.len();
                 self.progress.notify_all();
-                while state.filled == 0 && !state.closed {
+                let mut release = false;
+                while state.filled == 0 && !state.closed && !release && !state.release {
                     state.waiting = true;
-                    state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
+                    if held.is_empty() {
+                        state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
+                    } else {
+                        // The rest of the line, or nothing more for a moment: out it goes.
+                        let (next, waited) = self.work.wait_timeout(state, HOLD).unwrap_or_else(|e| e.into_inner());
+                        state = next;
+                        release = waited.timed_out() || state.release;
+                    }
                     state.waiting = false;
                 }
-                if state.filled == 0 {
+                release |= state.closed || std::mem::take(&mut state.release);
+                if state.filled == 0 && held.is_empty() {
                     return;
                 }
                 std::mem::swap(&mut chunk, &mut state.buf);
                 state.writing = true;
-                (std::mem::take(&mut state.short), std::mem::take(&mut state.filled))
+                (std::mem::take(&mut state.short), std::mem::take(&mut state.filled), release)
             };
             if made_room {
                 if let Some(hook) = lock(&self.on_room).as_ref() {
                     hook();
                 }
             }
-            if !failed {
-                if let Err(e) = write_out(&mut *writer, &chunk[..len]) {
+            let data = if self.lines {
+                whole_lines(&mut held, &mut out, &chunk[..len], release);
+                &out[..]
+            } else {
+                &chunk[..len]
+            };
+            if !failed && !data.is_empty() {
+                if let Err(e) = write_out(&mut *writer, data) {
                     log::warn!("{}: output failed, dropping further output: {e}", self.name);
                     failed = true;
                 }
             }
         }
+    }
+}
+
+/// Puts into `out` what goes out of `held` (the end of a line kept back) and `data` (the
+/// bytes after it): everything up to the last newline, and the rest too if it is longer
+/// than [`MAX_HELD`] or `release` says so; what is left is kept back in `held`.
+fn whole_lines(held: &mut Vec<u8>, out: &mut Vec<u8>, data: &[u8], release: bool) {
+    out.clear();
+    out.append(held);
+    out.extend_from_slice(data);
+    let line_end = out.iter().rposition(|&b| b == b'\n').map_or(0, |nl| nl + 1);
+    if !release && out.len() - line_end <= MAX_HELD {
+        held.extend_from_slice(&out[line_end..]);
+        out.truncate(line_end);
     }
 }
 
@@ -257,6 +323,66 @@ mod tests {
         assert_eq!(offered, 15, "room for what fits");
         assert_eq!(out.offer_with(11, |room| room.len()), 11);
         assert_eq!(out.offer_with(1, |room| room.len()), 0, "full");
+    }
+
+    #[test]
+    fn whole_lines_go_out_and_the_end_of_a_line_is_kept_back() {
+        let (mut held, mut out) = (Vec::new(), Vec::new());
+        whole_lines(&mut held, &mut out, b"one\ntw", false);
+        assert_eq!((&out[..], &held[..]), (&b"one\n"[..], &b"tw"[..]));
+        whole_lines(&mut held, &mut out, b"o\nthree\nfo", false);
+        assert_eq!((&out[..], &held[..]), (&b"two\nthree\n"[..], &b"fo"[..]));
+        whole_lines(&mut held, &mut out, b"ur", false);
+        assert_eq!((&out[..], &held[..]), (&b""[..], &b"four"[..]));
+        whole_lines(&mut held, &mut out, b"", true);
+        assert_eq!((&out[..], &held[..]), (&b"four"[..], &b""[..]), "released");
+        let long = vec![b'x'; MAX_HELD + 1];
+        whole_lines(&mut held, &mut out, &long, false);
+        assert_eq!((out.len(), held.len()), (MAX_HELD + 1, 0), "too long to keep back");
+    }
+
+    /// The serial port's lines and hvrun's log in one file: a log line written while the
+    /// guest is half-way through a line lands after it, never inside it.
+    #[test]
+    fn another_writer_never_cuts_a_line() {
+        let sink = Sink::default();
+        let out = Output::lines("test-lines", Box::new(sink.clone()), 1024);
+        let guest_line = "the guest's line, written a byte at a time\n";
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..20 {
+                    for b in guest_line.bytes() {
+                        assert_eq!(out.write(&[b]), 1);
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            });
+            let mut log = sink.clone();
+            for _ in 0..200 {
+                log.write_all(b"LOG\n").unwrap();
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        });
+        assert!(out.flush(Duration::from_secs(10)));
+        let text = sink.text();
+        assert_eq!(text.lines().filter(|l| *l == "LOG").count(), 200);
+        let cut: Vec<&str> = text.lines().filter(|l| *l != "LOG" && *l != guest_line.trim_end()).collect();
+        assert!(cut.is_empty(), "lines cut: {cut:?}");
+    }
+
+    #[test]
+    fn the_end_of_a_line_goes_out_after_a_moment_or_at_a_flush() {
+        let sink = Sink::default();
+        let out = Output::lines("test-prompt", Box::new(sink.clone()), 1024);
+        out.write(b"login: ");
+        let start = Instant::now();
+        while sink.text() != "login: " {
+            assert!(start.elapsed() < Duration::from_secs(10), "a prompt never showed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        out.write(b"password: ");
+        assert!(out.flush(Duration::from_secs(10)));
+        assert_eq!(sink.text(), "login: password: ", "a flush writes what is kept back");
     }
 
     #[test]

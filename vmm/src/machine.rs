@@ -184,7 +184,7 @@ where
 
     let first_entry = Arc::new(OnceLock::new());
     let uart = Arc::new(Mutex::new(Pl011::new(
-        Output::new("serial-out", serial.unwrap_or_else(|| Box::new(std::io::sink())), pl011::OUTPUT_BUFFER),
+        Output::lines("serial-out", serial.unwrap_or_else(|| Box::new(std::io::sink())), pl011::OUTPUT_BUFFER),
         irqchip.spi_line(UART_SPI),
     )));
     let mut bus = MmioBus::new();
