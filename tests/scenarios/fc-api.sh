@@ -173,7 +173,12 @@ pid1=
 # The disk is put back afterwards, for the second hvrun's load: the copy made before,
 # another file with the snapshot's bytes (the same file written since is refused).
 cp /tmp/disk2.img /tmp/disk2.keep
-RUST_LOG=info /bin/hvrun --api-sock /tmp/fc3.sock </dev/null >/tmp/fc3.out 2>/tmp/fc3.err &
+# The pause may have come while the guest was half-way through a line: a restored guest
+# writes the rest of it first. Each load's output starts with the part written before.
+part=
+[ -n "$(tail -c 1 /tmp/fc1.out)" ] && part=$(tail -n 1 /tmp/fc1.out | tr -d '\r')
+printf '%s' "$part" >/tmp/fc3.out
+RUST_LOG=info /bin/hvrun --api-sock /tmp/fc3.sock </dev/null >>/tmp/fc3.out 2>/tmp/fc3.err &
 pid3=$!
 wait_sock /tmp/fc3.sock $pid3
 ok /tmp/fc3.sock 204 PUT /snapshot/load '{
@@ -183,12 +188,13 @@ ok /tmp/fc3.sock 204 PUT /snapshot/load '{
     }'
 state /tmp/fc3.sock Paused
 sleep 3
-[ -z "$(counts /tmp/fc3.out)" ] || fail "the guest loaded paused counted: $(counts /tmp/fc3.out | head -n 1)"
+# (count $c may be the part before, whole but for its newline)
+[ -z "$(counts /tmp/fc3.out | grep -vx "$c")" ] || fail "the guest loaded paused counted: $(counts /tmp/fc3.out | head -n 1)"
 cmp -s /tmp/disk2.img /tmp/disk2.keep || fail "the guest loaded paused wrote on its disk"
 echo "fc-api: loaded paused: for 3 s the guest runs nothing"
 ok /tmp/fc3.sock 204 PATCH /vm '{"state": "Resumed"}'
 wait_in /tmp/fc3.out "^count $((c + 1))\$" 60 || fail "no count $((c + 1)) after resuming the paused load"
-[ "$(counts /tmp/fc3.out | head -n 1)" = $((c + 1)) ] || fail "the paused load went on at $(counts /tmp/fc3.out | head -n 1)"
+[ "$(counts /tmp/fc3.out | grep -vx "$c" | head -n 1)" = $((c + 1)) ] || fail "the paused load went on at $(counts /tmp/fc3.out | head -n 1)"
 echo "fc-api: resumed after a paused load: count $((c + 1)) comes next"
 kill -9 $pid3
 wait $pid3
@@ -196,7 +202,8 @@ pid3=
 mv -f /tmp/disk2.keep /tmp/disk2.img
 echo "fc-api: the paused load's hvrun killed, the disk put back"
 
-RUST_LOG=info /bin/hvrun --api-sock /tmp/fc2.sock </dev/null >/tmp/fc2.out 2>/tmp/fc2.err &
+printf '%s' "$part" >/tmp/fc2.out
+RUST_LOG=info /bin/hvrun --api-sock /tmp/fc2.sock </dev/null >>/tmp/fc2.out 2>/tmp/fc2.err &
 pid2=$!
 wait_sock /tmp/fc2.sock $pid2
 state /tmp/fc2.sock 'Not started'
@@ -206,7 +213,7 @@ ok /tmp/fc2.sock 204 PUT /snapshot/load '{
         "resume_vm": true
     }'
 wait_in /tmp/fc2.out "^count $((c + 1))\$" 60 || fail "no count $((c + 1)) after the snapshot load"
-first=$(counts /tmp/fc2.out | head -n 1)
+first=$(counts /tmp/fc2.out | grep -vx "$c" | head -n 1)
 [ "$first" = $((c + 1)) ] || fail "the second hvrun went on at count $first, not $((c + 1))"
 echo "fc-api: the second hvrun continues at count $first"
 state /tmp/fc2.sock Running
