@@ -157,6 +157,57 @@ pub(crate) fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Who serves the clients of a unix socket (the API's, the control socket's), for
+/// [`serve_clients`].
+pub(crate) struct Clients<S, R> {
+    /// The socket's name in logs ("api", "--control").
+    pub what: &'static str,
+    /// Each client's thread's name.
+    pub thread: &'static str,
+    /// Clients served at once at most.
+    pub max: usize,
+    /// Serves one client, on its own thread, until it is done.
+    pub serve: S,
+    /// Answers a client past `max` (on the accepting thread: briefly).
+    pub refuse: R,
+}
+
+/// Accepts `listener`'s clients for as long as it lasts: each on a thread of its own,
+/// at most `clients.max` at once; one more is refused. A failed accept (out of file
+/// descriptors, say) waits a little rather than spin on it.
+pub(crate) fn serve_clients<S, R>(listener: &std::os::unix::net::UnixListener, clients: Clients<S, R>)
+where
+    S: Fn(std::os::unix::net::UnixStream) + Clone + Send + 'static,
+    R: Fn(std::os::unix::net::UnixStream),
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let Clients { what, thread, max, serve, refuse } = clients;
+    let open = std::sync::Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                devices::warn_ratelimited!("{what}: cannot accept a client: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::SeqCst) >= max {
+            open.fetch_sub(1, Ordering::SeqCst);
+            refuse(stream);
+            continue;
+        }
+        let (serve, open) = (serve.clone(), std::sync::Arc::clone(&open));
+        let spawned = std::thread::Builder::new().name(thread.into()).spawn(move || {
+            serve(stream);
+            open.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            log::warn!("{what}: cannot serve a client: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

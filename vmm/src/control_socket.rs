@@ -19,12 +19,11 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backends::{remove_stale_socket, SocketFile};
+use crate::backends::{remove_stale_socket, serve_clients, Clients, SocketFile};
 use crate::embed::VmHandle;
 
 /// The longest command line read, its newline included.
@@ -157,7 +156,7 @@ impl ControlSocket {
     pub fn serve(self, controls: impl Controls) -> Self {
         let controls: Arc<dyn Controls> = Arc::new(controls);
         let started = self.listener.try_clone().and_then(|listener| {
-            std::thread::Builder::new().name("control".into()).spawn(move || accept(&listener, &controls))
+            std::thread::Builder::new().name("control".into()).spawn(move || accept(&listener, controls))
         });
         if let Err(e) = started {
             log::warn!("--control: cannot serve the control socket: {e}");
@@ -166,33 +165,12 @@ impl ControlSocket {
     }
 }
 
-fn accept(listener: &UnixListener, controls: &Arc<dyn Controls>) {
-    let clients = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(stream) => stream,
-            Err(e) => {
-                // Out of file descriptors, say: wait a little rather than spin on it.
-                devices::warn_ratelimited!("--control: cannot accept a client: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                continue;
-            }
-        };
-        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-            clients.fetch_sub(1, Ordering::SeqCst);
-            let mut stream = stream;
-            let _ = writeln!(stream, "{}", failure("too many control clients"));
-            continue;
-        }
-        let (controls, clients) = (Arc::clone(controls), Arc::clone(&clients));
-        let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
-            serve_client(stream, &*controls);
-            clients.fetch_sub(1, Ordering::SeqCst);
-        });
-        if let Err(e) = spawned {
-            log::warn!("--control: cannot serve a client: {e}");
-        }
-    }
+fn accept(listener: &UnixListener, controls: Arc<dyn Controls>) {
+    let serve = move |stream| serve_client(stream, &*controls);
+    let refuse = |mut stream: UnixStream| {
+        let _ = writeln!(stream, "{}", failure("too many control clients"));
+    };
+    serve_clients(listener, Clients { what: "--control", thread: "control-client", max: MAX_CLIENTS, serve, refuse });
 }
 
 /// Answers `stream`'s lines until it closes, sends a line over [`MAX_LINE`] bytes or

@@ -24,13 +24,11 @@ pub mod sink;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
 
 use self::http::{Connection, ConnectionEnd, Limits, Request, Response};
 use self::router::Api;
-use crate::backends::{remove_stale_socket, SocketFile};
+use crate::backends::{remove_stale_socket, serve_clients, Clients, SocketFile};
 
 impl router::Running for crate::VmHandle {
     fn pause(&self) -> Result<(), String> {
@@ -104,7 +102,7 @@ impl ApiServer {
         let (jobs, queue) = channel::<Job>();
         std::thread::Builder::new().name("api".into()).spawn(move || dispatch(api, &queue))?;
         let listener = self.listener.try_clone()?;
-        std::thread::Builder::new().name("api-accept".into()).spawn(move || accept(&listener, &jobs, limits))?;
+        std::thread::Builder::new().name("api-accept".into()).spawn(move || accept(&listener, jobs, limits))?;
         Ok(self)
     }
 }
@@ -137,31 +135,12 @@ fn dispatch(mut api: Api, queue: &Receiver<Job>) {
     }
 }
 
-fn accept(listener: &UnixListener, jobs: &Sender<Job>, limits: Limits) {
-    let clients = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        let stream = match stream {
-            Ok(stream) => stream,
-            Err(e) => {
-                devices::warn_ratelimited!("api: cannot accept a client: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                continue;
-            }
-        };
-        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-            clients.fetch_sub(1, Ordering::SeqCst);
-            refuse_busy(stream);
-            continue;
-        }
-        let (jobs, clients) = (jobs.clone(), Arc::clone(&clients));
-        let spawned = std::thread::Builder::new().name("api-client".into()).spawn(move || {
-            serve_client(stream, &jobs, limits);
-            clients.fetch_sub(1, Ordering::SeqCst);
-        });
-        if let Err(e) = spawned {
-            log::warn!("api: cannot serve a client: {e}");
-        }
-    }
+fn accept(listener: &UnixListener, jobs: Sender<Job>, limits: Limits) {
+    let serve = move |stream| serve_client(stream, &jobs, limits);
+    serve_clients(
+        listener,
+        Clients { what: "api", thread: "api-client", max: MAX_CLIENTS, serve, refuse: refuse_busy },
+    );
 }
 
 /// Tells a client past [`MAX_CLIENTS`] to come back later. What it sent is read first
