@@ -575,13 +575,7 @@ mod tests {
             for _ in 0..2 {
                 let (control, entries) = (&control, &entries);
                 // A vCPU loop: park if paused, "run", until stopped.
-                s.spawn(move || {
-                    while !control.stopping() {
-                        control.park_if_paused(0, &mut no_save);
-                        entries.fetch_add(1, Ordering::SeqCst);
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
-                });
+                s.spawn(move || vcpu_loop(control, entries));
             }
             control.pause(Duration::from_secs(10)).unwrap();
             assert!(control.paused());
@@ -598,6 +592,15 @@ mod tests {
         });
         let got: Vec<Event> = received.try_iter().collect();
         assert_eq!(got, vec![Event::Paused, Event::Resumed, Event::Paused]);
+    }
+
+    /// A vCPU loop for the tests: park if paused, "run" (count an entry), until stopped.
+    fn vcpu_loop(control: &Control, entries: &std::sync::atomic::AtomicUsize) {
+        while !control.stopping() {
+            control.park_if_paused(0, &mut no_save);
+            entries.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// A clock that records what it was told.
@@ -627,13 +630,7 @@ mod tests {
         let entries = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             let (control, entries) = (&control, &entries);
-            s.spawn(move || {
-                while !control.stopping() {
-                    control.park_if_paused(0, &mut no_save);
-                    entries.fetch_add(1, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            });
+            s.spawn(move || vcpu_loop(control, entries));
             // The pause is already in effect: asking again waits for nothing new.
             control.pause(Duration::from_secs(10)).unwrap();
             std::thread::sleep(Duration::from_millis(50));
@@ -710,13 +707,7 @@ mod tests {
         std::thread::scope(|s| {
             let (control, entries) = (&control, &entries);
             // One vCPU loop that parks; the other never comes back to park.
-            s.spawn(move || {
-                while !control.stopping() {
-                    control.park_if_paused(0, &mut no_save);
-                    entries.fetch_add(1, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            });
+            s.spawn(move || vcpu_loop(control, entries));
             let (done, finished) = std::sync::mpsc::channel();
             s.spawn(move || done.send(control.pause(Duration::from_millis(200))));
             let result = finished.recv_timeout(Duration::from_secs(10)).expect("pause returned");
