@@ -6,7 +6,7 @@
 //!
 //! An output made with [`Output::lines`] (the serial port's) writes whole lines: the
 //! drain thread keeps back the end of a line until its newline comes, for at most
-//! [`HOLD`] after the last byte and [`MAX_HELD`] bytes. hvrun's log goes to standard
+//! [`HOLD`] after its last byte, [`MAX_HOLD`] in all and [`MAX_HELD`] bytes. hvrun's log goes to standard
 //! error, often the same terminal or file as the serial port's standard output, and a log
 //! line written while the guest is half-way through a line would otherwise cut it in
 //! two. A prompt without a newline still shows, [`HOLD`] late.
@@ -39,6 +39,9 @@ struct State {
 
 /// How long the end of a line is kept back after its last byte, waiting for the rest.
 pub const HOLD: Duration = Duration::from_millis(10);
+/// How long the end of a line is kept back at most, however fast it grows (a progress
+/// bar redrawn with `\r` shows this late at worst).
+pub const MAX_HOLD: Duration = Duration::from_millis(100);
 /// The most bytes kept back: a longer line without a newline is written as it comes.
 pub const MAX_HELD: usize = 1024;
 
@@ -180,8 +183,11 @@ impl Shared {
     fn run(&self, mut writer: Box<dyn Write + Send>) {
         // The buffers trade places: the writers fill one while this writes the other.
         let mut chunk = vec![0; self.capacity];
-        // Whole lines: the end of a line kept back, and what goes out in one write.
+        // Whole lines: the end of a line kept back (since when), and what goes out in
+        // one write.
         let mut held: Vec<u8> = Vec::new();
+        // When the line kept back began, and when it last grew.
+        let mut held_since: Option<(Instant, Instant)> = None;
         let mut out: Vec<u8> = Vec::new();
         let mut failed = false;
         loop {
@@ -191,21 +197,24 @@ impl Shared {
                 state.held = held.len();
                 self.progress.notify_all();
                 let mut release = false;
+                // The end of a line goes out once it has waited HOLD for more, or MAX_HOLD.
+                let due = held_since.map(|(began, grew)| (grew + HOLD).min(began + MAX_HOLD));
                 while state.filled == 0 && !state.closed && !release && !state.release {
                     state.waiting = true;
-                    if held.is_empty() {
-                        state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
-                    } else {
-                        // The rest of the line, or nothing more for a moment: out it goes.
-                        let (next, waited) = self.work.wait_timeout(state, HOLD).unwrap_or_else(|e| e.into_inner());
-                        state = next;
-                        release = waited.timed_out() || state.release;
+                    match due.map(|due| due.saturating_duration_since(Instant::now())) {
+                        None => state = self.work.wait(state).unwrap_or_else(|e| e.into_inner()),
+                        Some(left) if left.is_zero() => release = true,
+                        Some(left) => state = self.work.wait_timeout(state, left).unwrap_or_else(|e| e.into_inner()).0,
                     }
                     state.waiting = false;
                 }
-                release |= state.closed || std::mem::take(&mut state.release);
+                release |=
+                    state.closed || std::mem::take(&mut state.release) || due.is_some_and(|due| Instant::now() >= due);
                 if state.filled == 0 && held.is_empty() {
-                    return;
+                    if state.closed {
+                        return;
+                    }
+                    continue; // a release asked for while the last of it went out
                 }
                 std::mem::swap(&mut chunk, &mut state.buf);
                 state.writing = true;
@@ -217,7 +226,13 @@ impl Shared {
                 }
             }
             let data = if self.lines {
-                whole_lines(&mut held, &mut out, &chunk[..len], release);
+                let line_ended = whole_lines(&mut held, &mut out, &chunk[..len], release);
+                let now = Instant::now();
+                held_since = match held_since {
+                    _ if held.is_empty() => None,
+                    Some((began, _)) if !line_ended => Some((began, now)),
+                    _ => Some((now, now)),
+                };
                 &out[..]
             } else {
                 &chunk[..len]
@@ -234,8 +249,9 @@ impl Shared {
 
 /// Puts into `out` what goes out of `held` (the end of a line kept back) and `data` (the
 /// bytes after it): everything up to the last newline, and the rest too if it is longer
-/// than [`MAX_HELD`] or `release` says so; what is left is kept back in `held`.
-fn whole_lines(held: &mut Vec<u8>, out: &mut Vec<u8>, data: &[u8], release: bool) {
+/// than [`MAX_HELD`] or `release` says so; what is left is kept back in `held`. Returns
+/// whether a line ended (what is kept back now is the start of another).
+fn whole_lines(held: &mut Vec<u8>, out: &mut Vec<u8>, data: &[u8], release: bool) -> bool {
     out.clear();
     out.append(held);
     out.extend_from_slice(data);
@@ -244,6 +260,7 @@ fn whole_lines(held: &mut Vec<u8>, out: &mut Vec<u8>, data: &[u8], release: bool
         held.extend_from_slice(&out[line_end..]);
         out.truncate(line_end);
     }
+    line_end > 0
 }
 
 /// Writes all of `chunk` and flushes. A writer that is not ready (one that shares a
@@ -383,6 +400,37 @@ mod tests {
         out.write(b"password: ");
         assert!(out.flush(Duration::from_secs(10)));
         assert_eq!(sink.text(), "login: password: ", "a flush writes what is kept back");
+    }
+
+    /// From the review of `Output::lines`: a flush that asked for the end of a line while
+    /// the thread was writing it could end the thread, and later output was lost.
+    #[test]
+    fn flushes_between_lines_never_end_the_output() {
+        let sink = Sink::default();
+        let out = Output::lines("test-flushes", Box::new(sink.clone()), 1024);
+        for _ in 0..200 {
+            out.write(b"abc");
+            out.write(b"def\n");
+            assert!(out.flush(Duration::from_secs(10)));
+        }
+        out.write(b"later\n");
+        assert!(out.flush(Duration::from_secs(10)), "the output thread is gone");
+        assert_eq!(sink.text(), format!("{}later\n", "abcdef\n".repeat(200)));
+    }
+
+    /// From the review: the wait restarted with every byte, so output without a newline
+    /// coming faster than one byte per HOLD (a progress bar) showed only at 1 KiB. Now
+    /// at MAX_HOLD at most.
+    #[test]
+    fn the_end_of_a_line_waits_at_most_hold_however_fast_it_grows() {
+        let sink = Sink::default();
+        let out = Output::lines("test-progress", Box::new(sink.clone()), 1024);
+        let start = Instant::now();
+        while sink.text().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(2), "nothing shown after 2 s (MAX_HOLD is {MAX_HOLD:?})");
+            out.write(b".");
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     #[test]

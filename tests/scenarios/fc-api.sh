@@ -20,7 +20,10 @@ wait_in() {
     until tr -d '\r' <"$1" 2>/dev/null | grep -q "$2" || [ $(now) -ge $end ]; do sleep 1; done
     tr -d '\r' <"$1" 2>/dev/null | grep -q "$2"
 }
-counts() { tr -d '\r' <"$1" | sed -n 's/^count \([0-9]*\)$/\1/p'; }
+# whole FILE: FILE without an unfinished last line (one the guest is still writing, or
+# was writing when it was paused).
+whole() { if [ -n "$(tail -c 1 "$1")" ]; then sed '$d' "$1"; else cat "$1"; fi; }
+counts() { whole "$1" | tr -d '\r' | sed -n 's/^count \([0-9]*\)$/\1/p'; }
 # disk_count IMAGE: the count the guest last wrote into the image's first sector.
 disk_count() { head -c 32 "$1" | sed -n 's/^count \([0-9]*\).*/\1/p'; }
 last_count() { counts "$1" | tail -n 1; }
@@ -188,13 +191,12 @@ ok /tmp/fc3.sock 204 PUT /snapshot/load '{
     }'
 state /tmp/fc3.sock Paused
 sleep 3
-# (count $c may be the part before, whole but for its newline)
-[ -z "$(counts /tmp/fc3.out | grep -vx "$c")" ] || fail "the guest loaded paused counted: $(counts /tmp/fc3.out | head -n 1)"
+[ "$(cat /tmp/fc3.out)" = "$part" ] || fail "the guest loaded paused wrote: $(tr -d '\r' </tmp/fc3.out | head -n 2)"
 cmp -s /tmp/disk2.img /tmp/disk2.keep || fail "the guest loaded paused wrote on its disk"
 echo "fc-api: loaded paused: for 3 s the guest runs nothing"
 ok /tmp/fc3.sock 204 PATCH /vm '{"state": "Resumed"}'
 wait_in /tmp/fc3.out "^count $((c + 1))\$" 60 || fail "no count $((c + 1)) after resuming the paused load"
-[ "$(counts /tmp/fc3.out | grep -vx "$c" | head -n 1)" = $((c + 1)) ] || fail "the paused load went on at $(counts /tmp/fc3.out | head -n 1)"
+[ "$(counts /tmp/fc3.out | head -n 1)" = $((c + 1)) ] || fail "the paused load went on at $(counts /tmp/fc3.out | head -n 1)"
 echo "fc-api: resumed after a paused load: count $((c + 1)) comes next"
 kill -9 $pid3
 wait $pid3
@@ -213,7 +215,7 @@ ok /tmp/fc2.sock 204 PUT /snapshot/load '{
         "resume_vm": true
     }'
 wait_in /tmp/fc2.out "^count $((c + 1))\$" 60 || fail "no count $((c + 1)) after the snapshot load"
-first=$(counts /tmp/fc2.out | grep -vx "$c" | head -n 1)
+first=$(counts /tmp/fc2.out | head -n 1)
 [ "$first" = $((c + 1)) ] || fail "the second hvrun went on at count $first, not $((c + 1))"
 echo "fc-api: the second hvrun continues at count $first"
 state /tmp/fc2.sock Running

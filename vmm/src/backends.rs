@@ -172,6 +172,15 @@ pub(crate) struct Clients<S, R> {
     pub refuse: R,
 }
 
+/// A client's place among the `max` of [`serve_clients`], given back when dropped.
+struct Place(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Accepts `listener`'s clients for as long as it lasts: each on a thread of its own,
 /// at most `clients.max` at once; one more is refused. A failed accept (out of file
 /// descriptors, say) waits a little rather than spin on it.
@@ -197,10 +206,13 @@ where
             refuse(stream);
             continue;
         }
-        let (serve, open) = (serve.clone(), std::sync::Arc::clone(&open));
+        // The client's place is given back however its thread ends (a panic too), or
+        // when there is no thread for it.
+        let place = Place(std::sync::Arc::clone(&open));
+        let serve = serve.clone();
         let spawned = std::thread::Builder::new().name(thread.into()).spawn(move || {
+            let _place = place;
             serve(stream);
-            open.fetch_sub(1, Ordering::SeqCst);
         });
         if let Err(e) = spawned {
             log::warn!("{what}: cannot serve a client: {e}");

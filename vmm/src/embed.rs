@@ -312,8 +312,9 @@ impl VmBuilder {
     }
 
     /// Starts the machine paused: the devices run, but every vCPU parks before its first
-    /// entry into the guest, and the guest's clock stands still, until
-    /// [`VmHandle::resume`]. A restored guest then does not run a single instruction
+    /// entry into the guest until [`VmHandle::resume`] (on Hypervisor.framework the
+    /// guest's virtual counter stands still meanwhile; on KVM it runs on, as in any
+    /// pause: [`VmHandle::pause`]). A restored guest then does not run a single instruction
     /// before it is resumed (Firecracker's snapshot load with `resume_vm: false`).
     pub fn start_paused(mut self) -> Self {
         self.io.start_paused = true;

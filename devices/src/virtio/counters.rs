@@ -22,8 +22,8 @@ pub struct DeviceCounters {
 /// A copy of a device's counters, as totals since the device was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceStats {
-    /// Requests served: chains taken from the driver, whatever became of them (a disk's
-    /// requests, frames and packets each way, console buffers, entropy requests).
+    /// Requests served, whatever became of them: a disk's requests, the frames (net) and
+    /// packets (vsock) each way, console buffers, entropy requests.
     pub requests: u64,
     /// Bytes the device wrote into the guest's buffers as data.
     pub rx_bytes: u64,

@@ -46,10 +46,13 @@ impl VmClock {
         stopped_at.unwrap_or_else(|| (self.now)()).wrapping_sub(self.offset())
     }
 
-    /// Sets the offset so the guest's counter reads `counter` now (a restored snapshot's
-    /// guest goes on from where it was saved).
+    /// Sets the offset so the guest's counter reads `counter` now, or, while the VM is
+    /// paused, where it stands until the resume (a restored snapshot's guest goes on
+    /// from where it was saved, also when it was restored paused).
     pub fn set_guest_counter(&self, counter: u64) {
-        self.offset.store((self.now)().wrapping_sub(counter), Ordering::SeqCst);
+        let stopped_at = self.stopped_at.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = stopped_at.unwrap_or_else(|| (self.now)());
+        self.offset.store(at.wrapping_sub(counter), Ordering::SeqCst);
     }
 }
 
@@ -109,10 +112,21 @@ mod tests {
         assert_eq!(clock.guest_counter(), 2_000, "paused: the counter stands");
         // A new process, later.
         host.store(900_000, Ordering::SeqCst);
-        let restored = VmClock::new(now);
+        let restored = VmClock::new(now.clone());
         restored.set_guest_counter(2_000);
         assert_eq!(restored.guest_counter(), 2_000);
         host.store(900_700, Ordering::SeqCst);
         assert_eq!(restored.guest_counter(), 2_700);
+        // Restored paused (the clock stopped before the vCPUs set it): the counter stands
+        // at the snapshot's until the resume, then goes on from there.
+        let paused = VmClock::new(now);
+        paused.stop();
+        host.store(905_000, Ordering::SeqCst);
+        paused.set_guest_counter(2_000);
+        host.store(909_000, Ordering::SeqCst);
+        assert_eq!(paused.guest_counter(), 2_000);
+        paused.start();
+        host.store(909_300, Ordering::SeqCst);
+        assert_eq!(paused.guest_counter(), 2_300);
     }
 }

@@ -184,19 +184,19 @@ impl Parts {
             let dir = SnapshotFiles::parent(file);
             std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         }
-        // The old state file goes first, durably: until the new one is written, there
-        // is no snapshot (never an old state beside a new memory file).
-        let (state, state_dir) = (&files.state, SnapshotFiles::parent(&files.state));
-        match std::fs::remove_file(state) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("replacing", state)(e)),
-            _ => File::open(state_dir).and_then(|d| d.sync_all()).map_err(io("syncing", state_dir))?,
-        }
         if vcpus.len() != self.config.cpus as usize {
             return Err(SnapshotError::Unsupported(format!(
                 "{} of its {} vCPUs saved their state (it is still starting)",
                 vcpus.len(),
                 self.config.cpus
             )));
+        }
+        // The old state file goes first, durably: until the new one is written, there
+        // is no snapshot (never an old state beside a new memory file).
+        let (state, state_dir) = (&files.state, SnapshotFiles::parent(&files.state));
+        match std::fs::remove_file(state) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("replacing", state)(e)),
+            _ => File::open(state_dir).and_then(|d| d.sync_all()).map_err(io("syncing", state_dir))?,
         }
         let powers: Vec<_> = vcpus.iter().map(|v| v.power).collect();
         log::info!("snapshot: {} vCPUs (power {powers:?}), {} virtio devices", vcpus.len(), self.transports.len());

@@ -403,9 +403,11 @@ impl Request {
     /// error for any status but OK.
     pub(crate) fn count(&self, counters: &DeviceCounters, op: Option<Op>, status: Option<u8>) {
         let ok = status == Some(S_OK);
+        let data_in = self.writable_len.saturating_sub(1);
         let (rx, tx) = match op {
-            Some(Op::Read(_)) if ok => (self.writable_len.saturating_sub(1), 0),
+            Some(Op::Read(_)) if ok => (data_in, 0),
             Some(Op::Write(_)) if ok => (0, self.readable_len),
+            None if ok && self.kind() == Some(T_GET_ID) => (data_in.min(ID_LEN as u64), 0),
             _ => (0, 0),
         };
         counters.request(rx, tx);

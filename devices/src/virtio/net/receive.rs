@@ -201,6 +201,7 @@ impl Receiver {
         let n = match backend.recv_guest(&iov) {
             Some(Ok(n)) if n > iov.len() => {
                 warn_ratelimited!("{NAME}: the backend says it received {n} bytes into {}; dropped", iov.len());
+                self.counters.error();
                 rx.put_back(count);
                 return Step::Fruitless;
             }
@@ -272,6 +273,7 @@ impl Receiver {
         match backend.recv(buf) {
             Ok(n) if n > room => {
                 warn_ratelimited!("{NAME}: the backend says it received {n} bytes into {room}; dropped");
+                self.counters.error();
                 Step::Fruitless
             }
             Ok(n) if vnet && n < VNET_HDR_LEN => Step::Fruitless,
