@@ -7,16 +7,16 @@
 # from the guest's serial output in OUT: a log line written between two pieces of a guest
 # line would cut it in two.
 now() { cut -d' ' -f1 /proc/uptime | cut -d. -f1; }
-# wait_in FILE PATTERN SECONDS: waits for PATTERN to show in FILE.
+# whole FILE: FILE without an unfinished last line (one the guest is still writing, or
+# was writing when it was paused); nothing for a FILE not there yet.
+whole() { [ -e "$1" ] || return 0; if [ -n "$(tail -c 1 "$1")" ]; then sed '$d' "$1"; else cat "$1"; fi; }
+# wait_in FILE PATTERN SECONDS: waits for PATTERN to show on a whole line of FILE.
 wait_in() {
     end=$(( $(now) + $3 ))
-    until grep -q "$2" "$1" 2>/dev/null || [ $(now) -ge $end ]; do sleep 1; done
-    grep -q "$2" "$1" 2>/dev/null
+    until whole "$1" | grep -q "$2" || [ $(now) -ge $end ]; do sleep 1; done
+    whole "$1" | grep -q "$2"
 }
 ctl() { echo "$2" | timeout 120 vsock-peer uds-connect "$1"; }
-# whole FILE: FILE without an unfinished last line (one the guest is still writing, or
-# was writing when it was paused).
-whole() { if [ -n "$(tail -c 1 "$1")" ]; then sed '$d' "$1"; else cat "$1"; fi; }
 counts() { whole "$1" | sed -n 's/^count \([0-9]*\)$/\1/p'; }
 fail() { echo "snapshot: FAIL: $*"; for f in /tmp/out*; do echo "== $f"; grep -v '^rcu' "$f" | tail -60; done; kill -9 $(pidof hvrun) 2>/dev/null; exit 0; }
 ip link set lo up; insmod /guest/tun.ko 2>/dev/null

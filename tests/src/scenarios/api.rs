@@ -90,6 +90,7 @@ pub const FC_API: Scenario = Scenario {
         "fc-api: /tmp/fc3.sock is up",
         "fc-api: PUT /snapshot/load -> 204",
         "fc-api: GET / -> 200 Paused",
+        "fc-api: the paused load's network is tap9 (network_overrides)",
         "fc-api: loaded paused: for 3 s the guest runs nothing",
         "fc-api: PATCH /vm Resumed -> 204",
         "fc-api: resumed after a paused load: count",
