@@ -124,6 +124,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 
 pub use self::conn::{BUF_ALLOC, TIMEOUT};
 use self::muxer::Muxer;
+use super::counters::{DeviceCounters, DeviceStats};
 use super::notifier::QueueNotifier;
 use super::worker::{Slot, Wake};
 use super::{read_config_bytes, ActivateError, Activation, VirtioDevice};
@@ -217,6 +218,8 @@ struct Shared {
     reset: AtomicBool,
     /// The running worker's wake, while the driver has the device started.
     wake: Mutex<Option<Wake>>,
+    /// Packets each way, for metrics.
+    counters: DeviceCounters,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -357,6 +360,10 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.muxer.stop();
+    }
+
+    fn counters(&self) -> Option<DeviceStats> {
+        Some(self.shared.counters.snapshot())
     }
 
     /// Nothing to restore (connections are host sockets and do not carry over), but the

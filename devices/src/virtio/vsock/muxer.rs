@@ -463,17 +463,26 @@ impl Muxer {
             // go back to the guest after; a chain they cannot be taken from as `iovec`s
             // (bytes past the payload, a buffer straddling two regions, too many pieces)
             // is copied out first.
-            match check_packet(memory, chain.clone()) {
+            let taken = match check_packet(memory, chain.clone()) {
                 Ok(hdr) => match GuestIovecs::from_chain(memory, chain.clone(), false, HDR_LEN, hdr.len as usize) {
                     Some(iov) if iov.len() == hdr.len as usize => {
                         self.guest_packet(registry, &hdr, Payload::Guest(&iov));
+                        Ok(hdr.len)
                     }
-                    _ => match read_packet(memory, chain, &mut payload) {
-                        Ok(hdr) => self.guest_packet(registry, &hdr, Payload::Bytes(&payload)),
-                        Err(e) => warn_ratelimited!("{NAME}: dropped a guest packet: {e}"),
-                    },
+                    _ => read_packet(memory, chain, &mut payload).map(|hdr| {
+                        self.guest_packet(registry, &hdr, Payload::Bytes(&payload));
+                        hdr.len
+                    }),
                 },
-                Err(e) => warn_ratelimited!("{NAME}: dropped a guest packet: {e}"),
+                Err(e) => Err(e),
+            };
+            match taken {
+                Ok(len) => self.shared.counters.request(0, u64::from(len)),
+                Err(e) => {
+                    warn_ratelimited!("{NAME}: dropped a guest packet: {e}");
+                    self.shared.counters.request(0, 0);
+                    self.shared.counters.error();
+                }
             }
             if !tx.give_back(head, 0) {
                 break;
@@ -492,11 +501,13 @@ impl Muxer {
                 let head = chain.head_index();
                 let written = if writable_len(chain.clone(), HDR_LEN) < HDR_LEN {
                     warn_ratelimited!("{NAME}: a receive buffer cannot hold a packet header");
+                    self.shared.counters.error();
                     0
                 } else {
                     self.rsts.pop_front();
                     write_chain(NAME, memory, chain, &self.header(local, peer, OP_RST).to_bytes())
                 };
+                self.shared.counters.request(0, 0);
                 if !rx.give_back(head, written as u32) {
                     return;
                 }
@@ -517,6 +528,8 @@ impl Muxer {
             let room = writable_len(chain.clone(), HDR_LEN + MAX_PAYLOAD);
             if room < HDR_LEN {
                 warn_ratelimited!("{NAME}: a receive buffer of {room} byte(s) cannot hold a packet header");
+                self.shared.counters.request(0, 0);
+                self.shared.counters.error();
                 conn.queued = true;
                 self.ready.push_front(key);
                 if !rx.give_back(head, 0) {
@@ -531,6 +544,8 @@ impl Muxer {
                 // one too small for a header), and the connection waits for the next.
                 Ok(None) if room == HDR_LEN && conn.has_output() => {
                     warn_ratelimited!("{NAME}: a receive buffer of {room} bytes holds no data");
+                    self.shared.counters.request(0, 0);
+                    self.shared.counters.error();
                     conn.queued = true;
                     self.ready.push_front(key);
                     if !rx.give_back(head, 0) {
@@ -563,6 +578,7 @@ impl Muxer {
             };
             self.out[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
             let written = write_chain(NAME, memory, chain, &self.out[..HDR_LEN + out.len]);
+            self.shared.counters.request(written.saturating_sub(HDR_LEN) as u64, 0);
             self.queue_ready(key);
             if !rx.give_back(head, written as u32) {
                 return;

@@ -19,6 +19,7 @@ use super::packet::{
 };
 use super::{bind, check_cid, check_socket_path, Vsock, VsockError, BUF_ALLOC, EVENT_TRANSPORT_RESET};
 use crate::testing::TempDir;
+use crate::virtio::counters::DeviceStats;
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::testing::{a_runaway_index_needs_reset, desc, mem, read_reg, Line, Mem, W};
 use crate::virtio::Interrupt;
@@ -185,6 +186,9 @@ fn a_host_initiated_connection_carries_bytes_both_ways() {
     assert_eq!(payload, b"ping");
     g.send(g.hdr(OP_RW, 1234, FIRST_LOCAL_PORT), b"pong");
     assert_eq!(read_n(&mut c, 4), b"pong");
+    // Counted: a request and "ping" to the guest, a response and "pong" from it.
+    let counted = DeviceStats { requests: 4, rx_bytes: 4, tx_bytes: 4, errors: 0 };
+    crate::virtio::testing::wait_for("the counters", || g.t.stats().device == Some(counted));
     // The next client gets the next port.
     let (_c2, local) = host_connection(&mut g, 1234);
     assert_eq!(local, FIRST_LOCAL_PORT + 1);
