@@ -63,7 +63,7 @@ pub enum Verdict {
 }
 
 /// A packet the connection has for the guest: op, flags, payload length (the payload is
-/// in the buffer passed to [`Conn::produce`]).
+/// in the [`Room`] passed to [`Conn::produce`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Out {
     /// The operation.
@@ -113,6 +113,69 @@ impl Payload<'_, '_> {
         match self {
             Payload::Bytes(bytes) => out.extend(&bytes[from..]),
             Payload::Guest(iov) => iov.append_to(from, iov.len() - from, out),
+        }
+    }
+}
+
+/// Where [`Conn::produce`] puts a packet's payload: a buffer of the device's, or the
+/// guest's receive buffer itself (its bytes after the header), so that the host stream is
+/// read straight into guest memory with no copy of the device's.
+#[derive(Debug)]
+pub enum Room<'a, 'm> {
+    /// Bytes in a buffer of the device's.
+    Bytes(&'a mut [u8]),
+    /// The guest's buffers, checked against guest memory.
+    Guest(&'a mut GuestIovecs<'m>),
+}
+
+impl Room<'_, '_> {
+    fn len(&self) -> usize {
+        match self {
+            Room::Bytes(bytes) => bytes.len(),
+            Room::Guest(iov) => iov.len(),
+        }
+    }
+
+    /// Keeps only the first `n` bytes.
+    fn truncate(&mut self, n: usize) {
+        match self {
+            Room::Bytes(bytes) => {
+                let all = std::mem::take(bytes);
+                let n = n.min(all.len());
+                *bytes = &mut all[..n];
+            }
+            Room::Guest(iov) => iov.truncate(n),
+        }
+    }
+
+    /// Copies the start of `data` in; returns how much fitted.
+    fn copy_in(&mut self, data: &[u8]) -> usize {
+        match self {
+            Room::Bytes(bytes) => {
+                let n = bytes.len().min(data.len());
+                bytes[..n].copy_from_slice(&data[..n]);
+                n
+            }
+            Room::Guest(iov) => iov.write_bytes(0, &data[..iov.len().min(data.len())]),
+        }
+    }
+
+    /// Reads from `stream` once, into the room (all of it may not fill).
+    fn read_from(&mut self, stream: &mut UnixStream) -> std::io::Result<usize> {
+        match self {
+            Room::Bytes(bytes) => stream.read(bytes),
+            Room::Guest(iov) => {
+                let pieces = iov.iovecs();
+                // SAFETY: the pieces were checked to lie in guest memory, which `iov`
+                // keeps mapped for the call; readv writes at most their lengths. The
+                // descriptor is the stream's own, open while `stream` is borrowed.
+                let n = unsafe { libc::readv(stream.as_raw_fd(), pieces.as_ptr(), pieces.len() as libc::c_int) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }
         }
     }
 }
@@ -251,7 +314,7 @@ impl Conn {
     /// The next packet for the guest, its payload (if any) read into `room` (at most
     /// `room.len()` bytes, and never past the guest's credit), or `None` when there is
     /// none now. `Err` when the host stream failed: the connection is to be reset.
-    pub fn produce(&mut self, room: &mut [u8]) -> Result<Option<Out>, ()> {
+    pub fn produce(&mut self, mut room: Room<'_, '_>) -> Result<Option<Out>, ()> {
         let control = |op| Ok(Some(Out { op, flags: 0, len: 0 }));
         if self.pending & PENDING_RESPONSE != 0 {
             self.pending &= !PENDING_RESPONSE;
@@ -274,18 +337,16 @@ impl Conn {
                     self.credit_asked = true;
                     return control(OP_CREDIT_REQUEST);
                 }
-            } else if !room.is_empty() {
-                let take = room.len().min(credit).min(MAX_PAYLOAD);
-                let room = &mut room[..take];
+            } else if room.len() > 0 {
+                room.truncate(room.len().min(credit).min(MAX_PAYLOAD));
                 if !self.early.is_empty() {
-                    let n = room.len().min(self.early.len());
-                    room[..n].copy_from_slice(&self.early[..n]);
+                    let n = room.copy_in(&self.early);
                     self.early.drain(..n);
                     self.tx_cnt += n as u32;
                     return Ok(Some(Out { op: OP_RW, flags: 0, len: n }));
                 }
                 loop {
-                    match self.stream.read(room) {
+                    match room.read_from(&mut self.stream) {
                         Ok(0) => {
                             // The host closed: as Firecracker, the guest is told it will get
                             // and may send nothing more, and has a while to reset.

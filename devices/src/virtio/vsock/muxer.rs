@@ -18,7 +18,7 @@ use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use virtio_queue::{Queue, QueueT};
 
-use super::conn::{Conn, Payload, Verdict, TIMEOUT};
+use super::conn::{Conn, Payload, Room, Verdict, TIMEOUT};
 use super::connect::{line_end, parse_line, MAX_LINE};
 use super::packet::{
     check_packet, read_packet, writable_len, Header, HDR_LEN, HOST_CID, MAX_PAYLOAD, OP_REQUEST, OP_RST, TYPE_STREAM,
@@ -537,7 +537,17 @@ impl Muxer {
                 }
                 continue;
             }
-            let produced = conn.produce(&mut self.out[HDR_LEN..room]);
+            // The payload goes straight into the guest's buffer, after the header's room,
+            // when the chain is all device-writable buffers in guest memory (Linux's
+            // are); any other chain takes it through the device's buffer.
+            let mut guest = GuestIovecs::new();
+            let direct = guest.push_uniform_chain(memory, chain.clone(), true, HDR_LEN, usize::MAX).is_some();
+            let produced = if direct {
+                guest.truncate(room - HDR_LEN);
+                conn.produce(Room::Guest(&mut guest))
+            } else {
+                conn.produce(Room::Bytes(&mut self.out[HDR_LEN..room]))
+            };
             let out = match produced {
                 Ok(Some(out)) => out,
                 // Data waits but the buffer holds a header only: it comes back empty (as
@@ -576,8 +586,15 @@ impl Muxer {
                 buf_alloc: super::conn::BUF_ALLOC,
                 fwd_cnt: conn.tell_fwd_cnt(),
             };
-            self.out[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
-            let written = write_chain(NAME, memory, chain, &self.out[..HDR_LEN + out.len]);
+            let written = if direct {
+                match write_chain(NAME, memory, chain, &hdr.to_bytes()) {
+                    HDR_LEN => HDR_LEN + out.len,
+                    short => short,
+                }
+            } else {
+                self.out[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
+                write_chain(NAME, memory, chain, &self.out[..HDR_LEN + out.len])
+            };
             self.shared.counters.request(written.saturating_sub(HDR_LEN) as u64, 0);
             self.queue_ready(key);
             if !rx.give_back(head, written as u32) {

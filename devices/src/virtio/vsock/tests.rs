@@ -640,6 +640,45 @@ fn receive_buffers_too_small_for_a_header_come_back_empty() {
     assert_eq!((id, len, hdr.map(|h| h.op)), (6, HDR_LEN as u32 + 4, Some(OP_RW)));
 }
 
+/// Host data lands in receive chains of any shape: read straight into the guest's
+/// buffers when they are all device-writable (the header split over two here), through
+/// the device's buffer otherwise (a readable buffer after the writable ones: only those
+/// before it are written), in order and never past the writable room.
+#[test]
+fn host_data_fills_receive_chains_of_any_shape() {
+    let mut g = Guest::bare("rx-shapes");
+    let mut c = client(&g);
+    c.write_all(b"CONNECT 8\n").unwrap();
+    g.post_rx_len(0, 100);
+    let request = g.rx_used().2.expect("a REQUEST");
+    g.send(g.hdr(OP_RESPONSE, 8, request.src_port), &[]);
+    assert_eq!(read_n(&mut c, 14), b"OK 1073741824\n");
+    let data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+    c.write_all(&data).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    // The header's first 20 bytes in one buffer, the rest and 100 payload bytes in another.
+    g.post_rx_chain(1, &[(0, 20, W), (0x100, HDR_LEN as u32 - 20 + 100, W)]);
+    let (id, len, _) = g.rx_used();
+    assert_eq!((id, len), (1, HDR_LEN as u32 + 100));
+    let mut hdr = g.rx_bytes(1, 0, 20);
+    hdr.extend(g.rx_bytes(1, 0x100, HDR_LEN - 20));
+    let hdr = Header::from_bytes(hdr[..].try_into().unwrap());
+    assert_eq!((hdr.op, hdr.len, hdr.dst_port), (OP_RW, 100, 8));
+    assert_eq!(g.rx_bytes(1, 0x100 + (HDR_LEN - 20) as u64, 100), &data[..100]);
+    // 50 payload bytes of room, then a device-readable buffer the device must not write.
+    g.post_rx_chain(2, &[(0, HDR_LEN as u32 + 50, W), (0x1000, 64, 0)]);
+    let (id, len, hdr) = g.rx_used();
+    assert_eq!((id, len, hdr.map(|h| (h.op, h.len))), (2, HDR_LEN as u32 + 50, Some((OP_RW, 50))));
+    assert_eq!(g.rx_bytes(2, HDR_LEN as u64, 50), &data[100..150]);
+    assert_eq!(g.rx_bytes(2, 0x1000, 64), [0u8; 64], "the readable buffer is left alone");
+    // Two payload buffers after the header's: the rest, across both.
+    g.post_rx_chain(3, &[(0, HDR_LEN as u32, W), (0x100, 100, W), (0x1000, 100, W)]);
+    let (id, len, hdr) = g.rx_used();
+    assert_eq!((id, len, hdr.map(|h| h.len)), (3, HDR_LEN as u32 + 150, Some(150)));
+    assert_eq!(g.rx_bytes(3, 0x100, 100), &data[150..250]);
+    assert_eq!(g.rx_bytes(3, 0x1000, 50), &data[250..]);
+}
+
 #[test]
 fn transport_reset_reaches_the_event_queue_and_drops_the_connections() {
     let mut g = Guest::new("reset-event");

@@ -191,6 +191,22 @@ impl Guest {
         write_reg(&mut self.t, 0x50, 0);
     }
 
+    /// Posts `descs` as receive chain `id` (addresses relative to buffer `id`'s slot) and
+    /// notifies.
+    pub fn post_rx_chain(&mut self, id: u16, descs: &[(u64, u32, u16)]) {
+        let base = RX_BASE + SLOT * u64::from(id);
+        let descs: Vec<_> = descs.iter().map(|&(at, len, flags)| (base + at, len, flags)).collect();
+        self.rings[0].add(&self.m, id, &descs);
+        write_reg(&mut self.t, 0x50, 0);
+    }
+
+    /// `len` bytes from `at` in receive buffer `id`'s slot.
+    pub fn rx_bytes(&self, id: u16, at: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        self.m.read_slice(&mut b, GuestAddress(RX_BASE + SLOT * u64::from(id) + at)).unwrap();
+        b
+    }
+
     /// The next receive buffer the device used, within 10 s: (id, bytes written, the
     /// header if it holds one).
     pub fn rx_used(&mut self) -> (u16, u32, Option<Header>) {
