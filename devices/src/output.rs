@@ -6,10 +6,10 @@
 //!
 //! An output made with [`Output::lines`] (the serial port's) writes whole lines: the
 //! drain thread keeps back the end of a line until its newline comes, for at most
-//! [`HOLD`] after its last byte, [`MAX_HOLD`] in all and [`MAX_HELD`] bytes. hvrun's log goes to standard
-//! error, often the same terminal or file as the serial port's standard output, and a log
-//! line written while the guest is half-way through a line would otherwise cut it in
-//! two. A prompt without a newline still shows, [`HOLD`] late.
+//! [`HOLD`] after its last byte, [`MAX_HOLD`] in all and [`MAX_HELD`] bytes. hvrun's log
+//! goes to standard error, often the same terminal or file as the serial port's standard
+//! output, and a log line written while the guest is half-way through a line would
+//! otherwise cut it in two. A prompt without a newline still shows, [`HOLD`] late.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
