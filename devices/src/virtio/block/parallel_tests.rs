@@ -7,6 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use guest_memory::GuestMemoryMmap;
+use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -203,16 +204,33 @@ pub(super) fn queue(mem: &Mem, q: u64) -> MockSplitQueue<'_, GuestMemoryMmap> {
 /// Makes request `k` (descriptors `3k..`, its own header, buffer and status) of `kind`
 /// at `sector` available on `vq`, without notifying.
 pub(super) fn post(mem: &Mem, vq: &MockSplitQueue<'_, GuestMemoryMmap>, k: u16, kind: u32, sector: u64) {
+    vq.add_desc_chains(&request_descs(mem, k, 3 * k, kind, sector), 3 * k).unwrap();
+}
+
+/// Makes requests `first..` (each a kind and a sector) available on `vq` at once: one
+/// update of the available index. A device polling its ring then sees them together,
+/// as a test of requests in flight at once needs; made available one by one, the first
+/// may be taken while it is the only one, with no helper called for the rest.
+pub(super) fn post_all(mem: &Mem, vq: &MockSplitQueue<'_, GuestMemoryMmap>, first: u16, requests: &[(u32, u64)]) {
+    let mut descs = Vec::new();
+    for (k, &(kind, sector)) in (first..).zip(requests) {
+        let at = 3 * first + descs.len() as u16;
+        descs.extend(request_descs(mem, k, at, kind, sector));
+    }
+    vq.add_desc_chains(&descs, 3 * first).unwrap();
+}
+
+/// Request `k`'s descriptors, from index `at` on, its header and status byte written.
+fn request_descs(mem: &Mem, k: u16, at: u16, kind: u32, sector: u64) -> Vec<RawDescriptor> {
     let (hdr, buf, status) = (HDRS + 16 * u64::from(k), BUFS + 4096 * u64::from(k), STATUSES + u64::from(k));
     mem.write_slice(&header(kind, sector), GuestAddress(hdr)).unwrap();
     mem.write_obj(0xeeu8, GuestAddress(status)).unwrap();
     let data = if kind == T_IN { W } else { 0 };
-    let chain = if kind == T_FLUSH {
-        vec![chained(hdr, 16, 0, 3 * k + 1), desc(status, 1, W)]
+    if kind == T_FLUSH {
+        vec![chained(hdr, 16, 0, at + 1), desc(status, 1, W)]
     } else {
-        vec![chained(hdr, 16, 0, 3 * k + 1), chained(buf, 4096, data, 3 * k + 2), desc(status, 1, W)]
-    };
-    vq.add_desc_chains(&chain, 3 * k).unwrap();
+        vec![chained(hdr, 16, 0, at + 1), chained(buf, 4096, data, at + 2), desc(status, 1, W)]
+    }
 }
 
 /// Request `k`'s status byte.
@@ -279,9 +297,7 @@ fn requests_complete_out_of_order() {
     let _open = Opener(&disk);
     let mem = rig.mem.clone();
     let vq = queue(&mem, 0);
-    for (k, offset) in (0u16..).zip(offsets) {
-        post(&mem, &vq, k, T_IN, offset / 512);
-    }
+    post_all(&mem, &vq, 0, &offsets.map(|offset| (T_IN, offset / 512)));
     rig.notify(0);
     wait_for("four reads in flight at once", || disk.waiting() == 4);
     for (k, &offset) in offsets.iter().enumerate().rev() {
@@ -301,10 +317,7 @@ fn a_flush_waits_for_the_writes_before_it_on_its_queue() {
     let _open = Opener(&disk);
     let mem = rig.mem.clone();
     let vq = queue(&mem, 0);
-    for k in 0..3u16 {
-        post(&mem, &vq, k, T_OUT, u64::from(k) * 8);
-    }
-    post(&mem, &vq, 3, T_FLUSH, 0);
+    post_all(&mem, &vq, 0, &[(T_OUT, 0), (T_OUT, 8), (T_OUT, 16), (T_FLUSH, 0)]);
     rig.notify(0);
     wait_for("three writes in flight", || disk.waiting() == 3);
     // The flush is taken and waits; a write made available now is not taken.
@@ -338,11 +351,7 @@ fn flushes_in_a_row_all_complete() {
     let _open = Opener(&disk);
     let mem = rig.mem.clone();
     let vq = queue(&mem, 0);
-    post(&mem, &vq, 0, T_OUT, 0);
-    post(&mem, &vq, 1, T_OUT, 8);
-    for k in 2..6u16 {
-        post(&mem, &vq, k, T_FLUSH, 0);
-    }
+    post_all(&mem, &vq, 0, &[(T_OUT, 0), (T_OUT, 8), (T_FLUSH, 0), (T_FLUSH, 0), (T_FLUSH, 0), (T_FLUSH, 0)]);
     rig.notify(0);
     wait_for("two writes in flight", || disk.waiting() == 2);
     std::thread::sleep(Duration::from_millis(20));
@@ -464,9 +473,8 @@ fn a_reset_with_requests_in_flight_answers_none_and_keeps_the_disk() {
     let _open = Opener(&disk);
     let mem = rig.mem.clone();
     let vq = queue(&mem, 0);
-    for k in 0..32u16 {
-        post(&mem, &vq, k, T_IN, u64::from(k) * 8);
-    }
+    let reads: Vec<_> = (0..32u64).map(|k| (T_IN, k * 8)).collect();
+    post_all(&mem, &vq, 0, &reads);
     rig.notify(0);
     wait_for("the I/O threads busy", || disk.waiting() == IO_THREADS);
     let releaser = disk.clone();
