@@ -55,8 +55,9 @@ struct Shared {
     progress: Condvar,
     /// Called from the drain thread when it has made room after an offer fell short.
     on_room: Mutex<Option<Box<dyn Fn() + Send>>>,
-    /// Whole lines only (see the module).
-    lines: bool,
+    /// Whole lines only (see the module), keeping the end of a line back for at most
+    /// this long after its last byte and this long in all.
+    lines: Option<(Duration, Duration)>,
 }
 
 /// The writing end; the drain thread holds the host's writer.
@@ -75,16 +76,21 @@ impl Output {
     /// `name` (also the name in logs). Without a thread (the host refused one), the
     /// output is dropped, with a warning.
     pub fn new(name: &'static str, writer: Box<dyn Write + Send>, capacity: usize) -> Self {
-        Output::start(name, writer, capacity, false)
+        Output::start(name, writer, capacity, None)
     }
 
     /// [`Output::new`] writing whole lines, so that another writer to the same file (the
     /// log on standard error) does not cut them (see the module).
     pub fn lines(name: &'static str, writer: Box<dyn Write + Send>, capacity: usize) -> Self {
-        Output::start(name, writer, capacity, true)
+        Output::start(name, writer, capacity, Some((HOLD, MAX_HOLD)))
     }
 
-    fn start(name: &'static str, writer: Box<dyn Write + Send>, capacity: usize, lines: bool) -> Self {
+    fn start(
+        name: &'static str,
+        writer: Box<dyn Write + Send>,
+        capacity: usize,
+        lines: Option<(Duration, Duration)>,
+    ) -> Self {
         let shared = Arc::new(Shared {
             name,
             capacity,
@@ -198,7 +204,8 @@ impl Shared {
                 self.progress.notify_all();
                 let mut release = false;
                 // The end of a line goes out once it has waited HOLD for more, or MAX_HOLD.
-                let due = held_since.map(|(began, grew)| (grew + HOLD).min(began + MAX_HOLD));
+                let (hold, max_hold) = self.lines.unwrap_or_default();
+                let due = held_since.map(|(began, grew)| (grew + hold).min(began + max_hold));
                 while state.filled == 0 && !state.closed && !release && !state.release {
                     state.waiting = true;
                     match due.map(|due| due.saturating_duration_since(Instant::now())) {
@@ -225,7 +232,7 @@ impl Shared {
                     hook();
                 }
             }
-            let data = if self.lines {
+            let data = if self.lines.is_some() {
                 let line_ended = whole_lines(&mut held, &mut out, &chunk[..len], release);
                 let now = Instant::now();
                 held_since = match held_since {
@@ -363,7 +370,11 @@ mod tests {
     #[test]
     fn another_writer_never_cuts_a_line() {
         let sink = Sink::default();
-        let out = Output::lines("test-lines", Box::new(sink.clone()), 1024);
+        // Holds far longer than the line takes, however slowly this loaded machine runs
+        // the writer (CI once released a line HOLD after a byte, and a LOG cut it): what
+        // is tested is the assembly of lines; the bounds have tests of their own.
+        let long = Duration::from_secs(30);
+        let out = Output::start("test-lines", Box::new(sink.clone()), 1024, Some((long, long)));
         let guest_line = "the guest's line, written a byte at a time\n";
         std::thread::scope(|s| {
             s.spawn(|| {
