@@ -311,6 +311,17 @@ impl Conn {
                 && (self.peer_credit() > 0 || !self.credit_asked))
     }
 
+    /// The most payload the next packet [`Conn::produce`] gives may carry: 0 unless it is
+    /// data, else the guest's credit up to a packet's worth.
+    pub fn data_room(&self) -> usize {
+        let before_data = PENDING_RESPONSE | PENDING_REQUEST | PENDING_CREDIT_ANSWER;
+        let has_data = self.readable || !self.early.is_empty();
+        if self.pending & before_data != 0 || !self.may_send_data() || !has_data {
+            return 0;
+        }
+        (self.peer_credit() as usize).min(MAX_PAYLOAD)
+    }
+
     /// The next packet for the guest, its payload (if any) read into `room` (at most
     /// `room.len()` bytes, and never past the guest's credit), or `None` when there is
     /// none now. `Err` when the host stream failed: the connection is to be reset.

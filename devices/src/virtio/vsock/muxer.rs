@@ -24,9 +24,9 @@ use super::packet::{
     check_packet, read_packet, writable_len, Header, HDR_LEN, HOST_CID, MAX_PAYLOAD, OP_REQUEST, OP_RST, TYPE_STREAM,
 };
 use super::{lock, Shared, EVENT_TRANSPORT_RESET, NAME};
-use crate::virtio::iovec::GuestIovecs;
+use crate::virtio::iovec::{GuestIovecs, IovecBuf};
 use crate::virtio::worker::{Handler, PollWindow, Wake, BACKEND};
-use crate::virtio::{check_notified, write_chain, Chains, GuestMemory, Interrupt};
+use crate::virtio::{check_notified, write_chain, Chain, Chains, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
 
 const LISTENER: Token = Token(0);
@@ -43,6 +43,9 @@ const MAX_ROUNDS: usize = 4;
 /// keeps sending) still looks at its deadlines, and how long a failed `accept` (no file
 /// descriptors left) waits before it is tried again.
 const SWEEP: Duration = Duration::from_millis(100);
+/// The most receive buffers one read of a host stream fills after the first (see
+/// [`gather`]): a packet's worth in Linux's 4 KiB buffers, and room for smaller ones.
+const MAX_GATHER: usize = 32;
 
 /// (host-side port, guest port).
 type Key = (u32, u32);
@@ -105,6 +108,8 @@ pub(super) struct Muxer {
     payload: Vec<u8>,
     /// A packet for the guest: header and payload.
     out: Vec<u8>,
+    /// The pieces of the receive buffers one read fills.
+    iov: IovecBuf,
 }
 
 /// The first host-side port Firecracker gives a host-initiated connection, less one.
@@ -140,6 +145,7 @@ impl Muxer {
             window: PollWindow::new(),
             payload: Vec::with_capacity(MAX_PAYLOAD),
             out: vec![0; HDR_LEN + MAX_PAYLOAD],
+            iov: IovecBuf::new(),
         }
     }
 
@@ -537,13 +543,20 @@ impl Muxer {
                 }
                 continue;
             }
-            // The payload goes straight into the guest's buffer, after the header's room,
-            // when the chain is all device-writable buffers in guest memory (Linux's
-            // are); any other chain takes it through the device's buffer.
-            let mut guest = GuestIovecs::new();
+            // The payload goes straight into the guest's buffers, after the header's room,
+            // when the chain is all device-writable buffers in guest memory (Linux's are);
+            // any other chain takes it through the device's buffer. Linux's buffers hold
+            // 4 KiB: one read then fills as many as the data, the guest's credit and a
+            // packet's worth take (`gather`), each a packet of its own.
+            let mut guest = GuestIovecs::with_spill(&mut self.iov);
             let direct = guest.push_uniform_chain(memory, chain.clone(), true, HDR_LEN, usize::MAX).is_some();
+            let mut more: [Option<(Chain<'_>, usize)>; MAX_GATHER] = [const { None }; MAX_GATHER];
+            let mut gathered = 0;
             let produced = if direct {
                 guest.truncate(room - HDR_LEN);
+                if room > HDR_LEN {
+                    gathered = gather(memory, rx, &mut guest, conn.data_room(), &mut more);
+                }
                 conn.produce(Room::Guest(&mut guest))
             } else {
                 conn.produce(Room::Bytes(&mut self.out[HDR_LEN..room]))
@@ -564,17 +577,17 @@ impl Muxer {
                     continue;
                 }
                 Ok(None) => {
-                    rx.put_back(1);
+                    rx.put_back(1 + gathered);
                     continue;
                 }
                 Err(()) => {
-                    rx.put_back(1);
+                    rx.put_back(1 + gathered);
                     self.kill(registry, key);
                     continue;
                 }
             };
             let Some(conn) = self.conns.get_mut(&key) else { continue };
-            let hdr = Header {
+            let mut hdr = Header {
                 src_cid: HOST_CID,
                 dst_cid: self.cid,
                 src_port: conn.local_port,
@@ -586,20 +599,40 @@ impl Muxer {
                 buf_alloc: super::conn::BUF_ALLOC,
                 fwd_cnt: conn.tell_fwd_cnt(),
             };
-            let written = if direct {
-                match write_chain(NAME, memory, chain, &hdr.to_bytes()) {
-                    HDR_LEN => HDR_LEN + out.len,
-                    short => short,
-                }
-            } else {
-                self.out[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
-                write_chain(NAME, memory, chain, &self.out[..HDR_LEN + out.len])
-            };
-            self.shared.counters.request(written.saturating_sub(HDR_LEN) as u64, 0);
             self.queue_ready(key);
-            if !rx.give_back(head, written as u32) {
-                return;
+            if !direct {
+                self.out[..HDR_LEN].copy_from_slice(&hdr.to_bytes());
+                let written = write_chain(NAME, memory, chain, &self.out[..HDR_LEN + out.len]);
+                self.shared.counters.request(written.saturating_sub(HDR_LEN) as u64, 0);
+                if !rx.give_back(head, written as u32) {
+                    return;
+                }
+                continue;
             }
+            // The first buffer, then each gathered one the read reached, is a packet; the
+            // rest go back to the ring untouched.
+            let mut left = out.len;
+            let mut used = 0;
+            let buffers = std::iter::once((chain, room - HDR_LEN)).chain(more.iter_mut().filter_map(Option::take));
+            for (chain, payload_room) in buffers {
+                if used > 0 && left == 0 {
+                    break;
+                }
+                let share = left.min(payload_room);
+                left -= share;
+                hdr.len = share as u32;
+                let head = chain.head_index();
+                let written = match write_chain(NAME, memory, chain, &hdr.to_bytes()) {
+                    HDR_LEN => HDR_LEN + share,
+                    short => short,
+                };
+                self.shared.counters.request(written.saturating_sub(HDR_LEN) as u64, 0);
+                used += 1;
+                if !rx.give_back(head, written as u32) {
+                    return;
+                }
+            }
+            rx.put_back(1 + gathered - used);
         }
     }
 
@@ -615,6 +648,34 @@ impl Muxer {
             ..Header::default()
         }
     }
+}
+
+/// Takes more receive chains after the first, whose payload room `guest` holds, for one
+/// read of up to `want` bytes across them all: each chain all device-writable guest
+/// memory with room for data after a header, at most [`MAX_GATHER`], into `more` with
+/// its payload room. Returns how many were taken; a chain that does not qualify goes
+/// back to the ring and ends the gathering.
+fn gather<'g, 'm: 'g>(
+    memory: &'g GuestMemoryMmap,
+    rx: &mut Chains<'_, 'm>,
+    guest: &mut GuestIovecs<'g>,
+    want: usize,
+    more: &mut [Option<(Chain<'m>, usize)>; MAX_GATHER],
+) -> usize {
+    let mut taken = 0;
+    while guest.len() < want && taken < MAX_GATHER {
+        let Some(chain) = rx.next() else { break };
+        let room = writable_len(chain.clone(), HDR_LEN + MAX_PAYLOAD);
+        let before = guest.len();
+        if room <= HDR_LEN || guest.push_uniform_chain(memory, chain.clone(), true, HDR_LEN, usize::MAX).is_none() {
+            rx.put_back(1);
+            break;
+        }
+        guest.truncate(before + room - HDR_LEN);
+        more[taken] = Some((chain, room - HDR_LEN));
+        taken += 1;
+    }
+    taken
 }
 
 impl Handler for Muxer {

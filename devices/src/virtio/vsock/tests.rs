@@ -679,6 +679,45 @@ fn host_data_fills_receive_chains_of_any_shape() {
     assert_eq!(g.rx_bytes(3, 0x1000, 50), &data[250..]);
 }
 
+/// Linux posts 4 KiB receive buffers: one read of the host stream fills as many as the
+/// data and the guest's credit take, each a packet of its own, in order; the buffers it
+/// did not reach go back to the ring for the next.
+#[test]
+fn one_read_fills_several_small_receive_buffers_within_the_credit() {
+    let mut g = Guest::bare("rx-gather");
+    g.buf_alloc = 12_000;
+    let mut c = client(&g);
+    c.write_all(b"CONNECT 9\n").unwrap();
+    g.post_rx_len(0, 100);
+    let request = g.rx_used().2.expect("a REQUEST");
+    g.send(g.hdr(OP_RESPONSE, 9, request.src_port), &[]);
+    assert_eq!(read_n(&mut c, 14), b"OK 1073741824\n");
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    c.write_all(&data[..10_000]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let small = HDR_LEN as u32 + 4096;
+    g.post_rx_lens(1..6, small);
+    let mut got = Vec::new();
+    for (want_id, want_len) in [(1, 4096), (2, 4096), (3, 1808)] {
+        let (id, len, hdr) = g.rx_used();
+        let hdr = hdr.unwrap();
+        assert_eq!((id, len, hdr.op, hdr.len), (want_id, HDR_LEN as u32 + want_len, OP_RW, want_len));
+        assert_eq!((hdr.src_port, hdr.dst_port, hdr.buf_alloc), (request.src_port, 9, BUF_ALLOC));
+        got.extend(g.rx_bytes(id, HDR_LEN as u64, want_len as usize));
+    }
+    assert_eq!(got, &data[..10_000], "the stream's bytes, in order");
+    // Buffers 4 and 5 went back: the rest of the stream, up to the credit (2,000 bytes
+    // left of 12,000), lands there, then the device asks for credit.
+    c.write_all(&data[10_000..]).unwrap();
+    let (id, len, hdr) = g.rx_used();
+    assert_eq!((id, len, hdr.map(|h| (h.op, h.len))), (4, HDR_LEN as u32 + 2000, Some((OP_RW, 2000))));
+    assert_eq!(g.rx_bytes(4, HDR_LEN as u64, 2000), &data[10_000..12_000]);
+    let (id, len, hdr) = g.rx_used();
+    assert_eq!((id, len, hdr.map(|h| h.op)), (5, HDR_LEN as u32, Some(OP_CREDIT_REQUEST)));
+    let stats = g.t.stats().device.expect("counters");
+    assert_eq!((stats.requests, stats.rx_bytes, stats.errors), (7, 12_000, 0), "a packet per buffer");
+}
+
 #[test]
 fn transport_reset_reaches_the_event_queue_and_drops_the_connections() {
     let mut g = Guest::new("reset-event");

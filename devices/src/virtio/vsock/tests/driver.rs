@@ -191,6 +191,14 @@ impl Guest {
         write_reg(&mut self.t, 0x50, 0);
     }
 
+    /// Posts receive buffers `ids` of `len` bytes each, then notifies once.
+    pub fn post_rx_lens(&mut self, ids: std::ops::Range<u16>, len: u32) {
+        for id in ids {
+            self.rings[0].add(&self.m, id, &[(RX_BASE + SLOT * u64::from(id), len, W)]);
+        }
+        write_reg(&mut self.t, 0x50, 0);
+    }
+
     /// Posts `descs` as receive chain `id` (addresses relative to buffer `id`'s slot) and
     /// notifies.
     pub fn post_rx_chain(&mut self, id: u16, descs: &[(u64, u32, u16)]) {
