@@ -4,9 +4,10 @@
 //! a batch are in flight together, as far as the credit allows, and the time is that of
 //! the whole batch, so 64 KiB / (time per iteration) is the stream's throughput.
 //! - `host-to-guest`: a host thread writes the batch to the client's socket; the guest's
-//!   posted receive buffers (a header and 64 KiB each) fill, and are posted again; the
-//!   guest tells its credit as Linux does (a CREDIT_UPDATE once less than 64 KiB of its
-//!   256 KiB would be left);
+//!   receive buffers fill and are posted again. The guest does as Linux's driver: a
+//!   queue full of buffers of a header and 4 KiB each, its credit told in a
+//!   CREDIT_UPDATE once less than 64 KiB of its 256 KiB would be left, and a
+//!   CREDIT_REQUEST answered with one;
 //! - `guest-to-host`: the guest sends RW packets of 64 KiB (header and payload in two
 //!   buffers), up to [`DATA_SLOTS`] in flight and never past the device's credit; a host
 //!   thread reads the client's socket.
@@ -22,9 +23,9 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use devices::virtio::vsock::packet::{
-    Header, HDR_LEN, HOST_CID, MAX_PAYLOAD, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM,
+    Header, HDR_LEN, HOST_CID, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM,
 };
-use devices::virtio::vsock::{bind, Vsock};
+use devices::virtio::vsock::{bind, Vsock, QUEUE_SIZE};
 use hvrun_benches::{Driver, DATA, WRITE};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -35,17 +36,17 @@ const CHUNK: usize = 64 * 1024;
 /// The guest's CID and the port it listens on.
 const CID: u64 = 3;
 const PORT: u32 = 5000;
-/// Receive buffers posted.
-const RX_BUFS: u16 = 16;
-/// A receive buffer: a header and the largest payload.
-const RX_LEN: u32 = (HDR_LEN + MAX_PAYLOAD) as u32;
+/// Receive buffers posted: the whole queue, as Linux fills it.
+const RX_BUFS: u16 = QUEUE_SIZE;
+/// A receive buffer: a header and 4 KiB, Linux's (`VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE`).
+const RX_LEN: u32 = (HDR_LEN + 4096) as u32;
 /// Room per receive buffer.
-const SLOT: u64 = 0x1_1000;
+const RX_SLOT: u64 = 0x2000;
 /// Data packets the guest has in flight at most, each with two descriptors of its own
 /// (`2 * slot`, `2 * slot + 1`) and a header of its own; they share one payload buffer.
 const DATA_SLOTS: u16 = 8;
 /// The transmit area: the data packets' headers, their payload, then control headers.
-const TX_HDR: u64 = DATA + SLOT * RX_BUFS as u64;
+const TX_HDR: u64 = DATA + RX_SLOT * RX_BUFS as u64;
 const TX_PAYLOAD: u64 = TX_HDR + 0x1000;
 const TX_CONTROL: u64 = TX_PAYLOAD + 0x1_1000;
 /// Control packets (credit updates) in flight at most, each with a descriptor of its own
@@ -56,7 +57,7 @@ const CONTROL_FIRST: u16 = 2 * DATA_SLOTS;
 const GUEST_BUF_ALLOC: u32 = 256 * 1024;
 
 fn rx_buffer(id: u16) -> u64 {
-    DATA + SLOT * u64::from(id)
+    DATA + RX_SLOT * u64::from(id)
 }
 
 /// The guest's side of one connection.
@@ -160,9 +161,10 @@ impl Guest {
     }
 
     /// Looks at the used receive buffers: the payload bytes they hold (each buffer is
-    /// posted again, the queue notified once), noting the device's credit.
+    /// posted again, the queue notified once), noting the device's credit and answering
+    /// its credit requests.
     fn take_rx(&mut self) -> usize {
-        let mut bytes = 0;
+        let (mut bytes, mut asked) = (0, false);
         let mut used = std::mem::take(&mut self.used);
         used.clear();
         self.driver.take_used(RX, |id, len| used.push((id, len)));
@@ -173,12 +175,17 @@ impl Guest {
             self.note_credit(&hdr);
             debug_assert!(len as usize == HDR_LEN || hdr.op == OP_RW);
             bytes += (len as usize).saturating_sub(HDR_LEN);
+            asked |= hdr.op == OP_CREDIT_REQUEST;
             self.driver.post(RX, id, &[(rx_buffer(id), RX_LEN, WRITE)]);
         }
         if !used.is_empty() {
             self.driver.notify(RX);
         }
         self.used = used;
+        if asked {
+            self.told = self.fwd_cnt;
+            self.send_control(OP_CREDIT_UPDATE);
+        }
         bytes
     }
 
