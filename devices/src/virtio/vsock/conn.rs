@@ -312,14 +312,16 @@ impl Conn {
     }
 
     /// The most payload the next packet [`Conn::produce`] gives may carry: 0 unless it is
-    /// data, else the guest's credit up to a packet's worth.
+    /// data, else the guest's credit up to a packet's worth (and the bytes that came
+    /// with the CONNECT line, when those go first).
     pub fn data_room(&self) -> usize {
         let before_data = PENDING_RESPONSE | PENDING_REQUEST | PENDING_CREDIT_ANSWER;
         let has_data = self.readable || !self.early.is_empty();
         if self.pending & before_data != 0 || !self.may_send_data() || !has_data {
             return 0;
         }
-        (self.peer_credit() as usize).min(MAX_PAYLOAD)
+        let most = if self.early.is_empty() { MAX_PAYLOAD } else { self.early.len().min(MAX_PAYLOAD) };
+        (self.peer_credit() as usize).min(most)
     }
 
     /// The next packet for the guest, its payload (if any) read into `room` (at most

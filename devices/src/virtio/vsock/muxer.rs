@@ -628,6 +628,8 @@ impl Muxer {
                 };
                 self.shared.counters.request(written.saturating_sub(HDR_LEN) as u64, 0);
                 used += 1;
+                // A used ring that takes no more stops the pass (the driver must reset
+                // the device): the chains not reached need not go back.
                 if !rx.give_back(head, written as u32) {
                     return;
                 }
