@@ -76,8 +76,30 @@ impl Host for CliHost {
         if let Some(level) = level {
             crate::set_log_level(level);
         }
+        crate::set_log_format(logger.show_level, logger.show_log_origin);
         Ok(())
     }
+
+    fn check_net(&mut self, net: &hvrun::config::NetConfig) -> Result<(), String> {
+        match &net.backend {
+            hvrun::config::NetBackendConfig::Tap(name) => check_tap(name),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Opens the tap `name` and closes it again: Firecracker's check when a network
+/// interface is put.
+#[cfg(target_os = "linux")]
+fn check_tap(name: &str) -> Result<(), String> {
+    devices::virtio::net::backend::Tap::open(name)
+        .map(drop)
+        .map_err(|e| format!("Could not open the tap device {name}: {e} (create it first, or use hvrun_backend)."))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn check_tap(name: &str) -> Result<(), String> {
+    Err(format!("host_dev_name `{name}`: tap devices exist on Linux only; use hvrun_backend (unixgram=PATH)."))
 }
 
 impl CliHost {

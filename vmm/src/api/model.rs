@@ -159,8 +159,8 @@ pub struct Vsock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Balloon {
-    /// The target: MiB the guest gives back.
-    pub amount_mib: u64,
+    /// The target: MiB the guest gives back (at most the guest's memory).
+    pub amount_mib: u32,
     /// The guest takes balloon pages back when it runs out of memory.
     pub deflate_on_oom: bool,
     /// Statistics every this many seconds (0: none).
@@ -178,8 +178,8 @@ pub struct Balloon {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BalloonUpdate {
-    /// The new target in MiB.
-    pub amount_mib: u64,
+    /// The new target in MiB (at most the guest's memory).
+    pub amount_mib: u32,
 }
 
 /// `GET /balloon/statistics` (the guest's counters, where it sent them).
@@ -213,10 +213,10 @@ pub struct Logger {
     /// `Error`, `Warning`, `Info`, `Debug`, `Trace` or `Off`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<String>,
-    /// Accepted; hvrun's log lines always show their level.
+    /// Whether log lines show their level (hvrun's default when absent: yes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_level: Option<bool>,
-    /// Accepted; hvrun's log lines never show their origin.
+    /// Whether log lines show their origin, the source file and line (default: no).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_log_origin: Option<bool>,
     /// Not supported.
@@ -313,6 +313,7 @@ pub struct SnapshotLoadParams {
     pub network_overrides: Vec<NetworkOverride>,
     #[serde(default)]
     pub vsock_override: Option<VsockOverride>,
+    /// Not supported when true (Firecracker refuses it on arm64 too).
     #[serde(default)]
     pub clock_realtime: bool,
     #[serde(default)]

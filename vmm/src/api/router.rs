@@ -14,7 +14,7 @@ use super::model::{
 };
 use super::setup::Setup;
 use super::sink::{ApiCounters, Sink};
-use crate::config::{NetBackendConfig, VsockConfig};
+use crate::config::{NetBackendConfig, NetConfig, VsockConfig};
 use crate::snapshot::machine::SnapshotFiles;
 use crate::VmConfig;
 
@@ -23,6 +23,8 @@ pub const FIRECRACKER_API_VERSION: &str = "1.16.1";
 
 const POST_BOOT: &str = "The requested operation is not supported after starting the microVM.";
 const PRE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
+/// Firecracker's answer to a balloon target above the guest's memory.
+pub(super) const TOO_LARGE: &str = "Amount of pages requested is too large.";
 
 /// A VM that runs (a [`crate::VmHandle`], or a stand-in in tests).
 pub trait Running: Send {
@@ -56,6 +58,12 @@ pub trait Host: Send {
     fn saved_config(&mut self, files: &SnapshotFiles) -> Result<VmConfig, String>;
     /// Applies `PUT /logger`.
     fn logger(&mut self, logger: &Logger) -> Result<(), String>;
+    /// Checks a network interface's backend as it is put (Firecracker opens its tap
+    /// then); the VM opens it again when it starts.
+    fn check_net(&mut self, net: &NetConfig) -> Result<(), String> {
+        let _ = net;
+        Ok(())
+    }
 }
 
 /// The API's state: the configuration until the VM starts, then the VM.
@@ -138,7 +146,7 @@ impl Api {
             self.setup.set_drive(drive)?;
         }
         for net in file.network_interfaces {
-            self.setup.set_net(net)?;
+            self.put_net(net)?;
         }
         if let Some(vsock) = file.vsock {
             self.setup.set_vsock(vsock)?;
@@ -152,6 +160,13 @@ impl Api {
         let vm = self.host.boot(self.setup.vm_config()?)?;
         self.running = Some((vm, self.setup.export()));
         Ok(())
+    }
+
+    /// `PUT /network-interfaces/{id}`: checked as an object, then its backend by the host.
+    fn put_net(&mut self, net: NetworkInterface) -> Result<(), String> {
+        let config = super::setup::net_config(&net)?;
+        self.host.check_net(&config)?;
+        self.setup.set_net(net)
     }
 
     /// Whether the VM was started (booted or restored).
@@ -230,6 +245,8 @@ impl Api {
             ("PUT", ["snapshot", "create"]) => self.snapshot_create(request),
             ("PUT", ["snapshot", "load"]) => self.snapshot_load(request),
             ("PATCH", ["balloon"]) => self.patch_balloon(request),
+            // Firecracker configures its logger and metrics once, before the start.
+            ("PUT", ["logger" | "metrics"]) if self.started() => Response::fault(400, POST_BOOT),
             ("PUT", ["logger"]) => done(body::<Logger>(request).and_then(|l| {
                 self.host.logger(&l)?;
                 self.setup.logger = Some(l);
@@ -252,7 +269,7 @@ impl Api {
             })),
             ("PUT", ["network-interfaces", id]) => done(body(request).and_then(|n: NetworkInterface| {
                 same_id(id, &n.iface_id)?;
-                self.setup.set_net(n)
+                self.put_net(n)
             })),
             ("PUT", ["vsock"]) => done(body(request).and_then(|v: Vsock| self.setup.set_vsock(v))),
             ("PUT", ["balloon"]) => done(body(request).and_then(|b: Balloon| self.setup.set_balloon(b))),
@@ -345,7 +362,10 @@ impl Api {
             ("SendCtrlAltDel", Some(_)) => {
                 Response::fault(400, "The guest has no driver for its power button (virtio-input); nothing was sent.")
             }
-            ("FlushMetrics", _) => done(self.flush_metrics()),
+            ("FlushMetrics", None) => Response::fault(400, PRE_BOOT),
+            // Without `PUT /metrics` there is nothing to flush: Firecracker answers 204.
+            ("FlushMetrics", Some(_)) if self.metrics.is_none() => Response::no_content(),
+            ("FlushMetrics", Some(_)) => done(self.flush_metrics()),
             (other, _) => Response::fault(
                 400,
                 &format!(
@@ -424,6 +444,9 @@ impl Api {
             (None, Some(_)) => return Err(unsupported("memory backends other than File (Uffd)")),
             _ => return Err("exactly one of `mem_file_path` and `mem_backend` must be given".into()),
         };
+        if params.clock_realtime {
+            return Err(unsupported("`clock_realtime` (the guest's clock goes on from the snapshot's time)"));
+        }
         if params.enable_diff_snapshots || params.track_dirty_pages {
             return Err(unsupported("dirty page tracking"));
         }
@@ -457,22 +480,16 @@ impl Api {
             Ok(update) => update,
             Err(e) => return Response::fault(400, &e),
         };
-        match &mut self.running {
-            None => match &mut self.setup.balloon {
-                Some(balloon) => {
-                    balloon.amount_mib = update.amount_mib;
-                    Response::no_content()
-                }
-                None => Response::fault(400, "No balloon device found."),
-            },
-            Some((vm, config)) => match (vm.balloon(), &mut config.balloon) {
-                (Some(handle), Some(balloon)) => {
-                    handle.set_target(update.amount_mib << 20);
-                    balloon.amount_mib = update.amount_mib;
-                    Response::no_content()
-                }
-                _ => Response::fault(400, "No balloon device found."),
-            },
+        let Some((vm, config)) = &mut self.running else { return Response::fault(400, PRE_BOOT) };
+        let memory_mib = config.machine_config.as_ref().map_or(u64::MAX, |m| m.mem_size_mib);
+        match (vm.balloon(), &mut config.balloon) {
+            (Some(_), Some(_)) if u64::from(update.amount_mib) > memory_mib => Response::fault(400, TOO_LARGE),
+            (Some(handle), Some(balloon)) => {
+                handle.set_target(u64::from(update.amount_mib) << 20);
+                balloon.amount_mib = update.amount_mib;
+                Response::no_content()
+            }
+            _ => Response::fault(400, "No balloon device found."),
         }
     }
 
@@ -573,7 +590,7 @@ fn exported(config: &VmConfig) -> FullVmConfiguration {
             vsock_id: None,
         }),
         balloon: config.balloon.as_ref().map(|b| Balloon {
-            amount_mib: b.initial_target >> 20,
+            amount_mib: u32::try_from(b.initial_target >> 20).unwrap_or(u32::MAX),
             deflate_on_oom: b.deflate_on_oom,
             stats_polling_interval_s: b.stats_interval.map_or(0, |d| d.as_secs()),
             free_page_reporting: b.free_page_reporting,

@@ -128,8 +128,10 @@ impl Setup {
         if drive.is_root_device && self.drives.iter().any(|d| d.is_root_device && d.drive_id != drive.drive_id) {
             return Err("A root block device already exists!".into());
         }
+        let full = self.devices() >= crate::slots::MAX_SLOTS;
         match self.drives.iter_mut().find(|d| d.drive_id == drive.drive_id) {
             Some(old) => *old = drive,
+            None if full => return Err(too_many()),
             None => self.drives.push(drive),
         }
         Ok(())
@@ -145,22 +147,43 @@ impl Setup {
             return Err(unsupported("rate limiters on network interfaces"));
         }
         net_config(&net)?;
+        let full = self.devices() >= crate::slots::MAX_SLOTS;
         match self.nets.iter_mut().find(|n| n.iface_id == net.iface_id) {
             Some(old) => *old = net,
+            None if full => return Err(too_many()),
             None => self.nets.push(net),
         }
         Ok(())
     }
 
+    /// The drives and network interfaces configured: each takes one of the machine's
+    /// virtio slots, so a client cannot grow the configuration past what can start.
+    fn devices(&self) -> usize {
+        self.drives.len() + self.nets.len()
+    }
+
     /// `PUT /vsock`.
     pub fn set_vsock(&mut self, vsock: Vsock) -> Result<(), String> {
         VsockConfig::new(vsock.guest_cid, &vsock.uds_path).validate().map_err(|e| e.to_string())?;
+        // Firecracker binds the socket now; hvrun binds it at the start, so a directory
+        // that is not there is said now.
+        let dir = std::path::Path::new(&vsock.uds_path).parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            return Err(format!(
+                "Cannot create the vsock socket {}: {} is not a directory.",
+                vsock.uds_path,
+                dir.display()
+            ));
+        }
         self.vsock = Some(vsock);
         Ok(())
     }
 
     /// `PUT /balloon`.
     pub fn set_balloon(&mut self, balloon: Balloon) -> Result<(), String> {
+        if u64::from(balloon.amount_mib) > self.machine.mem_size_mib {
+            return Err(super::router::TOO_LARGE.into());
+        }
         if balloon.free_page_hinting {
             return Err(unsupported("free page hinting (free page reporting is supported)"));
         }
@@ -211,7 +234,16 @@ impl Setup {
                 id: Some(d.drive_id.clone()),
             })
             .collect();
-        config.cmdline = boot.boot_args.as_deref().map(|args| cmdline(args, drives.first().copied()));
+        if let Some(balloon) = self.balloon.as_ref().filter(|b| u64::from(b.amount_mib) > self.machine.mem_size_mib) {
+            return Err(format!(
+                "{} ({} MiB for {} MiB of memory)",
+                super::router::TOO_LARGE,
+                balloon.amount_mib,
+                self.machine.mem_size_mib
+            ));
+        }
+        let args = boot.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS);
+        config.cmdline = Some(cmdline(args, drives.first().copied()));
         config.nets = self.nets.iter().map(net_config).collect::<Result<_, _>>()?;
         config.vsock = self.vsock.as_ref().map(|v| VsockConfig::new(v.guest_cid, &v.uds_path));
         config.balloon = self.balloon.as_ref().map(|b| BalloonOptions {
@@ -219,12 +251,25 @@ impl Setup {
             deflate_on_oom: b.deflate_on_oom,
             stats_interval: (b.stats_polling_interval_s > 0)
                 .then(|| std::time::Duration::from_secs(b.stats_polling_interval_s)),
-            initial_target: b.amount_mib << 20,
+            initial_target: u64::from(b.amount_mib) << 20,
         });
         config.console_stdin = true;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
+}
+
+/// The boot arguments when `PUT /boot-source` gives none: Firecracker's default for
+/// what applies to hvrun's machine (no PCI, 8250 or i8042 to turn off). A root drive
+/// adds its `root=` as with any arguments; the console is the device tree's
+/// `stdout-path`, the PL011.
+pub const DEFAULT_BOOT_ARGS: &str = "reboot=k panic=1";
+
+fn too_many() -> String {
+    format!(
+        "Too many devices: hvrun's machine has {} virtio slots for drives and network interfaces.",
+        crate::slots::MAX_SLOTS
+    )
 }
 
 /// Firecracker's boot arguments for hvrun's machine: `console=ttyS0` (Firecracker's
@@ -249,7 +294,7 @@ fn cmdline(args: &str, root: Option<&Drive>) -> String {
 }
 
 /// A network interface as `--net` would give it.
-fn net_config(net: &NetworkInterface) -> Result<NetConfig, String> {
+pub(super) fn net_config(net: &NetworkInterface) -> Result<NetConfig, String> {
     let mut config = match (&net.hvrun_backend, &net.host_dev_name) {
         (Some(backend), _) => NetConfig::parse(backend).map_err(|e| format!("hvrun_backend: {e}"))?,
         (None, tap) if !tap.is_empty() => {

@@ -84,6 +84,8 @@ fn files() -> &'static Files {
         };
         let (kernel, initrd, disk) =
             (write("Image", b"kernel"), write("initrd", b"initrd"), write("disk.img", &[0; 4096]));
+        // Metrics go to a file that exists, as Firecracker wants.
+        write("metrics.json", b"");
         Files { dir, kernel, initrd, disk }
     })
 }
@@ -168,6 +170,7 @@ fn configuration() -> Vec<(&'static str, String, Value)> {
     let socket = f.dir.join("v.sock").display().to_string();
     vec![
         ("PUT", "/logger".into(), json!({"level": "Info", "show_level": true, "show_log_origin": false})),
+        ("PUT", "/metrics".into(), json!({"metrics_path": f.dir.join("metrics.json")})),
         (
             "PUT",
             "/machine-config".into(),
@@ -200,10 +203,9 @@ fn configuration() -> Vec<(&'static str, String, Value)> {
         (
             "PUT",
             "/balloon".into(),
-            json!({"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1,
+            json!({"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 1,
                    "free_page_reporting": true, "free_page_hinting": false}),
         ),
-        ("PATCH", "/balloon".into(), json!({"amount_mib": 16})),
         ("PUT", "/entropy".into(), json!({})),
     ]
 }
@@ -251,9 +253,9 @@ macro_rules! model {
     };
 }
 
-/// Every model of the swagger's definitions hvrun has (PartialDrive is not modelled:
-/// `PATCH /drives` is refused without reading its body).
+/// Every model of the swagger's definitions hvrun has.
 const MODELS: &[Model] = &[
+    model!("PartialDrive", PartialDrive, parse),
     model!("MachineConfiguration", MachineConfiguration, round_trip),
     model!("MachineConfiguration", MachineConfigurationUpdate, parse),
     model!("BootSource", BootSource, round_trip),
@@ -463,9 +465,17 @@ fn the_supported_subset_answers_as_the_swagger_says() {
     h.expect("PATCH", "/balloon", Some(json!({"amount_mib": 32})), 204);
     assert_eq!(h.expect("GET", "/balloon/statistics", None, 200).unwrap()["target_mib"], 32);
     assert_eq!(h.expect("GET", "/balloon", None, 200).unwrap()["amount_mib"], 32);
+    h.expect("PATCH", "/balloon", Some(json!({"amount_mib": 513})), 400);
     h.expect("PUT", "/actions", Some(json!({"action_type": "SendCtrlAltDel"})), 204);
     assert_eq!(h.seen.lock().unwrap().presses, 1);
+    h.expect("PUT", "/actions", Some(json!({"action_type": "FlushMetrics"})), 204);
+    let line = std::fs::read_to_string(files().dir.join("metrics.json")).unwrap();
+    assert!(line.ends_with('\n') && line.contains("\"api_server\""), "{line}");
+    h.expect("PATCH", "/drives/rootfs", Some(json!({"drive_id": "rootfs", "path_on_host": files().disk})), 204);
+    assert_eq!(h.seen.lock().unwrap().replaced.len(), 1);
     h.expect("PUT", "/boot-source", Some(json!({"kernel_image_path": files().kernel})), 400);
+    h.expect("PUT", "/logger", Some(json!({"level": "Debug"})), 400);
+    h.expect("PUT", "/metrics", Some(json!({"metrics_path": files().dir.join("metrics.json")})), 400);
 
     let create = json!({"snapshot_path": "/s/state", "mem_file_path": "/s/mem", "snapshot_type": "Full"});
     h.expect("PUT", "/snapshot/create", Some(create.clone()), 400);

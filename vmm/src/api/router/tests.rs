@@ -83,6 +83,13 @@ impl Host for FakeHost {
         self.seen.lock().unwrap().loggers.push(logger.clone());
         Ok(())
     }
+    /// A tap called `missing` cannot be opened; any other can.
+    fn check_net(&mut self, net: &NetConfig) -> Result<(), String> {
+        match &net.backend {
+            NetBackendConfig::Tap(name) if name == "missing" => Err("Could not open the tap device missing".into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Files the configuration names, which must exist when they are put.
@@ -256,6 +263,18 @@ fn bad_requests_get_400_with_a_fault_message_and_change_nothing() {
             "Invalid guest_mac",
         ),
         ("PUT", "/vsock", Some(r#"{"guest_cid": 2, "uds_path": "/v"}"#), "CID"),
+        ("PUT", "/vsock", Some(r#"{"guest_cid": 3, "uds_path": "/hvrun-no-such-dir/v.sock"}"#), "is not a directory"),
+        ("PUT", "/network-interfaces/e", Some(r#"{"iface_id": "e", "host_dev_name": "missing"}"#), "Could not open"),
+        ("PUT", "/balloon", Some(r#"{"amount_mib": 129, "deflate_on_oom": true}"#), "too large"),
+        ("PUT", "/balloon", Some(r#"{"amount_mib": 17592186044416, "deflate_on_oom": true}"#), "invalid value"),
+        ("PATCH", "/balloon", Some(r#"{"amount_mib": 1}"#), "before starting"),
+        ("PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#), "before starting"),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(r#"{"snapshot_path": "/s", "mem_file_path": "/m", "clock_realtime": true}"#),
+            "clock_realtime",
+        ),
         ("PUT", "/balloon", Some(r#"{"amount_mib": 1, "deflate_on_oom": true, "free_page_hinting": true}"#), "hinting"),
         ("PUT", "/actions", Some(r#"{"action_type": "Reboot"}"#), "unknown variant `Reboot`"),
         ("PUT", "/metrics", Some(r#"{"metrics_path": "/nonexistent/m"}"#), "Cannot open the metrics file"),
@@ -340,7 +359,7 @@ fn metrics_go_to_an_existing_file_once_configured_and_flush_on_demand() {
     assert_eq!(call(&mut api, "PUT", "/metrics", Some(&body)).0, 204);
     assert!(call(&mut api, "PUT", "/metrics", Some(&body)).1.contains("Reinitialization of metrics not allowed."));
     let flush = Some(r#"{"action_type": "FlushMetrics"}"#);
-    assert_eq!(call(&mut api, "PUT", "/actions", flush).0, 204);
+    assert_eq!(call(&mut api, "PUT", "/actions", flush), (400, fault(PRE_BOOT)));
     assert!(api.next_tick().is_none(), "no periodic line before the start");
     configure(&mut api);
     assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
@@ -348,12 +367,74 @@ fn metrics_go_to_an_existing_file_once_configured_and_flush_on_demand() {
     assert_eq!(call(&mut api, "PUT", "/actions", flush).0, 204);
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 2);
-    assert!(lines[0].get("vcpu").is_none());
-    assert_eq!(lines[1]["vcpu"]["exit_mmio_read"], 1);
-    // Requests answered between the two lines (a request counts once answered): the
-    // first FlushMetrics, the configuration (7 PUTs) and InstanceStart.
-    assert_eq!(lines[1]["api_server"]["requests"], 9);
-    assert_eq!(lines[1]["api_server"]["errors"], 0);
-    assert_eq!(lines[0]["api_server"]["errors"], 1);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["vcpu"]["exit_mmio_read"], 1);
+    // Requests answered before the line (a request counts once answered): the two
+    // PUT /metrics, the refused FlushMetrics, the configuration (7 PUTs) and InstanceStart.
+    assert_eq!(lines[0]["api_server"]["requests"], 11);
+    assert_eq!(lines[0]["api_server"]["errors"], 2);
+    // Once started, metrics are configured no more, as in Firecracker.
+    assert_eq!(call(&mut api, "PUT", "/metrics", Some(&body)), (400, fault(POST_BOOT)));
+}
+
+/// The JSON body of a refusal with `message`.
+fn fault(message: &str) -> String {
+    serde_json::json!({ "fault_message": message }).to_string()
+}
+
+#[test]
+fn flush_metrics_without_metrics_configured_is_accepted_once_started() {
+    let (mut api, _) = new_api();
+    configure(&mut api);
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#)), (204, String::new()));
+}
+
+#[test]
+fn the_configuration_is_bounded_and_checked_when_it_is_put() {
+    let (mut api, _) = new_api();
+    let (_, disk) = files();
+    let mut refused = None;
+    for i in 0..=crate::slots::MAX_SLOTS {
+        let body = format!(r#"{{"drive_id": "d{i}", "path_on_host": "{}", "is_root_device": false}}"#, disk.display());
+        let (status, text) = call(&mut api, "PUT", &format!("/drives/d{i}"), Some(&body));
+        if status != 204 {
+            refused = Some((i, text));
+            break;
+        }
+    }
+    let (i, text) = refused.expect("drives without end were taken");
+    assert_eq!(i, crate::slots::MAX_SLOTS);
+    assert!(text.contains("Too many devices"), "{text}");
+    // Putting one that exists again still works, and so does a network interface no more.
+    let again = format!(r#"{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": false}}"#, disk.display());
+    assert_eq!(call(&mut api, "PUT", "/drives/d0", Some(&again)).0, 204);
+    let net = r#"{"iface_id": "e", "host_dev_name": "tap0"}"#;
+    assert!(call(&mut api, "PUT", "/network-interfaces/e", Some(net)).1.contains("Too many devices"));
+}
+
+#[test]
+fn a_balloon_above_the_memory_and_a_start_without_boot_args_are_handled_as_firecracker_does() {
+    let (mut api, seen) = new_api();
+    let (kernel, disk) = files();
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let root = format!(r#"{{"drive_id": "root", "path_on_host": "{}", "is_root_device": true}}"#, disk.display());
+    assert_eq!(call(&mut api, "PUT", "/drives/root", Some(&root)).0, 204);
+    assert_eq!(call(&mut api, "PUT", "/balloon", Some(r#"{"amount_mib": 128, "deflate_on_oom": false}"#)).0, 204);
+    // The memory shrinks below the balloon's target after it was put: the start says so.
+    assert_eq!(call(&mut api, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)).0, 204);
+    let start = Some(r#"{"action_type": "InstanceStart"}"#);
+    let (status, text) = call(&mut api, "PUT", "/actions", start);
+    assert!(status == 400 && text.contains("too large"), "{text}");
+    assert_eq!(call(&mut api, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)).0, 204);
+    assert_eq!(call(&mut api, "PUT", "/actions", start).0, 204);
+    // No boot_args: Firecracker's default (what applies to hvrun's machine) with the root.
+    let booted = seen.lock().unwrap().booted.clone().unwrap();
+    assert_eq!(booted.cmdline.as_deref(), Some("reboot=k panic=1 root=/dev/vda rw"));
+    assert_eq!(booted.balloon.unwrap().initial_target, 128 << 20);
+    // After the start the target is checked against the memory too.
+    assert!(call(&mut api, "PATCH", "/balloon", Some(r#"{"amount_mib": 257}"#)).1.contains("too large"));
+    assert_eq!(call(&mut api, "PATCH", "/balloon", Some(r#"{"amount_mib": 256}"#)).0, 204);
+    assert_eq!(call(&mut api, "PUT", "/logger", Some(r#"{"level": "Info"}"#)).0, 400);
 }
