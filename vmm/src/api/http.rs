@@ -3,8 +3,12 @@
 //! `Content-Length`, at most [`Limits::max_body`] bytes), responses written whole.
 //! Connections stay open between requests (HTTP/1.1's default, as Firecracker's clients
 //! expect) unless the client says `Connection: close`. `Expect: 100-continue` is
-//! answered, so curl sends a large body at once. Chunked bodies are refused: no client
-//! of Firecracker's API sends them.
+//! answered, so curl sends a large body at once. Chunked bodies are refused (501): no
+//! client of Firecracker's API sends them.
+//!
+//! Where a request ends must be certain, or the next one would be read from the wrong
+//! byte: a `Content-Length` that is not plain ASCII digits, two that differ, or one
+//! beside `Transfer-Encoding` is a 400, and the connection is closed.
 
 use std::io::{ErrorKind, Read, Write};
 
@@ -178,31 +182,50 @@ impl<S: Read + Write> Connection<S> {
         let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version) else {
             return Err(refused(400, "Malformed HTTP request."));
         };
-        let mut body_len = 0usize;
+        let mut content_length: Option<usize> = None;
+        let mut transfer_encoding = false;
         let mut expects_continue = false;
         // HTTP/1.0 closes after each response unless asked to keep the connection.
         let mut close = version == 0;
         for header in parsed.headers.iter() {
-            let value = std::str::from_utf8(header.value).unwrap_or("").trim();
+            let value = std::str::from_utf8(header.value).unwrap_or("").trim_matches([' ', '\t']);
             match header.name.to_ascii_lowercase().as_str() {
-                "content-length" => {
-                    body_len = match value.parse::<usize>() {
-                        Ok(len) if body_len == 0 || len == body_len => len,
-                        _ => return Err(refused(400, "Invalid Content-Length header.")),
-                    }
-                }
-                "transfer-encoding" => return Err(refused(501, "Chunked bodies are not supported.")),
+                "content-length" => match (parse_length(value), content_length) {
+                    (Some(len), None) => content_length = Some(len),
+                    (Some(len), Some(earlier)) if len == earlier => {}
+                    _ => return Err(refused(400, "Invalid Content-Length header.")),
+                },
+                "transfer-encoding" => transfer_encoding = true,
                 "expect" if value.eq_ignore_ascii_case("100-continue") => expects_continue = true,
                 "connection" if value.eq_ignore_ascii_case("close") => close = true,
                 "connection" if value.eq_ignore_ascii_case("keep-alive") => close = false,
                 _ => {}
             }
         }
+        // Both framings at once is how requests are smuggled past proxies: refused,
+        // whichever header comes first.
+        match (transfer_encoding, content_length) {
+            (true, Some(_)) => {
+                return Err(refused(400, "A request may not have both Content-Length and Transfer-Encoding headers."))
+            }
+            (true, None) => return Err(refused(501, "Chunked bodies are not supported.")),
+            (false, _) => {}
+        }
+        let body_len = content_length.unwrap_or(0);
         self.close_after = close;
         let path = target.split(['?', '#']).next().unwrap_or("").to_string();
         let request = Request { method: method.to_string(), path, body: None };
         Ok(Some((head_len, request, body_len, expects_continue)))
     }
+}
+
+/// A `Content-Length` value: ASCII digits only (no sign, no list, no spaces inside), as
+/// RFC 9112 has it. `None` for anything else, a number past `usize` included.
+fn parse_length(value: &str) -> Option<usize> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
 }
 
 fn refused(status: u16, message: &str) -> ConnectionEnd {

@@ -100,6 +100,38 @@ fn oversized_malformed_and_chunked_requests_end_the_connection_with_firecrackers
 }
 
 #[test]
+fn a_content_length_must_be_plain_digits_and_the_same_when_repeated() {
+    let refused = |bytes: &[u8]| match connection(bytes).next_request() {
+        Err(ConnectionEnd::Refused(r)) => r,
+        other => panic!("{other:?} for {}", String::from_utf8_lossy(bytes)),
+    };
+    for head in [
+        "Content-Length: 0\r\nContent-Length: 5",
+        "Content-Length: 5\r\nContent-Length: 0",
+        "Content-Length: +5",
+        "Content-Length: 5 5",
+        "Content-Length: 5,5",
+        "Content-Length: 0x5",
+        "Content-Length: ",
+        "Content-Length: \u{a0}5",
+        "Content-Length: 99999999999999999999999999",
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked\r\nContent-Length: 5",
+        "Transfer-Encoding: identity\r\nContent-Length: 5",
+    ] {
+        let request = format!("PUT /vm HTTP/1.1\r\n{head}\r\n\r\nhello");
+        let response = refused(request.as_bytes());
+        assert_eq!(response.status, 400, "{head:?}");
+        assert!(response.body.unwrap().starts_with(r#"{"fault_message":""#), "{head:?}");
+    }
+    // The same length twice is one length; spaces around it are not part of it.
+    for head in ["Content-Length: 5\r\nContent-Length: 5", "Content-Length:  005\t"] {
+        let request = format!("PUT /vm HTTP/1.1\r\n{head}\r\n\r\nhello");
+        assert_eq!(connection(request.as_bytes()).next_request().unwrap().body.unwrap(), b"hello", "{head:?}");
+    }
+}
+
+#[test]
 fn a_client_gone_mid_request_is_a_closed_connection() {
     assert_eq!(connection(b"").next_request(), Err(ConnectionEnd::Closed));
     assert_eq!(connection(b"PUT /vm HTT").next_request(), Err(ConnectionEnd::Closed));
