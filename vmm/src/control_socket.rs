@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backends::{remove_stale_socket, serve_clients, Clients, SocketFile};
+use crate::backends::{bind_socket, serve_clients, Clients, SocketFile};
 use crate::embed::VmHandle;
 
 /// The longest command line read, its newline included.
@@ -141,13 +141,13 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    /// Binds `path` (a socket file left by an earlier run is replaced; any other file
-    /// there is an error), before the VM starts, so that a bad path fails first.
+    /// Binds `path` (a socket file left by an earlier run is replaced; one a process
+    /// listens on, or any other file there, is an error), before the VM starts, so that
+    /// a bad path fails first.
     pub fn bind(path: &Path) -> Result<Self, ControlError> {
         let error = |source| ControlError { path: path.display().to_string(), source };
-        remove_stale_socket(path).map_err(error)?;
-        let listener = UnixListener::bind(path).map_err(error)?;
-        Ok(ControlSocket { listener, _file: SocketFile(path.to_path_buf()) })
+        let (listener, file) = bind_socket(path).map_err(error)?;
+        Ok(ControlSocket { listener, _file: file })
     }
 
     /// Serves clients on a thread of its own until the process ends. (A host that

@@ -28,7 +28,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 
 use self::http::{Connection, ConnectionEnd, Limits, Request, Response};
 use self::router::Api;
-use crate::backends::{remove_stale_socket, serve_clients, Clients, SocketFile};
+pub use crate::backends::SocketId;
+use crate::backends::{bind_socket, serve_clients, Clients, SocketFile};
 
 impl router::Running for crate::VmHandle {
     fn pause(&self) -> Result<(), String> {
@@ -80,20 +81,26 @@ pub struct ApiError {
 #[derive(Debug)]
 pub struct ApiServer {
     listener: UnixListener,
-    _file: SocketFile,
+    file: SocketFile,
 }
 
 /// A request on its way to the dispatcher, with where its response goes.
 type Job = (Request, Sender<Response>);
 
 impl ApiServer {
-    /// Binds `path` (a socket left by an earlier run is replaced; any other file there
-    /// is an error), before anything else, so that a bad path fails first.
+    /// Binds `path` (a socket left by an earlier run is replaced; one a process listens
+    /// on, another hvrun's, or any other file there is an error), before anything else,
+    /// so that a bad path fails first.
     pub fn bind(path: &Path) -> Result<Self, ApiError> {
         let error = |source| ApiError { path: path.display().to_string(), source };
-        remove_stale_socket(path).map_err(error)?;
-        let listener = UnixListener::bind(path).map_err(error)?;
-        Ok(ApiServer { listener, _file: SocketFile(path.to_path_buf()) })
+        let (listener, file) = bind_socket(path).map_err(error)?;
+        Ok(ApiServer { listener, file })
+    }
+
+    /// The socket file, for removing it where the server is not dropped (before
+    /// `std::process::exit`).
+    pub fn socket_id(&self) -> SocketId {
+        self.file.id()
     }
 
     /// Serves `api` on threads of its own until the process ends, taking bodies up to

@@ -78,3 +78,18 @@ fn clients_past_the_limit_get_503_and_the_socket_file_goes_with_the_server() {
     drop(server);
     assert!(!path.exists());
 }
+
+/// A second hvrun on the same path used to remove the first one's socket and serve there
+/// in its place.
+#[test]
+fn a_second_server_on_a_live_socket_is_refused_and_the_first_serves_on() {
+    let path = socket("twice");
+    let (api, _) = router::tests::new_api();
+    let first = ApiServer::bind(&path).unwrap().serve(api, Limits::default()).unwrap();
+    let e = ApiServer::bind(&path).unwrap_err().to_string();
+    assert_eq!(e, format!("--api-sock {}: in use by another process; stop it or choose another path", path.display()));
+    let answer = get(&path, "GET /version HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert!(answer.contains("firecracker_version"), "{answer}");
+    drop(first);
+    assert!(!path.exists());
+}
