@@ -122,7 +122,7 @@ pub fn run(options: ApiOptions) -> Result<ExitReason, String> {
         let config = read_config_file(path)?;
         api.start_from(config).map_err(|e| format!("--config-file {}: {e}", path.display()))?;
     }
-    let limits = Limits { max_body: options.max_body };
+    let limits = Limits { max_body: options.max_body, ..Limits::default() };
     let server = server.map(|s| s.serve(api, limits)).transpose().map_err(|e| format!("--api-sock: {e}"))?;
     let running: Arc<OnceLock<VmHandle>> = Arc::default();
     // Removed only if it is still ours (another process may have put its own there).

@@ -211,6 +211,30 @@ pub(crate) fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// After a last answer (a refusal): reads what the client still sends, such as the rest
+/// of a request refused for its size, until it pauses for 100 ms, for at most 500 ms in
+/// all and at most 1 MiB, so that it reads the answer rather than a connection reset for
+/// unread data. A client that keeps sending is not waited for past that.
+pub(crate) fn linger(stream: &std::os::unix::net::UnixStream) {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut left = 1usize << 20;
+    let mut chunk = [0u8; 4096];
+    let mut reader = stream;
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+        if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
+            return;
+        }
+        match reader.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
 /// Who serves the clients of a unix socket (the API's, the control socket's), for
 /// [`serve_clients`].
 pub(crate) struct Clients<S, R> {
@@ -382,6 +406,27 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         drop(file);
         assert!(!path.exists());
+    }
+
+    /// It used to read until 100 ms passed with nothing read: a client sending a byte
+    /// now and then kept its thread (and its place) for up to 1 MiB of them.
+    #[test]
+    fn lingering_after_a_refusal_ends_even_while_the_client_sends() {
+        use std::io::Write;
+        let (ours, mut client) = std::os::unix::net::UnixStream::pair().unwrap();
+        let sender = std::thread::spawn(move || {
+            for _ in 0..200 {
+                if client.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+        let start = std::time::Instant::now();
+        linger(&ours);
+        assert!(start.elapsed() < std::time::Duration::from_millis(1500), "{:?}", start.elapsed());
+        drop(ours);
+        sender.join().unwrap();
     }
 
     #[test]
