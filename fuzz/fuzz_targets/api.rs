@@ -17,7 +17,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::{arbitrary, fuzz_target};
 
 use devices::virtio::balloon::BalloonHandle;
-use hvrun::api::http::{Connection, Limits, Request, Response};
+use hvrun::api::http::{Connection, Limits, Request, Response, Stream};
 use hvrun::api::model::Logger;
 use hvrun::api::router::{Api, Host, Running};
 use hvrun::snapshot::machine::SnapshotFiles;
@@ -86,6 +86,16 @@ impl Write for Pipe {
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// In memory: never waits, so no time limit applies.
+impl Stream for Pipe {
+    fn set_read_limit(&self, _: std::time::Duration) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_write_limit(&self, _: std::time::Duration) -> std::io::Result<()> {
         Ok(())
     }
 }

@@ -144,14 +144,15 @@ pub fn run(options: ApiOptions) -> Result<ExitReason, String> {
         let config = read_config_file(path)?;
         api.start_from(config).map_err(|e| format!("--config-file {}: {e}", path.display()))?;
     }
-    let limits = Limits { max_body: options.max_body };
-    let _server = server.map(|s| s.serve(api, limits)).transpose().map_err(|e| format!("--api-sock: {e}"))?;
+    let limits = Limits { max_body: options.max_body, ..Limits::default() };
+    let server = server.map(|s| s.serve(api, limits)).transpose().map_err(|e| format!("--api-sock: {e}"))?;
     let running: Arc<OnceLock<VmHandle>> = Arc::default();
-    let socket = options.socket.clone();
+    // Removed only if it is still ours (another process may have put its own there).
+    let socket = server.as_ref().map(ApiServer::socket_id);
     signals::press_then_stop_once_running(blocked, Arc::clone(&running), move || {
         eprintln!("hvrun: stopped before the VM started");
         if let Some(socket) = &socket {
-            let _ = std::fs::remove_file(socket);
+            socket.remove();
         }
         std::process::exit(crate::EXIT_STOPPED.into());
     });

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use devices::virtio::console::{stream_output, Backend};
@@ -27,14 +27,51 @@ pub struct OpenConsole {
     pub socket: Option<SocketFile>,
 }
 
-/// A unix socket's file, removed on drop.
+/// A unix socket's file that this process bound, removed on drop if the path still
+/// names it (see [`SocketId`]).
 #[derive(Debug)]
-pub struct SocketFile(pub(crate) PathBuf);
+pub struct SocketFile(SocketId);
+
+impl SocketFile {
+    /// Which file it is, for removing it where a drop will not run (before an exit).
+    pub(crate) fn id(&self) -> SocketId {
+        self.0.clone()
+    }
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        self.0.remove();
     }
+}
+
+/// A socket file bound by this process: its path, and the device and inode it had when
+/// bound, so that a file another process has put at the path since (after removing
+/// ours) is never removed in its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketId {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketId {
+    /// Removes the file if the path still names the one bound here.
+    pub fn remove(&self) {
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Binds a listening unix socket at `path` for this process (see [`remove_stale_socket`]
+/// for what may be there already). The [`SocketFile`] removes it when dropped.
+pub(crate) fn bind_socket(path: &Path) -> std::io::Result<(std::os::unix::net::UnixListener, SocketFile)> {
+    remove_stale_socket(path)?;
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    let meta = std::fs::symlink_metadata(path)?;
+    Ok((listener, SocketFile(SocketId { path: path.to_path_buf(), dev: meta.dev(), ino: meta.ino() })))
 }
 
 /// Opens what `config` names. `stdin` says whether standard input is the guest's.
@@ -67,10 +104,11 @@ pub fn open_console(config: &ConsoleConfig, stdin: bool) -> Result<OpenConsole, 
         }
         ConsoleConfig::Socket(path) => {
             let what = format!("socket={}", path.display());
-            remove_stale_socket(path).map_err(|e| console_error(&what, e))?;
-            let listener = UnixListener::bind(path).map_err(|e| console_error(&what, e))?;
-            open.socket = Some(SocketFile(path.clone()));
-            open.backend = Some(Backend::Socket(listener));
+            let (listener, file) = bind_socket(path).map_err(|e| console_error(&what, e))?;
+            // What mio's own bind does: the console's worker polls it.
+            listener.set_nonblocking(true).map_err(|e| console_error(&what, e))?;
+            open.socket = Some(file);
+            open.backend = Some(Backend::Socket(UnixListener::from_std(listener)));
         }
     }
     Ok(open)
@@ -146,14 +184,54 @@ fn console_error(what: &str, e: std::io::Error) -> Error {
     Error::Console { what: format!("--console {what}"), source: e }
 }
 
-/// Removes a socket file left by an earlier run; anything else at `path` is an error, so
-/// a typo never deletes a user's file.
+/// Why a socket path is refused when a process listens on it.
+pub(crate) const IN_USE: &str = "in use by another process; stop it or choose another path";
+
+/// Removes a socket file left by an earlier run: one that refuses a connection. A
+/// socket something answers on (another hvrun's) is an error ([`IN_USE`]) and left
+/// alone, as is anything else at `path`, so a typo never deletes a user's file. (The
+/// probe is a connection that closes at once; a console socket's server takes it as a
+/// new client.)
 pub(crate) fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
-        Ok(_) => Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => Err(Error::new(ErrorKind::AddrInUse, IN_USE)),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+            // Removed since: nothing to do.
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::new(e.kind(), format!("cannot tell whether a process listens on it: {e}"))),
+        },
+        Ok(_) => Err(Error::new(ErrorKind::AlreadyExists, "exists and is not a socket")),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// After a last answer (a refusal): reads what the client still sends, such as the rest
+/// of a request refused for its size, until it pauses for 100 ms, for at most 500 ms in
+/// all and at most 1 MiB, so that it reads the answer rather than a connection reset for
+/// unread data. A client that keeps sending is not waited for past that.
+pub(crate) fn linger(stream: &std::os::unix::net::UnixStream) {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut left = 1usize << 20;
+    let mut chunk = [0u8; 4096];
+    let mut reader = stream;
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+        if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
+            return;
+        }
+        match reader.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
     }
 }
 
@@ -276,6 +354,79 @@ mod tests {
         let mut buf = [0u8; 64];
         let n = theirs.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"still the same socket");
+    }
+
+    fn socket_path(name: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("hvrun-test-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    /// A second hvrun on the same path used to remove the first one's socket and take
+    /// the path over.
+    #[test]
+    fn a_socket_a_process_listens_on_is_refused_and_left_working() {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let path = socket_path("live");
+        let theirs = UnixListener::bind(&path).unwrap();
+        let e = bind_socket(&path).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        assert_eq!(e.to_string(), IN_USE);
+        // Their socket is still there and still theirs: the probe, then a client.
+        let _probe = theirs.accept().unwrap();
+        let _client = UnixStream::connect(&path).unwrap();
+        assert!(theirs.accept().is_ok());
+        let e = open_console(&ConsoleConfig::Socket(path.clone()), false).unwrap_err().to_string();
+        assert!(e.ends_with(&format!("--console socket={}: {IN_USE}", path.display())), "{e}");
+        assert!(UnixStream::connect(&path).is_ok());
+        drop(theirs);
+        // Nobody listens now: the file is stale, and replaced.
+        let (ours, file) = bind_socket(&path).unwrap();
+        let _client = UnixStream::connect(&path).unwrap();
+        assert!(ours.accept().is_ok());
+        drop(file);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_socket_file_is_removed_only_while_it_is_still_ours() {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let path = socket_path("replaced");
+        let (ours, file) = bind_socket(&path).unwrap();
+        // Another process removes ours and binds its own at the path.
+        std::fs::remove_file(&path).unwrap();
+        let theirs = UnixListener::bind(&path).unwrap();
+        drop((ours, file));
+        assert!(path.exists(), "another process's socket is not removed");
+        let _client = UnixStream::connect(&path).unwrap();
+        assert!(theirs.accept().is_ok());
+        drop(theirs);
+        // A file that is gone already is no error either.
+        let (_ours, file) = bind_socket(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        drop(file);
+        assert!(!path.exists());
+    }
+
+    /// It used to read until 100 ms passed with nothing read: a client sending a byte
+    /// now and then kept its thread (and its place) for up to 1 MiB of them.
+    #[test]
+    fn lingering_after_a_refusal_ends_even_while_the_client_sends() {
+        use std::io::Write;
+        let (ours, mut client) = std::os::unix::net::UnixStream::pair().unwrap();
+        let sender = std::thread::spawn(move || {
+            for _ in 0..200 {
+                if client.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+        let start = std::time::Instant::now();
+        linger(&ours);
+        assert!(start.elapsed() < std::time::Duration::from_millis(1500), "{:?}", start.elapsed());
+        drop(ours);
+        sender.join().unwrap();
     }
 
     #[test]

@@ -12,24 +12,32 @@
 //! ```
 //!
 //! Unknown commands and fields are errors, never ignored. A line longer than
-//! [`MAX_LINE`] bytes ends the client's connection; at most [`MAX_CLIENTS`] clients are
-//! served at once (more wait in the listen queue). The socket file is removed when the
-//! server is dropped.
+//! [`MAX_LINE`] bytes ends the client's connection; so does a line not whole within
+//! [`LINE_TIMEOUT`] of its first byte (with an error) and [`IDLE_TIMEOUT`] of silence
+//! between lines (without). At most [`MAX_CLIENTS`] clients are served at once (more
+//! are answered an error). The socket file is removed when the server is dropped.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backends::{remove_stale_socket, serve_clients, Clients, SocketFile};
+use crate::backends::{bind_socket, linger, serve_clients, Clients, SocketFile};
 use crate::embed::VmHandle;
 
 /// The longest command line read, its newline included.
 pub const MAX_LINE: usize = 4096;
 /// Clients served at once.
 pub const MAX_CLIENTS: usize = 8;
+/// How long a client may be silent between lines before its connection is closed (so
+/// that silent clients do not keep others out for ever).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a line may take to arrive, from its first byte to its newline (and an
+/// answer to be taken).
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the control socket acts on: a running VM ([`VmHandle`]), or a stand-in in tests.
 pub trait Controls: Send + Sync + 'static {
@@ -138,16 +146,30 @@ pub struct ControlError {
 pub struct ControlSocket {
     listener: UnixListener,
     _file: SocketFile,
+    timeouts: Timeouts,
+}
+
+/// A client's time limits: [`IDLE_TIMEOUT`] and [`LINE_TIMEOUT`] (shorter in tests).
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    idle: Duration,
+    line: Duration,
 }
 
 impl ControlSocket {
-    /// Binds `path` (a socket file left by an earlier run is replaced; any other file
-    /// there is an error), before the VM starts, so that a bad path fails first.
+    /// Binds `path` (a socket file left by an earlier run is replaced; one a process
+    /// listens on, or any other file there, is an error), before the VM starts, so that
+    /// a bad path fails first.
     pub fn bind(path: &Path) -> Result<Self, ControlError> {
         let error = |source| ControlError { path: path.display().to_string(), source };
-        remove_stale_socket(path).map_err(error)?;
-        let listener = UnixListener::bind(path).map_err(error)?;
-        Ok(ControlSocket { listener, _file: SocketFile(path.to_path_buf()) })
+        let (listener, file) = bind_socket(path).map_err(error)?;
+        Ok(ControlSocket { listener, _file: file, timeouts: Timeouts { idle: IDLE_TIMEOUT, line: LINE_TIMEOUT } })
+    }
+
+    /// The same with other time limits.
+    #[cfg(test)]
+    fn with_timeouts(self, idle: Duration, line: Duration) -> Self {
+        ControlSocket { timeouts: Timeouts { idle, line }, ..self }
     }
 
     /// Serves clients on a thread of its own until the process ends. (A host that
@@ -155,8 +177,9 @@ impl ControlSocket {
     /// socket.)
     pub fn serve(self, controls: impl Controls) -> Self {
         let controls: Arc<dyn Controls> = Arc::new(controls);
+        let timeouts = self.timeouts;
         let started = self.listener.try_clone().and_then(|listener| {
-            std::thread::Builder::new().name("control".into()).spawn(move || accept(&listener, controls))
+            std::thread::Builder::new().name("control".into()).spawn(move || accept(&listener, controls, timeouts))
         });
         if let Err(e) = started {
             log::warn!("--control: cannot serve the control socket: {e}");
@@ -165,36 +188,109 @@ impl ControlSocket {
     }
 }
 
-fn accept(listener: &UnixListener, controls: Arc<dyn Controls>) {
-    let serve = move |stream| serve_client(stream, &*controls);
+fn accept(listener: &UnixListener, controls: Arc<dyn Controls>, timeouts: Timeouts) {
+    let serve = move |stream| serve_client(&stream, &*controls, timeouts);
     let refuse = |mut stream: UnixStream| {
         let _ = writeln!(stream, "{}", failure("too many control clients"));
     };
     serve_clients(listener, Clients { what: "--control", thread: "control-client", max: MAX_CLIENTS, serve, refuse });
 }
 
-/// Answers `stream`'s lines until it closes, sends a line over [`MAX_LINE`] bytes or
-/// stops reading.
-fn serve_client(stream: UnixStream, controls: &dyn Controls) {
-    let Ok(mut writer) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+/// Answers `stream`'s lines until it closes, sends a line over [`MAX_LINE`] bytes, runs
+/// out of time or stops reading.
+fn serve_client(stream: &UnixStream, controls: &dyn Controls, timeouts: Timeouts) {
+    // Cannot fail on a connected socket; if it did, writes would only wait longer.
+    let _ = stream.set_write_timeout(Some(timeouts.line));
+    let mut lines = Lines { stream, timeouts, pending: Vec::new(), started: None };
+    let mut writer = stream;
     loop {
-        line.clear();
-        // One byte more than the limit: a longer line is seen as such.
-        match (&mut reader).take(MAX_LINE as u64 + 1).read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        if line.len() > MAX_LINE {
-            let _ = writeln!(writer, "{}", failure(&format!("a command is at most {MAX_LINE} bytes")));
+        let reply = match lines.next() {
+            // Not UTF-8 cannot be a command; nor can what follows it be trusted.
+            Ok(line) => match String::from_utf8(line) {
+                Ok(line) if line.trim().is_empty() => continue,
+                Ok(line) => answer(controls, &line),
+                Err(_) => return,
+            },
+            Err(LineEnd::TooLong) => {
+                let _ = writeln!(writer, "{}", failure(&format!("a command is at most {MAX_LINE} bytes")));
+                return linger(stream);
+            }
+            Err(LineEnd::TimedOut) => {
+                let why = format!("a command is to arrive whole within {:?} of its first byte", timeouts.line);
+                let _ = writeln!(writer, "{}", failure(&why));
+                return linger(stream);
+            }
+            Err(LineEnd::Closed | LineEnd::Idle) => return,
+        };
+        if writeln!(writer, "{reply}").is_err() {
             return;
         }
-        if line.trim().is_empty() {
-            continue;
-        }
-        if writeln!(writer, "{}", answer(controls, &line)).is_err() {
-            return;
+    }
+}
+
+/// A client's lines, read within its time limits.
+struct Lines<'a> {
+    stream: &'a UnixStream,
+    timeouts: Timeouts,
+    /// Bytes read and not yet part of a line taken.
+    pending: Vec<u8>,
+    /// When the first byte of the line being read came.
+    started: Option<Instant>,
+}
+
+/// Why a client has no more lines.
+#[derive(Debug, PartialEq, Eq)]
+enum LineEnd {
+    /// It closed the connection, or it failed.
+    Closed,
+    /// It sent nothing for [`Timeouts::idle`] between lines.
+    Idle,
+    /// Its line is over [`MAX_LINE`] bytes.
+    TooLong,
+    /// Its line was not whole [`Timeouts::line`] after its first byte.
+    TimedOut,
+}
+
+impl Lines<'_> {
+    /// The next line, its newline included (a last line may have none).
+    fn next(&mut self) -> Result<Vec<u8>, LineEnd> {
+        // A line that came with the last one has its time from now.
+        self.started = (!self.pending.is_empty()).then(Instant::now);
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                if end + 1 > MAX_LINE {
+                    return Err(LineEnd::TooLong);
+                }
+                return Ok(self.pending.drain(..=end).collect());
+            }
+            if self.pending.len() > MAX_LINE {
+                return Err(LineEnd::TooLong);
+            }
+            let timeout = match self.started {
+                None => self.timeouts.idle,
+                Some(started) => match self.timeouts.line.checked_sub(started.elapsed()) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return Err(LineEnd::TimedOut),
+                },
+            };
+            self.stream.set_read_timeout(Some(timeout)).map_err(|_| LineEnd::Closed)?;
+            // One byte past the limit at most: a longer line is seen as such.
+            let mut chunk = [0u8; 1024];
+            let want = chunk.len().min(MAX_LINE + 1 - self.pending.len());
+            let mut stream = self.stream;
+            match stream.read(&mut chunk[..want]) {
+                Ok(0) if self.pending.is_empty() => return Err(LineEnd::Closed),
+                Ok(0) => return Ok(std::mem::take(&mut self.pending)),
+                Ok(n) => {
+                    self.started.get_or_insert_with(Instant::now);
+                    self.pending.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Err(if self.started.is_some() { LineEnd::TimedOut } else { LineEnd::Idle });
+                }
+                Err(_) => return Err(LineEnd::Closed),
+            }
         }
     }
 }

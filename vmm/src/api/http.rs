@@ -3,10 +3,22 @@
 //! `Content-Length`, at most [`Limits::max_body`] bytes), responses written whole.
 //! Connections stay open between requests (HTTP/1.1's default, as Firecracker's clients
 //! expect) unless the client says `Connection: close`. `Expect: 100-continue` is
-//! answered, so curl sends a large body at once. Chunked bodies are refused: no client
-//! of Firecracker's API sends them.
+//! answered, so curl sends a large body at once. Chunked bodies are refused (501): no
+//! client of Firecracker's API sends them.
+//!
+//! A client has [`Limits::idle_timeout`] between requests, after which its connection
+//! is closed, and [`Limits::request_timeout`] from a request's first byte to its last,
+//! after which it gets a 408 and its connection is closed (so a response it does not
+//! take for as long): a client that connects and sends nothing, or stops in the middle
+//! of a request, does not hold one of the server's connections for ever.
+//!
+//! Where a request ends must be certain, or the next one would be read from the wrong
+//! byte: a `Content-Length` that is not plain ASCII digits, two that differ, or one
+//! beside `Transfer-Encoding` is a 400, and the connection is closed.
 
 use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 /// The longest request head (request line and headers) taken.
 pub const MAX_HEAD: usize = 8192;
@@ -15,16 +27,49 @@ pub const MAX_HEADERS: usize = 32;
 /// Firecracker's default limit on a request's body (its `--http-api-max-payload-size`).
 pub const DEFAULT_MAX_BODY: usize = 51_200;
 
+/// How long a connection may be silent between requests before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request may take to arrive, from its first byte to its last (and a
+/// response to be taken).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What a connection accepts.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// The longest body taken.
     pub max_body: usize,
+    /// How long the client may be silent between requests ([`IDLE_TIMEOUT`]): the
+    /// connection is closed then.
+    pub idle_timeout: Duration,
+    /// How long a request may take from its first byte to its last
+    /// ([`REQUEST_TIMEOUT`]): it is answered 408 then, and the connection closed. Each
+    /// write of a response has as long.
+    pub request_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body: DEFAULT_MAX_BODY }
+        Limits { max_body: DEFAULT_MAX_BODY, idle_timeout: IDLE_TIMEOUT, request_timeout: REQUEST_TIMEOUT }
+    }
+}
+
+/// What a connection runs over: a stream whose reads and writes can be given a time
+/// limit. The API socket's [`UnixStream`]; tests' and the fuzz target's in-memory
+/// streams, which never wait, ignore the limits.
+pub trait Stream: Read + Write {
+    /// Limits each later read to `timeout` (not zero).
+    fn set_read_limit(&self, timeout: Duration) -> std::io::Result<()>;
+    /// Limits each later write to `timeout` (not zero).
+    fn set_write_limit(&self, timeout: Duration) -> std::io::Result<()>;
+}
+
+impl Stream for UnixStream {
+    fn set_read_limit(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+
+    fn set_write_limit(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_write_timeout(Some(timeout))
     }
 }
 
@@ -71,7 +116,11 @@ pub enum ConnectionEnd {
     /// The client closed it, between requests or in the middle of one.
     Closed,
     /// A request the connection cannot go on after: answered with this, then closed.
+    /// (A request not whole within [`Limits::request_timeout`] too: 408.)
     Refused(Response),
+    /// The client sent nothing for [`Limits::idle_timeout`] between requests: closed
+    /// without a word.
+    Idle,
 }
 
 /// One client connection: reads requests, writes responses.
@@ -83,17 +132,23 @@ pub struct Connection<S> {
     buf: Vec<u8>,
     /// The client asked to close after this response.
     close_after: bool,
+    /// When the first byte of the request being read came (`None`: none has yet).
+    started: Option<Instant>,
 }
 
-impl<S: Read + Write> Connection<S> {
-    /// A connection over `stream`.
+impl<S: Stream> Connection<S> {
+    /// A connection over `stream`, its writes limited to [`Limits::request_timeout`].
     pub fn new(stream: S, limits: Limits) -> Self {
-        Connection { stream, limits, buf: Vec::new(), close_after: false }
+        // Cannot fail on a connected socket; if it did, writes would only wait longer.
+        let _ = stream.set_write_limit(limits.request_timeout);
+        Connection { stream, limits, buf: Vec::new(), close_after: false, started: None }
     }
 
     /// The next request. A malformed or oversized one is [`ConnectionEnd::Refused`] with
     /// the response it gets: the connection cannot be trusted past it.
     pub fn next_request(&mut self) -> Result<Request, ConnectionEnd> {
+        // A pipelined request's first bytes came with the last one: its time starts now.
+        self.started = (!self.buf.is_empty()).then(Instant::now);
         let (head_len, mut request, body_len, expects_continue) = loop {
             if let Some(head) = self.parse_head()? {
                 break head;
@@ -119,6 +174,7 @@ impl<S: Read + Write> Connection<S> {
         while self.buf.len() < head_len + body_len {
             self.fill(head_len + body_len - self.buf.len())?;
         }
+        self.started = None;
         let rest = self.buf.split_off(head_len + body_len);
         let mut body = std::mem::replace(&mut self.buf, rest);
         if body_len > 0 {
@@ -144,20 +200,46 @@ impl<S: Read + Write> Connection<S> {
         self.stream
     }
 
-    /// Reads at most `want` more bytes into the buffer (at least one).
+    /// Reads at most `want` more bytes into the buffer (none if interrupted: the caller
+    /// asks again), waiting no longer than the time left to the request, or, before its
+    /// first byte, than [`Limits::idle_timeout`].
     fn fill(&mut self, want: usize) -> Result<(), ConnectionEnd> {
+        let timeout = match self.started {
+            None => self.limits.idle_timeout,
+            Some(started) => match self.limits.request_timeout.checked_sub(started.elapsed()) {
+                Some(left) if !left.is_zero() => left,
+                _ => return Err(self.timed_out()),
+            },
+        };
+        self.stream.set_read_limit(timeout).map_err(|_| ConnectionEnd::Closed)?;
         let mut chunk = [0u8; 4096];
         let want = want.min(chunk.len());
-        loop {
-            match self.stream.read(&mut chunk[..want]) {
-                Ok(0) => return Err(ConnectionEnd::Closed),
-                Ok(n) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
-                    return Ok(());
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return Err(ConnectionEnd::Closed),
+        match self.stream.read(&mut chunk[..want]) {
+            Ok(0) => Err(ConnectionEnd::Closed),
+            Ok(n) => {
+                self.started.get_or_insert_with(Instant::now);
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(())
             }
+            Err(e) if e.kind() == ErrorKind::Interrupted => Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Err(self.timed_out()),
+            Err(_) => Err(ConnectionEnd::Closed),
+        }
+    }
+
+    /// How the connection ends when a read's time is up: quietly between requests, with
+    /// a 408 in the middle of one (nothing has answered it yet: a `100 Continue` is not
+    /// an answer).
+    fn timed_out(&self) -> ConnectionEnd {
+        match self.started {
+            None => ConnectionEnd::Idle,
+            Some(_) => refused(
+                408,
+                &format!(
+                    "The request did not arrive whole within {:?} of its first byte.",
+                    self.limits.request_timeout
+                ),
+            ),
         }
     }
 
@@ -178,31 +260,50 @@ impl<S: Read + Write> Connection<S> {
         let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version) else {
             return Err(refused(400, "Malformed HTTP request."));
         };
-        let mut body_len = 0usize;
+        let mut content_length: Option<usize> = None;
+        let mut transfer_encoding = false;
         let mut expects_continue = false;
         // HTTP/1.0 closes after each response unless asked to keep the connection.
         let mut close = version == 0;
         for header in parsed.headers.iter() {
-            let value = std::str::from_utf8(header.value).unwrap_or("").trim();
+            let value = std::str::from_utf8(header.value).unwrap_or("").trim_matches([' ', '\t']);
             match header.name.to_ascii_lowercase().as_str() {
-                "content-length" => {
-                    body_len = match value.parse::<usize>() {
-                        Ok(len) if body_len == 0 || len == body_len => len,
-                        _ => return Err(refused(400, "Invalid Content-Length header.")),
-                    }
-                }
-                "transfer-encoding" => return Err(refused(501, "Chunked bodies are not supported.")),
+                "content-length" => match (parse_length(value), content_length) {
+                    (Some(len), None) => content_length = Some(len),
+                    (Some(len), Some(earlier)) if len == earlier => {}
+                    _ => return Err(refused(400, "Invalid Content-Length header.")),
+                },
+                "transfer-encoding" => transfer_encoding = true,
                 "expect" if value.eq_ignore_ascii_case("100-continue") => expects_continue = true,
                 "connection" if value.eq_ignore_ascii_case("close") => close = true,
                 "connection" if value.eq_ignore_ascii_case("keep-alive") => close = false,
                 _ => {}
             }
         }
+        // Both framings at once is how requests are smuggled past proxies: refused,
+        // whichever header comes first.
+        match (transfer_encoding, content_length) {
+            (true, Some(_)) => {
+                return Err(refused(400, "A request may not have both Content-Length and Transfer-Encoding headers."))
+            }
+            (true, None) => return Err(refused(501, "Chunked bodies are not supported.")),
+            (false, _) => {}
+        }
+        let body_len = content_length.unwrap_or(0);
         self.close_after = close;
         let path = target.split(['?', '#']).next().unwrap_or("").to_string();
         let request = Request { method: method.to_string(), path, body: None };
         Ok(Some((head_len, request, body_len, expects_continue)))
     }
+}
+
+/// A `Content-Length` value: ASCII digits only (no sign, no list, no spaces inside), as
+/// RFC 9112 has it. `None` for anything else, a number past `usize` included.
+fn parse_length(value: &str) -> Option<usize> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
 }
 
 fn refused(status: u16, message: &str) -> ConnectionEnd {
@@ -217,6 +318,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",

@@ -7,10 +7,10 @@
 //! - [`setup`]: the configuration put before the VM starts, turned into a [`crate::VmConfig`].
 //! - [`router`]: what each path and method does, in which phase ([`router::Api`]).
 //!
-//! Threads: one accepts connections; each connection (at most [`MAX_CLIENTS`] at once)
-//! has a thread that reads its requests and hands them to one dispatcher thread, which
-//! owns the [`router::Api`] and answers them one at a time, in arrival order, as
-//! Firecracker does. The VM is started and driven through [`router::Host`] and
+//! Threads: one accepts connections; each connection (at most [`MAX_CLIENTS`] at once,
+//! each closed when silent too long: see [`http`]) has a thread that reads its requests
+//! and hands them to one dispatcher thread, which owns the [`router::Api`] and answers
+//! them one at a time, in arrival order, as Firecracker does. The VM is started and driven through [`router::Host`] and
 //! [`router::Running`] (the CLI's are [`crate::VmHandle`] and a host that hands the VM
 //! to the main thread), so the API is a thin layer like the CLI.
 
@@ -28,7 +28,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 
 use self::http::{Connection, ConnectionEnd, Limits, Request, Response};
 use self::router::Api;
-use crate::backends::{remove_stale_socket, serve_clients, Clients, SocketFile};
+pub use crate::backends::SocketId;
+use crate::backends::{bind_socket, linger, serve_clients, Clients, SocketFile};
 
 impl router::Running for crate::VmHandle {
     fn pause(&self) -> Result<(), String> {
@@ -80,20 +81,26 @@ pub struct ApiError {
 #[derive(Debug)]
 pub struct ApiServer {
     listener: UnixListener,
-    _file: SocketFile,
+    file: SocketFile,
 }
 
 /// A request on its way to the dispatcher, with where its response goes.
 type Job = (Request, Sender<Response>);
 
 impl ApiServer {
-    /// Binds `path` (a socket left by an earlier run is replaced; any other file there
-    /// is an error), before anything else, so that a bad path fails first.
+    /// Binds `path` (a socket left by an earlier run is replaced; one a process listens
+    /// on, another hvrun's, or any other file there is an error), before anything else,
+    /// so that a bad path fails first.
     pub fn bind(path: &Path) -> Result<Self, ApiError> {
         let error = |source| ApiError { path: path.display().to_string(), source };
-        remove_stale_socket(path).map_err(error)?;
-        let listener = UnixListener::bind(path).map_err(error)?;
-        Ok(ApiServer { listener, _file: SocketFile(path.to_path_buf()) })
+        let (listener, file) = bind_socket(path).map_err(error)?;
+        Ok(ApiServer { listener, file })
+    }
+
+    /// The socket file, for removing it where the server is not dropped (before
+    /// `std::process::exit`).
+    pub fn socket_id(&self) -> SocketId {
+        self.file.id()
     }
 
     /// Serves `api` on threads of its own until the process ends, taking bodies up to
@@ -153,26 +160,17 @@ fn refuse_busy(mut stream: UnixStream) {
     Connection::new(stream, Limits::default()).refuse(&Response::fault(503, "Too many API connections."));
 }
 
-/// After a refusal: reads (for at most 100 ms, at most 1 MiB) what the client still
-/// sends, such as the body of a request refused for its size, so that it reads the
-/// answer rather than a reset connection.
-fn linger(stream: UnixStream) {
-    use std::io::Read;
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_millis(100)));
-    let _ = std::io::copy(&mut (&stream).take(1 << 20), &mut std::io::sink());
-}
-
-/// Serves one connection until the client closes it or sends what ends it.
+/// Serves one connection until the client closes it, sends what ends it or runs out of
+/// time ([`Limits::idle_timeout`], [`Limits::request_timeout`]).
 fn serve_client(stream: UnixStream, jobs: &Sender<Job>, limits: Limits) {
     let mut connection = Connection::new(stream, limits);
     loop {
         let request = match connection.next_request() {
             Ok(request) => request,
-            Err(ConnectionEnd::Closed) => return,
+            Err(ConnectionEnd::Closed | ConnectionEnd::Idle) => return,
             Err(ConnectionEnd::Refused(response)) => {
                 connection.refuse(&response);
-                return linger(connection.into_inner());
+                return linger(&connection.into_inner());
             }
         };
         let (reply, response) = channel();

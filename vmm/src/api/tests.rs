@@ -78,3 +78,64 @@ fn clients_past_the_limit_get_503_and_the_socket_file_goes_with_the_server() {
     drop(server);
     assert!(!path.exists());
 }
+
+/// Short limits, for the tests that wait for them.
+fn short(idle_ms: u64, request_ms: u64) -> Limits {
+    Limits {
+        idle_timeout: Duration::from_millis(idle_ms),
+        request_timeout: Duration::from_millis(request_ms),
+        ..Limits::default()
+    }
+}
+
+/// MAX_CLIENTS clients that connected and said nothing used to lock every other client
+/// out (503) for as long as they stayed.
+#[test]
+fn silent_clients_are_dropped_after_the_idle_timeout_and_others_are_served() {
+    let path = socket("idle");
+    let (api, _) = router::tests::new_api();
+    let _server = ApiServer::bind(&path).unwrap().serve(api, short(300, 100)).unwrap();
+    let silent: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| UnixStream::connect(&path).unwrap()).collect();
+    // Each is closed after the idle time, without a word.
+    for mut client in silent {
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "");
+    }
+    let mut answer = String::new();
+    for _ in 0..100 {
+        answer = get(&path, "GET /version HTTP/1.1\r\nConnection: close\r\n\r\n");
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(answer.contains("firecracker_version"), "{answer}");
+}
+
+#[test]
+fn a_request_not_whole_in_time_is_answered_408_and_the_connection_closed() {
+    let path = socket("late");
+    let (api, _) = router::tests::new_api();
+    let _server = ApiServer::bind(&path).unwrap().serve(api, short(10_000, 50)).unwrap();
+    let answer = get(&path, "PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"vcpu");
+    assert!(answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{answer}");
+    assert!(answer.contains("Connection: close\r\n"), "{answer}");
+    assert!(answer.contains(r#"{"fault_message":"The request did not arrive whole within"#), "{answer}");
+}
+
+/// A second hvrun on the same path used to remove the first one's socket and serve there
+/// in its place.
+#[test]
+fn a_second_server_on_a_live_socket_is_refused_and_the_first_serves_on() {
+    let path = socket("twice");
+    let (api, _) = router::tests::new_api();
+    let first = ApiServer::bind(&path).unwrap().serve(api, Limits::default()).unwrap();
+    let e = ApiServer::bind(&path).unwrap_err().to_string();
+    assert_eq!(e, format!("--api-sock {}: in use by another process; stop it or choose another path", path.display()));
+    let answer = get(&path, "GET /version HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert!(answer.contains("firecracker_version"), "{answer}");
+    drop(first);
+    assert!(!path.exists());
+}

@@ -3,6 +3,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::*;
 
@@ -118,4 +119,89 @@ fn the_socket_serves_clients_line_by_line_and_drops_overlong_lines() {
 
     drop(server);
     assert!(!path.exists(), "the socket file goes with the server");
+}
+
+/// A line from the server ("" when it closed the connection); no answer in 10 s fails.
+fn read_reply(client: &UnixStream) -> String {
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = String::new();
+    match BufReader::new(client).read_line(&mut reply) {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            panic!("no answer: {e}")
+        }
+        _ => reply,
+    }
+}
+
+fn control_path(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("hvrun-test-{}-control-{name}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+fn status(client: &mut UnixStream) -> String {
+    client.write_all(b"{\"command\":\"status\"}\n").unwrap();
+    read_reply(client)
+}
+
+/// MAX_CLIENTS clients that connected and said nothing used to keep every other client
+/// out for as long as they liked.
+#[test]
+fn silent_clients_are_closed_after_the_idle_timeout_and_others_are_served() {
+    let path = control_path("idle");
+    let idle = Duration::from_millis(300);
+    let _server =
+        ControlSocket::bind(&path).unwrap().with_timeouts(idle, LINE_TIMEOUT).serve(Arc::new(Fake::default()));
+    let silent: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| UnixStream::connect(&path).unwrap()).collect();
+    let started = Instant::now();
+    // The accept thread counts them as it takes them: one more is refused at first.
+    let refused = status(&mut UnixStream::connect(&path).unwrap());
+    assert!(refused.contains("too many control clients") || started.elapsed() >= idle, "{refused}");
+    // Each silent one is closed after the idle time, and a client is served again.
+    for client in &silent {
+        assert_eq!(read_reply(client), "", "closed without a word");
+    }
+    assert!(started.elapsed() >= idle);
+    let mut served = String::new();
+    for _ in 0..100 {
+        served = status(&mut UnixStream::connect(&path).unwrap());
+        if served.contains("paused") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(json(&served), json(r#"{"ok":true,"paused":false}"#));
+}
+
+#[test]
+fn a_line_not_whole_in_time_gets_an_error_and_waiting_between_lines_is_no_fault() {
+    let path = control_path("late");
+    let line = Duration::from_millis(50);
+    let _server =
+        ControlSocket::bind(&path).unwrap().with_timeouts(IDLE_TIMEOUT, line).serve(Arc::new(Fake::default()));
+    let mut late = UnixStream::connect(&path).unwrap();
+    let start = Instant::now();
+    late.write_all(b"{\"command\":").unwrap();
+    let reply = read_reply(&late);
+    assert!(json(&reply)["error"].as_str().unwrap().contains("whole within"), "{reply}");
+    assert!(start.elapsed() < Duration::from_secs(5), "the line's time, not the idle time");
+    assert_eq!(read_reply(&late), "");
+    // A line trickling in byte by byte is late all the same.
+    let mut slow = UnixStream::connect(&path).unwrap();
+    let start = Instant::now();
+    for byte in b"{\"command\":\"status\"}" {
+        if slow.write_all(&[*byte]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reply = read_reply(&slow);
+    assert!(json(&reply)["error"].as_str().unwrap().contains("whole within"), "{reply}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // A command sent whole after a wait longer than a line's time is answered.
+    let mut patient = UnixStream::connect(&path).unwrap();
+    std::thread::sleep(2 * line);
+    assert_eq!(json(&status(&mut patient)), json(r#"{"ok":true,"paused":false}"#));
+    std::thread::sleep(2 * line);
+    assert_eq!(json(&status(&mut patient)), json(r#"{"ok":true,"paused":false}"#));
 }

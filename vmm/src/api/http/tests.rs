@@ -1,4 +1,6 @@
 use std::io::{Cursor, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use proptest::prelude::*;
 
@@ -21,6 +23,15 @@ impl Write for Pipe {
         self.output.write(buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stream for Pipe {
+    fn set_read_limit(&self, _: Duration) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_write_limit(&self, _: Duration) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -100,6 +111,38 @@ fn oversized_malformed_and_chunked_requests_end_the_connection_with_firecrackers
 }
 
 #[test]
+fn a_content_length_must_be_plain_digits_and_the_same_when_repeated() {
+    let refused = |bytes: &[u8]| match connection(bytes).next_request() {
+        Err(ConnectionEnd::Refused(r)) => r,
+        other => panic!("{other:?} for {}", String::from_utf8_lossy(bytes)),
+    };
+    for head in [
+        "Content-Length: 0\r\nContent-Length: 5",
+        "Content-Length: 5\r\nContent-Length: 0",
+        "Content-Length: +5",
+        "Content-Length: 5 5",
+        "Content-Length: 5,5",
+        "Content-Length: 0x5",
+        "Content-Length: ",
+        "Content-Length: \u{a0}5",
+        "Content-Length: 99999999999999999999999999",
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked\r\nContent-Length: 5",
+        "Transfer-Encoding: identity\r\nContent-Length: 5",
+    ] {
+        let request = format!("PUT /vm HTTP/1.1\r\n{head}\r\n\r\nhello");
+        let response = refused(request.as_bytes());
+        assert_eq!(response.status, 400, "{head:?}");
+        assert!(response.body.unwrap().starts_with(r#"{"fault_message":""#), "{head:?}");
+    }
+    // The same length twice is one length; spaces around it are not part of it.
+    for head in ["Content-Length: 5\r\nContent-Length: 5", "Content-Length:  005\t"] {
+        let request = format!("PUT /vm HTTP/1.1\r\n{head}\r\n\r\nhello");
+        assert_eq!(connection(request.as_bytes()).next_request().unwrap().body.unwrap(), b"hello", "{head:?}");
+    }
+}
+
+#[test]
 fn a_client_gone_mid_request_is_a_closed_connection() {
     assert_eq!(connection(b"").next_request(), Err(ConnectionEnd::Closed));
     assert_eq!(connection(b"PUT /vm HTT").next_request(), Err(ConnectionEnd::Closed));
@@ -136,4 +179,95 @@ proptest! {
         let request = connection(&bytes).next_request().unwrap();
         prop_assert_eq!(request, Request { method: "PATCH".into(), path, body: Some(body) });
     }
+}
+
+/// Short limits, for the tests that wait for them.
+fn short(idle_ms: u64, request_ms: u64) -> Limits {
+    Limits {
+        idle_timeout: Duration::from_millis(idle_ms),
+        request_timeout: Duration::from_millis(request_ms),
+        ..Limits::default()
+    }
+}
+
+fn over_a_socket(limits: Limits) -> (Connection<UnixStream>, UnixStream) {
+    let (ours, client) = UnixStream::pair().unwrap();
+    (Connection::new(ours, limits), client)
+}
+
+fn status(end: Result<Request, ConnectionEnd>) -> u16 {
+    match end {
+        Err(ConnectionEnd::Refused(response)) => {
+            assert!(response.body.as_deref().unwrap().starts_with(r#"{"fault_message":""#), "{response:?}");
+            response.status
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_connection_silent_between_requests_is_closed_after_the_idle_timeout() {
+    let (mut c, _client) = over_a_socket(short(100, 20));
+    let start = Instant::now();
+    assert_eq!(c.next_request(), Err(ConnectionEnd::Idle));
+    assert!(start.elapsed() >= Duration::from_millis(100), "{:?}", start.elapsed());
+}
+
+#[test]
+fn a_request_not_whole_within_its_time_gets_408() {
+    // Part of a head, part of a body.
+    for sent in [&b"GET / HT"[..], b"PUT /vm HTTP/1.1\r\nContent-Length: 9\r\n\r\n{}"] {
+        let (mut c, mut client) = over_a_socket(short(10_000, 50));
+        client.write_all(sent).unwrap();
+        let start = Instant::now();
+        assert_eq!(status(c.next_request()), 408);
+        assert!(start.elapsed() < Duration::from_secs(5), "the idle timeout does not apply");
+        c.refuse(&Response::fault(408, "late"));
+        let mut answer = vec![0u8; 4096];
+        let n = client.read(&mut answer).unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 408 Request Timeout\r\n"), "{}", String::from_utf8_lossy(&answer));
+    }
+}
+
+/// A client that sends a byte now and then never waits a read out: the request's time
+/// still runs from its first byte.
+#[test]
+fn a_request_trickling_in_gets_408_when_its_time_is_up() {
+    let (mut c, mut client) = over_a_socket(short(10_000, 100));
+    let writer = std::thread::spawn(move || {
+        for byte in
+            b"GET / HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+        {
+            if client.write_all(&[*byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    assert_eq!(status(c.next_request()), 408);
+    drop(c);
+    writer.join().unwrap();
+}
+
+/// Time between requests is the idle timeout's, not the request's; a pipelined request
+/// gets its own time.
+#[test]
+fn waiting_between_requests_is_not_a_late_request() {
+    let (mut c, mut client) = over_a_socket(short(10_000, 50));
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(120));
+        client.write_all(b"GET / HTTP/1.1\r\n\r\nGET /version HTTP/1.1\r\n").unwrap();
+        assert_eq!(c.next_request().unwrap().path, "/");
+        assert!(c.respond(&Response::no_content()));
+        client.write_all(b"\r\n").unwrap();
+        assert_eq!(c.next_request().unwrap().path, "/version");
+        assert!(c.respond(&Response::no_content()));
+    }
+    // A pipelined request that never ends is late like any other.
+    client.write_all(b"GET / HTTP/1.1\r\n\r\nGET /").unwrap();
+    assert_eq!(c.next_request().unwrap().path, "/");
+    assert!(c.respond(&Response::no_content()));
+    let start = Instant::now();
+    assert_eq!(status(c.next_request()), 408);
+    assert!(start.elapsed() < Duration::from_secs(5), "the request's time, not the idle time");
 }
