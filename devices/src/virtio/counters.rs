@@ -6,7 +6,8 @@
 //! The directions are the guest's, as Firecracker names them: `rx` is what the guest
 //! received (a disk's reads, frames and stream data delivered to it, entropy, console
 //! input), `tx` what it sent (a disk's writes, frames and stream data it sent, console
-//! output).
+//! output). The balloon moves memory rather than data: `tx` is the guest memory it gave
+//! back to the host (inflated or reported), `rx` what the guest took back (deflated).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,14 +24,17 @@ pub struct DeviceCounters {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceStats {
     /// Requests served, whatever became of them: a disk's requests, the frames (net) and
-    /// packets (vsock) each way, console buffers, entropy requests.
+    /// packets (vsock) each way, console buffers, entropy requests, the balloon's page
+    /// arrays, statistics buffers and free page reports.
     pub requests: u64,
-    /// Bytes the device wrote into the guest's buffers as data.
+    /// Bytes the device wrote into the guest's buffers as data (the balloon: guest memory
+    /// taken back).
     pub rx_bytes: u64,
-    /// Bytes of data the device took from the guest's buffers.
+    /// Bytes of data the device took from the guest's buffers (the balloon: guest memory
+    /// given back to the host).
     pub tx_bytes: u64,
     /// Requests that failed or were refused: malformed chains, requests answered with an
-    /// error status, host I/O that failed.
+    /// error status, host I/O that failed, ranges outside guest RAM.
     pub errors: u64,
 }
 
