@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestMemoryBackend};
 
 use super::release::{self, Advice, Range};
 use super::stats::{self, ENTRY_SIZE, MAX_ENTRIES};
-use super::{lock, QueueMap, Shared, DEFLATE, INFLATE, NAME};
+use super::{bump, lock, QueueMap, Shared, DEFLATE, INFLATE, NAME};
 use crate::virtio::worker::Handler;
 use crate::virtio::{check_notified, drain_queue, give_back, next_chain, notify_driver, Chain, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
@@ -95,6 +95,10 @@ impl Engine {
         let Some(queue) = run.queues.get_mut(usize::from(index)) else { return };
         let (bytes, pfns, ranges, page) = (&mut self.bytes, &mut self.pfns, &mut self.ranges, self.page);
         let counters = &self.shared.counters;
+        let served = match advice {
+            Advice::Release => &self.shared.inflates,
+            Advice::Reuse => &self.shared.deflates,
+        };
         drain_queue(NAME, queue, memory, &run.interrupt, |chain| {
             let mut whole = read_readable(memory, chain, MAX_PFNS_PER_CHAIN * 4, bytes);
             if bytes.len() % 4 != 0 {
@@ -109,6 +113,7 @@ impl Engine {
                 Advice::Release => counters.request(0, done.advised),
                 Advice::Reuse => counters.request(done.accepted, 0),
             }
+            bump(served);
             if !whole || done.refused > 0 {
                 counters.error();
             }
@@ -120,7 +125,7 @@ impl Engine {
     /// memory (Linux posts them device-writable; the device writes nothing).
     fn reports(&mut self, memory: &GuestMemoryMmap, run: &mut Running, index: u16) {
         let Some(queue) = run.queues.get_mut(usize::from(index)) else { return };
-        let (ranges, page, counters) = (&mut self.ranges, self.page, &self.shared.counters);
+        let (ranges, page, shared) = (&mut self.ranges, self.page, &self.shared);
         drain_queue(NAME, queue, memory, &run.interrupt, |chain| {
             ranges.clear();
             let mut whole = true;
@@ -135,9 +140,10 @@ impl Engine {
                 ranges.push(Range { start: desc.addr().0, len: u64::from(desc.len()) });
             }
             let done = apply_all(memory, ranges, Advice::Release, page);
-            counters.request(0, done.advised);
+            shared.counters.request(0, done.advised);
+            bump(&shared.free_page_reports);
             if !whole || done.refused > 0 {
-                counters.error();
+                shared.counters.error();
             }
             0
         });
@@ -157,6 +163,7 @@ impl Engine {
                 warn_ratelimited!("{NAME}: a malformed statistics buffer of {} bytes", self.bytes.len());
             }
             self.shared.counters.request(0, 0);
+            bump(&self.shared.stats_updates);
             if malformed || !whole {
                 self.shared.counters.error();
             }

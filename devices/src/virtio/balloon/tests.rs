@@ -9,7 +9,7 @@ use super::stats::{MEMFREE, MEMTOT};
 use super::{
     Balloon, BalloonHandle, BalloonOptions, QueueMap, F_DEFLATE_ON_OOM, F_FREE_PAGE_HINT, F_REPORTING, F_STATS_VQ,
 };
-use crate::virtio::counters::DeviceStats;
+use crate::virtio::counters::{DeviceStats, Named};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::testing::{
     a_runaway_index_needs_reset, chained, desc, mem, read_reg, start, wait_for, write_reg, Line, Mem, W,
@@ -54,9 +54,16 @@ impl Guest {
         !cfg!(target_os = "linux") || self.zeros(start, len) == len
     }
 
-    /// The device's counters, as the VMM reads them for metrics.
+    /// The device's common counters, as the VMM reads them for metrics.
     fn counted(&self) -> DeviceStats {
-        self.t.stats().device.expect("the balloon keeps counters")
+        let stats = self.t.stats().device.expect("the balloon keeps counters");
+        DeviceStats { named: Named::default(), ..stats }
+    }
+
+    /// The buffers served on each queue: inflates, deflates, statistics and reports.
+    fn served(&self) -> [Option<u64>; 4] {
+        let named = self.t.stats().device.expect("the balloon keeps counters").named;
+        ["inflates", "deflates", "stats_updates", "free_page_reports"].map(|name| named.get(name))
     }
 
     fn config(&mut self, offset: u64) -> u32 {
@@ -147,6 +154,7 @@ fn counters_follow_the_buffers_of_every_queue() {
     let mut g = Guest::new(all_on());
     let m = g.m.clone();
     assert_eq!(g.counted(), DeviceStats::default(), "nothing before the driver starts");
+    assert_eq!(g.served(), [Some(0); 4]);
     let vqs = started(&mut g, &m);
     let page = super::release::host_page_size();
     let pages = 0x1_0000 / page;
@@ -155,7 +163,8 @@ fn counters_follow_the_buffers_of_every_queue() {
     vqs[0].add_desc_chains(&[desc(0x1000, len, 0)], 0).unwrap();
     write_reg(&mut g.t, 0x50, 0);
     wait_for("the inflate buffer back", || vqs[0].used().idx().load() == 1);
-    let mut counted = DeviceStats { requests: 1, rx_bytes: 0, tx_bytes: pages * page, errors: 0 };
+    let mut counted =
+        DeviceStats { requests: 1, rx_bytes: 0, tx_bytes: pages * page, errors: 0, ..DeviceStats::default() };
     assert_eq!(g.counted(), counted);
     // An inflate with one frame inside RAM and two outside: the frame is released, the
     // request counts as an error once.
@@ -188,6 +197,7 @@ fn counters_follow_the_buffers_of_every_queue() {
     counted.tx_bytes += 0x10_0000;
     assert_eq!(g.counted(), counted);
     assert_eq!(g.handle.released(), counted.tx_bytes, "the handle and the counters agree");
+    assert_eq!(g.served(), [Some(2), Some(1), Some(1), Some(1)], "the buffers of each queue, by name");
 }
 
 #[test]
@@ -209,7 +219,7 @@ fn malformed_page_arrays_are_dropped_without_harm() {
     }
     assert_eq!(g.zeros(0x20_1000, 0x1000), 0, "the partial entry does not");
     let released = if page == 0x1000 { 0x1000 } else { 0 };
-    let counted = DeviceStats { requests: 4, rx_bytes: 0, tx_bytes: released, errors: 4 };
+    let counted = DeviceStats { requests: 4, rx_bytes: 0, tx_bytes: released, errors: 4, ..DeviceStats::default() };
     assert_eq!(g.counted(), counted, "each buffer served, and each an error");
 }
 
@@ -240,7 +250,13 @@ fn reported_ranges_are_released_when_inside_ram() {
     assert!(g.released(0x30_0000 + page as u64, page), "its one whole page goes");
     assert_eq!(g.zeros(0x3f_f000, 0x1000), 0, "the straddling range is untouched");
     assert_eq!(g.handle.released(), 0x10_0000 + page as u64);
-    let counted = DeviceStats { requests: 2, rx_bytes: 0, tx_bytes: 0x10_0000 + page as u64, errors: 2 };
+    let counted = DeviceStats {
+        requests: 2,
+        rx_bytes: 0,
+        tx_bytes: 0x10_0000 + page as u64,
+        errors: 2,
+        ..DeviceStats::default()
+    };
     assert_eq!(g.counted(), counted, "two reports, each with a range outside RAM");
 }
 
