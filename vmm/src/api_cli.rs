@@ -127,7 +127,8 @@ pub fn run(options: ApiOptions) -> Result<ExitReason, String> {
     let running: Arc<OnceLock<VmHandle>> = Arc::default();
     let socket = options.socket.clone();
     signals::press_then_stop_once_running(blocked, Arc::clone(&running), move || {
-        eprintln!("hvrun: stopped before the VM started");
+        // Standard error may be a full FIFO (`PUT /logger`): no eprintln!, which panics.
+        let _ = writeln!(std::io::stderr(), "hvrun: stopped before the VM started");
         if let Some(socket) = &socket {
             let _ = std::fs::remove_file(socket);
         }

@@ -154,6 +154,7 @@ impl Sink {
         if let Some(object) = totals.as_object_mut() {
             object.insert("api_server".into(), json!({ "requests": api.requests, "errors": api.errors }));
             object.insert("metrics".into(), json!({ "missed_lines": self.missed }));
+            object.insert("logger".into(), json!({ "missed_lines": crate::log_lines::missed() }));
         }
         let mut line = super::super::metrics::increments(&totals, self.previous.as_ref());
         if let Some(object) = line.as_object_mut() {
@@ -209,6 +210,7 @@ mod tests {
         assert_eq!(lines[1]["api_server"]["requests"], 1);
         assert_eq!(lines[1]["api_server"]["errors"], 0);
         assert_eq!(lines[1]["id"], "vm7");
+        assert!(lines[1]["logger"]["missed_lines"].is_u64(), "the log records dropped (crate::log_lines)");
         assert_eq!(lines[1]["properties"]["team"], "a");
         assert!(lines[1]["utc_timestamp_ms"].as_u64().unwrap() > 1_600_000_000_000);
         std::fs::remove_file(&path).unwrap();
