@@ -150,7 +150,8 @@ pub fn run(options: ApiOptions) -> Result<ExitReason, String> {
     // Removed only if it is still ours (another process may have put its own there).
     let socket = server.as_ref().map(ApiServer::socket_id);
     signals::press_then_stop_once_running(blocked, Arc::clone(&running), move || {
-        eprintln!("hvrun: stopped before the VM started");
+        // Standard error may be a full FIFO (`PUT /logger`): no eprintln!, which panics.
+        let _ = writeln!(std::io::stderr(), "hvrun: stopped before the VM started");
         if let Some(socket) = &socket {
             socket.remove();
         }

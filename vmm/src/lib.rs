@@ -29,6 +29,7 @@ pub mod embed;
 #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
 mod irqchip;
 pub mod kernel_file;
+pub mod log_lines;
 #[cfg(target_arch = "aarch64")]
 mod machine;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! The `hvrun` command: a thin CLI over the `hvrun` library.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -236,15 +237,22 @@ fn parse_size(text: &str) -> Result<u64, String> {
     config::parse_size(text).map_err(|e| e.to_string())
 }
 
-/// env_logger to standard error, with the log lines a guest can provoke in other crates
+/// env_logger to standard error (a record a write: [`hvrun::log_lines`]), with the log lines a guest can provoke in other crates
 /// rate-limited ([`hvrun::GuestLogLimiter`]). Without RUST_LOG, warnings and errors;
 /// the level alone decides, so that Firecracker's `PUT /logger` can change it
 /// ([`set_log_level`]).
 fn init_logging() {
     let from_env = std::env::var_os("RUST_LOG").is_some();
-    let logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("trace"))
-        .format(format_log_line)
-        .build();
+    let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("trace"));
+    // Each record in one write, whole or not at all, even to a FIFO (`PUT /logger`).
+    builder.format(format_log_line).target(env_logger::Target::Pipe(Box::new(hvrun::log_lines::LogLines::stderr())));
+    if std::env::var_os("RUST_LOG_STYLE").is_none() {
+        // What env_logger chooses for a terminal (it cannot tell through a writer).
+        use std::io::IsTerminal;
+        let colours = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        builder.write_style(if colours { env_logger::WriteStyle::Always } else { env_logger::WriteStyle::Never });
+    }
+    let logger = builder.build();
     let max_level = if from_env { logger.filter() } else { log::LevelFilter::Warn };
     if log::set_boxed_logger(Box::new(hvrun::GuestLogLimiter::new(logger))).is_ok() {
         log::set_max_level(max_level);
@@ -320,7 +328,9 @@ fn main() -> ExitCode {
         return match api_cli::run(options) {
             Ok(reason) => exit_code(Ok(reason)),
             Err(e) => {
-                eprintln!("hvrun: error: {e}");
+                // Not eprintln!, which panics when standard error, a FIFO since
+                // `PUT /logger`, takes nothing now.
+                let _ = writeln!(std::io::stderr(), "hvrun: error: {e}");
                 ExitCode::from(EXIT_ERROR)
             }
         };

@@ -1,9 +1,9 @@
 //! Counters of a running machine, in the style of Firecracker's metrics: each vCPU's
 //! exits by kind; each virtio device's starts, resets, interrupts and failures (by its
-//! transport) and its own requests, bytes each way and errors
-//! ([`devices::virtio::counters`]); and the UART's bytes. [`collect`] reads them all as one JSON object of
-//! totals; the API's metrics writer turns successive totals into the increments
-//! Firecracker reports ([`increments`]).
+//! transport) and its own requests, bytes each way and errors, with any counters of its
+//! own by name ([`devices::virtio::counters`]); and the UART's bytes. [`collect`] reads
+//! them all as one JSON object of totals; the API's metrics writer turns successive
+//! totals into the increments Firecracker reports ([`increments`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -142,7 +142,7 @@ pub fn increments(now: &Value, before: Option<&Value>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devices::virtio::counters::DeviceStats;
+    use devices::virtio::counters::{DeviceStats, Named};
     use devices::virtio::mmio::TransportStats;
 
     #[test]
@@ -154,7 +154,7 @@ mod tests {
         VcpuCounters::bump(&v0.mmio_reads);
         VcpuCounters::bump(&v1.mmio_reads);
         VcpuCounters::bump(&v1.mmio_writes);
-        let counted = DeviceStats { requests: 5, rx_bytes: 300, tx_bytes: 200, errors: 1 };
+        let counted = DeviceStats { requests: 5, rx_bytes: 300, tx_bytes: 200, errors: 1, ..DeviceStats::default() };
         let net = TransportStats {
             device_type: 1,
             activations: 1,
@@ -163,7 +163,13 @@ mod tests {
             ..Default::default()
         };
         let block = TransportStats { device_type: 2, interrupts: 3, ..TransportStats::default() };
-        let parts = PartStats { transports: vec![block, net, block], uart: Some(Default::default()) };
+        let named = Named::default().with("inflates", 4);
+        let balloon = TransportStats {
+            device_type: 5,
+            device: Some(DeviceStats { requests: 4, named, ..DeviceStats::default() }),
+            ..Default::default()
+        };
+        let parts = PartStats { transports: vec![block, net, block, balloon], uart: Some(Default::default()) };
         let first = collect(&registry, &parts);
         assert_eq!(first["vcpu"]["exit_mmio_read"], 2);
         assert_eq!(first["vcpus"][1]["exit_mmio_write"], 1);
@@ -173,6 +179,10 @@ mod tests {
         assert_eq!(first["block1"]["interrupts"], 3);
         assert!(first["block0"].get("device_type").is_none());
         assert_eq!(first["uart"]["tx_bytes"], 0);
+        assert_eq!(
+            (first["balloon0"]["requests"].as_u64(), first["balloon0"]["inflates"].as_u64()),
+            (Some(4), Some(4))
+        );
 
         VcpuCounters::bump(&v0.mmio_reads);
         let second = collect(&registry, &parts);

@@ -182,14 +182,21 @@ impl Api {
         response
     }
 
-    /// How long until a periodic metrics line is due, if one will be (metrics configured
-    /// and the VM started).
+    /// How long until [`Api::tick`] has work: the periodic metrics line (metrics
+    /// configured and the VM started), or the end of a line the metrics destination took
+    /// only in part. `None`: nothing to wait for.
     pub fn next_tick(&self) -> Option<std::time::Duration> {
-        self.metrics.as_ref().filter(|_| self.started()).map(Sink::until_due)
+        let sink = self.metrics.as_ref()?;
+        let periodic = self.started().then(|| sink.until_due());
+        periodic.into_iter().chain(sink.until_retry()).min()
     }
 
-    /// Writes the periodic metrics line if it is due.
+    /// Goes on with a metrics line the destination took only in part, and writes the
+    /// periodic line if it is due.
     pub fn tick(&mut self) {
+        if let Some(sink) = self.metrics.as_mut() {
+            sink.finish_line();
+        }
         if self.metrics.as_ref().is_some_and(Sink::due) && self.started() {
             if let Err(e) = self.flush_metrics() {
                 devices::warn_ratelimited!("metrics: {e}");

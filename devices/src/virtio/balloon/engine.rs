@@ -2,7 +2,6 @@
 //! driver has the device started: inflate and deflate arrays of page frame numbers, free
 //! page reports, and the statistics buffer the device keeps until it wants fresh numbers.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use vm_memory::{Bytes, GuestMemoryBackend};
 
 use super::release::{self, Advice, Range};
 use super::stats::{self, ENTRY_SIZE, MAX_ENTRIES};
-use super::{lock, QueueMap, Shared, DEFLATE, INFLATE, NAME};
+use super::{bump, lock, QueueMap, Shared, DEFLATE, INFLATE, NAME};
 use crate::virtio::worker::Handler;
 use crate::virtio::{check_notified, drain_queue, give_back, next_chain, notify_driver, Chain, GuestMemory, Interrupt};
 use crate::warn_ratelimited;
@@ -95,18 +94,28 @@ impl Engine {
     fn pages(&mut self, memory: &GuestMemoryMmap, run: &mut Running, index: u16, advice: Advice) {
         let Some(queue) = run.queues.get_mut(usize::from(index)) else { return };
         let (bytes, pfns, ranges, page) = (&mut self.bytes, &mut self.pfns, &mut self.ranges, self.page);
-        let shared = &self.shared;
+        let counters = &self.shared.counters;
+        let served = match advice {
+            Advice::Release => &self.shared.inflates,
+            Advice::Reuse => &self.shared.deflates,
+        };
         drain_queue(NAME, queue, memory, &run.interrupt, |chain| {
-            read_readable(memory, chain, MAX_PFNS_PER_CHAIN * 4, bytes);
+            let mut whole = read_readable(memory, chain, MAX_PFNS_PER_CHAIN * 4, bytes);
             if bytes.len() % 4 != 0 {
                 warn_ratelimited!("{NAME}: a page array of {} bytes; the partial entry is ignored", bytes.len());
+                whole = false;
             }
             pfns.clear();
             pfns.extend(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
             release::coalesce(pfns, ranges);
             let done = apply_all(memory, ranges, advice, page);
-            if advice == Advice::Release {
-                shared.released.fetch_add(done, Ordering::Relaxed);
+            match advice {
+                Advice::Release => counters.request(0, done.advised),
+                Advice::Reuse => counters.request(done.accepted, 0),
+            }
+            bump(served);
+            if !whole || done.refused > 0 {
+                counters.error();
             }
             0
         });
@@ -119,17 +128,23 @@ impl Engine {
         let (ranges, page, shared) = (&mut self.ranges, self.page, &self.shared);
         drain_queue(NAME, queue, memory, &run.interrupt, |chain| {
             ranges.clear();
+            let mut whole = true;
             for desc in chain {
                 if ranges.len() == MAX_REPORTED_RANGES {
                     warn_ratelimited!(
                         "{NAME}: a report of more than {MAX_REPORTED_RANGES} ranges; the rest is ignored"
                     );
+                    whole = false;
                     break;
                 }
                 ranges.push(Range { start: desc.addr().0, len: u64::from(desc.len()) });
             }
             let done = apply_all(memory, ranges, Advice::Release, page);
-            shared.released.fetch_add(done, Ordering::Relaxed);
+            shared.counters.request(0, done.advised);
+            bump(&shared.free_page_reports);
+            if !whole || done.refused > 0 {
+                shared.counters.error();
+            }
             0
         });
     }
@@ -142,10 +157,15 @@ impl Engine {
         let used_from = queue.next_used();
         while let Some(chain) = next_chain(NAME, queue, memory, &run.interrupt) {
             let head = chain.head_index();
-            read_readable(memory, chain, MAX_ENTRIES * ENTRY_SIZE + 1, &mut self.bytes);
+            let whole = read_readable(memory, chain, MAX_ENTRIES * ENTRY_SIZE + 1, &mut self.bytes);
             let (stats, malformed) = stats::parse(&self.bytes);
             if malformed {
                 warn_ratelimited!("{NAME}: a malformed statistics buffer of {} bytes", self.bytes.len());
+            }
+            self.shared.counters.request(0, 0);
+            bump(&self.shared.stats_updates);
+            if malformed || !whole {
+                self.shared.counters.error();
             }
             *lock(&self.shared.stats) = Some(stats);
             let interval = self.stats_interval.unwrap_or(super::DEFAULT_STATS_INTERVAL);
@@ -179,13 +199,14 @@ impl Engine {
 
 /// Replaces `out` with the bytes of the chain's device-readable descriptors, at most
 /// `limit` of them; device-writable descriptors and buffers not wholly inside guest memory
-/// end the chain (logged).
-fn read_readable(memory: &GuestMemoryMmap, chain: Chain<'_>, limit: usize, out: &mut Vec<u8>) {
+/// end the chain (logged). Returns false when the chain ended that way (bytes past
+/// `limit` are not an error: the caller decides).
+fn read_readable(memory: &GuestMemoryMmap, chain: Chain<'_>, limit: usize, out: &mut Vec<u8>) -> bool {
     out.clear();
     for desc in chain {
         if desc.is_write_only() {
             warn_ratelimited!("{NAME}: device-writable descriptor where the device reads; chain ends");
-            break;
+            return false;
         }
         if !memory.check_range(desc.addr(), desc.len() as usize) {
             warn_ratelimited!(
@@ -193,7 +214,7 @@ fn read_readable(memory: &GuestMemoryMmap, chain: Chain<'_>, limit: usize, out: 
                 desc.addr().0,
                 desc.len()
             );
-            break;
+            return false;
         }
         let n = (desc.len() as usize).min(limit - out.len());
         let at = out.len();
@@ -201,32 +222,46 @@ fn read_readable(memory: &GuestMemoryMmap, chain: Chain<'_>, limit: usize, out: 
         if memory.read_slice(&mut out[at..], desc.addr()).is_err() {
             warn_ratelimited!("{NAME}: buffer at {:#x} cannot be read; chain ends", desc.addr().0);
             out.truncate(at);
-            break;
+            return false;
         }
         if out.len() == limit {
             break;
         }
     }
+    true
+}
+
+/// What [`apply_all`] did with a request's ranges.
+#[derive(Debug, Default)]
+struct Applied {
+    /// Bytes of host memory advised (released, or taken back on macOS).
+    advised: u64,
+    /// Bytes of the ranges inside RAM that the host took the advice for.
+    accepted: u64,
+    /// Ranges ignored: outside RAM, or refused by the host.
+    refused: usize,
 }
 
 /// Applies `advice` to every range; ranges outside guest RAM are skipped with one
-/// rate-limited log for the lot. Returns the bytes advised.
-fn apply_all(memory: &GuestMemoryMmap, ranges: &[Range], advice: Advice, page: u64) -> u64 {
-    let mut done = 0u64;
-    let mut refused = 0usize;
+/// rate-limited log for the lot.
+fn apply_all(memory: &GuestMemoryMmap, ranges: &[Range], advice: Advice, page: u64) -> Applied {
+    let mut done = Applied::default();
     for &range in ranges {
         match release::apply(memory, range, advice, page) {
-            Ok(n) => done += n,
+            Ok(n) => {
+                done.advised += n;
+                done.accepted += range.len;
+            }
             Err(e) => {
-                refused += 1;
-                if refused == 1 {
+                done.refused += 1;
+                if done.refused == 1 {
                     warn_ratelimited!("{NAME}: {e}; ignored");
                 }
             }
         }
     }
-    if refused > 1 {
-        warn_ratelimited!("{NAME}: {refused} ranges of one request ignored");
+    if done.refused > 1 {
+        warn_ratelimited!("{NAME}: {} ranges of one request ignored", done.refused);
     }
     done
 }

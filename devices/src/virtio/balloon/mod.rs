@@ -15,6 +15,17 @@
 //! which raises a configuration-change interrupt; the driver inflates or deflates
 //! towards it and writes `actual`. Every page frame number and reported range is checked
 //! against guest RAM before anything is released ([`release`]).
+//!
+//! Counters for metrics ([`VirtioDevice::counters`]): `requests` are the buffers served
+//! on every queue (page arrays to inflate and deflate, statistics buffers, free page
+//! reports); `tx_bytes` the guest memory given back to the host (inflated or reported:
+//! the whole host pages released, as [`BalloonHandle::released`] says) and `rx_bytes`
+//! the memory the guest took back (deflated, in the guest's 4 KiB pages); `errors` the
+//! buffers of which something was ignored: a page array with a partial entry, a buffer
+//! outside guest memory or the wrong way round, page frames or reported ranges outside
+//! RAM, a report of too many ranges, a malformed statistics buffer, memory the host
+//! refused to release. And its own, by name ([`Named`]): `inflates`, `deflates`,
+//! `stats_updates` and `free_page_reports`, the buffers served on each queue.
 
 mod engine;
 pub mod release;
@@ -31,6 +42,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use self::engine::Engine;
 pub use self::stats::Stats;
+use super::counters::{DeviceCounters, DeviceStats, Named};
 use super::worker::Slot;
 use super::{read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_CONFIG};
 
@@ -138,14 +150,25 @@ struct Shared {
     target: AtomicU32,
     /// `actual`: what the driver says the balloon holds.
     actual: AtomicU32,
-    /// Bytes released to the host so far (inflate and reporting).
-    released: AtomicU64,
+    /// The device's counters (see the module); `tx_bytes` are the bytes released to the
+    /// host so far (inflate and reporting).
+    counters: DeviceCounters,
+    /// The buffers served on each queue (the device's own counters, by name).
+    inflates: AtomicU64,
+    deflates: AtomicU64,
+    stats_updates: AtomicU64,
+    free_page_reports: AtomicU64,
     /// The last statistics: a snapshot the device thread replaces every few seconds and
     /// the host reads now and then; a lock is the plain tool for a value of 136 bytes.
     stats: Mutex<Option<Stats>>,
     /// The interrupt of the driver's session, to announce a new target; `None` while the
     /// device is not started (the driver reads the target when it starts).
     interrupt: Mutex<Option<Interrupt>>,
+}
+
+/// Adds one to `counter` (a counter for metrics: nothing is ordered by it).
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -191,7 +214,7 @@ impl BalloonHandle {
     /// Bytes of guest memory given back to the host so far (inflated and reported; the
     /// same memory counts again each time the guest gives it up).
     pub fn released(&self) -> u64 {
-        self.shared.released.load(Ordering::Relaxed)
+        self.shared.counters.snapshot().tx_bytes
     }
 
     /// The guest's last statistics, if it sent any.
@@ -294,6 +317,17 @@ impl VirtioDevice for Balloon {
 
     fn queue_notify(&mut self, index: u16) {
         self.engine.notify(index);
+    }
+
+    fn counters(&self) -> Option<DeviceStats> {
+        let shared = &self.shared;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let named = Named::default()
+            .with("inflates", get(&shared.inflates))
+            .with("deflates", get(&shared.deflates))
+            .with("stats_updates", get(&shared.stats_updates))
+            .with("free_page_reports", get(&shared.free_page_reports));
+        Some(DeviceStats { named, ..shared.counters.snapshot() })
     }
 
     fn reset(&mut self) {

@@ -9,6 +9,7 @@ use super::stats::{MEMFREE, MEMTOT};
 use super::{
     Balloon, BalloonHandle, BalloonOptions, QueueMap, F_DEFLATE_ON_OOM, F_FREE_PAGE_HINT, F_REPORTING, F_STATS_VQ,
 };
+use crate::virtio::counters::{DeviceStats, Named};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::testing::{
     a_runaway_index_needs_reset, chained, desc, mem, read_reg, start, wait_for, write_reg, Line, Mem, W,
@@ -51,6 +52,18 @@ impl Guest {
     /// so there only the counters tell).
     fn released(&self, start: u64, len: usize) -> bool {
         !cfg!(target_os = "linux") || self.zeros(start, len) == len
+    }
+
+    /// The device's common counters, as the VMM reads them for metrics.
+    fn counted(&self) -> DeviceStats {
+        let stats = self.t.stats().device.expect("the balloon keeps counters");
+        DeviceStats { named: Named::default(), ..stats }
+    }
+
+    /// The buffers served on each queue: inflates, deflates, statistics and reports.
+    fn served(&self) -> [Option<u64>; 4] {
+        let named = self.t.stats().device.expect("the balloon keeps counters").named;
+        ["inflates", "deflates", "stats_updates", "free_page_reports"].map(|name| named.get(name))
     }
 
     fn config(&mut self, offset: u64) -> u32 {
@@ -137,6 +150,57 @@ fn inflate_releases_valid_frames_and_ignores_hostile_ones() {
 }
 
 #[test]
+fn counters_follow_the_buffers_of_every_queue() {
+    let mut g = Guest::new(all_on());
+    let m = g.m.clone();
+    assert_eq!(g.counted(), DeviceStats::default(), "nothing before the driver starts");
+    assert_eq!(g.served(), [Some(0); 4]);
+    let vqs = started(&mut g, &m);
+    let page = super::release::host_page_size();
+    let pages = 0x1_0000 / page;
+    // A clean inflate of 64 KiB.
+    let len = pfn_array(&g, 0x1000, &(0x200..0x210).collect::<Vec<u32>>());
+    vqs[0].add_desc_chains(&[desc(0x1000, len, 0)], 0).unwrap();
+    write_reg(&mut g.t, 0x50, 0);
+    wait_for("the inflate buffer back", || vqs[0].used().idx().load() == 1);
+    let mut counted =
+        DeviceStats { requests: 1, rx_bytes: 0, tx_bytes: pages * page, errors: 0, ..DeviceStats::default() };
+    assert_eq!(g.counted(), counted);
+    // An inflate with one frame inside RAM and two outside: the frame is released, the
+    // request counts as an error once.
+    let len = pfn_array(&g, 0x2000, &[0x300, (RAM >> 12) as u32, u32::MAX]);
+    vqs[0].add_desc_chains(&[desc(0x2000, len, 0)], 1).unwrap();
+    write_reg(&mut g.t, 0x50, 0);
+    wait_for("the second inflate buffer back", || vqs[0].used().idx().load() == 2);
+    let one = if page == 0x1000 { 0x1000 } else { 0 };
+    counted.requests += 1;
+    counted.tx_bytes += one;
+    counted.errors += 1;
+    assert_eq!(g.counted(), counted, "the frames past RAM are an error");
+    // A deflate of 8 pages: the guest takes 32 KiB back.
+    let len = pfn_array(&g, 0x3000, &(0x200..0x208).collect::<Vec<u32>>());
+    vqs[1].add_desc_chains(&[desc(0x3000, len, 0)], 0).unwrap();
+    write_reg(&mut g.t, 0x50, 1);
+    wait_for("the deflate buffer back", || vqs[1].used().idx().load() == 1);
+    counted.requests += 1;
+    counted.rx_bytes += 0x8000;
+    assert_eq!(g.counted(), counted);
+    // A statistics buffer, then a free page report of 1 MiB.
+    g.m.write_slice(&[MEMFREE.to_le_bytes().as_slice(), &1u64.to_le_bytes()].concat(), GuestAddress(0x4000)).unwrap();
+    vqs[2].add_desc_chains(&[desc(0x4000, 10, 0)], 0).unwrap();
+    write_reg(&mut g.t, 0x50, 2);
+    wait_for("the statistics", || g.handle.stats().is_some());
+    vqs[3].add_desc_chains(&[desc(0x20_0000, 0x10_0000, W)], 0).unwrap();
+    write_reg(&mut g.t, 0x50, 3);
+    wait_for("the report back", || vqs[3].used().idx().load() == 1);
+    counted.requests += 2;
+    counted.tx_bytes += 0x10_0000;
+    assert_eq!(g.counted(), counted);
+    assert_eq!(g.handle.released(), counted.tx_bytes, "the handle and the counters agree");
+    assert_eq!(g.served(), [Some(2), Some(1), Some(1), Some(1)], "the buffers of each queue, by name");
+}
+
+#[test]
 fn malformed_page_arrays_are_dropped_without_harm() {
     let mut g = Guest::new(all_on());
     let m = g.m.clone();
@@ -149,10 +213,14 @@ fn malformed_page_arrays_are_dropped_without_harm() {
     vqs[0].add_desc_chains(&[desc(0x1000, u32::MAX, 0)], 3).unwrap(); // huge
     write_reg(&mut g.t, 0x50, 0);
     wait_for("four buffers back", || vqs[0].used().idx().load() == 4);
-    if super::release::host_page_size() == 0x1000 {
+    let page = super::release::host_page_size();
+    if page == 0x1000 {
         assert!(g.released(0x20_0000, 0x1000), "the first whole entry of the partial array counts");
     }
     assert_eq!(g.zeros(0x20_1000, 0x1000), 0, "the partial entry does not");
+    let released = if page == 0x1000 { 0x1000 } else { 0 };
+    let counted = DeviceStats { requests: 4, rx_bytes: 0, tx_bytes: released, errors: 4, ..DeviceStats::default() };
+    assert_eq!(g.counted(), counted, "each buffer served, and each an error");
 }
 
 #[test]
@@ -182,6 +250,14 @@ fn reported_ranges_are_released_when_inside_ram() {
     assert!(g.released(0x30_0000 + page as u64, page), "its one whole page goes");
     assert_eq!(g.zeros(0x3f_f000, 0x1000), 0, "the straddling range is untouched");
     assert_eq!(g.handle.released(), 0x10_0000 + page as u64);
+    let counted = DeviceStats {
+        requests: 2,
+        rx_bytes: 0,
+        tx_bytes: 0x10_0000 + page as u64,
+        errors: 2,
+        ..DeviceStats::default()
+    };
+    assert_eq!(g.counted(), counted, "two reports, each with a range outside RAM");
 }
 
 #[test]
@@ -208,6 +284,8 @@ fn statistics_are_read_kept_and_asked_for_again() {
     write_reg(&mut g.t, 0x50, 2);
     wait_for("the writable buffer back", || vqs[2].used().idx().load() == 3);
     assert_eq!(g.handle.stats().unwrap(), super::Stats::default(), "nothing read from it");
+    let counted = g.counted();
+    assert_eq!((counted.requests, counted.errors), (3, 2), "the partial entry and the writable buffer are errors");
 }
 
 #[test]

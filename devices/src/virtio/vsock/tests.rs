@@ -187,7 +187,7 @@ fn a_host_initiated_connection_carries_bytes_both_ways() {
     g.send(g.hdr(OP_RW, 1234, FIRST_LOCAL_PORT), b"pong");
     assert_eq!(read_n(&mut c, 4), b"pong");
     // Counted: a request and "ping" to the guest, a response and "pong" from it.
-    let counted = DeviceStats { requests: 4, rx_bytes: 4, tx_bytes: 4, errors: 0 };
+    let counted = DeviceStats { requests: 4, rx_bytes: 4, tx_bytes: 4, errors: 0, ..DeviceStats::default() };
     crate::virtio::testing::wait_for("the counters", || g.t.stats().device == Some(counted));
     // The next client gets the next port.
     let (_c2, local) = host_connection(&mut g, 1234);
