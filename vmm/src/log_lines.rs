@@ -58,7 +58,9 @@ impl LogLines {
             record = &plain;
         }
         let shortened;
-        if record.len() > PIPE_BUF && file_type(self.fd) == Some(libc::S_IFIFO) {
+        // A blocking pipe (hvrun's standard error piped into another program) takes a
+        // long record whole, in parts; only one hvrun must not wait on is shortened.
+        if record.len() > PIPE_BUF && file_type(self.fd) == Some(libc::S_IFIFO) && non_blocking(self.fd) {
             shortened = shorten(record);
             record = &shortened;
         }
@@ -99,6 +101,13 @@ fn file_type(fd: BorrowedFd<'_>) -> Option<libc::mode_t> {
     }
     // SAFETY: fstat succeeded, so it filled the buffer.
     Some(unsafe { stat.assume_init() }.st_mode & libc::S_IFMT)
+}
+
+/// Whether `fd` was opened non-blocking (`PUT /logger`'s FIFO is).
+fn non_blocking(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: F_GETFL only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_NONBLOCK != 0
 }
 
 fn is_terminal(fd: BorrowedFd<'_>) -> bool {
@@ -179,6 +188,27 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
+    }
+
+    /// Standard error piped into another program (blocking): a long record goes whole.
+    #[test]
+    fn a_blocking_pipe_gets_long_records_whole() {
+        static MISSED: AtomicU64 = AtomicU64::new(0);
+        let (read, write) = pipe();
+        // SAFETY: fcntl on the test's own descriptor: blocking again.
+        assert_eq!(unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETFL, 0) }, 0);
+        let record = [b"x".repeat(3 * PIPE_BUF), b"\n".to_vec()].concat();
+        let reader = std::thread::spawn(move || {
+            let (mut got, start) = (Vec::new(), std::time::Instant::now());
+            while got.len() < 3 * PIPE_BUF + 1 && start.elapsed() < std::time::Duration::from_secs(5) {
+                got.extend(read_all(&read));
+                std::thread::yield_now();
+            }
+            got
+        });
+        lines_to(&write, &MISSED).record(&record);
+        assert_eq!(reader.join().unwrap(), record);
+        assert_eq!(MISSED.load(Ordering::Relaxed), 0);
     }
 
     #[test]
