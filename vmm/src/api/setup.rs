@@ -274,10 +274,15 @@ fn too_many() -> String {
 
 /// Firecracker's boot arguments for hvrun's machine: `console=ttyS0` (Firecracker's
 /// 8250 UART) is hvrun's PL011, `ttyAMA0`; a root drive adds `root=/dev/vda` (or its
-/// PARTUUID) and `ro` or `rw`, as Firecracker does.
+/// PARTUUID) and `ro` or `rw`, as Firecracker does. Both concern the kernel's part of
+/// the line: the words after `--` are the init's, left as they are, and the root words
+/// go before them.
 fn cmdline(args: &str, root: Option<&Drive>) -> String {
-    let mut words: Vec<String> = args
-        .split_whitespace()
+    let words: Vec<&str> = args.split_whitespace().collect();
+    let split = words.iter().position(|w| *w == "--").unwrap_or(words.len());
+    let (kernel, init) = words.split_at(split);
+    let mut line: Vec<String> = kernel
+        .iter()
         .map(|w| match w.strip_prefix("console=ttyS0") {
             Some(rest) => format!("console=ttyAMA0{rest}"),
             None => w.to_string(),
@@ -285,12 +290,13 @@ fn cmdline(args: &str, root: Option<&Drive>) -> String {
         .collect();
     if let Some(root) = root.filter(|d| d.is_root_device) {
         match &root.partuuid {
-            Some(uuid) => words.push(format!("root=PARTUUID={uuid}")),
-            None => words.push("root=/dev/vda".into()),
+            Some(uuid) => line.push(format!("root=PARTUUID={uuid}")),
+            None => line.push("root=/dev/vda".into()),
         }
-        words.push(if root.is_read_only { "ro" } else { "rw" }.into());
+        line.push(if root.is_read_only { "ro" } else { "rw" }.into());
     }
-    words.join(" ")
+    line.extend(init.iter().map(|w| w.to_string()));
+    line.join(" ")
 }
 
 /// A network interface as `--net` would give it.

@@ -239,12 +239,14 @@ mod tests {
 
     /// Totals for a machine of `vcpus` vCPUs that each made `reads` MMIO reads (a line of
     /// about 60 bytes a vCPU).
+    #[cfg(target_os = "linux")]
     fn machine(vcpus: usize, reads: u64) -> Value {
         let each: Vec<Value> = (0..vcpus).map(|_| json!({"exit_mmio_read": reads, "exit_mmio_write": 0})).collect();
         json!({ "vcpus": each })
     }
 
     /// Reads what `reader` holds now onto `into`; returns how many bytes.
+    #[cfg(target_os = "linux")]
     fn read_now(mut reader: &File, into: &mut Vec<u8>, most: usize) -> usize {
         use std::io::Read;
         let mut buf = vec![0u8; most];
@@ -260,6 +262,7 @@ mod tests {
 
     /// Every line of `bytes`, parsed: each must be whole JSON, and the last end in a
     /// newline.
+    #[cfg(target_os = "linux")]
     fn whole_lines(bytes: &[u8]) -> Vec<Value> {
         let text = std::str::from_utf8(bytes).unwrap();
         assert!(text.is_empty() || text.ends_with('\n'), "the stream ends with a whole line");

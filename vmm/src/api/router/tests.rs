@@ -432,6 +432,34 @@ fn a_balloon_above_the_memory_and_a_start_without_boot_args_are_handled_as_firec
     // No boot_args: Firecracker's default (what applies to hvrun's machine) with the root.
     let booted = seen.lock().unwrap().booted.clone().unwrap();
     assert_eq!(booted.cmdline.as_deref(), Some("reboot=k panic=1 root=/dev/vda rw"));
+}
+
+#[test]
+fn the_root_words_go_before_the_inits_arguments() {
+    let (mut api, seen) = new_api();
+    let (kernel, disk) = files();
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 panic=1 -- /init console=ttyS0"}}"#,
+        kernel.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let root = format!(r#"{{"drive_id": "root", "path_on_host": "{}", "is_root_device": true}}"#, disk.display());
+    assert_eq!(call(&mut api, "PUT", "/drives/root", Some(&root)).0, 204);
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
+    let booted = seen.lock().unwrap().booted.clone().unwrap();
+    assert_eq!(booted.cmdline.as_deref(), Some("console=ttyAMA0 panic=1 root=/dev/vda rw -- /init console=ttyS0"));
+}
+
+#[test]
+fn after_the_start_the_balloon_is_checked_and_the_logger_refused() {
+    let (mut api, seen) = new_api();
+    let (kernel, _) = files();
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    assert_eq!(call(&mut api, "PUT", "/boot-source", Some(&boot)).0, 204);
+    assert_eq!(call(&mut api, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)).0, 204);
+    assert_eq!(call(&mut api, "PUT", "/balloon", Some(r#"{"amount_mib": 128, "deflate_on_oom": false}"#)).0, 204);
+    assert_eq!(call(&mut api, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
+    let booted = seen.lock().unwrap().booted.clone().unwrap();
     assert_eq!(booted.balloon.unwrap().initial_target, 128 << 20);
     // After the start the target is checked against the memory too.
     assert!(call(&mut api, "PATCH", "/balloon", Some(r#"{"amount_mib": 257}"#)).1.contains("too large"));
