@@ -1,15 +1,29 @@
 # fc-api: hvrun's Firecracker API (`hvrun --api-sock PATH`: HTTP/1.1 over a unix socket)
-# driven by curl, a client not written here, the way Firecracker's getting-started guide
-# drives Firecracker. A guest with 2 vCPUs counts every 100 ms (guests/initramfs/t/
-# snapshot-loop) to its serial port, its disk and a TCP connection to this host, and
-# waits for its power button (t/power-button). The first hvrun is configured and started
-# through the API; its drive gets a new image while it runs (PATCH /drives/rootfs: the
-# count goes on in /tmp/disk2.img and the old image is no longer written); it is paused,
-# resumed, paused again and snapshotted, then killed; another hvrun loads the snapshot
-# paused (resume_vm false: the guest runs nothing until it is resumed); a second hvrun
-# loads the snapshot
-# (which names the new image) through its own API socket and the count goes on there,
-# until SendCtrlAltDel takes the guest down its shutdown path and hvrun exits 0.
+# driven by curl, a client not written here. The first hvrun is set up with the sequence
+# of Firecracker's getting-started guide (docs/getting-started.md, "Starting
+# Firecracker"), its requests as the guide sends them (`curl -X PUT --unix-socket
+# "${API_SOCKET}" --data "..."`: no headers of its own) and its bodies as the guide has
+# them: PUT /logger (log_path, level Debug, show_level, show_log_origin), PUT /boot-source
+# with the guide's aarch64 boot_args (`keep_bootcon console=ttyS0 reboot=k panic=1`),
+# PUT /drives/rootfs (is_root_device true, is_read_only false), PUT
+# /network-interfaces/net1 (guest_mac, host_dev_name), then InstanceStart. What the rig
+# changes: a PUT /machine-config first (2 vCPUs, 256 MiB; Firecracker's default is 1 vCPU),
+# the guest's initramfs as initrd_path, a tap of its own (tap6, 10.0.6.1/24) and a MAC of
+# the guide's kind for its address (06:00 and the IPv4 address 10.0.6.15), and words the
+# guest needs after the guide's boot_args: `quiet` (no kernel messages among the counts
+# the checks read) and, after `--`, its init's command. The guest prints its
+# /proc/cmdline (checked for hvrun's mapping: console=ttyS0 becomes console=ttyAMA0, the
+# root drive adds root=/dev/vda and rw) and its MAC (checked against guest_mac, and in
+# the host's ARP table); hvrun's log goes to log_path.
+# The guest, with 2 vCPUs, counts every 100 ms (guests/initramfs/t/snapshot-loop) to its
+# serial port, its disk and a TCP connection to this host, and waits for its power
+# button (t/power-button). Its drive gets a new image while it runs (PATCH
+# /drives/rootfs: the count goes on in /tmp/disk2.img and the old image is no longer
+# written); it is paused, resumed, paused again and snapshotted, then killed; another
+# hvrun loads the snapshot paused (resume_vm false: the guest runs nothing until it is
+# resumed); a second hvrun loads the snapshot (which names the new image) through its own
+# API socket and the count goes on there, until SendCtrlAltDel takes the guest down its
+# shutdown path and hvrun exits 0.
 # Malformed and out-of-place requests are refused with 400 and a fault_message.
 # `curl` is Debian's (the scenario prepends the function that runs it in the rig).
 now() { cut -d' ' -f1 /proc/uptime | cut -d. -f1; }
@@ -31,11 +45,11 @@ pid1=; pid2=; pid3=; tcp=
 cleanup() {
     kill -9 $pid1 $pid2 $pid3 2>/dev/null
     kill $tcp 2>/dev/null
-    rm -rf /tmp/snap /tmp/disk.img /tmp/disk2.img /tmp/disk2.keep /tmp/fc.sock /tmp/fc2.sock /tmp/fc3.sock /tmp/fc-body /tmp/fc-hold
+    rm -rf /tmp/snap /tmp/disk.img /tmp/disk2.img /tmp/disk2.keep /tmp/fc.sock /tmp/fc2.sock /tmp/fc3.sock /tmp/fc-body /tmp/fc-hold /tmp/fc1.log
 }
 fail() {
     echo "fc-api: FAIL: $*"
-    for f in /tmp/fc1.out /tmp/fc1.err /tmp/fc3.out /tmp/fc3.err /tmp/fc2.out /tmp/fc2.err /tmp/fc-tcp.log; do
+    for f in /tmp/fc1.out /tmp/fc1.err /tmp/fc1.log /tmp/fc3.out /tmp/fc3.err /tmp/fc2.out /tmp/fc2.err /tmp/fc-tcp.log; do
         [ -e "$f" ] && { echo "== $f"; tr -d '\r' <"$f" | grep -v '^count ' | tail -n 40; }
     done
     cleanup
@@ -65,6 +79,17 @@ ok() {
     got=$(api "$sock" "$@")
     [ "$got" = "$want" ] || fail "$what answered '$got', not $want: $(body)"
     echo "fc-api: $what -> $got"
+}
+# guide METHOD PATH BODY: one request of the getting-started guide, sent to ${API_SOCKET}
+# as the guide's curl sends it (-X METHOD --unix-socket --data: no Accept or Content-Type
+# of its own), which must answer 204. Its line names the action a body asks for ("the
+# guide's PUT /actions InstanceStart -> 204").
+guide() {
+    what="$1 $2$(echo "$3" | sed -n 's/.*"action_type": *"\([A-Za-z]*\)".*/ \1/p')"
+    rm -f /tmp/fc-body
+    got=$(curl -s -o /tmp/fc-body -w '%{http_code}' -X "$1" --unix-socket "${API_SOCKET}" --data "$3" "http://localhost$2")
+    [ "$got" = 204 ] || fail "the guide's $what answered '$got', not 204: $(body)"
+    echo "fc-api: the guide's $what -> $got"
 }
 # refused WHAT SOCKET METHOD PATH BODY: a request that must answer 400 with a fault_message.
 refused() {
@@ -99,29 +124,76 @@ tcp=$!
 dd if=/dev/zero of=/tmp/disk.img bs=1M count=4 2>/dev/null
 mkdir -p /tmp/snap
 
-RUST_LOG=info /bin/hvrun --api-sock /tmp/fc.sock </dev/null >/tmp/fc1.out 2>/tmp/fc1.err &
+# The guide's sequence. hvrun, as Firecracker, logs only to a file that exists.
+API_SOCKET="/tmp/fc.sock"
+LOGFILE="/tmp/fc1.log"
+: >"${LOGFILE}"
+/bin/hvrun --api-sock "${API_SOCKET}" </dev/null >/tmp/fc1.out 2>/tmp/fc1.err &
 pid1=$!
 wait_sock /tmp/fc.sock $pid1
 state /tmp/fc.sock 'Not started'
+guide PUT /logger "{
+        \"log_path\": \"${LOGFILE}\",
+        \"level\": \"Debug\",
+        \"show_level\": true,
+        \"show_log_origin\": true
+    }"
 ok /tmp/fc.sock 204 PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 256}'
 refused 'PUT /machine-config with a bad JSON body' /tmp/fc.sock PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": '
 refused 'PUT /drives/rootfs with an unknown field' /tmp/fc.sock PUT /drives/rootfs \
     '{"drive_id": "rootfs", "path_on_host": "/tmp/disk.img", "is_root_device": false, "is_read_only": false, "no_such_field": 1}'
-ok /tmp/fc.sock 204 PUT /boot-source '{
-        "kernel_image_path": "/guest/Image",
-        "initrd_path": "/guest/initramfs.cpio",
-        "boot_args": "console=ttyAMA0 quiet -- /t/snapshot-loop 10.0.6 & /t/power-button"
-    }'
-ok /tmp/fc.sock 204 PUT /drives/rootfs '{
-        "drive_id": "rootfs",
-        "path_on_host": "/tmp/disk.img",
-        "is_root_device": false,
-        "is_read_only": false
-    }'
-ok /tmp/fc.sock 204 PUT /network-interfaces/eth0 '{"iface_id": "eth0", "host_dev_name": "tap6"}'
-ok /tmp/fc.sock 204 PUT /actions '{"action_type": "InstanceStart"}'
+KERNEL="/guest/Image"
+KERNEL_BOOT_ARGS="console=ttyS0 reboot=k panic=1"
+ARCH=$(uname -m)
+if [ ${ARCH} = "aarch64" ]; then
+    KERNEL_BOOT_ARGS="keep_bootcon ${KERNEL_BOOT_ARGS}"
+fi
+# The guest's words: quiet, then its init's command (after --): print the command line
+# and the MAC, then count and wait for the power button.
+KERNEL_BOOT_ARGS="${KERNEL_BOOT_ARGS} quiet -- echo cmdline: \$(cat /proc/cmdline); echo mac: \$(cat /sys/class/net/eth0/address); /t/snapshot-loop 10.0.6 & /t/power-button"
+guide PUT /boot-source "{
+        \"kernel_image_path\": \"${KERNEL}\",
+        \"initrd_path\": \"/guest/initramfs.cpio\",
+        \"boot_args\": \"${KERNEL_BOOT_ARGS}\"
+    }"
+ROOTFS="/tmp/disk.img"
+guide PUT /drives/rootfs "{
+        \"drive_id\": \"rootfs\",
+        \"path_on_host\": \"${ROOTFS}\",
+        \"is_root_device\": true,
+        \"is_read_only\": false
+    }"
+TAP_DEV="tap6"
+FC_MAC="06:00:0A:00:06:0F"
+guide PUT /network-interfaces/net1 "{
+        \"iface_id\": \"net1\",
+        \"guest_mac\": \"$FC_MAC\",
+        \"host_dev_name\": \"$TAP_DEV\"
+    }"
+sleep 0.015
+guide PUT /actions "{
+        \"action_type\": \"InstanceStart\"
+    }"
 wait_in /tmp/fc1.out '^count 30$' 240 || fail "the guest did not count to 30"
 echo "fc-api: the guest counts (count 30)"
+# hvrun's mapping of the guide's boot_args, as the guest got them.
+cmdline=$(whole /tmp/fc1.out | tr -d '\r' | sed -n 's/^cmdline: //p' | head -n 1)
+echo "fc-api: the guest's /proc/cmdline: $cmdline"
+has() { case " $cmdline " in *" $1 "*) ;; *) return 1 ;; esac; }
+has console=ttyAMA0 && has root=/dev/vda && has rw && ! has console=ttyS0 \
+    || fail "the guest's command line lacks console=ttyAMA0, root=/dev/vda or rw, or has console=ttyS0"
+echo "fc-api: the guest's command line has console=ttyAMA0 (not ttyS0), root=/dev/vda and rw"
+# Firecracker adds root= and rw to the kernel's arguments, before the init's (after --).
+kernel=${cmdline%% -- *}
+for w in root=/dev/vda rw; do
+    case " $kernel " in *" $w "*) ;; *) echo "fc-api: note: $w is not among the kernel's arguments (before --)" ;; esac
+done
+mac=$(whole /tmp/fc1.out | tr -d '\r' | sed -n 's/^mac: //p' | head -n 1)
+arp=$(awk '$1 == "10.0.6.15" { print $4 }' /proc/net/arp)
+want=$(echo "$FC_MAC" | tr 'A-F' 'a-f')
+[ "$mac" = "$want" ] && [ "$arp" = "$want" ] \
+    || fail "the guest's MAC is '$mac' (its eth0) and '$arp' (the host's ARP table), not guest_mac $FC_MAC"
+echo "fc-api: the guest's MAC is guest_mac $FC_MAC: $mac (its eth0 and the host's ARP table)"
 state /tmp/fc.sock Running
 refused 'a second InstanceStart' /tmp/fc.sock PUT /actions '{"action_type": "InstanceStart"}'
 refused 'PUT /boot-source after the start' /tmp/fc.sock PUT /boot-source \
@@ -143,8 +215,12 @@ sleep 1
 [ "$(disk_count /tmp/disk.img)" = "$old" ] || fail "the old image is still written (count $old, then $(disk_count /tmp/disk.img))"
 [ "$(disk_count /tmp/disk2.img)" -gt "$n" ] || fail "the count stopped in the new image at $n"
 echo "fc-api: the old image stays at count $old"
-grep -q 'disk rootfs: now /tmp/disk2.img (4194304 bytes)' /tmp/fc1.err || fail "hvrun did not log the swap"
-echo "fc-api: hvrun logged the swap: $(grep -o 'disk rootfs: now .*' /tmp/fc1.err)"
+# hvrun's log went to log_path, at level Debug (hvrun's default is Warn: its Info lines
+# are there only at the level asked for), each line with its level.
+grep -q 'disk rootfs: now /tmp/disk2.img (4194304 bytes)' "${LOGFILE}" || fail "hvrun did not log the swap to ${LOGFILE}"
+echo "fc-api: hvrun logged the swap to log_path: $(grep -o 'disk rootfs: now .*' "${LOGFILE}")"
+grep -q 'INFO.*api: PUT /boot-source$' "${LOGFILE}" || fail "${LOGFILE} has no INFO line for PUT /boot-source"
+echo "fc-api: log_path ${LOGFILE} has $(wc -l <"${LOGFILE}") lines, with their levels: $(grep -m 1 'api: PUT /boot-source$' "${LOGFILE}")"
 
 ok /tmp/fc.sock 204 PATCH /vm '{"state": "Paused"}'
 state /tmp/fc.sock Paused
@@ -191,7 +267,7 @@ wait_sock /tmp/fc3.sock $pid3
 ok /tmp/fc3.sock 204 PUT /snapshot/load '{
         "snapshot_path": "/tmp/snap/vm.state",
         "mem_backend": {"backend_type": "File", "backend_path": "/tmp/snap/vm.mem"},
-        "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}],
+        "network_overrides": [{"iface_id": "net1", "host_dev_name": "tap9"}],
         "resume_vm": false
     }'
 state /tmp/fc3.sock Paused
@@ -252,6 +328,6 @@ n=$(disk_count /tmp/disk2.img)
 echo "fc-api: after the load the new image holds count $n"
 # What the forbidden list looks for, if it is anywhere in the files.
 cat /tmp/fc1.out /tmp/fc3.out /tmp/fc2.out | tr -d '\r' | grep -E 'DMESG-BAD|detected stall|Kernel panic'
-cat /tmp/fc1.err /tmp/fc3.err /tmp/fc2.err | grep -E 'hvrun: error|panicked'
+cat /tmp/fc1.err /tmp/fc1.log /tmp/fc3.err /tmp/fc2.err | grep -E 'hvrun: error|panicked'
 cleanup
 [ "$rc" = 0 ]
