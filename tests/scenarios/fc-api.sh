@@ -186,8 +186,9 @@ echo "fc-api: the guest's command line has console=ttyAMA0 (not ttyS0), root=/de
 # Firecracker adds root= and rw to the kernel's arguments, before the init's (after --).
 kernel=${cmdline%% -- *}
 for w in root=/dev/vda rw; do
-    case " $kernel " in *" $w "*) ;; *) echo "fc-api: note: $w is not among the kernel's arguments (before --)" ;; esac
+    case " $kernel " in *" $w "*) ;; *) fail "$w is not among the kernel's arguments (before --): $cmdline" ;; esac
 done
+echo "fc-api: root=/dev/vda and rw are the kernel's arguments (before --)"
 mac=$(whole /tmp/fc1.out | tr -d '\r' | sed -n 's/^mac: //p' | head -n 1)
 arp=$(awk '$1 == "10.0.6.15" { print $4 }' /proc/net/arp)
 want=$(echo "$FC_MAC" | tr 'A-F' 'a-f')

@@ -70,6 +70,7 @@ pub const FC_API: Scenario = Scenario {
         "fc-api: the guide's PUT /actions InstanceStart -> 204",
         "fc-api: the guest counts (count 30)",
         "fc-api: the guest's command line has console=ttyAMA0 (not ttyS0), root=/dev/vda and rw",
+        "fc-api: root=/dev/vda and rw are the kernel's arguments (before --)",
         "fc-api: the guest's MAC is guest_mac 06:00:0A:00:06:0F: 06:00:0a:00:06:0f (its eth0 and the host's ARP table)",
         "fc-api: GET / -> 200 Running",
         "fc-api: a second InstanceStart -> 400 with a fault_message",
