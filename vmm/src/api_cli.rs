@@ -127,6 +127,7 @@ fn redirect_log(path: &Path) -> Result<(), String> {
     if unsafe { libc::dup2(file.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
         return Err(format!("Cannot log to {}: {}", path.display(), std::io::Error::last_os_error()));
     }
+    hvrun::log_lines::redirected();
     Ok(())
 }
 

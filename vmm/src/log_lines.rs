@@ -11,12 +11,22 @@
 //! metrics lines do, would make every other thread's record wait behind it, or hold half
 //! a line in the FIFO until the next record comes, however late.
 //!
-//! A file or a terminal gets the whole record, as before; colours only on a terminal
-//! (they are taken out of records written once `PUT /logger` has sent the log to a file).
+//! A file or a terminal gets the whole record, as before. Colours are env_logger's
+//! choice for the standard error hvrun started with; once `PUT /logger` has sent the log
+//! to a file or FIFO ([`redirected`]), they are taken out of the records.
 
 use std::io::{ErrorKind, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Whether standard error was pointed elsewhere since the start ([`redirected`]).
+static REDIRECTED: AtomicBool = AtomicBool::new(false);
+
+/// Says that standard error now goes where `PUT /logger` asked: records lose the colours
+/// chosen for the old destination (unless the new one is a terminal).
+pub fn redirected() {
+    REDIRECTED.store(true, Ordering::Relaxed);
+}
 
 /// Log records the destination did not take, since hvrun started.
 static MISSED: AtomicU64 = AtomicU64::new(0);
@@ -53,7 +63,9 @@ impl LogLines {
     fn record(&self, record: &[u8]) {
         let plain;
         let mut record = record;
-        if record.contains(&0x1b) && !is_terminal(self.fd) {
+        // Colours were chosen for the standard error hvrun started with; a log file
+        // `PUT /logger` put in its place gets none.
+        if record.contains(&0x1b) && REDIRECTED.load(Ordering::Relaxed) && !is_terminal(self.fd) {
             plain = without_colours(record);
             record = &plain;
         }
@@ -249,6 +261,8 @@ mod tests {
     #[test]
     fn a_file_gets_whole_records_without_colours() {
         static MISSED: AtomicU64 = AtomicU64::new(0);
+        // As after `PUT /logger` (no other test here writes colours).
+        redirected();
         let path = std::env::temp_dir().join(format!("hvrun-test-{}-log-lines", std::process::id()));
         let file = std::fs::File::create(&path).unwrap();
         let fd = OwnedFd::from(file);

@@ -4,7 +4,7 @@
 //! code in `arch-aarch64`. The kernel and initrd are loaded by `guest_memory::load`, on
 //! several threads (`linux-loader`'s Image loader reads the file on one).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -380,10 +380,13 @@ fn spawn_state_dump(after: std::time::Duration, irqchip: Arc<dyn Irqchip>) {
     let _ = std::thread::Builder::new().name("state-dump".into()).spawn(move || {
         std::thread::sleep(after);
         let secs = after.as_secs();
-        match irqchip.dump() {
-            Some(state) => eprintln!("hvrun state after {secs} s:\n{state}"),
-            None => eprintln!("hvrun state after {secs} s: {} keeps its state to itself", irqchip.name()),
-        }
+        // Not eprintln!, which panics when standard error is a full FIFO (`PUT /logger`).
+        let _ = match irqchip.dump() {
+            Some(state) => writeln!(std::io::stderr(), "hvrun state after {secs} s:\n{state}"),
+            None => {
+                writeln!(std::io::stderr(), "hvrun state after {secs} s: {} keeps its state to itself", irqchip.name())
+            }
+        };
     });
 }
 

@@ -246,12 +246,19 @@ fn init_logging() {
     let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("trace"));
     // Each record in one write, whole or not at all, even to a FIFO (`PUT /logger`).
     builder.format(format_log_line).target(env_logger::Target::Pipe(Box::new(hvrun::log_lines::LogLines::stderr())));
-    if std::env::var_os("RUST_LOG_STYLE").is_none() {
-        // What env_logger chooses for a terminal (it cannot tell through a writer).
-        use std::io::IsTerminal;
-        let colours = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        builder.write_style(if colours { env_logger::WriteStyle::Always } else { env_logger::WriteStyle::Never });
-    }
+    // What env_logger chooses for standard error (it cannot tell through a writer, and
+    // takes `auto` for `never` there): RUST_LOG_STYLE's `always` and `never` as said;
+    // otherwise colours on a terminal, unless NO_COLOR is set.
+    let style = std::env::var("RUST_LOG_STYLE").unwrap_or_default();
+    let colours = match style.as_str() {
+        "always" => true,
+        "never" => false,
+        _ => {
+            use std::io::IsTerminal;
+            std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+        }
+    };
+    builder.write_style(if colours { env_logger::WriteStyle::Always } else { env_logger::WriteStyle::Never });
     let logger = builder.build();
     let max_level = if from_env { logger.filter() } else { log::LevelFilter::Warn };
     if log::set_boxed_logger(Box::new(hvrun::GuestLogLimiter::new(logger))).is_ok() {
@@ -442,23 +449,27 @@ fn run(
     vm.wait()
 }
 
-/// The documented exit status for a run's outcome, with a one-line error.
+/// The documented exit status for a run's outcome, with a one-line error (not through
+/// eprintln!, which panics when standard error is a full FIFO: `PUT /logger`).
 fn exit_code(outcome: Result<ExitReason, hvrun::Error>) -> ExitCode {
+    let say = |text: std::fmt::Arguments<'_>| {
+        let _ = writeln!(std::io::stderr(), "hvrun: {text}");
+    };
     match outcome {
         Ok(ExitReason::PowerOff) => ExitCode::from(EXIT_POWEROFF),
         Ok(ExitReason::Reset) => ExitCode::from(EXIT_RESET),
         Ok(ExitReason::Crash) => ExitCode::from(EXIT_CRASH),
         Ok(ExitReason::Stopped) => ExitCode::from(EXIT_STOPPED),
         Ok(other) => {
-            eprintln!("hvrun: the guest stopped ({other:?})");
+            say(format_args!("the guest stopped ({other:?})"));
             ExitCode::from(EXIT_ERROR)
         }
         Err(e @ (hvrun::Error::Config(_) | hvrun::Error::VzPlan(_))) => {
-            eprintln!("hvrun: error: {e}");
+            say(format_args!("error: {e}"));
             ExitCode::from(EXIT_USAGE)
         }
         Err(e) => {
-            eprintln!("hvrun: error: {e}");
+            say(format_args!("error: {e}"));
             ExitCode::from(EXIT_ERROR)
         }
     }

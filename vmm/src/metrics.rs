@@ -163,7 +163,7 @@ mod tests {
             ..Default::default()
         };
         let block = TransportStats { device_type: 2, interrupts: 3, ..TransportStats::default() };
-        let named = Named::default().with("inflates", 4);
+        let named = Named::default().with("inflate_count", 4);
         let balloon = TransportStats {
             device_type: 5,
             device: Some(DeviceStats { requests: 4, named, ..DeviceStats::default() }),
@@ -180,7 +180,7 @@ mod tests {
         assert!(first["block0"].get("device_type").is_none());
         assert_eq!(first["uart"]["tx_bytes"], 0);
         assert_eq!(
-            (first["balloon0"]["requests"].as_u64(), first["balloon0"]["inflates"].as_u64()),
+            (first["balloon0"]["requests"].as_u64(), first["balloon0"]["inflate_count"].as_u64()),
             (Some(4), Some(4))
         );
 

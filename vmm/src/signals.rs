@@ -123,5 +123,7 @@ pub fn cancel(blocked: io::Result<Blocked>, vm: VmHandle) {
 /// Tells the user, on standard error, what a signal did (with a carriage return: the
 /// terminal may be in raw mode).
 fn say(text: &str) {
-    eprint!("hvrun: {text}\r\n");
+    // Not eprint!, which panics when standard error is a full FIFO (`PUT /logger`).
+    use std::io::Write as _;
+    let _ = write!(std::io::stderr(), "hvrun: {text}\r\n");
 }

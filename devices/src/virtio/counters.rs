@@ -49,7 +49,7 @@ pub struct DeviceStats {
 pub const MAX_NAMED: usize = 4;
 
 /// A device's own counters beyond the common four, each with its name in the metrics
-/// (`"inflates": 3`), at most [`MAX_NAMED`]. A fixed array, so that [`DeviceStats`]
+/// (`"inflate_count": 3`), at most [`MAX_NAMED`]. A fixed array, so that [`DeviceStats`]
 /// stays a plain copy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Named {
@@ -152,8 +152,12 @@ mod tests {
             named = named.with(name, i as u64 + 10);
         }
         assert_eq!((named.get("a"), named.get("d"), named.get("e")), (Some(10), Some(13), None), "at most four");
-        let stats = DeviceStats { requests: 2, named: Named::default().with("inflates", 7), ..DeviceStats::default() };
+        let stats =
+            DeviceStats { requests: 2, named: Named::default().with("inflate_count", 7), ..DeviceStats::default() };
         let json = serde_json::to_value(stats).unwrap();
-        assert_eq!(json, serde_json::json!({"requests": 2, "rx_bytes": 0, "tx_bytes": 0, "errors": 0, "inflates": 7}));
+        assert_eq!(
+            json,
+            serde_json::json!({"requests": 2, "rx_bytes": 0, "tx_bytes": 0, "errors": 0, "inflate_count": 7})
+        );
     }
 }

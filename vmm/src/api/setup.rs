@@ -89,6 +89,12 @@ impl Setup {
         if m.huge_pages.as_deref().is_some_and(|h| h != "None") {
             return Err(unsupported("huge pages"));
         }
+        if let Some(balloon) = self.balloon.as_ref().filter(|b| u64::from(b.amount_mib) > m.mem_size_mib) {
+            return Err(format!(
+                "The balloon's target ({} MiB) is larger than this memory size ({} MiB).",
+                balloon.amount_mib, m.mem_size_mib
+            ));
+        }
         self.machine = m;
         self.machine_set = true;
         Ok(())

@@ -24,8 +24,8 @@
 //! buffers of which something was ignored: a page array with a partial entry, a buffer
 //! outside guest memory or the wrong way round, page frames or reported ranges outside
 //! RAM, a report of too many ranges, a malformed statistics buffer, memory the host
-//! refused to release. And its own, by name ([`Named`]): `inflates`, `deflates`,
-//! `stats_updates` and `free_page_reports`, the buffers served on each queue.
+//! refused to release. And its own, by name ([`Named`]), Firecracker's: `inflate_count`, `deflate_count`,
+//! `stats_updates_count` and `free_page_report_count`, the buffers served on each queue.
 
 mod engine;
 pub mod release;
@@ -323,10 +323,10 @@ impl VirtioDevice for Balloon {
         let shared = &self.shared;
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let named = Named::default()
-            .with("inflates", get(&shared.inflates))
-            .with("deflates", get(&shared.deflates))
-            .with("stats_updates", get(&shared.stats_updates))
-            .with("free_page_reports", get(&shared.free_page_reports));
+            .with("inflate_count", get(&shared.inflates))
+            .with("deflate_count", get(&shared.deflates))
+            .with("stats_updates_count", get(&shared.stats_updates))
+            .with("free_page_report_count", get(&shared.free_page_reports));
         Some(DeviceStats { named, ..shared.counters.snapshot() })
     }
 

@@ -63,7 +63,7 @@ impl Guest {
     /// The buffers served on each queue: inflates, deflates, statistics and reports.
     fn served(&self) -> [Option<u64>; 4] {
         let named = self.t.stats().device.expect("the balloon keeps counters").named;
-        ["inflates", "deflates", "stats_updates", "free_page_reports"].map(|name| named.get(name))
+        ["inflate_count", "deflate_count", "stats_updates_count", "free_page_report_count"].map(|name| named.get(name))
     }
 
     fn config(&mut self, offset: u64) -> u32 {

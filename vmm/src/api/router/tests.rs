@@ -422,12 +422,14 @@ fn a_balloon_above_the_memory_and_a_start_without_boot_args_are_handled_as_firec
     let root = format!(r#"{{"drive_id": "root", "path_on_host": "{}", "is_root_device": true}}"#, disk.display());
     assert_eq!(call(&mut api, "PUT", "/drives/root", Some(&root)).0, 204);
     assert_eq!(call(&mut api, "PUT", "/balloon", Some(r#"{"amount_mib": 128, "deflate_on_oom": false}"#)).0, 204);
-    // The memory shrinks below the balloon's target after it was put: the start says so.
-    assert_eq!(call(&mut api, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)).0, 204);
-    let start = Some(r#"{"action_type": "InstanceStart"}"#);
-    let (status, text) = call(&mut api, "PUT", "/actions", start);
-    assert!(status == 400 && text.contains("too large"), "{text}");
+    // The memory cannot shrink below the balloon's target once it is put (Firecracker's
+    // rule), by PUT or PATCH.
+    let (status, text) = call(&mut api, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#));
+    assert!(status == 400 && text.contains("larger than this memory size"), "{text}");
+    let (status, text) = call(&mut api, "PATCH", "/machine-config", Some(r#"{"mem_size_mib": 127}"#));
+    assert!(status == 400 && text.contains("larger than this memory size"), "{text}");
     assert_eq!(call(&mut api, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 256}"#)).0, 204);
+    let start = Some(r#"{"action_type": "InstanceStart"}"#);
     assert_eq!(call(&mut api, "PUT", "/actions", start).0, 204);
     // No boot_args: Firecracker's default (what applies to hvrun's machine) with the root.
     let booted = seen.lock().unwrap().booted.clone().unwrap();
