@@ -191,12 +191,17 @@ pub(crate) const IN_USE: &str = "in use by another process; stop it or choose an
 /// socket something answers on (another hvrun's) is an error ([`IN_USE`]) and left
 /// alone, as is anything else at `path`, so a typo never deletes a user's file. (The
 /// probe is a connection that closes at once; a console socket's server takes it as a
-/// new client.)
+/// new client. It never waits: a listener whose backlog is full, as a stopped or hung
+/// process's is, is in use too.)
 pub(crate) fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+        Ok(meta) if meta.file_type().is_socket() => match mio::net::UnixStream::connect(path) {
+            // Connected, or in the listener's backlog, or not even there (it is full).
             Ok(_) => Err(Error::new(ErrorKind::AddrInUse, IN_USE)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                Err(Error::new(ErrorKind::AddrInUse, IN_USE))
+            }
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => match std::fs::remove_file(path) {
                 Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
@@ -386,6 +391,37 @@ mod tests {
         assert!(ours.accept().is_ok());
         drop(file);
         assert!(!path.exists());
+    }
+
+    /// The probe used to be a blocking connect: on a listener whose backlog is full (a
+    /// stopped or hung process's) it waited for ever, and hvrun hung at start.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_socket_whose_backlog_is_full_is_in_use_and_the_probe_does_not_wait() {
+        use std::os::fd::AsRawFd;
+        let path = socket_path("full");
+        let theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // SAFETY: listen(2) on a socket this test owns and keeps open over the call; it
+        // only makes the backlog as short as it gets.
+        assert_eq!(unsafe { libc::listen(theirs.as_raw_fd(), 0) }, 0);
+        let mut queued = Vec::new();
+        while queued.len() < 64 {
+            match mio::net::UnixStream::connect(&path) {
+                Ok(stream) => queued.push(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(queued.len() < 64, "the backlog never filled");
+        let (done, result) = std::sync::mpsc::channel();
+        let probed = path.clone();
+        std::thread::spawn(move || done.send(remove_stale_socket(&probed)));
+        let e = result.recv_timeout(std::time::Duration::from_secs(10)).expect("the probe waits").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        assert_eq!(e.to_string(), IN_USE);
+        assert!(path.exists(), "their socket is left alone");
+        drop((queued, theirs));
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
