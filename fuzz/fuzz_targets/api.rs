@@ -92,7 +92,7 @@ impl Write for Pipe {
 
 /// In memory: never waits, so no time limit applies.
 impl Stream for Pipe {
-    fn set_read_limit(&self, _: std::time::Duration) -> std::io::Result<()> {
+    fn set_read_limit(&self, _: Option<std::time::Duration>) -> std::io::Result<()> {
         Ok(())
     }
     fn set_write_limit(&self, _: std::time::Duration) -> std::io::Result<()> {

@@ -5,7 +5,10 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use devices::virtio::console::{stream_output, Backend};
 use devices::virtio::net::backend::{NetBackend, Unixgram, Unixstream};
@@ -191,12 +194,17 @@ pub(crate) const IN_USE: &str = "in use by another process; stop it or choose an
 /// socket something answers on (another hvrun's) is an error ([`IN_USE`]) and left
 /// alone, as is anything else at `path`, so a typo never deletes a user's file. (The
 /// probe is a connection that closes at once; a console socket's server takes it as a
-/// new client.)
+/// new client. It never waits: a listener whose backlog is full, as a stopped or hung
+/// process's is, is in use too.)
 pub(crate) fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+        Ok(meta) if meta.file_type().is_socket() => match mio::net::UnixStream::connect(path) {
+            // Connected, or in the listener's backlog, or not even there (it is full).
             Ok(_) => Err(Error::new(ErrorKind::AddrInUse, IN_USE)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                Err(Error::new(ErrorKind::AddrInUse, IN_USE))
+            }
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => match std::fs::remove_file(path) {
                 Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
@@ -244,32 +252,106 @@ pub(crate) struct Clients<S, R> {
     pub thread: &'static str,
     /// Clients served at once at most.
     pub max: usize,
-    /// Serves one client, on its own thread, until it is done.
+    /// Serves one client, on its own thread, until it is done, telling its
+    /// [`Presence`] when it waits for a request and when one starts.
     pub serve: S,
-    /// Answers a client past `max` (on the accepting thread: briefly).
+    /// Answers a client past `max` when none is idle (on the accepting thread: briefly).
     pub refuse: R,
 }
 
-/// A client's place among the `max` of [`serve_clients`], given back when dropped.
-struct Place(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+/// The clients [`serve_clients`] serves, by number.
+#[derive(Debug, Default)]
+struct Registry {
+    next: u64,
+    clients: std::collections::HashMap<u64, Client>,
+}
 
-impl Drop for Place {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+/// One client of a [`Registry`].
+#[derive(Debug)]
+struct Client {
+    /// Since when it has waited for a request (`None`: one is under way).
+    idle_since: Option<Instant>,
+    /// Its connection, to close it by.
+    stream: UnixStream,
+}
+
+/// A client's place among the `max` of [`serve_clients`], given back when dropped. Its
+/// connection tells it when it waits for a request, with nothing of it read yet
+/// ([`Presence::idle`]: it may be closed then to make room for a newcomer), and when a
+/// request's first byte comes ([`Presence::busy`]).
+#[derive(Debug)]
+pub(crate) struct Presence {
+    registry: Arc<Mutex<Registry>>,
+    id: u64,
+}
+
+impl Presence {
+    /// The client waits for its next request (from now, unless it waited already).
+    pub fn idle(&self) {
+        if let Some(client) = lock(&self.registry).clients.get_mut(&self.id) {
+            client.idle_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// A request's first byte came: the client is not to be closed for a newcomer.
+    pub fn busy(&self) {
+        if let Some(client) = lock(&self.registry).clients.get_mut(&self.id) {
+            client.idle_since = None;
+        }
     }
 }
 
+impl Drop for Presence {
+    fn drop(&mut self) {
+        lock(&self.registry).clients.remove(&self.id);
+    }
+}
+
+/// The registry, even if a thread panicked holding it (its entries stay consistent:
+/// each change is one assignment).
+fn lock(registry: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+    registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A place for the client on `stream` (idle until it sends a byte), if there is one or
+/// one can be made: with `max` clients already, the one idle longest is closed (both
+/// ways, so that its thread's read returns and the thread ends) and its place given to
+/// the newcomer. `None` when every client is in the middle of a request.
+fn admit(registry: &Arc<Mutex<Registry>>, stream: &UnixStream, max: usize) -> std::io::Result<Option<Presence>> {
+    let handle = stream.try_clone()?;
+    let mut guard = lock(registry);
+    if guard.clients.len() >= max {
+        let longest = guard
+            .clients
+            .iter()
+            .filter_map(|(id, client)| client.idle_since.map(|since| (since, *id)))
+            .min()
+            .map(|(_, id)| id);
+        let Some(client) = longest.and_then(|id| guard.clients.remove(&id)) else {
+            return Ok(None);
+        };
+        let _ = client.stream.shutdown(std::net::Shutdown::Both);
+    }
+    let id = guard.next;
+    guard.next += 1;
+    guard.clients.insert(id, Client { idle_since: Some(Instant::now()), stream: handle });
+    Ok(Some(Presence { registry: Arc::clone(registry), id }))
+}
+
 /// Accepts `listener`'s clients for as long as it lasts: each on a thread of its own,
-/// at most `clients.max` at once; one more is refused. A failed accept (out of file
-/// descriptors, say) waits a little rather than spin on it.
+/// at most `clients.max` at once. One more takes the place of the client idle longest
+/// (between requests: a client that connected and said nothing too), which is closed;
+/// it is refused if none is idle (all are in the middle of a request, which their time
+/// limit bounds). Idle clients are never closed otherwise, as Firecracker's are not:
+/// its clients keep connections open between requests for as long as they like. A
+/// failed accept (out of file descriptors, say) waits a little rather than spin on it.
 pub(crate) fn serve_clients<S, R>(listener: &std::os::unix::net::UnixListener, clients: Clients<S, R>)
 where
-    S: Fn(std::os::unix::net::UnixStream) + Clone + Send + 'static,
-    R: Fn(std::os::unix::net::UnixStream),
+    S: Fn(UnixStream, Presence) + Clone + Send + 'static,
+    R: Fn(UnixStream),
 {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let Clients { what, thread, max, serve, refuse } = clients;
-    let open = std::sync::Arc::new(AtomicUsize::new(0));
+    let registry = Arc::new(Mutex::new(Registry::default()));
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(stream) => stream,
@@ -279,19 +361,22 @@ where
                 continue;
             }
         };
-        if open.fetch_add(1, Ordering::SeqCst) >= max {
-            open.fetch_sub(1, Ordering::SeqCst);
-            refuse(stream);
-            continue;
-        }
+        let presence = match admit(&registry, &stream, max) {
+            Ok(Some(presence)) => presence,
+            Ok(None) => {
+                refuse(stream);
+                continue;
+            }
+            Err(e) => {
+                devices::warn_ratelimited!("{what}: cannot serve a client: {e}");
+                refuse(stream);
+                continue;
+            }
+        };
         // The client's place is given back however its thread ends (a panic too), or
         // when there is no thread for it.
-        let place = Place(std::sync::Arc::clone(&open));
         let serve = serve.clone();
-        let spawned = std::thread::Builder::new().name(thread.into()).spawn(move || {
-            let _place = place;
-            serve(stream);
-        });
+        let spawned = std::thread::Builder::new().name(thread.into()).spawn(move || serve(stream, presence));
         if let Err(e) = spawned {
             log::warn!("{what}: cannot serve a client: {e}");
         }
@@ -388,6 +473,37 @@ mod tests {
         assert!(!path.exists());
     }
 
+    /// The probe used to be a blocking connect: on a listener whose backlog is full (a
+    /// stopped or hung process's) it waited for ever, and hvrun hung at start.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_socket_whose_backlog_is_full_is_in_use_and_the_probe_does_not_wait() {
+        use std::os::fd::AsRawFd;
+        let path = socket_path("full");
+        let theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // SAFETY: listen(2) on a socket this test owns and keeps open over the call; it
+        // only makes the backlog as short as it gets.
+        assert_eq!(unsafe { libc::listen(theirs.as_raw_fd(), 0) }, 0);
+        let mut queued = Vec::new();
+        while queued.len() < 64 {
+            match mio::net::UnixStream::connect(&path) {
+                Ok(stream) => queued.push(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(queued.len() < 64, "the backlog never filled");
+        let (done, result) = std::sync::mpsc::channel();
+        let probed = path.clone();
+        std::thread::spawn(move || done.send(remove_stale_socket(&probed)));
+        let e = result.recv_timeout(std::time::Duration::from_secs(10)).expect("the probe waits").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        assert_eq!(e.to_string(), IN_USE);
+        assert!(path.exists(), "their socket is left alone");
+        drop((queued, theirs));
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn a_socket_file_is_removed_only_while_it_is_still_ours() {
         use std::os::unix::net::{UnixListener, UnixStream};
@@ -406,6 +522,40 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         drop(file);
         assert!(!path.exists());
+    }
+
+    /// Past the limit the client idle longest makes room (its connection is closed both
+    /// ways); one in the middle of a request never does; a place given back is room.
+    #[test]
+    fn past_the_limit_the_client_idle_longest_makes_room_and_busy_ones_never_do() {
+        use std::io::Read;
+        let registry = Arc::new(Mutex::new(Registry::default()));
+        let pairs: Vec<(UnixStream, UnixStream)> = (0..3).map(|_| UnixStream::pair().unwrap()).collect();
+        let places: Vec<Presence> = pairs.iter().map(|(ours, _)| admit(&registry, ours, 3).unwrap().unwrap()).collect();
+        // Idle in the order 2, 0, 1 (apart, so that their times differ).
+        places.iter().for_each(Presence::busy);
+        for i in [2, 0, 1] {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            places[i].idle();
+        }
+        let (newcomer, _theirs) = UnixStream::pair().unwrap();
+        let fourth = admit(&registry, &newcomer, 3).unwrap().expect("an idle client makes room");
+        assert_eq!(pairs[2].1.try_clone().unwrap().read(&mut [0u8; 1]).unwrap(), 0, "the one idle longest is closed");
+        for open in [&pairs[0].1, &pairs[1].1] {
+            open.set_nonblocking(true).unwrap();
+            let e = open.try_clone().unwrap().read(&mut [0u8; 1]).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "the others stay open");
+        }
+        // Calling idle again keeps the time it became idle; busy ones are never closed.
+        places[0].idle();
+        places[0].busy();
+        places[1].busy();
+        fourth.busy();
+        let (late, _theirs) = UnixStream::pair().unwrap();
+        assert!(admit(&registry, &late, 3).unwrap().is_none(), "every client is mid-request");
+        drop(places);
+        assert_eq!(lock(&registry).clients.len(), 1, "places given back, the closed one's too");
+        assert!(admit(&registry, &late, 3).unwrap().is_some());
     }
 
     /// It used to read until 100 ms passed with nothing read: a client sending a byte

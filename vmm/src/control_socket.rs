@@ -13,9 +13,12 @@
 //!
 //! Unknown commands and fields are errors, never ignored. A line longer than
 //! [`MAX_LINE`] bytes ends the client's connection; so does a line not whole within
-//! [`LINE_TIMEOUT`] of its first byte (with an error) and [`IDLE_TIMEOUT`] of silence
-//! between lines (without). At most [`MAX_CLIENTS`] clients are served at once (more
-//! are answered an error). The socket file is removed when the server is dropped.
+//! [`LINE_TIMEOUT`] of its first byte (with an error). A client may stay silent between
+//! lines for as long as it likes (a supervisor keeps one connection open). At most
+//! [`MAX_CLIENTS`] clients are served at once: one more takes the place of the client
+//! silent longest between lines, whose connection is closed, or, if every client is in
+//! the middle of a line, is answered an error. The socket file is removed when the
+//! server is dropped.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -25,16 +28,14 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backends::{bind_socket, linger, serve_clients, Clients, SocketFile};
+use crate::backends::{bind_socket, linger, serve_clients, Clients, Presence, SocketFile};
 use crate::embed::VmHandle;
 
 /// The longest command line read, its newline included.
 pub const MAX_LINE: usize = 4096;
-/// Clients served at once.
+/// Clients served at once (one more takes the place of the one silent longest between
+/// lines).
 pub const MAX_CLIENTS: usize = 8;
-/// How long a client may be silent between lines before its connection is closed (so
-/// that silent clients do not keep others out for ever).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a line may take to arrive, from its first byte to its newline (and an
 /// answer to be taken).
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -149,10 +150,9 @@ pub struct ControlSocket {
     timeouts: Timeouts,
 }
 
-/// A client's time limits: [`IDLE_TIMEOUT`] and [`LINE_TIMEOUT`] (shorter in tests).
+/// A client's time limit: [`LINE_TIMEOUT`] (shorter in tests).
 #[derive(Debug, Clone, Copy)]
 struct Timeouts {
-    idle: Duration,
     line: Duration,
 }
 
@@ -163,13 +163,13 @@ impl ControlSocket {
     pub fn bind(path: &Path) -> Result<Self, ControlError> {
         let error = |source| ControlError { path: path.display().to_string(), source };
         let (listener, file) = bind_socket(path).map_err(error)?;
-        Ok(ControlSocket { listener, _file: file, timeouts: Timeouts { idle: IDLE_TIMEOUT, line: LINE_TIMEOUT } })
+        Ok(ControlSocket { listener, _file: file, timeouts: Timeouts { line: LINE_TIMEOUT } })
     }
 
-    /// The same with other time limits.
+    /// The same with another time limit on a line.
     #[cfg(test)]
-    fn with_timeouts(self, idle: Duration, line: Duration) -> Self {
-        ControlSocket { timeouts: Timeouts { idle, line }, ..self }
+    fn with_line_timeout(self, line: Duration) -> Self {
+        ControlSocket { timeouts: Timeouts { line }, ..self }
     }
 
     /// Serves clients on a thread of its own until the process ends. (A host that
@@ -189,7 +189,7 @@ impl ControlSocket {
 }
 
 fn accept(listener: &UnixListener, controls: Arc<dyn Controls>, timeouts: Timeouts) {
-    let serve = move |stream| serve_client(&stream, &*controls, timeouts);
+    let serve = move |stream, presence| serve_client(&stream, &presence, &*controls, timeouts);
     let refuse = |mut stream: UnixStream| {
         let _ = writeln!(stream, "{}", failure("too many control clients"));
     };
@@ -197,11 +197,12 @@ fn accept(listener: &UnixListener, controls: Arc<dyn Controls>, timeouts: Timeou
 }
 
 /// Answers `stream`'s lines until it closes, sends a line over [`MAX_LINE`] bytes, runs
-/// out of time or stops reading.
-fn serve_client(stream: &UnixStream, controls: &dyn Controls, timeouts: Timeouts) {
+/// out of time, stops reading or is closed between lines to make room for a newcomer
+/// (told through `presence`).
+fn serve_client(stream: &UnixStream, presence: &Presence, controls: &dyn Controls, timeouts: Timeouts) {
     // Cannot fail on a connected socket; if it did, writes would only wait longer.
     let _ = stream.set_write_timeout(Some(timeouts.line));
-    let mut lines = Lines { stream, timeouts, pending: Vec::new(), started: None };
+    let mut lines = Lines { stream, presence, timeouts, pending: Vec::new(), started: None };
     let mut writer = stream;
     loop {
         let reply = match lines.next() {
@@ -220,7 +221,7 @@ fn serve_client(stream: &UnixStream, controls: &dyn Controls, timeouts: Timeouts
                 let _ = writeln!(writer, "{}", failure(&why));
                 return linger(stream);
             }
-            Err(LineEnd::Closed | LineEnd::Idle) => return,
+            Err(LineEnd::Closed) => return,
         };
         if writeln!(writer, "{reply}").is_err() {
             return;
@@ -231,6 +232,8 @@ fn serve_client(stream: &UnixStream, controls: &dyn Controls, timeouts: Timeouts
 /// A client's lines, read within its time limits.
 struct Lines<'a> {
     stream: &'a UnixStream,
+    /// Told when the client waits between lines and when a line starts.
+    presence: &'a Presence,
     timeouts: Timeouts,
     /// Bytes read and not yet part of a line taken.
     pending: Vec<u8>,
@@ -241,10 +244,8 @@ struct Lines<'a> {
 /// Why a client has no more lines.
 #[derive(Debug, PartialEq, Eq)]
 enum LineEnd {
-    /// It closed the connection, or it failed.
+    /// It closed the connection (or it was closed for a newcomer), or it failed.
     Closed,
-    /// It sent nothing for [`Timeouts::idle`] between lines.
-    Idle,
     /// Its line is over [`MAX_LINE`] bytes.
     TooLong,
     /// Its line was not whole [`Timeouts::line`] after its first byte.
@@ -256,6 +257,10 @@ impl Lines<'_> {
     fn next(&mut self) -> Result<Vec<u8>, LineEnd> {
         // A line that came with the last one has its time from now.
         self.started = (!self.pending.is_empty()).then(Instant::now);
+        match self.started {
+            None => self.presence.idle(),
+            Some(_) => self.presence.busy(),
+        }
         loop {
             if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
                 if end + 1 > MAX_LINE {
@@ -266,14 +271,15 @@ impl Lines<'_> {
             if self.pending.len() > MAX_LINE {
                 return Err(LineEnd::TooLong);
             }
+            // Between lines, no time limit.
             let timeout = match self.started {
-                None => self.timeouts.idle,
+                None => None,
                 Some(started) => match self.timeouts.line.checked_sub(started.elapsed()) {
-                    Some(left) if !left.is_zero() => left,
+                    Some(left) if !left.is_zero() => Some(left),
                     _ => return Err(LineEnd::TimedOut),
                 },
             };
-            self.stream.set_read_timeout(Some(timeout)).map_err(|_| LineEnd::Closed)?;
+            self.stream.set_read_timeout(timeout).map_err(|_| LineEnd::Closed)?;
             // One byte past the limit at most: a longer line is seen as such.
             let mut chunk = [0u8; 1024];
             let want = chunk.len().min(MAX_LINE + 1 - self.pending.len());
@@ -282,12 +288,15 @@ impl Lines<'_> {
                 Ok(0) if self.pending.is_empty() => return Err(LineEnd::Closed),
                 Ok(0) => return Ok(std::mem::take(&mut self.pending)),
                 Ok(n) => {
-                    self.started.get_or_insert_with(Instant::now);
+                    if self.started.is_none() {
+                        self.started = Some(Instant::now());
+                        self.presence.busy();
+                    }
                     self.pending.extend_from_slice(&chunk[..n]);
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Err(if self.started.is_some() { LineEnd::TimedOut } else { LineEnd::Idle });
+                    return Err(if self.started.is_some() { LineEnd::TimedOut } else { LineEnd::Closed });
                 }
                 Err(_) => return Err(LineEnd::Closed),
             }

@@ -6,11 +6,13 @@
 //! answered, so curl sends a large body at once. Chunked bodies are refused (501): no
 //! client of Firecracker's API sends them.
 //!
-//! A client has [`Limits::idle_timeout`] between requests, after which its connection
-//! is closed, and [`Limits::request_timeout`] from a request's first byte to its last,
-//! after which it gets a 408 and its connection is closed (so a response it does not
-//! take for as long): a client that connects and sends nothing, or stops in the middle
-//! of a request, does not hold one of the server's connections for ever.
+//! A client may wait between requests for as long as it likes, as Firecracker's may
+//! (its SDKs keep idle connections for their next request); the server closes the
+//! connection idle longest only to make room for a new one (see [`super::MAX_CLIENTS`]).
+//! A request has [`Limits::request_timeout`] from its first byte to its last, after
+//! which it gets a 408 and its connection is closed (so has a response it does not take
+//! for as long): a client that stops in the middle of a request does not hold one of
+//! the server's connections for ever.
 //!
 //! Where a request ends must be certain, or the next one would be read from the wrong
 //! byte: a `Content-Length` that is not plain ASCII digits, two that differ, or one
@@ -20,6 +22,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use crate::backends::Presence;
+
 /// The longest request head (request line and headers) taken.
 pub const MAX_HEAD: usize = 8192;
 /// The most headers a request may have.
@@ -27,8 +31,6 @@ pub const MAX_HEADERS: usize = 32;
 /// Firecracker's default limit on a request's body (its `--http-api-max-payload-size`).
 pub const DEFAULT_MAX_BODY: usize = 51_200;
 
-/// How long a connection may be silent between requests before it is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a request may take to arrive, from its first byte to its last (and a
 /// response to be taken).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,9 +40,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Limits {
     /// The longest body taken.
     pub max_body: usize,
-    /// How long the client may be silent between requests ([`IDLE_TIMEOUT`]): the
-    /// connection is closed then.
-    pub idle_timeout: Duration,
     /// How long a request may take from its first byte to its last
     /// ([`REQUEST_TIMEOUT`]): it is answered 408 then, and the connection closed. Each
     /// write of a response has as long.
@@ -49,7 +48,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body: DEFAULT_MAX_BODY, idle_timeout: IDLE_TIMEOUT, request_timeout: REQUEST_TIMEOUT }
+        Limits { max_body: DEFAULT_MAX_BODY, request_timeout: REQUEST_TIMEOUT }
     }
 }
 
@@ -57,15 +56,16 @@ impl Default for Limits {
 /// limit. The API socket's [`UnixStream`]; tests' and the fuzz target's in-memory
 /// streams, which never wait, ignore the limits.
 pub trait Stream: Read + Write {
-    /// Limits each later read to `timeout` (not zero).
-    fn set_read_limit(&self, timeout: Duration) -> std::io::Result<()>;
+    /// Limits each later read to `timeout` (not zero); `None`: reads wait as long as
+    /// it takes.
+    fn set_read_limit(&self, timeout: Option<Duration>) -> std::io::Result<()>;
     /// Limits each later write to `timeout` (not zero).
     fn set_write_limit(&self, timeout: Duration) -> std::io::Result<()>;
 }
 
 impl Stream for UnixStream {
-    fn set_read_limit(&self, timeout: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(timeout))
+    fn set_read_limit(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(timeout)
     }
 
     fn set_write_limit(&self, timeout: Duration) -> std::io::Result<()> {
@@ -118,9 +118,6 @@ pub enum ConnectionEnd {
     /// A request the connection cannot go on after: answered with this, then closed.
     /// (A request not whole within [`Limits::request_timeout`] too: 408.)
     Refused(Response),
-    /// The client sent nothing for [`Limits::idle_timeout`] between requests: closed
-    /// without a word.
-    Idle,
 }
 
 /// One client connection: reads requests, writes responses.
@@ -134,6 +131,9 @@ pub struct Connection<S> {
     close_after: bool,
     /// When the first byte of the request being read came (`None`: none has yet).
     started: Option<Instant>,
+    /// Told when the connection waits for a request and when one starts (the API
+    /// socket's connections).
+    presence: Option<Presence>,
 }
 
 impl<S: Stream> Connection<S> {
@@ -141,7 +141,13 @@ impl<S: Stream> Connection<S> {
     pub fn new(stream: S, limits: Limits) -> Self {
         // Cannot fail on a connected socket; if it did, writes would only wait longer.
         let _ = stream.set_write_limit(limits.request_timeout);
-        Connection { stream, limits, buf: Vec::new(), close_after: false, started: None }
+        Connection { stream, limits, buf: Vec::new(), close_after: false, started: None, presence: None }
+    }
+
+    /// The same, telling `presence` when it waits for a request (from the start: a
+    /// client that sends nothing is idle) and when a request's first byte comes.
+    pub(crate) fn watched(self, presence: Presence) -> Self {
+        Connection { presence: Some(presence), ..self }
     }
 
     /// The next request. A malformed or oversized one is [`ConnectionEnd::Refused`] with
@@ -149,6 +155,12 @@ impl<S: Stream> Connection<S> {
     pub fn next_request(&mut self) -> Result<Request, ConnectionEnd> {
         // A pipelined request's first bytes came with the last one: its time starts now.
         self.started = (!self.buf.is_empty()).then(Instant::now);
+        if let Some(presence) = &self.presence {
+            match self.started {
+                None => presence.idle(),
+                Some(_) => presence.busy(),
+            }
+        }
         let (head_len, mut request, body_len, expects_continue) = loop {
             if let Some(head) = self.parse_head()? {
                 break head;
@@ -202,12 +214,12 @@ impl<S: Stream> Connection<S> {
 
     /// Reads at most `want` more bytes into the buffer (none if interrupted: the caller
     /// asks again), waiting no longer than the time left to the request, or, before its
-    /// first byte, than [`Limits::idle_timeout`].
+    /// first byte, for as long as it takes.
     fn fill(&mut self, want: usize) -> Result<(), ConnectionEnd> {
         let timeout = match self.started {
-            None => self.limits.idle_timeout,
+            None => None,
             Some(started) => match self.limits.request_timeout.checked_sub(started.elapsed()) {
-                Some(left) if !left.is_zero() => left,
+                Some(left) if !left.is_zero() => Some(left),
                 _ => return Err(self.timed_out()),
             },
         };
@@ -217,7 +229,12 @@ impl<S: Stream> Connection<S> {
         match self.stream.read(&mut chunk[..want]) {
             Ok(0) => Err(ConnectionEnd::Closed),
             Ok(n) => {
-                self.started.get_or_insert_with(Instant::now);
+                if self.started.is_none() {
+                    self.started = Some(Instant::now());
+                    if let Some(presence) = &self.presence {
+                        presence.busy();
+                    }
+                }
                 self.buf.extend_from_slice(&chunk[..n]);
                 Ok(())
             }
@@ -227,12 +244,12 @@ impl<S: Stream> Connection<S> {
         }
     }
 
-    /// How the connection ends when a read's time is up: quietly between requests, with
-    /// a 408 in the middle of one (nothing has answered it yet: a `100 Continue` is not
-    /// an answer).
+    /// How the connection ends when a request's time is up: with a 408 (nothing has
+    /// answered it yet: a `100 Continue` is not an answer). (Reads between requests have
+    /// no time limit: a timed-out one there is a failed connection.)
     fn timed_out(&self) -> ConnectionEnd {
         match self.started {
-            None => ConnectionEnd::Idle,
+            None => ConnectionEnd::Closed,
             Some(_) => refused(
                 408,
                 &format!(

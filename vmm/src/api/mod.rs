@@ -7,8 +7,8 @@
 //! - [`setup`]: the configuration put before the VM starts, turned into a [`crate::VmConfig`].
 //! - [`router`]: what each path and method does, in which phase ([`router::Api`]).
 //!
-//! Threads: one accepts connections; each connection (at most [`MAX_CLIENTS`] at once,
-//! each closed when silent too long: see [`http`]) has a thread that reads its requests
+//! Threads: one accepts connections; each connection (at most [`MAX_CLIENTS`] at once:
+//! one more takes the place of the one idle longest, see [`http`]) has a thread that reads its requests
 //! and hands them to one dispatcher thread, which owns the [`router::Api`] and answers
 //! them one at a time, in arrival order, as Firecracker does. The VM is started and driven through [`router::Host`] and
 //! [`router::Running`] (the CLI's are [`crate::VmHandle`] and a host that hands the VM
@@ -29,7 +29,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use self::http::{Connection, ConnectionEnd, Limits, Request, Response};
 use self::router::Api;
 pub use crate::backends::SocketId;
-use crate::backends::{bind_socket, linger, serve_clients, Clients, SocketFile};
+use crate::backends::{bind_socket, linger, serve_clients, Clients, Presence, SocketFile};
 
 impl router::Running for crate::VmHandle {
     fn pause(&self) -> Result<(), String> {
@@ -65,7 +65,9 @@ impl router::Running for crate::VmHandle {
     }
 }
 
-/// Connections served at once; more get 503 and are closed.
+/// Connections served at once. One more takes the place of the connection idle
+/// longest (waiting for a request, nothing of it read yet), which is closed; if none is
+/// idle, it gets 503 and is closed.
 pub const MAX_CLIENTS: usize = 16;
 
 /// Why the API socket could not be set up.
@@ -143,7 +145,7 @@ fn dispatch(mut api: Api, queue: &Receiver<Job>) {
 }
 
 fn accept(listener: &UnixListener, jobs: Sender<Job>, limits: Limits) {
-    let serve = move |stream| serve_client(stream, &jobs, limits);
+    let serve = move |stream, presence| serve_client(stream, presence, &jobs, limits);
     serve_clients(
         listener,
         Clients { what: "api", thread: "api-client", max: MAX_CLIENTS, serve, refuse: refuse_busy },
@@ -160,14 +162,15 @@ fn refuse_busy(mut stream: UnixStream) {
     Connection::new(stream, Limits::default()).refuse(&Response::fault(503, "Too many API connections."));
 }
 
-/// Serves one connection until the client closes it, sends what ends it or runs out of
-/// time ([`Limits::idle_timeout`], [`Limits::request_timeout`]).
-fn serve_client(stream: UnixStream, jobs: &Sender<Job>, limits: Limits) {
-    let mut connection = Connection::new(stream, limits);
+/// Serves one connection until the client closes it, sends what ends it, runs out of
+/// time ([`Limits::request_timeout`]) or is closed between requests to make room for
+/// a newcomer.
+fn serve_client(stream: UnixStream, presence: Presence, jobs: &Sender<Job>, limits: Limits) {
+    let mut connection = Connection::new(stream, limits).watched(presence);
     loop {
         let request = match connection.next_request() {
             Ok(request) => request,
-            Err(ConnectionEnd::Closed | ConnectionEnd::Idle) => return,
+            Err(ConnectionEnd::Closed) => return,
             Err(ConnectionEnd::Refused(response)) => {
                 connection.refuse(&response);
                 return linger(&connection.into_inner());

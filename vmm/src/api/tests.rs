@@ -1,9 +1,10 @@
 //! The server over a real unix socket: silent clients, clients gone mid-request and
-//! too many clients leave the API serving the others.
+//! too many clients leave the API serving the others; idle clients stay connected
+//! until a newcomer needs their place.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::*;
 
@@ -47,23 +48,48 @@ fn silent_and_vanishing_clients_do_not_stop_the_others() {
     assert!(big.starts_with("HTTP/1.1 413 Payload Too Large\r\n"), "{big}");
 }
 
+/// A client that has sent part of a request head (so is not idle).
+fn mid_request(path: &std::path::Path) -> UnixStream {
+    let mut stream = UnixStream::connect(path).unwrap();
+    stream.write_all(b"GET /version HT").unwrap();
+    stream
+}
+
+/// Whether the server has closed `stream` or answered it (it has not if a read would
+/// wait).
+fn ended(stream: &UnixStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let waits = matches!((&*stream).read(&mut [0u8; 64]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    stream.set_nonblocking(false).unwrap();
+    !waits
+}
+
+/// With every place taken by a client in the middle of a request, there is no idle one
+/// to close for a newcomer: it gets 503.
 #[test]
-fn clients_past_the_limit_get_503_and_the_socket_file_goes_with_the_server() {
+fn when_every_client_is_mid_request_a_newcomer_gets_503_and_the_socket_file_goes_with_the_server() {
     let path = socket("many");
     let (api, _) = router::tests::new_api();
     let server = ApiServer::bind(&path).unwrap().serve(api, Limits::default()).unwrap();
-    let held: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| UnixStream::connect(&path).unwrap()).collect();
-    // The accept thread counts them as it takes them: wait until one more is refused.
-    let mut refused = String::new();
-    for _ in 0..100 {
-        refused = get(&path, "GET / HTTP/1.1\r\n\r\n");
-        if refused.starts_with("HTTP/1.1 503") {
-            break;
+    let mut held: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| mid_request(&path)).collect();
+    // A held client whose first bytes its thread has not read yet is idle: a newcomer
+    // then takes its place. It is replaced, and another newcomer tried.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let answer = get(&path, "GET /version HTTP/1.1\r\nConnection: close\r\n\r\n");
+        if answer.starts_with("HTTP/1.1 503") || Instant::now() > deadline {
+            break answer;
+        }
+        for client in &mut held {
+            if ended(client) {
+                *client = mid_request(&path);
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
     assert!(refused.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{refused}");
     assert!(refused.contains("Too many API connections."), "{refused}");
+    assert!(!held.iter().any(ended), "no client in the middle of a request is closed");
     drop(held);
     // Their threads end as they close: a client is served again.
     assert_served_again(&path);
@@ -84,38 +110,72 @@ fn assert_served_again(path: &std::path::Path) {
     assert!(answer.contains("firecracker_version"), "{answer}");
 }
 
-/// Short limits, for the tests that wait for them.
-fn short(idle_ms: u64, request_ms: u64) -> Limits {
-    Limits {
-        idle_timeout: Duration::from_millis(idle_ms),
-        request_timeout: Duration::from_millis(request_ms),
-        ..Limits::default()
+/// A short time limit on a request, for the tests that wait for it.
+fn short(request_ms: u64) -> Limits {
+    Limits { request_timeout: Duration::from_millis(request_ms), ..Limits::default() }
+}
+
+/// One response on a connection that stays open: its head and its body.
+fn exchange(stream: &mut UnixStream, request: &str) -> String {
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.push(byte[0]);
     }
+    let head = String::from_utf8(answer).unwrap();
+    let length =
+        head.lines().find_map(|line| line.strip_prefix("Content-Length: ")).map_or(0, |n| n.parse::<usize>().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    head + &String::from_utf8(body).unwrap()
 }
 
 /// MAX_CLIENTS clients that connected and said nothing used to lock every other client
-/// out (503) for as long as they stayed.
+/// out (503) for as long as they stayed; then they were closed after 30 s of silence,
+/// and so were the idle keep-alive connections Firecracker's clients keep. Now a
+/// newcomer takes the place of the one idle longest, at once.
 #[test]
-fn silent_clients_are_dropped_after_the_idle_timeout_and_others_are_served() {
+fn a_newcomer_past_the_limit_takes_the_place_of_the_client_idle_longest() {
     let path = socket("idle");
     let (api, _) = router::tests::new_api();
-    let _server = ApiServer::bind(&path).unwrap().serve(api, short(300, 100)).unwrap();
-    let silent: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| UnixStream::connect(&path).unwrap()).collect();
-    // Each is closed after the idle time, without a word.
-    for mut client in silent {
-        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut answer = String::new();
-        client.read_to_string(&mut answer).unwrap();
-        assert_eq!(answer, "");
-    }
-    assert_served_again(&path);
+    let _server = ApiServer::bind(&path).unwrap().serve(api, Limits::default()).unwrap();
+    // Accepted in turn: the first is idle longest.
+    let mut silent: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| UnixStream::connect(&path).unwrap()).collect();
+    let answer = get(&path, "GET /version HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert!(answer.contains("firecracker_version"), "{answer}");
+    // The first was closed without a word; the others are served as they ask.
+    let mut first = silent.remove(0);
+    first.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut said = String::new();
+    first.read_to_string(&mut said).unwrap();
+    assert_eq!(said, "");
+    let last = silent.last_mut().unwrap();
+    assert!(exchange(last, "GET /version HTTP/1.1\r\n\r\n").contains("firecracker_version"));
+}
+
+/// An idle keep-alive connection (a Firecracker SDK's pooled one) stays open while the
+/// server has room: its next request, longer after the last than a request may take,
+/// is answered on it.
+#[test]
+fn an_idle_keep_alive_client_stays_connected_while_there_is_room() {
+    let path = socket("keep");
+    let (api, _) = router::tests::new_api();
+    let _server = ApiServer::bind(&path).unwrap().serve(api, short(100)).unwrap();
+    let mut client = UnixStream::connect(&path).unwrap();
+    assert!(exchange(&mut client, "GET /version HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200 OK\r\n"));
+    std::thread::sleep(Duration::from_millis(1200));
+    let answer = exchange(&mut client, "GET /version HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("firecracker_version"), "{answer}");
 }
 
 #[test]
 fn a_request_not_whole_in_time_is_answered_408_and_the_connection_closed() {
     let path = socket("late");
     let (api, _) = router::tests::new_api();
-    let _server = ApiServer::bind(&path).unwrap().serve(api, short(10_000, 50)).unwrap();
+    let _server = ApiServer::bind(&path).unwrap().serve(api, short(50)).unwrap();
     let answer = get(&path, "PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"vcpu");
     assert!(answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{answer}");
     assert!(answer.contains("Connection: close\r\n"), "{answer}");

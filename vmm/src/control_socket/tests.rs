@@ -145,40 +145,88 @@ fn status(client: &mut UnixStream) -> String {
 }
 
 /// MAX_CLIENTS clients that connected and said nothing used to keep every other client
-/// out for as long as they liked.
+/// out for as long as they liked; then they were closed after 30 s of silence, and so
+/// was a supervisor's one connection, kept open between commands. Now a newcomer takes
+/// the place of the one silent longest, at once.
 #[test]
-fn silent_clients_are_closed_after_the_idle_timeout_and_others_are_served() {
+fn a_newcomer_past_the_limit_takes_the_place_of_the_client_silent_longest() {
     let path = control_path("idle");
-    let idle = Duration::from_millis(300);
-    let _server =
-        ControlSocket::bind(&path).unwrap().with_timeouts(idle, LINE_TIMEOUT).serve(Arc::new(Fake::default()));
-    let silent: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| UnixStream::connect(&path).unwrap()).collect();
-    let started = Instant::now();
-    // The accept thread counts them as it takes them: one more is refused at first.
-    let refused = status(&mut UnixStream::connect(&path).unwrap());
-    assert!(refused.contains("too many control clients") || started.elapsed() >= idle, "{refused}");
-    // Each silent one is closed after the idle time, and a client is served again.
-    for client in &silent {
-        assert_eq!(read_reply(client), "", "closed without a word");
-    }
-    assert!(started.elapsed() >= idle);
-    let mut served = String::new();
-    for _ in 0..100 {
-        served = status(&mut UnixStream::connect(&path).unwrap());
-        if served.contains("paused") {
-            break;
+    let _server = ControlSocket::bind(&path).unwrap().serve(Arc::new(Fake::default()));
+    // Accepted in turn: the first is silent longest.
+    let mut silent: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| UnixStream::connect(&path).unwrap()).collect();
+    assert_eq!(json(&status(&mut UnixStream::connect(&path).unwrap())), json(r#"{"ok":true,"paused":false}"#));
+    assert_eq!(read_reply(&silent[0]), "", "closed without a word");
+    assert_eq!(json(&status(&mut silent[MAX_CLIENTS - 1])), json(r#"{"ok":true,"paused":false}"#));
+}
+
+/// A client silent between lines (a supervisor's one connection) stays connected while
+/// there is room, however long it waits: longer than a line may take here.
+#[test]
+fn a_client_silent_between_lines_stays_connected_while_there_is_room() {
+    let path = control_path("keep");
+    let _server = ControlSocket::bind(&path)
+        .unwrap()
+        .with_line_timeout(Duration::from_millis(100))
+        .serve(Arc::new(Fake::default()));
+    let mut client = UnixStream::connect(&path).unwrap();
+    assert_eq!(json(&status(&mut client)), json(r#"{"ok":true,"paused":false}"#));
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(json(&status(&mut client)), json(r#"{"ok":true,"paused":false}"#));
+}
+
+/// A client that has sent part of a command line (so is not idle).
+fn mid_line(path: &Path) -> UnixStream {
+    let mut stream = UnixStream::connect(path).unwrap();
+    stream.write_all(b"{\"command\":").unwrap();
+    stream
+}
+
+/// Whether the server has closed `stream` or answered it (it has not if a read would
+/// wait).
+fn ended(stream: &UnixStream) -> bool {
+    use std::io::Read;
+    stream.set_nonblocking(true).unwrap();
+    let waits = matches!((&*stream).read(&mut [0u8; 64]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    stream.set_nonblocking(false).unwrap();
+    !waits
+}
+
+/// With every place taken by a client in the middle of a line, there is no idle one to
+/// close for a newcomer: it is answered an error.
+#[test]
+fn when_every_client_is_mid_line_a_newcomer_is_refused() {
+    let path = control_path("full");
+    let _server = ControlSocket::bind(&path).unwrap().serve(Arc::new(Fake::default()));
+    let mut held: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| mid_line(&path)).collect();
+    // A held client whose first bytes its thread has not read yet is idle: a newcomer
+    // then takes its place. It is replaced, and another newcomer tried.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let answer = status(&mut UnixStream::connect(&path).unwrap());
+        if answer.contains("too many control clients") || Instant::now() > deadline {
+            break answer;
+        }
+        for client in &mut held {
+            if ended(client) {
+                *client = mid_line(&path);
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(json(&refused), json(r#"{"ok":false,"error":"too many control clients"}"#));
+    assert!(!held.iter().any(ended), "no client in the middle of a line is closed");
+    // The held clients' lines, finished, are answered.
+    for client in &mut held {
+        client.write_all(b"\"status\"}\n").unwrap();
+        assert_eq!(json(&read_reply(client)), json(r#"{"ok":true,"paused":false}"#));
     }
-    assert_eq!(json(&served), json(r#"{"ok":true,"paused":false}"#));
 }
 
 #[test]
 fn a_line_not_whole_in_time_gets_an_error_and_waiting_between_lines_is_no_fault() {
     let path = control_path("late");
     let line = Duration::from_millis(50);
-    let _server =
-        ControlSocket::bind(&path).unwrap().with_timeouts(IDLE_TIMEOUT, line).serve(Arc::new(Fake::default()));
+    let _server = ControlSocket::bind(&path).unwrap().with_line_timeout(line).serve(Arc::new(Fake::default()));
     let mut late = UnixStream::connect(&path).unwrap();
     let start = Instant::now();
     late.write_all(b"{\"command\":").unwrap();
