@@ -320,8 +320,13 @@ kill $dog 2>/dev/null
 pid2=
 wait_in /tmp/fc2.out 'power-button: pressed' 1 || fail "the guest did not see its power button pressed (hvrun status $rc)"
 echo "fc-api: the guest took its shutdown path"
-wait_in /tmp/fc2.out 'reboot: Power down' 1 || fail "the guest did not power down (hvrun status $rc)"
-echo "fc-api: the guest powered down"
+# hvrun exits 0 only for the guest's PSCI SYSTEM_OFF: the proof that it powered down
+# (as in the power-button scenario). The kernel's last line, printed just before, is
+# looked for too; a CI run (2026-12-03) once lacked it after a 2-vCPU guest's power-off,
+# which Linux can lose when the other CPU holds the console as it is stopped.
+[ "$rc" = 0 ] || fail "the guest did not power down (hvrun status $rc)"
+echo "fc-api: the guest powered down (hvrun exit 0: its PSCI SYSTEM_OFF)"
+wait_in /tmp/fc2.out 'reboot: Power down' 1 || echo "fc-api: note: the kernel's 'reboot: Power down' line did not reach the serial port"
 echo "fc-api: the second hvrun exit $rc"
 # The snapshot named the drive's new image, so the second hvrun wrote on there.
 n=$(disk_count /tmp/disk2.img)

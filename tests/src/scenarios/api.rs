@@ -110,7 +110,7 @@ pub const FC_API: Scenario = Scenario {
         "fc-api: PUT /snapshot/load on a running machine -> 400 with a fault_message",
         "fc-api: PUT /actions SendCtrlAltDel -> 204",
         "fc-api: the guest took its shutdown path",
-        "fc-api: the guest powered down",
+        "fc-api: the guest powered down (hvrun exit 0: its PSCI SYSTEM_OFF)",
         "fc-api: the second hvrun exit 0",
         "fc-api: after the load the new image holds count",
     ],
