@@ -28,3 +28,13 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     std::fs::write(&path, bytes).unwrap();
     path
 }
+
+/// Whether the server has closed `stream` or answered it (it has not if a read would
+/// wait): for the tests of the API's and the control socket's client limits.
+pub fn ended(stream: &std::os::unix::net::UnixStream) -> bool {
+    use std::io::Read;
+    stream.set_nonblocking(true).unwrap();
+    let waits = matches!((&*stream).read(&mut [0u8; 64]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    stream.set_nonblocking(false).unwrap();
+    !waits
+}

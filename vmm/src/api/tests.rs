@@ -55,15 +55,6 @@ fn mid_request(path: &std::path::Path) -> UnixStream {
     stream
 }
 
-/// Whether the server has closed `stream` or answered it (it has not if a read would
-/// wait).
-fn ended(stream: &UnixStream) -> bool {
-    stream.set_nonblocking(true).unwrap();
-    let waits = matches!((&*stream).read(&mut [0u8; 64]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-    stream.set_nonblocking(false).unwrap();
-    !waits
-}
-
 /// With every place taken by a client in the middle of a request, there is no idle one
 /// to close for a newcomer: it gets 503.
 #[test]
@@ -81,7 +72,7 @@ fn when_every_client_is_mid_request_a_newcomer_gets_503_and_the_socket_file_goes
             break answer;
         }
         for client in &mut held {
-            if ended(client) {
+            if crate::testing::ended(client) {
                 *client = mid_request(&path);
             }
         }
@@ -89,7 +80,7 @@ fn when_every_client_is_mid_request_a_newcomer_gets_503_and_the_socket_file_goes
     };
     assert!(refused.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{refused}");
     assert!(refused.contains("Too many API connections."), "{refused}");
-    assert!(!held.iter().any(ended), "no client in the middle of a request is closed");
+    assert!(!held.iter().any(crate::testing::ended), "no client in the middle of a request is closed");
     drop(held);
     // Their threads end as they close: a client is served again.
     assert_served_again(&path);

@@ -181,16 +181,6 @@ fn mid_line(path: &Path) -> UnixStream {
     stream
 }
 
-/// Whether the server has closed `stream` or answered it (it has not if a read would
-/// wait).
-fn ended(stream: &UnixStream) -> bool {
-    use std::io::Read;
-    stream.set_nonblocking(true).unwrap();
-    let waits = matches!((&*stream).read(&mut [0u8; 64]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-    stream.set_nonblocking(false).unwrap();
-    !waits
-}
-
 /// With every place taken by a client in the middle of a line, there is no idle one to
 /// close for a newcomer: it is answered an error.
 #[test]
@@ -207,14 +197,14 @@ fn when_every_client_is_mid_line_a_newcomer_is_refused() {
             break answer;
         }
         for client in &mut held {
-            if ended(client) {
+            if crate::testing::ended(client) {
                 *client = mid_line(&path);
             }
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(json(&refused), json(r#"{"ok":false,"error":"too many control clients"}"#));
-    assert!(!held.iter().any(ended), "no client in the middle of a line is closed");
+    assert!(!held.iter().any(crate::testing::ended), "no client in the middle of a line is closed");
     // The held clients' lines, finished, are answered.
     for client in &mut held {
         client.write_all(b"\"status\"}\n").unwrap();
