@@ -240,14 +240,7 @@ impl Setup {
                 id: Some(d.drive_id.clone()),
             })
             .collect();
-        if let Some(balloon) = self.balloon.as_ref().filter(|b| u64::from(b.amount_mib) > self.machine.mem_size_mib) {
-            return Err(format!(
-                "{} ({} MiB for {} MiB of memory)",
-                super::router::TOO_LARGE,
-                balloon.amount_mib,
-                self.machine.mem_size_mib
-            ));
-        }
+        // The balloon's target is within the memory: `set_balloon` and `set_machine` keep it.
         let args = boot.boot_args.as_deref().unwrap_or(DEFAULT_BOOT_ARGS);
         config.cmdline = Some(cmdline(args, drives.first().copied()));
         config.nets = self.nets.iter().map(net_config).collect::<Result<_, _>>()?;
