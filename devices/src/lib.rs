@@ -11,6 +11,7 @@ pub mod boot_timer;
 pub mod bus;
 pub mod gic;
 pub mod host_file;
+pub mod host_socket;
 pub mod irq;
 pub mod output;
 pub mod pl011;

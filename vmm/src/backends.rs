@@ -193,9 +193,10 @@ pub(crate) const IN_USE: &str = "in use by another process; stop it or choose an
 /// Removes a socket file left by an earlier run: one that refuses a connection. A
 /// socket something answers on (another hvrun's) is an error ([`IN_USE`]) and left
 /// alone, as is anything else at `path`, so a typo never deletes a user's file. (The
-/// probe is a connection that closes at once; a console socket's server takes it as a
-/// new client. It never waits: a listener whose backlog is full, as a stopped or hung
-/// process's is, is in use too.)
+/// probe is a connection that closes at once: hvrun's own servers neither serve it nor
+/// let it take a client's place, if it is gone when they accept it (`peer_gone`). It
+/// never waits: a listener whose backlog is full, as a stopped or hung process's is, is
+/// in use too.)
 pub(crate) fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     match std::fs::symlink_metadata(path) {
@@ -361,6 +362,11 @@ where
                 continue;
             }
         };
+        // A client that connected and went at once (another hvrun checking whether the
+        // socket is in use, a health check) needs no thread, and takes no one's place.
+        if devices::host_socket::peer_gone(&stream) {
+            continue;
+        }
         let presence = match admit(&registry, &stream, max) {
             Ok(Some(presence)) => presence,
             Ok(None) => {
@@ -556,6 +562,40 @@ mod tests {
         drop(places);
         assert_eq!(lock(&registry).clients.len(), 1, "places given back, the closed one's too");
         assert!(admit(&registry, &late, 3).unwrap().is_some());
+    }
+
+    /// A second hvrun's check of a live API or control socket (a connection that closes
+    /// at once) took the place of the client idle longest when the server was full.
+    #[test]
+    fn a_client_gone_before_it_is_accepted_takes_no_place() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixListener;
+        let path = socket_path("gone");
+        let listener = UnixListener::bind(&path).unwrap();
+        // Both wait in the backlog, in this order, before the server accepts either.
+        let mut client = UnixStream::connect(&path).unwrap();
+        drop(UnixStream::connect(&path).unwrap());
+        let clients = Clients {
+            what: "test",
+            thread: "test-client",
+            max: 1,
+            serve: |mut stream: UnixStream, presence: Presence| {
+                let mut byte = [0u8; 1];
+                while stream.read_exact(&mut byte).is_ok() {
+                    presence.busy();
+                    let _ = stream.write_all(&byte);
+                    presence.idle();
+                }
+            },
+            refuse: |_stream: UnixStream| {},
+        };
+        std::thread::spawn(move || serve_clients(&listener, clients));
+        client.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        client.write_all(b"x").unwrap();
+        let mut echoed = [0u8; 1];
+        client.read_exact(&mut echoed).expect("the first client is still served");
+        assert_eq!(&echoed, b"x");
+        let _ = std::fs::remove_file(&path);
     }
 
     /// It used to read until 100 ms passed with nothing read: a client sending a byte

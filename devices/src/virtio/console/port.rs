@@ -291,6 +291,11 @@ impl Port {
             let Backend::Socket(listener) = &self.backend else { return };
             match listener.accept() {
                 Ok((mut stream, _)) => {
+                    // A client that connected and went at once (another hvrun checking
+                    // whether this socket is in use) does not take the console over.
+                    if crate::host_socket::peer_gone(&stream) {
+                        continue;
+                    }
                     if self.client.is_some() {
                         log::info!("{NAME}: a new client takes the console over from the previous one");
                         self.drop_client(registry);

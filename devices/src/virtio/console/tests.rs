@@ -151,6 +151,38 @@ fn a_socket_client_gets_earlier_output_a_new_client_takes_over_and_a_reset_keeps
     let _ = std::fs::remove_file(&path);
 }
 
+/// A second hvrun's check of a live console socket (a connection that closes at once)
+/// took the console over: the client connected until then was closed.
+#[test]
+fn a_client_gone_before_it_is_accepted_does_not_take_the_console_over() {
+    use std::os::unix::net::UnixStream;
+    let path = std::env::temp_dir().join(format!("hvrun-console-gone-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut g = Guest::new(Backend::Socket(UnixListener::bind(&path).unwrap()));
+    let m = g.m.clone();
+    let (rx, tx) = queues(&m);
+    start(&mut g.t, &[&rx, &tx]);
+    let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    client.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    // The guest writes `text`, which the client must get.
+    let output = |g: &mut Guest, tx: &MockSplitQueue<GuestMemoryMmap>, client: &mut UnixStream, text: &[u8; 4]| {
+        m.write_slice(text, GuestAddress(0x1000)).unwrap();
+        tx.add_desc_chains(&[desc(0x1000, 4, 0)], 0).unwrap();
+        write_reg(&mut g.t, 0x50, 1);
+        let mut got = [0u8; 4];
+        client.read_exact(&mut got).expect("the client has the console");
+        assert_eq!(&got, text);
+    };
+    output(&mut g, &tx, &mut client, b"seen");
+    // With the device reset its worker accepts nothing: the probe comes and goes first.
+    write_reg(&mut g.t, 0x70, 0);
+    drop(UnixStream::connect(&path).unwrap());
+    let (rx, tx) = queues(&m);
+    start(&mut g.t, &[&rx, &tx]);
+    output(&mut g, &tx, &mut client, b"kept");
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Issue 12, hole 1: a runaway available index on either queue made the console's worker
 /// spin, and a reset wait for it for ever.
 #[test]
