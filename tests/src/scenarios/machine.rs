@@ -374,11 +374,15 @@ pub const CONSOLE_FILE: Scenario = Scenario {
 
 pub const CONTROL_SOCKET: Scenario = Scenario {
         name: "control-socket",
-        about: "--control PATH: another program pauses (no guest progress while paused), resumes, asks the status of and stops the VM with JSON lines; a bad command is an error; the socket file goes with hvrun",
+        about: "--control PATH: another program pauses (no guest progress while paused), resumes, asks the status of and stops the VM with JSON lines; a bad command is an error; a second hvrun given the control socket or the console's (--console socket=) is refused in one line and leaves them working, the console's reader keeping hvc0; the socket files go with hvrun",
         artifacts: &["Image", "initramfs.cpio"],
         script: include_str!("../../scenarios/control-socket.sh"),
         exit_code: 0,
         markers: &[
+            "control: the console client gets hvc0",
+            "control: a second hvrun with --control /tmp/ctl.sock: refused (exit 1, one line)",
+            "control: a second hvrun with --console socket=/tmp/con.sock: refused (exit 1, one line)",
+            "control: the console client still gets hvc0 after the second hvruns",
             "control: pause -> {\"ok\":true}",
             "control: status -> {\"ok\":true,\"paused\":true}",
             "control: no tick while paused",
@@ -388,6 +392,7 @@ pub const CONTROL_SOCKET: Scenario = Scenario {
             "control: stop -> {\"ok\":true}",
             "hvrun exit 5",
             "control: the socket file is gone",
+            "control: the console's socket file is gone",
         ],
         forbidden: &["FAIL", "panicked", "hvrun: error"],
         timeout_secs: 180,

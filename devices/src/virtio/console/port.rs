@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use guest_memory::GuestMemoryMmap;
 use mio::event::Event;
@@ -34,6 +34,12 @@ pub const MAX_CHAIN_OUTPUT: usize = 64 * 1024;
 pub const KEPT_OUTPUT: usize = 64 * 1024;
 /// The most transmit chains handed to the backend in one call.
 const BATCH: usize = 64;
+/// How long a new socket client waits before it takes the console over: one that goes
+/// within it (another hvrun's check of the path, a health check, which connect and close
+/// at once) never does, so the client it would have displaced keeps the console.
+pub const TAKEOVER_GRACE: Duration = Duration::from_millis(200);
+/// New socket clients waiting to take over at most; past it the oldest is let go.
+const MAX_NEWCOMERS: usize = 4;
 
 struct Running {
     memory: GuestMemory,
@@ -46,6 +52,12 @@ struct Running {
 pub(super) struct Port {
     backend: Backend,
     client: Option<UnixStream>,
+    /// Whether the socket client may still send input: one that shut its writing side
+    /// (a client that only reads, such as `nc -N` or `socat -u`) keeps getting output.
+    client_sends: bool,
+    /// Socket clients accepted and not yet the client, oldest first, each with the time
+    /// it may take over ([`TAKEOVER_GRACE`]).
+    newcomers: Vec<(UnixStream, Instant)>,
     running: Option<Running>,
     /// Host input read but not yet given to the guest: `input[input_at..]`.
     input: Vec<u8>,
@@ -73,6 +85,8 @@ impl Port {
         Port {
             backend,
             client: None,
+            client_sends: false,
+            newcomers: Vec::new(),
             running: None,
             input: Vec::new(),
             input_at: 0,
@@ -92,6 +106,7 @@ impl Port {
     /// Moves bytes both ways until neither side can take more, then interrupts the
     /// driver if it asked to be.
     fn pump(&mut self, registry: &Registry) {
+        self.settle_newcomers(registry);
         let Some(mut run) = self.running.take() else { return };
         let memory = run.memory.memory();
         // Each pass interrupts the driver, if it asked to be, when it ends.
@@ -247,7 +262,11 @@ impl Port {
         self.input_at = 0;
         let read = match (&mut self.backend, &mut self.client) {
             (Backend::Stream { input: Some(pipe), .. }, _) => pipe.read(&mut self.input),
-            (Backend::Socket(_), Some(client)) => client.read(&mut self.input),
+            (Backend::Socket(_), Some(client)) if self.client_sends => client.read(&mut self.input),
+            (Backend::Socket(_), _) => {
+                self.input.clear();
+                return false;
+            }
             _ => Ok(0),
         };
         let n = match read {
@@ -267,7 +286,9 @@ impl Port {
         n > 0
     }
 
-    /// The input reached its end: a pipe is closed for good, a socket client is let go.
+    /// The input reached its end: a pipe is closed for good; a socket client is read no
+    /// more but keeps getting output until writing to it fails (it may have shut only
+    /// its writing side).
     fn end_input(&mut self, registry: &Registry) {
         match &mut self.backend {
             Backend::Stream { input, .. } => {
@@ -276,7 +297,33 @@ impl Port {
                 }
             }
             Backend::File(_) => {}
-            Backend::Socket(_) => self.drop_client(registry),
+            Backend::Socket(_) => {
+                self.client_sends = false;
+                if let Some(client) = &mut self.client {
+                    let _ = registry.reregister(client, CLIENT, Interest::WRITABLE);
+                }
+            }
+        }
+    }
+
+    /// Lets go of the newcomers that are gone; the newest whose grace has passed takes
+    /// the console over (any older one is let go, as that newer client would have
+    /// displaced it).
+    fn settle_newcomers(&mut self, registry: &Registry) {
+        if self.newcomers.is_empty() {
+            return;
+        }
+        self.newcomers.retain(|(stream, _)| !crate::host_socket::peer_gone(stream));
+        let now = Instant::now();
+        let Some(due) = self.newcomers.iter().rposition(|(_, at)| *at <= now) else { return };
+        let Some((mut stream, _)) = self.newcomers.drain(..=due).last() else { return };
+        if self.client.is_some() {
+            log::info!("{NAME}: a new client takes the console over from the previous one");
+            self.drop_client(registry);
+        }
+        match registry.register(&mut stream, CLIENT, Interest::READABLE | Interest::WRITABLE) {
+            Ok(()) => (self.client, self.client_sends) = (Some(stream), true),
+            Err(e) => warn_ratelimited!("{NAME}: cannot watch the new client: {e}"),
         }
     }
 
@@ -286,24 +333,20 @@ impl Port {
         }
     }
 
-    fn accept(&mut self, registry: &Registry) {
+    /// Accepts new socket clients: each waits [`TAKEOVER_GRACE`] before it takes the
+    /// console over (see [`Port::settle_newcomers`]), unless it is gone already.
+    fn accept(&mut self) {
         loop {
             let Backend::Socket(listener) = &self.backend else { return };
             match listener.accept() {
-                Ok((mut stream, _)) => {
-                    // A client that connected and went at once (another hvrun checking
-                    // whether this socket is in use) does not take the console over.
+                Ok((stream, _)) => {
                     if crate::host_socket::peer_gone(&stream) {
                         continue;
                     }
-                    if self.client.is_some() {
-                        log::info!("{NAME}: a new client takes the console over from the previous one");
-                        self.drop_client(registry);
+                    if self.newcomers.len() == MAX_NEWCOMERS {
+                        self.newcomers.remove(0);
                     }
-                    match registry.register(&mut stream, CLIENT, Interest::READABLE | Interest::WRITABLE) {
-                        Ok(()) => self.client = Some(stream),
-                        Err(e) => warn_ratelimited!("{NAME}: cannot watch the new client: {e}"),
-                    }
+                    self.newcomers.push((stream, Instant::now() + TAKEOVER_GRACE));
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -416,7 +459,8 @@ impl Handler for Port {
             Backend::Socket(listener) => registry.register(listener, LISTENER, Interest::READABLE)?,
         }
         if let Some(client) = &mut self.client {
-            registry.register(client, CLIENT, Interest::READABLE | Interest::WRITABLE)?;
+            let interest = if self.client_sends { Interest::READABLE | Interest::WRITABLE } else { Interest::WRITABLE };
+            registry.register(client, CLIENT, interest)?;
         }
         Ok(())
     }
@@ -435,7 +479,7 @@ impl Handler for Port {
 
     fn ready(&mut self, registry: &Registry, event: &Event) {
         if event.token() == LISTENER {
-            self.accept(registry);
+            self.accept();
         }
         self.pump(registry);
     }
@@ -472,6 +516,16 @@ impl Handler for Port {
 
     fn poll_expired(&mut self) {
         self.window.expired();
+    }
+
+    /// Due when the first newcomer may take the console over.
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.newcomers.iter().map(|(_, at)| at.saturating_duration_since(now)).min()
+    }
+
+    fn timeout(&mut self, registry: &Registry) {
+        self.pump(registry);
     }
 
     fn deregister(&mut self, registry: &Registry) {

@@ -183,6 +183,36 @@ fn a_client_gone_before_it_is_accepted_does_not_take_the_console_over() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// A client that shut its writing side (it only reads: `nc -N`, `socat -u`) was let go
+/// at its input's end, and the output it was there for went to nobody.
+#[test]
+fn a_client_that_only_reads_keeps_getting_output() {
+    use std::os::unix::net::UnixStream;
+    let path = std::env::temp_dir().join(format!("hvrun-console-reader-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut g = Guest::new(Backend::Socket(UnixListener::bind(&path).unwrap()));
+    let m = g.m.clone();
+    let (rx, tx) = queues(&m);
+    start(&mut g.t, &[&rx, &tx]);
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    for (n, text) in [b"one.", b"two.", b"3rd."].into_iter().enumerate() {
+        if n == 1 {
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            // Time for the device to see the input's end (on a slow machine it may see it
+            // later; the output must reach the client either way).
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        m.write_slice(text, GuestAddress(0x1000 + 0x100 * n as u64)).unwrap();
+        tx.add_desc_chains(&[desc(0x1000 + 0x100 * n as u64, 4, 0)], n as u16).unwrap();
+        write_reg(&mut g.t, 0x50, 1);
+        let mut got = [0u8; 4];
+        client.read_exact(&mut got).expect("the client gets the output");
+        assert_eq!(&got, text);
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Issue 12, hole 1: a runaway available index on either queue made the console's worker
 /// spin, and a reset wait for it for ever.
 #[test]
@@ -321,10 +351,17 @@ fn a_socket_client_that_reads_slowly_gets_every_byte_in_order() {
     let (rx, tx) = queues(&m);
     start(&mut g.t, &[&rx, &tx]);
     let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
-    // Let the device accept it before there is output.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    // More than a socket holds: the device's writes come up short, then wait.
-    let sent = output_chains(&m, &tx, 8, 0x1_0000, 0);
+    client.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    // The device has taken the client on (after `TAKEOVER_GRACE`) once a first output
+    // reaches it; what comes before that is kept only up to `KEPT_OUTPUT`.
+    let first = output_chains(&m, &tx, 1, 4, 0);
+    write_reg(&mut g.t, 0x50, 1);
+    let mut got = [0u8; 4];
+    client.read_exact(&mut got).unwrap();
+    assert_eq!(got[..], first[..]);
+    // More than a socket holds: the device's writes come up short, then wait. (Seven:
+    // the ring holds eight, and the mock does not wrap its available ring.)
+    let sent = output_chains(&m, &tx, 7, 0x1_0000, 1);
     write_reg(&mut g.t, 0x50, 1);
     let mut got = vec![0u8; sent.len()];
     let mut at = 0;
