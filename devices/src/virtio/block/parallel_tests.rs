@@ -478,8 +478,11 @@ fn a_reset_with_requests_in_flight_answers_none_and_keeps_the_disk() {
     rig.notify(0);
     wait_for("the I/O threads busy", || disk.waiting() == IO_THREADS);
     let releaser = disk.clone();
+    // Let go once the reset has (surely) begun: a read let go before it would take the
+    // next request, legitimately. (The reset cannot be watched from here; 50 ms was too
+    // short for a host that keeps the test's thread waiting for a CPU.)
     let letting_go = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(300));
         for k in 0..32u64 {
             releaser.release(k * 4096);
         }
