@@ -437,9 +437,13 @@ mod tests {
         let sink = Sink::default();
         let out = Output::lines("test-progress", Box::new(sink.clone()), 1024);
         let start = Instant::now();
+        // Bounded by the bytes written, not by the time: the old wait showed them only at
+        // MAX_HELD bytes, while a loaded host may take seconds for the writes below.
+        let mut written = 0;
         while sink.text().is_empty() {
-            assert!(start.elapsed() < Duration::from_secs(2), "nothing shown after 2 s (MAX_HOLD is {MAX_HOLD:?})");
-            out.write(b".");
+            assert!(written < MAX_HELD, "nothing shown after {written} bytes (MAX_HOLD is {MAX_HOLD:?})");
+            assert!(start.elapsed() < Duration::from_secs(10), "nothing shown after 10 s");
+            written += out.write(b".");
             std::thread::sleep(Duration::from_millis(2));
         }
     }

@@ -603,8 +603,12 @@ mod tests {
             // At most one entry each that was already past the check when paused.
             assert!(entries.load(Ordering::SeqCst) <= frozen + 2, "vCPUs ran while paused");
             control.resume();
-            std::thread::sleep(std::time::Duration::from_millis(30));
-            assert!(entries.load(Ordering::SeqCst) > frozen + 2, "vCPUs did not resume");
+            // Waited for: on a loaded host the vCPU threads may not run for a while.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while entries.load(Ordering::SeqCst) <= frozen + 2 {
+                assert!(Instant::now() < deadline, "vCPUs did not resume");
+                std::thread::sleep(Duration::from_millis(1));
+            }
             control.pause(Duration::from_secs(10)).unwrap();
             // A stop releases parked vCPUs.
             control.stop(Ok(ExitReason::Stopped));
@@ -750,16 +754,20 @@ mod tests {
         let entries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         std::thread::scope(|s| {
             let (control, entries) = (&control, &entries);
-            // One vCPU loop that parks; the other never comes back to park.
+            // One vCPU loop that parks; the other never comes back to park. The pause
+            // waits long enough for the first to park however loaded the host is.
             s.spawn(move || vcpu_loop(control, entries));
             let (done, finished) = std::sync::mpsc::channel();
-            s.spawn(move || done.send(control.pause(Duration::from_millis(200))));
+            s.spawn(move || done.send(control.pause(Duration::from_secs(2))));
             let result = finished.recv_timeout(Duration::from_secs(10)).expect("pause returned");
-            assert_eq!(result, Err(PauseError { parked: 1, vcpus: 2, waited: Duration::from_millis(200) }));
+            assert_eq!(result, Err(PauseError { parked: 1, vcpus: 2, waited: Duration::from_secs(2) }));
             assert!(!control.paused(), "the pause is called off");
             let now = entries.load(Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(30));
-            assert!(entries.load(Ordering::SeqCst) > now, "the vCPU that parked runs again");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while entries.load(Ordering::SeqCst) <= now {
+                assert!(Instant::now() < deadline, "the vCPU that parked runs again");
+                std::thread::sleep(Duration::from_millis(1));
+            }
             control.stop(Ok(ExitReason::Stopped));
         });
     }

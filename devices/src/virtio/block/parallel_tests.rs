@@ -320,8 +320,11 @@ fn a_flush_waits_for_the_writes_before_it_on_its_queue() {
     post_all(&mem, &vq, 0, &[(T_OUT, 0), (T_OUT, 8), (T_OUT, 16), (T_FLUSH, 0)]);
     rig.notify(0);
     wait_for("three writes in flight", || disk.waiting() == 3);
-    // The flush is taken and waits; a write made available now is not taken.
-    std::thread::sleep(Duration::from_millis(20));
+    // The flush is taken and waits; a write made available now is not taken. (Once the
+    // flush's thread, started as the third write was taken, has shut the ring, which
+    // cannot be watched from here: a write made available before that may be taken
+    // alongside the flush, legitimately. 20 ms was short for a loaded host.)
+    std::thread::sleep(Duration::from_millis(200));
     post(&mem, &vq, 4, T_OUT, 100 * 8);
     rig.notify(0);
     std::thread::sleep(Duration::from_millis(20));
@@ -478,8 +481,11 @@ fn a_reset_with_requests_in_flight_answers_none_and_keeps_the_disk() {
     rig.notify(0);
     wait_for("the I/O threads busy", || disk.waiting() == IO_THREADS);
     let releaser = disk.clone();
+    // Let go once the reset has (surely) begun: a read let go before it would take the
+    // next request, legitimately. (The reset cannot be watched from here; 50 ms was too
+    // short for a host that keeps the test's thread waiting for a CPU.)
     let letting_go = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(300));
         for k in 0..32u64 {
             releaser.release(k * 4096);
         }

@@ -431,7 +431,7 @@ impl Disk for Slow {
     }
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(100));
         self.0.read_at(buf, offset)
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
@@ -464,11 +464,15 @@ fn a_reset_waits_for_the_request_in_hand_not_the_whole_ring() {
     vq.add_desc_chains(&chains, 0).unwrap();
     write_reg(&mut t, 0x50, 0);
     wait_for("the first read", || reads.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    // Counted from the reads started when the reset begins, not from the first: on a
+    // loaded host the test may see the first read late, when the worker is on a later
+    // one. The reset may wait for the one in hand and one the worker was taking.
+    let before = reads.load(std::sync::atomic::Ordering::SeqCst);
     let reset = std::time::Instant::now();
     write_reg(&mut t, 0x70, 0);
     let took = reset.elapsed();
     let served = reads.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(served <= 2, "{served} of 16 queued reads served before the reset returned ({took:?})");
+    assert!(served <= before + 1, "{served} of 16 queued reads served, {before} when the reset began ({took:?})");
 }
 
 /// From the adversarial review of issue 12: nothing bounded one request's data, so a

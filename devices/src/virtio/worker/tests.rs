@@ -23,6 +23,8 @@ struct Counter {
     busy_until: Option<Instant>,
     done: Arc<AtomicU64>,
     window: Duration,
+    /// The loop told the handler its window passed ([`Handler::poll_expired`]).
+    expired: Arc<AtomicBool>,
     wake: Option<Wake>,
 }
 
@@ -56,6 +58,7 @@ impl Handler for Counter {
     fn poll_expired(&mut self) {
         // One window per round of work, so an idle loop sleeps.
         self.window = Duration::ZERO;
+        self.expired.store(true, Ordering::SeqCst);
     }
 }
 
@@ -136,11 +139,13 @@ fn a_spin_ended_by_its_budget_polls_on_rather_than_sleeping() {
 #[test]
 fn a_window_that_passes_puts_the_loop_to_sleep() {
     let counter = Counter { window: Duration::from_millis(5), ..Counter::default() };
-    let polls = counter.polls.clone();
+    let (polls, expired) = (counter.polls.clone(), counter.expired.clone());
     let worker = Worker::spawn("worker-test", counter, Arc::default()).map_err(|(_, e)| e).unwrap();
-    wait_for("the window to pass", || polls.load(Ordering::SeqCst) > 0);
-    std::thread::sleep(Duration::from_millis(50));
+    // Waited for, not slept on: a loop kept off the CPU (a loaded host) may still be in
+    // its 5 ms window 50 ms later, and poll on after the count below was taken.
+    wait_for("the window to pass", || expired.load(Ordering::SeqCst));
     let after = polls.load(Ordering::SeqCst);
+    assert!(after > 0, "the loop polled in its window");
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(polls.load(Ordering::SeqCst), after, "no polling once asleep");
     assert!(worker.stop().is_some());
