@@ -1,6 +1,12 @@
 //! What a listener learns of a newcomer on a host unix stream socket.
 
 use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+/// How long a server gives a newcomer that would displace a client to show it stays
+/// ([`stays`]): a connection that closes at once (another hvrun's check of the path, a
+/// health check) is gone well within it.
+pub const NEWCOMER_GRACE: Duration = Duration::from_millis(200);
 
 /// Whether the peer of a connected stream socket has already closed it, with nothing
 /// left to read: a client that connected and went at once, as a probe for a live
@@ -33,6 +39,21 @@ pub fn peer_gone(socket: &impl AsRawFd) -> bool {
     sent < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPIPE)
 }
 
+/// Waits up to `grace` for the peer of a connected stream socket to send something or go;
+/// true if it is still there then ([`peer_gone`] says no): it sent something, shut only
+/// its writing side, or stayed silent the whole time. A server that must displace a
+/// client to serve a newcomer asks this first, so that a connection that closes at once
+/// (another hvrun's check of the path) displaces nobody even if it is accepted before
+/// it closes.
+pub fn stays(socket: &impl AsRawFd, grace: Duration) -> bool {
+    let mut poll = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = libc::c_int::try_from(grace.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: poll(2) on one pollfd that outlives the call; the descriptor is borrowed
+    // from `socket`, open for the call. An interrupted wait only ends it early.
+    let _ = unsafe { libc::poll(&mut poll, 1, ms) };
+    !peer_gone(socket)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +77,36 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         drop(theirs);
         assert!(peer_gone(&ours), "connected and went at once");
+    }
+
+    #[test]
+    fn a_peer_that_goes_within_the_grace_does_not_stay() {
+        use std::time::Instant;
+        let long = Duration::from_secs(10);
+        // It goes a moment after: the wait ends then, not at the grace's end.
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let start = Instant::now();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            drop(theirs);
+        });
+        assert!(!stays(&ours, long));
+        assert!(start.elapsed() < long);
+        closer.join().unwrap();
+        // It says something, or shuts only its writing side: it stays, at once.
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        (&theirs).write_all(b"GET").unwrap();
+        drop(theirs);
+        assert!(stays(&ours, long));
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        let start = Instant::now();
+        assert!(stays(&ours, long));
+        assert!(start.elapsed() < long);
+        // Silent the whole time: it stays, once the grace is over.
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let start = Instant::now();
+        assert!(stays(&ours, Duration::from_millis(50)));
+        assert!(start.elapsed() >= Duration::from_millis(50));
     }
 }

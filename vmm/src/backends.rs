@@ -341,7 +341,9 @@ fn admit(registry: &Arc<Mutex<Registry>>, stream: &UnixStream, max: usize) -> st
 
 /// Accepts `listener`'s clients for as long as it lasts: each on a thread of its own,
 /// at most `clients.max` at once. One more takes the place of the client idle longest
-/// (between requests: a client that connected and said nothing too), which is closed;
+/// (between requests: a client that connected and said nothing too), which is closed,
+/// unless it goes within [`devices::host_socket::NEWCOMER_GRACE`] (a check that the
+/// socket is in use connects and closes at once);
 /// it is refused if none is idle (all are in the middle of a request, which their time
 /// limit bounds). Idle clients are never closed otherwise, as Firecracker's are not:
 /// its clients keep connections open between requests for as long as they like. A
@@ -363,8 +365,15 @@ where
             }
         };
         // A client that connected and went at once (another hvrun checking whether the
-        // socket is in use, a health check) needs no thread, and takes no one's place.
-        if devices::host_socket::peer_gone(&stream) {
+        // socket is in use, a health check) needs no thread, and takes no one's place:
+        // when its place would be another's, it is given a moment to go (or to speak).
+        let full = lock(&registry).clients.len() >= max;
+        let gone = if full {
+            !devices::host_socket::stays(&stream, devices::host_socket::NEWCOMER_GRACE)
+        } else {
+            devices::host_socket::peer_gone(&stream)
+        };
+        if gone {
             continue;
         }
         let presence = match admit(&registry, &stream, max) {

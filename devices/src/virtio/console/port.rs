@@ -37,7 +37,7 @@ const BATCH: usize = 64;
 /// How long a new socket client waits before it takes the console over: one that goes
 /// within it (another hvrun's check of the path, a health check, which connect and close
 /// at once) never does, so the client it would have displaced keeps the console.
-pub const TAKEOVER_GRACE: Duration = Duration::from_millis(200);
+const TAKEOVER_GRACE: Duration = crate::host_socket::NEWCOMER_GRACE;
 /// New socket clients waiting to take over at most; past it the oldest is let go.
 const MAX_NEWCOMERS: usize = 4;
 
