@@ -18,6 +18,14 @@ fn queues(m: &Mem) -> (MockSplitQueue<'_, GuestMemoryMmap>, MockSplitQueue<'_, G
     (MockSplitQueue::create(&m.0, GuestAddress(0x8_0000), 16), MockSplitQueue::create(&m.0, GuestAddress(0x9_0000), 16))
 }
 
+/// A fresh socket path for test `name`, and a console whose backend listens on it.
+fn socket_guest(name: &str) -> (std::path::PathBuf, Guest) {
+    let path = std::env::temp_dir().join(format!("hvrun-console-{name}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let g = Guest::with_memory(Backend::Socket(UnixListener::bind(&path).unwrap()), 0x20_0000);
+    (path, g)
+}
+
 struct Guest {
     m: Arc<Mem>,
     line: Arc<Line>,
@@ -107,9 +115,7 @@ fn hostile_chains_are_dropped_without_harm() {
 
 #[test]
 fn a_socket_client_gets_earlier_output_a_new_client_takes_over_and_a_reset_keeps_the_socket() {
-    let path = std::env::temp_dir().join(format!("hvrun-console-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let mut g = Guest::new(Backend::Socket(UnixListener::bind(&path).unwrap()));
+    let (path, mut g) = socket_guest("takeover");
     let m = g.m.clone();
     // The guest's `n`th output on this queue: four `byte`s.
     let output = |g: &mut Guest, tx: &MockSplitQueue<GuestMemoryMmap>, byte: u8, n: u16| {
@@ -156,9 +162,7 @@ fn a_socket_client_gets_earlier_output_a_new_client_takes_over_and_a_reset_keeps
 #[test]
 fn a_client_gone_before_it_is_accepted_does_not_take_the_console_over() {
     use std::os::unix::net::UnixStream;
-    let path = std::env::temp_dir().join(format!("hvrun-console-gone-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let mut g = Guest::new(Backend::Socket(UnixListener::bind(&path).unwrap()));
+    let (path, mut g) = socket_guest("gone");
     let m = g.m.clone();
     let (rx, tx) = queues(&m);
     start(&mut g.t, &[&rx, &tx]);
@@ -188,9 +192,7 @@ fn a_client_gone_before_it_is_accepted_does_not_take_the_console_over() {
 #[test]
 fn a_client_that_only_reads_keeps_getting_output() {
     use std::os::unix::net::UnixStream;
-    let path = std::env::temp_dir().join(format!("hvrun-console-reader-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let mut g = Guest::new(Backend::Socket(UnixListener::bind(&path).unwrap()));
+    let (path, mut g) = socket_guest("reader");
     let m = g.m.clone();
     let (rx, tx) = queues(&m);
     start(&mut g.t, &[&rx, &tx]);
@@ -344,9 +346,7 @@ fn output_the_writer_takes_part_of_goes_out_whole_and_in_order() {
 
 #[test]
 fn a_socket_client_that_reads_slowly_gets_every_byte_in_order() {
-    let path = std::env::temp_dir().join(format!("hvrun-console-slow-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let mut g = Guest::with_memory(Backend::Socket(UnixListener::bind(&path).unwrap()), 0x20_0000);
+    let (path, mut g) = socket_guest("slow");
     let m = g.m.clone();
     // 32 entries for 9 chains: the mock's used ring overlaps its available ring past
     // half the entries (see `testing::start`). In a mock of 16, entry 8 is the used
