@@ -64,8 +64,10 @@ pub enum Backend {
     /// terminal, a FIFO) belongs in a [`Backend::Stream`].
     File(std::fs::File),
     /// A unix socket the VMM listens on. One client at a time has the console (a new
-    /// one takes over); output written while none is connected is kept (the last
-    /// 64 KiB) for the next one.
+    /// one takes over once it has stayed `host_socket::NEWCOMER_GRACE`, so a connection
+    /// that closes at once displaces nobody); output written while none is connected is
+    /// kept (the last 64 KiB) for the next one. A client that shuts only its writing
+    /// side keeps getting output.
     Socket(UnixListener),
 }
 
