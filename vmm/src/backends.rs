@@ -193,10 +193,10 @@ pub(crate) const IN_USE: &str = "in use by another process; stop it or choose an
 /// Removes a socket file left by an earlier run: one that refuses a connection. A
 /// socket something answers on (another hvrun's) is an error ([`IN_USE`]) and left
 /// alone, as is anything else at `path`, so a typo never deletes a user's file. (The
-/// probe is a connection that closes at once: hvrun's own servers neither serve it nor
-/// let it take a client's place, if it is gone when they accept it (`peer_gone`). It
-/// never waits: a listener whose backlog is full, as a stopped or hung process's is, is
-/// in use too.)
+/// probe is a connection that closes at once: hvrun's own servers do not serve one gone
+/// when they accept it, and give a newcomer that would take a client's place
+/// `NEWCOMER_GRACE` to go first (`devices::host_socket`). It never waits: a listener
+/// whose backlog is full, as a stopped or hung process's is, is in use too.)
 pub(crate) fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     match std::fs::symlink_metadata(path) {
