@@ -169,6 +169,24 @@ impl<'m> GuestIovecs<'m> {
         self.push_checked(memory, chain, writable, true, skip, limit)
     }
 
+    /// [`GuestIovecs::push_uniform_chain`] that also gives the guest memory of the
+    /// `skip` bytes it skips (a header the device writes itself) when they lie in the
+    /// chain's first buffer (Linux's receive buffers: a header and its payload in one),
+    /// so the header is written without walking the chain again. Returns the bytes
+    /// added and that slice (`None` when the skipped bytes span buffers).
+    pub fn push_uniform_chain_head<'a: 'm>(
+        &mut self,
+        memory: &'a GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        writable: bool,
+        skip: usize,
+        limit: usize,
+    ) -> Option<(usize, Option<VolatileSlice<'a>>)> {
+        let mut head = None;
+        let added = self.push_checked_head(memory, chain, writable, true, skip, limit, Some(&mut head))?;
+        Some((added, head))
+    }
+
     fn push_checked(
         &mut self,
         memory: &'m GuestMemoryMmap,
@@ -178,11 +196,25 @@ impl<'m> GuestIovecs<'m> {
         skip: usize,
         limit: usize,
     ) -> Option<usize> {
+        self.push_checked_head(memory, chain, writable, only, skip, limit, None)
+    }
+
+    #[allow(clippy::too_many_arguments)] // the internal form of the two public ones above
+    fn push_checked_head<'a: 'm>(
+        &mut self,
+        memory: &'a GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        writable: bool,
+        only: bool,
+        skip: usize,
+        limit: usize,
+        head: Option<&mut Option<VolatileSlice<'a>>>,
+    ) -> Option<usize> {
         if self.overflow {
             return None;
         }
         let (end, len) = (self.end, self.len);
-        let added = self.push_pieces(memory, chain, writable, only, skip, limit);
+        let added = self.push_pieces(memory, chain, writable, only, skip, limit, head);
         if added.is_none() {
             self.end = end;
             self.len = len;
@@ -193,18 +225,22 @@ impl<'m> GuestIovecs<'m> {
         added
     }
 
-    /// Adds the chain's pieces of the kind wanted (`only`: every buffer must be of it).
-    fn push_pieces(
+    /// Adds the chain's pieces of the kind wanted (`only`: every buffer must be of it);
+    /// `head`, if given, gets the skipped bytes' slice when the first buffer holds them.
+    #[allow(clippy::too_many_arguments)]
+    fn push_pieces<'a: 'm>(
         &mut self,
-        memory: &'m GuestMemoryMmap,
+        memory: &'a GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
         writable: bool,
         only: bool,
         skip: usize,
         limit: usize,
+        mut head: Option<&mut Option<VolatileSlice<'a>>>,
     ) -> Option<usize> {
         let (mut to_skip, mut added) = (skip, 0usize);
         let mut seen_writable = false;
+        let mut first = true;
         for desc in chain {
             if desc.is_write_only() {
                 seen_writable = true;
@@ -218,6 +254,11 @@ impl<'m> GuestIovecs<'m> {
                 continue;
             }
             let slice = memory.get_slice(desc.addr(), desc.len() as usize).ok()?;
+            if std::mem::take(&mut first) && slice.len() >= skip {
+                if let Some(head) = head.as_deref_mut() {
+                    *head = slice.subslice(0, skip).ok();
+                }
+            }
             let mut offset = 0usize;
             if to_skip > 0 {
                 offset = to_skip.min(slice.len());

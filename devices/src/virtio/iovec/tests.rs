@@ -212,3 +212,35 @@ fn a_uniform_chain_has_buffers_of_one_kind_only() {
         assert_eq!(iov.push_uniform_chain(mem, chains[1].clone(), false, 0, usize::MAX), None);
     });
 }
+
+#[test]
+fn a_header_in_the_first_buffer_is_given_with_the_pieces_after_it() {
+    let one = [(0x1_0000, 44 + 100, WRITE)];
+    let exact = [(0x2_0000, 44, WRITE), (0x2_1000, 100, WRITE)];
+    let split = [(0x3_0000, 40, WRITE), (0x3_1000, 104, WRITE)];
+    let mixed = [(0x4_0000, 44, 0), (0x4_1000, 100, WRITE)];
+    with_chains(&[&one, &exact, &split, &mixed], |mem, chains| {
+        let host = |at: u64| mem.get_host_address(GuestAddress(at)).unwrap() as usize;
+        for (i, at) in [(0, 0x1_0000), (1, 0x2_0000)] {
+            let mut iov = GuestIovecs::new();
+            let (added, head) = iov.push_uniform_chain_head(mem, chains[i].clone(), true, 44, usize::MAX).unwrap();
+            let head = head.expect("the header's place");
+            assert_eq!((added, head.len(), head.ptr_guard().as_ptr() as usize), (100, 44, host(at)), "chain {i}");
+            assert_eq!(iov.len(), 100);
+            // The header written through it lands at the chain's start, the pieces stay after it.
+            head.write(&[7; 44], 0).unwrap();
+            let mut back = [0u8; 45];
+            mem.read_slice(&mut back, GuestAddress(at)).unwrap();
+            assert_eq!((back[0], back[43], back[44]), (7, 7, 0));
+            assert_eq!(iov.iovecs()[0].iov_base as usize, if i == 0 { host(at) + 44 } else { host(0x2_1000) });
+        }
+        // A header across two buffers: the pieces, but no place for it (written the slow way).
+        let mut iov = GuestIovecs::new();
+        let (added, head) = iov.push_uniform_chain_head(mem, chains[2].clone(), true, 44, usize::MAX).unwrap();
+        assert_eq!((added, head.is_none(), iov.iovecs()[0].iov_base as usize), (100, true, host(0x3_1000) + 4));
+        // Not all device-writable: none of it.
+        let mut iov = GuestIovecs::new();
+        assert!(iov.push_uniform_chain_head(mem, chains[3].clone(), true, 44, usize::MAX).is_none());
+        assert!(iov.is_empty());
+    });
+}

@@ -17,6 +17,7 @@ use mio::event::Event;
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, VolatileSlice};
 
 use super::conn::{Conn, Payload, Room, Verdict, TIMEOUT};
 use super::connect::{line_end, parse_line, MAX_LINE};
@@ -500,7 +501,7 @@ impl Muxer {
 
     /// Fills the guest's receive buffers: RSTs first, then each connection with something
     /// to say, one packet at a time in turn.
-    fn receive(&mut self, registry: &Registry, memory: &GuestMemoryMmap, rx: &mut Chains<'_, '_>) {
+    fn receive<'m>(&mut self, registry: &Registry, memory: &'m GuestMemoryMmap, rx: &mut Chains<'_, 'm>) {
         loop {
             if let Some(&(local, peer)) = self.rsts.front() {
                 let Some(chain) = rx.next() else { return };
@@ -531,7 +532,17 @@ impl Muxer {
                 return;
             };
             let head = chain.head_index();
-            let room = writable_len(chain.clone(), HDR_LEN + MAX_PAYLOAD);
+            // The payload goes straight into the guest's buffers, after the header's room,
+            // when the chain is all device-writable buffers in guest memory (Linux's are;
+            // any other chain takes it through the device's buffer). One walk of the chain
+            // finds the pieces and, when its first buffer holds it, the header's place.
+            let mut guest = GuestIovecs::with_spill(&mut self.iov);
+            let pushed = guest.push_uniform_chain_head(memory, chain.clone(), true, HDR_LEN, usize::MAX);
+            let direct = pushed.is_some();
+            let (room, hdr_at) = match pushed {
+                Some((added, hdr_at)) => (HDR_LEN + added.min(MAX_PAYLOAD), hdr_at),
+                None => (writable_len(chain.clone(), HDR_LEN + MAX_PAYLOAD), None),
+            };
             if room < HDR_LEN {
                 warn_ratelimited!("{NAME}: a receive buffer of {room} byte(s) cannot hold a packet header");
                 self.shared.counters.request(0, 0);
@@ -543,14 +554,9 @@ impl Muxer {
                 }
                 continue;
             }
-            // The payload goes straight into the guest's buffers, after the header's room,
-            // when the chain is all device-writable buffers in guest memory (Linux's are);
-            // any other chain takes it through the device's buffer. Linux's buffers hold
-            // 4 KiB: one read then fills as many as the data, the guest's credit and a
-            // packet's worth take (`gather`), each a packet of its own.
-            let mut guest = GuestIovecs::with_spill(&mut self.iov);
-            let direct = guest.push_uniform_chain(memory, chain.clone(), true, HDR_LEN, usize::MAX).is_some();
-            let mut more: [Option<(Chain<'_>, usize)>; MAX_GATHER] = [const { None }; MAX_GATHER];
+            // Linux's buffers hold 4 KiB: one read fills as many as the data, the guest's
+            // credit and a packet's worth take (`gather`), each a packet of its own.
+            let mut more: [Option<Gathered<'_>>; MAX_GATHER] = [const { None }; MAX_GATHER];
             let mut gathered = 0;
             let produced = if direct {
                 guest.truncate(room - HDR_LEN);
@@ -613,8 +619,9 @@ impl Muxer {
             // rest go back to the ring untouched.
             let mut left = out.len;
             let mut used = 0;
-            let buffers = std::iter::once((chain, room - HDR_LEN)).chain(more.iter_mut().filter_map(Option::take));
-            for (chain, payload_room) in buffers {
+            let first = Gathered { chain, room: room - HDR_LEN, hdr_at };
+            let buffers = std::iter::once(first).chain(more.iter_mut().filter_map(Option::take));
+            for Gathered { chain, room: payload_room, hdr_at } in buffers {
                 if used > 0 && left == 0 {
                     break;
                 }
@@ -622,7 +629,14 @@ impl Muxer {
                 left -= share;
                 hdr.len = share as u32;
                 let head = chain.head_index();
-                let written = match write_chain(NAME, memory, chain, &hdr.to_bytes()) {
+                let bytes = hdr.to_bytes();
+                // A header's place in the first buffer was checked against guest memory
+                // when the chain was taken.
+                let header_written = match hdr_at {
+                    Some(at) => at.write(&bytes, 0).unwrap_or(0),
+                    None => write_chain(NAME, memory, chain, &bytes),
+                };
+                let written = match header_written {
                     HDR_LEN => HDR_LEN + share,
                     short => short,
                 };
@@ -652,29 +666,39 @@ impl Muxer {
     }
 }
 
+/// A receive chain one read fills: its payload room after the header's, and the
+/// header's place when the chain's first buffer holds it.
+struct Gathered<'m> {
+    chain: Chain<'m>,
+    room: usize,
+    hdr_at: Option<VolatileSlice<'m>>,
+}
+
 /// Takes more receive chains after the first, whose payload room `guest` holds, for one
 /// read of up to `want` bytes across them all: each chain all device-writable guest
-/// memory with room for data after a header, at most [`MAX_GATHER`], into `more` with
-/// its payload room. Returns how many were taken; a chain that does not qualify goes
-/// back to the ring and ends the gathering.
+/// memory with room for data after a header, at most [`MAX_GATHER`], into `more`.
+/// Returns how many were taken; a chain that does not qualify goes back to the ring and
+/// ends the gathering.
 fn gather<'g, 'm: 'g>(
-    memory: &'g GuestMemoryMmap,
+    memory: &'m GuestMemoryMmap,
     rx: &mut Chains<'_, 'm>,
     guest: &mut GuestIovecs<'g>,
     want: usize,
-    more: &mut [Option<(Chain<'m>, usize)>; MAX_GATHER],
+    more: &mut [Option<Gathered<'m>>; MAX_GATHER],
 ) -> usize {
     let mut taken = 0;
     while guest.len() < want && taken < MAX_GATHER {
         let Some(chain) = rx.next() else { break };
-        let room = writable_len(chain.clone(), HDR_LEN + MAX_PAYLOAD);
         let before = guest.len();
-        if room <= HDR_LEN || guest.push_uniform_chain(memory, chain.clone(), true, HDR_LEN, usize::MAX).is_none() {
+        let pushed = guest.push_uniform_chain_head(memory, chain.clone(), true, HDR_LEN, usize::MAX);
+        // Room for a header only adds nothing: not a buffer for data.
+        let Some((added @ 1.., hdr_at)) = pushed else {
             rx.put_back(1);
             break;
-        }
-        guest.truncate(before + room - HDR_LEN);
-        more[taken] = Some((chain, room - HDR_LEN));
+        };
+        let room = added.min(MAX_PAYLOAD);
+        guest.truncate(before + room);
+        more[taken] = Some(Gathered { chain, room, hdr_at });
         taken += 1;
     }
     taken
