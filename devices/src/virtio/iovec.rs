@@ -173,7 +173,8 @@ impl<'m> GuestIovecs<'m> {
     /// `skip` bytes it skips (a header the device writes itself) when they lie in the
     /// chain's first buffer (Linux's receive buffers: a header and its payload in one),
     /// so the header is written without walking the chain again. Returns the bytes
-    /// added and that slice (`None` when the skipped bytes span buffers).
+    /// added and that slice (`None` when the first buffer does not hold them all: they span
+    /// buffers, or the first is empty).
     pub fn push_uniform_chain_head<'a: 'm>(
         &mut self,
         memory: &'a GuestMemoryMmap,
