@@ -78,6 +78,17 @@ enum Spill<'m> {
     Borrowed(&'m mut Vec<libc::iovec>),
 }
 
+/// What a walk over a chain takes: its buffers of one kind (device-writable or readable),
+/// whether every buffer must be of that kind (`only`), the bytes to skip first and the
+/// most bytes to add.
+#[derive(Clone, Copy)]
+struct Walk {
+    writable: bool,
+    only: bool,
+    skip: usize,
+    limit: usize,
+}
+
 /// Guest buffers as `iovec`s. Borrows guest memory, so the mapping outlives the calls.
 pub struct GuestIovecs<'m> {
     inline: [libc::iovec; INLINE],
@@ -153,7 +164,7 @@ impl<'m> GuestIovecs<'m> {
         skip: usize,
         limit: usize,
     ) -> Option<usize> {
-        self.push_checked(memory, chain, writable, false, skip, limit)
+        self.push_checked(memory, chain, Walk { writable, only: false, skip, limit }, None)
     }
 
     /// [`GuestIovecs::push_chain`] for a chain whose buffers must all be of the kind
@@ -166,7 +177,7 @@ impl<'m> GuestIovecs<'m> {
         skip: usize,
         limit: usize,
     ) -> Option<usize> {
-        self.push_checked(memory, chain, writable, true, skip, limit)
+        self.push_checked(memory, chain, Walk { writable, only: true, skip, limit }, None)
     }
 
     /// [`GuestIovecs::push_uniform_chain`] that also gives the guest memory of the
@@ -184,38 +195,24 @@ impl<'m> GuestIovecs<'m> {
         limit: usize,
     ) -> Option<(usize, Option<VolatileSlice<'a>>)> {
         let mut head = None;
-        let added = self.push_checked_head(memory, chain, writable, true, skip, limit, Some(&mut head))?;
+        let added = self.push_checked(memory, chain, Walk { writable, only: true, skip, limit }, Some(&mut head))?;
         Some((added, head))
     }
 
-    fn push_checked(
-        &mut self,
-        memory: &'m GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        writable: bool,
-        only: bool,
-        skip: usize,
-        limit: usize,
-    ) -> Option<usize> {
-        self.push_checked_head(memory, chain, writable, only, skip, limit, None)
-    }
-
-    #[allow(clippy::too_many_arguments)] // the internal form of the two public ones above
-    fn push_checked_head<'a: 'm>(
+    /// Adds the chain's pieces as [`Walk`] says, or nothing (`None`): a chain that fails
+    /// half-way leaves the list as it was.
+    fn push_checked<'a: 'm>(
         &mut self,
         memory: &'a GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-        writable: bool,
-        only: bool,
-        skip: usize,
-        limit: usize,
+        walk: Walk,
         head: Option<&mut Option<VolatileSlice<'a>>>,
     ) -> Option<usize> {
         if self.overflow {
             return None;
         }
         let (end, len) = (self.end, self.len);
-        let added = self.push_pieces(memory, chain, writable, only, skip, limit, head);
+        let added = self.push_pieces(memory, chain, walk, head);
         if added.is_none() {
             self.end = end;
             self.len = len;
@@ -226,19 +223,16 @@ impl<'m> GuestIovecs<'m> {
         added
     }
 
-    /// Adds the chain's pieces of the kind wanted (`only`: every buffer must be of it);
-    /// `head`, if given, gets the skipped bytes' slice when the first buffer holds them.
-    #[allow(clippy::too_many_arguments)]
+    /// Adds the chain's pieces as [`Walk`] says; `head`, if given, gets the skipped bytes'
+    /// slice when the first buffer holds them.
     fn push_pieces<'a: 'm>(
         &mut self,
         memory: &'a GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-        writable: bool,
-        only: bool,
-        skip: usize,
-        limit: usize,
+        walk: Walk,
         mut head: Option<&mut Option<VolatileSlice<'a>>>,
     ) -> Option<usize> {
+        let Walk { writable, only, skip, limit } = walk;
         let (mut to_skip, mut added) = (skip, 0usize);
         let mut seen_writable = false;
         let mut first = true;
