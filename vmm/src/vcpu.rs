@@ -84,17 +84,28 @@ struct ExitStats {
     counters: std::sync::Arc<VcpuCounters>,
     timer_changes: u64,
     by_addr: Option<std::collections::HashMap<u64, u64>>,
+    /// Accesses at addresses past the first [`MAX_ADDRS`] (the guest picks them).
+    other_addrs: u64,
 }
+
+/// Distinct MMIO addresses counted one by one; a guest that touches more (a scan of
+/// unused address space) has the rest counted together, so the map stays bounded.
+const MAX_ADDRS: usize = 4096;
 
 impl ExitStats {
     fn new(counters: std::sync::Arc<VcpuCounters>) -> Self {
         let by_addr = log::log_enabled!(log::Level::Debug).then(std::collections::HashMap::new);
-        ExitStats { counters, timer_changes: 0, by_addr }
+        ExitStats { counters, timer_changes: 0, by_addr, other_addrs: 0 }
     }
 
     fn mmio(&mut self, addr: u64) {
-        if let Some(map) = &mut self.by_addr {
-            *map.entry(addr).or_default() += 1;
+        let Some(map) = &mut self.by_addr else { return };
+        if let Some(count) = map.get_mut(&addr) {
+            *count += 1;
+        } else if map.len() < MAX_ADDRS {
+            map.insert(addr, 1);
+        } else {
+            self.other_addrs += 1;
         }
     }
 
@@ -115,6 +126,9 @@ impl ExitStats {
             busiest.sort_by(|a, b| b.1.cmp(a.1));
             for (addr, count) in busiest.into_iter().take(10) {
                 log::debug!("vcpu{index}: {count:>9} accesses at {addr:#x}");
+            }
+            if self.other_addrs > 0 {
+                log::debug!("vcpu{index}: {:>9} accesses at addresses past the first {MAX_ADDRS}", self.other_addrs);
             }
         }
     }
@@ -354,5 +368,19 @@ mod tests {
         m.control.stop(Ok(ExitReason::Stopped));
         // An empty script: running at all would panic.
         assert!(run(&m, vec![]).0.is_none());
+    }
+
+    #[test]
+    fn a_scan_of_many_addresses_is_counted_in_a_bounded_map() {
+        let mut stats = ExitStats::new(Arc::default());
+        stats.by_addr = Some(std::collections::HashMap::new()); // as with RUST_LOG=debug
+        for addr in 0..(MAX_ADDRS as u64 + 1000) {
+            stats.mmio(0x1000_0000 + 4 * addr);
+        }
+        stats.mmio(0x1000_0000);
+        let map = stats.by_addr.as_ref().expect("the map");
+        assert_eq!(map.len(), MAX_ADDRS);
+        assert_eq!(map[&0x1000_0000], 2, "an address already counted is still counted");
+        assert_eq!(stats.other_addrs, 1000);
     }
 }
