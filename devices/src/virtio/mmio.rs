@@ -10,8 +10,8 @@
 
 use guest_memory::GuestMemoryMmap;
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
-    VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
@@ -49,6 +49,13 @@ const QUEUE_DEVICE_LOW: u64 = 0x0a0;
 const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG: u64 = 0x100;
+
+/// The status bits a driver can set (and a saved status can hold).
+const STATUS_BITS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
+    | VIRTIO_CONFIG_S_DRIVER
+    | VIRTIO_CONFIG_S_FEATURES_OK
+    | VIRTIO_CONFIG_S_DRIVER_OK
+    | VIRTIO_CONFIG_S_FAILED;
 
 /// "virt", little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -231,8 +238,12 @@ impl MmioTransport {
             self.reset();
             return;
         }
-        // DEVICE_NEEDS_RESET is the device's to set (a driver writes back what it read).
-        let value = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        // DEVICE_NEEDS_RESET is the device's to set (a driver writes back what it read);
+        // bits the spec does not define are not kept (a saved status holds only these).
+        if value & !(STATUS_BITS | VIRTIO_CONFIG_S_NEEDS_RESET) != 0 {
+            warn_ratelimited!("virtio-mmio: status {value:#x} sets undefined bits; they are ignored");
+        }
+        let value = value & STATUS_BITS;
         let added = value & !self.status;
         if value & self.status != self.status {
             warn_ratelimited!("virtio-mmio: driver cleared status bits ({:#x} -> {value:#x}); ignored", self.status);

@@ -15,21 +15,11 @@
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK,
-};
+use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{join, new_queues, rings_outside_memory, MmioTransport, QueueAddrs};
-
-/// The status bits a driver can have set.
-const STATUS_BITS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
-    | VIRTIO_CONFIG_S_DRIVER
-    | VIRTIO_CONFIG_S_FEATURES_OK
-    | VIRTIO_CONFIG_S_DRIVER_OK
-    | VIRTIO_CONFIG_S_FAILED;
+use super::{join, new_queues, rings_outside_memory, MmioTransport, QueueAddrs, STATUS_BITS};
 
 /// One queue as the driver configured it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -158,6 +158,25 @@ fn status_must_go_in_order_and_zero_resets() {
 }
 
 #[test]
+fn undefined_status_bits_are_not_kept_so_the_transport_still_saves_and_restores() {
+    let mut rig = Rig::new();
+    let mem: &'static Mem = Box::leak(Box::new(Mem(rig.mem.0.clone())));
+    let vq = MockSplitQueue::new(&mem.0, 16);
+    rig.w(STATUS, 1 | 0x10);
+    assert_eq!(rig.r(STATUS), 1);
+    rig.negotiate(true);
+    rig.setup_queue(&vq, 16);
+    rig.w(STATUS, 15 | 0x30);
+    assert_eq!(rig.r(STATUS), 15, "the bits the spec defines are taken, the others not");
+    let saved = rig.t.save().unwrap();
+    assert_eq!(saved.status, 15);
+    rig.t.restore(&saved).unwrap();
+    vq.build_desc_chain(&[desc(0x8000, 16, WRITE, 0)]).unwrap();
+    rig.w(QUEUE_NOTIFY, 0);
+    assert_eq!(vq.used().idx().load(), 1, "the restored device serves the queue");
+}
+
+#[test]
 fn bad_queue_setups_never_become_ready() {
     let mut rig = Rig::new();
     let mem = rig.mem.clone();
