@@ -690,6 +690,17 @@ struct Rig {
 }
 
 impl Rig {
+    /// Whatever state the accesses reached, a snapshot of it loads: into a fresh GIC,
+    /// which then saves the same state.
+    fn check_snapshot(&self, cpus: usize) {
+        let saved = self.gic.save();
+        let copy = Gic::new(cpus, Arc::new(Sink { cpus, levels: Mutex::new([false; MAX_CPUS]) }));
+        if let Err(e) = copy.restore(&saved) {
+            panic!("a state the guest reached does not restore ({e}): {saved:?}");
+        }
+        assert!(copy.save() == saved, "a restored GIC saves another state");
+    }
+
     fn new(cpus: usize) -> Self {
         let sink = Arc::new(Sink { cpus, levels: Mutex::new([false; MAX_CPUS]) });
         let gic = Gic::new(cpus, sink.clone());
@@ -941,6 +952,7 @@ fuzz_target!(|input: Input| {
             rig.check_outputs();
             hvrun_fuzz::assert_bounded(base, HEAP_BOUND, "gic");
         }
+        rig.check_snapshot(cpus);
         for cpu in 0..cpus {
             rig.drain(cpu);
         }

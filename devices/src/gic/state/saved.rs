@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Cpu, GicState, Irq, MAX_CPUS, MIN_BPR, NUM_IRQS, NUM_SGIS, NUM_SPIS, PRIORITY_MASK, SPI_BASE};
+use super::{Cpu, GicState, Irq, MAX_CPUS, MIN_BPR, NUM_SGIS, NUM_SPIS, PRIORITY_MASK, SPI_BASE};
 
 /// One CPU interface's saved state, its banked SGIs and PPIs included.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,15 +69,19 @@ fn cpu_of(saved: &SavedCpu, cpus_known: u16, spis: &[Irq]) -> Result<Cpu, GicRes
     if saved.sgi_sources.iter().any(|&s| u16::from(s) & !cpus_known != 0) {
         return Err(GicRestoreError::Damaged("an SGI pending from a CPU this GIC does not have"));
     }
-    // An interrupt is on the stack from its acknowledge to its priority drop, once: at
-    // most one entry per interrupt, each an active interrupt, with a real priority.
-    let mut seen = [false; NUM_IRQS as usize];
+    // An interrupt is pushed on the stack at its acknowledge, only when its priority is
+    // higher (numerically lower) than the top's, and leaves at its priority drop: so the
+    // priorities fall strictly from the bottom up (at most 32 entries). An entry need not
+    // be active (ICACTIVER, or DIR before EOIR, deactivates without a priority drop, as on
+    // a real GIC), and an interrupt deactivated so may be taken again above itself.
+    let mut below = u16::MAX;
     for &(priority, id) in &saved.active_stack {
-        let irq = if id < SPI_BASE { cpu.private.get(id as usize) } else { spis.get((id - SPI_BASE) as usize) };
-        let fresh = irq.is_some_and(|irq| irq.active) && !std::mem::replace(&mut seen[id as usize], true);
-        if !fresh || priority & !PRIORITY_MASK != 0 {
+        let known =
+            if id < SPI_BASE { (id as usize) < cpu.private.len() } else { ((id - SPI_BASE) as usize) < spis.len() };
+        if !known || priority & !PRIORITY_MASK != 0 || u16::from(priority) >= below {
             return Err(GicRestoreError::Damaged("a CPU's active-priority stack"));
         }
+        below = u16::from(priority);
     }
     cpu.sgi_sources.copy_from_slice(&saved.sgi_sources);
     cpu.enabled = saved.enabled;
@@ -209,6 +213,38 @@ mod tests {
         gic.update(&sink);
         assert!(!gic.irq_out(1));
         assert_eq!(sink.0.lock().unwrap().last(), Some(&(1, false)), "the sink is told");
+    }
+
+    /// Review finding: a guest that deactivates an acknowledged interrupt through
+    /// ICACTIVER (no priority drop, as on a real GIC), then takes it again at a higher
+    /// priority, left a stack the restore refused, so its snapshot could not be loaded.
+    #[test]
+    fn a_stack_of_deactivated_and_retaken_interrupts_is_restored() {
+        let sink = Lines::default();
+        let mut gic = GicState::new(1);
+        gic.set_enabled(true);
+        gic.set_cpu_control(0, true, false);
+        gic.set_pmr(0, 0xf0);
+        gic.set_irq_enabled(0, 40, true);
+        gic.set_priority(0, 40, 0x80);
+        gic.set_target(40, 0b1);
+        gic.set_spi_level(8, true);
+        gic.update(&sink);
+        assert_eq!(gic.acknowledge(0), 40);
+        gic.set_irq_active(0, 40, false);
+        gic.set_priority(0, 40, 0x40);
+        gic.set_spi_level(8, false);
+        gic.set_spi_level(8, true); // an edge-triggered SPI fires again
+        gic.update(&sink);
+        assert_eq!(gic.acknowledge(0), 40, "taken again above itself");
+        gic.set_irq_active(0, 40, false);
+        let saved = gic.save();
+        assert_eq!(saved.cpus[0].active_stack, vec![(0x80, 40), (0x40, 40)]);
+        let mut copy = GicState::new(1);
+        copy.restore(&saved).unwrap();
+        assert_eq!(copy.save(), saved);
+        assert!(copy.end_of_interrupt(0, 40) && copy.end_of_interrupt(0, 40), "both drop as they would have");
+        assert!(!copy.end_of_interrupt(0, 40));
     }
 
     #[test]
