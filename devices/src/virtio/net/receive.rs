@@ -305,7 +305,10 @@ impl Receiver {
             picked[count] = Some((chain, capacity));
             count += 1;
             room += capacity;
-            if capacity == 0 || (count == most && room < len) {
+            // The first buffer holds the header whole (spec 5.1.6.3.1: with MRG_RXBUF
+            // every buffer is at least a header; the in-place path asks the same).
+            let headless = count == 1 && capacity < VNET_HDR_LEN;
+            if capacity == 0 || headless || (count == most && room < len) {
                 // Malformed or too small: the frame is dropped and the buffers go back empty.
                 warn_ratelimited!("{NAME}: receive buffers too small or malformed; a {len}-byte frame is dropped");
                 self.counters.request(0, 0);

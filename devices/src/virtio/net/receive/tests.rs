@@ -170,6 +170,24 @@ fn without_mrg_rxbuf_a_frame_longer_than_its_buffer_is_dropped_and_the_buffer_co
     same(&got[VNET_HDR_LEN..], &kept);
 }
 
+/// Fuzzing finding (mmio_transport): with MRG_RXBUF, a first buffer smaller than the
+/// header got the header's first bytes and the rest went to the next buffer.
+#[test]
+fn a_first_buffer_smaller_than_the_header_drops_the_frame() {
+    let m = Arc::new(Mem(mem(0x10_0000)));
+    let (mut t, peer, _line) = started(&m);
+    let (rx, tx) = queues(&m);
+    start(&mut t, &[&rx, &tx]);
+    rx.add_desc_chains(&[desc(0x1_0000, 4, W), desc(0x1_1000, 1024, W), desc(0x1_2000, 1024, W)], 0).unwrap();
+    write_reg(&mut t, 0x50, 0);
+    peer.send(&frame(16, 11)).unwrap();
+    let kept = frame(16, 12);
+    peer.send(&kept).unwrap();
+    wait_for("two chains back", || rx.used().idx().load() == 2);
+    assert_eq!([used(&rx, 0), used(&rx, 1)], [(0, 0), (1, 28)], "the first frame dropped, the second whole");
+    assert_eq!(gathered(&m, &[(0x1_1000 + VNET_HDR_LEN as u64, 16)]), kept);
+}
+
 #[test]
 fn chains_with_readable_buffers_or_buffers_outside_memory_take_the_copying_path() {
     let m = Arc::new(Mem(mem(0x10_0000)));
