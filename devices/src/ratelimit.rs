@@ -50,21 +50,29 @@ impl RateLimiter {
     }
 }
 
-/// Logs at `warn` level through a `static` [`RateLimiter`] of 10 messages per 5 seconds,
-/// appending how many messages were suppressed before this one.
+/// Logs at `level` through a `static` [`RateLimiter`] of 10 messages per 5 seconds (one
+/// per call site), appending how many messages were suppressed before this one.
 #[macro_export]
-macro_rules! warn_ratelimited {
-    ($($arg:tt)+) => {{
+macro_rules! log_ratelimited {
+    ($level:expr, $($arg:tt)+) => {{
         static LIMITER: $crate::ratelimit::RateLimiter =
             $crate::ratelimit::RateLimiter::new(10, ::std::time::Duration::from_secs(5));
         if let Some(suppressed) = LIMITER.check() {
             if suppressed > 0 {
-                ::log::warn!("{} ({} similar messages suppressed)", format_args!($($arg)+), suppressed);
+                ::log::log!($level, "{} ({} similar messages suppressed)", format_args!($($arg)+), suppressed);
             } else {
-                ::log::warn!($($arg)+);
+                ::log::log!($level, $($arg)+);
             }
         }
     }};
+}
+
+/// [`log_ratelimited!`] at `warn` level: what a guest did wrong.
+#[macro_export]
+macro_rules! warn_ratelimited {
+    ($($arg:tt)+) => {
+        $crate::log_ratelimited!(::log::Level::Warn, $($arg)+)
+    };
 }
 
 /// The log targets of crates whose own log lines a guest can provoke: `virtio-queue`

@@ -289,12 +289,17 @@ impl VirtioDevice for Balloon {
         let actual = u32::from_le_bytes([config[4], config[5], config[6], config[7]]);
         let before = self.shared.actual.swap(actual, Ordering::SeqCst);
         // Linux writes `actual` after every MiB it moves: a line every 64 MiB, and when
-        // the balloon reaches its target.
+        // the balloon reaches its target (rate-limited: a guest can write it at will).
         let target = self.shared.target.load(Ordering::SeqCst);
         let step = (64 << 20) / PAGE_SIZE as u32;
         if actual != before && (actual == target || actual / step != before / step) {
             let mib = |pages: u32| (u64::from(pages) * PAGE_SIZE) >> 20;
-            log::info!("{NAME}: the guest's balloon holds {} MiB (target {} MiB)", mib(actual), mib(target));
+            crate::log_ratelimited!(
+                log::Level::Info,
+                "{NAME}: the guest's balloon holds {} MiB (target {} MiB)",
+                mib(actual),
+                mib(target)
+            );
         }
     }
 
