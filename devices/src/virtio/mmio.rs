@@ -243,12 +243,21 @@ impl MmioTransport {
         if value & !(STATUS_BITS | VIRTIO_CONFIG_S_NEEDS_RESET) != 0 {
             warn_ratelimited!("virtio-mmio: status {value:#x} sets undefined bits; they are ignored");
         }
-        let value = value & STATUS_BITS;
-        let added = value & !self.status;
+        let mut value = value & STATUS_BITS;
         if value & self.status != self.status {
             warn_ratelimited!("virtio-mmio: driver cleared status bits ({:#x} -> {value:#x}); ignored", self.status);
             return;
         }
+        if value & !self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0
+        {
+            // A legacy driver: this transport is modern only. Leaving FEATURES_OK clear
+            // tells the driver so (spec 3.1.1), and a DRIVER_OK in the same write is then
+            // out of order.
+            warn_ratelimited!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; refusing FEATURES_OK");
+            value &= !VIRTIO_CONFIG_S_FEATURES_OK;
+        }
+        let added = value & !self.status;
         let requires = |bit: u32, before: u32| added & bit == 0 || (value & before != 0);
         let in_order = requires(VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_ACKNOWLEDGE)
             && requires(VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_DRIVER)
@@ -256,13 +265,6 @@ impl MmioTransport {
         if !in_order {
             warn_ratelimited!("virtio-mmio: status {value:#x} skips a step from {:#x}; ignored", self.status);
             return;
-        }
-        let mut value = value;
-        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            // A legacy driver: this transport is modern only. Leaving FEATURES_OK clear
-            // tells the driver so (spec 3.1.1).
-            warn_ratelimited!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; refusing FEATURES_OK");
-            value &= !VIRTIO_CONFIG_S_FEATURES_OK;
         }
         self.status = value;
         if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {

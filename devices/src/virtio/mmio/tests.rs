@@ -138,6 +138,11 @@ fn a_legacy_driver_is_refused() {
     let mut rig = Rig::new();
     rig.negotiate(false);
     assert_eq!(rig.r(STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+    // FEATURES_OK and DRIVER_OK in one write: the refused FEATURES_OK leaves DRIVER_OK
+    // out of order, and the device is not started.
+    rig.w(STATUS, 15);
+    assert_eq!(rig.r(STATUS), 3);
+    assert_eq!(rig.t.stats().activations, 0);
 }
 
 #[test]

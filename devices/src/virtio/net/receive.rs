@@ -305,7 +305,7 @@ impl Receiver {
             picked[count] = Some((chain, capacity));
             count += 1;
             room += capacity;
-            // The first buffer holds the header whole (spec 5.1.6.3.1: with MRG_RXBUF
+            // The first chain holds the header whole (spec 5.1.6.3.1: with MRG_RXBUF
             // every buffer is at least a header; the in-place path asks the same).
             let headless = count == 1 && capacity < VNET_HDR_LEN;
             if capacity == 0 || headless || (count == most && room < len) {
