@@ -61,8 +61,8 @@ const MAX_EVENTS: usize = 32;
 /// How much the heap may grow while a device runs: its two frame buffers (2 x 64 KiB and
 /// change); a `Unixstream`'s input and output buffers (a frame and its length each); the
 /// target's own: a receive buffer (70 KiB), two 128 KiB copies of guest memory, the peer's
-/// stream as written (at most 32 events of 64 KiB: 2 MiB) and read back (as much again),
-/// the chains modelled (at most 1 MiB, `layout::MAX_MODELLED`). About 6 MiB; 8 MiB leaves
+/// stream as written (at most 32 events of 64 KiB: 2 MiB; what it reads is counted, not kept),
+/// the chains modelled (at most 1 MiB, `layout::MAX_MODELLED`). About 4 MiB; 8 MiB leaves
 /// the allocator room, and a buffer that grew with the traffic would not fit.
 const BOUND: usize = 8 << 20;
 /// What may stay allocated once the device is gone: lazily created statics.
@@ -342,14 +342,14 @@ impl NetBackend for Scripted {
 /// The host's end of the device's backend.
 enum Peer {
     Scripted { log: Arc<Mutex<Log>>, kick: UnixDatagram },
-    Stream { peer: Option<UnixStream>, written: Vec<u8>, read: Vec<u8> },
+    Stream { peer: Option<UnixStream>, written: Vec<u8>, read: ReadPrints },
 }
 
 impl Peer {
     fn steps(&self) -> u64 {
         match self {
             Peer::Scripted { log, .. } => log.lock().unwrap().steps,
-            Peer::Stream { read, .. } => read.len() as u64,
+            Peer::Stream { read, .. } => read.bytes,
         }
     }
 
@@ -364,7 +364,43 @@ impl Peer {
         if let Peer::Stream { peer: Some(peer), read, .. } = self {
             let mut buf = vec![0u8; 1 << 16];
             while let Ok(n @ 1..) = peer.read(&mut buf) {
-                read.extend_from_slice(&buf[..n]);
+                read.take(&buf[..n]);
+            }
+        }
+    }
+}
+
+/// What the stream's peer read, as the fingerprints of the frames in it (as
+/// [`reference_frames`] would give them from the whole stream), not the bytes: the guest's
+/// transmit chains can send a queue's worth of 64 KiB frames, more than [`BOUND`].
+#[derive(Default)]
+struct ReadPrints {
+    bytes: u64,
+    /// The frame being read (its length prefix first), at most a prefix and a frame.
+    partial: Vec<u8>,
+    prints: Vec<(usize, u64)>,
+    /// A length past the largest frame was read: nothing after it is a frame.
+    broken: bool,
+}
+
+impl ReadPrints {
+    fn take(&mut self, mut bytes: &[u8]) {
+        self.bytes += bytes.len() as u64;
+        while !bytes.is_empty() && !self.broken {
+            let need = match self.partial.get(..4) {
+                Some(prefix) => 4 + u32::from_be_bytes(prefix.try_into().unwrap()) as usize,
+                None => 4,
+            };
+            let n = (need - self.partial.len()).min(bytes.len());
+            self.partial.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            let Some(prefix) = self.partial.get(..4) else { continue };
+            let len = u32::from_be_bytes(prefix.try_into().unwrap()) as usize;
+            if len > MAX_STREAM_FRAME {
+                self.broken = true;
+            } else if self.partial.len() == 4 + len {
+                self.prints.push(print(&self.partial[4..]));
+                self.partial.clear();
             }
         }
     }
@@ -473,7 +509,7 @@ fn device(run: DeviceRun, start: isize) {
             let (ours, theirs) = UnixStream::pair().expect("a socketpair");
             theirs.set_nonblocking(true).unwrap();
             let backend = Unixstream::from_std(ours).expect("a stream backend");
-            let mut peer = Peer::Stream { peer: Some(theirs), written: Vec::new(), read: Vec::new() };
+            let mut peer = Peer::Stream { peer: Some(theirs), written: Vec::new(), read: ReadPrints::default() };
             for c in chunks.iter().take(8) {
                 peer.write(&c.bytes());
             }
@@ -570,7 +606,7 @@ fn check(
         .collect();
     let taken: Vec<(usize, u64)> = match peer {
         Peer::Scripted { log, .. } => log.lock().unwrap().taken.clone(),
-        Peer::Stream { read, .. } => reference_frames(read).0.iter().map(|f| print(f)).collect(),
+        Peer::Stream { read, .. } => read.prints.clone(),
     };
     let mut at = 0;
     for frame in taken.iter().filter(|_| tx_exact) {
