@@ -16,7 +16,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{keyboard, powered_off, test_guest, wait_for, wait_for_init, Captured, Keyboard};
+use common::{keyboard, powered_off, test_guest, wait_for, wait_for_init, Captured, Failure, Keyboard};
 use hvrun::config::BalloonOptions;
 use hvrun::Vm;
 
@@ -47,7 +47,7 @@ fn guest_does(keyboard: &Keyboard, output: &Captured, command: &str, tag: &str) 
     }
 }
 
-fn run(kernel: &str, initrd: &str) -> Result<(), String> {
+fn run(kernel: &str, initrd: &str) -> Result<(), Failure> {
     let mut config = test_guest(kernel, initrd);
     config.memory = 512 * MIB;
     let options =
@@ -61,7 +61,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
         .map_err(|e| format!("start: {e}"))?;
     let handle = vm.handle();
     let balloon = handle.balloon().ok_or("the VM has no balloon")?;
-    wait_for_init(&output)?;
+    wait_for_init(&vm, &output)?;
     let touch = "mount -o remount,size=460M /tmp && dd if=/dev/zero of=/tmp/fill bs=1M count=300 2>/dev/null \
                  && rm /tmp/fill";
     guest_does(&keyboard, &output, touch, "touched")?;
@@ -72,7 +72,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
         return Err("set_balloon_target: no balloon".into());
     }
     if !wait_for(LIMIT, || balloon.actual() == TARGET) {
-        return Err(format!("the balloon holds {} MiB after {LIMIT:?}, not 256", balloon.actual() / MIB));
+        return Err(format!("the balloon holds {} MiB after {LIMIT:?}, not 256", balloon.actual() / MIB).into());
     }
     println!(
         "balloon: inflated to {} MiB in {} ms; released {} MiB; this process's RSS: {} MiB",
@@ -82,14 +82,14 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
         rss_mib()
     );
     if balloon.released() < TARGET {
-        return Err(format!("only {} MiB were released for a 256 MiB balloon", balloon.released() / MIB));
+        return Err(format!("only {} MiB were released for a 256 MiB balloon", balloon.released() / MIB).into());
     }
     guest_does(&keyboard, &output, "grep MemFree /proc/meminfo", "inflated")?;
 
     let started = Instant::now();
     handle.set_balloon_target(0);
     if !wait_for(LIMIT, || balloon.actual() == 0) {
-        return Err(format!("the balloon still holds {} MiB after {LIMIT:?}", balloon.actual() / MIB));
+        return Err(format!("the balloon still holds {} MiB after {LIMIT:?}", balloon.actual() / MIB).into());
     }
     println!("balloon: deflated to 0 MiB in {} ms", started.elapsed().as_millis());
 
@@ -100,7 +100,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
                 && [ \"$(md5sum </tmp/big)\" = \"$sum\" ] && echo filled-\"\"350-intact; rm -f /tmp/big";
     guest_does(&keyboard, &output, fill, "filled")?;
     if output.count("filled-350-intact") == 0 {
-        return Err(format!("the guest could not fill 350 MiB after the deflate; console:\n{}", output.text()));
+        return Err(format!("the guest could not fill 350 MiB after the deflate; console:\n{}", output.text()).into());
     }
     println!("balloon: the guest filled 350 MiB after the deflate, intact");
     keyboard.line("poweroff -f")?;

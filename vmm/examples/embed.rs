@@ -15,10 +15,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{keyboard, wait_for, Captured};
+use common::{keyboard, wait_for, Captured, Failure};
 use hvrun::{Event, ExitReason, Vm, VmConfig};
 
-fn run(kernel: &str, initrd: &str) -> Result<(), String> {
+fn run(kernel: &str, initrd: &str) -> Result<(), Failure> {
     // The kernel and initramfs come from memory: the configuration's paths only name
     // them (and exist nowhere).
     let kernel = std::fs::read(kernel).map_err(|e| format!("{kernel}: {e}"))?;
@@ -41,24 +41,27 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
         .map_err(|e| format!("start: {e}"))?;
     let handle = vm.handle();
 
-    let booted = vm.events().recv_timeout(Duration::from_secs(120)).map_err(|_| "no boot-timer event")?;
+    let booted = vm
+        .events()
+        .recv_timeout(common::INIT_LIMIT)
+        .map_err(|_| Failure::NoBoot(format!("no boot-timer event in {} s", common::INIT_LIMIT.as_secs())))?;
     println!("embed: first event {booted:?}");
     if !matches!(booted, Event::BootTimer { .. }) {
-        return Err(format!("expected the boot timer first, got {booted:?}"));
+        return Err(format!("expected the boot timer first, got {booted:?}").into());
     }
-    common::wait_for_init(&output)?;
+    common::wait_for_init(&vm, &output)?;
 
     // The serial port (ttyAMA0, not the console here) reads what this program types on
     // it: the guest reads one line and answers on hvc0.
     // The port is opened before the guest says so (Linux empties its FIFO at the open).
     keyboard.line("{ echo reading-serial; echo serial-got=$(head -n1); } </dev/ttyAMA0")?;
     if !wait_for(Duration::from_secs(60), || output.count("reading-serial") >= 2) {
-        return Err(format!("the guest did not start reading the serial port; console:\n{}", output.text()));
+        return Err(format!("the guest did not start reading the serial port; console:\n{}", output.text()).into());
     }
     std::thread::sleep(Duration::from_millis(500));
     serial_keyboard.line("typed-on-the-serial-port")?;
     if !wait_for(Duration::from_secs(60), || output.count("serial-got=typed-on-the-serial-port") > 0) {
-        return Err(format!("the guest did not read the serial port; console:\n{}", output.text()));
+        return Err(format!("the guest did not read the serial port; console:\n{}", output.text()).into());
     }
     println!(
         "embed: the guest read typed-on-the-serial-port from ttyAMA0 (its echo: {:?})",
@@ -67,7 +70,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
 
     keyboard.line("(while :; do echo tick; sleep 0.2; done) &")?;
     if !wait_for(Duration::from_secs(60), || output.count("tick") >= 3) {
-        return Err(format!("no ticks from the guest; console so far:\n{}", output.text()));
+        return Err(format!("no ticks from the guest; console so far:\n{}", output.text()).into());
     }
 
     // From another thread, as an embedder's UI would.
@@ -81,7 +84,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
     let during = output.count("tick") - at_pause;
     println!("embed: {at_pause} ticks before the pause, {during} while paused for 2 s");
     if during > 1 {
-        return Err(format!("the guest kept running while paused ({during} ticks)"));
+        return Err(format!("the guest kept running while paused ({during} ticks)").into());
     }
     handle.resume();
     let resumed = output.count("tick");
@@ -107,7 +110,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
         return Err("unexpected exit or events".into());
     }
     if !output.text().contains("embed-says-42") {
-        return Err(format!("the guest's answer is missing; console:\n{}", output.text()));
+        return Err(format!("the guest's answer is missing; console:\n{}", output.text()).into());
     }
     println!("embed: the guest answered embed-says-42 on hvc0");
     Ok(())

@@ -16,7 +16,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{keyboard, powered_off, test_guest, wait_for_init, Captured};
+use common::{keyboard, powered_off, test_guest, wait_for_init, Captured, Failure};
 use hvrun::extend::Disk;
 use hvrun::Vm;
 
@@ -77,7 +77,7 @@ impl Disk for SharedDisk {
     }
 }
 
-fn run(kernel: &str, initrd: &str) -> Result<(), String> {
+fn run(kernel: &str, initrd: &str) -> Result<(), Failure> {
     let mut contents = vec![0u8; 1 << 20];
     contents[..SIGNATURE.len()].copy_from_slice(SIGNATURE);
     let disk = SharedDisk { bytes: Arc::new(Mutex::new(contents)), flushes: Arc::default() };
@@ -90,7 +90,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
         .disk(disk.clone(), "memdisk")
         .start()
         .map_err(|e| format!("start: {e}"))?;
-    wait_for_init(&output)?;
+    wait_for_init(&vm, &output)?;
     keyboard.line("echo serial=$(cat /sys/block/vda/serial) size=$(cat /sys/block/vda/size)")?;
     keyboard.line("echo read=$(head -c 16 /dev/vda)")?;
     keyboard.line("printf guest-wrote-this | dd of=/dev/vda bs=512 seek=1 conv=fsync 2>/dev/null && echo written")?;
@@ -98,7 +98,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
     let text = powered_off("memdisk", vm, &output)?;
     for expected in ["serial=memdisk size=2048", "read=hvrun-memdisk-v1", "written"] {
         if !text.contains(expected) {
-            return Err(format!("the guest did not say `{expected}`; console:\n{text}"));
+            return Err(format!("the guest did not say `{expected}`; console:\n{text}").into());
         }
         println!("memdisk: the guest said {expected}");
     }

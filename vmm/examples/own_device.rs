@@ -16,7 +16,7 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{keyboard, powered_off, test_guest, wait_for_init, Captured};
+use common::{keyboard, powered_off, test_guest, wait_for_init, Captured, Failure};
 use hvrun::extend::virtio_queue::Queue;
 use hvrun::extend::vm_memory::Bytes;
 use hvrun::extend::{drain_queue, single_queue, ActivateError, Activation, GuestMemory, Interrupt, VirtioDevice};
@@ -86,7 +86,7 @@ impl VirtioDevice for PatternRng {
     }
 }
 
-fn run(kernel: &str, initrd: &str) -> Result<(), String> {
+fn run(kernel: &str, initrd: &str) -> Result<(), Failure> {
     let requests = Arc::new(AtomicU64::new(0));
     let config = test_guest(kernel, initrd);
     let output = Captured::default();
@@ -96,7 +96,7 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
         .virtio(PatternRng { running: None, requests: Arc::clone(&requests) })
         .start()
         .map_err(|e| format!("start: {e}"))?;
-    wait_for_init(&output)?;
+    wait_for_init(&vm, &output)?;
     let rng = "/sys/class/misc/hw_random";
     keyboard.line(&format!("echo sources=$(cat {rng}/rng_available)"))?;
     keyboard.line(&format!(
@@ -110,12 +110,14 @@ fn run(kernel: &str, initrd: &str) -> Result<(), String> {
     // Besides the virtio devices, the guest may have the hypervisor's (KVM's smccc_trng).
     let names = sources.trim_start_matches("sources=").split_whitespace();
     if names.filter(|s| s.starts_with("virtio_rng")).count() != 2 {
-        return Err(format!("the guest should see two virtio entropy devices, hvrun's and this one; console:\n{text}"));
+        return Err(
+            format!("the guest should see two virtio entropy devices, hvrun's and this one; console:\n{text}").into()
+        );
     }
     let ours = text.lines().find(|l| l.contains("hvrun-own-device-hvrun-own-device"));
     match ours {
         Some(line) => println!("own_device: {}", line.trim_end()),
-        None => return Err(format!("no bytes from this device reached the guest; console:\n{text}")),
+        None => return Err(format!("no bytes from this device reached the guest; console:\n{text}").into()),
     }
     println!("own_device: the device served {} request(s)", requests.load(Ordering::SeqCst));
     Ok(())

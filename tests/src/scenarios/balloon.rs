@@ -82,7 +82,7 @@ pub const BALLOON_TARGET: Scenario = Scenario {
     name: "balloon-target",
     about: "examples/balloon.rs: VmHandle::set_balloon_target inflates the balloon to 256 MiB (the memory goes back to the host) and deflates it to 0; the guest then fills 350 MiB, intact",
     artifacts: &["Image", "initramfs.cpio"],
-    script: "/bin/balloon /guest/Image /guest/initramfs.cpio 2>&1; echo \"balloon exit $?\"",
+    script: example_script!("balloon"),
     exit_code: 0,
     markers: &[
         "balloon: the guest touched 300 MiB and freed it",
@@ -94,7 +94,7 @@ pub const BALLOON_TARGET: Scenario = Scenario {
         "balloon exit 0",
     ],
     forbidden: &["FAILED", "panicked"],
-    timeout_secs: 400,
+    timeout_secs: 530,
     exchange: None,
     outer_gic: OuterGic::V2,
 };

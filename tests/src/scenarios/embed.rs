@@ -6,7 +6,7 @@ pub const EMBED: Scenario = Scenario {
         name: "embed",
         about: "examples/embed.rs: the library boots a kernel and initramfs given as bytes, with hvc0 and the serial port on in-memory pipes, pauses and resumes it from another thread, reports events",
         artifacts: &["Image", "initramfs.cpio"],
-        script: "/bin/embed /guest/Image /guest/initramfs.cpio 2>&1; echo \"embed exit $?\"",
+        script: example_script!("embed"),
         exit_code: 0,
         markers: &[
             "embed: first event BootTimer",
@@ -19,7 +19,7 @@ pub const EMBED: Scenario = Scenario {
             "embed exit 0",
         ],
         forbidden: &["FAILED", "panicked"],
-        timeout_secs: 240,
+        timeout_secs: 300,
         exchange: None,
         outer_gic: OuterGic::V2,
 };
@@ -28,7 +28,7 @@ pub const EMBED_MEMDISK: Scenario = Scenario {
         name: "embed-memdisk",
         about: "examples/memdisk.rs: an embedder's own disk (a Vec<u8>) is the guest's /dev/vda; the guest reads the host's signature, writes with fsync, and the bytes and the flush reach the embedder",
         artifacts: &["Image", "initramfs.cpio"],
-        script: "/bin/memdisk /guest/Image /guest/initramfs.cpio 2>&1; echo \"memdisk exit $?\"",
+        script: example_script!("memdisk"),
         exit_code: 0,
         markers: &[
             "memdisk: exit PowerOff",
@@ -40,7 +40,7 @@ pub const EMBED_MEMDISK: Scenario = Scenario {
             "memdisk exit 0",
         ],
         forbidden: &["FAILED", "panicked"],
-        timeout_secs: 240,
+        timeout_secs: 300,
         exchange: None,
         outer_gic: OuterGic::V2,
 };
@@ -49,7 +49,7 @@ pub const EMBED_DEVICE: Scenario = Scenario {
         name: "embed-device",
         about: "examples/own_device.rs: an embedder's own virtio device (an entropy source) gets a slot, an interrupt and a device-tree node from hvrun's allocator; the guest reads its bytes",
         artifacts: &["Image", "initramfs.cpio"],
-        script: "/bin/own_device /guest/Image /guest/initramfs.cpio 2>&1; echo \"own_device exit $?\"",
+        script: example_script!("own_device"),
         exit_code: 0,
         markers: &[
             "own_device: exit PowerOff",
@@ -60,7 +60,7 @@ pub const EMBED_DEVICE: Scenario = Scenario {
             "own_device exit 0",
         ],
         forbidden: &["FAILED", "panicked"],
-        timeout_secs: 240,
+        timeout_secs: 300,
         exchange: None,
         outer_gic: OuterGic::V2,
 };

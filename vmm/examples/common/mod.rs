@@ -91,13 +91,26 @@ pub fn test_guest(kernel: &str, initrd: &str) -> hvrun::VmConfig {
     config
 }
 
-/// Waits until the test initramfs's init says it started on hvc0.
-pub fn wait_for_init(output: &Captured) -> Result<(), String> {
-    if wait_for(Duration::from_secs(120), || output.count("hvrun-guest: init started") > 0) {
-        Ok(())
-    } else {
-        Err(format!("the guest's init never spoke on hvc0; console:\n{}", output.text()))
+/// How long the test initramfs's init has to say it started (a boot takes seconds).
+pub const INIT_LIMIT: Duration = Duration::from_secs(120);
+
+/// Waits until the test initramfs's init says it started on hvc0. If it never does, the
+/// error carries what the machine did meanwhile (its vCPUs' exits, its devices'
+/// requests and interrupts), taken twice a second apart, so a failure shows whether the
+/// guest still ran, where it waited, and what the console got.
+pub fn wait_for_init(vm: &hvrun::Vm, output: &Captured) -> Result<(), Failure> {
+    if wait_for(INIT_LIMIT, || output.count("hvrun-guest: init started") > 0) {
+        return Ok(());
     }
+    let handle = vm.handle();
+    let first = handle.metrics();
+    std::thread::sleep(Duration::from_secs(1));
+    Err(Failure::NoBoot(format!(
+        "its init never spoke on hvc0 in {} s; the machine's counters: {first}; a second later: {}; console:\n{}",
+        INIT_LIMIT.as_secs(),
+        handle.metrics(),
+        output.text()
+    )))
 }
 
 /// Waits for the VM to stop, which must be by the guest's power-off; returns the console.
@@ -111,9 +124,36 @@ pub fn powered_off(name: &str, vm: hvrun::Vm, output: &Captured) -> Result<Strin
     Ok(text)
 }
 
+/// Why an example failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The guest never reached its init: the boot failed before anything the example
+    /// shows could run. The example exits with [`NO_BOOT`], which the rig's scenarios
+    /// retry once (`example_script!` in `tests/src/scenarios/mod.rs`), the first
+    /// attempt's account kept.
+    NoBoot(String),
+    /// What the example shows did not work.
+    Failed(String),
+}
+
+impl From<String> for Failure {
+    fn from(why: String) -> Self {
+        Failure::Failed(why)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(why: &str) -> Self {
+        Failure::Failed(why.into())
+    }
+}
+
+/// The exit status of an example whose guest never reached its init.
+pub const NO_BOOT: u8 = 3;
+
 /// Runs an example's body and turns its outcome into an exit status and a last line
-/// (`NAME: ok`, or `NAME: FAILED: why`).
-pub fn main(name: &str, usage: &str, run: impl FnOnce(&[String]) -> Result<(), String>) -> std::process::ExitCode {
+/// (`NAME: ok`, `NAME: the guest did not boot: why` or `NAME: FAILED: why`).
+pub fn main(name: &str, usage: &str, run: impl FnOnce(&[String]) -> Result<(), Failure>) -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() != usage.split_whitespace().count() {
         eprintln!("usage: {name} {usage}");
@@ -124,8 +164,12 @@ pub fn main(name: &str, usage: &str, run: impl FnOnce(&[String]) -> Result<(), S
             println!("{name}: ok");
             std::process::ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("{name}: FAILED: {e}");
+        Err(Failure::NoBoot(why)) => {
+            eprintln!("{name}: the guest did not boot: {why}");
+            std::process::ExitCode::from(NO_BOOT)
+        }
+        Err(Failure::Failed(why)) => {
+            eprintln!("{name}: FAILED: {why}");
             std::process::ExitCode::FAILURE
         }
     }
