@@ -1,8 +1,8 @@
 //! `cargo xtask e2e` and `cargo xtask demo`: scenarios in the arm64 KVM rig.
 
-use hvrun_e2e::report::Outcome;
+use hvrun_e2e::report::{to_run_again, Outcome};
 use hvrun_e2e::rig::Rig;
-use hvrun_e2e::scenario::OuterGic;
+use hvrun_e2e::scenario::{OuterGic, Scenario};
 use hvrun_e2e::scenarios;
 
 use crate::{cross, guest, paths, setup};
@@ -58,11 +58,77 @@ pub fn run(args: &[String]) -> Result<(), String> {
     cross::build_hvrun()?;
     let rig = rig(verbose);
     println!("e2e: booting the rig with {} scenario(s)", selected.len());
-    let outcomes = rig.run(&selected).map_err(|e| e.to_string())?;
-    report(&outcomes, &rig)
+    let mut outcomes = rig.run(&selected).map_err(|e| e.to_string())?;
+    let again = run_again(&rig, &selected, &mut outcomes)?;
+    report(&outcomes, &again, &rig)
 }
 
-fn report(outcomes: &[Outcome], rig: &Rig) -> Result<(), String> {
+/// Runs once more, in a fresh rig, the scenarios that failed after their guest crashed
+/// ([`to_run_again`]: the rare crash of a guest in this nested rig). Their first run's
+/// failure is printed first, and that rig's console logs are kept as `first-console*.log`.
+/// Returns their names; their outcomes are the second run's.
+fn run_again(rig: &Rig, selected: &[Scenario], outcomes: &mut [Outcome]) -> Result<Vec<String>, String> {
+    let crashed: Vec<(String, &str)> =
+        to_run_again(outcomes).into_iter().map(|(name, sign)| (name.to_string(), sign)).collect();
+    if crashed.is_empty() {
+        return Ok(Vec::new());
+    }
+    for (name, sign) in &crashed {
+        if let Some(o) = outcomes.iter().find(|o| o.name == *name) {
+            let heading = format!("{name} FAILED in its first run, where its guest crashed (`{sign}`)");
+            print_failure(o, &heading, &log_of(rig, name));
+        }
+    }
+    for gic in [OuterGic::V2, OuterGic::V3] {
+        let log = rig.work_dir.join(gic.console_log());
+        if log.exists() {
+            let kept = rig.work_dir.join(format!("first-{}", gic.console_log()));
+            std::fs::copy(&log, &kept).map_err(|e| format!("keeping {}: {e}", log.display()))?;
+        }
+    }
+    let names: Vec<String> = crashed.into_iter().map(|(name, _)| name).collect();
+    println!("\ne2e: running {} once more in a fresh rig", names.join(", "));
+    let again: Vec<Scenario> = selected.iter().filter(|s| names.iter().any(|n| n == s.name)).cloned().collect();
+    for second in rig.run(&again).map_err(|e| e.to_string())? {
+        if let Some(first) = outcomes.iter_mut().find(|o| o.name == second.name) {
+            *first = second;
+        }
+    }
+    Ok(names)
+}
+
+/// The console log of the rig that ran scenario `name`.
+fn log_of(rig: &Rig, name: &str) -> std::path::PathBuf {
+    let gic = scenarios::ALL.iter().find(|s| s.name == name).map_or(OuterGic::V2, |s| s.outer_gic);
+    rig.work_dir.join(gic.console_log())
+}
+
+/// Prints a failed scenario's failures and the end of its output (of the whole console
+/// `log` when it printed nothing), under `heading`.
+fn print_failure(o: &Outcome, heading: &str, log: &std::path::Path) {
+    println!("\n--- {heading}:");
+    for f in &o.failures {
+        println!("  - {f}");
+    }
+    if o.output.is_empty() {
+        // It never started: show the end of the whole console.
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        println!("  last {TAIL_LINES} console lines:");
+        for line in &lines[lines.len().saturating_sub(TAIL_LINES)..] {
+            println!("  | {line}");
+        }
+    } else {
+        println!("  last {TAIL_LINES} lines of its output:");
+        for line in &o.output[o.output.len().saturating_sub(TAIL_LINES)..] {
+            println!("  | {line}");
+        }
+    }
+}
+
+/// Prints the outcomes' table, then each failure; `again` names the scenarios that ran
+/// twice ([`run_again`]).
+fn report(outcomes: &[Outcome], again: &[String], rig: &Rig) -> Result<(), String> {
     // What the host checks found, which the table below only sums up as PASS or FAIL.
     for o in outcomes.iter().filter(|o| o.passed()) {
         let found: Vec<&String> = o.output.iter().filter(|l| l.starts_with("host check: ")).collect();
@@ -77,37 +143,17 @@ fn report(outcomes: &[Outcome], rig: &Rig) -> Result<(), String> {
     let secs = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.2} s"));
     for o in outcomes {
         let result = if o.passed() { "PASS" } else { "FAIL" };
-        println!("{:<20} {:<6} {:>9} {:>10}", o.name, result, secs(o.rig_secs), secs(o.host_secs));
+        let twice = if again.contains(&o.name) { "  (its second run: its guest crashed in the first)" } else { "" };
+        println!("{:<20} {:<6} {:>9} {:>10}{twice}", o.name, result, secs(o.rig_secs), secs(o.host_secs));
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.passed()).collect();
     if failed.is_empty() {
-        println!("e2e: {} passed, 0 failed", outcomes.len());
+        let twice = if again.is_empty() { String::new() } else { format!(" ({} of them run twice)", again.len()) };
+        println!("e2e: {} passed, 0 failed{twice}", outcomes.len());
         return Ok(());
     }
-    let log_of = |name: &str| {
-        let gic = scenarios::ALL.iter().find(|s| s.name == name).map_or(OuterGic::V2, |s| s.outer_gic);
-        rig.work_dir.join(gic.console_log())
-    };
     for o in &failed {
-        let log = log_of(&o.name);
-        println!("\n--- {} FAILED:", o.name);
-        for f in &o.failures {
-            println!("  - {f}");
-        }
-        if o.output.is_empty() {
-            // It never started: show the end of the whole console.
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            println!("  last {TAIL_LINES} console lines:");
-            for line in &lines[lines.len().saturating_sub(TAIL_LINES)..] {
-                println!("  | {line}");
-            }
-        } else {
-            println!("  last {TAIL_LINES} lines of its output:");
-            for line in &o.output[o.output.len().saturating_sub(TAIL_LINES)..] {
-                println!("  | {line}");
-            }
-        }
+        print_failure(o, &format!("{} FAILED", o.name), &log_of(rig, &o.name));
     }
     Err(format!(
         "{} of {} scenario(s) failed; full consoles in {}",

@@ -32,6 +32,22 @@ extern "C" fn on_kick(_signal: libc::c_int, _info: *mut libc::siginfo_t, _contex
     }
 }
 
+/// Whether a kick landed since the vCPU last ran (its handler set `immediate_exit`),
+/// clearing the flag. The accesses are volatile: the handler writes the field behind the
+/// compiler's back, on this thread, between any two instructions.
+pub fn take_pending(run: &mut kvm_run) -> bool {
+    let field = std::ptr::addr_of_mut!(run.immediate_exit);
+    // SAFETY: `field` points into the `kvm_run` mapping that `run` borrows, alive and
+    // aligned; the handler only ever stores 1 into it.
+    unsafe {
+        if field.read_volatile() == 0 {
+            return false;
+        }
+        field.write_volatile(0);
+    }
+    true
+}
+
 /// Installs the kick signal's handler, once per process.
 pub fn install_handler() -> std::io::Result<()> {
     static INSTALL: Once = Once::new();

@@ -404,9 +404,7 @@ impl crate::Vcpu for KvmVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         // A kick that landed since the last run: consume it here, so the caller gets to
         // look at its flags before the guest runs again.
-        let run = self.fd.get_kvm_run();
-        if run.immediate_exit != 0 {
-            run.immediate_exit = 0;
+        if kick::take_pending(self.fd.get_kvm_run()) {
             return Ok(VcpuExit::Interrupted);
         }
         if self.abort_pending {
